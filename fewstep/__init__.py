@@ -1,0 +1,1 @@
+"""fewstep: few-step diffusion sampling."""

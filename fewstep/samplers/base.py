@@ -1,0 +1,295 @@
+"""Shared machinery of fewstep's diffusers schedulers: config -> schedule -> grid -> plan -> step.
+
+A concrete scheduler declares its config in ``__init__`` (diffusers' ``@register_to_config``), calls
+``self._init_common()`` and implements ``_decisions(num_steps, final_is_clean)``. Everything numeric
+is precomputed in ``set_timesteps`` (float64, host); ``step`` converts the model output to the
+``(x0, eps)`` pair and runs the engine -- tensor arithmetic only, no host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from ..solvers import grids
+from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan
+from ..solvers.parameterization import normalize_prediction_type, to_pair
+from ..solvers.schedules import FlowSchedule, FlowShift, NoiseSchedule, VPSchedule, is_flow_config
+
+__all__ = ["FewstepSchedulerOutput", "FewstepScheduler", "TIME_GRIDS"]
+
+TIME_GRIDS = ("spacing", "uniform_time", "uniform_lambda", "time_quadratic", "karras")
+
+
+@dataclass
+class FewstepSchedulerOutput(BaseOutput):
+    """``prev_sample``: the sample at the next grid point; ``pred_original_sample``: the ``x0`` used."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class FewstepScheduler(SchedulerMixin, ConfigMixin):
+    """Base class (not registered): a multistep scheduler driven by the unified engine."""
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
+    order = 1
+    #: spacing flavour of diffusers' timesteps this scheduler mirrors ("multistep" or "ddim").
+    spacing_style = "multistep"
+
+    # ----------------------------------------------------------------------------------------------
+    # construction
+    def _init_common(self) -> None:
+        cfg = self.config
+        flow = is_flow_config(dict(cfg))
+        if flow:
+            self.noise_schedule: NoiseSchedule = FlowSchedule.from_config(cfg)
+            if cfg.prediction_type in ("epsilon", "flow_prediction"):
+                # Flow configs (SD3/Flux) carry no prediction_type: their models predict the velocity.
+                self.register_to_config(prediction_type="flow")
+        else:
+            self.noise_schedule = VPSchedule.from_config(cfg)
+        self.prediction_type = normalize_prediction_type(self.config.prediction_type)
+        if self.config.timestep_spacing not in grids.SPACINGS:
+            raise ValueError(
+                f"`timestep_spacing` must be one of {list(grids.SPACINGS)}, got {self.config.timestep_spacing!r}"
+            )
+        if self.config.final_sigmas_type not in grids.FINAL_SIGMAS:
+            raise ValueError(
+                f"`final_sigmas_type` must be one of {list(grids.FINAL_SIGMAS)}, got {self.config.final_sigmas_type!r}"
+            )
+        if self.config.time_grid not in TIME_GRIDS:
+            raise ValueError(f"`time_grid` must be one of {list(TIME_GRIDS)}, got {self.config.time_grid!r}")
+        if self.config.thresholding:
+            raise ValueError("`thresholding=True` is not supported by fewstep schedulers; use clip_sample")
+        if self.config.time_shift_type != "exponential":
+            raise ValueError(f"`time_shift_type` must be 'exponential', got {self.config.time_shift_type!r}")
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.from_numpy(np.arange(self.noise_schedule.num_train_timesteps)[::-1].copy())
+        self.sigmas: torch.Tensor | None = None
+        self.plan: Plan | None = None
+        self._state: EngineState | None = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+        self._timestep_values: list[float] = []
+
+    @property
+    def is_flow(self) -> bool:
+        return isinstance(self.noise_schedule, FlowSchedule)
+
+    # ----------------------------------------------------------------------------------------------
+    # diffusers bookkeeping
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step to run (``None`` before the first ``step``)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at this step (img2img pipelines call it); validated against the current plan."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"`begin_index` must be an integer >= 0, got {begin_index!r}")
+        self._begin_index = begin_index
+
+    def __len__(self) -> int:
+        return self.noise_schedule.num_train_timesteps
+
+    def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """No input scaling: fewstep schedulers feed ``x_t`` itself to the model."""
+        return sample
+
+    # ----------------------------------------------------------------------------------------------
+    # set_timesteps
+    def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:
+        cfg = self.config
+        sched = self.noise_schedule
+        final = cfg.final_sigmas_type
+        if timesteps is not None:
+            return grids.custom_timesteps_grid(sched, timesteps, final)
+        if sigmas is not None:
+            return grids.custom_sigmas_grid(sched, sigmas, final, round_timesteps=isinstance(sched, VPSchedule))
+        if isinstance(sched, FlowSchedule):
+            if cfg.use_dynamic_shifting:
+                if mu is None:
+                    raise ValueError("`mu` must be passed to set_timesteps when `use_dynamic_shifting=True`")
+                shift = FlowShift.from_mu(float(mu))
+            else:
+                shift = FlowShift(float(cfg.shift if cfg.shift is not None else cfg.flow_shift))
+            style = "multistep" if cfg.use_flow_sigmas else "flowmatch"
+            if cfg.time_grid not in ("spacing",):
+                raise ValueError(f"flow schedules support time_grid='spacing' only, got {cfg.time_grid!r}")
+            return grids.flow_grid(
+                sched, num_inference_steps, shift, style=style, dynamic=bool(cfg.use_dynamic_shifting),
+                shift_terminal=cfg.shift_terminal,
+            )
+        grid_name = "karras" if cfg.use_karras_sigmas else cfg.time_grid
+        if grid_name == "spacing":
+            return grids.spacing_grid(
+                sched, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset, final, style=self.spacing_style
+            )
+        if grid_name == "karras":
+            return grids.karras_grid(sched, num_inference_steps, final_sigmas_type=final)
+        builder = {
+            "uniform_time": grids.uniform_time_grid,
+            "uniform_lambda": grids.uniform_lambda_grid,
+            "time_quadratic": grids.time_quadratic_grid,
+        }[grid_name]
+        return builder(sched, num_inference_steps, final_sigmas_type=final)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Build the time grid and compile the solver plan (all on the host, float64).
+
+        Exactly one of ``num_inference_steps``, ``timesteps`` (model timesteps, strictly decreasing) or
+        ``sigmas`` (``sigma/alpha`` for VP, ``s`` for flow; strictly decreasing) must be given; ``mu`` is the
+        dynamic shift of flow models (Flux).
+        """
+        given = [x is not None for x in (timesteps, sigmas)]
+        if sum(given) > 1:
+            raise ValueError("pass at most one of `timesteps` and `sigmas`")
+        if num_inference_steps is None and not any(given):
+            raise ValueError("pass one of `num_inference_steps`, `timesteps` or `sigmas`")
+        if num_inference_steps is not None:
+            grids.check_num_steps(num_inference_steps, self.noise_schedule.num_train_timesteps)
+            if any(given):
+                n_given = len(timesteps if timesteps is not None else sigmas)
+                if n_given not in (num_inference_steps, num_inference_steps + 1):
+                    raise ValueError(
+                        f"`num_inference_steps`={num_inference_steps} does not match the {n_given} values given"
+                    )
+        grid = self._grid(num_inference_steps, timesteps, sigmas, mu)
+        final_is_clean = bool(grid.sigmas[-1] == 0.0)
+        self.plan = compile_plan(grid, self._decisions(grid.num_steps, final_is_clean))
+        self.num_inference_steps = grid.num_steps
+        integral = np.all(grid.timesteps == np.round(grid.timesteps)) and not self.is_flow
+        ts = torch.from_numpy(grid.timesteps.astype(np.int64 if integral else np.float32))
+        self.timesteps = ts.to(device=device) if device is not None else ts
+        self.sigmas = torch.from_numpy(grid.rhos if not self.is_flow else grid.sigmas).to(torch.float32)
+        self._timestep_values = grid.timesteps.tolist()
+        self._state = EngineState(self.plan)
+        self._step_index = None
+        self._begin_index = None
+
+    # ----------------------------------------------------------------------------------------------
+    # step
+    def _init_step_index(self, timestep: Any) -> None:
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+            return
+        value = None
+        if isinstance(timestep, (int, float, np.integer, np.floating)):
+            value = float(timestep)
+        elif isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel() == 1:
+            value = float(timestep.reshape(()))  # CPU scalar: no device sync
+        if value is None or value not in self._timestep_values:
+            # Tensors on an accelerator are not read back (no host sync): the loop starts at step 0.
+            if value is not None:
+                raise ValueError(f"timestep {value} is not in this scheduler's timesteps {self._timestep_values}")
+            self._step_index = 0
+            return
+        self._step_index = self._timestep_values.index(value)
+
+    def convert_model_output(
+        self, model_output: torch.Tensor, sample: torch.Tensor, step_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(x0, eps)`` pair of a raw model output at grid point ``step_index``."""
+        grid = self.plan.grid
+        x0, eps = to_pair(
+            model_output, sample, float(grid.alphas[step_index]), float(grid.sigmas[step_index]), self.prediction_type
+        )
+        return self._postprocess_pair(x0, eps)
+
+    def _postprocess_pair(self, x0: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clip = getattr(self.config, "clip_sample", False)
+        if clip:
+            r = float(self.config.clip_sample_range)
+            x0 = x0.clamp(-r, r)
+        return x0, eps
+
+    def _begin_step(self, timestep: Any) -> int:
+        if self.plan is None or self._state is None:
+            raise ValueError("call `set_timesteps` before `step`")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        if i >= self.plan.num_steps:
+            raise ValueError(
+                f"all {self.plan.num_steps} steps have run; call `set_timesteps` again to sample another batch"
+            )
+        return i
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
+        """Advance ``sample`` from the current grid point to the next one.
+
+        Half-precision inputs are computed in float32 and returned in their own dtype.
+        """
+        i = self._begin_step(timestep)
+        dtype = _compute_dtype(sample.dtype)
+        x = sample.to(dtype)
+        x0, eps = self.convert_model_output(model_output.to(dtype), x, i)
+        return self._advance(i, x, x0, eps, sample.dtype, return_dict)
+
+    def step_pair(
+        self,
+        x0: torch.Tensor,
+        eps: torch.Tensor,
+        timestep: int | float | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
+        """Like ``step`` but takes the ``(x0, eps)`` pair directly: guidance rules such as CFG++ hand the
+        solver an inconsistent pair (guided ``x0``, unconditional ``eps``) through this entry point."""
+        i = self._begin_step(timestep)
+        dtype = _compute_dtype(sample.dtype)
+        x0, eps = self._postprocess_pair(x0.to(dtype), eps.to(dtype))
+        return self._advance(i, sample.to(dtype), x0, eps, sample.dtype, return_dict)
+
+    def _advance(self, i, x, x0, eps, out_dtype, return_dict):
+        prev = self._state.advance(i, x, x0, eps).to(out_dtype)
+        self._step_index = i + 1
+        if not return_dict:
+            return (prev,)
+        return FewstepSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(out_dtype))
+
+    # ----------------------------------------------------------------------------------------------
+    # forward process
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """``alpha_t x0 + sigma_t eps`` at model timesteps ``timesteps`` (one per batch element or a scalar)."""
+        t = torch.as_tensor(timesteps).to(torch.float64).reshape(-1).cpu().numpy()
+        alpha, sigma = self.noise_schedule.alpha_sigma(t)
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        a = torch.as_tensor(alpha, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
+        s = torch.as_tensor(sigma, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
+        return a * original_samples + s * noise

@@ -1,0 +1,61 @@
+"""DDIM (eta = 0) on the unified engine."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from diffusers.configuration_utils import register_to_config
+
+from ..solvers.methods import ddim_decisions
+from .base import FewstepScheduler
+
+__all__ = ["FewstepDDIMScheduler"]
+
+
+class FewstepDDIMScheduler(FewstepScheduler):
+    """DDIM (eta=0): first-order deterministic sampler, x_t = alpha_t x0 + sigma_t eps.
+
+    Song, Meng & Ermon (2021), eq. 12 with sigma = 0. The diffusers-style ``clip_sample`` clips ``x0`` only
+    (``eps`` is kept), exactly as diffusers' DDIMScheduler does. Unlike diffusers, each step goes to the
+    next listed timestep (diffusers steps to ``t - T // N``, which skips points for ``linspace`` spacing).
+    """
+
+    spacing_style = "ddim"
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        clip_sample: bool = True,
+        clip_sample_range: float = 1.0,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading",
+        rescale_betas_zero_snr: bool = False,
+        final_sigmas_type: str | None = None,
+        use_karras_sigmas: bool = False,
+        time_grid: str = "spacing",
+        shift: float | None = None,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+    ):
+        if final_sigmas_type is None:
+            # DDIM's `set_alpha_to_one` decides whether the last step lands on clean data or on alpha_bar[0].
+            self.register_to_config(final_sigmas_type="zero" if set_alpha_to_one else "sigma_min")
+        self._init_common()
+
+    def _decisions(self, num_steps: int, final_is_clean: bool):
+        return ddim_decisions(num_steps)

@@ -1,0 +1,311 @@
+"""The unified multistep exponential-integrator engine.
+
+One engine executes DDIM, DPM-Solver(++) 1-3M, UniPC and the methods built on them. Each step is a
+``StepDecision`` (prediction type, order, derivative points, coefficient rule, relaxation, corrector);
+``compile_plan`` turns decisions plus a ``TimeGrid`` into plain float coefficients once, on the host, in
+float64. ``EngineState.advance`` then does tensor arithmetic only: no host sync, no branch on tensor
+values, so a whole sampling loop can be captured in a CUDA graph.
+
+**The update.** With ``h = lambda_t - lambda_s`` and buffered evaluations ``(x_j^eval, x0_j, eps_j)``,
+a step from ``s`` to ``t`` is (Lu et al. 2022b, eq. 9 / Zhang & Chen 2023, written in "pair form")::
+
+    x_t = L (x_s - x_s^eval) + alpha_t x0_s + sigma_t eps_s + sum_j w_j (F_j - F_s)
+
+``F = x0`` and ``L = sigma_t/sigma_s`` for data prediction, ``F = eps`` and ``L = alpha_t/alpha_s`` for
+noise prediction. For a consistent pair (``x^eval = alpha x0 + sigma eps``) and ``x_s = x_s^eval`` the
+first three terms are exactly DDIM in either form; ``x_s - x_s^eval`` carries a corrector's move of
+the sample (UniPC); an inconsistent pair expresses CFG++ (guided ``x0``, unconditional ``eps``) with
+no change to any solver. The derivative terms use the Taylor expansion
+``F(lambda_s + r h) = sum_k D_k r^k / k!`` (``D_k ~ h^k F^(k)``), fitted through the chosen points,
+with coefficients ``-c * hh * phi_{k+1}(hh)``, where ``hh = -h, c = alpha_t`` (data) or
+``hh = h, c = sigma_t`` (noise); coefficient rules reproduce DPM-Solver++'s midpoint/heun choices and
+UniPC's ``B(h)`` (Zhao et al. 2023, eq. 8).
+
+**Corrector.** ``"unic"``: after the model is evaluated at the predicted ``x_t``, the same transition is
+redone with the new point among the derivative points (UniC of UniPC; the "pseudo" corrector of
+USF/DPM-Solver-v3), at no extra NFE. The buffered evaluation keeps the uncorrected ``x^eval``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .grids import TimeGrid
+from .phi import hphi
+
+__all__ = [
+    "PREDICTIONS",
+    "COEFFICIENT_RULES",
+    "CORRECTORS",
+    "StepDecision",
+    "Transition",
+    "CompiledStep",
+    "Plan",
+    "compile_plan",
+    "derivative_weights",
+    "EngineState",
+    "Evaluation",
+    "sample_loop",
+]
+
+PREDICTIONS = ("data", "noise")
+COEFFICIENT_RULES = ("taylor", "bh1", "bh2", "dpmsolver", "dpmsolver-heun")
+CORRECTORS = ("none", "unic")
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """The per-step decisions of the unified sampling framework (USF, Liu et al. 2024, sec. 3).
+
+    Attributes:
+        prediction: ``"data"`` (integrate ``x0``) or ``"noise"`` (integrate ``eps``).
+        order: Taylor order ``p`` of the predictor; it uses ``p - 1`` buffered points besides the start.
+        points: buffer offsets of those points (``1`` = previous evaluation); default ``1..p-1``.
+        coefficients: ``"taylor"`` (exact phi coefficients), ``"bh1"``/``"bh2"`` (UniPC's ``B(h)`` when a
+            single derivative point is used), ``"dpmsolver"``/``"dpmsolver-heun"`` (diffusers'
+            DPM-Solver++ midpoint/heun second order and its third-order multistep weights).
+        relaxation: linear relaxation ``c`` of the first-derivative term, scaled by ``1 + c h`` (USF).
+        corrector: ``"none"`` or ``"unic"`` (correct this step's result after the next evaluation).
+    """
+
+    prediction: str = "data"
+    order: int = 1
+    points: tuple[int, ...] | None = None
+    coefficients: str = "taylor"
+    relaxation: float = 0.0
+    corrector: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"`prediction` must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
+        if not isinstance(self.order, (int, np.integer)) or not 1 <= self.order <= 5:
+            raise ValueError(f"`order` must be an integer in [1, 5], got {self.order!r}")
+        if self.coefficients not in COEFFICIENT_RULES:
+            raise ValueError(f"`coefficients` must be one of {list(COEFFICIENT_RULES)}, got {self.coefficients!r}")
+        if self.corrector not in CORRECTORS:
+            raise ValueError(f"`corrector` must be one of {list(CORRECTORS)}, got {self.corrector!r}")
+        if not math.isfinite(self.relaxation):
+            raise ValueError(f"`relaxation` must be finite, got {self.relaxation!r}")
+        if self.points is not None:
+            pts = tuple(int(p) for p in self.points)
+            if len(pts) != self.order - 1 or len(set(pts)) != len(pts) or any(p < 1 for p in pts):
+                raise ValueError(
+                    f"`points` must be {self.order - 1} distinct buffer offsets >= 1 for order {self.order}, "
+                    f"got {self.points!r}"
+                )
+            object.__setattr__(self, "points", pts)
+
+    @property
+    def derivative_points(self) -> tuple[int, ...]:
+        return self.points if self.points is not None else tuple(range(1, self.order))
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Coefficients of one transition ``s -> t`` in pair form (see the module docstring).
+
+    ``base`` is the buffer offset of the start point ``s`` at the time the transition is applied;
+    ``weights`` maps buffer offsets to the weight of ``F_j - F_base``.
+    """
+
+    kind: str
+    base: int
+    lin: float
+    alpha_t: float
+    sigma_t: float
+    weights: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    """Step ``i``: an optional corrector of the previous transition, then the predictor to point ``i+1``."""
+
+    corrector: Transition | None
+    predictor: Transition
+
+
+@dataclass
+class Plan:
+    """A compiled sampler: grid, decisions, coefficients and the buffer size it needs."""
+
+    grid: TimeGrid
+    decisions: list[StepDecision]
+    steps: list[CompiledStep]
+    buffer_size: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def nfe(self) -> int:
+        return self.grid.num_steps
+
+
+def _taylor_coefficients(m: int, hh: float, scale: float) -> list[float]:
+    """``-scale * hh * phi_{k+1}(hh)`` for ``k = 1..m`` (coefficients of ``D_k ~ h^k F^(k)``)."""
+    return [-scale * hphi(k + 1, hh) for k in range(1, m + 1)]
+
+
+def derivative_weights(
+    offsets_r: Sequence[float], hh: float, scale: float, rule: str = "taylor", relaxation_h: float = 1.0
+) -> np.ndarray:
+    """Weights ``w_j`` on ``F_j - F_s`` for points at ``lambda_s + r_j h``.
+
+    Solves the Vandermonde system ``sum_k D_k r_j^k / k! = F_j - F_s`` (k = 1..m) and weighs the
+    scaled derivatives with the rule's coefficients; ``relaxation_h`` multiplies the first one.
+    """
+    r = np.asarray(offsets_r, dtype=np.float64)
+    m = r.size
+    if m == 0:
+        return np.zeros(0)
+    if np.any(r == 0) or len(set(r.tolist())) != m:
+        raise ValueError(f"derivative points must be distinct and differ from the start point, got r={r.tolist()}")
+    if m == 1 and rule in ("bh1", "bh2", "dpmsolver"):
+        b_h = hh if rule == "bh1" else math.expm1(hh)
+        c1 = -scale * 0.5 * b_h
+        return np.array([c1 * relaxation_h / r[0]])
+    coeffs = _taylor_coefficients(m, hh, scale)
+    if m == 2 and rule in ("dpmsolver", "dpmsolver-heun"):
+        # diffusers' multistep_dpm_solver_third_order_update weighs its second difference this way.
+        coeffs[1] *= 0.5
+    coeffs[0] *= relaxation_h
+    vander = np.stack([r**k / math.factorial(k) for k in range(1, m + 1)], axis=1)  # [j, k]
+    # D = V^{-1} dF  =>  sum_k c_k D_k = (c^T V^{-1}) dF
+    return np.linalg.solve(vander.T, np.asarray(coeffs))
+
+
+def _transition(
+    grid: TimeGrid, s: int, t: int, prediction: str, points: Sequence[int], rule: str, relaxation: float, base: int
+) -> Transition:
+    """Compile the transition from grid point ``s`` to ``t`` using grid points ``points`` for derivatives.
+
+    ``base`` is the buffer offset of ``s`` when applied; grid point ``j`` sits at offset ``base + s - j``.
+    """
+    a_s, s_s, a_t, s_t = grid.alphas[s], grid.sigmas[s], grid.alphas[t], grid.sigmas[t]
+    lam_s, lam_t = grid.lambdas[s], grid.lambdas[t]
+    h = lam_t - lam_s
+    if prediction == "data":
+        lin, hh, scale = s_t / s_s, -h, a_t
+    else:
+        lin, hh, scale = a_t / a_s, h, s_t
+    weights: tuple[tuple[int, float], ...] = ()
+    if points and h != 0.0:  # a zero-length step (target == start) needs no derivative terms
+        if not math.isfinite(h):
+            raise ValueError(
+                f"step {s}->{t} ends at sigma = 0: higher-order terms diverge there; use order 1 for this step"
+            )
+        r = [(grid.lambdas[j] - lam_s) / h for j in points]
+        w = derivative_weights(r, hh, scale, rule, 1.0 + relaxation * h)
+        weights = tuple((base + s - j, float(wj)) for j, wj in zip(points, w))
+    return Transition(prediction, base, float(lin), float(a_t), float(s_t), weights)
+
+
+def compile_plan(grid: TimeGrid, decisions: Sequence[StepDecision], extra_buffer: int = 0) -> Plan:
+    """Turn per-step decisions into float coefficients (host, float64), validating them against the grid."""
+    n = grid.num_steps
+    decisions = list(decisions)
+    if len(decisions) != n:
+        raise ValueError(f"need one decision per step: grid has {n} steps, got {len(decisions)} decisions")
+    steps: list[CompiledStep] = []
+    need = 1
+    for i, d in enumerate(decisions):
+        if not isinstance(d, StepDecision):
+            raise TypeError(f"decisions[{i}] must be a StepDecision, got {type(d).__name__}")
+        pts = d.derivative_points
+        if pts and max(pts) > i:
+            raise ValueError(f"step {i}: order {d.order} needs {max(pts)} previous evaluations, only {i} exist")
+        corrector = None
+        if i > 0 and decisions[i - 1].corrector == "unic":
+            prev = decisions[i - 1]
+            # UniC: the new point (grid i, offset 0) joins the previous step's derivative points.
+            cpts = [i] + [i - 1 - p for p in prev.derivative_points]
+            corrector = _transition(grid, i - 1, i, prev.prediction, cpts, prev.coefficients, prev.relaxation, base=1)
+            need = max(need, 1 + (max(prev.derivative_points) if prev.derivative_points else 0) + 1)
+        if d.corrector == "unic" and i == n - 1:
+            raise ValueError("the last step cannot have a corrector (there is no evaluation after it)")
+        predictor = _transition(grid, i, i + 1, d.prediction, [i - p for p in pts], d.coefficients, d.relaxation, 0)
+        need = max(need, 1 + (max(pts) if pts else 0))
+        steps.append(CompiledStep(corrector, predictor))
+    return Plan(grid, decisions, steps, need + extra_buffer)
+
+
+@dataclass
+class Evaluation:
+    """One buffered model evaluation: where it was taken and its ``(x0, eps)`` pair."""
+
+    x_eval: torch.Tensor
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+    def field(self, kind: str) -> torch.Tensor:
+        return self.x0 if kind == "data" else self.eps
+
+
+def apply_transition(tr: Transition, x_start: torch.Tensor, buffer: Sequence[Evaluation]) -> torch.Tensor:
+    """Evaluate a compiled transition; ``buffer[-1 - k]`` is offset ``k``. Tensor arithmetic only."""
+    base = buffer[-1 - tr.base]
+    out = tr.alpha_t * base.x0 + tr.sigma_t * base.eps
+    if tr.lin != 0.0:
+        out = out + tr.lin * (x_start - base.x_eval)
+    if tr.weights:
+        f_base = base.field(tr.kind)
+        total = 0.0
+        for offset, w in tr.weights:
+            out = out + w * buffer[-1 - offset].field(tr.kind)
+            total += w
+        out = out - total * f_base
+    return out
+
+
+Hook = Callable[["EngineState", int], None]
+
+
+class EngineState:
+    """Mutable sampling state: the evaluation buffer and the sample before the last predictor.
+
+    ``hooks`` run after the corrector and before the predictor of each step (``hook(state, i)``); they may
+    rewrite ``state.buffer`` (DC-Solver) or ``state.sample`` (FlowChef). Create a new state per image batch.
+    """
+
+    def __init__(self, plan: Plan, hooks: Sequence[Hook] = ()):
+        self.plan = plan
+        self.buffer: list[Evaluation] = []
+        self.last_sample: torch.Tensor | None = None
+        self.sample: torch.Tensor | None = None
+        self.hooks = list(hooks)
+
+    def advance(self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Consume the evaluation at grid point ``i`` (taken at ``x_eval``) and return the sample at ``i+1``."""
+        step = self.plan.steps[i]
+        self.buffer.append(Evaluation(x_eval, x0, eps))
+        if len(self.buffer) > self.plan.buffer_size:
+            del self.buffer[0]
+        x = x_eval
+        if step.corrector is not None and self.last_sample is not None:
+            x = apply_transition(step.corrector, self.last_sample, self.buffer)
+        self.sample = x
+        for hook in self.hooks:
+            hook(self, i)
+        x = self.sample
+        self.last_sample = x
+        return apply_transition(step.predictor, x, self.buffer)
+
+
+PairFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def sample_loop(pair_fn: PairFn, x_start: torch.Tensor, plan: Plan, hooks: Sequence[Hook] = ()) -> torch.Tensor:
+    """Functional sampler: ``pair_fn(x, i) -> (x0, eps)`` evaluates the model at grid point ``i``."""
+    state = EngineState(plan, hooks)
+    x = x_start
+    for i in range(plan.num_steps):
+        x0, eps = pair_fn(x, i)
+        x = state.advance(i, x, x0, eps)
+    return x

@@ -1,0 +1,352 @@
+"""Timestep grids: where a sampler evaluates the model, and where it ends.
+
+A ``TimeGrid`` holds ``N`` evaluation points (model timesteps with their ``alpha``, ``sigma``) and the
+final target point ``N`` (which the model never sees). The grids offered:
+
+* ``spacing_grid`` -- diffusers' ``leading`` / ``linspace`` / ``trailing`` integer timesteps (the
+  multistep-scheduler flavour and the DDIM flavour differ slightly; both are reproduced);
+* ``uniform_time_grid``, ``uniform_lambda_grid`` (uniform in logSNR), ``time_quadratic_grid``;
+* ``karras_grid`` -- Karras et al. (2022) eq. 5 in ``rho = sigma/alpha`` with exponent 7;
+* ``flow_grid`` -- diffusers' FlowMatchEulerDiscreteScheduler grid with static/dynamic shift;
+* ``custom_timesteps_grid`` / ``custom_sigmas_grid`` -- user-given points, validated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .schedules import FlowSchedule, FlowShift, NoiseSchedule, VPSchedule
+
+__all__ = [
+    "SPACINGS",
+    "FINAL_SIGMAS",
+    "TimeGrid",
+    "spacing_timesteps",
+    "spacing_grid",
+    "uniform_time_grid",
+    "uniform_lambda_grid",
+    "time_quadratic_grid",
+    "karras_grid",
+    "flow_grid",
+    "custom_timesteps_grid",
+    "custom_sigmas_grid",
+    "check_num_steps",
+]
+
+SPACINGS = ("leading", "linspace", "trailing")
+FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+@dataclass
+class TimeGrid:
+    """``N`` model evaluation points plus the final target, all float64 on the host.
+
+    ``timesteps[i]`` is what the model is called with at point ``i``; ``alphas[i]``, ``sigmas[i]`` (length
+    ``N + 1``) are what the solver uses, so a grid may feed rounded timesteps to the model while the solver
+    integrates between unrounded noise levels (as diffusers does for Karras sigmas).
+    """
+
+    timesteps: np.ndarray
+    alphas: np.ndarray
+    sigmas: np.ndarray
+    lambdas: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timesteps = np.asarray(self.timesteps, dtype=np.float64)
+        self.alphas = np.asarray(self.alphas, dtype=np.float64)
+        self.sigmas = np.asarray(self.sigmas, dtype=np.float64)
+        n = self.timesteps.size
+        if self.alphas.shape != (n + 1,) or self.sigmas.shape != (n + 1,):
+            raise ValueError("a TimeGrid needs N timesteps and N+1 alphas/sigmas (the last one is the target)")
+        if np.any(~np.isfinite(self.alphas)) or np.any(~np.isfinite(self.sigmas)):
+            raise ValueError("grid alphas/sigmas must be finite")
+        if np.any(self.sigmas[:-1] <= 0):
+            raise ValueError("every evaluation point of a grid needs sigma > 0")
+        with np.errstate(divide="ignore"):
+            self.lambdas = np.log(self.alphas) - np.log(self.sigmas)
+        gaps = np.diff(self.lambdas)
+        # The target may coincide with the last evaluation point (DDIM's set_alpha_to_one=False ending at t=0).
+        if np.any(gaps[:-1] <= 0) or (gaps.size and gaps[-1] < 0):
+            raise ValueError(
+                f"grid noise levels must strictly decrease (lambda strictly increase); got lambdas {self.lambdas}"
+            )
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.size)
+
+    @property
+    def rhos(self) -> np.ndarray:
+        """``sigma/alpha`` per point (diffusers' ``scheduler.sigmas`` for VP models)."""
+        return self.sigmas / self.alphas
+
+    @classmethod
+    def from_times(cls, schedule: NoiseSchedule, times: np.ndarray, final: tuple[float, float] | None) -> TimeGrid:
+        """Evaluation points at ``times``; target ``final = (alpha, sigma)``, or ``None`` to end at ``times[-1]``."""
+        times = np.asarray(times, dtype=np.float64)
+        if final is None:
+            alphas, sigmas = schedule.alpha_sigma(times)
+            return cls(times[:-1], alphas, sigmas)
+        alphas, sigmas = schedule.alpha_sigma(times)
+        return cls(times, np.append(alphas, final[0]), np.append(sigmas, final[1]))
+
+
+def check_num_steps(num_inference_steps: Any, num_train_timesteps: int | None = None) -> int:
+    """Validate ``num_inference_steps``: an integer in ``[1, num_train_timesteps]``."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}")
+    if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
+        raise ValueError(
+            f"`num_inference_steps` must be <= num_train_timesteps ({num_train_timesteps}), got {num_inference_steps}"
+        )
+    return int(num_inference_steps)
+
+
+def spacing_timesteps(
+    num_train_timesteps: int, num_inference_steps: int, spacing: str, steps_offset: int = 0, style: str = "multistep"
+) -> np.ndarray:
+    """diffusers' integer timesteps (Lin et al. 2023, Table 2), descending.
+
+    ``style="multistep"`` is DPMSolverMultistep/UniPC's variant (``N+1`` linspace points, last dropped);
+    ``style="ddim"`` is DDIMScheduler's (``N`` points including 0).
+    """
+    T, n = num_train_timesteps, check_num_steps(num_inference_steps, num_train_timesteps)
+    if spacing not in SPACINGS:
+        raise ValueError(f"`timestep_spacing` must be one of {list(SPACINGS)}, got {spacing!r}")
+    if style not in ("multistep", "ddim"):
+        raise ValueError(f"`style` must be 'multistep' or 'ddim', got {style!r}")
+    if spacing == "linspace":
+        if style == "ddim":
+            ts = np.linspace(0, T - 1, n).round()[::-1]
+        else:
+            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        if style == "ddim":
+            ratio = T // n
+            ts = (np.arange(0, n) * ratio).round()[::-1]
+        else:
+            ratio = T // (n + 1)
+            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1]
+        ts = ts + steps_offset
+    else:
+        ts = np.arange(T, 0, -T / n).round() - 1
+    ts = ts.astype(np.int64).astype(np.float64)
+    if np.any(np.diff(ts) >= 0):
+        raise ValueError(
+            f"{n} steps with timestep_spacing={spacing!r} give repeated timesteps {ts.tolist()}; use fewer steps"
+        )
+    return ts
+
+
+def _vp_final(schedule: VPSchedule, final_sigmas_type: str) -> tuple[float, float]:
+    if final_sigmas_type == "zero":
+        return 1.0, 0.0
+    if final_sigmas_type == "sigma_min":
+        alpha, sigma = schedule.alpha_sigma(0.0)
+        return float(alpha), float(sigma)
+    raise ValueError(f"`final_sigmas_type` must be one of {list(FINAL_SIGMAS)}, got {final_sigmas_type!r}")
+
+
+def spacing_grid(
+    schedule: VPSchedule,
+    num_inference_steps: int,
+    timestep_spacing: str = "linspace",
+    steps_offset: int = 0,
+    final_sigmas_type: str = "zero",
+    style: str = "multistep",
+) -> TimeGrid:
+    """diffusers-spaced integer timesteps of a VP schedule, ending at ``final_sigmas_type``."""
+    if not isinstance(schedule, VPSchedule):
+        raise ValueError(f"`timestep_spacing` grids need a VP schedule, got a {schedule.kind!r} schedule")
+    ts = spacing_timesteps(schedule.num_train_timesteps, num_inference_steps, timestep_spacing, steps_offset, style)
+    return TimeGrid.from_times(schedule, ts, _vp_final(schedule, final_sigmas_type))
+
+
+def _default_range(schedule: NoiseSchedule, t_start: float | None, t_end: float | None) -> tuple[float, float]:
+    t_start = schedule.t_max if t_start is None else float(t_start)
+    t_end = schedule.t_min if t_end is None else float(t_end)
+    if not (np.isfinite(t_start) and np.isfinite(t_end)) or t_start <= t_end:
+        raise ValueError(f"need t_start > t_end, got t_start={t_start!r}, t_end={t_end!r}")
+    return t_start, t_end
+
+
+def _final_from(schedule: NoiseSchedule, final_sigmas_type: str | None) -> tuple[float, float] | None:
+    if final_sigmas_type is None:
+        return None
+    if final_sigmas_type == "zero":
+        return 1.0, 0.0
+    if final_sigmas_type == "sigma_min" and isinstance(schedule, VPSchedule):
+        return _vp_final(schedule, "sigma_min")
+    raise ValueError(f"`final_sigmas_type` must be one of {list(FINAL_SIGMAS)} or None, got {final_sigmas_type!r}")
+
+
+def uniform_time_grid(
+    schedule: NoiseSchedule, num_inference_steps: int, t_start=None, t_end=None, final_sigmas_type: str | None = None
+) -> TimeGrid:
+    """``N + 1`` times uniform in model time from ``t_start`` to ``t_end``; the last is the target
+    (or, with ``final_sigmas_type``, ``N`` points and a clean/sigma_min target)."""
+    n = check_num_steps(num_inference_steps)
+    t_start, t_end = _default_range(schedule, t_start, t_end)
+    final = _final_from(schedule, final_sigmas_type)
+    times = np.linspace(t_start, t_end, n + 1)
+    return TimeGrid.from_times(schedule, times[:-1] if final else times, final)
+
+
+def uniform_lambda_grid(
+    schedule: NoiseSchedule, num_inference_steps: int, t_start=None, t_end=None, final_sigmas_type: str | None = None
+) -> TimeGrid:
+    """Times uniform in ``lambda = log(alpha/sigma)`` (DPM-Solver's ``logSNR`` skip type)."""
+    n = check_num_steps(num_inference_steps)
+    t_start, t_end = _default_range(schedule, t_start, t_end)
+    final = _final_from(schedule, final_sigmas_type)
+    lam = np.linspace(schedule.lambda_(t_start), schedule.lambda_(t_end), n + 1)
+    times = schedule.t_of_lambda(lam)
+    times[0], times[-1] = t_start, t_end
+    return TimeGrid.from_times(schedule, times[:-1] if final else times, final)
+
+
+def time_quadratic_grid(
+    schedule: NoiseSchedule, num_inference_steps: int, t_start=None, t_end=None, final_sigmas_type: str | None = None
+) -> TimeGrid:
+    """Times uniform in ``sqrt(t)`` (DPM-Solver's ``time_quadratic``; denser near the data)."""
+    n = check_num_steps(num_inference_steps)
+    t_start, t_end = _default_range(schedule, t_start, t_end)
+    if t_end < 0:
+        raise ValueError(f"time_quadratic needs t_end >= 0, got {t_end}")
+    final = _final_from(schedule, final_sigmas_type)
+    times = np.linspace(np.sqrt(t_start), np.sqrt(t_end), n + 1) ** 2
+    return TimeGrid.from_times(schedule, times[:-1] if final else times, final)
+
+
+def karras_grid(
+    schedule: NoiseSchedule,
+    num_inference_steps: int,
+    rho_min: float | None = None,
+    rho_max: float | None = None,
+    exponent: float = 7.0,
+    final_sigmas_type: str | None = "zero",
+    round_timesteps: bool = True,
+) -> TimeGrid:
+    """Karras et al. (2022) eq. 5 in ``rho = sigma/alpha``: ``N`` points, then the final target.
+
+    As in diffusers, the solver uses the exact Karras noise levels while the model gets
+    ``t(rho)`` rounded to an integer (``round_timesteps``; VP schedules only).
+    """
+    n = check_num_steps(num_inference_steps)
+    if exponent <= 0:
+        raise ValueError(f"`exponent` must be > 0, got {exponent}")
+    rho_min = float(schedule.rho(schedule.t_min if isinstance(schedule, VPSchedule) else 1.0)) if rho_min is None else rho_min
+    rho_max = float(schedule.rho(schedule.t_max if isinstance(schedule, VPSchedule) else schedule.t_max - 1)) if rho_max is None else rho_max
+    if not (0 < rho_min < rho_max):
+        raise ValueError(f"need 0 < rho_min < rho_max, got rho_min={rho_min!r}, rho_max={rho_max!r}")
+    ramp = np.linspace(0, 1, n)
+    rhos = (rho_max ** (1 / exponent) + ramp * (rho_min ** (1 / exponent) - rho_max ** (1 / exponent))) ** exponent
+    return _grid_from_rhos(schedule, rhos, final_sigmas_type, round_timesteps)
+
+
+def _grid_from_rhos(
+    schedule: NoiseSchedule, rhos: np.ndarray, final_sigmas_type: str | None, round_timesteps: bool
+) -> TimeGrid:
+    times = schedule.t_of_rho(rhos)
+    if round_timesteps and isinstance(schedule, VPSchedule):
+        times = np.round(times)
+    alphas = 1.0 / np.sqrt(1.0 + rhos**2)
+    sigmas = rhos * alphas
+    if final_sigmas_type is None:
+        return TimeGrid(times[:-1], alphas, sigmas)
+    fa, fs = _final_from(schedule, final_sigmas_type)
+    return TimeGrid(times, np.append(alphas, fa), np.append(sigmas, fs))
+
+
+def flow_grid(
+    schedule: FlowSchedule,
+    num_inference_steps: int,
+    shift: FlowShift = FlowShift(1.0),
+    style: str = "flowmatch",
+    dynamic: bool = False,
+    shift_terminal: float | None = None,
+) -> TimeGrid:
+    """Flow-matching grids of diffusers, shifted by ``shift`` and ending at ``s = 0``.
+
+    ``style="flowmatch"`` is FlowMatchEulerDiscreteScheduler's: ``s`` linear from 1 to ``s_min`` in ``N``
+    points, where ``s_min = 1/T`` is itself pre-shifted unless the shift is ``dynamic``; then shifted.
+    ``style="multistep"`` is DPM-Solver/UniPC's ``use_flow_sigmas``: ``N`` of ``N + 1`` points linear from
+    1 to ``1/T``, then shifted. ``shift_terminal`` stretches the grid so it ends there (LTX-Video).
+    """
+    if not isinstance(schedule, FlowSchedule):
+        raise ValueError(f"flow grids need a flow schedule, got a {schedule.kind!r} schedule")
+    if style not in ("flowmatch", "multistep"):
+        raise ValueError(f"`style` must be 'flowmatch' or 'multistep', got {style!r}")
+    n = check_num_steps(num_inference_steps)
+    T = schedule.num_train_timesteps
+    if style == "flowmatch":
+        s_min = 1.0 / T if dynamic else float(shift.apply(np.asarray(1.0 / T)))
+        s = shift.apply(np.linspace(1.0, s_min, n))
+    else:
+        s = shift.apply(np.linspace(1.0, 1.0 / T, n + 1)[:-1])
+    if shift_terminal:
+        if not 0 < shift_terminal < 1:
+            raise ValueError(f"`shift_terminal` must lie in (0, 1), got {shift_terminal!r}")
+        one_minus = 1.0 - s
+        s = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
+    return _flow_from_s(schedule, s)
+
+
+def _flow_from_s(schedule: FlowSchedule, s: np.ndarray) -> TimeGrid:
+    # s = 1 exactly has alpha = 0 (lambda = -inf); nudge as diffusers' multistep schedulers do.
+    s = np.minimum(s, 1.0 - 1e-6)
+    times = s * schedule.num_train_timesteps
+    return TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
+
+
+def _check_decreasing(name: str, values: Any) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if arr.size < 1:
+        raise ValueError(f"`{name}` must hold at least one value")
+    if np.any(~np.isfinite(arr)):
+        raise ValueError(f"`{name}` must be finite (no NaN/Inf), got {arr.tolist()}")
+    if np.any(np.diff(arr) >= 0):
+        raise ValueError(f"`{name}` must be strictly decreasing, got {arr.tolist()}")
+    return arr
+
+
+def custom_timesteps_grid(
+    schedule: NoiseSchedule, timesteps: Any, final_sigmas_type: str | None = "zero"
+) -> TimeGrid:
+    """User-given model timesteps (strictly decreasing, inside the schedule's range)."""
+    ts = _check_decreasing("timesteps", timesteps)
+    if ts[0] > schedule.t_max or ts[-1] < schedule.t_min:
+        raise ValueError(
+            f"`timesteps` must lie in [{schedule.t_min}, {schedule.t_max}], got {ts[0]}..{ts[-1]}"
+        )
+    if final_sigmas_type is None:
+        return TimeGrid.from_times(schedule, ts, None)
+    return TimeGrid.from_times(schedule, ts, _final_from(schedule, final_sigmas_type))
+
+
+def custom_sigmas_grid(
+    schedule: NoiseSchedule, sigmas: Any, final_sigmas_type: str | None = "zero", round_timesteps: bool = True
+) -> TimeGrid:
+    """User-given noise levels in diffusers' convention: ``rho = sigma/alpha`` for VP, ``s`` for flow.
+
+    A trailing 0 in ``sigmas`` is taken as the clean target.
+    """
+    arr = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    if arr.size >= 2 and arr[-1] == 0:
+        arr, final_sigmas_type = arr[:-1], "zero"
+    arr = _check_decreasing("sigmas", arr)
+    if np.any(arr <= 0):
+        raise ValueError(f"`sigmas` must be > 0 (a single trailing 0 marks the clean target), got {arr.tolist()}")
+    if isinstance(schedule, FlowSchedule):
+        if np.any(arr > 1):
+            raise ValueError(f"flow `sigmas` must lie in (0, 1], got {arr.tolist()}")
+        if final_sigmas_type is None:
+            times = arr * schedule.num_train_timesteps
+            return TimeGrid(times[:-1], 1.0 - arr, arr)
+        return _flow_from_s(schedule, arr)
+    return _grid_from_rhos(schedule, arr, final_sigmas_type, round_timesteps)

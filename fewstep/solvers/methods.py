@@ -1,0 +1,95 @@
+"""Classic solvers as fixed schedules of engine decisions.
+
+* DDIM (Song et al. 2021, eta = 0): order 1, data prediction -- ``x_t = alpha_t x0 + sigma_t eps``.
+* DPM-Solver(++) multistep (Lu et al. 2022b, Alg. 2): orders 1-3, data (``++``) or noise prediction,
+  warm-up with lower orders, and diffusers' ``lower_order_final`` rule for short schedules.
+* UniPC (Zhao et al. 2023, Alg. 1-2): UniP-p predictor with ``B(h)`` variants bh1/bh2 plus the UniC
+  corrector after every evaluation (except those listed in ``disable_corrector``).
+
+Each builder returns one ``StepDecision`` per step; ``compile_plan`` turns them into coefficients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .engine import StepDecision
+
+__all__ = ["ddim_decisions", "dpm_solver_decisions", "unipc_decisions", "DPM_SOLVER_TYPES", "UNIPC_TYPES"]
+
+DPM_SOLVER_TYPES = ("midpoint", "heun", "taylor")
+UNIPC_TYPES = ("bh1", "bh2")
+
+
+def _check_order(order: int, upper: int) -> int:
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= upper:
+        raise ValueError(f"`solver_order` must be an integer in [1, {upper}], got {order!r}")
+    return order
+
+
+def ddim_decisions(num_steps: int, prediction: str = "data") -> list[StepDecision]:
+    """DDIM: every step first order (identical in data and noise form)."""
+    return [StepDecision(prediction=prediction, order=1) for _ in range(num_steps)]
+
+
+def dpm_solver_decisions(
+    num_steps: int,
+    solver_order: int = 2,
+    prediction: str = "data",
+    solver_type: str = "midpoint",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    final_is_clean: bool = True,
+) -> list[StepDecision]:
+    """DPM-Solver++ (``prediction="data"``) / DPM-Solver (``"noise"``) multistep, as diffusers orders it.
+
+    Step ``i`` uses order ``min(solver_order, i + 1)``; the last step is first order when it ends at
+    sigma = 0, with ``euler_at_final``, or (``lower_order_final``) when there are fewer than 15 steps, in
+    which case the second-to-last step is at most second order. ``solver_type``: ``midpoint``/``heun`` are
+    diffusers' second-order variants; ``taylor`` uses exact phi-function weights at every order.
+    """
+    order = _check_order(solver_order, 3)
+    if solver_type not in DPM_SOLVER_TYPES:
+        raise ValueError(f"`solver_type` must be one of {list(DPM_SOLVER_TYPES)}, got {solver_type!r}")
+    rule = {"midpoint": "dpmsolver", "heun": "dpmsolver-heun", "taylor": "taylor"}[solver_type]
+    short = lower_order_final and num_steps < 15
+    out = []
+    for i in range(num_steps):
+        p = min(order, i + 1)
+        if i == num_steps - 1 and (euler_at_final or short or final_is_clean):
+            p = 1
+        elif i == num_steps - 2 and short:
+            p = min(p, 2)
+        out.append(StepDecision(prediction=prediction, order=p, coefficients=rule))
+    return out
+
+
+def unipc_decisions(
+    num_steps: int,
+    solver_order: int = 2,
+    prediction: str = "data",
+    solver_type: str = "bh2",
+    lower_order_final: bool = True,
+    disable_corrector: Iterable[int] = (),
+    final_is_clean: bool = True,
+) -> list[StepDecision]:
+    """UniPC: UniP-p predictor (``p = min(solver_order, i + 1)``, lowered near the end with
+    ``lower_order_final``) and UniC after each evaluation unless its step is in ``disable_corrector``."""
+    order = _check_order(solver_order, 5)
+    if solver_type not in UNIPC_TYPES:
+        raise ValueError(f"`solver_type` must be one of {list(UNIPC_TYPES)}, got {solver_type!r}")
+    disabled = set()
+    for d in disable_corrector:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise ValueError(f"`disable_corrector` must hold step indices (ints), got {d!r}")
+        disabled.add(d)
+    out = []
+    for i in range(num_steps):
+        p = min(order, num_steps - i) if lower_order_final else order
+        p = min(p, i + 1)
+        if i == num_steps - 1 and final_is_clean:
+            p = 1
+        # diffusers applies the corrector at the entry of step j unless j - 1 is disabled.
+        corrector = "unic" if (i < num_steps - 1 and i not in disabled) else "none"
+        out.append(StepDecision(prediction=prediction, order=p, coefficients=solver_type, corrector=corrector))
+    return out

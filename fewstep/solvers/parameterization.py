@@ -1,0 +1,66 @@
+"""Model output <-> ``(x0, eps)`` pair, the one boundary every solver goes through (DESIGN contract 2).
+
+With ``x_t = alpha x0 + sigma eps``:
+
+* ``epsilon``: output ``eps``; ``x0 = (x_t - sigma eps) / alpha``
+* ``sample``: output ``x0``; ``eps = (x_t - alpha x0) / sigma``
+* ``v_prediction``: output ``v = alpha eps - sigma x0`` (Salimans & Ho 2022, for VP with
+  ``alpha^2 + sigma^2 = 1``); ``x0 = alpha x_t - sigma v``, ``eps = sigma x_t + alpha v``. For a
+  non-VP schedule the general inverse ``x0 = (alpha x_t - sigma v)/(alpha^2 + sigma^2)`` is used.
+* ``flow``: rectified-flow velocity ``v = eps - x0`` (with ``alpha = 1 - s``, ``sigma = s``);
+  ``x0 = x_t - sigma v``, ``eps = x_t + alpha v``.
+
+Coefficients are Python floats, so the conversions add no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PREDICTION_TYPES", "normalize_prediction_type", "to_pair", "from_pair"]
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
+_ALIASES = {"flow_prediction": "flow"}
+
+
+def normalize_prediction_type(prediction_type: str) -> str:
+    """Canonical name; accepts diffusers' ``flow_prediction`` for ``flow``."""
+    name = _ALIASES.get(prediction_type, prediction_type)
+    if name not in PREDICTION_TYPES:
+        raise ValueError(
+            f"`prediction_type` must be one of {list(PREDICTION_TYPES)} (or 'flow_prediction'), got {prediction_type!r}"
+        )
+    return name
+
+
+def to_pair(
+    output: torch.Tensor, sample: torch.Tensor, alpha: float, sigma: float, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert a model output at ``x_t = sample`` to ``(x0, eps)``; needs ``alpha > 0`` and ``sigma > 0``."""
+    kind = normalize_prediction_type(prediction_type)
+    if kind == "epsilon":
+        return (sample - sigma * output) / alpha, output
+    if kind == "sample":
+        return output, (sample - alpha * output) / sigma
+    if kind == "v_prediction":
+        norm = alpha * alpha + sigma * sigma
+        x0 = (alpha * sample - sigma * output) / norm
+        eps = (sigma * sample + alpha * output) / norm
+        return x0, eps
+    x0 = sample - sigma * output
+    eps = sample + alpha * output
+    return x0, eps
+
+
+def from_pair(
+    x0: torch.Tensor, eps: torch.Tensor, alpha: float, sigma: float, prediction_type: str
+) -> torch.Tensor:
+    """The model output of type ``prediction_type`` that corresponds to ``(x0, eps)``."""
+    kind = normalize_prediction_type(prediction_type)
+    if kind == "epsilon":
+        return eps
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        return alpha * eps - sigma * x0
+    return eps - x0

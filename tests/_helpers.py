@@ -1,0 +1,81 @@
+"""Test helpers: real pipelines' scheduler configs and a tiny deterministic denoiser."""
+
+from __future__ import annotations
+
+import torch
+
+# Scheduler configs as real pipelines ship them (scheduler/scheduler_config.json), trimmed of metadata.
+SD15_PNDM = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+SD21_DDIM_V = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SDXL_EULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+SD3_FLOW = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
+FLUX_FLOW = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+REAL_CONFIGS = {"sd15": SD15_PNDM, "sd21": SD21_DDIM_V, "sdxl": SDXL_EULER, "sd3": SD3_FLOW, "flux": FLUX_FLOW}
+
+
+class TinyDenoiser(torch.nn.Module):
+    """A smooth nonlinear stand-in for a UNet: deterministic, cheap, time dependent."""
+
+    def __init__(self, numel: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(numel, numel, generator=g, dtype=torch.float64) / (3 * numel**0.5))
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        tt = torch.as_tensor(t, dtype=torch.float64, device=x.device) / 1000.0
+        flat = x.reshape(x.shape[0], -1).to(self.weight.dtype)
+        out = torch.tanh(flat @ self.weight) * (0.5 + tt) + 0.1 * flat
+        return out.reshape(x.shape).to(x.dtype)
+
