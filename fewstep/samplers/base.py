@@ -188,7 +188,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         ts = torch.from_numpy(grid.timesteps.astype(np.int64 if integral else np.float32))
         self.timesteps = ts.to(device=device) if device is not None else ts
         self.sigmas = torch.from_numpy(grid.rhos if not self.is_flow else grid.sigmas).to(torch.float32)
-        self._timestep_values = grid.timesteps.tolist()
+        self._timestep_values = ts.tolist()  # as the pipeline will pass them back (int64 or float32)
         self._state = EngineState(self.plan)
         self._step_index = None
         self._begin_index = None

@@ -16,7 +16,8 @@ class FewstepDDIMScheduler(FewstepScheduler):
     """DDIM (eta=0): first-order deterministic sampler, x_t = alpha_t x0 + sigma_t eps.
 
     Song, Meng & Ermon (2021), eq. 12 with sigma = 0. The diffusers-style ``clip_sample`` clips ``x0`` only
-    (``eps`` is kept), exactly as diffusers' DDIMScheduler does. Unlike diffusers, each step goes to the
+    (``eps`` is kept), exactly as diffusers' DDIMScheduler does (default on for VP configs, off for flow).
+    On a flow schedule DDIM is exactly the flow-matching Euler step ``x + (s' - s) v``. Unlike diffusers, each step goes to the
     next listed timestep (diffusers steps to ``t - T // N``, which skips points for ``linspace`` spacing).
     """
 
@@ -30,7 +31,7 @@ class FewstepDDIMScheduler(FewstepScheduler):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
-        clip_sample: bool = True,
+        clip_sample: bool | None = None,
         clip_sample_range: float = 1.0,
         set_alpha_to_one: bool = True,
         steps_offset: int = 0,
@@ -56,6 +57,9 @@ class FewstepDDIMScheduler(FewstepScheduler):
             # DDIM's `set_alpha_to_one` decides whether the last step lands on clean data or on alpha_bar[0].
             self.register_to_config(final_sigmas_type="zero" if set_alpha_to_one else "sigma_min")
         self._init_common()
+        if clip_sample is None:
+            # diffusers' DDIM clips x0 to [-1, 1] by default; that suits pixel-space VP models, never flow latents.
+            self.register_to_config(clip_sample=not self.is_flow)
 
     def _decisions(self, num_steps: int, final_is_clean: bool):
         return ddim_decisions(num_steps)
