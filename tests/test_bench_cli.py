@@ -1,0 +1,115 @@
+"""Metrics, the analytic benchmark and the `fewstep` CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep import samplers
+from fewstep.bench.analytic_bench import run_analytic_bench
+from fewstep.bench.metrics import feature_statistics, frechet_distance, frechet_distance_features, rmse
+from fewstep.cli import main
+
+
+def test_frechet_distance_closed_form():
+    """For commuting covariances FD = |dmu|^2 + sum (sqrt(a) - sqrt(b))^2 over eigenvalues."""
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    c1, c2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 1.0])
+    expected = 5.0 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 1) ** 2
+    assert frechet_distance(mu1, c1, mu2, c2) == pytest.approx(expected, rel=1e-10)
+    rot = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+    assert frechet_distance(rot @ mu1, rot @ c1 @ rot.T, rot @ mu2, rot @ c2 @ rot.T) == pytest.approx(expected)
+    assert frechet_distance(mu1, c1, mu1, c1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_of_features_and_bad_input():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    b = torch.randn(20000, 2, generator=g, dtype=torch.float64) * 2 + 1
+    # N(0, I) vs N(1, 4I): |dmu|^2 = 2, trace term = 2 * (1 - 2)^2 = 2
+    assert frechet_distance_features(a, b) == pytest.approx(4.0, rel=0.05)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match=r"`features` must be \[N, D\] with N >= 2"):
+        feature_statistics(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        rmse(torch.zeros(2), torch.zeros(3))
+
+
+def test_analytic_bench_error_falls_with_nfe_and_multistep_beats_ddim():
+    rows, meta = run_analytic_bench(steps=[5, 10, 20], num_samples=500, progress=False)
+    by = {(r.sampler, r.steps): r for r in rows}
+    assert {r.sampler for r in rows} == set(samplers.names())
+    for name in samplers.names():
+        assert by[(name, 20)].rmse < by[(name, 10)].rmse < by[(name, 5)].rmse
+        assert by[(name, 10)].nfe == 10
+    for name in ("dpm-solver++", "unipc"):
+        assert by[(name, 10)].rmse < by[("ddim", 10)].rmse / 3
+    assert meta["exact_fd"] < by[("unipc", 20)].fd * 1.5
+
+
+def test_analytic_bench_validates_input():
+    with pytest.raises(ValueError, match="unknown values"):
+        run_analytic_bench(samplers=["euler"], progress=False)
+    with pytest.raises(ValueError, match="`schedule` must be one of"):
+        run_analytic_bench(schedule="ve", progress=False)
+    with pytest.raises(ValueError, match="`steps` must hold integers >= 1"):
+        run_analytic_bench(steps=[0], progress=False)
+
+
+def test_cli_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in samplers.names():
+        assert name in out and samplers.describe(name) in out
+
+
+def test_cli_bench_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--model", "analytic", "--steps", "5,10", "--num-samples", "200", "--quiet",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| sampler | steps | NFE | RMSE to exact | FD to data |" in out
+    payload = json.loads(path.read_text())
+    assert len(payload["rows"]) == 2 * len(samplers.names())
+    assert {"sampler", "steps", "nfe", "rmse", "fd"} <= set(payload["rows"][0])
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--steps", "0"], "expected integers >= 1"),
+        (["bench", "--steps", "five"], "expected comma-separated integers"),
+        (["bench", "--samplers", "euler"], "unknown sampler(s) ['euler']; available: ddim"),
+        (["bench", "--model", "sd15"], "--model 'sd15' is not available yet; available: analytic"),
+        (["bench", "--json", "/nonexistent-dir/x.json"], "directory '/nonexistent-dir' does not exist"),
+        (["bench", "--num-samples", "0"], "expected an integer >= 1"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_usage_errors_exit_2(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_end_to_end(tmp_path):
+    """The installed entry point runs on a fresh process (what the README's first command does)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fewstep.cli", "bench", "--model", "analytic", "--steps", "5", "--num-samples", "100",
+         "--quiet", "--samplers", "unipc"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| unipc | 5 | 5 |" in result.stdout
