@@ -104,3 +104,32 @@ def test_pred_original_sample_is_returned():
     alpha = sched.plan.grid.alphas[0]
     sigma = sched.plan.grid.sigmas[0]
     torch.testing.assert_close(out.pred_original_sample, (x - sigma * model(x, sched.timesteps[0])) / alpha)
+
+
+@pytest.mark.parametrize("config_name,mu", [("sd3", None), ("flux", 0.8)])
+def test_ddim_on_flow_configs_is_flow_match_euler(config_name, mu):
+    """On SD3/Flux configs fewstep's DDIM is exactly diffusers' FlowMatchEulerDiscreteScheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = REAL_CONFIGS[config_name]
+    reference = FlowMatchEulerDiscreteScheduler.from_config(config)
+    ours = get("ddim").from_config(config)
+    assert ours.is_flow and ours.config.prediction_type == "flow" and not ours.config.clip_sample
+    kw = {"mu": mu} if mu is not None else {}
+    model = TinyDenoiser(3 * 8 * 8)
+    got, expected = _loop(ours, model, 10, **kw), _loop(reference, model, 10, **kw)
+    assert _rel(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("name,diffusers_cls", [("dpm-solver++", DPMSolverMultistepScheduler),
+                                                 ("unipc", UniPCMultistepScheduler)])
+def test_multistep_flow_sigmas_follow_diffusers(name, diffusers_cls):
+    """`use_flow_sigmas` configs give diffusers' flow grid. diffusers stores sigma = 1 - 1e-6 in float32
+    (alpha = 1e-6 off by ~1%), so the loops agree to ~1e-3 rather than float64 precision."""
+    reference = diffusers_cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    ours = get(name).from_config(reference.config)
+    model = TinyDenoiser(3 * 8 * 8)
+    expected = _loop(reference, model, 10)
+    got = _loop(ours, model, 10)
+    torch.testing.assert_close(ours.sigmas, reference.sigmas, rtol=1e-6, atol=1e-6)
+    assert _rel(got, expected) < 1e-2

@@ -46,6 +46,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     order = 1
     #: spacing flavour of diffusers' timesteps this scheduler mirrors ("multistep" or "ddim").
     spacing_style = "multistep"
+    #: flow grid (see ``grids.flow_grid``): "multistep" (UniPC's ``use_flow_sigmas`` grid, whose last
+    #: evaluation is well away from s = 0, which suits multistep solvers), "dpmsolver" or "flowmatch".
+    flow_grid_style = "multistep"
 
     # ----------------------------------------------------------------------------------------------
     # construction
@@ -132,7 +135,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 shift = FlowShift.from_mu(float(mu))
             else:
                 shift = FlowShift(float(cfg.shift if cfg.shift is not None else cfg.flow_shift))
-            style = "multistep" if cfg.use_flow_sigmas else "flowmatch"
+            style = self.flow_grid_style
             if cfg.time_grid not in ("spacing",):
                 raise ValueError(f"flow schedules support time_grid='spacing' only, got {cfg.time_grid!r}")
             return grids.flow_grid(

@@ -22,6 +22,7 @@ class FewstepDDIMScheduler(FewstepScheduler):
     """
 
     spacing_style = "ddim"
+    flow_grid_style = "flowmatch"
 
     @register_to_config
     def __init__(

@@ -22,6 +22,8 @@ class FewstepDPMSolverScheduler(FewstepScheduler):
     ``solver_type="taylor"`` uses the exact phi-function weights (full third order for ``solver_order=3``).
     """
 
+    flow_grid_style = "dpmsolver"
+
     @register_to_config
     def __init__(
         self,

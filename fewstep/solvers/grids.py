@@ -275,20 +275,23 @@ def flow_grid(
 
     ``style="flowmatch"`` is FlowMatchEulerDiscreteScheduler's: ``s`` linear from 1 to ``s_min`` in ``N``
     points, where ``s_min = 1/T`` is itself pre-shifted unless the shift is ``dynamic``; then shifted.
-    ``style="multistep"`` is DPM-Solver/UniPC's ``use_flow_sigmas``: ``N`` of ``N + 1`` points linear from
-    1 to ``1/T``, then shifted. ``shift_terminal`` stretches the grid so it ends there (LTX-Video).
+    ``style="multistep"`` is UniPC's ``use_flow_sigmas``: ``N`` of ``N + 1`` points linear from 1 to ``1/T``,
+    then shifted; ``style="dpmsolver"`` is DPMSolverMultistep's: ``N`` of ``N + 1`` points linear from
+    ``1 - 1/T`` to 0, shifted. ``shift_terminal`` stretches the grid so it ends there (LTX-Video).
     """
     if not isinstance(schedule, FlowSchedule):
         raise ValueError(f"flow grids need a flow schedule, got a {schedule.kind!r} schedule")
-    if style not in ("flowmatch", "multistep"):
-        raise ValueError(f"`style` must be 'flowmatch' or 'multistep', got {style!r}")
+    if style not in ("flowmatch", "multistep", "dpmsolver"):
+        raise ValueError(f"`style` must be 'flowmatch', 'multistep' or 'dpmsolver', got {style!r}")
     n = check_num_steps(num_inference_steps)
     T = schedule.num_train_timesteps
     if style == "flowmatch":
         s_min = 1.0 / T if dynamic else float(shift.apply(np.asarray(1.0 / T)))
         s = shift.apply(np.linspace(1.0, s_min, n))
-    else:
+    elif style == "multistep":
         s = shift.apply(np.linspace(1.0, 1.0 / T, n + 1)[:-1])
+    else:
+        s = shift.apply(np.linspace(1.0 - 1.0 / T, 0.0, n + 1)[:-1])
     if shift_terminal:
         if not 0 < shift_terminal < 1:
             raise ValueError(f"`shift_terminal` must lie in (0, 1), got {shift_terminal!r}")

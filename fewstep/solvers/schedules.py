@@ -87,13 +87,18 @@ def _betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
 
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023, Algorithm 1: shift and scale ``sqrt(alpha_bar)`` so the last step has zero SNR."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
-    first, last = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    """Lin et al. 2023, Algorithm 1: shift and scale ``sqrt(alpha_bar)`` so the last step has zero SNR.
+
+    Done in float32 torch with diffusers' exact order of operations, so the result matches bit for bit.
+    """
+    import torch
+
+    alphas_bar_sqrt = torch.cumprod(1.0 - torch.from_numpy(betas.astype(np.float32)), dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
     alphas_bar = alphas_bar_sqrt**2
-    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return (1.0 - alphas).astype(np.float32)
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (1.0 - alphas).numpy().astype(np.float32)
 
 
 def make_betas(
