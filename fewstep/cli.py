@@ -1,4 +1,4 @@
-"""The ``fewstep`` command line: ``fewstep list`` and ``fewstep bench``.
+"""The ``fewstep`` command line: ``fewstep list``, ``fewstep generate`` and ``fewstep bench``.
 
 Usage errors (bad flags or values) print one line to stderr and exit with code 2; output files are
 written atomically, so a failed run leaves none behind.
@@ -42,6 +42,12 @@ def _name_list(text: str) -> list[str]:
     return values
 
 
+def _sampler_name(text: str) -> str:
+    if text not in sampler_registry.names():
+        raise argparse.ArgumentTypeError(f"unknown sampler {text!r}; available: {', '.join(sampler_registry.names())}")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -56,6 +62,42 @@ def cmd_list(args: argparse.Namespace) -> int:
     width = max(len(n) for n in sampler_registry.names())
     for name in sampler_registry.names():
         print(f"{name:<{width}}  {sampler_registry.describe(name)}")
+    return 0
+
+
+def _class_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 3,7, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 3,7, got {text!r}")
+    return values
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipelines.generate import generate, image_grid, load_model
+
+    out = check_writable(args.out, "--out")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {args.out!r} must end in .png")
+    pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype)
+    result = generate(
+        pipe,
+        num_images=args.num_images,
+        steps=args.steps,
+        seed=args.seed,
+        classes=args.classes,
+        prompt=args.prompt,
+        guidance_scale=args.guidance_scale,
+        progress=not args.quiet,
+    )
+    grid = image_grid(result.images)
+    atomic_write(out, lambda p: grid.save(p, format="PNG"))
+    print(
+        f"wrote {out} ({len(result.images)} images, sampler {args.sampler}, NFE {result.nfe}"
+        f"{' x2 (CFG)' if args.guidance_scale != 1.0 else ''}, {result.seconds:.2f} s)"
+    )
     return 0
 
 
@@ -91,6 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", help="list the registered samplers")
     p_list.set_defaults(func=cmd_list)
 
+    p_gen = sub.add_parser("generate", help="generate images with a fewstep sampler into a PNG grid")
+    p_gen.add_argument("--model", default="digits-eps",
+                       help="embedded model (digits-eps, digits-flow), a local diffusers pipeline directory or a hub id")
+    p_gen.add_argument("--sampler", type=_sampler_name, default="unipc", help="registered sampler (fewstep list)")
+    p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
+    p_gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    p_gen.add_argument("--num-images", type=_positive_int, default=10, help="images to generate (default 10)")
+    p_gen.add_argument("--class", dest="classes", type=_class_list, default=None,
+                       help="comma-separated class ids for class-conditional models (default: cycle 0-9)")
+    p_gen.add_argument("--prompt", default=None, help="text prompt for text-to-image pipelines")
+    p_gen.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p_gen.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+    p_gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_gen.set_defaults(func=cmd_generate)
+
     p_bench = sub.add_parser("bench", help="error versus NFE of samplers")
     p_bench.add_argument("--model", default="analytic", help="model to benchmark (default: analytic)")
     p_bench.add_argument("--steps", type=_int_list, default=[5, 10, 20], help="comma-separated step counts")
@@ -110,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
     try:
         return args.func(args)
-    except (UsageError, ValueError, TypeError) as exc:
+    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"fewstep {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

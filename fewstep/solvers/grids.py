@@ -134,7 +134,9 @@ def spacing_timesteps(
             ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1]
         ts = ts + steps_offset
     else:
-        ts = np.arange(T, 0, -T / n).round() - 1
+        # A float `arange` can return n + 1 points (e.g. T=1000, n=61), the extra one being t = -1 (diffusers
+        # keeps it); the first n are diffusers' values exactly.
+        ts = (np.arange(T, 0, -T / n).round() - 1)[:n]
     ts = ts.astype(np.int64).astype(np.float64)
     if np.any(np.diff(ts) >= 0):
         raise ValueError(
@@ -254,7 +256,11 @@ def _grid_from_rhos(
 ) -> TimeGrid:
     times = schedule.t_of_rho(rhos)
     if round_timesteps and isinstance(schedule, VPSchedule):
-        times = np.round(times)
+        # The model's integer timestep is diffusers' `_sigma_to_t` rounded: linear in log(rho) between the
+        # training steps (clipped to [0, T-1]), not the log-alpha interpolation of `t_of_rho`; the two
+        # round differently near t ~ 0..10 (e.g. Karras, 50 steps on SD's schedule).
+        log_rho = np.log(schedule.discrete_rho())
+        times = np.round(np.interp(np.log(rhos), log_rho, np.arange(log_rho.size, dtype=np.float64)))
     alphas = 1.0 / np.sqrt(1.0 + rhos**2)
     sigmas = rhos * alphas
     if final_sigmas_type is None:

@@ -1,0 +1,123 @@
+"""Class-conditional image generation with classifier-free guidance: the embedded digits models' pipeline."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+__all__ = ["ClassConditionalPipeline", "OUTPUT_TYPES"]
+
+OUTPUT_TYPES = ("np", "pil", "pt")
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    """``unet`` (a class-conditional ``UNet2DModel`` whose last class id is the null class) + ``scheduler``.
+
+    Classifier-free guidance (Ho & Salimans 2022): ``out = uncond + s (cond - uncond)`` on the raw model
+    output; ``guidance_scale=1`` runs the conditional model only, ``0`` the unconditional one.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes (the null class is excluded)."""
+        return int(self.unet.config.num_class_embeds) - 1
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def _check_inputs(self, class_labels, num_inference_steps, guidance_scale, output_type) -> list[int]:
+        if isinstance(class_labels, (int, np.integer)):
+            class_labels = [int(class_labels)]
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.reshape(-1).tolist()
+        if not isinstance(class_labels, Sequence) or len(class_labels) == 0:
+            raise ValueError(f"`class_labels` must be a non-empty list of ints, got {class_labels!r}")
+        labels = []
+        for c in class_labels:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < self.num_classes:
+                raise ValueError(f"class label {c!r} is out of range: this model has classes 0..{self.num_classes - 1}")
+            labels.append(int(c))
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        return labels
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | int,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        check_finite: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate one image per entry of ``class_labels``.
+
+        Returns ``.images``: ``np`` NHWC floats in [0, 1], ``pil`` a list of grayscale images, ``pt`` an
+        NCHW tensor in [0, 1]. With ``check_finite`` a NaN/Inf is reported with the first step that made it
+        (tracked on the device, read once at the end: no per-step host sync).
+        """
+        labels = self._check_inputs(class_labels, num_inference_steps, guidance_scale, output_type)
+        device = self._execution_device
+        dtype = self.unet.dtype
+        shape = (len(labels), self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+        x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+        cond = torch.tensor(labels, device=device)
+        guided = guidance_scale != 1.0
+        model_labels = torch.cat([cond, torch.full_like(cond, self.null_class)]) if guided else cond
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_in = torch.cat([x, x]) if guided else x
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            t_batch = t.reshape(1).to(device).expand(model_in.shape[0])
+            out = self.unet(model_in, t_batch, class_labels=model_labels).sample
+            if guided:
+                out_cond, out_uncond = out.chunk(2)
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            x = self.scheduler.step(out, t, x).prev_sample
+            if check_finite:
+                bad = ~torch.isfinite(x).all()
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
+        if check_finite:
+            step = int(first_bad)  # the one host sync, after the loop
+            if step >= 0:
+                raise FloatingPointError(
+                    f"sampling produced NaN/Inf at step {step} of {num_inference_steps} "
+                    f"(sampler {type(self.scheduler).__name__}); pass check_finite=False to return it anyway"
+                )
+        images = ((x.float() + 1) / 2).clamp(0, 1)
+        if output_type == "pt":
+            result = images
+        else:
+            result = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                result = self.numpy_to_pil(result)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (result,)
+        return ImagePipelineOutput(images=result)

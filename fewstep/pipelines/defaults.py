@@ -1,0 +1,61 @@
+"""The embedded default models that ship inside the package, and ``load_default``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["DEFAULT_MODELS", "default_model_path", "load_default"]
+
+#: name -> one-line description
+DEFAULT_MODELS = {
+    "digits-eps": "class-conditional UNet, epsilon prediction, DDPM linear VP schedule (CFG null class 10)",
+    "digits-flow": "class-conditional UNet, rectified-flow velocity prediction (CFG null class 10)",
+    "digits-classifier": "small CNN digit classifier: logits and Frechet-distance features",
+}
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def default_model_path(name: str) -> Path:
+    """Directory of an embedded model; ``ValueError`` listing the available names for an unknown one."""
+    if name not in DEFAULT_MODELS:
+        raise ValueError(f"unknown default model {name!r}; available: {', '.join(DEFAULT_MODELS)}")
+    path = _ASSETS / name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"the embedded model {name!r} is missing from {path}; reinstall fewstep or run "
+            f"`python scripts/train_digits.py {name}` to rebuild it"
+        )
+    return path
+
+
+def load_default(
+    name: str = "digits-eps",
+    sampler: str | None = "unipc",
+    device: str | torch.device | None = None,
+    torch_dtype: torch.dtype | None = None,
+):
+    """Load an embedded model: a ready ``ClassConditionalPipeline`` (with ``sampler`` swapped in by
+    ``from_config``), or the ``DigitsClassifier`` module for ``"digits-classifier"``."""
+    path = default_model_path(name)
+    if name == "digits-classifier":
+        from .classifier import DigitsClassifier
+
+        model = DigitsClassifier.from_pretrained(path).eval()
+        if device is not None or torch_dtype is not None:
+            model = model.to(device=device, dtype=torch_dtype)
+        return model
+    from .class_conditional import ClassConditionalPipeline
+
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    pipe = ClassConditionalPipeline.from_pretrained(path, **kwargs)
+    if sampler is not None:
+        from .. import samplers
+
+        pipe.scheduler = samplers.get(sampler).from_config(pipe.scheduler.config)
+    if device is not None:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
