@@ -22,14 +22,20 @@ class UsageError(ValueError):
     """Bad command-line input: reported in one line, exit code 2."""
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 5,10,20, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1 like 5,10,20, got {text!r}")
-    return values
+def _int_list(minimum: int, example: str):
+    """argparse type: comma-separated integers >= ``minimum``."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            message = f"expected comma-separated integers like {example}, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+        if not values or any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum} like {example}, got {text!r}")
+        return values
+
+    return parse
 
 
 def _name_list(text: str) -> list[str]:
@@ -63,16 +69,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in sampler_registry.names():
         print(f"{name:<{width}}  {sampler_registry.describe(name)}")
     return 0
-
-
-def _class_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 3,7, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 3,7, got {text!r}")
-    return values
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -135,12 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_gen = sub.add_parser("generate", help="generate images with a fewstep sampler into a PNG grid")
     p_gen.add_argument("--model", default="digits-eps",
-                       help="embedded model (digits-eps, digits-flow), a local diffusers pipeline directory or a hub id")
+                       help="embedded model (digits-eps, digits-flow), a local pipeline directory or a hub id")
     p_gen.add_argument("--sampler", type=_sampler_name, default="unipc", help="registered sampler (fewstep list)")
     p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
     p_gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p_gen.add_argument("--num-images", type=_positive_int, default=10, help="images to generate (default 10)")
-    p_gen.add_argument("--class", dest="classes", type=_class_list, default=None,
+    p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,7"), default=None,
                        help="comma-separated class ids for class-conditional models (default: cycle 0-9)")
     p_gen.add_argument("--prompt", default=None, help="text prompt for text-to-image pipelines")
     p_gen.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
@@ -152,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_bench = sub.add_parser("bench", help="error versus NFE of samplers")
     p_bench.add_argument("--model", default="analytic", help="model to benchmark (default: analytic)")
-    p_bench.add_argument("--steps", type=_int_list, default=[5, 10, 20], help="comma-separated step counts")
+    p_bench.add_argument("--steps", type=_int_list(1, "5,10,20"), default=[5, 10, 20],
+                         help="comma-separated step counts")
     p_bench.add_argument("--samplers", type=_name_list, default=None, help="comma-separated names (default: all)")
     p_bench.add_argument("--schedule", choices=["vp", "flow"], default="vp", help="analytic noise schedule")
     p_bench.add_argument("--num-samples", type=_positive_int, default=2000, help="samples per cell")

@@ -26,7 +26,7 @@ STEPS = [1, 5, 10, 25, 50]
 F32 = {"rtol": 1e-6, "atol": 0.0}  # diffusers keeps sigmas in float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vp(name: str = "sd") -> VPSchedule:
     return VPSchedule.from_config(DDPMScheduler(**BETAS[name]).config)
 

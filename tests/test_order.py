@@ -95,7 +95,8 @@ def test_flow_schedule_order_and_flow_euler_exactness():
     schedule = FlowSchedule(1000)
     x_start = torch.randn(32, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     t_start, t_end = 990.0, 20.0
-    reference = exact_solution(mixture, schedule, x_start, t_start, tuple(float(v) for v in schedule.alpha_sigma(t_end)))
+    end = tuple(float(v) for v in schedule.alpha_sigma(t_end))
+    reference = exact_solution(mixture, schedule, x_start, t_start, end)
 
     def run(decisions_for, n):
         grid = grids.uniform_lambda_grid(schedule, n, t_start, t_end)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import REAL_CONFIGS, TinyDenoiser
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from fewstep.samplers import get
-
-from _helpers import REAL_CONFIGS, TinyDenoiser
 
 
 def _loop(scheduler, model, steps: int, dtype=torch.float64, seed: int = 1, **set_kw) -> torch.Tensor:

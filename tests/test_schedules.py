@@ -42,7 +42,7 @@ VP_CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name: str) -> tuple[VPSchedule, np.ndarray]:
     """fewstep's schedule built from diffusers' DDPM config, and DDPM's float32 alphas_cumprod as float64."""
     reference = DDPMScheduler(**VP_CASES[name])

@@ -84,7 +84,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
-        x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        x = latents.to(device=device, dtype=dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
         cond = torch.tensor(labels, device=device)
         guided = guidance_scale != 1.0

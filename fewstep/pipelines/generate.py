@@ -65,7 +65,7 @@ def load_model(model: str, sampler: str, device: str = "auto", dtype: str = "flo
         )
     try:
         pipe = _load_pipeline(model, torch_dtype)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ValueError(
             f"could not load `model` {model!r}: {str(exc).splitlines()[0]} -- without a network connection "
             "a hub id only works when its weights are in the local Hugging Face cache"

@@ -17,7 +17,8 @@ class FewstepDDIMScheduler(FewstepScheduler):
 
     Song, Meng & Ermon (2021), eq. 12 with sigma = 0. The diffusers-style ``clip_sample`` clips ``x0`` only
     (``eps`` is kept), exactly as diffusers' DDIMScheduler does (default on for VP configs, off for flow).
-    On a flow schedule DDIM is exactly the flow-matching Euler step ``x + (s' - s) v``. Unlike diffusers, each step goes to the
+    On a flow schedule DDIM is exactly the flow-matching Euler step ``x + (s' - s) v``.
+    Unlike diffusers, each step goes to the
     next listed timestep (diffusers steps to ``t - T // N``, which skips points for ``linspace`` spacing).
     """
 

@@ -242,8 +242,11 @@ def karras_grid(
     n = check_num_steps(num_inference_steps)
     if exponent <= 0:
         raise ValueError(f"`exponent` must be > 0, got {exponent}")
-    rho_min = float(schedule.rho(schedule.t_min if isinstance(schedule, VPSchedule) else 1.0)) if rho_min is None else rho_min
-    rho_max = float(schedule.rho(schedule.t_max if isinstance(schedule, VPSchedule) else schedule.t_max - 1)) if rho_max is None else rho_max
+    vp = isinstance(schedule, VPSchedule)
+    if rho_min is None:
+        rho_min = float(schedule.rho(schedule.t_min if vp else 1.0))
+    if rho_max is None:
+        rho_max = float(schedule.rho(schedule.t_max if vp else schedule.t_max - 1))
     if not (0 < rho_min < rho_max):
         raise ValueError(f"need 0 < rho_min < rho_max, got rho_min={rho_min!r}, rho_max={rho_max!r}")
     ramp = np.linspace(0, 1, n)
@@ -272,7 +275,7 @@ def _grid_from_rhos(
 def flow_grid(
     schedule: FlowSchedule,
     num_inference_steps: int,
-    shift: FlowShift = FlowShift(1.0),
+    shift: FlowShift | None = None,
     style: str = "flowmatch",
     dynamic: bool = False,
     shift_terminal: float | None = None,
@@ -290,6 +293,7 @@ def flow_grid(
     if style not in ("flowmatch", "multistep", "dpmsolver"):
         raise ValueError(f"`style` must be 'flowmatch', 'multistep' or 'dpmsolver', got {style!r}")
     n = check_num_steps(num_inference_steps)
+    shift = shift if shift is not None else FlowShift(1.0)
     T = schedule.num_train_timesteps
     if style == "flowmatch":
         s_min = 1.0 / T if dynamic else float(shift.apply(np.asarray(1.0 / T)))

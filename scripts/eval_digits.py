@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Score the embedded digits models: classifier accuracy of guided samples and FD in classifier features.
+
+    python scripts/eval_digits.py --model digits-eps --sampler unipc --steps 20 --guidance-scale 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fewstep.bench.digits_eval import evaluate_digits
+from fewstep.pipelines import load_default
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="digits-eps", choices=["digits-eps", "digits-flow"])
+    parser.add_argument("--sampler", default="unipc")
+    parser.add_argument("--steps", type=int, nargs="+", default=[20])
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--num-per-class", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pipe = load_default(args.model, sampler=args.sampler)
+    classifier = load_default("digits-classifier")
+    for steps in args.steps:
+        quality = evaluate_digits(pipe, classifier, args.num_per_class, steps, args.guidance_scale, args.seed)
+        print(json.dumps({"model": args.model, "sampler": args.sampler, **quality.as_dict()}))
+
+
+if __name__ == "__main__":
+    main()
