@@ -3,6 +3,7 @@
 
     python scripts/train_digits.py digits-eps        [--steps 5000] [--device cuda]
     python scripts/train_digits.py digits-flow       [--steps 5000]
+    python scripts/train_digits.py digits-mr         [--steps 3000]
     python scripts/train_digits.py digits-classifier [--epochs 40]
 
 Seeded and reproducible for a given device. Diffusion models: class-conditional ``UNet2DModel`` (16x16,
@@ -29,6 +30,8 @@ from tqdm.auto import tqdm
 from fewstep.datasets import NUM_CLASSES, load_digits_images
 from fewstep.pipelines.class_conditional import ClassConditionalPipeline
 from fewstep.pipelines.classifier import DigitsClassifier
+from fewstep.pipelines.mean_reverting import MeanRevertingPipeline, box_inpainting
+from fewstep.solvers.schedules import mean_reverting_alphas_cumprod
 
 ASSETS = Path(__file__).resolve().parent.parent / "fewstep" / "assets"
 RESOLUTION = 16
@@ -68,8 +71,9 @@ def train_diffusion(kind: str, steps: int, batch_size: int, lr: float, device: s
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1.0, (k + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
     if kind == "digits-eps":
+        # "trailing" spacing starts every few-step grid at t = T - 1 (Lin et al. 2023)
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
-                                  clip_sample=False)
+                                  clip_sample=False, timestep_spacing="trailing")
         alphas_cumprod = scheduler.alphas_cumprod.to(device)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -115,6 +119,60 @@ def train_diffusion(kind: str, steps: int, batch_size: int, lr: float, device: s
     return out
 
 
+def train_mean_reverting(steps: int, batch_size: int, lr: float, device: str, seed: int,
+                         stationary_std: float = 0.4) -> Path:
+    """``digits-mr``: IR-SDE box inpainting. ``z_t = a_t (x0 - mu)/lam + sqrt(1 - a_t^2) eps`` over 100 index
+    steps; the UNet sees ``concat(mu + lam z_t, mu)`` and predicts ``eps``."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    images, _ = load_digits_images(RESOLUTION, "train")
+    abar = mean_reverting_alphas_cumprod(100)
+    config = unet_config()
+    config.update(in_channels=2, num_class_embeds=None)
+    unet = UNet2DModel(**config).to(device)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    abar_t = torch.tensor(abar, dtype=torch.float32, device=device)
+    betas = 1.0 - abar / torch.tensor(abar).roll(1).numpy()
+    betas[0] = 1.0 - abar[0]
+    scheduler = DDPMScheduler(num_train_timesteps=len(abar), trained_betas=betas.tolist(), prediction_type="epsilon",
+                              clip_sample=False, timestep_spacing="trailing")
+    losses, start = [], time.time()
+    for step in tqdm(range(steps), desc="digits-mr", mininterval=10):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        x0 = random_shift(images[idx], g)
+        mu = box_inpainting(x0, generator=g)
+        x0, mu = x0.to(device), mu.to(device)
+        t = torch.randint(0, len(abar), (batch_size,), generator=g).to(device)
+        a = abar_t[t].sqrt().reshape(-1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        z = a * (x0 - mu) / stationary_std + (1 - a**2).sqrt() * noise
+        loss = (unet(torch.cat([mu + stationary_std * z, mu], 1), t).sample - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - 0.999)
+        losses.append(loss.item())
+        if (step + 1) % 500 == 0:
+            print(f"digits-mr step {step + 1}/{steps} loss {sum(losses[-500:]) / 500:.4f} "
+                  f"({time.time() - start:.0f}s)", flush=True)
+    out = ASSETS / "digits-mr"
+    MeanRevertingPipeline(unet=ema.cpu(), scheduler=scheduler, stationary_std=stationary_std).save_pretrained(
+        out, safe_serialization=True)
+    recipe = {"model": "digits-mr", "task": "box inpainting (6x6 square set to background)", "steps": steps,
+              "batch_size": batch_size, "lr": lr, "seed": seed, "ema": 0.999, "stationary_std": stationary_std,
+              "schedule": "IR-SDE cosine, 100 index steps, a_T = 0.005", "final_loss": sum(losses[-500:]) / 500,
+              "train_seconds": round(time.time() - start), "device": device}
+    (out / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return out
+
+
 def train_classifier(epochs: int, batch_size: int, lr: float, device: str, seed: int) -> Path:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -151,7 +209,7 @@ def train_classifier(epochs: int, batch_size: int, lr: float, device: str, seed:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=["digits-eps", "digits-flow", "digits-classifier"])
+    parser.add_argument("model", choices=["digits-eps", "digits-flow", "digits-mr", "digits-classifier"])
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -161,6 +219,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.model == "digits-classifier":
         out = train_classifier(args.epochs, args.batch_size, args.lr or 3e-3, args.device, args.seed)
+    elif args.model == "digits-mr":
+        out = train_mean_reverting(args.steps, args.batch_size, args.lr or 2e-3, args.device, args.seed)
     else:
         out = train_diffusion(args.model, args.steps, args.batch_size, args.lr or 2e-3, args.device, args.seed)
     print(f"wrote {out}")

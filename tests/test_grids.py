@@ -317,6 +317,8 @@ def test_custom_sigmas_grid_vp():
     assert np.all(between.timesteps == np.round(between.timesteps))
     assert np.all((between.timesteps >= 0) & (between.timesteps <= 999))
     np.testing.assert_allclose(between.rhos[:-1], [10.0, 2.0, 0.3], rtol=1e-12)
+    one_step = grids.custom_sigmas_grid(schedule, [5.0, 0.0], final_sigmas_type=None)  # the 0 wins
+    assert one_step.num_steps == 1 and one_step.sigmas[-1] == 0.0
 
 
 def test_custom_sigmas_grid_flow():

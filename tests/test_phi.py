@@ -24,7 +24,7 @@ def test_phi_matches_quadrature(k, z):
     assert phi(k, z) == pytest.approx(_phi_quad(k, z), rel=1e-12, abs=0)
 
 
-@pytest.mark.parametrize("z", [-0.5, 0.5, -0.5000001, 0.4999999, -3.7, 7.5, 25.0])
+@pytest.mark.parametrize("z", [-0.05, 0.01, 0.2, -0.5, 0.5, -0.5000001, 0.4999999, -3.7, 7.5, 25.0])
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_phi_matches_quadrature_near_switch_and_far(k, z):
     assert phi(k, z) == pytest.approx(_phi_quad(k, z), rel=1e-11, abs=0)

@@ -2,5 +2,13 @@
 
 from .class_conditional import ClassConditionalPipeline
 from .defaults import DEFAULT_MODELS, default_model_path, load_default
+from .mean_reverting import MeanRevertingPipeline, box_inpainting
 
-__all__ = ["ClassConditionalPipeline", "DEFAULT_MODELS", "default_model_path", "load_default"]
+__all__ = [
+    "ClassConditionalPipeline",
+    "DEFAULT_MODELS",
+    "MeanRevertingPipeline",
+    "box_inpainting",
+    "default_model_path",
+    "load_default",
+]

@@ -12,6 +12,7 @@ __all__ = ["DEFAULT_MODELS", "default_model_path", "load_default"]
 DEFAULT_MODELS = {
     "digits-eps": "class-conditional UNet, epsilon prediction, DDPM linear VP schedule (CFG null class 10)",
     "digits-flow": "class-conditional UNet, rectified-flow velocity prediction (CFG null class 10)",
+    "digits-mr": "mean-reverting (IR-SDE) restoration UNet: fills a 6x6 box erased from a digit",
     "digits-classifier": "small CNN digit classifier: logits and Frechet-distance features",
 }
 
@@ -37,8 +38,9 @@ def load_default(
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype | None = None,
 ):
-    """Load an embedded model: a ready ``ClassConditionalPipeline`` (with ``sampler`` swapped in by
-    ``from_config``), or the ``DigitsClassifier`` module for ``"digits-classifier"``."""
+    """Load an embedded model: a ready ``ClassConditionalPipeline`` (``digits-eps``, ``digits-flow``) or
+    ``MeanRevertingPipeline`` (``digits-mr``) with ``sampler`` swapped in by ``from_config``, or the
+    ``DigitsClassifier`` module for ``"digits-classifier"``."""
     path = default_model_path(name)
     if name == "digits-classifier":
         from .classifier import DigitsClassifier
@@ -48,9 +50,11 @@ def load_default(
             model = model.to(device=device, dtype=torch_dtype)
         return model
     from .class_conditional import ClassConditionalPipeline
+    from .mean_reverting import MeanRevertingPipeline
 
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    pipe = ClassConditionalPipeline.from_pretrained(path, **kwargs)
+    pipeline_class = MeanRevertingPipeline if name == "digits-mr" else ClassConditionalPipeline
+    pipe = pipeline_class.from_pretrained(path, **kwargs)
     if sampler is not None:
         from .. import samplers
 

@@ -19,6 +19,8 @@ from .defaults import DEFAULT_MODELS
 __all__ = ["GenerationResult", "load_model", "generate", "image_grid", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: embedded models `fewstep generate` can sample from (digits-mr restores images, digits-classifier classifies)
+GENERATORS = ("digits-eps", "digits-flow")
 
 
 @dataclass
@@ -52,9 +54,8 @@ def load_model(model: str, sampler: str, device: str = "auto", dtype: str = "flo
     sampler_cls = samplers.get(sampler)
     torch_dtype = DTYPES[dtype]
     if model in DEFAULT_MODELS:
-        if model == "digits-classifier":
-            raise ValueError("`model` 'digits-classifier' is a classifier, not a generator; "
-                             f"choose one of {', '.join(m for m in DEFAULT_MODELS if m != 'digits-classifier')}")
+        if model not in GENERATORS:
+            raise ValueError(f"`model` {model!r} is not an image generator; choose one of {', '.join(GENERATORS)}")
         return load_default(model, sampler=sampler, device=dev, torch_dtype=torch_dtype)
     path = Path(model)
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1

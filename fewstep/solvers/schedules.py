@@ -186,7 +186,8 @@ class VPSchedule(NoiseSchedule):
 
         ac = torch.cumprod(1.0 - torch.from_numpy(betas.astype(np.float32)), dim=0).numpy().astype(np.float64)
         if config.get("rescale_betas_zero_snr", False):
-            ac[-1] = 2.0**-24
+            # diffusers' stand-in for alpha_bar = 0; kept below its neighbour so the schedule stays monotone
+            ac[-1] = min(2.0**-24, ac[-2] / 2)
         return cls(ac)
 
     @property
@@ -317,3 +318,25 @@ def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule:
     if is_flow_config(config):
         return FlowSchedule.from_config(config)
     return VPSchedule.from_config(config)
+
+
+def mean_reverting_alphas_cumprod(num_steps: int = 100, a_end: float = 0.005, offset: float = 0.008) -> np.ndarray:
+    """IR-SDE's cosine mean-reverting schedule (Luo et al. 2023), as a VP ``alpha_bar`` over index steps.
+
+    ``dx = theta_t (mu - x) dt + g_t dw`` with ``g_t^2 = 2 lam^2 theta_t`` has the marginal
+    ``x_t = a_t x0 + (1 - a_t) mu + s_t eps``, ``a_t = exp(-int theta)``, ``s_t = lam sqrt(1 - a_t^2)``, so
+    ``z = (x - mu) / lam`` follows the VP process ``z_t = a_t z_0 + sqrt(1 - a_t^2) eps`` -- every VP solver applies
+    to ``z`` (Li et al. 2025, sec. 3). ``theta_i = 1 - abar_cos(i + 1)`` from the improved-DDPM cosine over
+    ``num_steps + 2`` points, scaled so that ``a_T = a_end``; returns ``a_i^2`` for ``i = 0..num_steps``.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"`num_steps` must be an integer >= 2, got {num_steps!r}")
+    if not 0 < a_end < 1:
+        raise ValueError(f"`a_end` must lie in (0, 1), got {a_end!r}")
+    grid = np.arange(num_steps + 2, dtype=np.float64) / (num_steps + 1)
+    abar = np.cos((grid + offset) / (1 + offset) * np.pi / 2) ** 2
+    abar = abar / abar[0]
+    theta = 1.0 - abar[1:]  # num_steps + 1 values, rising from ~6e-4 to ~1
+    dt = -np.log(a_end) / theta.sum()
+    a = np.exp(-dt * np.cumsum(theta))
+    return a**2

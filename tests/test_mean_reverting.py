@@ -1,0 +1,73 @@
+"""The mean-reverting schedule and the restoration pipeline (tiny random UNet, save/load round trip)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from fewstep import samplers
+from fewstep.pipelines import MeanRevertingPipeline, box_inpainting
+from fewstep.solvers import VPSchedule
+from fewstep.solvers.schedules import mean_reverting_alphas_cumprod
+
+
+def test_ir_sde_cosine_schedule_endpoints_and_vp_form():
+    abar = mean_reverting_alphas_cumprod(100, a_end=0.005)
+    a = np.sqrt(abar)
+    assert abar.shape == (101,) and np.all(np.diff(abar) < 0)
+    assert a[-1] == pytest.approx(0.005) and a[0] == pytest.approx(0.99994, abs=2e-5)
+    lam = 50 / 255  # IR-SDE's stationary std: lambda_t = log(a / (lam sqrt(1 - a^2))) spans ~ +6.11 .. -3.67
+    schedule = VPSchedule(abar)
+    assert schedule.lambda_(0) - np.log(lam) == pytest.approx(6.11, abs=0.01)
+    assert schedule.lambda_(100) - np.log(lam) == pytest.approx(-3.67, abs=0.01)
+    with pytest.raises(ValueError, match="`a_end` must lie in"):
+        mean_reverting_alphas_cumprod(100, a_end=1.5)
+
+
+def test_box_inpainting_erases_one_square():
+    x = torch.ones(3, 1, 16, 16)
+    y = box_inpainting(x, box=6, generator=torch.Generator().manual_seed(0))
+    assert ((y == -1).sum(dim=(1, 2, 3)) == 36).all()
+    with pytest.raises(ValueError, match="must be NCHW"):
+        box_inpainting(torch.ones(16, 16))
+
+
+@pytest.fixture(scope="module")
+def tiny_mr(tmp_path_factory):
+    abar = mean_reverting_alphas_cumprod(100)
+    betas = 1 - abar / np.concatenate([[1.0], abar[:-1]])
+    scheduler = DDPMScheduler(num_train_timesteps=101, trained_betas=betas.tolist(), clip_sample=False,
+                              timestep_spacing="trailing")
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=2, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    path = tmp_path_factory.mktemp("tiny-mr")
+    MeanRevertingPipeline(unet=unet, scheduler=scheduler, stationary_std=0.3).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", samplers.names())
+def test_restoration_pipeline_round_trip_and_determinism(tiny_mr, name):
+    pipe = MeanRevertingPipeline.from_pretrained(tiny_mr)
+    assert pipe.config.stationary_std == 0.3
+    pipe.scheduler = samplers.get(name).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.timesteps is not None
+    mu = torch.zeros(2, 1, 8, 8)
+    a = pipe(mu, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
+    b = pipe(mu, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
+    assert a.shape == (2, 8, 8, 1) and np.array_equal(a, b)
+    assert int(pipe.scheduler.timesteps[0]) == 100  # trailing spacing starts at the prior
+
+
+def test_restoration_pipeline_bad_input(tiny_mr):
+    pipe = MeanRevertingPipeline.from_pretrained(tiny_mr)
+    with pytest.raises(ValueError, match=r"`measurement` must have shape \[N, 1, 8, 8\]"):
+        pipe(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="`num_inference_steps` must be an integer >= 1"):
+        pipe(torch.zeros(1, 1, 8, 8), num_inference_steps=0)
+    with pytest.raises(ValueError, match="NCHW tensor"):
+        pipe(np.zeros((1, 1, 8, 8)))
