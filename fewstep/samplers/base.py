@@ -103,7 +103,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start at this step (img2img pipelines call it); validated against the current plan."""
+        """Start at this step (img2img pipelines call it after ``set_timesteps``); checked when stepping."""
         if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
             raise ValueError(f"`begin_index` must be an integer >= 0, got {begin_index!r}")
         self._begin_index = begin_index
