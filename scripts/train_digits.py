@@ -61,15 +61,39 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: in
     return torch.stack([padded[i, :, dy[i]:dy[i] + size, dx[i]:dx[i] + size] for i in range(n)])
 
 
+def _optimization(unet: torch.nn.Module, lr: float, steps: int, weight_decay: float = 0.0):
+    """EMA copy, AdamW and a 200-step warm-up into cosine decay."""
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    return ema, opt, sched
+
+
+def _train_step(loss: torch.Tensor, unet, ema, opt, sched, ema_decay: float = 0.999) -> None:
+    """Backward, clip to norm 1, optimizer and lr step, EMA update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), unet.parameters()):
+            pe.lerp_(p, 1 - ema_decay)
+
+
+def _log(kind: str, step: int, steps: int, losses: list[float], start: float) -> None:
+    if (step + 1) % 500 == 0:
+        print(f"{kind} step {step + 1}/{steps} loss {sum(losses[-500:]) / 500:.4f} ({time.time() - start:.0f}s)",
+              flush=True)
+
+
 def train_diffusion(kind: str, steps: int, batch_size: int, lr: float, device: str, seed: int) -> Path:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     images, labels = load_digits_images(RESOLUTION, "train")
     unet = UNet2DModel(**unet_config()).to(device)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    ema, opt, sched = _optimization(unet, lr, steps)
     if kind == "digits-eps":
         # "trailing" spacing starts every few-step grid at t = T - 1 (Lin et al. 2023)
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
@@ -97,18 +121,9 @@ def train_diffusion(kind: str, steps: int, batch_size: int, lr: float, device: s
             t = s * 1000
             target = noise - x0
         loss = (unet(xt, t, class_labels=y).sample - target).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - 0.999)
+        _train_step(loss, unet, ema, opt, sched)
         losses.append(loss.item())
-        if (step + 1) % 500 == 0:
-            print(f"{kind} step {step + 1}/{steps} loss {sum(losses[-500:]) / 500:.4f} "
-                  f"({time.time() - start:.0f}s)", flush=True)
+        _log(kind, step, steps, losses, start)
     out = ASSETS / kind
     pipe = ClassConditionalPipeline(unet=ema.cpu(), scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -130,10 +145,7 @@ def train_mean_reverting(steps: int, batch_size: int, lr: float, device: str, se
     config = unet_config()
     config.update(in_channels=2, num_class_embeds=None)
     unet = UNet2DModel(**config).to(device)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    ema, opt, sched = _optimization(unet, lr, steps, weight_decay=0.01)  # AdamW's default, as shipped
     abar_t = torch.tensor(abar, dtype=torch.float32, device=device)
     betas = 1.0 - abar / torch.tensor(abar).roll(1).numpy()
     betas[0] = 1.0 - abar[0]
@@ -150,18 +162,9 @@ def train_mean_reverting(steps: int, batch_size: int, lr: float, device: str, se
         noise = torch.randn(x0.shape, generator=g).to(device)
         z = a * (x0 - mu) / stationary_std + (1 - a**2).sqrt() * noise
         loss = (unet(torch.cat([mu + stationary_std * z, mu], 1), t).sample - noise).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - 0.999)
+        _train_step(loss, unet, ema, opt, sched)
         losses.append(loss.item())
-        if (step + 1) % 500 == 0:
-            print(f"digits-mr step {step + 1}/{steps} loss {sum(losses[-500:]) / 500:.4f} "
-                  f"({time.time() - start:.0f}s)", flush=True)
+        _log("digits-mr", step, steps, losses, start)
     out = ASSETS / "digits-mr"
     MeanRevertingPipeline(unet=ema.cpu(), scheduler=scheduler, stationary_std=stationary_std).save_pretrained(
         out, safe_serialization=True)
