@@ -43,9 +43,11 @@ def test_load_and_four_step_generation_is_deterministic(name):
     run = lambda: pipe([0, 5, 9], num_inference_steps=4, generator=torch.Generator().manual_seed(3)).images  # noqa: E731
     a, b = run(), run()
     assert a.shape == (3, 16, 16, 1) and np.array_equal(a, b)
-    # the pipeline also loads through the diffusers entry point with fewstep's class
-    again = ClassConditionalPipeline.from_pretrained(default_model_path(name))
-    assert again.unet.config.num_class_embeds == 11
+    # the generic diffusers entry point resolves fewstep's pipeline class
+    from diffusers import DiffusionPipeline
+
+    again = DiffusionPipeline.from_pretrained(default_model_path(name))
+    assert isinstance(again, ClassConditionalPipeline) and again.unet.config.num_class_embeds == 11
 
 
 @pytest.mark.parametrize("name", ["digits-eps", "digits-flow"])
@@ -74,3 +76,17 @@ def test_mean_reverting_model_restores_the_erased_box():
     restored = pipe(mu, num_inference_steps=10, generator=torch.Generator().manual_seed(1), output_type="pt").images
     truth, degraded = (clean + 1) / 2, (mu + 1) / 2
     assert _psnr(restored, truth) > _psnr(degraded, truth) + 3.0
+
+
+def test_readme_generate_command_on_the_embedded_default(tmp_path, capsys):
+    """`fewstep generate --out samples.png` (the README's first command) with the shipped digits-eps."""
+    from PIL import Image
+
+    from fewstep.cli import main
+
+    out = tmp_path / "samples.png"
+    assert main(["generate", "--sampler", "unipc", "--steps", "4", "--num-images", "10", "--quiet",
+                 "--out", str(out)]) == 0
+    assert "NFE 4" in capsys.readouterr().out
+    grid = Image.open(out)
+    assert grid.mode == "L" and grid.size[0] > 10 * 16 * 4

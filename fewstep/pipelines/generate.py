@@ -3,7 +3,6 @@ fewstep sampler, generate, and tile the images into one PNG grid."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -57,6 +56,8 @@ def load_model(model: str, sampler: str, device: str = "auto", dtype: str = "flo
         if model not in GENERATORS:
             raise ValueError(f"`model` {model!r} is not an image generator; choose one of {', '.join(GENERATORS)}")
         return load_default(model, sampler=sampler, device=dev, torch_dtype=torch_dtype)
+    from diffusers import DiffusionPipeline
+
     path = Path(model)
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_local and not (path / "model_index.json").is_file():
@@ -65,7 +66,8 @@ def load_model(model: str, sampler: str, device: str = "auto", dtype: str = "flo
             "pipeline directory (no model_index.json there) nor a hub id like 'org/name'"
         )
     try:
-        pipe = _load_pipeline(model, torch_dtype)
+        # fewstep's own pipeline classes are registered in diffusers' namespace (fewstep.pipelines)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"could not load `model` {model!r}: {str(exc).splitlines()[0]} -- without a network connection "
@@ -73,19 +75,6 @@ def load_model(model: str, sampler: str, device: str = "auto", dtype: str = "flo
         ) from None
     pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
     return pipe.to(dev)
-
-
-def _load_pipeline(model: str, torch_dtype: torch.dtype):
-    """fewstep's own pipelines load through their class (diffusers resolves pipeline classes in its own
-    namespace); everything else through ``DiffusionPipeline``."""
-    from diffusers import DiffusionPipeline
-
-    from .class_conditional import ClassConditionalPipeline
-
-    index = Path(model) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == ClassConditionalPipeline.__name__:
-        return ClassConditionalPipeline.from_pretrained(model, dtype=torch_dtype)
-    return DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
 
 
 def generate(
