@@ -155,3 +155,13 @@ def test_save_and_load_round_trip(name, tmp_path, tiny_denoiser):
         s.set_timesteps(6)
     assert torch.equal(sched.timesteps, loaded.timesteps)
     np.testing.assert_array_equal(sched.plan.grid.lambdas, loaded.plan.grid.lambdas)
+
+
+def test_solvers_do_not_import_diffusers():
+    """DESIGN: the math in fewstep.solvers (and the analytic reference) is pure torch + numpy/scipy."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fewstep.solvers, fewstep.solvers.methods, fewstep.bench.analytic; "
+            "sys.exit(1 if 'diffusers' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
