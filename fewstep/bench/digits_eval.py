@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..datasets import NUM_CLASSES, load_digits_images
+from ..datasets import NUM_CLASSES, load_digits_images, to_unit_range
 from .metrics import frechet_distance_features
 
 __all__ = ["DigitsQuality", "evaluate_digits", "classifier_features", "per_sample_noise"]
@@ -82,8 +82,8 @@ def evaluate_digits(
     accuracy = (logits.argmax(1).cpu() == torch.tensor(labels)).float().mean().item()
     test_images, _ = load_digits_images(cfg.sample_size, "test")
     train_images, _ = load_digits_images(cfg.sample_size, "train")
-    test_feats, _ = classifier_features(classifier, (test_images + 1) / 2)
-    train_feats, _ = classifier_features(classifier, (train_images + 1) / 2)
+    test_feats, _ = classifier_features(classifier, to_unit_range(test_images))
+    train_feats, _ = classifier_features(classifier, to_unit_range(train_images))
     fd = frechet_distance_features(feats.cpu(), test_feats.cpu())
     floor = frechet_distance_features(train_feats.cpu(), test_feats.cpu())
     return DigitsQuality(accuracy, fd, floor, len(labels), steps, len(pipe.scheduler.timesteps), guidance_scale)

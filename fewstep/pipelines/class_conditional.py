@@ -11,6 +11,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..datasets import to_unit_range
+
 __all__ = ["ClassConditionalPipeline", "OUTPUT_TYPES"]
 
 OUTPUT_TYPES = ("np", "pil", "pt")
@@ -110,7 +112,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     f"sampling produced NaN/Inf at step {step} of {num_inference_steps} "
                     f"(sampler {type(self.scheduler).__name__}); pass check_finite=False to return it anyway"
                 )
-        images = ((x.float() + 1) / 2).clamp(0, 1)
+        images = to_unit_range(x.float())
         if output_type == "pt":
             result = images
         else:

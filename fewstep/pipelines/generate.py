@@ -27,7 +27,6 @@ class GenerationResult:
     images: np.ndarray  # NHWC floats in [0, 1]
     nfe: int
     seconds: float
-    labels: list[str]
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -104,7 +103,6 @@ def generate(
         labels = [pool[i % len(pool)] for i in range(num_images)]
         images = pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                       output_type="np").images
-        names = [str(c) for c in labels]
     else:
         if classes:
             raise ValueError("`classes` given to a text-to-image pipeline; use --prompt instead")
@@ -112,10 +110,9 @@ def generate(
             raise ValueError("this pipeline is text-to-image: pass --prompt")
         images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                       generator=generator, num_images_per_prompt=num_images, output_type="np").images
-        names = [prompt] * num_images
     seconds = time.perf_counter() - start
     nfe = len(pipe.scheduler.timesteps)
-    return GenerationResult(np.asarray(images, dtype=np.float32), nfe, seconds, names)
+    return GenerationResult(np.asarray(images, dtype=np.float32), nfe, seconds)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, min_cell: int = 96) -> Image.Image:

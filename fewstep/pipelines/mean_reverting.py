@@ -14,6 +14,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..datasets import to_unit_range
+
 __all__ = ["MeanRevertingPipeline", "box_inpainting"]
 
 
@@ -72,7 +74,7 @@ class MeanRevertingPipeline(DiffusionPipeline):
             t_batch = t.reshape(1).to(device).expand(x.shape[0])
             eps = self.unet(torch.cat([x, mu], dim=1), t_batch).sample
             z = self.scheduler.step(eps, t, z).prev_sample
-        images = ((mu + lam * z).float() + 1).div(2).clamp(0, 1)
+        images = to_unit_range((mu + lam * z).float())
         result = images if output_type == "pt" else images.permute(0, 2, 3, 1).cpu().numpy()
         if not return_dict:
             return (result,)
