@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import FewstepScheduler, FewstepSchedulerOutput
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
+from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
 from .unipc import FewstepUniPCScheduler
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "FewstepDDIMScheduler",
     "FewstepDPMSolverScheduler",
     "FewstepUniPCScheduler",
+    "FewstepHeavyBallScheduler",
+    "FewstepGHVBScheduler",
     "get",
     "names",
     "describe",
@@ -26,6 +29,8 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "ddim": FewstepDDIMScheduler,
     "dpm-solver++": FewstepDPMSolverScheduler,
     "unipc": FewstepUniPCScheduler,
+    "hb": FewstepHeavyBallScheduler,
+    "ghvb": FewstepGHVBScheduler,
 }
 
 

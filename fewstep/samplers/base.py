@@ -19,6 +19,7 @@ from diffusers.utils import BaseOutput
 
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan
+from ..solvers.momentum import MomentumStep
 from ..solvers.parameterization import normalize_prediction_type, to_pair
 from ..solvers.schedules import FlowSchedule, FlowShift, NoiseSchedule, VPSchedule, is_flow_config
 
@@ -120,6 +121,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:  # pragma: no cover
         raise NotImplementedError
 
+    def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> list[MomentumStep | None] | None:
+        """Momentum around the engine's steps (heavy-ball schedulers); ``None``: plain steps."""
+        return None
+
     def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:
         cfg = self.config
         sched = self.noise_schedule
@@ -185,14 +190,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                     )
         grid = self._grid(num_inference_steps, timesteps, sigmas, mu)
         final_is_clean = bool(grid.sigmas[-1] == 0.0)
-        self.plan = compile_plan(grid, self._decisions(grid.num_steps, final_is_clean))
+        decisions = self._decisions(grid.num_steps, final_is_clean)
+        self.plan = compile_plan(grid, decisions)
+        self.plan.momentum = self._momentum(grid, decisions)
         self.num_inference_steps = grid.num_steps
         integral = np.all(grid.timesteps == np.round(grid.timesteps)) and not self.is_flow
         ts = torch.from_numpy(grid.timesteps.astype(np.int64 if integral else np.float32))
         self.timesteps = ts.to(device=device) if device is not None else ts
         self.sigmas = torch.from_numpy(grid.rhos if not self.is_flow else grid.sigmas).to(torch.float32)
         self._timestep_values = ts.tolist()  # as the pipeline will pass them back (int64 or float32)
-        self._state = EngineState(self.plan)
+        self._state = EngineState(self.plan)  # fresh buffer and momentum: nothing leaks between runs
         self._step_index = None
         self._begin_index = None
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .grids import TimeGrid
+from .momentum import MomentumState, MomentumStep
 from .phi import hphi
 
 __all__ = [
@@ -138,6 +139,9 @@ class Plan:
     steps: list[CompiledStep]
     buffer_size: int
     extra: dict = field(default_factory=dict)
+    #: optional heavy-ball/GHVB momentum per transition ``i -> i+1`` (``None`` entries: plain step); the
+    #: transition is realised by step ``i``'s predictor, or by step ``i+1``'s corrector when one follows.
+    momentum: list[MomentumStep | None] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -272,6 +276,9 @@ class EngineState:
 
     ``hooks`` run after the corrector and before the predictor of each step (``hook(state, i)``); they may
     rewrite ``state.buffer`` (DC-Solver) or ``state.sample`` (FlowChef). Create a new state per image batch.
+    With ``plan.momentum``, the transition that defines the trajectory (the corrector where there is one,
+    else the predictor) is wrapped by heavy-ball/GHVB momentum; a predictor that will be corrected only
+    provides the next evaluation point and runs plain.
     """
 
     def __init__(self, plan: Plan, hooks: Sequence[Hook] = ()):
@@ -280,6 +287,13 @@ class EngineState:
         self.last_sample: torch.Tensor | None = None
         self.sample: torch.Tensor | None = None
         self.hooks = list(hooks)
+        self.momentum = MomentumState() if plan.momentum is not None else None
+
+    def _momentum(self, transition: int, x_start: torch.Tensor, x_base: torch.Tensor) -> torch.Tensor:
+        if self.momentum is None:
+            return x_base
+        mstep = self.plan.momentum[transition]
+        return x_base if mstep is None else self.momentum.apply(mstep, x_start, x_base)
 
     def advance(self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Consume the evaluation at grid point ``i`` (taken at ``x_eval``) and return the sample at ``i+1``."""
@@ -290,12 +304,16 @@ class EngineState:
         x = x_eval
         if step.corrector is not None and self.last_sample is not None:
             x = apply_transition(step.corrector, self.last_sample, self.buffer)
+            x = self._momentum(i - 1, self.last_sample, x)
         self.sample = x
         for hook in self.hooks:
             hook(self, i)
         x = self.sample
         self.last_sample = x
-        return apply_transition(step.predictor, x, self.buffer)
+        x_next = apply_transition(step.predictor, x, self.buffer)
+        if self.plan.decisions[i].corrector == "none":
+            x_next = self._momentum(i, x, x_next)
+        return x_next
 
 
 PairFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]

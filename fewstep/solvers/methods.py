@@ -6,6 +6,9 @@
 * UniPC (Zhao et al. 2023, Alg. 1-2): UniP-p predictor with ``B(h)`` variants bh1/bh2 plus the UniC
   corrector after every evaluation (except those listed in ``disable_corrector``).
 
+* PLMS / heavy ball / GHVB (Wizadwongsa et al. 2024): DDIM steps in noise form, wrapped by the
+  momentum of ``solvers.momentum``; ``momentum_active`` says which steps of a multistep base carry it.
+
 Each builder returns one ``StepDecision`` per step; ``compile_plan`` turns them into coefficients.
 """
 
@@ -15,7 +18,14 @@ from collections.abc import Iterable
 
 from .engine import StepDecision
 
-__all__ = ["ddim_decisions", "dpm_solver_decisions", "unipc_decisions", "DPM_SOLVER_TYPES", "UNIPC_TYPES"]
+__all__ = [
+    "ddim_decisions",
+    "dpm_solver_decisions",
+    "unipc_decisions",
+    "momentum_active",
+    "DPM_SOLVER_TYPES",
+    "UNIPC_TYPES",
+]
 
 DPM_SOLVER_TYPES = ("midpoint", "heun", "taylor")
 UNIPC_TYPES = ("bh1", "bh2")
@@ -93,3 +103,14 @@ def unipc_decisions(
         corrector = "unic" if (i < num_steps - 1 and i not in disabled) else "none"
         out.append(StepDecision(prediction=prediction, order=p, coefficients=solver_type, corrector=corrector))
     return out
+
+
+def momentum_active(decisions: list[StepDecision]) -> list[bool]:
+    """Which transitions of an exponential-integrator multistep base carry heavy-ball momentum.
+
+    As in the paper's DPM-Solver++/UniPC variants, momentum wraps the multistep combination only: a
+    transition carries it when the update that defines the trajectory uses buffered derivative points --
+    every UniC-corrected step, and predictor-only steps of order >= 2. The first-order warm-up step and
+    the low-order final steps (``lower_order_final``, the step onto sigma = 0) run plain.
+    """
+    return [d.corrector == "unic" or d.order >= 2 for d in decisions]
