@@ -64,6 +64,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _sampler_option(text: str) -> tuple[str, object]:
+    """argparse type: ``KEY=VALUE``; VALUE is read as JSON (3.8, true, [1, 2]) and otherwise kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like momentum_order=3.8, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _options_dict(pairs: list[tuple[str, object]] | None) -> dict:
+    out: dict = {}
+    for key, value in pairs or []:
+        if key in out:
+            raise UsageError(f"--sampler-option {key} given twice")
+        out[key] = value
+    return out
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     width = max(len(n) for n in sampler_registry.names())
     for name in sampler_registry.names():
@@ -77,7 +98,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
-    pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype)
+    options = _options_dict(args.sampler_option)
+    pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype, sampler_options=options)
     result = generate(
         pipe,
         num_images=args.num_images,
@@ -133,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--model", default="digits-eps",
                        help="embedded model (digits-eps, digits-flow), a local pipeline directory or a hub id")
     p_gen.add_argument("--sampler", type=_sampler_name, default="unipc", help="registered sampler (fewstep list)")
+    p_gen.add_argument("--sampler-option", type=_sampler_option, action="append", metavar="KEY=VALUE",
+                       help="override a sampler config option, e.g. momentum_order=3.8 (repeatable)")
     p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
     p_gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p_gen.add_argument("--num-images", type=_positive_int, default=10, help="images to generate (default 10)")

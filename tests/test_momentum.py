@@ -333,3 +333,32 @@ def test_compile_momentum_bad_input():
         compile_momentum(grid, "ghvb", 2, 0.5, nesterov=True)
     with pytest.raises(ValueError, match="momentum in 'data' space is undefined"):
         compile_momentum(grid, "hb", 1, 0.5, space="data")  # the last step ends at sigma = 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# registry options and the CLI
+def test_from_config_rejects_misspelt_options():
+    with pytest.raises(ValueError, match=r"sampler 'hb' has no option\(s\) \['momentum_ordr'\]; its options are: "):
+        samplers.from_config("hb", REAL_CONFIGS["sd15"], momentum_ordr=3.8)
+    sched = samplers.from_config("ghvb", REAL_CONFIGS["sdxl"], momentum_order=2.5)
+    assert (sched.config.momentum_order, sched.config.timestep_spacing) == (2.5, "leading")
+
+
+def test_cli_sampler_options(tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "hb.png"
+    argv = ["generate", "--sampler", "hb", "--steps", "3", "--num-images", "2", "--quiet", "--out", str(out)]
+    assert main([*argv, "--sampler-option", "momentum_order=3.8", "--sampler-option", "nesterov=true"]) == 0
+    assert out.is_file()
+    bad = tmp_path / "bad.png"
+    argv[-1] = str(bad)
+    assert main([*argv, "--sampler-option", "beta=1.5"]) == 2
+    assert "`beta` must be a number in (0, 1], got 1.5" in capsys.readouterr().err
+    assert main([*argv, "--sampler-option", "beta=0.5", "--sampler-option", "beta=0.6"]) == 2
+    assert "--sampler-option beta given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--sampler-option", "beta"])
+    assert exc.value.code == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert not bad.exists()

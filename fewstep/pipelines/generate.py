@@ -41,20 +41,25 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_model(model: str, sampler: str, device: str = "auto", dtype: str = "float32"):
+def load_model(
+    model: str, sampler: str, device: str = "auto", dtype: str = "float32", sampler_options: dict | None = None
+):
     """A pipeline for ``model`` with ``sampler`` swapped in: an embedded name, a local pipeline directory,
-    or a hub id (needs the weights cached or a connection)."""
+    or a hub id (needs the weights cached or a connection). ``sampler_options`` override the sampler's
+    config (e.g. ``{"momentum_order": 3.8}`` for ``hb``); unknown names are an error."""
     from .defaults import load_default
 
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}")
     dev = _resolve_device(device)
-    sampler_cls = samplers.get(sampler)
+    samplers.get(sampler)  # an unknown name fails before anything is loaded
     torch_dtype = DTYPES[dtype]
     if model in DEFAULT_MODELS:
         if model not in GENERATORS:
             raise ValueError(f"`model` {model!r} is not an image generator; choose one of {', '.join(GENERATORS)}")
-        return load_default(model, sampler=sampler, device=dev, torch_dtype=torch_dtype)
+        pipe = load_default(model, sampler=None, device=dev, torch_dtype=torch_dtype)
+        pipe.scheduler = samplers.from_config(sampler, pipe.scheduler.config, **(sampler_options or {}))
+        return pipe
     from diffusers import DiffusionPipeline
 
     path = Path(model)
@@ -72,7 +77,7 @@ def load_model(model: str, sampler: str, device: str = "auto", dtype: str = "flo
             f"could not load `model` {model!r}: {str(exc).splitlines()[0]} -- without a network connection "
             "a hub id only works when its weights are in the local Hugging Face cache"
         ) from None
-    pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
+    pipe.scheduler = samplers.from_config(sampler, pipe.scheduler.config, **(sampler_options or {}))
     return pipe.to(dev)
 
 
