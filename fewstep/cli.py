@@ -40,11 +40,10 @@ def _int_list(minimum: int, example: str):
 
 def _name_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in values if v not in sampler_registry.names()]
+    available = sampler_registry.names("diffusion")
+    unknown = [v for v in values if v not in available]
     if not values or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown sampler(s) {unknown or text!r}; available: {', '.join(sampler_registry.names())}"
-        )
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown or text!r}; available: {', '.join(available)}")
     return values
 
 

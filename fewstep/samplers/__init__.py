@@ -14,6 +14,7 @@ from .base import FewstepScheduler, FewstepSchedulerOutput
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
 from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
+from .mrs import FewstepMRSScheduler
 from .unipc import FewstepUniPCScheduler
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
     "FewstepUniPCScheduler",
     "FewstepHeavyBallScheduler",
     "FewstepGHVBScheduler",
+    "FewstepMRSScheduler",
+    "PROCESSES",
+    "process_of",
     "get",
     "names",
     "describe",
@@ -37,12 +41,24 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "unipc": FewstepUniPCScheduler,
     "hb": FewstepHeavyBallScheduler,
     "ghvb": FewstepGHVBScheduler,
+    "mrs": FewstepMRSScheduler,
 }
 
+#: what a sampler integrates: ordinary diffusion/flow models, or mean-reverting (IR-SDE) restoration models,
+#: whose step also needs the degraded image ``mu``.
+PROCESSES = ("diffusion", "mean-reverting")
 
-def names() -> list[str]:
-    """Registered sampler names, in registration order."""
-    return list(_REGISTRY)
+
+def process_of(name: str) -> str:
+    """``"mean-reverting"`` for samplers of MR models (their ``step`` takes ``mu``), else ``"diffusion"``."""
+    return "mean-reverting" if get(name) is FewstepMRSScheduler else "diffusion"
+
+
+def names(process: str | None = None) -> list[str]:
+    """Registered sampler names, in registration order; ``process`` filters by :data:`PROCESSES`."""
+    if process is not None and process not in PROCESSES:
+        raise ValueError(f"`process` must be one of {list(PROCESSES)} or None, got {process!r}")
+    return [n for n in _REGISTRY if process is None or process_of(n) == process]
 
 
 def get(name: str) -> type[FewstepScheduler]:

@@ -16,6 +16,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan
@@ -267,7 +268,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         dtype = _compute_dtype(sample.dtype)
         x = sample.to(dtype)
         x0, eps = self.convert_model_output(model_output.to(dtype), x, i)
-        return self._advance(i, x, x0, eps, sample.dtype, return_dict)
+        return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))
 
     def step_pair(
         self,
@@ -276,16 +277,27 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
         return_dict: bool = True,
+        generator: torch.Generator | None = None,
     ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
         """Like ``step`` but takes the ``(x0, eps)`` pair directly: guidance rules such as CFG++ hand the
         solver an inconsistent pair (guided ``x0``, unconditional ``eps``) through this entry point."""
         i = self._begin_step(timestep)
         dtype = _compute_dtype(sample.dtype)
+        x = sample.to(dtype)
         x0, eps = self._postprocess_pair(x0.to(dtype), eps.to(dtype))
-        return self._advance(i, sample.to(dtype), x0, eps, sample.dtype, return_dict)
+        return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))
 
-    def _advance(self, i, x, x0, eps, out_dtype, return_dict):
-        prev = self._state.advance(i, x, x0, eps).to(out_dtype)
+    def _step_noise(self, i: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Fresh standard normal noise for a stochastic (SDE) step, drawn from ``generator``; ``None`` for ODE steps.
+
+        Drawn in float32 on every stochastic step (also a final one whose noise weight is 0), as diffusers does,
+        so that one seeded generator gives the same trajectory with either library."""
+        if not self.plan.decisions[i].stochastic:
+            return None
+        return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+
+    def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None):
+        prev = self._state.advance(i, x, x0, eps, noise).to(out_dtype)
         self._step_index = i + 1
         if not return_dict:
             return (prev,)

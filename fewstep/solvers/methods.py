@@ -23,6 +23,7 @@ __all__ = [
     "dpm_solver_decisions",
     "unipc_decisions",
     "momentum_active",
+    "euler_maruyama_decisions",
     "DPM_SOLVER_TYPES",
     "UNIPC_TYPES",
 ]
@@ -50,6 +51,7 @@ def dpm_solver_decisions(
     lower_order_final: bool = True,
     euler_at_final: bool = False,
     final_is_clean: bool = True,
+    stochastic: bool = False,
 ) -> list[StepDecision]:
     """DPM-Solver++ (``prediction="data"``) / DPM-Solver (``"noise"``) multistep, as diffusers orders it.
 
@@ -57,8 +59,9 @@ def dpm_solver_decisions(
     sigma = 0, with ``euler_at_final``, or (``lower_order_final``) when there are fewer than 15 steps, in
     which case the second-to-last step is at most second order. ``solver_type``: ``midpoint``/``heun`` are
     diffusers' second-order variants; ``taylor`` uses exact phi-function weights at every order.
+    ``stochastic``: the SDE variants (diffusers' ``sde-dpmsolver++`` / ``sde-dpmsolver``, orders 1-2).
     """
-    order = _check_order(solver_order, 3)
+    order = _check_order(solver_order, 2 if stochastic else 3)
     if solver_type not in DPM_SOLVER_TYPES:
         raise ValueError(f"`solver_type` must be one of {list(DPM_SOLVER_TYPES)}, got {solver_type!r}")
     rule = {"midpoint": "dpmsolver", "heun": "dpmsolver-heun", "taylor": "taylor"}[solver_type]
@@ -70,7 +73,7 @@ def dpm_solver_decisions(
             p = 1
         elif i == num_steps - 2 and short:
             p = min(p, 2)
-        out.append(StepDecision(prediction=prediction, order=p, coefficients=rule))
+        out.append(StepDecision(prediction=prediction, order=p, coefficients=rule, stochastic=stochastic))
     return out
 
 
@@ -114,3 +117,8 @@ def momentum_active(decisions: list[StepDecision]) -> list[bool]:
     the low-order final steps (``lower_order_final``, the step onto sigma = 0) run plain.
     """
     return [d.corrector == "unic" or d.order >= 2 for d in decisions]
+
+
+def euler_maruyama_decisions(num_steps: int) -> list[StepDecision]:
+    """Euler-Maruyama on the reverse VP SDE: the first-order, non-exponential baseline for SDE samplers."""
+    return [StepDecision(prediction="noise", order=1, coefficients="euler-maruyama", stochastic=True)] * num_steps
