@@ -17,7 +17,8 @@ from fewstep.bench.analytic import GaussianMixture, exact_mean_reverting_solutio
 MRS = samplers.get("mrs")
 LAM = 0.5
 MIXTURE = GaussianMixture(
-    torch.tensor([[1.0, 0.5, 0.0], [-1.0, 0.0, 0.5]], dtype=torch.float64), torch.tensor([0.3, 0.4], dtype=torch.float64)
+    torch.tensor([[1.0, 0.5, 0.0], [-1.0, 0.0, 0.5]], dtype=torch.float64),
+    torch.tensor([0.3, 0.4], dtype=torch.float64),
 )
 
 
