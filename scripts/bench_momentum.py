@@ -50,8 +50,8 @@ def divergence_scores(x: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def run_cell(pipe, classifier, test_stats, name: str, kwargs: dict, steps: int, scale: float, per_class: int):
-    pipe.scheduler = samplers.get(name).from_config(pipe.scheduler.config, **kwargs)
+def run_cell(pipe, base_config, classifier, test_stats, name, kwargs, steps: int, scale: float, per_class: int):
+    pipe.scheduler = samplers.from_config(name, base_config, **kwargs)
     captured: list[torch.Tensor] = []
     step = pipe.scheduler.step
 
@@ -91,6 +91,7 @@ def main() -> None:
     torch.manual_seed(0)
     pipe = load_default("digits-eps")
     pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config  # the model's own config: options never leak from one cell to the next
     classifier = load_default("digits-classifier")
     test_images, _ = load_digits_images(pipe.unet.config.sample_size, "test")
     test_feats, _ = classifier_features(classifier, to_unit_range(test_images))
@@ -99,7 +100,7 @@ def main() -> None:
     cells = [(s, n, g) for g in args.guidance_scale for s in args.samplers for n in args.steps]
     for label, steps, scale in tqdm(cells, desc="momentum bench"):
         name, kwargs = SAMPLERS[label]
-        row = {"sampler": label, **run_cell(pipe, classifier, test_stats, name, kwargs, steps, scale,
+        row = {"sampler": label, **run_cell(pipe, base_config, classifier, test_stats, name, kwargs, steps, scale,
                                             args.num_per_class)}
         rows.append(row)
         tqdm.write(json.dumps(row))

@@ -242,3 +242,78 @@ def test_step_needs_mu_of_the_samples_shape():
         sched.step(x, t, x, mu=torch.zeros(2, 4))
     with pytest.raises(TypeError, match="`mu` must be a torch.Tensor"):
         sched.step(x, t, x, mu=[[0.0] * 3] * 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the restoration pipeline and the CLI
+@pytest.fixture(scope="module")
+def digits_mr():
+    from fewstep.pipelines import load_default
+
+    return load_default("digits-mr", sampler=None)
+
+
+def _degraded(n=3):
+    from fewstep.datasets import load_digits_images
+    from fewstep.pipelines import box_inpainting
+
+    images, _ = load_digits_images(16, "test")
+    return images[:n], box_inpainting(images[:n], generator=torch.Generator().manual_seed(0))
+
+
+def test_mrs_in_x_equals_dpm_solver_in_z_inside_the_pipeline(digits_mr):
+    """The reduction end to end: MRS on x with mu == DPM-Solver++ on z = (x - mu)/lam, same grid and noise."""
+    from fewstep.pipelines.swap import swap_sampler
+
+    _, mu = _degraded()
+    outs = []
+    for name, opts in [("mrs", {}), ("dpm-solver++", {"final_sigmas_type": "sigma_min"})]:
+        swap_sampler(digits_mr, name, solver_order=2, solver_type="midpoint", **opts)
+        outs.append(digits_mr(mu, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                              output_type="pt").images)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_sde_restoration_uses_the_generator(digits_mr):
+    from fewstep.pipelines.swap import swap_sampler
+
+    _, mu = _degraded(2)
+    swap_sampler(digits_mr, "mrs", solver="sde")
+    runs = [digits_mr(mu, num_inference_steps=5, generator=torch.Generator().manual_seed(s), output_type="pt").images
+            for s in (0, 0, 1)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert (runs[0] - runs[2]).abs().max() > 1e-3
+
+
+def test_swap_sampler_checks_the_process(digits_mr):
+    from fewstep.pipelines import load_default
+    from fewstep.pipelines.swap import swap_sampler
+
+    with pytest.raises(ValueError, match=r"sampler 'mrs' is for mean-reverting .* compatible samplers: ddim, "):
+        swap_sampler(load_default("digits-eps"), "mrs")
+    swap_sampler(digits_mr, "mrs", stationary_std=0.3)  # a mismatching lambda is caught at call time
+    with pytest.raises(ValueError, match="`stationary_std` 0.3 differs from the model's 0.4"):
+        digits_mr(_degraded(1)[1], num_inference_steps=2)
+
+
+def test_cli_restores_held_out_digits_and_a_measurement_file(tmp_path, capsys):
+    from PIL import Image
+
+    from fewstep.cli import main
+
+    out = tmp_path / "restored.png"
+    base = ["generate", "--model", "digits-mr", "--sampler", "mrs", "--steps", "3", "--quiet"]
+    assert main([*base, "--num-images", "2", "--out", str(out)]) == 0
+    assert "2 restored images" in capsys.readouterr().out and out.is_file()
+    _, mu = _degraded(2)
+    strip = ((mu[:, 0] + 1) / 2 * 255).round().byte().numpy()
+    Image.fromarray(np.concatenate(list(strip), axis=1)).save(tmp_path / "measured.png")
+    assert main([*base, "--measurement", str(tmp_path / "measured.png"), "--out", str(tmp_path / "m.png")]) == 0
+    Image.fromarray(np.zeros((10, 16), dtype=np.uint8)).save(tmp_path / "odd.png")
+    bad = tmp_path / "bad.png"
+    assert main([*base, "--measurement", str(tmp_path / "odd.png"), "--out", str(bad)]) == 2
+    assert "is 16x10 pixels; the model restores 16x16 images" in capsys.readouterr().err
+    assert main(["generate", "--model", "digits-eps", "--measurement", str(tmp_path / "measured.png"),
+                 "--quiet", "--out", str(bad)]) == 2
+    assert "`measurement` is for restoration" in capsys.readouterr().err
+    assert not bad.exists()
