@@ -317,3 +317,27 @@ def test_cli_restores_held_out_digits_and_a_measurement_file(tmp_path, capsys):
                  "--quiet", "--out", str(bad)]) == 2
     assert "`measurement` is for restoration" in capsys.readouterr().err
     assert not bad.exists()
+
+
+@pytest.mark.parametrize("time_grid", ["spacing", "uniform_lambda", "karras", "uniform_time"])
+def test_every_time_grid_converges(time_grid):
+    mu, noise = _problem(16)
+    errors = []
+    for n in (5, 20):
+        x, grid = _sample(MRS(stationary_std=LAM, time_grid=time_grid), n, mu, noise)
+        errors.append(_rmse(x, _exact(mu, noise, grid)))
+    assert errors[1] < 0.5 * errors[0] and errors[1] < 0.05, errors
+
+
+def test_final_denoise_returns_the_models_x0():
+    mu, noise = _problem(8)
+    sched = MRS(stationary_std=LAM, final_sigmas_type="zero")
+    sched.set_timesteps(6)
+    grid = sched.plan.grid
+    assert grid.sigmas[-1] == 0.0
+    model = _mr_model("epsilon")
+    x = mu + LAM * noise
+    for i, t in enumerate(sched.timesteps):
+        out = sched.step(model(x, float(grid.alphas[i]), mu), t, x, mu=mu)
+        x = out.prev_sample
+    torch.testing.assert_close(x, out.pred_original_sample)
