@@ -7,6 +7,7 @@ diffusers pipeline with ``pipe.scheduler = get("unipc").from_config(pipe.schedul
 from __future__ import annotations
 
 from .base import FewstepScheduler, FewstepSchedulerOutput
+from .dc_solver import FewstepDCSolverScheduler
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
 from .unipc import FewstepUniPCScheduler
@@ -17,6 +18,7 @@ __all__ = [
     "FewstepDDIMScheduler",
     "FewstepDPMSolverScheduler",
     "FewstepUniPCScheduler",
+    "FewstepDCSolverScheduler",
     "get",
     "names",
     "describe",
@@ -26,6 +28,7 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "ddim": FewstepDDIMScheduler,
     "dpm-solver++": FewstepDPMSolverScheduler,
     "unipc": FewstepUniPCScheduler,
+    "dc-solver": FewstepDCSolverScheduler,
 }
 
 
