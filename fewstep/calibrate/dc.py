@@ -149,11 +149,11 @@ def exact_reference_states(
 
 @dataclass
 class SearchResult:
-    """Searched ratios, per-step losses at ``rho = 1`` and at the chosen ``rho``, and the final MSEs."""
+    """Searched ratios and per-step losses at ``rho = 1`` and at the chosen ``rho`` (``None``: not searched)."""
 
     ratios: list[float]
-    step_loss_base: list[float]
-    step_loss_dc: list[float]
+    step_loss_base: list[float | None]
+    step_loss_dc: list[float | None]
 
     def info(self) -> dict:
         return {"step_loss_base": self.step_loss_base, "step_loss_dc": self.step_loss_dc}
@@ -202,8 +202,8 @@ def search_ratios(
     hook = DynamicCompensation([None] * n)
     state = EngineState(plan, [hook])
     ratios = [1.0] * n
-    loss_base = [float("nan")] * n
-    loss_dc = [float("nan")] * n
+    loss_base: list[float | None] = [None] * n
+    loss_dc: list[float | None] = [None] * n
     x = x_start
     bar = tqdm(total=n * iters, desc=desc, disable=not progress, leave=False)
     for i in range(n):
@@ -285,3 +285,78 @@ def digits_datapoints(
 def entry_from_search(nfe: int, guidance_scale: float, result: SearchResult, settings: dict) -> RatioEntry:
     """Package a search result (and the settings that produced it) as an artifact entry."""
     return RatioEntry(nfe, guidance_scale, result.ratios, {**result.info(), **settings})
+
+
+def calibrate_class_conditional(
+    pipe,
+    model_name: str,
+    nfes: Sequence[int],
+    guidance_scales: Sequence[float],
+    datapoints: int = 10,
+    seed: int = 0,
+    reference: str = "ddim:200",
+    scheduler_overrides: dict | None = None,
+    iters: int = 40,
+    lr: float = 0.1,
+    progress: bool = True,
+) -> tuple[list[RatioEntry], dict]:
+    """Search ratios for every ``(nfe, guidance_scale)`` on a class-conditional pipeline (e.g. ``digits-eps``).
+
+    The ``dc-solver`` scheduler is built from the pipeline's scheduler config plus ``scheduler_overrides``
+    (``dc_base``, ``dc_order``, ``dc_variable``, ``solver_order``, ...). Returns the entries and the scheduler
+    key to store with them (see ``fewstep.solvers.dc_artifacts``).
+    """
+    from ..samplers.dc_solver import FewstepDCSolverScheduler, dc_scheduler_key
+
+    nfes = [int(n) for n in nfes]
+    scales = [float(g) for g in guidance_scales]
+    if not nfes or any(n < 1 for n in nfes):
+        raise ValueError(f"`nfes` must be a non-empty list of integers >= 1, got {nfes}")
+    if not scales or any(not math.isfinite(g) or g < 0 for g in scales):
+        raise ValueError(f"`guidance_scales` must be a non-empty list of finite numbers >= 0, got {scales}")
+    parse_reference(reference)
+    if reference == "exact":
+        raise ValueError("`reference`='exact' is only available for the analytic mixture")
+    overrides = {k: v for k, v in (scheduler_overrides or {}).items() if not k.startswith("dc_ratio")}
+    overrides.update(dc_ratios_file=None, dc_cpr=None)
+    unet = pipe.unet
+    cfg = unet.config
+    labels, noise = digits_datapoints(datapoints, seed, int(cfg.num_class_embeds) - 1, cfg.sample_size, cfg.in_channels)
+    labels, noise = labels.to(unet.device), noise.to(device=unet.device, dtype=unet.dtype)
+    null_class = int(cfg.num_class_embeds) - 1
+    settings = {"datapoints": datapoints, "seed": seed, "reference": reference, "iters": iters, "lr": lr}
+    entries: list[RatioEntry] = []
+    key: dict | None = None
+    was = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)  # gradients flow to rho through the model's input only
+    try:
+        for g in scales:
+            model_fn = class_conditional_model_fn(unet, labels, g, null_class)
+            for n in nfes:
+                sched = FewstepDCSolverScheduler.from_config(
+                    pipe.scheduler.config, **{**overrides, "dc_ratios": [1.0] * n}
+                )
+                sched.set_timesteps(n)
+                key = dc_scheduler_key(sched.config)
+                c = sched.config
+                targets = reference_states(
+                    model_fn, sched.prediction_type, sched.noise_schedule, sched.plan.grid, noise, reference, progress
+                )
+                result = search_ratios(
+                    sched.plan,
+                    model_fn,
+                    sched.prediction_type,
+                    noise,
+                    targets,
+                    c.dc_order,
+                    c.dc_variable,
+                    iters,
+                    lr,
+                    progress,
+                    desc=f"dc search NFE {n} CFG {g:g}",
+                )
+                entries.append(entry_from_search(n, g, result, settings))
+    finally:
+        for p, r in zip(unet.parameters(), was):
+            p.requires_grad_(r)
+    return entries, key or {}
