@@ -10,8 +10,9 @@ are sampled by every solver at every NFE. MSE is the mean squared error (model s
 ``--mse-samples`` against a ``--reference`` many-step solve from the same noise; FD is the Frechet distance
 of all samples to the real test digits in the digits-classifier's features. DC uses the shipped searched
 ratios (``DC``) and the shipped CPR fit (``DC-CPR``); at the held-out ``--heldout NFE:CFG`` (not in the CPR
-fit) it also searches ratios there for comparison. Analytic: a 4-D Gaussian mixture, ratios searched on 10
-points against the exact PF-ODE solution, MSE on 2000 other points.
+fit) it also searches ratios there for comparison. Analytic: Gaussian mixtures (4-D with the digits grid, and
+the 2-D setting of ``fewstep bench --model analytic``), ratios searched on 10 points against the exact PF-ODE
+solution, MSE/RMSE on 2000 other points.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from diffusers import DDPMScheduler
 
 from fewstep import samplers
 from fewstep.bench.analytic import AnalyticModel, default_mixture, exact_solution
+from fewstep.bench.analytic_bench import SCHEDULE_CONFIGS
 from fewstep.bench.digits_eval import classifier_features
 from fewstep.bench.metrics import frechet_distance_features
 from fewstep.calibrate.dc import (
@@ -118,14 +120,14 @@ def bench_digits(args) -> list[dict]:
     return rows
 
 
-def bench_analytic(args) -> list[dict]:
-    mixture = default_mixture(dim=4, seed=0)
-    cfg = dict(DDPMScheduler(timestep_spacing="trailing").config)
-    x_train = torch.randn(10, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x_test = torch.randn(2000, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+def bench_analytic(nfes, dim: int, config: dict, train_seed: int, test_seed: int, n_test: int = 2000) -> list[dict]:
+    """Ratios searched on 10 points against the exact solution; MSE/RMSE on ``n_test`` other points."""
+    mixture = default_mixture(dim=dim, seed=0)
+    x_train = torch.randn(10, dim, generator=torch.Generator().manual_seed(train_seed), dtype=torch.float64)
+    x_test = torch.randn(n_test, dim, generator=torch.Generator().manual_seed(test_seed), dtype=torch.float64)
     rows = []
-    for nfe in args.nfe:
-        probe = samplers.get("dc-solver").from_config(cfg, dc_ratios=[1.0] * nfe)
+    for nfe in nfes:
+        probe = samplers.get("dc-solver").from_config(config, dc_ratios=[1.0] * nfe)
         probe.set_timesteps(nfe)
         schedule, grid = probe.noise_schedule, probe.plan.grid
         model = AnalyticModel(mixture, schedule)
@@ -135,17 +137,20 @@ def bench_analytic(args) -> list[dict]:
         result = search_ratios(probe.plan, fn, "epsilon", x_train, targets, progress=False)
         for name in ("unipc", "dpm-solver++", "dc"):
             if name == "dc":
-                sched = samplers.get("dc-solver").from_config(cfg, dc_ratios=result.ratios)
+                sched = samplers.get("dc-solver").from_config(config, dc_ratios=result.ratios)
             else:
-                sched = samplers.get(name).from_config(cfg)
+                sched = samplers.get(name).from_config(config)
             sched.set_timesteps(nfe)
             x = x_test.clone()
             for t in sched.timesteps:
                 x = sched.step(model(x, t), t, x).prev_sample
+            mse = ((x - exact) ** 2).mean().item()
             row = {
+                "dim": dim,
                 "nfe": nfe,
                 "sampler": name,
-                "mse": ((x - exact) ** 2).mean().item(),
+                "mse": mse,
+                "rmse": mse**0.5,
                 "ratios": [round(r, 4) for r in result.ratios] if name == "dc" else None,
             }
             rows.append(row)
@@ -165,7 +170,13 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = {"analytic": bench_analytic(args)}
+    trailing = dict(DDPMScheduler(timestep_spacing="trailing").config)
+    result = {
+        # issue table: digits-eps-like grid (trailing), 4-D mixture
+        "analytic": bench_analytic(args.nfe, 4, trailing, train_seed=0, test_seed=1),
+        # README methods table setting: `fewstep bench --model analytic` (2-D, 2000 samples, default config)
+        "analytic_readme": bench_analytic([5, 10, 20], 2, SCHEDULE_CONFIGS["vp"], train_seed=100, test_seed=0),
+    }
     if not args.analytic_only:
         result["digits"] = bench_digits(args)
     if args.json:
