@@ -86,7 +86,7 @@ class FewstepDCSolverScheduler(FewstepScheduler):
     * ``dc_cpr``: CPR coefficients (36 floats) or a CPR file (or ``"digits-eps"``); needs
       ``dc_guidance_scale``; a file also checks ``dc_model`` and warns outside its fitted range.
 
-    With none, all ratios are 1 (the base solver) and a warning says so.
+    With none, all ratios are 1 (the base solver) and a warning says so (once per scheduler).
     """
 
     @register_to_config
@@ -176,6 +176,7 @@ class FewstepDCSolverScheduler(FewstepScheduler):
         if dc_ratios_file is not None and not _resolve(dc_ratios_file, "ratios").is_file():
             raise FileNotFoundError(f"`dc_ratios_file` {dc_ratios_file!r} does not exist")
         self.dc_ratios_used: list[float] | None = None
+        self._warned_no_ratios = False
         self._init_common()
         self._decisions(1, True)
 
@@ -227,6 +228,9 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             return check_ratios(ratios, num_steps, cfg.dc_order)
         if self._cpr is not None:
             return check_ratios(self._cpr.predict(num_steps, float(cfg.dc_guidance_scale)), num_steps, cfg.dc_order)
+        if self._warned_no_ratios:
+            return [1.0] * num_steps
+        self._warned_no_ratios = True
         warnings.warn(
             "dc-solver has no ratios (dc_ratios, dc_ratios_file or dc_cpr): all ratios are 1, i.e. plain "
             f"{cfg.dc_base}",
