@@ -120,6 +120,32 @@ def bench_digits(args) -> list[dict]:
     return rows
 
 
+def converged_fd(args) -> list[dict]:
+    """FD (and MSE to the reference) of UniPC at ``--converged-nfe`` steps: where FD lands near the ODE solution."""
+    pipe = load_default("digits-eps", sampler=None)
+    classifier = load_default("digits-classifier")
+    test_images, _ = load_digits_images(pipe.unet.config.sample_size, "test")
+    test_feats, _ = classifier_features(classifier, to_unit_range(test_images))
+    n = args.samples
+    labels = torch.tensor([k % 10 for k in range(n)])
+    noise = torch.stack([torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(10_000 + k)) for k in range(n)])
+    rows = []
+    for g in args.guidance_scale:
+        model_fn = class_conditional_model_fn(pipe.unet, labels, g, 10)
+        sched = _scheduler("unipc", pipe.scheduler.config, args.converged_nfe, g)
+        x = _sample(sched, model_fn, noise.clone())
+        feats, _ = classifier_features(classifier, to_unit_range(x))
+        row = {
+            "nfe": args.converged_nfe,
+            "cfg": g,
+            "sampler": "unipc",
+            "fd": frechet_distance_features(feats, test_feats),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def bench_analytic(nfes, dim: int, config: dict, train_seed: int, test_seed: int, n_test: int = 2000) -> list[dict]:
     """Ratios searched on 10 points against the exact solution; MSE/RMSE on ``n_test`` other points."""
     mixture = default_mixture(dim=dim, seed=0)
@@ -158,6 +184,50 @@ def bench_analytic(nfes, dim: int, config: dict, train_seed: int, test_seed: int
     return rows
 
 
+def markdown(result: dict) -> str:
+    """README tables from a result dict (``--from-json`` re-prints them)."""
+    out = []
+    digits = result.get("digits", [])
+    if digits:
+        out.append(
+            "| CFG | NFE | MSE UniPC | MSE DPM++ | MSE DC (searched) | MSE DC (CPR) | DC vs UniPC "
+            "| FD UniPC | FD DPM++ | FD DC | FD DC-CPR |"
+        )
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        cells = sorted({(r["cfg"], r["nfe"], r["heldout"]) for r in digits}, key=lambda c: (c[2], c[0], c[1]))
+        for g, n, held in cells:
+            by = {r["sampler"]: r for r in digits if (r["cfg"], r["nfe"], r["heldout"]) == (g, n, held)}
+            gain = 100 * (by["dc"]["mse"] / by["unipc"]["mse"] - 1)
+            tag = " (held out)" if held else ""
+            out.append(
+                f"| {g:g}{tag} | {n} | {by['unipc']['mse']:.5f} | {by['dpm-solver++']['mse']:.5f} "
+                f"| {by['dc']['mse']:.5f} | {by['dc-cpr']['mse']:.5f} | {gain:+.0f}% | {by['unipc']['fd']:.2f} "
+                f"| {by['dpm-solver++']['fd']:.2f} | {by['dc']['fd']:.2f} | {by['dc-cpr']['fd']:.2f} |"
+            )
+    conv = result.get("converged", [])
+    if conv:
+        out.append("")
+        out.append(
+            "UniPC at NFE "
+            + str(conv[0]["nfe"])
+            + ": FD "
+            + ", ".join(f"{r['fd']:.2f} (CFG {r['cfg']:g})" for r in conv)
+        )
+    for key in ("analytic", "analytic_readme"):
+        rows = result.get(key, [])
+        if rows:
+            out.append("")
+            out.append(f"{key}: | NFE | MSE UniPC | MSE DPM++ | MSE DC | DC vs UniPC |")
+            for n in sorted({r["nfe"] for r in rows}):
+                by = {r["sampler"]: r for r in rows if r["nfe"] == n}
+                gain = 100 * (by["dc"]["mse"] / by["unipc"]["mse"] - 1)
+                out.append(
+                    f"| {n} | {by['unipc']['mse']:.5f} | {by['dpm-solver++']['mse']:.5f} "
+                    f"| {by['dc']['mse']:.5f} | {gain:+.0f}% |"
+                )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
@@ -167,9 +237,25 @@ def main() -> None:
     parser.add_argument("--mse-samples", type=int, default=60, help="of which compared with the reference (MSE)")
     parser.add_argument("--reference", default="ddim:200")
     parser.add_argument("--analytic-only", action="store_true")
+    parser.add_argument("--converged-nfe", type=int, default=25, help="FD of UniPC at this NFE (near-converged)")
+    parser.add_argument("--converged-only", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--from-json", nargs="+", default=None, help="only print the tables of earlier runs")
     args = parser.parse_args()
+    if args.from_json:
+        merged: dict = {}
+        for path in args.from_json:
+            with open(path) as f:
+                merged.update({k: v for k, v in json.load(f).items() if k != "args"})
+        print(markdown(merged))
+        return
     torch.set_num_threads(1)
+    if args.converged_only:
+        result = {"converged": converged_fd(args)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), **result}, f, indent=1)
+        return
     trailing = dict(DDPMScheduler(timestep_spacing="trailing").config)
     result = {
         # issue table: digits-eps-like grid (trailing), 4-D mixture
@@ -179,6 +265,8 @@ def main() -> None:
     }
     if not args.analytic_only:
         result["digits"] = bench_digits(args)
+        result["converged"] = converged_fd(args)
+    print(markdown(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), **result}, f, indent=1)
