@@ -165,7 +165,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     entries, key = calibrate_class_conditional(
         pipe, args.model, args.nfe, args.guidance_scale, datapoints=args.datapoints, seed=args.seed,
         reference=args.reference, scheduler_overrides=overrides, iters=args.iters, lr=args.lr,
-        progress=not args.quiet,
+        progress=not args.quiet, objective=args.objective,
     )
     save_ratio_table(out, entries, args.model, key, {"version": __version__})
     for e in entries:
@@ -195,6 +195,8 @@ def _add_calibrate_parser(sub) -> None:
     p_dc.add_argument("--variable", choices=["t", "lambda", "sigma"], default="t", help="interpolation variable")
     p_dc.add_argument("--iters", type=_positive_int, default=40, help="optimizer iterations per step")
     p_dc.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
+    p_dc.add_argument("--objective", choices=["next", "final"], default="next",
+                      help="search loss: next point after the corrector (paper) or the trajectory's end point")
     p_dc.add_argument("--out", required=True, help="ratio table to write (.safetensors)")
     p_dc.add_argument("--cpr-out", default=None, help="also fit CPR on the searched ratios and write it here")
     p_dc.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -185,6 +185,13 @@ def test_search_reduces_the_error_against_the_exact_solution():
 
     assert mse(result.ratios) < 0.8 * mse([1.0] * nfe)
 
+    final = search_ratios(
+        sched.plan, lambda x, t: model(x, t), "epsilon", x_train, targets, progress=False, objective="final", iters=10
+    )
+    assert mse(final.ratios) < mse([1.0] * nfe)
+    with pytest.raises(ValueError, match=r"`objective` must be one of \['next', 'final'\], got 'end'"):
+        search_ratios(sched.plan, lambda x, t: model(x, t), "epsilon", x_train, targets, objective="end")
+
 
 def test_fine_reference_grid_contains_the_coarse_points():
     from fewstep.calibrate.dc import fine_grid

@@ -52,6 +52,8 @@ __all__ = [
 #: ``model_fn(x, t) -> raw model output`` at model timestep ``t`` (a float), guidance already applied.
 ModelFn = Callable[[torch.Tensor, float], torch.Tensor]
 REFERENCE_METHODS = ("ddim", "dpm-solver++")
+#: search losses: the paper's next-point loss, or the end point of the rest of the trajectory.
+OBJECTIVES = ("next", "final")
 
 
 def parse_reference(spec: str) -> tuple[str, int]:
@@ -178,11 +180,17 @@ def search_ratios(
     lr: float = 0.1,
     progress: bool = True,
     desc: str = "dc search",
+    objective: str = "next",
 ) -> SearchResult:
     """Greedy per-step ratio search (see the module docstring) for a plan compiled with ``compile_dc_plan``.
 
     ``targets[i]`` is the reference at grid point ``i + 1``; ``model_fn`` must be differentiable in its input.
+    ``objective="next"`` is the paper's loss (the corrected sample at ``t_{i+1}``); ``"final"`` instead runs the
+    rest of the trajectory (later ratios 1) and compares the end point -- it costs ``N - i`` model evaluations
+    per iteration instead of one, and avoids ratios that help ``t_{i+1}`` but not the result.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {objective!r}")
     n = plan.num_steps
     if len(targets) != n:
         raise ValueError(f"`targets` must hold one reference state per step ({n}), got {len(targets)}")
@@ -209,7 +217,7 @@ def search_ratios(
     for i in range(n):
         with torch.no_grad():
             x0, eps = pair_at(x, i)
-        target = targets[i]
+        target = targets[-1] if objective == "final" else targets[i]
         corrector = plan.steps[i + 1].corrector if i + 1 < n else None
         if i >= order:
             param = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -223,7 +231,10 @@ def search_ratios(
                 trial = _fork(state, [trial_hook])
                 with torch.enable_grad():
                     out = trial.advance(i, x, x0, eps)
-                    if corrector is not None:
+                    if objective == "final":
+                        for j in range(i + 1, n):
+                            out = trial.advance(j, out, *pair_at(out, j))
+                    elif corrector is not None:
                         x0n, epsn = pair_at(out, i + 1)
                         out = apply_transition(
                             corrector, trial.last_sample, trial.buffer + [Evaluation(out, x0n, epsn)]
@@ -299,6 +310,7 @@ def calibrate_class_conditional(
     iters: int = 40,
     lr: float = 0.1,
     progress: bool = True,
+    objective: str = "next",
 ) -> tuple[list[RatioEntry], dict]:
     """Search ratios for every ``(nfe, guidance_scale)`` on a class-conditional pipeline (e.g. ``digits-eps``).
 
@@ -324,7 +336,14 @@ def calibrate_class_conditional(
     labels, noise = digits_datapoints(datapoints, seed, int(cfg.num_class_embeds) - 1, cfg.sample_size, cfg.in_channels)
     labels, noise = labels.to(unet.device), noise.to(device=unet.device, dtype=unet.dtype)
     null_class = int(cfg.num_class_embeds) - 1
-    settings = {"datapoints": datapoints, "seed": seed, "reference": reference, "iters": iters, "lr": lr}
+    settings = {
+        "datapoints": datapoints,
+        "seed": seed,
+        "reference": reference,
+        "iters": iters,
+        "lr": lr,
+        "objective": objective,
+    }
     entries: list[RatioEntry] = []
     key: dict | None = None
     was = [p.requires_grad for p in unet.parameters()]
@@ -354,6 +373,7 @@ def calibrate_class_conditional(
                     lr,
                     progress,
                     desc=f"dc search NFE {n} CFG {g:g}",
+                    objective=objective,
                 )
                 entries.append(entry_from_search(n, g, result, settings))
     finally:
