@@ -146,6 +146,34 @@ def converged_fd(args) -> list[dict]:
     return rows
 
 
+def bench_plugin(args) -> list[dict]:
+    """Predictor-only DC on DDIM and DPM-Solver++ (ratios searched here, 10 datapoints): MSE vs the base."""
+    pipe = load_default("digits-eps", sampler=None)
+    config = pipe.scheduler.config
+    m = args.mse_samples
+    labels = torch.tensor([k % 10 for k in range(m)])
+    noise = torch.stack([torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(10_000 + k)) for k in range(m)])
+    rows = []
+    for g in args.guidance_scale:
+        model_fn = class_conditional_model_fn(pipe.unet, labels, g, 10)
+        sched1 = samplers.get("unipc").from_config(config)
+        one = grids.spacing_grid(sched1.noise_schedule, 1, "trailing")
+        ref = reference_states(model_fn, "epsilon", sched1.noise_schedule, one, noise, args.reference)[-1]
+        for base in ("dpm-solver++", "ddim"):
+            for nfe in (5, 10):
+                entries, _ = calibrate_class_conditional(
+                    pipe, "digits-eps", [nfe], [g], scheduler_overrides={"dc_base": base}, progress=False
+                )
+                row = {"cfg": g, "nfe": nfe, "base": base, "ratios": [round(r, 4) for r in entries[0].ratios]}
+                for label, ratios in (("mse_base", [1.0] * nfe), ("mse_dc", entries[0].ratios)):
+                    sched = samplers.get("dc-solver").from_config(config, dc_base=base, dc_ratios=ratios)
+                    sched.set_timesteps(nfe)
+                    row[label] = ((_sample(sched, model_fn, noise.clone()) - ref) ** 2).mean().item()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def bench_analytic(nfes, dim: int, config: dict, train_seed: int, test_seed: int, n_test: int = 2000) -> list[dict]:
     """Ratios searched on 10 points against the exact solution; MSE/RMSE on ``n_test`` other points."""
     mixture = default_mixture(dim=dim, seed=0)
@@ -213,6 +241,16 @@ def markdown(result: dict) -> str:
             + ": FD "
             + ", ".join(f"{r['fd']:.2f} (CFG {r['cfg']:g})" for r in conv)
         )
+    plugin = result.get("plugin", [])
+    if plugin:
+        out.append("")
+        out.append("| base | CFG | NFE | MSE base | MSE base + DC | change |")
+        out.append("| --- | --- | --- | --- | --- | --- |")
+        for r in plugin:
+            out.append(
+                f"| {r['base']} | {r['cfg']:g} | {r['nfe']} | {r['mse_base']:.5f} | {r['mse_dc']:.5f} "
+                f"| {100 * (r['mse_dc'] / r['mse_base'] - 1):+.0f}% |"
+            )
     for key in ("analytic", "analytic_readme"):
         rows = result.get(key, [])
         if rows:
@@ -239,6 +277,7 @@ def main() -> None:
     parser.add_argument("--analytic-only", action="store_true")
     parser.add_argument("--converged-nfe", type=int, default=25, help="FD of UniPC at this NFE (near-converged)")
     parser.add_argument("--converged-only", action="store_true")
+    parser.add_argument("--plugin-only", action="store_true", help="only the predictor-only DDIM/DPM++ plug-in")
     parser.add_argument("--json", default=None)
     parser.add_argument("--from-json", nargs="+", default=None, help="only print the tables of earlier runs")
     args = parser.parse_args()
@@ -250,8 +289,9 @@ def main() -> None:
         print(markdown(merged))
         return
     torch.set_num_threads(1)
-    if args.converged_only:
-        result = {"converged": converged_fd(args)}
+    if args.converged_only or args.plugin_only:
+        result = {"converged": converged_fd(args)} if args.converged_only else {"plugin": bench_plugin(args)}
+        print(markdown(result))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), **result}, f, indent=1)
@@ -266,6 +306,7 @@ def main() -> None:
     if not args.analytic_only:
         result["digits"] = bench_digits(args)
         result["converged"] = converged_fd(args)
+        result["plugin"] = bench_plugin(args)
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as f:
