@@ -288,6 +288,7 @@ def test_bad_ratio_lists(kwargs, steps, match):
         ({"dc_order": 4}, r"`dc_order` must be an integer in \[1, 3\], got 4"),
         ({"dc_ratios": [1.0], "dc_cpr": [0.0] * 36}, "pass only one of"),
         ({"dc_ratios_file": "x.safetensors", "dc_guidance_scale": 3.0}, "`dc_model` must name the model"),
+        ({"dc_cpr": "digits-eps", "dc_guidance_scale": 3.0}, "`dc_model` must name the model"),
         ({"dc_cpr": [0.0] * 36}, "`dc_guidance_scale` must be given"),
         ({"dc_cpr": [0.0] * 35, "dc_guidance_scale": 1.0}, "36 finite numbers"),
         ({"dc_guidance_scale": float("inf")}, "`dc_guidance_scale` must be a finite number"),

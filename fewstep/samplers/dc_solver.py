@@ -84,7 +84,7 @@ class FewstepDCSolverScheduler(FewstepScheduler):
     * ``dc_ratios_file``: a ratio table from ``fewstep calibrate dc`` (or ``"digits-eps"`` for the shipped
       one); needs ``dc_model`` and ``dc_guidance_scale``, and must match them, the NFE and the scheduler;
     * ``dc_cpr``: CPR coefficients (36 floats) or a CPR file (or ``"digits-eps"``); needs
-      ``dc_guidance_scale``; a file also checks ``dc_model`` and warns outside its fitted range.
+      ``dc_guidance_scale``; a file also needs and checks ``dc_model`` and warns outside its fitted range.
 
     With none, all ratios are 1 (the base solver) and a warning says so (once per scheduler).
     """
@@ -159,8 +159,8 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             # Validate now what can be checked without the number of steps (list of finite floats).
             check_ratios(dc_ratios, len(dc_ratios) if hasattr(dc_ratios, "__len__") else -1, dc_order)
             self.register_to_config(dc_ratios=[float(r) for r in dc_ratios])
-        if dc_ratios_file is not None and dc_model is None:
-            raise ValueError("`dc_model` must name the model the ratios file was searched for (e.g. 'digits-eps')")
+        if (dc_ratios_file is not None or isinstance(dc_cpr, str)) and dc_model is None:
+            raise ValueError("`dc_model` must name the model the ratios/CPR file was made for (e.g. 'digits-eps')")
         if (dc_ratios_file is not None or dc_cpr is not None) and dc_guidance_scale is None:
             raise ValueError(
                 "`dc_guidance_scale` must be given with `dc_ratios_file` or `dc_cpr` (ratios depend on it)"
