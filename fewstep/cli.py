@@ -11,6 +11,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from . import __version__
 from . import samplers as sampler_registry
 from ._io import atomic_write, check_writable
@@ -40,11 +42,10 @@ def _int_list(minimum: int, example: str):
 
 def _name_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in values if v not in sampler_registry.names()]
+    available = sampler_registry.names("diffusion")
+    unknown = [v for v in values if v not in available]
     if not values or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown sampler(s) {unknown or text!r}; available: {', '.join(sampler_registry.names())}"
-        )
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown or text!r}; available: {', '.join(available)}")
     return values
 
 
@@ -64,6 +65,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _sampler_option(text: str) -> tuple[str, object]:
+    """argparse type: ``KEY=VALUE``; VALUE is read as JSON (3.8, true, [1, 2]) and otherwise kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like momentum_order=3.8, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _options_dict(pairs: list[tuple[str, object]] | None) -> dict:
+    out: dict = {}
+    for key, value in pairs or []:
+        if key in out:
+            raise UsageError(f"--sampler-option {key} given twice")
+        out[key] = value
+    return out
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     width = max(len(n) for n in sampler_registry.names())
     for name in sampler_registry.names():
@@ -77,7 +99,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
-    pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype)
+    options = _options_dict(args.sampler_option)
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" too
+    pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype, sampler_options=options)
+    measurement = None
+    if args.measurement is not None:
+        from .pipelines.generate import load_measurement
+
+        size = getattr(getattr(pipe, "unet", None), "config", None)
+        measurement = load_measurement(args.measurement, size.sample_size if size is not None else 16)
     result = generate(
         pipe,
         num_images=args.num_images,
@@ -87,13 +120,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         guidance_scale=args.guidance_scale,
         progress=not args.quiet,
+        measurement=measurement,
     )
-    grid = image_grid(result.images)
+    if result.measurements is not None:  # restoration: degraded inputs above their restorations
+        n = len(result.images)
+        columns = min(n, 10)
+        rows = []
+        for start in range(0, n, columns):
+            rows += [result.measurements[start:start + columns], result.images[start:start + columns]]
+        grid = image_grid(np.concatenate(rows), columns=columns)
+    else:
+        grid = image_grid(result.images)
     atomic_write(out, lambda p: grid.save(p, format="PNG"))
-    print(
-        f"wrote {out} ({len(result.images)} images, sampler {args.sampler}, NFE {result.nfe}"
-        f"{' x2 (CFG)' if args.guidance_scale != 1.0 else ''}, {result.seconds:.2f} s)"
-    )
+    cfg_note = " x2 (CFG)" if args.guidance_scale != 1.0 and result.measurements is None else ""
+    kind = "restored images (top: degraded input)" if result.measurements is not None else "images"
+    print(f"wrote {out} ({len(result.images)} {kind}, sampler {args.sampler}, NFE {result.nfe}{cfg_note}, "
+          f"{result.seconds:.2f} s)")
     return 0
 
 
@@ -213,14 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_gen = sub.add_parser("generate", help="generate images with a fewstep sampler into a PNG grid")
     p_gen.add_argument("--model", default="digits-eps",
-                       help="embedded model (digits-eps, digits-flow), a local pipeline directory or a hub id")
+                       help="embedded model (digits-eps, digits-flow, digits-mr), a local pipeline directory "
+                            "or a hub id")
     p_gen.add_argument("--sampler", type=_sampler_name, default="unipc", help="registered sampler (fewstep list)")
+    p_gen.add_argument("--sampler-option", type=_sampler_option, action="append", metavar="KEY=VALUE",
+                       help="override a sampler config option, e.g. momentum_order=3.8 (repeatable)")
     p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
     p_gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p_gen.add_argument("--num-images", type=_positive_int, default=10, help="images to generate (default 10)")
     p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,7"), default=None,
                        help="comma-separated class ids for class-conditional models (default: cycle 0-9)")
     p_gen.add_argument("--prompt", default=None, help="text prompt for text-to-image pipelines")
+    p_gen.add_argument("--measurement", default=None, metavar="IMAGE",
+                       help="restoration models (digits-mr): degraded image file, 16x16 or a grid of 16x16 tiles "
+                            "(default: held-out test digits with a box erased)")
     p_gen.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
     p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
