@@ -1,4 +1,4 @@
-"""The ``fewstep`` command line: ``fewstep list``, ``fewstep generate`` and ``fewstep bench``.
+"""The ``fewstep`` command line: ``fewstep list``, ``generate``, ``bench`` and ``calibrate dc``.
 
 Usage errors (bad flags or values) print one line to stderr and exit with code 2; output files are
 written atomically, so a failed run leaves none behind.
@@ -163,6 +163,88 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- calibrate
+def _float_list(text: str) -> list[float]:
+    """argparse type: comma-separated finite numbers >= 0 (guidance scales)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,3,7, got {text!r}") from None
+    if not values or any(not (v >= 0 and v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0 like 1,3,7, got {text!r}")
+    return values
+
+
+def _load_class_conditional(model: str):
+    from pathlib import Path
+
+    from .pipelines.defaults import DEFAULT_MODELS, load_default
+
+    if model in ("digits-eps",):
+        return load_default(model, sampler=None)
+    if model in DEFAULT_MODELS or not Path(model).is_dir():
+        raise UsageError(f"--model {model!r}: DC calibration needs digits-eps or a class-conditional pipeline dir")
+    from .pipelines.class_conditional import ClassConditionalPipeline
+
+    return ClassConditionalPipeline.from_pretrained(model)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate.dc import calibrate_class_conditional, parse_reference
+    from .solvers.dc_artifacts import fit_cpr, save_cpr, save_ratio_table
+
+    out = check_writable(args.out, "--out")
+    if args.cpr_out:
+        check_writable(args.cpr_out, "--cpr-out")
+    parse_reference(args.reference)
+    if args.cpr_out and len(args.nfe) * len(args.guidance_scale) < 2:
+        raise UsageError("--cpr-out needs ratios for at least 2 (NFE, CFG) pairs")
+    import torch
+
+    torch.manual_seed(args.seed)
+    pipe = _load_class_conditional(args.model)
+    overrides = {"dc_base": args.base, "dc_order": args.order, "dc_variable": args.variable}
+    entries, key = calibrate_class_conditional(
+        pipe, args.model, args.nfe, args.guidance_scale, datapoints=args.datapoints, seed=args.seed,
+        reference=args.reference, scheduler_overrides=overrides, iters=args.iters, lr=args.lr,
+        progress=not args.quiet, objective=args.objective,
+    )
+    save_ratio_table(out, entries, args.model, key, {"version": __version__})
+    for e in entries:
+        print(f"NFE {e.nfe:>2} CFG {e.guidance_scale:g}: ratios " + " ".join(f"{r:.3f}" for r in e.ratios))
+    print(f"wrote {out}")
+    if args.cpr_out:
+        cpr = fit_cpr(entries, order=args.order)
+        save_cpr(args.cpr_out, cpr, args.model, key)
+        print(f"wrote {args.cpr_out} (CPR fitted on NFE {cpr.nfe_range}, CFG {cpr.guidance_range})")
+    return 0
+
+
+def _add_calibrate_parser(sub) -> None:
+    p_cal = sub.add_parser("calibrate", help="offline calibration of samplers (DC-Solver ratios)")
+    cal_sub = p_cal.add_subparsers(dest="target", required=True, metavar="TARGET")
+    p_dc = cal_sub.add_parser("dc", help="search DC-Solver ratios against a many-step reference (+ CPR fit)")
+    p_dc.add_argument("--model", default="digits-eps", help="digits-eps or a class-conditional pipeline directory")
+    p_dc.add_argument("--nfe", type=_int_list(3, "5,6,8,10"), default=[5, 6, 8, 10], help="comma-separated NFEs")
+    p_dc.add_argument("--guidance-scale", type=_float_list, default=[1.0, 3.0, 7.0],
+                      help="comma-separated CFG scales (1 = unguided)")
+    p_dc.add_argument("--datapoints", type=_positive_int, default=10, help="seeded datapoints (default 10)")
+    p_dc.add_argument("--seed", type=int, default=0, help="seed of the datapoints' noise")
+    p_dc.add_argument("--reference", default="ddim:200",
+                      help="many-step reference METHOD:STEPS, METHOD ddim or dpm-solver++ (default ddim:200)")
+    p_dc.add_argument("--base", choices=["unipc", "ddim", "dpm-solver++"], default="unipc", help="base solver")
+    p_dc.add_argument("--order", type=int, choices=[1, 2, 3], default=2, help="interpolation order K")
+    p_dc.add_argument("--variable", choices=["t", "lambda", "sigma"], default="t", help="interpolation variable")
+    p_dc.add_argument("--iters", type=_positive_int, default=40, help="optimizer iterations per step")
+    p_dc.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
+    p_dc.add_argument("--objective", choices=["next", "final"], default="next",
+                      help="search loss: next point after the corrector (paper) or the trajectory's end point")
+    p_dc.add_argument("--out", required=True, help="ratio table to write (.safetensors)")
+    p_dc.add_argument("--cpr-out", default=None, help="also fit CPR on the searched ratios and write it here")
+    p_dc.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_dc.set_defaults(func=cmd_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
@@ -206,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--json", default=None, help="also write the results as JSON to this path")
     p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
     p_bench.set_defaults(func=cmd_bench)
+
+    _add_calibrate_parser(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import FewstepScheduler, FewstepSchedulerOutput
+from .dc_solver import FewstepDCSolverScheduler
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
 from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
@@ -26,6 +27,7 @@ __all__ = [
     "FewstepHeavyBallScheduler",
     "FewstepGHVBScheduler",
     "FewstepMRSScheduler",
+    "FewstepDCSolverScheduler",
     "PROCESSES",
     "process_of",
     "get",
@@ -42,6 +44,7 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "hb": FewstepHeavyBallScheduler,
     "ghvb": FewstepGHVBScheduler,
     "mrs": FewstepMRSScheduler,
+    "dc-solver": FewstepDCSolverScheduler,
 }
 
 #: what a sampler integrates: ordinary diffusion/flow models, or mean-reverting (IR-SDE) restoration models,
