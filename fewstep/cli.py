@@ -100,6 +100,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
     options = _options_dict(args.sampler_option)
+    if args.sampler == "dc-solver" and ("dc_ratios_file" in options or "dc_cpr" in options):
+        # DC ratios are keyed by the guidance scale and the model: default them to this run's.
+        options.setdefault("dc_guidance_scale", args.guidance_scale)
+        options.setdefault("dc_model", args.model)
     if args.quiet:
         from diffusers.utils import logging as diffusers_logging
 

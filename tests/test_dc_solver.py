@@ -345,3 +345,22 @@ def test_cli_calibrate_dc_end_to_end_and_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["calibrate", "dc", "--nfe", "2", "--out", str(out)])
     assert exc.value.code == 2
+
+
+def test_cli_defaults_dc_guidance_scale_and_model_to_the_run(tmp_path, capsys, monkeypatch):
+    from fewstep import cli
+    from fewstep.pipelines import generate as generate_module
+
+    seen = {}
+    real = generate_module.load_model
+
+    def spy(model, sampler, device="auto", dtype="float32", sampler_options=None):
+        seen.update(sampler_options or {})
+        return real(model, sampler, device=device, dtype=dtype, sampler_options=sampler_options)
+
+    monkeypatch.setattr(generate_module, "load_model", spy)
+    out = tmp_path / "dc.png"
+    argv = ["generate", "--sampler", "dc-solver", "--sampler-option", "dc_cpr=digits-eps", "--guidance-scale", "3",
+            "--steps", "5", "--num-images", "2", "--quiet", "--out", str(out)]
+    assert cli.main(argv) == 0 and out.is_file()
+    assert seen["dc_guidance_scale"] == 3.0 and seen["dc_model"] == "digits-eps"
