@@ -42,7 +42,7 @@ def _int_list(minimum: int, example: str):
 
 def _name_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
-    available = sampler_registry.names("diffusion")
+    available = sampler_registry.names("diffusion", standalone=True)
     unknown = [v for v in values if v not in available]
     if not values or unknown:
         raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown or text!r}; available: {', '.join(available)}")

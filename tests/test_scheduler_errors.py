@@ -7,7 +7,7 @@ import torch
 
 from fewstep import samplers
 
-NAMES = samplers.names("diffusion")
+NAMES = samplers.names("diffusion", standalone=True)
 
 
 @pytest.mark.parametrize("name", NAMES)

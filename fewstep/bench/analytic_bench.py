@@ -69,7 +69,7 @@ def run_analytic_bench(
     progress: bool = True,
 ) -> tuple[list[AnalyticRow], dict[str, Any]]:
     """Run every (sampler, steps) cell; returns the rows and the run's metadata (incl. the exact floor)."""
-    available = sampler_registry.names("diffusion")
+    available = sampler_registry.names("diffusion", standalone=True)
     names = _check_list("samplers", samplers or available, available)
     steps = _check_list("steps", steps)
     for n in steps:

@@ -12,6 +12,7 @@ from typing import Any
 
 from .base import FewstepScheduler, FewstepSchedulerOutput
 from .dc_solver import FewstepDCSolverScheduler
+from .s3 import FewstepS3Scheduler
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
 from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
@@ -28,6 +29,7 @@ __all__ = [
     "FewstepGHVBScheduler",
     "FewstepMRSScheduler",
     "FewstepDCSolverScheduler",
+    "FewstepS3Scheduler",
     "PROCESSES",
     "process_of",
     "get",
@@ -45,6 +47,7 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "ghvb": FewstepGHVBScheduler,
     "mrs": FewstepMRSScheduler,
     "dc-solver": FewstepDCSolverScheduler,
+    "s3": FewstepS3Scheduler,
 }
 
 #: what a sampler integrates: ordinary diffusion/flow models, or mean-reverting (IR-SDE) restoration models,
@@ -57,11 +60,19 @@ def process_of(name: str) -> str:
     return "mean-reverting" if get(name) is FewstepMRSScheduler else "diffusion"
 
 
-def names(process: str | None = None) -> list[str]:
-    """Registered sampler names, in registration order; ``process`` filters by :data:`PROCESSES`."""
+#: samplers that need an artifact to run (a searched schedule): not usable with their default config.
+_NEED_ARTIFACT = {"s3"}
+
+
+def names(process: str | None = None, standalone: bool = False) -> list[str]:
+    """Registered sampler names, in registration order; ``process`` filters by :data:`PROCESSES`;
+    ``standalone=True`` drops samplers that cannot run without an artifact (``s3`` needs a schedule)."""
     if process is not None and process not in PROCESSES:
         raise ValueError(f"`process` must be one of {list(PROCESSES)} or None, got {process!r}")
-    return [n for n in _REGISTRY if process is None or process_of(n) == process]
+    return [
+        n for n in _REGISTRY
+        if (process is None or process_of(n) == process) and not (standalone and n in _NEED_ARTIFACT)
+    ]
 
 
 def get(name: str) -> type[FewstepScheduler]:

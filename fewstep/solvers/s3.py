@@ -1,0 +1,174 @@
+"""Solver schedules of the unified sampling framework (USF, Liu et al. 2024, sec. 3) as data.
+
+A schedule is the list of per-step :class:`~fewstep.solvers.engine.StepDecision` plus the time points:
+``timesteps`` (the model's time at each of the N evaluations, strictly decreasing, continuous) and the
+target ``final`` (``"zero"`` for clean data, or a model time below the last timestep). The engine runs any
+such schedule; DPM-Solver++, UniPC and DDIM are particular schedules (tests check they reproduce the
+dedicated schedulers), and S^3's search only produces schedules.
+
+Supported decisions: timestep, prediction type (data/noise), order 1-5, derivative points, coefficient
+rule, linear relaxation ``c`` (first derivative scaled by ``1 + c h``), pseudo corrector (``"unic"``: no
+extra NFE). Not supported: the implicit corrector (+1 NFE, probability 0 in the published search
+configs), the analytical first step and U-Net skip coefficients (both change the model call, which a
+diffusers scheduler does not control).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine import StepDecision, compile_plan
+from .grids import TimeGrid
+from .schedules import NoiseSchedule
+
+__all__ = ["SolverSchedule", "SCHEDULE_VERSION", "decisions_from_dicts", "schedule_fingerprint"]
+
+SCHEDULE_VERSION = 1
+_DECISION_KEYS = {"prediction", "order", "points", "coefficients", "relaxation", "corrector", "stochastic"}
+
+
+def schedule_fingerprint(schedule: NoiseSchedule) -> str:
+    """A short id of a noise schedule (VP: its alphas_cumprod; flow: its kind), stored with searched schedules
+    so that a schedule is never applied to a model with another noise process."""
+    import hashlib
+
+    from .schedules import VPSchedule
+
+    if isinstance(schedule, VPSchedule):
+        digest = hashlib.sha256(np.round(schedule.alphas_cumprod, 12).tobytes()).hexdigest()[:16]
+        return f"vp-{schedule.alphas_cumprod.size}-{digest}"
+    return f"{type(schedule).__name__.lower()}-{schedule.num_train_timesteps}"
+
+
+def decisions_from_dicts(items: Sequence[Mapping[str, Any]]) -> list[StepDecision]:
+    """``StepDecision``s from plain dicts (JSON); unknown keys and values are errors naming the step."""
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"step {i}: a decision must be a mapping, got {type(item).__name__}")
+        unknown = set(item) - _DECISION_KEYS
+        if unknown:
+            raise ValueError(f"step {i}: unknown decision keys {sorted(unknown)}; allowed: {sorted(_DECISION_KEYS)}")
+        kw = dict(item)
+        if kw.get("points") is not None:
+            kw["points"] = tuple(kw["points"])
+        try:
+            out.append(StepDecision(**kw))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"step {i}: {exc}") from None
+    return out
+
+
+@dataclass
+class SolverSchedule:
+    """Per-step decisions + time points (+ free-form metadata such as model and schedule config)."""
+
+    timesteps: list[float]
+    decisions: list[StepDecision]
+    final: str | float = "zero"
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ts = np.asarray(self.timesteps, dtype=np.float64).reshape(-1)
+        if ts.size == 0 or not np.all(np.isfinite(ts)):
+            raise ValueError(f"`timesteps` must be a non-empty list of finite times, got {self.timesteps!r}")
+        if np.any(np.diff(ts) >= 0):
+            raise ValueError(f"`timesteps` must strictly decrease (from noise to data), got {ts.tolist()}")
+        self.timesteps = ts.tolist()
+        if len(self.decisions) != ts.size:
+            raise ValueError(f"need one decision per timestep: {ts.size} timesteps, {len(self.decisions)} decisions")
+        for i, d in enumerate(self.decisions):
+            if not isinstance(d, StepDecision):
+                raise TypeError(f"decisions[{i}] must be a StepDecision, got {type(d).__name__}")
+        if isinstance(self.final, str):
+            if self.final != "zero":
+                raise ValueError(f"`final` must be 'zero' or a model time below the last timestep, got {self.final!r}")
+        else:
+            final = float(self.final)
+            if not (math.isfinite(final) and final < ts[-1]):
+                raise ValueError(
+                    f"`final` must be 'zero' or a model time below the last timestep {ts[-1]}, got {self.final!r}"
+                )
+            self.final = final
+
+    @property
+    def nfe(self) -> int:
+        return len(self.timesteps)
+
+    # ----------------------------------------------------------------------------------------------
+    def grid(self, schedule: NoiseSchedule) -> TimeGrid:
+        """The schedule's time grid on a noise schedule (times checked against its range)."""
+        ts = np.asarray(self.timesteps)
+        if ts[0] > schedule.t_max or ts[-1] < schedule.t_min:
+            raise ValueError(
+                f"schedule timesteps {ts[0]}..{ts[-1]} lie outside the model's range [{schedule.t_min}, {schedule.t_max}]"
+            )
+        if self.final == "zero":
+            return TimeGrid.from_times(schedule, ts, (1.0, 0.0))
+        if self.final < schedule.t_min:
+            raise ValueError(f"`final` time {self.final} is below the model's range start {schedule.t_min}")
+        alpha, sigma = schedule.alpha_sigma(np.asarray([self.final]))
+        return TimeGrid.from_times(schedule, ts, (float(alpha[0]), float(sigma[0])))
+
+    def plan(self, schedule: NoiseSchedule):
+        """Compile to an engine plan (validates orders against the available buffered points)."""
+        return compile_plan(self.grid(schedule), self.decisions)
+
+    # ----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        steps = []
+        for d in self.decisions:
+            item = asdict(d)
+            item["points"] = list(d.points) if d.points is not None else None
+            steps.append(item)
+        return {
+            "version": SCHEDULE_VERSION, "nfe": self.nfe, "timesteps": self.timesteps, "final": self.final,
+            "decisions": steps, "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SolverSchedule:
+        if not isinstance(data, Mapping) or "timesteps" not in data or "decisions" not in data:
+            raise ValueError("a solver schedule needs 'timesteps' and 'decisions'")
+        version = data.get("version", SCHEDULE_VERSION)
+        if version != SCHEDULE_VERSION:
+            raise ValueError(f"schedule format version {version!r} is not supported (this fewstep reads {SCHEDULE_VERSION})")
+        out = cls(list(data["timesteps"]), decisions_from_dicts(data["decisions"]), data.get("final", "zero"),
+                  dict(data.get("metadata") or {}))
+        if "nfe" in data and data["nfe"] != out.nfe:
+            raise ValueError(f"schedule says nfe={data['nfe']} but has {out.nfe} timesteps")
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write the schedule as JSON (atomically)."""
+        from .._io import atomic_write
+
+        path = Path(path)
+        atomic_write(path, lambda p: p.write_text(json.dumps(self.to_dict(), indent=1) + "\n"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SolverSchedule:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"solver schedule {str(path)!r} does not exist")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"solver schedule {str(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_grid(cls, grid: TimeGrid, decisions: Sequence[StepDecision], metadata: dict | None = None):
+        """The schedule of an existing grid + decisions (e.g. to encode DPM-Solver++ or UniPC)."""
+        final: str | float = "zero" if grid.sigmas[-1] == 0 else math.nan
+        if final != "zero":
+            raise ValueError("from_grid needs a grid ending at sigma = 0; pass `final` times explicitly otherwise")
+        return cls(grid.timesteps.tolist(), list(decisions), final, dict(metadata or {}))
