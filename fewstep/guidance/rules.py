@@ -226,7 +226,8 @@ class APG(GuidanceRule):
     def reset(self) -> None:
         self._buffer = None
 
-    def _direction(self, diff: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def direction(self, diff: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Momentum (updating the buffer), clip and projection of ``diff = cond - uncond`` (any space)."""
         if self.momentum != 0.0:
             diff = diff if self._buffer is None else diff + self.momentum * self._buffer
             self._buffer = diff
@@ -235,12 +236,12 @@ class APG(GuidanceRule):
     def combine(self, cond: Pair, uncond: Pair, state: StepState) -> Pair:
         w1 = self.guidance_scale - 1.0
         if self.space == "x0":
-            x0 = cond[0] + w1 * self._direction(cond[0] - uncond[0], cond[0])
+            x0 = cond[0] + w1 * self.direction(cond[0] - uncond[0], cond[0])
             eps = cond[1] - (state.alpha / state.sigma) * (x0 - cond[0])
             return x0, eps
         if state.alpha <= 0.0:
             raise ValueError("APG with space='eps' needs alpha > 0 at every evaluated step (got alpha = 0)")
-        eps = cond[1] + w1 * self._direction(cond[1] - uncond[1], cond[1])
+        eps = cond[1] + w1 * self.direction(cond[1] - uncond[1], cond[1])
         x0 = cond[0] - (state.sigma / state.alpha) * (eps - cond[1])
         return x0, eps
 
