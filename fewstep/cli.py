@@ -64,6 +64,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _guidance_name(text: str) -> str:
+    from . import guidance
+
+    try:
+        guidance.get(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return {"cfgpp": "cfg++"}.get(text, text)
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     width = max(len(n) for n in sampler_registry.names())
     for name in sampler_registry.names():
@@ -77,6 +97,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
+    from . import guidance
+
+    guidance.make(args.guidance, args.guidance_scale)  # validate the rule's parameters before loading a model
     pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype)
     result = generate(
         pipe,
@@ -87,12 +110,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         guidance_scale=args.guidance_scale,
         progress=not args.quiet,
+        guidance=args.guidance,
     )
     grid = image_grid(result.images)
     atomic_write(out, lambda p: grid.save(p, format="PNG"))
     print(
         f"wrote {out} ({len(result.images)} images, sampler {args.sampler}, NFE {result.nfe}"
-        f"{' x2 (CFG)' if args.guidance_scale != 1.0 else ''}, {result.seconds:.2f} s)"
+        f"{'' if args.guidance == 'cfg' and args.guidance_scale == 1.0 else f' x2 ({args.guidance})'}, "
+        f"{result.seconds:.2f} s)"
     )
     return 0
 
@@ -139,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,7"), default=None,
                        help="comma-separated class ids for class-conditional models (default: cycle 0-9)")
     p_gen.add_argument("--prompt", default=None, help="text prompt for text-to-image pipelines")
-    p_gen.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    p_gen.add_argument("--guidance", type=_guidance_name, default="cfg",
+                       help="guidance rule: cfg, cfg++ (scale in [0, 1]) or apg (default cfg)")
+    p_gen.add_argument("--guidance-scale", type=_finite_float, default=None,
+                       help="scale of the guidance rule (default: cfg 3, cfg++ 0.6, apg 7.5)")
     p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p_gen.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")

@@ -83,10 +83,16 @@ def generate(
     seed: int = 0,
     classes: list[int] | None = None,
     prompt: str | None = None,
-    guidance_scale: float = 3.0,
+    guidance_scale: float | None = None,
     progress: bool = True,
+    guidance: str = "cfg",
 ) -> GenerationResult:
-    """Run the pipeline once; class-conditional pipelines take ``classes``, text-to-image ones ``prompt``."""
+    """Run the pipeline once; class-conditional pipelines take ``classes``, text-to-image ones ``prompt``.
+
+    ``guidance``: ``cfg``, ``cfg++`` or ``apg`` (``fewstep.guidance``) with ``guidance_scale`` (``None``: the
+    rule's default; CFG 3). Text-to-image pipelines support ``cfg`` only for now.
+    """
+    from .. import guidance as guidance_rules
     from .class_conditional import ClassConditionalPipeline
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -101,13 +107,19 @@ def generate(
             raise ValueError("`prompt` given to a class-conditional model; use --class with digits 0-9 instead")
         pool = classes if classes else list(range(pipe.num_classes))
         labels = [pool[i % len(pool)] for i in range(num_images)]
-        images = pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                      output_type="np").images
+        rule = guidance_rules.make(guidance, guidance_scale)
+        images = pipe(labels, num_inference_steps=steps, guidance=rule, generator=generator, output_type="np").images
     else:
         if classes:
             raise ValueError("`classes` given to a text-to-image pipeline; use --prompt instead")
         if not prompt:
             raise ValueError("this pipeline is text-to-image: pass --prompt")
+        if guidance_rules.get(guidance) is not guidance_rules.CFG:
+            raise ValueError(
+                f"`guidance` {guidance!r} is available for the class-conditional models only so far; use cfg "
+                "with text-to-image pipelines"
+            )
+        guidance_scale = 3.0 if guidance_scale is None else guidance_scale
         images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                       generator=generator, num_images_per_prompt=num_images, output_type="np").images
     seconds = time.perf_counter() - start
