@@ -9,6 +9,7 @@ The diffusers adapters live in ``fewstep.guidance.guiders`` (imported lazily: di
 from __future__ import annotations
 
 from .base import GuidanceRule, Pair, StepState
+from .inversion import ddim_invert
 from .rules import APG, CFG, CFGPlusPlus, apg_update, cfgpp_equivalent_scales, rescale_to_std, scheduler_rhos
 from .stepping import guided_step, step_state, supports_pairs
 
@@ -21,6 +22,7 @@ __all__ = [
     "StepState",
     "apg_update",
     "cfgpp_equivalent_scales",
+    "ddim_invert",
     "get",
     "guided_step",
     "make",
