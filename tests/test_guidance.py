@@ -270,3 +270,19 @@ def test_cfgpp_inversion_mirrors_the_sampler(models):
     zero_cfg = guidance.ddim_invert(fn, images, scheduler, CFG(0.0))
     assert torch.equal(zero_pp, zero_cfg)
     assert (guidance.ddim_invert(fn, images, scheduler, CFGPlusPlus(0.5)) - zero_pp).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [CFG(3.0, guidance_rescale=0.5), CFGPlusPlus(0.6), APG(5.0, norm_threshold=2.0), APG(5.0, space="eps")],
+    ids=["cfg-rescale", "cfg++", "apg", "apg-eps"],
+)
+@pytest.mark.parametrize("sampler", samplers.names())
+def test_guided_loop_on_meta_device(rule, sampler):
+    """No .item(), .cpu() or tensor-valued branch in a guided step: the whole loop runs on meta tensors."""
+    scheduler = samplers.get(sampler).from_config(DDPM)
+    scheduler.set_timesteps(5, device="meta")
+    x = torch.empty(2, 4, 8, 8, device="meta", dtype=torch.float16)
+    for i, t in enumerate(scheduler.timesteps):
+        x = guidance.guided_step(scheduler, rule, torch.empty_like(x), torch.empty_like(x), t, x, i)
+    assert x.device.type == "meta" and x.dtype == torch.float16
