@@ -19,6 +19,7 @@ from test_real_pipeline import _byte_level_vocab
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from fewstep import guidance, samplers
+from fewstep.cli import main
 from fewstep.pipelines import FewstepPipeline
 
 RULES = {"cfg": 4.0, "cfg++": 0.7, "apg": 4.0}
@@ -41,7 +42,7 @@ def _unet(**extra) -> UNet2DConditionModel:
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
+def sd_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp-sd")
     (root / "tok").mkdir()
     _byte_level_vocab(root / "tok")
@@ -57,7 +58,12 @@ def sd(tmp_path_factory):
         requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(root / "pipe")
-    loaded = StableDiffusionPipeline.from_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+@pytest.fixture(scope="module")
+def sd(sd_path):
+    loaded = StableDiffusionPipeline.from_pretrained(sd_path)
     loaded.set_progress_bar_config(disable=True)
     return loaded
 
@@ -149,3 +155,18 @@ def test_bad_input(sd):
         fp("x", callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise_pred"])
     with pytest.raises(ValueError, match="supports SD 1.x/2.x and SDXL"):
         FewstepPipeline.from_pipe(object())
+
+
+def test_scale_override_keeps_the_rule_kind(sd):
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="cfg++", guidance_scale=0.2)
+    run = lambda **kw: fp("x", num_inference_steps=3, generator=_gen(), output_type="latent", **kw).images  # noqa: E731
+    assert torch.equal(run(guidance_scale=0.9), run(guidance="cfg++", guidance_scale=0.9))
+    assert not torch.equal(run(), run(guidance_scale=0.9))
+
+
+def test_cli_generate_text_to_image_with_guidance(sd_path, tmp_path, capsys):
+    out = tmp_path / "sd.png"
+    args = ["generate", "--model", str(sd_path), "--prompt", "a digit", "--steps", "3", "--num-images", "2",
+            "--sampler", "dpm-solver++", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--guidance", "apg", "--guidance-scale", "4"]) == 0 and out.is_file()
+    assert "x2 (apg)" in capsys.readouterr().out

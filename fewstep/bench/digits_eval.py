@@ -62,7 +62,7 @@ def evaluate_digits(
     classifier,
     num_per_class: int = 100,
     steps: int = 20,
-    guidance_scale: float | None = 3.0,
+    guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 250,
     progress: bool = True,
@@ -70,9 +70,14 @@ def evaluate_digits(
 ) -> DigitsQuality:
     """Generate ``num_per_class`` samples of every class and score them (see the module docstring).
 
-    ``guidance``: a rule name or ``fewstep.guidance`` rule passed to the pipeline (``None``: CFG with
-    ``guidance_scale``; with a rule object pass ``guidance_scale=None``).
+    ``guidance``: a rule name (built with ``guidance_scale``, or the rule's default scale) or a
+    ``fewstep.guidance`` rule object (leave ``guidance_scale`` unset); ``None`` is CFG, scale 3 by default.
     """
+    from .. import guidance as guidance_rules
+
+    if guidance is None:
+        guidance, guidance_scale = "cfg", 3.0 if guidance_scale is None else guidance_scale
+    rule = guidance_rules.make(guidance, guidance_scale)
     if num_per_class < 2 or steps < 1 or batch_size < 1:
         raise ValueError(
             f"need num_per_class >= 2, steps >= 1, batch_size >= 1; got {num_per_class}, {steps}, {batch_size}"
@@ -85,7 +90,7 @@ def evaluate_digits(
         batch = labels[start:start + batch_size]
         noise = per_sample_noise(shape, [seed + start + k for k in range(len(batch))])
         out = pipe(
-            batch, num_inference_steps=steps, guidance_scale=guidance_scale, guidance=guidance, latents=noise,
+            batch, num_inference_steps=steps, guidance=rule, latents=noise,
             output_type="latent",
         )
         x = out.images.float().cpu()
@@ -101,10 +106,7 @@ def evaluate_digits(
     train_feats, _ = classifier_features(classifier, to_unit_range(train_images))
     fd = frechet_distance_features(feats.cpu(), test_feats.cpu())
     floor = frechet_distance_features(train_feats.cpu(), test_feats.cpu())
-    name = guidance if isinstance(guidance, str) else getattr(guidance, "name", None) or "cfg"
-    if guidance_scale is None and guidance is not None and not isinstance(guidance, str):
-        guidance_scale = getattr(guidance, "guidance_scale", None)
-    n = len(labels)
+    n, scale = len(labels), getattr(rule, "guidance_scale", None)
     return DigitsQuality(
-        accuracy, fd, floor, n, steps, len(pipe.scheduler.timesteps), guidance_scale, name, mean_abs / n, clipped / n
+        accuracy, fd, floor, n, steps, len(pipe.scheduler.timesteps), scale, rule.name, mean_abs / n, clipped / n
     )

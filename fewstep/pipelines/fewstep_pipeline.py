@@ -81,6 +81,15 @@ class FewstepPipeline:
         return cls(shared, rule)
 
     @staticmethod
+    def supports(pipe: Any) -> bool:
+        """Whether ``from_pipe`` can host ``pipe`` (an SD 1.x/2.x or SDXL text-to-image pipeline)."""
+        try:
+            _family(pipe)
+        except ValueError:
+            return False
+        return True
+
+    @staticmethod
     def _make_rule(guidance: str | GuidanceRule | None, guidance_scale: float | None) -> GuidanceRule:
         if guidance is None:
             return guidance_rules.CFG(7.5 if guidance_scale is None else guidance_scale)
@@ -178,15 +187,17 @@ class FewstepPipeline:
     ) -> ImagePipelineOutput | tuple:
         """Text-to-image with the hosted scheduler and guidance rule.
 
-        ``guidance``/``guidance_scale`` override the pipeline's rule for this call (a name plus scale, or a rule
-        object). ``callback_on_step_end(pipe, i, t, tensors) -> dict`` runs after each step with the tensors
-        named in ``callback_on_step_end_tensor_inputs`` (``latents``, ``prompt_embeds``) and may replace them.
+        ``guidance``/``guidance_scale`` override the pipeline's rule for this call (a name plus scale, a rule
+        object, or ``guidance_scale`` alone: the pipeline's rule kind with that scale).
+        ``callback_on_step_end(pipe, i, t, tensors) -> dict`` runs after each step with the tensors named in
+        ``callback_on_step_end_tensor_inputs`` (``latents``, ``prompt_embeds``) and may replace them.
         ``output_type``: ``pil``, ``np``, ``pt`` or ``latent``.
         """
         p = self.pipe
-        rule = (
-            self.guidance if guidance is None and guidance_scale is None else self._make_rule(guidance, guidance_scale)
-        )
+        if guidance is None:
+            rule = self.guidance if guidance_scale is None else self._make_rule(self.guidance.name, guidance_scale)
+        else:
+            rule = self._make_rule(guidance, guidance_scale)
         self._check_compatible(rule, p.scheduler)
         if output_type not in PIPELINE_OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(PIPELINE_OUTPUT_TYPES)}, got {output_type!r}")

@@ -114,12 +114,17 @@ def generate(
             raise ValueError("`classes` given to a text-to-image pipeline; use --prompt instead")
         if not prompt:
             raise ValueError("this pipeline is text-to-image: pass --prompt")
-        if guidance_rules.get(guidance) is not guidance_rules.CFG:
+        from .fewstep_pipeline import FewstepPipeline
+
+        if guidance_scale is None and guidance_rules.get(guidance) is guidance_rules.CFG:
+            guidance_scale = 3.0
+        if FewstepPipeline.supports(pipe):  # fewstep's loop: any guidance rule
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=guidance, guidance_scale=guidance_scale)
+        elif guidance_rules.get(guidance) is not guidance_rules.CFG:
             raise ValueError(
-                f"`guidance` {guidance!r} is available for the class-conditional models only so far; use cfg "
-                "with text-to-image pipelines"
+                f"`guidance` {guidance!r} needs an SD 1.x/2.x or SDXL pipeline (FewstepPipeline) or an embedded "
+                f"digits model; {type(pipe).__name__} supports cfg only"
             )
-        guidance_scale = 3.0 if guidance_scale is None else guidance_scale
         images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                       generator=generator, num_images_per_prompt=num_images, output_type="np").images
     seconds = time.perf_counter() - start
