@@ -37,12 +37,19 @@ SAMPLING = [
     ("APG w=8 eta=0 r=1 beta=0", lambda: guidance.APG(8.0, eta=0.0, norm_threshold=1.0, momentum=0.0)),
 ]
 INVERSION = [
-    ("CFG w=1 (conditional)", lambda: guidance.CFG(1.0)),
-    ("CFG w=3", lambda: guidance.CFG(3.0)),
-    ("CFG w=8", lambda: guidance.CFG(8.0)),
-    ("CFG++ lam=0.5", lambda: guidance.CFGPlusPlus(0.5)),
-    ("CFG++ lam=1.0", lambda: guidance.CFGPlusPlus(1.0)),
+    ("CFG w=1 (conditional)", lambda sch: guidance.CFG(1.0)),
+    ("CFG w=3", lambda sch: guidance.CFG(3.0)),
+    ("CFG w=8", lambda sch: guidance.CFG(8.0)),
+    ("CFG++ lam=0.5", lambda sch: guidance.CFGPlusPlus(0.5)),
+    ("CFG w_i = CFG++ lam=0.5 schedule", lambda sch: guidance.CFG(_cfgpp_scales(0.5, sch))),
+    ("CFG++ lam=1.0", lambda sch: guidance.CFGPlusPlus(1.0)),
+    ("CFG w_i = CFG++ lam=1.0 schedule", lambda sch: guidance.CFG(_cfgpp_scales(1.0, sch))),
 ]
+
+
+def _cfgpp_scales(lam: float, scheduler) -> list[float]:
+    """The per-step CFG scales that make DDIM *sampling* identical to CFG++ (so only the inversion differs)."""
+    return guidance.cfgpp_equivalent_scales(lam, guidance.scheduler_rhos(scheduler))
 
 
 def run_sampling(args, classifier) -> list[dict]:
@@ -76,8 +83,8 @@ def run_inversion(args) -> list[dict]:
     rows = []
     for steps in args.steps:
         for label, make in INVERSION:
-            rule = make()
             pipe.scheduler.set_timesteps(steps)
+            rule = make(pipe.scheduler)
             latent = guidance.ddim_invert(model_fn, images, pipe.scheduler, rule)
             back = pipe(labels.tolist(), steps, guidance=rule, latents=latent, output_type="latent").images
             rmse = (back - images).pow(2).mean().sqrt().item()
@@ -97,7 +104,8 @@ def markdown(sampling: list[dict], inversion: list[dict], real: dict) -> str:
             f"| {r['rule']} | {r['nfe']} | {100 * r['accuracy']:.1f}% | {r['fd']:.2f} | {r['mean_abs']:.3f} "
             f"| {100 * r['clipped']:.1f}% |"
         )
-    lines.append(f"| real test digits | | | {real['fd_floor']:.2f} (floor) | {real['mean_abs']:.3f} | 0% |")
+    floor = f"{real['fd_floor']:.2f} (floor)" if real["fd_floor"] is not None else ""
+    lines.append(f"| real test digits | | | {floor} | {real['mean_abs']:.3f} | 0% |")
     lines += ["", "| inversion + regeneration (DDIM) | steps | RMSE |", "| --- | --- | --- |"]
     for r in inversion:
         lines.append(f"| {r['rule']} | {r['steps']} | {r['rmse']:.4f} |")
@@ -113,13 +121,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
+    parser.add_argument("--only", choices=["sampling", "inversion"], default=None, help="run one part only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     classifier = load_default("digits-classifier")
-    sampling = run_sampling(args, classifier)
-    inversion = run_inversion(args)
+    sampling = run_sampling(args, classifier) if args.only != "inversion" else []
+    inversion = run_inversion(args) if args.only != "sampling" else []
     test_images, _ = load_digits_images(16, "test")
-    real = {"mean_abs": test_images.abs().mean().item(), "fd_floor": sampling[0]["fd_floor"]}
+    real = {"mean_abs": test_images.abs().mean().item(), "fd_floor": sampling[0]["fd_floor"] if sampling else None}
     table = markdown(sampling, inversion, real)
     print(table)
     if args.json:

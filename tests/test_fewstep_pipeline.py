@@ -170,3 +170,14 @@ def test_cli_generate_text_to_image_with_guidance(sd_path, tmp_path, capsys):
             "--sampler", "dpm-solver++", "--quiet", "--out", str(out)]  # fmt: skip
     assert main([*args, "--guidance", "apg", "--guidance-scale", "4"]) == 0 and out.is_file()
     assert "x2 (apg)" in capsys.readouterr().out
+
+
+def test_diffusers_scheduler_runs_raw_cfg_like_diffusers(sd):
+    """With the base pipeline's own (PNDM) scheduler, CFG + guidance_rescale runs on the raw output as diffusers."""
+    fp = FewstepPipeline.from_pipe(sd, guidance=guidance.CFG(5.0, guidance_rescale=0.7))
+    ours = fp("a digit", num_inference_steps=4, generator=_gen(), output_type="np").images
+    theirs = sd("a digit", num_inference_steps=4, guidance_scale=5.0, guidance_rescale=0.7, generator=_gen(),
+                output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    plain = sd("a digit", num_inference_steps=4, guidance_scale=5.0, generator=_gen(), output_type="np").images
+    assert not np.allclose(plain, theirs, atol=1e-4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .base import GuidanceRule, Pair, StepState
 from .inversion import ddim_invert
 from .rules import APG, CFG, CFGPlusPlus, apg_update, cfgpp_equivalent_scales, rescale_to_std, scheduler_rhos
-from .stepping import guided_step, step_state, supports_pairs
+from .stepping import guided_step, raw_cfg, step_state, supports_pairs
 
 __all__ = [
     "APG",
@@ -27,6 +27,7 @@ __all__ = [
     "guided_step",
     "make",
     "names",
+    "raw_cfg",
     "rescale_to_std",
     "scheduler_rhos",
     "step_state",

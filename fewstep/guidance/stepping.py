@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from .base import GuidanceRule, StepState
+from .rules import CFG, rescale_to_std
 
-__all__ = ["supports_pairs", "step_state", "guided_step"]
+__all__ = ["supports_pairs", "step_state", "guided_step", "raw_cfg"]
 
 
 def supports_pairs(scheduler: Any) -> bool:
@@ -59,3 +60,15 @@ def guided_step(
     uncond = scheduler.convert_model_output(out_uncond.to(dtype), x, index)
     x0, eps = rule(cond, uncond, step_state(scheduler, index))
     return scheduler.step_pair(x0, eps, timestep, sample).prev_sample
+
+
+def raw_cfg(rule: CFG, out_cond: torch.Tensor, out_uncond: torch.Tensor, index: int, num_steps: int) -> torch.Tensor:
+    """Plain CFG on raw model outputs, for schedulers without ``step_pair`` (diffusers' own): ``u + w (c - u)``
+    then diffusers' ``guidance_rescale`` on the raw output, exactly as diffusers' pipelines do."""
+    if not isinstance(rule, CFG):
+        raise ValueError(f"only plain CFG can run on raw outputs, got guidance {rule.name!r}")
+    w = rule.scale_at(StepState(index, num_steps, 1.0, 1.0))
+    out = out_uncond + w * (out_cond - out_uncond)
+    if rule.guidance_rescale > 0:
+        out = rescale_to_std(out, out_cond, rule.guidance_rescale)
+    return out

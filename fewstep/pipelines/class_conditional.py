@@ -142,10 +142,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             else:
                 if guided:  # plain CFG on the raw output (diffusers schedulers)
                     out_cond, out_uncond = out.chunk(2)
-                    w = rule.scale_at(guidance_rules.StepState(i, len(self.scheduler.timesteps), 1.0, 1.0))
-                    out = out_uncond + w * (out_cond - out_uncond)
-                    if rule.guidance_rescale > 0:
-                        out = guidance_rules.rescale_to_std(out, out_cond, rule.guidance_rescale)
+                    out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, len(self.scheduler.timesteps))
                 x = self.scheduler.step(out, t, x).prev_sample
             if check_finite:
                 bad = ~torch.isfinite(x).all()

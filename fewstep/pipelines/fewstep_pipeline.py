@@ -244,10 +244,7 @@ class FewstepPipeline:
                 if pairs:
                     x = guidance_rules.guided_step(scheduler, rule, out_cond, out_uncond, t, x, i)
                 else:  # plain CFG on the raw output of a diffusers scheduler, as diffusers' pipelines do
-                    w = rule.scale_at(guidance_rules.StepState(i, len(timesteps), 1.0, 1.0))
-                    out = out_uncond + w * (out_cond - out_uncond)
-                    if rule.guidance_rescale > 0:
-                        out = guidance_rules.rescale_to_std(out, out_cond, rule.guidance_rescale)
+                    out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, len(timesteps))
                     x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
             else:
                 x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
