@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 from fewstep import guidance, samplers
 from fewstep.cli import main
@@ -27,8 +27,11 @@ def unet():
     return _unet()
 
 
-def _pipe(unet, sampler="unipc"):
-    pipe = ClassConditionalPipeline(unet=unet, scheduler=samplers.get(sampler).from_config(DDPM))
+FLOW = dict(FlowMatchEulerDiscreteScheduler(shift=1.0).config)
+
+
+def _pipe(unet, sampler="unipc", config=DDPM):
+    pipe = ClassConditionalPipeline(unet=unet, scheduler=samplers.get(sampler).from_config(config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -37,9 +40,11 @@ def _latents():
     return torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
 @pytest.mark.parametrize("sampler", samplers.names())
-def test_every_rule_with_every_sampler(unet, sampler):
-    pipe = _pipe(unet, sampler)
+def test_every_rule_with_every_sampler(unet, sampler, schedule):
+    pipe = _pipe(unet, sampler, DDPM if schedule == "vp" else FLOW)
+    assert pipe.scheduler.is_flow == (schedule == "flow")
     outs = {}
     for name, scale in (("cfg", 4.0), ("cfg++", 0.8), ("apg", 4.0)):
         a, b = (
