@@ -1,4 +1,4 @@
-"""The ``fewstep`` command line: ``fewstep list``, ``fewstep generate`` and ``fewstep bench``.
+"""The ``fewstep`` command line: ``fewstep list``, ``generate``, ``bench`` and ``calibrate dc``.
 
 Usage errors (bad flags or values) print one line to stderr and exit with code 2; output files are
 written atomically, so a failed run leaves none behind.
@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+
+import numpy as np
 
 from . import __version__
 from . import samplers as sampler_registry
@@ -40,11 +42,10 @@ def _int_list(minimum: int, example: str):
 
 def _name_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in values if v not in sampler_registry.names()]
+    available = sampler_registry.names("diffusion")
+    unknown = [v for v in values if v not in available]
     if not values or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown sampler(s) {unknown or text!r}; available: {', '.join(sampler_registry.names())}"
-        )
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown or text!r}; available: {', '.join(available)}")
     return values
 
 
@@ -84,6 +85,27 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _sampler_option(text: str) -> tuple[str, object]:
+    """argparse type: ``KEY=VALUE``; VALUE is read as JSON (3.8, true, [1, 2]) and otherwise kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like momentum_order=3.8, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _options_dict(pairs: list[tuple[str, object]] | None) -> dict:
+    out: dict = {}
+    for key, value in pairs or []:
+        if key in out:
+            raise UsageError(f"--sampler-option {key} given twice")
+        out[key] = value
+    return out
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     width = max(len(n) for n in sampler_registry.names())
     for name in sampler_registry.names():
@@ -100,7 +122,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from . import guidance
 
     guidance.make(args.guidance, args.guidance_scale)  # validate the rule's parameters before loading a model
-    pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype)
+    options = _options_dict(args.sampler_option)
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" too
+    pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype, sampler_options=options)
+    measurement = None
+    if args.measurement is not None:
+        from .pipelines.generate import load_measurement
+
+        size = getattr(getattr(pipe, "unet", None), "config", None)
+        measurement = load_measurement(args.measurement, size.sample_size if size is not None else 16)
     result = generate(
         pipe,
         num_images=args.num_images,
@@ -111,14 +144,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         progress=not args.quiet,
         guidance=args.guidance,
+        measurement=measurement,
     )
-    grid = image_grid(result.images)
+    if result.measurements is not None:  # restoration: degraded inputs above their restorations
+        n = len(result.images)
+        columns = min(n, 10)
+        rows = []
+        for start in range(0, n, columns):
+            rows += [result.measurements[start:start + columns], result.images[start:start + columns]]
+        grid = image_grid(np.concatenate(rows), columns=columns)
+    else:
+        grid = image_grid(result.images)
     atomic_write(out, lambda p: grid.save(p, format="PNG"))
-    print(
-        f"wrote {out} ({len(result.images)} images, sampler {args.sampler}, NFE {result.nfe}"
-        f"{'' if args.guidance == 'cfg' and args.guidance_scale == 1.0 else f' x2 ({args.guidance})'}, "
-        f"{result.seconds:.2f} s)"
-    )
+    guided = not (args.guidance == "cfg" and args.guidance_scale == 1.0)
+    cfg_note = f" x2 ({args.guidance})" if guided and result.measurements is None else ""
+    kind = "restored images (top: degraded input)" if result.measurements is not None else "images"
+    print(f"wrote {out} ({len(result.images)} {kind}, sampler {args.sampler}, NFE {result.nfe}{cfg_note}, "
+          f"{result.seconds:.2f} s)")
     return 0
 
 
@@ -146,6 +188,88 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- calibrate
+def _float_list(text: str) -> list[float]:
+    """argparse type: comma-separated finite numbers >= 0 (guidance scales)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,3,7, got {text!r}") from None
+    if not values or any(not (v >= 0 and v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0 like 1,3,7, got {text!r}")
+    return values
+
+
+def _load_class_conditional(model: str):
+    from pathlib import Path
+
+    from .pipelines.defaults import DEFAULT_MODELS, load_default
+
+    if model in ("digits-eps",):
+        return load_default(model, sampler=None)
+    if model in DEFAULT_MODELS or not Path(model).is_dir():
+        raise UsageError(f"--model {model!r}: DC calibration needs digits-eps or a class-conditional pipeline dir")
+    from .pipelines.class_conditional import ClassConditionalPipeline
+
+    return ClassConditionalPipeline.from_pretrained(model)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate.dc import calibrate_class_conditional, parse_reference
+    from .solvers.dc_artifacts import fit_cpr, save_cpr, save_ratio_table
+
+    out = check_writable(args.out, "--out")
+    if args.cpr_out:
+        check_writable(args.cpr_out, "--cpr-out")
+    parse_reference(args.reference)
+    if args.cpr_out and len(args.nfe) * len(args.guidance_scale) < 2:
+        raise UsageError("--cpr-out needs ratios for at least 2 (NFE, CFG) pairs")
+    import torch
+
+    torch.manual_seed(args.seed)
+    pipe = _load_class_conditional(args.model)
+    overrides = {"dc_base": args.base, "dc_order": args.order, "dc_variable": args.variable}
+    entries, key = calibrate_class_conditional(
+        pipe, args.model, args.nfe, args.guidance_scale, datapoints=args.datapoints, seed=args.seed,
+        reference=args.reference, scheduler_overrides=overrides, iters=args.iters, lr=args.lr,
+        progress=not args.quiet, objective=args.objective,
+    )
+    save_ratio_table(out, entries, args.model, key, {"version": __version__})
+    for e in entries:
+        print(f"NFE {e.nfe:>2} CFG {e.guidance_scale:g}: ratios " + " ".join(f"{r:.3f}" for r in e.ratios))
+    print(f"wrote {out}")
+    if args.cpr_out:
+        cpr = fit_cpr(entries, order=args.order)
+        save_cpr(args.cpr_out, cpr, args.model, key)
+        print(f"wrote {args.cpr_out} (CPR fitted on NFE {cpr.nfe_range}, CFG {cpr.guidance_range})")
+    return 0
+
+
+def _add_calibrate_parser(sub) -> None:
+    p_cal = sub.add_parser("calibrate", help="offline calibration of samplers (DC-Solver ratios)")
+    cal_sub = p_cal.add_subparsers(dest="target", required=True, metavar="TARGET")
+    p_dc = cal_sub.add_parser("dc", help="search DC-Solver ratios against a many-step reference (+ CPR fit)")
+    p_dc.add_argument("--model", default="digits-eps", help="digits-eps or a class-conditional pipeline directory")
+    p_dc.add_argument("--nfe", type=_int_list(3, "5,6,8,10"), default=[5, 6, 8, 10], help="comma-separated NFEs")
+    p_dc.add_argument("--guidance-scale", type=_float_list, default=[1.0, 3.0, 7.0],
+                      help="comma-separated CFG scales (1 = unguided)")
+    p_dc.add_argument("--datapoints", type=_positive_int, default=10, help="seeded datapoints (default 10)")
+    p_dc.add_argument("--seed", type=int, default=0, help="seed of the datapoints' noise")
+    p_dc.add_argument("--reference", default="ddim:200",
+                      help="many-step reference METHOD:STEPS, METHOD ddim or dpm-solver++ (default ddim:200)")
+    p_dc.add_argument("--base", choices=["unipc", "ddim", "dpm-solver++"], default="unipc", help="base solver")
+    p_dc.add_argument("--order", type=int, choices=[1, 2, 3], default=2, help="interpolation order K")
+    p_dc.add_argument("--variable", choices=["t", "lambda", "sigma"], default="t", help="interpolation variable")
+    p_dc.add_argument("--iters", type=_positive_int, default=40, help="optimizer iterations per step")
+    p_dc.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
+    p_dc.add_argument("--objective", choices=["next", "final"], default="next",
+                      help="search loss: next point after the corrector (paper) or the trajectory's end point")
+    p_dc.add_argument("--out", required=True, help="ratio table to write (.safetensors)")
+    p_dc.add_argument("--cpr-out", default=None, help="also fit CPR on the searched ratios and write it here")
+    p_dc.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_dc.set_defaults(func=cmd_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
@@ -156,14 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_gen = sub.add_parser("generate", help="generate images with a fewstep sampler into a PNG grid")
     p_gen.add_argument("--model", default="digits-eps",
-                       help="embedded model (digits-eps, digits-flow), a local pipeline directory or a hub id")
+                       help="embedded model (digits-eps, digits-flow, digits-mr), a local pipeline directory "
+                            "or a hub id")
     p_gen.add_argument("--sampler", type=_sampler_name, default="unipc", help="registered sampler (fewstep list)")
+    p_gen.add_argument("--sampler-option", type=_sampler_option, action="append", metavar="KEY=VALUE",
+                       help="override a sampler config option, e.g. momentum_order=3.8 (repeatable)")
     p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
     p_gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p_gen.add_argument("--num-images", type=_positive_int, default=10, help="images to generate (default 10)")
     p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,7"), default=None,
                        help="comma-separated class ids for class-conditional models (default: cycle 0-9)")
     p_gen.add_argument("--prompt", default=None, help="text prompt for text-to-image pipelines")
+    p_gen.add_argument("--measurement", default=None, metavar="IMAGE",
+                       help="restoration models (digits-mr): degraded image file, 16x16 or a grid of 16x16 tiles "
+                            "(default: held-out test digits with a box erased)")
     p_gen.add_argument("--guidance", type=_guidance_name, default="cfg",
                        help="guidance rule: cfg, cfg++ (scale in [0, 1]) or apg (default cfg)")
     p_gen.add_argument("--guidance-scale", type=_finite_float, default=None,
@@ -186,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--json", default=None, help="also write the results as JSON to this path")
     p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
     p_bench.set_defaults(func=cmd_bench)
+
+    _add_calibrate_parser(sub)
     return parser
 
 

@@ -46,8 +46,8 @@ def test_frechet_distance_of_features_and_bad_input():
 def test_analytic_bench_error_falls_with_nfe_and_multistep_beats_ddim():
     rows, meta = run_analytic_bench(steps=[5, 10, 20], num_samples=500, progress=False)
     by = {(r.sampler, r.steps): r for r in rows}
-    assert {r.sampler for r in rows} == set(samplers.names())
-    for name in samplers.names():
+    assert {r.sampler for r in rows} == set(samplers.names("diffusion"))
+    for name in samplers.names("diffusion"):
         assert by[(name, 20)].rmse < by[(name, 10)].rmse < by[(name, 5)].rmse
         assert by[(name, 10)].nfe == 10
     for name in ("dpm-solver++", "unipc"):
@@ -78,7 +78,7 @@ def test_cli_bench_table_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| sampler | steps | NFE | RMSE to exact | FD to data |" in out
     payload = json.loads(path.read_text())
-    assert len(payload["rows"]) == 2 * len(samplers.names())
+    assert len(payload["rows"]) == 2 * len(samplers.names("diffusion"))
     assert {"sampler", "steps", "nfe", "rmse", "fd"} <= set(payload["rows"][0])
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temp file left
 

@@ -7,7 +7,7 @@ import torch
 
 from fewstep import samplers
 
-NAMES = samplers.names()
+NAMES = samplers.names("diffusion")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -33,7 +33,9 @@ def test_bad_config(name, kwargs, match):
     "name,kwargs,match",
     [
         ("dpm-solver++", {"solver_order": 4}, r"`solver_order` must be an integer in \[1, 3\], got 4"),
-        ("dpm-solver++", {"algorithm_type": "sde-dpmsolver++"}, r"`algorithm_type` must be one of"),
+        ("dpm-solver++", {"algorithm_type": "sde-dpmsolver+"}, r"`algorithm_type` must be one of"),
+        ("dpm-solver++", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+         r"`solver_order` must be an integer in \[1, 2\], got 3"),
         ("dpm-solver++", {"solver_type": "rk"}, r"`solver_type` must be one of \['midpoint', 'heun', 'taylor'\]"),
         ("unipc", {"solver_type": "bh3"}, r"`solver_type` must be one of \['bh1', 'bh2'\]"),
         ("unipc", {"disable_corrector": ["first"]}, r"`disable_corrector` must hold step indices"),

@@ -47,6 +47,8 @@ __all__ = [
     "default_mixture",
     "exact_endpoint",
     "exact_solution",
+    "mean_reverting_denoise",
+    "exact_mean_reverting_solution",
 ]
 
 #: Prediction types accepted by :class:`AnalyticModel` (aliases map to canonical names).
@@ -544,3 +546,62 @@ def exact_solution(
         )
     y_end = exact_endpoint(mixture, x / a_s, rho_start, rho_end, rtol=rtol, atol=atol)
     return (a_e * y_end).reshape(shape)
+
+
+def _check_mr(lam: float, a: float, name: str) -> tuple[float, float]:
+    lam, a = float(lam), float(a)
+    if not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"`lam` (the MR-SDE's stationary std) must be a finite number > 0, got {lam!r}")
+    if not 0.0 < a <= 1.0:
+        raise ValueError(f"`{name}` (the MR decay a_t = exp(-int theta)) must lie in (0, 1], got {a!r}")
+    return lam, a
+
+
+def mean_reverting_denoise(
+    mixture: GaussianMixture, x: Any, mu: Any, a: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``(E[x0 | x_t, mu], E[eps | x_t, mu])`` under the mean-reverting marginal (Li et al. 2025, eq. 4).
+
+    ``x_t = a x0 + (1 - a) mu + s eps`` with ``s = lam sqrt(1 - a^2)`` and ``x0 ~ mixture`` independent of
+    ``mu``: ``x_t - (1 - a) mu = a x0 + s eps`` is an ordinary ``(alpha, sigma) = (a, s)`` observation of ``x0``.
+    """
+    lam, a = _check_mr(lam, a, "a")
+    xx = mixture._check_points(x, "x")
+    mm = mixture._check_points(mu, "mu")
+    if mm.shape != xx.shape:
+        raise ValueError(f"`mu` must have the shape of `x` {tuple(xx.shape)}, got {tuple(mm.shape)}")
+    s = lam * math.sqrt(max(1.0 - a * a, 0.0))
+    return mixture.denoise(xx - (1.0 - a) * mm, a, s)
+
+
+def exact_mean_reverting_solution(
+    mixture: GaussianMixture,
+    x_start: Any,
+    mu: Any,
+    lam: float,
+    a_start: float,
+    a_end: float,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+) -> torch.Tensor:
+    """Exact endpoint of the mean-reverting PF-ODE ``dx/dt = theta (mu - x) + g^2/(2 s) eps_hat``.
+
+    With ``Y = (x - (1 - a) mu) / a`` and ``rho = s / a`` the MR PF-ODE becomes ``dY/drho = eps_hat`` -- the
+    same variance-exploding form as every other schedule (module docstring) -- so :func:`exact_endpoint`
+    integrates it; ``a_start < a_end`` (noisier start).
+    """
+    lam, a_s = _check_mr(lam, a_start, "a_start")
+    _, a_e = _check_mr(lam, a_end, "a_end")
+    if not a_s < a_e:
+        raise ValueError(f"the start must be noisier than the end: need a_start < a_end, got {a_s} and {a_e}")
+    flat, shape = _flatten_points(mixture, x_start, "x_start")
+    mm, _ = _flatten_points(mixture, mu, "mu")
+    if mm.shape != flat.shape:
+        raise ValueError(f"`mu` must have the shape of `x_start` {tuple(shape)}")
+
+    def rho(a: float) -> float:
+        return lam * math.sqrt(max(1.0 - a * a, 0.0)) / a
+
+    y = (flat - (1.0 - a_s) * mm) / a_s
+    y_end = exact_endpoint(mixture, y, rho(a_s), rho(a_e), rtol=rtol, atol=atol)
+    return (a_e * y_end + (1.0 - a_e) * mm).reshape(shape)

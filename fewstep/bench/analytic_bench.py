@@ -69,7 +69,8 @@ def run_analytic_bench(
     progress: bool = True,
 ) -> tuple[list[AnalyticRow], dict[str, Any]]:
     """Run every (sampler, steps) cell; returns the rows and the run's metadata (incl. the exact floor)."""
-    names = _check_list("samplers", samplers or sampler_registry.names(), sampler_registry.names())
+    available = sampler_registry.names("diffusion")
+    names = _check_list("samplers", samplers or available, available)
     steps = _check_list("steps", steps)
     for n in steps:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -172,4 +172,4 @@ class ClassConditionalPipeline(DiffusionPipeline):
 def _sampler_names() -> list[str]:
     from .. import samplers
 
-    return samplers.names()
+    return samplers.names("diffusion")

@@ -56,9 +56,9 @@ def load_default(
     pipeline_class = MeanRevertingPipeline if name == "digits-mr" else ClassConditionalPipeline
     pipe = pipeline_class.from_pretrained(path, **kwargs)
     if sampler is not None:
-        from .. import samplers
+        from .swap import swap_sampler
 
-        pipe.scheduler = samplers.get(sampler).from_config(pipe.scheduler.config)
+        swap_sampler(pipe, sampler)
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

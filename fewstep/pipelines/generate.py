@@ -14,12 +14,13 @@ from PIL import Image
 
 from .. import samplers
 from .defaults import DEFAULT_MODELS
+from .swap import swap_sampler
 
-__all__ = ["GenerationResult", "load_model", "generate", "image_grid", "DTYPES"]
+__all__ = ["GenerationResult", "load_model", "load_measurement", "generate", "image_grid", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: embedded models `fewstep generate` can sample from (digits-mr restores images, digits-classifier classifies)
-GENERATORS = ("digits-eps", "digits-flow")
+#: embedded models `fewstep generate` can run (digits-mr restores degraded digits; the classifier only classifies)
+GENERATORS = ("digits-eps", "digits-flow", "digits-mr")
 
 
 @dataclass
@@ -27,6 +28,39 @@ class GenerationResult:
     images: np.ndarray  # NHWC floats in [0, 1]
     nfe: int
     seconds: float
+    measurements: np.ndarray | None = None  # restoration models: the degraded inputs, NHWC in [0, 1]
+
+
+def load_measurement(path: str | Path, tile: int) -> torch.Tensor:
+    """Degraded images for a restoration model from an image file: grayscale, cut into ``tile x tile`` tiles
+    (row-major), returned NCHW in [-1, 1]. A single digit is a 16x16 image; a strip of them is several."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--measurement {str(path)!r}: no such file")
+    try:
+        with Image.open(p) as img:
+            gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except OSError as exc:
+        raise ValueError(f"--measurement {str(path)!r} is not a readable image: {exc}") from None
+    h, w = gray.shape
+    if h % tile or w % tile:
+        raise ValueError(
+            f"--measurement {str(path)!r} is {w}x{h} pixels; the model restores {tile}x{tile} images, so the "
+            f"file must be one {tile}x{tile} image or a grid of them (width and height multiples of {tile})"
+        )
+    tiles = gray.reshape(h // tile, tile, w // tile, tile).transpose(0, 2, 1, 3).reshape(-1, 1, tile, tile)
+    return torch.from_numpy(tiles.copy()) * 2 - 1
+
+
+def _held_out_measurements(num_images: int, size: int, seed: int) -> torch.Tensor:
+    """Held-out test digits with the ``digits-mr`` degradation (a 6x6 box erased), seeded."""
+    from ..datasets import load_digits_images
+    from .mean_reverting import box_inpainting
+
+    images, _ = load_digits_images(size, "test")
+    if num_images > images.shape[0]:
+        raise ValueError(f"`num_images` must be <= {images.shape[0]} (held-out digits), got {num_images}")
+    return box_inpainting(images[:num_images], generator=torch.Generator().manual_seed(seed))
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -41,20 +75,24 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_model(model: str, sampler: str, device: str = "auto", dtype: str = "float32"):
+def load_model(
+    model: str, sampler: str, device: str = "auto", dtype: str = "float32", sampler_options: dict | None = None
+):
     """A pipeline for ``model`` with ``sampler`` swapped in: an embedded name, a local pipeline directory,
-    or a hub id (needs the weights cached or a connection)."""
+    or a hub id (needs the weights cached or a connection). ``sampler_options`` override the sampler's
+    config (e.g. ``{"momentum_order": 3.8}`` for ``hb``); unknown names are an error."""
     from .defaults import load_default
 
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}")
     dev = _resolve_device(device)
-    sampler_cls = samplers.get(sampler)
+    samplers.get(sampler)  # an unknown name fails before anything is loaded
     torch_dtype = DTYPES[dtype]
     if model in DEFAULT_MODELS:
         if model not in GENERATORS:
             raise ValueError(f"`model` {model!r} is not an image generator; choose one of {', '.join(GENERATORS)}")
-        return load_default(model, sampler=sampler, device=dev, torch_dtype=torch_dtype)
+        pipe = load_default(model, sampler=None, device=dev, torch_dtype=torch_dtype)
+        return swap_sampler(pipe, sampler, **(sampler_options or {}))
     from diffusers import DiffusionPipeline
 
     path = Path(model)
@@ -72,8 +110,7 @@ def load_model(model: str, sampler: str, device: str = "auto", dtype: str = "flo
             f"could not load `model` {model!r}: {str(exc).splitlines()[0]} -- without a network connection "
             "a hub id only works when its weights are in the local Hugging Face cache"
         ) from None
-    pipe.scheduler = sampler_cls.from_config(pipe.scheduler.config)
-    return pipe.to(dev)
+    return swap_sampler(pipe, sampler, **(sampler_options or {})).to(dev)
 
 
 def generate(
@@ -86,14 +123,19 @@ def generate(
     guidance_scale: float | None = None,
     progress: bool = True,
     guidance: str = "cfg",
+    measurement: torch.Tensor | None = None,
 ) -> GenerationResult:
-    """Run the pipeline once; class-conditional pipelines take ``classes``, text-to-image ones ``prompt``.
+    """Run the pipeline once; class-conditional pipelines take ``classes``, text-to-image ones ``prompt``,
+    restoration (mean-reverting) ones ``measurement`` (NCHW in [-1, 1]; default: held-out test digits with
+    a box erased).
 
     ``guidance``: ``cfg``, ``cfg++`` or ``apg`` (``fewstep.guidance``) with ``guidance_scale`` (``None``: the
-    rule's default; CFG 3). Text-to-image pipelines support ``cfg`` only for now.
+    rule's default; CFG 3). SD 1.x/2.x and SDXL pipelines run in ``FewstepPipeline`` (any rule); other
+    text-to-image pipelines support ``cfg`` only.
     """
     from .. import guidance as guidance_rules
     from .class_conditional import ClassConditionalPipeline
+    from .mean_reverting import MeanRevertingPipeline
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
@@ -102,6 +144,18 @@ def generate(
     pipe.set_progress_bar_config(disable=not progress, desc="sampling")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     start = time.perf_counter()
+    if measurement is not None and not isinstance(pipe, MeanRevertingPipeline):
+        raise ValueError("`measurement` is for restoration (mean-reverting) models such as digits-mr")
+    if isinstance(pipe, MeanRevertingPipeline):
+        if classes or prompt is not None:
+            raise ValueError("a restoration model takes no --class/--prompt; pass --measurement IMAGE (or nothing)")
+        size = pipe.unet.config.sample_size
+        mu = measurement if measurement is not None else _held_out_measurements(num_images, size, seed)
+        restored = pipe(mu, num_inference_steps=steps, generator=generator, output_type="np").images
+        seconds = time.perf_counter() - start
+        degraded = ((mu.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        return GenerationResult(np.asarray(restored, dtype=np.float32), len(pipe.scheduler.timesteps), seconds,
+                                degraded)
     if isinstance(pipe, ClassConditionalPipeline):
         if prompt is not None:
             raise ValueError("`prompt` given to a class-conditional model; use --class with digits 0-9 instead")

@@ -2,8 +2,9 @@
 
 The model was trained on ``z = (x - mu) / lam`` (``mu`` the degraded image, ``lam`` the SDE's stationary
 std), which is a VP process (see ``fewstep.solvers.schedules.mean_reverting_alphas_cumprod``); any fewstep
-VP scheduler therefore samples it, starting from ``x_T = mu + lam * noise``. The UNet sees
-``concat(x_t, mu)`` and predicts the noise.
+VP scheduler therefore samples it in ``z``, starting from ``x_T = mu + lam * noise``, and so does a diffusers
+``DDPMScheduler`` (IR-SDE's posterior sampling is DDPM's ancestral step in ``z``). The MR sampler ``mrs``
+works on ``x`` itself and takes ``mu`` in its ``step``. The UNet sees ``concat(x_t, mu)`` and predicts the noise.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..datasets import to_unit_range
+from ..samplers.mrs import FewstepMRSScheduler
 
 __all__ = ["MeanRevertingPipeline", "box_inpainting"]
 
@@ -66,15 +68,25 @@ class MeanRevertingPipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be 'np' or 'pt', got {output_type!r}")
         device, dtype = self._execution_device, self.unet.dtype
         lam = float(self.config.stationary_std)
+        in_x = isinstance(self.scheduler, FewstepMRSScheduler)
+        if in_x and abs(self.scheduler.stationary_std - lam) > 1e-12 * lam:
+            raise ValueError(
+                f"the scheduler's `stationary_std` {self.scheduler.stationary_std} differs from the model's {lam}; "
+                "build it with swap_sampler(pipe, 'mrs') or pass stationary_std=pipe.config.stationary_std"
+            )
         mu = measurement.to(device=device, dtype=dtype)
         z = randn_tensor(mu.shape, generator=generator, device=device, dtype=dtype)
+        x = mu + lam * z  # the MR prior, x_T ~ N(mu, lam^2)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
-            x = mu + lam * z
             t_batch = t.reshape(1).to(device).expand(x.shape[0])
             eps = self.unet(torch.cat([x, mu], dim=1), t_batch).sample
-            z = self.scheduler.step(eps, t, z).prev_sample
-        images = to_unit_range((mu + lam * z).float())
+            if in_x:
+                x = self.scheduler.step(eps, t, x, mu=mu, generator=generator).prev_sample
+            else:
+                z = self.scheduler.step(eps, t, (x - mu) / lam, generator=generator).prev_sample
+                x = mu + lam * z
+        images = to_unit_range(x.float())
         result = images if output_type == "pt" else images.permute(0, 2, 3, 1).cpu().numpy()
         if not return_dict:
             return (result,)

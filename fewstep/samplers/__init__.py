@@ -6,9 +6,16 @@ diffusers pipeline with ``pipe.scheduler = get("unipc").from_config(pipe.schedul
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
 from .base import FewstepScheduler, FewstepSchedulerOutput
+from .dc_solver import FewstepDCSolverScheduler
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
+from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
+from .mrs import FewstepMRSScheduler
 from .unipc import FewstepUniPCScheduler
 
 __all__ = [
@@ -17,21 +24,44 @@ __all__ = [
     "FewstepDDIMScheduler",
     "FewstepDPMSolverScheduler",
     "FewstepUniPCScheduler",
+    "FewstepHeavyBallScheduler",
+    "FewstepGHVBScheduler",
+    "FewstepMRSScheduler",
+    "FewstepDCSolverScheduler",
+    "PROCESSES",
+    "process_of",
     "get",
     "names",
     "describe",
+    "options",
+    "from_config",
 ]
 
 _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "ddim": FewstepDDIMScheduler,
     "dpm-solver++": FewstepDPMSolverScheduler,
     "unipc": FewstepUniPCScheduler,
+    "hb": FewstepHeavyBallScheduler,
+    "ghvb": FewstepGHVBScheduler,
+    "mrs": FewstepMRSScheduler,
+    "dc-solver": FewstepDCSolverScheduler,
 }
 
+#: what a sampler integrates: ordinary diffusion/flow models, or mean-reverting (IR-SDE) restoration models,
+#: whose step also needs the degraded image ``mu``.
+PROCESSES = ("diffusion", "mean-reverting")
 
-def names() -> list[str]:
-    """Registered sampler names, in registration order."""
-    return list(_REGISTRY)
+
+def process_of(name: str) -> str:
+    """``"mean-reverting"`` for samplers of MR models (their ``step`` takes ``mu``), else ``"diffusion"``."""
+    return "mean-reverting" if get(name) is FewstepMRSScheduler else "diffusion"
+
+
+def names(process: str | None = None) -> list[str]:
+    """Registered sampler names, in registration order; ``process`` filters by :data:`PROCESSES`."""
+    if process is not None and process not in PROCESSES:
+        raise ValueError(f"`process` must be one of {list(PROCESSES)} or None, got {process!r}")
+    return [n for n in _REGISTRY if process is None or process_of(n) == process]
 
 
 def get(name: str) -> type[FewstepScheduler]:
@@ -45,3 +75,22 @@ def describe(name: str) -> str:
     """The one-line description of a sampler: the first line of its class docstring."""
     doc = get(name).__doc__ or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def options(name: str) -> list[str]:
+    """The config options (``__init__`` arguments) of the sampler registered under ``name``."""
+    params = inspect.signature(get(name).__init__).parameters
+    return [p for p in params if p != "self" and params[p].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+
+def from_config(name: str, config: Mapping[str, Any], **overrides: Any) -> FewstepScheduler:
+    """``get(name).from_config(config, **overrides)``, rejecting override names the sampler does not have.
+
+    diffusers' ``from_config`` silently drops unknown keys; a misspelt option (``momentum_ordr=3.8``)
+    would then sample with the default. Here it is an error that lists the valid options.
+    """
+    allowed = options(name)
+    unknown = sorted(k for k in overrides if k not in allowed)
+    if unknown:
+        raise ValueError(f"sampler {name!r} has no option(s) {unknown}; its options are: {', '.join(allowed)}")
+    return get(name).from_config(config, **overrides)

@@ -16,9 +16,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan
+from ..solvers.momentum import MomentumStep
 from ..solvers.parameterization import normalize_prediction_type, to_pair
 from ..solvers.schedules import FlowSchedule, FlowShift, NoiseSchedule, VPSchedule, is_flow_config
 
@@ -120,6 +122,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:  # pragma: no cover
         raise NotImplementedError
 
+    def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> list[MomentumStep | None] | None:
+        """Momentum around the engine's steps (heavy-ball schedulers); ``None``: plain steps."""
+        return None
+
     def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:
         cfg = self.config
         sched = self.noise_schedule
@@ -185,14 +191,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                     )
         grid = self._grid(num_inference_steps, timesteps, sigmas, mu)
         final_is_clean = bool(grid.sigmas[-1] == 0.0)
-        self.plan = compile_plan(grid, self._decisions(grid.num_steps, final_is_clean))
+        decisions = self._decisions(grid.num_steps, final_is_clean)
+        self.plan = compile_plan(grid, decisions)
+        self.plan.momentum = self._momentum(grid, decisions)
         self.num_inference_steps = grid.num_steps
         integral = np.all(grid.timesteps == np.round(grid.timesteps)) and not self.is_flow
         ts = torch.from_numpy(grid.timesteps.astype(np.int64 if integral else np.float32))
         self.timesteps = ts.to(device=device) if device is not None else ts
         self.sigmas = torch.from_numpy(grid.rhos if not self.is_flow else grid.sigmas).to(torch.float32)
         self._timestep_values = ts.tolist()  # as the pipeline will pass them back (int64 or float32)
-        self._state = EngineState(self.plan)
+        self._state = EngineState(self.plan)  # fresh buffer and momentum: nothing leaks between runs
         self._step_index = None
         self._begin_index = None
 
@@ -260,7 +268,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         dtype = _compute_dtype(sample.dtype)
         x = sample.to(dtype)
         x0, eps = self.convert_model_output(model_output.to(dtype), x, i)
-        return self._advance(i, x, x0, eps, sample.dtype, return_dict)
+        return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))
 
     def step_pair(
         self,
@@ -269,16 +277,27 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
         return_dict: bool = True,
+        generator: torch.Generator | None = None,
     ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
         """Like ``step`` but takes the ``(x0, eps)`` pair directly: guidance rules such as CFG++ hand the
         solver an inconsistent pair (guided ``x0``, unconditional ``eps``) through this entry point."""
         i = self._begin_step(timestep)
         dtype = _compute_dtype(sample.dtype)
+        x = sample.to(dtype)
         x0, eps = self._postprocess_pair(x0.to(dtype), eps.to(dtype))
-        return self._advance(i, sample.to(dtype), x0, eps, sample.dtype, return_dict)
+        return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))
 
-    def _advance(self, i, x, x0, eps, out_dtype, return_dict):
-        prev = self._state.advance(i, x, x0, eps).to(out_dtype)
+    def _step_noise(self, i: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Fresh standard normal noise for a stochastic (SDE) step, drawn from ``generator``; ``None`` for ODE steps.
+
+        Drawn in float32 on every stochastic step (also a final one whose noise weight is 0), as diffusers does,
+        so that one seeded generator gives the same trajectory with either library."""
+        if not self.plan.decisions[i].stochastic:
+            return None
+        return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+
+    def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None):
+        prev = self._state.advance(i, x, x0, eps, noise).to(out_dtype)
         self._step_index = i + 1
         if not return_dict:
             return (prev,)

@@ -11,7 +11,7 @@ from .base import FewstepScheduler
 
 __all__ = ["FewstepDPMSolverScheduler"]
 
-_ALGORITHMS = {"dpmsolver++": "data", "dpmsolver": "noise"}
+_ALGORITHMS = {"dpmsolver++": "data", "dpmsolver": "noise", "sde-dpmsolver++": "data", "sde-dpmsolver": "noise"}
 
 
 class FewstepDPMSolverScheduler(FewstepScheduler):
@@ -20,6 +20,8 @@ class FewstepDPMSolverScheduler(FewstepScheduler):
     Lu et al. (2022b), Algorithm 2 (multistep DPM-Solver++(2M)) and its third-order extension. With the
     default ``solver_type="midpoint"`` it reproduces diffusers' DPMSolverMultistepScheduler step for step;
     ``solver_type="taylor"`` uses the exact phi-function weights (full third order for ``solver_order=3``).
+    ``algorithm_type="sde-dpmsolver++"`` / ``"sde-dpmsolver"`` integrate the reverse SDE (orders 1-2; noise
+    from ``step(..., generator=)``), matching diffusers' SDE variants given the same noise.
     """
 
     flow_grid_style = "dpmsolver"
@@ -35,7 +37,7 @@ class FewstepDPMSolverScheduler(FewstepScheduler):
         solver_order: int = 2,
         prediction_type: str = "epsilon",
         thresholding: bool = False,
-        algorithm_type: Literal["dpmsolver++", "dpmsolver"] = "dpmsolver++",
+        algorithm_type: Literal["dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"] = "dpmsolver++",
         solver_type: Literal["midpoint", "heun", "taylor"] = "midpoint",
         lower_order_final: bool = True,
         euler_at_final: bool = False,
@@ -76,4 +78,5 @@ class FewstepDPMSolverScheduler(FewstepScheduler):
             lower_order_final=cfg.lower_order_final,
             euler_at_final=cfg.euler_at_final,
             final_is_clean=final_is_clean,
+            stochastic=cfg.algorithm_type.startswith("sde-"),
         )

@@ -21,6 +21,14 @@ with coefficients ``-c * hh * phi_{k+1}(hh)``, where ``hh = -h, c = alpha_t`` (d
 ``hh = h, c = sigma_t`` (noise); coefficient rules reproduce DPM-Solver++'s midpoint/heun choices and
 UniPC's ``B(h)`` (Zhao et al. 2023, eq. 8).
 
+**Stochastic steps** (``stochastic=True``; SDE-DPM-Solver(++), Lu et al. 2022b sec. 5 / Gonzalez et al.;
+the SDE updates of MRS, Li et al. 2025 sec. 4.2): the reverse SDE's exact linear part and noise integral,
+``x_t = L' (x_s - x_eval) + alpha_t x0 + c_eps eps + sum_j w_j (F_j - F_s) + c_z z`` with, for data
+prediction, ``L' = (sigma_t/sigma_s) e^{-h}``, ``c_eps = sigma_t e^{-h}``, ``c_z = sigma_t sqrt(1 - e^{-2h})`` and
+the derivative weights of a step of length ``2h``; for noise prediction ``c_eps = sigma_t (2 - e^h)``,
+``c_z = sigma_t sqrt(e^{2h} - 1)`` and twice the ODE's derivative weights. ``z`` is fresh standard noise
+the caller passes to ``advance``.
+
 **Corrector.** ``"unic"``: after the model is evaluated at the predicted ``x_t``, the same transition is
 redone with the new point among the derivative points (UniC of UniPC; the "pseudo" corrector of
 USF/DPM-Solver-v3), at no extra NFE. The buffered evaluation keeps the uncorrected ``x^eval``.
@@ -36,6 +44,7 @@ import numpy as np
 import torch
 
 from .grids import TimeGrid
+from .momentum import MomentumState, MomentumStep
 from .phi import hphi
 
 __all__ = [
@@ -54,7 +63,7 @@ __all__ = [
 ]
 
 PREDICTIONS = ("data", "noise")
-COEFFICIENT_RULES = ("taylor", "bh1", "bh2", "dpmsolver", "dpmsolver-heun")
+COEFFICIENT_RULES = ("taylor", "bh1", "bh2", "dpmsolver", "dpmsolver-heun", "euler-maruyama")
 CORRECTORS = ("none", "unic")
 
 
@@ -71,6 +80,9 @@ class StepDecision:
             DPM-Solver++ midpoint/heun second order and its third-order multistep weights).
         relaxation: linear relaxation ``c`` of the first-derivative term, scaled by ``1 + c h`` (USF).
         corrector: ``"none"`` or ``"unic"`` (correct this step's result after the next evaluation).
+        stochastic: integrate the reverse SDE instead of the probability-flow ODE (needs fresh noise per step).
+            ``coefficients="euler-maruyama"`` (order 1, noise prediction, stochastic) is the plain
+            Euler-Maruyama step of the reverse VP SDE, the baseline exponential integrators are compared with.
     """
 
     prediction: str = "data"
@@ -79,6 +91,7 @@ class StepDecision:
     coefficients: str = "taylor"
     relaxation: float = 0.0
     corrector: str = "none"
+    stochastic: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
@@ -89,6 +102,14 @@ class StepDecision:
             raise ValueError(f"`coefficients` must be one of {list(COEFFICIENT_RULES)}, got {self.coefficients!r}")
         if self.corrector not in CORRECTORS:
             raise ValueError(f"`corrector` must be one of {list(CORRECTORS)}, got {self.corrector!r}")
+        if not isinstance(self.stochastic, bool):
+            raise ValueError(f"`stochastic` must be a bool, got {self.stochastic!r}")
+        if self.stochastic and self.corrector != "none":
+            raise ValueError("a stochastic (SDE) step cannot have a corrector")
+        if self.coefficients == "euler-maruyama" and (
+            not self.stochastic or self.order != 1 or self.prediction != "noise"
+        ):
+            raise ValueError("`coefficients='euler-maruyama'` needs stochastic=True, order=1 and prediction='noise'")
         if not math.isfinite(self.relaxation):
             raise ValueError(f"`relaxation` must be finite, got {self.relaxation!r}")
         if self.points is not None:
@@ -119,6 +140,7 @@ class Transition:
     alpha_t: float
     sigma_t: float
     weights: tuple[tuple[int, float], ...]
+    noise: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +160,9 @@ class Plan:
     steps: list[CompiledStep]
     buffer_size: int
     extra: dict = field(default_factory=dict)
+    #: optional heavy-ball/GHVB momentum per transition ``i -> i+1`` (``None`` entries: plain step); the
+    #: transition is realised by step ``i``'s predictor, or by step ``i+1``'s corrector when one follows.
+    momentum: list[MomentumStep | None] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -182,7 +207,15 @@ def derivative_weights(
 
 
 def _transition(
-    grid: TimeGrid, s: int, t: int, prediction: str, points: Sequence[int], rule: str, relaxation: float, base: int
+    grid: TimeGrid,
+    s: int,
+    t: int,
+    prediction: str,
+    points: Sequence[int],
+    rule: str,
+    relaxation: float,
+    base: int,
+    stochastic: bool = False,
 ) -> Transition:
     """Compile the transition from grid point ``s`` to ``t`` using grid points ``points`` for derivatives.
 
@@ -191,10 +224,33 @@ def _transition(
     a_s, s_s, a_t, s_t = grid.alphas[s], grid.sigmas[s], grid.alphas[t], grid.sigmas[t]
     lam_s, lam_t = grid.lambdas[s], grid.lambdas[t]
     h = lam_t - lam_s
+    eps_coef, noise, weight_scale = s_t, 0.0, 1.0
     if prediction == "data":
         lin, hh, scale = s_t / s_s, -h, a_t
     else:
         lin, hh, scale = a_t / a_s, h, s_t
+    if stochastic and rule == "euler-maruyama":
+        # Reverse SDE dx = [f x + g^2 eps/sigma] dt + g dw with f dt = d(log alpha), g^2 |dt| = 2 sigma^2 d(lambda):
+        # x_t = (1 + dl) x_s - 2 sigma_s h eps + sigma_s sqrt(2h) z, evaluated at the start point.
+        if not math.isfinite(h):
+            raise ValueError(f"step {s}->{t} ends at sigma = 0: Euler-Maruyama needs a final sigma > 0")
+        dl = math.log(a_t / a_s)
+        lin = 1.0 + dl
+        eps_coef = lin * s_s - 2.0 * s_s * h
+        return Transition(prediction, base, lin, lin * a_s, eps_coef, (), s_s * math.sqrt(2.0 * h))
+    if stochastic:
+        if prediction == "data":
+            decay = math.exp(-h) if math.isfinite(h) else 0.0
+            lin, eps_coef = lin * decay, s_t * decay
+            noise = s_t * math.sqrt(-math.expm1(-2.0 * h)) if s_t > 0 else 0.0
+            hh = -2.0 * h
+        else:
+            if s_t > 0:
+                eps_coef = s_t * (2.0 - math.exp(h))
+                noise = s_t * math.sqrt(math.expm1(2.0 * h))
+            else:
+                eps_coef = 0.0
+            weight_scale = 2.0
     weights: tuple[tuple[int, float], ...] = ()
     if points and h != 0.0:  # a zero-length step (target == start) needs no derivative terms
         if not math.isfinite(h):
@@ -202,9 +258,9 @@ def _transition(
                 f"step {s}->{t} ends at sigma = 0: higher-order terms diverge there; use order 1 for this step"
             )
         r = [(grid.lambdas[j] - lam_s) / h for j in points]
-        w = derivative_weights(r, hh, scale, rule, 1.0 + relaxation * h)
+        w = weight_scale * derivative_weights(r, hh, scale, rule, 1.0 + relaxation * h)
         weights = tuple((base + s - j, float(wj)) for j, wj in zip(points, w))
-    return Transition(prediction, base, float(lin), float(a_t), float(s_t), weights)
+    return Transition(prediction, base, float(lin), float(a_t), float(eps_coef), weights, float(noise))
 
 
 def compile_plan(grid: TimeGrid, decisions: Sequence[StepDecision], extra_buffer: int = 0) -> Plan:
@@ -230,7 +286,9 @@ def compile_plan(grid: TimeGrid, decisions: Sequence[StepDecision], extra_buffer
             need = max(need, 1 + (max(prev.derivative_points) if prev.derivative_points else 0) + 1)
         if d.corrector == "unic" and i == n - 1:
             raise ValueError("the last step cannot have a corrector (there is no evaluation after it)")
-        predictor = _transition(grid, i, i + 1, d.prediction, [i - p for p in pts], d.coefficients, d.relaxation, 0)
+        predictor = _transition(
+            grid, i, i + 1, d.prediction, [i - p for p in pts], d.coefficients, d.relaxation, 0, d.stochastic
+        )
         need = max(need, 1 + (max(pts) if pts else 0))
         steps.append(CompiledStep(corrector, predictor))
     return Plan(grid, decisions, steps, need + extra_buffer)
@@ -248,8 +306,13 @@ class Evaluation:
         return self.x0 if kind == "data" else self.eps
 
 
-def apply_transition(tr: Transition, x_start: torch.Tensor, buffer: Sequence[Evaluation]) -> torch.Tensor:
-    """Evaluate a compiled transition; ``buffer[-1 - k]`` is offset ``k``. Tensor arithmetic only."""
+def apply_transition(
+    tr: Transition, x_start: torch.Tensor, buffer: Sequence[Evaluation], noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Evaluate a compiled transition; ``buffer[-1 - k]`` is offset ``k``. Tensor arithmetic only.
+
+    ``noise`` (standard normal, shape of the sample) is required by stochastic transitions (``tr.noise != 0``).
+    """
     base = buffer[-1 - tr.base]
     out = tr.alpha_t * base.x0 + tr.sigma_t * base.eps
     if tr.lin != 0.0:
@@ -261,6 +324,10 @@ def apply_transition(tr: Transition, x_start: torch.Tensor, buffer: Sequence[Eva
             out = out + w * buffer[-1 - offset].field(tr.kind)
             total += w
         out = out - total * f_base
+    if tr.noise != 0.0:
+        if noise is None:
+            raise ValueError("this step is stochastic (SDE): pass `noise`, a standard normal tensor like the sample")
+        out = out + tr.noise * noise
     return out
 
 
@@ -272,6 +339,9 @@ class EngineState:
 
     ``hooks`` run after the corrector and before the predictor of each step (``hook(state, i)``); they may
     rewrite ``state.buffer`` (DC-Solver) or ``state.sample`` (FlowChef). Create a new state per image batch.
+    With ``plan.momentum``, the transition that defines the trajectory (the corrector where there is one,
+    else the predictor) is wrapped by heavy-ball/GHVB momentum; a predictor that will be corrected only
+    provides the next evaluation point and runs plain.
     """
 
     def __init__(self, plan: Plan, hooks: Sequence[Hook] = ()):
@@ -280,9 +350,20 @@ class EngineState:
         self.last_sample: torch.Tensor | None = None
         self.sample: torch.Tensor | None = None
         self.hooks = list(hooks)
+        self.momentum = MomentumState() if plan.momentum is not None else None
 
-    def advance(self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Consume the evaluation at grid point ``i`` (taken at ``x_eval``) and return the sample at ``i+1``."""
+    def _momentum(self, transition: int, x_start: torch.Tensor, x_base: torch.Tensor) -> torch.Tensor:
+        if self.momentum is None:
+            return x_base
+        mstep = self.plan.momentum[transition]
+        return x_base if mstep is None else self.momentum.apply(mstep, x_start, x_base)
+
+    def advance(
+        self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Consume the evaluation at grid point ``i`` (taken at ``x_eval``) and return the sample at ``i+1``.
+
+        ``noise``: fresh standard normal noise for a stochastic step (ignored by ODE steps)."""
         step = self.plan.steps[i]
         self.buffer.append(Evaluation(x_eval, x0, eps))
         if len(self.buffer) > self.plan.buffer_size:
@@ -290,22 +371,37 @@ class EngineState:
         x = x_eval
         if step.corrector is not None and self.last_sample is not None:
             x = apply_transition(step.corrector, self.last_sample, self.buffer)
+            x = self._momentum(i - 1, self.last_sample, x)
         self.sample = x
         for hook in self.hooks:
             hook(self, i)
         x = self.sample
         self.last_sample = x
-        return apply_transition(step.predictor, x, self.buffer)
+        x_next = apply_transition(step.predictor, x, self.buffer, noise)
+        if self.plan.decisions[i].corrector == "none":
+            x_next = self._momentum(i, x, x_next)
+        return x_next
 
 
 PairFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def sample_loop(pair_fn: PairFn, x_start: torch.Tensor, plan: Plan, hooks: Sequence[Hook] = ()) -> torch.Tensor:
-    """Functional sampler: ``pair_fn(x, i) -> (x0, eps)`` evaluates the model at grid point ``i``."""
+def sample_loop(
+    pair_fn: PairFn,
+    x_start: torch.Tensor,
+    plan: Plan,
+    hooks: Sequence[Hook] = (),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Functional sampler: ``pair_fn(x, i) -> (x0, eps)`` evaluates the model at grid point ``i``.
+
+    Stochastic steps draw their noise from ``generator`` (on the sample's device)."""
     state = EngineState(plan, hooks)
     x = x_start
     for i in range(plan.num_steps):
         x0, eps = pair_fn(x, i)
-        x = state.advance(i, x, x0, eps)
+        noise = None
+        if plan.steps[i].predictor.noise != 0.0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = state.advance(i, x, x0, eps, noise)
     return x

@@ -6,6 +6,9 @@
 * UniPC (Zhao et al. 2023, Alg. 1-2): UniP-p predictor with ``B(h)`` variants bh1/bh2 plus the UniC
   corrector after every evaluation (except those listed in ``disable_corrector``).
 
+* PLMS / heavy ball / GHVB (Wizadwongsa et al. 2024): DDIM steps in noise form, wrapped by the
+  momentum of ``solvers.momentum``; ``momentum_active`` says which steps of a multistep base carry it.
+
 Each builder returns one ``StepDecision`` per step; ``compile_plan`` turns them into coefficients.
 """
 
@@ -15,7 +18,15 @@ from collections.abc import Iterable
 
 from .engine import StepDecision
 
-__all__ = ["ddim_decisions", "dpm_solver_decisions", "unipc_decisions", "DPM_SOLVER_TYPES", "UNIPC_TYPES"]
+__all__ = [
+    "ddim_decisions",
+    "dpm_solver_decisions",
+    "unipc_decisions",
+    "momentum_active",
+    "euler_maruyama_decisions",
+    "DPM_SOLVER_TYPES",
+    "UNIPC_TYPES",
+]
 
 DPM_SOLVER_TYPES = ("midpoint", "heun", "taylor")
 UNIPC_TYPES = ("bh1", "bh2")
@@ -40,6 +51,7 @@ def dpm_solver_decisions(
     lower_order_final: bool = True,
     euler_at_final: bool = False,
     final_is_clean: bool = True,
+    stochastic: bool = False,
 ) -> list[StepDecision]:
     """DPM-Solver++ (``prediction="data"``) / DPM-Solver (``"noise"``) multistep, as diffusers orders it.
 
@@ -47,8 +59,9 @@ def dpm_solver_decisions(
     sigma = 0, with ``euler_at_final``, or (``lower_order_final``) when there are fewer than 15 steps, in
     which case the second-to-last step is at most second order. ``solver_type``: ``midpoint``/``heun`` are
     diffusers' second-order variants; ``taylor`` uses exact phi-function weights at every order.
+    ``stochastic``: the SDE variants (diffusers' ``sde-dpmsolver++`` / ``sde-dpmsolver``, orders 1-2).
     """
-    order = _check_order(solver_order, 3)
+    order = _check_order(solver_order, 2 if stochastic else 3)
     if solver_type not in DPM_SOLVER_TYPES:
         raise ValueError(f"`solver_type` must be one of {list(DPM_SOLVER_TYPES)}, got {solver_type!r}")
     rule = {"midpoint": "dpmsolver", "heun": "dpmsolver-heun", "taylor": "taylor"}[solver_type]
@@ -60,7 +73,7 @@ def dpm_solver_decisions(
             p = 1
         elif i == num_steps - 2 and short:
             p = min(p, 2)
-        out.append(StepDecision(prediction=prediction, order=p, coefficients=rule))
+        out.append(StepDecision(prediction=prediction, order=p, coefficients=rule, stochastic=stochastic))
     return out
 
 
@@ -93,3 +106,19 @@ def unipc_decisions(
         corrector = "unic" if (i < num_steps - 1 and i not in disabled) else "none"
         out.append(StepDecision(prediction=prediction, order=p, coefficients=solver_type, corrector=corrector))
     return out
+
+
+def momentum_active(decisions: list[StepDecision]) -> list[bool]:
+    """Which transitions of an exponential-integrator multistep base carry heavy-ball momentum.
+
+    As in the paper's DPM-Solver++/UniPC variants, momentum wraps the multistep combination only: a
+    transition carries it when the update that defines the trajectory uses buffered derivative points --
+    every UniC-corrected step, and predictor-only steps of order >= 2. The first-order warm-up step and
+    the low-order final steps (``lower_order_final``, the step onto sigma = 0) run plain.
+    """
+    return [d.corrector == "unic" or d.order >= 2 for d in decisions]
+
+
+def euler_maruyama_decisions(num_steps: int) -> list[StepDecision]:
+    """Euler-Maruyama on the reverse VP SDE: the first-order, non-exponential baseline for SDE samplers."""
+    return [StepDecision(prediction="noise", order=1, coefficients="euler-maruyama", stochastic=True)] * num_steps

@@ -1,0 +1,54 @@
+"""Restoration metrics against a clean reference: PSNR and SSIM, per image, batched in torch.
+
+SSIM follows Wang et al. (2004, eq. 13) with scikit-image's defaults (``structural_similarity``): a
+uniform ``win_size x win_size`` window (7), ``K1 = 0.01``, ``K2 = 0.03``, sample (N - 1) covariances, and
+the mean over the window positions that fit inside the image (its border crop).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["psnr", "ssim"]
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError("`x` and `y` must be torch tensors (NCHW)")
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"`x` and `y` must be NCHW tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not data_range > 0:
+        raise ValueError(f"`data_range` must be > 0, got {data_range!r}")
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """``10 log10(data_range^2 / MSE)`` per image (``[N]``); identical images give ``inf``."""
+    _check_pair(x, y, data_range)
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7) -> torch.Tensor:
+    """Mean structural similarity per image (``[N]``, channels averaged)."""
+    _check_pair(x, y, data_range)
+    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 3 or win_size % 2 == 0:
+        raise ValueError(f"`win_size` must be an odd integer >= 3, got {win_size!r}")
+    if min(x.shape[-2:]) < win_size:
+        raise ValueError(f"images of size {tuple(x.shape[-2:])} are smaller than `win_size` {win_size}")
+    n, c = x.shape[:2]
+    a = x.double().reshape(n * c, 1, *x.shape[-2:])
+    b = y.double().reshape(n * c, 1, *y.shape[-2:])
+    kernel = torch.full((1, 1, win_size, win_size), 1.0 / win_size**2, dtype=torch.float64, device=a.device)
+    cov_norm = win_size**2 / (win_size**2 - 1)  # sample covariance
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel)  # "valid": only windows inside the image
+
+    ux, uy = mean(a), mean(b)
+    vx = cov_norm * (mean(a * a) - ux * ux)
+    vy = cov_norm * (mean(b * b) - uy * uy)
+    vxy = cov_norm * (mean(a * b) - ux * uy)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).reshape(n, c).mean(1)

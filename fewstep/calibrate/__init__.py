@@ -1,0 +1,1 @@
+"""Offline calibration of samplers: searches that produce artifacts (DC-Solver ratios and CPR fits)."""

@@ -1,0 +1,251 @@
+"""DC-Solver: dynamic compensation on UniPC (or predictor-only on DDIM / DPM-Solver++), on the unified engine."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from diffusers.configuration_utils import register_to_config
+
+from ..solvers.dc import DC_VARIABLES, DynamicCompensation, check_ratios, compile_dc, compile_dc_plan
+from ..solvers.dc_artifacts import CPRModel, load_cpr, load_ratios
+from ..solvers.engine import EngineState
+from ..solvers.methods import DPM_SOLVER_TYPES, UNIPC_TYPES, ddim_decisions, dpm_solver_decisions, unipc_decisions
+from .base import FewstepScheduler
+
+__all__ = ["FewstepDCSolverScheduler", "DC_BASES", "SHIPPED_DC_ARTIFACTS", "dc_scheduler_key", "shipped_artifact"]
+
+DC_BASES = ("unipc", "ddim", "dpm-solver++")
+_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "dc-solver"
+#: artifacts that ship with fewstep, usable by name in ``dc_ratios_file`` / ``dc_cpr``.
+SHIPPED_DC_ARTIFACTS = {
+    "digits-eps": {"ratios": _ASSETS / "digits-eps.ratios.safetensors", "cpr": _ASSETS / "digits-eps.cpr.safetensors"},
+}
+#: config fields the searched ratios depend on (noise schedule, time grid, base solver, DC settings).
+_KEY_FIELDS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "rescale_betas_zero_snr",
+    "timestep_spacing",
+    "steps_offset",
+    "final_sigmas_type",
+    "time_grid",
+    "use_karras_sigmas",
+    "dc_base",
+    "solver_order",
+    "solver_type",
+    "predict_x0",
+    "lower_order_final",
+    "disable_corrector",
+    "dc_order",
+    "dc_variable",
+)
+
+
+def dc_scheduler_key(config: Any) -> dict:
+    """The scheduler settings a ratio table or CPR fit is valid for (stored in, and checked against, artifacts)."""
+    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    key = {k: get(k, None) for k in _KEY_FIELDS}
+    if key["disable_corrector"] is not None:
+        key["disable_corrector"] = sorted(int(v) for v in key["disable_corrector"])
+    return key
+
+
+def shipped_artifact(name: str, kind: str) -> Path:
+    """Path of a shipped DC artifact: ``kind`` is ``"ratios"`` or ``"cpr"``, ``name`` e.g. ``"digits-eps"``."""
+    if name not in SHIPPED_DC_ARTIFACTS:
+        raise ValueError(f"no shipped DC-Solver artifacts for {name!r}; available: {', '.join(SHIPPED_DC_ARTIFACTS)}")
+    if kind not in ("ratios", "cpr"):
+        raise ValueError(f"`kind` must be 'ratios' or 'cpr', got {kind!r}")
+    return SHIPPED_DC_ARTIFACTS[name][kind]
+
+
+def _resolve(value: str, kind: str) -> Path:
+    return shipped_artifact(value, kind) if value in SHIPPED_DC_ARTIFACTS else Path(value)
+
+
+class FewstepDCSolverScheduler(FewstepScheduler):
+    """DC-Solver: UniPC with dynamic compensation of the buffered output (ratios, ratio file or CPR).
+
+    Zhao, Wang, Zhou & Lu (ECCV 2024), sec. 3.2-3.4. Before the predictor of step ``i`` the newest buffered
+    output is replaced by a Lagrange interpolation of the last ``dc_order + 1`` outputs at
+    ``tau_i = v_{i-1} + rho_i (v_i - v_{i-1})`` in ``dc_variable`` (``t``, ``lambda`` or ``sigma``); see
+    ``fewstep.solvers.dc``. ``dc_base`` picks the solver: ``unipc`` (predictor-corrector, the paper's main
+    setting) or the predictor-only plug-in for ``ddim`` / ``dpm-solver++``. With all ratios 1 it is exactly
+    its base solver.
+
+    The ratios come from exactly one of:
+
+    * ``dc_ratios``: one float per step (the first ``dc_order`` must be 1);
+    * ``dc_ratios_file``: a ratio table from ``fewstep calibrate dc`` (or ``"digits-eps"`` for the shipped
+      one); needs ``dc_model`` and ``dc_guidance_scale``, and must match them, the NFE and the scheduler;
+    * ``dc_cpr``: CPR coefficients (36 floats) or a CPR file (or ``"digits-eps"``); needs
+      ``dc_guidance_scale``; a file also needs and checks ``dc_model`` and warns outside its fitted range.
+
+    With none, all ratios are 1 (the base solver) and a warning says so (once per scheduler).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        predict_x0: bool = True,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: list[int] = [],  # noqa: B006 - diffusers' config default, never mutated
+        use_karras_sigmas: bool = False,
+        timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: Literal["zero", "sigma_min"] = "zero",
+        rescale_betas_zero_snr: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        time_grid: str = "spacing",
+        shift: float | None = None,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        dc_base: Literal["unipc", "ddim", "dpm-solver++"] = "unipc",
+        dc_order: int = 2,
+        dc_variable: Literal["t", "lambda", "sigma"] = "t",
+        dc_ratios: list[float] | None = None,
+        dc_ratios_file: str | None = None,
+        dc_cpr: list[float] | str | None = None,
+        dc_model: str | None = None,
+        dc_guidance_scale: float | None = None,
+    ):
+        if dc_base not in DC_BASES:
+            raise ValueError(f"`dc_base` must be one of {list(DC_BASES)}, got {dc_base!r}")
+        # diffusers maps other multistep schedulers' solver_type values; do the same for the chosen base.
+        if dc_base == "unipc" and solver_type not in UNIPC_TYPES:
+            self.register_to_config(solver_type="bh2")
+        elif dc_base == "dpm-solver++" and solver_type not in DPM_SOLVER_TYPES:
+            self.register_to_config(solver_type="midpoint")
+        if isinstance(dc_order, bool) or not isinstance(dc_order, int) or not 1 <= dc_order <= 3:
+            raise ValueError(f"`dc_order` must be an integer in [1, 3], got {dc_order!r}")
+        if dc_variable not in DC_VARIABLES:
+            raise ValueError(f"`dc_variable` must be one of {list(DC_VARIABLES)}, got {dc_variable!r}")
+        given = [
+            name
+            for name, v in (("dc_ratios", dc_ratios), ("dc_ratios_file", dc_ratios_file), ("dc_cpr", dc_cpr))
+            if v is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"pass only one of `dc_ratios`, `dc_ratios_file`, `dc_cpr`; got {given}")
+        if dc_guidance_scale is not None and (
+            isinstance(dc_guidance_scale, bool)
+            or not isinstance(dc_guidance_scale, (int, float))
+            or not math.isfinite(dc_guidance_scale)
+        ):
+            raise ValueError(f"`dc_guidance_scale` must be a finite number, got {dc_guidance_scale!r}")
+        if dc_ratios is not None:
+            # Validate now what can be checked without the number of steps (list of finite floats).
+            check_ratios(dc_ratios, len(dc_ratios) if hasattr(dc_ratios, "__len__") else -1, dc_order)
+            self.register_to_config(dc_ratios=[float(r) for r in dc_ratios])
+        if (dc_ratios_file is not None or isinstance(dc_cpr, str)) and dc_model is None:
+            raise ValueError("`dc_model` must name the model the ratios/CPR file was made for (e.g. 'digits-eps')")
+        if (dc_ratios_file is not None or dc_cpr is not None) and dc_guidance_scale is None:
+            raise ValueError(
+                "`dc_guidance_scale` must be given with `dc_ratios_file` or `dc_cpr` (ratios depend on it)"
+            )
+        self._cpr: CPRModel | None = None
+        if dc_cpr is not None:
+            if isinstance(dc_cpr, str):
+                self._cpr = load_cpr(_resolve(dc_cpr, "cpr"), dc_model, dc_scheduler_key(self.config))
+                if self._cpr.order != dc_order:
+                    raise ValueError(f"CPR file {dc_cpr!r} was fitted for dc_order {self._cpr.order}, not {dc_order}")
+            else:
+                self._cpr = CPRModel(list(dc_cpr), order=dc_order)
+        if dc_ratios_file is not None and not _resolve(dc_ratios_file, "ratios").is_file():
+            raise FileNotFoundError(f"`dc_ratios_file` {dc_ratios_file!r} does not exist")
+        self.dc_ratios_used: list[float] | None = None
+        self._warned_no_ratios = False
+        self._init_common()
+        self._decisions(1, True)
+
+    @property
+    def spacing_style(self) -> str:  # type: ignore[override]
+        return "ddim" if self.config.dc_base == "ddim" else "multistep"
+
+    @property
+    def flow_grid_style(self) -> str:  # type: ignore[override]
+        return {"ddim": "flowmatch", "dpm-solver++": "dpmsolver"}.get(self.config.dc_base, "multistep")
+
+    def _decisions(self, num_steps: int, final_is_clean: bool):
+        cfg = self.config
+        prediction = "data" if cfg.predict_x0 else "noise"
+        if cfg.dc_base == "ddim":
+            return ddim_decisions(num_steps, prediction)
+        if cfg.dc_base == "dpm-solver++":
+            return dpm_solver_decisions(
+                num_steps,
+                solver_order=cfg.solver_order,
+                prediction=prediction,
+                solver_type=cfg.solver_type,
+                lower_order_final=cfg.lower_order_final,
+                final_is_clean=final_is_clean,
+            )
+        return unipc_decisions(
+            num_steps,
+            solver_order=cfg.solver_order,
+            prediction=prediction,
+            solver_type=cfg.solver_type,
+            lower_order_final=cfg.lower_order_final,
+            disable_corrector=cfg.disable_corrector or (),
+            final_is_clean=final_is_clean,
+        )
+
+    def ratios_for(self, num_steps: int) -> list[float]:
+        """The ratios this scheduler uses for a ``num_steps``-step run (validated; see the class docstring)."""
+        cfg = self.config
+        if cfg.dc_ratios is not None:
+            return check_ratios(cfg.dc_ratios, num_steps, cfg.dc_order)
+        if cfg.dc_ratios_file is not None:
+            ratios = load_ratios(
+                _resolve(cfg.dc_ratios_file, "ratios"),
+                cfg.dc_model,
+                dc_scheduler_key(cfg),
+                num_steps,
+                cfg.dc_guidance_scale,
+            )
+            return check_ratios(ratios, num_steps, cfg.dc_order)
+        if self._cpr is not None:
+            return check_ratios(self._cpr.predict(num_steps, float(cfg.dc_guidance_scale)), num_steps, cfg.dc_order)
+        if self._warned_no_ratios:
+            return [1.0] * num_steps
+        self._warned_no_ratios = True
+        warnings.warn(
+            "dc-solver has no ratios (dc_ratios, dc_ratios_file or dc_cpr): all ratios are 1, i.e. plain "
+            f"{cfg.dc_base}",
+            UserWarning,
+            stacklevel=3,
+        )
+        return [1.0] * num_steps
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None) -> None:
+        """Build the grid and the base solver's plan, then compile the compensation table (host, float64)."""
+        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        cfg = self.config
+        plan = compile_dc_plan(self.plan.grid, self.plan.decisions, cfg.dc_order)
+        ratios = self.ratios_for(plan.num_steps)
+        table = compile_dc(plan, ratios, cfg.dc_order, cfg.dc_variable)
+        self.plan = plan
+        self.dc_ratios_used = ratios
+        self._state = EngineState(plan, [DynamicCompensation(table)])

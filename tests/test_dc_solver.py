@@ -1,0 +1,347 @@
+"""DC-Solver: compensation hook, scheduler parity at rho = 1, ratio search, artifacts, CPR and bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _helpers import REAL_CONFIGS, TinyDenoiser
+from diffusers import DDPMScheduler
+
+from fewstep import samplers
+from fewstep.cli import main
+from fewstep.samplers.dc_solver import dc_scheduler_key
+from fewstep.solvers import VPSchedule, grids
+from fewstep.solvers.dc import (
+    DynamicCompensation,
+    compile_dc,
+    compile_dc_plan,
+    dc_step,
+    interpolation_values,
+    lagrange_weights,
+)
+from fewstep.solvers.dc_artifacts import (
+    CPRModel,
+    RatioEntry,
+    cpr_features,
+    fit_cpr,
+    load_cpr,
+    load_ratio_table,
+    load_ratios,
+    save_cpr,
+    save_ratio_table,
+)
+from fewstep.solvers.engine import EngineState, Evaluation
+from fewstep.solvers.methods import unipc_decisions
+
+DC = samplers.get("dc-solver")
+
+
+def _loop(scheduler, steps: int, seed: int = 1) -> torch.Tensor:
+    model = TinyDenoiser(3 * 8 * 8)
+    scheduler.set_timesteps(steps)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    return x
+
+
+# ------------------------------------------------------------------------------------------ parity at rho = 1
+PARITY = [
+    ("unipc", {"solver_order": 2}),
+    ("unipc", {"solver_order": 3, "timestep_spacing": "trailing"}),
+    ("unipc", {"solver_order": 2, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    ("unipc", {"solver_order": 2, "predict_x0": False, "final_sigmas_type": "sigma_min"}),
+    ("unipc", {"solver_order": 2, "disable_corrector": [0, 2], "prediction_type": "v_prediction"}),
+    ("ddim", {"timestep_spacing": "leading", "steps_offset": 1, "clip_sample": True}),
+    ("dpm-solver++", {"solver_order": 2}),
+    ("dpm-solver++", {"solver_order": 3, "timestep_spacing": "trailing"}),
+]
+
+
+@pytest.mark.parametrize("steps", [5, 9])
+@pytest.mark.parametrize("base,kwargs", PARITY)
+def test_unit_ratios_reproduce_the_base_solver_exactly(base, kwargs, steps):
+    reference = _loop(samplers.get(base)(**kwargs), steps)
+    dc = DC(dc_base=base, dc_ratios=[1.0] * steps, **kwargs)
+    got = _loop(dc, steps)
+    assert torch.equal(got, reference)
+    assert dc.plan.buffer_size >= 3  # the K = 2 interpolation really ran (its weights are exactly 1, 0, 0)
+
+
+@pytest.mark.parametrize("base", ["unipc", "ddim", "dpm-solver++"])
+def test_other_ratios_change_the_result(base):
+    """Unlike a 'DC' whose compensation is commented out, rho != 1 must move the sample."""
+    reference = _loop(DC(dc_base=base, dc_ratios=[1.0] * 6), 6)
+    got = _loop(DC(dc_base=base, dc_ratios=[1, 1, 1.1, 1.1, 1.1, 1.1]), 6)
+    assert ((got - reference).norm() / reference.norm()).item() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd21"])
+def test_from_real_configs(name):
+    cfg = REAL_CONFIGS[name]
+    dc = DC.from_config(cfg, dc_ratios=[1, 1, 1.05, 1.02, 0.98, 1.0])
+    unipc = samplers.get("unipc").from_config(cfg)
+    dc.set_timesteps(6)
+    unipc.set_timesteps(6)
+    assert torch.equal(dc.timesteps, unipc.timesteps)
+    assert dc.dc_ratios_used == [1, 1, 1.05, 1.02, 0.98, 1.0]
+
+
+def test_config_round_trip_keeps_the_ratios(tmp_path):
+    dc = DC(dc_ratios=[1, 1, 1.1, 0.9, 1.2], dc_variable="lambda", dc_base="dpm-solver++")
+    dc.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert saved["dc_ratios"] == [1.0, 1.0, 1.1, 0.9, 1.2]
+    loaded = DC.from_pretrained(tmp_path)
+    assert torch.equal(_loop(loaded, 5), _loop(dc, 5))
+
+
+# ------------------------------------------------------------------------------------------ interpolation
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_lagrange_weights_are_exact_on_polynomials(order):
+    rng = np.random.default_rng(order)
+    nodes = [1.0, 0.0] + sorted((-rng.uniform(0.3, 3.0, size=order - 1)).tolist())
+    coeffs = rng.normal(size=order + 1)
+    poly = lambda u: sum(c * u**k for k, c in enumerate(coeffs))  # noqa: E731
+    for rho in (1.0, 0.7, 1.3, 2.0):
+        w = lagrange_weights(nodes, rho)
+        assert abs(sum(wk * poly(uk) for wk, uk in zip(w, nodes)) - poly(rho)) < 1e-10
+    assert lagrange_weights(nodes, 1.0) == [1.0] + [0.0] * order
+
+
+def test_weights_are_differentiable_in_rho_and_match_the_float_version():
+    nodes = [1.0, 0.0, -1.4]
+    rho = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
+    w = lagrange_weights(nodes, rho)
+    assert [float(v.detach()) for v in w] == pytest.approx(lagrange_weights(nodes, 1.2), abs=1e-15)
+    w[2].backward()
+    eps = 1e-6
+    fd = (lagrange_weights(nodes, 1.2 + eps)[2] - lagrange_weights(nodes, 1.2 - eps)[2]) / (2 * eps)
+    assert rho.grad.item() == pytest.approx(fd, rel=1e-7)
+
+
+@pytest.mark.parametrize("variable", ["t", "lambda", "sigma"])
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+def test_hook_interpolates_the_buffered_field_at_the_shifted_time(variable, prediction):
+    """Buffer fields that are quadratic in the interpolation variable are reproduced exactly at tau."""
+    grid = grids.spacing_grid(VPSchedule.from_config(DDPMScheduler().config), 8)
+    decisions = unipc_decisions(8, prediction=prediction)
+    plan = compile_dc_plan(grid, decisions, order=2)
+    v = interpolation_values(grid, variable)
+    scale = float(np.max(np.abs(v)))
+    base, lin, quad = (
+        torch.randn(3, 4, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in range(3)
+    )
+    field = lambda s: base + lin * (s / scale) + quad * (s / scale) ** 2  # noqa: E731
+    i, rho = 5, 1.3
+    state = EngineState(plan)
+    for j in range(i - 2, i + 1):
+        x_eval = torch.randn(3, 4, dtype=torch.float64)
+        f = field(v[j])
+        other = torch.randn(3, 4, dtype=torch.float64)
+        state.buffer.append(Evaluation(x_eval, f, other) if prediction == "data" else Evaluation(x_eval, other, f))
+    before = state.buffer[-1]
+    table = compile_dc(plan, [1, 1, 1, 1, 1, rho, 1, 1], order=2, variable=variable)
+    DynamicCompensation(table)(state, i)
+    after = state.buffer[-1]
+    tau = v[i - 1] + rho * (v[i] - v[i - 1])
+    torch.testing.assert_close(after.field(prediction), field(tau), rtol=1e-10, atol=1e-10)
+    a, s = grid.alphas[i], grid.sigmas[i]
+    torch.testing.assert_close(a * after.x0 + s * after.eps, a * before.x0 + s * before.eps, rtol=1e-12, atol=1e-12)
+    assert after.x_eval is before.x_eval
+
+
+# ------------------------------------------------------------------------------------------ search (analytic)
+def test_search_reduces_the_error_against_the_exact_solution():
+    from fewstep.bench.analytic import AnalyticModel, default_mixture, exact_solution
+    from fewstep.calibrate.dc import exact_reference_states, search_ratios
+
+    mixture = default_mixture(dim=4, seed=0)
+    cfg = dict(DDPMScheduler(timestep_spacing="trailing").config)
+    nfe = 5
+    sched = DC.from_config(cfg, dc_ratios=[1.0] * nfe)
+    sched.set_timesteps(nfe)
+    model = AnalyticModel(mixture, sched.noise_schedule)
+    x_train = torch.randn(10, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    targets = exact_reference_states(mixture, sched.noise_schedule, sched.plan.grid, x_train)
+    result = search_ratios(sched.plan, lambda x, t: model(x, t), "epsilon", x_train, targets, progress=False)
+    assert result.ratios[:2] == [1.0, 1.0] and result.ratios != [1.0] * nfe
+    assert all(dc <= base for dc, base in zip(result.step_loss_dc[2:], result.step_loss_base[2:]))
+
+    x_test = torch.randn(200, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = exact_solution(mixture, sched.noise_schedule, x_test, float(sched.plan.grid.timesteps[0]))
+
+    def mse(ratios):
+        s = DC.from_config(cfg, dc_ratios=ratios)
+        s.set_timesteps(nfe)
+        x = x_test
+        for t in s.timesteps:
+            x = s.step(model(x, t), t, x).prev_sample
+        return ((x - exact) ** 2).mean().item()
+
+    assert mse(result.ratios) < 0.8 * mse([1.0] * nfe)
+
+    final = search_ratios(
+        sched.plan, lambda x, t: model(x, t), "epsilon", x_train, targets, progress=False, objective="final", iters=10
+    )
+    assert mse(final.ratios) < mse([1.0] * nfe)
+    with pytest.raises(ValueError, match=r"`objective` must be one of \['next', 'final'\], got 'end'"):
+        search_ratios(sched.plan, lambda x, t: model(x, t), "epsilon", x_train, targets, objective="end")
+
+
+def test_fine_reference_grid_contains_the_coarse_points():
+    from fewstep.calibrate.dc import fine_grid
+
+    schedule = VPSchedule.from_config(DDPMScheduler().config)
+    coarse = grids.spacing_grid(schedule, 5, "trailing")
+    fine, index = fine_grid(schedule, coarse, 40)
+    for i, f in enumerate(index):
+        assert fine.alphas[f] == pytest.approx(coarse.alphas[i + 1], abs=1e-12)
+    assert fine.num_steps >= 40 and fine.sigmas[-1] == 0.0
+
+
+# ------------------------------------------------------------------------------------------ artifacts / CPR
+def _key(**over):
+    return dc_scheduler_key(DC(**over).config)
+
+
+def test_ratio_table_round_trip_and_scheduler_loading(tmp_path):
+    key = _key()
+    entries = [RatioEntry(5, 3.0, [1, 1, 1.1, 0.95, 1.2]), RatioEntry(6, 3.0, [1, 1, 1.1, 1.0, 0.9, 1.3])]
+    path = save_ratio_table(tmp_path / "r.safetensors", entries, "toy", key)
+    assert load_ratios(path, "toy", key, 6, 3.0) == [1, 1, 1.1, 1.0, 0.9, 1.3]
+    from_file = DC(dc_ratios_file=str(path), dc_model="toy", dc_guidance_scale=3.0)
+    explicit = DC(dc_ratios=[1, 1, 1.1, 0.95, 1.2])
+    assert torch.equal(_loop(from_file, 5), _loop(explicit, 5))
+
+    with pytest.raises(ValueError, match=r"no ratios for NFE 7 .* holds \(NFE 5, CFG 3\), \(NFE 6, CFG 3\)"):
+        from_file.set_timesteps(7)
+    with pytest.raises(ValueError, match="guidance scale 7"):
+        DC(dc_ratios_file=str(path), dc_model="toy", dc_guidance_scale=7.0).set_timesteps(5)
+    with pytest.raises(ValueError, match="for model 'toy', not 'digits-eps'"):
+        DC(dc_ratios_file=str(path), dc_model="digits-eps", dc_guidance_scale=3.0).set_timesteps(5)
+    with pytest.raises(ValueError, match="dc_variable: file 't' vs scheduler 'lambda'"):
+        DC(dc_ratios_file=str(path), dc_model="toy", dc_guidance_scale=3.0, dc_variable="lambda").set_timesteps(5)
+
+
+def test_cpr_recovers_a_cascade_polynomial_and_warns_outside_its_range(tmp_path):
+    truth = CPRModel(np.random.default_rng(0).normal(scale=0.05, size=36) + np.eye(36)[0])
+    entries = [RatioEntry(n, g, truth.predict(n, g, warn=False)) for n in (5, 6, 8, 10, 12) for g in (1.0, 3.0, 7.0)]
+    cpr = fit_cpr(entries, ridge=0.0)
+    assert cpr.predict(7, 5.0) == pytest.approx(truth.predict(7, 5.0, warn=False), abs=1e-8)
+    assert cpr.nfe_range == (5, 12) and cpr.guidance_range == (1.0, 7.0)
+    with pytest.warns(UserWarning, match=r"NFE 15, 3 above its fitted range \[5, 12\]"):
+        cpr.predict(15, 3.0)
+    with pytest.warns(UserWarning, match=r"guidance scale 0.5, 0.5 below"):
+        cpr.predict(6, 0.5)
+
+    key = _key()
+    path = save_cpr(tmp_path / "c.safetensors", cpr, "toy", key)
+    loaded = load_cpr(path, "toy", key)
+    assert loaded.predict(7, 5.0) == pytest.approx(cpr.predict(7, 5.0), abs=1e-12)
+    with pytest.raises(ValueError, match="not 'other'"):
+        load_cpr(path, "other", key)
+    sched = DC(dc_cpr=str(path), dc_model="toy", dc_guidance_scale=5.0)
+    sched.set_timesteps(7)
+    assert sched.dc_ratios_used == pytest.approx(cpr.predict(7, 5.0))
+    listed = DC(dc_cpr=cpr.coefficients.reshape(-1).tolist(), dc_guidance_scale=5.0)
+    listed.set_timesteps(7)
+    assert listed.dc_ratios_used == sched.dc_ratios_used
+    assert cpr_features(5, 3.0, 2).shape == (36,)
+
+
+def test_shipped_digits_artifacts_load_and_compensate():
+    from fewstep.pipelines.defaults import default_model_path
+
+    cfg = json.loads((default_model_path("digits-eps") / "scheduler" / "scheduler_config.json").read_text())
+    for source in ({"dc_ratios_file": "digits-eps"}, {"dc_cpr": "digits-eps"}):
+        sched = DC.from_config(cfg, dc_model="digits-eps", dc_guidance_scale=3.0, **source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # NFE 5 / CFG 3 lies inside the fitted range
+            sched.set_timesteps(5)
+        assert sched.dc_ratios_used[:2] == [1.0, 1.0] and sched.dc_ratios_used != [1.0] * 5
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kwargs,steps,match",
+    [
+        ({"dc_ratios": [1, 1, 1.1]}, 5, r"`ratios` has 3 entries but the sampler runs 5 steps"),
+        ({"dc_ratios": [1, 1.2, 1, 1, 1]}, 5, r"`ratios`\[1\] = 1.2: interpolation order K=2 needs K\+1=3 buffered"),
+        ({"dc_ratios": [1, 1, float("nan"), 1, 1]}, 5, "must be finite"),
+    ],
+)
+def test_bad_ratio_lists(kwargs, steps, match):
+    with pytest.raises(ValueError, match=match):
+        DC(**kwargs).set_timesteps(steps)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dc_base": "euler"}, r"`dc_base` must be one of \['unipc', 'ddim', 'dpm-solver\+\+'\], got 'euler'"),
+        ({"dc_variable": "rho"}, r"`dc_variable` must be one of \['t', 'lambda', 'sigma'\], got 'rho'"),
+        ({"dc_order": 4}, r"`dc_order` must be an integer in \[1, 3\], got 4"),
+        ({"dc_ratios": [1.0], "dc_cpr": [0.0] * 36}, "pass only one of"),
+        ({"dc_ratios_file": "x.safetensors", "dc_guidance_scale": 3.0}, "`dc_model` must name the model"),
+        ({"dc_cpr": "digits-eps", "dc_guidance_scale": 3.0}, "`dc_model` must name the model"),
+        ({"dc_cpr": [0.0] * 36}, "`dc_guidance_scale` must be given"),
+        ({"dc_cpr": [0.0] * 35, "dc_guidance_scale": 1.0}, "36 finite numbers"),
+        ({"dc_guidance_scale": float("inf")}, "`dc_guidance_scale` must be a finite number"),
+    ],
+)
+def test_bad_scheduler_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DC(**kwargs)
+
+
+def test_missing_artifact_and_too_few_buffered_points(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DC(dc_ratios_file=str(tmp_path / "none.safetensors"), dc_model="m", dc_guidance_scale=1.0)
+    grid = grids.spacing_grid(VPSchedule.from_config(DDPMScheduler().config), 6)
+    plan = compile_dc_plan(grid, unipc_decisions(6), order=2)
+    state = EngineState(plan)
+    state.buffer = [Evaluation(*(torch.zeros(2),) * 3)] * 2
+    hook = DynamicCompensation([None, None, None, dc_step(grid, plan.decisions[3], 3, 1.1)] + [None] * 2)
+    with pytest.raises(ValueError, match="order K=2 needs 3 buffered outputs, the buffer holds 2"):
+        hook(state, 3)
+    with pytest.raises(ValueError, match="`nodes` must be distinct"):
+        lagrange_weights([1.0, 0.0, 0.0], 1.1)
+
+
+def test_cli_calibrate_dc_end_to_end_and_usage_errors(tmp_path, capsys):
+    out, cpr = tmp_path / "r.safetensors", tmp_path / "c.safetensors"
+    argv = [
+        "calibrate",
+        "dc",
+        "--nfe",
+        "3,4",
+        "--guidance-scale",
+        "3",
+        "--datapoints",
+        "2",
+        "--iters",
+        "2",
+        "--reference",
+        "ddim:8",
+        "--out",
+        str(out),
+        "--cpr-out",
+        str(cpr),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    entries, info = load_ratio_table(out)
+    assert info["model"] == "digits-eps" and [(e.nfe, len(e.ratios)) for e in entries] == [(3, 3), (4, 4)]
+    assert load_cpr(cpr).fitted_on == [(3, 3.0), (4, 3.0)]
+    capsys.readouterr()
+    assert main(["calibrate", "dc", "--reference", "euler:5", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "`reference` must be 'exact' or METHOD:STEPS" in capsys.readouterr().err
+    assert main(["calibrate", "dc", "--out", str(tmp_path / "missing" / "x.safetensors")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "dc", "--nfe", "2", "--out", str(out)])
+    assert exc.value.code == 2

@@ -1,0 +1,54 @@
+"""PSNR/SSIM: closed-form cases, bad input, and parity with scikit-image where it is installed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fewstep.bench.image_metrics import psnr, ssim
+
+
+def _pair(seed=0, n=3, noise=0.1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 16, 16, generator=g, dtype=torch.float64)
+    return x, (x + noise * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+
+
+def test_psnr_closed_form_and_ssim_of_identical_images():
+    x = torch.zeros(2, 1, 8, 8)
+    y = x + 0.1  # MSE 0.01 -> 20 dB
+    torch.testing.assert_close(psnr(x, y), torch.full((2,), 20.0, dtype=torch.float64))
+    assert math.isinf(psnr(x, x)[0].item())
+    a, _ = _pair()
+    torch.testing.assert_close(ssim(a, a), torch.ones(3, dtype=torch.float64))
+
+
+def test_ssim_falls_with_noise():
+    x, y1 = _pair(noise=0.05)
+    _, y2 = _pair(noise=0.3)
+    assert (ssim(x, y1) > ssim(x, y2)).all() and (ssim(x, y2) < 0.9).all()
+
+
+def test_parity_with_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    x, y = _pair()
+    for i in range(3):
+        a, b = x[i, 0].numpy(), y[i, 0].numpy()
+        assert ssim(x, y)[i].item() == pytest.approx(metrics.structural_similarity(a, b, data_range=1.0), abs=1e-10)
+        assert psnr(x, y)[i].item() == pytest.approx(metrics.peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-10)
+
+
+def test_bad_input():
+    x = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="must be NCHW tensors of one shape"):
+        psnr(x, torch.zeros(2, 1, 8, 9))
+    with pytest.raises(ValueError, match="`data_range` must be > 0"):
+        ssim(x, x, data_range=0)
+    with pytest.raises(ValueError, match="`win_size` must be an odd integer >= 3, got 4"):
+        ssim(x, x, win_size=4)
+    with pytest.raises(ValueError, match="smaller than `win_size` 9"):
+        ssim(x, x, win_size=9)
+    with pytest.raises(TypeError, match="must be torch tensors"):
+        psnr(x.numpy(), x)
