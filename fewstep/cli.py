@@ -65,6 +65,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _guidance_name(text: str) -> str:
+    from . import guidance
+
+    try:
+        guidance.get(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return {"cfgpp": "cfg++"}.get(text, text)
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _sampler_option(text: str) -> tuple[str, object]:
     """argparse type: ``KEY=VALUE``; VALUE is read as JSON (3.8, true, [1, 2]) and otherwise kept as a string."""
     key, sep, value = text.partition("=")
@@ -99,6 +119,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
+    from . import guidance
+
+    guidance.make(args.guidance, args.guidance_scale)  # validate the rule's parameters before loading a model
     options = _options_dict(args.sampler_option)
     if args.sampler == "dc-solver" and ("dc_ratios_file" in options or "dc_cpr" in options):
         # DC ratios are keyed by the guidance scale and the model: default them to this run's.
@@ -124,6 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         guidance_scale=args.guidance_scale,
         progress=not args.quiet,
+        guidance=args.guidance,
         measurement=measurement,
     )
     if result.measurements is not None:  # restoration: degraded inputs above their restorations
@@ -136,7 +160,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         grid = image_grid(result.images)
     atomic_write(out, lambda p: grid.save(p, format="PNG"))
-    cfg_note = " x2 (CFG)" if args.guidance_scale != 1.0 and result.measurements is None else ""
+    guided = not (args.guidance == "cfg" and args.guidance_scale == 1.0)
+    cfg_note = f" x2 ({args.guidance})" if guided and result.measurements is None else ""
     kind = "restored images (top: degraded input)" if result.measurements is not None else "images"
     print(f"wrote {out} ({len(result.images)} {kind}, sampler {args.sampler}, NFE {result.nfe}{cfg_note}, "
           f"{result.seconds:.2f} s)")
@@ -273,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--measurement", default=None, metavar="IMAGE",
                        help="restoration models (digits-mr): degraded image file, 16x16 or a grid of 16x16 tiles "
                             "(default: held-out test digits with a box erased)")
-    p_gen.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    p_gen.add_argument("--guidance", type=_guidance_name, default="cfg",
+                       help="guidance rule: cfg, cfg++ (scale in [0, 1]) or apg (default cfg)")
+    p_gen.add_argument("--guidance-scale", type=_finite_float, default=None,
+                       help="scale of the guidance rule (default: cfg 3, cfg++ 0.6, apg 7.5)")
     p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p_gen.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")

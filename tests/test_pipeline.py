@@ -74,7 +74,7 @@ def test_output_types_and_guidance_branches(saved_pipeline):
         ({"class_labels": []}, r"`class_labels` must be a non-empty list"),
         ({"class_labels": [1], "num_inference_steps": 0}, r"`num_inference_steps` must be an integer >= 1"),
         ({"class_labels": [1], "guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number >= 0"),
-        ({"class_labels": [1], "output_type": "latent"}, r"`output_type` must be one of \['np', 'pil', 'pt'\]"),
+        ({"class_labels": [1], "output_type": "jpg"}, r"`output_type` must be one of \['np', 'pil', 'pt', 'latent'\]"),
         ({"class_labels": [1], "latents": torch.zeros(2, 1, 8, 8)}, r"`latents` must have shape \(1, 1, 8, 8\)"),
     ],
 )

@@ -29,7 +29,11 @@ class DigitsQuality:
     num_samples: int
     steps: int
     nfe: int
-    guidance_scale: float
+    guidance_scale: float | None
+    guidance: str = "cfg"
+    #: saturation of the final samples (model space, data in [-1, 1]): mean |x| and share of pixels |x| > 1
+    mean_abs: float | None = None
+    clipped: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,12 +62,22 @@ def evaluate_digits(
     classifier,
     num_per_class: int = 100,
     steps: int = 20,
-    guidance_scale: float = 3.0,
+    guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 250,
     progress: bool = True,
+    guidance=None,
 ) -> DigitsQuality:
-    """Generate ``num_per_class`` samples of every class and score them (see the module docstring)."""
+    """Generate ``num_per_class`` samples of every class and score them (see the module docstring).
+
+    ``guidance``: a rule name (built with ``guidance_scale``, or the rule's default scale) or a
+    ``fewstep.guidance`` rule object (leave ``guidance_scale`` unset); ``None`` is CFG, scale 3 by default.
+    """
+    from .. import guidance as guidance_rules
+
+    if guidance is None:
+        guidance, guidance_scale = "cfg", 3.0 if guidance_scale is None else guidance_scale
+    rule = guidance_rules.make(guidance, guidance_scale)
     if num_per_class < 2 or steps < 1 or batch_size < 1:
         raise ValueError(
             f"need num_per_class >= 2, steps >= 1, batch_size >= 1; got {num_per_class}, {steps}, {batch_size}"
@@ -71,12 +85,18 @@ def evaluate_digits(
     labels = [c for c in range(NUM_CLASSES) for _ in range(num_per_class)]
     cfg = pipe.unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    images = []
+    images, mean_abs, clipped = [], 0.0, 0.0
     for start in tqdm(range(0, len(labels), batch_size), desc="digits eval", disable=not progress):
         batch = labels[start:start + batch_size]
         noise = per_sample_noise(shape, [seed + start + k for k in range(len(batch))])
-        out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise, output_type="pt")
-        images.append(out.images.cpu())
+        out = pipe(
+            batch, num_inference_steps=steps, guidance=rule, latents=noise,
+            output_type="latent",
+        )
+        x = out.images.float().cpu()
+        mean_abs += x.abs().mean(dim=(1, 2, 3)).sum().item()
+        clipped += (x.abs() > 1).float().mean(dim=(1, 2, 3)).sum().item()
+        images.append(to_unit_range(x))
     images = torch.cat(images)
     feats, logits = classifier_features(classifier, images)
     accuracy = (logits.argmax(1).cpu() == torch.tensor(labels)).float().mean().item()
@@ -86,4 +106,7 @@ def evaluate_digits(
     train_feats, _ = classifier_features(classifier, to_unit_range(train_images))
     fd = frechet_distance_features(feats.cpu(), test_feats.cpu())
     floor = frechet_distance_features(train_feats.cpu(), test_feats.cpu())
-    return DigitsQuality(accuracy, fd, floor, len(labels), steps, len(pipe.scheduler.timesteps), guidance_scale)
+    n, scale = len(labels), getattr(rule, "guidance_scale", None)
+    return DigitsQuality(
+        accuracy, fd, floor, n, steps, len(pipe.scheduler.timesteps), scale, rule.name, mean_abs / n, clipped / n
+    )

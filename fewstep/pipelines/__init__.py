@@ -8,6 +8,7 @@ models' directories too (no ``custom_pipeline``/``trust_remote_code`` needed).
 
 from .class_conditional import ClassConditionalPipeline
 from .defaults import DEFAULT_MODELS, default_model_path, load_default
+from .fewstep_pipeline import FewstepPipeline
 from .mean_reverting import MeanRevertingPipeline, box_inpainting
 
 
@@ -25,6 +26,7 @@ _register_with_diffusers()
 __all__ = [
     "ClassConditionalPipeline",
     "DEFAULT_MODELS",
+    "FewstepPipeline",
     "MeanRevertingPipeline",
     "box_inpainting",
     "default_model_path",

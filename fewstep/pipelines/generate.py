@@ -120,13 +120,20 @@ def generate(
     seed: int = 0,
     classes: list[int] | None = None,
     prompt: str | None = None,
-    guidance_scale: float = 3.0,
+    guidance_scale: float | None = None,
     progress: bool = True,
+    guidance: str = "cfg",
     measurement: torch.Tensor | None = None,
 ) -> GenerationResult:
     """Run the pipeline once; class-conditional pipelines take ``classes``, text-to-image ones ``prompt``,
     restoration (mean-reverting) ones ``measurement`` (NCHW in [-1, 1]; default: held-out test digits with
-    a box erased)."""
+    a box erased).
+
+    ``guidance``: ``cfg``, ``cfg++`` or ``apg`` (``fewstep.guidance``) with ``guidance_scale`` (``None``: the
+    rule's default; CFG 3). SD 1.x/2.x and SDXL pipelines run in ``FewstepPipeline`` (any rule); other
+    text-to-image pipelines support ``cfg`` only.
+    """
+    from .. import guidance as guidance_rules
     from .class_conditional import ClassConditionalPipeline
     from .mean_reverting import MeanRevertingPipeline
 
@@ -154,13 +161,24 @@ def generate(
             raise ValueError("`prompt` given to a class-conditional model; use --class with digits 0-9 instead")
         pool = classes if classes else list(range(pipe.num_classes))
         labels = [pool[i % len(pool)] for i in range(num_images)]
-        images = pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                      output_type="np").images
+        rule = guidance_rules.make(guidance, guidance_scale)
+        images = pipe(labels, num_inference_steps=steps, guidance=rule, generator=generator, output_type="np").images
     else:
         if classes:
             raise ValueError("`classes` given to a text-to-image pipeline; use --prompt instead")
         if not prompt:
             raise ValueError("this pipeline is text-to-image: pass --prompt")
+        from .fewstep_pipeline import FewstepPipeline
+
+        if guidance_scale is None and guidance_rules.get(guidance) is guidance_rules.CFG:
+            guidance_scale = 3.0
+        if FewstepPipeline.supports(pipe):  # fewstep's loop: any guidance rule
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=guidance, guidance_scale=guidance_scale)
+        elif guidance_rules.get(guidance) is not guidance_rules.CFG:
+            raise ValueError(
+                f"`guidance` {guidance!r} needs an SD 1.x/2.x or SDXL pipeline (FewstepPipeline) or an embedded "
+                f"digits model; {type(pipe).__name__} supports cfg only"
+            )
         images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                       generator=generator, num_images_per_prompt=num_images, output_type="np").images
     seconds = time.perf_counter() - start

@@ -1,0 +1,123 @@
+"""The guidance-rule interface: conditional and unconditional ``(x0, eps)`` pairs in, one pair out.
+
+DESIGN contract 2: every model evaluation is converted at the boundary into a pair ``(x0, eps)`` with
+``x_t = alpha x0 + sigma eps``. A guidance rule combines the conditional pair ``(x0_c, eps_c)`` and the
+unconditional pair ``(x0_u, eps_u)`` taken at the same ``x_t`` into the pair the solver consumes
+(``scheduler.step_pair``). CFG and APG return a consistent pair; CFG++ deliberately does not (guided ``x0``
+for the data term, unconditional ``eps`` for the renoise term).
+
+Per-step code does tensor arithmetic only: the step state holds Python floats computed on the host
+before sampling, so no rule reads a tensor back (no ``.item()``, no branch on tensor values).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+__all__ = ["Pair", "StepState", "GuidanceRule", "check_number"]
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepState:
+    """Where the solver is: evaluation ``index`` of ``num_steps`` at ``x_t = alpha x0 + sigma eps``.
+
+    ``alpha`` and ``sigma`` are host floats (``sigma > 0`` at every evaluation point).
+    """
+
+    index: int
+    num_steps: int
+    alpha: float
+    sigma: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
+            raise ValueError(f"`index` must be an integer >= 0, got {self.index!r}")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps <= self.index:
+            raise ValueError(f"`num_steps` must be an integer > index ({self.index}), got {self.num_steps!r}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"`alpha` must be a finite number >= 0, got {self.alpha!r}")
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"`sigma` must be a finite number > 0, got {self.sigma!r}")
+
+
+def check_number(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    allowed: str | None = None,
+) -> float:
+    """``float(value)`` if it is a finite real number in the range, else a ``ValueError`` naming it."""
+    bounds = allowed or (
+        ("(" if low_open else "[")
+        + ("-inf" if low is None else f"{low:g}")
+        + ", "
+        + ("inf" if high is None else f"{high:g}")
+        + "]"
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number in {bounds}, got {value!r}")
+    v = float(value)
+    if (low is not None and (v < low or (low_open and v == low))) or (high is not None and v > high):
+        raise ValueError(f"`{name}` must be in {bounds}, got {value!r}")
+    return v
+
+
+def _check_pair(name: str, pair: object) -> Pair:
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, torch.Tensor) for p in pair)):
+        raise TypeError(f"`{name}` must be an (x0, eps) pair of tensors, got {type(pair).__name__}")
+    x0, eps = pair
+    if x0.shape != eps.shape:
+        raise ValueError(f"`{name}`: x0 and eps shapes differ: {tuple(x0.shape)} vs {tuple(eps.shape)}")
+    return x0, eps
+
+
+class GuidanceRule:
+    """Base class of guidance rules; subclasses implement ``combine``.
+
+    Call the rule as ``rule(cond, uncond, state)``; call ``reset()`` before each generation (rules with
+    state across steps, e.g. APG's momentum, also reset themselves at step index 0).
+
+    ``consistent`` says whether the returned pair satisfies ``x_t = alpha x0 + sigma eps`` whenever the
+    inputs do; a rule that is not (CFG++) needs a solver that takes the pair (``step_pair``).
+    """
+
+    name: ClassVar[str] = ""
+    consistent: ClassVar[bool] = True
+    #: whether the rule reads the unconditional prediction (a host-side flag, fixed per generation)
+    needs_uncond: bool = True
+
+    def reset(self) -> None:
+        """Forget state carried across steps (start of a new generation)."""
+
+    def combine(self, cond: Pair, uncond: Pair, state: StepState) -> Pair:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, cond: Pair, uncond: Pair, state: StepState) -> Pair:
+        cond = _check_pair("cond", cond)
+        uncond = _check_pair("uncond", uncond)
+        if cond[0].shape != uncond[0].shape:
+            raise ValueError(
+                f"conditional and unconditional predictions must have the same shape (batch included); got "
+                f"{tuple(cond[0].shape)} and {tuple(uncond[0].shape)}"
+            )
+        if not isinstance(state, StepState):
+            raise TypeError(f"`state` must be a StepState, got {type(state).__name__}")
+        if state.index == 0:
+            self.reset()
+        return self.combine(cond, uncond, state)
+
+    def config(self) -> dict:
+        """The rule's parameters (for reports and ``repr``)."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"

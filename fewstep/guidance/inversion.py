@@ -1,0 +1,57 @@
+"""Guided DDIM inversion (clean image -> the latent that DDIM sampling maps back to it), CFG or CFG++.
+
+DDIM inversion (Song et al. 2021; Mokady et al. 2023) runs the deterministic DDIM step backwards on the
+same grid: from level ``k+1`` (less noise) to level ``k``, with the model evaluated at the current sample
+and the timestep of level ``k`` (the usual shortcut, as in diffusers' ``DDIMInverseScheduler``)::
+
+    x0_hat = (x - sigma_{k+1} eps_den) / alpha_{k+1},   x_k = alpha_k x0_hat + sigma_k eps_ren
+
+CFG uses the guided noise for both (``eps_den = eps_ren = eps_u + w (eps_c - eps_u)``). CFG++ inversion
+(Chung et al. 2025, sec. 3.3, the mirror image of its sampler) denoises with the unconditional noise and
+renoises with the guided one (``eps_den = eps_u``, ``eps_ren = eps_lam``). In terms of a rule's pair
+``(x0_r, eps_r)`` evaluated at level ``k``: ``eps_den = eps_r`` and ``eps_ren = (x - alpha_k x0_r)/sigma_k``,
+which gives both cases. Its error per step is scaled by ``lam <= 1`` instead of ``w > 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .base import GuidanceRule, StepState
+from .stepping import supports_pairs
+
+__all__ = ["ddim_invert"]
+
+ModelFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: GuidanceRule) -> torch.Tensor:
+    """Invert clean ``images`` to the first grid level of ``scheduler`` (a fewstep scheduler after
+    ``set_timesteps``; DDIM sampling on the same grid with the same rule maps the result back).
+
+    ``model_fn(x, t) -> (out_cond, out_uncond)`` returns the raw conditional and unconditional outputs.
+    """
+    if not supports_pairs(scheduler) or scheduler.plan is None:
+        raise ValueError(f"`scheduler` must be a fewstep scheduler after set_timesteps, got {type(scheduler).__name__}")
+    if not isinstance(rule, GuidanceRule):
+        raise TypeError(f"`rule` must be a GuidanceRule, got {type(rule).__name__}")
+    grid = scheduler.plan.grid
+    n = grid.num_steps
+    timesteps = list(scheduler.timesteps)
+    x = images
+    rule.reset()
+    for j, k in enumerate(range(n - 1, -1, -1)):  # level k+1 -> level k
+        a_k, s_k = float(grid.alphas[k]), float(grid.sigmas[k])
+        a_up, s_up = float(grid.alphas[k + 1]), float(grid.sigmas[k + 1])
+        out_c, out_u = model_fn(x, timesteps[k])
+        cond = scheduler.convert_model_output(out_c, x, k)
+        uncond = scheduler.convert_model_output(out_u, x, k)
+        x0_r, eps_r = rule(cond, uncond, StepState(j, n, a_k, s_k))
+        eps_ren = (x - a_k * x0_r) / s_k
+        x0_hat = (x - s_up * eps_r) / a_up
+        x = a_k * x0_hat + s_k * eps_ren
+    return x

@@ -1,0 +1,74 @@
+"""One guided step through a fewstep scheduler: raw outputs -> pairs -> rule -> ``step_pair``.
+
+Duck-typed on fewstep's ``FewstepScheduler`` (``plan``, ``convert_model_output``, ``step_pair``), so this
+module imports no scheduler class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import GuidanceRule, StepState
+from .rules import CFG, rescale_to_std
+
+__all__ = ["supports_pairs", "step_state", "guided_step", "raw_cfg"]
+
+
+def supports_pairs(scheduler: Any) -> bool:
+    """Whether ``scheduler`` takes ``(x0, eps)`` pairs (a fewstep scheduler)."""
+    return all(hasattr(scheduler, a) for a in ("step_pair", "convert_model_output", "plan"))
+
+
+def step_state(scheduler: Any, index: int) -> StepState:
+    """The ``StepState`` of evaluation ``index`` of a fewstep scheduler after ``set_timesteps`` (host floats)."""
+    plan = scheduler.plan
+    if plan is None:
+        raise ValueError("call `set_timesteps` on the scheduler before guiding a step")
+    grid = plan.grid
+    return StepState(index, plan.num_steps, float(grid.alphas[index]), float(grid.sigmas[index]))
+
+
+def guided_step(
+    scheduler: Any,
+    rule: GuidanceRule,
+    out_cond: torch.Tensor,
+    out_uncond: torch.Tensor,
+    timestep: Any,
+    sample: torch.Tensor,
+    index: int,
+) -> torch.Tensor:
+    """Advance ``sample`` by one step of ``scheduler`` guided by ``rule`` from raw model outputs.
+
+    Both outputs are converted to ``(x0, eps)`` at grid point ``index`` (the scheduler's own conversion,
+    including ``clip_sample``), combined by the rule and fed to ``scheduler.step_pair``.
+    """
+    if not supports_pairs(scheduler):
+        raise ValueError(
+            f"guidance rule {rule.name!r} needs a fewstep scheduler (one with `step_pair`); "
+            f"got {type(scheduler).__name__}"
+        )
+    if out_cond.shape != out_uncond.shape or out_cond.shape != sample.shape:
+        raise ValueError(
+            "conditional output, unconditional output and sample must have the same shape; got "
+            f"{tuple(out_cond.shape)}, {tuple(out_uncond.shape)} and {tuple(sample.shape)}"
+        )
+    dtype = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+    x = sample.to(dtype)
+    cond = scheduler.convert_model_output(out_cond.to(dtype), x, index)
+    uncond = scheduler.convert_model_output(out_uncond.to(dtype), x, index)
+    x0, eps = rule(cond, uncond, step_state(scheduler, index))
+    return scheduler.step_pair(x0, eps, timestep, sample).prev_sample
+
+
+def raw_cfg(rule: CFG, out_cond: torch.Tensor, out_uncond: torch.Tensor, index: int, num_steps: int) -> torch.Tensor:
+    """Plain CFG on raw model outputs, for schedulers without ``step_pair`` (diffusers' own): ``u + w (c - u)``
+    then diffusers' ``guidance_rescale`` on the raw output, exactly as diffusers' pipelines do."""
+    if not isinstance(rule, CFG):
+        raise ValueError(f"only plain CFG can run on raw outputs, got guidance {rule.name!r}")
+    w = rule.scale_at(StepState(index, num_steps, 1.0, 1.0))
+    out = out_uncond + w * (out_cond - out_uncond)
+    if rule.guidance_rescale > 0:
+        out = rescale_to_std(out, out_cond, rule.guidance_rescale)
+    return out

@@ -1,0 +1,183 @@
+"""FewstepPipeline.from_pipe around tiny random SD1.5- and SDXL-shaped pipelines (saved and reloaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import SD15_PNDM, SDXL_EULER
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from test_real_pipeline import _byte_level_vocab
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from fewstep import guidance, samplers
+from fewstep.cli import main
+from fewstep.pipelines import FewstepPipeline
+
+RULES = {"cfg": 4.0, "cfg++": 0.7, "apg": 4.0}
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=8, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )  # fmt: skip
+
+
+def _unet(**extra) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp-sd")
+    (root / "tok").mkdir()
+    _byte_level_vocab(root / "tok")
+    tokenizer = CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=_unet(),
+        scheduler=PNDMScheduler.from_config(SD15_PNDM), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+@pytest.fixture(scope="module")
+def sd(sd_path):
+    loaded = StableDiffusionPipeline.from_pretrained(sd_path)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = _unet(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=56)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER), add_watermarker=False,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("fp-sdxl") / "pipe"
+    pipe.save_pretrained(path)
+    loaded = StableDiffusionXLPipeline.from_pretrained(path)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def _sdxl_embeds(n=1):
+    g = torch.Generator().manual_seed(3)
+    return {
+        "prompt_embeds": torch.randn(n, 5, 16, generator=g),
+        "negative_prompt_embeds": torch.randn(n, 5, 16, generator=g),
+        "pooled_prompt_embeds": torch.randn(n, 8, generator=g),
+        "negative_pooled_prompt_embeds": torch.randn(n, 8, generator=g),
+    }
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_cfg_matches_the_base_pipeline_with_the_same_scheduler(sd):
+    fp = FewstepPipeline.from_pipe(sd, scheduler="unipc", guidance="cfg", guidance_scale=5.0)
+    assert fp.pipe.unet is sd.unet and fp.pipe.vae is sd.vae  # shared, not copied
+    assert isinstance(sd.scheduler, PNDMScheduler)  # the base pipeline is left alone
+    ours = fp("a digit seven", num_inference_steps=5, generator=_gen(), output_type="np").images
+    base = StableDiffusionPipeline.from_pipe(sd, scheduler=samplers.get("unipc").from_config(sd.scheduler.config))
+    base.set_progress_bar_config(disable=True)
+    theirs = base("a digit seven", num_inference_steps=5, guidance_scale=5.0, generator=_gen(), output_type="np").images
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("sampler", samplers.names("diffusion"))
+def test_every_rule_and_sampler_runs_3_steps(request, family, sampler):
+    base = request.getfixturevalue(family)
+    fp = FewstepPipeline.from_pipe(base, scheduler=sampler)
+    kw = {"prompt": "a digit"} if family == "sd" else _sdxl_embeds()
+    latents = {}
+    for name, scale in RULES.items():
+        out = fp(**kw, num_inference_steps=3, guidance=name, guidance_scale=scale, generator=_gen(1),
+                 output_type="latent").images  # fmt: skip
+        assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+        latents[name] = out
+    assert (latents["cfg"] - latents["cfg++"]).abs().max() > 1e-5 and (latents["cfg"] - latents["apg"]).abs().max() > 0
+
+
+def test_output_types_generator_and_callback(sdxl):
+    fp = FewstepPipeline.from_pipe(sdxl, scheduler="dpm-solver++", guidance=guidance.APG(guidance_scale=3.0))
+    kw = _sdxl_embeds()
+    pil = fp(**kw, num_inference_steps=3, generator=_gen()).images
+    npy = fp(**kw, num_inference_steps=3, generator=_gen(), output_type="np").images
+    pt = fp(**kw, num_inference_steps=3, generator=_gen(), output_type="pt").images
+    other = fp(**kw, num_inference_steps=3, generator=_gen(9), output_type="np").images
+    assert isinstance(pil[0], Image.Image) and npy.shape == (1, 8, 8, 3) and pt.shape == (1, 3, 8, 8)
+    np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), npy, atol=1e-6)
+    assert not np.allclose(npy, other)
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append((i, int(t), tuple(tensors["latents"].shape)))
+        return {"latents": tensors["latents"] * 0} if i == 2 else {}
+
+    zero = fp(**kw, num_inference_steps=3, generator=_gen(), output_type="latent", callback_on_step_end=callback)
+    assert [s[0] for s in seen] == [0, 1, 2] and torch.equal(zero.images, torch.zeros(1, 4, 8, 8))
+
+
+def test_bad_input(sd):
+    with pytest.raises(ValueError, match=r"guidance 'cfg\+\+' needs a fewstep scheduler .* got PNDMScheduler"):
+        FewstepPipeline.from_pipe(sd, guidance="cfg++")
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim")
+    with pytest.raises(ValueError, match=r"`guidance_scale` must be in \[0, 1\] for CFG\+\+.*got 3"):
+        fp("x", guidance="cfg++", guidance_scale=3)
+    with pytest.raises(ValueError, match=r"`output_type` must be one of \['pil', 'np', 'pt', 'latent'\]"):
+        fp("x", output_type="jpg")
+    with pytest.raises(ValueError, match=r"`callback_on_step_end_tensor_inputs` \['noise_pred'\] not supported"):
+        fp("x", callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise_pred"])
+    with pytest.raises(ValueError, match="supports SD 1.x/2.x and SDXL"):
+        FewstepPipeline.from_pipe(object())
+
+
+def test_scale_override_keeps_the_rule_kind(sd):
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="cfg++", guidance_scale=0.2)
+    run = lambda **kw: fp("x", num_inference_steps=3, generator=_gen(), output_type="latent", **kw).images  # noqa: E731
+    assert torch.equal(run(guidance_scale=0.9), run(guidance="cfg++", guidance_scale=0.9))
+    assert not torch.equal(run(), run(guidance_scale=0.9))
+
+
+def test_cli_generate_text_to_image_with_guidance(sd_path, tmp_path, capsys):
+    out = tmp_path / "sd.png"
+    args = ["generate", "--model", str(sd_path), "--prompt", "a digit", "--steps", "3", "--num-images", "2",
+            "--sampler", "dpm-solver++", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--guidance", "apg", "--guidance-scale", "4"]) == 0 and out.is_file()
+    assert "x2 (apg)" in capsys.readouterr().out
+
+
+def test_diffusers_scheduler_runs_raw_cfg_like_diffusers(sd):
+    """With the base pipeline's own (PNDM) scheduler, CFG + guidance_rescale runs on the raw output as diffusers."""
+    fp = FewstepPipeline.from_pipe(sd, guidance=guidance.CFG(5.0, guidance_rescale=0.7))
+    ours = fp("a digit", num_inference_steps=4, generator=_gen(), output_type="np").images
+    theirs = sd("a digit", num_inference_steps=4, guidance_scale=5.0, guidance_rescale=0.7, generator=_gen(),
+                output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    plain = sd("a digit", num_inference_steps=4, guidance_scale=5.0, generator=_gen(), output_type="np").images
+    assert not np.allclose(plain, theirs, atol=1e-4)

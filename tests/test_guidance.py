@@ -1,0 +1,292 @@
+"""Guidance rules on (x0, eps) pairs: CFG, CFG++ and APG, through every fewstep solver."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _helpers import TinyDenoiser
+from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+from fewstep import guidance, samplers
+from fewstep.guidance import APG, CFG, CFGPlusPlus, StepState
+
+DDPM = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "clip_sample": False,
+}
+SHAPE = (3, 2, 4, 4)
+# every fewstep solver family, in the configurations that differ in how the pair is used
+SOLVERS = {
+    "ddim": ("ddim", {}),
+    "dpm-solver++ 2M": ("dpm-solver++", {"solver_order": 2}),
+    "dpm-solver++ 3M": ("dpm-solver++", {"solver_order": 3}),
+    "dpm-solver 2M (noise)": ("dpm-solver++", {"solver_order": 2, "algorithm_type": "dpmsolver"}),
+    "unipc bh2": ("unipc", {"solver_order": 2}),
+    "unipc bh1 3": ("unipc", {"solver_order": 3, "solver_type": "bh1"}),
+}
+# and every other registered diffusion sampler in its default configuration (momentum, DC, ...)
+SOLVERS.update(
+    {name: (name, {}) for name in samplers.names("diffusion") if name not in ("ddim", "dpm-solver++", "unipc")}
+)
+
+
+@pytest.fixture(scope="module")
+def models():
+    numel = int(np.prod(SHAPE[1:]))
+    return TinyDenoiser(numel, seed=1), TinyDenoiser(numel, seed=2)  # "conditional", "unconditional"
+
+
+def _x_start(seed: int = 0) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _sample(models, rule, steps=6, sampler=("ddim", {}), uncond_only=False, x=None):
+    """Guided sampling loop through ``step_pair`` (``uncond_only``: the unconditional model by itself)."""
+    name, kw = sampler
+    scheduler = samplers.get(name).from_config(DDPM, **kw)
+    scheduler.set_timesteps(steps)
+    x = _x_start() if x is None else x
+    cond_model, uncond_model = models
+    for i, t in enumerate(scheduler.timesteps):
+        if uncond_only:
+            x = scheduler.step(uncond_model(x, t), t, x).prev_sample
+        else:
+            x = guidance.guided_step(scheduler, rule, cond_model(x, t), uncond_model(x, t), t, x, i)
+    return x, scheduler
+
+
+def _pairs(seed=0, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64))
+        for _ in range(2)
+    ]
+
+
+STATE = StepState(index=0, num_steps=4, alpha=0.8, sigma=0.6)
+
+
+def test_registry_names_and_make():
+    assert guidance.names() == ["cfg", "cfg++", "apg"]
+    assert guidance.get("cfgpp") is CFGPlusPlus and guidance.get("apg") is APG
+    with pytest.raises(ValueError, match=r"unknown guidance rule 'pag'; available: cfg, cfg\+\+, apg"):
+        guidance.get("pag")
+    rule = APG(guidance_scale=4.0)
+    assert guidance.make(rule) is rule and guidance.make("cfg++", 0.3).guidance_scale == 0.3
+    with pytest.raises(ValueError, match="`guidance_scale`=2.0 given together with a guidance rule object"):
+        guidance.make(rule, 2.0)
+
+
+def test_cfg_matches_diffusers_formula_and_rescale():
+    (x0c, ec), (x0u, eu) = _pairs()
+    x = STATE.alpha * x0c + STATE.sigma * ec  # a shared x_t: make both pairs consistent with it
+    x0u = (x - STATE.sigma * eu) / STATE.alpha
+    x0, eps = CFG(5.0)((x0c, ec), (x0u, eu), STATE)
+    assert torch.allclose(eps, eu + 5.0 * (ec - eu), atol=1e-12)
+    assert torch.allclose(STATE.alpha * x0 + STATE.sigma * eps, x, atol=1e-12)
+    x0r, epsr = CFG(5.0, guidance_rescale=0.7)((x0c, ec), (x0u, eu), STATE)
+    assert torch.allclose(epsr, rescale_noise_cfg(eu + 5.0 * (ec - eu), ec, 0.7), atol=1e-12)
+    assert torch.allclose(STATE.alpha * x0r + STATE.sigma * epsr, x, atol=1e-12)  # still consistent
+    assert not torch.allclose(epsr, eps)
+
+
+@pytest.mark.parametrize("steps", [5, 12])
+def test_cfgpp_equals_cfg_with_per_step_scales_on_ddim(models, steps):
+    lam = 0.6
+    x_pp, scheduler = _sample(models, CFGPlusPlus(lam), steps)
+    omegas = guidance.cfgpp_equivalent_scales(lam, guidance.scheduler_rhos(scheduler))
+    x_cfg, _ = _sample(models, CFG(omegas), steps)
+    assert torch.allclose(x_pp, x_cfg, rtol=0, atol=1e-10)
+    assert omegas[-1] == pytest.approx(lam)  # the last step ends at rho = 0
+    x_const, _ = _sample(models, CFG(float(np.mean(omegas))), steps)
+    assert (x_const - x_pp).abs().max() > 1e-3  # a constant scale is not the same thing
+
+
+def test_cfgpp_equivalent_scale_depends_on_step_count():
+    scheduler = samplers.get("ddim").from_config(DDPM)
+    means = {}
+    for n in (10, 20, 50):
+        scheduler.set_timesteps(n)
+        means[n] = float(np.mean(guidance.cfgpp_equivalent_scales(1.0, guidance.scheduler_rhos(scheduler))))
+    assert means[10] < means[20] < means[50]
+    assert guidance.cfgpp_equivalent_scales(0.5, [math.inf, 3.0, 1.0, 0.0]) == [0.5, 0.5 * 3 / 2, 0.5]
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_cfgpp_at_zero_is_unconditional_sampling_exactly(models, solver):
+    x_pp, _ = _sample(models, CFGPlusPlus(0.0), sampler=SOLVERS[solver])
+    x_u, _ = _sample(models, None, sampler=SOLVERS[solver], uncond_only=True)
+    assert torch.equal(x_pp, x_u)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_cfgpp_reaches_every_solver_as_an_inconsistent_pair(models, solver):
+    """CFG++ (lam) differs from CFG (lam): the solver really renoises with eps_u; with a conditional model
+    equal to the unconditional one, all rules are plain sampling."""
+    x_pp, _ = _sample(models, CFGPlusPlus(0.7), sampler=SOLVERS[solver])
+    x_cfg, _ = _sample(models, CFG(0.7), sampler=SOLVERS[solver])
+    assert torch.isfinite(x_pp).all() and (x_pp - x_cfg).abs().max() > 1e-3
+    same = (models[1], models[1])
+    x_u, _ = _sample(same, None, sampler=SOLVERS[solver], uncond_only=True)
+    for rule in (CFGPlusPlus(0.7), CFG(4.0), APG(4.0, norm_threshold=1.0)):
+        assert torch.allclose(_sample(same, rule, sampler=SOLVERS[solver])[0], x_u, atol=1e-12)
+
+
+def test_cfgpp_ddim_step_is_unconditional_step_plus_guidance(models):
+    """Unifying view for DDIM: x' = DDIM_u(x) + alpha' lam (D_c - D_u)."""
+    scheduler = samplers.get("ddim").from_config(DDPM)
+    scheduler.set_timesteps(4)
+    x, t = _x_start(), scheduler.timesteps[1]
+    cond, uncond = models[0](x, t), models[1](x, t)
+    scheduler.step(uncond, scheduler.timesteps[0], x)  # advance to step 1
+    (d_c, _), (d_u, _) = scheduler.convert_model_output(cond, x, 1), scheduler.convert_model_output(uncond, x, 1)
+    a_next = float(scheduler.plan.grid.alphas[2])
+    ref = samplers.get("ddim").from_config(DDPM)
+    ref.set_timesteps(4)
+    ref.set_begin_index(1)
+    expected = ref.step(uncond, t, x).prev_sample + a_next * 0.4 * (d_c - d_u)
+    got = guidance.guided_step(scheduler, CFGPlusPlus(0.4), cond, uncond, t, x, 1)
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_apg_neutral_settings_are_cfg(models):
+    (x0c, ec), (x0u, eu) = _pairs(3)
+    neutral = APG(5.0, eta=1.0, norm_threshold=None, momentum=0.0)
+    x0, _ = neutral((x0c, ec), (x0u, eu), STATE)
+    assert torch.allclose(x0, x0u + 5.0 * (x0c - x0u), atol=1e-12)
+    for space in ("x0", "eps"):
+        rule = APG(3.0, eta=1.0, norm_threshold=math.inf, momentum=0.0, space=space)
+        for solver in ("ddim", "unipc bh2"):
+            a, _ = _sample(models, rule, sampler=SOLVERS[solver])
+            b, _ = _sample(models, CFG(3.0), sampler=SOLVERS[solver])
+            assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_apg_projection_clip_and_pair_consistency():
+    (x0c, ec), (x0u, eu) = _pairs(4)
+    x = STATE.alpha * x0c + STATE.sigma * ec
+    x0u = (x - STATE.sigma * eu) / STATE.alpha
+    w, r = 6.0, 0.5
+    x0, eps = APG(w, eta=0.0, norm_threshold=r, momentum=0.0)((x0c, ec), (x0u, eu), STATE)
+    update = (x0 - x0c) / (w - 1)
+    dims = (1, 2, 3)
+    assert torch.allclose((update * x0c).sum(dims), torch.zeros(SHAPE[0], dtype=torch.float64), atol=1e-10)
+    assert (update.flatten(1).norm(dim=1) <= r + 1e-12).all()  # clipped, then projected (projection shrinks)
+    assert torch.allclose(STATE.alpha * x0 + STATE.sigma * eps, x, atol=1e-12)
+    # eta = 1 keeps the whole clipped difference: its norm is exactly r per sample (all exceed r here)
+    x1, _ = APG(w, eta=1.0, norm_threshold=r, momentum=0.0)((x0c, ec), (x0u, eu), STATE)
+    assert torch.allclose(
+        ((x1 - x0c) / (w - 1)).flatten(1).norm(dim=1), torch.full((SHAPE[0],), r, dtype=torch.float64)
+    )
+
+
+def test_apg_momentum_accumulates_and_resets_per_generation(models):
+    (x0c, ec), (x0u, eu) = _pairs(5)
+    rule = APG(4.0, eta=1.0, norm_threshold=None, momentum=-0.5)
+    first = rule((x0c, ec), (x0u, eu), STATE)[0]
+    second = rule((x0c, ec), (x0u, eu), StepState(1, 4, 0.8, 0.6))[0]
+    delta = x0c - x0u
+    assert torch.allclose(first, x0c + 3.0 * delta, atol=1e-12)
+    assert torch.allclose(second, x0c + 3.0 * 0.5 * delta, atol=1e-12)  # m = delta - 0.5 delta
+    again = rule((x0c, ec), (x0u, eu), STATE)[0]  # index 0: a new generation
+    assert torch.equal(again, first)
+    a, _ = _sample(models, APG(4.0, norm_threshold=2.0), sampler=SOLVERS["unipc bh2"])
+    b, _ = _sample(models, APG(4.0, norm_threshold=2.0, momentum=0.0), sampler=SOLVERS["unipc bh2"])
+    rule = APG(4.0, norm_threshold=2.0)
+    c1, _ = _sample(models, rule, sampler=SOLVERS["unipc bh2"])
+    c2, _ = _sample(models, rule, sampler=SOLVERS["unipc bh2"])
+    assert torch.equal(c1, c2) and torch.equal(a, c1) and (a - b).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: CFGPlusPlus(1.5), r"`guidance_scale` must be in \[0, 1\] for CFG\+\+ .*allow_extrapolation.*1\.5"),
+        (lambda: CFGPlusPlus(-0.1), r"`guidance_scale` must be in \[0, 1\].*-0\.1"),
+        (lambda: CFGPlusPlus(float("nan")), r"`guidance_scale` must be a finite number"),
+        (lambda: APG(eta=-0.5), r"`eta` must be in \[0, inf\], got -0\.5"),
+        (lambda: APG(norm_threshold=0.0), r"`norm_threshold` must be in \(0, inf\] or None \(no clipping\), got 0\.0"),
+        (lambda: APG(norm_threshold=-3), r"`norm_threshold` must be in \(0, inf\].*-3"),
+        (lambda: APG(momentum=1.0), r"`momentum` must be in \(-1, 1\), got 1\.0"),
+        (lambda: APG(space="v"), r"`space` must be one of \['x0', 'eps'\], got 'v'"),
+        (lambda: CFG(-1.0), r"`guidance_scale` must be in \[0, inf\], got -1\.0"),
+        (lambda: CFG(3.0, guidance_rescale=1.5), r"`guidance_rescale` must be in \[0, 1\], got 1\.5"),
+        (lambda: StepState(0, 4, 0.5, 0.0), r"`sigma` must be a finite number > 0, got 0\.0"),
+    ],
+)
+def test_bad_parameters_are_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_extrapolation_is_explicit_and_bad_predictions_are_rejected():
+    assert CFGPlusPlus(2.0, allow_extrapolation=True).guidance_scale == 2.0
+    (x0c, ec), _ = _pairs(6)
+    small = (x0c[:2], ec[:2])
+    with pytest.raises(ValueError, match=r"same shape \(batch included\); got \(3, 2, 4, 4\) and \(2, 2, 4, 4\)"):
+        CFG(3.0)((x0c, ec), small, STATE)
+    with pytest.raises(TypeError, match=r"`uncond` must be an \(x0, eps\) pair of tensors"):
+        APG()((x0c, ec), x0c, STATE)
+    with pytest.raises(ValueError, match="has 3 per-step values but sampling runs 4 steps"):
+        CFG([1.0, 2.0, 3.0])((x0c, ec), (x0c, ec), STATE)
+
+
+def _affine_models():
+    """eps depends on t only (cond and uncond differ): DDIM inversion then sampling is exact."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(SHAPE, generator=g, dtype=torch.float64), torch.randn(SHAPE, generator=g, dtype=torch.float64)
+
+    def model_c(x, t):
+        return a * (1 + float(t) / 1000) + 0 * x
+
+    def model_u(x, t):
+        return b * (1 - float(t) / 2000) + 0 * x
+
+    return model_c, model_u
+
+
+@pytest.mark.parametrize("rule", [CFGPlusPlus(0.8), CFG(5.0)])
+def test_guided_ddim_inversion_round_trip(rule):
+    models = _affine_models()
+    images = _x_start(3).clamp(-1, 1)
+    scheduler = samplers.get("ddim").from_config(DDPM, timestep_spacing="trailing")
+    scheduler.set_timesteps(8)
+    latent = guidance.ddim_invert(lambda x, t: (models[0](x, t), models[1](x, t)), images, scheduler, rule)
+    back, _ = _sample(models, rule, steps=8, sampler=("ddim", {"timestep_spacing": "trailing"}), x=latent)
+    assert torch.allclose(back, images, atol=1e-8)
+    with pytest.raises(ValueError, match="must be a fewstep scheduler after set_timesteps"):
+        guidance.ddim_invert(lambda x, t: (x, x), images, samplers.get("ddim").from_config(DDPM), rule)
+
+
+def test_cfgpp_inversion_mirrors_the_sampler(models):
+    """CFG++ inversion denoises with eps_u and renoises with eps_lam; at lam = 0 it is unconditional inversion."""
+    scheduler = samplers.get("ddim").from_config(DDPM)
+    scheduler.set_timesteps(5)
+    images = _x_start(4).clamp(-1, 1)
+    fn = lambda x, t: (models[0](x, t), models[1](x, t))  # noqa: E731
+    zero_pp = guidance.ddim_invert(fn, images, scheduler, CFGPlusPlus(0.0))
+    zero_cfg = guidance.ddim_invert(fn, images, scheduler, CFG(0.0))
+    assert torch.equal(zero_pp, zero_cfg)
+    assert (guidance.ddim_invert(fn, images, scheduler, CFGPlusPlus(0.5)) - zero_pp).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [CFG(3.0, guidance_rescale=0.5), CFGPlusPlus(0.6), APG(5.0, norm_threshold=2.0), APG(5.0, space="eps")],
+    ids=["cfg-rescale", "cfg++", "apg", "apg-eps"],
+)
+@pytest.mark.parametrize("sampler", samplers.names("diffusion"))
+def test_guided_loop_on_meta_device(rule, sampler):
+    """No .item(), .cpu() or tensor-valued branch in a guided step: the whole loop runs on meta tensors."""
+    scheduler = samplers.get(sampler).from_config(DDPM)
+    scheduler.set_timesteps(5, device="meta")
+    x = torch.empty(2, 4, 8, 8, device="meta", dtype=torch.float16)
+    for i, t in enumerate(scheduler.timesteps):
+        x = guidance.guided_step(scheduler, rule, torch.empty_like(x), torch.empty_like(x), t, x, i)
+    assert x.device.type == "meta" and x.dtype == torch.float16

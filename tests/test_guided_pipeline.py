@@ -1,0 +1,114 @@
+"""The class-conditional pipeline hosting guidance rules, and `fewstep generate --guidance`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+from fewstep import guidance, samplers
+from fewstep.cli import main
+from fewstep.pipelines import ClassConditionalPipeline
+
+DDPM = {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": False}
+
+
+def _unet(num_class_embeds: int | None = 11) -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, num_class_embeds=num_class_embeds,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return _unet()
+
+
+FLOW = dict(FlowMatchEulerDiscreteScheduler(shift=1.0).config)
+
+
+def _pipe(unet, sampler="unipc", config=DDPM):
+    pipe = ClassConditionalPipeline(unet=unet, scheduler=samplers.get(sampler).from_config(config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _latents():
+    return torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+@pytest.mark.parametrize("sampler", samplers.names("diffusion"))
+def test_every_rule_with_every_sampler(unet, sampler, schedule):
+    pipe = _pipe(unet, sampler, DDPM if schedule == "vp" else FLOW)
+    assert pipe.scheduler.is_flow == (schedule == "flow")
+    outs = {}
+    for name, scale in (("cfg", 4.0), ("cfg++", 0.8), ("apg", 4.0)):
+        a, b = (
+            pipe([3, 7], 4, guidance=name, guidance_scale=scale, latents=_latents(), output_type="latent").images
+            for _ in range(2)
+        )
+        assert a.shape == (2, 1, 8, 8) and torch.isfinite(a).all() and torch.equal(a, b)
+        outs[name] = a
+    assert (outs["cfg"] - outs["cfg++"]).abs().max() > 1e-4 and (outs["cfg"] - outs["apg"]).abs().max() > 1e-4
+    # CFG++ at 0 is unconditional sampling: the same as CFG at scale 0, exactly
+    zero_pp = pipe([3, 7], 4, guidance="cfg++", guidance_scale=0.0, latents=_latents(), output_type="latent").images
+    zero_cfg = pipe([3, 7], 4, guidance="cfg", guidance_scale=0.0, latents=_latents(), output_type="latent").images
+    assert torch.equal(zero_pp, zero_cfg)
+
+
+def test_default_is_cfg_and_rule_objects_are_hosted(unet):
+    pipe = _pipe(unet)
+    default = pipe([1, 2], 3, latents=_latents(), output_type="latent").images
+    named = pipe([1, 2], 3, guidance="cfg", guidance_scale=3.0, latents=_latents(), output_type="latent").images
+    assert torch.equal(default, named)
+    rule = guidance.APG(guidance_scale=5.0, norm_threshold=2.0, momentum=-0.5)
+    first = pipe([1, 2], 3, guidance=rule, latents=_latents(), output_type="latent").images
+    second = pipe([1, 2], 3, guidance=rule, latents=_latents(), output_type="latent").images
+    assert torch.equal(first, second)  # momentum reset per generation
+    # a diffusers scheduler still runs plain CFG on the raw output
+    pipe_d = ClassConditionalPipeline(unet=unet, scheduler=DDPMScheduler.from_config(DDPM))
+    pipe_d.set_progress_bar_config(disable=True)
+    assert pipe_d([1], 2, guidance_scale=2.0, output_type="np").images.shape == (1, 8, 8, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"guidance": "cfg++", "guidance_scale": 1.5}, ValueError, r"`guidance_scale` must be in \[0, 1\] for CFG\+\+"),
+        ({"guidance": "pag"}, ValueError, r"unknown guidance rule 'pag'; available: cfg, cfg\+\+, apg"),
+        ({"guidance": guidance.CFG(2.0), "guidance_scale": 3.0}, ValueError, r"`guidance_scale`=3.0 given together"),
+        ({"guidance": 3}, TypeError, r"`guidance` must be a rule name .* or a GuidanceRule, got int"),
+        ({"guidance": "apg", "guidance_scale": -2.0}, ValueError, r"`guidance_scale` must be a finite number >= 0"),
+    ],
+)
+def test_bad_guidance_arguments(unet, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _pipe(unet)([1], 2, **kwargs)
+
+
+def test_guidance_needs_a_conditional_model_and_a_pair_scheduler(unet):
+    uncond = ClassConditionalPipeline(unet=_unet(None), scheduler=samplers.get("ddim").from_config(DDPM))
+    with pytest.raises(ValueError, match=r"this UNet is unconditional \(num_class_embeds=None\)"):
+        uncond([1], 2, guidance="cfg++", guidance_scale=0.5)
+    pipe = ClassConditionalPipeline(unet=unet, scheduler=DDPMScheduler.from_config(DDPM))
+    with pytest.raises(ValueError, match=r"guidance 'apg' needs a fewstep scheduler .* got DDPMScheduler; use one of"):
+        pipe([1], 2, guidance="apg")
+
+
+def test_cli_generate_with_guidance(unet, tmp_path, capsys):
+    model = tmp_path / "model"
+    ClassConditionalPipeline(unet=unet, scheduler=DDPMScheduler.from_config(DDPM)).save_pretrained(model)
+    out = tmp_path / "g.png"
+    args = ["generate", "--model", str(model), "--steps", "3", "--num-images", "2", "--quiet", "--out", str(out)]
+    assert main([*args, "--guidance", "cfgpp", "--guidance-scale", "0.5"]) == 0 and out.is_file()
+    assert "x2 (cfg++)" in capsys.readouterr().out
+    out.unlink()
+    assert main([*args, "--guidance", "cfg++", "--guidance-scale", "2"]) == 2
+    assert "`guidance_scale` must be in [0, 1] for CFG++" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--guidance", "pag"])
+    assert exc.value.code == 2 and not out.exists()
