@@ -109,7 +109,7 @@ def test_cfg_matches_the_base_pipeline_with_the_same_scheduler(sd):
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-@pytest.mark.parametrize("sampler", samplers.names("diffusion"))
+@pytest.mark.parametrize("sampler", samplers.names("diffusion", standalone=True))
 def test_every_rule_and_sampler_runs_3_steps(request, family, sampler):
     base = request.getfixturevalue(family)
     fp = FewstepPipeline.from_pipe(base, scheduler=sampler)

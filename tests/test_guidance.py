@@ -32,7 +32,11 @@ SOLVERS = {
 }
 # and every other registered diffusion sampler in its default configuration (momentum, DC, ...)
 SOLVERS.update(
-    {name: (name, {}) for name in samplers.names("diffusion") if name not in ("ddim", "dpm-solver++", "unipc")}
+    {
+        name: (name, {})
+        for name in samplers.names("diffusion", standalone=True)
+        if name not in ("ddim", "dpm-solver++", "unipc")
+    }
 )
 
 
@@ -281,7 +285,7 @@ def test_cfgpp_inversion_mirrors_the_sampler(models):
     [CFG(3.0, guidance_rescale=0.5), CFGPlusPlus(0.6), APG(5.0, norm_threshold=2.0), APG(5.0, space="eps")],
     ids=["cfg-rescale", "cfg++", "apg", "apg-eps"],
 )
-@pytest.mark.parametrize("sampler", samplers.names("diffusion"))
+@pytest.mark.parametrize("sampler", samplers.names("diffusion", standalone=True))
 def test_guided_loop_on_meta_device(rule, sampler):
     """No .item(), .cpu() or tensor-valued branch in a guided step: the whole loop runs on meta tensors."""
     scheduler = samplers.get(sampler).from_config(DDPM)

@@ -41,7 +41,7 @@ def _latents():
 
 
 @pytest.mark.parametrize("schedule", ["vp", "flow"])
-@pytest.mark.parametrize("sampler", samplers.names("diffusion"))
+@pytest.mark.parametrize("sampler", samplers.names("diffusion", standalone=True))
 def test_every_rule_with_every_sampler(unet, sampler, schedule):
     pipe = _pipe(unet, sampler, DDPM if schedule == "vp" else FLOW)
     assert pipe.scheduler.is_flow == (schedule == "flow")

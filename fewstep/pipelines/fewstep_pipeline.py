@@ -101,7 +101,7 @@ class FewstepPipeline:
             if not isinstance(rule, guidance_rules.CFG):
                 raise ValueError(
                     f"guidance {rule.name!r} needs a fewstep scheduler (with `step_pair`), got "
-                    f"{type(scheduler).__name__}; use one of: {', '.join(samplers.names('diffusion'))}"
+                    f"{type(scheduler).__name__}; use one of: {', '.join(samplers.names('diffusion', standalone=True))}"
                 )
 
     # ----------------------------------------------------------------------------------------------

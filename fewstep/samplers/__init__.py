@@ -12,11 +12,11 @@ from typing import Any
 
 from .base import FewstepScheduler, FewstepSchedulerOutput
 from .dc_solver import FewstepDCSolverScheduler
-from .s3 import FewstepS3Scheduler
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
 from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
 from .mrs import FewstepMRSScheduler
+from .s3 import FewstepS3Scheduler
 from .unipc import FewstepUniPCScheduler
 
 __all__ = [

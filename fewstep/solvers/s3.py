@@ -108,7 +108,8 @@ class SolverSchedule:
         ts = np.asarray(self.timesteps)
         if ts[0] > schedule.t_max or ts[-1] < schedule.t_min:
             raise ValueError(
-                f"schedule timesteps {ts[0]}..{ts[-1]} lie outside the model's range [{schedule.t_min}, {schedule.t_max}]"
+                f"schedule timesteps {ts[0]}..{ts[-1]} lie outside the model's range "
+                f"[{schedule.t_min}, {schedule.t_max}]"
             )
         if self.final == "zero":
             return TimeGrid.from_times(schedule, ts, (1.0, 0.0))
@@ -139,7 +140,9 @@ class SolverSchedule:
             raise ValueError("a solver schedule needs 'timesteps' and 'decisions'")
         version = data.get("version", SCHEDULE_VERSION)
         if version != SCHEDULE_VERSION:
-            raise ValueError(f"schedule format version {version!r} is not supported (this fewstep reads {SCHEDULE_VERSION})")
+            raise ValueError(
+                f"schedule format version {version!r} is not supported (this fewstep reads {SCHEDULE_VERSION})"
+            )
         out = cls(list(data["timesteps"]), decisions_from_dicts(data["decisions"]), data.get("final", "zero"),
                   dict(data.get("metadata") or {}))
         if "nfe" in data and data["nfe"] != out.nfe:
