@@ -274,6 +274,48 @@ def _add_calibrate_parser(sub) -> None:
     p_dc.set_defaults(func=cmd_calibrate)
 
 
+# ---------------------------------------------------------------------------------------------- search
+def cmd_search(args: argparse.Namespace) -> int:
+    out = check_writable(args.out, "--out")
+    if out.suffix.lower() != ".json":
+        raise UsageError(f"--out {args.out!r} must end in .json")
+    if args.model not in ("analytic", "digits-eps"):
+        raise UsageError(f"--model {args.model!r} is not searchable here; available: analytic, digits-eps")
+    from .search import SearchSpace, search
+    from .search.objectives import AnalyticObjective, DigitsObjective
+
+    objective = AnalyticObjective() if args.model == "analytic" else DigitsObjective(
+        guidance_scale=args.guidance_scale, num_per_class=args.num_per_class
+    )
+    space = SearchSpace(objective.noise_schedule, args.nfe)
+    state = args.state or str(out) + ".state.json"
+    result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
+                    state_path=state, progress=not args.quiet)
+    best, value = result.best
+    best.metadata.update(objective.metadata())
+    best.metadata.update({"metric": objective.name, "value": value, "evaluations": len(result.evaluated),
+                          "predictor": not args.no_predictor, "version": __version__})
+    best.save(out)
+    print(f"wrote {out} (NFE {args.nfe}, best {objective.name} metric {value:.4g} after "
+          f"{len(result.evaluated)} evaluations; resumable state in {state})")
+    return 0
+
+
+def _add_search_parser(sub) -> None:
+    p = sub.add_parser("search", help="S3: search a solver schedule for a model and NFE")
+    p.add_argument("--model", default="digits-eps", help="analytic or digits-eps")
+    p.add_argument("--nfe", type=_positive_int, required=True, help="number of model evaluations (>= 2)")
+    p.add_argument("--budget", type=_positive_int, default=40, help="schedules to evaluate (default 40)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale for digits-eps (default 3)")
+    p.add_argument("--num-per-class", type=_positive_int, default=20, help="digits-eps samples per class (7 classes)")
+    p.add_argument("--no-predictor", action="store_true", help="plain evolution (no performance predictor)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state", default=None, help="resumable search state (default: OUT.state.json)")
+    p.add_argument("--out", required=True, help="where to write the best schedule (.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
@@ -322,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.set_defaults(func=cmd_bench)
 
     _add_calibrate_parser(sub)
+    _add_search_parser(sub)
     return parser
 
 

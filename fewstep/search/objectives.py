@@ -1,0 +1,111 @@
+"""True metrics for the S^3 search: analytic RMSE to the exact solution, or Frechet distance on digits.
+
+Each objective maps a :class:`~fewstep.solvers.s3.SolverSchedule` to a number (lower is better) with
+everything random fixed (initial noise, classes), so candidates are compared on equal terms; the held-out
+versions use other seeds (and, for digits, classes the search did not see).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..solvers.s3 import SolverSchedule, schedule_fingerprint
+
+__all__ = ["AnalyticObjective", "DigitsObjective"]
+
+
+class AnalyticObjective:
+    """RMSE of the schedule's endpoint to the exact PF-ODE solution on the Gaussian-mixture reference."""
+
+    name = "analytic"
+
+    def __init__(self, num_samples: int = 500, dim: int = 2, seed: int = 0):
+        from diffusers import DDPMScheduler
+
+        from ..bench.analytic import default_mixture, exact_solution
+        from ..solvers.schedules import VPSchedule
+
+        self.mixture = default_mixture(dim=dim, seed=0)
+        self.noise_schedule = VPSchedule.from_config(DDPMScheduler().config)
+        g = torch.Generator().manual_seed(seed)
+        self.x_start = torch.randn(num_samples, dim, generator=g, dtype=torch.float64)
+        t_max = float(self.noise_schedule.t_max)
+        self.reference = exact_solution(self.mixture, self.noise_schedule, self.x_start, t_max, (1.0, 0.0))
+
+    def metadata(self) -> dict:
+        return {"model": "analytic", "noise_schedule": schedule_fingerprint(self.noise_schedule)}
+
+    def __call__(self, schedule: SolverSchedule) -> float:
+        from ..solvers.engine import sample_loop
+
+        plan = schedule.plan(self.noise_schedule)
+        grid = plan.grid
+        out = sample_loop(lambda x, i: self.mixture.denoise(x, grid.alphas[i], grid.sigmas[i]), self.x_start, plan)
+        return (out - self.reference).pow(2).mean().sqrt().item()
+
+
+class DigitsObjective:
+    """Frechet distance (shipped classifier's features) of ``digits-eps`` samples to the test digits of the
+    same classes, at a fixed guidance scale, with per-sample seeds."""
+
+    name = "digits-eps"
+
+    def __init__(
+        self,
+        classes: Sequence[int] = tuple(range(7)),
+        num_per_class: int = 20,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+    ):
+        from ..bench.digits_eval import classifier_features
+        from ..bench.metrics import feature_statistics
+        from ..datasets import NUM_CLASSES, load_digits_images, to_unit_range
+        from ..pipelines import load_default
+
+        classes = [int(c) for c in classes]
+        if not classes or any(not 0 <= c < NUM_CLASSES for c in classes):
+            raise ValueError(f"`classes` must be digits in [0, {NUM_CLASSES - 1}], got {classes}")
+        self.pipe = load_default("digits-eps", sampler=None)
+        self.model_config = dict(self.pipe.scheduler.config)
+        self.classifier = load_default("digits-classifier")
+        self.labels = [c for c in classes for _ in range(num_per_class)]
+        self.seeds = [seed + k for k in range(len(self.labels))]
+        self.guidance_scale = float(guidance_scale)
+        images, labels = load_digits_images(self.pipe.unet.config.sample_size, "test")
+        keep = np.isin(np.asarray(labels), classes)
+        feats, _ = classifier_features(self.classifier, to_unit_range(images[torch.from_numpy(keep)]))
+        self.reference_stats = feature_statistics(feats.double())
+        from .. import samplers
+
+        self.noise_schedule = samplers.get("s3").from_config(self.model_config).noise_schedule
+
+    def metadata(self) -> dict:
+        return {"model": "digits-eps", "noise_schedule": schedule_fingerprint(self.noise_schedule),
+                "guidance_scale": self.guidance_scale}
+
+    @torch.no_grad()
+    def images(self, scheduler, steps: int) -> torch.Tensor:
+        from ..bench.digits_eval import per_sample_noise
+
+        self.pipe.scheduler = scheduler
+        cfg = self.pipe.unet.config
+        noise = per_sample_noise((cfg.in_channels, cfg.sample_size, cfg.sample_size), self.seeds)
+        out = self.pipe(self.labels, num_inference_steps=steps, guidance_scale=self.guidance_scale, latents=noise,
+                        output_type="pt", check_finite=False)
+        return torch.nan_to_num(out.images, nan=0.0)
+
+    def frechet(self, images: torch.Tensor) -> float:
+        from ..bench.digits_eval import classifier_features
+        from ..bench.metrics import feature_statistics, frechet_distance
+
+        feats, _ = classifier_features(self.classifier, images)
+        return frechet_distance(*feature_statistics(feats.double()), *self.reference_stats)
+
+    def __call__(self, schedule: SolverSchedule) -> float:
+        from .. import samplers
+
+        scheduler = samplers.get("s3").from_config(self.model_config, s3_schedule=schedule.to_dict())
+        return self.frechet(self.images(scheduler, schedule.nfe))
