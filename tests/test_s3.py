@@ -102,3 +102,67 @@ def test_bad_schedule_contents_and_mismatches(tmp_path):
         S3().set_timesteps(4)
     with pytest.raises(ValueError, match="takes its time points from the schedule"):
         S3(s3_schedule=good).set_timesteps(timesteps=[900, 500])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the search
+@pytest.fixture(scope="module")
+def analytic_objective():
+    from fewstep.search.objectives import AnalyticObjective
+
+    return AnalyticObjective(num_samples=200)
+
+
+@pytest.mark.parametrize("use_predictor", [True, False])
+def test_search_beats_the_hand_designed_seeds(analytic_objective, use_predictor, tmp_path):
+    from fewstep.search import SearchSpace, search
+    from fewstep.search.s3_search import seed_schedules
+
+    space = SearchSpace(analytic_objective.noise_schedule, 5)
+    seeds = [analytic_objective(s) for s in seed_schedules(space)]
+    result = search(analytic_objective, space, 30, seed=1, use_predictor=use_predictor, progress=False,
+                    state_path=tmp_path / "state.json")
+    best, value = result.best
+    assert value < 0.8 * min(seeds), (value, seeds)
+    assert result.best_so_far()[-1] == value and len(result.evaluated) == 30
+    # the best schedule runs through the s3 scheduler on the same model and gives the same metric
+    assert analytic_objective(SolverSchedule.from_dict(best.to_dict())) == pytest.approx(value, rel=1e-12)
+
+
+def test_search_resumes_from_its_state(analytic_objective, tmp_path):
+    from fewstep.search import SearchSpace, search
+
+    space = SearchSpace(analytic_objective.noise_schedule, 4)
+    state = tmp_path / "state.json"
+    first = search(analytic_objective, space, 10, state_path=state, progress=False)
+    calls = []
+
+    def counting(schedule):
+        calls.append(schedule)
+        return analytic_objective(schedule)
+
+    more = search(counting, space, 14, state_path=state, progress=False)
+    assert len(calls) == 4 and len(more.evaluated) == 14
+    assert [v for _, v in more.evaluated[:10]] == [v for _, v in first.evaluated]
+    with pytest.raises(ValueError, match="is for NFE 4, not 5"):
+        search(analytic_objective, SearchSpace(analytic_objective.noise_schedule, 5), 12, state_path=state,
+               progress=False)
+    with pytest.raises(ValueError, match="`budget` must be an integer >= 1, got 0"):
+        search(analytic_objective, space, 0, progress=False)
+    with pytest.raises(ValueError, match="`nfe` must be an integer >= 2, got 1"):
+        SearchSpace(analytic_objective.noise_schedule, 1)
+
+
+def test_cli_search_writes_a_schedule_the_s3_scheduler_runs(tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "best.json"
+    assert main(["search", "--model", "analytic", "--nfe", "4", "--budget", "8", "--quiet", "--out", str(out)]) == 0
+    schedule = SolverSchedule.load(out)
+    assert schedule.nfe == 4 and schedule.metadata["model"] == "analytic"
+    assert main(["search", "--model", "sd15", "--nfe", "4", "--out", str(tmp_path / "x.json")]) == 2
+    assert "not searchable here" in capsys.readouterr().err
+    sched = S3(s3_schedule=str(out), s3_model="analytic")
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match="searched for model 'analytic', not 'digits-eps'"):
+        S3(s3_schedule=str(out), s3_model="digits-eps")
