@@ -14,6 +14,7 @@ from .base import FewstepScheduler, FewstepSchedulerOutput
 from .dc_solver import FewstepDCSolverScheduler
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
+from .flow_euler import FewstepFlowEulerScheduler
 from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
 from .mrs import FewstepMRSScheduler
 from .unipc import FewstepUniPCScheduler
@@ -28,6 +29,7 @@ __all__ = [
     "FewstepGHVBScheduler",
     "FewstepMRSScheduler",
     "FewstepDCSolverScheduler",
+    "FewstepFlowEulerScheduler",
     "PROCESSES",
     "process_of",
     "get",
@@ -45,6 +47,7 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "ghvb": FewstepGHVBScheduler,
     "mrs": FewstepMRSScheduler,
     "dc-solver": FewstepDCSolverScheduler,
+    "flow-euler": FewstepFlowEulerScheduler,
 }
 
 #: what a sampler integrates: ordinary diffusion/flow models, or mean-reverting (IR-SDE) restoration models,
