@@ -1,0 +1,1 @@
+"""Guidance rules and inverse-problem tools; ``operators`` holds the measurement operators shared with FlowChef."""
