@@ -50,14 +50,19 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "flow-euler": FewstepFlowEulerScheduler,
 }
 
-#: what a sampler integrates: ordinary diffusion/flow models, or mean-reverting (IR-SDE) restoration models,
-#: whose step also needs the degraded image ``mu``.
-PROCESSES = ("diffusion", "mean-reverting")
+#: what a sampler integrates: ordinary diffusion models (VP and flow configs alike), rectified-flow models only
+#: (``flow-euler`` refuses VP configs), or mean-reverting (IR-SDE) restoration models, whose step also needs
+#: the degraded image ``mu``.
+PROCESSES = ("diffusion", "flow", "mean-reverting")
 
 
 def process_of(name: str) -> str:
-    """``"mean-reverting"`` for samplers of MR models (their ``step`` takes ``mu``), else ``"diffusion"``."""
-    return "mean-reverting" if get(name) is FewstepMRSScheduler else "diffusion"
+    """``"mean-reverting"`` for samplers of MR models (their ``step`` takes ``mu``), ``"flow"`` for flow-only
+    samplers, else ``"diffusion"``."""
+    cls = get(name)
+    if cls is FewstepMRSScheduler:
+        return "mean-reverting"
+    return "flow" if cls is FewstepFlowEulerScheduler else "diffusion"
 
 
 def names(process: str | None = None) -> list[str]:
