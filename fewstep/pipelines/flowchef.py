@@ -35,7 +35,7 @@ DEFAULT_CONFIGS: dict[str, FlowChefConfig] = {
     "classifier": FlowChefConfig(step_size=0.05, inner_steps=2, optimizer="adam"),
 }
 #: DPS step size zeta per task (the gradient is that of ||y - A x0_hat||, per image)
-DPS_STEP = {"inpaint": 1.0, "sr": 1.0, "deblur": 1.0}
+DPS_STEP = {"inpaint": 1.0, "sr": 2.0, "deblur": 1.0}
 
 
 @dataclass
