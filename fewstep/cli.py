@@ -101,6 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} must end in .png")
     if args.task is not None:  # FlowChef
         return _generate_flowchef(args, out)
+    if args.sampler == "flowchef":
+        raise UsageError("--sampler flowchef steers towards a task: add --task inpaint|sr|deblur|classifier")
     args.sampler = args.sampler or "unipc"
     options = _options_dict(args.sampler_option)
     if args.sampler == "dc-solver" and ("dc_ratios_file" in options or "dc_cpr" in options):
@@ -194,7 +196,7 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
                                  ("steered_steps", args.flowchef_steered_steps),
                                  ("optimizer", args.flowchef_optimizer)) if v is not None}
     config = dataclasses.replace(DEFAULT_CONFIGS[args.task], **changes)
-    sampler = args.sampler or "flow-euler"
+    sampler = "flow-euler" if args.sampler in (None, "flowchef") else args.sampler
     if args.quiet:
         from diffusers.utils import logging as diffusers_logging
 

@@ -353,3 +353,31 @@ def test_cli_flowchef(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--model", "digits-flow", "--task", "colorize"])
     assert exc.value.code == 2
+
+
+def test_flowchef_scheduler_in_the_plain_pipeline_equals_the_hook(flow_pipe):
+    from fewstep.datasets import load_digits_images
+    from fewstep.pipelines.flowchef import flowchef_sample, make_task
+
+    truth = load_digits_images(16, "test")[0][:4]
+    task = make_task("sr", truth)
+    latents = torch.randn(truth.shape, generator=torch.Generator().manual_seed(2))
+    expected = flowchef_sample(flow_pipe, task, num_images=4, num_inference_steps=8, latents=latents,
+                               config=FlowChefConfig(step_size=0.5, inner_steps=2))
+    original = flow_pipe.scheduler
+    sched = samplers.get("flowchef").from_config(original.config, flowchef_inner_steps=2)
+    assert samplers.process_of("flowchef") == "flow"
+    with pytest.raises(ValueError, match="set_cost"):
+        sched.set_timesteps(8)
+    sched.set_cost(task.cost)
+    flow_pipe.scheduler = sched
+    try:
+        # guidance_scale 0 = the unconditional (null-class) output
+        got = flow_pipe([0] * 4, num_inference_steps=8, guidance_scale=0.0, latents=latents, output_type="pt").images
+        with pytest.raises(ValueError, match="steers by itself"):
+            flowchef_sample(flow_pipe, task, num_images=4, num_inference_steps=8)
+    finally:
+        flow_pipe.scheduler = original
+    torch.testing.assert_close(got, ((expected + 1) / 2).clamp(0, 1), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="flowchef_steered_steps|steered_steps"):
+        samplers.get("flowchef")(flowchef_steered_steps=-2)

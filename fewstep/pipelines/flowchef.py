@@ -86,8 +86,14 @@ def make_task(
 
 def _check_flow_scheduler(pipe) -> None:
     from ..samplers.base import FewstepScheduler
+    from ..samplers.flow_euler import FewstepFlowChefScheduler
 
     sched = pipe.scheduler
+    if isinstance(sched, FewstepFlowChefScheduler):
+        raise ValueError(
+            "the `flowchef` scheduler steers by itself (scheduler.set_cost + the pipeline's own loop); here, where "
+            "the task and config are given, use a plain flow scheduler such as flow-euler"
+        )
     if not isinstance(sched, FewstepScheduler):
         raise ValueError(
             f"FlowChef needs a fewstep scheduler (it runs as an engine hook), got {type(sched).__name__}; "

@@ -14,7 +14,7 @@ from .base import FewstepScheduler, FewstepSchedulerOutput
 from .dc_solver import FewstepDCSolverScheduler
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
-from .flow_euler import FewstepFlowEulerScheduler
+from .flow_euler import FewstepFlowChefScheduler, FewstepFlowEulerScheduler
 from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
 from .mrs import FewstepMRSScheduler
 from .unipc import FewstepUniPCScheduler
@@ -30,6 +30,7 @@ __all__ = [
     "FewstepMRSScheduler",
     "FewstepDCSolverScheduler",
     "FewstepFlowEulerScheduler",
+    "FewstepFlowChefScheduler",
     "PROCESSES",
     "process_of",
     "get",
@@ -48,6 +49,7 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "mrs": FewstepMRSScheduler,
     "dc-solver": FewstepDCSolverScheduler,
     "flow-euler": FewstepFlowEulerScheduler,
+    "flowchef": FewstepFlowChefScheduler,
 }
 
 #: what a sampler integrates: ordinary diffusion models (VP and flow configs alike), rectified-flow models only
@@ -62,7 +64,7 @@ def process_of(name: str) -> str:
     cls = get(name)
     if cls is FewstepMRSScheduler:
         return "mean-reverting"
-    return "flow" if cls is FewstepFlowEulerScheduler else "diffusion"
+    return "flow" if issubclass(cls, FewstepFlowEulerScheduler) else "diffusion"
 
 
 def names(process: str | None = None) -> list[str]:

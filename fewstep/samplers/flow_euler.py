@@ -13,7 +13,7 @@ from ..solvers.methods import ddim_decisions
 from ..solvers.schedules import FlowSchedule, FlowShift, is_flow_config
 from .base import FewstepScheduler
 
-__all__ = ["FewstepFlowEulerScheduler"]
+__all__ = ["FewstepFlowEulerScheduler", "FewstepFlowChefScheduler"]
 
 #: config keys that only a VP (DDPM-family) scheduler config has
 _VP_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "alphas_cumprod")
@@ -121,3 +121,76 @@ class FewstepFlowEulerScheduler(FewstepScheduler):
 
     def _decisions(self, num_steps: int, final_is_clean: bool):
         return ddim_decisions(num_steps)
+
+
+class FewstepFlowChefScheduler(FewstepFlowEulerScheduler):
+    """FlowChef: flow-matching Euler steered by a cost on x0_hat = x - s v, v frozen (no model backprop, same NFE).
+
+    Patel et al. (2024), "Steering Rectified Flow Models in the Vector Field" (sec. 3). The scheduler form of
+    ``solvers.flowchef.FlowChefHook`` for any diffusers-style loop: give it a cost with ``set_cost(cost)`` (a callable
+    ``x0_hat -> per-image losses``, e.g. ``solvers.flowchef.measurement_cost``), then sample as usual; every
+    ``set_timesteps`` installs the hook for the new run. Options: ``flowchef_step_size`` (eta),
+    ``flowchef_inner_steps`` (M), ``flowchef_steered_steps`` (K; ``None`` = all but the last), ``flowchef_optimizer``.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: str = "exponential",
+        stochastic_sampling: bool = False,
+        prediction_type: str = "flow",
+        timestep_spacing: str = "linspace",
+        final_sigmas_type: str = "zero",
+        time_grid: str = "spacing",
+        thresholding: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        steps_offset: int = 0,
+        flowchef_step_size: float = 0.5,
+        flowchef_inner_steps: int = 1,
+        flowchef_steered_steps: int | None = None,
+        flowchef_optimizer: str = "gd",
+    ):
+        super().__init__(
+            num_train_timesteps, shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
+            max_image_seq_len, invert_sigmas, shift_terminal, use_karras_sigmas, use_exponential_sigmas,
+            use_beta_sigmas, time_shift_type, stochastic_sampling, prediction_type, timestep_spacing,
+            final_sigmas_type, time_grid, thresholding, clip_sample, clip_sample_range, steps_offset,
+        )
+        from ..solvers.flowchef import FlowChefConfig
+
+        self.flowchef_config = FlowChefConfig(
+            step_size=flowchef_step_size, inner_steps=flowchef_inner_steps, steered_steps=flowchef_steered_steps,
+            optimizer=flowchef_optimizer,
+        )
+        self.cost = None
+
+    def set_cost(self, cost: Any) -> None:
+        """The cost on ``x0_hat`` (callable -> per-image losses or a scalar) used from the next ``set_timesteps``."""
+        if not callable(cost):
+            raise TypeError(f"`cost` must be callable (x0_hat -> per-image losses), got {type(cost).__name__}")
+        self.cost = cost
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None) -> None:
+        from ..solvers.flowchef import FlowChefHook
+
+        if self.cost is None:
+            raise ValueError("`flowchef` needs a cost: call scheduler.set_cost(cost) before set_timesteps "
+                             "(or use flow-euler for unsteered sampling)")
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+        hook = FlowChefHook(self.cost, self.flowchef_config)
+        grid = self.plan.grid
+        hook.check_plan(grid.alphas, grid.sigmas, self.plan.num_steps)
+        self.add_step_hook(hook)
