@@ -119,6 +119,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
+    if args.task is not None:  # FlowChef
+        return _generate_flowchef(args, out)
+    if args.sampler == "flowchef":
+        raise UsageError("--sampler flowchef steers towards a task: add --task inpaint|sr|deblur|classifier")
+    args.sampler = args.sampler or "unipc"
     from . import guidance
 
     guidance.make(args.guidance, args.guidance_scale)  # validate the rule's parameters before loading a model
@@ -165,6 +170,80 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kind = "restored images (top: degraded input)" if result.measurements is not None else "images"
     print(f"wrote {out} ({len(result.images)} {kind}, sampler {args.sampler}, NFE {result.nfe}{cfg_note}, "
           f"{result.seconds:.2f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- FlowChef
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _add_flowchef_args(p_gen) -> None:
+    from .pipelines.flowchef import TASKS
+
+    p_gen.add_argument("--task", choices=TASKS, default=None,
+                       help="FlowChef steering of digits-flow: restore held-out test digits (inpaint, sr, deblur) "
+                            "or steer an unconditional run towards --class (classifier)")
+    p_gen.add_argument("--flowchef-step", type=_nonneg_float, default=None, metavar="ETA",
+                       help="FlowChef step size eta (default per task)")
+    p_gen.add_argument("--flowchef-inner-steps", type=_positive_int, default=None, metavar="M",
+                       help="gradient steps per steered step (default per task)")
+    p_gen.add_argument("--flowchef-steered-steps", type=int, default=None, metavar="K",
+                       help="steer the first K steps (default: all but the last)")
+    p_gen.add_argument("--flowchef-optimizer", choices=["gd", "adam"], default=None, help="default per task")
+    p_gen.add_argument("--noise-std", type=_nonneg_float, default=0.0, help="measurement noise std (inverse tasks)")
+
+
+def _generate_flowchef(args: argparse.Namespace, out) -> int:
+    import dataclasses
+
+    from .pipelines.flowchef import DEFAULT_CONFIGS, as_numpy_images, run_task
+    from .pipelines.generate import image_grid, load_model
+
+    if args.model != "digits-flow":
+        raise UsageError(f"--task needs --model digits-flow (a rectified-flow model), got {args.model!r}")
+    if args.measurement is not None or args.prompt is not None:
+        raise UsageError("--task takes no --measurement/--prompt: it measures held-out test digits itself")
+    if args.classes and args.task != "classifier":
+        raise UsageError(f"--class is for --task classifier, not --task {args.task}")
+    if args.noise_std and args.task == "classifier":
+        raise UsageError("--noise-std is for the inverse tasks (inpaint, sr, deblur)")
+    if args.flowchef_steered_steps is not None and not 0 <= args.flowchef_steered_steps <= args.steps:
+        raise UsageError(f"--flowchef-steered-steps must be in 0..{args.steps} (--steps), "
+                         f"got {args.flowchef_steered_steps}")
+    changes = {k: v for k, v in (("step_size", args.flowchef_step), ("inner_steps", args.flowchef_inner_steps),
+                                 ("steered_steps", args.flowchef_steered_steps),
+                                 ("optimizer", args.flowchef_optimizer)) if v is not None}
+    config = dataclasses.replace(DEFAULT_CONFIGS[args.task], **changes)
+    sampler = "flow-euler" if args.sampler in (None, "flowchef") else args.sampler
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    pipe = load_model(args.model, sampler, device=args.device, dtype=args.dtype,
+                      sampler_options=_options_dict(args.sampler_option))
+    result = run_task(pipe, args.task, num_images=args.num_images, steps=args.steps, seed=args.seed,
+                      classes=args.classes, config=config, noise_std=args.noise_std)
+    images = as_numpy_images(result.images)
+    if result.degraded is not None:
+        n, columns = len(images), min(len(images), 10)
+        degraded = as_numpy_images(result.degraded)
+        rows = []
+        for start in range(0, n, columns):
+            rows += [degraded[start:start + columns], images[start:start + columns]]
+        grid = image_grid(np.concatenate(rows), columns=columns)
+    else:
+        grid = image_grid(images)
+    atomic_write(out, lambda p: grid.save(p, format="PNG"))
+    metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
+    print(f"wrote {out} ({len(images)} images, FlowChef {args.task}: eta {config.step_size:g}, M {config.inner_steps}, "
+          f"{config.optimizer}; sampler {sampler}, NFE {result.nfe}, {result.seconds:.2f} s; {metrics})")
     return 0
 
 
@@ -328,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--model", default="digits-eps",
                        help="embedded model (digits-eps, digits-flow, digits-mr), a local pipeline directory "
                             "or a hub id")
-    p_gen.add_argument("--sampler", type=_sampler_name, default="unipc", help="registered sampler (fewstep list)")
+    p_gen.add_argument("--sampler", type=_sampler_name, default=None,
+                       help="registered sampler (fewstep list; default unipc, flow-euler with --task)")
     p_gen.add_argument("--sampler-option", type=_sampler_option, action="append", metavar="KEY=VALUE",
                        help="override a sampler config option, e.g. momentum_order=3.8 (repeatable)")
     p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
@@ -348,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p_gen.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
     p_gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_flowchef_args(p_gen)
     p_gen.set_defaults(func=cmd_generate)
 
     p_bench = sub.add_parser("bench", help="error versus NFE of samplers")

@@ -14,6 +14,7 @@ from .base import FewstepScheduler, FewstepSchedulerOutput
 from .dc_solver import FewstepDCSolverScheduler
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
+from .flow_euler import FewstepFlowChefScheduler, FewstepFlowEulerScheduler
 from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
 from .mrs import FewstepMRSScheduler
 from .s3 import FewstepS3Scheduler
@@ -30,6 +31,8 @@ __all__ = [
     "FewstepMRSScheduler",
     "FewstepDCSolverScheduler",
     "FewstepS3Scheduler",
+    "FewstepFlowEulerScheduler",
+    "FewstepFlowChefScheduler",
     "PROCESSES",
     "process_of",
     "get",
@@ -48,16 +51,23 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "mrs": FewstepMRSScheduler,
     "dc-solver": FewstepDCSolverScheduler,
     "s3": FewstepS3Scheduler,
+    "flow-euler": FewstepFlowEulerScheduler,
+    "flowchef": FewstepFlowChefScheduler,
 }
 
-#: what a sampler integrates: ordinary diffusion/flow models, or mean-reverting (IR-SDE) restoration models,
-#: whose step also needs the degraded image ``mu``.
-PROCESSES = ("diffusion", "mean-reverting")
+#: what a sampler integrates: ordinary diffusion models (VP and flow configs alike), rectified-flow models only
+#: (``flow-euler`` refuses VP configs), or mean-reverting (IR-SDE) restoration models, whose step also needs
+#: the degraded image ``mu``.
+PROCESSES = ("diffusion", "flow", "mean-reverting")
 
 
 def process_of(name: str) -> str:
-    """``"mean-reverting"`` for samplers of MR models (their ``step`` takes ``mu``), else ``"diffusion"``."""
-    return "mean-reverting" if get(name) is FewstepMRSScheduler else "diffusion"
+    """``"mean-reverting"`` for samplers of MR models (their ``step`` takes ``mu``), ``"flow"`` for flow-only
+    samplers, else ``"diffusion"``."""
+    cls = get(name)
+    if cls is FewstepMRSScheduler:
+        return "mean-reverting"
+    return "flow" if issubclass(cls, FewstepFlowEulerScheduler) else "diffusion"
 
 
 #: samplers that need an artifact to run (a searched schedule): not usable with their default config.

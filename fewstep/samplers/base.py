@@ -204,6 +204,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
+    def add_step_hook(self, hook: Any) -> None:
+        """Run ``hook(state, i)`` in every remaining step of the current run (after the corrector, before the
+        predictor; see ``solvers.engine.EngineState``), e.g. a FlowChef steering hook. ``set_timesteps`` starts a
+        fresh run without it."""
+        if self._state is None:
+            raise ValueError("call `set_timesteps` before `add_step_hook`")
+        if not callable(hook):
+            raise TypeError(f"`hook` must be callable as hook(state, i), got {type(hook).__name__}")
+        self._state.hooks.append(hook)
+
     # ----------------------------------------------------------------------------------------------
     # step
     def _init_step_index(self, timestep: Any) -> None:

@@ -1,0 +1,250 @@
+"""Measurement operators of linear inverse problems: ``y = A x + n``, shared by FlowChef and posterior samplers.
+
+Each operator acts on NCHW images (the model's pixel range) and offers
+
+* ``forward(x)`` / ``__call__`` -- ``A x`` (differentiable: costs backpropagate through it),
+* ``adjoint(y)`` -- ``A^T y``, exact for the Euclidean inner product (``<A x, y> = <x, A^T y>``, tested),
+* ``measure(x, generator)`` -- a seeded noisy measurement ``A x + noise_std * n`` (``n`` standard normal in the
+  measurement space; for inpainting only on the observed pixels),
+* ``output_shape(shape)`` and ``check_measurement(y, shape)`` -- shapes, with clear errors.
+
+Operators (the FlowChef / DPS benchmark tasks, Patel et al. 2024 sec. 5; Chung et al. 2023 sec. 4):
+box inpainting and random-mask inpainting (``A = diag(m)``: the measurement keeps the image's shape with zeros
+where nothing is observed, so ``A^T = A`` and ``||A x - y||^2`` is the masked loss), super-resolution by
+``f x f`` average pooling (``A^T y`` spreads each low-resolution pixel as ``y / f^2`` over its block) and
+Gaussian deblurring (per-channel convolution with a normalised Gaussian kernel, zero padding; ``A^T`` is the
+transposed convolution, which for the symmetric kernel is the same convolution).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MeasurementOperator",
+    "Inpainting",
+    "BoxInpainting",
+    "RandomInpainting",
+    "SuperResolution",
+    "GaussianBlur",
+    "OPERATORS",
+    "make_operator",
+]
+
+
+def _check_noise(noise_std: float) -> float:
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) \
+            or noise_std < 0:
+        raise ValueError(f"`noise_std` must be a finite number >= 0, got {noise_std!r}")
+    return float(noise_std)
+
+
+class MeasurementOperator:
+    """Base class: a linear operator ``A`` on NCHW images plus additive Gaussian noise of std ``noise_std``."""
+
+    name = "operator"
+
+    def __init__(self, noise_std: float = 0.0):
+        self.noise_std = _check_noise(noise_std)
+
+    # shapes ---------------------------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self.name}: the image must be an NCHW tensor, got {got}")
+
+    def output_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of ``A x`` for an image of ``shape``."""
+        return tuple(shape)
+
+    def check_measurement(self, y: torch.Tensor, image_shape: Sequence[int]) -> None:
+        """``ValueError`` unless ``y`` has the shape ``A`` gives images of ``image_shape`` (batch may broadcast)."""
+        want = self.output_shape(image_shape)
+        if not isinstance(y, torch.Tensor) or y.ndim != len(want) or tuple(y.shape[1:]) != want[1:] \
+                or y.shape[0] not in (1, want[0]):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(
+                f"{self.name}: measurement shape {got} does not match the operator's output {want} for images of "
+                f"shape {tuple(image_shape)}"
+            )
+
+    # the operator ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    def _noise_support(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Where the measurement has noise (``None``: everywhere)."""
+        return None
+
+    def measure(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``y = A x + noise_std * n``, ``n`` drawn from ``generator`` (on the image's device)."""
+        y = self.forward(x)
+        if self.noise_std > 0:
+            n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+            support = self._noise_support(y)
+            y = y + self.noise_std * (n if support is None else n * support)
+        return y
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, noise_std={self.noise_std})"
+
+
+class Inpainting(MeasurementOperator):
+    """``A x = m * x`` for a 0/1 mask ``m`` (``1`` = observed), shape ``[1 or N, 1 or C, H, W]``; ``A^T = A``."""
+
+    name = "inpaint"
+
+    def __init__(self, mask: torch.Tensor, noise_std: float = 0.0):
+        super().__init__(noise_std)
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+            raise ValueError(f"`mask` must be a [N, C, H, W] tensor of 0/1, got {getattr(mask, 'shape', mask)!r}")
+        if not torch.all((mask == 0) | (mask == 1)):
+            raise ValueError("`mask` must contain only 0 (missing) and 1 (observed)")
+        self.mask = mask.float()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        super().check_input(x)
+        m = self.mask
+        ok = x.shape[-2:] == m.shape[-2:] and m.shape[0] in (1, x.shape[0]) and m.shape[1] in (1, x.shape[1])
+        if not ok:
+            raise ValueError(f"{self.name}: image shape {tuple(x.shape)} does not fit the mask {tuple(m.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return x * self.mask.to(device=x.device, dtype=x.dtype)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self.forward(y)
+
+    def _noise_support(self, y: torch.Tensor) -> torch.Tensor:
+        return self.mask.to(device=y.device, dtype=y.dtype)
+
+
+class BoxInpainting(Inpainting):
+    """A ``box x box`` square of missing pixels, centred unless ``top``/``left`` are given, in square images."""
+
+    name = "box-inpaint"
+
+    def __init__(self, size: int, box: int = 6, top: int | None = None, left: int | None = None,
+                 noise_std: float = 0.0):
+        for arg, value in (("size", size), ("box", box)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{arg}` must be an integer >= 1, got {value!r}")
+        if box >= size:
+            raise ValueError(f"`box` must be smaller than the image size {size}, got {box}")
+        top = (size - box) // 2 if top is None else top
+        left = (size - box) // 2 if left is None else left
+        for arg, value in (("top", top), ("left", left)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= size - box:
+                raise ValueError(f"`{arg}` must be an integer in [0, {size - box}], got {value!r}")
+        mask = torch.ones(1, 1, size, size)
+        mask[..., top:top + box, left:left + box] = 0
+        super().__init__(mask, noise_std)
+        self.box = (top, left, box)
+
+
+class RandomInpainting(Inpainting):
+    """A seeded random mask that drops a fraction ``drop`` of the pixels (the same mask for every image)."""
+
+    name = "random-inpaint"
+
+    def __init__(self, size: int, drop: float = 0.7, seed: int = 0, noise_std: float = 0.0):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"`size` must be an integer >= 1, got {size!r}")
+        if not isinstance(drop, (int, float)) or not 0 <= drop < 1:
+            raise ValueError(f"`drop` must lie in [0, 1), got {drop!r}")
+        g = torch.Generator().manual_seed(int(seed))
+        mask = (torch.rand(1, 1, size, size, generator=g) >= drop).float()
+        super().__init__(mask, noise_std)
+
+
+class SuperResolution(MeasurementOperator):
+    """``A`` = ``factor x factor`` average pooling; ``A^T y`` = nearest upsampling divided by ``factor^2``."""
+
+    name = "sr"
+
+    def __init__(self, factor: int = 2, noise_std: float = 0.0):
+        super().__init__(noise_std)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+            raise ValueError(f"`factor` must be an integer >= 2, got {factor!r}")
+        self.factor = factor
+
+    def check_input(self, x: torch.Tensor) -> None:
+        super().check_input(x)
+        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(
+                f"{self.name}: image size {tuple(x.shape[-2:])} is not divisible by the factor {self.factor}"
+            )
+
+    def output_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        n, c, h, w = shape
+        return (n, c, h // self.factor, w // self.factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return F.avg_pool2d(x, self.factor)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        if not isinstance(y, torch.Tensor) or y.ndim != 4:
+            raise ValueError(f"{self.name}: the measurement must be an NCHW tensor, got {getattr(y, 'shape', y)!r}")
+        f = self.factor
+        return y.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1) / (f * f)
+
+
+class GaussianBlur(MeasurementOperator):
+    """Per-channel convolution with a normalised ``kernel_size`` Gaussian of std ``blur_sigma`` (zero padding)."""
+
+    name = "deblur"
+
+    def __init__(self, kernel_size: int = 5, blur_sigma: float = 1.0, noise_std: float = 0.0):
+        super().__init__(noise_std)
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"`kernel_size` must be an odd integer >= 1, got {kernel_size!r}")
+        if not isinstance(blur_sigma, (int, float)) or not math.isfinite(blur_sigma) or blur_sigma <= 0:
+            raise ValueError(f"`blur_sigma` must be a finite number > 0, got {blur_sigma!r}")
+        r = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
+        g = torch.exp(-0.5 * (r / blur_sigma) ** 2)
+        k2 = torch.outer(g, g)
+        self.kernel = (k2 / k2.sum()).float()
+        self.kernel_size = kernel_size
+
+    def _weight(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        k = self.kernel.to(device=x.device, dtype=x.dtype)
+        return k.expand(c, 1, self.kernel_size, self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return F.conv2d(x, self._weight(x), padding=self.kernel_size // 2, groups=x.shape[1])
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        self.check_input(y)
+        return F.conv_transpose2d(y, self._weight(y), padding=self.kernel_size // 2, groups=y.shape[1])
+
+
+#: task name -> operator class (``make_operator`` builds the default of each task for ``size x size`` images)
+OPERATORS = {"inpaint": BoxInpainting, "random-inpaint": RandomInpainting, "sr": SuperResolution,
+             "deblur": GaussianBlur}
+
+
+def make_operator(task: str, size: int, noise_std: float = 0.0, **kwargs) -> MeasurementOperator:
+    """The operator of ``task`` (``inpaint``: centred 6x6 box at 16 px (scaled with ``size``), ``random-inpaint``:
+    70% of pixels dropped, ``sr``: 2x average pooling, ``deblur``: 5x5 Gaussian, std 1)."""
+    if task not in OPERATORS:
+        raise ValueError(f"unknown measurement task {task!r}; available: {', '.join(OPERATORS)}")
+    if task == "inpaint":
+        kwargs.setdefault("box", max(1, round(size * 6 / 16)))
+        return BoxInpainting(size, noise_std=noise_std, **kwargs)
+    if task == "random-inpaint":
+        return RandomInpainting(size, noise_std=noise_std, **kwargs)
+    return OPERATORS[task](noise_std=noise_std, **kwargs)

@@ -1,0 +1,293 @@
+"""FlowChef on a class-conditional flow pipeline (``digits-flow``): tasks, per-task defaults, a DPS baseline.
+
+``flowchef_sample`` runs the pipeline's UNet with a fewstep flow scheduler and a ``FlowChefHook``
+(``solvers.flowchef``): per step one model evaluation, then ``M`` gradient steps of the task's cost on
+``x0_hat = x - s v`` with ``v`` frozen, then the scheduler's step with the same ``v`` -- NFE equals the number of
+steps. ``dps_sample`` is the DPS-style baseline (Chung et al. 2023, Alg. 1 transposed to rectified flow): the
+gradient of ``||y - A(x0_hat(x))||`` is taken *through the model*, which costs a backward pass per step and
+keeps the model's activations alive for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..guidance.operators import MeasurementOperator, make_operator
+from ..solvers.flowchef import Cost, FlowChefConfig, FlowChefHook, classifier_cost, measurement_cost
+
+__all__ = ["TASKS", "INVERSE_TASKS", "DEFAULT_CONFIGS", "FlowChefTask", "make_task", "flowchef_sample",
+           "dps_sample", "DPS_STEP", "TaskResult", "run_task", "degraded_view"]
+
+INVERSE_TASKS = ("inpaint", "sr", "deblur")
+TASKS = INVERSE_TASKS + ("classifier",)
+
+#: defaults per task for digits-flow at 20-30 steps (costs are per-image sums; tuned by scripts/bench_flowchef.py)
+DEFAULT_CONFIGS: dict[str, FlowChefConfig] = {
+    "inpaint": FlowChefConfig(step_size=0.5, inner_steps=1, optimizer="gd"),
+    "sr": FlowChefConfig(step_size=0.5, inner_steps=2, optimizer="gd"),
+    "deblur": FlowChefConfig(step_size=0.5, inner_steps=3, optimizer="gd"),
+    "classifier": FlowChefConfig(step_size=0.05, inner_steps=2, optimizer="adam"),
+}
+#: DPS step size zeta per task (the gradient is that of ||y - A x0_hat||, per image)
+DPS_STEP = {"inpaint": 1.0, "sr": 2.0, "deblur": 1.0}
+
+
+@dataclass
+class FlowChefTask:
+    """A cost on ``x0_hat`` plus what produced it: the operator and measurement (inverse problems) or labels."""
+
+    name: str
+    cost: Cost
+    operator: MeasurementOperator | None = None
+    measurement: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+def make_task(
+    task: str,
+    images: torch.Tensor | None = None,
+    labels: Sequence[int] | torch.Tensor | None = None,
+    classifier: torch.nn.Module | None = None,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+    size: int = 16,
+    scale: float = 1.0,
+) -> FlowChefTask:
+    """Build a task: ``inpaint``/``sr``/``deblur`` measure ``images`` (NCHW in [-1, 1]) with the task's default
+    operator (``guidance.operators.make_operator``); ``classifier`` needs ``labels`` and a ``classifier``
+    (default: the shipped ``digits-classifier``)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown FlowChef task {task!r}; available: {', '.join(TASKS)}")
+    if task == "classifier":
+        if labels is None:
+            raise ValueError("the classifier task needs `labels` (the requested classes)")
+        target = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if classifier is None:
+            from .defaults import load_default
+
+            classifier = load_default("digits-classifier")
+        n_cls = int(getattr(getattr(classifier, "config", None), "num_classes", 10))
+        if target.numel() == 0 or target.min() < 0 or target.max() >= n_cls:
+            raise ValueError(f"`labels` must be class ids in 0..{n_cls - 1}, got {target.tolist()}")
+        classifier.requires_grad_(False)
+        return FlowChefTask(task, classifier_cost(classifier, target, scale), labels=target)
+    if images is None:
+        raise ValueError(f"task {task!r} needs `images` to measure (NCHW in [-1, 1])")
+    operator = make_operator(task, size=images.shape[-1], noise_std=noise_std)
+    y = operator.measure(images, generator)
+    return FlowChefTask(task, measurement_cost(operator, y, scale), operator, y)
+
+
+def _check_flow_scheduler(pipe) -> None:
+    from ..samplers.base import FewstepScheduler
+    from ..samplers.flow_euler import FewstepFlowChefScheduler
+
+    sched = pipe.scheduler
+    if isinstance(sched, FewstepFlowChefScheduler):
+        raise ValueError(
+            "the `flowchef` scheduler steers by itself (scheduler.set_cost + the pipeline's own loop); here, where "
+            "the task and config are given, use a plain flow scheduler such as flow-euler"
+        )
+    if not isinstance(sched, FewstepScheduler):
+        raise ValueError(
+            f"FlowChef needs a fewstep scheduler (it runs as an engine hook), got {type(sched).__name__}; "
+            "swap one in with fewstep.pipelines.swap.swap_sampler(pipe, 'flow-euler')"
+        )
+    if not sched.is_flow:
+        raise ValueError(
+            f"FlowChef needs a rectified-flow model; {type(sched).__name__} here runs a VP/diffusion schedule "
+            "(e.g. digits-eps): use digits-flow (or another flow-matching model)"
+        )
+
+
+def _prepare(pipe, num_images, class_labels, generator, latents):
+    device = pipe._execution_device
+    n_null = pipe.null_class
+    if class_labels is None:
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
+        labels = torch.full((num_images,), n_null, dtype=torch.long)
+    else:
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() > n_null:
+            raise ValueError(f"`class_labels` must be class ids in 0..{n_null} ({n_null} = unconditional)")
+    cfg = pipe.unet.config
+    shape = (labels.numel(), cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=pipe.unet.dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+    return latents.to(device), labels.to(device)
+
+
+@torch.no_grad()
+def flowchef_sample(
+    pipe,
+    cost: Cost | FlowChefTask | None,
+    num_images: int | None = None,
+    class_labels: Sequence[int] | torch.Tensor | None = None,
+    num_inference_steps: int = 20,
+    config: FlowChefConfig | None = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    latents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample ``pipe`` (a ``ClassConditionalPipeline`` of a flow model with a fewstep flow scheduler) steered by
+    ``cost``; returns NCHW images in the model range [-1, 1]. ``class_labels`` default to the null class
+    (unconditional); ``guidance_scale != 1`` adds classifier-free guidance towards ``class_labels``.
+    ``cost=None`` samples unsteered (the same loop, for comparisons)."""
+    _check_flow_scheduler(pipe)
+    if isinstance(cost, FlowChefTask):
+        cost = cost.cost
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+    x, labels = _prepare(pipe, num_images, class_labels, generator, latents)
+    sched = pipe.scheduler
+    sched.set_timesteps(num_inference_steps, device=x.device)
+    if cost is not None:
+        hook = FlowChefHook(cost, config)
+        grid = sched.plan.grid
+        hook.check_plan(grid.alphas, grid.sigmas, sched.plan.num_steps)  # fail before any model call
+        sched.add_step_hook(hook)
+    guided = guidance_scale != 1.0
+    model_labels = torch.cat([labels, torch.full_like(labels, pipe.null_class)]) if guided else labels
+    for t in sched.timesteps:
+        model_in = torch.cat([x, x]) if guided else x
+        out = pipe.unet(model_in, t.reshape(1).expand(model_in.shape[0]), class_labels=model_labels).sample
+        if guided:
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        x = sched.step(out, t, x).prev_sample
+    return x
+
+
+def dps_sample(
+    pipe,
+    operator: MeasurementOperator,
+    measurement: torch.Tensor,
+    num_images: int | None = None,
+    num_inference_steps: int = 20,
+    step_size: float = 1.0,
+    generator: torch.Generator | None = None,
+    latents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DPS-style baseline on a flow model: ``x' = Euler(x, v) - zeta * grad_x ||y - A(x - s v_theta(x))||``, the
+    gradient through the model (unconditional, null class). Returns NCHW images in [-1, 1]."""
+    _check_flow_scheduler(pipe)
+    if not step_size >= 0:
+        raise ValueError(f"`step_size` (zeta) must be >= 0, got {step_size!r}")
+    n = num_images if num_images is not None else measurement.shape[0]
+    x, labels = _prepare(pipe, n, None, generator, latents)
+    operator.check_measurement(measurement, x.shape)
+    sched = pipe.scheduler
+    sched.set_timesteps(num_inference_steps, device=x.device)
+    sigmas = sched.plan.grid.sigmas
+    alphas = sched.plan.grid.alphas
+    pipe.unet.requires_grad_(False)
+    for i, t in enumerate(sched.timesteps):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = pipe.unet(x, t.reshape(1).expand(x.shape[0]), class_labels=labels).sample
+            x0_hat = (x - float(sigmas[i]) * v) / float(alphas[i] + sigmas[i])
+            residual = (operator(x0_hat) - measurement).flatten(1).norm(dim=1)
+            (grad,) = torch.autograd.grad(residual.sum(), x)
+        with torch.no_grad():
+            x = sched.step(v.detach(), t, x.detach()).prev_sample - step_size * grad
+    return x.detach()
+
+
+def timed(fn, *args, **kwargs) -> tuple[torch.Tensor, float]:
+    """``(fn(*args, **kwargs), seconds)``."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def degraded_view(task: FlowChefTask) -> torch.Tensor:
+    """The measurement as a picture of the image's size (SR: nearest upsampling; inpainting: missing pixels at 0)."""
+    y = task.measurement
+    op = task.operator
+    if y is None or op is None:
+        raise ValueError(f"task {task.name!r} has no measurement to show")
+    factor = getattr(op, "factor", 1)
+    return y.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1) if factor > 1 else y
+
+
+@dataclass
+class TaskResult:
+    """Images NCHW in [-1, 1]; for inverse problems the degraded views and ground truth; metrics by name."""
+
+    images: torch.Tensor
+    nfe: int
+    seconds: float
+    config: FlowChefConfig
+    degraded: torch.Tensor | None = None
+    truth: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_task(
+    pipe,
+    task: str,
+    num_images: int = 10,
+    steps: int = 20,
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+    config: FlowChefConfig | None = None,
+    noise_std: float = 0.0,
+) -> TaskResult:
+    """One FlowChef run of ``task`` on ``pipe`` (digits-flow): inverse problems restore held-out test digits
+    (seeded measurement), ``classifier`` steers an unconditional (null-class) run towards ``classes`` (default:
+    cycle 0-9). Reports PSNR/SSIM against the ground truth, or the shipped classifier's accuracy."""
+    from ..bench.image_metrics import psnr, ssim
+    from ..datasets import load_digits_images, to_unit_range
+
+    if task not in TASKS:
+        raise ValueError(f"unknown FlowChef task {task!r}; available: {', '.join(TASKS)}")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
+    _check_flow_scheduler(pipe)
+    config = config if config is not None else DEFAULT_CONFIGS[task]
+    generator = torch.Generator().manual_seed(seed)
+    size = pipe.unet.config.sample_size
+    truth = degraded = None
+    if task == "classifier":
+        pool = list(classes) if classes else list(range(pipe.num_classes))
+        labels = [pool[i % len(pool)] for i in range(num_images)]
+        spec = make_task(task, labels=labels)
+    else:
+        if classes:
+            raise ValueError(f"task {task!r} restores held-out digits; it takes no classes")
+        images, _ = load_digits_images(size, "test")
+        if num_images > images.shape[0]:
+            raise ValueError(f"`num_images` must be <= {images.shape[0]} (held-out digits), got {num_images}")
+        truth = images[:num_images]
+        spec = make_task(task, truth, noise_std=noise_std, generator=torch.Generator().manual_seed(seed + 1))
+        degraded = degraded_view(spec)
+    start = time.perf_counter()
+    x = flowchef_sample(pipe, spec, num_images=num_images, num_inference_steps=steps, config=config,
+                        generator=generator)
+    seconds = time.perf_counter() - start
+    metrics: dict[str, float] = {}
+    if truth is not None:
+        a, b = to_unit_range(x.float().cpu()), to_unit_range(truth)
+        metrics = {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean())}
+    else:
+        from .defaults import load_default
+
+        classifier = load_default("digits-classifier")
+        with torch.no_grad():
+            pred = classifier(x.float().cpu().clamp(-1, 1)).argmax(1)
+        metrics = {"accuracy": float((pred == spec.labels).float().mean())}
+    return TaskResult(x, len(pipe.scheduler.timesteps), seconds, config, degraded, truth, metrics)
+
+
+def as_numpy_images(x: torch.Tensor) -> np.ndarray:
+    """NCHW in [-1, 1] -> NHWC float32 in [0, 1]."""
+    return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,196 @@
+"""Flow-matching Euler (rectified flow) on the unified engine: diffusers' FlowMatchEulerDiscreteScheduler."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from diffusers.configuration_utils import register_to_config
+
+from ..solvers import grids
+from ..solvers.methods import ddim_decisions
+from ..solvers.schedules import FlowSchedule, FlowShift, is_flow_config
+from .base import FewstepScheduler
+
+__all__ = ["FewstepFlowEulerScheduler", "FewstepFlowChefScheduler"]
+
+#: config keys that only a VP (DDPM-family) scheduler config has
+_VP_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "alphas_cumprod")
+_UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                "stochastic_sampling")
+
+
+class FewstepFlowEulerScheduler(FewstepScheduler):
+    """Flow-matching Euler: x_{s'} = x_s + (s' - s) v for rectified-flow models (SD3, Flux, digits-flow).
+
+    Liu et al. (2022), Esser et al. (2024, eq. 23 for the shift). Same sigma grid as diffusers'
+    FlowMatchEulerDiscreteScheduler (``sigma = linspace(1, s_min, N)`` with ``s_min`` pre-shifted for a static
+    ``shift``, then shifted; dynamic shift ``e^mu`` from ``mu`` for Flux; custom ``sigmas`` are shifted as diffusers
+    does), timesteps ``s * T`` as floats. On the engine this is DDIM (order 1, data form) on the flow schedule, so
+    it accepts steering hooks such as FlowChef and inconsistent ``(x0, eps)`` pairs (CFG++). VP (DDPM-family)
+    configs are refused: use ``ddim`` or another multistep sampler for those.
+    """
+
+    spacing_style = "ddim"
+    flow_grid_style = "flowmatch"
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: str = "exponential",
+        stochastic_sampling: bool = False,
+        prediction_type: str = "flow",
+        # engine settings shared by every fewstep scheduler (fixed for flow-euler)
+        timestep_spacing: str = "linspace",
+        final_sigmas_type: str = "zero",
+        time_grid: str = "spacing",
+        thresholding: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        steps_offset: int = 0,
+    ):
+        if prediction_type not in ("flow", "flow_prediction"):
+            raise ValueError(
+                f"`flow-euler` samples rectified-flow (velocity) models; got prediction_type={prediction_type!r} "
+                "(a VP/diffusion config): use ddim, dpm-solver++ or unipc for it"
+            )
+        if shift is None or not np.isfinite(shift) or shift <= 0:
+            raise ValueError(f"`shift` must be a finite number > 0, got {shift!r}")
+        for key in _UNSUPPORTED:
+            if self.config[key]:
+                raise ValueError(f"`{key}=True` is not supported by flow-euler (allowed: False)")
+        if final_sigmas_type != "zero":
+            raise ValueError(f"`final_sigmas_type` must be 'zero' for flow-euler, got {final_sigmas_type!r}")
+        self._init_common()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any):
+        """``diffusers`` ``from_config``, refusing a VP (DDPM-family) config instead of silently sampling a flow."""
+        cfg = dict(config or {})
+        vp = [k for k in _VP_KEYS if k in cfg]
+        if vp and not is_flow_config({**cfg, **kwargs}):
+            raise ValueError(
+                f"`flow-euler` needs a flow-matching config (FlowMatchEulerDiscreteScheduler, `shift`, "
+                f"`use_dynamic_shifting`); got a VP config ({cfg.get('_class_name', 'scheduler')} with {vp[0]}): "
+                "use ddim, dpm-solver++ or unipc for VP models"
+            )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _shift(self, mu: float | None) -> FlowShift:
+        if self.config.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("`mu` must be passed to set_timesteps when `use_dynamic_shifting=True`")
+            return FlowShift.from_mu(float(mu))
+        return FlowShift(float(self.config.shift))
+
+    def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:
+        if not isinstance(self.noise_schedule, FlowSchedule):  # pragma: no cover - refused in __init__
+            raise ValueError("flow-euler needs a flow schedule")
+        if sigmas is None and timesteps is None:
+            return super()._grid(num_inference_steps, timesteps, sigmas, mu)
+        # diffusers shifts user sigmas (Flux passes linspace(1, 1/N, N) plus mu) and sigmas derived from user
+        # timesteps, while the model still gets the given timesteps.
+        T = self.noise_schedule.num_train_timesteps
+        given = np.asarray(sigmas if sigmas is not None else np.asarray(timesteps, dtype=np.float64) / T,
+                           dtype=np.float64).reshape(-1)
+        if given.size >= 2 and given[-1] == 0:
+            given = given[:-1]
+        given = grids._check_decreasing("sigmas" if sigmas is not None else "timesteps", given)
+        if np.any(given <= 0) or np.any(given > 1):
+            raise ValueError(f"flow sigmas must lie in (0, 1], got {given.tolist()}")
+        s = self._shift(mu).apply(given)
+        if self.config.shift_terminal:
+            one_minus = 1.0 - s
+            s = 1.0 - one_minus / (one_minus[-1] / (1.0 - self.config.shift_terminal))
+        s = np.minimum(s, 1.0 - 1e-6)  # alpha = 0 has lambda = -inf (see grids._flow_from_s)
+        times = s * T if timesteps is None else np.asarray(timesteps, dtype=np.float64).reshape(-1)[: s.size]
+        return grids.TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
+
+    def _decisions(self, num_steps: int, final_is_clean: bool):
+        return ddim_decisions(num_steps)
+
+
+class FewstepFlowChefScheduler(FewstepFlowEulerScheduler):
+    """FlowChef: flow-matching Euler steered by a cost on x0_hat = x - s v, v frozen (no model backprop, same NFE).
+
+    Patel et al. (2024), "Steering Rectified Flow Models in the Vector Field" (sec. 3). The scheduler form of
+    ``solvers.flowchef.FlowChefHook`` for any diffusers-style loop: give it a cost with ``set_cost(cost)`` (a callable
+    ``x0_hat -> per-image losses``, e.g. ``solvers.flowchef.measurement_cost``), then sample as usual; every
+    ``set_timesteps`` installs the hook for the new run. Options: ``flowchef_step_size`` (eta),
+    ``flowchef_inner_steps`` (M), ``flowchef_steered_steps`` (K; ``None`` = all but the last), ``flowchef_optimizer``.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: str = "exponential",
+        stochastic_sampling: bool = False,
+        prediction_type: str = "flow",
+        timestep_spacing: str = "linspace",
+        final_sigmas_type: str = "zero",
+        time_grid: str = "spacing",
+        thresholding: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        steps_offset: int = 0,
+        flowchef_step_size: float = 0.5,
+        flowchef_inner_steps: int = 1,
+        flowchef_steered_steps: int | None = None,
+        flowchef_optimizer: str = "gd",
+    ):
+        super().__init__(
+            num_train_timesteps, shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
+            max_image_seq_len, invert_sigmas, shift_terminal, use_karras_sigmas, use_exponential_sigmas,
+            use_beta_sigmas, time_shift_type, stochastic_sampling, prediction_type, timestep_spacing,
+            final_sigmas_type, time_grid, thresholding, clip_sample, clip_sample_range, steps_offset,
+        )
+        from ..solvers.flowchef import FlowChefConfig
+
+        self.flowchef_config = FlowChefConfig(
+            step_size=flowchef_step_size, inner_steps=flowchef_inner_steps, steered_steps=flowchef_steered_steps,
+            optimizer=flowchef_optimizer,
+        )
+        self.cost = None
+
+    def set_cost(self, cost: Any) -> None:
+        """The cost on ``x0_hat`` (callable -> per-image losses or a scalar) used from the next ``set_timesteps``."""
+        if not callable(cost):
+            raise TypeError(f"`cost` must be callable (x0_hat -> per-image losses), got {type(cost).__name__}")
+        self.cost = cost
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None) -> None:
+        from ..solvers.flowchef import FlowChefHook
+
+        if self.cost is None:
+            raise ValueError("`flowchef` needs a cost: call scheduler.set_cost(cost) before set_timesteps "
+                             "(or use flow-euler for unsteered sampling)")
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+        hook = FlowChefHook(self.cost, self.flowchef_config)
+        grid = self.plan.grid
+        hook.check_plan(grid.alphas, grid.sigmas, self.plan.num_steps)
+        self.add_step_hook(hook)

@@ -1,0 +1,208 @@
+"""FlowChef: steering a rectified-flow sampler in the vector field, without backpropagating through the model.
+
+Patel, Wen, Metaxas & Yang, "Steering Rectified Flow Models in the Vector Field for Controlled Image
+Generation" (arXiv 2412.00100, sec. 3-4; ICCV 2025 as "FlowChef"). For ``x_s = (1 - s) x0 + s eps`` and a
+velocity model ``v = eps - x0``, one denoising step ``s -> s'`` with a cost ``C`` on the clean image is::
+
+    v = v_theta(x, s)                                  (one model evaluation, no autograd)
+    repeat M times (v held FIXED):  x0_hat = x - s v;  x <- x - eta * grad_x C(x0_hat)
+    x' = x + (s' - s) v                                (the same v: NFE does not grow)
+
+With ``v`` frozen, ``d x0_hat / d x = I``, so ``grad_x C(x0_hat) = grad_{x0_hat} C`` ("gradient skipping": the
+paper's claim is that for nearly straight trajectories ``I - s dv/dx`` is well approximated by ``I`` up to the
+step size). Only the cost (a measurement operator, a classifier, a VAE decoder) is differentiated.
+
+**In the engine's pair form** (``solvers.engine``) the buffered evaluation ``(x_eval, x0, eps)`` has
+``v = eps - x0`` and, for a consistent pair, ``x0 = x_eval - s v``; so ``x0_hat(x) = x0 + (x - x_eval)``, which
+also covers an inconsistent (CFG++) pair. After the inner loop moves the sample by ``delta``, the hook shifts
+the buffered evaluation by the same ``delta`` (``x_eval + delta``, ``x0 + delta``, ``eps + delta``): the velocity is
+unchanged and the buffer holds the frozen-``v`` estimate of the model at the moved point. A first-order step
+(DDIM on a flow grid = flow-matching Euler) then gives ``alpha' (x0 + delta) + sigma' (eps + delta) = x + (s' - s) v``
+with ``x`` the moved sample; a corrector's move (``x - x_eval`` times ``L``) is kept as it was, so a zero cost
+(or ``eta = 0``) reproduces the unsteered sampler exactly. Multistep solvers see the frozen-``v`` estimate.
+
+Optimizers (sec. 3.3 of our research notes): plain gradient descent (the Flux / RF++ code) or Adam with fresh
+moments every denoising step (the InstaFlow code; then ``eta`` is roughly a per-element step). The inner loop
+uses autograd on the cost only, and no host synchronisation.
+
+Nothing here imports diffusers; costs are plain callables ``cost(x0_hat) -> [N]`` (per-image losses) or a scalar.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .engine import EngineState, Evaluation
+
+__all__ = [
+    "OPTIMIZERS",
+    "FlowChefConfig",
+    "Cost",
+    "flowchef_update",
+    "FlowChefHook",
+    "measurement_cost",
+    "classifier_cost",
+    "is_flow_grid",
+]
+
+OPTIMIZERS = ("gd", "adam")
+
+#: a cost on the clean-image estimate: per-image losses ``[N]`` (summed) or a scalar
+Cost = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FlowChefConfig:
+    """FlowChef's knobs.
+
+    Attributes:
+        step_size: ``eta >= 0``, the gradient step on ``x`` (GD) or Adam's learning rate. Not transferable between
+            costs: it multiplies the cost's own scale (ours are sums of squared errors per image, so ``eta = 0.5``
+            with GD on a mask cost replaces the observed pixels of ``x0_hat`` by the measurement).
+        inner_steps: ``M >= 1`` gradient steps per steered denoising step.
+        steered_steps: ``K``: steer the first ``K`` steps; ``None`` = all but the last (the RF++ recipe).
+        optimizer: ``"gd"`` or ``"adam"`` (moments re-created every denoising step).
+        betas, adam_eps: Adam's constants.
+    """
+
+    step_size: float = 0.5
+    inner_steps: int = 1
+    steered_steps: int | None = None
+    optimizer: str = "gd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        eta = self.step_size
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"`step_size` (eta) must be a finite number >= 0, got {eta!r}")
+        m = self.inner_steps
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ValueError(f"`inner_steps` (M) must be an integer >= 1, got {m!r}")
+        k = self.steered_steps
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
+            raise ValueError(f"`steered_steps` (K) must be an integer >= 0 or None (all but the last), got {k!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        b1, b2 = self.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"`betas` must lie in [0, 1), got {self.betas!r}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"`adam_eps` must be > 0, got {self.adam_eps!r}")
+
+    def num_steered(self, num_steps: int) -> int:
+        """``K`` resolved against a run of ``num_steps`` steps; ``K > num_steps`` is an error."""
+        if self.steered_steps is None:
+            return max(num_steps - 1, 0)
+        if self.steered_steps > num_steps:
+            raise ValueError(
+                f"`steered_steps` (K) = {self.steered_steps} exceeds the number of sampling steps {num_steps}; "
+                f"allowed: 0..{num_steps} (or None for all but the last)"
+            )
+        return int(self.steered_steps)
+
+
+def flowchef_update(x: torch.Tensor, offset: torch.Tensor, cost: Cost, config: FlowChefConfig) -> torch.Tensor:
+    """The inner loop: ``M`` descent steps on ``x`` of ``cost(x + offset)`` where ``x + offset = x0_hat(x)``.
+
+    ``offset = x0 - x_eval`` is ``-s v`` for a consistent flow pair, held fixed (no gradient flows into the model).
+    Returns the moved sample (detached). Runs under ``torch.enable_grad`` so it works inside ``no_grad`` pipelines.
+    """
+    eta = float(config.step_size)
+    offset = offset.detach()
+    y = x.detach()
+    if eta == 0.0:
+        return y
+    b1, b2 = config.betas
+    m = v = None
+    with torch.enable_grad():
+        for k in range(1, config.inner_steps + 1):
+            y = y.detach().requires_grad_(True)
+            loss = cost(y + offset)
+            (grad,) = torch.autograd.grad(loss.sum(), y)
+            if config.optimizer == "gd":
+                step = eta * grad
+            else:
+                m = (1 - b1) * grad if m is None else b1 * m + (1 - b1) * grad
+                v = (1 - b2) * grad * grad if v is None else b2 * v + (1 - b2) * grad * grad
+                m_hat = m / (1 - b1**k)
+                v_hat = v / (1 - b2**k)
+                step = eta * m_hat / (v_hat.sqrt() + config.adam_eps)
+            y = y.detach() - step
+    return y.detach()
+
+
+def is_flow_grid(alphas: np.ndarray, sigmas: np.ndarray) -> bool:
+    """A grid of the rectified-flow schedule has ``alpha + sigma = 1`` at every point."""
+    return bool(np.allclose(np.asarray(alphas) + np.asarray(sigmas), 1.0, rtol=0, atol=1e-9))
+
+
+class FlowChefHook:
+    """The engine hook (``hook(state, i)``, run after the corrector and before the predictor) applying FlowChef.
+
+    Steers steps ``i < K``. A plan whose grid is not a rectified-flow grid (a VP model) is refused: FlowChef's
+    ``x0_hat = x - s v`` with a frozen velocity only holds for ``x_s = (1 - s) x0 + s eps``.
+    """
+
+    def __init__(self, cost: Cost, config: FlowChefConfig | None = None):
+        if not callable(cost):
+            raise TypeError(f"`cost` must be callable (x0_hat -> per-image losses), got {type(cost).__name__}")
+        self.cost = cost
+        self.config = config if config is not None else FlowChefConfig()
+        self._checked: tuple[int, int] | None = None  # (id(plan), K)
+
+    def check_plan(self, alphas: np.ndarray, sigmas: np.ndarray, num_steps: int) -> int:
+        """Validate a run (flow grid, ``K <= steps``) on the host; returns ``K``."""
+        if not is_flow_grid(alphas, sigmas):
+            raise ValueError(
+                "FlowChef needs a rectified-flow (flow-matching) model: this sampler runs a VP/diffusion schedule "
+                "(alpha + sigma != 1); use a flow model such as digits-flow with a flow scheduler (e.g. flow-euler)"
+            )
+        return self.config.num_steered(num_steps)
+
+    def __call__(self, state: EngineState, i: int) -> None:
+        plan = state.plan
+        if self._checked is None or self._checked[0] != id(plan):
+            k = self.check_plan(plan.grid.alphas, plan.grid.sigmas, plan.num_steps)
+            self._checked = (id(plan), k)
+        if i >= self._checked[1]:
+            return
+        ev = state.buffer[-1]
+        x = state.sample
+        moved = flowchef_update(x, ev.x0 - ev.x_eval, self.cost, self.config)
+        delta = moved - x
+        state.sample = moved
+        state.buffer[-1] = Evaluation(ev.x_eval + delta, ev.x0 + delta, ev.eps + delta)
+
+
+def measurement_cost(operator: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, scale: float = 1.0) -> Cost:
+    """``scale * ||A(x0_hat) - y||^2`` per image (a linear inverse problem; for inpainting ``A`` is the mask, so the
+    loss is masked). ``operator`` is any callable ``A``; ``y`` has the shape of ``A(x0_hat)``."""
+    if not callable(operator):
+        raise TypeError(f"`operator` must be callable, got {type(operator).__name__}")
+    target = y.detach()
+
+    def cost(x0_hat: torch.Tensor) -> torch.Tensor:
+        return scale * (operator(x0_hat) - target).pow(2).flatten(1).sum(1)
+
+    return cost
+
+
+def classifier_cost(classifier: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                    scale: float = 1.0) -> Cost:
+    """``scale * CE(classifier(x0_hat), label)`` per image: classifier guidance on the clean estimate (FlowChef
+    sec. 4). ``classifier`` maps images (the model's pixel range) to logits ``[N, classes]``."""
+    if not callable(classifier):
+        raise TypeError(f"`classifier` must be callable, got {type(classifier).__name__}")
+    target = labels.detach().long().reshape(-1)
+
+    def cost(x0_hat: torch.Tensor) -> torch.Tensor:
+        logits = classifier(x0_hat)
+        return scale * torch.nn.functional.cross_entropy(logits, target.to(logits.device), reduction="none")
+
+    return cost

@@ -1,0 +1,383 @@
+"""Rectified-flow sampling (flow-euler) and FlowChef steering, measurement operators, digits-flow tasks, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import REAL_CONFIGS, TinyDenoiser
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from fewstep import samplers
+from fewstep.cli import main
+from fewstep.guidance.operators import (
+    BoxInpainting,
+    GaussianBlur,
+    Inpainting,
+    RandomInpainting,
+    SuperResolution,
+    make_operator,
+)
+from fewstep.solvers.engine import EngineState
+from fewstep.solvers.flowchef import (
+    FlowChefConfig,
+    FlowChefHook,
+    classifier_cost,
+    flowchef_update,
+    measurement_cost,
+)
+
+FLOW_EULER = samplers.get("flow-euler")
+
+
+def _loop(scheduler, model, steps, hooks=(), **set_kw) -> torch.Tensor:
+    if steps is None:
+        scheduler.set_timesteps(**set_kw)
+    else:
+        scheduler.set_timesteps(steps, **set_kw)
+    for h in hooks:
+        scheduler.add_step_hook(h)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    return x
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------------------------------------ flow-euler
+@pytest.mark.parametrize("config_name,kw", [
+    ("sd3", {"num_inference_steps": 10}),
+    ("flux", {"num_inference_steps": 10, "mu": 0.8}),
+    ("flux", {"sigmas": list(np.linspace(1.0, 1 / 8, 8)), "mu": 1.15}),  # the Flux pipeline's call
+    ("sd3", {"sigmas": list(np.linspace(1.0, 0.1, 6))}),
+])
+def test_flow_euler_matches_flow_match_euler(config_name, kw):
+    config = REAL_CONFIGS[config_name]
+    model = TinyDenoiser(3 * 8 * 8)
+    ref, ours = FlowMatchEulerDiscreteScheduler.from_config(config), FLOW_EULER.from_config(config)
+    kw = dict(kw)
+    steps = kw.pop("num_inference_steps", None)
+    expected, got = _loop(ref, model, steps, **kw), _loop(ours, model, steps, **kw)
+    assert _rel(got, expected) < 1e-5
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=2e-3)
+    assert ours.timesteps.dtype == torch.float32
+
+
+def test_flow_euler_default_is_digits_flow_scheduler():
+    import fewstep
+
+    pipe = fewstep.load_default("digits-flow", sampler="flow-euler")
+    assert isinstance(pipe.scheduler, FLOW_EULER) and pipe.scheduler.is_flow
+    assert samplers.process_of("flow-euler") == "flow" and "flow-euler" not in samplers.names("diffusion")
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: FLOW_EULER.from_config(REAL_CONFIGS["sd15"]),
+    lambda: FLOW_EULER.from_config(REAL_CONFIGS["sdxl"]),
+    lambda: FLOW_EULER(prediction_type="epsilon"),
+    lambda: FLOW_EULER(stochastic_sampling=True),
+    lambda: FLOW_EULER(use_karras_sigmas=True),
+    lambda: FLOW_EULER(shift=-1.0),
+])
+def test_flow_euler_refuses_vp_and_unsupported(bad):
+    with pytest.raises(ValueError, match="flow-euler|flow|shift"):
+        bad()
+
+
+def test_vp_only_sampler_refuses_flow_config():
+    with pytest.raises(ValueError, match="flow-matching"):
+        samplers.get("mrs").from_config(REAL_CONFIGS["sd3"])
+
+
+def test_flow_euler_needs_mu_for_dynamic_shift():
+    sched = FLOW_EULER.from_config(REAL_CONFIGS["flux"])
+    with pytest.raises(ValueError, match="mu"):
+        sched.set_timesteps(4)
+
+
+def test_flow_euler_step_on_meta_device():
+    sched = FLOW_EULER(shift=3.0)
+    sched.set_timesteps(6, device="meta")
+    x = torch.empty(1, 3, 4, 4, device="meta")
+    for t in sched.timesteps:
+        x = sched.step(torch.empty_like(x), t, x).prev_sample
+    assert x.device.type == "meta"
+
+
+# ------------------------------------------------------------------------------------------------ FlowChef math
+def _zero_cost(x0_hat):
+    return (x0_hat * 0).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("name", ["flow-euler", "unipc", "dpm-solver++"])
+def test_zero_cost_equals_plain_sampling_exactly(name):
+    """A zero cost (no gradient) leaves every step, including UniPC's corrected ones, bit-identical."""
+    model = TinyDenoiser(3 * 8 * 8)
+    config = REAL_CONFIGS["sd3"]
+    plain = _loop(samplers.get(name).from_config(config), model, 8)
+    hook = FlowChefHook(_zero_cost, FlowChefConfig(step_size=0.7, inner_steps=2))
+    steered = _loop(samplers.get(name).from_config(config), model, 8, hooks=[hook])
+    assert torch.equal(plain, steered)
+
+
+def test_steered_euler_step_uses_the_same_velocity():
+    """After the hook moves x, the step is x_next = x_moved + (s_next - s) v with the evaluation's v."""
+    sched = FLOW_EULER(shift=3.0)
+    sched.set_timesteps(5)
+    target = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hook = FlowChefHook(measurement_cost(lambda z: z, target), FlowChefConfig(step_size=0.25))
+    state = EngineState(sched.plan, [hook])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=g)
+    grid = sched.plan.grid
+    for i in range(3):
+        v = torch.randn(x.shape, dtype=torch.float64, generator=g)
+        s, s_next = grid.sigmas[i], grid.sigmas[i + 1]
+        x0, eps = x - s * v, x + (1 - s) * v
+        # GD on ||x0_hat - y||^2 with eta: x_moved = x - 2 eta (x0_hat - y)
+        x_moved = x - 2 * 0.25 * (x0 - target)
+        x_next = state.advance(i, x, x0, eps)
+        torch.testing.assert_close(state.sample, x_moved)
+        torch.testing.assert_close(x_next, x_moved + (s_next - s) * v)
+        ev = state.buffer[-1]
+        torch.testing.assert_close(ev.eps - ev.x0, v)  # the buffered velocity is unchanged
+        x = x_next
+
+
+def test_half_step_replaces_observed_pixels():
+    """GD with eta = 1/2 on ||m (x0_hat - y)||^2 makes x0_hat agree with y on the mask in one step."""
+    op = BoxInpainting(8, box=4)
+    x, offset, y = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    moved = flowchef_update(x, offset, measurement_cost(op, op(y)), FlowChefConfig(step_size=0.5))
+    torch.testing.assert_close(op(moved + offset), op(y))
+    torch.testing.assert_close((moved - x) * (1 - op.mask), torch.zeros_like(x))  # missing pixels untouched
+
+
+def test_adam_first_step_is_sign_like():
+    x = torch.zeros(2, 1, 4, 4)
+    y = torch.randn(2, 1, 4, 4) * 10
+    moved = flowchef_update(x, torch.zeros_like(x), measurement_cost(lambda z: z, y),
+                            FlowChefConfig(step_size=0.1, optimizer="adam"))
+    torch.testing.assert_close(moved, 0.1 * torch.sign(y), atol=1e-5, rtol=0)
+
+
+def test_flowchef_update_needs_no_outer_grad_and_leaves_inputs_alone():
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():
+        moved = flowchef_update(x, torch.zeros_like(x), measurement_cost(lambda z: z, torch.zeros_like(x)),
+                                FlowChefConfig(step_size=0.1, inner_steps=3))
+    assert not moved.requires_grad
+    torch.testing.assert_close(moved, x * 0.8**3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"step_size": -0.1}, "step_size"),
+    ({"step_size": float("nan")}, "step_size"),
+    ({"inner_steps": 0}, "inner_steps"),
+    ({"steered_steps": -1}, "steered_steps"),
+    ({"optimizer": "sgd"}, "optimizer"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FlowChefConfig(**kwargs)
+
+
+def test_k_larger_than_steps_and_vp_plan_are_refused():
+    hook = FlowChefHook(_zero_cost, FlowChefConfig(steered_steps=7))
+    flow = FLOW_EULER()
+    flow.set_timesteps(6)
+    with pytest.raises(ValueError, match=r"steered_steps.*7.*6"):
+        EngineState(flow.plan, [hook]).advance(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2),
+                                               torch.zeros(1, 1, 2, 2))
+    vp = samplers.get("ddim")()
+    vp.set_timesteps(6)
+    with pytest.raises(ValueError, match="rectified-flow"):
+        FlowChefHook(_zero_cost).check_plan(vp.plan.grid.alphas, vp.plan.grid.sigmas, 6)
+    with pytest.raises(TypeError, match="cost"):
+        FlowChefHook("not callable")
+
+
+def test_classifier_cost_is_per_image_cross_entropy():
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.randn(4, 1, 4, 4)
+    labels = torch.tensor([0, 1, 2, 0])
+    got = classifier_cost(clf, labels)(x)
+    assert got.shape == (4,)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(clf(x), labels, reduction="none"))
+
+
+# ------------------------------------------------------------------------------------------------ operators
+OPERATORS = [
+    BoxInpainting(16, box=6),
+    RandomInpainting(16, drop=0.5, seed=3),
+    SuperResolution(2),
+    SuperResolution(4),
+    GaussianBlur(5, 1.0),
+    GaussianBlur(7, 2.0),
+]
+
+
+@pytest.mark.parametrize("op", OPERATORS, ids=lambda o: repr(o))
+def test_operator_adjointness(op):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.randn(op.output_shape(x.shape), generator=g, dtype=torch.float64)
+    ax = op(x)
+    assert tuple(ax.shape) == op.output_shape(x.shape)
+    lhs, rhs = (ax * y).sum(), (x * op.adjoint(y)).sum()
+    assert abs(float(lhs - rhs)) < 1e-10 * max(1.0, abs(float(lhs)))
+
+
+def test_operator_shapes_and_bad_shapes():
+    assert SuperResolution(4).output_shape((2, 1, 16, 16)) == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="not divisible"):
+        SuperResolution(2)(torch.zeros(1, 1, 15, 16))
+    with pytest.raises(ValueError, match="does not fit the mask"):
+        BoxInpainting(16)(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="NCHW"):
+        GaussianBlur()(torch.zeros(16, 16))
+    with pytest.raises(ValueError, match="measurement shape"):
+        SuperResolution(2).check_measurement(torch.zeros(1, 1, 16, 16), (1, 1, 16, 16))
+    with pytest.raises(ValueError, match="kernel_size"):
+        GaussianBlur(kernel_size=4)
+    with pytest.raises(ValueError, match="noise_std"):
+        SuperResolution(2, noise_std=-1)
+    with pytest.raises(ValueError, match="box"):
+        BoxInpainting(8, box=8)
+    with pytest.raises(ValueError, match="mask"):
+        Inpainting(torch.full((1, 1, 4, 4), 0.5))
+    with pytest.raises(ValueError, match="unknown measurement task"):
+        make_operator("colorize", 16)
+
+
+def test_measure_is_seeded_and_noise_stays_on_observed_pixels():
+    op = BoxInpainting(16, box=6, noise_std=0.1)
+    x = torch.zeros(2, 1, 16, 16)
+    y1 = op.measure(x, torch.Generator().manual_seed(5))
+    y2 = op.measure(x, torch.Generator().manual_seed(5))
+    assert torch.equal(y1, y2) and y1.abs().sum() > 0
+    assert torch.all(y1 * (1 - op.mask) == 0)
+    assert torch.equal(SuperResolution(2).measure(x), torch.zeros(2, 1, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------ digits-flow
+@pytest.fixture(scope="module")
+def flow_pipe():
+    import fewstep
+
+    torch.manual_seed(0)
+    return fewstep.load_default("digits-flow", sampler="flow-euler")
+
+
+def test_flowchef_keeps_nfe_and_restores_inpainting(flow_pipe):
+    from fewstep.bench.image_metrics import psnr
+    from fewstep.datasets import load_digits_images, to_unit_range
+    from fewstep.pipelines.flowchef import DEFAULT_CONFIGS, flowchef_sample, make_task
+
+    images, _ = load_digits_images(16, "test")
+    truth = images[:6]
+    task = make_task("inpaint", truth)
+    calls = []
+    unet_forward = flow_pipe.unet.forward
+
+    def counting(*a, **k):
+        calls.append(1)
+        return unet_forward(*a, **k)
+
+    latents = torch.randn(truth.shape, generator=torch.Generator().manual_seed(1))
+    flow_pipe.unet.forward = counting
+    try:
+        steered = flowchef_sample(flow_pipe, task, num_images=6, num_inference_steps=10, latents=latents,
+                                  config=DEFAULT_CONFIGS["inpaint"])
+    finally:
+        flow_pipe.unet.forward = unet_forward
+    assert len(calls) == 10  # NFE unchanged
+    plain = flowchef_sample(flow_pipe, None, num_images=6, num_inference_steps=10, latents=latents)
+    q_steered = psnr(to_unit_range(steered), to_unit_range(truth)).mean()
+    q_plain = psnr(to_unit_range(plain), to_unit_range(truth)).mean()
+    assert q_steered > 22 and q_steered > q_plain + 8
+
+
+def test_classifier_guidance_on_unconditional_run(flow_pipe):
+    import fewstep
+    from fewstep.pipelines.flowchef import DEFAULT_CONFIGS, flowchef_sample, make_task
+
+    clf = fewstep.load_default("digits-classifier")
+    labels = torch.arange(10)
+    task = make_task("classifier", labels=labels, classifier=clf)
+    x = flowchef_sample(flow_pipe, task, num_images=10, num_inference_steps=20,
+                        generator=torch.Generator().manual_seed(0), config=DEFAULT_CONFIGS["classifier"])
+    with torch.no_grad():
+        acc = (clf(x.clamp(-1, 1)).argmax(1) == labels).float().mean()
+    assert acc >= 0.8
+
+
+def test_flowchef_pipeline_errors(flow_pipe):
+    import fewstep
+    from fewstep.pipelines.flowchef import dps_sample, flowchef_sample, make_task
+
+    with pytest.raises(ValueError, match="steered_steps"):
+        flowchef_sample(flow_pipe, _zero_cost, num_images=1, num_inference_steps=4,
+                        config=FlowChefConfig(steered_steps=5))
+    eps_pipe = fewstep.load_default("digits-eps", sampler="ddim")
+    with pytest.raises(ValueError, match="rectified-flow"):
+        flowchef_sample(eps_pipe, _zero_cost, num_images=1, num_inference_steps=4)
+    with pytest.raises(ValueError, match="unknown FlowChef task"):
+        make_task("colorize")
+    with pytest.raises(ValueError, match="class ids"):
+        make_task("classifier", labels=[3, 12], classifier=torch.nn.Identity())
+    op = SuperResolution(2)
+    with pytest.raises(ValueError, match="measurement shape"):
+        dps_sample(flow_pipe, op, torch.zeros(1, 1, 16, 16), num_inference_steps=2)
+
+
+def test_cli_flowchef(tmp_path, capsys):
+    out = tmp_path / "sr.png"
+    assert main(["generate", "--model", "digits-flow", "--task", "sr", "--steps", "6", "--num-images", "3",
+                 "--quiet", "--out", str(out)]) == 0
+    assert out.is_file() and "psnr" in capsys.readouterr().out
+    bad = [
+        ["--model", "digits-eps", "--task", "sr"],
+        ["--model", "digits-flow", "--task", "inpaint", "--class", "3"],
+        ["--model", "digits-flow", "--task", "sr", "--flowchef-steered-steps", "30"],
+        ["--model", "digits-flow", "--task", "classifier", "--noise-std", "0.1"],
+    ]
+    for args in bad:
+        assert main(["generate", *args, "--quiet", "--out", str(tmp_path / "x.png")]) == 2
+        assert not (tmp_path / "x.png").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "digits-flow", "--task", "colorize"])
+    assert exc.value.code == 2
+
+
+def test_flowchef_scheduler_in_the_plain_pipeline_equals_the_hook(flow_pipe):
+    from fewstep.datasets import load_digits_images
+    from fewstep.pipelines.flowchef import flowchef_sample, make_task
+
+    truth = load_digits_images(16, "test")[0][:4]
+    task = make_task("sr", truth)
+    latents = torch.randn(truth.shape, generator=torch.Generator().manual_seed(2))
+    expected = flowchef_sample(flow_pipe, task, num_images=4, num_inference_steps=8, latents=latents,
+                               config=FlowChefConfig(step_size=0.5, inner_steps=2))
+    original = flow_pipe.scheduler
+    sched = samplers.get("flowchef").from_config(original.config, flowchef_inner_steps=2)
+    assert samplers.process_of("flowchef") == "flow"
+    with pytest.raises(ValueError, match="set_cost"):
+        sched.set_timesteps(8)
+    sched.set_cost(task.cost)
+    flow_pipe.scheduler = sched
+    try:
+        # guidance_scale 0 = the unconditional (null-class) output
+        got = flow_pipe([0] * 4, num_inference_steps=8, guidance_scale=0.0, latents=latents, output_type="pt").images
+        with pytest.raises(ValueError, match="steers by itself"):
+            flowchef_sample(flow_pipe, task, num_images=4, num_inference_steps=8)
+    finally:
+        flow_pipe.scheduler = original
+    torch.testing.assert_close(got, ((expected + 1) / 2).clamp(0, 1), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="flowchef_steered_steps|steered_steps"):
+        samplers.get("flowchef")(flowchef_steered_steps=-2)
