@@ -132,3 +132,22 @@ def test_multistep_flow_sigmas_follow_diffusers(name, diffusers_cls):
     got = _loop(ours, model, 10)
     torch.testing.assert_close(ours.sigmas, reference.sigmas, rtol=1e-6, atol=1e-6)
     assert _rel(got, expected) < 1e-2
+
+
+def test_user_flow_sigmas_are_shifted_as_diffusers_does():
+    """Flux-style ``set_timesteps(sigmas=...)`` on a shifted flow config: the sigmas are shifted first."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler
+
+    ref = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    ours = get("unipc").from_config(ref.config)
+    model = TinyDenoiser(32)
+    outs = []
+    for sched in (ref, ours):
+        sched.set_timesteps(sigmas=np.linspace(1, 1 / 8, 8))
+        x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        for t in sched.timesteps:
+            x = sched.step(model(x, t), t, x).prev_sample
+        outs.append(x)
+    # diffusers feeds the model int64 timesteps (999, 954, ...) where fewstep keeps 999.999, 954.5: ~1e-5
+    assert ((outs[0] - outs[1]).abs().max() / outs[0].abs().max()).item() < 2e-4

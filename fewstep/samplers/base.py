@@ -126,6 +126,36 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Momentum around the engine's steps (heavy-ball schedulers); ``None``: plain steps."""
         return None
 
+    def _flow_shift(self, mu: float | None) -> FlowShift:
+        """The flow config's shift: dynamic (``e^mu``, Flux) or static (``shift``, else ``flow_shift``)."""
+        cfg = self.config
+        if cfg.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("`mu` must be passed to set_timesteps when `use_dynamic_shifting=True`")
+            return FlowShift.from_mu(float(mu))
+        return FlowShift(float(cfg.shift if cfg.shift is not None else cfg.flow_shift))
+
+    def _shifted_flow_grid(self, timesteps, sigmas, mu) -> grids.TimeGrid:
+        """User ``sigmas`` (or ``timesteps / T``) on a flow schedule, shifted as diffusers does -- the Flux
+        pipeline passes ``sigmas=linspace(1, 1/N, N)`` plus ``mu`` -- then ``shift_terminal``; a model fed
+        user ``timesteps`` still gets those."""
+        T = self.noise_schedule.num_train_timesteps
+        name = "sigmas" if sigmas is not None else "timesteps"
+        given = np.asarray(sigmas if sigmas is not None else np.asarray(timesteps, dtype=np.float64) / T,
+                           dtype=np.float64).reshape(-1)
+        if given.size >= 2 and given[-1] == 0:
+            given = given[:-1]
+        given = grids._check_decreasing(name, given)
+        if np.any(given <= 0) or np.any(given > 1):
+            raise ValueError(f"flow `{name}` must lie in (0, 1] (times in (0, T]), got {given.tolist()}")
+        s = self._flow_shift(mu).apply(given)
+        if self.config.shift_terminal:
+            one_minus = 1.0 - s
+            s = 1.0 - one_minus / (one_minus[-1] / (1.0 - self.config.shift_terminal))
+        s = np.minimum(s, 1.0 - 1e-6)  # alpha = 0 has lambda = -inf (see grids._flow_from_s)
+        times = s * T if timesteps is None else np.asarray(timesteps, dtype=np.float64).reshape(-1)[: s.size]
+        return grids.TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
+
     def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:
         cfg = self.config
         sched = self.noise_schedule
@@ -133,14 +163,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is not None:
             return grids.custom_timesteps_grid(sched, timesteps, final)
         if sigmas is not None:
-            return grids.custom_sigmas_grid(sched, sigmas, final, round_timesteps=isinstance(sched, VPSchedule))
+            if isinstance(sched, FlowSchedule):
+                return self._shifted_flow_grid(None, sigmas, mu)
+            return grids.custom_sigmas_grid(sched, sigmas, final, round_timesteps=True)
         if isinstance(sched, FlowSchedule):
-            if cfg.use_dynamic_shifting:
-                if mu is None:
-                    raise ValueError("`mu` must be passed to set_timesteps when `use_dynamic_shifting=True`")
-                shift = FlowShift.from_mu(float(mu))
-            else:
-                shift = FlowShift(float(cfg.shift if cfg.shift is not None else cfg.flow_shift))
+            shift = self._flow_shift(mu)
             style = self.flow_grid_style
             if cfg.time_grid not in ("spacing",):
                 raise ValueError(f"flow schedules support time_grid='spacing' only, got {cfg.time_grid!r}")

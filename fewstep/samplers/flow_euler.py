@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 
 from ..solvers import grids
 from ..solvers.methods import ddim_decisions
-from ..solvers.schedules import FlowSchedule, FlowShift, is_flow_config
+from ..solvers.schedules import FlowSchedule, is_flow_config
 from .base import FewstepScheduler
 
 __all__ = ["FewstepFlowEulerScheduler", "FewstepFlowChefScheduler"]
@@ -89,35 +89,13 @@ class FewstepFlowEulerScheduler(FewstepScheduler):
             )
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
-    def _shift(self, mu: float | None) -> FlowShift:
-        if self.config.use_dynamic_shifting:
-            if mu is None:
-                raise ValueError("`mu` must be passed to set_timesteps when `use_dynamic_shifting=True`")
-            return FlowShift.from_mu(float(mu))
-        return FlowShift(float(self.config.shift))
-
     def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:
         if not isinstance(self.noise_schedule, FlowSchedule):  # pragma: no cover - refused in __init__
             raise ValueError("flow-euler needs a flow schedule")
         if sigmas is None and timesteps is None:
             return super()._grid(num_inference_steps, timesteps, sigmas, mu)
-        # diffusers shifts user sigmas (Flux passes linspace(1, 1/N, N) plus mu) and sigmas derived from user
-        # timesteps, while the model still gets the given timesteps.
-        T = self.noise_schedule.num_train_timesteps
-        given = np.asarray(sigmas if sigmas is not None else np.asarray(timesteps, dtype=np.float64) / T,
-                           dtype=np.float64).reshape(-1)
-        if given.size >= 2 and given[-1] == 0:
-            given = given[:-1]
-        given = grids._check_decreasing("sigmas" if sigmas is not None else "timesteps", given)
-        if np.any(given <= 0) or np.any(given > 1):
-            raise ValueError(f"flow sigmas must lie in (0, 1], got {given.tolist()}")
-        s = self._shift(mu).apply(given)
-        if self.config.shift_terminal:
-            one_minus = 1.0 - s
-            s = 1.0 - one_minus / (one_minus[-1] / (1.0 - self.config.shift_terminal))
-        s = np.minimum(s, 1.0 - 1e-6)  # alpha = 0 has lambda = -inf (see grids._flow_from_s)
-        times = s * T if timesteps is None else np.asarray(timesteps, dtype=np.float64).reshape(-1)[: s.size]
-        return grids.TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
+        # FlowMatchEulerDiscreteScheduler also shifts sigmas derived from user timesteps.
+        return self._shifted_flow_grid(timesteps, sigmas, mu)
 
     def _decisions(self, num_steps: int, final_is_clean: bool):
         return ddim_decisions(num_steps)
