@@ -360,12 +360,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} must end in .json")
     if args.model not in ("analytic", "digits-eps"):
         raise UsageError(f"--model {args.model!r} is not searchable here; available: analytic, digits-eps")
+    if args.metric == "mse" and args.model != "digits-eps":
+        raise UsageError("--metric mse is for --model digits-eps (the analytic model uses its exact solution)")
     from .search import SearchSpace, search
-    from .search.objectives import AnalyticObjective, DigitsObjective
+    from .search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
 
-    objective = AnalyticObjective() if args.model == "analytic" else DigitsObjective(
-        guidance_scale=args.guidance_scale, num_per_class=args.num_per_class
-    )
+    if args.model == "analytic":
+        objective = AnalyticObjective()
+    elif args.metric == "mse":
+        objective = DigitsMSEObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class)
+    else:
+        objective = DigitsObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class)
     space = SearchSpace(objective.noise_schedule, args.nfe)
     state = args.state or str(out) + ".state.json"
     result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
@@ -387,6 +392,8 @@ def _add_search_parser(sub) -> None:
     p.add_argument("--budget", type=_positive_int, default=40, help="schedules to evaluate (default 40)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale for digits-eps (default 3)")
     p.add_argument("--num-per-class", type=_positive_int, default=20, help="digits-eps samples per class (7 classes)")
+    p.add_argument("--metric", choices=["fd", "mse"], default="fd",
+                   help="digits-eps: Frechet distance, or MSE to a 200-step reference solve (default fd)")
     p.add_argument("--no-predictor", action="store_true", help="plain evolution (no performance predictor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state", default=None, help="resumable search state (default: OUT.state.json)")

@@ -16,7 +16,7 @@ import numpy as np
 from fewstep import samplers
 from fewstep.samplers.s3 import shipped_schedule_path
 from fewstep.search import SearchSpace, search
-from fewstep.search.objectives import AnalyticObjective, DigitsObjective
+from fewstep.search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
 from fewstep.search.s3_search import seed_schedules
 from fewstep.solvers.s3 import SolverSchedule
 
@@ -49,6 +49,20 @@ def heldout(nfes: list[int]) -> list[dict]:
     return rows
 
 
+def heldout_mse(path: str) -> dict:
+    """MSE to a 200-step reference on unseen seeds and all 10 classes, for a schedule searched with --metric mse."""
+    searched = SolverSchedule.load(path)
+    nfe = searched.nfe
+    objective = DigitsMSEObjective(classes=range(10), num_per_class=10, seed=10_000)
+    row = {"model": "digits-eps (MSE)", "nfe": nfe, "S3 (searched)": objective(searched)}
+    space = SearchSpace(objective.noise_schedule, nfe)
+    row["best seed schedule"] = min(objective(s) for s in seed_schedules(space))
+    for label, (sampler, opts) in HAND.items():
+        row[label] = objective.mse(objective.images(samplers.from_config(sampler, objective.model_config, **opts), nfe))
+    print(json.dumps(row))
+    return row
+
+
 def predictor(nfe: int, budget: int, repeats: int) -> dict:
     objective = AnalyticObjective(num_samples=500)
     space = SearchSpace(objective.noise_schedule, nfe)
@@ -70,6 +84,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("heldout")
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10])
+    m = sub.add_parser("heldout-mse")
+    m.add_argument("schedule")
     q = sub.add_parser("predictor")
     q.add_argument("--nfe", type=int, default=5)
     q.add_argument("--budget", type=int, default=60)
@@ -77,6 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "heldout":
         heldout(args.nfe)
+    elif args.what == "heldout-mse":
+        heldout_mse(args.schedule)
     else:
         predictor(args.nfe, args.budget, args.repeats)
 

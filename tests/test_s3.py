@@ -166,3 +166,17 @@ def test_cli_search_writes_a_schedule_the_s3_scheduler_runs(tmp_path, capsys):
     sched.set_timesteps(4)
     with pytest.raises(ValueError, match="searched for model 'analytic', not 'digits-eps'"):
         S3(s3_schedule=str(out), s3_model="digits-eps")
+
+
+def test_digits_mse_objective_is_zero_for_the_reference_solver_itself():
+    from fewstep.search.objectives import DigitsMSEObjective
+
+    objective = DigitsMSEObjective(classes=(0, 1), num_per_class=1, reference_steps=12)
+    ref = samplers.from_config("dpm-solver++", objective.model_config)
+    ref.set_timesteps(12)
+    same = SolverSchedule.from_grid(ref.plan.grid, ref.plan.decisions)
+    assert objective(same) < 1e-10
+    fewer = samplers.from_config("dpm-solver++", objective.model_config)
+    fewer.set_timesteps(4)
+    assert objective(SolverSchedule.from_grid(fewer.plan.grid, fewer.plan.decisions)) > 1e-5
+    assert objective.metadata()["reference"] == "dpm-solver++:12"

@@ -14,7 +14,7 @@ import torch
 
 from ..solvers.s3 import SolverSchedule, schedule_fingerprint
 
-__all__ = ["AnalyticObjective", "DigitsObjective"]
+__all__ = ["AnalyticObjective", "DigitsObjective", "DigitsMSEObjective"]
 
 
 class AnalyticObjective:
@@ -109,3 +109,33 @@ class DigitsObjective:
 
         scheduler = samplers.get("s3").from_config(self.model_config, s3_schedule=schedule.to_dict())
         return self.frechet(self.images(scheduler, schedule.nfe))
+
+
+class DigitsMSEObjective(DigitsObjective):
+    """Mean squared error of ``digits-eps`` samples to a many-step reference solve from the same noise and
+    classes (the metric DPM-Solver-v3 and DC-Solver report for Stable Diffusion). Unlike the Frechet
+    distance on a few hundred digits -- which cannot tell a 5-step solve from a 25-step one on this model --
+    it resolves solver accuracy sample by sample."""
+
+    name = "digits-eps-mse"
+
+    def __init__(self, classes: Sequence[int] = tuple(range(7)), num_per_class: int = 10, guidance_scale: float = 3.0,
+                 seed: int = 0, reference_steps: int = 200):
+        super().__init__(classes, num_per_class, guidance_scale, seed)
+        from .. import samplers
+
+        reference = samplers.from_config("dpm-solver++", self.model_config)
+        self.reference = self.images(reference, reference_steps).double()
+        self.reference_steps = reference_steps
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "reference": f"dpm-solver++:{self.reference_steps}"}
+
+    def __call__(self, schedule: SolverSchedule) -> float:
+        from .. import samplers
+
+        scheduler = samplers.get("s3").from_config(self.model_config, s3_schedule=schedule.to_dict())
+        return self.mse(self.images(scheduler, schedule.nfe))
+
+    def mse(self, images: torch.Tensor) -> float:
+        return (images.double() - self.reference).pow(2).mean().item()
