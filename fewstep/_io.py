@@ -24,13 +24,19 @@ def check_writable(path: str | os.PathLike, arg: str = "path") -> Path:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``; on any error no file is left behind."""
+    """Call ``write(tmp_path)`` then rename onto ``path``; on any error no file is left behind.
+
+    The file gets the usual permissions (``0o666`` minus the umask), not ``mkstemp``'s private ``0o600``.
+    """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
