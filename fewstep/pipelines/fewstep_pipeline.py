@@ -1,13 +1,21 @@
 """``FewstepPipeline``: one denoising loop hosting a fewstep scheduler and a guidance rule around an existing
-diffusers SD 1.x/2.x or SDXL pipeline (UNet2DConditionModel, SDXL's added text/time conditions).
+diffusers SD 1.x/2.x or SDXL pipeline (UNet2DConditionModel, SDXL's added text/time conditions), or an SD3 or
+Flux pipeline (flow-matching transformers).
 
 Built with ``FewstepPipeline.from_pipe(pipe, scheduler="unipc", guidance="apg")``: the base pipeline's modules
 are shared, not copied (diffusers' ``from_pipe``), and its own ``encode_prompt``, ``prepare_latents``,
 ``_get_add_time_ids``, VAE decode, safety checker / watermark and ``image_processor`` are reused; only the
 loop is fewstep's: per step one UNet call on ``[uncond, cond]``, both outputs converted to ``(x0, eps)``
 pairs, the rule combines them and the scheduler's ``step_pair`` advances (so CFG++ and APG work with every
-fewstep solver). Not covered yet: SD3/Flux transformers, CUDA-graph replay, img2img/inpainting, IP-adapter,
-LCM ``timestep_cond``.
+fewstep solver).
+
+SD3 and Flux predict a velocity; fewstep schedulers built from their flow configs read it as such
+(``prediction_type="flow"``). SD3 runs true CFG (negative prompt) through the rule; Flux uses its distilled guidance
+embedding (``embedded_guidance_scale``, no unconditional pass) unless a rule is requested explicitly together with a
+negative prompt (true CFG: two transformer calls per step, as diffusers' ``true_cfg_scale``). Flux latents are packed
+into 2x2 patches with ``latent_image_ids``/``text_ids``, and its dynamic shift ``mu`` comes from the image sequence
+length. Samplers of mean-reverting models (``mrs``) cannot sample a flow model: ``from_pipe`` refuses them.
+Not covered yet: CUDA-graph replay, img2img/inpainting, IP-adapter, LCM ``timestep_cond``, SD3 skip-layer guidance.
 """
 
 from __future__ import annotations
@@ -22,19 +30,65 @@ from diffusers import ImagePipelineOutput
 from .. import guidance as guidance_rules
 from .. import samplers
 from ..guidance import GuidanceRule
+from ..solvers.schedules import is_flow_config
 
-__all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES"]
+__all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES", "flow_shift_mu"]
 
 PIPELINE_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _CALLBACK_TENSORS = ("latents", "prompt_embeds")
 
 
+#: families whose model is a flow-matching transformer predicting a velocity
+FLOW_FAMILIES = ("sd3", "flux")
+_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+#: default guidance of each family when ``from_pipe`` gets none (diffusers' defaults); Flux: its embedding
+_DEFAULT_SCALE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0}
+_FLUX_EMBEDDED_SCALE = 3.5
+
+
+def flow_shift_mu(image_seq_len: int, config: Any, max_shift_default: float = 1.15) -> float:
+    """Dynamic flow shift ``mu`` for an image of ``image_seq_len`` tokens: linear between ``base_shift`` at
+    ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len`` (the scheduler config's values; Flux, and
+    SD3 configs with ``use_dynamic_shifting``)."""
+    base_len = config.get("base_image_seq_len", None) or 256
+    max_len = config.get("max_image_seq_len", None) or 4096
+    base_shift = config.get("base_shift", None)
+    max_shift = config.get("max_shift", None)
+    base_shift = 0.5 if base_shift is None else base_shift
+    max_shift = max_shift_default if max_shift is None else max_shift
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return base_shift + slope * (image_seq_len - base_len)
+
+
+def _flow_samplers() -> list[str]:
+    return samplers.names("diffusion", standalone=True) + samplers.names("flow")
+
+
+def _check_flow_scheduler(scheduler: Any, family: str) -> None:
+    """Refuse a scheduler that cannot integrate a flow model (mean-reverting or VP-only)."""
+    name = type(scheduler).__name__
+    flow = getattr(scheduler, "is_flow", None)
+    if flow is None:
+        flow = is_flow_config(dict(getattr(scheduler, "config", {}) or {}))
+    if isinstance(scheduler, samplers.FewstepMRSScheduler) or not flow:
+        raise ValueError(
+            f"{family} is a flow-matching model; scheduler {name} cannot sample it (it is not built for a flow "
+            f"schedule); use one of: {', '.join(_flow_samplers())}"
+        )
+
+
 def _family(pipe: Any) -> str:
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and hasattr(pipe, "encode_prompt"):
+        family = _TRANSFORMERS.get(type(transformer).__name__)
+        if family is not None:
+            return family
     unet = getattr(pipe, "unet", None)
     if unet is None or type(unet).__name__ != "UNet2DConditionModel" or not hasattr(pipe, "encode_prompt"):
         raise ValueError(
             f"FewstepPipeline.from_pipe supports SD 1.x/2.x and SDXL text-to-image pipelines (a UNet2DConditionModel "
-            f"and encode_prompt); got {type(pipe).__name__}"
+            f"and encode_prompt), SD3 (SD3Transformer2DModel) and Flux (FluxTransformer2DModel); "
+            f"got {type(pipe).__name__}"
         )
     if getattr(unet.config, "addition_embed_type", None) == "text_time":
         return "sdxl"
@@ -42,16 +96,25 @@ def _family(pipe: Any) -> str:
 
 
 class FewstepPipeline:
-    """A fewstep denoising loop around a diffusers SD/SDXL pipeline (see the module docstring).
+    """A fewstep denoising loop around a diffusers SD/SDXL/SD3/Flux pipeline (see the module docstring).
 
     ``pipe`` holds the shared components with ``scheduler`` swapped in; ``guidance`` is the default rule of
-    ``__call__`` (a call may pass another one).
+    ``__call__`` (a call may pass another one); ``None`` only for Flux: its distilled guidance embedding with
+    ``embedded_guidance_scale``.
     """
 
-    def __init__(self, pipe: Any, guidance: GuidanceRule):
+    def __init__(self, pipe: Any, guidance: GuidanceRule | None, embedded_guidance_scale: float = _FLUX_EMBEDDED_SCALE):
         self.family = _family(pipe)
+        if guidance is None and self.family != "flux":
+            raise ValueError(f"{self.family} needs a guidance rule (only Flux has a distilled guidance embedding)")
         self.pipe = pipe
         self.guidance = guidance
+        self.embedded_guidance_scale = float(embedded_guidance_scale)
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether the hosted model is a flow-matching transformer (SD3, Flux)."""
+        return self.family in FLOW_FAMILIES
 
     @classmethod
     def from_pipe(
@@ -65,24 +128,38 @@ class FewstepPipeline:
 
         ``scheduler``: a fewstep sampler name (built ``from_config(pipe.scheduler.config)``), a scheduler
         object, or ``None`` to keep ``pipe``'s. ``guidance``: a rule name or object; ``None`` is CFG with
-        ``guidance_scale`` (default 7.5, as diffusers).
+        ``guidance_scale`` (default as diffusers: 7.5 SD, 5.0 SDXL, 7.0 SD3), except for Flux, where ``None`` is
+        the distilled guidance embedding with ``guidance_scale`` (default 3.5) and no unconditional pass.
+        A sampler that cannot integrate the model's process (``mrs`` on a flow model) is a ValueError.
         """
-        _family(pipe)
+        family = _family(pipe)
+        flow = family in FLOW_FAMILIES
         if isinstance(scheduler, str):
+            samplers.get(scheduler)  # unknown names: the registry's error
+            if flow and scheduler not in _flow_samplers():
+                raise ValueError(
+                    f"sampler {scheduler!r} ({samplers.process_of(scheduler)}) cannot sample the flow-matching "
+                    f"{family} model; use one of: {', '.join(_flow_samplers())}"
+                )
             scheduler = samplers.get(scheduler).from_config(pipe.scheduler.config)
         elif scheduler is None:
             scheduler = pipe.scheduler
         elif not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "step"):
             raise TypeError(f"`scheduler` must be a sampler name or a scheduler, got {type(scheduler).__name__}")
-        rule = cls._make_rule(guidance, guidance_scale)
-        cls._check_compatible(rule, scheduler)
+        if flow:
+            _check_flow_scheduler(scheduler, family)
+        if family == "flux" and guidance is None:
+            rule, embedded = None, _FLUX_EMBEDDED_SCALE if guidance_scale is None else float(guidance_scale)
+        else:
+            rule, embedded = cls._make_rule(guidance, guidance_scale, family), _FLUX_EMBEDDED_SCALE
+            cls._check_compatible(rule, scheduler)
         shared = type(pipe).from_pipe(pipe, scheduler=scheduler)
         shared.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-        return cls(shared, rule)
+        return cls(shared, rule, embedded)
 
     @staticmethod
     def supports(pipe: Any) -> bool:
-        """Whether ``from_pipe`` can host ``pipe`` (an SD 1.x/2.x or SDXL text-to-image pipeline)."""
+        """Whether ``from_pipe`` can host ``pipe`` (an SD 1.x/2.x, SDXL, SD3 or Flux text-to-image pipeline)."""
         try:
             _family(pipe)
         except ValueError:
@@ -90,9 +167,11 @@ class FewstepPipeline:
         return True
 
     @staticmethod
-    def _make_rule(guidance: str | GuidanceRule | None, guidance_scale: float | None) -> GuidanceRule:
+    def _make_rule(
+        guidance: str | GuidanceRule | None, guidance_scale: float | None, family: str = "sd"
+    ) -> GuidanceRule:
         if guidance is None:
-            return guidance_rules.CFG(7.5 if guidance_scale is None else guidance_scale)
+            return guidance_rules.CFG(_DEFAULT_SCALE.get(family, 7.5) if guidance_scale is None else guidance_scale)
         return guidance_rules.make(guidance, guidance_scale)
 
     @staticmethod
@@ -184,6 +263,7 @@ class FewstepPipeline:
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        embedded_guidance_scale: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Text-to-image with the hosted scheduler and guidance rule.
 
@@ -191,14 +271,23 @@ class FewstepPipeline:
         object, or ``guidance_scale`` alone: the pipeline's rule kind with that scale).
         ``callback_on_step_end(pipe, i, t, tensors) -> dict`` runs after each step with the tensors named in
         ``callback_on_step_end_tensor_inputs`` (``latents``, ``prompt_embeds``) and may replace them.
-        ``output_type``: ``pil``, ``np``, ``pt`` or ``latent``.
+        ``output_type``: ``pil``, ``np``, ``pt`` or ``latent`` (Flux: packed latents, as diffusers).
+        Flux: ``embedded_guidance_scale`` (default: the pipeline's, 3.5) feeds the guidance embedding of
+        guidance-distilled transformers; without a rule (the default) ``guidance_scale`` alone sets it; a rule
+        needs ``negative_prompt`` or ``negative_prompt_embeds`` (true CFG).
         """
         p = self.pipe
-        if guidance is None:
+        embedded = self.embedded_guidance_scale if embedded_guidance_scale is None else float(embedded_guidance_scale)
+        if guidance is None and self.guidance is None:  # Flux, distilled guidance embedding only
+            rule = None
+            if guidance_scale is not None:
+                embedded = float(guidance_scale)
+        elif guidance is None:
             rule = self.guidance if guidance_scale is None else self._make_rule(self.guidance.name, guidance_scale)
         else:
             rule = self._make_rule(guidance, guidance_scale)
-        self._check_compatible(rule, p.scheduler)
+        if rule is not None:
+            self._check_compatible(rule, p.scheduler)
         if output_type not in PIPELINE_OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(PIPELINE_OUTPUT_TYPES)}, got {output_type!r}")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -214,6 +303,18 @@ class FewstepPipeline:
             batch = 1 if isinstance(prompt, str) else len(prompt)
         else:
             batch = prompt_embeds.shape[0]
+        if self.is_flow:
+            return self._flow_call(
+                rule, embedded, batch, {
+                    "prompt": prompt, "height": height, "width": width, "num_inference_steps": num_inference_steps,
+                    "negative_prompt": negative_prompt, "num_images_per_prompt": num_images_per_prompt,
+                    "generator": generator, "latents": latents, "prompt_embeds": prompt_embeds,
+                    "negative_prompt_embeds": negative_prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
+                    "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "output_type": output_type,
+                    "return_dict": return_dict, "callback_on_step_end": callback_on_step_end,
+                    "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
+                },
+            )  # fmt: skip
         height = height or p.unet.config.sample_size * p.vae_scale_factor
         width = width or p.unet.config.sample_size * p.vae_scale_factor
         device = p._execution_device
@@ -257,5 +358,146 @@ class FewstepPipeline:
         image = self._decode(x, output_type, device, embeds.dtype)
         p.maybe_free_model_hooks()
         if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    # ----------------------------------------------------------------------------------------------
+    # SD3 / Flux (flow-matching transformers)
+    def _flow_encode(self, guided: bool, device, kw: dict) -> dict:
+        """Prompt embeddings through the base pipeline's ``encode_prompt``: ``pos``/``pooled`` (+ ``neg``/
+        ``neg_pooled`` when ``guided``), and Flux's ``text_ids``/``neg_text_ids``."""
+        p, n = self.pipe, kw["num_images_per_prompt"]
+        if self.family == "sd3":
+            pos, neg, pooled, neg_pooled = p.encode_prompt(
+                prompt=kw["prompt"], prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=n,
+                do_classifier_free_guidance=guided, negative_prompt=kw["negative_prompt"],
+                prompt_embeds=kw["prompt_embeds"], negative_prompt_embeds=kw["negative_prompt_embeds"],
+                pooled_prompt_embeds=kw["pooled_prompt_embeds"],
+                negative_pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"],
+            )  # fmt: skip
+            return {"pos": pos, "neg": neg, "pooled": pooled, "neg_pooled": neg_pooled}
+        pos, pooled, text_ids = p.encode_prompt(
+            prompt=kw["prompt"], prompt_2=None, device=device, num_images_per_prompt=n,
+            prompt_embeds=kw["prompt_embeds"], pooled_prompt_embeds=kw["pooled_prompt_embeds"],
+        )  # fmt: skip
+        enc = {"pos": pos, "pooled": pooled, "text_ids": text_ids}
+        if guided:
+            neg_prompt = kw["negative_prompt"]
+            if neg_prompt is None and kw["negative_prompt_embeds"] is None:
+                raise ValueError(
+                    "true CFG on Flux needs `negative_prompt` or `negative_prompt_embeds` (with "
+                    "`negative_pooled_prompt_embeds`); omit `guidance` to use the distilled guidance embedding"
+                )
+            neg, neg_pooled, neg_ids = p.encode_prompt(
+                prompt=neg_prompt, prompt_2=None, device=device, num_images_per_prompt=n,
+                prompt_embeds=kw["negative_prompt_embeds"], pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"],
+            )  # fmt: skip
+            enc.update(neg=neg, neg_pooled=neg_pooled, neg_text_ids=neg_ids)
+        return enc
+
+    def _flow_timesteps(self, num_inference_steps: int, image_seq_len: int, device) -> torch.Tensor:
+        """``set_timesteps`` as the base pipeline calls it: Flux passes ``sigmas = linspace(1, 1/N, N)`` to
+        flow-matching-Euler grids and ``mu`` from the image sequence length; SD3 passes ``mu`` only for a
+        dynamically shifted config."""
+        scheduler = self.pipe.scheduler
+        cfg = scheduler.config
+        kwargs: dict[str, Any] = {}
+        params = inspect.signature(scheduler.set_timesteps).parameters
+        if cfg.get("use_dynamic_shifting", False):
+            kwargs["mu"] = flow_shift_mu(image_seq_len, cfg, 1.15 if self.family == "flux" else 1.16)
+        euler_grid = getattr(scheduler, "flow_grid_style", "flowmatch") == "flowmatch"
+        if self.family == "flux" and euler_grid and "sigmas" in params and not cfg.get("use_flow_sigmas", False):
+            n = num_inference_steps
+            kwargs["sigmas"] = [1.0 - k * (1.0 - 1.0 / n) / max(n - 1, 1) for k in range(n)]
+            scheduler.set_timesteps(device=device, **kwargs)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return scheduler.timesteps
+
+    def _flow_decode(self, latents: torch.Tensor, output_type: str, height: int, width: int) -> Any:
+        p = self.pipe
+        if output_type == "latent":
+            return latents
+        if self.family == "flux":
+            latents = p._unpack_latents(latents, height, width, p.vae_scale_factor)
+        vae = p.vae
+        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return p.image_processor.postprocess(image, output_type=output_type)
+
+    def _flow_call(
+        self, rule: GuidanceRule | None, embedded: float, batch: int, kw: dict
+    ) -> ImagePipelineOutput | tuple:
+        """The denoising loop of SD3/Flux (validated arguments of ``__call__`` in ``kw``)."""
+        p = self.pipe
+        flux = self.family == "flux"
+        tr = p.transformer
+        height = kw["height"] or p.default_sample_size * p.vae_scale_factor
+        width = kw["width"] or p.default_sample_size * p.vae_scale_factor
+        device = p._execution_device
+        guided = rule is not None and rule.needs_uncond
+        if rule is not None:
+            rule.reset()
+        enc = self._flow_encode(guided, device, kw)
+        n = batch * kw["num_images_per_prompt"]
+        generator = kw["generator"]
+        if flux:
+            x, image_ids = p.prepare_latents(
+                n, tr.config.in_channels // 4, height, width, enc["pos"].dtype, device, generator, kw["latents"]
+            )
+            seq_len = x.shape[1]
+            embeds = enc["pos"]
+        else:
+            x = p.prepare_latents(
+                n, tr.config.in_channels, height, width, enc["pos"].dtype, device, generator, kw["latents"]
+            )
+            patch = tr.config.patch_size
+            seq_len = (x.shape[-2] // patch) * (x.shape[-1] // patch)
+            embeds = torch.cat([enc["neg"], enc["pos"]]) if guided else enc["pos"]
+            pooled = torch.cat([enc["neg_pooled"], enc["pooled"]]) if guided else enc["pooled"]
+        scheduler = p.scheduler
+        timesteps = self._flow_timesteps(kw["num_inference_steps"], seq_len, device)
+        pairs = guidance_rules.supports_pairs(scheduler)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        embed = None
+        if flux and tr.config.guidance_embeds:
+            embed = torch.full((n,), embedded, device=device, dtype=torch.float32)
+        callback = kw["callback_on_step_end"]
+        for i, t in enumerate(p.progress_bar(timesteps)):
+            if flux:
+                t_in = t.expand(n).to(x.dtype) / 1000
+                out = tr(hidden_states=x, timestep=t_in, guidance=embed, pooled_projections=enc["pooled"],
+                         encoder_hidden_states=embeds, txt_ids=enc["text_ids"], img_ids=image_ids,
+                         return_dict=False)[0]  # fmt: skip
+                if guided:
+                    out_uncond = tr(
+                        hidden_states=x, timestep=t_in, guidance=embed, pooled_projections=enc["neg_pooled"],
+                        encoder_hidden_states=enc["neg"], txt_ids=enc["neg_text_ids"], img_ids=image_ids,
+                        return_dict=False,
+                    )[0]  # fmt: skip
+                    out = torch.cat([out_uncond, out])
+            else:
+                model_in = torch.cat([x, x]) if guided else x
+                out = tr(hidden_states=model_in, timestep=t.expand(model_in.shape[0]), encoder_hidden_states=embeds,
+                         pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
+            if guided:
+                out_uncond, out_cond = out.chunk(2)
+                if pairs:
+                    x = guidance_rules.guided_step(scheduler, rule, out_cond, out_uncond, t, x, i)
+                else:  # plain CFG on the raw velocity with a diffusers scheduler, as diffusers' pipelines do
+                    out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, len(timesteps))
+                    x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+            else:
+                x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+            if callback is not None:
+                tensors = {"latents": x, "prompt_embeds": embeds}
+                outputs = callback(p, i, t, {k: tensors[k] for k in kw["callback_on_step_end_tensor_inputs"]}) or {}
+                x = outputs.get("latents", x)
+                embeds = outputs.get("prompt_embeds", embeds)
+        image = self._flow_decode(x, kw["output_type"], height, width)
+        p.maybe_free_model_hooks()
+        if not kw["return_dict"]:
             return (image,)
         return ImagePipelineOutput(images=image)

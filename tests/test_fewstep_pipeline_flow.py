@@ -1,0 +1,213 @@
+"""FewstepPipeline.from_pipe around tiny random SD3- and Flux-shaped pipelines (saved and reloaded).
+
+No tokenizers or text encoders: prompts are passed as ``prompt_embeds``/``pooled_prompt_embeds``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import FLUX_FLOW, SD3_FLOW, SD15_PNDM
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from PIL import Image
+
+from fewstep import samplers
+from fewstep.pipelines import FewstepPipeline
+from fewstep.pipelines.fewstep_pipeline import flow_shift_mu
+
+RULES = {"cfg": 4.0, "cfg++": 0.7, "apg": 4.0}
+#: every registered sampler that integrates a flow model (flowchef needs a cost: not wired here)
+FLOW_SAMPLERS = [n for n in samplers.names("diffusion", standalone=True) + samplers.names("flow") if n != "flowchef"]
+SIZE = 16  # image side; the tiny VAE does not downsample for SD3 (scale factor 1) nor for Flux
+
+
+def _vae(latent_channels: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1, latent_channels=latent_channels,
+        norm_num_groups=4, sample_size=SIZE, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), shift_factor=0.1, scaling_factor=1.5,
+    )  # fmt: skip
+
+
+def _saved(tmp_path_factory, name: str, pipe, cls, **none_modules):
+    path = tmp_path_factory.mktemp(name) / "pipe"
+    pipe.save_pretrained(path)
+    loaded = cls.from_pretrained(path, **none_modules)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+        pos_embed_max_size=16,
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW), vae=_vae(4),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None,
+    )  # fmt: skip
+    absent = {f"{m}{k}": None for m in ("text_encoder", "tokenizer") for k in ("", "_2", "_3")}
+    return _saved(tmp_path_factory, "fp-sd3", pipe, StableDiffusion3Pipeline, **absent)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["flux-dev", "flux-schnell"])
+def flux(request, tmp_path_factory):
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=request.param,
+        axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_FLOW), vae=_vae(4),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+    )  # fmt: skip
+    absent = {f"{m}{k}": None for m in ("text_encoder", "tokenizer") for k in ("", "_2")}
+    return _saved(tmp_path_factory, "fp-flux", pipe, FluxPipeline, **absent)
+
+
+def _embeds(n: int = 1, seq: int = 6) -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "prompt_embeds": torch.randn(n, seq, 16, generator=g),
+        "negative_prompt_embeds": torch.randn(n, seq, 16, generator=g),
+        "pooled_prompt_embeds": torch.randn(n, 8, generator=g),
+        "negative_pooled_prompt_embeds": torch.randn(n, 8, generator=g),
+    }
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _pos(kw: dict) -> dict:
+    return {k: v for k, v in kw.items() if "negative" not in k}
+
+
+def _calls(module: torch.nn.Module) -> list:
+    seen: list = []
+    module.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["hidden_states"].shape[0]),
+                                 with_kwargs=True)  # fmt: skip
+    return seen
+
+
+def test_sd3_cfg_matches_the_stock_pipeline(sd3):
+    fp = FewstepPipeline.from_pipe(sd3, scheduler="flow-euler", guidance="cfg", guidance_scale=5.0)
+    assert fp.pipe.transformer is sd3.transformer and fp.pipe.vae is sd3.vae  # shared, not copied
+    assert isinstance(sd3.scheduler, FlowMatchEulerDiscreteScheduler) and fp.is_flow
+    assert fp.scheduler.prediction_type == "flow"
+    kw = _embeds()
+    ours = fp(**kw, height=SIZE, width=SIZE, num_inference_steps=4, generator=_gen(), output_type="np").images
+    theirs = sd3(**kw, height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=5.0, generator=_gen(),
+                 output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert ours.shape == (1, SIZE, SIZE, 3)
+    # the base pipeline's own (diffusers) scheduler: raw CFG on the velocity, as diffusers
+    same = FewstepPipeline.from_pipe(sd3, guidance_scale=5.0)
+    again = same(**kw, height=SIZE, width=SIZE, num_inference_steps=4, generator=_gen(), output_type="np").images
+    np.testing.assert_allclose(again, theirs, atol=1e-6)
+
+
+def test_flux_matches_the_stock_pipeline(flux):
+    distilled = flux.transformer.config.guidance_embeds
+    kw = _embeds()
+    run = dict(height=SIZE, width=SIZE, num_inference_steps=4, output_type="np")
+    fp = FewstepPipeline.from_pipe(flux, scheduler="flow-euler")  # default: the guidance embedding, no uncond pass
+    assert fp.guidance is None and fp.pipe.transformer is flux.transformer
+    calls = _calls(flux.transformer)
+    ours = fp(**_pos(kw), generator=_gen(), **run).images
+    assert calls == [1] * 4
+    theirs = flux(**_pos(kw), guidance_scale=3.5, generator=_gen(), **run).images
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    other = fp(**_pos(kw), embedded_guidance_scale=7.0, generator=_gen(), **run).images
+    assert np.allclose(other, ours, atol=1e-6) != distilled  # only a guidance-distilled model reads it
+    # true CFG: a rule asked for explicitly, with a negative prompt (two transformer calls per step)
+    calls.clear()
+    ours = fp(**kw, guidance="cfg", guidance_scale=4.0, generator=_gen(), **run).images
+    assert calls == [1] * 8
+    theirs = flux(**kw, true_cfg_scale=4.0, guidance_scale=3.5, generator=_gen(), **run).images
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # the base pipeline's own scheduler
+    keep = FewstepPipeline.from_pipe(flux, guidance_scale=3.5)
+    np.testing.assert_allclose(keep(**_pos(kw), generator=_gen(), **run).images,
+                               flux(**_pos(kw), generator=_gen(), **run).images, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", FLOW_SAMPLERS)
+def test_every_rule_and_flow_sampler_runs_3_steps(sd3, flux, sampler):
+    kw = _embeds()
+    for family, base in (("sd3", sd3), ("flux", flux)):
+        fp = FewstepPipeline.from_pipe(base, scheduler=sampler)
+        shape = (1, 4, SIZE, SIZE) if family == "sd3" else (1, (SIZE // 2) ** 2, 16)
+        latents = {}
+        for name, scale in RULES.items():
+            out = fp(**kw, height=SIZE, width=SIZE, num_inference_steps=3, guidance=name, guidance_scale=scale,
+                     generator=_gen(1), output_type="latent").images  # fmt: skip
+            assert out.shape == shape and torch.isfinite(out).all(), (family, name)
+            latents[name] = out
+        assert (latents["cfg"] - latents["cfg++"]).abs().max() > 1e-5
+        assert (latents["cfg"] - latents["apg"]).abs().max() > 0
+        if family == "flux":
+            out = fp(**_pos(kw), height=SIZE, width=SIZE, num_inference_steps=3, generator=_gen(1),
+                     output_type="latent").images  # fmt: skip
+            assert out.shape == shape and torch.isfinite(out).all()
+
+
+def test_flux_dynamic_shift_mu(flux):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = flux.scheduler.config
+    for seq in (64, 256, 1024, 4096):
+        assert flow_shift_mu(seq, cfg) == pytest.approx(calculate_shift(seq, 256, 4096, 0.5, 1.15), abs=1e-12)
+    fp = FewstepPipeline.from_pipe(flux, scheduler="dpm-solver++")
+    fp(**_pos(_embeds()), height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent")
+    ref = samplers.get("dpm-solver++").from_config(cfg)
+    ref.set_timesteps(3, mu=flow_shift_mu((SIZE // 2) ** 2, cfg))
+    torch.testing.assert_close(fp.scheduler.timesteps, ref.timesteps)
+    ref.set_timesteps(3, mu=flow_shift_mu(4096, cfg))
+    assert not torch.allclose(fp.scheduler.timesteps, ref.timesteps)
+
+
+def test_output_types_and_callback(flux):
+    fp = FewstepPipeline.from_pipe(flux, scheduler="unipc", guidance="apg", guidance_scale=3.0)
+    kw = {**_embeds(), "height": SIZE, "width": SIZE, "num_inference_steps": 3}
+    pil = fp(**kw, generator=_gen()).images
+    npy = fp(**kw, generator=_gen(), output_type="np").images
+    pt = fp(**kw, generator=_gen(), output_type="pt").images
+    assert isinstance(pil[0], Image.Image) and npy.shape == (1, SIZE, SIZE, 3) and pt.shape == (1, 3, SIZE, SIZE)
+    np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), npy, atol=1e-6)
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append(i)
+        return {"latents": tensors["latents"] * 0} if i == 2 else {}
+
+    zero = fp(**kw, generator=_gen(), output_type="latent", callback_on_step_end=callback).images
+    assert seen == [0, 1, 2] and torch.equal(zero, torch.zeros_like(zero))
+
+
+def test_incompatible_samplers_fail_clearly(sd3, flux):
+    compatible = ", ".join(samplers.names("diffusion", standalone=True) + samplers.names("flow"))
+    for base in (sd3, flux):
+        with pytest.raises(ValueError, match=r"sampler 'mrs' \(mean-reverting\) cannot sample .*use one of: "
+                                             + compatible.replace("+", r"\+")):  # fmt: skip
+            FewstepPipeline.from_pipe(base, scheduler="mrs")
+    for scheduler in (samplers.get("ddim").from_config(SD15_PNDM), DDIMScheduler.from_config(SD15_PNDM)):
+        with pytest.raises(ValueError, match="flow-matching model; scheduler .* cannot sample it"):
+            FewstepPipeline.from_pipe(sd3, scheduler=scheduler)
+    fp = FewstepPipeline.from_pipe(flux, scheduler="flow-euler")
+    with pytest.raises(ValueError, match="true CFG on Flux needs `negative_prompt`"):
+        fp(**_pos(_embeds()), height=SIZE, width=SIZE, num_inference_steps=2, guidance="cfg++", guidance_scale=0.5)
