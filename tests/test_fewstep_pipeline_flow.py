@@ -1,6 +1,7 @@
 """FewstepPipeline.from_pipe around tiny random SD3- and Flux-shaped pipelines (saved and reloaded).
 
-No tokenizers or text encoders: prompts are passed as ``prompt_embeds``/``pooled_prompt_embeds``.
+The sampling tests pass ``prompt_embeds``/``pooled_prompt_embeds`` (no text encoders); the CLI test builds
+offline tokenizers (a byte-level CLIP vocab, a character-level T5 unigram vocab) and tiny text encoders.
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 from PIL import Image
+from test_real_pipeline import _byte_level_vocab
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from fewstep import samplers
+from fewstep.cli import main
 from fewstep.pipelines import FewstepPipeline
 from fewstep.pipelines.fewstep_pipeline import flow_shift_mu
 
@@ -46,16 +58,19 @@ def _saved(tmp_path_factory, name: str, pipe, cls, **none_modules):
     return loaded
 
 
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
+def _sd3_transformer() -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(
         sample_size=SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
         pos_embed_max_size=16,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    torch.manual_seed(0)
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW), vae=_vae(4),
+        transformer=_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW), vae=_vae(4),
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
         tokenizer_3=None,
     )  # fmt: skip
@@ -63,17 +78,20 @@ def sd3(tmp_path_factory):
     return _saved(tmp_path_factory, "fp-sd3", pipe, StableDiffusion3Pipeline, **absent)
 
 
+def _flux_transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["flux-dev", "flux-schnell"])
 def flux(request, tmp_path_factory):
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=request.param,
-        axes_dims_rope=(2, 2, 4),
-    )  # fmt: skip
     pipe = FluxPipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_FLOW), vae=_vae(4),
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        transformer=_flux_transformer(request.param), scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_FLOW),
+        vae=_vae(4), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
     )  # fmt: skip
     absent = {f"{m}{k}": None for m in ("text_encoder", "tokenizer") for k in ("", "_2")}
     return _saved(tmp_path_factory, "fp-flux", pipe, FluxPipeline, **absent)
@@ -211,3 +229,63 @@ def test_incompatible_samplers_fail_clearly(sd3, flux):
     fp = FewstepPipeline.from_pipe(flux, scheduler="flow-euler")
     with pytest.raises(ValueError, match="true CFG on Flux needs `negative_prompt`"):
         fp(**_pos(_embeds()), height=SIZE, width=SIZE, num_inference_steps=2, guidance="cfg++", guidance_scale=0.5)
+
+
+def _clip(root, projection: bool):
+    """A byte-level CLIP tokenizer and a tiny CLIP text encoder (hidden 8; with a 4-d projection if asked)."""
+    root.mkdir(exist_ok=True)
+    _byte_level_vocab(root)
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=4,
+    )  # fmt: skip
+    return tokenizer, (CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config))
+
+
+def _t5():
+    """A character-level T5 unigram tokenizer (no sentencepiece file) and a tiny T5 encoder (d_model 16)."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=16, num_layers=1,
+                                      num_heads=2, relative_attention_num_buckets=8))  # fmt: skip
+    return tokenizer, encoder
+
+
+@pytest.fixture(scope="module")
+def text_pipes(tmp_path_factory):
+    """Saved SD3 and Flux (guidance-distilled) pipelines with tokenizers and text encoders."""
+    root = tmp_path_factory.mktemp("fp-text")
+    torch.manual_seed(0)
+    tok1, te1 = _clip(root / "clip1", projection=True)
+    tok2, te2 = _clip(root / "clip2", projection=True)
+    tok3, te3 = _t5()
+    sd3 = StableDiffusion3Pipeline(
+        transformer=_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW),
+        vae=_vae(4), text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3,
+        tokenizer_3=tok3,
+    )  # fmt: skip
+    sd3.save_pretrained(root / "sd3")
+    tok, te = _clip(root / "clip3", projection=False)
+    # Flux pools CLIPTextModel's pooler output: hidden size 8 = pooled_projection_dim
+    flux = FluxPipeline(
+        transformer=_flux_transformer(True), scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_FLOW),
+        vae=_vae(4), text_encoder=te, tokenizer=tok, text_encoder_2=te3, tokenizer_2=tok3,
+    )  # fmt: skip
+    flux.save_pretrained(root / "flux")
+    return {"sd3": root / "sd3", "flux": root / "flux"}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cli_generate_with_prompts(text_pipes, family, tmp_path, capsys):
+    out = tmp_path / f"{family}.png"
+    args = ["generate", "--model", str(text_pipes[family]), "--prompt", "a digit", "--steps", "2",
+            "--num-images", "2", "--sampler", "dpm-solver++", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--guidance", "apg", "--guidance-scale", "4"]) == 0 and out.is_file()
+    assert "x2 (apg)" in capsys.readouterr().out
+    assert main([*args, "--sampler", "flow-euler"]) == 0
+    assert main([*args, "--sampler", "mrs"]) == 2
+    err = capsys.readouterr().err
+    assert "sampler 'mrs' is for mean-reverting" in err and "compatible samplers: ddim, " in err and "flow-euler" in err

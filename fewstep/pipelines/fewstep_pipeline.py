@@ -158,6 +158,14 @@ class FewstepPipeline:
         return cls(shared, rule, embedded)
 
     @staticmethod
+    def family_of(pipe: Any) -> str | None:
+        """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` for a pipeline ``from_pipe`` can host, else ``None``."""
+        try:
+            return _family(pipe)
+        except ValueError:
+            return None
+
+    @staticmethod
     def supports(pipe: Any) -> bool:
         """Whether ``from_pipe`` can host ``pipe`` (an SD 1.x/2.x, SDXL, SD3 or Flux text-to-image pipeline)."""
         try:

@@ -130,8 +130,9 @@ def generate(
     a box erased).
 
     ``guidance``: ``cfg``, ``cfg++`` or ``apg`` (``fewstep.guidance``) with ``guidance_scale`` (``None``: the
-    rule's default; CFG 3). SD 1.x/2.x and SDXL pipelines run in ``FewstepPipeline`` (any rule); other
-    text-to-image pipelines support ``cfg`` only.
+    rule's default; CFG 3). SD 1.x/2.x, SDXL, SD3 and Flux pipelines run in ``FewstepPipeline`` (any rule;
+    on Flux ``cfg`` is its distilled guidance embedding, default 3.5, and ``cfg++``/``apg`` run true guidance
+    against the empty prompt); other text-to-image pipelines support ``cfg`` only.
     """
     from .. import guidance as guidance_rules
     from .class_conditional import ClassConditionalPipeline
@@ -170,16 +171,24 @@ def generate(
             raise ValueError("this pipeline is text-to-image: pass --prompt")
         from .fewstep_pipeline import FewstepPipeline
 
-        if guidance_scale is None and guidance_rules.get(guidance) is guidance_rules.CFG:
-            guidance_scale = 3.0
-        if FewstepPipeline.supports(pipe):  # fewstep's loop: any guidance rule
+        extra: dict = {}
+        is_cfg = guidance_rules.get(guidance) is guidance_rules.CFG
+        if FewstepPipeline.family_of(pipe) == "flux":
+            # Flux: plain CFG is the distilled guidance embedding; other rules run true CFG vs the empty prompt
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=None if is_cfg else guidance, guidance_scale=guidance_scale)
+            extra = {} if is_cfg else {"negative_prompt": ""}
+        elif FewstepPipeline.supports(pipe):  # fewstep's loop: any guidance rule
+            if guidance_scale is None and is_cfg:
+                guidance_scale = 3.0
             pipe = FewstepPipeline.from_pipe(pipe, guidance=guidance, guidance_scale=guidance_scale)
-        elif guidance_rules.get(guidance) is not guidance_rules.CFG:
+        elif not is_cfg:
             raise ValueError(
-                f"`guidance` {guidance!r} needs an SD 1.x/2.x or SDXL pipeline (FewstepPipeline) or an embedded "
-                f"digits model; {type(pipe).__name__} supports cfg only"
+                f"`guidance` {guidance!r} needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline (FewstepPipeline) or an "
+                f"embedded digits model; {type(pipe).__name__} supports cfg only"
             )
-        images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+        else:
+            guidance_scale = 3.0 if guidance_scale is None else guidance_scale
+        images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, **extra,
                       generator=generator, num_images_per_prompt=num_images, output_type="np").images
     seconds = time.perf_counter() - start
     nfe = len(pipe.scheduler.timesteps)
