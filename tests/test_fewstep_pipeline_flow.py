@@ -219,6 +219,8 @@ def test_output_types_and_callback(flux):
 
 def test_incompatible_samplers_fail_clearly(sd3, flux):
     compatible = ", ".join(samplers.names("diffusion", standalone=True) + samplers.names("flow"))
+    assert FewstepPipeline.family_of(sd3) == "sd3" and FewstepPipeline.family_of(flux) == "flux"
+    assert FewstepPipeline.family_of(object()) is None and FewstepPipeline.supports(flux)
     for base in (sd3, flux):
         with pytest.raises(ValueError, match=r"sampler 'mrs' \(mean-reverting\) cannot sample .*use one of: "
                                              + compatible.replace("+", r"\+")):  # fmt: skip

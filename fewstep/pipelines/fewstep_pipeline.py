@@ -136,7 +136,7 @@ class FewstepPipeline:
         flow = family in FLOW_FAMILIES
         if isinstance(scheduler, str):
             samplers.get(scheduler)  # unknown names: the registry's error
-            if flow and scheduler not in _flow_samplers():
+            if flow and samplers.process_of(scheduler) == "mean-reverting":
                 raise ValueError(
                     f"sampler {scheduler!r} ({samplers.process_of(scheduler)}) cannot sample the flow-matching "
                     f"{family} model; use one of: {', '.join(_flow_samplers())}"
