@@ -215,6 +215,15 @@ def test_output_types_and_callback(flux):
 
     zero = fp(**kw, generator=_gen(), output_type="latent", callback_on_step_end=callback).images
     assert seen == [0, 1, 2] and torch.equal(zero, torch.zeros_like(zero))
+    two = fp(**kw, num_images_per_prompt=2, generator=_gen(), output_type="latent").images
+    assert two.shape == (2, (SIZE // 2) ** 2, 16) and not torch.allclose(two[0], two[1])
+
+
+def test_sd3_batches_prompts_and_images(sd3):
+    fp = FewstepPipeline.from_pipe(sd3, scheduler="unipc", guidance="cfg++", guidance_scale=0.5)
+    out = fp(**_embeds(2), height=SIZE, width=SIZE, num_inference_steps=2, num_images_per_prompt=2,
+             generator=_gen(), output_type="latent").images  # fmt: skip
+    assert out.shape == (4, 4, SIZE, SIZE) and torch.isfinite(out).all()
 
 
 def test_incompatible_samplers_fail_clearly(sd3, flux):

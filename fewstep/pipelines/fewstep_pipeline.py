@@ -450,6 +450,10 @@ class FewstepPipeline:
             rule.reset()
         enc = self._flow_encode(guided, device, kw)
         n = batch * kw["num_images_per_prompt"]
+        for key in ("pos", "neg", "pooled", "neg_pooled"):  # given embeddings: one row per prompt, not per image
+            value = enc.get(key)
+            if value is not None and value.shape[0] == batch and n != batch:
+                enc[key] = value.repeat_interleave(kw["num_images_per_prompt"], dim=0)
         generator = kw["generator"]
         if flux:
             x, image_ids = p.prepare_latents(
