@@ -424,16 +424,21 @@ class FewstepPipeline:
             scheduler.set_begin_index(0)
         return scheduler.timesteps
 
-    def _flow_decode(self, latents: torch.Tensor, output_type: str, height: int, width: int) -> Any:
+    def decode_flow_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Images in [-1, 1] (NCHW) from SD3/Flux latents (Flux: packed), differentiable: pixel-space costs
+        of FlowChef backpropagate through the VAE decoder with this (never through the transformer)."""
         p = self.pipe
-        if output_type == "latent":
-            return latents
         if self.family == "flux":
             latents = p._unpack_latents(latents, height, width, p.vae_scale_factor)
         vae = p.vae
         z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return p.image_processor.postprocess(image, output_type=output_type)
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+
+    def _flow_decode(self, latents: torch.Tensor, output_type: str, height: int, width: int) -> Any:
+        if output_type == "latent":
+            return latents
+        image = self.decode_flow_latents(latents, height, width)
+        return self.pipe.image_processor.postprocess(image, output_type=output_type)
 
     def _flow_call(
         self, rule: GuidanceRule | None, embedded: float, batch: int, kw: dict

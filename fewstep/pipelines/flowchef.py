@@ -11,8 +11,9 @@ keeps the model's activations alive for it.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -291,3 +292,25 @@ def run_task(
 def as_numpy_images(x: torch.Tensor) -> np.ndarray:
     """NCHW in [-1, 1] -> NHWC float32 in [0, 1]."""
     return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def decoded_cost(fp: Any, pixel_cost: Callable[[torch.Tensor], torch.Tensor], height: int, width: int) -> Callable:
+    """A FlowChef cost on SD3/Flux latents from a cost on decoded pixels (``[-1, 1]``, NCHW).
+
+    FlowChef's recipe for latent models with pixel-space measurements (super-resolution, deblurring):
+    ``x0_hat`` is decoded by the VAE and the measurement loss is taken on the image; the gradient flows
+    through the decoder only, never through the transformer. ``fp`` is a ``FewstepPipeline`` around an
+    SD3 or Flux pipeline; use with ``fp.scheduler.set_cost(...)`` when the scheduler is ``flowchef``.
+    """
+    if not callable(pixel_cost):
+        raise TypeError(f"`pixel_cost` must be callable (images -> per-image losses), got {type(pixel_cost).__name__}")
+    if getattr(fp, "family", None) not in ("sd3", "flux"):
+        raise ValueError(
+            f"`decoded_cost` needs a FewstepPipeline around an SD3 or Flux pipeline, got family "
+            f"{getattr(fp, 'family', type(fp).__name__)!r}"
+        )
+
+    def cost(x0_hat: torch.Tensor) -> torch.Tensor:
+        return pixel_cost(fp.decode_flow_latents(x0_hat, height, width).float())
+
+    return cost
