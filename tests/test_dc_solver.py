@@ -10,6 +10,7 @@ import pytest
 import torch
 from _helpers import REAL_CONFIGS, TinyDenoiser
 from diffusers import DDPMScheduler
+from test_real_pipeline import tiny_sd  # noqa: F401 - fixture reused by the SD calibration test
 
 from fewstep import samplers
 from fewstep.cli import main
@@ -364,3 +365,23 @@ def test_cli_defaults_dc_guidance_scale_and_model_to_the_run(tmp_path, capsys, m
             "--steps", "5", "--num-images", "2", "--quiet", "--out", str(out)]
     assert cli.main(argv) == 0 and out.is_file()
     assert seen["dc_guidance_scale"] == 3.0 and seen["dc_model"] == "digits-eps"
+
+
+def test_calibration_on_a_text_to_image_pipeline(tiny_sd):  # noqa: F811 - the fixture imported above
+    """The paper calibrates SD with (noise, prompt) datapoints: the same search on a tiny SD 1.x pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.calibrate.dc import calibrate_text_to_image
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    entries, key = calibrate_text_to_image(
+        pipe, ["a red square", "a blue circle"], nfes=[4], guidance_scales=[3.0], datapoints=3,
+        reference="ddim:20", iters=5, progress=False,
+    )
+    assert len(entries) == 1 and entries[0].nfe == 4 and len(entries[0].ratios) == 4
+    assert key and entries[0].info["prompts"] == 2
+    assert entries[0].ratios != [1.0] * 4  # the search moved the ratios
+    with pytest.raises(ValueError, match="`prompts` must hold at least one prompt"):
+        calibrate_text_to_image(pipe, [], nfes=[4], guidance_scales=[3.0])
+    with pytest.raises(ValueError, match="`nfes` must be a non-empty list"):
+        calibrate_text_to_image(pipe, ["x"], nfes=[], guidance_scales=[3.0])

@@ -298,6 +298,63 @@ def entry_from_search(nfe: int, guidance_scale: float, result: SearchResult, set
     return RatioEntry(nfe, guidance_scale, result.ratios, {**result.info(), **settings})
 
 
+def _check_grid_args(nfes: Sequence[int], guidance_scales: Sequence[float], reference: str) -> tuple[list, list]:
+    nfes = [int(n) for n in nfes]
+    scales = [float(g) for g in guidance_scales]
+    if not nfes or any(n < 1 for n in nfes):
+        raise ValueError(f"`nfes` must be a non-empty list of integers >= 1, got {nfes}")
+    if not scales or any(not math.isfinite(g) or g < 0 for g in scales):
+        raise ValueError(f"`guidance_scales` must be a non-empty list of finite numbers >= 0, got {scales}")
+    parse_reference(reference)
+    if reference == "exact":
+        raise ValueError("`reference`='exact' is only available for the analytic mixture")
+    return nfes, scales
+
+
+def _calibrate_grid(
+    scheduler_config,
+    unet,
+    model_fn_for: Callable[[float], ModelFn],
+    noise: torch.Tensor,
+    nfes: list[int],
+    scales: list[float],
+    settings: dict,
+    scheduler_overrides: dict | None,
+    progress: bool,
+) -> tuple[list[RatioEntry], dict]:
+    """The ratio search over every ``(nfe, guidance_scale)``: the part shared by all model families."""
+    from ..samplers.dc_solver import FewstepDCSolverScheduler, dc_scheduler_key
+
+    overrides = {k: v for k, v in (scheduler_overrides or {}).items() if not k.startswith("dc_ratio")}
+    overrides.update(dc_ratios_file=None, dc_cpr=None)
+    entries: list[RatioEntry] = []
+    key: dict | None = None
+    was = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)  # gradients flow to rho through the model's input only
+    try:
+        for g in scales:
+            model_fn = model_fn_for(g)
+            for n in nfes:
+                sched = FewstepDCSolverScheduler.from_config(scheduler_config, **{**overrides, "dc_ratios": [1.0] * n})
+                sched.set_timesteps(n)
+                key = dc_scheduler_key(sched.config)
+                c = sched.config
+                targets = reference_states(
+                    model_fn, sched.prediction_type, sched.noise_schedule, sched.plan.grid, noise,
+                    settings["reference"], progress,
+                )
+                result = search_ratios(
+                    sched.plan, model_fn, sched.prediction_type, noise, targets, c.dc_order, c.dc_variable,
+                    settings["iters"], settings["lr"], progress, desc=f"dc search NFE {n} CFG {g:g}",
+                    objective=settings["objective"],
+                )
+                entries.append(entry_from_search(n, g, result, settings))
+    finally:
+        for p, r in zip(unet.parameters(), was):
+            p.requires_grad_(r)
+    return entries, key or {}
+
+
 def calibrate_class_conditional(
     pipe,
     model_name: str,
@@ -318,65 +375,79 @@ def calibrate_class_conditional(
     (``dc_base``, ``dc_order``, ``dc_variable``, ``solver_order``, ...). Returns the entries and the scheduler
     key to store with them (see ``fewstep.solvers.dc_artifacts``).
     """
-    from ..samplers.dc_solver import FewstepDCSolverScheduler, dc_scheduler_key
-
-    nfes = [int(n) for n in nfes]
-    scales = [float(g) for g in guidance_scales]
-    if not nfes or any(n < 1 for n in nfes):
-        raise ValueError(f"`nfes` must be a non-empty list of integers >= 1, got {nfes}")
-    if not scales or any(not math.isfinite(g) or g < 0 for g in scales):
-        raise ValueError(f"`guidance_scales` must be a non-empty list of finite numbers >= 0, got {scales}")
-    parse_reference(reference)
-    if reference == "exact":
-        raise ValueError("`reference`='exact' is only available for the analytic mixture")
-    overrides = {k: v for k, v in (scheduler_overrides or {}).items() if not k.startswith("dc_ratio")}
-    overrides.update(dc_ratios_file=None, dc_cpr=None)
+    nfes, scales = _check_grid_args(nfes, guidance_scales, reference)
     unet = pipe.unet
     cfg = unet.config
     labels, noise = digits_datapoints(datapoints, seed, int(cfg.num_class_embeds) - 1, cfg.sample_size, cfg.in_channels)
     labels, noise = labels.to(unet.device), noise.to(device=unet.device, dtype=unet.dtype)
     null_class = int(cfg.num_class_embeds) - 1
-    settings = {
-        "datapoints": datapoints,
-        "seed": seed,
-        "reference": reference,
-        "iters": iters,
-        "lr": lr,
-        "objective": objective,
-    }
-    entries: list[RatioEntry] = []
-    key: dict | None = None
-    was = [p.requires_grad for p in unet.parameters()]
-    unet.requires_grad_(False)  # gradients flow to rho through the model's input only
-    try:
-        for g in scales:
-            model_fn = class_conditional_model_fn(unet, labels, g, null_class)
-            for n in nfes:
-                sched = FewstepDCSolverScheduler.from_config(
-                    pipe.scheduler.config, **{**overrides, "dc_ratios": [1.0] * n}
-                )
-                sched.set_timesteps(n)
-                key = dc_scheduler_key(sched.config)
-                c = sched.config
-                targets = reference_states(
-                    model_fn, sched.prediction_type, sched.noise_schedule, sched.plan.grid, noise, reference, progress
-                )
-                result = search_ratios(
-                    sched.plan,
-                    model_fn,
-                    sched.prediction_type,
-                    noise,
-                    targets,
-                    c.dc_order,
-                    c.dc_variable,
-                    iters,
-                    lr,
-                    progress,
-                    desc=f"dc search NFE {n} CFG {g:g}",
-                    objective=objective,
-                )
-                entries.append(entry_from_search(n, g, result, settings))
-    finally:
-        for p, r in zip(unet.parameters(), was):
-            p.requires_grad_(r)
-    return entries, key or {}
+    settings = {"datapoints": datapoints, "seed": seed, "reference": reference, "iters": iters, "lr": lr,
+                "objective": objective}
+    return _calibrate_grid(
+        pipe.scheduler.config, unet, lambda g: class_conditional_model_fn(unet, labels, g, null_class), noise,
+        nfes, scales, settings, scheduler_overrides, progress,
+    )
+
+
+def text_conditional_model_fn(
+    unet, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, guidance_scale: float
+) -> ModelFn:
+    """CFG on a text-conditional ``UNet2DConditionModel`` (SD 1.x/2.x) as diffusers' pipeline does it."""
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}")
+    guided = guidance_scale != 1.0
+    context = torch.cat([prompt_embeds, negative_embeds]) if guided else prompt_embeds
+
+    def fn(x: torch.Tensor, t: float) -> torch.Tensor:
+        model_in = torch.cat([x, x]) if guided else x
+        tt = torch.full((model_in.shape[0],), float(t), device=x.device, dtype=torch.float32)
+        out = unet(model_in, tt, encoder_hidden_states=context).sample
+        if guided:
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out
+
+    return fn
+
+
+def calibrate_text_to_image(
+    pipe,
+    prompts: Sequence[str],
+    nfes: Sequence[int],
+    guidance_scales: Sequence[float],
+    datapoints: int = 10,
+    seed: int = 0,
+    reference: str = "ddim:200",
+    scheduler_overrides: dict | None = None,
+    iters: int = 40,
+    lr: float = 0.1,
+    progress: bool = True,
+    objective: str = "next",
+    negative_prompt: str = "",
+) -> tuple[list[RatioEntry], dict]:
+    """The same search on an SD 1.x/2.x text-to-image pipeline: ``datapoints`` (noise, prompt) pairs with the
+    prompts cycled and per-sample latent noise (seed + k), as the paper calibrates Stable Diffusion."""
+    nfes, scales = _check_grid_args(nfes, guidance_scales, reference)
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("`prompts` must hold at least one prompt")
+    if not hasattr(pipe, "encode_prompt") or not hasattr(getattr(pipe, "unet", None), "config"):
+        raise ValueError(f"`pipe` must be an SD 1.x/2.x text-to-image pipeline, got {type(pipe).__name__}")
+    if getattr(pipe.unet.config, "addition_embed_type", None) is not None:
+        raise ValueError("SDXL-style UNets (added conditions) are not supported by the DC calibration yet")
+    if isinstance(datapoints, bool) or not isinstance(datapoints, int) or datapoints < 1:
+        raise ValueError(f"`datapoints` must be an integer >= 1, got {datapoints!r}")
+    unet = pipe.unet
+    chosen = [prompts[k % len(prompts)] for k in range(datapoints)]
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(chosen, unet.device, 1, True, [negative_prompt] * datapoints)
+    cfg = unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k))
+                         for k in range(datapoints)]).to(device=unet.device, dtype=unet.dtype)
+    settings = {"datapoints": datapoints, "seed": seed, "reference": reference, "iters": iters, "lr": lr,
+                "objective": objective, "prompts": len(prompts)}
+    return _calibrate_grid(
+        pipe.scheduler.config, unet, lambda g: text_conditional_model_fn(unet, cond, uncond, g), noise,
+        nfes, scales, settings, scheduler_overrides, progress,
+    )
