@@ -298,7 +298,7 @@ def _load_class_conditional(model: str):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate.dc import calibrate_class_conditional, parse_reference
+    from .calibrate.dc import calibrate_class_conditional, calibrate_text_to_image, parse_reference
     from .solvers.dc_artifacts import fit_cpr, save_cpr, save_ratio_table
 
     out = check_writable(args.out, "--out")
@@ -310,13 +310,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    pipe = _load_class_conditional(args.model)
     overrides = {"dc_base": args.base, "dc_order": args.order, "dc_variable": args.variable}
-    entries, key = calibrate_class_conditional(
-        pipe, args.model, args.nfe, args.guidance_scale, datapoints=args.datapoints, seed=args.seed,
-        reference=args.reference, scheduler_overrides=overrides, iters=args.iters, lr=args.lr,
-        progress=not args.quiet, objective=args.objective,
-    )
+    common = dict(datapoints=args.datapoints, seed=args.seed, reference=args.reference, scheduler_overrides=overrides,
+                  iters=args.iters, lr=args.lr, progress=not args.quiet, objective=args.objective)
+    if args.prompts is not None:  # a text-to-image (SD 1.x/2.x) pipeline directory with (noise, prompt) datapoints
+        from pathlib import Path
+
+        from diffusers import StableDiffusionPipeline
+
+        prompts_file = Path(args.prompts)
+        if not prompts_file.is_file():
+            raise UsageError(f"--prompts {args.prompts!r}: no such file (one prompt per line)")
+        prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts {args.prompts!r} holds no prompt (one per line)")
+        if not (Path(args.model) / "model_index.json").is_file():
+            raise UsageError(f"--model {args.model!r} must be an SD 1.x/2.x pipeline directory when --prompts is given")
+        pipe = StableDiffusionPipeline.from_pretrained(args.model)
+        entries, key = calibrate_text_to_image(pipe, prompts, args.nfe, args.guidance_scale, **common)
+    else:
+        pipe = _load_class_conditional(args.model)
+        entries, key = calibrate_class_conditional(pipe, args.model, args.nfe, args.guidance_scale, **common)
     save_ratio_table(out, entries, args.model, key, {"version": __version__})
     for e in entries:
         print(f"NFE {e.nfe:>2} CFG {e.guidance_scale:g}: ratios " + " ".join(f"{r:.3f}" for r in e.ratios))
@@ -332,7 +346,11 @@ def _add_calibrate_parser(sub) -> None:
     p_cal = sub.add_parser("calibrate", help="offline calibration of samplers (DC-Solver ratios)")
     cal_sub = p_cal.add_subparsers(dest="target", required=True, metavar="TARGET")
     p_dc = cal_sub.add_parser("dc", help="search DC-Solver ratios against a many-step reference (+ CPR fit)")
-    p_dc.add_argument("--model", default="digits-eps", help="digits-eps or a class-conditional pipeline directory")
+    p_dc.add_argument("--model", default="digits-eps",
+                      help="digits-eps, a class-conditional pipeline directory, or (with --prompts) an SD 1.x/2.x "
+                           "pipeline directory")
+    p_dc.add_argument("--prompts", default=None, metavar="FILE",
+                      help="text-to-image models: prompts, one per line, cycled over the datapoints")
     p_dc.add_argument("--nfe", type=_int_list(3, "5,6,8,10"), default=[5, 6, 8, 10], help="comma-separated NFEs")
     p_dc.add_argument("--guidance-scale", type=_float_list, default=[1.0, 3.0, 7.0],
                       help="comma-separated CFG scales (1 = unguided)")

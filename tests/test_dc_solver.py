@@ -385,3 +385,19 @@ def test_calibration_on_a_text_to_image_pipeline(tiny_sd):  # noqa: F811 - the f
         calibrate_text_to_image(pipe, [], nfes=[4], guidance_scales=[3.0])
     with pytest.raises(ValueError, match="`nfes` must be a non-empty list"):
         calibrate_text_to_image(pipe, ["x"], nfes=[], guidance_scales=[3.0])
+
+
+def test_cli_calibrates_a_text_to_image_pipeline(tiny_sd, tmp_path, capsys):  # noqa: F811
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n\na blue circle\n")
+    out = tmp_path / "ratios.safetensors"
+    argv = ["calibrate", "dc", "--model", str(tiny_sd), "--prompts", str(prompts), "--nfe", "4", "--guidance-scale",
+            "3", "--datapoints", "2", "--reference", "ddim:12", "--iters", "2", "--quiet", "--out", str(out)]
+    assert main(argv) == 0 and out.is_file()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    argv[argv.index(str(prompts))] = str(empty)
+    argv[-1] = str(tmp_path / "bad.safetensors")
+    assert main(argv) == 2
+    assert "holds no prompt" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
