@@ -285,7 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--json is for the analytic table; a grid run writes results.json into --out")
     if args.guidance is not None and models == ["analytic"]:
         raise UsageError("--guidance applies to the digits models (digits-eps, digits-flow), not --model analytic")
-    from .bench.runner import RESULTS_FILES, BenchConfig, format_markdown, plot_results, run_grid
+    from .bench.runner import RESULTS_FILES, BenchConfig, format_markdown, is_main_process, plot_results, run_grid
 
     defaults = {"guidance": [("cfg", 3.0)], "num_per_class": 20, "classes": list(range(10)), "batch_size": 250,
                 "reference_steps": 200}
@@ -293,6 +293,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(models=models, samplers=args.samplers, steps=args.steps, schedule=args.schedule,
                          num_samples=args.num_samples, dim=args.dim, seed=args.seed, **options)
     rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet)
+    if not is_main_process():  # under `accelerate launch`, one process reports
+        return 0
     print(format_markdown(rows))
     from pathlib import Path
 

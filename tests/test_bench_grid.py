@@ -142,3 +142,37 @@ def test_cli_grid_usage_errors_exit_2(argv, message, capsys, tmp_path, monkeypat
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+DIST_SCRIPT = """
+import json, sys
+from fewstep.bench.runner import BenchConfig, is_main_process, run_grid
+cfg = BenchConfig(models=["digits-eps"], samplers=["unipc"], steps=[4], classes=[0, 1, 2], num_per_class=3,
+                  reference_steps=8, guidance=["cfg:3"], batch_size=50)
+rows = run_grid(cfg, sys.argv[1], progress=False)
+if is_main_process():
+    print("ROWS" + json.dumps(rows))
+"""
+
+
+def test_two_cpu_processes_match_one(tmp_path):
+    """`accelerate launch --num_processes 2 --cpu`: samples split across processes and gathered."""
+    import os
+    import subprocess
+
+    pytest.importorskip("accelerate")
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script), str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(result.stdout.split("ROWS", 1)[1].splitlines()[0])
+    one = run_grid(BenchConfig(models=["digits-eps"], samplers=["unipc"], steps=[4], batch_size=50, **TINY),
+                   tmp_path / "one", progress=False)
+    for a, b in zip(_metrics(two), _metrics(one)):
+        assert a[:3] == b[:3] and a[3:] == pytest.approx(b[3:], rel=1e-4)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["cells"]

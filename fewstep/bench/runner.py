@@ -46,6 +46,7 @@ __all__ = [
     "format_markdown",
     "plot_results",
     "RESULTS_FILES",
+    "is_main_process",
 ]
 
 #: the models a grid can hold
@@ -188,6 +189,24 @@ def _check_cell(cell: Cell, model_config: dict[str, Any]) -> None:
                          f"{cell.model}: {exc}") from None
 
 
+# ---------------------------------------------------------------------------------------------- processes
+def _state():
+    """accelerate's ``PartialState`` when running under a distributed launcher (``WORLD_SIZE`` > 1), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-main process of a distributed launch."""
+    state = _state()
+    return state is None or state.is_main_process
+
+
 # ---------------------------------------------------------------------------------------------- caching
 def _cache_name(kind: str, key: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -242,7 +261,7 @@ def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Pa
     keep = torch.from_numpy(np.isin(labels.numpy(), list(classes)))
     feats, _ = classifier_features(classifier, to_unit_range(images[keep]))
     mean, cov = feature_statistics(feats.double())
-    if path is not None:
+    if path is not None and is_main_process():
         _save_cached(path, {"mean": torch.from_numpy(mean), "cov": torch.from_numpy(cov)}, key)
     return mean, cov
 
@@ -313,6 +332,30 @@ class _DigitsWorld:
     def _use(self, rule: str, scale: float) -> None:
         self.objective.guidance, self.objective.guidance_scale = rule, float(scale)
 
+    def generate(self, scheduler, steps: int) -> tuple[torch.Tensor, float]:
+        """All samples and the wall time of generating them; under ``accelerate launch`` each process makes
+        a contiguous share (same per-sample seeds) and the shares are gathered onto every process."""
+        state = _state()
+        n = len(self.objective.labels)
+        if state is None or state.num_processes == 1:
+            start = time.perf_counter()
+            images = self.objective.images(scheduler, steps, progress=self.progress)
+            return images, time.perf_counter() - start
+        from accelerate.utils import gather_object
+
+        chunk = -(-n // state.num_processes)
+        mine = list(range(state.process_index * chunk, min(n, (state.process_index + 1) * chunk)))
+        start = time.perf_counter()
+        images = self.objective.images(scheduler, steps, progress=self.progress and state.is_main_process,
+                                       indices=mine)
+        seconds = time.perf_counter() - start
+        shares = gather_object([(mine, images, seconds)])
+        out = torch.zeros(n, *images.shape[1:], dtype=images.dtype)
+        for idx, part, _ in shares:
+            if idx:
+                out[torch.tensor(idx)] = part
+        return out, max(s for _, _, s in shares)
+
     def reference(self, rule: str, scale: float) -> torch.Tensor:
         if (rule, scale) in self.references:
             return self.references[(rule, scale)]
@@ -327,8 +370,8 @@ class _DigitsWorld:
         else:
             self._use(rule, scale)
             sched = sampler_registry.from_config(c.reference_sampler, self.objective.model_config)
-            images = self.objective.images(sched, c.reference_steps, progress=self.progress).double()
-            if path is not None:
+            images = self.generate(sched, c.reference_steps)[0].double()
+            if path is not None and is_main_process():
                 _save_cached(path, {"images": images}, key)
         self.references[(rule, scale)] = images
         return images
@@ -337,9 +380,7 @@ class _DigitsWorld:
         reference = self.reference(cell.guidance, cell.guidance_scale)
         self._use(cell.guidance, cell.guidance_scale)
         sched = sampler_registry.from_config(cell.sampler, self.objective.model_config)
-        start = time.perf_counter()
-        images = self.objective.images(sched, cell.steps, progress=self.progress)
-        seconds = time.perf_counter() - start
+        images, seconds = self.generate(sched, cell.steps)
         fd, accuracy = self.objective.score(images)
         mse = (images.double() - reference).pow(2).mean().item()
         n = len(images)
@@ -374,11 +415,17 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     """Run every cell of ``config`` not yet stored in ``out_dir/results.json`` and write JSON, CSV and Markdown
     results there (after every cell). Returns all rows of this grid, in grid order.
 
+    Under ``accelerate launch`` (several GPUs or CPU processes) the samples of every cell are split across
+    the processes and gathered; only the main process writes files.
+
     ``cache_dir``: where reference statistics and reference solves are cached (default ``out_dir/cache``)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out_dir` {str(out)!r} is a file; give a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    main = is_main_process()
+    progress = progress and main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     fingerprint = config.fingerprint()
     stored = _load_results(out / RESULTS_FILES["json"], fingerprint)
@@ -397,9 +444,13 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
                 worlds[cell.model] = _DigitsWorld(cell.model, config, cache, progress)
             metrics = worlds[cell.model].run(cell)
         stored[cell.key] = {**asdict(cell), **metrics}
+        if main:
+            _write_results(out, fingerprint, stored, order)
+    if not todo and main:
         _write_results(out, fingerprint, stored, order)
-    if not todo:
-        _write_results(out, fingerprint, stored, order)
+    state = _state()
+    if state is not None:
+        state.wait_for_everyone()  # the results file is complete before any process returns
     return [stored[k] for k in order]
 
 

@@ -115,9 +115,11 @@ class DigitsObjective:
         return meta
 
     @torch.no_grad()
-    def images(self, scheduler, steps: int, progress: bool = False) -> torch.Tensor:
+    def images(self, scheduler, steps: int, progress: bool = False, indices: Sequence[int] | None = None
+               ) -> torch.Tensor:
         """Samples in [0, 1] (NCHW) of ``scheduler`` at ``steps``, one fixed seed per sample, in batches of
-        ``batch_size`` (NaN/Inf replaced by 0, so a diverging sampler scores badly instead of failing)."""
+        ``batch_size`` (NaN/Inf replaced by 0, so a diverging sampler scores badly instead of failing).
+        ``indices``: generate only these samples (of ``self.labels``), e.g. one process's share."""
         from tqdm.auto import tqdm
 
         from .. import guidance as guidance_rules
@@ -126,13 +128,15 @@ class DigitsObjective:
         self.pipe.scheduler = scheduler
         cfg = self.pipe.unet.config
         shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        size = self.batch_size or len(self.labels)
-        chunks = []
-        for start in tqdm(range(0, len(self.labels), size), desc=f"{self.model} x{steps}", leave=False,
+        picked = range(len(self.labels)) if indices is None else list(indices)
+        labels, seeds = [self.labels[i] for i in picked], [self.seeds[i] for i in picked]
+        size = self.batch_size or max(len(labels), 1)
+        chunks = [torch.zeros(0, *shape)]
+        for start in tqdm(range(0, len(labels), size), desc=f"{self.model} x{steps}", leave=False,
                           disable=not progress):
-            noise = per_sample_noise(shape, self.seeds[start:start + size])
+            noise = per_sample_noise(shape, seeds[start:start + size])
             rule = guidance_rules.make(self.guidance, self.guidance_scale)
-            out = self.pipe(self.labels[start:start + size], num_inference_steps=steps, guidance=rule,
+            out = self.pipe(labels[start:start + size], num_inference_steps=steps, guidance=rule,
                             latents=noise, output_type="pt", check_finite=False)
             chunks.append(torch.nan_to_num(out.images, nan=0.0))
         return torch.cat(chunks)
