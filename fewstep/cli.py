@@ -273,7 +273,8 @@ def _model_list(text: str) -> list[str]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     models = args.model
-    digits_only = ("guidance", "num_per_class", "classes", "batch_size", "reference_steps")
+    digits_only = ("guidance", "num_per_class", "classes", "batch_size", "reference_steps", "features",
+                   "inception_weights")
     if models == ["analytic"] and args.out is None:  # the analytic table, as before the grid runner
         given = [f"--{k.replace('_', '-')}" for k in digits_only if getattr(args, k) is not None]
         if given:
@@ -288,8 +289,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import RESULTS_FILES, BenchConfig, format_markdown, is_main_process, plot_results, run_grid
 
     defaults = {"guidance": [("cfg", 3.0)], "num_per_class": 20, "classes": list(range(10)), "batch_size": 250,
-                "reference_steps": 200}
+                "reference_steps": 200, "features": "digits-classifier", "inception_weights": None}
     options = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in digits_only}
+    options["feature_extractor"] = options.pop("features")
+    if options["inception_weights"] is not None and options["feature_extractor"] != "inception":
+        raise UsageError("--inception-weights needs --features inception")
     config = BenchConfig(models=models, samplers=args.samplers, steps=args.steps, schedule=args.schedule,
                          num_samples=args.num_samples, dim=args.dim, seed=args.seed, **options)
     rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet)
@@ -517,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="digits models: samples per pipeline call (default 250; results do not depend on it)")
     p_bench.add_argument("--reference-steps", type=_positive_int, default=None,
                          help="digits models: steps of the dpm-solver++ reference solve for the MSE (default 200)")
+    p_bench.add_argument("--features", choices=["digits-classifier", "inception"], default=None,
+                         help="digits models: features of the Frechet distance (default digits-classifier; inception "
+                              "= pytorch-fid's Inception-V3, needs its weights file)")
+    p_bench.add_argument("--inception-weights", default=None, metavar="PATH",
+                         help="pt_inception-2015-12-05-6726825d.pth (else $FEWSTEP_INCEPTION_WEIGHTS or torch hub's "
+                              "cache); never downloaded")
     p_bench.add_argument("--schedule", choices=["vp", "flow"], default="vp", help="analytic noise schedule")
     p_bench.add_argument("--num-samples", type=_positive_int, default=2000, help="analytic samples per cell")
     p_bench.add_argument("--dim", type=_positive_int, default=2, help="dimension of the analytic mixture")

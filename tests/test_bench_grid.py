@@ -176,3 +176,42 @@ def test_two_cpu_processes_match_one(tmp_path):
     for a, b in zip(_metrics(two), _metrics(one)):
         assert a[:3] == b[:3] and a[3:] == pytest.approx(b[3:], rel=1e-4)
     assert json.loads((tmp_path / "two" / "results.json").read_text())["cells"]
+
+
+def test_inception_weights_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from fewstep.bench.inception import WEIGHTS_URL, find_inception_weights
+
+    monkeypatch.delenv("FEWSTEP_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="pass the file with --inception-weights PATH") as info:
+        find_inception_weights()
+    assert WEIGHTS_URL in str(info.value) and "does not download" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="Inception-V3 FID weights not found"):
+        run_grid(BenchConfig(models=["digits-eps"], samplers=["unipc"], steps=[2], feature_extractor="inception",
+                             **TINY), tmp_path / "out", progress=False)
+    argv = ["bench", "--model", "digits-eps", "--out", str(tmp_path / "o"), "--features", "inception",
+            "--inception-weights", str(tmp_path / "nope.pth")]
+    assert main(argv) == 2
+    assert "Inception-V3 FID weights not found (given path" in capsys.readouterr().err
+    assert main(["bench", "--model", "digits-eps", "--out", "x", "--inception-weights", "w.pth"]) == 2
+    assert "--inception-weights needs --features inception" in capsys.readouterr().err
+
+
+def test_inception_loads_a_pytorch_fid_state_dict(tmp_path):
+    import torch
+
+    from fewstep.bench.inception import InceptionV3Features, inception_features, load_inception
+
+    net = InceptionV3Features()
+    state = {**net.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
+    torch.save(state, tmp_path / "pt_inception.pth")
+    loaded = load_inception(tmp_path / "pt_inception.pth")
+    assert not loaded.training
+    images = torch.rand(2, 1, 16, 16)
+    feats = inception_features(loaded, images)
+    assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and (feats >= 0).all()
+    assert torch.allclose(feats, inception_features(net.eval(), images))
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"is not pytorch-fid's Inception-V3: missing \['Mixed_7c.branch_pool"):
+        load_inception(tmp_path / "bad.pth")

@@ -57,6 +57,8 @@ METRICS = ("fd", "accuracy", "mse", "rmse")
 RESULTS_FILES = {"json": "results.json", "csv": "results.csv", "markdown": "results.md"}
 #: feature extractor of the digits metrics (part of the reference-statistics cache key)
 FEATURE_EXTRACTOR = "digits-classifier"
+#: feature extractors for the Frechet distance: the shipped classifier, or pytorch-fid's Inception-V3 (user weights)
+FEATURE_EXTRACTORS = ("digits-classifier", "inception")
 
 
 def parse_guidance(text: str) -> tuple[str, float | None]:
@@ -110,6 +112,10 @@ class BenchConfig:
     batch_size: int = 250
     reference_sampler: str = "dpm-solver++"
     reference_steps: int = 200
+    #: features of the Frechet distance: ``digits-classifier`` or ``inception`` (needs ``inception_weights``)
+    feature_extractor: str = FEATURE_EXTRACTOR
+    #: pytorch-fid's weights file (else ``$FEWSTEP_INCEPTION_WEIGHTS`` or torch hub's cache)
+    inception_weights: str | None = None
     # analytic model
     schedule: str = "vp"
     num_samples: int = 2000
@@ -138,6 +144,11 @@ class BenchConfig:
         if not guidance and any(m != "analytic" for m in self.models):
             raise ValueError("`guidance` must not be empty for the digits models (use cfg:1 for no guidance)")
         self.guidance = guidance
+        if self.feature_extractor not in FEATURE_EXTRACTORS:
+            raise ValueError(f"`feature_extractor` must be one of {list(FEATURE_EXTRACTORS)}, "
+                             f"got {self.feature_extractor!r}")
+        if self.inception_weights is not None and self.feature_extractor != "inception":
+            raise ValueError("`inception_weights` is only used with feature_extractor='inception'")
         if self.num_per_class * len(self.classes) < 2:
             raise ValueError("need at least 2 digits samples: raise `num_per_class` or add `classes`")
 
@@ -145,7 +156,8 @@ class BenchConfig:
         """The settings a stored cell depends on (not the grid axes, not the batch size)."""
         return {
             "classes": self.classes, "num_per_class": self.num_per_class, "seed": self.seed,
-            "reference": f"{self.reference_sampler}:{self.reference_steps}", "feature_extractor": FEATURE_EXTRACTOR,
+            "reference": f"{self.reference_sampler}:{self.reference_steps}",
+            "feature_extractor": self.feature_extractor,
             "analytic": {"schedule": self.schedule, "num_samples": self.num_samples, "dim": self.dim},
         }
 
@@ -235,11 +247,14 @@ def _save_cached(path: Path, tensors: dict[str, torch.Tensor], key: dict[str, An
 
 
 def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Path | None = None,
-                         classifier=None) -> tuple[np.ndarray, np.ndarray]:
+                         classifier=None, inception=None, inception_id: str | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the feature extractor's features of the held-out test digits of ``classes``.
 
     Computed once and cached as safetensors in ``cache_dir`` (keyed by model, classes, feature extractor and
-    image size); later calls load the file."""
+    image size); later calls load the file. ``inception``: a loaded
+    :class:`~fewstep.bench.inception.InceptionV3Features` to use instead of the digits classifier
+    (``inception_id`` names its weights file in the cache key)."""
     from ..datasets import load_digits_images, to_unit_range
     from ..pipelines import load_default
     from ..pipelines.defaults import default_model_path
@@ -250,16 +265,22 @@ def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Pa
         raise ValueError(f"`model` must be one of {list(MODELS[1:])}, got {model!r}")
     unet_config = json.loads((default_model_path(model) / "unet" / "config.json").read_text())
     size = int(unet_config["sample_size"])
+    extractor = FEATURE_EXTRACTOR if inception is None else f"inception:{inception_id}"
     key = {"kind": "reference-statistics", "model": model, "classes": sorted(int(c) for c in classes),
-           "feature_extractor": FEATURE_EXTRACTOR, "split": "test", "sample_size": size}
+           "feature_extractor": extractor, "split": "test", "sample_size": size}
     path = Path(cache_dir) / _cache_name("refstats", key) if cache_dir is not None else None
     cached = _load_cached(path, key) if path is not None else None
     if cached is not None:
         return cached["mean"].numpy(), cached["cov"].numpy()
-    classifier = classifier if classifier is not None else load_default(FEATURE_EXTRACTOR)
     images, labels = load_digits_images(size, "test")
     keep = torch.from_numpy(np.isin(labels.numpy(), list(classes)))
-    feats, _ = classifier_features(classifier, to_unit_range(images[keep]))
+    if inception is not None:
+        from .inception import inception_features
+
+        feats = inception_features(inception, to_unit_range(images[keep]))
+    else:
+        classifier = classifier if classifier is not None else load_default(FEATURE_EXTRACTOR)
+        feats, _ = classifier_features(classifier, to_unit_range(images[keep]))
     mean, cov = feature_statistics(feats.double())
     if path is not None and is_main_process():
         _save_cached(path, {"mean": torch.from_numpy(mean), "cov": torch.from_numpy(cov)}, key)
@@ -324,6 +345,15 @@ class _DigitsWorld:
         from ..search.objectives import DigitsObjective
 
         self.config, self.cache_dir, self.progress = config, cache_dir, progress
+        self.inception, self.inception_stats = None, None
+        if config.feature_extractor == "inception":
+            from .inception import find_inception_weights, load_inception
+
+            weights = find_inception_weights(config.inception_weights)
+            self.inception = load_inception(weights)
+            weights_id = f"{weights.name}:{weights.stat().st_size}"
+            self.inception_stats = reference_statistics(model, config.classes, cache_dir, inception=self.inception,
+                                                        inception_id=weights_id)
         stats = reference_statistics(model, config.classes, cache_dir)
         self.objective = DigitsObjective(config.classes, config.num_per_class, seed=config.seed, model=model,
                                          batch_size=config.batch_size, reference_stats=stats)
@@ -382,6 +412,12 @@ class _DigitsWorld:
         sched = sampler_registry.from_config(cell.sampler, self.objective.model_config)
         images, seconds = self.generate(sched, cell.steps)
         fd, accuracy = self.objective.score(images)
+        if self.inception is not None:
+            from .inception import inception_features
+            from .metrics import feature_statistics, frechet_distance
+
+            feats = inception_features(self.inception, images)
+            fd = frechet_distance(*feature_statistics(feats), *self.inception_stats)
         mse = (images.double() - reference).pow(2).mean().item()
         n = len(images)
         return {"nfe": len(sched.timesteps), "fd": fd, "accuracy": accuracy, "mse": mse, "rmse": None,
@@ -428,6 +464,10 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
         out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     fingerprint = config.fingerprint()
+    if config.feature_extractor == "inception" and any(m != "analytic" for m in config.models):
+        from .inception import find_inception_weights
+
+        find_inception_weights(config.inception_weights)  # fail before anything runs
     stored = _load_results(out / RESULTS_FILES["json"], fingerprint)
     cells = config.cells()
     configs = {m: _model_config(m, config) for m in config.models}
