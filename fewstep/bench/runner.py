@@ -496,7 +496,8 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
 
 # ---------------------------------------------------------------------------------------------- plots
 def plot_results(rows: list[dict[str, Any]], path: str | Path, metric: str = "fd") -> Path:
-    """``metric`` versus NFE, one line per sampler, log-x, one panel per (model, guidance); saved as PNG.
+    """``metric`` versus NFE, one line per sampler, log-x (log-y for positive errors), one panel per
+    (model, guidance); saved as PNG.
 
     Needs matplotlib (``pip install fewstep[plot]``): ``ImportError`` saying so otherwise."""
     if metric not in METRICS:
@@ -506,6 +507,7 @@ def plot_results(rows: list[dict[str, Any]], path: str | Path, metric: str = "fd
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install 'fewstep[plot]' (or pip install matplotlib)") \
             from None
@@ -523,6 +525,11 @@ def plot_results(rows: list[dict[str, Any]], path: str | Path, metric: str = "fd
             pts = sorted((r["nfe"], r[metric]) for r in group if r["sampler"] == name)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_xscale("log")
+        nfes = sorted({r["nfe"] for r in group})
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if metric != "accuracy" and all(r[metric] > 0 for r in group):
+            ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel(metric)
         ax.set_title(title)
