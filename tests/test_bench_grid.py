@@ -215,3 +215,13 @@ def test_inception_loads_a_pytorch_fid_state_dict(tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"is not pytorch-fid's Inception-V3: missing \['Mixed_7c.branch_pool"):
         load_inception(tmp_path / "bad.pth")
+
+
+def test_analytic_cells_match_the_analytic_table(tmp_path):
+    from fewstep.bench.analytic_bench import run_analytic_bench
+
+    rows = run_grid(BenchConfig(models=["analytic"], samplers=["unipc", "ddim"], steps=[5], num_samples=100),
+                    tmp_path, progress=False)
+    table, _ = run_analytic_bench(samplers=["unipc", "ddim"], steps=[5], num_samples=100, progress=False)
+    assert [(r["sampler"], r["rmse"], r["fd"]) for r in rows] == [(t.sampler, t.rmse, t.fd) for t in table]
+    assert all(r["guidance"] is None and r["mse"] is None and r["accuracy"] is None for r in rows)

@@ -467,7 +467,8 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     if config.feature_extractor == "inception" and any(m != "analytic" for m in config.models):
         from .inception import find_inception_weights
 
-        find_inception_weights(config.inception_weights)  # fail before anything runs
+        weights = find_inception_weights(config.inception_weights)  # fail before anything runs
+        fingerprint["feature_extractor"] = f"inception:{weights.name}:{weights.stat().st_size}"
     stored = _load_results(out / RESULTS_FILES["json"], fingerprint)
     cells = config.cells()
     configs = {m: _model_config(m, config) for m in config.models}
