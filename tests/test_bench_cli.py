@@ -89,7 +89,7 @@ def test_cli_bench_table_and_json(tmp_path, capsys):
         (["bench", "--steps", "0"], "expected integers >= 1"),
         (["bench", "--steps", "five"], "expected comma-separated integers"),
         (["bench", "--samplers", "euler"], "unknown sampler(s) ['euler']; available: ddim"),
-        (["bench", "--model", "sd15"], "--model 'sd15' is not available yet; available: analytic"),
+        (["bench", "--model", "sd15"], "unknown model(s) ['sd15']; available: analytic, digits-eps, digits-flow"),
         (["bench", "--json", "/nonexistent-dir/x.json"], "directory '/nonexistent-dir' does not exist"),
         (["bench", "--num-samples", "0"], "expected an integer >= 1"),
         (["frobnicate"], "invalid choice"),

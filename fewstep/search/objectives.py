@@ -14,7 +14,10 @@ import torch
 
 from ..solvers.s3 import SolverSchedule, schedule_fingerprint
 
-__all__ = ["AnalyticObjective", "DigitsObjective", "DigitsMSEObjective"]
+__all__ = ["AnalyticObjective", "DigitsObjective", "DigitsMSEObjective", "DIGITS_MODELS"]
+
+#: the embedded models the digits objectives (and ``fewstep bench``) evaluate
+DIGITS_MODELS = ("digits-eps", "digits-flow")
 
 
 class AnalyticObjective:
@@ -59,50 +62,98 @@ class DigitsObjective:
         num_per_class: int = 20,
         guidance_scale: float = 3.0,
         seed: int = 0,
+        *,
+        model: str = "digits-eps",
+        guidance: str = "cfg",
+        batch_size: int | None = None,
+        reference_stats: tuple[np.ndarray, np.ndarray] | None = None,
     ):
+        """``model``: ``digits-eps`` or ``digits-flow``; ``guidance``: a rule name (``cfg``, ``cfg++``, ``apg``)
+        built with ``guidance_scale``; ``batch_size``: samples per pipeline call (``None``: all at once; results
+        do not depend on it); ``reference_stats``: precomputed ``(mean, cov)`` of the test digits' features
+        (e.g. from a cache), computed here when ``None``."""
+        from .. import guidance as guidance_rules
         from ..bench.digits_eval import classifier_features
         from ..bench.metrics import feature_statistics
         from ..datasets import NUM_CLASSES, load_digits_images, to_unit_range
         from ..pipelines import load_default
 
+        if model not in DIGITS_MODELS:
+            raise ValueError(f"`model` must be one of {list(DIGITS_MODELS)}, got {model!r}")
         classes = [int(c) for c in classes]
         if not classes or any(not 0 <= c < NUM_CLASSES for c in classes):
             raise ValueError(f"`classes` must be digits in [0, {NUM_CLASSES - 1}], got {classes}")
-        self.pipe = load_default("digits-eps", sampler=None)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"`batch_size` must be an integer >= 1 or None, got {batch_size!r}")
+        guidance_rules.make(guidance, guidance_scale)  # validate the rule and its scale early
+        self.model = model
+        self.classes = classes
+        self.guidance = guidance
+        self.batch_size = batch_size
+        self.pipe = load_default(model, sampler=None)
         self.model_config = dict(self.pipe.scheduler.config)
         self.classifier = load_default("digits-classifier")
         self.labels = [c for c in classes for _ in range(num_per_class)]
         self.seeds = [seed + k for k in range(len(self.labels))]
         self.guidance_scale = float(guidance_scale)
-        images, labels = load_digits_images(self.pipe.unet.config.sample_size, "test")
-        keep = np.isin(np.asarray(labels), classes)
-        feats, _ = classifier_features(self.classifier, to_unit_range(images[torch.from_numpy(keep)]))
-        self.reference_stats = feature_statistics(feats.double())
+        if reference_stats is None:
+            images, labels = load_digits_images(self.pipe.unet.config.sample_size, "test")
+            keep = np.isin(np.asarray(labels), classes)
+            feats, _ = classifier_features(self.classifier, to_unit_range(images[torch.from_numpy(keep)]))
+            reference_stats = feature_statistics(feats.double())
+        self.reference_stats = reference_stats
         from .. import samplers
 
         self.noise_schedule = samplers.get("s3").from_config(self.model_config).noise_schedule
 
     def metadata(self) -> dict:
-        return {"model": "digits-eps", "noise_schedule": schedule_fingerprint(self.noise_schedule),
+        meta = {"model": self.model, "noise_schedule": schedule_fingerprint(self.noise_schedule),
                 "guidance_scale": self.guidance_scale}
+        if self.guidance != "cfg":
+            meta["guidance"] = self.guidance
+        return meta
 
     @torch.no_grad()
-    def images(self, scheduler, steps: int) -> torch.Tensor:
+    def images(self, scheduler, steps: int, progress: bool = False, indices: Sequence[int] | None = None
+               ) -> torch.Tensor:
+        """Samples in [0, 1] (NCHW) of ``scheduler`` at ``steps``, one fixed seed per sample, in batches of
+        ``batch_size`` (NaN/Inf replaced by 0, so a diverging sampler scores badly instead of failing).
+        ``indices``: generate only these samples (of ``self.labels``), e.g. one process's share."""
+        from tqdm.auto import tqdm
+
+        from .. import guidance as guidance_rules
         from ..bench.digits_eval import per_sample_noise
 
         self.pipe.scheduler = scheduler
         cfg = self.pipe.unet.config
-        noise = per_sample_noise((cfg.in_channels, cfg.sample_size, cfg.sample_size), self.seeds)
-        out = self.pipe(self.labels, num_inference_steps=steps, guidance_scale=self.guidance_scale, latents=noise,
-                        output_type="pt", check_finite=False)
-        return torch.nan_to_num(out.images, nan=0.0)
+        shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        picked = range(len(self.labels)) if indices is None else list(indices)
+        labels, seeds = [self.labels[i] for i in picked], [self.seeds[i] for i in picked]
+        size = self.batch_size or max(len(labels), 1)
+        chunks = [torch.zeros(0, *shape)]
+        for start in tqdm(range(0, len(labels), size), desc=f"{self.model} x{steps}", leave=False,
+                          disable=not progress):
+            noise = per_sample_noise(shape, seeds[start:start + size])
+            rule = guidance_rules.make(self.guidance, self.guidance_scale)
+            out = self.pipe(labels[start:start + size], num_inference_steps=steps, guidance=rule,
+                            latents=noise, output_type="pt", check_finite=False)
+            chunks.append(torch.nan_to_num(out.images, nan=0.0))
+        return torch.cat(chunks)
 
     def frechet(self, images: torch.Tensor) -> float:
+        """Frechet distance of ``images`` (NCHW in [0, 1]) to the test digits of the same classes."""
+        return self.score(images)[0]
+
+    def score(self, images: torch.Tensor) -> tuple[float, float]:
+        """``(Frechet distance, class accuracy)`` of ``images`` (in the order of ``self.labels``)."""
         from ..bench.digits_eval import classifier_features
         from ..bench.metrics import feature_statistics, frechet_distance
 
-        feats, _ = classifier_features(self.classifier, images)
-        return frechet_distance(*feature_statistics(feats.double()), *self.reference_stats)
+        feats, logits = classifier_features(self.classifier, images)
+        fd = frechet_distance(*feature_statistics(feats.double()), *self.reference_stats)
+        accuracy = (logits.argmax(1).cpu() == torch.tensor(self.labels)).double().mean().item()
+        return fd, accuracy
 
     def __call__(self, schedule: SolverSchedule) -> float:
         from .. import samplers

@@ -1,0 +1,542 @@
+"""The FID/MSE-versus-NFE grid runner behind ``fewstep bench``: samplers x NFE x guidance x model.
+
+Every cell ``(model, sampler, steps, guidance rule, scale)`` becomes one row of metrics:
+
+* ``analytic`` -- the exact Gaussian-mixture reference (``fewstep.bench.analytic_bench``): RMSE to the exact
+  PF-ODE endpoint and the Frechet distance to the data distribution;
+* ``digits-eps`` / ``digits-flow`` -- the embedded models, scored by the digits objectives of
+  ``fewstep.search.objectives``: Frechet distance to the held-out test digits in the shipped classifier's
+  features, class accuracy, and the MSE to a many-step reference solve from the same noise and classes.
+
+Each sample's initial noise comes from its own seed (``seed + index``), so numbers do not depend on the batch
+size. Results are stored per cell in ``results.json`` (rewritten atomically after every cell); a re-run with
+the same configuration skips the finished cells, a results file of another configuration is an error.
+The reference feature statistics of the test digits (and the reference solves) are cached as safetensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from .. import guidance as guidance_rules
+from .. import samplers as sampler_registry
+from .._io import atomic_write
+
+__all__ = [
+    "MODELS",
+    "METRICS",
+    "BenchConfig",
+    "Cell",
+    "parse_guidance",
+    "run_grid",
+    "reference_statistics",
+    "format_markdown",
+    "plot_results",
+    "RESULTS_FILES",
+    "is_main_process",
+]
+
+#: the models a grid can hold
+MODELS = ("analytic", "digits-eps", "digits-flow")
+#: metric columns of a row (``None`` where a metric does not apply to the model)
+METRICS = ("fd", "accuracy", "mse", "rmse")
+#: the files a run writes into its output directory
+RESULTS_FILES = {"json": "results.json", "csv": "results.csv", "markdown": "results.md"}
+#: feature extractor of the digits metrics (part of the reference-statistics cache key)
+FEATURE_EXTRACTOR = "digits-classifier"
+#: feature extractors for the Frechet distance: the shipped classifier, or pytorch-fid's Inception-V3 (user weights)
+FEATURE_EXTRACTORS = ("digits-classifier", "inception")
+
+
+def parse_guidance(text: str) -> tuple[str, float | None]:
+    """``"cfg:3"`` -> ``("cfg", 3.0)``; ``"apg"`` -> ``("apg", None)`` (the rule's default scale).
+
+    The rule and its scale are validated by ``fewstep.guidance.make``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"`guidance` must be RULE or RULE:SCALE like cfg:3, got {text!r}")
+    name, sep, scale_text = text.strip().partition(":")
+    scale: float | None = None
+    if sep:
+        try:
+            scale = float(scale_text)
+        except ValueError:
+            raise ValueError(f"`guidance` {text!r}: scale {scale_text!r} is not a number (RULE:SCALE like cfg:3)") \
+                from None
+    name = {"cfgpp": "cfg++"}.get(name, name)
+    rule = guidance_rules.make(name, scale)
+    return name, float(rule.guidance_scale) if scale is None else scale
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point; ``guidance`` is ``None`` for the analytic model."""
+
+    model: str
+    sampler: str
+    steps: int
+    guidance: str | None = None
+    guidance_scale: float | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable identifier of the cell in the results file."""
+        guide = "-" if self.guidance is None else f"{self.guidance}:{self.guidance_scale:g}"
+        return f"{self.model}|{self.sampler}|{self.steps}|{guide}"
+
+
+@dataclass
+class BenchConfig:
+    """What a grid run measures. The fields except the grid axes (``models``, ``samplers``, ``steps``,
+    ``guidance``) and ``batch_size`` define the configuration a results file belongs to."""
+
+    models: list[str] = field(default_factory=lambda: ["digits-eps"])
+    samplers: list[str] | None = None
+    steps: list[int] = field(default_factory=lambda: [5, 10, 20])
+    guidance: list[tuple[str, float]] = field(default_factory=lambda: [("cfg", 3.0)])
+    classes: list[int] = field(default_factory=lambda: list(range(10)))
+    num_per_class: int = 20
+    seed: int = 0
+    batch_size: int = 250
+    reference_sampler: str = "dpm-solver++"
+    reference_steps: int = 200
+    #: features of the Frechet distance: ``digits-classifier`` or ``inception`` (needs ``inception_weights``)
+    feature_extractor: str = FEATURE_EXTRACTOR
+    #: pytorch-fid's weights file (else ``$FEWSTEP_INCEPTION_WEIGHTS`` or torch hub's cache)
+    inception_weights: str | None = None
+    # analytic model
+    schedule: str = "vp"
+    num_samples: int = 2000
+    dim: int = 2
+
+    def __post_init__(self) -> None:
+        self.models = _check_names("models", self.models, MODELS)
+        self.samplers = _check_names("samplers", self.samplers or sampler_registry.names("diffusion", standalone=True),
+                                     sampler_registry.names())
+        self.steps = _check_ints("steps", self.steps, 1)
+        for name, value, low in (("num_per_class", self.num_per_class, 1), ("batch_size", self.batch_size, 1),
+                                 ("reference_steps", self.reference_steps, 2), ("num_samples", self.num_samples, 2),
+                                 ("dim", self.dim, 1)):
+            _check_ints(name, [value], low)
+        self.classes = _check_ints("classes", self.classes, 0)
+        if any(c > 9 for c in self.classes) or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"`classes` must be distinct digits 0..9, got {self.classes}")
+        if self.reference_sampler not in sampler_registry.names("diffusion", standalone=True):
+            raise ValueError(f"`reference_sampler` {self.reference_sampler!r} is not a standalone diffusion sampler; "
+                             f"available: {', '.join(sampler_registry.names('diffusion', standalone=True))}")
+        guidance = []
+        for item in self.guidance:
+            name, scale = parse_guidance(item) if isinstance(item, str) else item
+            guidance_rules.make(name, scale)
+            guidance.append((name, float(scale)))
+        if not guidance and any(m != "analytic" for m in self.models):
+            raise ValueError("`guidance` must not be empty for the digits models (use cfg:1 for no guidance)")
+        self.guidance = guidance
+        if self.feature_extractor not in FEATURE_EXTRACTORS:
+            raise ValueError(f"`feature_extractor` must be one of {list(FEATURE_EXTRACTORS)}, "
+                             f"got {self.feature_extractor!r}")
+        if self.inception_weights is not None and self.feature_extractor != "inception":
+            raise ValueError("`inception_weights` is only used with feature_extractor='inception'")
+        if self.num_per_class * len(self.classes) < 2:
+            raise ValueError("need at least 2 digits samples: raise `num_per_class` or add `classes`")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a stored cell depends on (not the grid axes, not the batch size)."""
+        return {
+            "classes": self.classes, "num_per_class": self.num_per_class, "seed": self.seed,
+            "reference": f"{self.reference_sampler}:{self.reference_steps}",
+            "feature_extractor": self.feature_extractor,
+            "analytic": {"schedule": self.schedule, "num_samples": self.num_samples, "dim": self.dim},
+        }
+
+    def cells(self) -> list[Cell]:
+        """The grid in a fixed order: model, guidance, sampler, steps."""
+        out = []
+        for model in self.models:
+            guides = [(None, None)] if model == "analytic" else self.guidance
+            for rule, scale in guides:
+                for name in self.samplers:
+                    for n in self.steps:
+                        out.append(Cell(model, name, n, rule, scale))
+        return out
+
+
+def _check_names(arg: str, values: Sequence[str] | None, allowed: Sequence[str]) -> list[str]:
+    values = list(values or [])
+    if not values:
+        raise ValueError(f"`{arg}` must not be empty; available: {', '.join(allowed)}")
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"`{arg}` has unknown value(s) {bad}; available: {', '.join(allowed)}")
+    return values
+
+
+def _check_ints(arg: str, values: Sequence[int], minimum: int) -> list[int]:
+    values = list(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in values):
+        raise ValueError(f"`{arg}` must hold integers >= {minimum}, got {values!r}")
+    return [int(v) for v in values]
+
+
+def _check_cell(cell: Cell, model_config: dict[str, Any]) -> None:
+    """Build the cell's scheduler once: an NFE below a sampler's minimum or a sampler that does not fit the
+    model is reported before anything runs."""
+    try:
+        sched = sampler_registry.from_config(cell.sampler, model_config)
+        sched.set_timesteps(cell.steps)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"cell {cell.key}: sampler {cell.sampler!r} cannot run {cell.steps} steps on "
+                         f"{cell.model}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def _state():
+    """accelerate's ``PartialState`` when running under a distributed launcher (``WORLD_SIZE`` > 1), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-main process of a distributed launch."""
+    state = _state()
+    return state is None or state.is_main_process
+
+
+# ---------------------------------------------------------------------------------------------- caching
+def _cache_name(kind: str, key: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{kind}-{digest}.safetensors"
+
+
+def _load_cached(path: Path, key: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if json.loads(meta.get("key", "null")) != key:
+            raise ValueError(f"cache file {str(path)!r} belongs to another configuration "
+                             f"({meta.get('key')}); expected {json.dumps(key, sort_keys=True)}; delete it")
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _save_cached(path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"key": json.dumps(key, sort_keys=True), "version": __version__}
+    atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
+
+
+def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Path | None = None,
+                         classifier=None, inception=None, inception_id: str | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the feature extractor's features of the held-out test digits of ``classes``.
+
+    Computed once and cached as safetensors in ``cache_dir`` (keyed by model, classes, feature extractor and
+    image size); later calls load the file. ``inception``: a loaded
+    :class:`~fewstep.bench.inception.InceptionV3Features` to use instead of the digits classifier
+    (``inception_id`` names its weights file in the cache key)."""
+    from ..datasets import load_digits_images, to_unit_range
+    from ..pipelines import load_default
+    from ..pipelines.defaults import default_model_path
+    from .digits_eval import classifier_features
+    from .metrics import feature_statistics
+
+    if model not in MODELS[1:]:
+        raise ValueError(f"`model` must be one of {list(MODELS[1:])}, got {model!r}")
+    unet_config = json.loads((default_model_path(model) / "unet" / "config.json").read_text())
+    size = int(unet_config["sample_size"])
+    extractor = FEATURE_EXTRACTOR if inception is None else f"inception:{inception_id}"
+    key = {"kind": "reference-statistics", "model": model, "classes": sorted(int(c) for c in classes),
+           "feature_extractor": extractor, "split": "test", "sample_size": size}
+    path = Path(cache_dir) / _cache_name("refstats", key) if cache_dir is not None else None
+    cached = _load_cached(path, key) if path is not None else None
+    if cached is not None:
+        return cached["mean"].numpy(), cached["cov"].numpy()
+    images, labels = load_digits_images(size, "test")
+    keep = torch.from_numpy(np.isin(labels.numpy(), list(classes)))
+    if inception is not None:
+        from .inception import inception_features
+
+        feats = inception_features(inception, to_unit_range(images[keep]))
+    else:
+        classifier = classifier if classifier is not None else load_default(FEATURE_EXTRACTOR)
+        feats, _ = classifier_features(classifier, to_unit_range(images[keep]))
+    mean, cov = feature_statistics(feats.double())
+    if path is not None and is_main_process():
+        _save_cached(path, {"mean": torch.from_numpy(mean), "cov": torch.from_numpy(cov)}, key)
+    return mean, cov
+
+
+# ---------------------------------------------------------------------------------------------- results file
+def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"results file {str(path)!r} is not valid JSON ({exc}); delete it or choose another --out") \
+            from None
+    if payload.get("config") != fingerprint:
+        raise ValueError(
+            f"results file {str(path)!r} is from another configuration: stored {json.dumps(payload.get('config'))}, "
+            f"this run {json.dumps(fingerprint)}; use another output directory or the same settings"
+        )
+    return dict(payload.get("cells", {}))
+
+
+def _write_results(out_dir: Path, fingerprint: dict[str, Any], cells: dict[str, dict[str, Any]],
+                   order: list[str]) -> None:
+    rows = [cells[k] for k in order if k in cells] + [v for k, v in cells.items() if k not in order]
+    payload = {"version": __version__, "config": fingerprint, "cells": cells}
+    atomic_write(out_dir / RESULTS_FILES["json"], lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
+    columns = ["model", "sampler", "steps", "nfe", "guidance", "guidance_scale", *METRICS, "seconds_per_image",
+               "num_samples"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    atomic_write(out_dir / RESULTS_FILES["csv"], lambda p: p.write_text(buf.getvalue()))
+    atomic_write(out_dir / RESULTS_FILES["markdown"], lambda p: p.write_text(format_markdown(rows) + "\n"))
+
+
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of result rows (``-`` where a metric does not apply)."""
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| model | guidance | sampler | steps | NFE | FD | accuracy | MSE to ref | RMSE to exact | s / image |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        guide = "-" if r.get("guidance") is None else f"{r['guidance']} {r['guidance_scale']:g}"
+        lines.append(f"| {r['model']} | {guide} | {r['sampler']} | {r['steps']} | {r['nfe']} | {fmt(r['fd'], '.4g')} "
+                     f"| {fmt(r['accuracy'], '.3f')} | {fmt(r['mse'], '.3e')} | {fmt(r['rmse'], '.3e')} "
+                     f"| {fmt(r['seconds_per_image'], '.2e')} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- the cells
+class _DigitsWorld:
+    """One embedded digits model: the shared objective (pipeline, classifier, seeds, reference statistics) and
+    the many-step reference solves, one per guidance setting (cached as safetensors)."""
+
+    def __init__(self, model: str, config: BenchConfig, cache_dir: Path | None, progress: bool):
+        from ..search.objectives import DigitsObjective
+
+        self.config, self.cache_dir, self.progress = config, cache_dir, progress
+        self.inception, self.inception_stats = None, None
+        if config.feature_extractor == "inception":
+            from .inception import find_inception_weights, load_inception
+
+            weights = find_inception_weights(config.inception_weights)
+            self.inception = load_inception(weights)
+            weights_id = f"{weights.name}:{weights.stat().st_size}"
+            self.inception_stats = reference_statistics(model, config.classes, cache_dir, inception=self.inception,
+                                                        inception_id=weights_id)
+        stats = reference_statistics(model, config.classes, cache_dir)
+        self.objective = DigitsObjective(config.classes, config.num_per_class, seed=config.seed, model=model,
+                                         batch_size=config.batch_size, reference_stats=stats)
+        self.references: dict[tuple[str, float], torch.Tensor] = {}
+
+    def _use(self, rule: str, scale: float) -> None:
+        self.objective.guidance, self.objective.guidance_scale = rule, float(scale)
+
+    def generate(self, scheduler, steps: int) -> tuple[torch.Tensor, float]:
+        """All samples and the wall time of generating them; under ``accelerate launch`` each process makes
+        a contiguous share (same per-sample seeds) and the shares are gathered onto every process."""
+        state = _state()
+        n = len(self.objective.labels)
+        if state is None or state.num_processes == 1:
+            start = time.perf_counter()
+            images = self.objective.images(scheduler, steps, progress=self.progress)
+            return images, time.perf_counter() - start
+        from accelerate.utils import gather_object
+
+        chunk = -(-n // state.num_processes)
+        mine = list(range(state.process_index * chunk, min(n, (state.process_index + 1) * chunk)))
+        start = time.perf_counter()
+        images = self.objective.images(scheduler, steps, progress=self.progress and state.is_main_process,
+                                       indices=mine)
+        seconds = time.perf_counter() - start
+        shares = gather_object([(mine, images, seconds)])
+        out = torch.zeros(n, *images.shape[1:], dtype=images.dtype)
+        for idx, part, _ in shares:
+            if idx:
+                out[torch.tensor(idx)] = part
+        return out, max(s for _, _, s in shares)
+
+    def reference(self, rule: str, scale: float) -> torch.Tensor:
+        if (rule, scale) in self.references:
+            return self.references[(rule, scale)]
+        c = self.config
+        key = {"kind": "reference-solve", "model": self.objective.model, "guidance": rule, "guidance_scale": scale,
+               "classes": c.classes, "num_per_class": c.num_per_class, "seed": c.seed,
+               "reference": f"{c.reference_sampler}:{c.reference_steps}"}
+        path = self.cache_dir / _cache_name("refsolve", key) if self.cache_dir is not None else None
+        cached = _load_cached(path, key) if path is not None else None
+        if cached is not None:
+            images = cached["images"]
+        else:
+            self._use(rule, scale)
+            sched = sampler_registry.from_config(c.reference_sampler, self.objective.model_config)
+            images = self.generate(sched, c.reference_steps)[0].double()
+            if path is not None and is_main_process():
+                _save_cached(path, {"images": images}, key)
+        self.references[(rule, scale)] = images
+        return images
+
+    def run(self, cell: Cell) -> dict[str, Any]:
+        reference = self.reference(cell.guidance, cell.guidance_scale)
+        self._use(cell.guidance, cell.guidance_scale)
+        sched = sampler_registry.from_config(cell.sampler, self.objective.model_config)
+        images, seconds = self.generate(sched, cell.steps)
+        fd, accuracy = self.objective.score(images)
+        if self.inception is not None:
+            from .inception import inception_features
+            from .metrics import feature_statistics, frechet_distance
+
+            feats = inception_features(self.inception, images)
+            fd = frechet_distance(*feature_statistics(feats), *self.inception_stats)
+        mse = (images.double() - reference).pow(2).mean().item()
+        n = len(images)
+        return {"nfe": len(sched.timesteps), "fd": fd, "accuracy": accuracy, "mse": mse, "rmse": None,
+                "seconds_per_image": seconds / n, "num_samples": n}
+
+
+def _run_analytic(cell: Cell, config: BenchConfig) -> dict[str, Any]:
+    from .analytic_bench import run_analytic_bench
+
+    rows, _ = run_analytic_bench(samplers=[cell.sampler], steps=[cell.steps], schedule=config.schedule,
+                                 num_samples=config.num_samples, dim=config.dim, seed=config.seed, progress=False)
+    r = rows[0]
+    return {"nfe": r.nfe, "fd": r.fd, "accuracy": None, "mse": None, "rmse": r.rmse,
+            "seconds_per_image": r.seconds / config.num_samples, "num_samples": config.num_samples}
+
+
+def _model_config(model: str, config: BenchConfig) -> dict[str, Any]:
+    if model == "analytic":
+        from .analytic_bench import SCHEDULE_CONFIGS
+
+        if config.schedule not in SCHEDULE_CONFIGS:
+            raise ValueError(f"`schedule` must be one of {list(SCHEDULE_CONFIGS)}, got {config.schedule!r}")
+        return SCHEDULE_CONFIGS[config.schedule]
+    from ..pipelines.defaults import default_model_path
+
+    return json.loads((default_model_path(model) / "scheduler" / "scheduler_config.json").read_text())
+
+
+def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | None = None,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Run every cell of ``config`` not yet stored in ``out_dir/results.json`` and write JSON, CSV and Markdown
+    results there (after every cell). Returns all rows of this grid, in grid order.
+
+    Under ``accelerate launch`` (several GPUs or CPU processes) the samples of every cell are split across
+    the processes and gathered; only the main process writes files.
+
+    ``cache_dir``: where reference statistics and reference solves are cached (default ``out_dir/cache``)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"`out_dir` {str(out)!r} is a file; give a directory")
+    main = is_main_process()
+    progress = progress and main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    fingerprint = config.fingerprint()
+    if config.feature_extractor == "inception" and any(m != "analytic" for m in config.models):
+        from .inception import find_inception_weights
+
+        weights = find_inception_weights(config.inception_weights)  # fail before anything runs
+        fingerprint["feature_extractor"] = f"inception:{weights.name}:{weights.stat().st_size}"
+    stored = _load_results(out / RESULTS_FILES["json"], fingerprint)
+    cells = config.cells()
+    configs = {m: _model_config(m, config) for m in config.models}
+    for cell in cells:
+        _check_cell(cell, configs[cell.model])
+    order = [c.key for c in cells]
+    todo = [c for c in cells if c.key not in stored]
+    worlds: dict[str, _DigitsWorld] = {}
+    for cell in tqdm(todo, desc="bench cells", disable=not progress):
+        if cell.model == "analytic":
+            metrics = _run_analytic(cell, config)
+        else:
+            if cell.model not in worlds:
+                worlds[cell.model] = _DigitsWorld(cell.model, config, cache, progress)
+            metrics = worlds[cell.model].run(cell)
+        stored[cell.key] = {**asdict(cell), **metrics}
+        if main:
+            _write_results(out, fingerprint, stored, order)
+    if not todo and main:
+        _write_results(out, fingerprint, stored, order)
+    state = _state()
+    if state is not None:
+        state.wait_for_everyone()  # the results file is complete before any process returns
+    return [stored[k] for k in order]
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def plot_results(rows: list[dict[str, Any]], path: str | Path, metric: str = "fd") -> Path:
+    """``metric`` versus NFE, one line per sampler, log-x (log-y for positive errors), one panel per
+    (model, guidance); saved as PNG.
+
+    Needs matplotlib (``pip install fewstep[plot]``): ``ImportError`` saying so otherwise."""
+    if metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {list(METRICS)}, got {metric!r}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'fewstep[plot]' (or pip install matplotlib)") \
+            from None
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get(metric) is None:
+            continue
+        guide = "" if r.get("guidance") is None else f", {r['guidance']} {r['guidance_scale']:g}"
+        groups.setdefault(f"{r['model']}{guide}", []).append(r)
+    if not groups:
+        raise ValueError(f"no row has the metric {metric!r} to plot")
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (title, group) in zip(axes[0], groups.items()):
+        for name in dict.fromkeys(r["sampler"] for r in group):
+            pts = sorted((r["nfe"], r[metric]) for r in group if r["sampler"] == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log")
+        nfes = sorted({r["nfe"] for r in group})
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if metric != "accuracy" and all(r[metric] > 0 for r in group):
+            ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(metric)
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    target = Path(path)
+    atomic_write(target, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return target

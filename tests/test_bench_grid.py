@@ -1,0 +1,227 @@
+"""The FID/MSE-versus-NFE grid runner (`fewstep bench --out`): batch-size independence, resume, caching, CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from fewstep.bench import digits_eval, runner
+from fewstep.bench.runner import BenchConfig, parse_guidance, plot_results, reference_statistics, run_grid
+from fewstep.cli import main
+
+TINY = {"classes": [0, 1, 2], "num_per_class": 3, "reference_steps": 8, "guidance": ["cfg:3"]}
+
+
+def _metrics(rows):
+    return [(r["model"], r["sampler"], r["steps"], r["fd"], r["accuracy"], r["mse"]) for r in rows]
+
+
+def test_rows_do_not_depend_on_batch_size(tmp_path):
+    common = dict(models=["digits-eps"], samplers=["unipc"], steps=[4], **TINY)
+    small = run_grid(BenchConfig(batch_size=7, **common), tmp_path / "b7", progress=False)
+    large = run_grid(BenchConfig(batch_size=50, **common), tmp_path / "b50", progress=False)
+    # Same seeds, same samples: only float32 rounding of batched convolutions differs (~1e-5 on a sample).
+    for a, b in zip(_metrics(small), _metrics(large)):
+        assert a[:3] == b[:3] and a[3:] == pytest.approx(b[3:], rel=1e-4)
+    row = small[0]
+    assert row["nfe"] == 4 and row["num_samples"] == 9 and row["rmse"] is None
+    assert 0 <= row["accuracy"] <= 1 and row["fd"] > 0 and row["mse"] > 0 and row["seconds_per_image"] > 0
+
+
+def test_resume_skips_finished_cells_and_rejects_other_configs(tmp_path, monkeypatch):
+    out = tmp_path / "grid"
+    grid = dict(models=["digits-flow", "analytic"], samplers=["ddim"], num_samples=50, **TINY)
+    first = run_grid(BenchConfig(steps=[3], **grid), out, progress=False)
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.csv", "results.md", "cache"}
+    calls = []
+    digits_run, analytic_run = runner._DigitsWorld.run, runner._run_analytic
+    monkeypatch.setattr(runner._DigitsWorld, "run", lambda self, cell: calls.append(cell.key) or digits_run(self, cell))
+    monkeypatch.setattr(runner, "_run_analytic", lambda cell, cfg: calls.append(cell.key) or analytic_run(cell, cfg))
+    again = run_grid(BenchConfig(steps=[3, 5], **grid), out, progress=False)
+    assert calls == ["digits-flow|ddim|5|cfg:3", "analytic|ddim|5|-"]  # the finished cells were skipped
+    assert again[0] == first[0] and again[2] == first[1]
+    assert [(r["model"], r["steps"]) for r in again] == [("digits-flow", 3), ("digits-flow", 5), ("analytic", 3),
+                                                         ("analytic", 5)]
+    payload = json.loads((out / "results.json").read_text())
+    assert len(payload["cells"]) == 4 and payload["config"]["num_per_class"] == 3
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,sampler,steps,nfe,guidance,guidance_scale,fd,accuracy,mse,rmse")
+    assert len(csv_lines) == 5 and "| digits-flow | cfg 3 | ddim | 5 | 5 |" in (out / "results.md").read_text()
+    calls.clear()
+    run_grid(BenchConfig(steps=[3, 5], **grid), out, progress=False)
+    assert calls == []
+    with pytest.raises(ValueError, match="is from another configuration"):
+        run_grid(BenchConfig(steps=[3], **{**grid, "num_per_class": 4}), out, progress=False)
+
+
+def test_reference_statistics_are_cached(tmp_path, monkeypatch):
+    mean, cov = reference_statistics("digits-eps", [0, 1, 2], tmp_path)
+    files = list(tmp_path.glob("refstats-*.safetensors"))
+    assert len(files) == 1 and mean.shape == (cov.shape[0],)
+    monkeypatch.setattr(digits_eval, "classifier_features", lambda *a, **k: pytest.fail("recomputed the features"))
+    mean2, cov2 = reference_statistics("digits-eps", [2, 1, 0], tmp_path)  # same key: class order does not matter
+    assert (mean2 == mean).all() and (cov2 == cov).all()
+    monkeypatch.undo()
+    reference_statistics("digits-eps", [3], tmp_path)  # other classes: another file
+    assert len(list(tmp_path.glob("refstats-*.safetensors"))) == 2
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match=r"`models` has unknown value\(s\) \['sd15'\]; available: analytic"):
+        BenchConfig(models=["sd15"])
+    with pytest.raises(ValueError, match=r"`samplers` has unknown value\(s\) \['euler'\]; available: ddim"):
+        BenchConfig(samplers=["euler"])
+    with pytest.raises(ValueError, match=r"`steps` must hold integers >= 1"):
+        BenchConfig(steps=[0])
+    with pytest.raises(ValueError, match="unknown guidance rule 'cfx'"):
+        parse_guidance("cfx:3")
+    with pytest.raises(ValueError, match="scale 'x' is not a number"):
+        parse_guidance("cfg:x")
+    assert parse_guidance("cfgpp:0.5") == ("cfg++", 0.5)
+    with pytest.raises(ValueError, match="cannot run 4 steps on digits-eps"):
+        run_grid(BenchConfig(models=["digits-eps"], samplers=["flow-euler"], steps=[4], **TINY), "/tmp/unused-x",
+                 progress=False)
+
+
+def test_plot_png(tmp_path, monkeypatch):
+    rows = [{"model": "analytic", "guidance": None, "guidance_scale": None, "sampler": s, "nfe": n, "fd": 1.0 / n}
+            for s in ("ddim", "unipc") for n in (5, 10, 20)]
+    pytest.importorskip("matplotlib")
+    path = plot_results(rows, tmp_path / "fd.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="`metric` must be one of"):
+        plot_results(rows, tmp_path / "x.png", metric="fid")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"pip install 'fewstep\[plot\]'"):
+        plot_results(rows, tmp_path / "y.png")
+
+
+def test_cli_grid_run_and_resume(tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = ["bench", "--model", "digits-eps", "--samplers", "unipc,dpm-solver++", "--steps", "3",
+            "--guidance", "cfg:3,cfg++:0.6", "--num-per-class", "1", "--classes", "0,1", "--reference-steps", "6",
+            "--out", str(out), "--quiet", "--plot", "mse"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| digits-eps | cfg++ 0.6 | dpm-solver++ | 3 | 3 |" in text and "results.csv" in text
+    assert len(json.loads((out / "results.json").read_text())["cells"]) == 4
+    if "matplotlib" in sys.modules or _has_matplotlib():
+        assert (out / "mse_vs_nfe.png").is_file()
+    assert main(argv) == 0  # everything finished: a re-run only rewrites the tables
+    assert "| digits-eps | cfg 3 | unipc | 3 | 3 |" in capsys.readouterr().out
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--model", "digits-eps"], "--model digits-eps runs a benchmark grid: give --out DIR"),
+        (["bench", "--model", "analytic", "--guidance", "cfg:3"], "--guidance apply to the digits models"),
+        (["bench", "--model", "digits-eps", "--guidance", "cfx:3", "--out", "x"], "unknown guidance rule 'cfx'"),
+        (["bench", "--model", "digits-eps", "--guidance", "cfg:a", "--out", "x"], "scale 'a' is not a number"),
+        (["bench", "--model", "digits-eps,sd15", "--out", "x"], "unknown model(s) ['sd15']"),
+        (["bench", "--model", "digits-eps", "--out", "x", "--json", "y.json"], "--json is for the analytic table"),
+        (["bench", "--model", "digits-eps", "--out", "x", "--classes", "0,12"], "`classes` must be distinct digits"),
+        (["bench", "--model", "digits-eps", "--out", "x", "--num-per-class", "0"], "expected an integer >= 1"),
+    ],
+)
+def test_cli_grid_usage_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+DIST_SCRIPT = """
+import json, sys
+from fewstep.bench.runner import BenchConfig, is_main_process, run_grid
+cfg = BenchConfig(models=["digits-eps"], samplers=["unipc"], steps=[4], classes=[0, 1, 2], num_per_class=3,
+                  reference_steps=8, guidance=["cfg:3"], batch_size=50)
+rows = run_grid(cfg, sys.argv[1], progress=False)
+if is_main_process():
+    print("ROWS" + json.dumps(rows))
+"""
+
+
+def test_two_cpu_processes_match_one(tmp_path):
+    """`accelerate launch --num_processes 2 --cpu`: samples split across processes and gathered."""
+    import os
+    import subprocess
+
+    pytest.importorskip("accelerate")
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script), str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(result.stdout.split("ROWS", 1)[1].splitlines()[0])
+    one = run_grid(BenchConfig(models=["digits-eps"], samplers=["unipc"], steps=[4], batch_size=50, **TINY),
+                   tmp_path / "one", progress=False)
+    for a, b in zip(_metrics(two), _metrics(one)):
+        assert a[:3] == b[:3] and a[3:] == pytest.approx(b[3:], rel=1e-4)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["cells"]
+
+
+def test_inception_weights_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from fewstep.bench.inception import WEIGHTS_URL, find_inception_weights
+
+    monkeypatch.delenv("FEWSTEP_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="pass the file with --inception-weights PATH") as info:
+        find_inception_weights()
+    assert WEIGHTS_URL in str(info.value) and "does not download" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="Inception-V3 FID weights not found"):
+        run_grid(BenchConfig(models=["digits-eps"], samplers=["unipc"], steps=[2], feature_extractor="inception",
+                             **TINY), tmp_path / "out", progress=False)
+    argv = ["bench", "--model", "digits-eps", "--out", str(tmp_path / "o"), "--features", "inception",
+            "--inception-weights", str(tmp_path / "nope.pth")]
+    assert main(argv) == 2
+    assert "Inception-V3 FID weights not found (given path" in capsys.readouterr().err
+    assert main(["bench", "--model", "digits-eps", "--out", "x", "--inception-weights", "w.pth"]) == 2
+    assert "--inception-weights needs --features inception" in capsys.readouterr().err
+
+
+def test_inception_loads_a_pytorch_fid_state_dict(tmp_path):
+    import torch
+
+    from fewstep.bench.inception import InceptionV3Features, inception_features, load_inception
+
+    net = InceptionV3Features()
+    state = {**net.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
+    torch.save(state, tmp_path / "pt_inception.pth")
+    loaded = load_inception(tmp_path / "pt_inception.pth")
+    assert not loaded.training
+    images = torch.rand(2, 1, 16, 16)
+    feats = inception_features(loaded, images)
+    assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and (feats >= 0).all()
+    assert torch.allclose(feats, inception_features(net.eval(), images))
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"is not pytorch-fid's Inception-V3: missing \['Mixed_7c.branch_pool"):
+        load_inception(tmp_path / "bad.pth")
+
+
+def test_analytic_cells_match_the_analytic_table(tmp_path):
+    from fewstep.bench.analytic_bench import run_analytic_bench
+
+    rows = run_grid(BenchConfig(models=["analytic"], samplers=["unipc", "ddim"], steps=[5], num_samples=100),
+                    tmp_path, progress=False)
+    table, _ = run_analytic_bench(samplers=["unipc", "ddim"], steps=[5], num_samples=100, progress=False)
+    assert [(r["sampler"], r["rmse"], r["fd"]) for r in rows] == [(t.sampler, t.rmse, t.fd) for t in table]
+    assert all(r["guidance"] is None and r["mse"] is None and r["accuracy"] is None for r in rows)
