@@ -262,12 +262,13 @@ def _guidance_list(text: str) -> list[tuple[str, float]]:
 
 def _model_list(text: str) -> list[str]:
     """argparse type: comma-separated bench models."""
-    from .bench.runner import MODELS
+    from .bench.runner import MODELS, is_pipeline_dir
 
     values = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in values if v not in MODELS]
+    unknown = [v for v in values if v not in MODELS and not is_pipeline_dir(v)]
     if not values or unknown:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; available: {', '.join(MODELS)}")
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; available: {', '.join(MODELS)} "
+                                         "or a diffusers pipeline directory")
     return values
 
 
@@ -294,8 +295,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options["feature_extractor"] = options.pop("features")
     if options["inception_weights"] is not None and options["feature_extractor"] != "inception":
         raise UsageError("--inception-weights needs --features inception")
+    prompts = None
+    if args.prompts is not None:
+        from pathlib import Path
+
+        if not Path(args.prompts).is_file():
+            raise UsageError(f"--prompts {args.prompts!r}: no such file (one prompt per line)")
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     config = BenchConfig(models=models, samplers=args.samplers, steps=args.steps, schedule=args.schedule,
-                         num_samples=args.num_samples, dim=args.dim, seed=args.seed, **options)
+                         num_samples=args.num_samples, dim=args.dim, seed=args.seed, prompts=prompts, **options)
     rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet)
     if not is_main_process():  # under `accelerate launch`, one process reports
         return 0
@@ -545,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--inception-weights", default=None, metavar="PATH",
                          help="pt_inception-2015-12-05-6726825d.pth (else $FEWSTEP_INCEPTION_WEIGHTS or torch hub's "
                               "cache); never downloaded")
+    p_bench.add_argument("--prompts", default=None, metavar="FILE",
+                         help="pipeline directories among --model: prompts, one per line (--num-per-class each)")
     p_bench.add_argument("--schedule", choices=["vp", "flow"], default="vp", help="analytic noise schedule")
     p_bench.add_argument("--num-samples", type=_positive_int, default=2000, help="analytic samples per cell")
     p_bench.add_argument("--dim", type=_positive_int, default=2, help="dimension of the analytic mixture")

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+from test_real_pipeline import tiny_sd  # noqa: F401 - fixture reused by the pipeline-directory test
 
 from fewstep.bench import digits_eval, runner
 from fewstep.bench.runner import BenchConfig, parse_guidance, plot_results, reference_statistics, run_grid
@@ -225,3 +226,32 @@ def test_analytic_cells_match_the_analytic_table(tmp_path):
     table, _ = run_analytic_bench(samplers=["unipc", "ddim"], steps=[5], num_samples=100, progress=False)
     assert [(r["sampler"], r["rmse"], r["fd"]) for r in rows] == [(t.sampler, t.rmse, t.fd) for t in table]
     assert all(r["guidance"] is None and r["mse"] is None and r["accuracy"] is None for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a diffusers pipeline directory with prompts from a file
+def test_grid_on_a_text_to_image_pipeline_directory(tiny_sd, tmp_path, capsys):  # noqa: F811
+    from fewstep.bench.runner import BenchConfig, run_grid
+    from fewstep.cli import main
+
+    config = BenchConfig(models=[str(tiny_sd)], samplers=["unipc", "ddim"], steps=[3, 8], guidance=[("cfg", 3.0)],
+                         num_per_class=2, prompts=["a red square", "a blue circle"], reference_steps=30, batch_size=3)
+    rows = run_grid(config, tmp_path / "sd", progress=False)
+    by = {(r["sampler"], r["steps"]): r for r in rows}
+    assert len(rows) == 4 and all(r["num_samples"] == 4 and r["fd"] is None for r in rows)
+    assert by[("unipc", 8)]["mse"] < by[("unipc", 3)]["mse"]
+    assert by[("unipc", 8)]["mse"] < by[("ddim", 8)]["mse"]
+    again = run_grid(config, tmp_path / "sd", progress=False)  # resumable: nothing recomputed, same numbers
+    assert [r["mse"] for r in again] == [r["mse"] for r in rows]
+    with pytest.raises(ValueError, match="`prompts` must hold at least one prompt"):
+        BenchConfig(models=[str(tiny_sd)], prompts=[])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    argv = ["bench", "--model", str(tiny_sd), "--prompts", str(prompts), "--samplers", "unipc", "--steps", "3",
+            "--num-per-class", "1", "--reference-steps", "10", "--plot", "none", "--quiet", "--out",
+            str(tmp_path / "cli")]
+    assert main(argv) == 0
+    assert (tmp_path / "cli" / "results.json").is_file() and "unipc" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "or a diffusers pipeline directory" in capsys.readouterr().err

@@ -116,13 +116,19 @@ class BenchConfig:
     feature_extractor: str = FEATURE_EXTRACTOR
     #: pytorch-fid's weights file (else ``$FEWSTEP_INCEPTION_WEIGHTS`` or torch hub's cache)
     inception_weights: str | None = None
+    #: prompts for diffusers pipeline directories among ``models`` (cycled; ``num_per_class`` samples each)
+    prompts: list[str] | None = None
     # analytic model
     schedule: str = "vp"
     num_samples: int = 2000
     dim: int = 2
 
     def __post_init__(self) -> None:
-        self.models = _check_names("models", self.models, MODELS)
+        self.models = _check_models(self.models)
+        if any(is_pipeline_dir(m) for m in self.models):
+            self.prompts = [str(p) for p in (self.prompts or []) if str(p).strip()]
+            if not self.prompts:
+                raise ValueError("`prompts` must hold at least one prompt for a pipeline directory in `models`")
         self.samplers = _check_names("samplers", self.samplers or sampler_registry.names("diffusion", standalone=True),
                                      sampler_registry.names())
         self.steps = _check_ints("steps", self.steps, 1)
@@ -159,6 +165,7 @@ class BenchConfig:
             "reference": f"{self.reference_sampler}:{self.reference_steps}",
             "feature_extractor": self.feature_extractor,
             "analytic": {"schedule": self.schedule, "num_samples": self.num_samples, "dim": self.dim},
+            "prompts": hashlib.sha256("\n".join(self.prompts or []).encode()).hexdigest()[:16],
         }
 
     def cells(self) -> list[Cell]:
@@ -180,6 +187,20 @@ def _check_names(arg: str, values: Sequence[str] | None, allowed: Sequence[str])
     bad = [v for v in values if v not in allowed]
     if bad:
         raise ValueError(f"`{arg}` has unknown value(s) {bad}; available: {', '.join(allowed)}")
+    return values
+
+
+def is_pipeline_dir(model: str) -> bool:
+    """A diffusers pipeline directory (``model_index.json``) rather than one of the built-in :data:`MODELS`."""
+    return model not in MODELS and (Path(model) / "model_index.json").is_file()
+
+
+def _check_models(values: Sequence[str] | None) -> list[str]:
+    values = list(values or [])
+    bad = [v for v in values if v not in MODELS and not is_pipeline_dir(v)]
+    if not values or bad:
+        raise ValueError(f"`models` has unknown value(s) {bad or values}; available: {', '.join(MODELS)} or a "
+                         "diffusers pipeline directory (with model_index.json)")
     return values
 
 
@@ -424,6 +445,56 @@ class _DigitsWorld:
                 "seconds_per_image": seconds / n, "num_samples": n}
 
 
+class _PipelineWorld:
+    """A diffusers text-to-image pipeline directory (SD 1.x/2.x, SDXL) run through ``FewstepPipeline``: prompts
+    from the config, per-sample latent noise (``seed + k``), MSE to a many-step reference solve in latent space
+    (the metric DPM-Solver-v3 and DC-Solver report for Stable Diffusion) and wall time per image."""
+
+    def __init__(self, model: str, config: BenchConfig, progress: bool):
+        from diffusers import DiffusionPipeline
+
+        from ..bench.digits_eval import per_sample_noise
+
+        self.config, self.progress = config, progress
+        self.pipe = DiffusionPipeline.from_pretrained(model)
+        unet = getattr(self.pipe, "unet", None)
+        if unet is None:
+            raise ValueError(f"`models` entry {model!r}: the benchmark runs UNet pipelines (SD 1.x/2.x, SDXL); "
+                             "SD3/Flux directories are not supported by the runner yet")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.model_config = dict(self.pipe.scheduler.config)
+        n = len(config.prompts) * config.num_per_class
+        self.prompts = [config.prompts[k % len(config.prompts)] for k in range(n)]
+        size = int(unet.config.sample_size)
+        self.size = size * int(getattr(self.pipe, "vae_scale_factor", 8))
+        self.noise = per_sample_noise((int(unet.config.in_channels), size, size), [config.seed + k for k in range(n)])
+        self.references: dict[tuple[str, float], torch.Tensor] = {}
+
+    def generate(self, sampler: str, steps: int, rule: str, scale: float) -> tuple[torch.Tensor, float]:
+        from ..pipelines import FewstepPipeline
+
+        scheduler = sampler_registry.from_config(sampler, self.model_config)
+        fp = FewstepPipeline.from_pipe(self.pipe, scheduler=scheduler, guidance=rule, guidance_scale=scale)
+        outs, start, bs = [], time.perf_counter(), self.config.batch_size
+        for i in tqdm(range(0, len(self.prompts), bs), desc=f"{sampler} {steps} steps", disable=not self.progress,
+                      leave=False):
+            out = fp(prompt=self.prompts[i:i + bs], latents=self.noise[i:i + bs], num_inference_steps=steps,
+                     height=self.size, width=self.size, output_type="latent")
+            outs.append(out.images.float().cpu())
+        return torch.cat(outs), time.perf_counter() - start
+
+    def run(self, cell: Cell) -> dict[str, Any]:
+        key = (cell.guidance, cell.guidance_scale)
+        if key not in self.references:
+            c = self.config
+            self.references[key] = self.generate(c.reference_sampler, c.reference_steps, *key)[0].double()
+        latents, seconds = self.generate(cell.sampler, cell.steps, cell.guidance, cell.guidance_scale)
+        mse = (latents.double() - self.references[key]).pow(2).mean().item()
+        n = len(latents)
+        return {"nfe": cell.steps, "fd": None, "accuracy": None, "mse": mse, "rmse": None,
+                "seconds_per_image": seconds / n, "num_samples": n}
+
+
 def _run_analytic(cell: Cell, config: BenchConfig) -> dict[str, Any]:
     from .analytic_bench import run_analytic_bench
 
@@ -441,6 +512,8 @@ def _model_config(model: str, config: BenchConfig) -> dict[str, Any]:
         if config.schedule not in SCHEDULE_CONFIGS:
             raise ValueError(f"`schedule` must be one of {list(SCHEDULE_CONFIGS)}, got {config.schedule!r}")
         return SCHEDULE_CONFIGS[config.schedule]
+    if is_pipeline_dir(model):
+        return json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
     from ..pipelines.defaults import default_model_path
 
     return json.loads((default_model_path(model) / "scheduler" / "scheduler_config.json").read_text())
@@ -464,7 +537,7 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
         out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     fingerprint = config.fingerprint()
-    if config.feature_extractor == "inception" and any(m != "analytic" for m in config.models):
+    if config.feature_extractor == "inception" and any(m in MODELS[1:] for m in config.models):
         from .inception import find_inception_weights
 
         weights = find_inception_weights(config.inception_weights)  # fail before anything runs
@@ -476,13 +549,14 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
         _check_cell(cell, configs[cell.model])
     order = [c.key for c in cells]
     todo = [c for c in cells if c.key not in stored]
-    worlds: dict[str, _DigitsWorld] = {}
+    worlds: dict[str, _DigitsWorld | _PipelineWorld] = {}
     for cell in tqdm(todo, desc="bench cells", disable=not progress):
         if cell.model == "analytic":
             metrics = _run_analytic(cell, config)
         else:
             if cell.model not in worlds:
-                worlds[cell.model] = _DigitsWorld(cell.model, config, cache, progress)
+                worlds[cell.model] = (_PipelineWorld(cell.model, config, progress) if is_pipeline_dir(cell.model)
+                                      else _DigitsWorld(cell.model, config, cache, progress))
             metrics = worlds[cell.model].run(cell)
         stored[cell.key] = {**asdict(cell), **metrics}
         if main:
