@@ -303,7 +303,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError(f"--prompts {args.prompts!r}: no such file (one prompt per line)")
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     config = BenchConfig(models=models, samplers=args.samplers, steps=args.steps, schedule=args.schedule,
-                         num_samples=args.num_samples, dim=args.dim, seed=args.seed, prompts=prompts, **options)
+                         num_samples=args.num_samples, dim=args.dim, seed=args.seed, prompts=prompts,
+                         image_size=args.image_size, **options)
     rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet)
     if not is_main_process():  # under `accelerate launch`, one process reports
         return 0
@@ -555,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "cache); never downloaded")
     p_bench.add_argument("--prompts", default=None, metavar="FILE",
                          help="pipeline directories among --model: prompts, one per line (--num-per-class each)")
+    p_bench.add_argument("--image-size", type=_positive_int, default=None,
+                         help="pipeline directories: image side in pixels (default: the pipeline's own)")
     p_bench.add_argument("--schedule", choices=["vp", "flow"], default="vp", help="analytic noise schedule")
     p_bench.add_argument("--num-samples", type=_positive_int, default=2000, help="analytic samples per cell")
     p_bench.add_argument("--dim", type=_positive_int, default=2, help="dimension of the analytic mixture")

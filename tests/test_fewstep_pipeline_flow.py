@@ -354,3 +354,22 @@ def test_flowchef_with_a_pixel_cost_through_the_vae(sd3, flux):
         assert loss[0] < 0.7 * loss[1], loss
     with pytest.raises(ValueError, match="needs a FewstepPipeline around an SD3 or Flux pipeline"):
         decoded_cost(object(), pixel, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_benchmark_grid_on_flow_pipeline_directories(text_pipes, family, tmp_path):
+    """`fewstep bench` on an SD3/Flux directory: per-sample seeds (batch-size independent), MSE to a reference."""
+    from fewstep.bench.runner import BenchConfig, run_grid
+
+    def grid(batch_size, out):
+        config = BenchConfig(models=[str(text_pipes[family])], samplers=["flow-euler", "unipc"], steps=[2, 6],
+                             guidance=[("cfg", 3.0)], num_per_class=2, prompts=["a cat", "a dog"], reference_steps=20,
+                             batch_size=batch_size, image_size=SIZE)
+        return run_grid(config, tmp_path / out, progress=False)
+
+    rows = grid(4, "a")
+    by = {(r["sampler"], r["steps"]): r["mse"] for r in rows}
+    assert by[("flow-euler", 6)] < by[("flow-euler", 2)] and all(r["num_samples"] == 4 for r in rows)
+    again = grid(3, "b")
+    for r, s in zip(rows, again):
+        assert s["mse"] == pytest.approx(r["mse"], rel=1e-4)

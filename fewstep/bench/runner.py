@@ -118,6 +118,8 @@ class BenchConfig:
     inception_weights: str | None = None
     #: prompts for diffusers pipeline directories among ``models`` (cycled; ``num_per_class`` samples each)
     prompts: list[str] | None = None
+    #: image side for pipeline directories (default: the pipeline's own)
+    image_size: int | None = None
     # analytic model
     schedule: str = "vp"
     num_samples: int = 2000
@@ -129,6 +131,8 @@ class BenchConfig:
             self.prompts = [str(p) for p in (self.prompts or []) if str(p).strip()]
             if not self.prompts:
                 raise ValueError("`prompts` must hold at least one prompt for a pipeline directory in `models`")
+        if self.image_size is not None:
+            _check_ints("image_size", [self.image_size], 8)
         self.samplers = _check_names("samplers", self.samplers or sampler_registry.names("diffusion", standalone=True),
                                      sampler_registry.names())
         self.steps = _check_ints("steps", self.steps, 1)
@@ -166,6 +170,7 @@ class BenchConfig:
             "feature_extractor": self.feature_extractor,
             "analytic": {"schedule": self.schedule, "num_samples": self.num_samples, "dim": self.dim},
             "prompts": hashlib.sha256("\n".join(self.prompts or []).encode()).hexdigest()[:16],
+            "image_size": self.image_size,
         }
 
     def cells(self) -> list[Cell]:
@@ -216,7 +221,8 @@ def _check_cell(cell: Cell, model_config: dict[str, Any]) -> None:
     model is reported before anything runs."""
     try:
         sched = sampler_registry.from_config(cell.sampler, model_config)
-        sched.set_timesteps(cell.steps)
+        # dynamic-shift models (Flux) get their mu from the image size at run time; any value checks the grid
+        sched.set_timesteps(cell.steps, mu=1.0 if model_config.get("use_dynamic_shifting") else None)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"cell {cell.key}: sampler {cell.sampler!r} cannot run {cell.steps} steps on "
                          f"{cell.model}: {exc}") from None
@@ -446,40 +452,48 @@ class _DigitsWorld:
 
 
 class _PipelineWorld:
-    """A diffusers text-to-image pipeline directory (SD 1.x/2.x, SDXL) run through ``FewstepPipeline``: prompts
-    from the config, per-sample latent noise (``seed + k``), MSE to a many-step reference solve in latent space
-    (the metric DPM-Solver-v3 and DC-Solver report for Stable Diffusion) and wall time per image."""
+    """A diffusers text-to-image pipeline directory (SD 1.x/2.x, SDXL, SD3, Flux) run through ``FewstepPipeline``:
+    prompts from the config, one seeded generator per sample (``seed + k``, so results do not depend on the
+    batch size), MSE to a many-step reference solve in latent space (the metric DPM-Solver-v3 and DC-Solver
+    report for Stable Diffusion) and wall time per image."""
 
     def __init__(self, model: str, config: BenchConfig, progress: bool):
         from diffusers import DiffusionPipeline
 
-        from ..bench.digits_eval import per_sample_noise
+        from ..pipelines import FewstepPipeline
 
         self.config, self.progress = config, progress
         self.pipe = DiffusionPipeline.from_pretrained(model)
-        unet = getattr(self.pipe, "unet", None)
-        if unet is None:
-            raise ValueError(f"`models` entry {model!r}: the benchmark runs UNet pipelines (SD 1.x/2.x, SDXL); "
-                             "SD3/Flux directories are not supported by the runner yet")
+        if not FewstepPipeline.supports(self.pipe):
+            raise ValueError(f"`models` entry {model!r}: {type(self.pipe).__name__} is not a pipeline FewstepPipeline "
+                             "hosts (SD 1.x/2.x, SDXL, SD3, Flux)")
         self.pipe.set_progress_bar_config(disable=True)
         self.model_config = dict(self.pipe.scheduler.config)
         n = len(config.prompts) * config.num_per_class
         self.prompts = [config.prompts[k % len(config.prompts)] for k in range(n)]
-        size = int(unet.config.sample_size)
-        self.size = size * int(getattr(self.pipe, "vae_scale_factor", 8))
-        self.noise = per_sample_noise((int(unet.config.in_channels), size, size), [config.seed + k for k in range(n)])
+        self.seeds = [config.seed + k for k in range(n)]
+        self.size = config.image_size
         self.references: dict[tuple[str, float], torch.Tensor] = {}
 
     def generate(self, sampler: str, steps: int, rule: str, scale: float) -> tuple[torch.Tensor, float]:
         from ..pipelines import FewstepPipeline
 
         scheduler = sampler_registry.from_config(sampler, self.model_config)
-        fp = FewstepPipeline.from_pipe(self.pipe, scheduler=scheduler, guidance=rule, guidance_scale=scale)
+        flux = FewstepPipeline.family_of(self.pipe) == "flux"
+        # Flux: `cfg` is its distilled guidance embedding (one call per step, as `fewstep generate` does); other
+        # rules run true guidance against the empty prompt
+        embedded = flux and rule == "cfg"
+        fp = FewstepPipeline.from_pipe(self.pipe, scheduler=scheduler, guidance=None if embedded else rule,
+                                       guidance_scale=scale)
+        extra = {"height": self.size, "width": self.size} if self.size is not None else {}
         outs, start, bs = [], time.perf_counter(), self.config.batch_size
         for i in tqdm(range(0, len(self.prompts), bs), desc=f"{sampler} {steps} steps", disable=not self.progress,
                       leave=False):
-            out = fp(prompt=self.prompts[i:i + bs], latents=self.noise[i:i + bs], num_inference_steps=steps,
-                     height=self.size, width=self.size, output_type="latent")
+            gens = [torch.Generator().manual_seed(s) for s in self.seeds[i:i + bs]]
+            batch = self.prompts[i:i + bs]
+            if flux and not embedded:
+                extra["negative_prompt"] = [""] * len(batch)
+            out = fp(prompt=batch, generator=gens, num_inference_steps=steps, output_type="latent", **extra)
             outs.append(out.images.float().cpu())
         return torch.cat(outs), time.perf_counter() - start
 
