@@ -113,3 +113,11 @@ def test_console_script_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "| unipc | 5 | 5 |" in result.stdout
+
+
+def test_analytic_bench_takes_flow_euler_on_the_flow_schedule(capsys):
+    rows, _ = run_analytic_bench(samplers=["flow-euler", "ddim"], steps=[5], schedule="flow", num_samples=200,
+                                 progress=False)
+    assert rows[0].rmse == pytest.approx(rows[1].rmse, rel=1e-6)  # DDIM on a flow schedule is flow-matching Euler
+    with pytest.raises(ValueError, match=r"\['flow-euler'\] integrate flow models only: use schedule='flow'"):
+        run_analytic_bench(samplers=["flow-euler"], steps=[5], schedule="vp", progress=False)

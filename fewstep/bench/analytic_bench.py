@@ -70,6 +70,11 @@ def run_analytic_bench(
 ) -> tuple[list[AnalyticRow], dict[str, Any]]:
     """Run every (sampler, steps) cell; returns the rows and the run's metadata (incl. the exact floor)."""
     available = sampler_registry.names("diffusion", standalone=True)
+    if schedule == "flow":  # flow-only samplers (flow-euler; flowchef needs a cost) join on the flow schedule
+        available = available + [n for n in sampler_registry.names("flow") if n != "flowchef"]
+    flow_only = [n for n in (samplers or []) if n in sampler_registry.names("flow") and n not in available]
+    if flow_only:
+        raise ValueError(f"sampler(s) {flow_only} integrate flow models only: use schedule='flow' (--schedule flow)")
     names = _check_list("samplers", samplers or available, available)
     steps = _check_list("steps", steps)
     for n in steps:
