@@ -261,23 +261,30 @@ def search_ratios(
 
 
 # ------------------------------------------------------------------------------------------ models / data
-def class_conditional_model_fn(unet, labels: torch.Tensor, guidance_scale: float, null_class: int) -> ModelFn:
-    """CFG on a class-conditional ``UNet2DModel`` exactly as ``ClassConditionalPipeline`` does it."""
+def _cfg_model_fn(unet, guidance_scale: float, cond: dict, uncond: dict) -> ModelFn:
+    """CFG around one UNet call per step on ``[x, x]``: ``cond``/``uncond`` are the UNet's conditioning keyword
+    arguments of the two halves (concatenated along the batch when guided)."""
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}")
     guided = guidance_scale != 1.0
-    model_labels = torch.cat([labels, torch.full_like(labels, null_class)]) if guided else labels
+    kwargs = {k: torch.cat([v, uncond[k]]) for k, v in cond.items()} if guided else cond
 
     def fn(x: torch.Tensor, t: float) -> torch.Tensor:
         model_in = torch.cat([x, x]) if guided else x
         tt = torch.full((model_in.shape[0],), float(t), device=x.device, dtype=torch.float32)
-        out = unet(model_in, tt, class_labels=model_labels).sample
+        out = unet(model_in, tt, **kwargs).sample
         if guided:
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+            c, u = out.chunk(2)
+            out = u + guidance_scale * (c - u)
         return out
 
     return fn
+
+
+def class_conditional_model_fn(unet, labels: torch.Tensor, guidance_scale: float, null_class: int) -> ModelFn:
+    """CFG on a class-conditional ``UNet2DModel`` exactly as ``ClassConditionalPipeline`` does it."""
+    return _cfg_model_fn(unet, guidance_scale, {"class_labels": labels},
+                         {"class_labels": torch.full_like(labels, null_class)})
 
 
 def digits_datapoints(
@@ -393,21 +400,8 @@ def text_conditional_model_fn(
     unet, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, guidance_scale: float
 ) -> ModelFn:
     """CFG on a text-conditional ``UNet2DConditionModel`` (SD 1.x/2.x) as diffusers' pipeline does it."""
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}")
-    guided = guidance_scale != 1.0
-    context = torch.cat([prompt_embeds, negative_embeds]) if guided else prompt_embeds
-
-    def fn(x: torch.Tensor, t: float) -> torch.Tensor:
-        model_in = torch.cat([x, x]) if guided else x
-        tt = torch.full((model_in.shape[0],), float(t), device=x.device, dtype=torch.float32)
-        out = unet(model_in, tt, encoder_hidden_states=context).sample
-        if guided:
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        return out
-
-    return fn
+    return _cfg_model_fn(unet, guidance_scale, {"encoder_hidden_states": prompt_embeds},
+                         {"encoder_hidden_states": negative_embeds})
 
 
 def calibrate_text_to_image(
