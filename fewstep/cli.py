@@ -100,6 +100,15 @@ def _sampler_option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
+def _read_prompts(path: str) -> list[str]:
+    """``--prompts FILE``: its non-empty lines, stripped."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise UsageError(f"--prompts {path!r}: no such file (one prompt per line)")
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def _options_dict(pairs: list[tuple[str, object]] | None) -> dict:
     out: dict = {}
     for key, value in pairs or []:
@@ -298,13 +307,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options["feature_extractor"] = options.pop("features")
     if options["inception_weights"] is not None and options["feature_extractor"] != "inception":
         raise UsageError("--inception-weights needs --features inception")
-    prompts = None
-    if args.prompts is not None:
-        from pathlib import Path
-
-        if not Path(args.prompts).is_file():
-            raise UsageError(f"--prompts {args.prompts!r}: no such file (one prompt per line)")
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    prompts = _read_prompts(args.prompts) if args.prompts is not None else None
     config = BenchConfig(models=models, samplers=args.samplers, steps=args.steps, schedule=args.schedule,
                          num_samples=args.num_samples, dim=args.dim, seed=args.seed, prompts=prompts,
                          image_size=args.image_size, **options)
@@ -396,10 +399,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         from diffusers import StableDiffusionPipeline
 
-        prompts_file = Path(args.prompts)
-        if not prompts_file.is_file():
-            raise UsageError(f"--prompts {args.prompts!r}: no such file (one prompt per line)")
-        prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        prompts = _read_prompts(args.prompts)
         if not prompts:
             raise UsageError(f"--prompts {args.prompts!r} holds no prompt (one per line)")
         if not (Path(args.model) / "model_index.json").is_file():
