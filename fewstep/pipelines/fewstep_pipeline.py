@@ -250,6 +250,19 @@ class FewstepPipeline:
             image = p.watermark.apply_watermark(image)
         return p.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
 
+    @staticmethod
+    def _step(scheduler, rule, pairs: bool, out: torch.Tensor, t, x: torch.Tensor, i: int, n: int,
+              step_kwargs: dict) -> torch.Tensor:
+        """One scheduler step from the model output (``[uncond, cond]`` halves when ``rule`` guides): the rule
+        on ``(x0, eps)`` pairs for fewstep schedulers, else plain CFG on the raw output, as diffusers' pipelines
+        do for theirs."""
+        if rule is not None:
+            out_uncond, out_cond = out.chunk(2)
+            if pairs:
+                return guidance_rules.guided_step(scheduler, rule, out_cond, out_uncond, t, x, i)
+            out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, n)
+        return scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+
     @torch.no_grad()
     def __call__(
         self,
@@ -348,15 +361,7 @@ class FewstepPipeline:
             model_in = torch.cat([x, x]) if guided else x
             model_in = scheduler.scale_model_input(model_in, t)
             out = p.unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
-            if guided:
-                out_uncond, out_cond = out.chunk(2)
-                if pairs:
-                    x = guidance_rules.guided_step(scheduler, rule, out_cond, out_uncond, t, x, i)
-                else:  # plain CFG on the raw output of a diffusers scheduler, as diffusers' pipelines do
-                    out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, len(timesteps))
-                    x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
-            else:
-                x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+            x = self._step(scheduler, rule if guided else None, pairs, out, t, x, i, len(timesteps), step_kwargs)
             if callback_on_step_end is not None:
                 tensors = {"latents": x, "prompt_embeds": embeds}
                 outputs = callback_on_step_end(p, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
@@ -499,15 +504,7 @@ class FewstepPipeline:
                 model_in = torch.cat([x, x]) if guided else x
                 out = tr(hidden_states=model_in, timestep=t.expand(model_in.shape[0]), encoder_hidden_states=embeds,
                          pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
-            if guided:
-                out_uncond, out_cond = out.chunk(2)
-                if pairs:
-                    x = guidance_rules.guided_step(scheduler, rule, out_cond, out_uncond, t, x, i)
-                else:  # plain CFG on the raw velocity with a diffusers scheduler, as diffusers' pipelines do
-                    out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, len(timesteps))
-                    x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
-            else:
-                x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+            x = self._step(scheduler, rule if guided else None, pairs, out, t, x, i, len(timesteps), step_kwargs)
             if callback is not None:
                 tensors = {"latents": x, "prompt_embeds": embeds}
                 outputs = callback(p, i, t, {k: tensors[k] for k in kw["callback_on_step_end_tensor_inputs"]}) or {}
