@@ -171,7 +171,6 @@ class SolverSchedule:
     @classmethod
     def from_grid(cls, grid: TimeGrid, decisions: Sequence[StepDecision], metadata: dict | None = None):
         """The schedule of an existing grid + decisions (e.g. to encode DPM-Solver++ or UniPC)."""
-        final: str | float = "zero" if grid.sigmas[-1] == 0 else math.nan
-        if final != "zero":
+        if grid.sigmas[-1] != 0:
             raise ValueError("from_grid needs a grid ending at sigma = 0; pass `final` times explicitly otherwise")
-        return cls(grid.timesteps.tolist(), list(decisions), final, dict(metadata or {}))
+        return cls(grid.timesteps.tolist(), list(decisions), "zero", dict(metadata or {}))
