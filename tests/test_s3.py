@@ -88,7 +88,7 @@ def test_bad_schedule_contents_and_mismatches(tmp_path):
         S3(s3_schedule=too_high).set_timesteps(2)
     with pytest.raises(ValueError, match=r"step 1: unknown decision keys \['skip'\]"):
         S3(s3_schedule=dict(good, decisions=[{}, {"skip": 1}]))
-    with pytest.raises(ValueError, match=r"step 0: `prediction` must be one of \['data', 'noise'\], got 'v3'"):
+    with pytest.raises(ValueError, match=r"step 0: `prediction` must be one of \['data', 'noise', 'ems'\], got 'v3'"):
         S3(s3_schedule=dict(good, decisions=[{"prediction": "v3"}, {}]))
     with pytest.raises(ValueError, match="the solver schedule has NFE 2, but num_inference_steps=3"):
         S3(s3_schedule=good).set_timesteps(3)

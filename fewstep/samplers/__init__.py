@@ -14,6 +14,7 @@ from .base import FewstepScheduler, FewstepSchedulerOutput
 from .dc_solver import FewstepDCSolverScheduler
 from .ddim import FewstepDDIMScheduler
 from .dpm_solver import FewstepDPMSolverScheduler
+from .dpm_solver_v3 import FewstepDPMSolverV3Scheduler
 from .flow_euler import FewstepFlowChefScheduler, FewstepFlowEulerScheduler
 from .momentum import FewstepGHVBScheduler, FewstepHeavyBallScheduler
 from .mrs import FewstepMRSScheduler
@@ -25,6 +26,7 @@ __all__ = [
     "FewstepSchedulerOutput",
     "FewstepDDIMScheduler",
     "FewstepDPMSolverScheduler",
+    "FewstepDPMSolverV3Scheduler",
     "FewstepUniPCScheduler",
     "FewstepHeavyBallScheduler",
     "FewstepGHVBScheduler",
@@ -46,6 +48,7 @@ _REGISTRY: dict[str, type[FewstepScheduler]] = {
     "ddim": FewstepDDIMScheduler,
     "dpm-solver++": FewstepDPMSolverScheduler,
     "unipc": FewstepUniPCScheduler,
+    "dpm-solver-v3": FewstepDPMSolverV3Scheduler,
     "hb": FewstepHeavyBallScheduler,
     "ghvb": FewstepGHVBScheduler,
     "mrs": FewstepMRSScheduler,
@@ -71,7 +74,7 @@ def process_of(name: str) -> str:
 
 
 #: samplers that need an artifact to run (a searched schedule): not usable with their default config.
-_NEED_ARTIFACT = {"s3"}
+_NEED_ARTIFACT = {"s3", "dpm-solver-v3"}
 
 
 def names(process: str | None = None, standalone: bool = False) -> list[str]:

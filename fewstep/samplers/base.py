@@ -122,6 +122,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:  # pragma: no cover
         raise NotImplementedError
 
+    def _compile_plan(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> Plan:
+        """Decisions -> engine plan (DPM-Solver-v3 adds its EMS tables here)."""
+        return compile_plan(grid, decisions)
+
     def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> list[MomentumStep | None] | None:
         """Momentum around the engine's steps (heavy-ball schedulers); ``None``: plain steps."""
         return None
@@ -219,7 +223,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         grid = self._grid(num_inference_steps, timesteps, sigmas, mu)
         final_is_clean = bool(grid.sigmas[-1] == 0.0)
         decisions = self._decisions(grid.num_steps, final_is_clean)
-        self.plan = compile_plan(grid, decisions)
+        self.plan = self._compile_plan(grid, decisions)
         self.plan.momentum = self._momentum(grid, decisions)
         self.num_inference_steps = grid.num_steps
         integral = np.all(grid.timesteps == np.round(grid.timesteps)) and not self.is_flow

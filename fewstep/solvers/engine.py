@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .ems import EMS, EMSTransition, derivative_matrix, ems_transition
 from .grids import TimeGrid
 from .momentum import MomentumState, MomentumStep
 from .phi import hphi
@@ -60,9 +61,10 @@ __all__ = [
     "EngineState",
     "Evaluation",
     "sample_loop",
+    "EMSGrid",
 ]
 
-PREDICTIONS = ("data", "noise")
+PREDICTIONS = ("data", "noise", "ems")
 COEFFICIENT_RULES = ("taylor", "bh1", "bh2", "dpmsolver", "dpmsolver-heun", "euler-maruyama")
 CORRECTORS = ("none", "unic")
 
@@ -72,7 +74,8 @@ class StepDecision:
     """The per-step decisions of the unified sampling framework (USF, Liu et al. 2024, sec. 3).
 
     Attributes:
-        prediction: ``"data"`` (integrate ``x0``) or ``"noise"`` (integrate ``eps``).
+        prediction: ``"data"`` (integrate ``x0``), ``"noise"`` (integrate ``eps``) or ``"ems"`` (DPM-Solver-v3's
+            per-element reparameterisation by empirical model statistics; needs ``compile_plan(..., ems=)``).
         order: Taylor order ``p`` of the predictor; it uses ``p - 1`` buffered points besides the start.
         points: buffer offsets of those points (``1`` = previous evaluation); default ``1..p-1``.
         coefficients: ``"taylor"`` (exact phi coefficients), ``"bh1"``/``"bh2"`` (UniPC's ``B(h)`` when a
@@ -80,6 +83,11 @@ class StepDecision:
             DPM-Solver++ midpoint/heun second order and its third-order multistep weights).
         relaxation: linear relaxation ``c`` of the first-derivative term, scaled by ``1 + c h`` (USF).
         corrector: ``"none"`` or ``"unic"`` (correct this step's result after the next evaluation).
+        pseudo: estimate the ``k``-th derivative from the ``k + 1`` nearest points only (Newton divided
+            differences; DPM-Solver-v3's pseudo-order predictor) instead of the Taylor fit through all points.
+        corrector_order: order of the corrector (default ``order + 1``: UniC, every predictor point plus the new
+            one); ``order`` drops the oldest point (DPM-Solver-v3's corrector without ``c_pseudo``).
+        corrector_pseudo: pseudo-order derivatives in the corrector (v3's ``c_pseudo``).
         stochastic: integrate the reverse SDE instead of the probability-flow ODE (needs fresh noise per step).
             ``coefficients="euler-maruyama"`` (order 1, noise prediction, stochastic) is the plain
             Euler-Maruyama step of the reverse VP SDE, the baseline exponential integrators are compared with.
@@ -92,6 +100,9 @@ class StepDecision:
     relaxation: float = 0.0
     corrector: str = "none"
     stochastic: bool = False
+    pseudo: bool = False
+    corrector_order: int | None = None
+    corrector_pseudo: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
@@ -110,6 +121,18 @@ class StepDecision:
             not self.stochastic or self.order != 1 or self.prediction != "noise"
         ):
             raise ValueError("`coefficients='euler-maruyama'` needs stochastic=True, order=1 and prediction='noise'")
+        for name in ("pseudo", "corrector_pseudo"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        if (self.pseudo or self.corrector_pseudo) and self.coefficients != "taylor":
+            raise ValueError(f"pseudo-order derivatives need coefficients='taylor', got {self.coefficients!r}")
+        if self.corrector_order is not None:
+            c = self.corrector_order
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 2 <= c <= self.order + 1:
+                raise ValueError(f"`corrector_order` must be an integer in [2, order + 1 = {self.order + 1}], got {c!r}")
+        if self.prediction == "ems" and (self.stochastic or self.coefficients != "taylor" or self.relaxation != 0.0):
+            raise ValueError("prediction='ems' (DPM-Solver-v3) supports ODE steps with coefficients='taylor' and no "
+                             "relaxation only")
         if not math.isfinite(self.relaxation):
             raise ValueError(f"`relaxation` must be finite, got {self.relaxation!r}")
         if self.points is not None:
@@ -124,6 +147,11 @@ class StepDecision:
     @property
     def derivative_points(self) -> tuple[int, ...]:
         return self.points if self.points is not None else tuple(range(1, self.order))
+
+    @property
+    def corrector_points(self) -> int:
+        """How many derivative points the corrector of this step uses (the new evaluation first)."""
+        return (self.corrector_order if self.corrector_order is not None else self.order + 1) - 1
 
 
 @dataclass(frozen=True)
@@ -179,12 +207,18 @@ def _taylor_coefficients(m: int, hh: float, scale: float) -> list[float]:
 
 
 def derivative_weights(
-    offsets_r: Sequence[float], hh: float, scale: float, rule: str = "taylor", relaxation_h: float = 1.0
+    offsets_r: Sequence[float],
+    hh: float,
+    scale: float,
+    rule: str = "taylor",
+    relaxation_h: float = 1.0,
+    pseudo: bool = False,
 ) -> np.ndarray:
     """Weights ``w_j`` on ``F_j - F_s`` for points at ``lambda_s + r_j h``.
 
     Solves the Vandermonde system ``sum_k D_k r_j^k / k! = F_j - F_s`` (k = 1..m) and weighs the
     scaled derivatives with the rule's coefficients; ``relaxation_h`` multiplies the first one.
+    ``pseudo``: divided differences instead (see ``ems.derivative_matrix``).
     """
     r = np.asarray(offsets_r, dtype=np.float64)
     m = r.size
@@ -201,9 +235,37 @@ def derivative_weights(
         # diffusers' multistep_dpm_solver_third_order_update weighs its second difference this way.
         coeffs[1] *= 0.5
     coeffs[0] *= relaxation_h
+    if pseudo:
+        return np.asarray(coeffs) @ derivative_matrix(r, pseudo=True)
     vander = np.stack([r**k / math.factorial(k) for k in range(1, m + 1)], axis=1)  # [j, k]
     # D = V^{-1} dF  =>  sum_k c_k D_k = (c^T V^{-1}) dF
     return np.linalg.solve(vander.T, np.asarray(coeffs))
+
+
+@dataclass(frozen=True)
+class EMSGrid:
+    """DPM-Solver-v3 tables for a plan: the EMS and, per grid point (``N + 1``), its EMS grid index (``-1``
+    for a point off the EMS grid, such as a final clean target, which only non-``ems`` steps may reach)."""
+
+    ems: EMS
+    indices: tuple[int, ...]
+
+    def index(self, j: int) -> int:
+        k = self.indices[j]
+        if k < 0:
+            raise ValueError(f"grid point {j} is not on the EMS grid (a clean target?): use a data step to reach it")
+        return k
+
+
+def _ems_transition(grid, s, t, points, base, pseudo, ems: EMSGrid | None) -> EMSTransition:
+    if ems is None:
+        raise ValueError("prediction='ems' needs EMS tables: compile_plan(..., ems=EMSGrid(...))")
+    idx = {j: ems.index(j) for j in (s, t, *points)}
+    return ems_transition(
+        ems.ems, idx[s], idx[t], [idx[j] for j in points],
+        alphas={idx[j]: float(grid.alphas[j]) for j in idx}, sigmas={idx[j]: float(grid.sigmas[j]) for j in idx},
+        offsets={idx[j]: base + s - j for j in (s, *points)}, pseudo=pseudo,
+    )
 
 
 def _transition(
@@ -216,11 +278,15 @@ def _transition(
     relaxation: float,
     base: int,
     stochastic: bool = False,
-) -> Transition:
+    pseudo: bool = False,
+    ems: EMSGrid | None = None,
+) -> Transition | EMSTransition:
     """Compile the transition from grid point ``s`` to ``t`` using grid points ``points`` for derivatives.
 
     ``base`` is the buffer offset of ``s`` when applied; grid point ``j`` sits at offset ``base + s - j``.
     """
+    if prediction == "ems":
+        return _ems_transition(grid, s, t, points, base, pseudo, ems)
     a_s, s_s, a_t, s_t = grid.alphas[s], grid.sigmas[s], grid.alphas[t], grid.sigmas[t]
     lam_s, lam_t = grid.lambdas[s], grid.lambdas[t]
     h = lam_t - lam_s
@@ -258,13 +324,17 @@ def _transition(
                 f"step {s}->{t} ends at sigma = 0: higher-order terms diverge there; use order 1 for this step"
             )
         r = [(grid.lambdas[j] - lam_s) / h for j in points]
-        w = weight_scale * derivative_weights(r, hh, scale, rule, 1.0 + relaxation * h)
+        w = weight_scale * derivative_weights(r, hh, scale, rule, 1.0 + relaxation * h, pseudo)
         weights = tuple((base + s - j, float(wj)) for j, wj in zip(points, w))
     return Transition(prediction, base, float(lin), float(a_t), float(eps_coef), weights, float(noise))
 
 
-def compile_plan(grid: TimeGrid, decisions: Sequence[StepDecision], extra_buffer: int = 0) -> Plan:
-    """Turn per-step decisions into float coefficients (host, float64), validating them against the grid."""
+def compile_plan(
+    grid: TimeGrid, decisions: Sequence[StepDecision], extra_buffer: int = 0, ems: EMSGrid | None = None
+) -> Plan:
+    """Turn per-step decisions into float coefficients (host, float64), validating them against the grid.
+
+    ``ems``: DPM-Solver-v3 tables for steps with ``prediction="ems"``."""
     n = grid.num_steps
     decisions = list(decisions)
     if len(decisions) != n:
@@ -281,13 +351,17 @@ def compile_plan(grid: TimeGrid, decisions: Sequence[StepDecision], extra_buffer
         if i > 0 and decisions[i - 1].corrector == "unic":
             prev = decisions[i - 1]
             # UniC: the new point (grid i, offset 0) joins the previous step's derivative points.
-            cpts = [i] + [i - 1 - p for p in prev.derivative_points]
-            corrector = _transition(grid, i - 1, i, prev.prediction, cpts, prev.coefficients, prev.relaxation, base=1)
-            need = max(need, 1 + (max(prev.derivative_points) if prev.derivative_points else 0) + 1)
+            cpts = ([i] + [i - 1 - p for p in prev.derivative_points])[: prev.corrector_points]
+            corrector = _transition(
+                grid, i - 1, i, prev.prediction, cpts, prev.coefficients, prev.relaxation, base=1,
+                pseudo=prev.corrector_pseudo, ems=ems,
+            )
+            need = max(need, 1 + max(1, *(i - j for j in cpts)))
         if d.corrector == "unic" and i == n - 1:
             raise ValueError("the last step cannot have a corrector (there is no evaluation after it)")
         predictor = _transition(
-            grid, i, i + 1, d.prediction, [i - p for p in pts], d.coefficients, d.relaxation, 0, d.stochastic
+            grid, i, i + 1, d.prediction, [i - p for p in pts], d.coefficients, d.relaxation, 0, d.stochastic,
+            d.pseudo, ems,
         )
         need = max(need, 1 + (max(pts) if pts else 0))
         steps.append(CompiledStep(corrector, predictor))
@@ -313,6 +387,8 @@ def apply_transition(
 
     ``noise`` (standard normal, shape of the sample) is required by stochastic transitions (``tr.noise != 0``).
     """
+    if isinstance(tr, EMSTransition):
+        return tr.apply(x_start, buffer)
     base = buffer[-1 - tr.base]
     out = tr.alpha_t * base.x0 + tr.sigma_t * base.eps
     if tr.lin != 0.0:

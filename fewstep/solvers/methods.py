@@ -6,6 +6,10 @@
 * UniPC (Zhao et al. 2023, Alg. 1-2): UniP-p predictor with ``B(h)`` variants bh1/bh2 plus the UniC
   corrector after every evaluation (except those listed in ``disable_corrector``).
 
+* DPM-Solver-v3 (Zheng et al. 2023, Alg. 1 and sec. 3.4): multistep predictor in the EMS parameterisation
+  (``prediction="ems"``), pseudo-order predictor, and a corrector at no extra NFE of the predictor's order
+  (pseudo-order ``order + 1`` with ``corrector_pseudo``), optionally only on part of the trajectory.
+
 * PLMS / heavy ball / GHVB (Wizadwongsa et al. 2024): DDIM steps in noise form, wrapped by the
   momentum of ``solvers.momentum``; ``momentum_active`` says which steps of a multistep base carry it.
 
@@ -24,6 +28,7 @@ __all__ = [
     "unipc_decisions",
     "momentum_active",
     "euler_maruyama_decisions",
+    "dpm_solver_v3_decisions",
     "DPM_SOLVER_TYPES",
     "UNIPC_TYPES",
 ]
@@ -122,3 +127,43 @@ def momentum_active(decisions: list[StepDecision]) -> list[bool]:
 def euler_maruyama_decisions(num_steps: int) -> list[StepDecision]:
     """Euler-Maruyama on the reverse VP SDE: the first-order, non-exponential baseline for SDE samplers."""
     return [StepDecision(prediction="noise", order=1, coefficients="euler-maruyama", stochastic=True)] * num_steps
+
+
+def dpm_solver_v3_decisions(
+    num_steps: int,
+    solver_order: int = 2,
+    predictor_pseudo: bool = False,
+    use_corrector: bool = True,
+    corrector_pseudo: bool = True,
+    lower_order_final: bool = True,
+    corrector_at: Iterable[bool] | None = None,
+    final_is_clean: bool = True,
+) -> list[StepDecision]:
+    """DPM-Solver-v3 as its reference sampler orders it (v3 Alg. 1; the released ``sample`` loop).
+
+    Step ``i`` predicts with order ``p_i = min(solver_order, i + 1)`` (``lower_order_final``: at most
+    ``num_steps - i``). After the next evaluation the step is corrected with order ``p_i + corrector_pseudo``
+    when that is >= 2, ``use_corrector`` is set and ``corrector_at[i]`` allows it (the half-corrector region,
+    judged at the corrected point ``i + 1``); never after the last step. A final step onto a clean target
+    (``final_is_clean``) is the first-order data step ``x0`` (it leaves the EMS grid).
+    """
+    order = _check_order(solver_order, 3)
+    allow = [True] * num_steps if corrector_at is None else [bool(v) for v in corrector_at]
+    if len(allow) != num_steps:
+        raise ValueError(f"`corrector_at` needs one flag per step ({num_steps}), got {len(allow)}")
+    out = []
+    for i in range(num_steps):
+        if i == num_steps - 1 and final_is_clean:
+            out.append(StepDecision(prediction="data", order=1))
+            continue
+        p = min(order, i + 1)
+        if lower_order_final:
+            p = min(p, num_steps - i)
+        c = p + int(corrector_pseudo)
+        correct = use_corrector and allow[i] and c >= 2 and i < num_steps - 1
+        out.append(StepDecision(
+            prediction="ems", order=p, pseudo=predictor_pseudo and p > 2,
+            corrector="unic" if correct else "none",
+            corrector_order=c if correct else None, corrector_pseudo=corrector_pseudo and correct,
+        ))
+    return out

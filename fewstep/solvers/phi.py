@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["phi", "hphi"]
+import numpy as np
+
+__all__ = ["phi", "hphi", "phi_array"]
 
 _SERIES_BELOW = 0.5
 _SERIES_TERMS = 30
@@ -53,3 +55,26 @@ def hphi(k: int, hh: float) -> float:
             return -1.0
         raise ValueError(f"h*phi_{k}(h) diverges for a step to sigma = 0; use first order for the final step")
     return hh * phi(k, hh)
+
+
+def phi_array(k: int, z: np.ndarray) -> np.ndarray:
+    """``phi_k`` element-wise over a float64 array (finite ``z``): the series below ``|z| < 0.5``, the
+    recursion elsewhere -- the same split as :func:`phi`, vectorised for per-element coefficients."""
+    if k < 0:
+        raise ValueError(f"`k` must be >= 0, got {k}")
+    z = np.asarray(z, dtype=np.float64)
+    if not np.all(np.isfinite(z)):
+        raise ValueError(f"phi_{k} needs finite arguments")
+    if k == 0:
+        return np.exp(z)
+    small = np.abs(z) < _SERIES_BELOW
+    series = np.zeros_like(z)
+    term = np.full_like(z, 1.0 / math.factorial(k))
+    for j in range(_SERIES_TERMS):
+        series += term
+        term = term * z / (j + k + 1)
+    safe = np.where(small, 1.0, z)
+    value = np.expm1(safe) / safe
+    for j in range(1, k):
+        value = (value - 1.0 / math.factorial(j)) / safe
+    return np.where(small, series, value)

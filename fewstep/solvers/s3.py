@@ -31,7 +31,10 @@ from .schedules import NoiseSchedule
 __all__ = ["SolverSchedule", "SCHEDULE_VERSION", "decisions_from_dicts", "schedule_fingerprint"]
 
 SCHEDULE_VERSION = 1
-_DECISION_KEYS = {"prediction", "order", "points", "coefficients", "relaxation", "corrector", "stochastic"}
+_DECISION_KEYS = {
+    "prediction", "order", "points", "coefficients", "relaxation", "corrector", "stochastic", "pseudo", "corrector_order",
+    "corrector_pseudo",
+}
 
 
 def schedule_fingerprint(schedule: NoiseSchedule) -> str:

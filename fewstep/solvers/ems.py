@@ -1,0 +1,325 @@
+"""DPM-Solver-v3's empirical model statistics (EMS) and the per-element step coefficients built on them.
+
+Zheng, Lu, Chen & Zhu (NeurIPS 2023), sec. 3. With ``y = x/alpha`` the PF-ODE in ``lambda = log(alpha/sigma)``
+is ``dy/dlambda = -l y - f`` where ``f = (sigma eps - l x)/alpha`` and ``l = l_lambda`` is a per-element
+function of ``lambda`` (the linear part taken out of the model). ``f`` is rescaled and shifted by two more
+per-element functions ``s_lambda``, ``b_lambda``: on a step starting at ``lambda_s``,
+``g(lambda) = e^{-int_{s} s} f - int_{s} e^{-int s} b``. The exact solution (eq. 9) is ::
+
+    x_t = alpha_t e^{-int_s^t l} [ x_s/alpha_s - int_s^t e^{int_s^r (l+s)} (g(r) + B_s(r)) dr ]
+
+and expanding ``g`` in a Taylor series around ``lambda_s`` gives the order-``n+1`` step (eq. 11)::
+
+    x_t = A x_s - P f_s - Q - sum_k R_k g^(k)_s,   A = (alpha_t/alpha_s) e^{L_s - L_t}, ...
+
+with ``R_k = alpha_t e^{L_s - L_t} int_s^t e^{a(r) - a_s} (r - lambda_s)^k/k! dr``, ``a = L + S`` the running
+integrals of ``l + s``. ``(l, s, b) = (1, 0, 0)`` is DPM-Solver++ (data prediction), ``(0, -1, 0)`` DPM-Solver
+(noise prediction).
+
+**Quadrature.** The tables live on a grid uniform in ``lambda``; ``l, s, b`` are taken piecewise linear between
+grid points (so ``L, S`` are exact trapezoid sums) and every integral of ``e^{a} q`` is done interval by
+interval with ``a`` linear on the interval and ``q`` integrated exactly (``phi``-function weights). The paper's
+code uses the plain trapezoid rule; the exponential rule is as cheap, more accurate where ``l + s`` is large and
+exact for the degenerate tables, so ``degenerated`` v3 reproduces DPM-Solver++ to float precision.
+
+**Pair form** (DESIGN contract 2). Every term is written on the buffered ``(x0, eps)`` pairs: ``x`` at an
+evaluation point is ``alpha x0 + sigma eps`` and ``f = (1 - l)(sigma/alpha) eps - l x0``; the start point's
+move by a corrector enters as ``A (x_s - x_s^eval)``. This is exactly v3's corrector bookkeeping (the corrector
+shifts the cached noise so ``sigma eps - l x`` is unchanged) and lets CFG++ hand an inconsistent pair.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .phi import phi_array
+
+__all__ = ["EMS", "EMSTransition", "EMS_FORMAT", "ems_transition", "derivative_matrix", "load_ems", "save_ems"]
+
+EMS_FORMAT = "fewstep.ems"
+_VERSION = "1"
+
+
+@dataclass
+class EMS:
+    """Per-element statistics ``l, s, b`` on ``N + 1`` grid points uniform in ``lambda``.
+
+    ``lambdas`` increase (index 0 is the noisiest point, as in the paper's tables); ``l, s, b`` have shape
+    ``(N + 1, *sample_shape)`` where ``sample_shape`` is one sample without the batch dimension. ``meta`` holds
+    what the tables are valid for (model, noise schedule, time range, number of samples ``K``).
+    """
+
+    lambdas: np.ndarray
+    l: np.ndarray  # noqa: E741 - the paper's name
+    s: np.ndarray
+    b: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.lambdas = np.asarray(self.lambdas, dtype=np.float64).reshape(-1)
+        n = self.lambdas.size
+        if n < 2:
+            raise ValueError(f"EMS need at least 2 grid points, got {n}")
+        if not np.all(np.isfinite(self.lambdas)) or np.any(np.diff(self.lambdas) <= 0):
+            raise ValueError("EMS `lambdas` must be finite and strictly increasing (noisiest point first)")
+        for name in ("l", "s", "b"):
+            arr = np.asarray(getattr(self, name), dtype=np.float64)
+            if arr.ndim < 1 or arr.shape[0] != n:
+                raise ValueError(f"EMS `{name}` must have shape ({n}, *sample_shape), got {arr.shape}")
+            bad = ~np.isfinite(arr.reshape(n, -1)).all(axis=1)
+            if bad.any():
+                raise ValueError(
+                    f"EMS `{name}` holds NaN/Inf at grid points {np.flatnonzero(bad)[:8].tolist()}; "
+                    "re-estimate them (`fewstep calibrate ems`)"
+                )
+            setattr(self, name, arr)
+        if not (self.l.shape == self.s.shape == self.b.shape):
+            raise ValueError(f"EMS `l`, `s`, `b` must share one shape, got {self.l.shape}, {self.s.shape}, {self.b.shape}")
+        self.meta = dict(self.meta)
+
+    @property
+    def num_points(self) -> int:
+        return int(self.lambdas.size)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.l.shape[1:])
+
+    def degenerated(self) -> EMS:
+        """The same grid with ``l = 1, s = b = 0``: v3 then is DPM-Solver++ (the paper's ``degenerated=True``)."""
+        ones = np.ones_like(self.l)
+        return EMS(self.lambdas, ones, np.zeros_like(self.s), np.zeros_like(self.b), {**self.meta, "degenerated": True})
+
+    def snap(self, lam: Any, what: str = "lambda") -> np.ndarray:
+        """Indices of the grid points nearest to ``lam`` (v3 snaps its time steps to the EMS grid).
+
+        Raises if a value lies outside the grid by more than half a grid spacing."""
+        lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+        lo, hi = self.lambdas[0], self.lambdas[-1]
+        step = (hi - lo) / (self.num_points - 1)
+        outside = (lam < lo - 0.5 * step) | (lam > hi + 0.5 * step)
+        if outside.any():
+            raise ValueError(
+                f"{what} {lam[outside].tolist()} lies outside the EMS grid lambda in [{lo:.4f}, {hi:.4f}]; "
+                "estimate EMS over a wider time range (`fewstep calibrate ems --t-start/--t-end`)"
+            )
+        return np.clip(np.round((lam - lo) / step), 0, self.num_points - 1).astype(np.int64)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# quadrature on the grid
+def _cumtrapz(values: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Running trapezoid integral from the first node (exact for piecewise-linear ``values``)."""
+    d = np.diff(lam).reshape((-1,) + (1,) * (values.ndim - 1))
+    out = np.zeros_like(values)
+    out[1:] = np.cumsum(0.5 * d * (values[1:] + values[:-1]), axis=0)
+    return out
+
+
+def _cum_exp_linear(a: np.ndarray, q: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Running ``int e^{a} q dlambda`` from the first node: ``a`` and ``q`` linear on each interval.
+
+    On an interval of width ``d`` with ``z = a_{i+1} - a_i``:
+    ``int = d e^{a_i} [q_i phi_2(z) + q_{i+1} (phi_1(z) - phi_2(z))]``."""
+    d = np.diff(lam).reshape((-1,) + (1,) * (a.ndim - 1))
+    z = a[1:] - a[:-1]
+    p1, p2 = phi_array(1, z), phi_array(2, z)
+    pieces = d * np.exp(a[:-1]) * (q[:-1] * p2 + q[1:] * (p1 - p2))
+    out = np.zeros_like(a)
+    out[1:] = np.cumsum(pieces, axis=0)
+    return out
+
+
+def _exp_poly_integral(a: np.ndarray, lam: np.ndarray, k: int) -> np.ndarray:
+    """``int_{lam[0]}^{lam[-1]} e^{a} (r - lam[0])^k / k! dr`` with ``a`` linear per interval, the polynomial exact.
+
+    On ``[lam_i, lam_i + d]`` with ``c = lam_i - lam[0]``: ``(c + u)^k/k! = sum_m c^{k-m}/(k-m)! u^m/m!`` and
+    ``int_0^d e^{a_i + z u/d} u^m/m! du = d^{m+1} e^{a_{i+1}} phi_{m+1}(-z)``."""
+    d = np.diff(lam).reshape((-1,) + (1,) * (a.ndim - 1))
+    c = (lam[:-1] - lam[0]).reshape(d.shape)
+    z = a[1:] - a[:-1]
+    total = np.zeros_like(z)
+    for m in range(k + 1):
+        total = total + (c ** (k - m) / math.factorial(k - m)) * d ** (m + 1) * phi_array(m + 1, -z)
+    return np.sum(np.exp(a[1:]) * total, axis=0)
+
+
+def derivative_matrix(deltas: Sequence[float], pseudo: bool = False) -> np.ndarray:
+    """``M`` with ``g^(k)_s ~ sum_j M[k-1, j] (g_j - g_s)``, ``deltas[j] = lambda_j - lambda_s``.
+
+    Default: the Taylor fit through all points (Vandermonde ``sum_k delta_j^k/k! g^(k) = g_j - g_s``).
+    ``pseudo`` (v3 sec. 3.4, "pseudo-order"): the ``k``-th derivative uses only the ``k + 1`` first points
+    ``[s, j_1, .., j_k]`` by Newton divided differences, ``g^(k) = k! D^(k)_0``."""
+    dl = np.asarray(deltas, dtype=np.float64)
+    n = dl.size
+    if n == 0:
+        return np.zeros((0, 0))
+    if np.any(dl == 0) or len(set(dl.tolist())) != n:
+        raise ValueError(f"derivative points must be distinct and differ from the start point, got {dl.tolist()}")
+    if not pseudo:
+        vander = np.stack([dl**k / math.factorial(k) for k in range(1, n + 1)], axis=1)
+        return np.linalg.inv(vander)
+    nodes = np.concatenate([[0.0], dl])
+    # Divided differences of the unit vectors e_0..e_n (values at [s, j_1, .., j_n]).
+    table = np.eye(n + 1)
+    out = np.zeros((n, n))
+    for k in range(1, n + 1):
+        table = np.stack([(table[i] - table[i + 1]) / (nodes[i] - nodes[i + k]) for i in range(n + 1 - k)])
+        out[k - 1] = math.factorial(k) * table[0][1:]  # coefficients of g_j; that of g_s is minus their sum
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------------
+# one step
+@dataclass(frozen=True)
+class EMSTransition:
+    """A v3 transition ``s -> t`` as per-element coefficients on buffered pairs (host float64 arrays).
+
+    ``x_t = lin * (x_start - x_base^eval) + sum_(offset) (cx0 * x0_offset + ceps * eps_offset) + const``;
+    offsets are buffer offsets at the time the transition is applied (``0`` = newest evaluation)."""
+
+    base: int
+    lin: np.ndarray
+    terms: tuple[tuple[int, np.ndarray, np.ndarray], ...]
+    const: np.ndarray
+    kind: str = "ems"
+    noise: float = 0.0
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def tensors(self, like: torch.Tensor) -> tuple:
+        """The coefficients as tensors on ``like``'s device and dtype, converted once per (device, dtype)."""
+        key = (like.device, like.dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            def conv(a):
+                return torch.as_tensor(a, dtype=like.dtype).to(like.device)
+
+            hit = (conv(self.lin), tuple((o, conv(cx), conv(ce)) for o, cx, ce in self.terms), conv(self.const))
+            self._cache[key] = hit
+        return hit
+
+    def apply(self, x_start: torch.Tensor, buffer: Sequence[Any]) -> torch.Tensor:
+        lin, terms, const = self.tensors(x_start)
+        if lin.dim() and tuple(lin.shape) != tuple(x_start.shape[1:]):
+            raise ValueError(
+                f"EMS are for samples of shape {tuple(lin.shape)}, got a batch of shape {tuple(x_start.shape)}; "
+                "estimate EMS for this model and resolution (`fewstep calibrate ems`)"
+            )
+        base = buffer[-1 - self.base]
+        out = lin * (x_start - base.x_eval) + const
+        for offset, cx, ce in terms:
+            ev = buffer[-1 - offset]
+            out = out + cx * ev.x0 + ce * ev.eps
+        return out
+
+
+def ems_transition(
+    ems: EMS,
+    i_s: int,
+    i_t: int,
+    points: Sequence[int],
+    alphas: Mapping[int, float],
+    sigmas: Mapping[int, float],
+    offsets: Mapping[int, int],
+    pseudo: bool = False,
+) -> EMSTransition:
+    """Compile the v3 update from EMS grid index ``i_s`` to ``i_t`` (eq. 11 in pair form; see module docstring).
+
+    ``points``: EMS grid indices of the buffered evaluations used for the derivatives of ``g`` (the start
+    ``i_s`` excluded); ``alphas``/``sigmas``: the noise levels at ``i_s``, ``i_t`` and every point; ``offsets``:
+    buffer offset of every evaluation (``i_s`` and ``points``) when the transition is applied."""
+    idx = [i_s, i_t, *points]
+    if i_t <= i_s or i_s in points or len(set(points)) != len(points):
+        raise ValueError(
+            f"a v3 step needs distinct EMS grid points and i_t > i_s (towards less noise), got start {i_s}, "
+            f"end {i_t}, points {list(points)}; two sampling steps snapped to one EMS point: use fewer steps or "
+            "EMS with more grid points"
+        )
+    lo, hi = min(idx), max(idx)
+    lam = ems.lambdas[lo : hi + 1]
+    L = _cumtrapz(ems.l[lo : hi + 1], lam)
+    S = _cumtrapz(ems.s[lo : hi + 1], lam)
+    s0, t0 = i_s - lo, i_t - lo
+    L, S = L - L[s0], S - S[s0]
+    a = L + S
+    # B_s at every node: int_{lambda_s} e^{-(S(r) - S_s)} b(r) dr (negative for nodes before s)
+    cum_b = _cum_exp_linear(-S, ems.b[lo : hi + 1], lam)
+    b_loc = cum_b - cum_b[s0]
+    lam_st, a_st, bl_st = lam[s0 : t0 + 1], a[s0 : t0 + 1], b_loc[s0 : t0 + 1]
+    p_int = _cum_exp_linear(a_st, np.ones_like(a_st), lam_st)[-1]
+    q_int = _cum_exp_linear(a_st, bl_st, lam_st)[-1]
+    a_s, a_t = alphas[i_s], alphas[i_t]
+    decay = a_t * np.exp(-L[t0])
+    lin = (a_t / a_s) * np.exp(-L[t0])
+    p_coef, q_coef = decay * p_int, decay * q_int
+
+    def f_coeffs(i: int) -> tuple[np.ndarray, np.ndarray]:
+        l_i = ems.l[i]
+        return -l_i, (1.0 - l_i) * (sigmas[i] / alphas[i])
+
+    cx_s, ce_s = f_coeffs(i_s)
+    cx0 = lin * alphas[i_s] - p_coef * cx_s
+    ceps = lin * sigmas[i_s] - p_coef * ce_s
+    const = -q_coef
+    terms: dict[int, list[np.ndarray]] = {}
+    if points:
+        deltas = [ems.lambdas[j] - ems.lambdas[i_s] for j in points]
+        m = derivative_matrix(deltas, pseudo)
+        r = [decay * _exp_poly_integral(a_st, lam_st, k) for k in range(1, len(points) + 1)]
+        for col, j in enumerate(points):
+            w = -sum(r[k] * m[k, col] for k in range(len(points)))
+            # g_j - g_s = e^{-S_j} f_j - f_s - B_s(lambda_j)
+            cx_j, ce_j = f_coeffs(j)
+            scale = w * np.exp(-S[j - lo])
+            terms[offsets[j]] = [scale * cx_j, scale * ce_j]
+            cx0 = cx0 - w * cx_s
+            ceps = ceps - w * ce_s
+            const = const - w * b_loc[j - lo]
+    base = offsets[i_s]
+    all_terms = [(base, cx0, ceps)] + [(o, v[0], v[1]) for o, v in terms.items()]
+    return EMSTransition(base, np.asarray(lin), tuple(all_terms), np.asarray(const))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# artifacts
+def save_ems(path: str | os.PathLike, ems: EMS) -> Path:
+    """Write ``ems`` as safetensors (``lambdas, l, s, b`` in float64) with JSON metadata in the header."""
+    from safetensors.torch import save_file
+
+    from .._io import atomic_write
+
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(ems, k))) for k in ("lambdas", "l", "s", "b")}
+    meta = {"format": EMS_FORMAT, "version": _VERSION, "meta": json.dumps(ems.meta, sort_keys=True)}
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def load_ems(path: str | os.PathLike) -> EMS:
+    """Read an EMS file written by :func:`save_ems`; a missing/corrupt/foreign file is a clear error."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"EMS file {str(p)!r} does not exist; compute one with `fewstep calibrate ems --model ... --out {p.name}`"
+        )
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k).numpy() for k in f.keys()}
+    except Exception as exc:  # safetensors has its own error types for corrupt files
+        raise ValueError(f"{p} is not a readable safetensors file: {exc}") from exc
+    if header.get("format") != EMS_FORMAT:
+        raise ValueError(f"{p} is not an EMS file (format {header.get('format')!r}, expected {EMS_FORMAT!r})")
+    missing = [k for k in ("lambdas", "l", "s", "b") if k not in tensors]
+    if missing:
+        raise ValueError(f"{p} lacks the EMS tensors {missing}")
+    return EMS(tensors["lambdas"], tensors["l"], tensors["s"], tensors["b"], json.loads(header.get("meta", "{}")))
