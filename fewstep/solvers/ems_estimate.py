@@ -36,13 +36,13 @@ from .ems import EMS
 from .parameterization import normalize_prediction_type, to_pair
 from .schedules import FlowSchedule, NoiseSchedule, VPSchedule
 
-__all__ = ["EMSAccumulator", "estimate_ems", "ems_lambdas", "model_eps_fn", "SUM_KEYS", "EpsFn"]
+__all__ = ["forward_ad_safe", "EMSAccumulator", "estimate_ems", "ems_lambdas", "model_eps_fn", "SUM_KEYS", "EpsFn"]
 
 #: the running sums kept per grid point and element
 SUM_KEYS = ("jdiag", "u", "y", "w", "uu", "uy", "yy", "uw", "yw")
 _CHECKPOINT_FORMAT = "fewstep.ems.checkpoint"
-#: a per-element variance of f below this (relative to E f^2) is treated as zero: s = 0, b = E f'
-_VAR_FLOOR = 1e-12
+#: a per-element variance of f below this (relative to the moments it is computed from) is zero: s = 0, b = E f'
+_VAR_FLOOR = 1e-9
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -115,7 +115,9 @@ class EMSAccumulator:
                 + l * l_dot * e["yy"])
         var = ef2 - ef * ef
         cov = effp - ef * efp
-        ok = var > _VAR_FLOOR * np.maximum(ef2, 1e-30)
+        # Var f is a difference of moments of size E[u^2] + l^2 E[y^2]: below a relative 1e-9 of that it is
+        # rounding, f is constant there (e.g. Gaussian data) and s = 0, b = E f'
+        ok = var > _VAR_FLOOR * (e["uu"] + l * l * e["yy"] + 1e-300)
         s = np.where(ok, cov / np.where(ok, var, 1.0), 0.0)
         b = efp - s * ef
         info = {**self.meta, **(meta or {})}
@@ -151,6 +153,29 @@ class EMSAccumulator:
         return acc
 
 
+class forward_ad_safe:  # noqa: N801 - used as a context manager
+    """Context manager making a module's normalisation layers safe for forward-mode AD.
+
+    PyTorch's group-norm JVP views its input and fails on the non-contiguous tensors attention blocks produce
+    ("view size is not compatible..."): a pre-hook hands every ``GroupNorm``/``LayerNorm`` a contiguous input.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.handles: list = []
+
+    def __enter__(self) -> torch.nn.Module:
+        for m in self.module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                self.handles.append(m.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:])))
+        return self.module
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
@@ -179,8 +204,9 @@ def model_eps_fn(model_fn: ModelFn, schedule: NoiseSchedule, prediction_type: st
         return cache[lam]
 
     def eps_fn(x: torch.Tensor, lam: float, dlam: torch.Tensor) -> torch.Tensor:
-        t0, dt = time_of(lam)
-        a, s = _alpha_sigma_of_lambda(schedule, lam + dlam)
+        t0, dt = (torch.tensor(v, dtype=dlam.dtype, device=dlam.device) for v in time_of(lam))
+        # tensors, not Python floats: under torch.func.jvp a float operand turns the tangent into float64
+        a, s = _alpha_sigma_of_lambda(schedule, torch.tensor(lam, dtype=dlam.dtype, device=dlam.device) + dlam)
         out = model_fn(x, (t0 + dlam * dt).expand(x.shape[0]))
         return to_pair(out, x, a, s, kind)[1]
 
@@ -256,7 +282,10 @@ def _accumulate(acc, i, eps_fn, schedule, x0, z, probe_list, lam) -> None:
     alpha, sigma = (float(v) for v in _alpha_sigma_of_lambda(schedule, torch.tensor(lam, dtype=torch.float64)))
     x = alpha * x0 + sigma * z
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    with torch.no_grad():
+    # fused attention kernels have no forward-mode AD: use the composite (math) attention for the JVPs
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         jdiag = torch.zeros_like(x)
         eps = None
         for v in probe_list:
