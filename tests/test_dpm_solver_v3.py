@@ -10,9 +10,9 @@ import torch
 
 from fewstep import samplers
 from fewstep.bench.analytic import AnalyticModel, GaussianMixture, default_mixture, exact_solution
-from fewstep.solvers.engine import EMSGrid, StepDecision, compile_plan, sample_loop
 from fewstep.solvers.ems import EMS, derivative_matrix, ems_transition, load_ems, save_ems
 from fewstep.solvers.ems_estimate import EMSAccumulator, _alpha_sigma_of_lambda, ems_lambdas, estimate_ems
+from fewstep.solvers.engine import StepDecision, compile_plan, sample_loop
 from fewstep.solvers.methods import dpm_solver_v3_decisions
 from fewstep.solvers.schedules import VPSchedule
 
@@ -212,7 +212,7 @@ def _exact_product_ems(comps, lam):
             m = torch.tensor(means, dtype=torch.float64)
             w = torch.tensor(weights, dtype=torch.float64)
 
-            def eps1(x, lam_t):
+            def eps1(x, lam_t, m=m, w=w, std=std):
                 a, s = torch.sigmoid(2 * lam_t).sqrt(), torch.sigmoid(-2 * lam_t).sqrt()
                 var = a**2 * std**2 + s**2
                 logp = -0.5 * (x[:, None] - a * m) ** 2 / var - 0.5 * torch.log(var) + torch.log(w)

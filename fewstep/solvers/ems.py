@@ -83,7 +83,8 @@ class EMS:
                 )
             setattr(self, name, arr)
         if not (self.l.shape == self.s.shape == self.b.shape):
-            raise ValueError(f"EMS `l`, `s`, `b` must share one shape, got {self.l.shape}, {self.s.shape}, {self.b.shape}")
+            shapes = f"{self.l.shape}, {self.s.shape}, {self.b.shape}"
+            raise ValueError(f"EMS `l`, `s`, `b` must share one shape, got {shapes}")
         self.meta = dict(self.meta)
 
     @property

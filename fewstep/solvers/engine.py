@@ -129,7 +129,8 @@ class StepDecision:
         if self.corrector_order is not None:
             c = self.corrector_order
             if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 2 <= c <= self.order + 1:
-                raise ValueError(f"`corrector_order` must be an integer in [2, order + 1 = {self.order + 1}], got {c!r}")
+                allowed = f"[2, order + 1 = {self.order + 1}]"
+                raise ValueError(f"`corrector_order` must be an integer in {allowed}, got {c!r}")
         if self.prediction == "ems" and (self.stochastic or self.coefficients != "taylor" or self.relaxation != 0.0):
             raise ValueError("prediction='ems' (DPM-Solver-v3) supports ODE steps with coefficients='taylor' and no "
                              "relaxation only")

@@ -32,8 +32,8 @@ __all__ = ["SolverSchedule", "SCHEDULE_VERSION", "decisions_from_dicts", "schedu
 
 SCHEDULE_VERSION = 1
 _DECISION_KEYS = {
-    "prediction", "order", "points", "coefficients", "relaxation", "corrector", "stochastic", "pseudo", "corrector_order",
-    "corrector_pseudo",
+    "prediction", "order", "points", "coefficients", "relaxation", "corrector", "stochastic", "pseudo",
+    "corrector_order", "corrector_pseudo",
 }
 
 
