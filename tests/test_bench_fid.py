@@ -195,3 +195,19 @@ def test_frechet_distance_of_singular_covariances_matches_the_nuclear_norm_form(
     assert frechet_distance(m1, c1, m2, c2) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match="`cov2` must be a symmetric covariance matrix"):
         frechet_distance(m1[:2], np.eye(2), m2[:2], np.array([[1.0, 0.5], [0.0, 1.0]]))
+
+
+def test_any_extractor_also_serves_the_digits_models(tmp_path):
+    """Grayscale digits reach the extractor as RGB; its id keys the results and the reference statistics."""
+    grid = dict(models=["digits-eps"], samplers=["unipc"], steps=[4], classes=[0, 1, 2], num_per_class=3,
+                reference_steps=8, guidance=["cfg:3"])
+    default = run_grid(BenchConfig(**grid), tmp_path / "classifier", progress=False)
+    seen = []
+    extractor = tiny_extractor()
+    spy = FeatureExtractor(lambda x: seen.append(x.shape) or extractor.fn(x), extractor.id)
+    rows = run_grid(BenchConfig(feature_extractor=spy, **grid), tmp_path / "tiny", progress=False)
+    assert seen and all(s[1] == 3 for s in seen)
+    assert rows[0]["mse"] == default[0]["mse"] and rows[0]["accuracy"] == default[0]["accuracy"]
+    assert rows[0]["fd"] != default[0]["fd"] and rows[0]["fd"] > 0
+    assert json.loads((tmp_path / "tiny" / "results.json").read_text())["config"]["feature_extractor"] == "tiny-conv:0"
+    assert len(list((tmp_path / "tiny" / "cache").glob("refstats-*.safetensors"))) == 2  # classifier + tiny-conv

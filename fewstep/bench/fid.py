@@ -41,8 +41,9 @@ IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".t
 
 @dataclass(frozen=True)
 class FeatureExtractor:
-    """``fn``: images in [0, 1] (NCHW, float32) -> ``[N, D]`` features; ``id``: a stable name of the network and
-    its weights (part of every cache key and of the results' configuration); ``batch_size``: images per call."""
+    """``fn``: RGB images in [0, 1] (``[B, 3, H, W]``, float32) -> ``[B, D]`` features; ``id``: a stable name of the
+    network and its weights (part of every cache key and of the results' configuration); ``batch_size``: images
+    per call of ``fn``. Grayscale images (1 channel, the digits) are repeated over RGB before ``fn`` sees them."""
 
     fn: Callable[[torch.Tensor], torch.Tensor]
     id: str
@@ -58,9 +59,12 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, images01: torch.Tensor) -> torch.Tensor:
-        """``[N, D]`` features (float64, CPU) of ``[N, C, H, W]`` images in [0, 1]."""
-        if not isinstance(images01, torch.Tensor) or images01.ndim != 4:
-            raise ValueError(f"`images01` must be an NCHW tensor, got {getattr(images01, 'shape', images01)!r}")
+        """``[N, D]`` features (float64, CPU) of ``[N, C, H, W]`` images in [0, 1], ``C`` 1 or 3."""
+        if not isinstance(images01, torch.Tensor) or images01.ndim != 4 or images01.shape[1] not in (1, 3):
+            raise ValueError(f"`images01` must be an NCHW tensor with 1 or 3 channels, got "
+                             f"{getattr(images01, 'shape', images01)!r}")
+        if images01.shape[1] == 1:
+            images01 = images01.expand(-1, 3, -1, -1)
         out = []
         for chunk in images01.split(self.batch_size):
             feats = self.fn(chunk.to(torch.float32))

@@ -486,13 +486,13 @@ class _PipelineWorld:
         self.seeds = [config.seed + k for k in range(n)]
         self.size = config.image_size
         self.references: dict[tuple[str, float], torch.Tensor] = {}
-        self.extractor = extractor
-        self.decoder = FewstepPipeline.from_pipe(self.pipe)  # decodes latents; its scheduler and rule are unused
-        side = self.size if self.size is not None else self.decoder.default_image_size()
-        self.image_hw = (side, side)
-        self.folder_stats = None
-        if extractor is not None and config.reference_images is not None:
-            self.folder_stats = folder_statistics(config.reference_images, extractor, self.image_hw, cache_dir)
+        self.extractor, self.folder_stats = extractor, None
+        if extractor is not None:
+            self.decoder = FewstepPipeline.from_pipe(self.pipe)  # decodes latents; its scheduler and rule are unused
+            side = self.size if self.size is not None else self.decoder.default_image_size()
+            self.image_hw = (side, side)
+            if config.reference_images is not None:
+                self.folder_stats = folder_statistics(config.reference_images, extractor, self.image_hw, cache_dir)
         self.solve_stats: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
 
     def generate(self, sampler: str, steps: int, rule: str, scale: float) -> tuple[torch.Tensor, float]:
