@@ -287,7 +287,7 @@ def _model_list(text: str) -> list[str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     models = args.model
     digits_only = ("guidance", "num_per_class", "classes", "batch_size", "reference_steps", "features",
-                   "inception_weights")
+                   "inception_weights", "reference_images")
     if models == ["analytic"] and args.out is None:  # the analytic table, as before the grid runner
         given = [f"--{k.replace('_', '-')}" for k in digits_only if getattr(args, k) is not None]
         if given:
@@ -302,7 +302,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import RESULTS_FILES, BenchConfig, format_markdown, is_main_process, plot_results, run_grid
 
     defaults = {"guidance": [("cfg", 3.0)], "num_per_class": 20, "classes": list(range(10)), "batch_size": 250,
-                "reference_steps": 200, "features": "digits-classifier", "inception_weights": None}
+                "reference_steps": 200, "features": "digits-classifier", "inception_weights": None,
+                "reference_images": None}
     options = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in digits_only}
     options["feature_extractor"] = options.pop("features")
     if options["inception_weights"] is not None and options["feature_extractor"] != "inception":
@@ -552,13 +553,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--reference-steps", type=_positive_int, default=None,
                          help="digits models: steps of the dpm-solver++ reference solve for the MSE (default 200)")
     p_bench.add_argument("--features", choices=["digits-classifier", "inception"], default=None,
-                         help="digits models: features of the Frechet distance (default digits-classifier; inception "
-                              "= pytorch-fid's Inception-V3, needs its weights file)")
+                         help="features of the Frechet distance (default digits-classifier, digits models only; "
+                              "inception = pytorch-fid's Inception-V3, needs its weights file; pipeline directories "
+                              "get an FD only with inception)")
     p_bench.add_argument("--inception-weights", default=None, metavar="PATH",
                          help="pt_inception-2015-12-05-6726825d.pth (else $FEWSTEP_INCEPTION_WEIGHTS or torch hub's "
                               "cache); never downloaded")
     p_bench.add_argument("--prompts", default=None, metavar="FILE",
                          help="pipeline directories among --model: prompts, one per line (--num-per-class each)")
+    p_bench.add_argument("--reference-images", default=None, metavar="DIR",
+                         help="pipeline directories: FD to these images (png/jpg/..., one size = the generated size; "
+                              "with --features inception); default: to the decoded reference solves")
     p_bench.add_argument("--image-size", type=_positive_int, default=None,
                          help="pipeline directories: image side in pixels (default: the pipeline's own)")
     p_bench.add_argument("--schedule", choices=["vp", "flow"], default="vp", help="analytic noise schedule")

@@ -24,8 +24,40 @@ def _as_numpy(value: Any, name: str) -> np.ndarray:
     return arr
 
 
+def _symmetric(cov: np.ndarray, name: str) -> np.ndarray:
+    """``cov`` symmetrized; ``ValueError`` when it is not symmetric up to rounding."""
+    scale = max(float(np.abs(cov).max(initial=0.0)), 1e-300)
+    if not np.allclose(cov, cov.T, rtol=1e-6, atol=1e-9 * scale):
+        raise ValueError(f"`{name}` must be a symmetric covariance matrix")
+    return (cov + cov.T) / 2
+
+
+def _nonzero(w: np.ndarray) -> np.ndarray:
+    """Mask of the eigenvalues of a positive semi-definite matrix that are not 0 up to rounding (above
+    ``D * eps * max``, the rank tolerance of ``numpy.linalg.matrix_rank``): square roots would amplify the rounding
+    noise of the others (a singular covariance: fewer samples than features)."""
+    return w > w.size * np.finfo(np.float64).eps * max(float(np.abs(w).max(initial=0.0)), 0.0)
+
+
+def _trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
+    """``tr (C_1 C_2)^{1/2}`` for symmetric PSD ``C_1``, ``C_2``: with ``C_1 = B B^T`` (``B = V_r W_r^{1/2}``, its
+    nonzero eigenpairs) the nonzero eigenvalues of ``C_1 C_2`` are those of the r x r matrix ``B^T C_2 B``."""
+    w, v = linalg.eigh(cov1)
+    keep = _nonzero(w)
+    if not keep.any():
+        return 0.0
+    b = v[:, keep] * np.sqrt(w[keep])
+    inner = b.T @ cov2 @ b
+    ev = linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(ev[_nonzero(ev)]).sum())
+
+
 def frechet_distance(mu1: Any, cov1: Any, mu2: Any, cov2: Any) -> float:
-    """Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)``; matrix square root by scipy."""
+    """Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)``.
+
+    ``tr (C_1 C_2)^{1/2}`` is the sum of the square roots of the eigenvalues of ``C_1 C_2``, taken from symmetric
+    eigendecompositions by scipy (see :func:`_trace_sqrt_product`): exact for singular covariances (fewer samples
+    than features) and several times faster than a general matrix square root at D = 2048."""
     mu1, mu2 = _as_numpy(mu1, "mu1").reshape(-1), _as_numpy(mu2, "mu2").reshape(-1)
     cov1, cov2 = np.atleast_2d(_as_numpy(cov1, "cov1")), np.atleast_2d(_as_numpy(cov2, "cov2"))
     d = mu1.size
@@ -34,14 +66,10 @@ def frechet_distance(mu1: Any, cov1: Any, mu2: Any, cov2: Any) -> float:
             f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, cov1 {cov1.shape}, cov2 {cov2.shape}; "
             "need means of length D and D x D covariances"
         )
-    covmean = linalg.sqrtm(cov1 @ cov2)
-    if not np.all(np.isfinite(covmean)):
-        # Nearly singular product: regularize both covariances slightly (as pytorch-fid does).
-        offset = np.eye(d) * 1e-6
-        covmean = linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
-    covmean = np.real(covmean)
+    cov1, cov2 = _symmetric(cov1, "cov1"), _symmetric(cov2, "cov2")
+    trace_covmean = _trace_sqrt_product(cov1, cov2)
     diff = mu1 - mu2
-    value = diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(covmean)
+    value = diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_covmean
     return float(max(value, 0.0))
 
 

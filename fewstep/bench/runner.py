@@ -6,7 +6,10 @@ Every cell ``(model, sampler, steps, guidance rule, scale)`` becomes one row of 
   PF-ODE endpoint and the Frechet distance to the data distribution;
 * ``digits-eps`` / ``digits-flow`` -- the embedded models, scored by the digits objectives of
   ``fewstep.search.objectives``: Frechet distance to the held-out test digits in the shipped classifier's
-  features, class accuracy, and the MSE to a many-step reference solve from the same noise and classes.
+  features, class accuracy, and the MSE to a many-step reference solve from the same noise and classes;
+* a diffusers pipeline directory (with prompts) -- the MSE to a many-step reference solve in latent space and,
+  with image features (``inception`` or any :class:`~fewstep.bench.fid.FeatureExtractor`), the Frechet distance
+  of the decoded images to a folder of reference images or to the decoded reference solves.
 
 Each sample's initial noise comes from its own seed (``seed + index``), so numbers do not depend on the batch
 size. Results are stored per cell in ``results.json`` (rewritten atomically after every cell); a re-run with
@@ -34,6 +37,10 @@ from .. import __version__
 from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
 from .._io import atomic_write
+from ._cache import cache_name as _cache_name
+from ._cache import load_cached as _load_cached
+from ._cache import save_cached as _save_cached
+from .fid import FeatureExtractor, cached_statistics, folder_statistics, image_set_digest, list_reference_images
 
 __all__ = [
     "MODELS",
@@ -112,14 +119,18 @@ class BenchConfig:
     batch_size: int = 250
     reference_sampler: str = "dpm-solver++"
     reference_steps: int = 200
-    #: features of the Frechet distance: ``digits-classifier`` or ``inception`` (needs ``inception_weights``)
-    feature_extractor: str = FEATURE_EXTRACTOR
+    #: features of the Frechet distance: ``digits-classifier``, ``inception`` (needs ``inception_weights``) or a
+    #: :class:`~fewstep.bench.fid.FeatureExtractor` (any callable with an id); pipeline directories get an FD only
+    #: with image features (not the digits classifier)
+    feature_extractor: str | FeatureExtractor = FEATURE_EXTRACTOR
     #: pytorch-fid's weights file (else ``$FEWSTEP_INCEPTION_WEIGHTS`` or torch hub's cache)
     inception_weights: str | None = None
     #: prompts for diffusers pipeline directories among ``models`` (cycled; ``num_per_class`` samples each)
     prompts: list[str] | None = None
     #: image side for pipeline directories (default: the pipeline's own)
     image_size: int | None = None
+    #: pipeline directories: folder of reference images for the Frechet distance (default: the reference solves)
+    reference_images: str | None = None
     # analytic model
     schedule: str = "vp"
     num_samples: int = 2000
@@ -154,23 +165,53 @@ class BenchConfig:
         if not guidance and any(m != "analytic" for m in self.models):
             raise ValueError("`guidance` must not be empty for the digits models (use cfg:1 for no guidance)")
         self.guidance = guidance
-        if self.feature_extractor not in FEATURE_EXTRACTORS:
-            raise ValueError(f"`feature_extractor` must be one of {list(FEATURE_EXTRACTORS)}, "
+        fe = self.feature_extractor
+        if not isinstance(fe, FeatureExtractor) and fe not in FEATURE_EXTRACTORS:
+            raise ValueError(f"`feature_extractor` must be one of {list(FEATURE_EXTRACTORS)} or a FeatureExtractor, "
                              f"got {self.feature_extractor!r}")
         if self.inception_weights is not None and self.feature_extractor != "inception":
             raise ValueError("`inception_weights` is only used with feature_extractor='inception'")
         if self.num_per_class * len(self.classes) < 2:
             raise ValueError("need at least 2 digits samples: raise `num_per_class` or add `classes`")
+        self._check_pipeline_fd()
+
+    @property
+    def pipeline_fd(self) -> bool:
+        """Whether pipeline directories get a Frechet distance (image features, not the digits classifier)."""
+        return any(is_pipeline_dir(m) for m in self.models) and self.feature_extractor != FEATURE_EXTRACTOR
+
+    def _check_pipeline_fd(self) -> None:
+        if self.reference_images is not None:
+            if not any(is_pipeline_dir(m) for m in self.models):
+                raise ValueError(f"`reference_images` {self.reference_images!r} is for diffusers pipeline directories "
+                                 "among `models`; the digits models use their held-out test digits")
+            if not self.pipeline_fd:
+                raise ValueError(f"`reference_images` {self.reference_images!r} needs image features: "
+                                 "feature_extractor='inception' (with its weights) or a FeatureExtractor; the "
+                                 "digits classifier only reads digits")
+            self.reference_images = str(self.reference_images)
+            list_reference_images(self.reference_images)  # a missing or empty folder fails before anything runs
+        if self.pipeline_fd and len(self.prompts) * self.num_per_class < 2:
+            raise ValueError(f"the Frechet distance needs at least 2 samples per cell: {len(self.prompts)} prompt(s) x "
+                             f"`num_per_class` {self.num_per_class}; raise `num_per_class`")
+
+    @property
+    def extractor_id(self) -> str:
+        """Name of the Frechet-distance features in results and cache keys (weights file resolved later)."""
+        fe = self.feature_extractor
+        return fe.id if isinstance(fe, FeatureExtractor) else fe
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a stored cell depends on (not the grid axes, not the batch size)."""
         return {
             "classes": self.classes, "num_per_class": self.num_per_class, "seed": self.seed,
             "reference": f"{self.reference_sampler}:{self.reference_steps}",
-            "feature_extractor": self.feature_extractor,
+            "feature_extractor": self.extractor_id,
             "analytic": {"schedule": self.schedule, "num_samples": self.num_samples, "dim": self.dim},
             "prompts": hashlib.sha256("\n".join(self.prompts or []).encode()).hexdigest()[:16],
             "image_size": self.image_size,
+            **({"reference_images": image_set_digest(list_reference_images(self.reference_images))}
+               if self.reference_images is not None else {}),
         }
 
     def cells(self) -> list[Cell]:
@@ -247,41 +288,16 @@ def is_main_process() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- caching
-def _cache_name(kind: str, key: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{kind}-{digest}.safetensors"
-
-
-def _load_cached(path: Path, key: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if json.loads(meta.get("key", "null")) != key:
-            raise ValueError(f"cache file {str(path)!r} belongs to another configuration "
-                             f"({meta.get('key')}); expected {json.dumps(key, sort_keys=True)}; delete it")
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _save_cached(path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"key": json.dumps(key, sort_keys=True), "version": __version__}
-    atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
-
-
 def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Path | None = None,
-                         classifier=None, inception=None, inception_id: str | None = None
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         classifier=None, inception=None, inception_id: str | None = None,
+                         extractor: FeatureExtractor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the feature extractor's features of the held-out test digits of ``classes``.
 
     Computed once and cached as safetensors in ``cache_dir`` (keyed by model, classes, feature extractor and
-    image size); later calls load the file. ``inception``: a loaded
-    :class:`~fewstep.bench.inception.InceptionV3Features` to use instead of the digits classifier
-    (``inception_id`` names its weights file in the cache key)."""
+    image size); later calls load the file. ``extractor``: a :class:`~fewstep.bench.fid.FeatureExtractor` to use
+    instead of the digits classifier (its id goes into the cache key); ``inception``: a loaded
+    :class:`~fewstep.bench.inception.InceptionV3Features` (``inception_id`` names its weights file), the same as
+    ``extractor=FeatureExtractor(inception, f"inception:{inception_id}")``."""
     from ..datasets import load_digits_images, to_unit_range
     from ..pipelines import load_default
     from ..pipelines.defaults import default_model_path
@@ -292,19 +308,19 @@ def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Pa
         raise ValueError(f"`model` must be one of {list(MODELS[1:])}, got {model!r}")
     unet_config = json.loads((default_model_path(model) / "unet" / "config.json").read_text())
     size = int(unet_config["sample_size"])
-    extractor = FEATURE_EXTRACTOR if inception is None else f"inception:{inception_id}"
+    if inception is not None:
+        extractor = FeatureExtractor(inception, f"inception:{inception_id}")
     key = {"kind": "reference-statistics", "model": model, "classes": sorted(int(c) for c in classes),
-           "feature_extractor": extractor, "split": "test", "sample_size": size}
+           "feature_extractor": FEATURE_EXTRACTOR if extractor is None else extractor.id, "split": "test",
+           "sample_size": size}
     path = Path(cache_dir) / _cache_name("refstats", key) if cache_dir is not None else None
     cached = _load_cached(path, key) if path is not None else None
     if cached is not None:
         return cached["mean"].numpy(), cached["cov"].numpy()
     images, labels = load_digits_images(size, "test")
     keep = torch.from_numpy(np.isin(labels.numpy(), list(classes)))
-    if inception is not None:
-        from .inception import inception_features
-
-        feats = inception_features(inception, to_unit_range(images[keep]))
+    if extractor is not None:
+        feats = extractor(to_unit_range(images[keep]))
     else:
         classifier = classifier if classifier is not None else load_default(FEATURE_EXTRACTOR)
         feats, _ = classifier_features(classifier, to_unit_range(images[keep]))
@@ -368,19 +384,14 @@ class _DigitsWorld:
     """One embedded digits model: the shared objective (pipeline, classifier, seeds, reference statistics) and
     the many-step reference solves, one per guidance setting (cached as safetensors)."""
 
-    def __init__(self, model: str, config: BenchConfig, cache_dir: Path | None, progress: bool):
+    def __init__(self, model: str, config: BenchConfig, cache_dir: Path | None, progress: bool,
+                 extractor: FeatureExtractor | None = None):
         from ..search.objectives import DigitsObjective
 
         self.config, self.cache_dir, self.progress = config, cache_dir, progress
-        self.inception, self.inception_stats = None, None
-        if config.feature_extractor == "inception":
-            from .inception import find_inception_weights, load_inception
-
-            weights = find_inception_weights(config.inception_weights)
-            self.inception = load_inception(weights)
-            weights_id = f"{weights.name}:{weights.stat().st_size}"
-            self.inception_stats = reference_statistics(model, config.classes, cache_dir, inception=self.inception,
-                                                        inception_id=weights_id)
+        self.extractor, self.extractor_stats = extractor, None
+        if extractor is not None:  # image features (Inception or the user's) replace the classifier's for the FD
+            self.extractor_stats = reference_statistics(model, config.classes, cache_dir, extractor=extractor)
         stats = reference_statistics(model, config.classes, cache_dir)
         self.objective = DigitsObjective(config.classes, config.num_per_class, seed=config.seed, model=model,
                                          batch_size=config.batch_size, reference_stats=stats)
@@ -439,12 +450,10 @@ class _DigitsWorld:
         sched = sampler_registry.from_config(cell.sampler, self.objective.model_config)
         images, seconds = self.generate(sched, cell.steps)
         fd, accuracy = self.objective.score(images)
-        if self.inception is not None:
-            from .inception import inception_features
+        if self.extractor is not None:
             from .metrics import feature_statistics, frechet_distance
 
-            feats = inception_features(self.inception, images)
-            fd = frechet_distance(*feature_statistics(feats), *self.inception_stats)
+            fd = frechet_distance(*feature_statistics(self.extractor(images)), *self.extractor_stats)
         mse = (images.double() - reference).pow(2).mean().item()
         n = len(images)
         return {"nfe": len(sched.timesteps), "fd": fd, "accuracy": accuracy, "mse": mse, "rmse": None,
@@ -455,14 +464,17 @@ class _PipelineWorld:
     """A diffusers text-to-image pipeline directory (SD 1.x/2.x, SDXL, SD3, Flux) run through ``FewstepPipeline``:
     prompts from the config, one seeded generator per sample (``seed + k``, so results do not depend on the
     batch size), MSE to a many-step reference solve in latent space (the metric DPM-Solver-v3 and DC-Solver
-    report for Stable Diffusion) and wall time per image."""
+    report for Stable Diffusion) and wall time per image. With an ``extractor``, also the Frechet distance of the
+    decoded images to ``config.reference_images`` (a folder) or else to the decoded reference solves.
+    Reference solves and reference statistics are cached as safetensors in ``cache_dir``."""
 
-    def __init__(self, model: str, config: BenchConfig, progress: bool):
+    def __init__(self, model: str, config: BenchConfig, progress: bool, cache_dir: Path | None = None,
+                 extractor: FeatureExtractor | None = None):
         from diffusers import DiffusionPipeline
 
         from ..pipelines import FewstepPipeline
 
-        self.config, self.progress = config, progress
+        self.model, self.config, self.progress, self.cache_dir = model, config, progress, cache_dir
         self.pipe = DiffusionPipeline.from_pretrained(model)
         if not FewstepPipeline.supports(self.pipe):
             raise ValueError(f"`models` entry {model!r}: {type(self.pipe).__name__} is not a pipeline FewstepPipeline "
@@ -474,8 +486,17 @@ class _PipelineWorld:
         self.seeds = [config.seed + k for k in range(n)]
         self.size = config.image_size
         self.references: dict[tuple[str, float], torch.Tensor] = {}
+        self.extractor, self.folder_stats = extractor, None
+        if extractor is not None:
+            self.decoder = FewstepPipeline.from_pipe(self.pipe)  # decodes latents; its scheduler and rule are unused
+            side = self.size if self.size is not None else self.decoder.default_image_size()
+            self.image_hw = (side, side)
+            if config.reference_images is not None:
+                self.folder_stats = folder_statistics(config.reference_images, extractor, self.image_hw, cache_dir)
+        self.solve_stats: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
 
     def generate(self, sampler: str, steps: int, rule: str, scale: float) -> tuple[torch.Tensor, float]:
+        """Latents of all samples (Flux: packed) and the wall time of generating them."""
         from ..pipelines import FewstepPipeline
 
         scheduler = sampler_registry.from_config(sampler, self.model_config)
@@ -497,15 +518,57 @@ class _PipelineWorld:
             outs.append(out.images.float().cpu())
         return torch.cat(outs), time.perf_counter() - start
 
+    def features(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` features of the decoded latents (decoded ``batch_size`` at a time)."""
+        h, w = self.image_hw
+        return torch.cat([self.extractor(self.decoder.decode_latents(chunk.to(torch.float32), h, w))
+                          for chunk in latents.split(self.config.batch_size)])
+
+    def reference(self, rule: str, scale: float) -> torch.Tensor:
+        """The many-step reference latents of a guidance setting (cached as safetensors)."""
+        if (rule, scale) in self.references:
+            return self.references[(rule, scale)]
+        c = self.config
+        key = {"kind": "reference-solve", "model": str(Path(self.model).resolve()), "guidance": rule,
+               "guidance_scale": scale, "prompts": hashlib.sha256("\n".join(c.prompts).encode()).hexdigest()[:16],
+               "num_per_class": c.num_per_class, "seed": c.seed, "image_size": c.image_size,
+               "reference": f"{c.reference_sampler}:{c.reference_steps}"}
+        path = self.cache_dir / _cache_name("refsolve", key) if self.cache_dir is not None else None
+        cached = _load_cached(path, key) if path is not None else None
+        if cached is not None:
+            latents = cached["latents"]
+        else:
+            latents = self.generate(c.reference_sampler, c.reference_steps, rule, scale)[0].double()
+            if path is not None and is_main_process():
+                _save_cached(path, {"latents": latents}, key)
+        self.references[(rule, scale)] = latents
+        return latents
+
+    def reference_stats(self, rule: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """Reference statistics of the FD: the folder's, else those of the decoded reference solve (cached, keyed by
+        the extractor, a hash of the reference latents and the image size)."""
+        if self.folder_stats is not None:
+            return self.folder_stats
+        if (rule, scale) not in self.solve_stats:
+            latents = self.reference(rule, scale)
+            digest = hashlib.sha256(latents.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+            key = {"kind": "reference-statistics", "extractor": self.extractor.id,
+                   "images": f"reference-solve:{digest}", "count": len(latents), "size": list(self.image_hw)}
+            self.solve_stats[(rule, scale)] = cached_statistics(key, self.cache_dir, lambda: self.features(latents))
+        return self.solve_stats[(rule, scale)]
+
     def run(self, cell: Cell) -> dict[str, Any]:
-        key = (cell.guidance, cell.guidance_scale)
-        if key not in self.references:
-            c = self.config
-            self.references[key] = self.generate(c.reference_sampler, c.reference_steps, *key)[0].double()
+        from .metrics import feature_statistics, frechet_distance
+
+        reference = self.reference(cell.guidance, cell.guidance_scale)
         latents, seconds = self.generate(cell.sampler, cell.steps, cell.guidance, cell.guidance_scale)
-        mse = (latents.double() - self.references[key]).pow(2).mean().item()
+        mse = (latents.double() - reference).pow(2).mean().item()
+        fd = None
+        if self.extractor is not None:
+            stats = self.reference_stats(cell.guidance, cell.guidance_scale)
+            fd = frechet_distance(*feature_statistics(self.features(latents)), *stats)
         n = len(latents)
-        return {"nfe": cell.steps, "fd": None, "accuracy": None, "mse": mse, "rmse": None,
+        return {"nfe": cell.steps, "fd": fd, "accuracy": None, "mse": mse, "rmse": None,
                 "seconds_per_image": seconds / n, "num_samples": n}
 
 
@@ -533,6 +596,19 @@ def _model_config(model: str, config: BenchConfig) -> dict[str, Any]:
     return json.loads((default_model_path(model) / "scheduler" / "scheduler_config.json").read_text())
 
 
+def _resolve_extractor(config: BenchConfig) -> FeatureExtractor | None:
+    """The image features of the Frechet distance (``None``: the digits classifier, or no FD for pipelines);
+    ``inception`` loads the user's weights file (a clear error saying how to supply it when missing)."""
+    fe = config.feature_extractor
+    if isinstance(fe, FeatureExtractor):
+        return fe
+    if fe != "inception" or all(m == "analytic" for m in config.models):
+        return None
+    from .fid import inception_extractor
+
+    return inception_extractor(config.inception_weights, batch_size=min(config.batch_size, 50))
+
+
 def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
     """Run every cell of ``config`` not yet stored in ``out_dir/results.json`` and write JSON, CSV and Markdown
@@ -551,11 +627,9 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
         out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     fingerprint = config.fingerprint()
-    if config.feature_extractor == "inception" and any(m in MODELS[1:] for m in config.models):
-        from .inception import find_inception_weights
-
-        weights = find_inception_weights(config.inception_weights)  # fail before anything runs
-        fingerprint["feature_extractor"] = f"inception:{weights.name}:{weights.stat().st_size}"
+    extractor = _resolve_extractor(config)  # missing Inception weights fail before anything runs
+    if extractor is not None:
+        fingerprint["feature_extractor"] = extractor.id
     stored = _load_results(out / RESULTS_FILES["json"], fingerprint)
     cells = config.cells()
     configs = {m: _model_config(m, config) for m in config.models}
@@ -569,8 +643,9 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
             metrics = _run_analytic(cell, config)
         else:
             if cell.model not in worlds:
-                worlds[cell.model] = (_PipelineWorld(cell.model, config, progress) if is_pipeline_dir(cell.model)
-                                      else _DigitsWorld(cell.model, config, cache, progress))
+                worlds[cell.model] = (_PipelineWorld(cell.model, config, progress, cache, extractor)
+                                      if is_pipeline_dir(cell.model)
+                                      else _DigitsWorld(cell.model, config, cache, progress, extractor))
             metrics = worlds[cell.model].run(cell)
         stored[cell.key] = {**asdict(cell), **metrics}
         if main:

@@ -439,6 +439,25 @@ class FewstepPipeline:
         z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return vae.decode(z.to(vae.dtype), return_dict=False)[0]
 
+    def default_image_size(self) -> int:
+        """Side in pixels of an image generated without ``height``/``width``."""
+        p = self.pipe
+        base = p.default_sample_size if self.is_flow else p.unet.config.sample_size
+        return int(base * p.vae_scale_factor)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, height: int | None = None, width: int | None = None
+                       ) -> torch.Tensor:
+        """Images in [0, 1] (NCHW, float32, CPU) from the latents a call with ``output_type="latent"`` returned,
+        by the same VAE decode as ``output_type="pt"``; ``height``/``width``: those of that call (needed to unpack
+        Flux latents; default :meth:`default_image_size`)."""
+        if self.is_flow:
+            size = self.default_image_size()
+            image = self._flow_decode(latents, "pt", height or size, width or size)
+        else:
+            image = self._decode(latents, "pt", latents.device, latents.dtype)
+        return image.float().cpu()
+
     def _flow_decode(self, latents: torch.Tensor, output_type: str, height: int, width: int) -> Any:
         if output_type == "latent":
             return latents

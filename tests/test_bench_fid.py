@@ -1,0 +1,213 @@
+"""Frechet distance for diffusers pipeline directories (`fewstep bench --reference-images`): reference statistics
+from a folder or from the reference solves, any feature extractor, the cache, and the error messages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_real_pipeline import tiny_sd  # noqa: F401 - the tiny SD pipeline directory fixture
+
+from fewstep.bench import runner
+from fewstep.bench.fid import FeatureExtractor, folder_statistics, image_set_digest, list_reference_images
+from fewstep.bench.runner import BenchConfig, run_grid
+from fewstep.cli import main
+
+PROMPTS = ["a red square", "a blue circle"]
+
+
+def tiny_extractor(name: str = "tiny-conv", seed: int = 0) -> FeatureExtractor:
+    """An Inception-shaped stand-in: strided conv, ReLU, average pool, linear head; 6-d features."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 6))
+    return FeatureExtractor(lambda x: 100 * net(x), f"{name}:{seed}")
+
+
+def _config(model, extractor, **kw) -> BenchConfig:
+    base = dict(models=[str(model)], samplers=["dpm-solver++", "ddim"], steps=[2, 12], guidance=[("cfg", 3.0)],
+                num_per_class=4, prompts=PROMPTS, reference_steps=12, batch_size=8, feature_extractor=extractor)
+    return BenchConfig(**{**base, **kw})
+
+
+def _write_images(folder, images01: torch.Tensor) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images01):
+        array = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(array).save(folder / f"{k:03d}.png")
+
+
+def _fd(rows, sampler, steps):
+    return next(r["fd"] for r in rows if r["sampler"] == sampler and r["steps"] == steps)
+
+
+def test_pipeline_fd_to_reference_solves_and_to_a_folder_of_them(tiny_sd, tmp_path):  # noqa: F811
+    extractor = tiny_extractor()
+    config = _config(tiny_sd, extractor)
+    rows = run_grid(config, tmp_path / "solve", progress=False)
+    assert all(r["fd"] is not None and math.isfinite(r["fd"]) for r in rows)
+    # the reference sampler at the reference steps reproduces the reference samples: FD 0; few steps: far away
+    assert _fd(rows, "dpm-solver++", 12) < 1e-9
+    assert _fd(rows, "ddim", 2) > _fd(rows, "ddim", 12) > 1e-6
+    assert json.loads((tmp_path / "solve" / "results.json").read_text())["config"]["feature_extractor"] == "tiny-conv:0"
+    # the decoded reference solves written as 8-bit PNGs: the same FD up to the rounding to 8 bits
+    world = runner._PipelineWorld(str(tiny_sd), config, progress=False, extractor=extractor)
+    images = world.decoder.decode_latents(world.reference("cfg", 3.0).float())
+    assert images.shape == (8, 3, 8, 8) and 0 <= images.min() and images.max() <= 1
+    _write_images(tmp_path / "ref", images)
+    folder_rows = run_grid(_config(tiny_sd, extractor, reference_images=str(tmp_path / "ref")), tmp_path / "folder",
+                           progress=False)
+    assert _fd(folder_rows, "ddim", 2) == pytest.approx(_fd(rows, "ddim", 2), rel=0.05)
+    assert _fd(folder_rows, "dpm-solver++", 12) < 0.01 * _fd(rows, "ddim", 2)
+    assert [r["mse"] for r in folder_rows] == [r["mse"] for r in rows]  # the MSE does not depend on the FD reference
+    assert len(list((tmp_path / "folder" / "cache").glob("refstats-*.safetensors"))) == 1
+
+
+def test_decode_latents_matches_the_pt_output(tiny_sd):  # noqa: F811
+    from diffusers import DiffusionPipeline
+
+    from fewstep.pipelines import FewstepPipeline
+
+    pipe = FewstepPipeline.from_pipe(DiffusionPipeline.from_pretrained(tiny_sd), scheduler="unipc", guidance="cfg",
+                                     guidance_scale=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPTS, num_inference_steps=3)
+    latents = pipe(generator=[torch.Generator().manual_seed(s) for s in (0, 1)], output_type="latent", **kw).images
+    images = pipe(generator=[torch.Generator().manual_seed(s) for s in (0, 1)], output_type="pt", **kw).images
+    assert pipe.default_image_size() == 8
+    torch.testing.assert_close(pipe.decode_latents(latents), images.float())
+
+
+def test_folder_statistics_are_cached_by_extractor_images_and_size(tmp_path):
+    folder, cache = tmp_path / "ref", tmp_path / "cache"
+    _write_images(folder, torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    extractor = tiny_extractor()
+    mean, cov = folder_statistics(folder, extractor, (8, 8), cache)
+    assert mean.shape == (6,) and cov.shape == (6, 6) and len(list(cache.iterdir())) == 1
+
+    def fail(images):
+        raise AssertionError("recomputed the reference features")
+
+    same = FeatureExtractor(fail, extractor.id)  # same id and images: read from the cache, nothing decoded
+    mean2, cov2 = folder_statistics(folder, same, (8, 8), cache)
+    assert (mean2 == mean).all() and (cov2 == cov).all()
+    folder_statistics(folder, tiny_extractor(seed=1), (8, 8), cache)  # another extractor: another file
+    assert len(list(cache.iterdir())) == 2
+    digest = image_set_digest(list_reference_images(folder))
+    _write_images(folder, torch.zeros(1, 3, 8, 8))  # an image changed: another digest, recomputed
+    assert image_set_digest(list_reference_images(folder)) != digest
+    with pytest.raises(AssertionError, match="recomputed"):
+        folder_statistics(folder, same, (8, 8), cache)
+
+
+def test_reference_folder_errors_name_the_problem(tmp_path):
+    extractor = tiny_extractor()
+    with pytest.raises(ValueError, match=r"`reference_images` '.*nope' is not a directory; give a folder"):
+        folder_statistics(tmp_path / "nope", extractor)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"holds 0 image file\(s\); the Frechet distance needs at least 2 \(.bmp"):
+        folder_statistics(tmp_path / "empty", extractor)
+    _write_images(tmp_path / "one", torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"holds 1 image file\(s\)"):
+        folder_statistics(tmp_path / "one", extractor)
+    mixed = tmp_path / "mixed"
+    _write_images(mixed, torch.rand(2, 3, 8, 8))
+    Image.new("RGB", (16, 12)).save(mixed / "999.png")
+    with pytest.raises(ValueError, match=r"mixes image sizes: 000.png is 8x8, 999.png is 12x16 \(height x width\)"):
+        folder_statistics(mixed, extractor)
+    big = tmp_path / "big"
+    _write_images(big, torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"holds 16x16 images but the generated images are 8x8 .* --image-size"):
+        folder_statistics(big, extractor, (8, 8))
+    (big / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"'.*broken.png' is not a readable image"):
+        folder_statistics(big, extractor)
+
+
+def test_extractor_and_config_errors(tiny_sd, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="`id` must be a non-empty string"):
+        FeatureExtractor(lambda x: x, "")
+    with pytest.raises(TypeError, match="`fn` must be callable"):
+        FeatureExtractor(None, "x")
+    with pytest.raises(ValueError, match=r"returned torch.Size\(\[2, 3, 8, 8\]\) for 2 images; it must return"):
+        FeatureExtractor(lambda x: x, "identity")(torch.rand(2, 3, 8, 8))
+    model, ref = str(tiny_sd), tmp_path / "ref"
+    _write_images(ref, torch.rand(3, 3, 8, 8))
+    with pytest.raises(ValueError, match="`feature_extractor` must be one of .* or a FeatureExtractor, got 'clip'"):
+        BenchConfig(models=[model], prompts=PROMPTS, feature_extractor="clip")
+    with pytest.raises(ValueError, match="needs image features: feature_extractor='inception'"):
+        BenchConfig(models=[model], prompts=PROMPTS, reference_images=str(ref))
+    with pytest.raises(ValueError, match="is for diffusers pipeline directories among `models`"):
+        BenchConfig(models=["digits-eps"], feature_extractor=tiny_extractor(), reference_images=str(ref))
+    with pytest.raises(ValueError, match="holds 0 image file"):
+        BenchConfig(models=[model], prompts=PROMPTS, feature_extractor=tiny_extractor(), reference_images=str(tmp_path))
+    with pytest.raises(ValueError, match=r"needs at least 2 samples per cell: 1 prompt\(s\) x `num_per_class` 1"):
+        BenchConfig(models=[model], prompts=PROMPTS[:1], num_per_class=1, feature_extractor=tiny_extractor())
+    big = tmp_path / "big"
+    _write_images(big, torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="holds 16x16 images but the generated images are 8x8"):
+        run_grid(_config(tiny_sd, tiny_extractor(), reference_images=str(big)), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "results.json").exists()  # refused before any cell ran
+
+
+def test_cli_pipeline_fd_with_inception_weights_and_reference_images(tiny_sd, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The real path: a random-weights Inception-V3 saved as pytorch-fid's file, PNG reference images."""
+    from fewstep.bench.inception import InceptionV3Features
+
+    monkeypatch.delenv("FEWSTEP_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
+    prompts, ref = tmp_path / "prompts.txt", tmp_path / "ref"
+    prompts.write_text("a red square\n")
+    _write_images(ref, torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+    argv = ["bench", "--model", str(tiny_sd), "--prompts", str(prompts), "--samplers", "ddim", "--steps", "2",
+            "--num-per-class", "2", "--reference-steps", "4", "--features", "inception", "--reference-images",
+            str(ref), "--plot", "none", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2  # no weights yet: says how to supply them, runs nothing
+    assert "pass the file with --inception-weights PATH" in capsys.readouterr().err
+    torch.manual_seed(0)
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(InceptionV3Features().state_dict(), weights)
+    assert main([*argv, "--inception-weights", str(weights)]) == 0
+    assert "| ddim | 2 | 2 |" in capsys.readouterr().out
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["cells"].popitem()[1]
+    assert math.isfinite(row["fd"]) and row["fd"] >= 0 and row["num_samples"] == 2
+    no_features = [a for a in argv if a not in ("--features", "inception")]
+    assert main([*no_features[:-1], str(tmp_path / "o2")]) == 2
+    assert "needs image features" in capsys.readouterr().err
+
+
+def test_frechet_distance_of_singular_covariances_matches_the_nuclear_norm_form():
+    """Fewer samples than features (every pipeline FD with Inception): C = A^T A / (n - 1) for centered features A,
+    so tr (C_1 C_2)^{1/2} is the nuclear norm of A B^T / (n - 1) -- an independent closed form."""
+    from fewstep.bench.metrics import feature_statistics, frechet_distance
+
+    g = np.random.default_rng(0)
+    a, b = g.normal(size=(6, 300)), g.normal(size=(6, 300)) * 1.5 + 0.2
+    (m1, c1), (m2, c2) = feature_statistics(a), feature_statistics(b)
+    ac, bc = a - m1, b - m2
+    nuclear = np.linalg.svd(ac @ bc.T / 5, compute_uv=False).sum()
+    expected = (m1 - m2) @ (m1 - m2) + np.trace(c1) + np.trace(c2) - 2 * nuclear
+    assert frechet_distance(m1, c1, m2, c2) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="`cov2` must be a symmetric covariance matrix"):
+        frechet_distance(m1[:2], np.eye(2), m2[:2], np.array([[1.0, 0.5], [0.0, 1.0]]))
+
+
+def test_any_extractor_also_serves_the_digits_models(tmp_path):
+    """Grayscale digits reach the extractor as RGB; its id keys the results and the reference statistics."""
+    grid = dict(models=["digits-eps"], samplers=["unipc"], steps=[4], classes=[0, 1, 2], num_per_class=3,
+                reference_steps=8, guidance=["cfg:3"])
+    default = run_grid(BenchConfig(**grid), tmp_path / "classifier", progress=False)
+    seen = []
+    extractor = tiny_extractor()
+    spy = FeatureExtractor(lambda x: seen.append(x.shape) or extractor.fn(x), extractor.id)
+    rows = run_grid(BenchConfig(feature_extractor=spy, **grid), tmp_path / "tiny", progress=False)
+    assert seen and all(s[1] == 3 for s in seen)
+    assert rows[0]["mse"] == default[0]["mse"] and rows[0]["accuracy"] == default[0]["accuracy"]
+    assert rows[0]["fd"] != default[0]["fd"] and rows[0]["fd"] > 0
+    assert json.loads((tmp_path / "tiny" / "results.json").read_text())["config"]["feature_extractor"] == "tiny-conv:0"
+    assert len(list((tmp_path / "tiny" / "cache").glob("refstats-*.safetensors"))) == 2  # classifier + tiny-conv
