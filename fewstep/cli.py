@@ -373,7 +373,7 @@ def _load_class_conditional(model: str):
     if model in ("digits-eps",):
         return load_default(model, sampler=None)
     if model in DEFAULT_MODELS or not Path(model).is_dir():
-        raise UsageError(f"--model {model!r}: DC calibration needs digits-eps or a class-conditional pipeline dir")
+        raise UsageError(f"--model {model!r}: calibration needs digits-eps or a class-conditional pipeline dir")
     from .pipelines.class_conditional import ClassConditionalPipeline
 
     return ClassConditionalPipeline.from_pretrained(model)
@@ -421,8 +421,39 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_ems(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .calibrate.ems import class_conditional_ems, text_to_image_ems
+    from .solvers.ems import save_ems
+
+    out = check_writable(args.out, "--out")
+    common = dict(num_samples=args.samples, num_intervals=args.intervals, probes=args.probes, seed=args.seed,
+                  t_start=args.t_start, t_end=args.t_end, checkpoint=args.checkpoint, progress=not args.quiet)
+    if args.prompts is not None:
+        from diffusers import StableDiffusionPipeline
+
+        prompts = _read_prompts(args.prompts)
+        if not prompts:
+            raise UsageError(f"--prompts {args.prompts!r} holds no prompt (one per line)")
+        if not (Path(args.model) / "model_index.json").is_file():
+            raise UsageError(f"--model {args.model!r} must be an SD 1.x/2.x pipeline directory when --prompts is given")
+        pipe = StableDiffusionPipeline.from_pretrained(args.model)
+        ems = text_to_image_ems(pipe, args.model, prompts, batch_size=args.batch_size or 16,
+                                sample_steps=args.sample_steps, guidance_scale=args.guidance_scale, **common)
+    else:
+        pipe = _load_class_conditional(args.model)
+        ems = class_conditional_ems(pipe, args.model, batch_size=args.batch_size or 256, **common)
+    save_ems(out, ems)
+    m = ems.meta
+    print(f"EMS on {ems.num_points} lambda points x {ems.sample_shape} elements from {args.samples} samples: "
+          f"{m.get('seconds')} s, peak memory {m.get('peak_memory_mib')} MiB on {m.get('device')}")
+    print(f"wrote {out}")
+    return 0
+
+
 def _add_calibrate_parser(sub) -> None:
-    p_cal = sub.add_parser("calibrate", help="offline calibration of samplers (DC-Solver ratios)")
+    p_cal = sub.add_parser("calibrate", help="offline calibration of samplers (DC-Solver ratios, DPM-Solver-v3 EMS)")
     cal_sub = p_cal.add_subparsers(dest="target", required=True, metavar="TARGET")
     p_dc = cal_sub.add_parser("dc", help="search DC-Solver ratios against a many-step reference (+ CPR fit)")
     p_dc.add_argument("--model", default="digits-eps",
@@ -448,6 +479,30 @@ def _add_calibrate_parser(sub) -> None:
     p_dc.add_argument("--cpr-out", default=None, help="also fit CPR on the searched ratios and write it here")
     p_dc.add_argument("--quiet", action="store_true", help="no progress bars")
     p_dc.set_defaults(func=cmd_calibrate)
+
+    p_ems = cal_sub.add_parser("ems", help="DPM-Solver-v3: estimate the empirical model statistics (EMS) of a model")
+    p_ems.add_argument("--model", default="digits-eps",
+                       help="digits-eps, a class-conditional pipeline directory, or (with --prompts) an SD 1.x/2.x "
+                            "pipeline directory")
+    p_ems.add_argument("--prompts", default=None, metavar="FILE",
+                       help="text-to-image models: prompts (one per line) for the model's own samples")
+    p_ems.add_argument("--samples", type=_positive_int, default=1024, help="samples K (default 1024, the paper's)")
+    p_ems.add_argument("--intervals", type=_positive_int, default=64,
+                       help="lambda grid intervals N (N + 1 points; default 64)")
+    p_ems.add_argument("--probes", type=_positive_int, default=1, help="Rademacher probes per sample (default 1)")
+    p_ems.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="samples per JVP batch (default 256 digits, 16 SD)")
+    p_ems.add_argument("--t-start", type=float, default=None, help="noisiest model time (default: the schedule's)")
+    p_ems.add_argument("--t-end", type=float, default=None, help="least noisy model time (default: the schedule's)")
+    p_ems.add_argument("--sample-steps", type=_positive_int, default=20,
+                       help="SD: DPM-Solver++ steps for the model's own samples")
+    p_ems.add_argument("--guidance-scale", type=float, default=7.5, help="SD: CFG scale of the model's own samples")
+    p_ems.add_argument("--seed", type=int, default=0, help="seed of the noise and probes")
+    p_ems.add_argument("--checkpoint", default=None, metavar="FILE",
+                       help="running sums saved after every grid point; an existing file is resumed")
+    p_ems.add_argument("--out", required=True, help="EMS file to write (.safetensors)")
+    p_ems.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_ems.set_defaults(func=cmd_calibrate_ems)
 
 
 # ---------------------------------------------------------------------------------------------- search

@@ -37,6 +37,7 @@ from .. import __version__
 from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
 from .._io import atomic_write
+from ..pipelines.defaults import default_sampler_options
 from ._cache import cache_name as _cache_name
 from ._cache import load_cached as _load_cached
 from ._cache import save_cached as _save_cached
@@ -261,7 +262,8 @@ def _check_cell(cell: Cell, model_config: dict[str, Any]) -> None:
     """Build the cell's scheduler once: an NFE below a sampler's minimum or a sampler that does not fit the
     model is reported before anything runs."""
     try:
-        sched = sampler_registry.from_config(cell.sampler, model_config)
+        sched = sampler_registry.from_config(cell.sampler, model_config,
+                                             **default_sampler_options(cell.model, cell.sampler))
         # dynamic-shift models (Flux) get their mu from the image size at run time; any value checks the grid
         sched.set_timesteps(cell.steps, mu=1.0 if model_config.get("use_dynamic_shifting") else None)
     except (ValueError, TypeError) as exc:
@@ -437,7 +439,8 @@ class _DigitsWorld:
             images = cached["images"]
         else:
             self._use(rule, scale)
-            sched = sampler_registry.from_config(c.reference_sampler, self.objective.model_config)
+            sched = sampler_registry.from_config(c.reference_sampler, self.objective.model_config,
+                                                 **default_sampler_options(self.objective.model, c.reference_sampler))
             images = self.generate(sched, c.reference_steps)[0].double()
             if path is not None and is_main_process():
                 _save_cached(path, {"images": images}, key)
@@ -447,7 +450,8 @@ class _DigitsWorld:
     def run(self, cell: Cell) -> dict[str, Any]:
         reference = self.reference(cell.guidance, cell.guidance_scale)
         self._use(cell.guidance, cell.guidance_scale)
-        sched = sampler_registry.from_config(cell.sampler, self.objective.model_config)
+        sched = sampler_registry.from_config(cell.sampler, self.objective.model_config,
+                                             **default_sampler_options(cell.model, cell.sampler))
         images, seconds = self.generate(sched, cell.steps)
         fd, accuracy = self.objective.score(images)
         if self.extractor is not None:

@@ -32,6 +32,17 @@ def default_model_path(name: str) -> Path:
     return path
 
 
+def default_sampler_options(model: str, sampler: str | None) -> dict:
+    """Options a sampler needs to run on an embedded model out of the box: the shipped DPM-Solver-v3 EMS
+    (``ems_file``/``ems_model``) for ``dpm-solver-v3`` on a model that has them; else nothing."""
+    if sampler == "dpm-solver-v3":
+        from ..samplers.dpm_solver_v3 import SHIPPED_EMS
+
+        if model in SHIPPED_EMS:
+            return {"ems_file": model, "ems_model": model}
+    return {}
+
+
 def load_default(
     name: str = "digits-eps",
     sampler: str | None = "unipc",
@@ -58,7 +69,7 @@ def load_default(
     if sampler is not None:
         from .swap import swap_sampler
 
-        swap_sampler(pipe, sampler)
+        swap_sampler(pipe, sampler, **default_sampler_options(name, sampler))
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -81,7 +81,7 @@ def load_model(
     """A pipeline for ``model`` with ``sampler`` swapped in: an embedded name, a local pipeline directory,
     or a hub id (needs the weights cached or a connection). ``sampler_options`` override the sampler's
     config (e.g. ``{"momentum_order": 3.8}`` for ``hb``); unknown names are an error."""
-    from .defaults import load_default
+    from .defaults import default_sampler_options, load_default
 
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}")
@@ -92,7 +92,10 @@ def load_model(
         if model not in GENERATORS:
             raise ValueError(f"`model` {model!r} is not an image generator; choose one of {', '.join(GENERATORS)}")
         pipe = load_default(model, sampler=None, device=dev, torch_dtype=torch_dtype)
-        return swap_sampler(pipe, sampler, **(sampler_options or {}))
+        options = {**default_sampler_options(model, sampler), **(sampler_options or {})}
+        if (sampler_options or {}).get("degenerated"):
+            options.pop("ems_file", None)
+        return swap_sampler(pipe, sampler, **options)
     from diffusers import DiffusionPipeline
 
     path = Path(model)
