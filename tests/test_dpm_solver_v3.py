@@ -462,3 +462,52 @@ def test_v3_from_real_pipeline_configs():
         s = samplers.get("dpm-solver-v3").from_config(cfg, degenerated=True)
         s.set_timesteps(8)
         assert len(s.timesteps) == 8 and s.plan.grid.sigmas[-1] == 0
+
+
+# ------------------------------------------------------------------------------------------------ calibrate + CLI
+from test_real_pipeline import tiny_sd  # noqa: E402, F401 - the tiny SD pipeline directory fixture
+
+
+def test_ems_of_a_text_to_image_pipeline_drive_v3_in_it(tiny_sd, tmp_path):  # noqa: F811
+    """SD path end to end: the pipeline generates its own latents, EMS come from the empty-prompt branch, the file
+    loads into a v3 scheduler made from the pipeline's config, and the pipeline samples with it."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.calibrate.ems import text_to_image_ems
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    ems = text_to_image_ems(pipe, str(tiny_sd), ["a red square", "a blue circle"], num_samples=4, num_intervals=8,
+                            batch_size=2, sample_steps=2, progress=False)
+    latent = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    assert ems.sample_shape == latent and ems.meta["branch"].startswith("unconditional")
+    assert np.isfinite(ems.l).all() and ems.meta["seconds"] >= 0 and ems.meta["peak_memory_mib"] > 0
+    path = tmp_path / "sd.safetensors"
+    save_ems(path, ems)
+    pipe.scheduler = samplers.from_config("dpm-solver-v3", pipe.scheduler.config, ems_file=str(path),
+                                          ems_model=str(tiny_sd))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red square", num_inference_steps=4, guidance_scale=3.0, output_type="latent",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape[1:] == latent and torch.isfinite(out.images).all()
+    with pytest.raises(ValueError, match="`prompts` must hold at least one prompt"):
+        text_to_image_ems(pipe, "x", [], num_samples=2, progress=False)
+
+
+def test_cli_calibrate_ems_and_generate_with_it(tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "ems.safetensors"
+    argv = ["calibrate", "ems", "--samples", "4", "--intervals", "6", "--batch-size", "4", "--quiet",
+            "--out", str(out)]
+    assert main(argv) == 0 and out.is_file()
+    ems = load_ems(out)
+    assert ems.num_points == 7 and ems.meta["model"] == "digits-eps" and ems.sample_shape == (1, 16, 16)
+    assert "peak memory" in capsys.readouterr().out
+    png = tmp_path / "v3.png"
+    argv = ["generate", "--sampler", "dpm-solver-v3", "--steps", "5", "--num-images", "2", "--sampler-option",
+            f"ems_file={out}", "--out", str(png)]
+    assert main(argv) == 0 and png.is_file()
+    bad = tmp_path / "bad.safetensors"
+    assert main(["calibrate", "ems", "--samples", "4", "--intervals", "1", "--out", str(bad), "--quiet"]) == 2
+    assert "`num_intervals` must be an integer >= 2" in capsys.readouterr().err and not bad.exists()
+    assert main(["calibrate", "ems", "--model", "digits-flow", "--out", str(bad), "--quiet"]) == 2

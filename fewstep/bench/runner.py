@@ -145,7 +145,7 @@ class BenchConfig:
                 raise ValueError("`prompts` must hold at least one prompt for a pipeline directory in `models`")
         if self.image_size is not None:
             _check_ints("image_size", [self.image_size], 8)
-        self.samplers = _check_names("samplers", self.samplers or sampler_registry.names("diffusion", standalone=True),
+        self.samplers = _check_names("samplers", self.samplers or _default_samplers(self.models),
                                      sampler_registry.names())
         self.steps = _check_ints("steps", self.steps, 1)
         for name, value, low in (("num_per_class", self.num_per_class, 1), ("batch_size", self.batch_size, 1),
@@ -225,6 +225,15 @@ class BenchConfig:
                     for n in self.steps:
                         out.append(Cell(model, name, n, rule, scale))
         return out
+
+
+def _default_samplers(models: Sequence[str]) -> list[str]:
+    """Every standalone diffusion sampler, plus those whose artifacts ship for every model (``dpm-solver-v3``'s
+    EMS for ``digits-eps``)."""
+    names = sampler_registry.names("diffusion", standalone=True)
+    if all(default_sampler_options(m, "dpm-solver-v3") for m in models):
+        names.insert(names.index("unipc") + 1, "dpm-solver-v3")
+    return names
 
 
 def _check_names(arg: str, values: Sequence[str] | None, allowed: Sequence[str]) -> list[str]:
