@@ -365,15 +365,16 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
-def _load_class_conditional(model: str):
+def _load_class_conditional(model: str, embedded: tuple[str, ...] = ("digits-eps",)):
     from pathlib import Path
 
     from .pipelines.defaults import DEFAULT_MODELS, load_default
 
-    if model in ("digits-eps",):
+    if model in embedded:
         return load_default(model, sampler=None)
     if model in DEFAULT_MODELS or not Path(model).is_dir():
-        raise UsageError(f"--model {model!r}: calibration needs digits-eps or a class-conditional pipeline dir")
+        raise UsageError(f"--model {model!r}: this calibration needs {' or '.join(embedded)} or a class-conditional "
+                         "pipeline directory")
     from .pipelines.class_conditional import ClassConditionalPipeline
 
     return ClassConditionalPipeline.from_pretrained(model)
@@ -442,7 +443,7 @@ def cmd_calibrate_ems(args: argparse.Namespace) -> int:
         ems = text_to_image_ems(pipe, args.model, prompts, batch_size=args.batch_size or 16,
                                 sample_steps=args.sample_steps, guidance_scale=args.guidance_scale, **common)
     else:
-        pipe = _load_class_conditional(args.model)
+        pipe = _load_class_conditional(args.model, ("digits-eps", "digits-flow"))
         ems = class_conditional_ems(pipe, args.model, batch_size=args.batch_size or 256, **common)
     save_ems(out, ems)
     m = ems.meta

@@ -510,4 +510,4 @@ def test_cli_calibrate_ems_and_generate_with_it(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     assert main(["calibrate", "ems", "--samples", "4", "--intervals", "1", "--out", str(bad), "--quiet"]) == 2
     assert "`num_intervals` must be an integer >= 2" in capsys.readouterr().err and not bad.exists()
-    assert main(["calibrate", "ems", "--model", "digits-flow", "--out", str(bad), "--quiet"]) == 2
+    assert main(["calibrate", "ems", "--model", "digits-mr", "--out", str(bad), "--quiet"]) == 2

@@ -20,7 +20,7 @@ import torch
 from ..solvers.ems import EMS
 from ..solvers.ems_estimate import estimate_ems, forward_ad_safe, model_eps_fn
 from ..solvers.s3 import schedule_fingerprint
-from ..solvers.schedules import VPSchedule, schedule_from_config
+from ..solvers.schedules import FlowSchedule, NoiseSchedule, schedule_from_config
 
 __all__ = ["class_conditional_ems", "text_to_image_ems"]
 
@@ -29,6 +29,14 @@ def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _schedule_and_prediction(config: Any) -> tuple[NoiseSchedule, str]:
+    """The noise schedule of a scheduler config and the model's prediction type (flow configs: velocity)."""
+    schedule = schedule_from_config(dict(config))
+    if isinstance(schedule, FlowSchedule):
+        return schedule, "flow"
+    return schedule, config.get("prediction_type", "epsilon")
 
 
 def _check_samples(num_samples: Any) -> int:
@@ -62,8 +70,9 @@ def class_conditional_ems(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> EMS:
-    """EMS of a class-conditional digits pipeline on its unconditional (null-class) branch, from the first
-    ``num_samples`` training images (v3 app. C.1.1: ``x0`` from the data, ``x = alpha x0 + sigma z``)."""
+    """EMS of a class-conditional digits pipeline (``digits-eps``, ``digits-flow``: VP or flow) on its
+    unconditional (null-class) branch, from the first ``num_samples`` training images (v3 app. C.1.1: ``x0`` from
+    the data, ``x = alpha x0 + sigma z``)."""
     from ..datasets import load_digits_images
 
     _check_samples(num_samples)
@@ -80,8 +89,7 @@ def class_conditional_ems(
         labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
         return unet(x, t, class_labels=labels).sample
 
-    schedule = VPSchedule.from_config(dict(pipe.scheduler.config))
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    schedule, prediction_type = _schedule_and_prediction(pipe.scheduler.config)
     meta = {"model": model, "noise_schedule": schedule_fingerprint(schedule), "prediction_type": prediction_type,
             "branch": "unconditional (null class)", "data": f"digits training split, first {num_samples}"}
     return _run(unet, model_fn, data, schedule, prediction_type, meta, num_intervals=num_intervals,
@@ -141,8 +149,7 @@ def text_to_image_ems(
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(x, t, encoder_hidden_states=uncond.expand(x.shape[0], -1, -1)).sample
 
-    schedule = schedule_from_config(dict(pipe.scheduler.config))
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    schedule, prediction_type = _schedule_and_prediction(pipe.scheduler.config)
     meta = {"model": model, "noise_schedule": schedule_fingerprint(schedule), "prediction_type": prediction_type,
             "branch": "unconditional (empty prompt)",
             "data": f"{num_samples} latents generated with dpm-solver++ {sample_steps} steps, CFG {guidance_scale:g}, "
