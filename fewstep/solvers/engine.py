@@ -29,6 +29,12 @@ the derivative weights of a step of length ``2h``; for noise prediction ``c_eps 
 ``c_z = sigma_t sqrt(e^{2h} - 1)`` and twice the ODE's derivative weights. ``z`` is fresh standard noise
 the caller passes to ``advance``.
 
+**EMS steps** (``prediction="ems"``, DPM-Solver-v3): the same buffer and the same corrector, but the transition
+is compiled to per-element coefficients on the buffered pairs from empirical model statistics
+(``solvers.ems.EMSTransition``); ``compile_plan(..., ems=EMSGrid(...))`` supplies the tables and each grid
+point's index on the EMS grid. ``pseudo``/``corrector_pseudo`` estimate the ``k``-th derivative from the ``k + 1``
+nearest points (divided differences) instead of the Taylor fit through all points.
+
 **Corrector.** ``"unic"``: after the model is evaluated at the predicted ``x_t``, the same transition is
 redone with the new point among the derivative points (UniC of UniPC; the "pseudo" corrector of
 USF/DPM-Solver-v3), at no extra NFE. The buffered evaluation keeps the uncorrected ``x^eval``.
