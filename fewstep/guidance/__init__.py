@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from .base import GuidanceRule, Pair, StepState
 from .inversion import ddim_invert
-from .rules import APG, CFG, CFGPlusPlus, apg_update, cfgpp_equivalent_scales, rescale_to_std, scheduler_rhos
 from .posterior import DPS, PSLD, InverseProblem, PosteriorMethod, PosteriorResult
+from .rules import APG, CFG, CFGPlusPlus, apg_update, cfgpp_equivalent_scales, rescale_to_std, scheduler_rhos
 from .stepping import guided_step, raw_cfg, step_state, supports_pairs
 from .stsl import STSL, fd_hutchinson_trace
 

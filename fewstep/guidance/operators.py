@@ -311,7 +311,7 @@ class GaussianBlur(_Convolution):
 class MotionBlur(_Convolution):
     """Per-channel convolution with a straight motion streak: a line of ``length`` pixels through the centre of a
     ``kernel_size`` kernel at ``angle`` degrees (seeded uniform angle when ``None``), rasterised by bilinear
-    splatting of ``8 * length`` points and normalised to sum 1. Not symmetric: ``A^T`` is the flipped kernel."""
+    splatting of ``8 * length`` points and normalised to sum 1 (point-symmetric about the centre, but oriented)."""
 
     name = "motion-deblur"
 

@@ -116,7 +116,8 @@ class STSL(PosteriorMethod):
         probes = self.num_probes if self.eta > 0 else 0
         return self.inner_steps * (1 + probes) + 1
 
-    def _inner_grad(self, model_fn, problem, z: torch.Tensor, i: int, sigma: float, generator) -> tuple[torch.Tensor, int]:
+    def _inner_grad(self, model_fn, problem, z: torch.Tensor, i: int, sigma: float,
+                    generator) -> tuple[torch.Tensor, int]:
         """``grad_z L(z)`` at grid point ``i`` and the number of evaluations it took."""
         dim = z[0].numel()
         use_trace = self.eta > 0

@@ -95,8 +95,8 @@ class _Prior:
             labels = torch.full((num_images,), null, dtype=torch.long) if class_labels is None else \
                 torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
             if labels.numel() != num_images or labels.min() < 0 or labels.max() > null:
-                raise ValueError(f"`class_labels` must be {num_images} class ids in 0..{null} ({null} = unconditional), "
-                                 f"got {labels.tolist()}")
+                raise ValueError(f"`class_labels` must be {num_images} class ids in 0..{null} "
+                                 f"({null} = unconditional), got {labels.tolist()}")
             self.cond = {"class_labels": labels.to(device)}
             cfg = pipe.unet.config
             self.shape = (num_images, cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -216,7 +216,8 @@ def held_out_digits(num_images: int, size: int = 16, offset: int = 0) -> tuple[t
     from ..datasets import load_digits_images
 
     images, labels = load_digits_images(size, "test")
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= images.shape[0] - offset:
+    available = images.shape[0] - offset
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= available:
         raise ValueError(f"`num_images` must be an integer in [1, {images.shape[0] - offset}] (held-out digits), "
                          f"got {num_images!r}")
     return images[offset:offset + num_images], labels[offset:offset + num_images]
