@@ -158,7 +158,7 @@ def test_registry_and_validation():
                           ({"inner_steps": True}, "`inner_steps` must be an integer"),
                           ({"num_probes": 1.5}, "`num_probes`"), ({"probe_scale": 0.0}, "`probe_scale`"),
                           ({"strength": 0.0}, "`strength`"), ({"init": "zeros"}, "`init` must be one of"),
-                          ({"ddim_eta": 2.0}, "`ddim_eta`")]:
+                          ({"ddim_eta": 2.0}, "`ddim_eta`"), ({"loss": "l1"}, "`loss` must be one of")]:
         with pytest.raises(ValueError, match=match):
             STSL(**kwargs)
     with pytest.raises(ValueError, match="needs init='adjoint'"):

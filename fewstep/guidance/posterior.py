@@ -129,13 +129,21 @@ def gluing_residual(problem: InverseProblem, z0: torch.Tensor, image: torch.Tens
     return (problem.to_latent(glued) - z0).flatten(1).norm(dim=1)
 
 
-def first_order_loss(problem: InverseProblem, z0: torch.Tensor, gluing: float = 0.0) -> torch.Tensor:
-    """``sum_n ||y - A D(z0_n)|| + gluing * ||E(A^T y + (I - A^T A) D(z0_n)) - z0_n||`` (a scalar)."""
+LOSSES = ("norm", "squared")
+
+
+def first_order_loss(
+    problem: InverseProblem, z0: torch.Tensor, gluing: float = 0.0, loss: str = "norm"
+) -> torch.Tensor:
+    """``sum_n ||y - A D(z0_n)|| + gluing * ||E(A^T y + (I - A^T A) D(z0_n)) - z0_n||`` (a scalar); with
+    ``loss="squared"`` each norm ``r`` is replaced by ``r^2 / 2``."""
     image = problem.to_image(z0)
-    loss = measurement_residual(problem, image).sum()
+    power = 2 if loss == "squared" else 1
+    scale = 0.5 if loss == "squared" else 1.0
+    total = scale * (measurement_residual(problem, image) ** power).sum()
     if gluing:
-        loss = loss + gluing * gluing_residual(problem, z0, image).sum()
-    return loss
+        total = total + gluing * scale * (gluing_residual(problem, z0, image) ** power).sum()
+    return total
 
 
 @dataclass
@@ -177,6 +185,10 @@ class PosteriorMethod:
 
     ``step_size`` (``zeta``) scales the measurement gradient; ``gluing`` (``gamma``) weights PSLD's gluing term
     (0 = off); ``ddim_eta`` is the outer step's stochasticity (1 = DDPM ancestral, 0 = deterministic DDIM).
+    ``loss``: ``"norm"`` -- ``||y - A x0_hat||`` with the step ``zeta`` (DPS's implementation, scale free), or
+    ``"squared"`` -- ``||y - A x0_hat||^2 / 2`` with the step ``zeta * alpha_t^2``: since ``dx0_hat/dz ~ I/alpha_t``
+    that is a gradient step of size ``zeta`` on ``x0_hat`` itself (``zeta = 1`` refills the observed pixels of an
+    inpainting problem), so repeated inner iterations converge instead of oscillating.
     """
 
     name: ClassVar[str] = ""
@@ -186,12 +198,15 @@ class PosteriorMethod:
     ddim_eta: float = 1.0
     init: str = "noise"
     strength: float = 1.0
+    loss: str = "norm"
 
     def __post_init__(self) -> None:
         self.step_size = check_number("step_size", self.step_size, low=0.0)
         self.gluing = check_number("gluing", self.gluing, low=0.0)
         self.ddim_eta = check_number("ddim_eta", self.ddim_eta, low=0.0, high=1.0)
         self.strength = check_number("strength", self.strength, low=0.0, high=1.0, low_open=True)
+        if self.loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.init not in self.INITS:
             raise ValueError(f"`init` must be one of {list(self.INITS)}, got {self.init!r}")
         if self.init == "noise" and self.strength != 1.0:
@@ -204,6 +219,10 @@ class PosteriorMethod:
         from dataclasses import asdict
 
         return {"method": self.name, **asdict(self)}
+
+    def step_scale(self, alpha: float) -> float:
+        """The multiplier of the loss gradient at a level with ``alpha`` (see ``loss``)."""
+        return self.step_size * (alpha * alpha if self.loss == "squared" else 1.0)
 
     def evaluations_per_step(self) -> int:
         """Denoiser forward evaluations per outer step."""
@@ -255,11 +274,12 @@ class DPS(PosteriorMethod):
             with torch.enable_grad():
                 zg = z.detach().requires_grad_(True)
                 z0, eps = model_fn(zg, i)
-                loss = first_order_loss(problem, z0, self.gluing)
+                loss = first_order_loss(problem, z0, self.gluing, self.loss)
                 (grad,) = torch.autograd.grad(loss, zg)
             with torch.no_grad():
                 xi = _noise_like(z, generator) if self.ddim_eta > 0 and s_n > 0 else None
-                z = ddim_update(z0.detach(), eps.detach(), a, s, a_n, s_n, self.ddim_eta, xi) - self.step_size * grad
+                z = ddim_update(z0.detach(), eps.detach(), a, s, a_n, s_n, self.ddim_eta, xi)
+                z = z - self.step_scale(a) * grad
         return PosteriorResult(z.detach(), grid.num_steps, grid.num_steps)
 
 

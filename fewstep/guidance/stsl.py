@@ -20,9 +20,12 @@ updated ``z`` with a fresh evaluation. Initialisation: the encoded back-projecte
 forward process, ``alpha_0 E(A^+ y) + sigma_0 n`` -- with ``strength < 1`` the run starts part-way down the
 schedule (the few-step regime this initialisation is for). PSLD's gluing term is an option (off by default).
 
-Measurement term: the norm ``||y - A x||`` as in DPS/PSLD's implementations (``zeta`` scale free across tasks),
-not the squared norm with ``lambda = 1/sigma_y^2`` of the paper's formula -- the two differ by a per-image step
-size. ``eta = 0`` is a first-order (PSLD-like, K-iteration) sampler.
+Measurement term: DPS/PSLD's ``||y - A x||`` (``loss="norm"``, default: one step size ``zeta`` serves every task
+on digits), or the paper's squared norm ``||y - A x||^2 / 2`` with the inner step ``zeta * alpha_t^2`` -- a step
+of size ``zeta`` on ``x0_hat`` (``loss="squared"``, see ``PosteriorMethod``; on digits it needs a per-task
+``zeta``: 2 for inpainting, 8 for 2x SR). The paper's ``lambda ~ 1/sigma_y^2`` is absorbed into ``zeta``, so our
+``eta`` is relative to a unit-weight measurement term. ``eta = 0`` is a first-order (PSLD-like, K-iteration)
+sampler.
 
 Cost per outer step: ``K * (1 + P) + 1`` denoiser evaluations (``P`` probes), ``K * (1 + P)`` of them
 backpropagated. Memory: ``probe_batch`` probes are stacked into one batched call and backpropagated together;
@@ -97,6 +100,7 @@ class STSL(PosteriorMethod):
     ddim_eta: float = 0.0
     init: str = "adjoint"
     strength: float = 1.0
+    loss: str = "norm"
     eta: float = 0.02
     inner_steps: int = 5
     num_probes: int = 1
@@ -129,7 +133,7 @@ class STSL(PosteriorMethod):
         with torch.enable_grad():
             zg = z.detach().requires_grad_(True)
             z0, eps = model_fn(zg, i)
-            loss = first_order_loss(problem, z0, self.gluing)
+            loss = first_order_loss(problem, z0, self.gluing, self.loss)
             if use_trace:
                 loss = loss - coef * sum((xi * eps).sum() for xi in probes)
             evals = 1
@@ -160,7 +164,7 @@ class STSL(PosteriorMethod):
             a, s, a_n, s_n = grid.alphas[i], grid.sigmas[i], grid.alphas[i + 1], grid.sigmas[i + 1]
             for _ in range(self.inner_steps):
                 grad, evals = self._inner_grad(model_fn, problem, z, i, s, generator)
-                z = (z - self.step_size * grad).detach()
+                z = (z - self.step_scale(a) * grad).detach()
                 nfe += evals
                 grad_evals += evals
             with torch.no_grad():

@@ -25,7 +25,7 @@ from ..solvers.parameterization import to_pair
 from ..solvers.schedules import VPSchedule, is_flow_config
 
 __all__ = ["POSTERIOR_TASKS", "DEFAULT_OPTIONS", "PosteriorOutput", "InverseTaskResult", "posterior_sample",
-           "run_inverse_task", "default_method", "degraded_view"]
+           "run_inverse_task", "default_method", "degraded_view", "held_out_digits", "score_restorations"]
 
 #: tasks of ``run_inverse_task`` / ``fewstep generate --task ... --posterior`` (``guidance.operators`` names)
 POSTERIOR_TASKS = ("inpaint", "random-inpaint", "sr", "sr-bicubic", "deblur", "motion-deblur")
