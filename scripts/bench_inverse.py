@@ -11,9 +11,10 @@ shipped ``digits-classifier`` on the restored digits. NFE counts every denoiser 
 step are backpropagated.
 
 Step sizes were picked on a separate validation slice (test digits 200-223, the same tasks and noise) from
-{0.5, 1, 2, 3, 4} (DPS, per NFE) and {2, 3, 4, 6} x K in {2, 3} x strength in {0.5, 0.6, 0.7} (STSL); the
-evaluation images here are digits 0..N-1. ``STSL eta=0`` is the same loop without the trace term (an ablation:
-what the second-order term adds).
+{0.5, 1, 2, 3} (DPS, per task and NFE) and zeta in {1, 2, 3, 4, 6} x K in {1, 2, 3} x strength in {0.4 .. 0.8} x
+eta in {0, 0.02, 0.2, 0.5, 1, 2, 5} (STSL); the evaluation images here are digits 0..N-1. Ablations: ``STSL
+eta=0`` is the same loop without the trace term (what the second-order term adds); ``DPS+init`` is DPS started
+like STSL (noised ``A^+ y`` at strength 0.5: what the initialisation adds).
 
     python scripts/bench_inverse.py --num-images 64 --json scripts/results_inverse.json
 """
@@ -36,11 +37,18 @@ TASKS = ("inpaint", "sr", "deblur")
 #: DPS zeta per (task, steps), picked on the validation slice
 DPS_RUNS = {
     "inpaint": {25: 2.0, 50: 1.0, 100: 1.0},
-    "sr": {25: 2.0, 50: 2.0, 100: 1.0},
-    "deblur": {25: 2.0, 50: 2.0, 100: 1.0},
+    "sr": {25: 3.0, 50: 2.0, 100: 1.0},
+    "deblur": {25: 3.0, 50: 2.0, 100: 1.0},
 }
-#: STSL settings (steps, K, zeta, strength), picked on the validation slice; eta = 0.02, 1 probe
-STSL_RUNS = [(5, 2, 4.0, 0.5), (10, 2, 4.0, 0.7)]
+#: STSL settings per task: (steps, K, zeta, strength), picked on the validation slice; eta 0.2, 1 probe
+STSL_RUNS = {
+    "inpaint": [(5, 2, 2.0, 0.5), (8, 2, 2.0, 0.6)],
+    "sr": [(5, 2, 3.0, 0.5), (8, 2, 2.0, 0.6)],
+    "deblur": [(5, 2, 3.0, 0.5), (8, 2, 2.0, 0.6)],
+}
+STSL_ETA = 0.2
+#: ablation: DPS started like STSL (noised A^+ y at strength 0.5), 25 steps, zeta 2
+DPS_INIT = (25, 2.0, 0.5)
 
 
 def backprojection_row(task: str, n: int, noise_std: float, seed: int, classifier) -> dict:
@@ -81,8 +89,10 @@ def main() -> None:
         rows.append(backprojection_row(task, args.num_images, args.noise_std, args.seed, classifier))
         for steps, zeta in DPS_RUNS[task].items():
             record(task, "DPS", DPS(step_size=zeta), steps)
-        for steps, k, zeta, strength in STSL_RUNS:
-            record(task, "STSL", STSL(step_size=zeta, inner_steps=k, strength=strength), steps)
+        steps, zeta, strength = DPS_INIT
+        record(task, "DPS+init", DPS(step_size=zeta, init="adjoint", strength=strength), steps)
+        for steps, k, zeta, strength in STSL_RUNS[task]:
+            record(task, "STSL", STSL(step_size=zeta, inner_steps=k, strength=strength, eta=STSL_ETA), steps)
             record(task, "STSL eta=0", STSL(step_size=zeta, inner_steps=k, strength=strength, eta=0.0), steps)
     comparison = []
     for task in args.tasks.split(","):

@@ -246,12 +246,20 @@ def test_cli_posterior(tmp_path, capsys):
                  "--stsl-inner-steps", "1", "--num-images", "2", "--out", str(out), "--quiet"])
     assert code == 0 and out.is_file()
     assert "stsl inpaint" in capsys.readouterr().out
+    from PIL import Image
+
+    low = tmp_path / "low.png"  # two 8x8 low-resolution digits side by side: the measurement of 2x SR
+    Image.fromarray((torch.rand(8, 16, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(low)
+    code = main(["generate", "--task", "sr", "--posterior", "dps", "--steps", "2", "--measurement", str(low),
+                 "--out", str(out), "--quiet"])
+    assert code == 0 and "2 restored images" in capsys.readouterr().out
     bad = [
         (["--model", "digits-flow", "--task", "sr", "--posterior", "dps"], "needs a VP diffusion model"),
         (["--task", "sr", "--posterior", "dps", "--stsl-eta", "0.1"], "--stsl-eta apply to --posterior stsl"),
         (["--posterior", "dps"], "need --task"),
         (["--task", "classifier", "--posterior", "stsl"], "not an inverse problem"),
         (["--task", "sr", "--strength", "1.5"], "`strength` must be in"),
+        (["--task", "sr", "--measurement", "missing.png"], "no such file"),
     ]
     for args, match in bad:
         assert main(["generate", *args, "--out", str(tmp_path / "x.png"), "--quiet"]) == 2

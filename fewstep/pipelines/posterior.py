@@ -34,7 +34,7 @@ POSTERIOR_TASKS = ("inpaint", "random-inpaint", "sr", "sr-bicubic", "deblur", "m
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "dps": {"step_size": 1.0},
     "psld": {"step_size": 1.0, "gluing": 0.1},
-    "stsl": {"step_size": 1.0, "eta": 0.02, "inner_steps": 2, "strength": 0.7},
+    "stsl": {"step_size": 2.0, "eta": 0.2, "inner_steps": 2, "strength": 0.6},
 }
 
 
