@@ -142,6 +142,11 @@ def test_gluing_term():
     other = x + 1.0
     assert float(gluing_residual(problem, other, other).min()) > 1.0
     torch.testing.assert_close(measurement_residual(problem, x), torch.zeros(2))
+    # pixel space (D = E = I): the gluing residual is ||A^T (y - A x)||, here for a non-projection A (2x SR)
+    sr = SuperResolution(2)
+    y = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    expected = sr.adjoint(y - sr(x)).flatten(1).norm(dim=1)
+    torch.testing.assert_close(gluing_residual(InverseProblem(sr, y), x, x), expected)
 
 
 # ------------------------------------------------------------------------------------------------ methods, registry
