@@ -71,6 +71,10 @@ def _positive_int(text: str) -> int:
 def _guidance_name(text: str) -> str:
     from . import guidance
 
+    if guidance.is_posterior(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is an inverse-problem posterior sampler: use --task inpaint|sr|deblur --posterior {text}"
+        )
     try:
         guidance.get(text)
     except ValueError as exc:
@@ -131,8 +135,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
+    if args.task is not None and (args.posterior is not None or args.model != "digits-flow"):
+        return _generate_posterior(args, out)
     if args.task is not None:  # FlowChef
         return _generate_flowchef(args, out)
+    posterior_flags = [flag for flag, value in _posterior_flags(args) if value is not None]
+    if posterior_flags:
+        raise UsageError(f"{', '.join(posterior_flags)} need --task inpaint|sr|deblur (posterior sampling)")
     if args.sampler == "flowchef":
         raise UsageError("--sampler flowchef steers towards a task: add --task inpaint|sr|deblur|classifier")
     args.sampler = args.sampler or "unipc"
@@ -198,10 +207,12 @@ def _nonneg_float(text: str) -> float:
 
 def _add_flowchef_args(p_gen) -> None:
     from .pipelines.flowchef import TASKS
+    from .pipelines.posterior import POSTERIOR_TASKS
 
-    p_gen.add_argument("--task", choices=TASKS, default=None,
-                       help="FlowChef steering of digits-flow: restore held-out test digits (inpaint, sr, deblur) "
-                            "or steer an unconditional run towards --class (classifier)")
+    p_gen.add_argument("--task", choices=list(dict.fromkeys(TASKS + POSTERIOR_TASKS)), default=None,
+                       help="restore held-out test digits (or --measurement): FlowChef on digits-flow (inpaint, sr, "
+                            "deblur; classifier steers towards --class), posterior sampling (--posterior) on "
+                            "digits-eps (also random-inpaint, sr-bicubic, motion-deblur)")
     p_gen.add_argument("--flowchef-step", type=_nonneg_float, default=None, metavar="ETA",
                        help="FlowChef step size eta (default per task)")
     p_gen.add_argument("--flowchef-inner-steps", type=_positive_int, default=None, metavar="M",
@@ -256,6 +267,87 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
     print(f"wrote {out} ({len(images)} images, FlowChef {args.task}: eta {config.step_size:g}, M {config.inner_steps}, "
           f"{config.optimizer}; sampler {sampler}, NFE {result.nfe}, {result.seconds:.2f} s; {metrics})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- posterior
+def _posterior_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
+    return [("--posterior", args.posterior), ("--posterior-step", args.posterior_step), ("--stsl-eta", args.stsl_eta),
+            ("--stsl-inner-steps", args.stsl_inner_steps), ("--stsl-probes", args.stsl_probes),
+            ("--gluing", args.gluing), ("--strength", args.strength)]
+
+
+def _add_posterior_args(p_gen) -> None:
+    p_gen.add_argument("--posterior", choices=["dps", "psld", "stsl"], default=None,
+                       help="VP models (digits-eps): posterior sampler for --task (default stsl)")
+    p_gen.add_argument("--posterior-step", type=_nonneg_float, default=None, metavar="ZETA",
+                       help="posterior samplers: gradient step size zeta (default per method)")
+    p_gen.add_argument("--stsl-eta", type=_nonneg_float, default=None, metavar="ETA",
+                       help="STSL: weight of the trace (second-order) term (default 0.02; 0 = first order)")
+    p_gen.add_argument("--stsl-inner-steps", type=_positive_int, default=None, metavar="K",
+                       help="STSL: gradient iterations per step (default per task)")
+    p_gen.add_argument("--stsl-probes", type=_positive_int, default=None, metavar="P",
+                       help="STSL: Gaussian probes per iteration (default 1)")
+    p_gen.add_argument("--gluing", type=_nonneg_float, default=None, metavar="GAMMA",
+                       help="posterior samplers: PSLD gluing weight (default: psld 0.1, else off)")
+    p_gen.add_argument("--strength", type=_finite_float, default=None,
+                       help="STSL: fraction of the noise schedule to run from the noised A^T y (0, 1]")
+
+
+def _generate_posterior(args: argparse.Namespace, out) -> int:
+    from .pipelines.generate import image_grid, load_measurement, load_model
+    from .pipelines.posterior import POSTERIOR_TASKS, default_method, run_inverse_task
+
+    if args.task not in POSTERIOR_TASKS:
+        raise UsageError(f"--task {args.task} is not an inverse problem; posterior sampling takes "
+                         f"{', '.join(POSTERIOR_TASKS)}")
+    if args.model == "digits-flow":
+        raise UsageError("--posterior needs a VP diffusion model (digits-eps); digits-flow is a flow model: drop "
+                         "--posterior to steer it with FlowChef")
+    if args.prompt is not None or args.classes:
+        raise UsageError("--task with --posterior restores images unconditionally: it takes no --prompt/--class")
+    for flag, value in (("--flowchef-step", args.flowchef_step), ("--flowchef-inner-steps", args.flowchef_inner_steps),
+                        ("--flowchef-steered-steps", args.flowchef_steered_steps),
+                        ("--flowchef-optimizer", args.flowchef_optimizer)):
+        if value is not None:
+            raise UsageError(f"{flag} is for FlowChef (--model digits-flow), not posterior sampling")
+    name = args.posterior or "stsl"
+    stsl_only = {"--stsl-eta": args.stsl_eta, "--stsl-inner-steps": args.stsl_inner_steps,
+                 "--stsl-probes": args.stsl_probes, "--strength": args.strength}
+    given = [flag for flag, value in stsl_only.items() if value is not None]
+    if name != "stsl" and given:
+        raise UsageError(f"{', '.join(given)} apply to --posterior stsl, not {name}")
+    overrides = {"step_size": args.posterior_step, "gluing": args.gluing}
+    if name == "stsl":
+        overrides.update(eta=args.stsl_eta, inner_steps=args.stsl_inner_steps, num_probes=args.stsl_probes,
+                         strength=args.strength)
+    method = default_method(name, **overrides)  # validates before a model is loaded
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    pipe = load_model(args.model, args.sampler or "ddim", device=args.device, dtype=args.dtype)
+    measurement = None
+    if args.measurement is not None:
+        from .guidance.operators import make_operator
+
+        size = pipe.unet.config.sample_size
+        low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
+        measurement = load_measurement(args.measurement, low)
+    result = run_inverse_task(pipe, args.task, method, num_images=args.num_images, steps=args.steps, seed=args.seed,
+                              noise_std=args.noise_std, measurement=measurement)
+    from .pipelines.flowchef import as_numpy_images
+
+    images, degraded = as_numpy_images(result.images), as_numpy_images(result.degraded)
+    n, columns = len(images), min(len(images), 10)
+    rows = []
+    for start in range(0, n, columns):
+        rows += [degraded[start:start + columns], images[start:start + columns]]
+    grid = image_grid(np.concatenate(rows), columns=columns)
+    atomic_write(out, lambda p: grid.save(p, format="PNG"))
+    metrics = "".join(f", {k} {v:.3f}" for k, v in result.metrics.items())
+    print(f"wrote {out} ({n} restored images (top: degraded input), {name} {args.task}: steps {args.steps}, "
+          f"NFE {result.nfe}, {result.seconds:.2f} s{metrics})")
     return 0
 
 
@@ -578,8 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated class ids for class-conditional models (default: cycle 0-9)")
     p_gen.add_argument("--prompt", default=None, help="text prompt for text-to-image pipelines")
     p_gen.add_argument("--measurement", default=None, metavar="IMAGE",
-                       help="restoration models (digits-mr): degraded image file, 16x16 or a grid of 16x16 tiles "
-                            "(default: held-out test digits with a box erased)")
+                       help="restoration models (digits-mr) and --posterior: degraded image file, one tile or a grid "
+                            "of tiles of the measurement's size (16x16; 8x8 for 2x sr) (default: held-out test digits "
+                            "degraded by the task)")
     p_gen.add_argument("--guidance", type=_guidance_name, default="cfg",
                        help="guidance rule: cfg, cfg++ (scale in [0, 1]) or apg (default cfg)")
     p_gen.add_argument("--guidance-scale", type=_finite_float, default=None,
@@ -589,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
     p_gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_flowchef_args(p_gen)
+    _add_posterior_args(p_gen)
     p_gen.set_defaults(func=cmd_generate)
 
     p_bench = sub.add_parser("bench", help="error / FD / MSE versus NFE of samplers (a grid runner)")

@@ -342,7 +342,7 @@ def test_cli_flowchef(tmp_path, capsys):
                  "--quiet", "--out", str(out)]) == 0
     assert out.is_file() and "psnr" in capsys.readouterr().out
     bad = [
-        ["--model", "digits-eps", "--task", "sr"],
+        ["--model", "digits-eps", "--task", "classifier"],  # not an inverse problem: no posterior sampling
         ["--model", "digits-flow", "--task", "inpaint", "--class", "3"],
         ["--model", "digits-flow", "--task", "sr", "--flowchef-steered-steps", "30"],
         ["--model", "digits-flow", "--task", "classifier", "--noise-std", "0.1"],

@@ -8,12 +8,18 @@ Each operator acts on NCHW images (the model's pixel range) and offers
   measurement space; for inpainting only on the observed pixels),
 * ``output_shape(shape)`` and ``check_measurement(y, shape)`` -- shapes, with clear errors.
 
-Operators (the FlowChef / DPS benchmark tasks, Patel et al. 2024 sec. 5; Chung et al. 2023 sec. 4):
+Operators (the FlowChef / DPS / STSL benchmark tasks, Patel et al. 2024 sec. 5; Chung et al. 2023 sec. 4;
+Rout et al. 2024 sec. 5):
 box inpainting and random-mask inpainting (``A = diag(m)``: the measurement keeps the image's shape with zeros
 where nothing is observed, so ``A^T = A`` and ``||A x - y||^2`` is the masked loss), super-resolution by
-``f x f`` average pooling (``A^T y`` spreads each low-resolution pixel as ``y / f^2`` over its block) and
-Gaussian deblurring (per-channel convolution with a normalised Gaussian kernel, zero padding; ``A^T`` is the
-transposed convolution, which for the symmetric kernel is the same convolution).
+``f x f`` average pooling (``A^T y`` spreads each low-resolution pixel as ``y / f^2`` over its block) or by
+antialiased bicubic down-sampling (separable: ``A x = D x D^T`` per channel with a fixed ``[H/f, H]`` weight
+matrix ``D``, so ``A^T y = D^T y D``), Gaussian deblurring and motion deblurring (per-channel convolution with a
+normalised kernel -- a Gaussian, or a seeded straight motion streak --, zero padding; ``A^T`` is the transposed
+convolution).
+
+``backproject(y)`` is ``A^T y`` with the operator's gain removed (divided by ``A^T A 1`` where that is non-zero):
+the image-space starting point of posterior samplers that initialise from the measurement (STSL).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ __all__ = [
     "RandomInpainting",
     "SuperResolution",
     "GaussianBlur",
+    "MotionBlur",
+    "bicubic_weights",
     "OPERATORS",
     "make_operator",
 ]
@@ -82,6 +90,14 @@ class MeasurementOperator:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
+    def backproject(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T y / (A^T A 1)`` elementwise (0 where ``A^T A 1`` vanishes, e.g. unobserved pixels): ``A^T y``
+        rescaled so that a constant image measured and back-projected stays that constant (interior)."""
+        back = self.adjoint(y)
+        gain = self.adjoint(self.forward(torch.ones_like(back)))
+        safe = gain.abs() > 1e-8
+        return torch.where(safe, back / torch.where(safe, gain, torch.ones_like(gain)), torch.zeros_like(back))
+
     def _noise_support(self, y: torch.Tensor) -> torch.Tensor | None:
         """Where the measurement has noise (``None``: everywhere)."""
         return None
@@ -108,6 +124,8 @@ class Inpainting(MeasurementOperator):
         super().__init__(noise_std)
         if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
             raise ValueError(f"`mask` must be a [N, C, H, W] tensor of 0/1, got {getattr(mask, 'shape', mask)!r}")
+        if mask.is_complex():
+            raise ValueError(f"`mask` must be a real (bool, integer or float) tensor of 0/1, got dtype {mask.dtype}")
         if not torch.all((mask == 0) | (mask == 1)):
             raise ValueError("`mask` must contain only 0 (missing) and 1 (observed)")
         self.mask = mask.float()
@@ -168,16 +186,47 @@ class RandomInpainting(Inpainting):
         super().__init__(mask, noise_std)
 
 
+def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys' cubic convolution kernel (``a = -0.5``: Matlab/PIL bicubic)."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def bicubic_weights(size: int, factor: int) -> torch.Tensor:
+    """``[size // factor, size]`` weights of antialiased bicubic down-sampling by ``factor`` along one axis.
+
+    Output pixel ``o`` (centre ``(o + 1/2) f - 1/2`` in input pixels) averages the inputs with the cubic kernel
+    stretched by ``f`` (Matlab ``imresize``'s antialiasing); weights that fall outside the image are dropped
+    and each row renormalised to sum to 1, so constant images stay constant.
+    """
+    if size % factor:
+        raise ValueError(f"`size` {size} is not divisible by the factor {factor}")
+    out = torch.arange(size // factor, dtype=torch.float64)
+    centre = (out + 0.5) * factor - 0.5
+    src = torch.arange(size, dtype=torch.float64)
+    w = _cubic((src[None, :] - centre[:, None]) / factor)
+    return w / w.sum(dim=1, keepdim=True)
+
+
 class SuperResolution(MeasurementOperator):
-    """``A`` = ``factor x factor`` average pooling; ``A^T y`` = nearest upsampling divided by ``factor^2``."""
+    """``factor x factor`` down-sampling: ``mode="avgpool"`` (``A^T y`` = nearest upsampling divided by
+    ``factor^2``) or ``mode="bicubic"`` (antialiased bicubic, ``A x = D x D^T``, ``A^T y = D^T y D``)."""
 
     name = "sr"
+    MODES = ("avgpool", "bicubic")
 
-    def __init__(self, factor: int = 2, noise_std: float = 0.0):
+    def __init__(self, factor: int = 2, noise_std: float = 0.0, mode: str = "avgpool"):
         super().__init__(noise_std)
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
             raise ValueError(f"`factor` must be an integer >= 2, got {factor!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"`mode` must be one of {list(self.MODES)}, got {mode!r}")
         self.factor = factor
+        self.mode = mode
+        if mode == "bicubic":
+            self.name = "sr-bicubic"
 
     def check_input(self, x: torch.Tensor) -> None:
         super().check_input(x)
@@ -190,33 +239,37 @@ class SuperResolution(MeasurementOperator):
         n, c, h, w = shape
         return (n, c, h // self.factor, w // self.factor)
 
+    def _matrices(self, h: int, w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = bicubic_weights(h, self.factor).to(device=like.device, dtype=like.dtype)
+        cols = bicubic_weights(w, self.factor).to(device=like.device, dtype=like.dtype)
+        return rows, cols
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if self.mode == "bicubic":
+            rows, cols = self._matrices(x.shape[-2], x.shape[-1], x)
+            return rows @ x @ cols.T
         return F.avg_pool2d(x, self.factor)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         if not isinstance(y, torch.Tensor) or y.ndim != 4:
             raise ValueError(f"{self.name}: the measurement must be an NCHW tensor, got {getattr(y, 'shape', y)!r}")
         f = self.factor
+        if self.mode == "bicubic":
+            rows, cols = self._matrices(y.shape[-2] * f, y.shape[-1] * f, y)
+            return rows.T @ y @ cols
         return y.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1) / (f * f)
 
+    def __repr__(self) -> str:
+        return f"SuperResolution(factor={self.factor}, mode={self.mode!r}, noise_std={self.noise_std})"
 
-class GaussianBlur(MeasurementOperator):
-    """Per-channel convolution with a normalised ``kernel_size`` Gaussian of std ``blur_sigma`` (zero padding)."""
 
-    name = "deblur"
+class _Convolution(MeasurementOperator):
+    """Per-channel convolution with ``self.kernel`` (``[k, k]``, odd ``k``, zero padding); ``A^T`` is the
+    transposed convolution with the same weights."""
 
-    def __init__(self, kernel_size: int = 5, blur_sigma: float = 1.0, noise_std: float = 0.0):
-        super().__init__(noise_std)
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"`kernel_size` must be an odd integer >= 1, got {kernel_size!r}")
-        if not isinstance(blur_sigma, (int, float)) or not math.isfinite(blur_sigma) or blur_sigma <= 0:
-            raise ValueError(f"`blur_sigma` must be a finite number > 0, got {blur_sigma!r}")
-        r = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
-        g = torch.exp(-0.5 * (r / blur_sigma) ** 2)
-        k2 = torch.outer(g, g)
-        self.kernel = (k2 / k2.sum()).float()
-        self.kernel_size = kernel_size
+    kernel: torch.Tensor
+    kernel_size: int
 
     def _weight(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
@@ -232,14 +285,74 @@ class GaussianBlur(MeasurementOperator):
         return F.conv_transpose2d(y, self._weight(y), padding=self.kernel_size // 2, groups=y.shape[1])
 
 
+def _check_kernel_size(kernel_size: object) -> int:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"`kernel_size` must be an odd integer >= 1, got {kernel_size!r}")
+    return kernel_size
+
+
+class GaussianBlur(_Convolution):
+    """Per-channel convolution with a normalised ``kernel_size`` Gaussian of std ``blur_sigma`` (zero padding)."""
+
+    name = "deblur"
+
+    def __init__(self, kernel_size: int = 5, blur_sigma: float = 1.0, noise_std: float = 0.0):
+        super().__init__(noise_std)
+        _check_kernel_size(kernel_size)
+        if not isinstance(blur_sigma, (int, float)) or not math.isfinite(blur_sigma) or blur_sigma <= 0:
+            raise ValueError(f"`blur_sigma` must be a finite number > 0, got {blur_sigma!r}")
+        r = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
+        g = torch.exp(-0.5 * (r / blur_sigma) ** 2)
+        k2 = torch.outer(g, g)
+        self.kernel = (k2 / k2.sum()).float()
+        self.kernel_size = kernel_size
+
+
+class MotionBlur(_Convolution):
+    """Per-channel convolution with a straight motion streak: a line of ``length`` pixels through the centre of a
+    ``kernel_size`` kernel at ``angle`` degrees (seeded uniform angle when ``None``), rasterised by bilinear
+    splatting of ``8 * length`` points and normalised to sum 1 (point-symmetric about the centre, but oriented)."""
+
+    name = "motion-deblur"
+
+    def __init__(self, kernel_size: int = 7, length: float | None = None, angle: float | None = None, seed: int = 0,
+                 noise_std: float = 0.0):
+        super().__init__(noise_std)
+        _check_kernel_size(kernel_size)
+        length = float(kernel_size) if length is None else length
+        if isinstance(length, bool) or not isinstance(length, (int, float)) or not 1 <= length <= kernel_size:
+            raise ValueError(f"`length` must be a number in [1, {kernel_size}] (the kernel size), got {length!r}")
+        if angle is None:
+            angle = float(torch.rand((), generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)) * 180
+        if isinstance(angle, bool) or not isinstance(angle, (int, float)) or not math.isfinite(angle):
+            raise ValueError(f"`angle` must be a finite number of degrees, got {angle!r}")
+        c = kernel_size // 2
+        steps = torch.linspace(-0.5, 0.5, max(2, int(8 * length)), dtype=torch.float64) * (length - 1)
+        theta = math.radians(angle)
+        px, py = c + steps * math.cos(theta), c - steps * math.sin(theta)
+        kernel = torch.zeros(kernel_size, kernel_size, dtype=torch.float64)
+        x0, y0 = px.floor(), py.floor()
+        for dx in (0, 1):
+            for dy in (0, 1):
+                w = (1 - (px - x0 - dx).abs()) * (1 - (py - y0 - dy).abs())
+                xi, yi = (x0 + dx).long(), (y0 + dy).long()
+                inside = (xi >= 0) & (xi < kernel_size) & (yi >= 0) & (yi < kernel_size)
+                kernel.index_put_((yi[inside], xi[inside]), w[inside], accumulate=True)
+        self.kernel = (kernel / kernel.sum()).float()
+        self.kernel_size = kernel_size
+        self.angle = float(angle)
+        self.length = float(length)
+
+
 #: task name -> operator class (``make_operator`` builds the default of each task for ``size x size`` images)
 OPERATORS = {"inpaint": BoxInpainting, "random-inpaint": RandomInpainting, "sr": SuperResolution,
-             "deblur": GaussianBlur}
+             "sr-bicubic": SuperResolution, "deblur": GaussianBlur, "motion-deblur": MotionBlur}
 
 
 def make_operator(task: str, size: int, noise_std: float = 0.0, **kwargs) -> MeasurementOperator:
     """The operator of ``task`` (``inpaint``: centred 6x6 box at 16 px (scaled with ``size``), ``random-inpaint``:
-    70% of pixels dropped, ``sr``: 2x average pooling, ``deblur``: 5x5 Gaussian, std 1)."""
+    70% of pixels dropped, ``sr``: 2x average pooling, ``sr-bicubic``: 2x bicubic, ``deblur``: 5x5 Gaussian, std 1,
+    ``motion-deblur``: a 7 px streak in a 7x7 kernel at a seeded angle)."""
     if task not in OPERATORS:
         raise ValueError(f"unknown measurement task {task!r}; available: {', '.join(OPERATORS)}")
     if task == "inpaint":
@@ -247,4 +360,6 @@ def make_operator(task: str, size: int, noise_std: float = 0.0, **kwargs) -> Mea
         return BoxInpainting(size, noise_std=noise_std, **kwargs)
     if task == "random-inpaint":
         return RandomInpainting(size, noise_std=noise_std, **kwargs)
+    if task == "sr-bicubic":
+        kwargs.setdefault("mode", "bicubic")
     return OPERATORS[task](noise_std=noise_std, **kwargs)

@@ -20,6 +20,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..guidance.operators import MeasurementOperator, make_operator
+from ..guidance.posterior import InverseProblem, first_order_loss
 from ..solvers.flowchef import Cost, FlowChefConfig, FlowChefHook, classifier_cost, measurement_cost
 
 __all__ = ["TASKS", "INVERSE_TASKS", "DEFAULT_CONFIGS", "FlowChefTask", "make_task", "flowchef_sample",
@@ -186,6 +187,7 @@ def dps_sample(
     n = num_images if num_images is not None else measurement.shape[0]
     x, labels = _prepare(pipe, n, None, generator, latents)
     operator.check_measurement(measurement, x.shape)
+    problem = InverseProblem(operator, measurement)  # the loss DPS/PSLD/STSL use on VP models (guidance.posterior)
     sched = pipe.scheduler
     sched.set_timesteps(num_inference_steps, device=x.device)
     sigmas = sched.plan.grid.sigmas
@@ -196,8 +198,7 @@ def dps_sample(
         with torch.enable_grad():
             v = pipe.unet(x, t.reshape(1).expand(x.shape[0]), class_labels=labels).sample
             x0_hat = (x - float(sigmas[i]) * v) / float(alphas[i] + sigmas[i])
-            residual = (operator(x0_hat) - measurement).flatten(1).norm(dim=1)
-            (grad,) = torch.autograd.grad(residual.sum(), x)
+            (grad,) = torch.autograd.grad(first_order_loss(problem, x0_hat), x)
         with torch.no_grad():
             x = sched.step(v.detach(), t, x.detach()).prev_sample - step_size * grad
     return x.detach()
@@ -216,8 +217,9 @@ def degraded_view(task: FlowChefTask) -> torch.Tensor:
     op = task.operator
     if y is None or op is None:
         raise ValueError(f"task {task.name!r} has no measurement to show")
-    factor = getattr(op, "factor", 1)
-    return y.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1) if factor > 1 else y
+    from .posterior import degraded_view as view
+
+    return view(op, y)
 
 
 @dataclass

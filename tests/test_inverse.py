@@ -1,0 +1,276 @@
+"""Inverse problems: new operators, the Hutchinson trace estimator, DPS / PSLD / STSL on digits-eps and on a tiny
+latent SD pipeline, the registry, the CLI and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers import SD15_PNDM
+from diffusers import PNDMScheduler, StableDiffusionPipeline
+from test_fewstep_pipeline import _unet, _vae
+from test_real_pipeline import _byte_level_vocab
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import fewstep
+from fewstep import guidance
+from fewstep.cli import main
+from fewstep.guidance import DPS, PSLD, STSL, InverseProblem, fd_hutchinson_trace
+from fewstep.guidance.operators import (
+    BoxInpainting,
+    GaussianBlur,
+    Inpainting,
+    MotionBlur,
+    SuperResolution,
+    bicubic_weights,
+    make_operator,
+)
+from fewstep.guidance.posterior import ddim_update, gluing_residual, measurement_residual
+from fewstep.pipelines.posterior import posterior_sample, run_inverse_task
+
+
+# ------------------------------------------------------------------------------------------------ operators
+@pytest.mark.parametrize("op", [SuperResolution(2, mode="bicubic"), SuperResolution(4, mode="bicubic"),
+                                MotionBlur(7, seed=1), MotionBlur(5, length=3.5, angle=30.0)], ids=repr)
+def test_new_operators_are_adjoint(op):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.randn(op.output_shape(x.shape), generator=g, dtype=torch.float64)
+    lhs, rhs = (op(x) * y).sum(), (x * op.adjoint(y)).sum()
+    assert abs(float(lhs - rhs)) < 1e-10 * max(1.0, abs(float(lhs)))
+
+
+def test_bicubic_and_motion_kernels():
+    w = bicubic_weights(16, 2)
+    assert w.shape == (8, 16) and torch.allclose(w.sum(1), torch.ones(8, dtype=torch.float64))
+    assert (w < 0).any()  # bicubic lobes, unlike average pooling
+    const = torch.full((1, 1, 16, 16), 0.3)
+    torch.testing.assert_close(make_operator("sr-bicubic", 16)(const), torch.full((1, 1, 8, 8), 0.3))
+    m = MotionBlur(7, seed=4)
+    assert math.isclose(float(m.kernel.sum()), 1.0, rel_tol=1e-6) and (m.kernel >= 0).all()
+    assert MotionBlur(7, seed=4).angle == m.angle != MotionBlur(7, seed=5).angle
+    assert not torch.allclose(m.kernel, m.kernel.flip(0))  # oriented: its mirror image is another streak
+    # backproject undoes the operator's gain on a constant image (interior / observed pixels)
+    for op in (SuperResolution(2), SuperResolution(2, mode="bicubic"), BoxInpainting(16, box=4)):
+        back = op.backproject(op(const))
+        inner = back[..., 4:12, 4:12] if not isinstance(op, Inpainting) else back[op.mask.expand_as(back) > 0]
+        torch.testing.assert_close(inner, torch.full_like(inner, 0.3), atol=1e-5, rtol=0)
+
+
+def test_operator_bad_input():
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        SuperResolution(2, mode="nearest")
+    with pytest.raises(ValueError, match="`length` must be a number in"):
+        MotionBlur(5, length=9)
+    with pytest.raises(ValueError, match="`noise_std` must be a finite number >= 0, got -0.1"):
+        GaussianBlur(noise_std=-0.1)
+    with pytest.raises(ValueError, match="real .* got dtype torch.complex64"):
+        Inpainting(torch.ones(1, 1, 4, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="does not fit the mask"):
+        Inpainting(torch.ones(1, 1, 8, 8))(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="unknown measurement task 'colorize'"):
+        make_operator("colorize", 16)
+
+
+# ------------------------------------------------------------------------------------------------ the math
+def test_fd_hutchinson_trace_matches_exact_traces():
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    diag = torch.randn(d, generator=g, dtype=torch.float64)
+    x = torch.randn(3, d, generator=g, dtype=torch.float64)
+    rademacher = (torch.randint(0, 2, (1, 3, d), generator=g) * 2 - 1).double()
+    # a diagonal linear map: one Rademacher probe is exact, at any finite-difference step
+    got = fd_hutchinson_trace(lambda v: v * diag, x, rademacher, delta=0.7)
+    torch.testing.assert_close(got, diag.sum().expand(3))
+    # a dense linear map with Gaussian probes: unbiased, converges to the exact trace
+    m = torch.randn(d, d, generator=g, dtype=torch.float64)
+    probes = torch.randn(4000, 3, d, generator=g, dtype=torch.float64)
+    got = fd_hutchinson_trace(lambda v: v @ m.T, x, probes, delta=1.0)
+    assert torch.allclose(got, torch.trace(m).expand(3), atol=0.1 * m.abs().sum().sqrt())
+    # a nonlinear analytic map: Tr J of tanh(v) is sum(1 - tanh^2), first order in delta
+    probes = torch.randn(4000, 3, d, generator=g, dtype=torch.float64)
+    exact = (1 - torch.tanh(x) ** 2).sum(1)
+    got = fd_hutchinson_trace(torch.tanh, x, probes, delta=1e-4)
+    assert torch.allclose(got, exact, atol=0.35)
+
+
+def test_stsl_trace_term_of_a_gaussian_prior_is_exact():
+    """For data N(0, v I) under VP the exact eps is sigma x / (alpha^2 v + sigma^2): the STSL trace term's gradient
+    vanishes (constant trace) and probe batching gives the same gradient as one batched call."""
+    v, d = 0.5, 16
+
+    def model_fn(z, i):
+        a, s = 0.6, 0.8
+        eps = s * z / (a * a * v + s * s)
+        return (z - s * eps) / a, eps
+
+    op = BoxInpainting(4, box=2)
+    y = torch.zeros(2, 1, 4, 4)
+    problem = InverseProblem(op, y)
+    z = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for batch in (None, 1):
+        m = STSL(eta=1.0, num_probes=3, probe_batch=batch)
+        grad, evals = m._inner_grad(model_fn, problem, z, 0, 0.8, torch.Generator().manual_seed(2))
+        grads.append(grad)
+        assert evals == 4
+    torch.testing.assert_close(grads[0], grads[1])
+    first = STSL(eta=0.0)._inner_grad(model_fn, problem, z, 0, 0.8, None)[0]
+    torch.testing.assert_close(grads[0], first, atol=1e-5, rtol=1e-5)
+    assert d == z[0].numel()
+
+
+def test_ddim_update():
+    z0, eps = torch.ones(1, 4), torch.full((1, 4), 2.0)
+    a, s, a_n, s_n = 0.6, 0.8, 0.8, 0.6
+    torch.testing.assert_close(ddim_update(z0, eps, a, s, a_n, s_n), a_n * z0 + s_n * eps)
+    noise = torch.zeros(1, 4)
+    c = s_n / s * math.sqrt(1 - (a / a_n) ** 2)
+    out = ddim_update(z0, eps, a, s, a_n, s_n, 1.0, noise)
+    torch.testing.assert_close(out, a_n * z0 + math.sqrt(s_n**2 - c**2) * eps)
+    with pytest.raises(ValueError, match="`noise` is needed"):
+        ddim_update(z0, eps, a, s, a_n, s_n, 1.0)
+    torch.testing.assert_close(ddim_update(z0, eps, a, s, 1.0, 0.0, 1.0), z0)  # the last step lands on z0
+
+
+def test_gluing_term():
+    op = BoxInpainting(8, box=4)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    problem = InverseProblem(op, op(x))
+    assert float(gluing_residual(problem, x, x).abs().max()) < 1e-6  # consistent with y: nothing to glue
+    other = x + 1.0
+    assert float(gluing_residual(problem, other, other).min()) > 1.0
+    torch.testing.assert_close(measurement_residual(problem, x), torch.zeros(2))
+    # pixel space (D = E = I): the gluing residual is ||A^T (y - A x)||, here for a non-projection A (2x SR)
+    sr = SuperResolution(2)
+    y = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    expected = sr.adjoint(y - sr(x)).flatten(1).norm(dim=1)
+    torch.testing.assert_close(gluing_residual(InverseProblem(sr, y), x, x), expected)
+
+
+# ------------------------------------------------------------------------------------------------ methods, registry
+def test_registry_and_validation():
+    assert guidance.names("posterior") == ["dps", "psld", "stsl"] and guidance.names() == ["cfg", "cfg++", "apg"]
+    assert guidance.get("stsl") is STSL and guidance.get("psld") is PSLD and guidance.is_posterior("dps")
+    with pytest.raises(ValueError, match="'stsl' is an inverse-problem posterior sampler"):
+        guidance.make("stsl", 1.0)
+    with pytest.raises(ValueError, match="`kind` must be one of"):
+        guidance.names("sampler")
+    assert STSL().evaluations_per_step() == 5 * 2 + 1 and STSL(eta=0).evaluations_per_step() == 6
+    assert PSLD().gluing == 0.1 and DPS().gluing == 0.0 and STSL().gluing == 0.0
+    for kwargs, match in [({"eta": -0.1}, "`eta` must be in"), ({"inner_steps": 0}, "`inner_steps` must be an integer"),
+                          ({"inner_steps": True}, "`inner_steps` must be an integer"),
+                          ({"num_probes": 1.5}, "`num_probes`"), ({"probe_scale": 0.0}, "`probe_scale`"),
+                          ({"strength": 0.0}, "`strength`"), ({"init": "zeros"}, "`init` must be one of"),
+                          ({"ddim_eta": 2.0}, "`ddim_eta`"), ({"loss": "l1"}, "`loss` must be one of")]:
+        with pytest.raises(ValueError, match=match):
+            STSL(**kwargs)
+    with pytest.raises(ValueError, match="needs init='adjoint'"):
+        DPS(strength=0.5)
+
+
+@pytest.fixture(scope="module")
+def eps_pipe():
+    return fewstep.load_default("digits-eps")
+
+
+def test_dps_and_stsl_reduce_the_measurement_error(eps_pipe):
+    n = 4
+    results = {}
+    for name, method, steps in [("none", DPS(step_size=0.0), 6), ("dps", DPS(step_size=2.0), 6),
+                                ("stsl", STSL(step_size=2.0, inner_steps=2, strength=0.6), 3)]:
+        r = run_inverse_task(eps_pipe, "sr", method, num_images=n, steps=steps, seed=0)
+        op = make_operator("sr", 16)
+        y = op.measure(r.truth, torch.Generator().manual_seed(1))
+        results[name] = float(measurement_residual(InverseProblem(op, y), r.images).mean())
+        assert r.images.shape == (n, 1, 16, 16) and set(r.metrics) == {"psnr", "ssim", "accuracy"}
+        if name == "stsl":
+            assert r.nfe == 3 * (2 * 2 + 1)
+    assert results["dps"] < 0.6 * results["none"] and results["stsl"] < 0.3 * results["none"]
+
+
+def test_posterior_bad_input(eps_pipe):
+    op = make_operator("sr", 16)
+    with pytest.raises(ValueError, match=r"measurement shape \(2, 1, 16, 16\) does not match the operator's output"):
+        posterior_sample(eps_pipe, op, torch.zeros(2, 1, 16, 16), "dps", 2)
+    with pytest.raises(ValueError, match="unknown inverse task 'colorize'"):
+        run_inverse_task(eps_pipe, "colorize", "dps")
+    with pytest.raises(ValueError, match="unknown posterior method 'ddrm'"):
+        posterior_sample(eps_pipe, op, torch.zeros(2, 1, 8, 8), "ddrm", 2)
+    flow = fewstep.load_default("digits-flow", sampler="flow-euler")
+    with pytest.raises(ValueError, match="needs a VP diffusion model; .* flow-matching model"):
+        posterior_sample(flow, op, torch.zeros(2, 1, 8, 8), "stsl", 2)
+
+
+# ------------------------------------------------------------------------------------------------ latent SD path
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inverse-sd")
+    (root / "tok").mkdir()
+    _byte_level_vocab(root / "tok")
+    tokenizer = CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=_unet(),
+        scheduler=PNDMScheduler.from_config(SD15_PNDM), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(root / "pipe")
+    loaded = StableDiffusionPipeline.from_pretrained(root / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def test_latent_sd_path_runs_end_to_end(tiny_sd):
+    op = SuperResolution(2)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = op.measure(x)
+    outs = {}
+    for name, method in [("stsl", STSL(inner_steps=1, num_probes=2, probe_batch=1, strength=0.5)),
+                         ("stsl-glued", STSL(inner_steps=1, num_probes=2, probe_batch=1, strength=0.5, gluing=0.5)),
+                         ("psld", PSLD(step_size=0.5)), ("dps", DPS(step_size=0.5))]:
+        out = posterior_sample(tiny_sd, op, y, method, num_inference_steps=2,
+                               generator=torch.Generator().manual_seed(3), prompt="a digit")
+        assert out.images.shape == (2, 3, 8, 8) and out.latents.shape == (2, 4, 8, 8)
+        assert torch.isfinite(out.images).all()
+        outs[name] = out
+    assert outs["stsl"].nfe == 2 * (1 * 3 + 1) and outs["stsl"].grad_evals == 2 * 3 and outs["dps"].nfe == 2
+    assert not torch.allclose(outs["psld"].latents, outs["dps"].latents)  # the gluing term acts
+    assert not torch.allclose(outs["stsl"].latents, outs["stsl-glued"].latents)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_posterior(tmp_path, capsys):
+    out = tmp_path / "r.png"
+    code = main(["generate", "--model", "digits-eps", "--task", "inpaint", "--posterior", "stsl", "--steps", "2",
+                 "--stsl-inner-steps", "1", "--num-images", "2", "--out", str(out), "--quiet"])
+    assert code == 0 and out.is_file()
+    assert "stsl inpaint" in capsys.readouterr().out
+    from PIL import Image
+
+    low = tmp_path / "low.png"  # two 8x8 low-resolution digits side by side: the measurement of 2x SR
+    Image.fromarray((torch.rand(8, 16, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(low)
+    code = main(["generate", "--task", "sr", "--posterior", "dps", "--steps", "2", "--measurement", str(low),
+                 "--out", str(out), "--quiet"])
+    assert code == 0 and "2 restored images" in capsys.readouterr().out
+    bad = [
+        (["--model", "digits-flow", "--task", "sr", "--posterior", "dps"], "needs a VP diffusion model"),
+        (["--task", "sr", "--posterior", "dps", "--stsl-eta", "0.1"], "--stsl-eta apply to --posterior stsl"),
+        (["--posterior", "dps"], "need --task"),
+        (["--task", "classifier", "--posterior", "stsl"], "not an inverse problem"),
+        (["--task", "sr", "--strength", "1.5"], "`strength` must be in"),
+        (["--task", "sr", "--measurement", "missing.png"], "no such file"),
+    ]
+    for args, match in bad:
+        assert main(["generate", *args, "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+        assert not (tmp_path / "x.png").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--guidance", "stsl", "--out", str(tmp_path / "x.png")])
+    assert exc.value.code == 2 and "posterior sampler" in capsys.readouterr().err
