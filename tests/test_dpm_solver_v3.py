@@ -511,3 +511,19 @@ def test_cli_calibrate_ems_and_generate_with_it(tmp_path, capsys):
     assert main(["calibrate", "ems", "--samples", "4", "--intervals", "1", "--out", str(bad), "--quiet"]) == 2
     assert "`num_intervals` must be an integer >= 2" in capsys.readouterr().err and not bad.exists()
     assert main(["calibrate", "ems", "--model", "digits-mr", "--out", str(bad), "--quiet"]) == 2
+
+
+def test_shipped_digits_ems_run_out_of_the_box():
+    """`fewstep generate --sampler dpm-solver-v3` on digits-eps needs no EMS argument: the tables ship."""
+    import fewstep
+    from fewstep.samplers.dpm_solver_v3 import SHIPPED_EMS
+
+    ems = load_ems(SHIPPED_EMS["digits-eps"])
+    assert ems.meta["model"] == "digits-eps" and ems.sample_shape == (1, 16, 16)
+    assert ems.meta["settings"]["num_samples"] == 1024 and ems.meta["branch"].startswith("unconditional")
+    pipe = fewstep.load_default("digits-eps", sampler="dpm-solver-v3")
+    assert pipe.scheduler.config.ems_file == "digits-eps"
+    for guidance in ("cfg", "cfg++"):
+        out = pipe([3, 7], num_inference_steps=6, guidance=guidance, output_type="latent",
+                   latents=torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+        assert torch.isfinite(out.images).all() and out.images.abs().max() < 3
