@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["int8_mm", "fp8_mm", "fp8_supported", "FP8_UNAVAILABLE", "im2col"]
+__all__ = ["int8_mm", "fp8_mm", "fp8_supported", "FP8_UNAVAILABLE", "im2col", "im2col_int8"]
 
 FP8_UNAVAILABLE = (
     "the fp8 path (torch._scaled_mm) needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); "
@@ -89,3 +89,24 @@ def im2col(x: torch.Tensor, conv: dict) -> tuple[torch.Tensor, tuple[int, int]]:
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (ho, wo)
+
+
+def im2col_int8(x_q: torch.Tensor, conv: dict, pad_value: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patch rows of an already quantized int8 NCHW input, in ``(kh, kw, C)`` order -- pair them with
+    ``weight.permute(0, 2, 3, 1).reshape(N, -1)``. Padded with ``pad_value`` (the zero-point, the code of
+    0.0) and built from ``kh * kw`` shifted channels-last slices, so the input is quantized once per
+    element (not once per patch element) and the patch matrix is int8. Dilation 1 only."""
+    if tuple(conv["dilation"]) != (1, 1):
+        raise ValueError(f"im2col_int8 supports dilation (1, 1), got {conv['dilation']}")
+    kh, kw = conv["kernel_size"]
+    sh, sw = conv["stride"]
+    ph, pw = conv["padding"]
+    b, c, h, w = x_q.shape
+    if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and (ph, pw) == (0, 0):
+        return x_q.permute(0, 2, 3, 1).reshape(-1, c), (h, w)
+    padded = F.pad(x_q, (pw, pw, ph, ph), value=pad_value) if (ph or pw) else x_q
+    padded = padded.permute(0, 2, 3, 1).contiguous()  # (B, Hp, Wp, C)
+    ho, wo = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+    rows_end, cols_end = sh * (ho - 1) + 1, sw * (wo - 1) + 1
+    slices = [padded[:, i:i + rows_end:sh, j:j + cols_end:sw, :] for i in range(kh) for j in range(kw)]
+    return torch.cat(slices, dim=-1).reshape(b * ho * wo, kh * kw * c), (ho, wo)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import FP8_UNAVAILABLE, fp8_mm, fp8_supported, im2col, int8_mm
+from .kernels import FP8_UNAVAILABLE, fp8_mm, fp8_supported, im2col, im2col_int8, int8_mm
 from .quantizers import ActQParams, fake_quant_act, quantize_act, quantize_weight
 
 __all__ = ["QuantLayer", "MODES", "quant_layers", "set_mode"]
@@ -66,7 +66,7 @@ class QuantLayer(nn.Module):
             self.register_buffer(f"weight_scale{g}", scale)
         bias = layer.bias.detach().float().clone() if layer.bias is not None else None
         self.register_buffer("bias", bias)
-        self._rowsum: dict[int, torch.Tensor] = {}
+        self._derived: dict[tuple[str, int], torch.Tensor] = {}
         self.mode = "fake"
         self.set_mode(mode)
 
@@ -161,30 +161,47 @@ class QuantLayer(nn.Module):
         _, b, ho, wo = how
         return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
-    def _row_sum(self, g: int) -> torch.Tensor:
+    def _cached(self, key: str, g: int, make) -> torch.Tensor:
+        """Per-device derived tensors of the stored weight (row sums, the (kh, kw, C)-ordered int8 weight)."""
         w = self.weight_q(g)
-        key = g
-        cached = self._rowsum.get(key)
+        cached = self._derived.get((key, g))
         if cached is None or cached.device != w.device:
-            cached = w.reshape(w.shape[0], -1).to(torch.int32).sum(1)
-            self._rowsum[key] = cached
+            cached = make(w)
+            self._derived[(key, g)] = cached
         return cached
+
+    def _int8_gemm(self, part: torch.Tensor, g: int) -> tuple[torch.Tensor, tuple]:
+        """Exact int32 ``sum_k (x_q - z) W_q`` of one input part, and how to fold it back."""
+        qp = self.act[g]
+        if self.kind == "conv2d" and tuple(self.conv["dilation"]) == (1, 1):
+            rows, (ho, wo) = im2col_int8(quantize_act(part, qp), self.conv, qp.zero_point)
+            w = self._cached("khwc", g, lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous())
+            how = ("conv", part.shape[0], ho, wo)
+        else:
+            rows, how = self._rows(part)
+            rows = quantize_act(rows, qp)
+            w = self.weight_q(g).reshape(self.out_channels, -1)
+        acc = int8_mm(rows, w)
+        if qp.zero_point:
+            acc = acc - qp.zero_point * self._cached("rowsum", g, lambda w: w.reshape(w.shape[0], -1).to(torch.int32)
+                                                    .sum(1))
+        return acc, how
 
     def _forward_real(self, x: torch.Tensor) -> torch.Tensor:
         out, how = None, None
+        bias = self.bias
         for g, part in enumerate(self._input_parts(x)):
-            rows, how = self._rows(part)
-            w = self.weight_q(g).reshape(self.out_channels, -1)
-            qp = self.act[g]
             if self.mode == "int8":
-                acc = int8_mm(quantize_act(rows, qp), w)
-                acc = acc - qp.zero_point * self._row_sum(g)
-                y = acc.float() * (qp.scale * self.weight_scale(g))
+                acc, how = self._int8_gemm(part, g)
+                scale = self.act[g].scale * self.weight_scale(g)
+                y = torch.addcmul(bias, acc.float(), scale) if bias is not None else acc.float() * scale
             else:
-                y = fp8_mm(rows, qp.scale, w, self.weight_scale(g)).float()
+                rows, how = self._rows(part)
+                w = self.weight_q(g).reshape(self.out_channels, -1)
+                y = fp8_mm(rows, self.act[g].scale, w, self.weight_scale(g)).float()
+                y = y + bias if bias is not None else y
+            bias = None  # added once
             out = y if out is None else out + y
-        if self.bias is not None:
-            out = out + self.bias
         return self._fold(out, how).to(x.dtype)
 
     # ------------------------------------------------------------------------------------- reference
