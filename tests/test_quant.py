@@ -488,3 +488,41 @@ def test_cuda_fp8_matches_reference():
         fake = q(x.cuda())
         real = q.set_mode("fp8")(x.cuda())
     assert (real - fake).abs().max() <= 1e-2 * float(fake.abs().max())  # bf16 output rounding
+
+
+def test_sd_shaped_unet_quantizes_and_runs_int8():
+    """The same code serves text-conditional UNets (cross-attention Linears, skip concats in attention up blocks)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+                                attention_head_dim=4, layers_per_block=1, norm_num_groups=8).eval()
+    gen = torch.Generator().manual_seed(0)
+    cal = quant.CalibrationSet(torch.randn(6, 4, 8, 8, generator=gen), torch.randint(0, 1000, (6,), generator=gen),
+                               encoder_hidden_states=torch.randn(6, 5, 24, generator=gen))
+    q = quant.quantize(unet, cal, quant.QuantConfig(act_grid=20, weight_grid=10, split_skip=True))
+    layers = quant.quant_layers(q)
+    assert any(name.endswith("attn2.to_k") for name in layers) and any(layers[n].split for n in layers)
+    batch = next(cal.batches(3))
+    with torch.no_grad():
+        ref = unet(**batch).sample
+        fake = q(**batch).sample
+        real = quant.set_mode(q, "int8")(**batch).sample
+    q_err = float((fake - ref).norm() / ref.norm())
+    assert q_err < 0.1 and float((real - fake).norm() / fake.norm()) < 0.3 * q_err
+
+
+def test_cuda_benchmark_script_fails_clearly_without_cuda():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_quant_cuda.py"
+    spec = importlib.util.spec_from_file_location("bench_quant_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports without a GPU
+    if CUDA:
+        pytest.skip("a GPU is present: the script would run")
+    with pytest.raises(SystemExit, match=r"needs a CUDA GPU \(none visible to torch\)"):
+        module.main(["--parts", "layers"])

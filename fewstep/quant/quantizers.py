@@ -196,7 +196,7 @@ class Histogram:
         self.counts = torch.zeros(bins, dtype=torch.float64)
 
     def add(self, x: torch.Tensor) -> None:
-        self.counts += torch.histc(x.detach().float().flatten().cpu(), self.bins, self.lo, self.hi).double()
+        self.counts += torch.histc(x.detach().float().flatten(), self.bins, self.lo, self.hi).double().cpu()
 
     @property
     def centers(self) -> torch.Tensor:
