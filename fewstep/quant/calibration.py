@@ -113,6 +113,28 @@ def uniform_indices(num_steps_kept: int, steps: int) -> torch.Tensor:
 _INPUT_NAMES = ("sample", "timestep")
 
 
+def progress_bar(iterable=None, **kwargs):
+    """``tqdm`` when it is installed (it comes with diffusers), else a silent stand-in: quant needs only torch."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        class _Silent:
+            def __init__(self, iterable=None, **_):
+                self.iterable = iterable
+
+            def __iter__(self):
+                return iter(self.iterable)
+
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+
+        return _Silent(iterable)
+    return tqdm(iterable, **kwargs)
+
+
 def record_denoiser_inputs(
     denoiser: torch.nn.Module,
     run: Callable[[], object],
@@ -205,8 +227,6 @@ def build_calibration_set(
     set holds both CFG rows of every sample (``2 * num_samples`` network inputs, before the uniform
     rounding up).
     """
-    from tqdm.auto import tqdm
-
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"`method` must be one of {list(CALIBRATION_METHODS)}, got {method!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -226,7 +246,7 @@ def build_calibration_set(
     cfg = pipe.unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     records: list[dict] = []
-    bar = tqdm(total=trajectories, desc=f"calibration ({method})", disable=not progress, unit="traj")
+    bar = progress_bar(total=trajectories, desc=f"calibration ({method})", disable=not progress, unit="traj")
     for start in range(0, trajectories, batch_size):
         n = min(batch_size, trajectories - start)
         noise = torch.randn((n, *shape), generator=generator)

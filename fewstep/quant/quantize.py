@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .calibration import CalibrationSet
+from .calibration import CalibrationSet, progress_bar
 from .modules import MODES, QuantLayer
 from .quantizers import FORMATS, METRICS, Histogram, act_qparams_from_range, search_act_range, weight_qparams
 
@@ -132,8 +132,6 @@ def _to(batch: dict, model: nn.Module) -> dict:
 
 
 def _run_with_input_hooks(model, calibration, layers, splits, batch_size, observe, desc, progress):
-    from tqdm.auto import tqdm
-
     def make_hook(name):
         split = splits.get(name, 0)
         dim = -1 if isinstance(layers[name], nn.Linear) else 1
@@ -152,7 +150,7 @@ def _run_with_input_hooks(model, calibration, layers, splits, batch_size, observ
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     try:
         with torch.no_grad():
-            for batch in tqdm(list(calibration.batches(batch_size)), desc=desc, disable=not progress):
+            for batch in progress_bar(list(calibration.batches(batch_size)), desc=desc, disable=not progress):
                 model(**_to(batch, model))
     finally:
         for h in handles:
@@ -211,10 +209,8 @@ def quantize(
     if missing:
         raise ValueError(f"the calibration forward never reached layers {missing[:5]}: exclude them")
     weight_metric = "lp" if config.metric == "kl" else config.metric
-    from tqdm.auto import tqdm
-
     summary = {}
-    for name, layer in tqdm(list(layers.items()), desc="range search", disable=not progress):
+    for name, layer in progress_bar(list(layers.items()), desc="range search", disable=not progress):
         split = splits.get(name, 0)
         w = layer.weight.detach()
         w_parts = [w] if not split else [w[:, :split], w[:, split:]]
