@@ -226,7 +226,7 @@ def _local_step(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: str) -
     """Spacing of the quantization grid around each value: ``s`` for int8, the e4m3 ulp (3 mantissa bits,
     subnormal floor ``2^-9 s``) for fp8."""
     if fmt == "int8":
-        return ((hi - lo).clamp_min(1e-12) / (_A_QMAX - _A_QMIN)).expand(-1, v.shape[-1])
+        return (hi - lo).clamp_min(1e-12) / (_A_QMAX - _A_QMIN)  # (C, 1): one step per candidate
     scale = torch.maximum(-lo, hi).clamp_min(1e-12) / FP8_MAX
     mag = (v.abs() / scale).clamp_min(2.0 ** -6)  # below 2^-6 the grid is the subnormal one
     return torch.exp2(torch.floor(torch.log2(mag)) - 3) * scale
@@ -258,7 +258,8 @@ def range_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, metric: str
     step = _local_step(v, lo_, hi_, fmt)
     power = 2.0 if metric in ("mse", "cosine") else p
     noise = (step / 2).pow(power) / (power + 1)  # E|u|^power, u ~ U(-step/2, step/2)
-    err = torch.where(inside, noise, (v - clipped).abs().pow(power))
+    clip_err = (v - clipped).abs().float().pow(power).double()  # float32 pow: the hot spot of the search
+    err = torch.where(inside, noise, clip_err)
     if metric in ("lp", "mse"):
         return (err * c).sum(1) / total
     dot = (v * clipped * c).sum(1)
