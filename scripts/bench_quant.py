@@ -40,6 +40,8 @@ CALIB_CELLS = {
     "uniform / lp2.4 / split": ("uniform", {"split_skip": True}),
     "ndtc / lp2.4 / split": ("ndtc", {"split_skip": True}),
     "uniform / lp2.4 / fp8": ("uniform", {"format": "fp8"}),
+    "uniform / lp2.4 / conv_in+conv_out float": ("uniform", {"exclude": ["conv_in", "conv_out"]}),
+    "ndtc / lp2.4 / conv_in+conv_out float": ("ndtc", {"exclude": ["conv_in", "conv_out"]}),
 }
 
 
@@ -70,11 +72,17 @@ def _evaluate(pipe, unet, classifier, sampler, steps, args) -> dict:
 
 
 def run_calib(pipe, classifier, args) -> list[dict]:
-    cals = _calibrations(pipe, args, ["ndtc", "uniform"])
-    rows = [dict(cell="full precision", sampler=args.sampler, steps=args.steps,
-                 **_evaluate(pipe, pipe.unet, classifier, args.sampler, args.steps, args))]
-    print(rows[-1], flush=True)
-    for label, (method, overrides) in CALIB_CELLS.items():
+    cells = args.cells or ["full precision", *CALIB_CELLS]
+    cals = _calibrations(pipe, args, sorted({CALIB_CELLS[c][0] for c in cells if c in CALIB_CELLS}))
+    rows = []
+    if "full precision" in cells:
+        rows.append(dict(cell="full precision", sampler=args.sampler, steps=args.steps,
+                         **_evaluate(pipe, pipe.unet, classifier, args.sampler, args.steps, args)))
+        print(rows[-1], flush=True)
+    for label in cells:
+        if label == "full precision":
+            continue
+        method, overrides = CALIB_CELLS[label]
         start = time.perf_counter()
         qmodel = quant.quantize(pipe.unet, cals[method], quant.QuantConfig(**overrides))
         quant_seconds = time.perf_counter() - start
@@ -199,6 +207,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["calib", "samplers", "speed"],
                         choices=["calib", "samplers", "speed"])
+    parser.add_argument("--cells", nargs="+", default=None, choices=["full precision", *CALIB_CELLS],
+                        help="calib part: cells to run (default all)")
     parser.add_argument("--num-per-class", type=int, default=50)
     parser.add_argument("--sampler", default="ddim", help="sampler of the calib part")
     parser.add_argument("--steps", type=int, default=10, help="steps of the calib part")
