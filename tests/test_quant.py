@@ -526,3 +526,30 @@ def test_cuda_benchmark_script_fails_clearly_without_cuda():
         pytest.skip("a GPU is present: the script would run")
     with pytest.raises(SystemExit, match=r"needs a CUDA GPU \(none visible to torch\)"):
         module.main(["--parts", "layers"])
+
+
+class _TinyDenoiser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(2, 8, 3, padding=1)
+        self.act = nn.SiLU()
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, sample, timestep):
+        h = self.act(self.inp(sample)) + timestep.float().reshape(-1, 1, 1, 1) / 1000
+        return self.out(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_fp8_format_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = _TinyDenoiser().eval()
+    cal = quant.CalibrationSet(torch.randn(8, 2, 5, 5), torch.randint(0, 1000, (8,)))
+    q = quant.quantize(model, cal, quant.QuantConfig(format="fp8", act_grid=20))
+    assert q.inp.weight_q0.dtype == torch.float8_e4m3fn and q.inp.act[0].zero_point == 0
+    quant.save_quantized(q, tmp_path / "fp8")
+    loaded = quant.load_quantized(model, tmp_path / "fp8", mode="dequant")
+    batch = next(cal.batches(8))
+    with torch.no_grad():
+        ref, got, fp = q(**batch), loaded(**batch), model(**batch)
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert float((got - fp).norm() / fp.norm()) < 0.1
