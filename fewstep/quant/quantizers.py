@@ -252,7 +252,7 @@ def range_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, metric: str
         lo_, hi_ = -amax, amax
     total = c.sum().clamp_min(1e-300)
     if metric == "kl":
-        return _kl_error(hist, _dequant_grid(v, lo_, hi_, fmt), c)
+        return _kl_error(hist, _dequant_grid(v, lo_, hi_, fmt), c, lo_, hi_)
     clipped = torch.minimum(torch.maximum(v, lo_), hi_)
     inside = (v >= lo_) & (v <= hi_)
     step = _local_step(v, lo_, hi_, fmt)
@@ -268,19 +268,37 @@ def range_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, metric: str
     return 1 - dot / norms
 
 
-def _kl_error(hist: Histogram, v_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q): P = the value histogram, Q = the mass of each quantization level spread evenly over
-    the non-empty bins that fall on it (the TensorRT entropy-calibration construction)."""
+def _kl_error(hist: Histogram, v_hat: torch.Tensor, c: torch.Tensor, lo: torch.Tensor,
+              hi: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per candidate range (the TensorRT entropy-calibration construction, two-sided): P is the
+    histogram restricted to the range with the clipped mass folded into its edge bins; Q is the in-range
+    histogram *without* that mass, merged per quantization level and spread evenly over the level's
+    non-empty bins. Clipping thus costs the divergence of the edge bins, rounding that of the merges."""
+    v = hist.centers
+    counts = c[0]
     out = torch.empty(v_hat.shape[0], dtype=torch.float64)
-    p = c[0] / c[0].sum().clamp_min(1e-300)
-    nonzero = p > 0
     for i in range(v_hat.shape[0]):
-        _, level = torch.unique(v_hat[i], return_inverse=True)
+        inside = (v >= lo[i, 0]) & (v <= hi[i, 0])
+        idx = torch.nonzero(inside).flatten()
+        if len(idx) == 0:
+            out[i] = float("inf")
+            continue
+        first, last = int(idx[0]), int(idx[-1])
+        q_ref = counts[first:last + 1]
+        p = q_ref.clone()
+        p[0] += counts[:first].sum()
+        p[-1] += counts[last + 1:].sum()
+        _, level = torch.unique(v_hat[i, first:last + 1], return_inverse=True)
         n_levels = int(level.max()) + 1
-        mass = torch.zeros(n_levels, dtype=torch.float64).index_add_(0, level, p)
-        support = torch.zeros(n_levels, dtype=torch.float64).index_add_(0, level, nonzero.double())
-        q = mass[level] / support[level].clamp_min(1)
-        out[i] = (p[nonzero] * (p[nonzero] / q[nonzero].clamp_min(1e-300)).log()).sum()
+        nonzero = (q_ref > 0).double()
+        mass = torch.zeros(n_levels, dtype=torch.float64).index_add_(0, level, q_ref)
+        support = torch.zeros(n_levels, dtype=torch.float64).index_add_(0, level, nonzero)
+        q = torch.where(q_ref > 0, mass[level] / support[level].clamp_min(1), torch.zeros_like(q_ref))
+        p = p / p.sum().clamp_min(1e-300)
+        q = (q + 1e-4 * (q_ref.sum() / len(q_ref))).clamp_min(1e-300)  # smoothing: empty bins of Q
+        q = q / q.sum()
+        keep = p > 0
+        out[i] = (p[keep] * (p[keep] / q[keep]).log()).sum()
     return out
 
 
