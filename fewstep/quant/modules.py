@@ -183,8 +183,9 @@ class QuantLayer(nn.Module):
             w = self.weight_q(g).reshape(self.out_channels, -1)
         acc = int8_mm(rows, w)
         if qp.zero_point:
-            acc = acc - qp.zero_point * self._cached("rowsum", g, lambda w: w.reshape(w.shape[0], -1).to(torch.int32)
-                                                    .sum(1))
+            zero_term = self._cached("zero_term", g, lambda w: qp.zero_point * w.reshape(w.shape[0], -1)
+                                     .to(torch.int32).sum(1))
+            acc.sub_(zero_term)  # exact, in int32, in place
         return acc, how
 
     def _forward_real(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +195,9 @@ class QuantLayer(nn.Module):
             if self.mode == "int8":
                 acc, how = self._int8_gemm(part, g)
                 scale = self.act[g].scale * self.weight_scale(g)
-                y = torch.addcmul(bias, acc.float(), scale) if bias is not None else acc.float() * scale
+                y = acc.to(torch.float32).mul_(scale)
+                if bias is not None:
+                    y.add_(bias)
             else:
                 rows, how = self._rows(part)
                 w = self.weight_q(g).reshape(self.out_channels, -1)
