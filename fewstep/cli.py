@@ -131,6 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
+    if args.task is not None and args.quant is not None:
+        raise UsageError("--quant applies to the UNet pipelines (digits-eps, ...), not to --task (FlowChef)")
     if args.task is not None:  # FlowChef
         return _generate_flowchef(args, out)
     if args.sampler == "flowchef":

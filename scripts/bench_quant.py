@@ -95,11 +95,11 @@ def run_calib(pipe, classifier, args) -> list[dict]:
 
 def run_samplers(pipe, classifier, args) -> list[dict]:
     cal = _calibrations(pipe, args, [args.default_calib])[args.default_calib]
-    models = {
-        "full precision": pipe.unet,
-        "W8A8 int8 (real _int_mm path)": quant.set_mode(quant.quantize(pipe.unet, cal), "int8"),
-    }
-    if args.with_fp8:
+    models = {}
+    if not args.fp8_only:
+        models["full precision"] = pipe.unet
+        models["W8A8 int8 (real _int_mm path)"] = quant.set_mode(quant.quantize(pipe.unet, cal), "int8")
+    if args.with_fp8 or args.fp8_only:
         models["W8A8 fp8 (fake-quant)"] = quant.quantize(pipe.unet, cal, quant.QuantConfig(format="fp8"))
     rows = []
     for sampler in ("ddim", "dpm-solver++"):
@@ -219,6 +219,7 @@ def main() -> None:
     parser.add_argument("--speed-batches", type=int, nargs="+", default=[20, 200])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--with-fp8", action="store_true", help="samplers part: also the fp8 grid (fake-quant)")
+    parser.add_argument("--fp8-only", action="store_true", help="samplers part: only the fp8 grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="scripts/results_quant.json")
     args = parser.parse_args()

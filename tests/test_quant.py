@@ -446,6 +446,8 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
     (["quantize", "--out", "{tmp}/q", "--model", "digits-flow"], "--model 'digits-flow': quantization needs"),
     (["quantize", "--out", "{tmp}/missing/q"], "does not exist"),
     (["generate", "--quant", "{tmp}/none", "--out", "{tmp}/s.png"], "holds no saved quantization"),
+    (["generate", "--model", "digits-flow", "--task", "sr", "--quant", "{tmp}", "--out", "{tmp}/s.png"],
+     "--quant applies to the UNet pipelines"),
 ])
 def test_cli_usage_errors(tmp_path, capsys, argv, message):
     from fewstep.cli import main
