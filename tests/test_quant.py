@@ -470,14 +470,20 @@ def test_cli_rejects_unknown_choices(tmp_path):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_int8_matches_reference():
     torch.manual_seed(0)
-    cases = ((nn.Linear(40, 24), torch.randn(3, 5, 40)), (nn.Conv2d(6, 10, 3, padding=1), torch.randn(3, 6, 9, 9)))
-    for layer, x in cases:
-        acts = [act_qparams_from_range(*search_act_range(Histogram.of(x)))]
-        q = quant.QuantLayer(layer, [weight_qparams(layer.weight)], acts).cuda()
-        with torch.no_grad():
-            fake = q(x.cuda())
-            real = q.set_mode("int8")(x.cuda())
-        assert (real - fake).abs().max() <= 1e-5 * float(fake.abs().max())
+    cases = ((nn.Linear(40, 24), torch.randn(3, 5, 40)), (nn.Conv2d(6, 10, 3, padding=1), torch.randn(3, 6, 9, 9)),
+             (nn.Linear(40, 24), torch.randn(40, 40)))  # the last: M > 16 without padding
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference
+    try:
+        for layer, x in cases:
+            acts = [act_qparams_from_range(*search_act_range(Histogram.of(x)))]
+            q = quant.QuantLayer(layer, [weight_qparams(layer.weight)], acts).cuda()
+            with torch.no_grad():
+                fake = q(x.cuda())
+                real = q.set_mode("int8")(x.cuda())
+            assert (real - fake).abs().max() <= 1e-5 * float(fake.abs().max())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @pytest.mark.skipif(not fp8_supported(), reason="needs CUDA with compute capability >= 8.9")
