@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="scripts/results_quant_cuda.json")
     args = parser.parse_args(argv)
     device = require_cuda()
+    torch.backends.cudnn.allow_tf32 = False  # the float32 fake-quant reference of the parity check, not TF32
     results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "fp8": quant.fp8_supported(device), "compile": args.compile}
     start = time.perf_counter()
