@@ -6,8 +6,9 @@ vs Q-Diffusion's uniform steps, range-search metric L_p(2.4) / MSE / cosine / KL
 int8 vs fp8 grids -- at one sampler setting. Part ``samplers``: FP vs W8A8 (int8 run on the real
 ``torch._int_mm`` path, fp8 as fake-quant) with DDIM and DPM-Solver++ at 10 and 20 NFE. Every cell uses
 the same per-sample seeds (paired comparison), CFG scale 3, and the same calibration settings except
-the one varied. Part ``speed``: one UNet forward on the CPU in float32 vs the int8 path vs fake-quant,
-plus the per-layer policy's choice on this machine.
+the one varied. Part ``deviation``: RMSE of each variant's final samples against the full-precision ones
+(same seeds), the direct fidelity measure. Part ``speed``: one UNet forward on the CPU in float32 vs the
+int8 path vs fake-quant, plus the per-layer policy's choice on this machine.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/bench_quant.py --out scripts/results_quant.json
 """
@@ -112,25 +113,39 @@ def run_samplers(pipe, classifier, args) -> list[dict]:
     return rows
 
 
-def _interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each callable, measured round-robin (the machine is shared: interleaving keeps
-    load changes from favouring one variant)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+@torch.no_grad()
+def run_deviation(pipe, args) -> list[dict]:
+    """RMSE of the final samples of each quantized variant against the full-precision ones, same seeds:
+    a direct fidelity measure (FD can move either way under small perturbations)."""
+    from fewstep.bench.digits_eval import per_sample_noise
 
+    cals = _calibrations(pipe, args, ["ndtc", "uniform"])
+    n = args.deviation_samples
+    labels = [i % 10 for i in range(n)]
+    cfg = pipe.unet.config
+    noise = per_sample_noise((cfg.in_channels, cfg.sample_size, cfg.sample_size), [args.seed + k for k in range(n)])
+    rows = []
+    for sampler, steps in ((args.sampler, args.steps), ("dpm-solver++", 20)):
+        swap_sampler(pipe, sampler)
+        original = pipe.unet
 
-def _with_mode(model, mode, inputs):
-    def run():
-        quant.set_mode(model, mode)
-        return model(**inputs)
-    return run
+        def final(unet, steps=steps, original=original):
+            pipe.unet = unet
+            try:
+                return pipe(labels, num_inference_steps=steps, guidance_scale=3.0, latents=noise,
+                            output_type="latent").images.float()
+            finally:
+                pipe.unet = original
+
+        reference = final(original)
+        for label, (method, overrides) in CALIB_CELLS.items():
+            qmodel = quant.quantize(original, cals[method], quant.QuantConfig(**overrides))
+            x = final(qmodel)
+            rmse = float((x - reference).pow(2).mean().sqrt())
+            rows.append({"cell": label, "sampler": sampler, "steps": steps, "rmse_vs_fp": rmse,
+                         "rel_rmse": rmse / float(reference.pow(2).mean().sqrt()), "num_samples": n})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def _interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -205,8 +220,9 @@ def run_speed(pipe, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["calib", "samplers", "speed"],
-                        choices=["calib", "samplers", "speed"])
+    parser.add_argument("--parts", nargs="+", default=["calib", "samplers", "deviation", "speed"],
+                        choices=["calib", "samplers", "deviation", "speed"])
+    parser.add_argument("--deviation-samples", type=int, default=100)
     parser.add_argument("--cells", nargs="+", default=None, choices=["full precision", *CALIB_CELLS],
                         help="calib part: cells to run (default all)")
     parser.add_argument("--num-per-class", type=int, default=50)
@@ -235,6 +251,8 @@ def main() -> None:
             results["calib"] = run_calib(pipe, classifier, args)
         elif part == "samplers":
             results["samplers"] = run_samplers(pipe, classifier, args)
+        elif part == "deviation":
+            results["deviation"] = run_deviation(pipe, args)
         else:
             results["speed"] = run_speed(pipe, args)
         print(f"part {part}: {time.perf_counter() - start:.0f} s", flush=True)
