@@ -43,6 +43,9 @@ CALIB_CELLS = {
     "uniform / lp2.4 / fp8": ("uniform", {"format": "fp8"}),
     "uniform / lp2.4 / conv_in+conv_out float": ("uniform", {"exclude": ["conv_in", "conv_out"]}),
     "ndtc / lp2.4 / conv_in+conv_out float": ("ndtc", {"exclude": ["conv_in", "conv_out"]}),
+    # Q-Diffusion's proportions: every kept step sees all calibration trajectories (20 x more rows)
+    "uniform-all / lp2.4": ("uniform-all", {}),
+    "uniform-all / lp2.4 / conv_in+conv_out float": ("uniform-all", {"exclude": ["conv_in", "conv_out"]}),
 }
 
 
@@ -51,8 +54,12 @@ def _calibrations(pipe, args, methods):
     for method in methods:
         calib_pipe = swap_sampler(pipe, args.calib_sampler)
         start = time.perf_counter()
-        out[method] = quant.build_calibration_set(calib_pipe, num_samples=args.calib_samples, steps=args.calib_steps,
-                                                  method=method, seed=args.seed + 12345)
+        # "uniform": calib_samples network inputs spread over 20 kept steps (calib_samples / 20 trajectories);
+        # "uniform-all": calib_samples trajectories, each recorded at all 20 kept steps
+        scale = 20 if method == "uniform-all" else 1
+        out[method] = quant.build_calibration_set(calib_pipe, num_samples=args.calib_samples * scale,
+                                                  steps=args.calib_steps, method=method.split("-")[0],
+                                                  seed=args.seed + 12345)
         print(f"calibration {method}: {len(out[method])} rows, {time.perf_counter() - start:.1f} s", flush=True)
     return out
 
@@ -119,7 +126,8 @@ def run_deviation(pipe, args) -> list[dict]:
     a direct fidelity measure (FD can move either way under small perturbations)."""
     from fewstep.bench.digits_eval import per_sample_noise
 
-    cals = _calibrations(pipe, args, ["ndtc", "uniform"])
+    cells = [c for c in (args.cells or list(CALIB_CELLS)) if c in CALIB_CELLS]
+    cals = _calibrations(pipe, args, sorted({CALIB_CELLS[c][0] for c in cells}))
     n = args.deviation_samples
     labels = [i % 10 for i in range(n)]
     cfg = pipe.unet.config
@@ -138,7 +146,8 @@ def run_deviation(pipe, args) -> list[dict]:
                 pipe.unet = original
 
         reference = final(original)
-        for label, (method, overrides) in CALIB_CELLS.items():
+        for label in cells:
+            method, overrides = CALIB_CELLS[label]
             qmodel = quant.quantize(original, cals[method], quant.QuantConfig(**overrides))
             x = final(qmodel)
             rmse = float((x - reference).pow(2).mean().sqrt())
@@ -224,7 +233,7 @@ def main() -> None:
                         choices=["calib", "samplers", "deviation", "speed"])
     parser.add_argument("--deviation-samples", type=int, default=100)
     parser.add_argument("--cells", nargs="+", default=None, choices=["full precision", *CALIB_CELLS],
-                        help="calib part: cells to run (default all)")
+                        help="calib and deviation parts: cells to run (default all)")
     parser.add_argument("--num-per-class", type=int, default=50)
     parser.add_argument("--sampler", default="ddim", help="sampler of the calib part")
     parser.add_argument("--steps", type=int, default=10, help="steps of the calib part")
