@@ -570,7 +570,9 @@ def _add_quantize_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="directory for quant.safetensors + quant.json")
     p.add_argument("--calib", choices=["ndtc", "uniform"], default="ndtc",
                    help="calibration steps: PTQ4DM's NDTC (normal over steps) or Q-Diffusion's uniform grid")
-    p.add_argument("--samples", type=_positive_int, default=256, help="calibration samples (default 256)")
+    p.add_argument("--samples", type=_positive_int, default=256,
+                   help="calibration inputs per CFG branch (default 256): ndtc one per trajectory, uniform spread "
+                        "over the kept steps (trajectories x steps-kept for Q-Diffusion's proportions)")
     p.add_argument("--steps", type=_positive_int, default=20, help="steps of the calibration sampler (default 20)")
     p.add_argument("--sampler", type=_sampler_name, default="ddim", help="calibration sampler (default ddim)")
     p.add_argument("--guidance-scale", type=_fraction, default=3.0,
