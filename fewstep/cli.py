@@ -135,6 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
+    if args.task is not None and args.quant is not None:
+        raise UsageError("--quant applies to plain sampling of UNet pipelines (digits-eps, ...), not to --task")
     if args.task is not None and (args.posterior is not None or args.model != "digits-flow"):
         return _generate_posterior(args, out)
     if args.task is not None:  # FlowChef
@@ -158,6 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components" too
     pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype, sampler_options=options)
+    pipe = _apply_quant(args, pipe)
     measurement = None
     if args.measurement is not None:
         from .pipelines.generate import load_measurement
@@ -647,6 +650,134 @@ def _add_search_parser(sub) -> None:
     p.set_defaults(func=cmd_search)
 
 
+# ---------------------------------------------------------------------------------------------- quantize
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``fewstep quantize``: calibrate a class-conditional model and save its W8A8 parameters."""
+    from pathlib import Path
+
+    from . import quant
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    check_writable(out / quant.artifacts.META_FILE if out.is_dir() else out, "--out")
+    if args.calib == "ndtc" and not 0 <= args.ndtc_mean <= 0.5:
+        raise UsageError(f"--ndtc-mean must be in [0, 0.5] (NDTC: mean <= T/2), got {args.ndtc_mean}")
+    if args.calib == "ndtc" and args.ndtc_std <= 0:
+        raise UsageError(f"--ndtc-std must be > 0, got {args.ndtc_std}")
+    if args.steps_kept is not None and args.steps_kept > args.steps:
+        raise UsageError(f"--steps-kept must be <= --steps ({args.steps}), got {args.steps_kept}")
+    config = quant.QuantConfig(format=args.format, metric=args.metric, p=args.p, split_skip=args.split_skip,
+                               exclude=list(args.exclude or []))
+    config.validate()
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    from .pipelines.swap import swap_sampler
+
+    if args.model != "digits-eps" and not (Path(args.model) / "model_index.json").is_file():
+        raise UsageError(f"--model {args.model!r}: quantization needs digits-eps or a class-conditional pipeline dir")
+    pipe = swap_sampler(_load_class_conditional(args.model), args.sampler)
+    pipe.set_progress_bar_config(disable=True)
+    calibration = quant.build_calibration_set(
+        pipe, num_samples=args.samples, steps=args.steps, method=args.calib, guidance_scale=args.guidance_scale,
+        seed=args.seed, ndtc_mean=args.ndtc_mean, ndtc_std=args.ndtc_std, num_steps_kept=args.steps_kept,
+        progress=not args.quiet)
+    qmodel = quant.quantize(pipe.unet, calibration, config, progress=not args.quiet)
+    error = _quant_output_error(pipe.unet, qmodel, calibration)
+    quant.save_quantized(qmodel, out, model_id=args.model, extra={"calibration_output_rel_error": error})
+    print(f"wrote {out / quant.artifacts.TENSORS_FILE}, {out / quant.artifacts.META_FILE} "
+          f"({len(quant.quant_layers(qmodel))} layers W8A8 {args.format}, {args.calib} calibration on "
+          f"{len(calibration)} network inputs, metric {args.metric}; output rel. error {100 * error:.2f}%)")
+    return 0
+
+
+def _quant_output_error(float_model, qmodel, calibration, rows: int = 256) -> float:
+    """Relative L2 error of the quantized model's output on the first calibration rows."""
+    import torch
+
+    batch = next(calibration.batches(rows))
+    with torch.no_grad():
+        ref = float_model(**batch).sample
+        got = qmodel(**batch).sample
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def _add_quantize_parser(sub) -> None:
+    from .quant.quantizers import FORMATS, METRICS
+
+    p = sub.add_parser("quantize", help="PTQ4DM-style W8A8 post-training quantization of a UNet")
+    p.add_argument("--model", default="digits-eps", help="digits-eps or a class-conditional pipeline directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for quant.safetensors + quant.json")
+    p.add_argument("--calib", choices=["ndtc", "uniform"], default="ndtc",
+                   help="calibration steps: PTQ4DM's NDTC (normal over steps) or Q-Diffusion's uniform grid")
+    p.add_argument("--samples", type=_positive_int, default=256,
+                   help="calibration inputs per CFG branch (default 256): ndtc one per trajectory, uniform spread "
+                        "over the kept steps (trajectories x steps-kept for Q-Diffusion's proportions)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="steps of the calibration sampler (default 20)")
+    p.add_argument("--sampler", type=_sampler_name, default="ddim", help="calibration sampler (default ddim)")
+    p.add_argument("--guidance-scale", type=_fraction, default=3.0,
+                   help="CFG scale of the calibration runs; both CFG branches are recorded (default 3)")
+    p.add_argument("--metric", choices=list(METRICS), default="lp",
+                   help="range-search criterion: lp (p=2.4, PTQ4DM), mse, cosine or kl (default lp)")
+    p.add_argument("--p", type=_finite_float, default=2.4, help="exponent of the lp metric (default 2.4)")
+    p.add_argument("--format", choices=list(FORMATS), default="int8", help="8-bit grid: int8 or fp8 (e4m3)")
+    p.add_argument("--split-skip", action="store_true",
+                   help="Q-Diffusion shortcut splitting: separate quantizers for the up blocks' skip concat")
+    p.add_argument("--ndtc-mean", type=_fraction, default=0.4, help="NDTC mean as a fraction of the steps (0.4)")
+    p.add_argument("--ndtc-std", type=_fraction, default=0.4, help="NDTC std as a fraction of the steps (0.4)")
+    p.add_argument("--steps-kept", type=_positive_int, default=None,
+                   help="uniform: evenly spaced steps recorded (default min(steps, 20))")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="keep layers matching this fnmatch pattern in float (repeatable), e.g. conv_out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise and NDTC draws")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quantize)
+
+
+def _add_quant_generate_args(p_gen) -> None:
+    p_gen.add_argument("--quant", "--quantized", dest="quant", default=None, metavar="DIR",
+                       help="run the UNet W8A8-quantized with parameters saved by `fewstep quantize`")
+    p_gen.add_argument("--quant-mode", choices=["auto", "fake", "int8", "fp8", "dequant"], default="auto",
+                       help="execution of the quantized layers: fake-quant reference, real int8 (_int_mm), fp8 "
+                            "(CUDA SM>=8.9), dequant (8-bit storage, float compute); auto: int8 for int8 parameters, "
+                            "fp8 where available else fake")
+
+
+def _apply_quant(args: argparse.Namespace, pipe):
+    """``fewstep generate --quant DIR``: swap the pipeline's UNet for its quantized version."""
+    if getattr(args, "quant", None) is None:
+        return pipe
+    from . import quant
+
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise UsageError(f"--quant needs a UNet pipeline; {type(pipe).__name__} has no unet")
+    meta = quant.read_metadata(args.quant)
+    mode = args.quant_mode
+    if mode == "auto":
+        if meta["format"] == "int8":
+            mode = "int8"
+        else:
+            mode = "fp8" if quant.fp8_supported(unet.device) else "fake"
+    if mode in ("int8", "fp8") and mode != meta["format"]:
+        raise UsageError(f"--quant-mode {mode} needs {mode} parameters; {args.quant!r} holds {meta['format']} "
+                         f"(use --quant-mode auto, fake or dequant)")
+    try:
+        pipe.unet = quant.load_quantized(unet, args.quant, mode=mode, inplace=True)
+    except RuntimeError as exc:  # fp8 without a capable GPU: the message names the fallbacks
+        raise UsageError(f"--quant-mode {mode}: {exc}") from None
+    return pipe
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
@@ -683,6 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_flowchef_args(p_gen)
     _add_posterior_args(p_gen)
+    _add_quant_generate_args(p_gen)
     p_gen.set_defaults(func=cmd_generate)
 
     p_bench = sub.add_parser("bench", help="error / FD / MSE versus NFE of samplers (a grid runner)")
@@ -732,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_calibrate_parser(sub)
     _add_search_parser(sub)
+    _add_quantize_parser(sub)
     return parser
 
 

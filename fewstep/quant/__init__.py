@@ -1,0 +1,34 @@
+"""PTQ4DM-style 8-bit post-training quantization of diffusion UNets (Shang et al. 2023; Li et al. 2023).
+
+* ``build_calibration_set(pipe, method="ndtc" | "uniform")`` -- the denoiser's real inputs along
+  full-precision trajectories (PTQ4DM NDTC or Q-Diffusion's uniform steps), both CFG branches;
+* ``quantize(unet, calibration, QuantConfig(...))`` -- per-channel weight / per-tensor static activation
+  scales from an L_p (p = 2.4) range search; Linear/Conv2d swapped for ``QuantLayer``;
+* ``set_mode(model, "fake" | "int8" | "fp8" | "dequant")`` and ``choose_modes`` (the per-layer policy);
+* ``save_quantized`` / ``load_quantized`` -- safetensors + JSON artifacts, checked against the model.
+
+Depends only on torch and safetensors (calibration drives a pipeline object given to it).
+"""
+
+from .artifacts import load_quantized, model_fingerprint, read_metadata, save_quantized
+from .calibration import (
+    CALIBRATION_METHODS,
+    CalibrationSet,
+    build_calibration_set,
+    ndtc_indices,
+    record_denoiser_inputs,
+    uniform_indices,
+)
+from .kernels import fp8_supported
+from .modules import MODES, QuantLayer, quant_layers, set_mode
+from .policy import LayerTiming, choose_modes, time_layer
+from .quantize import QuantConfig, find_skip_splits, quantizable_layers, quantize
+from .quantizers import FORMATS, METRICS, ActQParams, Histogram, search_act_range, weight_qparams
+
+__all__ = [
+    "CALIBRATION_METHODS", "CalibrationSet", "build_calibration_set", "ndtc_indices", "uniform_indices",
+    "record_denoiser_inputs", "QuantConfig", "quantize", "quantizable_layers", "find_skip_splits",
+    "QuantLayer", "MODES", "quant_layers", "set_mode", "LayerTiming", "choose_modes", "time_layer",
+    "save_quantized", "load_quantized", "read_metadata", "model_fingerprint", "fp8_supported",
+    "FORMATS", "METRICS", "ActQParams", "Histogram", "search_act_range", "weight_qparams",
+]

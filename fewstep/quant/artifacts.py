@@ -1,0 +1,172 @@
+"""Quantized parameters as artifacts: ``quant.safetensors`` (8-bit weights, scales, biases) + ``quant.json``
+(settings, per-layer activation quantizers, the model they belong to). No pickle.
+
+Loading applies them to a full-precision model of the same architecture and weights; the metadata is
+checked first and any mismatch (other layers or shapes, other weights, other format version) is a
+``ValueError`` naming what differs -- never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._io import atomic_write
+from .modules import QuantLayer, quant_layers
+from .quantize import _set_submodule
+from .quantizers import ActQParams
+
+__all__ = ["save_quantized", "load_quantized", "model_fingerprint", "ARTIFACT_VERSION", "TENSORS_FILE", "META_FILE"]
+
+ARTIFACT_VERSION = 1
+TENSORS_FILE = "quant.safetensors"
+META_FILE = "quant.json"
+_NORM_RTOL = 2e-3  # weights loaded in float16/bfloat16 still match their float32 originals
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """Identity of a float model: ``arch`` hashes parameter names and shapes, ``weights`` hashes their
+    float32 values, ``norms`` the L2 norm of every Linear/Conv2d weight (a dtype-tolerant check)."""
+    arch, weights = hashlib.sha256(), hashlib.sha256()
+    norms = {}
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name]
+        arch.update(f"{name}:{tuple(t.shape)};".encode())
+        weights.update(name.encode())
+        weights.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            norms[name] = float(m.weight.detach().float().norm())
+    return {"arch": arch.hexdigest()[:16], "weights": weights.hexdigest()[:16], "norms": norms}
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, model_id: str | None = None,
+                   extra: dict | None = None) -> Path:
+    """Write ``quant.safetensors`` + ``quant.json`` of a ``quantize``-d model into ``out_dir`` (created)."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    layers = quant_layers(model)
+    info = getattr(model, "fewstep_quant", None)
+    if not layers or info is None:
+        raise ValueError("`model` is not quantized (no QuantLayer / fewstep_quant metadata): run quantize first")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"`out_dir` {str(out)!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    meta_layers = {}
+    for name, q in layers.items():
+        for g in range(q.groups):
+            tensors[f"{name}.weight_q{g}"] = q.weight_q(g).detach().cpu().contiguous()
+            tensors[f"{name}.weight_scale{g}"] = q.weight_scale(g).detach().cpu().contiguous()
+        if q.bias is not None:
+            tensors[f"{name}.bias"] = q.bias.detach().cpu().contiguous()
+        meta_layers[name] = {
+            "kind": q.kind, "split": q.split, "shape": list(q.reference_weight().shape),
+            "act": [{"scale": a.scale, "zero_point": a.zero_point} for a in q.act], "mode": q.mode,
+        }
+    fp = info["fingerprint"]
+    meta = {
+        "artifact": "fewstep-quant", "version": ARTIFACT_VERSION, "fewstep_version": __version__,
+        "model_id": model_id, "model_arch_hash": fp["arch"], "model_weights_hash": fp["weights"],
+        "weight_norms": {k: v for k, v in fp["norms"].items() if k in layers},
+        "bits": 8, "format": info["config"]["format"], "method": "ptq4dm-w8a8",
+        "config": info["config"], "calibration": info["calibration"], "layers": meta_layers,
+    }
+    if extra:
+        meta["extra"] = extra
+    atomic_write(out / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    return out
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """``quant.json`` of a saved quantization (``ValueError`` / ``FileNotFoundError`` when unusable)."""
+    d = Path(directory)
+    if not (d / META_FILE).is_file() or not (d / TENSORS_FILE).is_file():
+        raise FileNotFoundError(f"`directory` {str(d)!r} holds no saved quantization ({META_FILE} + {TENSORS_FILE})")
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(d / META_FILE)!r} is not valid JSON: {exc}") from None
+    if meta.get("artifact") != "fewstep-quant":
+        raise ValueError(f"{str(d / META_FILE)!r} is not a fewstep quantization file")
+    if meta.get("version") != ARTIFACT_VERSION:
+        raise ValueError(f"{str(d / META_FILE)!r} has artifact version {meta.get('version')!r}; this fewstep reads "
+                         f"version {ARTIFACT_VERSION}: re-run `fewstep quantize`")
+    return meta
+
+
+def _check_model(meta: dict, model: nn.Module, model_id: str | None, strict: bool) -> None:
+    where = f"saved for model {meta.get('model_id')!r}"
+    if model_id is not None and meta.get("model_id") not in (None, model_id):
+        raise ValueError(f"quantization {where}, but `model_id` is {model_id!r}")
+    fp = model_fingerprint(model)
+    modules = dict(model.named_modules())
+    for name, layer in meta["layers"].items():
+        m = modules.get(name)
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"quantization {where} does not fit this model: layer {name!r} is "
+                             f"{'missing' if m is None else type(m).__name__}, expected a {layer['kind']}")
+        if list(m.weight.shape) != layer["shape"]:
+            raise ValueError(f"quantization {where} does not fit this model: layer {name!r} weight has shape "
+                             f"{list(m.weight.shape)}, saved {layer['shape']}")
+    if fp["arch"] != meta["model_arch_hash"]:
+        raise ValueError(f"quantization {where} does not fit this model: architecture hash {fp['arch']} != saved "
+                         f"{meta['model_arch_hash']} (other parameter names or shapes)")
+    if strict and fp["weights"] != meta["model_weights_hash"]:
+        raise ValueError(f"quantization {where}: weights hash {fp['weights']} != saved {meta['model_weights_hash']} "
+                         "(other weights; strict=True requires the exact float32 weights)")
+    for name, saved in meta["weight_norms"].items():
+        now = fp["norms"][name]
+        if abs(now - saved) > _NORM_RTOL * max(abs(saved), 1e-12):
+            raise ValueError(f"quantization {where} does not fit this model's weights: layer {name!r} weight norm "
+                             f"{now:.6g} vs saved {saved:.6g} (calibrated on other weights)")
+
+
+def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "fake", model_id: str | None = None,
+                   inplace: bool = False, strict: bool = False) -> nn.Module:
+    """Apply a saved quantization to the float ``model`` it was made from; returns the quantized model.
+
+    Checks layer names/shapes, the architecture hash and each quantized layer's weight norm (``strict``:
+    the exact float32 weights hash) against the metadata. ``mode``: execution mode of every layer.
+    """
+    import copy
+
+    from safetensors.torch import load_file
+
+    meta = read_metadata(directory)
+    _check_model(meta, model, model_id, strict)
+    tensors = load_file(str(Path(directory) / TENSORS_FILE))
+    target = model if inplace else copy.deepcopy(model)
+    fmt = meta["format"]
+    device = next(target.parameters()).device
+    for name, layer_meta in meta["layers"].items():
+        float_layer = target.get_submodule(name)
+        groups = 2 if layer_meta["split"] else 1
+        try:
+            scales = [tensors[f"{name}.weight_scale{g}"] for g in range(groups)]
+            stored = [tensors[f"{name}.weight_q{g}"] for g in range(groups)]
+        except KeyError as exc:
+            raise ValueError(f"{TENSORS_FILE} lacks tensor {exc.args[0]!r} listed in {META_FILE}") from None
+        acts = [ActQParams(float(a["scale"]), int(a["zero_point"]), fmt) for a in layer_meta["act"]]
+        q = QuantLayer(float_layer, scales, acts, fmt, layer_meta["split"], mode="fake")
+        for g in range(groups):  # the stored 8-bit weights are the truth (not a re-rounding of the float ones)
+            getattr(q, f"weight_q{g}").copy_(stored[g].to(device))
+        if f"{name}.bias" in tensors and q.bias is not None:
+            q.bias.copy_(tensors[f"{name}.bias"].to(device))
+        q.set_mode(mode)
+        _set_submodule(target, name, q)
+    target.fewstep_quant = {"config": meta["config"], "calibration": meta["calibration"],
+                            "fingerprint": {"arch": meta["model_arch_hash"], "weights": meta["model_weights_hash"],
+                                            "norms": meta["weight_norms"]},
+                            "layers": {k: {"split": v["split"]} for k, v in meta["layers"].items()}}
+    return target

@@ -1,0 +1,276 @@
+"""Calibration sets: the denoiser's real inputs recorded along full-precision sampling trajectories.
+
+Two ways to pick where along a trajectory of ``T`` sampler steps a sample is recorded. Steps are
+counted by the *diffusion index* ``d`` (0 = the image end, ``T - 1`` = the first, noisiest step); the
+sampler's loop counter is ``i = T - 1 - d``.
+
+* ``ndtc`` -- PTQ4DM's normally distributed time-step calibration (Shang et al. 2023, Algorithm 1):
+  for each calibration sample ``d ~ floor(Normal(mean * T, std * T))`` clamped to ``[0, T - 1]``,
+  ``mean <= 0.5`` skewing the set toward the image end; a fresh ``x_T`` is denoised with the
+  full-precision sampler down to step ``d`` and the network input there is kept. Defaults are the
+  released NDTC script's ``mean = 0.4``, ``std = 0.4``. Unlike the released script, the draw is read
+  as a diffusion index (not the loop counter, which mirrors it to ``T - 1 - d``), and the label kept
+  is the timestep the sampler actually feeds the network (not the raw counter).
+* ``uniform`` -- Q-Diffusion's time-step-aware calibration (Li et al. 2023, sec. 4.1): ``k`` steps
+  evenly spaced over the trajectory, the same trajectories recorded at each of them.
+
+What is stored is exactly what the sampler passes to the denoiser: the (scaled) sample, the
+model-facing timestep, and the conditioning -- with classifier-free guidance both the conditional and
+the null-class rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "CalibrationSet",
+    "ndtc_indices",
+    "uniform_indices",
+    "record_denoiser_inputs",
+    "build_calibration_set",
+]
+
+CALIBRATION_METHODS = ("ndtc", "uniform")
+#: PTQ4DM NDTC script defaults (fractions of T)
+NDTC_MEAN, NDTC_STD = 0.4, 0.4
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded denoiser inputs, one row per network input row.
+
+    ``sample`` (N, C, H, W), ``timestep`` (N,) model-facing, ``class_labels`` (N,) or ``None``,
+    ``encoder_hidden_states`` (N, L, D) or ``None``; ``diffusion_index`` (N,) where along the trajectory
+    (0 = image end); ``settings`` how it was built (kept in the quantization metadata).
+    """
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    class_labels: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+    diffusion_index: torch.Tensor | None = None
+    settings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.sample.shape[0])
+
+    def __post_init__(self) -> None:
+        n = self.sample.shape[0]
+        for name in ("timestep", "class_labels", "encoder_hidden_states", "diffusion_index"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(f"CalibrationSet `{name}` has {value.shape[0]} rows, `sample` has {n}")
+
+    def batches(self, batch_size: int):
+        """Yield keyword dicts for the denoiser (``sample``, ``timestep``, conditioning)."""
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, start + batch_size)
+            kwargs = {"sample": self.sample[sl], "timestep": self.timestep[sl]}
+            if self.class_labels is not None:
+                kwargs["class_labels"] = self.class_labels[sl]
+            if self.encoder_hidden_states is not None:
+                kwargs["encoder_hidden_states"] = self.encoder_hidden_states[sl]
+            yield kwargs
+
+
+def _check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
+
+
+def ndtc_indices(num: int, steps: int, mean: float = NDTC_MEAN, std: float = NDTC_STD,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """PTQ4DM NDTC draws: diffusion indices ``clamp(floor(N(mean*T, std*T)), 0, T-1)`` (0 = image end).
+
+    ``mean`` must be in ``[0, 0.5]`` (the paper's ``mu <= T/2``), ``std > 0``.
+    """
+    _check_steps(steps)
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"`num` must be an integer >= 1, got {num!r}")
+    if not (isinstance(mean, (int, float)) and 0 <= mean <= 0.5):
+        raise ValueError(f"`mean` (fraction of the steps) must be in [0, 0.5] (NDTC: mu <= T/2), got {mean!r}")
+    if not (isinstance(std, (int, float)) and math.isfinite(std) and std > 0):
+        raise ValueError(f"`std` (fraction of the steps) must be a finite number > 0, got {std!r}")
+    draws = torch.randn(num, generator=generator, dtype=torch.float64) * (std * steps) + mean * steps
+    return torch.floor(draws).clamp(0, steps - 1).long()
+
+
+def uniform_indices(num_steps_kept: int, steps: int) -> torch.Tensor:
+    """Q-Diffusion: ``num_steps_kept`` diffusion indices evenly spaced over ``[0, T - 1]`` (every ``T / k``
+    steps, starting at the image end)."""
+    _check_steps(steps)
+    if isinstance(num_steps_kept, bool) or not isinstance(num_steps_kept, int) or not 1 <= num_steps_kept <= steps:
+        raise ValueError(f"`num_steps_kept` must be an integer in [1, {steps}] (the steps), got {num_steps_kept!r}")
+    return torch.floor(torch.arange(num_steps_kept, dtype=torch.float64) * (steps / num_steps_kept)).long()
+
+
+_INPUT_NAMES = ("sample", "timestep")
+
+
+def progress_bar(iterable=None, **kwargs):
+    """``tqdm`` when it is installed (it comes with diffusers), else a silent stand-in: quant needs only torch."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        class _Silent:
+            def __init__(self, iterable=None, **_):
+                self.iterable = iterable
+
+            def __iter__(self):
+                return iter(self.iterable)
+
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+
+        return _Silent(iterable)
+    return tqdm(iterable, **kwargs)
+
+
+def record_denoiser_inputs(
+    denoiser: torch.nn.Module,
+    run: Callable[[], object],
+    steps: int,
+    want: Callable[[int], torch.Tensor | None],
+) -> list[dict]:
+    """Run ``run()`` (one full-precision sampling run of ``steps`` denoiser calls) and record the inputs of
+    the denoiser's calls. ``want(diffusion_index)`` returns the batch rows to keep at that step (or
+    ``None``); with CFG the network batch is ``[cond rows; uncond rows]`` and both copies of a row are
+    kept. Returns one dict per recorded call (tensors on the CPU, plus ``diffusion_index``)."""
+    records: list[dict] = []
+    calls = {"n": 0}
+
+    def hook(module, args, kwargs):
+        i = calls["n"]
+        calls["n"] += 1
+        d = steps - 1 - i  # loop counter -> diffusion index (the released NDTC code skips this mirror)
+        rows = want(d) if 0 <= d < steps else None
+        if rows is None or len(rows) == 0:
+            return None
+        named = dict(zip(_INPUT_NAMES, args))
+        named.update({k: v for k, v in kwargs.items() if k in ("sample", "timestep", "class_labels",
+                                                                "encoder_hidden_states")})
+        sample = named["sample"]
+        batch = sample.shape[0]
+        rows = rows.to(torch.long)
+        if batch % 2 == 0 and int(rows.max()) < batch // 2 and _is_cfg_batch(sample):
+            rows = torch.cat([rows, rows + batch // 2])  # both CFG branches
+        rec: dict = {"diffusion_index": torch.full((len(rows),), d, dtype=torch.long)}
+        for key, value in named.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            if value.dim() == 0 or value.shape[0] != batch:
+                value = value.reshape(-1)[:1].expand(batch, *value.shape[1:]) if value.dim() <= 1 else value
+            rec[key] = value.detach()[rows.to(value.device)].cpu()
+        records.append(rec)
+        return None
+
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    if calls["n"] != steps:
+        raise ValueError(
+            f"the sampling run called the denoiser {calls['n']} times, expected `steps`={steps} (one call per "
+            "step; solvers with several evaluations per step are not supported for calibration)"
+        )
+    return records
+
+
+def _is_cfg_batch(sample: torch.Tensor) -> bool:
+    half = sample.shape[0] // 2
+    return bool(torch.equal(sample[:half], sample[half:]))
+
+
+def _concat(records: list[dict], settings: dict) -> CalibrationSet:
+    if not records:
+        raise ValueError("the calibration set is empty: no denoiser call was recorded")
+
+    def cat(key):
+        values = [r[key] for r in records if key in r]
+        return torch.cat(values) if len(values) == len(records) else None
+
+    timestep = cat("timestep")
+    return CalibrationSet(cat("sample"), timestep, cat("class_labels"), cat("encoder_hidden_states"),
+                          cat("diffusion_index"), settings)
+
+
+def build_calibration_set(
+    pipe,
+    num_samples: int = 256,
+    steps: int = 20,
+    method: str = "ndtc",
+    guidance_scale: float = 3.0,
+    classes: Sequence[int] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    ndtc_mean: float = NDTC_MEAN,
+    ndtc_std: float = NDTC_STD,
+    num_steps_kept: int | None = None,
+    progress: bool = False,
+) -> CalibrationSet:
+    """Calibration set of a class-conditional pipeline (``ClassConditionalPipeline``) run with its own
+    (full-precision) sampler for ``steps`` steps and CFG at ``guidance_scale``.
+
+    ``ndtc``: ``num_samples`` trajectories, each recorded once at its NDTC draw. ``uniform``:
+    ``num_steps_kept`` (default ``min(steps, 20)``) evenly spaced steps, ``ceil(num_samples / k)``
+    trajectories recorded at each. Labels cycle through ``classes`` (default all). With guidance the
+    set holds both CFG rows of every sample (``2 * num_samples`` network inputs, before the uniform
+    rounding up).
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"`method` must be one of {list(CALIBRATION_METHODS)}, got {method!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+    _check_steps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    if method == "ndtc":
+        targets = ndtc_indices(num_samples, steps, ndtc_mean, ndtc_std, generator)
+        trajectories = num_samples
+    else:
+        kept = uniform_indices(num_steps_kept or min(steps, 20), steps)
+        trajectories = math.ceil(num_samples / len(kept))
+    pool = list(classes) if classes is not None else list(range(pipe.num_classes))
+    labels = [pool[i % len(pool)] for i in range(trajectories)]
+    cfg = pipe.unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    records: list[dict] = []
+    bar = progress_bar(total=trajectories, desc=f"calibration ({method})", disable=not progress, unit="traj")
+    for start in range(0, trajectories, batch_size):
+        n = min(batch_size, trajectories - start)
+        noise = torch.randn((n, *shape), generator=generator)
+        if method == "ndtc":
+            local = targets[start:start + n]
+
+            def want(d, local=local):
+                return torch.nonzero(local == d).flatten()
+        else:
+            every = torch.arange(n)
+
+            def want(d, every=every):
+                return every if bool((kept == d).any()) else None
+
+        def run(batch=labels[start:start + n], noise=noise):
+            pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise, output_type="latent")
+
+        records += record_denoiser_inputs(pipe.unet, run, steps, want)
+        bar.update(n)
+    bar.close()
+    settings = {"method": method, "num_samples": num_samples, "steps": steps, "guidance_scale": guidance_scale,
+                "seed": seed, "sampler": type(pipe.scheduler).__name__}
+    if method == "ndtc":
+        settings.update({"ndtc_mean": ndtc_mean, "ndtc_std": ndtc_std})
+    else:
+        settings["num_steps_kept"] = len(kept)
+    return _concat(records, settings)

@@ -1,0 +1,112 @@
+"""Real 8-bit GEMMs: int8 x int8 -> int32 via ``torch._int_mm`` (CPU and CUDA) and fp8 e4m3 via
+``torch._scaled_mm`` (CUDA, compute capability >= 8.9).
+
+Static-scale W8A8 linear (per-tensor activation ``(s_x, z)``, per-channel weight ``s_w[n]``)::
+
+    y[m, n] = s_x * s_w[n] * (sum_k x_q[m, k] W_q[n, k]  -  z * sum_k W_q[n, k]) + b[n]
+
+The integer product is exact; the zero-point term is a per-channel row sum computed once. The weight
+is stored N x K (contiguous) and passed transposed, i.e. column-major, which is the layout cuBLASLt
+accepts for every M > 16 (a row-major K x N weight is rejected for many M and is several times
+slower). On CUDA, shapes outside ``_int_mm``'s limits (M > 16, K and N multiples of 8) are zero-padded,
+which leaves the integer result unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["int8_mm", "fp8_mm", "fp8_supported", "FP8_UNAVAILABLE", "im2col", "im2col_int8"]
+
+FP8_UNAVAILABLE = (
+    "the fp8 path (torch._scaled_mm) needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); "
+    "use mode='fake' (the fake-quant reference, any device) or mode='dequant' (8-bit storage, float compute)"
+)
+
+
+def _pad_to(t: torch.Tensor, dim: int, multiple: int, minimum: int = 0) -> torch.Tensor:
+    size = t.shape[dim]
+    target = max(-(-size // multiple) * multiple, minimum)
+    if target == size:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, target - size]
+    return F.pad(t, pad)
+
+
+def int8_mm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """``x_q (M, K) int8 @ w_q (N, K) int8 ^T -> (M, N) int32``, exact; ``w_q`` is passed as ``w_q.t()``."""
+    if x_q.dtype != torch.int8 or w_q.dtype != torch.int8:
+        raise TypeError(f"int8_mm needs int8 operands, got {x_q.dtype} and {w_q.dtype}")
+    if x_q.device.type != "cuda":
+        return torch._int_mm(x_q, w_q.t())
+    m, n = x_q.shape[0], w_q.shape[0]
+    a = _pad_to(_pad_to(x_q, 1, 8), 0, 8, minimum=32)
+    b = _pad_to(_pad_to(w_q, 1, 8), 0, 8)
+    return torch._int_mm(a.contiguous(), b.contiguous().t())[:m, :n]
+
+
+def fp8_supported(device: torch.device | str | None = None) -> bool:
+    """True when ``torch._scaled_mm`` with e4m3 operands can run on ``device`` (CUDA, SM >= 8.9)."""
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(dev) >= (8, 9)
+
+
+def fp8_mm(x: torch.Tensor, x_scale: float, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``(s_x * e4m3(x / s_x)) @ (s_w * W_fp8)^T`` with ``torch._scaled_mm`` (row-wise scales, bf16 out).
+
+    ``x`` (M, K) float, ``w_fp8`` (N, K) float8_e4m3fn, ``w_scale`` (N,) float32. K and N are zero-padded
+    to multiples of 16 (the kernel's layout rule). CUDA with SM >= 8.9 only.
+    """
+    if not fp8_supported(x.device):
+        raise RuntimeError(FP8_UNAVAILABLE)
+    m, n = x.shape[0], w_fp8.shape[0]
+    a = (x.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    a = _pad_to(_pad_to(a.view(torch.uint8), 1, 16), 0, 16).view(torch.float8_e4m3fn)
+    b = _pad_to(_pad_to(w_fp8.view(torch.uint8), 1, 16), 0, 16).view(torch.float8_e4m3fn)
+    scale_a = torch.full((a.shape[0], 1), float(x_scale), device=x.device, dtype=torch.float32)
+    scale_b = _pad_to(w_scale.float().reshape(1, -1), 1, 16).to(x.device)
+    out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=scale_a, scale_b=scale_b,
+                           out_dtype=torch.bfloat16)
+    return out[:m, :n]
+
+
+def im2col(x: torch.Tensor, conv: dict) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patches of an NCHW input as GEMM rows ``(B * H_out * W_out, C * kh * kw)`` (channel-major, the
+    order of ``weight.reshape(N, -1)``), and the output spatial size. 1x1 stride-1 convs skip unfold."""
+    kh, kw = conv["kernel_size"]
+    b, c, h, w = x.shape
+    if (kh, kw) == (1, 1) and conv["stride"] == (1, 1) and conv["padding"] == (0, 0):
+        return x.permute(0, 2, 3, 1).reshape(-1, c), (h, w)
+    cols = F.unfold(x, (kh, kw), dilation=conv["dilation"], padding=conv["padding"], stride=conv["stride"])
+    sh, sw = conv["stride"]
+    ph, pw = conv["padding"]
+    dh, dw = conv["dilation"]
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (ho, wo)
+
+
+def im2col_int8(x_q: torch.Tensor, conv: dict, pad_value: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patch rows of an already quantized int8 NCHW input, in ``(kh, kw, C)`` order -- pair them with
+    ``weight.permute(0, 2, 3, 1).reshape(N, -1)``. Padded with ``pad_value`` (the zero-point, the code of
+    0.0) and built from ``kh * kw`` shifted channels-last slices, so the input is quantized once per
+    element (not once per patch element) and the patch matrix is int8. Dilation 1 only."""
+    if tuple(conv["dilation"]) != (1, 1):
+        raise ValueError(f"im2col_int8 supports dilation (1, 1), got {conv['dilation']}")
+    kh, kw = conv["kernel_size"]
+    sh, sw = conv["stride"]
+    ph, pw = conv["padding"]
+    b, c, h, w = x_q.shape
+    if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and (ph, pw) == (0, 0):
+        return x_q.permute(0, 2, 3, 1).reshape(-1, c), (h, w)
+    padded = F.pad(x_q, (pw, pw, ph, ph), value=pad_value) if (ph or pw) else x_q
+    padded = padded.permute(0, 2, 3, 1).contiguous()  # (B, Hp, Wp, C)
+    ho, wo = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+    rows_end, cols_end = sh * (ho - 1) + 1, sw * (wo - 1) + 1
+    slices = [padded[:, i:i + rows_end:sh, j:j + cols_end:sw, :] for i in range(kh) for j in range(kw)]
+    return torch.cat(slices, dim=-1).reshape(b * ho * wo, kh * kw * c), (ho, wo)

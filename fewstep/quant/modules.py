@@ -1,0 +1,237 @@
+"""Quantized drop-in replacements of ``nn.Linear`` / ``nn.Conv2d`` (W8A8, static activation scales).
+
+The activation quantizer sits on the layer *input* (Q-Diffusion's placement, the one a real int8 GEMM
+needs); nonlinearities (SiLU, softmax) and norms are outside these layers and stay in float.
+
+Execution modes of one layer (same stored parameters, same numerics up to float rounding):
+
+* ``fake``    -- the reference: quantize-dequantize input and weight in float32, then the float op;
+* ``int8``    -- real integer GEMM (``torch._int_mm``; convs through im2col), int8 format only;
+* ``fp8``     -- real e4m3 GEMM (``torch._scaled_mm``, CUDA SM >= 8.9), fp8 format only;
+* ``dequant`` -- 8-bit weight *storage*, dequantized to the input dtype (bf16 on GPU) for a float op;
+  the input is still fake-quantized so the numerics are the reference's.
+
+Split quantization (Q-Diffusion sec. 4.3, "shortcut splitting"): for a layer whose input is the
+concatenation ``[h, skip]`` (diffusers up-block resnets' ``conv_shortcut``), the first ``split`` input
+channels and the rest get their own activation quantizer and their own per-output-channel weight
+scales; the two partial products are summed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import FP8_UNAVAILABLE, fp8_mm, fp8_supported, im2col, im2col_int8, int8_mm
+from .quantizers import ActQParams, fake_quant_act, quantize_act, quantize_weight
+
+__all__ = ["QuantLayer", "MODES", "quant_layers", "set_mode"]
+
+MODES = ("fake", "int8", "fp8", "dequant")
+
+
+class QuantLayer(nn.Module):
+    """W8A8 version of a ``Linear`` or ``Conv2d`` (see the module docstring).
+
+    ``weight_scales``: per-output-channel scales, one tensor per input-channel group (two when
+    ``split > 0``); ``act``: one ``ActQParams`` per group.
+    """
+
+    def __init__(self, layer: nn.Module, weight_scales: list[torch.Tensor], act: list[ActQParams],
+                 fmt: str = "int8", split: int = 0, mode: str = "fake"):
+        super().__init__()
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"`layer` must be nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+        in_ch = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        groups = 2 if split else 1
+        if split and not 0 < split < in_ch:
+            raise ValueError(f"`split` must be in 1..{in_ch - 1} (input channels) or 0, got {split}")
+        if len(weight_scales) != groups or len(act) != groups:
+            raise ValueError(f"expected {groups} weight-scale tensors and activation quantizers, got "
+                             f"{len(weight_scales)} and {len(act)}")
+        self.kind = "linear" if isinstance(layer, nn.Linear) else "conv2d"
+        self.fmt, self.split, self.in_channels = fmt, int(split), in_ch
+        self.out_channels = layer.weight.shape[0]
+        self.act = list(act)
+        if self.kind == "conv2d":
+            self.conv = {"kernel_size": tuple(layer.kernel_size), "stride": tuple(layer.stride),
+                         "padding": layer.padding, "dilation": tuple(layer.dilation), "groups": layer.groups,
+                         "padding_mode": layer.padding_mode}
+        w = layer.weight.detach().float()
+        parts = [w] if not split else [w[:, :split], w[:, split:]]
+        for g, (part, scale) in enumerate(zip(parts, weight_scales)):
+            scale = scale.detach().float().reshape(-1).to(w.device)
+            self.register_buffer(f"weight_q{g}", quantize_weight(part, scale, fmt))
+            self.register_buffer(f"weight_scale{g}", scale)
+        bias = layer.bias.detach().float().clone() if layer.bias is not None else None
+        self.register_buffer("bias", bias)
+        self._derived: dict[tuple[str, int], torch.Tensor] = {}
+        self.mode = "fake"
+        self.set_mode(mode)
+
+    # ----------------------------------------------------------------------------------------- helpers
+    @property
+    def groups(self) -> int:
+        return 2 if self.split else 1
+
+    def weight_q(self, g: int) -> torch.Tensor:
+        return getattr(self, f"weight_q{g}")
+
+    def weight_scale(self, g: int) -> torch.Tensor:
+        return getattr(self, f"weight_scale{g}")
+
+    def dequant_weight(self, g: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        s = self.weight_scale(g).reshape(-1, *([1] * (self.weight_q(g).dim() - 1)))
+        return (self.weight_q(g).float() * s).to(dtype)
+
+    def _input_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self.split:
+            return [x]
+        dim = -1 if self.kind == "linear" else 1
+        return [x.narrow(dim, 0, self.split), x.narrow(dim, self.split, self.in_channels - self.split)]
+
+    def supported_modes(self) -> list[str]:
+        """Modes this layer can run in on the current device of its buffers."""
+        modes = ["fake", "dequant"]
+        real_ok = self.kind == "linear" or (self.conv["groups"] == 1 and self.conv["padding_mode"] == "zeros"
+                                            and not isinstance(self.conv["padding"], str))
+        if real_ok and self.fmt == "int8":
+            modes.append("int8")
+        if real_ok and self.fmt == "fp8" and fp8_supported(self.weight_q0.device):
+            modes.append("fp8")
+        return modes
+
+    def set_mode(self, mode: str) -> QuantLayer:
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {list(MODES)}, got {mode!r}")
+        if mode == "int8" and self.fmt != "int8":
+            raise ValueError(f"`mode` 'int8' needs int8-format parameters; this layer holds {self.fmt!r} "
+                             "(use 'fp8', 'fake' or 'dequant')")
+        if mode == "fp8" and self.fmt != "fp8":
+            raise ValueError(f"`mode` 'fp8' needs fp8-format parameters; this layer holds {self.fmt!r} "
+                             "(use 'int8', 'fake' or 'dequant')")
+        if mode == "fp8" and not fp8_supported(self.weight_q0.device):
+            raise RuntimeError(FP8_UNAVAILABLE)
+        if mode in ("int8", "fp8") and mode not in self.supported_modes():
+            raise ValueError(f"`mode` {mode!r} is not available for this {self.kind} ({self.conv}); "
+                             "use 'fake' or 'dequant'")
+        self.mode = mode
+        return self
+
+    def extra_repr(self) -> str:
+        split = f", split={self.split}" if self.split else ""
+        return (f"{self.kind}, in={self.in_channels}, out={self.out_channels}, format={self.fmt}, "
+                f"mode={self.mode}{split}")
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode in ("fake", "dequant"):
+            return self._forward_float(x)
+        return self._forward_real(x)
+
+    def _float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, w, bias)
+        c = self.conv
+        return F.conv2d(x, w, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+    def _forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if self.mode == "fake" else x.dtype
+        out = None
+        for g, part in enumerate(self._input_parts(x)):
+            xq = fake_quant_act(part.to(dtype), self.act[g])
+            bias = self.bias.to(dtype) if (self.bias is not None and g == 0) else None
+            y = self._float_op(xq, self.dequant_weight(g, dtype), bias)
+            out = y if out is None else out + y
+        return out.to(x.dtype)
+
+    def _rows(self, part: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """GEMM rows of one input part, and how to fold the (M, N) result back."""
+        if self.kind == "linear":
+            return part.reshape(-1, part.shape[-1]), ("linear", part.shape[:-1])
+        if self.conv["padding_mode"] != "zeros":
+            raise ValueError("real 8-bit convs need padding_mode='zeros'")
+        rows, (ho, wo) = im2col(part, self.conv)
+        return rows, ("conv", part.shape[0], ho, wo)
+
+    def _fold(self, y: torch.Tensor, how: tuple) -> torch.Tensor:
+        if how[0] == "linear":
+            return y.reshape(*how[1], y.shape[-1])
+        _, b, ho, wo = how
+        return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
+
+    def _cached(self, key: str, g: int, make) -> torch.Tensor:
+        """Per-device derived tensors of the stored weight (row sums, the (kh, kw, C)-ordered int8 weight)."""
+        w = self.weight_q(g)
+        cached = self._derived.get((key, g))
+        if cached is None or cached.device != w.device:
+            cached = make(w)
+            self._derived[(key, g)] = cached
+        return cached
+
+    def _int8_gemm(self, part: torch.Tensor, g: int) -> tuple[torch.Tensor, tuple]:
+        """Exact int32 ``sum_k (x_q - z) W_q`` of one input part, and how to fold it back."""
+        qp = self.act[g]
+        if self.kind == "conv2d" and tuple(self.conv["dilation"]) == (1, 1):
+            rows, (ho, wo) = im2col_int8(quantize_act(part, qp), self.conv, qp.zero_point)
+            w = self._cached("khwc", g, lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous())
+            how = ("conv", part.shape[0], ho, wo)
+        else:
+            rows, how = self._rows(part)
+            rows = quantize_act(rows, qp)
+            w = self.weight_q(g).reshape(self.out_channels, -1)
+        acc = int8_mm(rows, w)
+        if qp.zero_point:
+            zero_term = self._cached("zero_term", g, lambda w: qp.zero_point * w.reshape(w.shape[0], -1)
+                                     .to(torch.int32).sum(1))
+            acc.sub_(zero_term)  # exact, in int32, in place
+        return acc, how
+
+    def _forward_real(self, x: torch.Tensor) -> torch.Tensor:
+        out, how = None, None
+        bias = self.bias
+        for g, part in enumerate(self._input_parts(x)):
+            if self.mode == "int8":
+                acc, how = self._int8_gemm(part, g)
+                scale = self.act[g].scale * self.weight_scale(g)
+                y = acc.to(torch.float32).mul_(scale)
+                if bias is not None:
+                    y.add_(bias)
+            else:
+                rows, how = self._rows(part)
+                w = self.weight_q(g).reshape(self.out_channels, -1)
+                y = fp8_mm(rows, self.act[g].scale, w, self.weight_scale(g)).float()
+                y = y + bias if bias is not None else y
+            bias = None  # added once
+            out = y if out is None else out + y
+        return self._fold(out, how).to(x.dtype)
+
+    # ------------------------------------------------------------------------------------- reference
+    def reference_weight(self) -> torch.Tensor:
+        """The full dequantized weight in float32 (both groups concatenated along input channels)."""
+        parts = [self.dequant_weight(g) for g in range(self.groups)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """Name -> ``QuantLayer`` of a quantized model."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def set_mode(model: nn.Module, mode: str | dict[str, str]) -> nn.Module:
+    """Switch every quantized layer (``mode`` a string) or the named ones (a dict name -> mode)."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("`model` holds no quantized layers (run fewstep.quant.quantize first)")
+    if isinstance(mode, str):
+        for layer in layers.values():
+            layer.set_mode(mode)
+        return model
+    unknown = sorted(set(mode) - set(layers))
+    if unknown:
+        raise ValueError(f"`mode` names layers that are not quantized: {unknown[:5]}")
+    for name, m in mode.items():
+        layers[name].set_mode(m)
+    return model
+

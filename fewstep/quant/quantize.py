@@ -1,0 +1,234 @@
+"""``quantize(unet, calibration, config)``: PTQ4DM-style W8A8 post-training quantization.
+
+1. every ``nn.Linear`` / ``nn.Conv2d`` (minus ``exclude``) gets per-output-channel weight scales from a
+   range search on the weight itself;
+2. the calibration set is run through the *full-precision* network twice -- once for each layer input's
+   min/max, once for its histogram over that range -- and a per-tensor static clip range is searched on
+   the histogram (PTQ4DM sec. 3.4: L_p, p = 2.4 by default);
+3. the layers are swapped for ``QuantLayer`` modules (fake-quant reference mode unless ``config.mode``
+   says otherwise).
+
+With ``split_skip`` the up-block resnets' ``conv_shortcut`` (whose input is ``cat([h, skip])``) get one
+activation quantizer per part (Q-Diffusion's shortcut splitting); the split point is read from the
+skip tensors the up block receives.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationSet, progress_bar
+from .modules import MODES, QuantLayer
+from .quantizers import FORMATS, METRICS, Histogram, act_qparams_from_range, search_act_range, weight_qparams
+
+__all__ = ["QuantConfig", "quantize", "quantizable_layers", "find_skip_splits"]
+
+
+@dataclass
+class QuantConfig:
+    """Settings of ``quantize``.
+
+    ``format``: ``int8`` (PTQ4DM's grid) or ``fp8`` (e4m3); ``metric``: range-search criterion for
+    activations (``lp``, ``mse``, ``cosine``, ``kl``) with ``p`` for ``lp``; weights use the same
+    criterion except ``kl`` (then L_p); ``act_grid`` / ``weight_grid`` candidates per search axis;
+    ``symmetric_act`` restricts activation ranges to ``[-c, c]``; ``split_skip`` enables shortcut
+    splitting; ``exclude``: ``fnmatch`` patterns of layer names kept in float; ``mode``: execution mode
+    the returned layers start in; ``batch_size`` rows per calibration forward.
+    """
+
+    format: str = "int8"
+    metric: str = "lp"
+    p: float = 2.4
+    act_grid: int = 100
+    weight_grid: int = 80
+    bins: int = 2048
+    symmetric_act: bool = False
+    split_skip: bool = False
+    exclude: list[str] = field(default_factory=list)
+    mode: str = "fake"
+    batch_size: int = 256
+
+    def validate(self) -> QuantConfig:
+        if self.format not in FORMATS:
+            raise ValueError(f"`format` must be one of {list(FORMATS)}, got {self.format!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"`metric` must be one of {list(METRICS)}, got {self.metric!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"`mode` must be one of {list(MODES)}, got {self.mode!r}")
+        for name in ("act_grid", "weight_grid", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
+        if not isinstance(self.p, (int, float)) or not self.p > 0:
+            raise ValueError(f"`p` must be a number > 0, got {self.p!r}")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantizable_layers(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Name -> ``nn.Linear`` / ``nn.Conv2d`` of ``model`` not matched by an ``exclude`` pattern."""
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(fnmatch.fnmatch(name, pat) for pat in exclude)
+    }
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def find_skip_splits(model: nn.Module, calibration: CalibrationSet) -> dict[str, int]:
+    """``conv_shortcut`` name -> number of leading (non-skip) input channels, for diffusers up blocks.
+
+    An up block's ``i``-th resnet sees ``cat([h, res_hidden_states_tuple[-1 - i]])``; the split point is
+    its input channels minus that skip tensor's channels. Found with one forward of a calibration batch.
+    """
+    splits: dict[str, int] = {}
+    handles = []
+    for block_name, block in model.named_modules():
+        resnets = getattr(block, "resnets", None)
+        if not block_name.split(".")[-2:-1] == ["up_blocks"] or resnets is None:
+            continue
+
+        def hook(module, args, kwargs, block_name=block_name):
+            skips = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+            if skips is None:
+                return None
+            for i, resnet in enumerate(module.resnets):
+                shortcut = getattr(resnet, "conv_shortcut", None)
+                if not isinstance(shortcut, nn.Conv2d) or i >= len(skips):
+                    continue
+                first = shortcut.in_channels - skips[-1 - i].shape[1]
+                if 0 < first < shortcut.in_channels:
+                    splits[f"{block_name}.resnets.{i}.conv_shortcut"] = first
+            return None
+
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        batch = next(calibration.batches(2))
+        with torch.no_grad():
+            model(**_to(batch, model))
+    finally:
+        for h in handles:
+            h.remove()
+    return splits
+
+
+def _to(batch: dict, model: nn.Module) -> dict:
+    p = next(model.parameters())
+    out = {}
+    for k, v in batch.items():
+        out[k] = v.to(p.device, dtype=p.dtype) if v.is_floating_point() and k != "timestep" else v.to(p.device)
+    return out
+
+
+def _run_with_input_hooks(model, calibration, layers, splits, batch_size, observe, desc, progress):
+    def make_hook(name):
+        split = splits.get(name, 0)
+        dim = -1 if isinstance(layers[name], nn.Linear) else 1
+
+        def hook(module, args):
+            x = args[0].detach()
+            if split:
+                parts = [x.narrow(dim, 0, split), x.narrow(dim, split, x.shape[dim] - split)]
+            else:
+                parts = [x]
+            for g, part in enumerate(parts):
+                observe(name, g, part)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for batch in progress_bar(list(calibration.batches(batch_size)), desc=desc, disable=not progress):
+                model(**_to(batch, model))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def quantize(
+    unet: nn.Module,
+    calibration: CalibrationSet,
+    config: QuantConfig | None = None,
+    inplace: bool = False,
+    progress: bool = False,
+) -> nn.Module:
+    """W8A8-quantize ``unet`` (any module taking ``sample, timestep, ...`` keywords) on ``calibration``.
+
+    Returns the model with its ``Linear``/``Conv2d`` layers replaced by ``QuantLayer`` (a deep copy unless
+    ``inplace``); ``model.fewstep_quant`` holds the settings (saved by ``save_quantized``).
+    """
+    config = (config or QuantConfig()).validate()
+    if not isinstance(calibration, CalibrationSet):
+        raise TypeError(f"`calibration` must be a fewstep.quant.CalibrationSet, got {type(calibration).__name__}")
+    if len(calibration) == 0:
+        raise ValueError("`calibration` is empty (0 rows): build it with build_calibration_set(num_samples >= 1)")
+    layers = quantizable_layers(unet, config.exclude)
+    if not layers:
+        raise ValueError(
+            f"`unet` ({type(unet).__name__}) has no quantizable layers (nn.Linear / nn.Conv2d)"
+            + (f" outside exclude={config.exclude}" if config.exclude else "")
+        )
+    from .artifacts import model_fingerprint
+
+    fingerprint = model_fingerprint(unet)
+    model = unet if inplace else copy.deepcopy(unet)
+    model.eval()
+    layers = quantizable_layers(model, config.exclude)
+    splits = find_skip_splits(model, calibration) if config.split_skip else {}
+    splits = {k: v for k, v in splits.items() if k in layers}
+
+    ranges: dict[tuple[str, int], list[float]] = {}
+
+    def observe_range(name, g, x):
+        lo, hi = float(x.min()), float(x.max())
+        r = ranges.setdefault((name, g), [lo, hi])
+        r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+    _run_with_input_hooks(model, calibration, layers, splits, config.batch_size, observe_range,
+                          "calibration ranges", progress)
+    hists = {key: Histogram(lo, hi, config.bins) for key, (lo, hi) in ranges.items()}
+
+    def observe_hist(name, g, x):
+        hists[(name, g)].add(x)
+
+    _run_with_input_hooks(model, calibration, layers, splits, config.batch_size, observe_hist,
+                          "calibration histograms", progress)
+    missing = sorted({name for name in layers if (name, 0) not in hists})
+    if missing:
+        raise ValueError(f"the calibration forward never reached layers {missing[:5]}: exclude them")
+    weight_metric = "lp" if config.metric == "kl" else config.metric
+    summary = {}
+    for name, layer in progress_bar(list(layers.items()), desc="range search", disable=not progress):
+        split = splits.get(name, 0)
+        w = layer.weight.detach()
+        w_parts = [w] if not split else [w[:, :split], w[:, split:]]
+        w_scales = [weight_qparams(part, weight_metric, config.p, config.weight_grid, config.format)
+                    for part in w_parts]
+        acts = []
+        for g in range(len(w_parts)):
+            lo, hi = search_act_range(hists[(name, g)], config.metric, config.p, config.act_grid, config.format,
+                                      config.symmetric_act)
+            acts.append(act_qparams_from_range(lo, hi, config.format))
+        q = QuantLayer(layer, w_scales, acts, config.format, split, mode="fake")
+        q.set_mode(config.mode)
+        _set_submodule(model, name, q)
+        summary[name] = {"split": split, "observed": [list(ranges[(name, g)]) for g in range(len(w_parts))]}
+    model.fewstep_quant = {
+        "config": config.as_dict(),
+        "calibration": dict(calibration.settings, rows=len(calibration)),
+        "fingerprint": fingerprint,
+        "layers": summary,
+    }
+    return model

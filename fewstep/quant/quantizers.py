@@ -1,0 +1,352 @@
+"""Uniform 8-bit quantizers and the range search that picks their clipping range.
+
+Grid (PTQ4DM / Q-Diffusion notation, signed int8 storage)::
+
+    q(x) = clamp(round(x / s) + z, q_min, q_max),     x_hat = s * (q(x) - z)
+
+* weights: symmetric per output channel, ``z = 0``, ``q in [-127, 127]``, ``s[n] = c[n] / 127``;
+* activations: one static per-tensor ``(s, z)``, asymmetric, ``q in [-128, 127]``,
+  ``s = (hi - lo) / 255`` and ``z = -128 - round(lo / s)``, so 0 maps exactly to ``z`` (zero padding
+  stays exact in the integer domain).
+
+The clipping range comes from a grid search that minimises a distance between ``x`` and ``x_hat``
+(PTQ4DM sec. 3.4, Table 4; Q-Diffusion sec. 4): ``lp`` = mean ``|x - x_hat|^p`` with ``p = 2.4``
+(the LAPQ norm both papers use; PTQ4DM calls it "MSE"), ``mse`` (p = 2), ``cosine`` (1 - cosine
+similarity) and ``kl`` (KL divergence between the histogram of ``x`` and that of ``x_hat``, the
+TensorRT entropy criterion). Activations are searched on a histogram accumulated over the whole
+calibration set (rounding noise modelled, clipping exact; see ``range_error``), weights exactly, one
+channel at a time (vectorised).
+
+FP8 (e4m3) uses the same per-channel / per-tensor layout with a floating grid:
+``x_hat = s * fp8(x / s)`` and ``s = amax / 448``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "METRICS",
+    "FORMATS",
+    "FP8_MAX",
+    "ActQParams",
+    "Histogram",
+    "weight_qparams",
+    "fake_quant_weight",
+    "quantize_weight",
+    "act_qparams_from_range",
+    "quantize_act",
+    "fake_quant_act",
+    "search_act_range",
+    "fp8_fake_quant",
+    "range_error",
+]
+
+METRICS = ("lp", "mse", "cosine", "kl")
+FORMATS = ("int8", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_W_QMAX = 127
+_A_QMIN, _A_QMAX = -128, 127
+
+
+def _check_metric(metric: str, p: float) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {list(METRICS)}, got {metric!r}")
+    if not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
+        raise ValueError(f"`p` must be a finite number > 0, got {p!r}")
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"`format` must be one of {list(FORMATS)}, got {fmt!r}")
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def _channel_error(w: torch.Tensor, w_hat: torch.Tensor, metric: str, p: float) -> torch.Tensor:
+    """Per-row distance between ``w`` and its quantized version (rows = output channels)."""
+    d = w - w_hat
+    if metric == "lp":
+        return d.abs().pow(p).mean(1)
+    if metric == "mse":
+        return d.pow(2).mean(1)
+    if metric == "cosine":
+        return 1 - torch.nn.functional.cosine_similarity(w, w_hat, dim=1, eps=1e-12)
+    # kl on weights: compare value histograms is ill-posed per channel; use the L_p norm instead
+    return d.abs().pow(p).mean(1)
+
+
+def _fake_weight_rows(w: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    s = scale.unsqueeze(1)
+    if fmt == "int8":
+        return torch.clamp(torch.round(w / s), -_W_QMAX, _W_QMAX) * s
+    return fp8_fake_quant(w, s)
+
+
+def weight_qparams(
+    weight: torch.Tensor,
+    metric: str = "lp",
+    p: float = 2.4,
+    grid: int = 80,
+    fmt: str = "int8",
+    search: bool = True,
+) -> torch.Tensor:
+    """Per-output-channel scales ``s[n]`` of a weight (out channels first, any trailing shape).
+
+    The clip ``c[n] = alpha * max|W[n]|`` is searched over ``alpha in {1, 1 - 1/grid, ..., 1/grid}``
+    (Q-Diffusion's shrink-factor search over 80 candidates) minimising the per-channel distance;
+    ``search=False`` keeps ``alpha = 1`` (plain absmax). int8: ``s = c / 127``; fp8: ``s = c / 448``.
+    """
+    _check_metric(metric, p)
+    _check_format(fmt)
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"`grid` must be an integer >= 1, got {grid!r}")
+    w = weight.detach().reshape(weight.shape[0], -1).float()
+    amax = w.abs().amax(1).clamp_min(1e-12)
+    qmax = _W_QMAX if fmt == "int8" else FP8_MAX
+    best_scale = amax / qmax
+    if not search:
+        return best_scale
+    best_err = _channel_error(w, _fake_weight_rows(w, best_scale, fmt), metric, p)
+    for k in range(1, grid):
+        scale = amax * (1 - k / grid) / qmax
+        err = _channel_error(w, _fake_weight_rows(w, scale, fmt), metric, p)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str = "int8") -> torch.Tensor:
+    """Stored 8-bit weight: int8 ``round(W / s)`` in [-127, 127], or float8_e4m3fn ``W / s``."""
+    _check_format(fmt)
+    s = scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.device)
+    if fmt == "int8":
+        return torch.clamp(torch.round(weight.float() / s), -_W_QMAX, _W_QMAX).to(torch.int8)
+    return (weight.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str = "int8") -> torch.Tensor:
+    """``s[n] * q(W[n])`` in float32: the weight the fake-quant reference computes with."""
+    s = scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.device)
+    return quantize_weight(weight, scale, fmt).float() * s
+
+
+def fp8_fake_quant(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``s * e4m3(x / s)`` (saturating at +-448), computed in float32."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+# ------------------------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class ActQParams:
+    """Static per-tensor activation quantizer: ``scale`` and integer ``zero_point`` (int8 grid), or, for
+    fp8, ``scale = amax / 448`` and ``zero_point = 0``."""
+
+    scale: float
+    zero_point: int
+    fmt: str = "int8"
+
+
+def act_qparams_from_range(lo: float, hi: float, fmt: str = "int8") -> ActQParams:
+    """Asymmetric int8 parameters for the clip range ``[lo, hi]`` (widened to contain 0), or the fp8
+    scale ``max(|lo|, |hi|) / 448``."""
+    _check_format(fmt)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"activation range must be finite, got [{lo}, {hi}]")
+    if fmt == "fp8":
+        return ActQParams(max(-lo, hi, 1e-12) / FP8_MAX, 0, "fp8")
+    scale = max(hi - lo, 1e-12) / (_A_QMAX - _A_QMIN)
+    zero_point = int(_A_QMIN - round(lo / scale))
+    zero_point = max(_A_QMIN, min(_A_QMAX, zero_point))
+    return ActQParams(scale, zero_point, "int8")
+
+
+def quantize_act(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
+    """int8 ``clamp(round(x / s) + z, -128, 127)`` (int8 format only)."""
+    if qp.fmt != "int8":
+        raise ValueError(f"quantize_act needs an int8 quantizer, got format {qp.fmt!r}")
+    q = torch.round(x.float() / qp.scale) + qp.zero_point
+    return torch.clamp(q, _A_QMIN, _A_QMAX).to(torch.int8)
+
+
+def fake_quant_act(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
+    """Quantize-dequantize in float32 (keeps ``x``'s dtype on return)."""
+    if qp.fmt == "fp8":
+        return fp8_fake_quant(x, qp.scale).to(x.dtype)
+    q = torch.clamp(torch.round(x.float() / qp.scale) + qp.zero_point, _A_QMIN, _A_QMAX)
+    return ((q - qp.zero_point) * qp.scale).to(x.dtype)
+
+
+class Histogram:
+    """Fixed-range value histogram accumulated over calibration batches (range from a min/max pass)."""
+
+    def __init__(self, lo: float, hi: float, bins: int = 2048):
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 16:
+            raise ValueError(f"`bins` must be an integer >= 16, got {bins!r}")
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo:
+            raise ValueError(f"histogram range must be finite with lo <= hi, got [{lo}, {hi}]")
+        if hi - lo < 1e-12:
+            lo, hi = lo - 1e-6, hi + 1e-6
+        self.lo, self.hi, self.bins = lo, hi, bins
+        self.counts = torch.zeros(bins, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.counts += torch.histc(x.detach().float().flatten(), self.bins, self.lo, self.hi).double().cpu()
+
+    @property
+    def centers(self) -> torch.Tensor:
+        width = (self.hi - self.lo) / self.bins
+        return self.lo + width * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+
+    @classmethod
+    def of(cls, x: torch.Tensor, bins: int = 2048) -> Histogram:
+        x = x.detach().float()
+        h = cls(float(x.min()), float(x.max()), bins)
+        h.add(x)
+        return h
+
+
+def _dequant_grid(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``x_hat`` of values ``v`` (last dim) under candidate ranges ``[lo, hi]`` (leading dims)."""
+    if fmt == "fp8":
+        scale = torch.maximum(-lo, hi).clamp_min(1e-12) / FP8_MAX
+        return fp8_fake_quant(v, scale.float()).double()
+    scale = (hi - lo).clamp_min(1e-12) / (_A_QMAX - _A_QMIN)
+    z = torch.clamp(_A_QMIN - torch.round(lo / scale), _A_QMIN, _A_QMAX)
+    q = torch.clamp(torch.round(v / scale) + z, _A_QMIN, _A_QMAX)
+    return (q - z) * scale
+
+
+def _local_step(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Spacing of the quantization grid around each value: ``s`` for int8, the e4m3 ulp (3 mantissa bits,
+    subnormal floor ``2^-9 s``) for fp8."""
+    if fmt == "int8":
+        return (hi - lo).clamp_min(1e-12) / (_A_QMAX - _A_QMIN)  # (C, 1): one step per candidate
+    scale = torch.maximum(-lo, hi).clamp_min(1e-12) / FP8_MAX
+    mag = (v.abs() / scale).clamp_min(2.0 ** -6)  # below 2^-6 the grid is the subnormal one
+    return torch.exp2(torch.floor(torch.log2(mag)) - 3) * scale
+
+
+def range_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, metric: str = "lp", p: float = 2.4,
+                fmt: str = "int8") -> torch.Tensor:
+    """Distance between the histogram's values and their quantized versions for each candidate range
+    (``lo``, ``hi`` 1-D of equal length); lower is better.
+
+    ``lp``, ``mse``, ``cosine``: values outside the range contribute their exact clipping error (at bin
+    centres); inside it the rounding error is modelled as uniform on ``[-step/2, step/2]``
+    (``E|u|^p = (step/2)^p / (p + 1)``, uncorrelated with the value). Unlike evaluating the grid at bin
+    centres this stays right when the grid is finer than the histogram's bins, which happens exactly
+    on heavy-tailed data (a few far outliers stretch the histogram). ``kl`` compares histograms.
+    """
+    _check_metric(metric, p)
+    v = hist.centers.unsqueeze(0)  # (1, B)
+    c = hist.counts.unsqueeze(0)
+    lo_, hi_ = lo.double().unsqueeze(1), hi.double().unsqueeze(1)
+    if fmt == "fp8":
+        amax = torch.maximum(-lo_, hi_)
+        lo_, hi_ = -amax, amax
+    total = c.sum().clamp_min(1e-300)
+    if metric == "kl":
+        return _kl_error(hist, _dequant_grid(v, lo_, hi_, fmt), c, lo_, hi_)
+    clipped = torch.minimum(torch.maximum(v, lo_), hi_)
+    inside = (v >= lo_) & (v <= hi_)
+    step = _local_step(v, lo_, hi_, fmt)
+    power = 2.0 if metric in ("mse", "cosine") else p
+    noise = (step / 2).pow(power) / (power + 1)  # E|u|^power, u ~ U(-step/2, step/2)
+    clip_err = (v - clipped).abs().float().pow(power).double()  # float32 pow: the hot spot of the search
+    err = torch.where(inside, noise, clip_err)
+    if metric in ("lp", "mse"):
+        return (err * c).sum(1) / total
+    dot = (v * clipped * c).sum(1)
+    q_norm = ((clipped * clipped + torch.where(inside, noise, torch.zeros_like(noise))) * c).sum(1)
+    norms = ((v * v * c).sum(1) * q_norm).sqrt().clamp_min(1e-300)
+    return 1 - dot / norms
+
+
+def _kl_error(hist: Histogram, v_hat: torch.Tensor, c: torch.Tensor, lo: torch.Tensor,
+              hi: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per candidate range (the TensorRT entropy-calibration construction, two-sided): P is the
+    histogram restricted to the range with the clipped mass folded into its edge bins; Q is the in-range
+    histogram *without* that mass, merged per quantization level and spread evenly over the level's
+    non-empty bins. Clipping thus costs the divergence of the edge bins, rounding that of the merges."""
+    v = hist.centers
+    counts = c[0]
+    out = torch.empty(v_hat.shape[0], dtype=torch.float64)
+    for i in range(v_hat.shape[0]):
+        inside = (v >= lo[i, 0]) & (v <= hi[i, 0])
+        idx = torch.nonzero(inside).flatten()
+        if len(idx) == 0:
+            out[i] = float("inf")
+            continue
+        first, last = int(idx[0]), int(idx[-1])
+        q_ref = counts[first:last + 1]
+        p = q_ref.clone()
+        p[0] += counts[:first].sum()
+        p[-1] += counts[last + 1:].sum()
+        _, level = torch.unique(v_hat[i, first:last + 1], return_inverse=True)
+        n_levels = int(level.max()) + 1
+        nonzero = (q_ref > 0).double()
+        mass = torch.zeros(n_levels, dtype=torch.float64).index_add_(0, level, q_ref)
+        support = torch.zeros(n_levels, dtype=torch.float64).index_add_(0, level, nonzero)
+        q = torch.where(q_ref > 0, mass[level] / support[level].clamp_min(1), torch.zeros_like(q_ref))
+        p = p / p.sum().clamp_min(1e-300)
+        q = (q + 1e-4 * (q_ref.sum() / len(q_ref))).clamp_min(1e-300)  # smoothing: empty bins of Q
+        q = q / q.sum()
+        keep = p > 0
+        out[i] = (p[keep] * (p[keep] / q[keep]).log()).sum()
+    return out
+
+
+def search_act_range(
+    hist: Histogram,
+    metric: str = "lp",
+    p: float = 2.4,
+    grid: int = 100,
+    fmt: str = "int8",
+    symmetric: bool = False,
+) -> tuple[float, float]:
+    """Clip range ``[lo, hi]`` of a per-tensor activation quantizer minimising ``metric``.
+
+    Candidates (PTQ4DM's search: ``i / grid`` times the observed extremes): one-sided ``[0, a * max]``
+    when the data is non-negative, symmetric ``[-a * m, a * m]`` with ``m = max|x|`` when ``symmetric``
+    (and always for fp8, whose grid is symmetric), otherwise the 2-D grid ``[a * min, b * max]``.
+    The 2-D grid is searched coarse to fine (every ``grid // 25``-th factor, then all factors around the
+    best). ``kl`` uses a coarser grid (it is the slow criterion).
+    """
+    _check_metric(metric, p)
+    _check_format(fmt)
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"`grid` must be an integer >= 1, got {grid!r}")
+    if hist.counts.sum() <= 0:
+        raise ValueError("the activation histogram is empty: the calibration set never reached this layer")
+    if metric == "kl":
+        grid = min(grid, 25)
+    xmin, xmax = min(hist.lo, 0.0), max(hist.hi, 0.0)
+
+    def best(lo: torch.Tensor, hi: torch.Tensor) -> tuple[float, float]:
+        err = torch.cat([range_error(hist, lo[i:i + 512], hi[i:i + 512], metric, p, fmt)
+                         for i in range(0, len(lo), 512)])
+        k = int(torch.argmin(err))
+        return float(lo[k]), float(hi[k])
+
+    alphas = torch.arange(grid, 0, -1, dtype=torch.float64) / grid  # 1, ..., 1/grid
+    if fmt == "fp8" or symmetric:
+        m = max(-xmin, xmax)
+        return best(-alphas * m, alphas * m)
+    if xmin >= 0:
+        return best(torch.zeros_like(alphas), alphas * xmax)
+    # 2-D grid [a * min, b * max], coarse to fine: every `stride`-th factor, then all factors around the best
+    stride = max(1, grid // 25)
+    coarse = alphas[::stride]
+    a, b = torch.meshgrid(coarse, coarse, indexing="ij")
+    lo0, hi0 = best((a * xmin).flatten(), (b * xmax).flatten())
+    ka, kb = round(lo0 / xmin * grid), round(hi0 / xmax * grid)
+    near_a = torch.arange(max(1, ka - stride), min(grid, ka + stride) + 1, dtype=torch.float64) / grid
+    near_b = torch.arange(max(1, kb - stride), min(grid, kb + stride) + 1, dtype=torch.float64) / grid
+    a, b = torch.meshgrid(near_a, near_b, indexing="ij")
+    return best((a * xmin).flatten(), (b * xmax).flatten())

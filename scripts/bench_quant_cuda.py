@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""8-bit execution on CUDA: bf16 vs int8 (``torch._int_mm``) vs fp8 e4m3 (``torch._scaled_mm``), per layer and
+per UNet call, with static (calibrated) activation scales. Needs a CUDA GPU (fp8 needs SM >= 8.9).
+
+Part ``layers``: one ``QuantLayer`` per shape from the research notes (SD1.5 / SDXL / Flux Linears, SD-sized
+3x3 convs), every mode it supports, eager and ``torch.compile``-d; the bare GEMMs as well.
+Part ``unet``: SD1.5- and SDXL-shaped ``UNet2DConditionModel`` with random weights (speed only), quantized
+on a random calibration set, the per-layer policy run at batch 8, then compiled per-call latency at batch
+1, 2, 8, 16 and weight memory, bf16 vs int8 vs fp8, as ratios within one run. Results as JSON.
+
+    PYTHONPATH=. python scripts/bench_quant_cuda.py --out scripts/results_quant_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from fewstep import quant
+from fewstep.quant.quantizers import act_qparams_from_range, weight_qparams
+
+LINEARS = {  # name -> (M tokens, K in, N out)
+    "SD1.5-512 ff1": (8192, 320, 2560),
+    "SDXL-1024 L2 ff1": (8192, 640, 5120),
+    "SDXL L3 ff1": (2048, 1280, 10240),
+    "Flux qkv": (4608, 3072, 9216),
+    "Flux mlp2": (4608, 12288, 3072),
+}
+CONVS = {  # name -> (batch, channels, size)
+    "C320 @ 64^2": (2, 320, 64),
+    "C640 @ 64^2": (2, 640, 64),
+    "C1280 @ 32^2": (2, 1280, 32),
+}
+UNETS = {
+    "sd15": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                 attention_head_dim=8, layers_per_block=2,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "sdxl": dict(sample_size=128, block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+                 attention_head_dim=(5, 10, 20), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+                 use_linear_projection=True,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+}
+TEXT_TOKENS = 77
+
+
+def require_cuda() -> torch.device:
+    """The CUDA device, or exit with a one-line reason (this benchmark has no CPU fallback)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_quant_cuda.py needs a CUDA GPU (none visible to torch); the CPU measurements are "
+                         "scripts/bench_quant.py")
+    return torch.device("cuda")
+
+
+def cuda_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
+    """Median milliseconds of ``fn()`` measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _layer(float_layer: nn.Module, x: torch.Tensor, fmt: str) -> quant.QuantLayer:
+    amax = float(x.abs().max())
+    acts = [act_qparams_from_range(-amax, amax, fmt)]
+    return quant.QuantLayer(float_layer, [weight_qparams(float_layer.weight, fmt=fmt, search=False)], acts, fmt)
+
+
+@torch.no_grad()
+def bench_layers(device, args) -> list[dict]:
+    rows = []
+    cases = [(name, nn.Linear(k, n), torch.randn(m, k)) for name, (m, k, n) in LINEARS.items()]
+    cases += [(name, nn.Conv2d(c, c, 3, padding=1), torch.randn(b, c, s, s)) for name, (b, c, s) in CONVS.items()]
+    for name, float_layer, x in cases:
+        float_layer = float_layer.to(device)
+        x = x.to(device)
+        xb = x.to(torch.bfloat16)
+        bf16 = copy.deepcopy(float_layer).to(torch.bfloat16)
+        row = {"layer": name, "shape": list(x.shape), "bf16_ms": cuda_ms(lambda: bf16(xb), args.repeats)}  # noqa: B023
+        if args.compile:
+            compiled = torch.compile(bf16)
+            row["bf16_compiled_ms"] = cuda_ms(lambda: compiled(xb), args.repeats)  # noqa: B023
+        for fmt in ("int8", "fp8"):
+            q = _layer(float_layer, x, fmt).to(device)
+            for mode in q.supported_modes():
+                if mode == "fake":
+                    continue
+                q.set_mode(mode)
+                row[f"{fmt}_{mode}_ms"] = cuda_ms(lambda: q(xb), args.repeats)  # noqa: B023
+                if args.compile:
+                    cq = torch.compile(q)
+                    row[f"{fmt}_{mode}_compiled_ms"] = cuda_ms(lambda: cq(xb), args.repeats)  # noqa: B023
+            if fmt == "int8" and "int8" in q.supported_modes():
+                q.set_mode("fake")
+                fake = q(x)
+                q.set_mode("int8")
+                row["int8_vs_fake_max_rel"] = float((q(x) - fake).abs().max() / fake.abs().max())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # bare GEMMs (no activation quantization): column-major B for both 8-bit kernels
+    for name, (m, k, n) in LINEARS.items():
+        a, w = torch.randn(m, k, device=device, dtype=torch.bfloat16), torch.randn(n, k, device=device,
+                                                                                    dtype=torch.bfloat16)
+        aq = torch.randint(-128, 128, (m, k), device=device, dtype=torch.int8)
+        wq = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
+        row = {"gemm": name, "bf16_ms": cuda_ms(lambda: a @ w.t(), args.repeats),  # noqa: B023
+               "int8_ms": cuda_ms(lambda: torch._int_mm(aq, wq.t()), args.repeats)}  # noqa: B023
+        if quant.fp8_supported(device):
+            af, wf = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+            one = torch.ones((), device=device)
+            row["fp8_ms"] = cuda_ms(lambda: torch._scaled_mm(af, wf.t(), scale_a=one, scale_b=one,  # noqa: B023
+                                                             out_dtype=torch.bfloat16), args.repeats)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _random_calibration(unet, rows: int, device) -> quant.CalibrationSet:
+    cfg = unet.config
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(rows, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
+    timestep = torch.randint(0, 1000, (rows,), generator=gen)
+    text = torch.randn(rows, TEXT_TOKENS, cfg.cross_attention_dim, generator=gen)
+    return quant.CalibrationSet(sample, timestep, encoder_hidden_states=text, settings={"method": "random"})
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+class _Call(nn.Module):
+    """``unet(sample, t, encoder_hidden_states).sample`` as one module (what gets compiled)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+
+@torch.no_grad()
+def bench_unet(name: str, device, args) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNETS[name]).to(device, torch.bfloat16).eval()
+    cal = _random_calibration(unet, 4, device)
+    out = {"unet": name, "bf16_weight_bytes": _weight_bytes(unet), "per_call_ms": {}}
+    variants = {"bf16": unet}
+    for fmt in ("int8", "fp8"):
+        if fmt == "fp8" and not quant.fp8_supported(device):
+            continue
+        q = quant.quantize(unet, cal, quant.QuantConfig(format=fmt, act_grid=20, weight_grid=10, batch_size=2,
+                                                        mode="dequant"))
+        inputs = {k: v.to(device) for k, v in next(cal.batches(2)).items()}
+        inputs["sample"] = inputs["sample"].to(torch.bfloat16)
+        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)
+        report = quant.choose_modes(q, inputs, candidates=(fmt, "dequant"),
+                                    timer=lambda layer, x, mode: quant.time_layer(layer, x, mode, repeats=10))
+        out[f"{fmt}_policy"] = {m: sum(r.chosen == m for r in report) for m in (fmt, "dequant")}
+        out[f"{fmt}_weight_bytes"] = _weight_bytes(q)
+        variants[f"{fmt}"] = q
+        all_real = copy.deepcopy(q)  # every layer on the 8-bit kernel where one exists, whatever the timing
+        quant.set_mode(all_real, {n: m for n, layer in quant.quant_layers(all_real).items()
+                                  for m in [fmt if fmt in layer.supported_modes() else "dequant"]})
+        variants[f"{fmt}-all"] = all_real
+    for batch in args.batches:
+        cfg = unet.config
+        x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device, dtype=torch.bfloat16)
+        t = torch.full((batch,), 500, device=device)
+        text = torch.randn(batch, TEXT_TOKENS, cfg.cross_attention_dim, device=device, dtype=torch.bfloat16)
+        row = {}
+        for label, model in variants.items():
+            call = _Call(model)
+            if args.compile:
+                call = torch.compile(call)
+            row[label] = cuda_ms(lambda: call(x, t, text), args.unet_repeats)  # noqa: B023
+        row.update({f"bf16_over_{k}": row["bf16"] / v for k, v in row.items() if k != "bf16"})
+        out["per_call_ms"][str(batch)] = row
+        print(name, batch, json.dumps(row), flush=True)
+    for fmt in ("int8", "fp8"):
+        if f"{fmt}_weight_bytes" in out:
+            out[f"{fmt}_weight_ratio"] = out[f"{fmt}_weight_bytes"] / out["bf16_weight_bytes"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["layers", "unet"], choices=["layers", "unet"])
+    parser.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8, 16])
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--unet-repeats", type=int, default=10)
+    parser.add_argument("--out", default="scripts/results_quant_cuda.json")
+    args = parser.parse_args(argv)
+    device = require_cuda()
+    torch.backends.cudnn.allow_tf32 = False  # the float32 fake-quant reference of the parity check, not TF32
+    results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+               "fp8": quant.fp8_supported(device), "compile": args.compile}
+    start = time.perf_counter()
+    if "layers" in args.parts:
+        results["layers"] = bench_layers(device, args)
+    if "unet" in args.parts:
+        results["unets"] = [bench_unet(name, device, args) for name in args.unets]
+    results["seconds"] = time.perf_counter() - start
+    from fewstep._io import atomic_write
+
+    atomic_write(args.out, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
