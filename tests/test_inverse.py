@@ -7,11 +7,8 @@ import math
 
 import pytest
 import torch
-from _helpers import SD15_PNDM
-from diffusers import PNDMScheduler, StableDiffusionPipeline
-from test_fewstep_pipeline import _unet, _vae
-from test_real_pipeline import _byte_level_vocab
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import StableDiffusionPipeline
+from test_fewstep_pipeline import sd_path  # noqa: F401 - fixture
 
 import fewstep
 from fewstep import guidance
@@ -205,23 +202,8 @@ def test_posterior_bad_input(eps_pipe):
 
 # ------------------------------------------------------------------------------------------------ latent SD path
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inverse-sd")
-    (root / "tok").mkdir()
-    _byte_level_vocab(root / "tok")
-    tokenizer = CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"), model_max_length=77)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))  # fmt: skip
-    pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=_unet(),
-        scheduler=PNDMScheduler.from_config(SD15_PNDM), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.save_pretrained(root / "pipe")
-    loaded = StableDiffusionPipeline.from_pretrained(root / "pipe")
+def tiny_sd(sd_path):  # noqa: F811 - the tiny SD pipeline directory of test_fewstep_pipeline
+    loaded = StableDiffusionPipeline.from_pretrained(sd_path)
     loaded.set_progress_bar_config(disable=True)
     return loaded
 
