@@ -234,8 +234,10 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
 
     if args.model != "digits-flow":
         raise UsageError(f"--task needs --model digits-flow (a rectified-flow model), got {args.model!r}")
-    if args.measurement is not None or args.prompt is not None:
-        raise UsageError("--task takes no --measurement/--prompt: it measures held-out test digits itself")
+    if args.prompt is not None:
+        raise UsageError("--task takes no --prompt")
+    if args.measurement is not None and args.task == "classifier":
+        raise UsageError("--measurement is for the inverse tasks (inpaint, sr, deblur), not --task classifier")
     if args.classes and args.task != "classifier":
         raise UsageError(f"--class is for --task classifier, not --task {args.task}")
     if args.noise_std and args.task == "classifier":
@@ -254,8 +256,16 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
         diffusers_logging.disable_progress_bar()
     pipe = load_model(args.model, sampler, device=args.device, dtype=args.dtype,
                       sampler_options=_options_dict(args.sampler_option))
+    measurement = None
+    if args.measurement is not None:
+        from .guidance.operators import make_operator
+        from .pipelines.generate import load_measurement
+
+        size = pipe.unet.config.sample_size
+        low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
+        measurement = load_measurement(args.measurement, low)
     result = run_task(pipe, args.task, num_images=args.num_images, steps=args.steps, seed=args.seed,
-                      classes=args.classes, config=config, noise_std=args.noise_std)
+                      classes=args.classes, config=config, noise_std=args.noise_std, measurement=measurement)
     images = as_numpy_images(result.images)
     if result.degraded is not None:
         n, columns = len(images), min(len(images), 10)

@@ -60,10 +60,12 @@ def make_task(
     generator: torch.Generator | None = None,
     size: int = 16,
     scale: float = 1.0,
+    measurement: torch.Tensor | None = None,
 ) -> FlowChefTask:
     """Build a task: ``inpaint``/``sr``/``deblur`` measure ``images`` (NCHW in [-1, 1]) with the task's default
-    operator (``guidance.operators.make_operator``); ``classifier`` needs ``labels`` and a ``classifier``
-    (default: the shipped ``digits-classifier``)."""
+    operator (``guidance.operators.make_operator``), or take a given ``measurement`` ``y`` of ``size x size``
+    images instead; ``classifier`` needs ``labels`` and a ``classifier`` (default: the shipped
+    ``digits-classifier``)."""
     if task not in TASKS:
         raise ValueError(f"unknown FlowChef task {task!r}; available: {', '.join(TASKS)}")
     if task == "classifier":
@@ -79,8 +81,15 @@ def make_task(
             raise ValueError(f"`labels` must be class ids in 0..{n_cls - 1}, got {target.tolist()}")
         classifier.requires_grad_(False)
         return FlowChefTask(task, classifier_cost(classifier, target, scale), labels=target)
+    if measurement is not None:
+        if images is not None:
+            raise ValueError("pass `images` to measure or a `measurement`, not both")
+        operator = make_operator(task, size=size, noise_std=noise_std)
+        y = measurement.to(torch.float32)
+        operator.check_measurement(y, (y.shape[0], y.shape[1], size, size))
+        return FlowChefTask(task, measurement_cost(operator, y, scale), operator, y)
     if images is None:
-        raise ValueError(f"task {task!r} needs `images` to measure (NCHW in [-1, 1])")
+        raise ValueError(f"task {task!r} needs `images` to measure (NCHW in [-1, 1]) or a `measurement`")
     operator = make_operator(task, size=images.shape[-1], noise_std=noise_std)
     y = operator.measure(images, generator)
     return FlowChefTask(task, measurement_cost(operator, y, scale), operator, y)
@@ -244,10 +253,13 @@ def run_task(
     classes: Sequence[int] | None = None,
     config: FlowChefConfig | None = None,
     noise_std: float = 0.0,
+    measurement: torch.Tensor | None = None,
 ) -> TaskResult:
     """One FlowChef run of ``task`` on ``pipe`` (digits-flow): inverse problems restore held-out test digits
-    (seeded measurement), ``classifier`` steers an unconditional (null-class) run towards ``classes`` (default:
-    cycle 0-9). Reports PSNR/SSIM against the ground truth, or the shipped classifier's accuracy."""
+    (seeded measurement) or a given ``measurement`` (one image per measured tile; ``num_images`` is then its
+    batch size), ``classifier`` steers an unconditional (null-class) run towards ``classes`` (default: cycle
+    0-9). Reports PSNR/SSIM against the ground truth, the RMSE of ``A(x) - y`` for a given measurement, or the
+    shipped classifier's accuracy."""
     from ..bench.image_metrics import psnr, ssim
     from ..datasets import load_digits_images, to_unit_range
 
@@ -264,6 +276,12 @@ def run_task(
         pool = list(classes) if classes else list(range(pipe.num_classes))
         labels = [pool[i % len(pool)] for i in range(num_images)]
         spec = make_task(task, labels=labels)
+    elif measurement is not None:
+        if classes:
+            raise ValueError(f"task {task!r} restores the measurement; it takes no classes")
+        spec = make_task(task, noise_std=noise_std, size=size, measurement=measurement)
+        num_images = int(spec.measurement.shape[0])
+        degraded = degraded_view(spec)
     else:
         if classes:
             raise ValueError(f"task {task!r} restores held-out digits; it takes no classes")
@@ -281,6 +299,9 @@ def run_task(
     if truth is not None:
         a, b = to_unit_range(x.float().cpu()), to_unit_range(truth)
         metrics = {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean())}
+    elif spec.operator is not None:
+        residual = spec.operator(x.float().cpu()) - spec.measurement
+        metrics = {"measurement_rmse": float(residual.pow(2).mean().sqrt())}
     else:
         from .defaults import load_default
 
