@@ -535,7 +535,8 @@ def cmd_calibrate_ems(args: argparse.Namespace) -> int:
 
     out = check_writable(args.out, "--out")
     common = dict(num_samples=args.samples, num_intervals=args.intervals, probes=args.probes, seed=args.seed,
-                  t_start=args.t_start, t_end=args.t_end, checkpoint=args.checkpoint, progress=not args.quiet)
+                  t_start=args.t_start, t_end=args.t_end, checkpoint=args.checkpoint, progress=not args.quiet,
+                  time_derivative=args.time_derivative)
     if args.prompts is not None:
         from diffusers import StableDiffusionPipeline
 
@@ -603,6 +604,9 @@ def _add_calibrate_parser(sub) -> None:
     p_ems.add_argument("--sample-steps", type=_positive_int, default=20,
                        help="SD: DPM-Solver++ steps for the model's own samples")
     p_ems.add_argument("--guidance-scale", type=float, default=7.5, help="SD: CFG scale of the model's own samples")
+    p_ems.add_argument("--time-derivative", choices=["difference", "jvp"], default="difference",
+                       help="d eps/d lambda: difference over one grid spacing (default; robust for models trained "
+                            "on integer timesteps) or the exact JVP through the time input (the paper)")
     p_ems.add_argument("--seed", type=int, default=0, help="seed of the noise and probes")
     p_ems.add_argument("--checkpoint", default=None, metavar="FILE",
                        help="running sums saved after every grid point; an existing file is resumed")

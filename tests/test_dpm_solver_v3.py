@@ -327,7 +327,7 @@ def test_v3_beats_dpm_solver_pp_and_unipc_on_the_exact_reference(analytic_ems):
     mixture = default_mixture(dim=2)
     x = _x_T(400)
     for n in (5, 6, 8):
-        v3 = samplers.get("dpm-solver-v3")(**CFG, ems_file=str(analytic_ems))
+        v3 = samplers.get("dpm-solver-v3")(**CFG, ems_file=str(analytic_ems), time_grid="uniform_lambda")
         err_v3 = (_run(v3, mixture, x, n) - _exact(mixture, v3.plan.grid, x)).pow(2).mean().sqrt()
         m = math.ceil(1.3 * n)
         for name in ("dpm-solver++", "unipc"):
@@ -497,11 +497,11 @@ def test_cli_calibrate_ems_and_generate_with_it(tmp_path, capsys):
     from fewstep.cli import main
 
     out = tmp_path / "ems.safetensors"
-    argv = ["calibrate", "ems", "--samples", "4", "--intervals", "6", "--batch-size", "4", "--quiet",
+    argv = ["calibrate", "ems", "--samples", "4", "--intervals", "24", "--batch-size", "4", "--quiet",
             "--out", str(out)]
     assert main(argv) == 0 and out.is_file()
     ems = load_ems(out)
-    assert ems.num_points == 7 and ems.meta["model"] == "digits-eps" and ems.sample_shape == (1, 16, 16)
+    assert ems.num_points == 25 and ems.meta["model"] == "digits-eps" and ems.sample_shape == (1, 16, 16)
     assert "peak memory" in capsys.readouterr().out
     png = tmp_path / "v3.png"
     argv = ["generate", "--sampler", "dpm-solver-v3", "--steps", "5", "--num-images", "2", "--sampler-option",

@@ -41,7 +41,9 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
 
     Zheng, Lu, Chen & Zhu (NeurIPS 2023). The model output is reparameterised per element by tables
     ``l, s, b`` estimated from the model (``fewstep calibrate ems``; ``ems_file="digits-eps"`` ships); steps are
-    snapped to the EMS grid. ``solver_order`` 1-3 (3 for unconditional, 2 for guided sampling, as the paper
+    snapped to the EMS grid (``time_grid``: ``uniform_time`` (default; the paper's choice for latent and
+    high-resolution models), ``uniform_lambda`` (its choice for low resolution), ``time_quadratic``, or diffusers'
+    ``spacing``). ``solver_order`` 1-3 (3 for unconditional, 2 for guided sampling, as the paper
     recommends), ``predictor_pseudo`` (pseudo-order predictor, very low NFE), ``use_corrector`` with
     ``corrector_pseudo`` (pseudo-order ``order + 1`` corrector, the paper's default) and ``corrector_region``
     (``"low-noise"`` is the paper's half-corrector for large guidance scales, ``"high-noise"`` what the released
@@ -69,7 +71,7 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
         degenerated: bool = False,
         ems_file: str | None = None,
         ems_model: str | None = None,
-        time_grid: str = "uniform_lambda",
+        time_grid: str = "uniform_time",
         timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace",
         steps_offset: int = 0,
         final_sigmas_type: Literal["zero", "sigma_min"] = "zero",
