@@ -521,8 +521,9 @@ def test_shipped_digits_ems_run_out_of_the_box():
     ems = load_ems(SHIPPED_EMS["digits-eps"])
     assert ems.meta["model"] == "digits-eps" and ems.sample_shape == (1, 16, 16)
     assert ems.meta["settings"]["num_samples"] == 1024 and ems.meta["branch"].startswith("unconditional")
+    assert ems.meta["settings"]["time_derivative"] == "difference"
     pipe = fewstep.load_default("digits-eps", sampler="dpm-solver-v3")
-    assert pipe.scheduler.config.ems_file == "digits-eps"
+    assert pipe.scheduler.config.ems_file == "digits-eps" and pipe.scheduler.config.time_grid == "time_quadratic"
     for guidance in ("cfg", "cfg++"):
         out = pipe([3, 7], num_inference_steps=6, guidance=guidance, output_type="latent",
                    latents=torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
