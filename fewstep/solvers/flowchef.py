@@ -47,6 +47,8 @@ __all__ = [
     "FlowChefHook",
     "measurement_cost",
     "classifier_cost",
+    "EditCost",
+    "masked_guidance",
     "is_flow_grid",
 ]
 
@@ -172,6 +174,9 @@ class FlowChefHook:
             self._checked = (id(plan), k)
         if i >= self._checked[1]:
             return
+        set_step = getattr(self.cost, "set_step", None)
+        if set_step is not None:  # step-dependent costs (editing)
+            set_step(i)
         ev = state.buffer[-1]
         x = state.sample
         moved = flowchef_update(x, ev.x0 - ev.x_eval, self.cost, self.config)
@@ -206,3 +211,43 @@ def classifier_cost(classifier: Callable[[torch.Tensor], torch.Tensor], labels: 
         return scale * torch.nn.functional.cross_entropy(logits, target.to(logits.device), reduction="none")
 
     return cost
+
+
+class EditCost:
+    """FlowChef's editing cost (paper sec. 4.3; the Flux / InstaFlow edit recipes of the reference code): for the
+    first ``source_steps`` steered steps ``x0_hat`` is pulled to the source image everywhere (the trajectory starts
+    from noise, no inversion), afterwards only in the keep region ``1 - mask``, so the edit region is free to follow
+    the (masked) guidance: ``scale * ||r_i * (x0_hat - source)||^2`` per image, ``r_i = 1`` or ``1 - mask``.
+
+    ``mask``: 1 where the image may change (broadcast against the images). The hook calls ``set_step(i)``.
+    """
+
+    def __init__(self, source: torch.Tensor, mask: torch.Tensor, source_steps: int, scale: float = 1.0):
+        if isinstance(source_steps, bool) or not isinstance(source_steps, int) or source_steps < 0:
+            raise ValueError(f"`source_steps` must be an integer >= 0, got {source_steps!r}")
+        mask = torch.as_tensor(mask, dtype=source.dtype)
+        if mask.min() < 0 or mask.max() > 1:
+            raise ValueError("`mask` must lie in [0, 1] (1 = region to edit)")
+        try:
+            torch.broadcast_shapes(mask.shape, source.shape)
+        except RuntimeError:
+            raise ValueError(f"`mask` of shape {tuple(mask.shape)} does not broadcast against the source images "
+                             f"{tuple(source.shape)}") from None
+        self.source, self.keep = source.detach(), (1 - mask).detach()
+        self.source_steps, self.scale = source_steps, scale
+        self.step = 0
+
+    def set_step(self, i: int) -> None:
+        self.step = i
+
+    def __call__(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        diff = x0_hat - self.source.to(x0_hat)
+        if self.step >= self.source_steps:
+            diff = diff * self.keep.to(x0_hat)
+        return self.scale * diff.pow(2).flatten(1).sum(1)
+
+
+def masked_guidance(v_target: torch.Tensor, v_source: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Editing guidance restricted to the edit region: ``v = v_tgt + mask * w * (v_tgt - v_src)`` -- CFG with the
+    source condition as the negative, only where ``mask = 1`` (FlowChef sec. 4.3)."""
+    return v_target + mask.to(v_target) * scale * (v_target - v_source)
