@@ -89,7 +89,7 @@ def test_v3_first_order_step_is_exact_for_a_gaussian_with_its_exact_ems():
 
 
 def _run_custom(sched, mixture, x):
-    model = AnalyticModel(mixture, sched.noise_schedule, "epsilon")
+    model = AnalyticModel(mixture, sched.noise_schedule, sched.config.prediction_type)
     for t in sched.timesteps:
         x = sched.step(model(x, t), t, x).prev_sample
     return x
@@ -528,3 +528,22 @@ def test_shipped_digits_ems_run_out_of_the_box():
         out = pipe([3, 7], num_inference_steps=6, guidance=guidance, output_type="latent",
                    latents=torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
         assert torch.isfinite(out.images).all() and out.images.abs().max() < 3
+
+
+def test_degenerated_v3_on_a_flow_config_equals_dpm_solver_pp():
+    """Flow models (SD3's config): v3 integrates the flow process in lambda like every engine solver."""
+    from _helpers import SD3_FLOW
+
+    mixture = default_mixture(dim=2)
+    x = _x_T(100)
+    v3 = samplers.get("dpm-solver-v3").from_config(SD3_FLOW, degenerated=True, use_corrector=False)
+    assert v3.is_flow
+    v3.set_timesteps(8)
+    model = AnalyticModel(mixture, v3.noise_schedule, v3.config.prediction_type)
+    a = x
+    for t in v3.timesteps:
+        a = v3.step(model(a, t), t, a).prev_sample
+    dpm = samplers.get("dpm-solver++").from_config(SD3_FLOW, solver_type="taylor")
+    dpm.set_timesteps(timesteps=v3.plan.grid.timesteps.tolist())
+    b = _run_custom(dpm, mixture, x)
+    torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
