@@ -528,6 +528,12 @@ def test_shipped_digits_ems_run_out_of_the_box():
         out = pipe([3, 7], num_inference_steps=6, guidance=guidance, output_type="latent",
                    latents=torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
         assert torch.isfinite(out.images).all() and out.images.abs().max() < 3
+    flow = load_ems(SHIPPED_EMS["digits-flow"])
+    assert flow.meta["model"] == "digits-flow" and flow.meta["prediction_type"] == "flow"
+    pipe = fewstep.load_default("digits-flow", sampler="dpm-solver-v3")
+    assert pipe.scheduler.is_flow and pipe.scheduler.config.ems_file == "digits-flow"
+    out = pipe([1], num_inference_steps=6, output_type="latent")
+    assert torch.isfinite(out.images).all()
 
 
 def test_degenerated_v3_on_a_flow_config_equals_dpm_solver_pp():

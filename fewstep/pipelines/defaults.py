@@ -37,11 +37,10 @@ def default_sampler_options(model: str, sampler: str | None) -> dict:
     (``ems_file``/``ems_model``, and the time grid measured best with them) for ``dpm-solver-v3`` on a model
     that has them; else nothing."""
     if sampler == "dpm-solver-v3":
-        from ..samplers.dpm_solver_v3 import SHIPPED_EMS
+        from ..samplers.dpm_solver_v3 import SHIPPED_EMS, SHIPPED_EMS_TIME_GRID
 
         if model in SHIPPED_EMS:
-            # the grid measured best for the shipped tables (scripts/bench_v3.py): denser near the data
-            return {"ems_file": model, "ems_model": model, "time_grid": "time_quadratic"}
+            return {"ems_file": model, "ems_model": model, "time_grid": SHIPPED_EMS_TIME_GRID[model]}
     return {}
 
 

@@ -16,11 +16,16 @@ from ..solvers.s3 import schedule_fingerprint
 from ..solvers.schedules import FlowSchedule
 from .base import FewstepScheduler
 
-__all__ = ["FewstepDPMSolverV3Scheduler", "SHIPPED_EMS", "CORRECTOR_REGIONS", "V3_TIME_GRIDS", "shipped_ems"]
+__all__ = [
+    "FewstepDPMSolverV3Scheduler", "SHIPPED_EMS", "SHIPPED_EMS_TIME_GRID", "CORRECTOR_REGIONS", "V3_TIME_GRIDS",
+    "shipped_ems",
+]
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets" / "ems"
 #: EMS that ship with fewstep, usable by name in ``ems_file``.
-SHIPPED_EMS = {"digits-eps": _ASSETS / "digits-eps.safetensors"}
+SHIPPED_EMS = {"digits-eps": _ASSETS / "digits-eps.safetensors", "digits-flow": _ASSETS / "digits-flow.safetensors"}
+#: the time grid measured best with each shipped table (scripts/bench_v3.py and the README)
+SHIPPED_EMS_TIME_GRID = {"digits-eps": "time_quadratic", "digits-flow": "uniform_time"}
 #: where the corrector runs: everywhere, only at low noise (the paper's half-corrector, ``t <= split``) or only
 #: at high noise (what the released code's ``half=True`` does: ``t > split``).
 CORRECTOR_REGIONS = ("all", "low-noise", "high-noise")
