@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from .. import __version__
 from .._io import atomic_write
 
-__all__ = ["cache_name", "load_cached", "save_cached"]
+__all__ = ["cache_name", "load_cached", "save_cached", "cached_tensor"]
 
 
 def cache_name(kind: str, key: dict[str, Any]) -> str:
@@ -46,3 +47,17 @@ def save_cached(path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"key": json.dumps(key, sort_keys=True), "version": __version__}
     atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
+
+
+def cached_tensor(cache_dir: Path | None, kind: str, key: dict[str, Any], name: str,
+                  compute: Callable[[], torch.Tensor], write: bool = True) -> torch.Tensor:
+    """The tensor ``name`` of the cache file for ``key`` under ``cache_dir``; computed by ``compute()`` and stored
+    (when ``write``: the main process of a distributed run) on a miss. ``cache_dir=None`` always computes."""
+    path = cache_dir / cache_name(kind, key) if cache_dir is not None else None
+    cached = load_cached(path, key) if path is not None else None
+    if cached is not None:
+        return cached[name]
+    value = compute()
+    if path is not None and write:
+        save_cached(path, {name: value}, key)
+    return value

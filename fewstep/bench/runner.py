@@ -39,6 +39,7 @@ from .. import samplers as sampler_registry
 from .._io import atomic_write
 from ..pipelines.defaults import default_sampler_options
 from ._cache import cache_name as _cache_name
+from ._cache import cached_tensor as _cached_tensor
 from ._cache import load_cached as _load_cached
 from ._cache import save_cached as _save_cached
 from .fid import FeatureExtractor, cached_statistics, folder_statistics, image_set_digest, list_reference_images
@@ -442,17 +443,14 @@ class _DigitsWorld:
         key = {"kind": "reference-solve", "model": self.objective.model, "guidance": rule, "guidance_scale": scale,
                "classes": c.classes, "num_per_class": c.num_per_class, "seed": c.seed,
                "reference": f"{c.reference_sampler}:{c.reference_steps}"}
-        path = self.cache_dir / _cache_name("refsolve", key) if self.cache_dir is not None else None
-        cached = _load_cached(path, key) if path is not None else None
-        if cached is not None:
-            images = cached["images"]
-        else:
+
+        def solve() -> torch.Tensor:
             self._use(rule, scale)
             sched = sampler_registry.from_config(c.reference_sampler, self.objective.model_config,
                                                  **default_sampler_options(self.objective.model, c.reference_sampler))
-            images = self.generate(sched, c.reference_steps)[0].double()
-            if path is not None and is_main_process():
-                _save_cached(path, {"images": images}, key)
+            return self.generate(sched, c.reference_steps)[0].double()
+
+        images = _cached_tensor(self.cache_dir, "refsolve", key, "images", solve, write=is_main_process())
         self.references[(rule, scale)] = images
         return images
 
@@ -546,14 +544,11 @@ class _PipelineWorld:
                "guidance_scale": scale, "prompts": hashlib.sha256("\n".join(c.prompts).encode()).hexdigest()[:16],
                "num_per_class": c.num_per_class, "seed": c.seed, "image_size": c.image_size,
                "reference": f"{c.reference_sampler}:{c.reference_steps}"}
-        path = self.cache_dir / _cache_name("refsolve", key) if self.cache_dir is not None else None
-        cached = _load_cached(path, key) if path is not None else None
-        if cached is not None:
-            latents = cached["latents"]
-        else:
-            latents = self.generate(c.reference_sampler, c.reference_steps, rule, scale)[0].double()
-            if path is not None and is_main_process():
-                _save_cached(path, {"latents": latents}, key)
+        latents = _cached_tensor(
+            self.cache_dir, "refsolve", key, "latents",
+            lambda: self.generate(c.reference_sampler, c.reference_steps, rule, scale)[0].double(),
+            write=is_main_process(),
+        )
         self.references[(rule, scale)] = latents
         return latents
 
