@@ -255,3 +255,40 @@ def test_grid_on_a_text_to_image_pipeline_directory(tiny_sd, tmp_path, capsys): 
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--model", str(tmp_path), "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and "or a diffusers pipeline directory" in capsys.readouterr().err
+
+
+PIPE_DIST_SCRIPT = """
+import json, sys
+from fewstep.bench.runner import BenchConfig, is_main_process, run_grid
+cfg = BenchConfig(models=[sys.argv[2]], samplers=["unipc"], steps=[3], guidance=[("cfg", 3.0)], num_per_class=3,
+                  prompts=["a red square", "a blue circle"], reference_steps=6, batch_size=2)
+rows = run_grid(cfg, sys.argv[1], progress=False)
+if is_main_process():
+    print("ROWS" + json.dumps(rows))
+"""
+
+
+def test_pipeline_directory_two_cpu_processes_match_one(tiny_sd, tmp_path):  # noqa: F811
+    """Pipeline cells are split across `accelerate launch` processes too (per-sample seeds: the same samples)."""
+    import os
+    import subprocess
+
+    from fewstep.bench.runner import BenchConfig, run_grid
+
+    pytest.importorskip("accelerate")
+    script = tmp_path / "dist.py"
+    script.write_text(PIPE_DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script), str(tmp_path / "two"),
+         str(tiny_sd)],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(result.stdout.split("ROWS", 1)[1].splitlines()[0])
+    one = run_grid(BenchConfig(models=[str(tiny_sd)], samplers=["unipc"], steps=[3], guidance=[("cfg", 3.0)],
+                               num_per_class=3, prompts=["a red square", "a blue circle"], reference_steps=6,
+                               batch_size=2), tmp_path / "one", progress=False)
+    assert len(two) == len(one) == 1 and two[0]["num_samples"] == one[0]["num_samples"] == 6
+    assert two[0]["mse"] == pytest.approx(one[0]["mse"], rel=1e-4)

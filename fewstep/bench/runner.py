@@ -392,6 +392,30 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the cells
+def _split_samples(n: int, make) -> tuple[torch.Tensor, float]:
+    """``make(indices) -> [len(indices), ...]`` for all ``n`` samples, and the wall time. Under ``accelerate launch``
+    each process makes a contiguous share (the per-sample seeds make it the same samples) and the shares are
+    gathered onto every process; the time is the slowest share's."""
+    state = _state()
+    if state is None or state.num_processes == 1:
+        start = time.perf_counter()
+        out = make(list(range(n)))
+        return out, time.perf_counter() - start
+    from accelerate.utils import gather_object
+
+    chunk = -(-n // state.num_processes)
+    mine = list(range(state.process_index * chunk, min(n, (state.process_index + 1) * chunk)))
+    start = time.perf_counter()
+    part = make(mine) if mine else None
+    shares = gather_object([(mine, part, time.perf_counter() - start)])
+    full = [p for idx, p, _ in shares if idx]
+    out = torch.zeros(n, *full[0].shape[1:], dtype=full[0].dtype)
+    for idx, p, _ in shares:
+        if idx:
+            out[torch.tensor(idx)] = p
+    return out, max(sec for _, _, sec in shares)
+
+
 class _DigitsWorld:
     """One embedded digits model: the shared objective (pipeline, classifier, seeds, reference statistics) and
     the many-step reference solves, one per guidance setting (cached as safetensors)."""
@@ -413,28 +437,12 @@ class _DigitsWorld:
         self.objective.guidance, self.objective.guidance_scale = rule, float(scale)
 
     def generate(self, scheduler, steps: int) -> tuple[torch.Tensor, float]:
-        """All samples and the wall time of generating them; under ``accelerate launch`` each process makes
-        a contiguous share (same per-sample seeds) and the shares are gathered onto every process."""
-        state = _state()
-        n = len(self.objective.labels)
-        if state is None or state.num_processes == 1:
-            start = time.perf_counter()
-            images = self.objective.images(scheduler, steps, progress=self.progress)
-            return images, time.perf_counter() - start
-        from accelerate.utils import gather_object
-
-        chunk = -(-n // state.num_processes)
-        mine = list(range(state.process_index * chunk, min(n, (state.process_index + 1) * chunk)))
-        start = time.perf_counter()
-        images = self.objective.images(scheduler, steps, progress=self.progress and state.is_main_process,
-                                       indices=mine)
-        seconds = time.perf_counter() - start
-        shares = gather_object([(mine, images, seconds)])
-        out = torch.zeros(n, *images.shape[1:], dtype=images.dtype)
-        for idx, part, _ in shares:
-            if idx:
-                out[torch.tensor(idx)] = part
-        return out, max(s for _, _, s in shares)
+        """All samples and the wall time of generating them (split across processes, see :func:`_split_samples`)."""
+        return _split_samples(
+            len(self.objective.labels),
+            lambda idx: self.objective.images(scheduler, steps, progress=self.progress and is_main_process(),
+                                              indices=idx),
+        )
 
     def reference(self, rule: str, scale: float) -> torch.Tensor:
         if (rule, scale) in self.references:
@@ -518,16 +526,22 @@ class _PipelineWorld:
         fp = FewstepPipeline.from_pipe(self.pipe, scheduler=scheduler, guidance=None if embedded else rule,
                                        guidance_scale=scale)
         extra = {"height": self.size, "width": self.size} if self.size is not None else {}
-        outs, start, bs = [], time.perf_counter(), self.config.batch_size
-        for i in tqdm(range(0, len(self.prompts), bs), desc=f"{sampler} {steps} steps", disable=not self.progress,
-                      leave=False):
-            gens = [torch.Generator().manual_seed(s) for s in self.seeds[i:i + bs]]
-            batch = self.prompts[i:i + bs]
-            if flux and not embedded:
-                extra["negative_prompt"] = [""] * len(batch)
-            out = fp(prompt=batch, generator=gens, num_inference_steps=steps, output_type="latent", **extra)
-            outs.append(out.images.float().cpu())
-        return torch.cat(outs), time.perf_counter() - start
+        bs = self.config.batch_size
+
+        def make(indices: list[int]) -> torch.Tensor:
+            outs = []
+            for i in tqdm(range(0, len(indices), bs), desc=f"{sampler} {steps} steps",
+                          disable=not (self.progress and is_main_process()), leave=False):
+                chunk = indices[i:i + bs]
+                gens = [torch.Generator().manual_seed(self.seeds[k]) for k in chunk]
+                batch = [self.prompts[k] for k in chunk]
+                if flux and not embedded:
+                    extra["negative_prompt"] = [""] * len(batch)
+                out = fp(prompt=batch, generator=gens, num_inference_steps=steps, output_type="latent", **extra)
+                outs.append(out.images.float().cpu())
+            return torch.cat(outs)
+
+        return _split_samples(len(self.prompts), make)
 
     def features(self, latents: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` features of the decoded latents (decoded ``batch_size`` at a time)."""
