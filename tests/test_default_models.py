@@ -85,8 +85,8 @@ def test_readme_generate_command_on_the_embedded_default(tmp_path, capsys):
     from fewstep.cli import main
 
     out = tmp_path / "samples.png"
-    assert main(["generate", "--sampler", "unipc", "--steps", "4", "--num-images", "10", "--quiet",
+    assert main(["generate", "--sampler", "dpm-solver-v3", "--steps", "8", "--num-images", "10", "--quiet",
                  "--out", str(out)]) == 0
-    assert "NFE 4" in capsys.readouterr().out
+    assert "NFE 8" in capsys.readouterr().out
     grid = Image.open(out)
     assert grid.mode == "L" and grid.size[0] > 10 * 16 * 4
