@@ -122,6 +122,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:  # pragma: no cover
         raise NotImplementedError
 
+    def _grid_decisions(self, grid: grids.TimeGrid) -> list[StepDecision]:
+        """The decisions for a built grid (schedulers whose decisions depend on the grid's times override this)."""
+        return self._decisions(grid.num_steps, bool(grid.sigmas[-1] == 0.0))
+
     def _compile_plan(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> Plan:
         """Decisions -> engine plan (DPM-Solver-v3 adds its EMS tables here)."""
         return compile_plan(grid, decisions)
@@ -221,8 +225,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                         f"`num_inference_steps`={num_inference_steps} does not match the {n_given} values given"
                     )
         grid = self._grid(num_inference_steps, timesteps, sigmas, mu)
-        final_is_clean = bool(grid.sigmas[-1] == 0.0)
-        decisions = self._decisions(grid.num_steps, final_is_clean)
+        decisions = self._grid_decisions(grid)
         self.plan = self._compile_plan(grid, decisions)
         self.plan.momentum = self._momentum(grid, decisions)
         self.num_inference_steps = grid.num_steps

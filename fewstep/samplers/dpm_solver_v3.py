@@ -216,8 +216,10 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
             lower_order_final=cfg.lower_order_final, corrector_at=corrector_at, final_is_clean=final_is_clean,
         )
 
+    def _grid_decisions(self, grid):
+        return self._decisions(grid.num_steps, bool(grid.sigmas[-1] == 0.0), self._corrector_allowed(grid))
+
     def _compile_plan(self, grid, decisions):
-        decisions = self._decisions(grid.num_steps, bool(grid.sigmas[-1] == 0.0), self._corrector_allowed(grid))
         return compile_plan(grid, decisions, ems=EMSGrid(self._tables(), self._ems_indices))
 
     @property
