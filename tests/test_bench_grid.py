@@ -156,22 +156,27 @@ if is_main_process():
 """
 
 
-def test_two_cpu_processes_match_one(tmp_path):
-    """`accelerate launch --num_processes 2 --cpu`: samples split across processes and gathered."""
+def _launch_two_processes(script_text: str, tmp_path, *args) -> list[dict]:
+    """Run ``script_text`` under `accelerate launch --num_processes 2 --cpu` with ``args``; the main process's rows."""
     import os
     import subprocess
 
     pytest.importorskip("accelerate")
     script = tmp_path / "dist.py"
-    script.write_text(DIST_SCRIPT)
+    script.write_text(script_text)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script), str(tmp_path / "two")],
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script), *map(str, args)],
         capture_output=True, text=True, timeout=300, check=False, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    two = json.loads(result.stdout.split("ROWS", 1)[1].splitlines()[0])
+    return json.loads(result.stdout.split("ROWS", 1)[1].splitlines()[0])
+
+
+def test_two_cpu_processes_match_one(tmp_path):
+    """`accelerate launch --num_processes 2 --cpu`: samples split across processes and gathered."""
+    two = _launch_two_processes(DIST_SCRIPT, tmp_path, tmp_path / "two")
     one = run_grid(BenchConfig(models=["digits-eps"], samplers=["unipc"], steps=[4], batch_size=50, **TINY),
                    tmp_path / "one", progress=False)
     for a, b in zip(_metrics(two), _metrics(one)):
@@ -270,23 +275,9 @@ if is_main_process():
 
 def test_pipeline_directory_two_cpu_processes_match_one(tiny_sd, tmp_path):  # noqa: F811
     """Pipeline cells are split across `accelerate launch` processes too (per-sample seeds: the same samples)."""
-    import os
-    import subprocess
-
     from fewstep.bench.runner import BenchConfig, run_grid
 
-    pytest.importorskip("accelerate")
-    script = tmp_path / "dist.py"
-    script.write_text(PIPE_DIST_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script), str(tmp_path / "two"),
-         str(tiny_sd)],
-        capture_output=True, text=True, timeout=300, check=False, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = json.loads(result.stdout.split("ROWS", 1)[1].splitlines()[0])
+    two = _launch_two_processes(PIPE_DIST_SCRIPT, tmp_path, tmp_path / "two", tiny_sd)
     one = run_grid(BenchConfig(models=[str(tiny_sd)], samplers=["unipc"], steps=[3], guidance=[("cfg", 3.0)],
                                num_per_class=3, prompts=["a red square", "a blue circle"], reference_steps=6,
                                batch_size=2), tmp_path / "one", progress=False)
