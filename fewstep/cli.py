@@ -137,6 +137,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} must end in .png")
     if args.task is not None and args.quant is not None:
         raise UsageError("--quant applies to plain sampling of UNet pipelines (digits-eps, ...), not to --task")
+    edit_flags = [flag for flag, given in (("--source", args.source is not None),
+                                           ("--source-class", args.source_classes is not None),
+                                           ("--edit-size", args.edit_size != 12)) if given]
+    if args.task != "edit" and edit_flags:
+        raise UsageError(f"{', '.join(edit_flags)}: only with --task edit (FlowChef masked editing on digits-flow)")
+    if args.task == "edit":
+        posterior_flags = [flag for flag, value in _posterior_flags(args) if value is not None]
+        if posterior_flags:
+            raise UsageError(f"{', '.join(posterior_flags)} are for posterior sampling, not --task edit")
+        return _generate_flowchef(args, out)
     if args.task is not None and (args.posterior is not None or args.model != "digits-flow"):
         return _generate_posterior(args, out)
     if args.task is not None:  # FlowChef
@@ -209,12 +219,13 @@ def _nonneg_float(text: str) -> float:
 
 
 def _add_flowchef_args(p_gen) -> None:
-    from .pipelines.flowchef import TASKS
+    from .pipelines.flowchef import EDIT_TASK, TASKS
     from .pipelines.posterior import POSTERIOR_TASKS
 
-    p_gen.add_argument("--task", choices=list(dict.fromkeys(TASKS + POSTERIOR_TASKS)), default=None,
+    p_gen.add_argument("--task", choices=list(dict.fromkeys(TASKS + (EDIT_TASK,) + POSTERIOR_TASKS)), default=None,
                        help="restore held-out test digits (or --measurement): FlowChef on digits-flow (inpaint, sr, "
-                            "deblur; classifier steers towards --class), posterior sampling (--posterior) on "
+                            "deblur; classifier steers towards --class; edit turns held-out digits (or --source) "
+                            "into --class inside a centred square), posterior sampling (--posterior) on "
                             "digits-eps (also random-inpaint, sr-bicubic, motion-deblur)")
     p_gen.add_argument("--flowchef-step", type=_nonneg_float, default=None, metavar="ETA",
                        help="FlowChef step size eta (default per task)")
@@ -224,22 +235,45 @@ def _add_flowchef_args(p_gen) -> None:
                        help="steer the first K steps (default: all but the last)")
     p_gen.add_argument("--flowchef-optimizer", choices=["gd", "adam"], default=None, help="default per task")
     p_gen.add_argument("--noise-std", type=_nonneg_float, default=0.0, help="measurement noise std (inverse tasks)")
+    p_gen.add_argument("--source", default=None, metavar="IMAGE",
+                       help="--task edit: images to edit (one 16x16 tile or a grid of them; default: held-out test "
+                            "digits)")
+    p_gen.add_argument("--source-class", dest="source_classes", type=_int_list(0, "3,7"), default=None,
+                       help="--task edit with --source: the class each source tile shows (cycled)")
+    p_gen.add_argument("--edit-size", type=_positive_int, default=12, metavar="N",
+                       help="--task edit: side of the centred square that may change (default 12 of 16)")
 
 
 def _generate_flowchef(args: argparse.Namespace, out) -> int:
     import dataclasses
 
-    from .pipelines.flowchef import DEFAULT_CONFIGS, as_numpy_images, run_task
+    from .pipelines.flowchef import DEFAULT_CONFIGS, EDIT_TASK, as_numpy_images, run_edit, run_task
     from .pipelines.generate import image_grid, load_model
 
     if args.model != "digits-flow":
         raise UsageError(f"--task needs --model digits-flow (a rectified-flow model), got {args.model!r}")
     if args.prompt is not None:
         raise UsageError("--task takes no --prompt")
+    editing = args.task == EDIT_TASK
+    if not editing and args.guidance_scale is not None:
+        raise UsageError(f"--guidance-scale is for --task edit (masked guidance), not --task {args.task}")
+    if editing:
+        if args.measurement is not None:
+            raise UsageError("--task edit edits --source images (or held-out digits), it takes no --measurement")
+        if args.noise_std:
+            raise UsageError("--noise-std is for the inverse tasks (inpaint, sr, deblur)")
+        if (args.source is None) != (args.source_classes is None):
+            raise UsageError("--source and --source-class go together (what each source tile shows)")
+        if args.edit_size > 16:
+            raise UsageError(f"--edit-size must be <= 16 (the digits' side), got {args.edit_size}")
+        if args.guidance_scale is not None and args.guidance_scale < 0:
+            raise UsageError(f"--guidance-scale must be >= 0 for --task edit, got {args.guidance_scale}")
+        if args.guidance != "cfg":
+            raise UsageError(f"--task edit uses its own masked guidance; --guidance {args.guidance} does not apply")
     if args.measurement is not None and args.task == "classifier":
         raise UsageError("--measurement is for the inverse tasks (inpaint, sr, deblur), not --task classifier")
-    if args.classes and args.task != "classifier":
-        raise UsageError(f"--class is for --task classifier, not --task {args.task}")
+    if args.classes and args.task not in ("classifier", EDIT_TASK):
+        raise UsageError(f"--class is for --task classifier or edit, not --task {args.task}")
     if args.noise_std and args.task == "classifier":
         raise UsageError("--noise-std is for the inverse tasks (inpaint, sr, deblur)")
     if args.flowchef_steered_steps is not None and not 0 <= args.flowchef_steered_steps <= args.steps:
@@ -257,15 +291,26 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
     pipe = load_model(args.model, sampler, device=args.device, dtype=args.dtype,
                       sampler_options=_options_dict(args.sampler_option))
     measurement = None
-    if args.measurement is not None:
-        from .guidance.operators import make_operator
-        from .pipelines.generate import load_measurement
+    if editing:
+        source = None
+        if args.source is not None:
+            from .pipelines.generate import load_measurement
 
-        size = pipe.unet.config.sample_size
-        low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
-        measurement = load_measurement(args.measurement, low)
-    result = run_task(pipe, args.task, num_images=args.num_images, steps=args.steps, seed=args.seed,
-                      classes=args.classes, config=config, noise_std=args.noise_std, measurement=measurement)
+            source = load_measurement(args.source, pipe.unet.config.sample_size, flag="--source")
+        scale = 4.0 if args.guidance_scale is None else args.guidance_scale
+        result = run_edit(pipe, num_images=args.num_images, steps=args.steps, seed=args.seed,
+                          target_classes=args.classes, config=config, guidance_scale=scale,
+                          edit_size=args.edit_size, source=source, source_classes=args.source_classes)
+    else:
+        if args.measurement is not None:
+            from .guidance.operators import make_operator
+            from .pipelines.generate import load_measurement
+
+            size = pipe.unet.config.sample_size
+            low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
+            measurement = load_measurement(args.measurement, low)
+        result = run_task(pipe, args.task, num_images=args.num_images, steps=args.steps, seed=args.seed,
+                          classes=args.classes, config=config, noise_std=args.noise_std, measurement=measurement)
     images = as_numpy_images(result.images)
     if result.degraded is not None:
         n, columns = len(images), min(len(images), 10)
@@ -277,8 +322,9 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
     else:
         grid = image_grid(images)
     atomic_write(out, lambda p: grid.save(p, format="PNG"))
-    metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
-    print(f"wrote {out} ({len(images)} images, FlowChef {args.task}: eta {config.step_size:g}, M {config.inner_steps}, "
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+    kind = "edited images (top: source)" if editing else "images"
+    print(f"wrote {out} ({len(images)} {kind}, FlowChef {args.task}: eta {config.step_size:g}, M {config.inner_steps}, "
           f"{config.optimizer}; sampler {sampler}, NFE {result.nfe}, {result.seconds:.2f} s; {metrics})")
     return 0
 

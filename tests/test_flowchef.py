@@ -443,3 +443,80 @@ def test_masked_editing_keeps_the_source_outside_the_mask_and_follows_the_target
         EditCost(torch.zeros(1, 1, 2, 2), m * 2, 0)
     with pytest.raises(ValueError, match="one source and one target label"):
         flowchef_edit(pipe, src, src_l[:3], tgt_l, mask)
+
+
+def test_cli_edit_task_keeps_the_border_and_reports_target_accuracy(tmp_path, capsys):
+    """``--task edit``: held-out digits (or ``--source`` tiles with ``--source-class``) are edited towards
+    ``--class`` inside a centred square; the grid shows sources above edits, and the report gives the target-class
+    accuracy and the change outside the mask (tiny: the keep-region cost pins it)."""
+    from PIL import Image
+
+    out = tmp_path / "edit.png"
+    argv = ["generate", "--model", "digits-flow", "--task", "edit", "--steps", "4", "--num-images", "3", "--quiet",
+            "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "3 edited images (top: source)" in text and "target_accuracy" in text
+    keep_mse = float(text.split("keep_mse ")[1].rstrip(")\n"))
+    assert keep_mse < 1e-3
+    with Image.open(out) as img:  # two rows (sources, edits) of three cells
+        assert abs(img.height / img.width - 2 / 3) < 0.05
+    src = tmp_path / "src.png"
+    Image.fromarray(np.zeros((16, 32), dtype="uint8")).save(src)
+    argv = ["generate", "--model", "digits-flow", "--task", "edit", "--source", str(src), "--source-class", "1",
+            "--class", "7", "--steps", "3", "--edit-size", "8", "--quiet", "--out", str(tmp_path / "e2.png")]
+    assert main(argv) == 0 and "(2 edited images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--source", "SRC"], "--source and --source-class go together"),
+        (["--edit-size", "20"], "--edit-size must be <= 16"),
+        (["--guidance-scale", "-1"], "--guidance-scale must be >= 0 for --task edit, got -1.0"),
+        (["--measurement", "SRC"], "takes no --measurement"),
+        (["--guidance", "apg"], "--guidance apg does not apply"),
+        (["--posterior", "dps"], "--posterior are for posterior sampling, not --task edit"),
+        (["--source", "BAD", "--source-class", "1"], "--source"),
+    ],
+)
+def test_cli_edit_task_bad_input(tmp_path, capsys, extra, message):
+    from PIL import Image
+
+    src, bad = tmp_path / "src.png", tmp_path / "bad.png"
+    Image.fromarray(np.zeros((16, 16), dtype="uint8")).save(src)
+    Image.fromarray(np.zeros((10, 16), dtype="uint8")).save(bad)
+    extra = [str(src) if e == "SRC" else str(bad) if e == "BAD" else e for e in extra]
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", "digits-flow", "--task", "edit", "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_edit_flags_need_the_edit_task(tmp_path, capsys):
+    for argv in (["--model", "digits-eps", "--edit-size", "8"], ["--model", "digits-flow", "--task", "sr",
+                                                                  "--source-class", "3"]):
+        assert main(["generate", *argv, "--out", str(tmp_path / "x.png")]) == 2
+        assert "only with --task edit" in capsys.readouterr().err
+    assert main(["generate", "--model", "digits-flow", "--task", "sr", "--guidance-scale", "2", "--out",
+                 str(tmp_path / "x.png")]) == 2
+    assert "--guidance-scale is for --task edit" in capsys.readouterr().err
+
+
+def test_run_edit_validates_its_inputs():
+    import fewstep
+    from fewstep.pipelines.flowchef import central_mask, flowchef_edit, run_edit
+
+    pipe = fewstep.load_default("digits-flow", sampler="flow-euler")
+    mask = central_mask(16, 4)
+    assert mask.sum() == 16 and mask[..., 6:10, 6:10].eq(1).all()
+    with pytest.raises(ValueError, match="`edit_size` must be <= the image size 16, got 17"):
+        central_mask(16, 17)
+    with pytest.raises(ValueError, match="needs `source_classes`"):
+        run_edit(pipe, source=torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"`source` must be N x 1 x 16 x 16 images, got \(2, 1, 8, 8\)"):
+        run_edit(pipe, source=torch.zeros(2, 1, 8, 8), source_classes=[1])
+    with pytest.raises(ValueError, match=r"`target_classes` must be class ids in 0..9, got \[12\]"):
+        run_edit(pipe, num_images=2, target_classes=[12])
+    with pytest.raises(ValueError, match="`guidance_scale` \\(w\\) must be a finite number >= 0, got -1"):
+        flowchef_edit(pipe, torch.zeros(1, 1, 16, 16), [1], [2], mask, guidance_scale=-1)

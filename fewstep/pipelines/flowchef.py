@@ -33,10 +33,13 @@ from ..solvers.flowchef import (
 
 __all__ = ["TASKS", "INVERSE_TASKS", "DEFAULT_CONFIGS", "FlowChefTask", "make_task", "flowchef_sample",
            "flowchef_edit",
-           "dps_sample", "DPS_STEP", "TaskResult", "run_task", "degraded_view"]
+           "dps_sample", "DPS_STEP", "TaskResult", "run_task", "degraded_view", "EDIT_TASK", "central_mask",
+           "run_edit"]
 
 INVERSE_TASKS = ("inpaint", "sr", "deblur")
 TASKS = INVERSE_TASKS + ("classifier",)
+#: masked editing (``flowchef_edit``): a task of its own, since it needs a source image, a mask and two labels
+EDIT_TASK = "edit"
 
 #: defaults per task for digits-flow at 20-30 steps (costs are per-image sums; tuned by scripts/bench_flowchef.py)
 DEFAULT_CONFIGS: dict[str, FlowChefConfig] = {
@@ -44,6 +47,7 @@ DEFAULT_CONFIGS: dict[str, FlowChefConfig] = {
     "sr": FlowChefConfig(step_size=0.5, inner_steps=2, optimizer="gd"),
     "deblur": FlowChefConfig(step_size=0.5, inner_steps=3, optimizer="gd"),
     "classifier": FlowChefConfig(step_size=0.05, inner_steps=2, optimizer="adam"),
+    EDIT_TASK: FlowChefConfig(step_size=0.5, inner_steps=1, optimizer="gd"),  # keep-region cost: as inpainting
 }
 #: DPS step size zeta per task (the gradient is that of ||y - A x0_hat||, per image)
 DPS_STEP = {"inpaint": 1.0, "sr": 2.0, "deblur": 1.0}
@@ -252,11 +256,14 @@ def flowchef_edit(
     steps = num_inference_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {steps!r}")
+    w = guidance_scale
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
+        raise ValueError(f"`guidance_scale` (w) must be a finite number >= 0, got {w!r}")
     x, labels = _prepare(pipe, None, tgt_l, generator, latents)
     cost = EditCost(source.to(x), mask.to(x), source_steps)
     sched = pipe.scheduler
     sched.set_timesteps(steps, device=x.device)
-    hook = FlowChefHook(cost, config if config is not None else DEFAULT_CONFIGS["inpaint"])
+    hook = FlowChefHook(cost, config if config is not None else DEFAULT_CONFIGS[EDIT_TASK])
     grid = sched.plan.grid
     hook.check_plan(grid.alphas, grid.sigmas, sched.plan.num_steps)
     sched.add_step_hook(hook)
@@ -366,6 +373,85 @@ def run_task(
             pred = classifier(x.float().cpu().clamp(-1, 1)).argmax(1)
         metrics = {"accuracy": float((pred == spec.labels).float().mean())}
     return TaskResult(x, len(pipe.scheduler.timesteps), seconds, config, degraded, truth, metrics)
+
+
+def central_mask(size: int, edit_size: int) -> torch.Tensor:
+    """A ``1 x 1 x size x size`` edit mask: 1 on the centred ``edit_size x edit_size`` square (the region that may
+    change), 0 on the border that must keep the source."""
+    for name, v in (("size", size), ("edit_size", edit_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
+    if edit_size > size:
+        raise ValueError(f"`edit_size` must be <= the image size {size}, got {edit_size}")
+    mask = torch.zeros(1, 1, size, size)
+    lo = (size - edit_size) // 2
+    mask[..., lo:lo + edit_size, lo:lo + edit_size] = 1
+    return mask
+
+
+def run_edit(
+    pipe,
+    num_images: int = 10,
+    steps: int = 20,
+    seed: int = 0,
+    target_classes: Sequence[int] | None = None,
+    config: FlowChefConfig | None = None,
+    guidance_scale: float = 4.0,
+    edit_size: int = 12,
+    source: torch.Tensor | None = None,
+    source_classes: Sequence[int] | None = None,
+) -> TaskResult:
+    """FlowChef masked editing (:func:`flowchef_edit`) of ``num_images`` held-out test digits, or of given ``source``
+    images (NCHW in [-1, 1]; then ``source_classes`` are required and ``num_images`` is their count), towards
+    ``target_classes`` (cycled; default: each source's class + 1) inside a centred ``edit_size`` square.
+
+    ``TaskResult.degraded`` holds the sources; metrics: the shipped classifier's target-class accuracy
+    (``target_accuracy``) and the mean squared change outside the mask (``keep_mse``, images in [-1, 1])."""
+    from ..datasets import load_digits_images
+    from .defaults import load_default
+
+    _check_flow_scheduler(pipe)
+    size = pipe.unet.config.sample_size
+    mask = central_mask(size, edit_size)
+    if source is None:
+        if source_classes is not None:
+            raise ValueError("`source_classes` label given `source` images; held-out digits carry their own")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
+        images, labels = load_digits_images(size, "test")
+        if num_images > images.shape[0]:
+            raise ValueError(f"`num_images` must be <= {images.shape[0]} (held-out digits), got {num_images}")
+        source, src_l = images[:num_images], labels[:num_images]
+    else:
+        expected = (pipe.unet.config.in_channels, size, size)
+        if source.ndim != 4 or tuple(source.shape[1:]) != expected:
+            raise ValueError(f"`source` must be N x {' x '.join(map(str, expected))} images, got {tuple(source.shape)}")
+        if not source_classes:
+            raise ValueError("editing given `source` images needs `source_classes` (what each image shows)")
+        src_l = torch.as_tensor([source_classes[i % len(source_classes)] for i in range(source.shape[0])])
+    n = source.shape[0]
+    n_cls = pipe.num_classes
+    for name, classes in (("source_classes", src_l.tolist()), ("target_classes", target_classes or [])):
+        bad = [c for c in classes if not 0 <= int(c) < n_cls]
+        if bad:
+            raise ValueError(f"`{name}` must be class ids in 0..{n_cls - 1}, got {bad}")
+    if target_classes:
+        tgt_l = torch.as_tensor([target_classes[i % len(target_classes)] for i in range(n)])
+    else:
+        tgt_l = (src_l + 1) % n_cls
+    start = time.perf_counter()
+    x = flowchef_edit(pipe, source, src_l, tgt_l, mask, num_inference_steps=steps, config=config,
+                      guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed))
+    seconds = time.perf_counter() - start
+    x = x.float().cpu()
+    classifier = load_default("digits-classifier")
+    with torch.no_grad():
+        pred = classifier(x.clamp(-1, 1)).argmax(1)
+    keep = 1 - mask
+    keep_mse = float(((x - source) * keep).pow(2).sum() / (keep.sum() * n * x.shape[1]))
+    metrics = {"target_accuracy": float((pred == tgt_l).float().mean()), "keep_mse": keep_mse}
+    used = config if config is not None else DEFAULT_CONFIGS[EDIT_TASK]
+    return TaskResult(x, 2 * len(pipe.scheduler.timesteps), seconds, used, source, None, metrics)
 
 
 def as_numpy_images(x: torch.Tensor) -> np.ndarray:

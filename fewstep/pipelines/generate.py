@@ -31,21 +31,22 @@ class GenerationResult:
     measurements: np.ndarray | None = None  # restoration models: the degraded inputs, NHWC in [0, 1]
 
 
-def load_measurement(path: str | Path, tile: int) -> torch.Tensor:
-    """Degraded images for a restoration model from an image file: grayscale, cut into ``tile x tile`` tiles
-    (row-major), returned NCHW in [-1, 1]. A single digit is a 16x16 image; a strip of them is several."""
+def load_measurement(path: str | Path, tile: int, flag: str = "--measurement") -> torch.Tensor:
+    """Degraded images for a restoration model (or source images to edit) from an image file: grayscale, cut into
+    ``tile x tile`` tiles (row-major), returned NCHW in [-1, 1]. A single digit is a 16x16 image; a strip of them
+    is several. ``flag`` names the option in error messages."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--measurement {str(path)!r}: no such file")
+        raise FileNotFoundError(f"{flag} {str(path)!r}: no such file")
     try:
         with Image.open(p) as img:
             gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     except OSError as exc:
-        raise ValueError(f"--measurement {str(path)!r} is not a readable image: {exc}") from None
+        raise ValueError(f"{flag} {str(path)!r} is not a readable image: {exc}") from None
     h, w = gray.shape
     if h % tile or w % tile:
         raise ValueError(
-            f"--measurement {str(path)!r} is {w}x{h} pixels; the model restores {tile}x{tile} images, so the "
+            f"{flag} {str(path)!r} is {w}x{h} pixels; the model works on {tile}x{tile} images, so the "
             f"file must be one {tile}x{tile} image or a grid of them (width and height multiples of {tile})"
         )
     tiles = gray.reshape(h // tile, tile, w // tile, tile).transpose(0, 2, 1, 3).reshape(-1, 1, tile, tile)
