@@ -520,3 +520,25 @@ def test_run_edit_validates_its_inputs():
         run_edit(pipe, num_images=2, target_classes=[12])
     with pytest.raises(ValueError, match="`guidance_scale` \\(w\\) must be a finite number >= 0, got -1"):
         flowchef_edit(pipe, torch.zeros(1, 1, 16, 16), [1], [2], mask, guidance_scale=-1)
+
+
+def test_bench_matched_quality_needs_both_psnr_and_ssim():
+    """scripts/bench_flowchef.py's matched-quality rule: the fastest FlowChef point at least as good as a DPS
+    point in PSNR *and* SSIM, or none."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_flowchef.py"
+    spec = importlib.util.spec_from_file_location("bench_flowchef", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [
+        {"task": "sr", "method": "FlowChef", "nfe": 4, "psnr": 30.0, "ssim": 0.90, "ms_per_image": 5.0},
+        {"task": "sr", "method": "FlowChef", "nfe": 8, "psnr": 32.0, "ssim": 0.99, "ms_per_image": 10.0},
+        {"task": "sr", "method": "DPS", "nfe": 10, "psnr": 29.0, "ssim": 0.95, "ms_per_image": 40.0},
+        {"task": "sr", "method": "DPS", "nfe": 20, "psnr": 33.0, "ssim": 0.98, "ms_per_image": 80.0},
+        {"task": "deblur", "method": "DPS", "nfe": 10, "psnr": 1.0, "ssim": 0.1, "ms_per_image": 1.0},
+    ]
+    got = bench.matched(rows, "sr")
+    assert [(m["dps_nfe"], m["flowchef_nfe"]) for m in got] == [(10, 8), (20, None)]
+    assert got[0]["time_ratio"] == 0.25 and got[1]["time_ratio"] is None
