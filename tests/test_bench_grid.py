@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 from test_real_pipeline import tiny_sd  # noqa: F401 - fixture reused by the pipeline-directory test
 
 from fewstep.bench import digits_eval, runner
@@ -264,9 +265,14 @@ def test_grid_on_a_text_to_image_pipeline_directory(tiny_sd, tmp_path, capsys): 
 
 PIPE_DIST_SCRIPT = """
 import json, sys
+import torch
+from fewstep.bench.fid import FeatureExtractor
 from fewstep.bench.runner import BenchConfig, is_main_process, run_grid
+def moments(x):
+    return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1) * 10
 cfg = BenchConfig(models=[sys.argv[2]], samplers=["unipc"], steps=[3], guidance=[("cfg", 3.0)], num_per_class=3,
-                  prompts=["a red square", "a blue circle"], reference_steps=6, batch_size=2)
+                  prompts=["a red square", "a blue circle"], reference_steps=6, batch_size=2,
+                  feature_extractor=FeatureExtractor(moments, "moments"))
 rows = run_grid(cfg, sys.argv[1], progress=False)
 if is_main_process():
     print("ROWS" + json.dumps(rows))
@@ -274,12 +280,19 @@ if is_main_process():
 
 
 def test_pipeline_directory_two_cpu_processes_match_one(tiny_sd, tmp_path):  # noqa: F811
-    """Pipeline cells are split across `accelerate launch` processes too (per-sample seeds: the same samples)."""
+    """Pipeline cells are split across `accelerate launch` processes too (per-sample seeds: the same samples), and
+    so are the decodes and feature passes of the Frechet distance (each process featurises its share)."""
+    from fewstep.bench.fid import FeatureExtractor
     from fewstep.bench.runner import BenchConfig, run_grid
+
+    def moments(x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1) * 10
 
     two = _launch_two_processes(PIPE_DIST_SCRIPT, tmp_path, tmp_path / "two", tiny_sd)
     one = run_grid(BenchConfig(models=[str(tiny_sd)], samplers=["unipc"], steps=[3], guidance=[("cfg", 3.0)],
                                num_per_class=3, prompts=["a red square", "a blue circle"], reference_steps=6,
-                               batch_size=2), tmp_path / "one", progress=False)
+                               batch_size=2, feature_extractor=FeatureExtractor(moments, "moments")),
+                   tmp_path / "one", progress=False)
     assert len(two) == len(one) == 1 and two[0]["num_samples"] == one[0]["num_samples"] == 6
     assert two[0]["mse"] == pytest.approx(one[0]["mse"], rel=1e-4)
+    assert one[0]["fd"] > 0 and two[0]["fd"] == pytest.approx(one[0]["fd"], rel=1e-3)

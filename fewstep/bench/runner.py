@@ -544,10 +544,17 @@ class _PipelineWorld:
         return _split_samples(len(self.prompts), make)
 
     def features(self, latents: torch.Tensor) -> torch.Tensor:
-        """``[N, D]`` features of the decoded latents (decoded ``batch_size`` at a time)."""
+        """``[N, D]`` features of the decoded latents (decoded ``batch_size`` at a time). Under ``accelerate
+        launch`` every process decodes and featurises its share of the (gathered) latents; the features are
+        gathered, so no process repeats another's VAE decodes and Inception passes."""
         h, w = self.image_hw
-        return torch.cat([self.extractor(self.decoder.decode_latents(chunk.to(torch.float32), h, w))
-                          for chunk in latents.split(self.config.batch_size)])
+
+        def make(indices: list[int]) -> torch.Tensor:
+            share = latents[torch.tensor(indices)]
+            return torch.cat([self.extractor(self.decoder.decode_latents(chunk.to(torch.float32), h, w)).cpu()
+                              for chunk in share.split(self.config.batch_size)])
+
+        return _split_samples(len(latents), make)[0]
 
     def reference(self, rule: str, scale: float) -> torch.Tensor:
         """The many-step reference latents of a guidance setting (cached as safetensors)."""
