@@ -317,7 +317,7 @@ class FewstepPipeline:
             _check_graph_scheduler(scheduler)
             if rule is not None:
                 _check_graph_rule(rule)
-            _check_graph_device(pipe)
+            _check_graph_device(pipe._execution_device)
         model = pipe.transformer if flow else pipe.unet
         module, call = prepare_denoiser(model, quantized, quant_mode, compile)
         overrides = {} if module is model else {"transformer" if flow else "unet": module}
