@@ -362,3 +362,32 @@ def test_cuda_graph_sd3_fp16(sd3):
     a = eager(**run, generator=torch.Generator("cuda").manual_seed(0)).images.float()
     b = graph(**run, generator=torch.Generator("cuda").manual_seed(0)).images.float()
     torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------- benchmark script
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_pipeline_cuda.py"
+    spec = importlib.util.spec_from_file_location("bench_pipeline_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports without a GPU
+    return module
+
+
+def test_pipeline_benchmark_refuses_cpu_and_smoke_runs_tiny(tmp_path, capsys):
+    bench = _bench_module()
+    if not CUDA:
+        with pytest.raises(SystemExit, match=r"needs a CUDA GPU \(none visible to torch\)"):
+            bench.main(["--steps", "2"])
+    with pytest.raises(SystemExit):  # argparse: the full-size model is not run on the CPU
+        bench.main(["--device", "cpu"])
+    out = tmp_path / "bench.json"
+    results = bench.main(["--device", "cpu", "--tiny", "--steps", "2,3", "--batches", "1,2", "--repeats", "1",
+                          "--warmup", "0", "--out", str(out)])  # fmt: skip
+    assert [(c["nfe"], c["batch"]) for c in results["cells"]] == [(2, 1), (2, 2), (3, 1), (3, 2)]
+    assert all(c["stock_over_graph"] > 0 and set(c["ms_per_image"]) == {"stock", "eager", "graph"}
+               for c in results["cells"])  # fmt: skip
+    assert results["images_agree"] and results["graph_vs_eager_image_max_abs_diff"] == 0.0  # static == eager on CPU
+    assert "stock/graph" in capsys.readouterr().out and out.is_file()
