@@ -159,10 +159,17 @@ def test_static_step_other_families_and_settings(sdxl, flux, sd):
     fp = FewstepPipeline.from_pipe(sd, scheduler=sched, guidance=guidance.CFG([7.0, 5.0, 3.0, 2.0], 0.7))
     eager, static = _both(fp, **_sd_embeds(1), num_inference_steps=4)
     assert all(torch.equal(a, b) for a, b in zip(eager, static))
-    # unguided (CFG 1: the conditional model alone) and a stochastic solver: noise drawn from `generator`
-    fp = FewstepPipeline.from_pipe(sd, scheduler=_scheduler(sd, "dpm-solver++", {"algorithm_type": "sde-dpmsolver++"}),
-                                   guidance="cfg", guidance_scale=1.0)  # fmt: skip
-    eager, static = _both(fp, **_sd_embeds(1), num_inference_steps=4)
+    # a stochastic solver, unguided (CFG 1: the conditional model alone) and guided: noise drawn from `generator`
+    sde = _scheduler(sd, "dpm-solver++", {"algorithm_type": "sde-dpmsolver++"})
+    for rule in (guidance.CFG(1.0), guidance.APG(3.0, norm_threshold=2.0)):
+        fp = FewstepPipeline.from_pipe(sd, scheduler=sde, guidance=rule)
+        eager, static = _both(fp, **_sd_embeds(1), num_inference_steps=4)
+        assert all(torch.equal(a, b) for a, b in zip(eager, static)) and not torch.equal(*eager)
+
+
+def test_static_step_flow_euler_sd3(sd3):
+    fp = FewstepPipeline.from_pipe(sd3, scheduler="flow-euler", guidance="cfg++", guidance_scale=0.6)
+    eager, static = _both(fp, **_flow_embeds(1), height=SIZE, width=SIZE, num_inference_steps=4)
     assert all(torch.equal(a, b) for a, b in zip(eager, static))
 
 

@@ -427,7 +427,8 @@ class FewstepPipeline:
         if rule is not None:
             out_uncond, out_cond = out.chunk(2)
             if pairs:
-                return guidance_rules.guided_step(scheduler, rule, out_cond, out_uncond, t, x, i)
+                return guidance_rules.guided_step(scheduler, rule, out_cond, out_uncond, t, x, i,
+                                                  step_kwargs.get("generator"))  # fmt: skip
             out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, n)
         return scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
 
