@@ -229,6 +229,9 @@ class FewstepPipeline:
             raise ValueError(f"{self.family} needs a guidance rule (only Flux has a distilled guidance embedding)")
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"`cuda_graph` must be a bool, got {cuda_graph!r}")
+        if denoiser is not None and not callable(denoiser):
+            raise ValueError(f"`denoiser` must be callable like the pipeline's UNet/transformer, got "
+                             f"{type(denoiser).__name__}")  # fmt: skip
         self.pipe = pipe
         self.guidance = guidance
         self.embedded_guidance_scale = float(embedded_guidance_scale)
