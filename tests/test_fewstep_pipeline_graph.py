@@ -398,3 +398,44 @@ def test_pipeline_benchmark_refuses_cpu_and_smoke_runs_tiny(tmp_path, capsys):
                for c in results["cells"])  # fmt: skip
     assert results["images_agree"] and results["graph_vs_eager_image_max_abs_diff"] == 0.0  # static == eager on CPU
     assert "stock/graph" in capsys.readouterr().out and out.is_file()
+
+
+# ------------------------------------------------------------------------------- StaticEngine vs EngineState
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("ddim", {}),
+        ("dpm-solver++", {"solver_order": 3}),
+        ("dpm-solver++", {"algorithm_type": "sde-dpmsolver++"}),
+        ("unipc", {"solver_order": 3}),
+        ("dpm-solver-v3", {"ems_file": "digits-eps", "time_grid": "time_quadratic"}),  # per-element EMS tables
+    ],
+    ids=["ddim", "dpm3m", "sde-dpm2m", "unipc3", "v3-digits"],
+)
+def test_static_engine_follows_engine_state(name, config):
+    """Fed the same evaluations, the static engine returns EngineState's samples (v3's per-element
+    coefficients: to float rounding; the others bit for bit)."""
+    import fewstep
+    from fewstep.solvers.engine import EngineState
+
+    base = fewstep.load_default("digits-eps", sampler="ddim").scheduler.config
+    sched = samplers.get(name).from_config({**base, **config})
+    sched.set_timesteps(7)
+    shape = (2, 1, 16, 16)
+    static = StaticEngine(sched.plan, shape, "cpu", torch.float32)
+    g = _gen(4)
+    noise = torch.randn(sched.plan.num_steps, *shape, generator=g)
+    static.reset(noise if static.stochastic else None)
+    state = EngineState(sched.plan)
+    x_eager = x_static = torch.randn(shape, generator=g)
+    for i in range(sched.plan.num_steps):
+        x0, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)  # any pair (CFG++: inconsistent)
+        x_eager = state.advance(i, x_eager, x0, eps, noise[i] if static.stochastic else None)
+        x_static = static.advance(x_static, x0, eps)
+        static.index.add_(1)
+        if name == "dpm-solver-v3":
+            torch.testing.assert_close(x_static, x_eager, rtol=1e-5, atol=1e-5)
+            x_static = x_eager.clone()  # compare step by step, not accumulated drift
+        else:
+            assert torch.equal(x_static, x_eager), i
+    assert int(static.index) == sched.plan.num_steps
