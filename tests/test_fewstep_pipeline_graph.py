@@ -224,8 +224,9 @@ def test_graph_mode_errors(sd):
         FewstepPipeline.from_pipe(sd, scheduler="hb", cuda_graph=True)
     with pytest.raises(ValueError, match="`cuda_graph` must be a bool, got 'yes'"):
         FewstepPipeline.from_pipe(sd, scheduler="ddim", cuda_graph="yes")
-    with pytest.raises(ValueError, match="'reduce-overhead' captures CUDA graphs itself"):
-        FewstepPipeline.from_pipe(sd, scheduler="ddim", cuda_graph=True, compile="reduce-overhead")
+    for setting in ("reduce-overhead", "max-autotune", {"options": {"triton.cudagraphs": True}}):
+        with pytest.raises(ValueError, match=r"`compile`=.* captures CUDA graphs itself .* use 'max-autotune-no-cud"):
+            FewstepPipeline.from_pipe(sd, scheduler="ddim", cuda_graph=True, compile=setting)
     if not CUDA:
         with pytest.raises(ValueError, match=r"needs the pipeline on a CUDA device, got cpu"):
             FewstepPipeline.from_pipe(sd, scheduler="ddim", cuda_graph=True)

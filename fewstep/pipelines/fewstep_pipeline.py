@@ -284,16 +284,19 @@ class FewstepPipeline:
         ...) or a dict of ``torch.compile`` arguments (``{"backend": "aot_eager"}``); compiles on the first call.
         ``cuda_graph=True``: capture one whole denoising step in a CUDA graph and replay it for every step (see
         the module docstring); needs a CUDA pipeline and a fewstep scheduler without momentum or step hooks
-        (ddim, dpm-solver++, unipc, dpm-solver-v3), and a CFG, CFG++ or APG rule; with ``compile``, not the
-        ``"reduce-overhead"`` mode (which captures CUDA graphs itself).
+        (ddim, dpm-solver++, unipc, dpm-solver-v3, flow-euler), and a CFG, CFG++ or APG rule; with ``compile``,
+        not a setting that captures CUDA graphs itself (modes ``"reduce-overhead"``, ``"max-autotune"``).
         """
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"`cuda_graph` must be a bool, got {cuda_graph!r}")
         compile_kwargs = check_compile(compile)
-        if cuda_graph and compile_kwargs is not None and compile_kwargs.get("mode") == "reduce-overhead":
+        if cuda_graph and compile_kwargs is not None and (
+            compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+            or (compile_kwargs.get("options") or {}).get("triton.cudagraphs")
+        ):
             raise ValueError(
-                "`compile` mode 'reduce-overhead' captures CUDA graphs itself; with cuda_graph=True use another "
-                "mode (e.g. 'max-autotune-no-cudagraphs' or 'default')"
+                f"`compile`={compile!r} captures CUDA graphs itself (modes 'reduce-overhead' and 'max-autotune', "
+                "option triton.cudagraphs); with cuda_graph=True use 'max-autotune-no-cudagraphs' or 'default'"
             )
         family = _family(pipe)
         flow = family in FLOW_FAMILIES
