@@ -235,8 +235,7 @@ class FewstepPipeline:
         self.pipe = pipe
         self.guidance = guidance
         self.embedded_guidance_scale = float(embedded_guidance_scale)
-        #: what the loop calls: the pipeline's UNet/transformer, or its ``torch.compile``d wrapper
-        self.denoiser = denoiser if denoiser is not None else self._model
+        self._compiled = denoiser
         #: "eager" (the reference loop), "cuda-graph" (capture one step, replay it) or "static" (the captured
         #: step's code run uncaptured, any device: what the CPU tests compare with "eager")
         self._loop_mode = "cuda-graph" if cuda_graph else "eager"
@@ -245,6 +244,12 @@ class FewstepPipeline:
     @property
     def _model(self) -> torch.nn.Module:
         return self.pipe.transformer if self.is_flow else self.pipe.unet
+
+    @property
+    def denoiser(self) -> Callable[..., Any]:
+        """What the loop calls: the ``torch.compile``d wrapper given by ``from_pipe(compile=...)``, else the
+        pipeline's current UNet/transformer (so ``fp.pipe.unet = other`` takes effect)."""
+        return self._compiled if self._compiled is not None else self._model
 
     @property
     def cuda_graph(self) -> bool:
@@ -329,7 +334,7 @@ class FewstepPipeline:
         overrides = {} if module is model else {"transformer" if flow else "unet": module}
         shared = type(pipe).from_pipe(pipe, scheduler=scheduler, **overrides)
         shared.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-        return cls(shared, rule, embedded, denoiser=call, cuda_graph=cuda_graph)
+        return cls(shared, rule, embedded, denoiser=None if call is module else call, cuda_graph=cuda_graph)
 
     @staticmethod
     def family_of(pipe: Any) -> str | None:
