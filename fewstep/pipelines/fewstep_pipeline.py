@@ -111,8 +111,8 @@ def _family(pipe: Any) -> str:
     return "sd"
 
 
-#: fewstep scheduler classes whose step is not a static linear step (momentum history, step hooks, MR models)
 def _non_graph_classes() -> tuple[type, ...]:
+    """fewstep scheduler classes whose step is not a static linear step (momentum history, step hooks, MR)."""
     return (samplers.FewstepHeavyBallScheduler, samplers.FewstepGHVBScheduler, samplers.FewstepMRSScheduler,
             samplers.FewstepDCSolverScheduler, samplers.FewstepFlowChefScheduler)
 
