@@ -112,3 +112,27 @@ def test_cli_generate_with_guidance(unet, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*args, "--guidance", "pag"])
     assert exc.value.code == 2 and not out.exists()
+
+
+def test_from_pipe_quantized_and_compiled_denoiser(unet, tmp_path):
+    from fewstep import quant
+
+    pipe = _pipe(unet, "ddim")
+    kw = dict(class_labels=[1, 2], num_inference_steps=3, latents=_latents(), output_type="latent")
+    ref = pipe(**kw).images
+    compiled = ClassConditionalPipeline.from_pipe(pipe, compile={"backend": "eager"})
+    assert compiled.unet is pipe.unet and isinstance(compiled._denoiser, torch._dynamo.eval_frame.OptimizedModule)
+    assert pipe._denoiser is None  # the base pipeline is left alone
+    torch.testing.assert_close(compiled(**kw).images, ref, rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(2)
+    cal = quant.CalibrationSet(sample=torch.randn(8, 1, 8, 8, generator=g), timestep=torch.linspace(950, 20, 8),
+                               class_labels=torch.arange(8) % 11)  # fmt: skip
+    quant.save_quantized(quant.quantize(unet, cal, quant.QuantConfig(act_grid=10, weight_grid=10)), tmp_path / "q")
+    quantized = ClassConditionalPipeline.from_pipe(pipe, quantized=tmp_path / "q", quant_mode="fake")
+    assert quant.quant_layers(quantized.unet) and not quant.quant_layers(pipe.unet)
+    out = quantized(**kw).images
+    assert torch.isfinite(out).all() and not torch.equal(out, ref) and (out - ref).abs().max() < 0.2 * ref.abs().max()
+    with pytest.raises(ValueError, match="`quantized` must be a directory written by .*: not a directory"):
+        ClassConditionalPipeline.from_pipe(pipe, quantized=tmp_path / "none")
+    with pytest.raises(ValueError, match=r"`compile` mode must be one of \['default'"):
+        ClassConditionalPipeline.from_pipe(pipe, compile="turbo")

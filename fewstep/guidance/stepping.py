@@ -38,11 +38,13 @@ def guided_step(
     timestep: Any,
     sample: torch.Tensor,
     index: int,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Advance ``sample`` by one step of ``scheduler`` guided by ``rule`` from raw model outputs.
 
     Both outputs are converted to ``(x0, eps)`` at grid point ``index`` (the scheduler's own conversion,
-    including ``clip_sample``), combined by the rule and fed to ``scheduler.step_pair``.
+    including ``clip_sample``), combined by the rule and fed to ``scheduler.step_pair``; ``generator`` draws the
+    noise of a stochastic (SDE) step.
     """
     if not supports_pairs(scheduler):
         raise ValueError(
@@ -59,7 +61,9 @@ def guided_step(
     cond = scheduler.convert_model_output(out_cond.to(dtype), x, index)
     uncond = scheduler.convert_model_output(out_uncond.to(dtype), x, index)
     x0, eps = rule(cond, uncond, step_state(scheduler, index))
-    return scheduler.step_pair(x0, eps, timestep, sample).prev_sample
+    if generator is None:
+        return scheduler.step_pair(x0, eps, timestep, sample).prev_sample
+    return scheduler.step_pair(x0, eps, timestep, sample, generator=generator).prev_sample
 
 
 def raw_cfg(rule: CFG, out_cond: torch.Tensor, out_uncond: torch.Tensor, index: int, num_steps: int) -> torch.Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import guidance as guidance_rules
 from ..datasets import to_unit_range
 from ..guidance import GuidanceRule
+from .denoiser import prepare_denoiser
 
 __all__ = ["ClassConditionalPipeline", "OUTPUT_TYPES"]
 
@@ -31,10 +34,36 @@ class ClassConditionalPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    #: what the loop calls instead of ``unet`` (a ``torch.compile``d wrapper); set by ``from_pipe(compile=...)``
+    _denoiser = None
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_pipe(
+        cls,
+        pipeline: DiffusionPipeline,
+        quantized: str | os.PathLike | torch.nn.Module | None = None,
+        quant_mode: str | None = None,
+        compile: bool | str | Mapping[str, Any] | None = False,
+        **kwargs: Any,
+    ) -> ClassConditionalPipeline:
+        """diffusers' ``from_pipe`` (shared modules, ``scheduler=`` etc. overrides), plus an optional quantized
+        and/or ``torch.compile``d denoiser, as ``FewstepPipeline.from_pipe``: ``quantized`` a
+        ``fewstep.quant.save_quantized`` directory for ``pipeline.unet`` (loaded onto a copy; ``quant_mode`` one
+        of ``fewstep.quant.MODES``, default ``"fake"``) or a quantized module; ``compile`` ``True``, a
+        ``torch.compile`` mode or a dict of its arguments. ``pipeline`` itself is left unchanged."""
+        unet = kwargs.get("unet", getattr(pipeline, "unet", None))
+        if unet is None:
+            raise ValueError(f"`pipeline` must have a `unet`, got {type(pipeline).__name__}")
+        module, call = prepare_denoiser(unet, quantized, quant_mode, compile)
+        if module is not unet:
+            kwargs["unet"] = module
+        new = super().from_pipe(pipeline, **kwargs)
+        new._denoiser = None if call is module else call
+        return new
 
     @property
     def num_classes(self) -> int:
@@ -131,11 +160,12 @@ class ClassConditionalPipeline(DiffusionPipeline):
         model_labels = torch.cat([cond, torch.full_like(cond, self.null_class)]) if guided else cond
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        denoiser = self.unet if self._denoiser is None else self._denoiser
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = torch.cat([x, x]) if guided else x
             model_in = self.scheduler.scale_model_input(model_in, t)
             t_batch = t.reshape(1).to(device).expand(model_in.shape[0])
-            out = self.unet(model_in, t_batch, class_labels=model_labels).sample
+            out = denoiser(model_in, t_batch, class_labels=model_labels).sample
             if guided and pairs:
                 out_cond, out_uncond = out.chunk(2)
                 x = guidance_rules.guided_step(self.scheduler, rule, out_cond, out_uncond, t, x, i)

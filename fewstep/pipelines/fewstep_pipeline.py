@@ -15,22 +15,38 @@ embedding (``embedded_guidance_scale``, no unconditional pass) unless a rule is 
 negative prompt (true CFG: two transformer calls per step, as diffusers' ``true_cfg_scale``). Flux latents are packed
 into 2x2 patches with ``latent_image_ids``/``text_ids``, and its dynamic shift ``mu`` comes from the image sequence
 length. Samplers of mean-reverting models (``mrs``) cannot sample a flow model: ``from_pipe`` refuses them.
-Not covered yet: CUDA-graph replay, img2img/inpainting, IP-adapter, LCM ``timestep_cond``, SD3 skip-layer guidance.
+
+Options of ``from_pipe``: ``quantized`` (a ``fewstep.quant`` directory or quantized module: the loop's UNet /
+transformer is that 8-bit copy), ``compile`` (``torch.compile`` of the denoiser the loop calls) and
+``cuda_graph=True``: one whole denoising step (the model call(s) of both CFG branches, the guidance rule and the
+fewstep solver step) is captured once in a CUDA graph and replayed for every step. Its inputs live in static
+buffers: the latents, the conditioning, the solver's evaluation buffer, APG's momentum, and one table of per-step
+numbers (solver coefficients, timestep, ``alpha``/``sigma``, CFG scale) that the step reads at a step index held
+on the device (``fewstep.solvers.static``, ``fewstep.guidance.static``), so replaying never syncs with the host.
+The same static step also runs uncaptured (``_loop_mode = "static"``), which is how CPU tests check it against
+the eager loop.
+Not covered yet: img2img/inpainting, IP-adapter, LCM ``timestep_cond``, SD3 skip-layer guidance.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from .. import guidance as guidance_rules
 from .. import samplers
 from ..guidance import GuidanceRule
+from ..guidance.static import StaticGuidance
 from ..solvers.schedules import is_flow_config
+from ..solvers.static import StaticEngine, check_static_plan
+from .denoiser import check_compile, prepare_denoiser
 
 __all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES", "flow_shift_mu"]
 
@@ -95,6 +111,103 @@ def _family(pipe: Any) -> str:
     return "sd"
 
 
+def _non_graph_classes() -> tuple[type, ...]:
+    """fewstep scheduler classes whose step is not a static linear step (momentum history, step hooks, MR)."""
+    return (samplers.FewstepHeavyBallScheduler, samplers.FewstepGHVBScheduler, samplers.FewstepMRSScheduler,
+            samplers.FewstepDCSolverScheduler, samplers.FewstepFlowChefScheduler)
+
+
+def graph_samplers() -> list[str]:
+    """Registered samplers that graph mode (``cuda_graph=True``) can replay."""
+    bad = _non_graph_classes()
+    return [n for n in samplers.names() if not issubclass(samplers.get(n), bad)]
+
+
+def _check_graph_scheduler(scheduler: Any) -> None:
+    name = type(scheduler).__name__
+    if not isinstance(scheduler, samplers.FewstepScheduler) or not guidance_rules.supports_pairs(scheduler):
+        raise ValueError(
+            f"cuda_graph=True needs a fewstep scheduler: {name} (diffusers' own) reads its step state on the host "
+            f"(step-index lookups, host syncs) and cannot be captured; use one of: {', '.join(graph_samplers())}"
+        )
+    if isinstance(scheduler, _non_graph_classes()):
+        raise ValueError(
+            f"cuda_graph=True cannot replay {name} (momentum history, step hooks or a mean-reverting step); use "
+            f"one of: {', '.join(graph_samplers())}"
+        )
+
+
+def _check_graph_rule(rule: GuidanceRule) -> None:
+    from ..guidance.static import STATIC_RULES
+
+    if type(rule) not in STATIC_RULES:
+        raise ValueError(
+            f"cuda_graph=True supports the guidance rules {[r.name for r in STATIC_RULES]}, got "
+            f"{type(rule).__name__} ({rule.name!r})"
+        )
+
+
+def _check_graph_device(device: Any) -> None:
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph=True needs the pipeline on a CUDA device, got {device} (torch.cuda.is_available() = "
+            f"{torch.cuda.is_available()}); move it with pipe.to('cuda') or leave cuda_graph=False"
+        )
+
+
+def _static_pair(kind: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                 norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``solvers.parameterization.to_pair`` with this step's ``alpha``, ``sigma`` and ``alpha^2 + sigma^2`` as
+    device scalars (the latter precomputed in float64, as the eager conversion computes it)."""
+    if kind == "epsilon":
+        return (x - sigma * out) / alpha, out
+    if kind == "sample":
+        return out, (x - alpha * out) / sigma
+    if kind == "v_prediction":
+        return (alpha * x - sigma * out) / norm, (sigma * x + alpha * out) / norm
+    return x - sigma * out, x + alpha * out
+
+
+class _StaticRun:
+    """The static buffers of graph mode (kept between calls of the same shapes) and, once captured, the graph."""
+
+    def __init__(self, engine: StaticEngine, guide: StaticGuidance | None, x: torch.Tensor, conds: dict,
+                 table: torch.Tensor, t_table: torch.Tensor):
+        self.engine = engine
+        self.guide = guide
+        self.x = x.clone()
+        self.conds = {k: v.clone() for k, v in conds.items()}
+        self.table = table
+        self.t_table = t_table.clone()
+        self.graph: Any = None
+        self.model_fn: Callable | None = None
+        self.kind = ""
+        self.postprocess: Callable | None = None
+
+    def load(self, engine: StaticEngine, x: torch.Tensor, conds: dict, table: torch.Tensor, t_table: torch.Tensor,
+             noise: torch.Tensor | None) -> None:
+        """Copy this call's inputs into the static buffers and reset the state (start of a generation)."""
+        if engine is not self.engine:
+            self.engine.table.copy_(engine.table)
+            self.engine.noise_coef.copy_(engine.noise_coef)
+        self.table.copy_(table)
+        self.t_table.copy_(t_table)
+        for k, v in conds.items():
+            if v is not self.conds[k]:
+                self.conds[k].copy_(v)
+        self.restart(x, noise)
+
+    def restart(self, x: torch.Tensor, noise: torch.Tensor | None) -> None:
+        self.x.copy_(x)
+        self.engine.reset(noise)
+        if self.guide is not None:
+            self.guide.reset()
+
+
+_COLUMNS = ("alpha", "sigma", "norm", "scale", "sigma_over_alpha", "alpha_over_sigma")
+
+
 class FewstepPipeline:
     """A fewstep denoising loop around a diffusers SD/SDXL/SD3/Flux pipeline (see the module docstring).
 
@@ -103,13 +216,45 @@ class FewstepPipeline:
     ``embedded_guidance_scale``.
     """
 
-    def __init__(self, pipe: Any, guidance: GuidanceRule | None, embedded_guidance_scale: float = _FLUX_EMBEDDED_SCALE):
+    def __init__(
+        self,
+        pipe: Any,
+        guidance: GuidanceRule | None,
+        embedded_guidance_scale: float = _FLUX_EMBEDDED_SCALE,
+        denoiser: Callable[..., Any] | None = None,
+        cuda_graph: bool = False,
+    ):
         self.family = _family(pipe)
         if guidance is None and self.family != "flux":
             raise ValueError(f"{self.family} needs a guidance rule (only Flux has a distilled guidance embedding)")
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"`cuda_graph` must be a bool, got {cuda_graph!r}")
+        if denoiser is not None and not callable(denoiser):
+            raise ValueError(f"`denoiser` must be callable like the pipeline's UNet/transformer, got "
+                             f"{type(denoiser).__name__}")  # fmt: skip
         self.pipe = pipe
         self.guidance = guidance
         self.embedded_guidance_scale = float(embedded_guidance_scale)
+        self._compiled = denoiser
+        #: "eager" (the reference loop), "cuda-graph" (capture one step, replay it) or "static" (the captured
+        #: step's code run uncaptured, any device: what the CPU tests compare with "eager")
+        self._loop_mode = "cuda-graph" if cuda_graph else "eager"
+        self._graph_cache: tuple[tuple, _StaticRun] | None = None
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        return self.pipe.transformer if self.is_flow else self.pipe.unet
+
+    @property
+    def denoiser(self) -> Callable[..., Any]:
+        """What the loop calls: the ``torch.compile``d wrapper given by ``from_pipe(compile=...)``, else the
+        pipeline's current UNet/transformer (so ``fp.pipe.unet = other`` takes effect)."""
+        return self._compiled if self._compiled is not None else self._model
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether the loop captures one denoising step in a CUDA graph and replays it."""
+        return self._loop_mode == "cuda-graph"
 
     @property
     def is_flow(self) -> bool:
@@ -123,6 +268,10 @@ class FewstepPipeline:
         scheduler: str | Any | None = None,
         guidance: str | GuidanceRule | None = None,
         guidance_scale: float | None = None,
+        quantized: str | os.PathLike | torch.nn.Module | None = None,
+        quant_mode: str | None = None,
+        compile: bool | str | Mapping[str, Any] | None = False,
+        cuda_graph: bool = False,
     ) -> FewstepPipeline:
         """Wrap ``pipe`` without copying weights.
 
@@ -131,7 +280,29 @@ class FewstepPipeline:
         ``guidance_scale`` (default as diffusers: 7.5 SD, 5.0 SDXL, 7.0 SD3), except for Flux, where ``None`` is
         the distilled guidance embedding with ``guidance_scale`` (default 3.5) and no unconditional pass.
         A sampler that cannot integrate the model's process (``mrs`` on a flow model) is a ValueError.
+
+        ``quantized``: a directory written by ``fewstep.quant.save_quantized`` for this pipeline's UNet/transformer
+        (loaded onto a copy with ``load_quantized``, which checks it matches these weights; ``quant_mode``: its
+        execution mode, one of ``fewstep.quant.MODES``, default ``"fake"``) or a module from ``quantize`` /
+        ``load_quantized``; the wrapper pipeline then holds the quantized denoiser, ``pipe`` keeps its own.
+        ``compile``: ``torch.compile`` the denoiser the loop calls: ``True``, a mode name (``"max-autotune"``,
+        ...) or a dict of ``torch.compile`` arguments (``{"backend": "aot_eager"}``); compiles on the first call.
+        ``cuda_graph=True``: capture one whole denoising step in a CUDA graph and replay it for every step (see
+        the module docstring); needs a CUDA pipeline and a fewstep scheduler without momentum or step hooks
+        (ddim, dpm-solver++, unipc, dpm-solver-v3, flow-euler), and a CFG, CFG++ or APG rule; with ``compile``,
+        not a setting that captures CUDA graphs itself (modes ``"reduce-overhead"``, ``"max-autotune"``).
         """
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"`cuda_graph` must be a bool, got {cuda_graph!r}")
+        compile_kwargs = check_compile(compile)
+        if cuda_graph and compile_kwargs is not None and (
+            compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+            or (compile_kwargs.get("options") or {}).get("triton.cudagraphs")
+        ):
+            raise ValueError(
+                f"`compile`={compile!r} captures CUDA graphs itself (modes 'reduce-overhead' and 'max-autotune', "
+                "option triton.cudagraphs); with cuda_graph=True use 'max-autotune-no-cudagraphs' or 'default'"
+            )
         family = _family(pipe)
         flow = family in FLOW_FAMILIES
         if isinstance(scheduler, str):
@@ -153,9 +324,17 @@ class FewstepPipeline:
         else:
             rule, embedded = cls._make_rule(guidance, guidance_scale, family), _FLUX_EMBEDDED_SCALE
             cls._check_compatible(rule, scheduler)
-        shared = type(pipe).from_pipe(pipe, scheduler=scheduler)
+        if cuda_graph:
+            _check_graph_scheduler(scheduler)
+            if rule is not None:
+                _check_graph_rule(rule)
+            _check_graph_device(pipe._execution_device)
+        model = pipe.transformer if flow else pipe.unet
+        module, call = prepare_denoiser(model, quantized, quant_mode, compile)
+        overrides = {} if module is model else {"transformer" if flow else "unet": module}
+        shared = type(pipe).from_pipe(pipe, scheduler=scheduler, **overrides)
         shared.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-        return cls(shared, rule, embedded)
+        return cls(shared, rule, embedded, denoiser=None if call is module else call, cuda_graph=cuda_graph)
 
     @staticmethod
     def family_of(pipe: Any) -> str | None:
@@ -259,9 +438,153 @@ class FewstepPipeline:
         if rule is not None:
             out_uncond, out_cond = out.chunk(2)
             if pairs:
-                return guidance_rules.guided_step(scheduler, rule, out_cond, out_uncond, t, x, i)
+                return guidance_rules.guided_step(scheduler, rule, out_cond, out_uncond, t, x, i,
+                                                  step_kwargs.get("generator"))  # fmt: skip
             out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, n)
         return scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+
+    # ----------------------------------------------------------------------------------------------
+    # the denoising loop: eager, or one static step (uncaptured, or captured in a CUDA graph and replayed)
+    def _denoise(
+        self,
+        model_fn: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor],
+        x: torch.Tensor,
+        conds: dict,
+        timesteps: torch.Tensor,
+        rule: GuidanceRule | None,
+        generator: Any,
+        callback: Callable | None,
+        callback_inputs: Sequence[str],
+    ) -> torch.Tensor:
+        """Run every step from ``x``: ``model_fn(x, t, conds)`` is the raw model output (``[uncond, cond]``
+        halves when ``rule`` guides); ``conds`` holds the conditioning tensors (``embeds`` is what the callback
+        sees as ``prompt_embeds``)."""
+        if self._loop_mode != "eager":
+            return self._denoise_static(model_fn, x, conds, timesteps, rule, generator, callback, callback_inputs)
+        p = self.pipe
+        scheduler = p.scheduler
+        pairs = guidance_rules.supports_pairs(scheduler)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        for i, t in enumerate(p.progress_bar(timesteps)):
+            out = model_fn(x, t, conds)
+            x = self._step(scheduler, rule, pairs, out, t, x, i, len(timesteps), step_kwargs)
+            if callback is not None:
+                tensors = {"latents": x, "prompt_embeds": conds["embeds"]}
+                outputs = callback(p, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+                x = outputs.get("latents", x)
+                conds["embeds"] = outputs.get("prompt_embeds", conds["embeds"])
+        return x
+
+    def _static_inputs(self, x: torch.Tensor, rule: GuidanceRule | None, generator: Any):
+        """This call's engine (coefficient tables), guidance, per-step table and stochastic noise draws."""
+        scheduler = self.pipe.scheduler
+        _check_graph_scheduler(scheduler)
+        if rule is not None:
+            _check_graph_rule(rule)
+        plan = scheduler.plan
+        check_static_plan(plan, scheduler._state.hooks if scheduler._state is not None else ())
+        cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        n = plan.num_steps
+        engine = StaticEngine(plan, x.shape, x.device, cdtype)
+        alphas = np.asarray(plan.grid.alphas[:n], dtype=np.float64)
+        sigmas = np.asarray(plan.grid.sigmas[:n], dtype=np.float64)
+        guide = StaticGuidance(rule, x.shape, x.device, cdtype) if rule is not None else None
+        extra = guide.columns(alphas, sigmas) if guide is not None else np.zeros((n, 3))
+        cols = np.concatenate([np.stack([alphas, sigmas, alphas * alphas + sigmas * sigmas], axis=1), extra], axis=1)
+        table = torch.as_tensor(cols, dtype=cdtype).to(x.device)
+        noise = None
+        if engine.stochastic:  # drawn up front, in step order, as the eager steps draw them
+            noise = torch.zeros((n, *x.shape), dtype=cdtype, device=x.device)
+            for i, decision in enumerate(plan.decisions):
+                if decision.stochastic:
+                    noise[i] = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        return engine, guide, table, noise
+
+    def _static_key(self, x: torch.Tensor, conds: dict, engine: StaticEngine, table: torch.Tensor,
+                    timesteps: torch.Tensor, rule: GuidanceRule | None) -> tuple:
+        """What a captured step depends on besides the values copied into its buffers."""
+        sched = self.pipe.scheduler
+        rule_key = None if rule is None else (type(rule).__name__, repr(sorted(rule.config().items())))
+        return (
+            self.family, self._loop_mode, id(self.denoiser), rule_key, tuple(x.shape), x.dtype, str(x.device),
+            tuple(engine.table.shape), engine.stochastic, tuple(table.shape), tuple(timesteps.shape),
+            timesteps.dtype, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(conds.items())),
+            sched.prediction_type, bool(getattr(sched.config, "clip_sample", False)),
+            float(getattr(sched.config, "clip_sample_range", 1.0) or 1.0),
+        )
+
+    def _static_step(self, run: _StaticRun) -> None:
+        """One denoising step on the static buffers of ``run`` (what graph mode captures): the model call(s),
+        the pair conversion, the guidance rule and the solver step, then ``x`` and the step index in place."""
+        engine = run.engine
+        row = engine.row(run.table)
+        t = engine.row(run.t_table)
+        alpha, sigma, norm, scale, s_over_a, a_over_s = (row[k] for k in range(len(_COLUMNS)))
+        out = run.model_fn(run.x, t, run.conds)
+        x = run.x.to(engine.dtype)
+        if run.guide is not None:
+            out_uncond, out_cond = out.chunk(2)
+            cond = run.postprocess(*_static_pair(run.kind, out_cond.to(engine.dtype), x, alpha, sigma, norm))
+            uncond = run.postprocess(*_static_pair(run.kind, out_uncond.to(engine.dtype), x, alpha, sigma, norm))
+            x0, eps = run.guide.combine(cond, uncond, scale, s_over_a, a_over_s)
+            x0, eps = run.postprocess(x0.to(engine.dtype), eps.to(engine.dtype))
+        else:
+            x0, eps = run.postprocess(*_static_pair(run.kind, out.to(engine.dtype), x, alpha, sigma, norm))
+        run.x.copy_(engine.advance(x, x0, eps).to(run.x.dtype))
+        engine.index.add_(1)
+
+    def _capture(self, run: _StaticRun, x: torch.Tensor, noise: torch.Tensor | None) -> None:
+        """Warm up one step on a side stream (lazy initialisation, ``torch.compile``, library handles), restore
+        the start state, capture one step into ``run.graph``."""
+        device = run.x.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._static_step(run)
+        torch.cuda.current_stream(device).wait_stream(side)
+        run.restart(x, noise)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_step(run)
+        run.graph = graph
+        run.restart(x, noise)  # capturing records the kernels without running them; restart to be explicit
+
+    def _denoise_static(self, model_fn, x, conds, timesteps, rule, generator, callback, callback_inputs):
+        p = self.pipe
+        graph = self._loop_mode == "cuda-graph"
+        if graph:
+            _check_graph_device(x.device)
+        engine, guide, table, noise = self._static_inputs(x, rule, generator)
+        key = self._static_key(x, conds, engine, table, timesteps, rule)
+        if self._graph_cache is not None and self._graph_cache[0] == key:
+            run = self._graph_cache[1]
+            run.load(engine, x, conds, table, timesteps, noise)
+        else:
+            self._graph_cache = None  # free the previous graph and buffers first
+            run = _StaticRun(engine, guide, x, conds, table, timesteps)
+            run.restart(x, noise)
+            self._graph_cache = (key, run)
+        run.model_fn = model_fn
+        run.kind = p.scheduler.prediction_type
+        run.postprocess = p.scheduler._postprocess_pair
+        if graph and run.graph is None:
+            self._capture(run, x, noise)
+        for i, t in enumerate(p.progress_bar(timesteps)):
+            if graph:
+                run.graph.replay()
+            else:
+                self._static_step(run)
+            if callback is not None:
+                tensors = {"latents": run.x, "prompt_embeds": run.conds["embeds"]}
+                outputs = callback(p, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+                for name, value in outputs.items():
+                    if name in tensors and value is not tensors[name]:
+                        raise ValueError(
+                            f"callback_on_step_end returned a new `{name}` at step {i}: with cuda_graph=True the "
+                            "replayed step reads static buffers, so change the given tensor in place "
+                            f"(tensors[{name!r}].copy_(...)) or run without cuda_graph"
+                        )
+        return run.x.clone()
 
     @torch.no_grad()
     def __call__(
@@ -355,19 +678,18 @@ class FewstepPipeline:
         scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = scheduler.timesteps
         x = p.prepare_latents(n, p.unet.config.in_channels, height, width, embeds.dtype, device, generator, latents)
-        pairs = guidance_rules.supports_pairs(scheduler)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        for i, t in enumerate(p.progress_bar(timesteps)):
+        conds = {"embeds": embeds} if added is None else {"embeds": embeds, **added}
+        denoiser = self.denoiser
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
             model_in = torch.cat([x, x]) if guided else x
             model_in = scheduler.scale_model_input(model_in, t)
-            out = p.unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
-            x = self._step(scheduler, rule if guided else None, pairs, out, t, x, i, len(timesteps), step_kwargs)
-            if callback_on_step_end is not None:
-                tensors = {"latents": x, "prompt_embeds": embeds}
-                outputs = callback_on_step_end(p, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                outputs = outputs or {}
-                x = outputs.get("latents", x)
-                embeds = outputs.get("prompt_embeds", embeds)
+            added_kw = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]} if "time_ids" in c else None
+            return denoiser(model_in, t, encoder_hidden_states=c["embeds"], added_cond_kwargs=added_kw,
+                            return_dict=False)[0]  # fmt: skip
+
+        x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator, callback_on_step_end,
+                          callback_on_step_end_tensor_inputs)  # fmt: skip
         image = self._decode(x, output_type, device, embeds.dtype)
         p.maybe_free_model_hooks()
         if not return_dict:
@@ -498,37 +820,39 @@ class FewstepPipeline:
             seq_len = (x.shape[-2] // patch) * (x.shape[-1] // patch)
             embeds = torch.cat([enc["neg"], enc["pos"]]) if guided else enc["pos"]
             pooled = torch.cat([enc["neg_pooled"], enc["pooled"]]) if guided else enc["pooled"]
-        scheduler = p.scheduler
         timesteps = self._flow_timesteps(kw["num_inference_steps"], seq_len, device)
-        pairs = guidance_rules.supports_pairs(scheduler)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        embed = None
-        if flux and tr.config.guidance_embeds:
-            embed = torch.full((n,), embedded, device=device, dtype=torch.float32)
-        callback = kw["callback_on_step_end"]
-        for i, t in enumerate(p.progress_bar(timesteps)):
-            if flux:
+        denoiser = self.denoiser
+        if flux:
+            conds = {"embeds": embeds, "pooled": enc["pooled"], "text_ids": enc["text_ids"], "image_ids": image_ids}
+            if guided:
+                conds.update(neg=enc["neg"], neg_pooled=enc["neg_pooled"], neg_text_ids=enc["neg_text_ids"])
+            if tr.config.guidance_embeds:
+                conds["guidance"] = torch.full((n,), embedded, device=device, dtype=torch.float32)
+
+            def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
                 t_in = t.expand(n).to(x.dtype) / 1000
-                out = tr(hidden_states=x, timestep=t_in, guidance=embed, pooled_projections=enc["pooled"],
-                         encoder_hidden_states=embeds, txt_ids=enc["text_ids"], img_ids=image_ids,
-                         return_dict=False)[0]  # fmt: skip
-                if guided:
-                    out_uncond = tr(
-                        hidden_states=x, timestep=t_in, guidance=embed, pooled_projections=enc["neg_pooled"],
-                        encoder_hidden_states=enc["neg"], txt_ids=enc["neg_text_ids"], img_ids=image_ids,
-                        return_dict=False,
-                    )[0]  # fmt: skip
-                    out = torch.cat([out_uncond, out])
-            else:
+                out = denoiser(hidden_states=x, timestep=t_in, guidance=c.get("guidance"),
+                               pooled_projections=c["pooled"], encoder_hidden_states=c["embeds"],
+                               txt_ids=c["text_ids"], img_ids=c["image_ids"], return_dict=False)[0]  # fmt: skip
+                if not guided:
+                    return out
+                out_uncond = denoiser(
+                    hidden_states=x, timestep=t_in, guidance=c.get("guidance"), pooled_projections=c["neg_pooled"],
+                    encoder_hidden_states=c["neg"], txt_ids=c["neg_text_ids"], img_ids=c["image_ids"],
+                    return_dict=False,
+                )[0]  # fmt: skip
+                return torch.cat([out_uncond, out])
+        else:
+            conds = {"embeds": embeds, "pooled": pooled}
+
+            def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
                 model_in = torch.cat([x, x]) if guided else x
-                out = tr(hidden_states=model_in, timestep=t.expand(model_in.shape[0]), encoder_hidden_states=embeds,
-                         pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
-            x = self._step(scheduler, rule if guided else None, pairs, out, t, x, i, len(timesteps), step_kwargs)
-            if callback is not None:
-                tensors = {"latents": x, "prompt_embeds": embeds}
-                outputs = callback(p, i, t, {k: tensors[k] for k in kw["callback_on_step_end_tensor_inputs"]}) or {}
-                x = outputs.get("latents", x)
-                embeds = outputs.get("prompt_embeds", embeds)
+                return denoiser(hidden_states=model_in, timestep=t.expand(model_in.shape[0]),
+                                encoder_hidden_states=c["embeds"], pooled_projections=c["pooled"],
+                                return_dict=False)[0]  # fmt: skip
+
+        x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator,
+                          kw["callback_on_step_end"], kw["callback_on_step_end_tensor_inputs"])  # fmt: skip
         image = self._flow_decode(x, kw["output_type"], height, width)
         p.maybe_free_model_hooks()
         if not kw["return_dict"]:

@@ -1,0 +1,119 @@
+"""The denoiser a pipeline's loop calls: optionally a ``fewstep.quant`` quantized copy, optionally ``torch.compile``d.
+
+``prepare_denoiser(model, quantized=..., quant_mode=..., compile=...)`` returns ``(module, call)``: ``module`` is
+what the pipeline registers as its UNet/transformer (the float model, or the quantized copy; the float model
+itself is never modified), ``call`` what the denoising loop calls (``module``, or ``torch.compile(module, ...)``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["prepare_denoiser", "check_compile", "COMPILE_MODES", "COMPILE_OPTIONS"]
+
+#: ``torch.compile`` modes accepted by ``compile="<mode>"``
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: keys accepted in ``compile={...}`` (passed to ``torch.compile``)
+COMPILE_OPTIONS = ("mode", "backend", "fullgraph", "dynamic", "options")
+
+
+def check_compile(compile: bool | str | Mapping[str, Any] | None) -> dict | None:
+    """``compile`` as ``torch.compile`` keyword arguments (``None``: no compilation).
+
+    ``False``/``None``: off; ``True``: ``torch.compile`` defaults; a mode name (:data:`COMPILE_MODES`); or a
+    dict of :data:`COMPILE_OPTIONS` (e.g. ``{"backend": "aot_eager"}``)."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, str):
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"`compile` mode must be one of {list(COMPILE_MODES)}, got {compile!r}")
+        return {"mode": compile}
+    if isinstance(compile, Mapping):
+        unknown = sorted(str(k) for k in compile if k not in COMPILE_OPTIONS)
+        if unknown:
+            raise ValueError(f"`compile` has unknown option(s) {unknown}; allowed: {list(COMPILE_OPTIONS)}")
+        kw = dict(compile)
+        if "mode" in kw and kw["mode"] is not None and kw["mode"] not in COMPILE_MODES:
+            raise ValueError(f"`compile['mode']` must be one of {list(COMPILE_MODES)}, got {kw['mode']!r}")
+        if "backend" in kw and not (isinstance(kw["backend"], str) or callable(kw["backend"])):
+            raise ValueError(f"`compile['backend']` must be a backend name or callable, got {kw['backend']!r}")
+        for flag in ("fullgraph", "dynamic"):
+            if flag in kw and kw[flag] is not None and not isinstance(kw[flag], bool):
+                raise ValueError(f"`compile['{flag}']` must be a bool (or None for dynamic), got {kw[flag]!r}")
+        if "options" in kw and not isinstance(kw["options"], Mapping):
+            raise ValueError(f"`compile['options']` must be a dict, got {type(kw['options']).__name__}")
+        if "mode" in kw and "options" in kw:
+            raise ValueError("`compile` takes either 'mode' or 'options', not both (torch.compile's rule)")
+        return kw
+    raise ValueError(
+        f"`compile` must be a bool, a mode in {list(COMPILE_MODES)} or a dict of {list(COMPILE_OPTIONS)}, "
+        f"got {type(compile).__name__}"
+    )
+
+
+def _load_quantized(model: torch.nn.Module, quantized: Any, quant_mode: str | None) -> torch.nn.Module:
+    from .. import quant
+
+    if quant_mode is not None and quant_mode not in quant.MODES:
+        raise ValueError(f"`quant_mode` must be one of {list(quant.MODES)}, got {quant_mode!r}")
+    if isinstance(quantized, (str, os.PathLike)):
+        path = Path(quantized)
+        if not path.is_dir():
+            raise ValueError(
+                f"`quantized` must be a directory written by fewstep.quant.save_quantized (or a quantized module), "
+                f"got {str(quantized)!r}: not a directory"
+            )
+        return quant.load_quantized(model, path, mode=quant_mode or "fake")
+    if isinstance(quantized, torch.nn.Module):
+        if getattr(quantized, "fewstep_quant", None) is None or not quant.quant_layers(quantized):
+            raise ValueError(
+                f"`quantized` module ({type(quantized).__name__}) is not a fewstep.quant model (made by "
+                "fewstep.quant.quantize or load_quantized)"
+            )
+        if type(quantized) is not type(model):
+            raise ValueError(
+                f"`quantized` is a quantized {type(quantized).__name__} but this pipeline's denoiser is a "
+                f"{type(model).__name__}"
+            )
+        fingerprint = quantized.fewstep_quant.get("fingerprint") if isinstance(quantized.fewstep_quant, dict) else None
+        if fingerprint is not None and fingerprint.get("arch") != quant.model_fingerprint(model)["arch"]:
+            raise ValueError("`quantized` was made from a model of another architecture than this pipeline's denoiser")
+        if quant_mode is not None:
+            quant.set_mode(quantized, quant_mode)
+        return quantized
+    raise ValueError(
+        f"`quantized` must be None, a directory written by fewstep.quant.save_quantized or a quantized module, "
+        f"got {type(quantized).__name__}"
+    )
+
+
+def prepare_denoiser(
+    model: torch.nn.Module,
+    quantized: str | os.PathLike | torch.nn.Module | None = None,
+    quant_mode: str | None = None,
+    compile: bool | str | Mapping[str, Any] | None = False,
+) -> tuple[torch.nn.Module, Any]:
+    """``(module, call)`` for ``model`` (see the module docstring).
+
+    ``quantized``: a ``save_quantized`` directory (applied to a copy of ``model`` with ``load_quantized``, which
+    checks it was calibrated on these weights; ``quant_mode`` default ``"fake"``) or a module returned by
+    ``quantize``/``load_quantized`` (``quant_mode``, when given, is set on it). ``compile``: see
+    :func:`check_compile`."""
+    if quant_mode is not None and quantized is None:
+        raise ValueError(f"`quant_mode`={quant_mode!r} needs `quantized` (a quantization directory or module)")
+    kwargs = check_compile(compile)
+    module = model if quantized is None else _load_quantized(model, quantized, quant_mode)
+    if quantized is not None:
+        ref = next(model.parameters(), None)
+        module.eval()
+        if ref is not None:
+            module.to(ref.device)  # a given module may live elsewhere; the pipeline's inputs are on ref's device
+    call = module if kwargs is None else torch.compile(module, **kwargs)
+    return module, call

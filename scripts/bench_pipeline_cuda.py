@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""FewstepPipeline's CUDA-graph mode vs its eager loop vs the stock diffusers pipeline, wall time per image.
+
+An SD1.5-shaped ``UNet2DConditionModel`` with random weights (speed only) in fp16, text-to-image with random
+prompt embeddings (no text encoder is timed), CFG on both branches in one batched UNet call per step, at 8 and
+20 NFE and batch 1, 2, 8. Three pipelines over the same modules, measured in one run:
+
+* ``graph``: ``FewstepPipeline.from_pipe(pipe, scheduler=<fewstep sampler>, cuda_graph=True)``: one denoising
+  step captured once (first call per shape), then replayed for every step;
+* ``eager``: the same FewstepPipeline without the graph;
+* ``stock``: ``StableDiffusionPipeline`` with diffusers' own scheduler of the same method (``--sampler``:
+  dpm-solver++ -> DPMSolverMultistepScheduler, unipc -> UniPCMultistepScheduler, ddim -> DDIMScheduler).
+
+Timed with ``output_type="latent"`` by default (the denoising loop; ``--decode`` adds the VAE decode to all
+three), after ``--warmup`` untimed calls per cell (they include the capture), median of ``--repeats`` runs.
+Also checks that graph and eager images agree (decoded, fp16 tolerance ``--tol``).
+
+    PYTHONPATH=. python scripts/bench_pipeline_cuda.py --out scripts/results_pipeline_cuda.json
+
+Needs a CUDA GPU; ``--device cpu --tiny`` runs the same logic on a tiny UNet on the CPU (a smoke test: the
+"graph" column is then the uncaptured static step, and its timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fewstep.pipelines import FewstepPipeline  # noqa: E402
+
+SD15_SCHEDULER = {
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
+}  # fmt: skip
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)  # fmt: skip
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)  # fmt: skip
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+    cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)  # fmt: skip
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    sample_size=8, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+)  # fmt: skip
+STOCK = {"dpm-solver++": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler}
+TOKENS = 77
+#: issue 10's goal: graph mode at least this much faster than stock diffusers at batch 1-2
+TARGET = 2.5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="tiny UNet/VAE (smoke test; required with --device cpu)")
+    ap.add_argument("--steps", default="8,20", help="comma-separated NFE (default 8,20)")
+    ap.add_argument("--batches", default="1,2,8", help="comma-separated batch sizes (default 1,2,8)")
+    ap.add_argument("--sampler", default="dpm-solver++", choices=sorted(STOCK))
+    ap.add_argument("--guidance-scale", type=float, default=7.5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--decode", action="store_true", help="time the VAE decode too (output_type='np')")
+    ap.add_argument("--tol", type=float, default=1e-2, help="max |graph - eager| on [0, 1] images (fp16)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = ap.parse_args(argv)
+    try:
+        args.steps = [int(s) for s in args.steps.split(",")]
+        args.batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--steps and --batches take comma-separated integers, got {args.steps!r} / {args.batches!r}")
+    if any(s < 1 for s in args.steps) or any(b < 1 for b in args.batches):
+        ap.error(f"--steps and --batches must be >= 1, got {args.steps} / {args.batches}")
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} / {args.warmup}")
+    if args.device == "cpu" and not args.tiny:
+        ap.error("--device cpu runs only with --tiny (a smoke test of the benchmark's logic)")
+    return args
+
+
+def require_device(name: str) -> torch.device:
+    """The device to run on, or exit with a one-line reason (no CPU fallback for the real benchmark)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "bench_pipeline_cuda.py needs a CUDA GPU (none visible to torch); `--device cpu --tiny` only smoke-tests "
+            "its logic"
+        )
+    return torch.device(name)
+
+
+def build(args, device: torch.device) -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    unet = UNet2DConditionModel(**(TINY_UNET if args.tiny else SD15_UNET))
+    vae = AutoencoderKL(**(TINY_VAE if args.tiny else SD15_VAE))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to(device, dtype)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(args) -> dict:
+    device = require_device(args.device)
+    pipe = build(args, device)
+    dtype = pipe.unet.dtype
+    dim = pipe.unet.config.cross_attention_dim
+    scale = args.guidance_scale
+    stock = StableDiffusionPipeline.from_pipe(pipe, scheduler=STOCK[args.sampler].from_config(SD15_SCHEDULER))
+    stock.set_progress_bar_config(disable=True)
+    eager = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale)
+    if device.type == "cuda":
+        graph = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale,
+                                          cuda_graph=True)  # fmt: skip
+    else:  # the static step uncaptured: the same code path, no graph
+        graph = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale)
+        graph._loop_mode = "static"
+    output_type = "np" if args.decode else "latent"
+    cells = []
+    for nfe in args.steps:
+        for batch in args.batches:
+            g = torch.Generator("cpu").manual_seed(batch)
+            pos, neg = (torch.randn(batch, TOKENS, dim, generator=g).to(device, dtype) for _ in range(2))
+            kw = dict(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=nfe, output_type=output_type)
+            calls = {
+                "stock": lambda kw=kw: stock(**kw, guidance_scale=scale, generator=torch.Generator().manual_seed(0)),
+                "eager": lambda kw=kw: eager(**kw, generator=torch.Generator().manual_seed(0)),
+                "graph": lambda kw=kw: graph(**kw, generator=torch.Generator().manual_seed(0)),
+            }
+            secs = {name: time_call(fn, device, args.warmup, args.repeats) for name, fn in calls.items()}
+            per_image = {k: v / batch for k, v in secs.items()}
+            cells.append({
+                "nfe": nfe, "batch": batch, "ms_per_image": {k: 1e3 * v for k, v in per_image.items()},
+                "stock_over_graph": secs["stock"] / secs["graph"], "eager_over_graph": secs["eager"] / secs["graph"],
+            })  # fmt: skip
+    # agreement: decoded images of graph vs eager, same seed, first NFE and batch
+    check_kw = dict(prompt_embeds=torch.randn(args.batches[0], TOKENS, dim, generator=torch.Generator().manual_seed(7)
+                                              ).to(device, dtype),
+                    negative_prompt_embeds=torch.zeros(args.batches[0], TOKENS, dim, device=device, dtype=dtype),
+                    num_inference_steps=args.steps[0], output_type="np")  # fmt: skip
+    img_eager = eager(**check_kw, generator=torch.Generator("cpu").manual_seed(1)).images
+    img_graph = graph(**check_kw, generator=torch.Generator("cpu").manual_seed(1)).images
+    max_diff = float(np.abs(np.asarray(img_eager, dtype=np.float64) - np.asarray(img_graph, dtype=np.float64)).max())
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": "tiny" if args.tiny else "SD1.5-shaped UNet, random weights",
+        "dtype": str(dtype).replace("torch.", ""), "sampler": args.sampler,
+        "stock_scheduler": STOCK[args.sampler].__name__,
+        "guidance": f"cfg {scale}", "timed": "denoise + decode" if args.decode else "denoise (output_type=latent)",
+        "graph_mode": "cuda graph" if device.type == "cuda" else "static step, uncaptured (cpu smoke test)",
+        "cells": cells,
+        "graph_vs_eager_image_max_abs_diff": max_diff, "images_agree": bool(max_diff <= args.tol), "tol": args.tol,
+    }  # fmt: skip
+
+
+def report(results: dict) -> str:
+    lines = [
+        f"{results['model']} ({results['dtype']}) on {results['device']}; {results['sampler']} vs stock "
+        f"{results['stock_scheduler']}; {results['guidance']}; timed: {results['timed']}; "
+        f"graph: {results['graph_mode']}",
+        f"{'NFE':>4} {'batch':>5} {'stock ms/img':>13} {'eager ms/img':>13} {'graph ms/img':>13} "
+        f"{'stock/graph':>12} {'eager/graph':>12}",
+    ]
+    for c in results["cells"]:
+        ms = c["ms_per_image"]
+        lines.append(
+            f"{c['nfe']:>4} {c['batch']:>5} {ms['stock']:>13.2f} {ms['eager']:>13.2f} {ms['graph']:>13.2f} "
+            f"{c['stock_over_graph']:>11.2f}x {c['eager_over_graph']:>11.2f}x"
+        )
+    small = [c["stock_over_graph"] for c in results["cells"] if c["batch"] <= 2]
+    if small and results["graph_mode"] == "cuda graph":  # CPU smoke timings say nothing about the target
+        met = "met" if min(small) >= TARGET else "NOT met"
+        lines.append(f"target stock/graph >= {TARGET:g}x at batch 1-2: {met} (min {min(small):.2f}x)")
+    verdict = "agree" if results["images_agree"] else "DISAGREE"
+    lines.append(f"graph vs eager images: max |diff| = {results['graph_vs_eager_image_max_abs_diff']:.3g} "
+                 f"({verdict} at tol {results['tol']:g})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    results = run(args)
+    print(report(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
