@@ -136,3 +136,27 @@ def test_from_pipe_quantized_and_compiled_denoiser(unet, tmp_path):
         ClassConditionalPipeline.from_pipe(pipe, quantized=tmp_path / "none")
     with pytest.raises(ValueError, match=r"`compile` mode must be one of \['default'"):
         ClassConditionalPipeline.from_pipe(pipe, compile="turbo")
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+@pytest.mark.parametrize("scheduler", ["sde-dpmsolver++", "diffusers-ddpm"])
+def test_stochastic_steps_draw_from_the_generator(unet, scheduler, guidance_scale):
+    """SDE steps (fewstep's, guided through step_pair or not, and a diffusers scheduler whose step takes a
+    generator) take their noise from the call's ``generator``: the same seed gives the same images whatever the
+    global RNG did in between, another seed other images."""
+    if scheduler == "diffusers-ddpm":
+        pipe = ClassConditionalPipeline(unet=unet, scheduler=DDPMScheduler.from_config(DDPM))
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = ClassConditionalPipeline(
+            unet=unet, scheduler=samplers.get("dpm-solver++").from_config(DDPM, algorithm_type=scheduler))
+        pipe.set_progress_bar_config(disable=True)
+
+    def run(seed: int, global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        return pipe([3, 7], 4, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
+                    output_type="latent").images
+
+    first = run(0, 1)
+    assert torch.equal(first, run(0, 2))
+    assert (first - run(5, 1)).abs().max() > 1e-3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -161,6 +162,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         denoiser = self.unet if self._denoiser is None else self._denoiser
+        # stochastic steps draw their noise from `generator` (diffusers schedulers: when their step takes one)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters \
+            else {}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = torch.cat([x, x]) if guided else x
             model_in = self.scheduler.scale_model_input(model_in, t)
@@ -168,12 +172,12 @@ class ClassConditionalPipeline(DiffusionPipeline):
             out = denoiser(model_in, t_batch, class_labels=model_labels).sample
             if guided and pairs:
                 out_cond, out_uncond = out.chunk(2)
-                x = guidance_rules.guided_step(self.scheduler, rule, out_cond, out_uncond, t, x, i)
+                x = guidance_rules.guided_step(self.scheduler, rule, out_cond, out_uncond, t, x, i, generator=generator)
             else:
                 if guided:  # plain CFG on the raw output (diffusers schedulers)
                     out_cond, out_uncond = out.chunk(2)
                     out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, len(self.scheduler.timesteps))
-                x = self.scheduler.step(out, t, x).prev_sample
+                x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
             if check_finite:
                 bad = ~torch.isfinite(x).all()
                 first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
