@@ -137,6 +137,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} must end in .png")
     if args.task is not None and args.quant is not None:
         raise UsageError("--quant applies to plain sampling of UNet pipelines (digits-eps, ...), not to --task")
+    if args.task is not None and (args.compile or args.cuda_graph):
+        flag = "--compile" if args.compile else "--cuda-graph"
+        raise UsageError(f"{flag} applies to plain sampling (no --task)")
     edit_flags = [flag for flag, given in (("--source", args.source is not None),
                                            ("--source-class", args.source_classes is not None),
                                            ("--edit-size", args.edit_size != 12)) if given]
@@ -188,6 +191,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         guidance=args.guidance,
         measurement=measurement,
+        compile=args.compile,
+        cuda_graph=args.cuda_graph,
     )
     if result.measurements is not None:  # restoration: degraded inputs above their restorations
         n = len(result.images)
@@ -846,6 +851,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", help="list the registered samplers")
     p_list.set_defaults(func=cmd_list)
 
+    from .pipelines.denoiser import COMPILE_MODES
+
     p_gen = sub.add_parser("generate", help="generate images with a fewstep sampler into a PNG grid")
     p_gen.add_argument("--model", default="digits-eps",
                        help="embedded model (digits-eps, digits-flow, digits-mr), a local pipeline directory "
@@ -872,6 +879,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p_gen.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
     p_gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_gen.add_argument("--compile", nargs="?", const="default", default=None, choices=list(COMPILE_MODES),
+                       metavar="MODE", help="torch.compile the denoiser (mode: " + ", ".join(COMPILE_MODES)
+                       + "; default when given without one: default)")
+    p_gen.add_argument("--cuda-graph", action="store_true",
+                       help="SD-family pipelines on CUDA: capture one denoising step in a CUDA graph and replay it")
     _add_flowchef_args(p_gen)
     _add_posterior_args(p_gen)
     _add_quant_generate_args(p_gen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
@@ -160,3 +161,25 @@ def test_stochastic_steps_draw_from_the_generator(unet, scheduler, guidance_scal
     first = run(0, 1)
     assert torch.equal(first, run(0, 2))
     assert (first - run(5, 1)).abs().max() > 1e-3
+
+
+def test_generate_compile_and_cuda_graph_options(tmp_path, capsys):
+    """``generate(compile=...)`` compiles the digits pipeline's denoiser (same images; eager backend here to keep
+    it fast), ``cuda_graph`` is refused where FewstepPipeline does not host the model, and the CLI flags are
+    refused with --task; ``from_pipe`` keeps the pipeline's dtype (diffusers' own would cast to float32)."""
+    import fewstep
+    from fewstep.pipelines.generate import generate
+
+    pipe = fewstep.load_default("digits-eps", sampler="ddim")
+    plain = generate(pipe, num_images=2, steps=3, progress=False)
+    compiled = generate(pipe, num_images=2, steps=3, progress=False, compile={"backend": "eager"})
+    np.testing.assert_allclose(compiled.images, plain.images, atol=1e-5)
+    with pytest.raises(ValueError, match="`cuda_graph` needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline"):
+        generate(pipe, num_images=2, steps=3, cuda_graph=True)
+    with pytest.raises(ValueError, match="`cuda_graph` must be True or False, got 'yes'"):
+        generate(pipe, num_images=2, steps=3, cuda_graph="yes")
+    half = fewstep.load_default("digits-eps", torch_dtype=torch.bfloat16)
+    assert ClassConditionalPipeline.from_pipe(half).unet.dtype == torch.bfloat16
+    for flag in ("--compile", "--cuda-graph"):
+        argv = ["generate", "--model", "digits-flow", "--task", "sr", flag, "--out", str(tmp_path / "x.png")]
+        assert main(argv) == 2 and f"{flag} applies to plain sampling" in capsys.readouterr().err

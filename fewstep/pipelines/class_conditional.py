@@ -62,6 +62,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         module, call = prepare_denoiser(unet, quantized, quant_mode, compile)
         if module is not unet:
             kwargs["unet"] = module
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = pipeline.dtype  # diffusers' from_pipe would cast everything to float32
         new = super().from_pipe(pipeline, **kwargs)
         new._denoiser = None if call is module else call
         return new

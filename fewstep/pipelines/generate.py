@@ -128,6 +128,8 @@ def generate(
     progress: bool = True,
     guidance: str = "cfg",
     measurement: torch.Tensor | None = None,
+    compile: bool | str | dict | None = None,
+    cuda_graph: bool = False,
 ) -> GenerationResult:
     """Run the pipeline once; class-conditional pipelines take ``classes``, text-to-image ones ``prompt``,
     restoration (mean-reverting) ones ``measurement`` (NCHW in [-1, 1]; default: held-out test digits with
@@ -137,6 +139,10 @@ def generate(
     rule's default; CFG 3). SD 1.x/2.x, SDXL, SD3 and Flux pipelines run in ``FewstepPipeline`` (any rule;
     on Flux ``cfg`` is its distilled guidance embedding, default 3.5, and ``cfg++``/``apg`` run true guidance
     against the empty prompt); other text-to-image pipelines support ``cfg`` only.
+
+    ``compile``: ``torch.compile`` the denoiser (``True``, a mode name or a dict of its arguments; the digits
+    pipelines and ``FewstepPipeline``). ``cuda_graph=True``: ``FewstepPipeline``'s CUDA-graph mode (SD-family
+    pipelines on a CUDA device only).
     """
     from .. import guidance as guidance_rules
     from .class_conditional import ClassConditionalPipeline
@@ -146,6 +152,16 @@ def generate(
         raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"`cuda_graph` must be True or False, got {cuda_graph!r}")
+    from .fewstep_pipeline import FewstepPipeline
+
+    if cuda_graph and (isinstance(pipe, (ClassConditionalPipeline, MeanRevertingPipeline))
+                       or not FewstepPipeline.supports(pipe)):
+        raise ValueError(f"`cuda_graph` needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline (FewstepPipeline); got "
+                         f"{type(pipe).__name__}")
+    if compile and isinstance(pipe, MeanRevertingPipeline):
+        raise ValueError("`compile` applies to the digits generators and FewstepPipeline, not to a restoration model")
     pipe.set_progress_bar_config(disable=not progress, desc="sampling")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     start = time.perf_counter()
@@ -167,24 +183,29 @@ def generate(
         pool = classes if classes else list(range(pipe.num_classes))
         labels = [pool[i % len(pool)] for i in range(num_images)]
         rule = guidance_rules.make(guidance, guidance_scale)
+        if compile:
+            pipe = ClassConditionalPipeline.from_pipe(pipe, compile=compile)
         images = pipe(labels, num_inference_steps=steps, guidance=rule, generator=generator, output_type="np").images
     else:
         if classes:
             raise ValueError("`classes` given to a text-to-image pipeline; use --prompt instead")
         if not prompt:
             raise ValueError("this pipeline is text-to-image: pass --prompt")
-        from .fewstep_pipeline import FewstepPipeline
-
         extra: dict = {}
+        hosting = {"compile": compile or False, "cuda_graph": cuda_graph}
         is_cfg = guidance_rules.get(guidance) is guidance_rules.CFG
         if FewstepPipeline.family_of(pipe) == "flux":
             # Flux: plain CFG is the distilled guidance embedding; other rules run true CFG vs the empty prompt
-            pipe = FewstepPipeline.from_pipe(pipe, guidance=None if is_cfg else guidance, guidance_scale=guidance_scale)
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=None if is_cfg else guidance, guidance_scale=guidance_scale,
+                                             **hosting)
             extra = {} if is_cfg else {"negative_prompt": ""}
         elif FewstepPipeline.supports(pipe):  # fewstep's loop: any guidance rule
             if guidance_scale is None and is_cfg:
                 guidance_scale = 3.0
-            pipe = FewstepPipeline.from_pipe(pipe, guidance=guidance, guidance_scale=guidance_scale)
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=guidance, guidance_scale=guidance_scale, **hosting)
+        elif compile:
+            raise ValueError(f"`compile` needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline (FewstepPipeline) or an "
+                             f"embedded digits model; got {type(pipe).__name__}")
         elif not is_cfg:
             raise ValueError(
                 f"`guidance` {guidance!r} needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline (FewstepPipeline) or an "
