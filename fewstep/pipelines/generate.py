@@ -45,8 +45,9 @@ def load_measurement(path: str | Path, tile: int, flag: str = "--measurement") -
         raise ValueError(f"{flag} {str(path)!r} is not a readable image: {exc}") from None
     h, w = gray.shape
     if h % tile or w % tile:
+        verb = "restores" if flag == "--measurement" else "edits"
         raise ValueError(
-            f"{flag} {str(path)!r} is {w}x{h} pixels; the model works on {tile}x{tile} images, so the "
+            f"{flag} {str(path)!r} is {w}x{h} pixels; the model {verb} {tile}x{tile} images, so the "
             f"file must be one {tile}x{tile} image or a grid of them (width and height multiples of {tile})"
         )
     tiles = gray.reshape(h // tile, tile, w // tile, tile).transpose(0, 2, 1, 3).reshape(-1, 1, tile, tile)
