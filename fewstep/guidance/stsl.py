@@ -49,6 +49,7 @@ from .posterior import (
     as_grid,
     ddim_update,
     first_order_loss,
+    tweedie_x0,
 )
 
 __all__ = ["STSL", "fd_hutchinson_trace", "stsl_surrogate"]
@@ -106,9 +107,17 @@ class STSL(PosteriorMethod):
     num_probes: int = 1
     probe_scale: float = 0.05
     probe_batch: int | None = None
+    reuse_eval: bool = True
+    trace_weight: str = "constant"
+
+    TRACE_WEIGHTS: ClassVar[tuple[str, ...]] = ("constant", "tweedie")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.reuse_eval, bool):
+            raise ValueError(f"`reuse_eval` must be True or False, got {self.reuse_eval!r}")
+        if self.trace_weight not in self.TRACE_WEIGHTS:
+            raise ValueError(f"`trace_weight` must be one of {list(self.TRACE_WEIGHTS)}, got {self.trace_weight!r}")
         self.eta = check_number("eta", self.eta, low=0.0)
         _check_int("inner_steps", self.inner_steps, 1)
         _check_int("num_probes", self.num_probes, 1)
@@ -118,17 +127,22 @@ class STSL(PosteriorMethod):
 
     def evaluations_per_step(self) -> int:
         probes = self.num_probes if self.eta > 0 else 0
-        return self.inner_steps * (1 + probes) + 1
+        return self.inner_steps * (1 + probes) + (0 if self.reuse_eval else 1)
 
-    def _inner_grad(self, model_fn, problem, z: torch.Tensor, i: int, sigma: float,
-                    generator) -> tuple[torch.Tensor, int]:
-        """``grad_z L(z)`` at grid point ``i`` and the number of evaluations it took."""
+    def trace_scale(self, alpha: float, sigma: float) -> float:
+        """The weight of ``Tr(grad s)`` at level ``(alpha, sigma)``: ``eta / d`` times 1 (``"constant"``) or
+        ``sigma^4 / alpha^2`` (``"tweedie"``)."""
+        return self.eta * (sigma**4 / alpha**2 if self.trace_weight == "tweedie" else 1.0)
+
+    def _inner_grad(self, model_fn, problem, z: torch.Tensor, i: int, alpha: float, sigma: float,
+                    generator) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """``grad_z L(z)`` at grid point ``i``, the number of evaluations it took and ``eps_theta(z)`` (detached)."""
         dim = z[0].numel()
         use_trace = self.eta > 0
         probes = [_noise_like(z, generator) for _ in range(self.num_probes)] if use_trace else []
         delta = self.probe_scale * sigma
         # score s = -eps / sigma:  (eta/d) Tr(grad s) ~ coef * sum_p xi_p . (eps(z + delta xi_p) - eps(z))
-        coef = -self.eta / (dim * sigma * delta * max(1, len(probes)))
+        coef = -self.trace_scale(alpha, sigma) / (dim * sigma * delta * max(1, len(probes)))
         group = len(probes) if self.probe_batch is None else self.probe_batch
         with torch.enable_grad():
             zg = z.detach().requires_grad_(True)
@@ -143,10 +157,10 @@ class STSL(PosteriorMethod):
                 loss = loss + coef * (torch.cat(probes) * eps_p).sum()
                 evals += len(probes)
                 (grad,) = torch.autograd.grad(loss, zg)
-                return grad, evals
+                return grad, evals, eps.detach()
             (grad,) = torch.autograd.grad(loss, zg)
             if not use_trace:
-                return grad, evals
+                return grad, evals, eps.detach()
             for start in range(0, len(probes), group):  # bounded memory: one probe group's activations at a time
                 chunk = probes[start:start + group]
                 zc = z.detach().requires_grad_(True)
@@ -154,7 +168,7 @@ class STSL(PosteriorMethod):
                 part = coef * (torch.cat(chunk) * eps_p).sum()
                 grad = grad + torch.autograd.grad(part, zc)[0]
                 evals += len(chunk)
-        return grad, evals
+        return grad, evals, eps.detach()
 
     def sample(self, model_fn, problem, noise, alphas, sigmas, generator=None) -> PosteriorResult:
         grid = as_grid(alphas, sigmas)
@@ -163,13 +177,16 @@ class STSL(PosteriorMethod):
         for i in range(grid.num_steps):
             a, s, a_n, s_n = grid.alphas[i], grid.sigmas[i], grid.alphas[i + 1], grid.sigmas[i + 1]
             for _ in range(self.inner_steps):
-                grad, evals = self._inner_grad(model_fn, problem, z, i, s, generator)
+                grad, evals, eps = self._inner_grad(model_fn, problem, z, i, a, s, generator)
                 z = (z - self.step_scale(a) * grad).detach()
                 nfe += evals
                 grad_evals += evals
             with torch.no_grad():
-                z0, eps = model_fn(z, i)
-                nfe += 1
+                if self.reuse_eval:  # the last inner evaluation's eps at the refined point: no new evaluation
+                    z0 = tweedie_x0(z, eps, a, s)
+                else:
+                    z0, eps = model_fn(z, i)
+                    nfe += 1
                 xi = _noise_like(z, generator) if self.ddim_eta > 0 and s_n > 0 else None
                 z = ddim_update(z0, eps, a, s, a_n, s_n, self.ddim_eta, xi)
         return PosteriorResult(z.detach(), nfe, grad_evals)
