@@ -150,6 +150,27 @@ def test_stsl_trace_weight_scales_only_the_trace_term():
     assert STSL(eta=2.0).trace_scale(0.5, 0.5) == 2.0
 
 
+
+def test_stsl_trace_sigma_min_skips_probes_at_low_noise():
+    """Below ``trace_sigma_min`` the trace term (and its probe evaluations) is off: the first-order gradient, one
+    evaluation; NFE counts only the probes actually evaluated."""
+    a, s = 0.6, 0.8
+    problem = InverseProblem(BoxInpainting(4, box=2), torch.zeros(2, 1, 4, 4))
+    z = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model_fn, calls = _toy_model(a, s)
+    off = STSL(eta=0.5, num_probes=2, trace_sigma_min=0.81)._inner_grad(model_fn, problem, z, 0, a, s, None)
+    on = STSL(eta=0.5, num_probes=2, trace_sigma_min=0.8)._inner_grad(model_fn, problem, z, 0, a, s,
+                                                                         torch.Generator().manual_seed(2))
+    first = STSL(eta=0.0)._inner_grad(model_fn, problem, z, 0, a, s, None)
+    assert off[1] == 1 and on[1] == 3
+    torch.testing.assert_close(off[0], first[0])
+    assert not torch.allclose(on[0], first[0])
+    # a two-level grid, sigma 0.8 then 0.5: probes only at the first level
+    model_fn, calls = _toy_model(a, s)
+    res = STSL(eta=0.5, num_probes=2, inner_steps=1, init="noise", trace_sigma_min=0.6).sample(
+        model_fn, problem, z, [0.6, 0.87, 1.0], [0.8, 0.5, 0.0], torch.Generator().manual_seed(0))
+    assert res.nfe == res.grad_evals == 3 + 1 and sum(calls) == 2 * (3 + 1)
+
 def test_stsl_reuse_eval_is_a_ddim_step_from_the_refined_point():
     """``reuse_eval=True``: the DDIM step uses the last inner evaluation's eps at the refined point (no extra call),
     i.e. DDIM(z) - (alpha'/alpha) zeta grad; ``reuse_eval=False`` evaluates the model again there."""
@@ -215,6 +236,7 @@ def test_registry_and_validation():
                           ({"strength": 0.0}, "`strength`"), ({"init": "zeros"}, "`init` must be one of"),
                           ({"ddim_eta": 2.0}, "`ddim_eta`"), ({"loss": "l1"}, "`loss` must be one of"),
                           ({"reuse_eval": 1}, "`reuse_eval` must be True or False, got 1"),
+                          ({"trace_sigma_min": -1.0}, "`trace_sigma_min` must be"),
                           ({"trace_weight": "linear"},
                            r"`trace_weight` must be one of \['constant', 'tweedie'\], got 'linear'")]:
         with pytest.raises(ValueError, match=match):
