@@ -16,10 +16,10 @@ of the sampling loop (a shared machine: +-30%).
 Settings were picked on a separate validation slice (test digits 200-231, same tasks, noise and seed), never on
 the evaluation digits 0..N-1: DPS's zeta per task and step count from {1, 1.5, 2, 3, 4, 6} (the best PSNR; 100
 steps: the earlier sweep's 1); STSL's zeta, steps, strength and eta (trace weight "tweedie", eta in {0.2, 1, 3,
-10}; the trace term off below sigma 0.8 or 0.9). Ablations: ``STSL eta=0`` (same loop, no trace term and no
-probes: what the second-order term adds), ``DPS+init`` (DPS started like STSL: what the initialisation adds) and
-``STSL (before)``, the previous configuration (5 x 2 inner steps, paper's constant trace weight eta 0.2, a fresh
-evaluation before each DDIM step).
+10}; the trace term off below sigma 0.8 or 0.9). Ablations: ``STSL eta=0`` (same loop and steps, no trace term and
+no probes: what the second-order term adds; ``(equal NFE)``: with as many steps as STSL's NFE), ``DPS+init`` (DPS
+started like STSL: what the initialisation adds) and ``STSL (before)``, the previous configuration (5 x 2 inner
+steps, paper's constant trace weight eta 0.2, a fresh evaluation before each DDIM step).
 
     python scripts/bench_inverse.py --num-images 64 --json scripts/results_inverse.json
 """
@@ -92,6 +92,7 @@ def main() -> None:
         rows.append(row)
         print(f"{task:8s} {name:12s} steps {steps:3d} NFE {r.nfe:4d}  PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.3f}"
               f"  acc {row['accuracy']:.3f}  {r.seconds:6.1f} s", flush=True)
+        return r.nfe
 
     for task in args.tasks.split(","):
         rows.append(backprojection_row(task, args.num_images, args.noise_std, args.seed, classifier, args.offset))
@@ -104,8 +105,9 @@ def main() -> None:
                                            reuse_eval=False), steps)
         for steps, zeta, strength, sigma_min in STSL_RUNS[task]:
             options = {**STSL_COMMON, "step_size": zeta, "strength": strength}
-            record(task, "STSL", STSL(**options, trace_sigma_min=sigma_min), steps)
+            nfe = record(task, "STSL", STSL(**options, trace_sigma_min=sigma_min), steps)
             record(task, "STSL eta=0", STSL(**{**options, "eta": 0.0}), steps)
+            record(task, "STSL eta=0 (equal NFE)", STSL(**{**options, "eta": 0.0}), nfe)
     comparison = []
     for task in args.tasks.split(","):
         dps = [r for r in rows if r["task"] == task and r["method"] == "DPS"]
