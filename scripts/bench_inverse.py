@@ -14,12 +14,13 @@ backpropagated (DPS: all of them; STSL: all of them with ``reuse_eval``, the def
 of the sampling loop (a shared machine: +-30%).
 
 Settings were picked on a separate validation slice (test digits 200-231, same tasks, noise and seed), never on
-the evaluation digits 0..N-1: DPS's zeta per task and step count from {1, 1.5, 2, 3, 4, 6} (the best PSNR; 100
-steps: the earlier sweep's 1); STSL's zeta, steps, strength and eta (trace weight "tweedie", eta in {0.2, 1, 3,
-10}; the trace term off below sigma 0.8 or 0.9). Ablations: ``STSL eta=0`` (same loop and steps, no trace term and
-no probes: what the second-order term adds; ``(equal NFE)``: with as many steps as STSL's NFE), ``DPS+init`` (DPS
-started like STSL: what the initialisation adds) and ``STSL (before)``, the previous configuration (5 x 2 inner
-steps, paper's constant trace weight eta 0.2, a fresh evaluation before each DDIM step).
+the evaluation digits 0..N-1: DPS's zeta per task and step count from 0.5-6 (the best PSNR; README lists the grids);
+STSL's zeta (from {1, 1.5, 2, 3, 4}), steps, strength and eta (trace weight "tweedie", eta in {0.2, 1, 3, 10}; the
+trace term off below sigma 0.8 or 0.9). Ablations: ``STSL eta=0`` (same loop and steps, no trace term and no
+probes: what the second-order term adds; ``(equal NFE)``: with as many steps as STSL's NFE and its own tuned zeta,
+from {1, 1.5, 2, 3}), ``DPS+init`` (DPS started like STSL: what the initialisation adds) and ``STSL (before)``,
+the previous configuration (5 x 2 inner steps, paper's constant trace weight eta 0.2, a fresh evaluation before
+each DDIM step).
 
     python scripts/bench_inverse.py --num-images 64 --json scripts/results_inverse.json
 """
@@ -43,15 +44,18 @@ TASKS = ("inpaint", "sr", "deblur")
 DPS_RUNS = {
     "inpaint": {12: 2.0, 25: 2.0, 50: 1.0, 100: 1.0},
     "sr": {12: 4.0, 25: 3.0, 50: 2.0, 100: 1.0},
-    "deblur": {12: 2.0, 25: 2.0, 50: 2.0, 100: 1.0},
+    "deblur": {12: 2.0, 25: 2.0, 50: 2.0, 100: 1.5},
 }
 #: STSL settings per task: (steps, zeta, strength, trace_sigma_min), K = 1, one probe, picked on the validation slice
 STSL_RUNS = {
-    "inpaint": [(10, 2.0, 0.5, 0.9), (16, 2.0, 0.5, 0.8), (36, 1.3, 0.5, 0.8)],
-    "sr": [(10, 3.0, 0.5, 0.9), (16, 3.0, 0.5, 0.8), (36, 2.0, 0.5, 0.8)],
+    "inpaint": [(10, 2.0, 0.5, 0.9), (16, 1.5, 0.5, 0.8), (36, 1.0, 0.5, 0.8)],
+    "sr": [(10, 3.0, 0.5, 0.9), (16, 3.0, 0.5, 0.8), (36, 1.5, 0.5, 0.8)],
     "deblur": [(10, 2.0, 0.5, 0.9), (16, 2.0, 0.5, 0.8), (36, 2.0, 0.5, 0.8)],
 }
 STSL_COMMON = {"inner_steps": 1, "eta": 3.0, "trace_weight": "tweedie"}
+#: zeta of the eta=0 ablation at STSL's NFE (as many steps), tuned on the validation slice like the others
+ETA0_ZETA = {"inpaint": {12: 1.5, 22: 1.5, 50: 1.0}, "sr": {12: 3.0, 22: 1.5, 50: 1.0},
+             "deblur": {12: 2.0, 22: 2.0, 50: 1.5}}
 #: the previous configuration: (steps, K, zeta, strength), eta 0.2 constant, fresh DDIM evaluation
 STSL_BEFORE = {"inpaint": (5, 2, 2.0, 0.5), "sr": (5, 2, 3.0, 0.5), "deblur": (5, 2, 3.0, 0.5)}
 #: ablation: DPS started like STSL (noised A^+ y at strength 0.5), 25 steps, zeta 2
@@ -107,7 +111,8 @@ def main() -> None:
             options = {**STSL_COMMON, "step_size": zeta, "strength": strength}
             nfe = record(task, "STSL", STSL(**options, trace_sigma_min=sigma_min), steps)
             record(task, "STSL eta=0", STSL(**{**options, "eta": 0.0}), steps)
-            record(task, "STSL eta=0 (equal NFE)", STSL(**{**options, "eta": 0.0}), nfe)
+            zeta0 = ETA0_ZETA[task].get(nfe, zeta)
+            record(task, "STSL eta=0 (equal NFE)", STSL(**{**options, "eta": 0.0, "step_size": zeta0}), nfe)
     comparison = []
     for task in args.tasks.split(","):
         dps = [r for r in rows if r["task"] == task and r["method"] == "DPS"]
