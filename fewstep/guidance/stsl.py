@@ -110,8 +110,8 @@ class STSL(PosteriorMethod):
     ``init``/``strength`` where sampling starts (default: noised ``A^+ y``, the whole schedule); ``reuse_eval``
     DDIM step with the last inner evaluation (no extra evaluation; ``False``: a fresh one); ``trace_weight``
     ``"constant"`` (paper, ``eta/d``) or ``"tweedie"`` (``eta/d * sigma^4/alpha^2``); ``trace_sigma_min`` no trace
-    term (nor probes) at levels with ``sigma`` below it. The defaults are the paper's; the tuned digits settings
-    are ``fewstep.pipelines.posterior.DEFAULT_OPTIONS["stsl"]``.
+    term (nor probes) at levels with ``sigma`` below it. The defaults are the paper's (``reuse_eval`` aside: the
+    paper leaves it open); the tuned digits settings are ``fewstep.pipelines.posterior.DEFAULT_OPTIONS["stsl"]``.
     """
 
     name: ClassVar[str] = "stsl"
