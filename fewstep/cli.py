@@ -347,9 +347,10 @@ def _add_posterior_args(p_gen) -> None:
     p_gen.add_argument("--posterior-step", type=_nonneg_float, default=None, metavar="ZETA",
                        help="posterior samplers: gradient step size zeta (default per method)")
     p_gen.add_argument("--stsl-eta", type=_nonneg_float, default=None, metavar="ETA",
-                       help="STSL: weight of the trace (second-order) term (default 0.02; 0 = first order)")
+                       help="STSL: weight of the trace (second-order) term (default 3 with the 'tweedie' "
+                       "weighting; 0 = first order)")
     p_gen.add_argument("--stsl-inner-steps", type=_positive_int, default=None, metavar="K",
-                       help="STSL: gradient iterations per step (default per task)")
+                       help="STSL: gradient iterations per step (default 1)")
     p_gen.add_argument("--stsl-probes", type=_positive_int, default=None, metavar="P",
                        help="STSL: Gaussian probes per iteration (default 1)")
     p_gen.add_argument("--gluing", type=_nonneg_float, default=None, metavar="GAMMA",

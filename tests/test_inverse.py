@@ -109,14 +109,87 @@ def test_stsl_trace_term_of_a_gaussian_prior_is_exact():
     grads = []
     for batch in (None, 1):
         m = STSL(eta=1.0, num_probes=3, probe_batch=batch)
-        grad, evals = m._inner_grad(model_fn, problem, z, 0, 0.8, torch.Generator().manual_seed(2))
+        grad, evals, _ = m._inner_grad(model_fn, problem, z, 0, 0.6, 0.8, torch.Generator().manual_seed(2))
         grads.append(grad)
         assert evals == 4
     torch.testing.assert_close(grads[0], grads[1])
-    first = STSL(eta=0.0)._inner_grad(model_fn, problem, z, 0, 0.8, None)[0]
+    first = STSL(eta=0.0)._inner_grad(model_fn, problem, z, 0, 0.6, 0.8, None)[0]
     torch.testing.assert_close(grads[0], first, atol=1e-5, rtol=1e-5)
     assert d == z[0].numel()
 
+
+
+def _toy_model(a: float = 0.6, s: float = 0.8):
+    """A nonlinear denoiser ``eps(z) = tanh(z) + 0.1 z^2`` at one level ``(a, s)`` (counts its calls)."""
+    calls = []
+
+    def model_fn(z, i):
+        calls.append(z.shape[0])
+        eps = torch.tanh(z) + 0.1 * z * z
+        return (z - s * eps) / a, eps
+
+    return model_fn, calls
+
+
+def test_stsl_trace_weight_scales_only_the_trace_term():
+    """``trace_weight="tweedie"`` multiplies the trace term's gradient by sigma^4 / alpha^2 (the weight of
+    Tr(grad s) in Tr Cov[z0 | z_t]); the measurement gradient is unchanged."""
+    a, s = 0.6, 0.8
+    model_fn, _ = _toy_model(a, s)
+    problem = InverseProblem(BoxInpainting(4, box=2), torch.zeros(2, 1, 4, 4))
+    z = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = {}
+    for weight in ("constant", "tweedie"):
+        m = STSL(eta=0.5, trace_weight=weight)
+        grads[weight] = m._inner_grad(model_fn, problem, z, 0, a, s, torch.Generator().manual_seed(2))[0]
+    base = STSL(eta=0.0)._inner_grad(model_fn, problem, z, 0, a, s, None)[0]
+    trace_part = grads["constant"] - base
+    assert float(trace_part.abs().max()) > 1e-4  # the term acts on this nonlinear model
+    torch.testing.assert_close(grads["tweedie"] - base, trace_part * s**4 / a**2)
+    assert STSL(eta=2.0, trace_weight="tweedie").trace_scale(0.5, 0.5) == pytest.approx(2.0 * 0.5**4 / 0.5**2)
+    assert STSL(eta=2.0).trace_scale(0.5, 0.5) == 2.0
+
+
+
+def test_stsl_trace_sigma_min_skips_probes_at_low_noise():
+    """Below ``trace_sigma_min`` the trace term (and its probe evaluations) is off: the first-order gradient, one
+    evaluation; NFE counts only the probes actually evaluated."""
+    a, s = 0.6, 0.8
+    problem = InverseProblem(BoxInpainting(4, box=2), torch.zeros(2, 1, 4, 4))
+    z = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model_fn, calls = _toy_model(a, s)
+    off = STSL(eta=0.5, num_probes=2, trace_sigma_min=0.81)._inner_grad(model_fn, problem, z, 0, a, s, None)
+    on = STSL(eta=0.5, num_probes=2, trace_sigma_min=0.8)._inner_grad(model_fn, problem, z, 0, a, s,
+                                                                         torch.Generator().manual_seed(2))
+    first = STSL(eta=0.0)._inner_grad(model_fn, problem, z, 0, a, s, None)
+    assert off[1] == 1 and on[1] == 3
+    torch.testing.assert_close(off[0], first[0])
+    assert not torch.allclose(on[0], first[0])
+    # a two-level grid, sigma 0.8 then 0.5: probes only at the first level
+    model_fn, calls = _toy_model(a, s)
+    res = STSL(eta=0.5, num_probes=2, inner_steps=1, init="noise", trace_sigma_min=0.6).sample(
+        model_fn, problem, z, [0.6, 0.87, 1.0], [0.8, 0.5, 0.0], torch.Generator().manual_seed(0))
+    assert res.nfe == res.grad_evals == 3 + 1 and sum(calls) == 2 * (3 + 1)
+
+def test_stsl_reuse_eval_is_a_ddim_step_from_the_refined_point():
+    """``reuse_eval=True``: the DDIM step uses the last inner evaluation's eps at the refined point (no extra call),
+    i.e. DDIM(z) - (alpha'/alpha) zeta grad; ``reuse_eval=False`` evaluates the model again there."""
+    a, s, a_n, s_n = 0.6, 0.8, 0.8, 0.6
+    problem = InverseProblem(BoxInpainting(4, box=2), torch.full((2, 1, 4, 4), 0.3, dtype=torch.float64))
+    z = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs = {}
+    for reuse in (True, False):
+        model_fn, calls = _toy_model(a, s)
+        m = STSL(eta=0.0, inner_steps=1, step_size=0.7, init="noise", reuse_eval=reuse)
+        res = m.sample(model_fn, problem, z, [a, a_n], [s, s_n])
+        assert res.nfe == len(calls) == (1 if reuse else 2) and res.grad_evals == 1
+        outs[reuse] = res.sample
+    model_fn, _ = _toy_model(a, s)
+    z0, eps = model_fn(z, 0)
+    grad = STSL(eta=0.0)._inner_grad(model_fn, problem, z, 0, a, s, None)[0]
+    expected = ddim_update(z0, eps, a, s, a_n, s_n) - (a_n / a) * 0.7 * grad
+    torch.testing.assert_close(outs[True], expected)
+    assert not torch.allclose(outs[True], outs[False])
 
 def test_ddim_update():
     z0, eps = torch.ones(1, 4), torch.full((1, 4), 2.0)
@@ -154,13 +227,18 @@ def test_registry_and_validation():
         guidance.make("stsl", 1.0)
     with pytest.raises(ValueError, match="`kind` must be one of"):
         guidance.names("sampler")
-    assert STSL().evaluations_per_step() == 5 * 2 + 1 and STSL(eta=0).evaluations_per_step() == 6
+    assert STSL().evaluations_per_step() == 5 * 2 and STSL(eta=0).evaluations_per_step() == 5
+    assert STSL(reuse_eval=False).evaluations_per_step() == 5 * 2 + 1
     assert PSLD().gluing == 0.1 and DPS().gluing == 0.0 and STSL().gluing == 0.0
     for kwargs, match in [({"eta": -0.1}, "`eta` must be in"), ({"inner_steps": 0}, "`inner_steps` must be an integer"),
                           ({"inner_steps": True}, "`inner_steps` must be an integer"),
                           ({"num_probes": 1.5}, "`num_probes`"), ({"probe_scale": 0.0}, "`probe_scale`"),
                           ({"strength": 0.0}, "`strength`"), ({"init": "zeros"}, "`init` must be one of"),
-                          ({"ddim_eta": 2.0}, "`ddim_eta`"), ({"loss": "l1"}, "`loss` must be one of")]:
+                          ({"ddim_eta": 2.0}, "`ddim_eta`"), ({"loss": "l1"}, "`loss` must be one of"),
+                          ({"reuse_eval": 1}, "`reuse_eval` must be True or False, got 1"),
+                          ({"trace_sigma_min": -1.0}, "`trace_sigma_min` must be"),
+                          ({"trace_weight": "linear"},
+                           r"`trace_weight` must be one of \['constant', 'tweedie'\], got 'linear'")]:
         with pytest.raises(ValueError, match=match):
             STSL(**kwargs)
     with pytest.raises(ValueError, match="needs init='adjoint'"):
@@ -183,7 +261,7 @@ def test_dps_and_stsl_reduce_the_measurement_error(eps_pipe):
         results[name] = float(measurement_residual(InverseProblem(op, y), r.images).mean())
         assert r.images.shape == (n, 1, 16, 16) and set(r.metrics) == {"psnr", "ssim", "accuracy"}
         if name == "stsl":
-            assert r.nfe == 3 * (2 * 2 + 1)
+            assert r.nfe == 3 * 2 * 2
     assert results["dps"] < 0.6 * results["none"] and results["stsl"] < 0.3 * results["none"]
 
 
@@ -221,7 +299,7 @@ def test_latent_sd_path_runs_end_to_end(tiny_sd):
         assert out.images.shape == (2, 3, 8, 8) and out.latents.shape == (2, 4, 8, 8)
         assert torch.isfinite(out.images).all()
         outs[name] = out
-    assert outs["stsl"].nfe == 2 * (1 * 3 + 1) and outs["stsl"].grad_evals == 2 * 3 and outs["dps"].nfe == 2
+    assert outs["stsl"].nfe == 2 * 3 and outs["stsl"].grad_evals == 2 * 3 and outs["dps"].nfe == 2
     assert not torch.allclose(outs["psld"].latents, outs["dps"].latents)  # the gluing term acts
     assert not torch.allclose(outs["stsl"].latents, outs["stsl-glued"].latents)
 

@@ -16,9 +16,23 @@ posterior of ``z0`` is concentrated (small ``Tr Cov``), where the first-order es
 
 Algorithm 1 per outer step at level ``(alpha_i, sigma_i)``: ``K`` inner iterations ``z <- z - zeta grad L(z)``
 (backpropagating through the denoiser and the decoder; fresh probes each time), then one DDIM step from the
-updated ``z`` with a fresh evaluation. Initialisation: the encoded back-projected measurement pushed through the
-forward process, ``alpha_0 E(A^+ y) + sigma_0 n`` -- with ``strength < 1`` the run starts part-way down the
-schedule (the few-step regime this initialisation is for). PSLD's gluing term is an option (off by default).
+updated ``z``. Initialisation: the encoded back-projected measurement pushed through the forward process,
+``alpha_0 E(A^+ y) + sigma_0 n`` -- with ``strength < 1`` the run starts part-way down the schedule (the few-step
+regime this initialisation is for). PSLD's gluing term is an option (off by default).
+
+The DDIM step (``reuse_eval``): the paper's text does not say whether it re-evaluates the denoiser at the refined
+point. ``reuse_eval=True`` (default) uses the last inner iteration's ``eps`` there, ``z0 = (z_K - sigma eps(z_{K-1}))
+/ alpha`` -- i.e. ``DDIM(z_{K-1}) - (alpha'/alpha) zeta grad L``, DPS's update order -- and costs no evaluation;
+``reuse_eval=False`` spends one more (unbackpropagated) evaluation per step on ``eps(z_K)``. On digits the saved
+evaluation buys more outer steps, which is worth more than the fresh ``eps`` (README "Inverse problems").
+
+Weight of the trace term (``trace_weight``): ``"constant"`` is the paper's ``eta / d``. Its gradient grows like
+``1/sigma^3`` as the noise falls (``Tr grad s ~ -Tr(grad eps)/sigma``), so with one probe it turns into noise that
+swamps the measurement gradient at the last levels. ``"tweedie"`` uses ``(eta / d) sigma^4 / alpha^2``: the weight
+``Tr(grad s)`` has in ``Tr Cov[z0 | z_t] = (sigma^2/alpha^2)(d + sigma^2 Tr grad s)``, i.e. the surrogate then
+penalises ``(eta / d) Tr Cov[z0 | z_t]`` (the Jensen gap ``E||A(z0 - z0_hat)||^2`` with ``A^T A`` replaced by its
+mean eigenvalue) -- large at high noise, vanishing as ``sigma -> 0``. ``trace_sigma_min`` turns the term, and its
+probe evaluations, off at levels with ``sigma`` below it (where the ``"tweedie"`` weight makes it negligible).
 
 Measurement term: DPS/PSLD's ``||y - A x||`` (``loss="norm"``, default: one step size ``zeta`` serves every task
 on digits), or the paper's squared norm ``||y - A x||^2 / 2`` with the inner step ``zeta * alpha_t^2`` -- a step
@@ -27,9 +41,10 @@ of size ``zeta`` on ``x0_hat`` (``loss="squared"``, see ``PosteriorMethod``; on 
 ``eta`` is relative to a unit-weight measurement term. ``eta = 0`` is a first-order (PSLD-like, K-iteration)
 sampler.
 
-Cost per outer step: ``K * (1 + P) + 1`` denoiser evaluations (``P`` probes), ``K * (1 + P)`` of them
-backpropagated. Memory: ``probe_batch`` probes are stacked into one batched call and backpropagated together;
-smaller values bound the activations kept alive at once (gradients are accumulated over probe groups).
+Cost per outer step: ``K * (1 + P)`` denoiser evaluations (``P`` probes; ``K`` where the trace term is off), all
+backpropagated, plus one unbackpropagated evaluation with ``reuse_eval=False``. Memory: ``probe_batch`` probes are
+stacked into one batched call and backpropagated together; smaller values bound the activations kept alive at once
+(gradients are accumulated over probe groups).
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ from .posterior import (
     as_grid,
     ddim_update,
     first_order_loss,
+    tweedie_x0,
 )
 
 __all__ = ["STSL", "fd_hutchinson_trace", "stsl_surrogate"]
@@ -91,7 +107,11 @@ class STSL(PosteriorMethod):
     order); ``inner_steps`` K (paper 5); ``num_probes`` P per inner step (paper 1); ``probe_scale`` delta of the
     finite difference, in units of the level's ``sigma`` (the probe is ``z + delta * sigma * xi``);
     ``probe_batch`` probes per batched call/backward (``None``: all); ``gluing`` PSLD's gluing weight (0 = off);
-    ``init``/``strength`` where sampling starts (default: noised ``A^+ y``, the whole schedule).
+    ``init``/``strength`` where sampling starts (default: noised ``A^+ y``, the whole schedule); ``reuse_eval``
+    DDIM step with the last inner evaluation (no extra evaluation; ``False``: a fresh one); ``trace_weight``
+    ``"constant"`` (paper, ``eta/d``) or ``"tweedie"`` (``eta/d * sigma^4/alpha^2``); ``trace_sigma_min`` no trace
+    term (nor probes) at levels with ``sigma`` below it. The defaults are the paper's (``reuse_eval`` aside: the
+    paper leaves it open); the tuned digits settings are ``fewstep.pipelines.posterior.DEFAULT_OPTIONS["stsl"]``.
     """
 
     name: ClassVar[str] = "stsl"
@@ -106,9 +126,19 @@ class STSL(PosteriorMethod):
     num_probes: int = 1
     probe_scale: float = 0.05
     probe_batch: int | None = None
+    reuse_eval: bool = True
+    trace_weight: str = "constant"
+    trace_sigma_min: float = 0.0
+
+    TRACE_WEIGHTS: ClassVar[tuple[str, ...]] = ("constant", "tweedie")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.reuse_eval, bool):
+            raise ValueError(f"`reuse_eval` must be True or False, got {self.reuse_eval!r}")
+        if self.trace_weight not in self.TRACE_WEIGHTS:
+            raise ValueError(f"`trace_weight` must be one of {list(self.TRACE_WEIGHTS)}, got {self.trace_weight!r}")
+        self.trace_sigma_min = check_number("trace_sigma_min", self.trace_sigma_min, low=0.0)
         self.eta = check_number("eta", self.eta, low=0.0)
         _check_int("inner_steps", self.inner_steps, 1)
         _check_int("num_probes", self.num_probes, 1)
@@ -117,18 +147,25 @@ class STSL(PosteriorMethod):
             _check_int("probe_batch", self.probe_batch, 1)
 
     def evaluations_per_step(self) -> int:
+        """Evaluations per outer step at a level where the trace term is on (``K`` fewer probes' worth below
+        ``trace_sigma_min``)."""
         probes = self.num_probes if self.eta > 0 else 0
-        return self.inner_steps * (1 + probes) + 1
+        return self.inner_steps * (1 + probes) + (0 if self.reuse_eval else 1)
 
-    def _inner_grad(self, model_fn, problem, z: torch.Tensor, i: int, sigma: float,
-                    generator) -> tuple[torch.Tensor, int]:
-        """``grad_z L(z)`` at grid point ``i`` and the number of evaluations it took."""
+    def trace_scale(self, alpha: float, sigma: float) -> float:
+        """``eta`` times 1 (``"constant"``) or ``sigma^4 / alpha^2`` (``"tweedie"``): the weight of
+        ``Tr(grad s) / d`` in the surrogate at level ``(alpha, sigma)``."""
+        return self.eta * (sigma**4 / alpha**2 if self.trace_weight == "tweedie" else 1.0)
+
+    def _inner_grad(self, model_fn, problem, z: torch.Tensor, i: int, alpha: float, sigma: float,
+                    generator) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """``grad_z L(z)`` at grid point ``i``, the number of evaluations it took and ``eps_theta(z)`` (detached)."""
         dim = z[0].numel()
-        use_trace = self.eta > 0
+        use_trace = self.eta > 0 and sigma >= self.trace_sigma_min
         probes = [_noise_like(z, generator) for _ in range(self.num_probes)] if use_trace else []
         delta = self.probe_scale * sigma
         # score s = -eps / sigma:  (eta/d) Tr(grad s) ~ coef * sum_p xi_p . (eps(z + delta xi_p) - eps(z))
-        coef = -self.eta / (dim * sigma * delta * max(1, len(probes)))
+        coef = -self.trace_scale(alpha, sigma) / (dim * sigma * delta * max(1, len(probes)))
         group = len(probes) if self.probe_batch is None else self.probe_batch
         with torch.enable_grad():
             zg = z.detach().requires_grad_(True)
@@ -143,10 +180,10 @@ class STSL(PosteriorMethod):
                 loss = loss + coef * (torch.cat(probes) * eps_p).sum()
                 evals += len(probes)
                 (grad,) = torch.autograd.grad(loss, zg)
-                return grad, evals
+                return grad, evals, eps.detach()
             (grad,) = torch.autograd.grad(loss, zg)
             if not use_trace:
-                return grad, evals
+                return grad, evals, eps.detach()
             for start in range(0, len(probes), group):  # bounded memory: one probe group's activations at a time
                 chunk = probes[start:start + group]
                 zc = z.detach().requires_grad_(True)
@@ -154,7 +191,7 @@ class STSL(PosteriorMethod):
                 part = coef * (torch.cat(chunk) * eps_p).sum()
                 grad = grad + torch.autograd.grad(part, zc)[0]
                 evals += len(chunk)
-        return grad, evals
+        return grad, evals, eps.detach()
 
     def sample(self, model_fn, problem, noise, alphas, sigmas, generator=None) -> PosteriorResult:
         grid = as_grid(alphas, sigmas)
@@ -163,13 +200,16 @@ class STSL(PosteriorMethod):
         for i in range(grid.num_steps):
             a, s, a_n, s_n = grid.alphas[i], grid.sigmas[i], grid.alphas[i + 1], grid.sigmas[i + 1]
             for _ in range(self.inner_steps):
-                grad, evals = self._inner_grad(model_fn, problem, z, i, s, generator)
+                grad, evals, eps = self._inner_grad(model_fn, problem, z, i, a, s, generator)
                 z = (z - self.step_scale(a) * grad).detach()
                 nfe += evals
                 grad_evals += evals
             with torch.no_grad():
-                z0, eps = model_fn(z, i)
-                nfe += 1
+                if self.reuse_eval:  # the last inner evaluation's eps at the refined point: no new evaluation
+                    z0 = tweedie_x0(z, eps, a, s)
+                else:
+                    z0, eps = model_fn(z, i)
+                    nfe += 1
                 xi = _noise_like(z, generator) if self.ddim_eta > 0 and s_n > 0 else None
                 z = ddim_update(z0, eps, a, s, a_n, s_n, self.ddim_eta, xi)
         return PosteriorResult(z.detach(), nfe, grad_evals)

@@ -34,7 +34,8 @@ POSTERIOR_TASKS = ("inpaint", "random-inpaint", "sr", "sr-bicubic", "deblur", "m
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "dps": {"step_size": 1.0},
     "psld": {"step_size": 1.0, "gluing": 0.1},
-    "stsl": {"step_size": 2.0, "eta": 0.2, "inner_steps": 2, "strength": 0.6},
+    "stsl": {"step_size": 2.0, "eta": 3.0, "trace_weight": "tweedie", "trace_sigma_min": 0.8, "inner_steps": 1,
+             "strength": 0.5},
 }
 
 
