@@ -24,7 +24,24 @@ from fewstep.solvers.s3 import SolverSchedule
 HAND = {"DPM-Solver++ 2M": ("dpm-solver++", {}), "UniPC-2 bh2": ("unipc", {}),
         "UniPC-2 bh2, uniform lambda": ("unipc", {"time_grid": "uniform_lambda"})}
 #: hand-designed samplers on digits-eps (DPM-Solver-v3 with the shipped EMS and its measured-best time grid)
-HAND_DIGITS = {**HAND, "DPM-Solver-v3": ("dpm-solver-v3", default_sampler_options("digits-eps", "dpm-solver-v3"))}
+_V3 = default_sampler_options("digits-eps", "dpm-solver-v3")
+HAND_DIGITS = {**HAND, "DPM-Solver-v3": ("dpm-solver-v3", _V3),
+               "DPM-Solver-v3, uniform time": ("dpm-solver-v3", {**_V3, "time_grid": "uniform_time"})}
+
+
+def real_digits_fd(digits: DigitsObjective, num_per_class: int, seed: int) -> float:
+    """FD of real training digits (``num_per_class`` of each class) to the test digits: what a perfect sampler
+    would score at this sample size."""
+    import torch
+
+    from fewstep.datasets import load_digits_images, to_unit_range
+
+    images, labels = load_digits_images(digits.pipe.unet.config.sample_size, "train")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), num_per_class, replace=False)
+                          for c in digits.classes])
+    return digits.frechet(to_unit_range(images[torch.from_numpy(idx)]))
 
 
 def heldout_analytic(nfes: list[int]) -> list[dict]:
@@ -67,6 +84,9 @@ def heldout_digits(nfes: list[int], sets: int, num_per_class: int, reference_ste
             value = digits.frechet(digits.images(sched, steps))
             out["cells"].setdefault(label, []).append(value)
             print(json.dumps({"set": k, "cell": label, "fd": value}), flush=True)
+        value = real_digits_fd(digits, num_per_class, k)
+        out["cells"].setdefault("real training digits", []).append(value)
+        print(json.dumps({"set": k, "cell": "real training digits", "fd": value}), flush=True)
         if k == 0:
             for nfe in nfes:
                 space = SearchSpace(digits.noise_schedule, nfe, ems=digits.ems)
