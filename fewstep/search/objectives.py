@@ -133,7 +133,9 @@ class DigitsObjective:
 
     def metadata(self) -> dict:
         meta = {"model": self.model, "noise_schedule": schedule_fingerprint(self.noise_schedule),
-                "guidance_scale": self.guidance_scale}
+                "guidance_scale": self.guidance_scale, "classes": list(self.classes), "num_samples": len(self.labels)}
+        if self.ems is not None:
+            meta["ems"] = str(self.scheduler_options["ems_file"])
         if self.guidance != "cfg":
             meta["guidance"] = self.guidance
         return meta
