@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -315,3 +316,18 @@ def test_search_space_with_ems_mutates_into_ems_steps_that_run(digits_config):
     assert not any(s.ems_steps for s in plain)
     with pytest.raises(ValueError, match="`ems` must be fewstep.solvers.ems.EMS tables or None, got str"):
         SearchSpace(s3.noise_schedule, 5, ems="digits-eps")
+
+
+@pytest.mark.parametrize("nfe", [4, 5, 6, 8, 10])
+def test_shipped_digits_schedules_run_with_the_shipped_ems(digits_config, nfe):
+    from fewstep.pipelines.defaults import default_sampler_options
+    from fewstep.samplers.s3 import shipped_schedule_path
+
+    schedule = SolverSchedule.load(shipped_schedule_path("digits-eps", nfe))
+    s3 = samplers.from_config("s3", digits_config, s3_schedule="digits-eps",
+                              **default_sampler_options("digits-eps", "s3"))
+    assert torch.isfinite(_run_digits(s3, nfe)).all()
+    if schedule.ems_steps:  # without the tables: the error names the EMS steps
+        bare = samplers.from_config("s3", digits_config, s3_schedule="digits-eps")
+        with pytest.raises(ValueError, match=re.escape(f"at steps {schedule.ems_steps}")):
+            bare.set_timesteps(nfe)
