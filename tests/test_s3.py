@@ -316,6 +316,14 @@ def test_search_space_with_ems_mutates_into_ems_steps_that_run(digits_config):
     assert not any(s.ems_steps for s in plain)
     with pytest.raises(ValueError, match="`ems` must be fewstep.solvers.ems.EMS tables or None, got str"):
         SearchSpace(s3.noise_schedule, 5, ems="digits-eps")
+    narrow = type(s3.ems)(s3.ems.lambdas[10:], s3.ems.l[10:], s3.ems.s[10:], s3.ems.b[10:])
+    with pytest.raises(ValueError, match=r"the EMS cover lambda in \[-3.5\d+, 4.6\d+\] but the search spans"):
+        SearchSpace(s3.noise_schedule, 5, ems=narrow)
+    # a shorter search range keeps EMS candidates inside it
+    short = SearchSpace(s3.noise_schedule, 5, ems=s3.ems, lambda_end=2.0)
+    for _ in range(20):
+        cand = random_schedule(short, rng)
+        assert np.all(short.positions(cand) <= 1.0 + 1e-12)
 
 
 @pytest.mark.parametrize("nfe", [4, 5, 6, 8, 10])

@@ -72,6 +72,14 @@ class SearchSpace:
         if not end > self.lambda_start:
             raise ValueError(f"`lambda_end` {end} must exceed the start lambda {self.lambda_start}")
         self.lambda_end = end
+        if self.ems is not None:
+            lo, hi = float(self.ems.lambdas[0]), float(self.ems.lambdas[-1])
+            half = 0.5 * (hi - lo) / (self.ems.num_points - 1)
+            if self.lambda_start < lo - half or self.lambda_end > hi + half:
+                raise ValueError(
+                    f"the EMS cover lambda in [{lo:.4f}, {hi:.4f}] but the search spans [{self.lambda_start:.4f}, "
+                    f"{self.lambda_end:.4f}]: estimate EMS over the whole range or pass a smaller `lambda_end`"
+                )
 
     @property
     def predictions(self) -> tuple[str, ...]:
@@ -100,10 +108,14 @@ def _snap_positions(space: SearchSpace, pos: np.ndarray) -> np.ndarray:
     """Interior positions moved to EMS grid points: distinct, after the first evaluation's point, in range."""
     ems = space.ems
     lam = space.lambda_start + pos * (space.lambda_end - space.lambda_start)
-    top = ems.num_points - 1
-    step = (ems.lambdas[-1] - ems.lambdas[0]) / top
+    step = (ems.lambdas[-1] - ems.lambdas[0]) / (ems.num_points - 1)
+    # the last EMS point inside the search range
+    top = int(np.clip(np.floor((space.lambda_end - ems.lambdas[0]) / step + 1e-9), 0, ems.num_points - 1))
     idx = np.clip(np.round((lam - ems.lambdas[0]) / step), 0, top).astype(np.int64)
     first = int(ems.snap([space.lambda_start])[0])
+    if top - first < idx.size:
+        raise ValueError(f"{idx.size + 1} evaluations do not fit on the {top - first + 1} EMS grid points of the "
+                         "search range; use fewer steps or EMS on a finer grid")
     m = idx.size
     for k in range(m):  # strictly increasing after the first evaluation's point ...
         idx[k] = max(idx[k], (idx[k - 1] if k else first) + 1)
