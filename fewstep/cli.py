@@ -679,13 +679,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import SearchSpace, search
     from .search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
 
+    if args.ems not in ("auto", "none") and args.model != "digits-eps":
+        raise UsageError("--ems FILE is for --model digits-eps (the analytic model has no EMS file)")
+    ems = None if args.ems == "none" else args.ems
     if args.model == "analytic":
         objective = AnalyticObjective()
     elif args.metric == "mse":
-        objective = DigitsMSEObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class)
+        objective = DigitsMSEObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
     else:
-        objective = DigitsObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class)
-    space = SearchSpace(objective.noise_schedule, args.nfe)
+        objective = DigitsObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
+    space = SearchSpace(objective.noise_schedule, args.nfe, ems=objective.ems)
     state = args.state or str(out) + ".state.json"
     result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
                     state_path=state, progress=not args.quiet)
@@ -708,6 +711,9 @@ def _add_search_parser(sub) -> None:
     p.add_argument("--num-per-class", type=_positive_int, default=20, help="digits-eps samples per class (7 classes)")
     p.add_argument("--metric", choices=["fd", "mse"], default="fd",
                    help="digits-eps: Frechet distance, or MSE to a 200-step reference solve (default fd)")
+    p.add_argument("--ems", default="auto",
+                   help="DPM-Solver-v3 tables that make 'ems' a prediction type of the search: auto (the model's "
+                        "shipped EMS, if any), none, or an EMS file (digits-eps)")
     p.add_argument("--no-predictor", action="store_true", help="plain evolution (no performance predictor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state", default=None, help="resumable search state (default: OUT.state.json)")

@@ -2,7 +2,7 @@
 """Searched S3 schedules vs hand-designed samplers on held-out seeds (and classes), and predictor-guided
 vs plain evolutionary search at equal evaluation budget.
 
-    python scripts/bench_s3.py heldout --nfe 4 5 6 8 10
+    python scripts/bench_s3.py heldout --nfe 4 5 6 --sets 4 --out scripts/results_s3.json
     python scripts/bench_s3.py predictor --nfe 5 --budget 60 --repeats 3
 """
 
@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from fewstep import samplers
+from fewstep.pipelines.defaults import default_sampler_options
 from fewstep.samplers.s3 import shipped_schedule_path
 from fewstep.search import SearchSpace, search
 from fewstep.search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
@@ -22,31 +23,85 @@ from fewstep.solvers.s3 import SolverSchedule
 
 HAND = {"DPM-Solver++ 2M": ("dpm-solver++", {}), "UniPC-2 bh2": ("unipc", {}),
         "UniPC-2 bh2, uniform lambda": ("unipc", {"time_grid": "uniform_lambda"})}
+#: hand-designed samplers on digits-eps (DPM-Solver-v3 with the shipped EMS and its measured-best time grid)
+_V3 = default_sampler_options("digits-eps", "dpm-solver-v3")
+HAND_DIGITS = {**HAND, "DPM-Solver-v3": ("dpm-solver-v3", _V3),
+               "DPM-Solver-v3, uniform time": ("dpm-solver-v3", {**_V3, "time_grid": "uniform_time"})}
 
 
-def heldout(nfes: list[int]) -> list[dict]:
+def real_digits_fd(digits: DigitsObjective, num_per_class: int, seed: int) -> float:
+    """FD of real training digits (``num_per_class`` of each class) to the test digits: what a perfect sampler
+    would score at this sample size."""
+    import torch
+
+    from fewstep.datasets import load_digits_images, to_unit_range
+
+    images, labels = load_digits_images(digits.pipe.unet.config.sample_size, "train")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), num_per_class, replace=False)
+                          for c in digits.classes])
+    return digits.frechet(to_unit_range(images[torch.from_numpy(idx)]))
+
+
+def heldout_analytic(nfes: list[int]) -> list[dict]:
     rows = []
     analytic = AnalyticObjective(num_samples=2000, seed=123)  # other initial noise than the search's
-    digits = DigitsObjective(classes=range(10), num_per_class=30, seed=10_000)  # unseen seeds, all 10 classes
     for nfe in nfes:
-        for name, objective in (("analytic", analytic), ("digits-eps", digits)):
-            searched = SolverSchedule.load(shipped_schedule_path(name, nfe))
-            row = {"model": name, "nfe": nfe, "S3 (searched)": objective(searched)}
-            space = SearchSpace(objective.noise_schedule, nfe)
-            row["best seed schedule"] = min(objective(s) for s in seed_schedules(space))
-            for label, (sampler, opts) in HAND.items():
-                if name == "analytic":
-                    sched = samplers.get(sampler)(clip_sample=False, **opts) if sampler == "ddim" else \
-                        samplers.get(sampler)(**opts)
-                    sched.set_timesteps(nfe)
-                    sched_schedule = SolverSchedule.from_grid(sched.plan.grid, sched.plan.decisions)
-                    row[label] = objective(sched_schedule)
-                else:
-                    sched = samplers.from_config(sampler, digits.model_config, **opts)
-                    row[label] = digits.frechet(digits.images(sched, nfe))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        searched = SolverSchedule.load(shipped_schedule_path("analytic", nfe))
+        row = {"model": "analytic", "nfe": nfe, "S3 (searched)": analytic(searched)}
+        space = SearchSpace(analytic.noise_schedule, nfe)
+        row["best seed schedule"] = min(analytic(s) for s in seed_schedules(space))
+        for label, (sampler, opts) in HAND.items():
+            sched = samplers.get(sampler)(**opts)
+            sched.set_timesteps(nfe)
+            row[label] = analytic(SolverSchedule.from_grid(sched.plan.grid, sched.plan.decisions))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
+
+
+def heldout_digits(nfes: list[int], sets: int, num_per_class: int, reference_steps: int,
+                   schedules: dict[int, str] | None = None, only_searched: bool = False,
+                   floor_sets: int | None = None) -> dict:
+    """FD on ``sets`` disjoint held-out seed sets (all 10 classes; the search saw classes 0-6 and seeds < 10 000):
+    the shipped searched schedule (or ``schedules[nfe]``), the hand-designed samplers (DPM-Solver-v3 with the
+    shipped EMS), the best of the search's seed schedules (first set only: it is picked on held-out data) and
+    the FD floor, a ``reference_steps`` UniPC solve from the same noise, on the first ``floor_sets`` sets (default:
+    all) (``only_searched``: the searched schedules only, e.g. new ones against baselines measured before)."""
+    out: dict = {"metric": "Frechet distance (digits classifier features) to the test digits", "sets": sets,
+                 "samples_per_set": 10 * num_per_class, "reference_steps": reference_steps, "cells": {}}
+    options = default_sampler_options("digits-eps", "s3")
+    for k in range(sets):
+        digits = DigitsObjective(classes=range(10), num_per_class=num_per_class, seed=10_000 + 100_000 * k)
+        cells = {}
+        if not only_searched and (floor_sets is None or k < floor_sets):
+            cells[f"floor: UniPC-2 x{reference_steps}"] = (samplers.from_config("unipc", digits.model_config),
+                                                           reference_steps)
+        for nfe in nfes:
+            path = (schedules or {}).get(nfe) or shipped_schedule_path("digits-eps", nfe)
+            cells[f"S3 (searched) x{nfe}"] = (samplers.get("s3").from_config(
+                digits.model_config, s3_schedule=str(path), **options), nfe)
+            for label, (sampler, opts) in ({} if only_searched else HAND_DIGITS).items():
+                cells[f"{label} x{nfe}"] = (samplers.from_config(sampler, digits.model_config, **opts), nfe)
+        for label, (sched, steps) in cells.items():
+            value = digits.frechet(digits.images(sched, steps))
+            out["cells"].setdefault(label, []).append(value)
+            print(json.dumps({"set": k, "cell": label, "fd": value}), flush=True)
+        if only_searched:
+            continue
+        value = real_digits_fd(digits, num_per_class, k)
+        out["cells"].setdefault("real training digits", []).append(value)
+        print(json.dumps({"set": k, "cell": "real training digits", "fd": value}), flush=True)
+        if k == 0:
+            for nfe in nfes:
+                space = SearchSpace(digits.noise_schedule, nfe, ems=digits.ems)
+                value = min(digits(s) for s in seed_schedules(space))
+                out["cells"][f"best seed schedule (set 0) x{nfe}"] = [value]
+                print(json.dumps({"set": k, "cell": f"best seed schedule x{nfe}", "fd": value}), flush=True)
+    out["cells"] = {label: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+                            "values": v} for label, v in out["cells"].items()}
+    return out
 
 
 def heldout_mse(path: str) -> dict:
@@ -55,9 +110,9 @@ def heldout_mse(path: str) -> dict:
     nfe = searched.nfe
     objective = DigitsMSEObjective(classes=range(10), num_per_class=10, seed=10_000)
     row = {"model": "digits-eps (MSE)", "nfe": nfe, "S3 (searched)": objective(searched)}
-    space = SearchSpace(objective.noise_schedule, nfe)
+    space = SearchSpace(objective.noise_schedule, nfe, ems=objective.ems)
     row["best seed schedule"] = min(objective(s) for s in seed_schedules(space))
-    for label, (sampler, opts) in HAND.items():
+    for label, (sampler, opts) in HAND_DIGITS.items():
         row[label] = objective.mse(objective.images(samplers.from_config(sampler, objective.model_config, **opts), nfe))
     print(json.dumps(row))
     return row
@@ -84,6 +139,15 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("heldout")
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10])
+    p.add_argument("--sets", type=int, default=4, help="disjoint held-out seed sets for digits-eps (default 4)")
+    p.add_argument("--num-per-class", type=int, default=30, help="digits-eps samples per class and set (default 30)")
+    p.add_argument("--reference-steps", type=int, default=50, help="steps of the FD-floor solve (default 50)")
+    p.add_argument("--schedule", nargs=2, action="append", metavar=("NFE", "FILE"), default=[],
+                   help="evaluate this schedule file instead of the shipped one at NFE")
+    p.add_argument("--floor-sets", type=int, default=None, help="compute the FD floor on this many sets only")
+    p.add_argument("--skip-analytic", action="store_true")
+    p.add_argument("--only-searched", action="store_true", help="digits-eps: the searched schedules only")
+    p.add_argument("--out", default=None, help="also write the results here (JSON)")
     m = sub.add_parser("heldout-mse")
     m.add_argument("schedule")
     q = sub.add_parser("predictor")
@@ -92,7 +156,14 @@ def main() -> None:
     q.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.what == "heldout":
-        heldout(args.nfe)
+        result = {} if args.skip_analytic else {"analytic": heldout_analytic(args.nfe)}
+        result["digits-eps"] = heldout_digits(args.nfe, args.sets, args.num_per_class, args.reference_steps,
+                                              {int(n): f for n, f in args.schedule}, args.only_searched,
+                                              args.floor_sets)
+        print(json.dumps(result["digits-eps"], indent=1))
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=1)
     elif args.what == "heldout-mse":
         heldout_mse(args.schedule)
     else:

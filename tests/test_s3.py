@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 from _helpers import REAL_CONFIGS, TinyDenoiser
@@ -162,6 +164,9 @@ def test_cli_search_writes_a_schedule_the_s3_scheduler_runs(tmp_path, capsys):
     assert schedule.nfe == 4 and schedule.metadata["model"] == "analytic"
     assert main(["search", "--model", "sd15", "--nfe", "4", "--out", str(tmp_path / "x.json")]) == 2
     assert "not searchable here" in capsys.readouterr().err
+    assert main(["search", "--model", "analytic", "--nfe", "4", "--ems", "x.safetensors", "--out",
+                 str(tmp_path / "y.json")]) == 2
+    assert "--ems FILE is for --model digits-eps" in capsys.readouterr().err
     sched = S3(s3_schedule=str(out), s3_model="analytic")
     sched.set_timesteps(4)
     with pytest.raises(ValueError, match="searched for model 'analytic', not 'digits-eps'"):
@@ -180,3 +185,157 @@ def test_digits_mse_objective_is_zero_for_the_reference_solver_itself():
     fewer.set_timesteps(4)
     assert objective(SolverSchedule.from_grid(fewer.plan.grid, fewer.plan.decisions)) > 1e-5
     assert objective.metadata()["reference"] == "dpm-solver++:12"
+
+
+# ----------------------------------------------------------------------------------------------------
+# DPM-Solver-v3 (EMS) steps in schedules
+def _digits_config():
+    from fewstep.pipelines import load_default
+
+    return dict(load_default("digits-eps", sampler=None).scheduler.config)
+
+
+@pytest.fixture(scope="module")
+def digits_config():
+    return _digits_config()
+
+
+def _run_digits(sched, steps, seed=0):
+    model = TinyDenoiser(256, seed=3)
+    sched.set_timesteps(steps)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for t in sched.timesteps:
+        x = sched.step(model(x, t), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("steps", [4, 5, 8])
+@pytest.mark.parametrize("kwargs", [{}, {"solver_order": 3, "predictor_pseudo": True},
+                                    {"corrector_pseudo": False, "time_grid": "uniform_lambda"}])
+def test_a_schedule_of_v3_decisions_reproduces_dpm_solver_v3(digits_config, steps, kwargs):
+    from fewstep.pipelines.defaults import default_sampler_options
+
+    opts = {**default_sampler_options("digits-eps", "dpm-solver-v3"), **kwargs}
+    v3 = samplers.from_config("dpm-solver-v3", digits_config, **opts)
+    expected = _run_digits(v3, steps)
+    schedule = SolverSchedule.from_grid(v3.plan.grid, v3.plan.decisions)
+    assert schedule.ems_steps == list(range(steps - 1))  # every step but the final data step onto clean data
+    s3 = samplers.from_config("s3", digits_config, s3_schedule=schedule.to_dict(),
+                              **default_sampler_options("digits-eps", "s3"))
+    torch.testing.assert_close(_run_digits(s3, steps), expected, rtol=1e-10, atol=1e-10)
+    assert s3.plan.grid.timesteps.tolist() == pytest.approx(v3.plan.grid.timesteps.tolist(), rel=1e-12)
+    # and through SolverSchedule.plan with the tables (what the search objectives use)
+    plan = schedule.plan(s3.noise_schedule, s3.ems)
+    assert [type(st.predictor).__name__ for st in plan.steps][:-1] == ["EMSTransition"] * (steps - 1)
+
+
+def test_ems_schedules_need_ems_and_say_so(digits_config, tmp_path):
+    ems_schedule = SolverSchedule([999.0, 500.0, 100.0], [StepDecision("ems", 1, corrector="unic"),
+                                                          StepDecision("ems", 2), StepDecision("data", 1)])
+    msg = r"uses prediction='ems' \(DPM-Solver-v3\) at steps \[0, 1\] and needs empirical model statistics"
+    with pytest.raises(ValueError, match=msg):
+        samplers.from_config("s3", digits_config, s3_schedule=ems_schedule.to_dict())
+    path = ems_schedule.save(tmp_path / "ems.json")
+    with pytest.raises(ValueError, match=msg):
+        samplers.from_config("s3", digits_config, s3_schedule=str(path))
+    with pytest.raises(ValueError, match=msg):
+        ems_schedule.plan(S3().noise_schedule)
+    with pytest.raises(TypeError, match="`ems` must be fewstep.solvers.ems.EMS tables or None, got str"):
+        ems_schedule.plan(S3().noise_schedule, "digits-eps")
+    with pytest.raises(ValueError, match="`ems_model` must be a model name"):
+        samplers.from_config("s3", digits_config, ems_model=3)
+    with pytest.raises(ValueError, match="was estimated for model 'digits-eps', not 'other'"):
+        samplers.from_config("s3", digits_config, ems_file="digits-eps", ems_model="other")
+    # a final EMS step onto clean data leaves the EMS grid: a clear error when compiling
+    bad = SolverSchedule([999.0, 500.0], [StepDecision("data", 1), StepDecision("ems", 1)])
+    sched = samplers.from_config("s3", digits_config, s3_schedule=bad.to_dict(), ems_file="digits-eps")
+    with pytest.raises(ValueError, match="not on the EMS grid"):
+        sched.set_timesteps(2)
+    # schedules without EMS steps ignore the tables: same result with and without them, times not snapped
+    plain = SolverSchedule([999.0, 500.0, 100.0], [StepDecision("data", 1, corrector="unic"),
+                                                   StepDecision("noise", 2), StepDecision("data", 1)])
+    with_ems = samplers.from_config("s3", digits_config, s3_schedule=plain.to_dict(), ems_file="digits-eps")
+    without = samplers.from_config("s3", digits_config, s3_schedule=plain.to_dict())
+    assert _run_digits(with_ems, 3).equal(_run_digits(without, 3))
+    assert with_ems.timesteps.tolist() == [999, 500, 100]
+
+
+def test_mixed_ems_schedule_runs_snapped_to_the_ems_grid(digits_config):
+    decisions = [StepDecision("ems", 1, corrector="unic", corrector_pseudo=True), StepDecision("data", 2),
+                 StepDecision("ems", 2, corrector="unic"), StepDecision("noise", 2), StepDecision("data", 1)]
+    schedule = SolverSchedule([999.0, 700.0, 420.0, 150.0, 30.0], decisions)
+    s3 = samplers.from_config("s3", digits_config, s3_schedule=schedule.to_dict(), ems_file="digits-eps")
+    out = _run_digits(s3, 5)
+    assert torch.isfinite(out).all()
+    ems = s3.ems
+    lam = s3.plan.grid.lambdas[:-1]
+    np.testing.assert_allclose(lam, ems.lambdas[ems.snap(lam)], atol=1e-9)  # every evaluation on the EMS grid
+    assert s3.timesteps.tolist() != [999, 700, 420, 150, 30]
+
+
+def test_pipeline_s3_with_a_v3_schedule_matches_the_dpm_solver_v3_pipeline():
+    """The embedded digits-eps pipeline: the s3 sampler gets the shipped EMS from default_sampler_options."""
+    from fewstep.pipelines import load_default
+
+    pipe = load_default("digits-eps", sampler="dpm-solver-v3")
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    expected = pipe([1, 7], num_inference_steps=5, latents=noise.clone(), output_type="pt").images
+    pipe.scheduler.set_timesteps(5)
+    schedule = SolverSchedule.from_grid(pipe.scheduler.plan.grid, pipe.scheduler.plan.decisions)
+    from fewstep.pipelines.defaults import default_sampler_options
+    from fewstep.pipelines.swap import swap_sampler
+
+    assert default_sampler_options("digits-eps", "s3") == {"ems_file": "digits-eps", "ems_model": "digits-eps"}
+    swap_sampler(pipe, "s3", s3_schedule=schedule.to_dict(), **default_sampler_options("digits-eps", "s3"))
+    got = pipe([1, 7], num_inference_steps=5, latents=noise.clone(), output_type="pt").images
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_search_space_with_ems_mutates_into_ems_steps_that_run(digits_config):
+    from fewstep.search import SearchSpace
+    from fewstep.search.s3_search import crossover, mutate, random_schedule, seed_schedules
+
+    s3 = samplers.from_config("s3", digits_config, ems_file="digits-eps")
+    with_ems = SearchSpace(s3.noise_schedule, 5, ems=s3.ems)
+    without = SearchSpace(s3.noise_schedule, 5)
+    rng = np.random.default_rng(0)
+    seeds = seed_schedules(with_ems)
+    assert len(seeds) == len(seed_schedules(without)) + 3
+    v3_seed = seeds[len(seed_schedules(without))]
+    assert v3_seed.ems_steps == [0, 1, 2, 3] and v3_seed.decisions[-1].prediction == "data"
+    made = []
+    for _ in range(40):
+        a = random_schedule(with_ems, rng)
+        made += [a, mutate(with_ems, a, rng), crossover(with_ems, a, seeds[-1], rng)]
+    assert sum(bool(s.ems_steps) for s in made) > 20
+    assert all(s.decisions[-1].prediction != "ems" for s in made)
+    for s in made:  # every candidate compiles on its (snapped) grid, and its stored times are the ones it runs at
+        plan = s.plan(s3.noise_schedule, s3.ems)
+        np.testing.assert_allclose(plan.grid.timesteps, s.timesteps, rtol=1e-9, atol=1e-9)
+    plain = [mutate(without, random_schedule(without, rng), rng) for _ in range(40)]
+    assert not any(s.ems_steps for s in plain)
+    with pytest.raises(ValueError, match="`ems` must be fewstep.solvers.ems.EMS tables or None, got str"):
+        SearchSpace(s3.noise_schedule, 5, ems="digits-eps")
+    narrow = type(s3.ems)(s3.ems.lambdas[10:], s3.ems.l[10:], s3.ems.s[10:], s3.ems.b[10:])
+    with pytest.raises(ValueError, match=r"the EMS cover lambda in \[-3.5\d+, 4.6\d+\] but the search spans"):
+        SearchSpace(s3.noise_schedule, 5, ems=narrow)
+    # a shorter search range keeps EMS candidates inside it
+    short = SearchSpace(s3.noise_schedule, 5, ems=s3.ems, lambda_end=2.0)
+    for _ in range(20):
+        cand = random_schedule(short, rng)
+        assert np.all(short.positions(cand) <= 1.0 + 1e-12)
+
+
+@pytest.mark.parametrize("nfe", [4, 5, 6, 8, 10])
+def test_shipped_digits_schedules_run_with_the_shipped_ems(digits_config, nfe):
+    from fewstep.pipelines.defaults import default_sampler_options
+    from fewstep.samplers.s3 import shipped_schedule_path
+
+    schedule = SolverSchedule.load(shipped_schedule_path("digits-eps", nfe))
+    s3 = samplers.from_config("s3", digits_config, s3_schedule="digits-eps",
+                              **default_sampler_options("digits-eps", "s3"))
+    assert torch.isfinite(_run_digits(s3, nfe)).all()
+    if schedule.ems_steps:  # without the tables: the error names the EMS steps
+        bare = samplers.from_config("s3", digits_config, s3_schedule="digits-eps")
+        with pytest.raises(ValueError, match=re.escape(f"at steps {schedule.ems_steps}")):
+            bare.set_timesteps(nfe)

@@ -35,12 +35,15 @@ def default_model_path(name: str) -> Path:
 def default_sampler_options(model: str, sampler: str | None) -> dict:
     """Options a sampler needs to run on an embedded model out of the box: the shipped DPM-Solver-v3 EMS
     (``ems_file``/``ems_model``, and the time grid measured best with them) for ``dpm-solver-v3`` on a model
-    that has them; else nothing."""
-    if sampler == "dpm-solver-v3":
+    that has them, and the same EMS for ``s3`` (searched schedules may use DPM-Solver-v3 steps); else nothing."""
+    if sampler in ("dpm-solver-v3", "s3"):
         from ..samplers.dpm_solver_v3 import SHIPPED_EMS, SHIPPED_EMS_TIME_GRID
 
         if model in SHIPPED_EMS:
-            return {"ems_file": model, "ems_model": model, "time_grid": SHIPPED_EMS_TIME_GRID[model]}
+            options = {"ems_file": model, "ems_model": model}
+            if sampler == "dpm-solver-v3":
+                options["time_grid"] = SHIPPED_EMS_TIME_GRID[model]
+            return options
     return {}
 
 

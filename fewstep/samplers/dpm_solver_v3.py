@@ -9,7 +9,7 @@ import numpy as np
 from diffusers.configuration_utils import register_to_config
 
 from ..solvers import grids
-from ..solvers.ems import EMS, load_ems
+from ..solvers.ems import EMS, load_ems, snap_grid
 from ..solvers.engine import EMSGrid, compile_plan
 from ..solvers.methods import dpm_solver_v3_decisions
 from ..solvers.s3 import schedule_fingerprint
@@ -18,7 +18,7 @@ from .base import FewstepScheduler
 
 __all__ = [
     "FewstepDPMSolverV3Scheduler", "SHIPPED_EMS", "SHIPPED_EMS_TIME_GRID", "CORRECTOR_REGIONS", "V3_TIME_GRIDS",
-    "shipped_ems",
+    "shipped_ems", "load_checked_ems",
 ]
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets" / "ems"
@@ -39,6 +39,31 @@ def shipped_ems(name: str) -> Path:
     if name not in SHIPPED_EMS:
         raise ValueError(f"no shipped EMS for {name!r}; available: {', '.join(SHIPPED_EMS)}")
     return SHIPPED_EMS[name]
+
+
+def load_checked_ems(ems_file: str, noise_schedule, prediction_type: str, ems_model: str | None = None) -> EMS:
+    """Load EMS tables (a file or a shipped name) and check they fit the model: its noise schedule, its
+    prediction type and, when ``ems_model`` is given, the model name stored in the file."""
+    if not isinstance(ems_file, (str, Path)):
+        raise ValueError(f"`ems_file` must be a file path or a shipped name ({', '.join(SHIPPED_EMS)}), "
+                         f"got {ems_file!r}")
+    path = shipped_ems(ems_file) if ems_file in SHIPPED_EMS else Path(ems_file)
+    ems = load_ems(path)
+    meta = ems.meta
+    want = schedule_fingerprint(noise_schedule)
+    if meta.get("noise_schedule") not in (None, want):
+        raise ValueError(
+            f"EMS file {str(path)!r} was estimated for noise schedule {meta.get('noise_schedule')!r}, but this "
+            f"scheduler's config gives {want!r}; estimate EMS for this model (`fewstep calibrate ems`)"
+        )
+    if ems_model is not None and meta.get("model") not in (None, ems_model):
+        raise ValueError(f"EMS file {str(path)!r} was estimated for model {meta.get('model')!r}, not {ems_model!r}")
+    if meta.get("prediction_type") not in (None, prediction_type):
+        raise ValueError(
+            f"EMS file {str(path)!r} was estimated for prediction_type {meta.get('prediction_type')!r}, but this "
+            f"scheduler's config has {prediction_type!r}"
+        )
+    return ems
 
 
 class FewstepDPMSolverV3Scheduler(FewstepScheduler):
@@ -121,23 +146,7 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
 
     # ----------------------------------------------------------------------------------------------
     def _load(self, ems_file: str) -> EMS:
-        path = shipped_ems(ems_file) if ems_file in SHIPPED_EMS else Path(ems_file)
-        ems = load_ems(path)
-        meta = ems.meta
-        want = schedule_fingerprint(self.noise_schedule)
-        if meta.get("noise_schedule") not in (None, want):
-            raise ValueError(
-                f"EMS file {str(path)!r} was estimated for noise schedule {meta.get('noise_schedule')!r}, but this "
-                f"scheduler's config gives {want!r}; estimate EMS for this model (`fewstep calibrate ems`)"
-            )
-        model = self.config.ems_model
-        if model is not None and meta.get("model") not in (None, model):
-            raise ValueError(f"EMS file {str(path)!r} was estimated for model {meta.get('model')!r}, not {model!r}")
-        if meta.get("prediction_type") not in (None, self.prediction_type):
-            raise ValueError(
-                f"EMS file {str(path)!r} was estimated for prediction_type {meta.get('prediction_type')!r}, but this "
-                f"scheduler's config has {self.prediction_type!r}"
-            )
+        ems = load_checked_ems(ems_file, self.noise_schedule, self.prediction_type, self.config.ems_model)
         return ems.degenerated() if self.config.degenerated else ems
 
     def _tables(self) -> EMS:
@@ -177,24 +186,8 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
 
     def _snap(self, grid: grids.TimeGrid) -> grids.TimeGrid:
         """Move every evaluation point (and a non-clean target) to the nearest EMS grid point (v3 sec. 3.3)."""
-        ems = self._tables()
-        clean = grid.sigmas[-1] == 0.0
-        lam = grid.lambdas[:-1] if clean else grid.lambdas
-        idx = ems.snap(lam, "the time steps' lambda")
-        if np.any(np.diff(idx) <= 0):
-            raise ValueError(
-                f"{grid.num_steps} steps snap to repeated EMS grid points {idx.tolist()}: the EMS grid has "
-                f"{ems.num_points} points; use fewer steps or EMS estimated on a finer grid"
-            )
-        times = self.noise_schedule.t_of_lambda(ems.lambdas[idx])
-        alphas, sigmas = self.noise_schedule.alpha_sigma(times)
-        if clean:
-            alphas, sigmas = np.append(alphas, grid.alphas[-1]), np.append(sigmas, grid.sigmas[-1])
-            self._ems_indices = tuple(int(i) for i in idx) + (-1,)
-        else:
-            times = times[:-1]
-            self._ems_indices = tuple(int(i) for i in idx)
-        return grids.TimeGrid(times, alphas, sigmas)
+        snapped, self._ems_indices = snap_grid(self._tables(), self.noise_schedule, grid)
+        return snapped
 
     def _corrector_allowed(self, grid: grids.TimeGrid) -> list[bool]:
         """Per step ``i``: may its corrector run (judged at the corrected point ``i + 1``, time as a fraction of T)?"""

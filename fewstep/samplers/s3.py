@@ -8,7 +8,8 @@ from typing import Literal
 from diffusers.configuration_utils import register_to_config
 
 from ..solvers import grids
-from ..solvers.engine import StepDecision
+from ..solvers.ems import EMS
+from ..solvers.engine import Plan, StepDecision, compile_plan
 from ..solvers.s3 import SolverSchedule, schedule_fingerprint
 from .base import FewstepScheduler
 
@@ -38,6 +39,12 @@ class FewstepS3Scheduler(FewstepScheduler):
     the file for the requested NFE) or an inline dict; ``set_timesteps(num_inference_steps)`` must ask for
     the schedule's NFE, and the schedule's noise-schedule fingerprint (and ``s3_model``, when both name
     one) must match -- a schedule searched for another model or NFE is an error, never a silent fallback.
+
+    Schedules may use DPM-Solver-v3 steps (``prediction="ems"``); those need the model's empirical model
+    statistics in ``ems_file`` (a file from ``fewstep calibrate ems`` or a shipped name, e.g. ``"digits-eps"``;
+    ``load_default``/``generate``/``fewstep bench`` pass the shipped ones), checked against the model like
+    ``dpm-solver-v3`` does (``ems_model``: the model name stored in the file must match). The time points of
+    such a schedule are snapped to the EMS grid; schedules without ``"ems"`` steps ignore ``ems_file``.
     """
 
     @register_to_config
@@ -50,6 +57,8 @@ class FewstepS3Scheduler(FewstepScheduler):
         trained_betas: list[float] | None = None,
         s3_schedule: str | dict | None = None,
         s3_model: str | None = None,
+        ems_file: str | None = None,
+        ems_model: str | None = None,
         prediction_type: str = "epsilon",
         thresholding: bool = False,
         use_karras_sigmas: bool = False,
@@ -71,10 +80,22 @@ class FewstepS3Scheduler(FewstepScheduler):
     ):
         if s3_schedule is not None and not isinstance(s3_schedule, (str, dict)):
             raise ValueError(f"`s3_schedule` must be a file path, a shipped name or a dict, got {s3_schedule!r}")
+        if ems_model is not None and not isinstance(ems_model, str):
+            raise ValueError(f"`ems_model` must be a model name (str) or None, got {ems_model!r}")
         self._init_common()
+        self._ems: EMS | None = None
+        if ems_file is not None:
+            from .dpm_solver_v3 import load_checked_ems
+
+            self._ems = load_checked_ems(ems_file, self.noise_schedule, self.prediction_type, ems_model)
         self._loaded: SolverSchedule | None = None
         if isinstance(s3_schedule, dict) or (isinstance(s3_schedule, str) and s3_schedule not in SHIPPED_SCHEDULES):
             self._loaded = self._load(None)  # validate files and inline schedules now
+
+    @property
+    def ems(self) -> EMS | None:
+        """The EMS tables given by ``ems_file`` (``None`` without one)."""
+        return self._ems
 
     def _load(self, nfe: int | None) -> SolverSchedule:
         spec = self.config.s3_schedule
@@ -99,6 +120,7 @@ class FewstepS3Scheduler(FewstepScheduler):
         model = self.config.s3_model or (spec if isinstance(spec, str) and spec in SHIPPED_SCHEDULES else None)
         if model is not None and meta.get("model") not in (None, model):
             raise ValueError(f"this solver schedule was searched for model {meta['model']!r}, not {model!r}")
+        sched.check_ems(self._ems)
         return sched
 
     def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:
@@ -113,7 +135,11 @@ class FewstepS3Scheduler(FewstepScheduler):
                 "search (or pick) a schedule for this NFE"
             )
         self._current = sched
-        return sched.grid(self.noise_schedule)
+        grid, self._ems_grid = sched.ems_grid(self.noise_schedule, self._ems)
+        return grid
 
     def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:
         return list(self._current.decisions)
+
+    def _compile_plan(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> Plan:
+        return compile_plan(grid, decisions, ems=self._ems_grid)

@@ -25,7 +25,9 @@ class AnalyticObjective:
 
     name = "analytic"
 
-    def __init__(self, num_samples: int = 500, dim: int = 2, seed: int = 0):
+    def __init__(self, num_samples: int = 500, dim: int = 2, seed: int = 0, ems=None):
+        """``ems``: DPM-Solver-v3 tables for the mixture (e.g. from ``solvers.ems_estimate``), needed by schedules
+        with ``"ems"`` steps."""
         from diffusers import DDPMScheduler
 
         from ..bench.analytic import default_mixture, exact_solution
@@ -37,6 +39,7 @@ class AnalyticObjective:
         self.x_start = torch.randn(num_samples, dim, generator=g, dtype=torch.float64)
         t_max = float(self.noise_schedule.t_max)
         self.reference = exact_solution(self.mixture, self.noise_schedule, self.x_start, t_max, (1.0, 0.0))
+        self.ems = ems
 
     def metadata(self) -> dict:
         return {"model": "analytic", "noise_schedule": schedule_fingerprint(self.noise_schedule)}
@@ -44,7 +47,7 @@ class AnalyticObjective:
     def __call__(self, schedule: SolverSchedule) -> float:
         from ..solvers.engine import sample_loop
 
-        plan = schedule.plan(self.noise_schedule)
+        plan = schedule.plan(self.noise_schedule, self.ems)
         grid = plan.grid
         out = sample_loop(lambda x, i: self.mixture.denoise(x, grid.alphas[i], grid.sigmas[i]), self.x_start, plan)
         return (out - self.reference).pow(2).mean().sqrt().item()
@@ -67,11 +70,14 @@ class DigitsObjective:
         guidance: str = "cfg",
         batch_size: int | None = None,
         reference_stats: tuple[np.ndarray, np.ndarray] | None = None,
+        ems: str | None = "auto",
     ):
         """``model``: ``digits-eps`` or ``digits-flow``; ``guidance``: a rule name (``cfg``, ``cfg++``, ``apg``)
         built with ``guidance_scale``; ``batch_size``: samples per pipeline call (``None``: all at once; results
         do not depend on it); ``reference_stats``: precomputed ``(mean, cov)`` of the test digits' features
-        (e.g. from a cache), computed here when ``None``."""
+        (e.g. from a cache), computed here when ``None``; ``ems``: DPM-Solver-v3 tables that schedules with
+        ``"ems"`` steps run on -- ``"auto"`` (the model's shipped EMS, if any), ``None`` (none) or an EMS file or
+        shipped name; ``self.ems`` holds them for the search space."""
         from .. import guidance as guidance_rules
         from ..bench.digits_eval import classifier_features
         from ..bench.metrics import feature_statistics
@@ -104,12 +110,32 @@ class DigitsObjective:
             reference_stats = feature_statistics(feats.double())
         self.reference_stats = reference_stats
         from .. import samplers
+        from ..pipelines.defaults import default_sampler_options
 
-        self.noise_schedule = samplers.get("s3").from_config(self.model_config).noise_schedule
+        if ems == "auto":
+            self.scheduler_options = default_sampler_options(model, "s3")
+        elif ems is None:
+            self.scheduler_options = {}
+        elif isinstance(ems, str):
+            self.scheduler_options = {"ems_file": ems}
+        else:
+            raise ValueError(f"`ems` must be 'auto', None or an EMS file / shipped name, got {ems!r}")
+        probe = samplers.get("s3").from_config(self.model_config, **self.scheduler_options)
+        self.noise_schedule = probe.noise_schedule
+        self.ems = probe.ems
+
+    def scheduler(self, schedule: SolverSchedule):
+        """The ``s3`` scheduler running ``schedule`` on this model (with the objective's EMS)."""
+        from .. import samplers
+
+        return samplers.get("s3").from_config(self.model_config, s3_schedule=schedule.to_dict(),
+                                              **self.scheduler_options)
 
     def metadata(self) -> dict:
         meta = {"model": self.model, "noise_schedule": schedule_fingerprint(self.noise_schedule),
-                "guidance_scale": self.guidance_scale}
+                "guidance_scale": self.guidance_scale, "classes": list(self.classes), "num_samples": len(self.labels)}
+        if self.ems is not None:
+            meta["ems"] = str(self.scheduler_options["ems_file"])
         if self.guidance != "cfg":
             meta["guidance"] = self.guidance
         return meta
@@ -156,10 +182,7 @@ class DigitsObjective:
         return fd, accuracy
 
     def __call__(self, schedule: SolverSchedule) -> float:
-        from .. import samplers
-
-        scheduler = samplers.get("s3").from_config(self.model_config, s3_schedule=schedule.to_dict())
-        return self.frechet(self.images(scheduler, schedule.nfe))
+        return self.frechet(self.images(self.scheduler(schedule), schedule.nfe))
 
 
 class DigitsMSEObjective(DigitsObjective):
@@ -171,8 +194,8 @@ class DigitsMSEObjective(DigitsObjective):
     name = "digits-eps-mse"
 
     def __init__(self, classes: Sequence[int] = tuple(range(7)), num_per_class: int = 10, guidance_scale: float = 3.0,
-                 seed: int = 0, reference_steps: int = 200):
-        super().__init__(classes, num_per_class, guidance_scale, seed)
+                 seed: int = 0, reference_steps: int = 200, ems: str | None = "auto"):
+        super().__init__(classes, num_per_class, guidance_scale, seed, ems=ems)
         from .. import samplers
 
         reference = samplers.from_config("dpm-solver++", self.model_config)
@@ -183,10 +206,7 @@ class DigitsMSEObjective(DigitsObjective):
         return {**super().metadata(), "reference": f"dpm-solver++:{self.reference_steps}"}
 
     def __call__(self, schedule: SolverSchedule) -> float:
-        from .. import samplers
-
-        scheduler = samplers.get("s3").from_config(self.model_config, s3_schedule=schedule.to_dict())
-        return self.mse(self.images(scheduler, schedule.nfe))
+        return self.mse(self.images(self.scheduler(schedule), schedule.nfe))
 
     def mse(self, images: torch.Tensor) -> float:
         return (images.double() - self.reference).pow(2).mean().item()

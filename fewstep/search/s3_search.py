@@ -1,14 +1,16 @@
 """S^3: predictor-guided evolutionary search over USF solver schedules (Liu et al. 2024, sec. 4).
 
-The search space at a fixed NFE ``N``: the ``N - 1`` interior time points (positions in ``lambda`` between
-the first evaluation at ``t_max`` and the last allowed one), and per step the prediction type
-(data/noise), Taylor order (1-3, capped by the available points), coefficient rule (taylor/bh1/bh2),
-linear relaxation ``c`` and the pseudo corrector. Evolution: parents are the best evaluated schedules;
-children come from crossover (per-step genes from either parent, time points from one or the average)
-and mutation (time jitter in lambda, delete-and-add a time point, order, type, rule, corrector,
-relaxation). The released code evaluates every child; S^3's contribution is a **performance predictor**
-trained on the schedules evaluated so far that ranks many children so that only the most promising are
-evaluated.
+The search space at a fixed NFE ``N``: the ``N - 1`` interior time points (positions in ``lambda`` between the
+first evaluation at ``t_max`` and the last allowed one), and per step the prediction type (data/noise, plus
+DPM-Solver-v3's ``"ems"`` when the space has the model's EMS tables), Taylor order (1-3, capped by the
+available points), coefficient rule (taylor/bh1/bh2), linear relaxation ``c`` and the pseudo corrector.
+Evolution: parents are the best evaluated schedules; children come from crossover (per-step genes from either
+parent, time points from one or the average) and mutation (time jitter in lambda, delete-and-add a time point,
+order, type, rule, corrector, relaxation; with EMS also the pseudo-order flags). With EMS, candidates that use
+``"ems"`` steps get their time points snapped to the EMS grid (so the stored schedule holds the times it runs
+at), DPM-Solver-v3's own decisions join the seeds, and the final step onto clean data is never an EMS step.
+The released code evaluates every child; S^3's contribution is a **performance predictor** trained on the
+schedules evaluated so far that ranks many children so that only the most promising are evaluated.
 
 Our predictor: an extra-trees regressor (scikit-learn) on a fixed-length encoding of the schedule,
 predicting ``log(metric)``. With tens to a few hundred evaluations, mixed discrete/continuous features
@@ -27,8 +29,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..solvers import grids
+from ..solvers.ems import EMS
 from ..solvers.engine import StepDecision
-from ..solvers.methods import dpm_solver_decisions, unipc_decisions
+from ..solvers.methods import dpm_solver_decisions, dpm_solver_v3_decisions, unipc_decisions
 from ..solvers.s3 import SolverSchedule
 from ..solvers.schedules import NoiseSchedule
 
@@ -40,16 +44,24 @@ MetricFn = Callable[[SolverSchedule], float]
 
 @dataclass
 class SearchSpace:
-    """What the search may change, for one noise schedule and NFE (first time fixed at ``t_max``)."""
+    """What the search may change, for one noise schedule and NFE (first time fixed at ``t_max``).
+
+    ``ems``: the model's DPM-Solver-v3 tables; with them ``"ems"`` is a prediction type of the search."""
 
     schedule: NoiseSchedule
     nfe: int
     max_order: int = 3
     lambda_end: float | None = None  # last allowed evaluation point (default: lambda at t_min)
+    ems: EMS | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 2:
             raise ValueError(f"`nfe` must be an integer >= 2, got {self.nfe!r}")
+        if self.ems is not None and not isinstance(self.ems, EMS):
+            raise ValueError(f"`ems` must be fewstep.solvers.ems.EMS tables or None, got {type(self.ems).__name__}")
+        if self.ems is not None and self.nfe > self.ems.num_points - 1:
+            raise ValueError(f"`nfe` {self.nfe} needs at least {self.nfe + 1} EMS grid points, the EMS have "
+                             f"{self.ems.num_points}")
         if not 1 <= self.max_order <= 4:
             raise ValueError(f"`max_order` must be in [1, 4], got {self.max_order!r}")
         self.t_max = float(self.schedule.t_max)
@@ -60,6 +72,18 @@ class SearchSpace:
         if not end > self.lambda_start:
             raise ValueError(f"`lambda_end` {end} must exceed the start lambda {self.lambda_start}")
         self.lambda_end = end
+        if self.ems is not None:
+            lo, hi = float(self.ems.lambdas[0]), float(self.ems.lambdas[-1])
+            half = 0.5 * (hi - lo) / (self.ems.num_points - 1)
+            if self.lambda_start < lo - half or self.lambda_end > hi + half:
+                raise ValueError(
+                    f"the EMS cover lambda in [{lo:.4f}, {hi:.4f}] but the search spans [{self.lambda_start:.4f}, "
+                    f"{self.lambda_end:.4f}]: estimate EMS over the whole range or pass a smaller `lambda_end`"
+                )
+
+    @property
+    def predictions(self) -> tuple[str, ...]:
+        return ("data", "noise", "ems") if self.ems is not None else ("data", "noise")
 
     def times(self, positions: np.ndarray) -> list[float]:
         """Model times of the evaluations: ``t_max``, then interior ``positions`` in (0, 1] along lambda."""
@@ -71,8 +95,38 @@ class SearchSpace:
         return (np.asarray(lam) - self.lambda_start) / (self.lambda_end - self.lambda_start)
 
 
+def _decision(pred: str, order: int, rule: str, relax: float, corrector: str, pseudo: bool = False,
+              corrector_pseudo: bool = False) -> StepDecision:
+    """A step decision with an EMS step's fixed genes applied (v3 steps: Taylor coefficients, no relaxation)."""
+    if pred == "ems":
+        rule, relax = "taylor", 0.0
+    return StepDecision(pred, order, None, rule, float(relax), corrector, pseudo=pseudo and rule == "taylor",
+                        corrector_pseudo=corrector_pseudo and rule == "taylor")
+
+
+def _snap_positions(space: SearchSpace, pos: np.ndarray) -> np.ndarray:
+    """Interior positions moved to EMS grid points: distinct, after the first evaluation's point, in range."""
+    ems = space.ems
+    lam = space.lambda_start + pos * (space.lambda_end - space.lambda_start)
+    step = (ems.lambdas[-1] - ems.lambdas[0]) / (ems.num_points - 1)
+    # the last EMS point inside the search range
+    top = int(np.clip(np.floor((space.lambda_end - ems.lambdas[0]) / step + 1e-9), 0, ems.num_points - 1))
+    idx = np.clip(np.round((lam - ems.lambdas[0]) / step), 0, top).astype(np.int64)
+    first = int(ems.snap([space.lambda_start])[0])
+    if top - first < idx.size:
+        raise ValueError(f"{idx.size + 1} evaluations do not fit on the {top - first + 1} EMS grid points of the "
+                         "search range; use fewer steps or EMS on a finer grid")
+    m = idx.size
+    for k in range(m):  # strictly increasing after the first evaluation's point ...
+        idx[k] = max(idx[k], (idx[k - 1] if k else first) + 1)
+    for k in range(m - 1, -1, -1):  # ... and within the grid
+        idx[k] = min(idx[k], (idx[k + 1] if k + 1 < m else top + 1) - 1)
+    return (ems.lambdas[idx] - space.lambda_start) / (space.lambda_end - space.lambda_start)
+
+
 def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecision]) -> SolverSchedule:
-    """Make a candidate valid: distinct sorted positions, orders within the buffer, no final corrector."""
+    """Make a candidate valid: distinct sorted positions, orders within the buffer, no final corrector; EMS
+    steps only with EMS (never the final step onto clean data) and with their positions on the EMS grid."""
     pos = np.clip(np.sort(positions), 1e-3, 1.0)
     min_gap = 0.25 / space.nfe
     for i in range(1, pos.size):
@@ -84,9 +138,24 @@ def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecis
     for i, d in enumerate(decisions):
         order = max(1, min(d.order, i + 1, space.max_order))
         corrector = d.corrector if i < n - 1 else "none"
+        pred, rule, relax = d.prediction, d.coefficients, float(d.relaxation)
         if i == n - 1:
             order = 1  # the final step lands on sigma = 0: higher orders diverge there
-        out.append(StepDecision(d.prediction, order, None, d.coefficients, float(d.relaxation), corrector))
+            if pred == "ems":
+                pred = "data"  # v3 steps stay on the EMS grid; its final step is this first-order data step
+        if pred == "ems" and space.ems is None:
+            pred = "data"
+        if pred == "ems":
+            rule, relax = "taylor", 0.0
+        pseudo = d.pseudo and rule == "taylor" and order > 2
+        c_pseudo = d.corrector_pseudo and rule == "taylor" and corrector == "unic"
+        c_order = d.corrector_order if corrector == "unic" and d.corrector_order is not None else None
+        if c_order is not None:
+            c_order = int(np.clip(c_order, 2, order + 1))
+        out.append(StepDecision(pred, order, None, rule, relax, corrector, pseudo=pseudo, corrector_order=c_order,
+                                corrector_pseudo=c_pseudo))
+    if space.ems is not None and any(d.prediction == "ems" for d in out) and pos.size:
+        pos = _snap_positions(space, pos)
     times = space.times(pos)
     if len(set(times)) != len(times) or np.any(np.diff(times) >= 0):
         times = space.times(np.linspace(1.0 / n, 1.0, n - 1))
@@ -97,21 +166,23 @@ def encode(space: SearchSpace, schedule: SolverSchedule) -> np.ndarray:
     """Fixed-length features: interior positions, then per step type, order, rule, relaxation, corrector."""
     feats = list(space.positions(schedule))
     for d in schedule.decisions:
-        feats += [d.prediction == "data", d.order / space.max_order, *[d.coefficients == r for r in _RULES],
-                  d.relaxation, d.corrector == "unic"]
+        feats += [d.prediction == "data", d.prediction == "ems", d.order / space.max_order,
+                  *[d.coefficients == r for r in _RULES], d.relaxation, d.corrector == "unic", d.pseudo,
+                  d.corrector_pseudo]
     return np.asarray(feats, dtype=np.float64)
 
 
 def random_schedule(space: SearchSpace, rng: np.random.Generator) -> SolverSchedule:
     n = space.nfe
     positions = np.sort(rng.uniform(0.02, 1.0, n - 1))
+    kinds, probs = (["data", "noise"], [0.7, 0.3]) if space.ems is None else (["data", "noise", "ems"], [0.4, 0.2, 0.4])
     decisions = [
-        StepDecision(
-            prediction=str(rng.choice(["data", "noise"], p=[0.7, 0.3])),
-            order=int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3])),
-            coefficients=str(rng.choice(_RULES)),
-            relaxation=float(rng.normal(0, 0.05)) if rng.random() < 0.3 else 0.0,
-            corrector=str(rng.choice(["none", "unic"])),
+        _decision(
+            str(rng.choice(kinds, p=probs)),
+            int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3])),
+            str(rng.choice(_RULES)),
+            float(rng.normal(0, 0.05)) if rng.random() < 0.3 else 0.0,
+            str(rng.choice(["none", "unic"])),
         )
         for _ in range(n)
     ]
@@ -120,21 +191,31 @@ def random_schedule(space: SearchSpace, rng: np.random.Generator) -> SolverSched
 
 def seed_schedules(space: SearchSpace) -> list[SolverSchedule]:
     """Hand-designed starting points: DPM-Solver++ 2M and UniPC-2 bh1/bh2 (diffusers' rules) on two grids,
-    diffusers' time-uniform one (``linspace``) and one uniform in lambda."""
+    diffusers' time-uniform one (``linspace``) and one uniform in lambda; with EMS also DPM-Solver-v3."""
     n = space.nfe
     t_max, t_min = space.t_max, float(space.schedule.t_min)
     lin_times = np.linspace(t_max, t_min, n + 1)[1:-1]
     lam = space.schedule.lambda_(lin_times)
-    grids = [(np.asarray(lam) - space.lambda_start) / (space.lambda_end - space.lambda_start)]
-    grids.append(np.linspace(1.0, n - 1.0, n - 1) / n)  # uniform in lambda, last evaluation short of the end
+    positions = [(np.asarray(lam) - space.lambda_start) / (space.lambda_end - space.lambda_start)]
+    positions.append(np.linspace(1.0, n - 1.0, n - 1) / n)  # uniform in lambda, last evaluation short of the end
     out = []
-    for pos in grids:
+    for pos in positions:
         for decisions in (
             dpm_solver_decisions(n, 2),
             unipc_decisions(n, 2, solver_type="bh1"),
             unipc_decisions(n, 2, solver_type="bh2"),
         ):
             out.append(_repair(space, pos, decisions))
+    if space.ems is not None:
+        # DPM-Solver-v3 as the dpm-solver-v3 sampler runs it on the shipped tables (order 2, pseudo-order corrector)
+        # on its time-quadratic grid over the EMS range, and on the two grids above
+        t_start = float(space.schedule.t_of_lambda(space.ems.lambdas[0]))
+        t_end = float(space.schedule.t_of_lambda(space.ems.lambdas[-1]))
+        quad = grids.time_quadratic_grid(space.schedule, n, t_start=t_start, t_end=t_end).timesteps[1:]
+        lam_q = np.asarray(space.schedule.lambda_(quad))
+        v3 = dpm_solver_v3_decisions(n, solver_order=2)
+        for pos in [(lam_q - space.lambda_start) / (space.lambda_end - space.lambda_start), *positions]:
+            out.append(_repair(space, pos, v3))
     return out
 
 
@@ -149,8 +230,10 @@ def mutate(space: SearchSpace, schedule: SolverSchedule, rng: np.random.Generato
     out = []
     for d in schedule.decisions:
         pred, order, rule, relax, corr = d.prediction, d.order, d.coefficients, d.relaxation, d.corrector
+        pseudo, c_pseudo = d.pseudo, d.corrector_pseudo
         if rng.random() < 0.15:
-            pred = "noise" if pred == "data" else "data"
+            others = [p for p in space.predictions if p != pred]
+            pred = others[0] if len(others) == 1 else str(rng.choice(others))
         if rng.random() < 0.2:
             order = int(np.clip(order + rng.choice([-1, 1]), 1, space.max_order))
         if rng.random() < 0.15:
@@ -159,7 +242,12 @@ def mutate(space: SearchSpace, schedule: SolverSchedule, rng: np.random.Generato
             relax = float(relax + rng.normal(0, 0.03))
         if rng.random() < 0.2:
             corr = "none" if corr == "unic" else "unic"
-        out.append(StepDecision(pred, order, None, rule, relax, corr))
+        if space.ems is not None:  # v3's pseudo-order predictor / corrector
+            if rng.random() < 0.1:
+                pseudo = not pseudo
+            if rng.random() < 0.15:
+                c_pseudo = not c_pseudo
+        out.append(_decision(pred, order, rule, relax, corr, pseudo, c_pseudo))
     return _repair(space, pos, out)
 
 

@@ -43,7 +43,10 @@ import torch
 
 from .phi import phi_array
 
-__all__ = ["EMS", "EMSTransition", "EMS_FORMAT", "ems_transition", "derivative_matrix", "load_ems", "save_ems"]
+__all__ = [
+    "EMS", "EMSTransition", "EMS_FORMAT", "ems_transition", "derivative_matrix", "load_ems", "save_ems",
+    "snap_grid",
+]
 
 EMS_FORMAT = "fewstep.ems"
 _VERSION = "1"
@@ -114,6 +117,33 @@ class EMS:
                 "estimate EMS over a wider time range (`fewstep calibrate ems --t-start/--t-end`)"
             )
         return np.clip(np.round((lam - lo) / step), 0, self.num_points - 1).astype(np.int64)
+
+
+def snap_grid(ems: EMS, noise_schedule: Any, grid: Any) -> tuple[Any, tuple[int, ...]]:
+    """Move every evaluation point of ``grid`` (and a non-clean target) to the nearest EMS grid point (v3 sec.
+    3.3), so that v3 steps integrate exactly between the points the model is evaluated at.
+
+    Returns the snapped ``TimeGrid`` and each grid point's EMS index (``-1`` for a clean final target, which
+    only a non-EMS step may reach). Two points snapping to one EMS point is an error."""
+    from .grids import TimeGrid
+
+    clean = grid.sigmas[-1] == 0.0
+    lam = grid.lambdas[:-1] if clean else grid.lambdas
+    idx = ems.snap(lam, "the time steps' lambda")
+    if np.any(np.diff(idx) <= 0):
+        raise ValueError(
+            f"{grid.num_steps} steps snap to repeated EMS grid points {idx.tolist()}: the EMS grid has "
+            f"{ems.num_points} points; use fewer steps, steps further apart, or EMS estimated on a finer grid"
+        )
+    times = noise_schedule.t_of_lambda(ems.lambdas[idx])
+    alphas, sigmas = noise_schedule.alpha_sigma(times)
+    indices = tuple(int(i) for i in idx)
+    if clean:
+        alphas, sigmas = np.append(alphas, grid.alphas[-1]), np.append(sigmas, grid.sigmas[-1])
+        indices = indices + (-1,)
+    else:
+        times = times[:-1]
+    return TimeGrid(times, alphas, sigmas), indices
 
 
 # -------------------------------------------------------------------------------------------------------------

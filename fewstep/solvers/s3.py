@@ -6,11 +6,16 @@ target ``final`` (``"zero"`` for clean data, or a model time below the last time
 such schedule; DPM-Solver++, UniPC and DDIM are particular schedules (tests check they reproduce the
 dedicated schedulers), and S^3's search only produces schedules.
 
-Supported decisions: timestep, prediction type (data/noise), order 1-5, derivative points, coefficient
+Supported decisions: timestep, prediction type (data/noise, or ``"ems"``: DPM-Solver-v3's per-element
+reparameterisation, which needs the model's empirical model statistics), order 1-5, derivative points, coefficient
 rule, linear relaxation ``c`` (first derivative scaled by ``1 + c h``), pseudo corrector (``"unic"``: no
 extra NFE). Not supported: the implicit corrector (+1 NFE, probability 0 in the published search
 configs), the analytical first step and U-Net skip coefficients (both change the model call, which a
 diffusers scheduler does not control).
+
+A schedule with ``"ems"`` steps runs only with EMS tables (``plan(schedule, ems=...)``; the ``s3`` scheduler's
+``ems_file``): all its time points are then snapped to the nearest EMS grid point, as DPM-Solver-v3 does, so
+every step sees the same grid. Schedules without ``"ems"`` steps ignore the tables and are never snapped.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine import StepDecision, compile_plan
+from .ems import EMS, snap_grid
+from .engine import EMSGrid, Plan, StepDecision, compile_plan
 from .grids import TimeGrid
 from .schedules import NoiseSchedule
 
@@ -105,6 +111,23 @@ class SolverSchedule:
     def nfe(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def ems_steps(self) -> list[int]:
+        """Indices of the steps with ``prediction="ems"`` (DPM-Solver-v3 steps, which need EMS tables)."""
+        return [i for i, d in enumerate(self.decisions) if d.prediction == "ems"]
+
+    def check_ems(self, ems: EMS | None) -> None:
+        """A clear error when the schedule has ``"ems"`` steps and ``ems`` is missing (or not an :class:`EMS`)."""
+        steps = self.ems_steps
+        if ems is not None and not isinstance(ems, EMS):
+            raise TypeError(f"`ems` must be fewstep.solvers.ems.EMS tables or None, got {type(ems).__name__}")
+        if steps and ems is None:
+            raise ValueError(
+                f"this solver schedule uses prediction='ems' (DPM-Solver-v3) at steps {steps} and needs empirical "
+                "model statistics: pass `ems` (the s3 scheduler: `ems_file`, a file from `fewstep calibrate ems` or "
+                "a shipped name such as 'digits-eps'), or search a schedule without EMS steps"
+            )
+
     # ----------------------------------------------------------------------------------------------
     def grid(self, schedule: NoiseSchedule) -> TimeGrid:
         """The schedule's time grid on a noise schedule (times checked against its range)."""
@@ -121,9 +144,22 @@ class SolverSchedule:
         alpha, sigma = schedule.alpha_sigma(np.asarray([self.final]))
         return TimeGrid.from_times(schedule, ts, (float(alpha[0]), float(sigma[0])))
 
-    def plan(self, schedule: NoiseSchedule):
-        """Compile to an engine plan (validates orders against the available buffered points)."""
-        return compile_plan(self.grid(schedule), self.decisions)
+    def ems_grid(self, schedule: NoiseSchedule, ems: EMS | None = None) -> tuple[TimeGrid, EMSGrid | None]:
+        """The time grid to run on and, for a schedule with ``"ems"`` steps, its EMS indices: the grid is then
+        snapped to the EMS grid (an error when ``ems`` is missing or two points snap together)."""
+        self.check_ems(ems)
+        grid = self.grid(schedule)
+        if not self.ems_steps:
+            return grid, None
+        snapped, indices = snap_grid(ems, schedule, grid)
+        return snapped, EMSGrid(ems, indices)
+
+    def plan(self, schedule: NoiseSchedule, ems: EMS | None = None) -> Plan:
+        """Compile to an engine plan (validates orders against the available buffered points).
+
+        ``ems``: DPM-Solver-v3 tables of the model, required when the schedule has ``"ems"`` steps."""
+        grid, ems_grid = self.ems_grid(schedule, ems)
+        return compile_plan(grid, self.decisions, ems=ems_grid)
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
