@@ -339,3 +339,34 @@ def test_shipped_digits_schedules_run_with_the_shipped_ems(digits_config, nfe):
         bare = samplers.from_config("s3", digits_config, s3_schedule="digits-eps")
         with pytest.raises(ValueError, match=re.escape(f"at steps {schedule.ems_steps}")):
             bare.set_timesteps(nfe)
+
+
+def test_a_schedule_searched_with_other_ems_tables_is_refused(digits_config, tmp_path):
+    """Schedules record the digest of the EMS tables they were searched with (``metadata["ems_digest"]``); running
+    their EMS steps on other tables is an error naming both digests, and the shipped NFE-4 schedule records the
+    shipped tables."""
+    import dataclasses
+
+    from fewstep.samplers.s3 import shipped_schedule_path
+    from fewstep.solvers.ems import save_ems
+
+    shipped = samplers.from_config("s3", digits_config, ems_file="digits-eps").ems
+    schedule = SolverSchedule.load(shipped_schedule_path("digits-eps", 4))
+    assert schedule.ems_steps and schedule.metadata["ems_digest"] == shipped.digest
+    other = dataclasses.replace(shipped, l=shipped.l * 1.01)
+    assert other.digest != shipped.digest and other.digest == dataclasses.replace(shipped, l=shipped.l * 1.01).digest
+    path = tmp_path / "other.safetensors"
+    save_ems(path, other)
+    s3 = samplers.from_config("s3", digits_config, s3_schedule="digits-eps", ems_file=str(path))
+    with pytest.raises(ValueError, match=f"searched with EMS tables '{shipped.digest}' .* are '{other.digest}'"):
+        s3.set_timesteps(4)
+    schedule.check_ems(shipped)  # the tables it was searched with pass
+
+
+def test_digits_objective_records_the_ems_digest():
+    from fewstep.search.objectives import DigitsObjective
+
+    objective = DigitsObjective(classes=(0, 1), num_per_class=1)
+    meta = objective.metadata()
+    assert meta["ems"] == "digits-eps" and meta["ems_digest"] == objective.ems.digest
+    assert "ems_digest" not in DigitsObjective(classes=(0, 1), num_per_class=1, ems=None).metadata()

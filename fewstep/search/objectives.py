@@ -136,6 +136,7 @@ class DigitsObjective:
                 "guidance_scale": self.guidance_scale, "classes": list(self.classes), "num_samples": len(self.labels)}
         if self.ems is not None:
             meta["ems"] = str(self.scheduler_options["ems_file"])
+            meta["ems_digest"] = self.ems.digest
         if self.guidance != "cfg":
             meta["guidance"] = self.guidance
         return meta

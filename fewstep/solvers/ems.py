@@ -30,6 +30,7 @@ shifts the cached noise so ``sigma eps - l x`` is unchanged) and lets CFG++ hand
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -93,6 +94,15 @@ class EMS:
     @property
     def num_points(self) -> int:
         return int(self.lambdas.size)
+
+    @property
+    def digest(self) -> str:
+        """A short content hash of the tables (``lambdas``, ``l``, ``s``, ``b`` as float64): what a solver schedule
+        searched with these EMS records, so it can tell other tables apart from the ones it was searched on."""
+        h = hashlib.sha256()
+        for arr in (self.lambdas, self.l, self.s, self.b):
+            h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -117,7 +117,8 @@ class SolverSchedule:
         return [i for i, d in enumerate(self.decisions) if d.prediction == "ems"]
 
     def check_ems(self, ems: EMS | None) -> None:
-        """A clear error when the schedule has ``"ems"`` steps and ``ems`` is missing (or not an :class:`EMS`)."""
+        """A clear error when the schedule has ``"ems"`` steps and ``ems`` is missing (or not an :class:`EMS`), or
+        differs from the tables the schedule was searched with (``metadata["ems_digest"]``, when recorded)."""
         steps = self.ems_steps
         if ems is not None and not isinstance(ems, EMS):
             raise TypeError(f"`ems` must be fewstep.solvers.ems.EMS tables or None, got {type(ems).__name__}")
@@ -126,6 +127,13 @@ class SolverSchedule:
                 f"this solver schedule uses prediction='ems' (DPM-Solver-v3) at steps {steps} and needs empirical "
                 "model statistics: pass `ems` (the s3 scheduler: `ems_file`, a file from `fewstep calibrate ems` or "
                 "a shipped name such as 'digits-eps'), or search a schedule without EMS steps"
+            )
+        searched_with = self.metadata.get("ems_digest")
+        if steps and searched_with is not None and ems.digest != searched_with:
+            raise ValueError(
+                f"this solver schedule was searched with EMS tables {searched_with!r} "
+                f"({self.metadata.get('ems', 'unnamed')}), but the given ones are {ems.digest!r}: its EMS steps "
+                "were chosen for those tables -- pass the EMS it was searched with, or search again with these"
             )
 
     # ----------------------------------------------------------------------------------------------
