@@ -4,11 +4,12 @@
 Quality, part ``calib``: full precision vs fake-quant W8A8 under each calibration recipe -- PTQ4DM's NDTC
 vs Q-Diffusion's uniform steps, range-search metric L_p(2.4) / MSE / cosine / KL, shortcut splitting,
 int8 vs fp8 grids -- at one sampler setting. Part ``samplers``: FP vs W8A8 (int8 run on the real
-``torch._int_mm`` path, fp8 as fake-quant) with DDIM and DPM-Solver++ at 10 and 20 NFE. Every cell uses
+``torch._int_mm`` path, fp8 as fake-quant) with DDIM and DPM-Solver++ at 10 and 20 NFE, with the library
+default (``conv_in`` / ``conv_out`` in float) or, with ``--all-layers``, every layer quantized. Every cell uses
 the same per-sample seeds (paired comparison), CFG scale 3, and the same calibration settings except
 the one varied. Part ``deviation``: RMSE of each variant's final samples against the full-precision ones
 (same seeds), the direct fidelity measure. Part ``speed``: one UNet forward on the CPU in float32 vs the
-int8 path vs fake-quant, plus the per-layer policy's choice on this machine.
+int8 path vs fake-quant (every layer quantized), plus the per-layer policy's choice on this machine.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/bench_quant.py --out scripts/results_quant.json
 """
@@ -190,7 +191,7 @@ def _with_mode(model, mode, inputs):
 def run_speed(pipe, args) -> dict:
     cal = quant.build_calibration_set(swap_sampler(pipe, args.calib_sampler), num_samples=64, steps=args.calib_steps,
                                       method="uniform", seed=args.seed)
-    qmodel = quant.quantize(pipe.unet, cal)
+    qmodel = quant.quantize(pipe.unet, cal, quant.QuantConfig(exclude=[]))  # every layer, as the recorded results
     out = {"threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "torch": torch.__version__, "note": "shared 2-core machine, OMP_NUM_THREADS=1, interleaved medians",
            "unet_forward_ms": {}}

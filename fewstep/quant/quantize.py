@@ -34,9 +34,9 @@ __all__ = ["BOUNDARY_LAYERS", "QuantConfig", "quantize", "quantizable_layers", "
 #: network input x_t itself with one static range for every noise level. PTQ4DM's released code puts
 #: activation quantizers on layer *outputs* (QDrop convention) and leaves the last layer's output in float,
 #: so x_t and the model output are never quantized there; keeping ``conv_in`` (the layer that consumes x_t
-#: in diffusers UNets) and ``conv_out`` (the output layer) in float is the faithful equivalent (0.2% of the
-#: digits-eps MACs). Patterns that match nothing (e.g. SD3/Flux transformers) are ignored.
-#: ``QuantConfig(exclude=[])`` quantizes every layer.
+#: in diffusers UNets) and ``conv_out`` (the output layer) in float is the closest input-side equivalent
+#: (it also keeps their weights in float; 0.2% of the digits-eps MACs). Patterns that match nothing (e.g.
+#: SD3/Flux transformers) are ignored. ``QuantConfig(exclude=[])`` quantizes every layer.
 BOUNDARY_LAYERS: tuple[str, ...] = ("conv_in", "conv_out")
 
 
