@@ -746,8 +746,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"--ndtc-std must be > 0, got {args.ndtc_std}")
     if args.steps_kept is not None and args.steps_kept > args.steps:
         raise UsageError(f"--steps-kept must be <= --steps ({args.steps}), got {args.steps_kept}")
+    patterns = list(args.exclude or [])
+    if any(not pat.strip() for pat in patterns):
+        raise UsageError("--exclude needs a non-empty fnmatch pattern (use --quantize-all to quantize every layer)")
+    # --exclude adds to the default float boundary (conv_in, conv_out); --quantize-all drops that default
+    exclude = patterns if args.quantize_all else [*quant.BOUNDARY_LAYERS, *patterns]
     config = quant.QuantConfig(format=args.format, metric=args.metric, p=args.p, split_skip=args.split_skip,
-                               exclude=list(args.exclude or []))
+                               exclude=list(dict.fromkeys(exclude)))
     config.validate()
     if args.quiet:
         from diffusers.utils import logging as diffusers_logging
@@ -767,7 +772,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     error = _quant_output_error(pipe.unet, qmodel, calibration)
     quant.save_quantized(qmodel, out, model_id=args.model, extra={"calibration_output_rel_error": error})
     print(f"wrote {out / quant.artifacts.TENSORS_FILE}, {out / quant.artifacts.META_FILE} "
-          f"({len(quant.quant_layers(qmodel))} layers W8A8 {args.format}, {args.calib} calibration on "
+          f"({len(quant.quant_layers(qmodel))} layers W8A8 {args.format}, "
+          f"{len(quant.quantizable_layers(qmodel))} in float, {args.calib} calibration on "
           f"{len(calibration)} network inputs, metric {args.metric}; output rel. error {100 * error:.2f}%)")
     return 0
 
@@ -809,7 +815,10 @@ def _add_quantize_parser(sub) -> None:
     p.add_argument("--steps-kept", type=_positive_int, default=None,
                    help="uniform: evenly spaced steps recorded (default min(steps, 20))")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="keep layers matching this fnmatch pattern in float (repeatable), e.g. conv_out")
+                   help="also keep layers matching this fnmatch pattern in float (repeatable); adds to the default "
+                        "float boundary conv_in + conv_out (PTQ4DM never quantizes x_t or the output)")
+    p.add_argument("--quantize-all", action="store_true",
+                   help="quantize every layer, conv_in and conv_out included (only --exclude patterns stay float)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise and NDTC draws")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)

@@ -4,11 +4,12 @@
 Quality, part ``calib``: full precision vs fake-quant W8A8 under each calibration recipe -- PTQ4DM's NDTC
 vs Q-Diffusion's uniform steps, range-search metric L_p(2.4) / MSE / cosine / KL, shortcut splitting,
 int8 vs fp8 grids -- at one sampler setting. Part ``samplers``: FP vs W8A8 (int8 run on the real
-``torch._int_mm`` path, fp8 as fake-quant) with DDIM and DPM-Solver++ at 10 and 20 NFE. Every cell uses
+``torch._int_mm`` path, fp8 as fake-quant) with DDIM and DPM-Solver++ at 10 and 20 NFE, with the library
+default (``conv_in`` / ``conv_out`` in float) or, with ``--all-layers``, every layer quantized. Every cell uses
 the same per-sample seeds (paired comparison), CFG scale 3, and the same calibration settings except
 the one varied. Part ``deviation``: RMSE of each variant's final samples against the full-precision ones
 (same seeds), the direct fidelity measure. Part ``speed``: one UNet forward on the CPU in float32 vs the
-int8 path vs fake-quant, plus the per-layer policy's choice on this machine.
+int8 path vs fake-quant (every layer quantized), plus the per-layer policy's choice on this machine.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/bench_quant.py --out scripts/results_quant.json
 """
@@ -30,21 +31,23 @@ from fewstep.bench.digits_eval import evaluate_digits
 from fewstep.pipelines import load_default
 from fewstep.pipelines.swap import swap_sampler
 
-# label -> (calibration method, QuantConfig overrides)
+# label -> (calibration method, QuantConfig overrides). Cells without a "float" suffix quantize every layer
+# (exclude=[] passed explicitly: the library default keeps conv_in and conv_out in float, quant.BOUNDARY_LAYERS)
+ALL = {"exclude": []}
 CALIB_CELLS = {
-    "ndtc / lp2.4": ("ndtc", {}),
-    "uniform / lp2.4": ("uniform", {}),
-    "ndtc / mse": ("ndtc", {"metric": "mse"}),
-    "uniform / mse": ("uniform", {"metric": "mse"}),
-    "uniform / cosine": ("uniform", {"metric": "cosine"}),
-    "uniform / kl": ("uniform", {"metric": "kl"}),
-    "uniform / lp2.4 / split": ("uniform", {"split_skip": True}),
-    "ndtc / lp2.4 / split": ("ndtc", {"split_skip": True}),
-    "uniform / lp2.4 / fp8": ("uniform", {"format": "fp8"}),
+    "ndtc / lp2.4": ("ndtc", {**ALL}),
+    "uniform / lp2.4": ("uniform", {**ALL}),
+    "ndtc / mse": ("ndtc", {**ALL, "metric": "mse"}),
+    "uniform / mse": ("uniform", {**ALL, "metric": "mse"}),
+    "uniform / cosine": ("uniform", {**ALL, "metric": "cosine"}),
+    "uniform / kl": ("uniform", {**ALL, "metric": "kl"}),
+    "uniform / lp2.4 / split": ("uniform", {**ALL, "split_skip": True}),
+    "ndtc / lp2.4 / split": ("ndtc", {**ALL, "split_skip": True}),
+    "uniform / lp2.4 / fp8": ("uniform", {**ALL, "format": "fp8"}),
     "uniform / lp2.4 / conv_in+conv_out float": ("uniform", {"exclude": ["conv_in", "conv_out"]}),
     "ndtc / lp2.4 / conv_in+conv_out float": ("ndtc", {"exclude": ["conv_in", "conv_out"]}),
     # Q-Diffusion's proportions: every kept step sees all calibration trajectories (20 x more rows)
-    "uniform-all / lp2.4": ("uniform-all", {}),
+    "uniform-all / lp2.4": ("uniform-all", {**ALL}),
     "uniform-all / lp2.4 / conv_in+conv_out float": ("uniform-all", {"exclude": ["conv_in", "conv_out"]}),
 }
 
@@ -103,14 +106,20 @@ def run_calib(pipe, classifier, args) -> list[dict]:
 
 def run_samplers(pipe, classifier, args) -> list[dict]:
     cal = _calibrations(pipe, args, [args.default_calib])[args.default_calib]
+    # the library default keeps conv_in / conv_out in float (quant.BOUNDARY_LAYERS); --all-layers quantizes every layer
+    config = {"exclude": []} if args.all_layers else {}
+    where = "all layers" if args.all_layers else "conv_in+conv_out float (default)"
     models = {}
     if not args.fp8_only:
-        models["full precision"] = pipe.unet
-        models["W8A8 int8 (real _int_mm path)"] = quant.set_mode(quant.quantize(pipe.unet, cal), "int8")
+        if not args.skip_fp:
+            models["full precision"] = pipe.unet
+        models[f"W8A8 int8 (real _int_mm path), {where}"] = quant.set_mode(
+            quant.quantize(pipe.unet, cal, quant.QuantConfig(**config)), "int8")
     if args.with_fp8 or args.fp8_only:
-        models["W8A8 fp8 (fake-quant)"] = quant.quantize(pipe.unet, cal, quant.QuantConfig(format="fp8"))
+        models[f"W8A8 fp8 (fake-quant), {where}"] = quant.quantize(pipe.unet, cal,
+                                                                   quant.QuantConfig(format="fp8", **config))
     rows = []
-    for sampler in ("ddim", "dpm-solver++"):
+    for sampler in args.sampler_set:
         for steps in (10, 20):
             for label, unet in models.items():
                 row = dict(cell=label, calibration=args.default_calib, sampler=sampler, steps=steps,
@@ -182,7 +191,7 @@ def _with_mode(model, mode, inputs):
 def run_speed(pipe, args) -> dict:
     cal = quant.build_calibration_set(swap_sampler(pipe, args.calib_sampler), num_samples=64, steps=args.calib_steps,
                                       method="uniform", seed=args.seed)
-    qmodel = quant.quantize(pipe.unet, cal)
+    qmodel = quant.quantize(pipe.unet, cal, quant.QuantConfig(exclude=[]))  # every layer, as the recorded results
     out = {"threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "torch": torch.__version__, "note": "shared 2-core machine, OMP_NUM_THREADS=1, interleaved medians",
            "unet_forward_ms": {}}
@@ -245,6 +254,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--with-fp8", action="store_true", help="samplers part: also the fp8 grid (fake-quant)")
     parser.add_argument("--fp8-only", action="store_true", help="samplers part: only the fp8 grid")
+    parser.add_argument("--all-layers", action="store_true",
+                        help="samplers part: quantize every layer (exclude=[]) instead of the default, which keeps "
+                             "conv_in and conv_out in float")
+    parser.add_argument("--sampler-set", nargs="+", default=["ddim", "dpm-solver++"],
+                        help="samplers part: samplers to run (default ddim dpm-solver++)")
+    parser.add_argument("--skip-fp", action="store_true",
+                        help="samplers part: no full-precision rows (they do not depend on the quantization)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="scripts/results_quant.json")
     args = parser.parse_args()

@@ -5,7 +5,8 @@ per UNet call, with static (calibrated) activation scales. Needs a CUDA GPU (fp8
 Part ``layers``: one ``QuantLayer`` per shape from the research notes (SD1.5 / SDXL / Flux Linears, SD-sized
 3x3 convs), every mode it supports, eager and ``torch.compile``-d; the bare GEMMs as well.
 Part ``unet``: SD1.5- and SDXL-shaped ``UNet2DConditionModel`` with random weights (speed only), quantized
-on a random calibration set, the per-layer policy run at batch 8, then compiled per-call latency at batch
+on a random calibration set (every layer, ``exclude=[]``, as the recorded results were measured; the library
+default keeps conv_in / conv_out in bf16), the per-layer policy run at batch 8, then compiled per-call latency at batch
 1, 2, 8, 16 and weight memory, bf16 vs int8 vs fp8, as ratios within one run. Results as JSON.
 
     PYTHONPATH=. python scripts/bench_quant_cuda.py --out scripts/results_quant_cuda.json
@@ -168,7 +169,7 @@ def bench_unet(name: str, device, args) -> dict:
         if fmt == "fp8" and not quant.fp8_supported(device):
             continue
         q = quant.quantize(unet, cal, quant.QuantConfig(format=fmt, act_grid=20, weight_grid=10, batch_size=2,
-                                                        mode="dequant"))
+                                                        mode="dequant", exclude=[]))
         inputs = {k: v.to(device) for k, v in next(cal.batches(2)).items()}
         inputs["sample"] = inputs["sample"].to(torch.bfloat16)
         inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)

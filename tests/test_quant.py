@@ -207,13 +207,32 @@ def test_uniform_calibration_keeps_evenly_spaced_steps(pipe, calibration):
 
 
 # -------------------------------------------------------------------------------------- quantize and parity
-def test_quantize_swaps_every_linear_and_conv(pipe, qmodel):
+def test_quantize_swaps_every_linear_and_conv_but_the_boundary_by_default(pipe, qmodel):
     layers = quant.quant_layers(qmodel)
-    float_layers = quant.quantizable_layers(pipe.unet)
-    assert set(layers) == set(float_layers) and len(layers) == 52
+    float_layers = quant.quantizable_layers(pipe.unet, exclude=[])
+    assert quant.QuantConfig().exclude == list(quant.BOUNDARY_LAYERS) == ["conv_in", "conv_out"]
+    assert set(layers) == set(float_layers) - {"conv_in", "conv_out"} and len(layers) == 50
+    assert isinstance(qmodel.conv_in, nn.Conv2d) and isinstance(qmodel.conv_out, nn.Conv2d)  # x_t and output float
     assert not quant.quant_layers(pipe.unet)  # the float model is untouched (deep copy)
     assert any(isinstance(m, nn.SiLU) for m in qmodel.modules())  # nonlinearities stay float modules
     assert qmodel.fewstep_quant["config"]["metric"] == "lp"
+
+
+def test_exclude_empty_quantizes_every_layer(pipe, calibration):
+    q = quant.quantize(pipe.unet, calibration, quant.QuantConfig(act_grid=10, weight_grid=10, exclude=[]))
+    layers = quant.quant_layers(q)
+    assert set(layers) == set(quant.quantizable_layers(pipe.unet, exclude=[])) and len(layers) == 52
+    assert "conv_in" in layers and "conv_out" in layers and q.fewstep_quant["config"]["exclude"] == []
+
+
+def test_exclude_patterns_matching_nothing_are_ignored(pipe, calibration):
+    # transformer denoisers (SD3 / Flux) have no conv_in / conv_out: the default boundary must not error
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 4))
+    assert set(quant.quantizable_layers(net, quant.BOUNDARY_LAYERS)) == {"0", "2"}
+    assert quant.QuantConfig(exclude=["no_such_layer*"]).validate().exclude == ["no_such_layer*"]
+    with pytest.raises(ValueError, match=r"`exclude` must be a list of fnmatch patterns"):
+        quant.QuantConfig(exclude="conv_in").validate()
 
 
 def test_skip_concat_split_points(pipe, calibration, qmodel):
@@ -315,7 +334,7 @@ def test_policy_picks_the_fastest_supported_mode(qmodel, calibration):
         return {"int8": 1.0 if fast_int8 else 3.0, "dequant": 2.0, "fake": 5.0}[mode]
 
     report = quant.choose_modes(qmodel, batch, candidates=("int8", "fp8", "dequant"), timer=timer)
-    assert len(report) == 52
+    assert len(report) == 50  # every quantized layer (conv_in / conv_out stay float by default)
     for r in report:
         assert "fp8" not in r.seconds  # int8 parameters: no fp8 kernel for them
         layer = qmodel.get_submodule(r.name)
@@ -354,6 +373,10 @@ def test_save_load_round_trip(tmp_path, pipe, qmodel, calibration):
     for name, layer in quant.quant_layers(qmodel).items():
         other = loaded.get_submodule(name)
         assert torch.equal(layer.weight_q0, other.weight_q0) and layer.act == other.act
+    # the layers kept in float (the default boundary) stay float after the round trip
+    assert set(quant.quant_layers(loaded)) == set(quant.quant_layers(qmodel))
+    assert isinstance(loaded.conv_in, nn.Conv2d) and isinstance(loaded.conv_out, nn.Conv2d)
+    assert meta["config"]["exclude"] == ["conv_in", "conv_out"] and "conv_in" not in meta["layers"]
 
 
 def test_load_rejects_other_models(tmp_path, pipe, qmodel):
@@ -427,8 +450,9 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
     assert main(["quantize", "--out", str(out), "--samples", "6", "--steps", "4", "--calib", "uniform",
                  "--steps-kept", "2", "--metric", "mse", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "52 layers W8A8 int8, uniform calibration" in printed and "output rel. error" in printed
+    assert "50 layers W8A8 int8, 2 in float, uniform calibration" in printed and "output rel. error" in printed
     meta = quant.read_metadata(out)
+    assert meta["config"]["exclude"] == ["conv_in", "conv_out"] and "conv_in" not in meta["layers"]
     assert meta["calibration"]["num_steps_kept"] == 2 and meta["config"]["metric"] == "mse"
     png = tmp_path / "s.png"
     assert main(["generate", "--quant", str(out), "--out", str(png), "--num-images", "2", "--steps", "3",
@@ -440,7 +464,24 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
                    "(use --quant-mode auto, fake or dequant)"]
 
 
+@pytest.mark.parametrize(("extra", "exclude", "count"), [
+    (["--exclude", "mid_block*"], ["conv_in", "conv_out", "mid_block*"], 40),  # adds to the default boundary
+    (["--quantize-all"], [], 52),
+    (["--quantize-all", "--exclude", "conv_out"], ["conv_out"], 51),
+])
+def test_cli_quantize_exclude(tmp_path, capsys, extra, exclude, count):
+    from fewstep.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--out", str(out), "--samples", "4", "--steps", "2", "--calib", "uniform", "--quiet",
+                 *extra]) == 0
+    meta = quant.read_metadata(out)
+    assert meta["config"]["exclude"] == exclude and len(meta["layers"]) == count
+    assert f"{count} layers W8A8 int8, {52 - count} in float" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("argv", "message"), [
+    (["quantize", "--out", "{tmp}/q", "--exclude", " "], "--exclude needs a non-empty fnmatch pattern"),
     (["quantize", "--out", "{tmp}/q", "--ndtc-mean", "0.7"], "--ndtc-mean must be in [0, 0.5]"),
     (["quantize", "--out", "{tmp}/q", "--steps", "4", "--steps-kept", "9"], "--steps-kept must be <= --steps (4)"),
     (["quantize", "--out", "{tmp}/q", "--model", "digits-flow"], "--model 'digits-flow': quantization needs"),
@@ -510,7 +551,7 @@ def test_sd_shaped_unet_quantizes_and_runs_int8():
     gen = torch.Generator().manual_seed(0)
     cal = quant.CalibrationSet(torch.randn(6, 4, 8, 8, generator=gen), torch.randint(0, 1000, (6,), generator=gen),
                                encoder_hidden_states=torch.randn(6, 5, 24, generator=gen))
-    q = quant.quantize(unet, cal, quant.QuantConfig(act_grid=20, weight_grid=10, split_skip=True))
+    q = quant.quantize(unet, cal, quant.QuantConfig(act_grid=20, weight_grid=10, split_skip=True, exclude=[]))
     layers = quant.quant_layers(q)
     assert any(name.endswith("attn2.to_k") for name in layers) and any(layers[n].split for n in layers)
     batch = next(cal.batches(3))

@@ -1,6 +1,7 @@
 """``quantize(unet, calibration, config)``: PTQ4DM-style W8A8 post-training quantization.
 
-1. every ``nn.Linear`` / ``nn.Conv2d`` (minus ``exclude``) gets per-output-channel weight scales from a
+1. every ``nn.Linear`` / ``nn.Conv2d`` (minus ``exclude``; by default ``conv_in`` and ``conv_out`` stay in
+   float, see ``BOUNDARY_LAYERS``) gets per-output-channel weight scales from a
    range search on the weight itself;
 2. the calibration set is run through the *full-precision* network twice -- once for each layer input's
    min/max, once for its histogram over that range -- and a per-tensor static clip range is searched on
@@ -26,7 +27,17 @@ from .calibration import CalibrationSet, progress_bar
 from .modules import MODES, QuantLayer
 from .quantizers import FORMATS, METRICS, Histogram, act_qparams_from_range, search_act_range, weight_qparams
 
-__all__ = ["QuantConfig", "quantize", "quantizable_layers", "find_skip_splits"]
+__all__ = ["BOUNDARY_LAYERS", "QuantConfig", "quantize", "quantizable_layers", "find_skip_splits"]
+
+#: Layers kept in float by default (``QuantConfig.exclude``): the model's input and output boundary.
+#: fewstep's activation quantizer sits on each layer's *input*, so quantizing ``conv_in`` would quantize the
+#: network input x_t itself with one static range for every noise level. PTQ4DM's released code puts
+#: activation quantizers on layer *outputs* (QDrop convention) and leaves the last layer's output in float,
+#: so x_t and the model output are never quantized there; keeping ``conv_in`` (the layer that consumes x_t
+#: in diffusers UNets) and ``conv_out`` (the output layer) in float is the closest input-side equivalent
+#: (it also keeps their weights in float; 0.2% of the digits-eps MACs). Patterns that match nothing (e.g.
+#: SD3/Flux transformers) are ignored. ``QuantConfig(exclude=[])`` quantizes every layer.
+BOUNDARY_LAYERS: tuple[str, ...] = ("conv_in", "conv_out")
 
 
 @dataclass
@@ -37,7 +48,9 @@ class QuantConfig:
     activations (``lp``, ``mse``, ``cosine``, ``kl``) with ``p`` for ``lp``; weights use the same
     criterion except ``kl`` (then L_p); ``act_grid`` / ``weight_grid`` candidates per search axis;
     ``symmetric_act`` restricts activation ranges to ``[-c, c]``; ``split_skip`` enables shortcut
-    splitting; ``exclude``: ``fnmatch`` patterns of layer names kept in float; ``mode``: execution mode
+    splitting; ``exclude``: ``fnmatch`` patterns of layer names kept in float (default ``BOUNDARY_LAYERS``:
+    ``conv_in`` and ``conv_out``, as PTQ4DM never quantizes x_t or the output; ``[]`` quantizes every
+    layer; patterns matching no layer are ignored); ``mode``: execution mode
     the returned layers start in; ``batch_size`` rows per calibration forward.
     """
 
@@ -49,7 +62,7 @@ class QuantConfig:
     bins: int = 2048
     symmetric_act: bool = False
     split_skip: bool = False
-    exclude: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=lambda: list(BOUNDARY_LAYERS))
     mode: str = "fake"
     batch_size: int = 256
 
@@ -64,6 +77,9 @@ class QuantConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
+        if isinstance(self.exclude, str) or not all(isinstance(pat, str) for pat in self.exclude):
+            raise ValueError(f"`exclude` must be a list of fnmatch patterns (strings), got {self.exclude!r}")
+        self.exclude = list(self.exclude)
         if not isinstance(self.p, (int, float)) or not self.p > 0:
             raise ValueError(f"`p` must be a number > 0, got {self.p!r}")
         return self
