@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["NUM_CLASSES", "load_digits_images", "to_unit_range"]
+__all__ = ["NUM_CLASSES", "load_digits_images", "held_out_digits", "to_unit_range"]
 
 NUM_CLASSES = 10
 _SPLITS = ("train", "test", "all")
@@ -39,6 +39,16 @@ def load_digits_images(
     n_test = int(round(test_fraction * len(labels)))
     pick = {"test": order[:n_test], "train": order[n_test:], "all": order}[split]
     return images[pick], labels[pick]
+
+
+def held_out_digits(num_images: int, size: int = 16, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_images`` held-out test digits (NCHW in [-1, 1]) and their labels, from index ``offset``."""
+    images, labels = load_digits_images(size, "test")
+    available = images.shape[0] - offset
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= available:
+        raise ValueError(f"`num_images` must be an integer in [1, {available}] (held-out digits), "
+                         f"got {num_images!r}")
+    return images[offset:offset + num_images], labels[offset:offset + num_images]
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:

@@ -324,7 +324,7 @@ def run_task(
     0-9). Reports PSNR/SSIM against the ground truth, the RMSE of ``A(x) - y`` for a given measurement, or the
     shipped classifier's accuracy."""
     from ..bench.image_metrics import psnr, ssim
-    from ..datasets import load_digits_images, to_unit_range
+    from ..datasets import held_out_digits, to_unit_range
 
     if task not in TASKS:
         raise ValueError(f"unknown FlowChef task {task!r}; available: {', '.join(TASKS)}")
@@ -348,10 +348,7 @@ def run_task(
     else:
         if classes:
             raise ValueError(f"task {task!r} restores held-out digits; it takes no classes")
-        images, _ = load_digits_images(size, "test")
-        if num_images > images.shape[0]:
-            raise ValueError(f"`num_images` must be <= {images.shape[0]} (held-out digits), got {num_images}")
-        truth = images[:num_images]
+        truth, _ = held_out_digits(num_images, size)
         spec = make_task(task, truth, noise_std=noise_std, generator=torch.Generator().manual_seed(seed + 1))
         degraded = degraded_view(spec)
     start = time.perf_counter()
@@ -407,7 +404,7 @@ def run_edit(
 
     ``TaskResult.degraded`` holds the sources; metrics: the shipped classifier's target-class accuracy
     (``target_accuracy``) and the mean squared change outside the mask (``keep_mse``, images in [-1, 1])."""
-    from ..datasets import load_digits_images
+    from ..datasets import held_out_digits
     from .defaults import load_default
 
     _check_flow_scheduler(pipe)
@@ -416,12 +413,7 @@ def run_edit(
     if source is None:
         if source_classes is not None:
             raise ValueError("`source_classes` label given `source` images; held-out digits carry their own")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
-        images, labels = load_digits_images(size, "test")
-        if num_images > images.shape[0]:
-            raise ValueError(f"`num_images` must be <= {images.shape[0]} (held-out digits), got {num_images}")
-        source, src_l = images[:num_images], labels[:num_images]
+        source, src_l = held_out_digits(num_images, size)
     else:
         expected = (pipe.unet.config.in_channels, size, size)
         if source.ndim != 4 or tuple(source.shape[1:]) != expected:

@@ -56,13 +56,11 @@ def load_measurement(path: str | Path, tile: int, flag: str = "--measurement") -
 
 def _held_out_measurements(num_images: int, size: int, seed: int) -> torch.Tensor:
     """Held-out test digits with the ``digits-mr`` degradation (a 6x6 box erased), seeded."""
-    from ..datasets import load_digits_images
+    from ..datasets import held_out_digits
     from .mean_reverting import box_inpainting
 
-    images, _ = load_digits_images(size, "test")
-    if num_images > images.shape[0]:
-        raise ValueError(f"`num_images` must be <= {images.shape[0]} (held-out digits), got {num_images}")
-    return box_inpainting(images[:num_images], generator=torch.Generator().manual_seed(seed))
+    images, _ = held_out_digits(num_images, size)
+    return box_inpainting(images, generator=torch.Generator().manual_seed(seed))
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .. import guidance as guidance_lib
+from ..datasets import held_out_digits
 from ..guidance.operators import MeasurementOperator, make_operator
 from ..guidance.posterior import InverseProblem, PosteriorMethod
 from ..solvers.grids import spacing_grid
@@ -210,18 +211,6 @@ class InverseTaskResult:
     seconds: float
     metrics: dict[str, float]
     method: dict
-
-
-def held_out_digits(num_images: int, size: int = 16, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_images`` held-out test digits (NCHW in [-1, 1]) and their labels, from index ``offset``."""
-    from ..datasets import load_digits_images
-
-    images, labels = load_digits_images(size, "test")
-    available = images.shape[0] - offset
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= available:
-        raise ValueError(f"`num_images` must be an integer in [1, {images.shape[0] - offset}] (held-out digits), "
-                         f"got {num_images!r}")
-    return images[offset:offset + num_images], labels[offset:offset + num_images]
 
 
 def score_restorations(images: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor, classifier=None) -> dict:
