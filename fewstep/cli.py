@@ -142,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"{flag} applies to plain sampling (no --task)")
     edit_flags = [flag for flag, given in (("--source", args.source is not None),
                                            ("--source-class", args.source_classes is not None),
-                                           ("--edit-size", args.edit_size != 12)) if given]
+                                           ("--edit-size", args.edit_size is not None)) if given]
     if args.task != "edit" and edit_flags:
         raise UsageError(f"{', '.join(edit_flags)}: only with --task edit (FlowChef masked editing on digits-flow)")
     if args.task == "edit":
@@ -245,7 +245,7 @@ def _add_flowchef_args(p_gen) -> None:
                             "digits)")
     p_gen.add_argument("--source-class", dest="source_classes", type=_int_list(0, "3,7"), default=None,
                        help="--task edit with --source: the class each source tile shows (cycled)")
-    p_gen.add_argument("--edit-size", type=_positive_int, default=12, metavar="N",
+    p_gen.add_argument("--edit-size", type=_positive_int, default=None, metavar="N",
                        help="--task edit: side of the centred square that may change (default 12 of 16)")
 
 
@@ -269,7 +269,7 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
             raise UsageError("--noise-std is for the inverse tasks (inpaint, sr, deblur)")
         if (args.source is None) != (args.source_classes is None):
             raise UsageError("--source and --source-class go together (what each source tile shows)")
-        if args.edit_size > 16:
+        if args.edit_size is not None and args.edit_size > 16:
             raise UsageError(f"--edit-size must be <= 16 (the digits' side), got {args.edit_size}")
         if args.guidance_scale is not None and args.guidance_scale < 0:
             raise UsageError(f"--guidance-scale must be >= 0 for --task edit, got {args.guidance_scale}")
@@ -305,7 +305,8 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
         scale = 4.0 if args.guidance_scale is None else args.guidance_scale
         result = run_edit(pipe, num_images=args.num_images, steps=args.steps, seed=args.seed,
                           target_classes=args.classes, config=config, guidance_scale=scale,
-                          edit_size=args.edit_size, source=source, source_classes=args.source_classes)
+                          source=source, source_classes=args.source_classes,
+                          **({} if args.edit_size is None else {"edit_size": args.edit_size}))
     else:
         if args.measurement is not None:
             from .guidance.operators import make_operator
