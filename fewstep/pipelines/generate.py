@@ -155,8 +155,7 @@ def generate(
         raise ValueError(f"`cuda_graph` must be True or False, got {cuda_graph!r}")
     from .fewstep_pipeline import FewstepPipeline
 
-    if cuda_graph and (isinstance(pipe, (ClassConditionalPipeline, MeanRevertingPipeline))
-                       or not FewstepPipeline.supports(pipe)):
+    if cuda_graph and not FewstepPipeline.supports(pipe):
         raise ValueError(f"`cuda_graph` needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline (FewstepPipeline); got "
                          f"{type(pipe).__name__}")
     if compile and isinstance(pipe, MeanRevertingPipeline):
