@@ -17,7 +17,7 @@ from .base import GuidanceRule, Pair, StepState
 from .inversion import ddim_invert
 from .posterior import DPS, PSLD, InverseProblem, PosteriorMethod, PosteriorResult
 from .rules import APG, CFG, CFGPlusPlus, apg_update, cfgpp_equivalent_scales, rescale_to_std, scheduler_rhos
-from .stepping import guided_step, raw_cfg, step_state, supports_pairs
+from .stepping import guided_step, raw_cfg, step_kwargs, step_state, supports_pairs
 from .stsl import STSL, fd_hutchinson_trace
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "raw_cfg",
     "rescale_to_std",
     "scheduler_rhos",
+    "step_kwargs",
     "step_state",
     "supports_pairs",
 ]

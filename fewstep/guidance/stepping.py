@@ -6,6 +6,7 @@ module imports no scheduler class.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -13,12 +14,18 @@ import torch
 from .base import GuidanceRule, StepState
 from .rules import CFG, rescale_to_std
 
-__all__ = ["supports_pairs", "step_state", "guided_step", "raw_cfg"]
+__all__ = ["supports_pairs", "step_state", "guided_step", "raw_cfg", "step_kwargs"]
 
 
 def supports_pairs(scheduler: Any) -> bool:
     """Whether ``scheduler`` takes ``(x0, eps)`` pairs (a fewstep scheduler)."""
     return all(hasattr(scheduler, a) for a in ("step_pair", "convert_model_output", "plan"))
+
+
+def step_kwargs(scheduler: Any, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
+    """Extra keyword arguments for ``scheduler.step``: ``generator`` when its step takes one (stochastic steps then
+    draw their noise from it, as diffusers pipelines do), else none."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
 def step_state(scheduler: Any, index: int) -> StepState:

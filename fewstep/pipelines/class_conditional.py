@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -165,8 +164,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         denoiser = self.unet if self._denoiser is None else self._denoiser
         # stochastic steps draw their noise from `generator` (diffusers schedulers: when their step takes one)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters \
-            else {}
+        step_kwargs = guidance_rules.step_kwargs(self.scheduler, generator)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = torch.cat([x, x]) if guided else x
             model_in = self.scheduler.scale_model_input(model_in, t)

@@ -464,7 +464,7 @@ class FewstepPipeline:
         p = self.pipe
         scheduler = p.scheduler
         pairs = guidance_rules.supports_pairs(scheduler)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        step_kwargs = guidance_rules.step_kwargs(scheduler, generator)
         for i, t in enumerate(p.progress_bar(timesteps)):
             out = model_fn(x, t, conds)
             x = self._step(scheduler, rule, pairs, out, t, x, i, len(timesteps), step_kwargs)
