@@ -830,8 +830,8 @@ def _add_quant_generate_args(p_gen) -> None:
                        help="run the UNet W8A8-quantized with parameters saved by `fewstep quantize`")
     p_gen.add_argument("--quant-mode", choices=["auto", "fake", "int8", "fp8", "dequant"], default="auto",
                        help="execution of the quantized layers: fake-quant reference, real int8 (_int_mm), fp8 "
-                            "(CUDA SM>=8.9), dequant (8-bit storage, float compute); auto: int8 for int8 parameters, "
-                            "fp8 where available else fake")
+                            "(CUDA SM>=8.9), dequant (8-bit storage, float compute); auto: each layer's own "
+                            "8-bit format where the layer and device can run it, else fake")
 
 
 def _apply_quant(args: argparse.Namespace, pipe):
@@ -844,12 +844,7 @@ def _apply_quant(args: argparse.Namespace, pipe):
     if unet is None:
         raise UsageError(f"--quant needs a UNet pipeline; {type(pipe).__name__} has no unet")
     meta = quant.read_metadata(args.quant)
-    mode = args.quant_mode
-    if mode == "auto":
-        if meta["format"] == "int8":
-            mode = "int8"
-        else:
-            mode = "fp8" if quant.fp8_supported(unet.device) else "fake"
+    mode = args.quant_mode  # "auto" resolves per layer in QuantLayer.set_mode
     if mode in ("int8", "fp8") and mode != meta["format"]:
         raise UsageError(f"--quant-mode {mode} needs {mode} parameters; {args.quant!r} holds {meta['format']} "
                          f"(use --quant-mode auto, fake or dequant)")

@@ -133,6 +133,10 @@ def test_from_pipe_quantized_and_compiled_denoiser(unet, tmp_path):
     assert quant.quant_layers(quantized.unet) and not quant.quant_layers(pipe.unet)
     out = quantized(**kw).images
     assert torch.isfinite(out).all() and not torch.equal(out, ref) and (out - ref).abs().max() < 0.2 * ref.abs().max()
+    auto = ClassConditionalPipeline.from_pipe(pipe, quantized=tmp_path / "q", quant_mode="auto")
+    modes = {layer.mode for layer in quant.quant_layers(auto.unet).values()}
+    assert "int8" in modes and modes <= {"int8", "fake"}  # the real int8 path wherever a layer has one
+    torch.testing.assert_close(auto(**kw).images, out, rtol=0, atol=1e-3)  # int8 matches the fake-quant reference
     with pytest.raises(ValueError, match="`quantized` must be a directory written by .*: not a directory"):
         ClassConditionalPipeline.from_pipe(pipe, quantized=tmp_path / "none")
     with pytest.raises(ValueError, match=r"`compile` mode must be one of \['default'"):

@@ -379,6 +379,30 @@ def test_save_load_round_trip(tmp_path, pipe, qmodel, calibration):
     assert meta["config"]["exclude"] == ["conv_in", "conv_out"] and "conv_in" not in meta["layers"]
 
 
+def test_auto_mode_picks_each_layers_real_path_where_it_runs(tmp_path, pipe, qmodel):
+    lin = nn.Linear(16, 16)
+    int8 = quant.QuantLayer(lin, [weight_qparams(lin.weight)], [act_qparams_from_range(-1, 1)])
+    assert int8.set_mode("auto").mode == "int8"
+    fp8 = quant.QuantLayer(lin, [weight_qparams(lin.weight, fmt="fp8")], [act_qparams_from_range(-1, 1, "fp8")],
+                           fmt="fp8")
+    assert fp8.set_mode("auto").mode == ("fp8" if fp8_supported(fp8.weight_q0.device) else "fake")
+    grouped = quant.QuantLayer(nn.Conv2d(4, 4, 3, groups=2), [torch.full((4,), 0.01)], [act_qparams_from_range(-1, 1)])
+    assert grouped.set_mode("auto").mode == "fake"  # no int8 conv path for grouped convs
+    with pytest.raises(ValueError, match=r"`mode` must be one of \['fake', 'int8', 'fp8', 'dequant', 'auto'\], "
+                                         r"got 'int4'"):
+        int8.set_mode("int4")
+    quant.save_quantized(qmodel, tmp_path / "q", model_id="digits-eps")
+    loaded = quant.load_quantized(pipe.unet, tmp_path / "q", mode="auto")
+    modes = {name: layer.mode for name, layer in quant.quant_layers(loaded).items()}
+    assert modes == {name: ("int8" if "int8" in layer.supported_modes() else "fake")
+                     for name, layer in quant.quant_layers(loaded).items()}
+    assert "int8" in modes.values()
+    quant.set_mode(loaded, "fake")
+    assert set(layer.mode for layer in quant.quant_layers(loaded).values()) == {"fake"}
+    quant.set_mode(loaded, "auto")
+    assert {name: layer.mode for name, layer in quant.quant_layers(loaded).items()} == modes
+
+
 def test_load_rejects_other_models(tmp_path, pipe, qmodel):
     from diffusers import UNet2DModel
 

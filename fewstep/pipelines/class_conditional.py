@@ -53,7 +53,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """diffusers' ``from_pipe`` (shared modules, ``scheduler=`` etc. overrides), plus an optional quantized
         and/or ``torch.compile``d denoiser, as ``FewstepPipeline.from_pipe``: ``quantized`` a
         ``fewstep.quant.save_quantized`` directory for ``pipeline.unet`` (loaded onto a copy; ``quant_mode`` one
-        of ``fewstep.quant.MODES``, default ``"fake"``) or a quantized module; ``compile`` ``True``, a
+        of ``fewstep.quant.MODES`` or ``"auto"``, default ``"fake"``) or a quantized module; ``compile`` ``True``, a
         ``torch.compile`` mode or a dict of its arguments. ``pipeline`` itself is left unchanged."""
         unet = kwargs.get("unet", getattr(pipeline, "unet", None))
         if unet is None:

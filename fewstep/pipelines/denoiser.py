@@ -61,8 +61,9 @@ def check_compile(compile: bool | str | Mapping[str, Any] | None) -> dict | None
 def _load_quantized(model: torch.nn.Module, quantized: Any, quant_mode: str | None) -> torch.nn.Module:
     from .. import quant
 
-    if quant_mode is not None and quant_mode not in quant.MODES:
-        raise ValueError(f"`quant_mode` must be one of {list(quant.MODES)}, got {quant_mode!r}")
+    allowed = list(quant.MODES) + [quant.AUTO_MODE]
+    if quant_mode is not None and quant_mode not in allowed:
+        raise ValueError(f"`quant_mode` must be one of {allowed}, got {quant_mode!r}")
     if isinstance(quantized, (str, os.PathLike)):
         path = Path(quantized)
         if not path.is_dir():
@@ -103,7 +104,8 @@ def prepare_denoiser(
     """``(module, call)`` for ``model`` (see the module docstring).
 
     ``quantized``: a ``save_quantized`` directory (applied to a copy of ``model`` with ``load_quantized``, which
-    checks it was calibrated on these weights; ``quant_mode`` default ``"fake"``) or a module returned by
+    checks it was calibrated on these weights; ``quant_mode`` one of ``quant.MODES`` or ``"auto"``, default
+    ``"fake"``) or a module returned by
     ``quantize``/``load_quantized`` (``quant_mode``, when given, is set on it). ``compile``: see
     :func:`check_compile`."""
     if quant_mode is not None and quantized is None:

@@ -283,8 +283,9 @@ class FewstepPipeline:
 
         ``quantized``: a directory written by ``fewstep.quant.save_quantized`` for this pipeline's UNet/transformer
         (loaded onto a copy with ``load_quantized``, which checks it matches these weights; ``quant_mode``: its
-        execution mode, one of ``fewstep.quant.MODES``, default ``"fake"``) or a module from ``quantize`` /
-        ``load_quantized``; the wrapper pipeline then holds the quantized denoiser, ``pipe`` keeps its own.
+        execution mode, one of ``fewstep.quant.MODES`` or ``"auto"``, default ``"fake"``) or a module from
+        ``quantize`` / ``load_quantized``; the wrapper pipeline then holds the quantized denoiser, ``pipe`` keeps
+        its own.
         ``compile``: ``torch.compile`` the denoiser the loop calls: ``True``, a mode name (``"max-autotune"``,
         ...) or a dict of ``torch.compile`` arguments (``{"backend": "aot_eager"}``); compiles on the first call.
         ``cuda_graph=True``: capture one whole denoising step in a CUDA graph and replay it for every step (see

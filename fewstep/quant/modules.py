@@ -26,9 +26,11 @@ from torch import nn
 from .kernels import FP8_UNAVAILABLE, fp8_mm, fp8_supported, im2col, im2col_int8, int8_mm
 from .quantizers import ActQParams, fake_quant_act, quantize_act, quantize_weight
 
-__all__ = ["QuantLayer", "MODES", "quant_layers", "set_mode"]
+__all__ = ["QuantLayer", "MODES", "AUTO_MODE", "quant_layers", "set_mode"]
 
 MODES = ("fake", "int8", "fp8", "dequant")
+#: resolves per layer to its own 8-bit format when the layer and device can run it, else ``"fake"``
+AUTO_MODE = "auto"
 
 
 class QuantLayer(nn.Module):
@@ -103,8 +105,12 @@ class QuantLayer(nn.Module):
         return modes
 
     def set_mode(self, mode: str) -> QuantLayer:
+        """Execution mode: one of ``MODES``, or ``"auto"`` -- this layer's own format (``"int8"``/``"fp8"``) where
+        ``supported_modes`` has it on the current device, else ``"fake"``."""
+        if mode == AUTO_MODE:
+            mode = self.fmt if self.fmt in self.supported_modes() else "fake"
         if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {list(MODES)}, got {mode!r}")
+            raise ValueError(f"`mode` must be one of {list(MODES) + [AUTO_MODE]}, got {mode!r}")
         if mode == "int8" and self.fmt != "int8":
             raise ValueError(f"`mode` 'int8' needs int8-format parameters; this layer holds {self.fmt!r} "
                              "(use 'fp8', 'fake' or 'dequant')")
@@ -220,7 +226,8 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 
 
 def set_mode(model: nn.Module, mode: str | dict[str, str]) -> nn.Module:
-    """Switch every quantized layer (``mode`` a string) or the named ones (a dict name -> mode)."""
+    """Switch every quantized layer (``mode`` a string) or the named ones (a dict name -> mode); ``"auto"``
+    picks each layer's real 8-bit path where it can run, else the fake-quant reference (``QuantLayer.set_mode``)."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("`model` holds no quantized layers (run fewstep.quant.quantize first)")
