@@ -690,9 +690,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         objective = DigitsObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
     space = SearchSpace(objective.noise_schedule, args.nfe, ems=objective.ems)
+    initial = [_load_init_schedule(path, objective) for path in args.init or []]
     state = args.state or str(out) + ".state.json"
     result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
-                    state_path=state, progress=not args.quiet)
+                    state_path=state, progress=not args.quiet, initial=initial)
     best, value = result.best
     best.metadata.update(objective.metadata())
     best.metadata.update({"metric": objective.name, "value": value, "evaluations": len(result.evaluated),
@@ -701,6 +702,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"wrote {out} (NFE {args.nfe}, best {objective.name} metric {value:.4g} after "
           f"{len(result.evaluated)} evaluations; resumable state in {state})")
     return 0
+
+
+def _load_init_schedule(path: str, objective):
+    """``fewstep search --init FILE``: a schedule file searched for the same model (noise schedule)."""
+    from .solvers.s3 import SolverSchedule
+
+    try:
+        schedule = SolverSchedule.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--init {path!r}: {exc}") from None
+    expected = objective.metadata()["noise_schedule"]
+    found = schedule.metadata.get("noise_schedule")
+    if found is not None and found != expected:
+        raise UsageError(f"--init {path!r} was searched for another model (noise schedule {found}, "
+                         f"this search: {expected})")
+    return schedule
 
 
 def _add_search_parser(sub) -> None:
@@ -717,6 +734,9 @@ def _add_search_parser(sub) -> None:
                         "shipped EMS, if any), none, or an EMS file (digits-eps)")
     p.add_argument("--no-predictor", action="store_true", help="plain evolution (no performance predictor)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", action="append", metavar="SCHEDULE",
+                   help="warm start from a schedule file of this model, any NFE (steps are inserted or removed "
+                        "to fit); repeatable")
     p.add_argument("--state", default=None, help="resumable search state (default: OUT.state.json)")
     p.add_argument("--out", required=True, help="where to write the best schedule (.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -155,6 +155,45 @@ def test_search_resumes_from_its_state(analytic_objective, tmp_path):
         SearchSpace(analytic_objective.noise_schedule, 1)
 
 
+def test_warm_start_fits_a_schedule_of_another_nfe_into_the_space(analytic_objective):
+    from fewstep.search import SearchSpace
+    from fewstep.search.s3_search import seed_schedules, warm_start
+
+    src = seed_schedules(SearchSpace(analytic_objective.noise_schedule, 4))[0]  # DPM-Solver++ 2M, 4 steps
+    same = warm_start(SearchSpace(analytic_objective.noise_schedule, 4), src)
+    assert len(same) == 1 and same[0].timesteps == src.timesteps and same[0].decisions == src.decisions
+    longer = warm_start(SearchSpace(analytic_objective.noise_schedule, 5), src)
+    assert len(longer) == 4  # one candidate per step that can be split
+    for k, cand in enumerate(longer):
+        assert cand.nfe == 5 and set(src.timesteps) < set(cand.timesteps)  # every old point kept, one new one
+        new = sorted(set(cand.timesteps) - set(src.timesteps))[0]
+        lam = analytic_objective.noise_schedule.lambda_(np.asarray([*src.timesteps, new]))
+        bounds = [*lam[:-1], SearchSpace(analytic_objective.noise_schedule, 5).lambda_end]
+        assert lam[-1] == pytest.approx(0.5 * (bounds[k] + bounds[k + 1]), abs=1e-6)  # midway in lambda
+        assert cand.decisions[-1].order == 1  # still a valid schedule: first-order final step
+    shorter = warm_start(SearchSpace(analytic_objective.noise_schedule, 3), src)
+    assert len(shorter) == 3 and all(c.nfe == 3 and set(c.timesteps) < set(src.timesteps) for c in shorter)
+    two_less = warm_start(SearchSpace(analytic_objective.noise_schedule, 2), src)
+    assert all(c.nfe == 2 for c in two_less)
+    for cand in longer + shorter:  # every candidate runs
+        assert np.isfinite(analytic_objective(cand))
+    with pytest.raises(TypeError, match="`schedule` must be a SolverSchedule, got dict"):
+        warm_start(SearchSpace(analytic_objective.noise_schedule, 4), src.to_dict())
+
+
+def test_search_evaluates_the_warm_start_candidates_first(analytic_objective):
+    from fewstep.search import SearchSpace, search
+    from fewstep.search.s3_search import seed_schedules, warm_start
+
+    noise = analytic_objective.noise_schedule
+    space4, space5 = SearchSpace(noise, 4), SearchSpace(noise, 5)
+    best4 = search(analytic_objective, space4, 16, seed=0, progress=False).best[0]
+    n_seeds = len(seed_schedules(space5))
+    result = search(analytic_objective, space5, n_seeds + 6, seed=0, progress=False, initial=[best4])
+    started = [s.to_dict() for s, _ in result.evaluated[n_seeds:n_seeds + 4]]
+    assert started == [c.to_dict() for c in warm_start(space5, best4)]
+
+
 def test_cli_search_writes_a_schedule_the_s3_scheduler_runs(tmp_path, capsys):
     from fewstep.cli import main
 
@@ -167,6 +206,20 @@ def test_cli_search_writes_a_schedule_the_s3_scheduler_runs(tmp_path, capsys):
     assert main(["search", "--model", "analytic", "--nfe", "4", "--ems", "x.safetensors", "--out",
                  str(tmp_path / "y.json")]) == 2
     assert "--ems FILE is for --model digits-eps" in capsys.readouterr().err
+    warm = tmp_path / "warm.json"
+    assert main(["search", "--model", "analytic", "--nfe", "5", "--budget", "14", "--quiet", "--init", str(out),
+                 "--out", str(warm)]) == 0
+    assert SolverSchedule.load(warm).nfe == 5
+    assert main(["search", "--model", "analytic", "--nfe", "5", "--init", str(tmp_path / "none.json"), "--out",
+                 str(tmp_path / "z.json")]) == 2
+    assert re.search(r"--init '.*none.json': solver schedule .* does not exist", capsys.readouterr().err)
+    other = SolverSchedule.load(out)
+    other.metadata["noise_schedule"] = "vp-1000-0000"
+    other.save(tmp_path / "other.json")
+    assert main(["search", "--model", "analytic", "--nfe", "5", "--init", str(tmp_path / "other.json"), "--out",
+                 str(tmp_path / "z.json")]) == 2
+    assert "was searched for another model (noise schedule vp-1000-0000" in capsys.readouterr().err
+    assert not (tmp_path / "z.json").exists()
     sched = S3(s3_schedule=str(out), s3_model="analytic")
     sched.set_timesteps(4)
     with pytest.raises(ValueError, match="searched for model 'analytic', not 'digits-eps'"):

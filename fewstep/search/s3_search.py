@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from ..solvers.methods import dpm_solver_decisions, dpm_solver_v3_decisions, uni
 from ..solvers.s3 import SolverSchedule
 from ..solvers.schedules import NoiseSchedule
 
-__all__ = ["SearchSpace", "SearchResult", "encode", "random_schedule", "mutate", "crossover", "search"]
+__all__ = ["SearchSpace", "SearchResult", "encode", "random_schedule", "warm_start", "mutate", "crossover", "search"]
 
 _RULES = ("taylor", "bh1", "bh2")
 MetricFn = Callable[[SolverSchedule], float]
@@ -219,6 +219,51 @@ def seed_schedules(space: SearchSpace) -> list[SolverSchedule]:
     return out
 
 
+def _insert_step(pos: list[float], decisions: list[StepDecision], gap: int) -> tuple[list[float], list]:
+    """A new evaluation midway (in lambda) through step ``gap``; the step it starts repeats step ``gap``'s
+    decision. ``pos`` are the interior positions; step ``gap`` runs from point ``gap`` (0 = ``t_max``) to the
+    next one (position 1 = the end of the range for the last step)."""
+    bounds = [0.0, *pos, 1.0]
+    mid = 0.5 * (bounds[gap] + bounds[gap + 1])
+    return pos[:gap] + [mid] + pos[gap:], decisions[:gap + 1] + [decisions[gap]] + decisions[gap + 1:]
+
+
+def _delete_step(pos: list[float], decisions: list[StepDecision], point: int) -> tuple[list[float], list]:
+    """Drop interior evaluation ``point`` (1-based like the steps it starts) and the step that starts there."""
+    return pos[:point - 1] + pos[point:], decisions[:point] + decisions[point + 1:]
+
+
+def warm_start(space: SearchSpace, schedule: SolverSchedule) -> list[SolverSchedule]:
+    """Starting candidates for ``space`` from a schedule of any NFE (e.g. the searched schedule of the
+    neighbouring NFE): the same NFE is repaired as it is; a shorter schedule gets one candidate per step
+    in which a new evaluation is inserted midway (in lambda), with the decision of the step it splits, then
+    further ones in the widest gaps until the NFE fits; a longer one gets one candidate per interior evaluation
+    removed, then further ones at the narrowest gaps. Candidates are repaired into the space (``_repair``)."""
+    if not isinstance(schedule, SolverSchedule):
+        raise TypeError(f"`schedule` must be a SolverSchedule, got {type(schedule).__name__}")
+    pos, dec = [float(p) for p in space.positions(schedule)], list(schedule.decisions)
+    n, m = space.nfe, len(dec)
+    if m == n:
+        variants = [(pos, dec)]
+    elif m < n:
+        variants = [_insert_step(pos, dec, k) for k in range(m)]
+    else:
+        variants = [_delete_step(pos, dec, j) for j in range(1, m)]
+    out, seen = [], set()
+    for p, d in variants:
+        while len(d) < n:
+            widths = np.diff([0.0, *p, 1.0])
+            p, d = _insert_step(p, d, int(np.argmax(widths)))
+        while len(d) > n:
+            widths = np.diff([0.0, *p])
+            p, d = _delete_step(p, d, int(np.argmin(widths)) + 1 if len(p) else 1)
+        candidate = _repair(space, np.asarray(p), d)
+        if _key(candidate) not in seen:
+            seen.add(_key(candidate))
+            out.append(candidate)
+    return out
+
+
 def mutate(space: SearchSpace, schedule: SolverSchedule, rng: np.random.Generator) -> SolverSchedule:
     """USF mutation: each decision changes with a small probability; time points jitter in lambda."""
     pos = space.positions(schedule).copy()
@@ -293,10 +338,12 @@ def search(
     num_parents: int = 8,
     state_path: str | Path | None = None,
     progress: bool = True,
+    initial: Sequence[SolverSchedule] = (),
 ) -> SearchResult:
     """Evaluate ``budget`` schedules (``metric``: lower is better) and return them all.
 
-    Start: the hand-designed seeds plus random schedules (a quarter of the budget at most). Each round
+    Start: the hand-designed seeds, the ``warm_start`` candidates of the ``initial`` schedules (any NFE; e.g.
+    the searched schedule of the neighbouring NFE), plus random schedules (a quarter of the budget at most). Each round
     breeds ``candidates_per_round`` children of the best ``num_parents``; with ``use_predictor`` the
     predictor picks the ``per_round`` most promising, otherwise they are drawn at random (the released
     code's plain evolution). ``state_path`` (JSON) makes the search resumable: evaluated schedules are
@@ -338,9 +385,10 @@ def search(
             payload = {"nfe": space.nfe, "evaluated": [[s.to_dict(), v] for s, v in evaluated]}
             atomic_write(state, lambda p: p.write_text(json.dumps(payload)))
 
-    for s in seed_schedules(space):
+    starts = seed_schedules(space) + [c for schedule in initial for c in warm_start(space, schedule)]
+    for s in starts:
         run(s)
-    while len(evaluated) < min(budget, max(len(seed_schedules(space)) + 2, budget // 4)):
+    while len(evaluated) < min(budget, max(len(starts) + 2, budget // 4)):
         run(random_schedule(space, rng))
     while len(evaluated) < budget:
         ranked = sorted(evaluated, key=lambda item: item[1])[:num_parents]
