@@ -30,7 +30,18 @@ import torch
 from fewstep.bench.image_metrics import psnr, ssim
 from fewstep.datasets import load_digits_images, to_unit_range
 from fewstep.pipelines import load_default
-from fewstep.pipelines.flowchef import DEFAULT_CONFIGS, DPS_STEP, INVERSE_TASKS, dps_sample, flowchef_sample, make_task
+from fewstep.pipelines.flowchef import (
+    DEFAULT_CONFIGS,
+    DPS_STEP,
+    INVERSE_TASKS,
+    dps_sample,
+    flowchef_sample,
+    inpainting_fill,
+    make_task,
+)
+
+#: FlowChef with the Gaussian-prior fill of the unobserved pixels (``inpainting_fill``; inpainting only)
+FILLED = "FlowChef + Gaussian fill"
 
 
 class GraphMemory:
@@ -101,14 +112,14 @@ def timed_min(fn, repeats: int, **kwargs):
     return first_out, best, first_mem
 
 
-def matched(rows: list[dict], task: str) -> list[dict]:
-    """For each DPS point of ``task``, the fastest FlowChef point at least as good in PSNR *and* SSIM, with the
-    time ratio (``None`` when no FlowChef point reaches that quality)."""
-    fc = sorted((r for r in rows if r["task"] == task and r["method"] == "FlowChef"), key=lambda r: r["ms_per_image"])
+def matched(rows: list[dict], task: str, method: str = "FlowChef") -> list[dict]:
+    """For each DPS point of ``task``, the fastest ``method`` point at least as good in PSNR *and* SSIM, with the
+    time ratio (``None`` when no point reaches that quality)."""
+    fc = sorted((r for r in rows if r["task"] == task and r["method"] == method), key=lambda r: r["ms_per_image"])
     out = []
     for d in (r for r in rows if r["task"] == task and r["method"] == "DPS"):
         hit = next((r for r in fc if r["psnr"] >= d["psnr"] and r["ssim"] >= d["ssim"]), None)
-        out.append({"task": task, "dps_nfe": d["nfe"], "dps_psnr": d["psnr"], "dps_ssim": d["ssim"],
+        out.append({"task": task, "method": method, "dps_nfe": d["nfe"], "dps_psnr": d["psnr"], "dps_ssim": d["ssim"],
                     "dps_ms": d["ms_per_image"], "flowchef_nfe": hit and hit["nfe"],
                     "flowchef_ms": hit and hit["ms_per_image"],
                     "time_ratio": hit and hit["ms_per_image"] / d["ms_per_image"]})
@@ -124,8 +135,10 @@ def plot(rows: list[dict], path: str) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows if "psnr" in r))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4))
     for ax, task in zip(axes, tasks):
-        for method, style in (("FlowChef", "o-"), ("DPS", "s--")):
+        for method, style in (("FlowChef", "o-"), (FILLED, "^-"), ("DPS", "s--")):
             pts = sorted((r for r in rows if r["task"] == task and r["method"] == method), key=lambda r: r["nfe"])
+            if not pts:
+                continue
             ax.plot([r["ms_per_image"] for r in pts], [r["psnr"] for r in pts], style, label=method)
             for r in pts:
                 ax.annotate(str(r["nfe"]), (r["ms_per_image"], r["psnr"]), fontsize=7, xytext=(3, -9),
@@ -180,6 +193,9 @@ def main() -> None:
         cfg = DEFAULT_CONFIGS[task_name]
         cells = [("unsteered", max(fc_steps), flowchef_sample, dict(cost=None))]
         cells += [("FlowChef", s, flowchef_sample, dict(cost=task, config=cfg)) for s in fc_steps]
+        if task_name == "inpaint":  # our extension: the Gaussian-prior fill of the hole (inpainting_fill)
+            fill = inpainting_fill(task.operator)
+            cells += [(FILLED, s, flowchef_sample, dict(cost=task, config=cfg, propagate=fill)) for s in fc_steps]
         cells += [("DPS", s, dps_sample, dict(operator=task.operator, measurement=task.measurement,
                                                step_size=DPS_STEP[task_name])) for s in dps_steps]
         for label, steps, fn, kw in cells:
@@ -189,9 +205,9 @@ def main() -> None:
                          "ms_per_image": 1000 * seconds / n, "autograd_kib_per_image": mem / n / 1024})
             print(f"{task_name:8s} {label:10s} NFE {steps:3d} PSNR {p:6.2f} SSIM {s:.3f} "
                   f"{1000 * seconds / n:7.2f} ms/img {mem / n / 1024:9.1f} KiB/img", flush=True)
-        for m in matched(rows, task_name):
-            verdict = (f"FlowChef NFE {m['flowchef_nfe']} at {m['time_ratio']:.2f}x the time"
-                       if m["flowchef_nfe"] else "no FlowChef point reaches it")
+        for m in matched(rows, task_name) + (matched(rows, task_name, FILLED) if task_name == "inpaint" else []):
+            verdict = (f"{m['method']} NFE {m['flowchef_nfe']} at {m['time_ratio']:.2f}x the time"
+                       if m["flowchef_nfe"] else f"no {m['method']} point reaches it")
             print(f"{task_name:8s} DPS NFE {m['dps_nfe']:3d} ({m['dps_psnr']:.2f} dB, SSIM {m['dps_ssim']:.3f}): "
                   f"{verdict}", flush=True)
 
@@ -218,7 +234,7 @@ def main() -> None:
 
 
 def _finish(args, rows: list[dict]) -> None:
-    matches = [m for task in INVERSE_TASKS for m in matched(rows, task)]
+    matches = [m for task in INVERSE_TASKS for m in matched(rows, task)] + matched(rows, "inpaint", FILLED)
     if args.json:
         meta = {"num_images": args.num_images, "flowchef_steps": args.flowchef_steps, "dps_steps": args.dps_steps,
                 "repeats": args.repeats, "noise_std": args.noise_std, "seed": args.seed, "threads": args.threads,

@@ -26,6 +26,7 @@ from ..solvers.flowchef import (
     EditCost,
     FlowChefConfig,
     FlowChefHook,
+    GaussianFill,
     classifier_cost,
     masked_guidance,
     measurement_cost,
@@ -34,7 +35,7 @@ from ..solvers.flowchef import (
 __all__ = ["TASKS", "INVERSE_TASKS", "DEFAULT_CONFIGS", "FlowChefTask", "make_task", "flowchef_sample",
            "flowchef_edit",
            "dps_sample", "DPS_STEP", "TaskResult", "run_task", "degraded_view", "EDIT_TASK", "central_mask",
-           "run_edit"]
+           "run_edit", "inpainting_fill"]
 
 INVERSE_TASKS = ("inpaint", "sr", "deblur")
 TASKS = INVERSE_TASKS + ("classifier",)
@@ -108,6 +109,32 @@ def make_task(
     return FlowChefTask(task, measurement_cost(operator, y, scale), operator, y)
 
 
+def inpainting_fill(operator: MeasurementOperator, images: torch.Tensor | None = None, ridge: float = 0.02,
+                    scale: float = 0.7) -> GaussianFill:
+    """A :class:`~fewstep.solvers.flowchef.GaussianFill` for an inpainting ``operator`` (one mask for the whole
+    batch) with the pixel covariance of ``images`` (NCHW in the model range; default: the training digits at the
+    mask's size, the data ``digits-flow`` was trained on). ``ridge``/``scale``: tuned on held-out digits 200-231
+    (box inpainting, 8-14 NFE)."""
+    from ..guidance.operators import Inpainting
+
+    if not isinstance(operator, Inpainting):
+        raise ValueError(f"`operator` must be an inpainting operator (a mask), got {type(operator).__name__}")
+    mask = operator.mask
+    if mask.shape[0] != 1:
+        raise ValueError(f"the fill needs one mask for the whole batch, got a mask of shape {tuple(mask.shape)}")
+    if images is None:
+        from ..datasets import load_digits_images
+
+        images = load_digits_images(mask.shape[-1], "train")[0]
+    if images.dim() != 4 or images.shape[-2:] != mask.shape[-2:] or mask.shape[1] not in (1, images.shape[1]):
+        raise ValueError(f"`images` of shape {tuple(images.shape)} do not fit the mask {tuple(mask.shape)}")
+    flat = images.reshape(images.shape[0], -1).double()
+    if flat.shape[0] < 2:
+        raise ValueError("`images` must hold at least 2 images to estimate a covariance")
+    observed = mask[0].expand(images.shape[1:])
+    return GaussianFill(torch.cov(flat.T), observed, ridge=ridge, scale=scale)
+
+
 def _check_flow_scheduler(pipe) -> None:
     from ..samplers.base import FewstepScheduler
     from ..samplers.flow_euler import FewstepFlowChefScheduler
@@ -161,11 +188,13 @@ def flowchef_sample(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
+    propagate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample ``pipe`` (a ``ClassConditionalPipeline`` of a flow model with a fewstep flow scheduler) steered by
     ``cost``; returns NCHW images in the model range [-1, 1]. ``class_labels`` default to the null class
     (unconditional); ``guidance_scale != 1`` adds classifier-free guidance towards ``class_labels``.
-    ``cost=None`` samples unsteered (the same loop, for comparisons)."""
+    ``cost=None`` samples unsteered (the same loop, for comparisons). ``propagate``: the hook's map of each
+    move (``FlowChefHook``), e.g. ``inpainting_fill(task.operator)``."""
     _check_flow_scheduler(pipe)
     if isinstance(cost, FlowChefTask):
         cost = cost.cost
@@ -175,7 +204,7 @@ def flowchef_sample(
     sched = pipe.scheduler
     sched.set_timesteps(num_inference_steps, device=x.device)
     if cost is not None:
-        hook = FlowChefHook(cost, config)
+        hook = FlowChefHook(cost, config, propagate)
         grid = sched.plan.grid
         hook.check_plan(grid.alphas, grid.sigmas, sched.plan.num_steps)  # fail before any model call
         sched.add_step_hook(hook)
