@@ -135,11 +135,11 @@ def plot(rows: list[dict], path: str) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows if "psnr" in r))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4))
     for ax, task in zip(axes, tasks):
-        for method, style in (("FlowChef", "o-"), (FILLED, "^-"), ("DPS", "s--")):
+        for method, style, color in (("FlowChef", "o-", "C0"), (FILLED, "^-", "C2"), ("DPS", "s--", "C1")):
             pts = sorted((r for r in rows if r["task"] == task and r["method"] == method), key=lambda r: r["nfe"])
             if not pts:
                 continue
-            ax.plot([r["ms_per_image"] for r in pts], [r["psnr"] for r in pts], style, label=method)
+            ax.plot([r["ms_per_image"] for r in pts], [r["psnr"] for r in pts], style, color=color, label=method)
             for r in pts:
                 ax.annotate(str(r["nfe"]), (r["ms_per_image"], r["psnr"]), fontsize=7, xytext=(3, -9),
                             textcoords="offset points")
