@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -697,7 +698,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     best, value = result.best
     best.metadata.update(objective.metadata())
     best.metadata.update({"metric": objective.name, "value": value, "evaluations": len(result.evaluated),
-                          "predictor": not args.no_predictor, "version": __version__})
+                          "predictor": not args.no_predictor, "seed": args.seed, "version": __version__})
+    if initial:  # the warm-start files, by name, so the search can be repeated
+        best.metadata["init"] = [os.path.basename(p) for p in args.init]
     best.save(out)
     print(f"wrote {out} (NFE {args.nfe}, best {objective.name} metric {value:.4g} after "
           f"{len(result.evaluated)} evaluations; resumable state in {state})")

@@ -209,7 +209,8 @@ def test_cli_search_writes_a_schedule_the_s3_scheduler_runs(tmp_path, capsys):
     warm = tmp_path / "warm.json"
     assert main(["search", "--model", "analytic", "--nfe", "5", "--budget", "14", "--quiet", "--init", str(out),
                  "--out", str(warm)]) == 0
-    assert SolverSchedule.load(warm).nfe == 5
+    warmed = SolverSchedule.load(warm)
+    assert warmed.nfe == 5 and warmed.metadata["init"] == ["best.json"] and warmed.metadata["seed"] == 0
     assert main(["search", "--model", "analytic", "--nfe", "5", "--init", str(tmp_path / "none.json"), "--out",
                  str(tmp_path / "z.json")]) == 2
     assert re.search(r"--init '.*none.json': solver schedule .* does not exist", capsys.readouterr().err)
