@@ -138,6 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} must end in .png")
     if args.task is not None and args.quant is not None:
         raise UsageError("--quant applies to plain sampling of UNet pipelines (digits-eps, ...), not to --task")
+    if args.gaussian_fill and (args.task != "inpaint" or args.model != "digits-flow" or args.posterior is not None):
+        raise UsageError("--gaussian-fill is for FlowChef box inpainting: --model digits-flow --task inpaint")
     if args.task is not None and (args.compile or args.cuda_graph):
         flag = "--compile" if args.compile else "--cuda-graph"
         raise UsageError(f"{flag} applies to plain sampling (no --task)")
@@ -240,6 +242,9 @@ def _add_flowchef_args(p_gen) -> None:
     p_gen.add_argument("--flowchef-steered-steps", type=int, default=None, metavar="K",
                        help="steer the first K steps (default: all but the last)")
     p_gen.add_argument("--flowchef-optimizer", choices=["gd", "adam"], default=None, help="default per task")
+    p_gen.add_argument("--gaussian-fill", action="store_true",
+                       help="--task inpaint on digits-flow: spread FlowChef's moves into the hole by the digits' "
+                            "Gaussian prior (ours; see README, FlowChef)")
     p_gen.add_argument("--noise-std", type=_nonneg_float, default=0.0, help="measurement noise std (inverse tasks)")
     p_gen.add_argument("--source", default=None, metavar="IMAGE",
                        help="--task edit: images to edit (one 16x16 tile or a grid of them; default: held-out test "
@@ -317,7 +322,8 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
             low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
             measurement = load_measurement(args.measurement, low)
         result = run_task(pipe, args.task, num_images=args.num_images, steps=args.steps, seed=args.seed,
-                          classes=args.classes, config=config, noise_std=args.noise_std, measurement=measurement)
+                          classes=args.classes, config=config, noise_std=args.noise_std, measurement=measurement,
+                          gaussian_fill=args.gaussian_fill)
     images = as_numpy_images(result.images)
     if result.degraded is not None:
         n, columns = len(images), min(len(images), 10)
@@ -331,8 +337,10 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
     atomic_write(out, lambda p: grid.save(p, format="PNG"))
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     kind = "edited images (top: source)" if editing else "images"
-    print(f"wrote {out} ({len(images)} {kind}, FlowChef {args.task}: eta {config.step_size:g}, M {config.inner_steps}, "
-          f"{config.optimizer}; sampler {sampler}, NFE {result.nfe}, {result.seconds:.2f} s; {metrics})")
+    fill = " + Gaussian fill" if args.gaussian_fill else ""
+    print(f"wrote {out} ({len(images)} {kind}, FlowChef{fill} {args.task}: eta {config.step_size:g}, "
+          f"M {config.inner_steps}, {config.optimizer}; sampler {sampler}, NFE {result.nfe}, {result.seconds:.2f} s; "
+          f"{metrics})")
     return 0
 
 

@@ -424,6 +424,29 @@ def test_cli_flowchef(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_cli_gaussian_fill(tmp_path, capsys, flow_pipe):
+    out = tmp_path / "inpaint.png"
+    psnrs = []
+    for extra in ([], ["--gaussian-fill"]):
+        assert main(["generate", "--model", "digits-flow", "--task", "inpaint", "--steps", "8", "--num-images", "10",
+                     "--quiet", "--out", str(out), *extra]) == 0
+        printed = capsys.readouterr().out
+        assert ("FlowChef + Gaussian fill inpaint" in printed) == bool(extra)
+        psnrs.append(float(printed.rsplit("psnr ", 1)[1].split(",")[0]))
+    assert psnrs[1] > psnrs[0] + 1.0, psnrs
+    for args in (["--model", "digits-flow", "--task", "sr"], ["--model", "digits-eps", "--task", "inpaint"],
+                 ["--model", "digits-flow"]):
+        assert main(["generate", *args, "--gaussian-fill", "--quiet", "--out", str(tmp_path / "x.png")]) == 2
+        assert "--gaussian-fill is for FlowChef box inpainting: --model digits-flow --task inpaint" in (
+            capsys.readouterr().err)
+        assert not (tmp_path / "x.png").exists()
+    from fewstep.pipelines.flowchef import run_task
+
+    with pytest.raises(ValueError, match=r"`gaussian_fill` \(a bool\) applies to task 'inpaint' only, got True "
+                                         r"for task 'sr'"):
+        run_task(flow_pipe, "sr", num_images=2, steps=2, gaussian_fill=True)
+
+
 def test_flowchef_scheduler_in_the_plain_pipeline_equals_the_hook(flow_pipe):
     from fewstep.datasets import load_digits_images
     from fewstep.pipelines.flowchef import flowchef_sample, make_task

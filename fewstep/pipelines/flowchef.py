@@ -346,12 +346,14 @@ def run_task(
     config: FlowChefConfig | None = None,
     noise_std: float = 0.0,
     measurement: torch.Tensor | None = None,
+    gaussian_fill: bool = False,
 ) -> TaskResult:
     """One FlowChef run of ``task`` on ``pipe`` (digits-flow): inverse problems restore held-out test digits
     (seeded measurement) or a given ``measurement`` (one image per measured tile; ``num_images`` is then its
     batch size), ``classifier`` steers an unconditional (null-class) run towards ``classes`` (default: cycle
     0-9). Reports PSNR/SSIM against the ground truth, the RMSE of ``A(x) - y`` for a given measurement, or the
-    shipped classifier's accuracy."""
+    shipped classifier's accuracy. ``gaussian_fill`` (``inpaint`` only): FlowChef + the Gaussian-prior fill of the
+    hole (``inpainting_fill``)."""
     from ..bench.image_metrics import psnr, ssim
     from ..datasets import held_out_digits, to_unit_range
 
@@ -359,6 +361,9 @@ def run_task(
         raise ValueError(f"unknown FlowChef task {task!r}; available: {', '.join(TASKS)}")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
+    if not isinstance(gaussian_fill, bool) or (gaussian_fill and task != "inpaint"):
+        raise ValueError(f"`gaussian_fill` (a bool) applies to task 'inpaint' only, got {gaussian_fill!r} for "
+                         f"task {task!r}")
     _check_flow_scheduler(pipe)
     config = config if config is not None else DEFAULT_CONFIGS[task]
     generator = torch.Generator().manual_seed(seed)
@@ -381,8 +386,9 @@ def run_task(
         spec = make_task(task, truth, noise_std=noise_std, generator=torch.Generator().manual_seed(seed + 1))
         degraded = degraded_view(spec)
     start = time.perf_counter()
+    propagate = inpainting_fill(spec.operator) if gaussian_fill else None
     x = flowchef_sample(pipe, spec, num_images=num_images, num_inference_steps=steps, config=config,
-                        generator=generator)
+                        generator=generator, propagate=propagate)
     seconds = time.perf_counter() - start
     metrics: dict[str, float] = {}
     if truth is not None:
