@@ -239,15 +239,23 @@ class GaussianFill:
         self.regression = torch.linalg.solve(s_oo, cov[o][:, h]).T.contiguous().float()
         self.observed_index, self.hidden_index = o, h
         self.num_pixels, self.scale = d, float(scale)
+        self._on: dict = {}  # (device, dtype) -> (o, h, scale * R^T): copied once, not every step
+
+    def _tensors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (like.device, like.dtype)
+        if key not in self._on:
+            self._on[key] = (self.observed_index.to(like.device), self.hidden_index.to(like.device),
+                             (self.scale * self.regression.T).to(like))
+        return self._on[key]
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         flat = delta.reshape(delta.shape[0], -1)
         if flat.shape[1] != self.num_pixels:
             raise ValueError(f"GaussianFill was built for images of {self.num_pixels} values, got a move of shape "
                              f"{tuple(delta.shape)}")
-        o, h = self.observed_index.to(delta.device), self.hidden_index.to(delta.device)
+        o, h, weight = self._tensors(delta)
         out = flat.clone()
-        out[:, h] = self.scale * flat[:, o] @ self.regression.to(delta).T
+        out[:, h] = flat[:, o] @ weight
         return out.reshape(delta.shape)
 
 
