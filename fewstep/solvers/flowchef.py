@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fewstep._checks import check_int
+
 from .engine import EngineState, Evaluation
 
 __all__ = [
@@ -223,8 +225,7 @@ class EditCost:
     """
 
     def __init__(self, source: torch.Tensor, mask: torch.Tensor, source_steps: int, scale: float = 1.0):
-        if isinstance(source_steps, bool) or not isinstance(source_steps, int) or source_steps < 0:
-            raise ValueError(f"`source_steps` must be an integer >= 0, got {source_steps!r}")
+        check_int("source_steps", source_steps, 0, numpy_ok=False)
         mask = torch.as_tensor(mask, dtype=source.dtype)
         if mask.min() < 0 or mask.max() > 1:
             raise ValueError("`mask` must lie in [0, 1] (1 = region to edit)")
