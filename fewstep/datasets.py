@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._checks import check_int
+
 __all__ = ["NUM_CLASSES", "load_digits_images", "held_out_digits", "to_unit_range"]
 
 NUM_CLASSES = 10
@@ -24,8 +26,7 @@ def load_digits_images(
 
     if split not in _SPLITS:
         raise ValueError(f"`split` must be one of {list(_SPLITS)}, got {split!r}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
-        raise ValueError(f"`resolution` must be an integer >= 8, got {resolution!r}")
+    check_int("resolution", resolution, 8, numpy_ok=False)
     if not 0 < test_fraction < 1:
         raise ValueError(f"`test_fraction` must lie in (0, 1), got {test_fraction!r}")
     data = load_digits()

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import samplers as sampler_registry
+from .._checks import check_int
 from .analytic import AnalyticModel, GaussianMixture, default_mixture, exact_solution
 from .metrics import feature_statistics, frechet_distance, rmse
 
@@ -82,8 +83,7 @@ def run_analytic_bench(
             raise ValueError(f"`steps` must hold integers >= 1, got {n!r}")
     if schedule not in SCHEDULE_CONFIGS:
         raise ValueError(f"`schedule` must be one of {list(SCHEDULE_CONFIGS)}, got {schedule!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"`num_samples` must be an integer >= 2, got {num_samples!r}")
+    check_int("num_samples", num_samples, 2, numpy_ok=False)
     mixture = mixture if mixture is not None else default_mixture(dim=dim, seed=seed)
     x_start = torch.randn(num_samples, mixture.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     data_mean, data_cov = mixture.mean(), mixture.covariance()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import check_int
 from ._cache import cache_name, load_cached, save_cached
 from .metrics import feature_statistics
 
@@ -54,8 +55,7 @@ class FeatureExtractor:
             raise TypeError(f"`fn` must be callable (images -> [N, D] features), got {type(self.fn).__name__}")
         if not isinstance(self.id, str) or not self.id.strip():
             raise ValueError(f"`id` must be a non-empty string naming the extractor, got {self.id!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {self.batch_size!r}")
+        check_int("batch_size", self.batch_size, 1, numpy_ok=False)
 
     @torch.no_grad()
     def __call__(self, images01: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._checks import check_int
 from ..solvers.dc import DynamicCompensation, dc_step
 from ..solvers.dc_artifacts import RatioEntry
 from ..solvers.engine import EngineState, Evaluation, Plan, apply_transition, compile_plan
@@ -194,8 +195,7 @@ def search_ratios(
     n = plan.num_steps
     if len(targets) != n:
         raise ValueError(f"`targets` must hold one reference state per step ({n}), got {len(targets)}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"`iters` must be an integer >= 1, got {iters!r}")
+    check_int("iters", iters, 1, numpy_ok=False)
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"`lr` must be a number > 0, got {lr!r}")
     if plan.buffer_size < order + 1:
@@ -429,8 +429,7 @@ def calibrate_text_to_image(
         raise ValueError(f"`pipe` must be an SD 1.x/2.x text-to-image pipeline, got {type(pipe).__name__}")
     if getattr(pipe.unet.config, "addition_embed_type", None) is not None:
         raise ValueError("SDXL-style UNets (added conditions) are not supported by the DC calibration yet")
-    if isinstance(datapoints, bool) or not isinstance(datapoints, int) or datapoints < 1:
-        raise ValueError(f"`datapoints` must be an integer >= 1, got {datapoints!r}")
+    check_int("datapoints", datapoints, 1, numpy_ok=False)
     unet = pipe.unet
     chosen = [prompts[k % len(prompts)] for k in range(datapoints)]
     with torch.no_grad():

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_int
 from ..solvers.ems import EMS
 from ..solvers.ems_estimate import estimate_ems, forward_ad_safe, model_eps_fn
 from ..solvers.s3 import schedule_fingerprint
@@ -40,8 +41,7 @@ def _schedule_and_prediction(config: Any) -> tuple[NoiseSchedule, str]:
 
 
 def _check_samples(num_samples: Any) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"`num_samples` must be an integer >= 2, got {num_samples!r}")
+    check_int("num_samples", num_samples, 2, numpy_ok=False)
     return num_samples
 
 

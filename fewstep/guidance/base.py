@@ -18,6 +18,8 @@ from typing import ClassVar
 
 import torch
 
+from .._checks import check_int
+
 __all__ = ["Pair", "StepState", "GuidanceRule", "check_number"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -36,8 +38,7 @@ class StepState:
     sigma: float
 
     def __post_init__(self) -> None:
-        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
-            raise ValueError(f"`index` must be an integer >= 0, got {self.index!r}")
+        check_int("index", self.index, 0, numpy_ok=False)
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps <= self.index:
             raise ValueError(f"`num_steps` must be an integer > index ({self.index}), got {self.num_steps!r}")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_int
+
 __all__ = [
     "MeasurementOperator",
     "Inpainting",
@@ -156,8 +158,7 @@ class BoxInpainting(Inpainting):
     def __init__(self, size: int, box: int = 6, top: int | None = None, left: int | None = None,
                  noise_std: float = 0.0):
         for arg, value in (("size", size), ("box", box)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{arg}` must be an integer >= 1, got {value!r}")
+            check_int(arg, value, 1, numpy_ok=False)
         if box >= size:
             raise ValueError(f"`box` must be smaller than the image size {size}, got {box}")
         top = (size - box) // 2 if top is None else top
@@ -177,8 +178,7 @@ class RandomInpainting(Inpainting):
     name = "random-inpaint"
 
     def __init__(self, size: int, drop: float = 0.7, seed: int = 0, noise_std: float = 0.0):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"`size` must be an integer >= 1, got {size!r}")
+        check_int("size", size, 1, numpy_ok=False)
         if not isinstance(drop, (int, float)) or not 0 <= drop < 1:
             raise ValueError(f"`drop` must lie in [0, 1), got {drop!r}")
         g = torch.Generator().manual_seed(int(seed))
@@ -219,8 +219,7 @@ class SuperResolution(MeasurementOperator):
 
     def __init__(self, factor: int = 2, noise_std: float = 0.0, mode: str = "avgpool"):
         super().__init__(noise_std)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
-            raise ValueError(f"`factor` must be an integer >= 2, got {factor!r}")
+        check_int("factor", factor, 2, numpy_ok=False)
         if mode not in self.MODES:
             raise ValueError(f"`mode` must be one of {list(self.MODES)}, got {mode!r}")
         self.factor = factor

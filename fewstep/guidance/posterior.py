@@ -291,8 +291,3 @@ class PSLD(DPS):
     gluing: float = 0.1
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-    return value
-

@@ -55,11 +55,11 @@ from typing import ClassVar
 
 import torch
 
+from .._checks import check_int
 from .base import check_number
 from .posterior import (
     PosteriorMethod,
     PosteriorResult,
-    _check_int,
     _noise_like,
     as_grid,
     ddim_update,
@@ -140,11 +140,11 @@ class STSL(PosteriorMethod):
             raise ValueError(f"`trace_weight` must be one of {list(self.TRACE_WEIGHTS)}, got {self.trace_weight!r}")
         self.trace_sigma_min = check_number("trace_sigma_min", self.trace_sigma_min, low=0.0)
         self.eta = check_number("eta", self.eta, low=0.0)
-        _check_int("inner_steps", self.inner_steps, 1)
-        _check_int("num_probes", self.num_probes, 1)
+        check_int("inner_steps", self.inner_steps, 1, numpy_ok=False)
+        check_int("num_probes", self.num_probes, 1, numpy_ok=False)
         self.probe_scale = check_number("probe_scale", self.probe_scale, low=0.0, low_open=True)
         if self.probe_batch is not None:
-            _check_int("probe_batch", self.probe_batch, 1)
+            check_int("probe_batch", self.probe_batch, 1, numpy_ok=False)
 
     def evaluations_per_step(self) -> int:
         """Evaluations per outer step at a level where the trace term is on (``K`` fewer probes' worth below

@@ -14,6 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import guidance as guidance_rules
+from .._checks import check_int
 from ..datasets import to_unit_range
 from ..guidance import GuidanceRule
 from .denoiser import prepare_denoiser
@@ -93,8 +94,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < self.num_classes:
                 raise ValueError(f"class label {c!r} is out of range: this model has classes 0..{self.num_classes - 1}")
             labels.append(int(c))
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
         return labels

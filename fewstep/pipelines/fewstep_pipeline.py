@@ -42,6 +42,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import guidance as guidance_rules
 from .. import samplers
+from .._checks import check_int
 from ..guidance import GuidanceRule
 from ..guidance.static import StaticGuidance
 from ..solvers.schedules import is_flow_config
@@ -635,8 +636,7 @@ class FewstepPipeline:
             self._check_compatible(rule, p.scheduler)
         if output_type not in PIPELINE_OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(PIPELINE_OUTPUT_TYPES)}, got {output_type!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
         bad = [name for name in callback_on_step_end_tensor_inputs if name not in _CALLBACK_TENSORS]
         if bad:
             raise ValueError(

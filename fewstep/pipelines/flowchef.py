@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._checks import check_int
 from ..guidance.operators import MeasurementOperator, make_operator
 from ..guidance.posterior import InverseProblem, first_order_loss
 from ..solvers.flowchef import (
@@ -161,8 +162,7 @@ def _prepare(pipe, num_images, class_labels, generator, latents):
     device = pipe._execution_device
     n_null = pipe.null_class
     if class_labels is None:
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
+        check_int("num_images", num_images, 1, numpy_ok=False)
         labels = torch.full((num_images,), n_null, dtype=torch.long)
     else:
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
@@ -198,8 +198,7 @@ def flowchef_sample(
     _check_flow_scheduler(pipe)
     if isinstance(cost, FlowChefTask):
         cost = cost.cost
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+    check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
     x, labels = _prepare(pipe, num_images, class_labels, generator, latents)
     sched = pipe.scheduler
     sched.set_timesteps(num_inference_steps, device=x.device)
@@ -283,8 +282,7 @@ def flowchef_edit(
         raise ValueError(f"need one source and one target label per source image ({source.shape[0]}), got "
                          f"{src_l.numel()} and {tgt_l.numel()}")
     steps = num_inference_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {steps!r}")
+    check_int("num_inference_steps", steps, 1, numpy_ok=False)
     w = guidance_scale
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
         raise ValueError(f"`guidance_scale` (w) must be a finite number >= 0, got {w!r}")
@@ -359,8 +357,7 @@ def run_task(
 
     if task not in TASKS:
         raise ValueError(f"unknown FlowChef task {task!r}; available: {', '.join(TASKS)}")
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
+    check_int("num_images", num_images, 1, numpy_ok=False)
     if not isinstance(gaussian_fill, bool) or (gaussian_fill and task != "inpaint"):
         raise ValueError(f"`gaussian_fill` (a bool) applies to task 'inpaint' only, got {gaussian_fill!r} for "
                          f"task {task!r}")
@@ -411,8 +408,7 @@ def central_mask(size: int, edit_size: int) -> torch.Tensor:
     """A ``1 x 1 x size x size`` edit mask: 1 on the centred ``edit_size x edit_size`` square (the region that may
     change), 0 on the border that must keep the source."""
     for name, v in (("size", size), ("edit_size", edit_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
+        check_int(name, v, 1, numpy_ok=False)
     if edit_size > size:
         raise ValueError(f"`edit_size` must be <= the image size {size}, got {edit_size}")
     mask = torch.zeros(1, 1, size, size)

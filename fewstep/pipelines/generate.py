@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .. import samplers
+from .._checks import check_int
 from .defaults import DEFAULT_MODELS
 from .swap import swap_sampler
 
@@ -147,10 +148,8 @@ def generate(
     from .class_conditional import ClassConditionalPipeline
     from .mean_reverting import MeanRevertingPipeline
 
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"`num_images` must be an integer >= 1, got {num_images!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
+    check_int("num_images", num_images, 1, numpy_ok=False)
+    check_int("steps", steps, 1, numpy_ok=False)
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"`cuda_graph` must be True or False, got {cuda_graph!r}")
     from .fewstep_pipeline import FewstepPipeline

@@ -15,6 +15,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._checks import check_int
 from ..datasets import to_unit_range
 from ..samplers.mrs import FewstepMRSScheduler
 
@@ -62,8 +63,7 @@ class MeanRevertingPipeline(DiffusionPipeline):
         if tuple(measurement.shape[1:]) != expected:
             raise ValueError(f"`measurement` must have shape [N, {', '.join(map(str, expected))}], "
                              f"got {tuple(measurement.shape)}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
         if output_type not in ("np", "pt"):
             raise ValueError(f"`output_type` must be 'np' or 'pt', got {output_type!r}")
         device, dtype = self._execution_device, self.unet.dtype

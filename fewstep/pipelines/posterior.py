@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .. import guidance as guidance_lib
+from .._checks import check_int
 from ..datasets import held_out_digits
 from ..guidance.operators import MeasurementOperator, make_operator
 from ..guidance.posterior import InverseProblem, PosteriorMethod
@@ -137,8 +138,7 @@ class _Prior:
 
 
 def _grid(prior: _Prior, num_inference_steps: int, strength: float):
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+    check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
     full = max(num_inference_steps, math.ceil(num_inference_steps / strength - 1e-9))
     grid = spacing_grid(prior.schedule, full, timestep_spacing=prior.config.get("timestep_spacing", "leading"),
                         steps_offset=int(prior.config.get("steps_offset", 0) or 0), final_sigmas_type="zero",

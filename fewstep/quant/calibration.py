@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import check_int
+
 __all__ = [
     "CALIBRATION_METHODS",
     "CalibrationSet",
@@ -80,8 +82,7 @@ class CalibrationSet:
 
 
 def _check_steps(steps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
+    check_int("steps", steps, 1, numpy_ok=False)
 
 
 def ndtc_indices(num: int, steps: int, mean: float = NDTC_MEAN, std: float = NDTC_STD,
@@ -91,8 +92,7 @@ def ndtc_indices(num: int, steps: int, mean: float = NDTC_MEAN, std: float = NDT
     ``mean`` must be in ``[0, 0.5]`` (the paper's ``mu <= T/2``), ``std > 0``.
     """
     _check_steps(steps)
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"`num` must be an integer >= 1, got {num!r}")
+    check_int("num", num, 1, numpy_ok=False)
     if not (isinstance(mean, (int, float)) and 0 <= mean <= 0.5):
         raise ValueError(f"`mean` (fraction of the steps) must be in [0, 0.5] (NDTC: mu <= T/2), got {mean!r}")
     if not (isinstance(std, (int, float)) and math.isfinite(std) and std > 0):
@@ -229,10 +229,8 @@ def build_calibration_set(
     """
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"`method` must be one of {list(CALIBRATION_METHODS)}, got {method!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+    check_int("num_samples", num_samples, 1, numpy_ok=False)
+    check_int("batch_size", batch_size, 1, numpy_ok=False)
     _check_steps(steps)
     generator = torch.Generator().manual_seed(seed)
     if method == "ndtc":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._checks import check_int
 from .modules import MODES, QuantLayer, quant_layers
 
 __all__ = ["LayerTiming", "time_layer", "capture_layer_inputs", "choose_modes"]
@@ -40,8 +41,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def time_layer(layer: QuantLayer, x: torch.Tensor, mode: str, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall-clock seconds of ``layer(x)`` in ``mode`` (device-synchronised); the layer's mode is restored."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"`repeats` must be an integer >= 1, got {repeats!r}")
+    check_int("repeats", repeats, 1, numpy_ok=False)
     previous = layer.mode
     layer.set_mode(mode)
     try:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .._checks import check_int
 from .calibration import CalibrationSet, progress_bar
 from .modules import MODES, QuantLayer
 from .quantizers import FORMATS, METRICS, Histogram, act_qparams_from_range, search_act_range, weight_qparams
@@ -75,8 +76,7 @@ class QuantConfig:
             raise ValueError(f"`mode` must be one of {list(MODES)}, got {self.mode!r}")
         for name in ("act_grid", "weight_grid", "batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
+            check_int(name, v, 1, numpy_ok=False)
         if isinstance(self.exclude, str) or not all(isinstance(pat, str) for pat in self.exclude):
             raise ValueError(f"`exclude` must be a list of fnmatch patterns (strings), got {self.exclude!r}")
         self.exclude = list(self.exclude)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import check_int
+
 __all__ = [
     "METRICS",
     "FORMATS",
@@ -101,8 +103,7 @@ def weight_qparams(
     """
     _check_metric(metric, p)
     _check_format(fmt)
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"`grid` must be an integer >= 1, got {grid!r}")
+    check_int("grid", grid, 1, numpy_ok=False)
     w = weight.detach().reshape(weight.shape[0], -1).float()
     amax = w.abs().amax(1).clamp_min(1e-12)
     qmax = _W_QMAX if fmt == "int8" else FP8_MAX
@@ -185,8 +186,7 @@ class Histogram:
     """Fixed-range value histogram accumulated over calibration batches (range from a min/max pass)."""
 
     def __init__(self, lo: float, hi: float, bins: int = 2048):
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 16:
-            raise ValueError(f"`bins` must be an integer >= 16, got {bins!r}")
+        check_int("bins", bins, 16, numpy_ok=False)
         lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo:
             raise ValueError(f"histogram range must be finite with lo <= hi, got [{lo}, {hi}]")
@@ -320,8 +320,7 @@ def search_act_range(
     """
     _check_metric(metric, p)
     _check_format(fmt)
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"`grid` must be an integer >= 1, got {grid!r}")
+    check_int("grid", grid, 1, numpy_ok=False)
     if hist.counts.sum() <= 0:
         raise ValueError("the activation histogram is empty: the calibration set never reached this layer")
     if metric == "kl":

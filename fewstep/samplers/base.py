@@ -18,6 +18,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._checks import check_int
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan
 from ..solvers.momentum import MomentumStep
@@ -106,8 +107,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start at this step (img2img pipelines call it after ``set_timesteps``); checked when stepping."""
-        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
-            raise ValueError(f"`begin_index` must be an integer >= 0, got {begin_index!r}")
+        check_int("begin_index", begin_index, 0, numpy_ok=False)
         self._begin_index = begin_index
 
     def __len__(self) -> int:

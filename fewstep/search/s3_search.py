@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .._checks import check_int
 from ..solvers import grids
 from ..solvers.ems import EMS
 from ..solvers.engine import StepDecision
@@ -55,8 +56,7 @@ class SearchSpace:
     ems: EMS | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 2:
-            raise ValueError(f"`nfe` must be an integer >= 2, got {self.nfe!r}")
+        check_int("nfe", self.nfe, 2, numpy_ok=False)
         if self.ems is not None and not isinstance(self.ems, EMS):
             raise ValueError(f"`ems` must be fewstep.solvers.ems.EMS tables or None, got {type(self.ems).__name__}")
         if self.ems is not None and self.nfe > self.ems.num_points - 1:
@@ -351,8 +351,7 @@ def search(
     """
     from sklearn.ensemble import ExtraTreesRegressor
 
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"`budget` must be an integer >= 1, got {budget!r}")
+    check_int("budget", budget, 1, numpy_ok=False)
     rng = np.random.default_rng(seed)
     evaluated: list[tuple[SolverSchedule, float]] = []
     state = Path(state_path) if state_path is not None else None

@@ -33,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from scipy import linalg
 
+from .._checks import check_int
+
 __all__ = [
     "RatioEntry",
     "CPRModel",
@@ -63,8 +65,7 @@ class RatioEntry:
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.nfe, bool) or not isinstance(self.nfe, (int, np.integer)) or self.nfe < 1:
-            raise ValueError(f"`nfe` must be an integer >= 1, got {self.nfe!r}")
+        check_int("nfe", self.nfe, 1)
         self.nfe = int(self.nfe)
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
             raise ValueError(f"`guidance_scale` must be a finite number, got {self.guidance_scale!r}")
@@ -212,8 +213,7 @@ class CPRModel:
 
         Outside the fitted range a ``UserWarning`` says by how much (CPR extrapolates polynomially).
         """
-        if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
-            raise ValueError(f"`nfe` must be an integer >= 1, got {nfe!r}")
+        check_int("nfe", nfe, 1)
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
         if warn:

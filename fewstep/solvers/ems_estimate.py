@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._checks import check_int
 from .ems import EMS
 from .parameterization import normalize_prediction_type, to_pair
 from .schedules import FlowSchedule, NoiseSchedule, VPSchedule
@@ -55,8 +56,7 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def ems_lambdas(schedule: NoiseSchedule, num_intervals: int, t_start: float | None = None,
                 t_end: float | None = None) -> np.ndarray:
     """``num_intervals + 1`` values uniform in ``lambda`` from ``lambda(t_start)`` (noisiest) to ``lambda(t_end)``."""
-    if isinstance(num_intervals, bool) or not isinstance(num_intervals, int) or num_intervals < 2:
-        raise ValueError(f"`num_intervals` must be an integer >= 2, got {num_intervals!r}")
+    check_int("num_intervals", num_intervals, 2, numpy_ok=False)
     if isinstance(schedule, FlowSchedule):
         T = schedule.num_train_timesteps
         lo_t, hi_t = 1.0, T - 1.0  # s = 0 and s = 1 have infinite lambda
@@ -181,12 +181,6 @@ class forward_ad_safe:  # noqa: N801 - used as a context manager
         self.handles.clear()
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-    return value
-
-
 #: ``eps_fn(x, lambda_base, dlambda) -> eps``: the noise prediction at ``lambda_base + dlambda`` (``dlambda`` a
 #: 0-d tensor carrying the forward-mode tangent of ``lambda``; ``lambda_base`` a Python float).
 EpsFn = Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]
@@ -248,8 +242,8 @@ def estimate_ems(
     device to compute on. ``checkpoint``: a file updated after every grid point; an existing one made with the
     same settings is resumed. Memory: one batch of JVPs plus ``9 x (N + 1) x sample`` float64 sums.
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("probes", probes)
+    check_int("batch_size", batch_size, 1, numpy_ok=False)
+    check_int("probes", probes, 1, numpy_ok=False)
     if time_derivative not in TIME_DERIVATIVES:
         raise ValueError(f"`time_derivative` must be one of {list(TIME_DERIVATIVES)}, got {time_derivative!r}")
     if not isinstance(data, torch.Tensor) or data.ndim < 2 or data.shape[0] < 2:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._checks import check_int, check_number
 from .engine import EngineState, Evaluation
 
 __all__ = [
@@ -226,9 +227,8 @@ class GaussianFill:
             raise ValueError("`observed` must be a 0/1 (or boolean) mask")
         if obs.numel() != d:
             raise ValueError(f"`observed` has {obs.numel()} elements but `covariance` is over D = {d} pixels")
-        for name, value in (("ridge", ridge), ("scale", scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
+        check_number("ridge", ridge, 0)
+        check_number("scale", scale, 0)
         obs = obs.reshape(-1).bool()
         o, h = obs.nonzero().squeeze(1), (~obs).nonzero().squeeze(1)
         if o.numel() == 0 or h.numel() == 0:
@@ -297,8 +297,7 @@ class EditCost:
     """
 
     def __init__(self, source: torch.Tensor, mask: torch.Tensor, source_steps: int, scale: float = 1.0):
-        if isinstance(source_steps, bool) or not isinstance(source_steps, int) or source_steps < 0:
-            raise ValueError(f"`source_steps` must be an integer >= 0, got {source_steps!r}")
+        check_int("source_steps", source_steps, 0, numpy_ok=False)
         mask = torch.as_tensor(mask, dtype=source.dtype)
         if mask.min() < 0 or mask.max() > 1:
             raise ValueError("`mask` must lie in [0, 1] (1 = region to edit)")

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_int
+
 __all__ = [
     "BETA_SCHEDULES",
     "NoiseSchedule",
@@ -329,8 +331,7 @@ def mean_reverting_alphas_cumprod(num_steps: int = 100, a_end: float = 0.005, of
     to ``z`` (Li et al. 2025, sec. 3). ``theta_i = 1 - abar_cos(i + 1)`` from the improved-DDPM cosine over
     ``num_steps + 2`` points, scaled so that ``a_T = a_end``; returns ``a_i^2`` for ``i = 0..num_steps``.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-        raise ValueError(f"`num_steps` must be an integer >= 2, got {num_steps!r}")
+    check_int("num_steps", num_steps, 2, numpy_ok=False)
     if not 0 < a_end < 1:
         raise ValueError(f"`a_end` must lie in (0, 1), got {a_end!r}")
     grid = np.arange(num_steps + 2, dtype=np.float64) / (num_steps + 1)

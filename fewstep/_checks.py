@@ -1,0 +1,65 @@
+"""Shared argument validation: integer and real-number checks with uniform error messages."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["check_int", "check_number"]
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}]"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f" <= {high}"
+    return ""
+
+
+def check_int(name: str, value: Any, low: int | None = 1, high: int | None = None, *, numpy_ok: bool = True) -> int:
+    """Return ``int(value)`` if ``value`` is an integer in ``[low, high]`` (bounds inclusive, ``None``: unbounded).
+
+    Bools are rejected; numpy integers are accepted only when ``numpy_ok``. Raises ``ValueError`` naming ``name``,
+    the allowed range and ``value`` otherwise.
+    """
+    types: tuple[type, ...] = (int, np.integer) if numpy_ok else (int,)
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, types)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
+        raise ValueError(f"`{name}` must be an integer{_range_text(low, high)}, got {value!r}")
+    return int(value)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """Return ``float(value)`` if ``value`` is a real number (int, float or numpy floating/integer; not bool) in range.
+
+    ``low`` is inclusive unless ``low_open``; ``high`` is inclusive. NaN is always rejected, infinities unless
+    ``finite=False``. Raises ``ValueError`` naming ``name``, the allowed range and ``value`` otherwise.
+    """
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+    if ok:
+        v = float(value)
+        ok = not math.isnan(v) and (not finite or math.isfinite(v))
+        if ok and low is not None:
+            ok = v > low if low_open else v >= low
+        if ok and high is not None:
+            ok = v <= high
+    if not ok:
+        kind = "a finite number" if finite else "a number"
+        raise ValueError(f"`{name}` must be {kind}{_range_text(low, high, low_open)}, got {value!r}")
+    return float(value)
