@@ -164,8 +164,7 @@ class BoxInpainting(Inpainting):
         top = (size - box) // 2 if top is None else top
         left = (size - box) // 2 if left is None else left
         for arg, value in (("top", top), ("left", left)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= size - box:
-                raise ValueError(f"`{arg}` must be an integer in [0, {size - box}], got {value!r}")
+            check_int(arg, value, 0, size - box, numpy_ok=False)
         mask = torch.ones(1, 1, size, size)
         mask[..., top:top + box, left:left + box] = 0
         super().__init__(mask, noise_std)

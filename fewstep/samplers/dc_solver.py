@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from diffusers.configuration_utils import register_to_config
 
+from .._checks import check_int
 from ..solvers.dc import DC_VARIABLES, DynamicCompensation, check_ratios, compile_dc, compile_dc_plan
 from ..solvers.dc_artifacts import CPRModel, load_cpr, load_ratios
 from ..solvers.engine import EngineState
@@ -138,8 +139,7 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             self.register_to_config(solver_type="bh2")
         elif dc_base == "dpm-solver++" and solver_type not in DPM_SOLVER_TYPES:
             self.register_to_config(solver_type="midpoint")
-        if isinstance(dc_order, bool) or not isinstance(dc_order, int) or not 1 <= dc_order <= 3:
-            raise ValueError(f"`dc_order` must be an integer in [1, 3], got {dc_order!r}")
+        check_int("dc_order", dc_order, 1, 3, numpy_ok=False)
         if dc_variable not in DC_VARIABLES:
             raise ValueError(f"`dc_variable` must be one of {list(DC_VARIABLES)}, got {dc_variable!r}")
         given = [

@@ -6,6 +6,7 @@ from typing import Literal
 
 from diffusers.configuration_utils import register_to_config
 
+from .._checks import check_int
 from ..solvers import grids
 from ..solvers.engine import StepDecision
 from ..solvers.methods import (
@@ -39,8 +40,7 @@ class _MomentumMixin:
                 )
             return k, beta
         order = cfg.solver_order
-        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= max_order:
-            raise ValueError(f"`solver_order` must be an integer in [1, {max_order}], got {order!r}")
+        check_int("solver_order", order, 1, max_order, numpy_ok=False)
         return order, check_beta(cfg.beta)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .._checks import check_int
 from .engine import StepDecision
 
 __all__ = [
@@ -38,8 +39,7 @@ UNIPC_TYPES = ("bh1", "bh2")
 
 
 def _check_order(order: int, upper: int) -> int:
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= upper:
-        raise ValueError(f"`solver_order` must be an integer in [1, {upper}], got {order!r}")
+    check_int("solver_order", order, 1, upper, numpy_ok=False)
     return order
 
 

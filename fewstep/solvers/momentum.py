@@ -32,6 +32,7 @@ from fractions import Fraction
 
 import torch
 
+from .._checks import check_int
 from .grids import TimeGrid
 
 __all__ = [
@@ -72,8 +73,7 @@ _GHVB = {
 
 
 def _check_order(order: int, name: str = "order", upper: int = MAX_ORDER) -> int:
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= upper:
-        raise ValueError(f"`{name}` must be an integer in [1, {upper}], got {order!r}")
+    check_int(name, order, 1, upper, numpy_ok=False)
     return order
 
 
