@@ -213,7 +213,7 @@ class GaussianFill:
     guess (the model's own velocities refine the hole in later steps). ``covariance``: ``[D, D]`` over a
     flattened image (``D = C*H*W``, e.g. ``torch.cov`` of training images in the model's range; only practical
     for small pixel-space images); ``observed``: 1/True where the measurement sees a pixel, any shape with ``D``
-    elements or broadcastable to one image. An extension of ours, not in the FlowChef paper; measured in the
+    elements (one mask for the whole batch). An extension of ours, not in the FlowChef paper; measured in the
     README (box inpainting on ``digits-flow``).
     """
 
