@@ -11,12 +11,15 @@ __all__ = ["check_int", "check_number"]
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
+    def show(v: float) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
     if low is not None and high is not None:
-        return f" in {'(' if low_open else '['}{low}, {high}]"
+        return f" in {'(' if low_open else '['}{show(low)}, {show(high)}]"
     if low is not None:
-        return f" {'>' if low_open else '>='} {low}"
+        return f" {'>' if low_open else '>='} {show(low)}"
     if high is not None:
-        return f" <= {high}"
+        return f" <= {show(high)}"
     return ""
 
 
@@ -45,11 +48,13 @@ def check_number(
     *,
     low_open: bool = False,
     finite: bool = True,
+    allowed: str | None = None,
 ) -> float:
     """Return ``float(value)`` if ``value`` is a real number (int, float or numpy floating/integer; not bool) in range.
 
     ``low`` is inclusive unless ``low_open``; ``high`` is inclusive. NaN is always rejected, infinities unless
-    ``finite=False``. Raises ``ValueError`` naming ``name``, the allowed range and ``value`` otherwise.
+    ``finite=False``. Raises ``ValueError`` naming ``name``, the allowed range (``allowed``, when given, replaces
+    the text derived from the bounds, e.g. ``"(-1, 1)"`` for a bound the flags cannot say) and ``value`` otherwise.
     """
     ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
     if ok:
@@ -61,5 +66,6 @@ def check_number(
             ok = v <= high
     if not ok:
         kind = "a finite number" if finite else "a number"
-        raise ValueError(f"`{name}` must be {kind}{_range_text(low, high, low_open)}, got {value!r}")
+        text = f" in {allowed}" if allowed is not None else _range_text(low, high, low_open)
+        raise ValueError(f"`{name}` must be {kind}{text}, got {value!r}")
     return float(value)

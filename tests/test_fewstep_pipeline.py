@@ -147,7 +147,7 @@ def test_bad_input(sd):
     with pytest.raises(ValueError, match=r"guidance 'cfg\+\+' needs a fewstep scheduler .* got PNDMScheduler"):
         FewstepPipeline.from_pipe(sd, guidance="cfg++")
     fp = FewstepPipeline.from_pipe(sd, scheduler="ddim")
-    with pytest.raises(ValueError, match=r"`guidance_scale` must be in \[0, 1\] for CFG\+\+.*got 3"):
+    with pytest.raises(ValueError, match=r"`guidance_scale` must be a finite number in \[0, 1\] for CFG\+\+.*got 3"):
         fp("x", guidance="cfg++", guidance_scale=3)
     with pytest.raises(ValueError, match=r"`output_type` must be one of \['pil', 'np', 'pt', 'latent'\]"):
         fp("x", output_type="jpg")

@@ -79,7 +79,8 @@ def test_default_is_cfg_and_rule_objects_are_hosted(unet):
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"guidance": "cfg++", "guidance_scale": 1.5}, ValueError, r"`guidance_scale` must be in \[0, 1\] for CFG\+\+"),
+        ({"guidance": "cfg++", "guidance_scale": 1.5}, ValueError,
+         r"`guidance_scale` must be a finite number in \[0, 1\] for CFG\+\+"),
         ({"guidance": "pag"}, ValueError, r"unknown guidance rule 'pag'; available: cfg, cfg\+\+, apg"),
         ({"guidance": guidance.CFG(2.0), "guidance_scale": 3.0}, ValueError, r"`guidance_scale`=3.0 given together"),
         ({"guidance": 3}, TypeError, r"`guidance` must be a rule name .* or a GuidanceRule, got int"),
@@ -109,7 +110,7 @@ def test_cli_generate_with_guidance(unet, tmp_path, capsys):
     assert "x2 (cfg++)" in capsys.readouterr().out
     out.unlink()
     assert main([*args, "--guidance", "cfg++", "--guidance-scale", "2"]) == 2
-    assert "`guidance_scale` must be in [0, 1] for CFG++" in capsys.readouterr().err
+    assert "`guidance_scale` must be a finite number in [0, 1] for CFG++" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main([*args, "--guidance", "pag"])
     assert exc.value.code == 2 and not out.exists()

@@ -114,9 +114,9 @@ def test_guider_config_round_trip_and_bad_input(tmp_path):
     loaded = APGGuider.from_pretrained(tmp_path)
     assert loaded.rule.config() == guider.rule.config()
     assert guider.new(eta=0.5).rule.guidance_scale == 4.0
-    with pytest.raises(ValueError, match=r"`norm_threshold` must be in \(0, inf\].*got 0"):
+    with pytest.raises(ValueError, match=r"`norm_threshold` must be a finite number in \(0, inf\].*got 0"):
         APGGuider(norm_threshold=0)
-    with pytest.raises(ValueError, match=r"`guidance_scale` must be in \[0, 1\] for CFG\+\+.*got 3"):
+    with pytest.raises(ValueError, match=r"`guidance_scale` must be a finite number in \[0, 1\] for CFG\+\+.*got 3"):
         CFGPlusPlusGuider(guidance_scale=3)
     g = CFGPlusPlusGuider(guidance_scale=0.5)
     g.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999))

@@ -230,7 +230,8 @@ def test_registry_and_validation():
     assert STSL().evaluations_per_step() == 5 * 2 and STSL(eta=0).evaluations_per_step() == 5
     assert STSL(reuse_eval=False).evaluations_per_step() == 5 * 2 + 1
     assert PSLD().gluing == 0.1 and DPS().gluing == 0.0 and STSL().gluing == 0.0
-    for kwargs, match in [({"eta": -0.1}, "`eta` must be in"), ({"inner_steps": 0}, "`inner_steps` must be an integer"),
+    for kwargs, match in [({"eta": -0.1}, "`eta` must be a finite number >= 0"),
+                          ({"inner_steps": 0}, "`inner_steps` must be an integer"),
                           ({"inner_steps": True}, "`inner_steps` must be an integer"),
                           ({"num_probes": 1.5}, "`num_probes`"), ({"probe_scale": 0.0}, "`probe_scale`"),
                           ({"strength": 0.0}, "`strength`"), ({"init": "zeros"}, "`init` must be one of"),
@@ -323,7 +324,7 @@ def test_cli_posterior(tmp_path, capsys):
         (["--task", "sr", "--posterior", "dps", "--stsl-eta", "0.1"], "--stsl-eta apply to --posterior stsl"),
         (["--posterior", "dps"], "need --task"),
         (["--task", "classifier", "--posterior", "stsl"], "not an inverse problem"),
-        (["--task", "sr", "--strength", "1.5"], "`strength` must be in"),
+        (["--task", "sr", "--strength", "1.5"], "`strength` must be a finite number in (0, 1]"),
         (["--task", "sr", "--measurement", "missing.png"], "no such file"),
     ]
     for args, match in bad:

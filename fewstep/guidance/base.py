@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 
 __all__ = ["Pair", "StepState", "GuidanceRule", "check_number"]
 
@@ -45,30 +45,6 @@ class StepState:
             raise ValueError(f"`alpha` must be a finite number >= 0, got {self.alpha!r}")
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"`sigma` must be a finite number > 0, got {self.sigma!r}")
-
-
-def check_number(
-    name: str,
-    value: object,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    allowed: str | None = None,
-) -> float:
-    """``float(value)`` if it is a finite real number in the range, else a ``ValueError`` naming it."""
-    bounds = allowed or (
-        ("(" if low_open else "[")
-        + ("-inf" if low is None else f"{low:g}")
-        + ", "
-        + ("inf" if high is None else f"{high:g}")
-        + "]"
-    )
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number in {bounds}, got {value!r}")
-    v = float(value)
-    if (low is not None and (v < low or (low_open and v == low))) or (high is not None and v > high):
-        raise ValueError(f"`{name}` must be in {bounds}, got {value!r}")
-    return v
 
 
 def _check_pair(name: str, pair: object) -> Pair:

@@ -212,7 +212,7 @@ class APG(GuidanceRule):
         self.norm_threshold = norm_threshold
         self.momentum = check_number("momentum", momentum, -1.0, 1.0, allowed="(-1, 1)")
         if abs(self.momentum) == 1.0:
-            raise ValueError(f"`momentum` must be in (-1, 1), got {momentum!r}")
+            raise ValueError(f"`momentum` must be a finite number in (-1, 1), got {momentum!r}")
         if space not in self.SPACES:
             raise ValueError(f"`space` must be one of {list(self.SPACES)}, got {space!r}")
         self.space = space
