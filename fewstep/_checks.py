@@ -23,11 +23,17 @@ def _range_text(low: float | None, high: float | None, low_open: bool = False) -
     return ""
 
 
-def check_int(name: str, value: Any, low: int | None = 1, high: int | None = None, *, numpy_ok: bool = True) -> int:
+def _label(name: str, what: str | None) -> str:
+    return f"`{name}`" + (f" ({what})" if what else "")
+
+
+def check_int(name: str, value: Any, low: int | None = 1, high: int | None = None, *, numpy_ok: bool = True,
+              what: str | None = None) -> int:
     """Return ``int(value)`` if ``value`` is an integer in ``[low, high]`` (bounds inclusive, ``None``: unbounded).
 
-    Bools are rejected; numpy integers are accepted only when ``numpy_ok``. Raises ``ValueError`` naming ``name``,
-    the allowed range and ``value`` otherwise.
+    Bools are rejected; numpy integers are accepted only when ``numpy_ok``. Raises ``ValueError`` naming ``name``
+    (followed by ``what`` in parentheses when given, e.g. the paper's symbol), the allowed range and ``value``
+    otherwise.
     """
     types: tuple[type, ...] = (int, np.integer) if numpy_ok else (int,)
     if (
@@ -36,7 +42,7 @@ def check_int(name: str, value: Any, low: int | None = 1, high: int | None = Non
         or (low is not None and value < low)
         or (high is not None and value > high)
     ):
-        raise ValueError(f"`{name}` must be an integer{_range_text(low, high)}, got {value!r}")
+        raise ValueError(f"{_label(name, what)} must be an integer{_range_text(low, high)}, got {value!r}")
     return int(value)
 
 
@@ -49,12 +55,14 @@ def check_number(
     low_open: bool = False,
     finite: bool = True,
     allowed: str | None = None,
+    what: str | None = None,
 ) -> float:
     """Return ``float(value)`` if ``value`` is a real number (int, float or numpy floating/integer; not bool) in range.
 
     ``low`` is inclusive unless ``low_open``; ``high`` is inclusive. NaN is always rejected, infinities unless
     ``finite=False``. Raises ``ValueError`` naming ``name``, the allowed range (``allowed``, when given, replaces
-    the text derived from the bounds, e.g. ``"(-1, 1)"`` for a bound the flags cannot say) and ``value`` otherwise.
+    the text derived from the bounds, e.g. ``"(-1, 1)"`` for a bound the flags cannot say) and ``value`` otherwise;
+    ``what`` as in :func:`check_int`.
     """
     ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
     if ok:
@@ -67,5 +75,5 @@ def check_number(
     if not ok:
         kind = "a finite number" if finite else "a number"
         text = f" in {allowed}" if allowed is not None else _range_text(low, high, low_open)
-        raise ValueError(f"`{name}` must be {kind}{text}, got {value!r}")
+        raise ValueError(f"{_label(name, what)} must be {kind}{text}, got {value!r}")
     return float(value)

@@ -79,3 +79,14 @@ def test_check_number_bounds_and_messages():
         check_number("x", math.nan, finite=False)
     with pytest.raises(ValueError, match=r"`x` must be a finite number, got inf"):
         check_number("x", math.inf)
+
+
+def test_what_and_allowed_extend_the_message():
+    with pytest.raises(ValueError, match=r"^`inner_steps` \(M\) must be an integer >= 1, got 0$"):
+        check_int("inner_steps", 0, 1, what="M")
+    with pytest.raises(ValueError, match=r"^`step_size` \(eta\) must be a finite number >= 0, got -1$"):
+        check_number("step_size", -1, 0, what="eta")
+    with pytest.raises(ValueError, match=r"^`momentum` must be a finite number in \(-1, 1\), got 2$"):
+        check_number("momentum", 2, -1.0, 1.0, allowed="(-1, 1)")
+    with pytest.raises(ValueError, match=r"^`r` must be a finite number in \[0\.5, 2\], got 3$"):
+        check_number("r", 3, 0.5, 2.0)  # float bounds print compactly

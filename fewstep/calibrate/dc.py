@@ -291,8 +291,7 @@ def digits_datapoints(
     num: int = 10, seed: int = 0, num_classes: int = 10, size: int = 16, channels: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` seeded datapoints: class labels cycling ``0..num_classes-1`` and per-sample noise (seed + k)."""
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"`num` (datapoints) must be an integer >= 1, got {num!r}")
+    check_int("num", num, 1, numpy_ok=False, what="datapoints")
     labels = torch.tensor([k % num_classes for k in range(num)])
     noise = torch.stack(
         [torch.randn(channels, size, size, generator=torch.Generator().manual_seed(seed + k)) for k in range(num)]

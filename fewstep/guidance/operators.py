@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 
 __all__ = [
     "MeasurementOperator",
@@ -47,10 +47,7 @@ __all__ = [
 
 
 def _check_noise(noise_std: float) -> float:
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) \
-            or noise_std < 0:
-        raise ValueError(f"`noise_std` must be a finite number >= 0, got {noise_std!r}")
-    return float(noise_std)
+    return check_number("noise_std", noise_std, 0)
 
 
 class MeasurementOperator:

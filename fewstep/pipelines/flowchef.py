@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from ..guidance.operators import MeasurementOperator, make_operator
 from ..guidance.posterior import InverseProblem, first_order_loss
 from ..solvers.flowchef import (
@@ -284,8 +284,7 @@ def flowchef_edit(
     steps = num_inference_steps
     check_int("num_inference_steps", steps, 1, numpy_ok=False)
     w = guidance_scale
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
-        raise ValueError(f"`guidance_scale` (w) must be a finite number >= 0, got {w!r}")
+    check_number("guidance_scale", w, 0, what="w")
     x, labels = _prepare(pipe, None, tgt_l, generator, latents)
     cost = EditCost(source.to(x), mask.to(x), source_steps)
     sched = pipe.scheduler

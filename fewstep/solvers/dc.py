@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import check_int
 from .engine import EngineState, Evaluation, Plan, StepDecision, compile_plan
 from .grids import TimeGrid
 
@@ -100,8 +101,7 @@ def interpolation_values(grid: TimeGrid, variable: str = "t") -> np.ndarray:
 def normalized_nodes(values: Sequence[float], i: int, order: int) -> list[float]:
     """Nodes ``u_k = (v_{i-k} - v_{i-1}) / (v_i - v_{i-1})`` for ``k = 0..order`` (``u_0 = 1``, ``u_1 = 0`` exactly)."""
     v = np.asarray(values, dtype=np.float64)
-    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
-        raise ValueError(f"`order` (the DC interpolation order K) must be an integer >= 1, got {order!r}")
+    check_int("order", order, 1, what="the DC interpolation order K")
     if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < v.size:
         raise ValueError(f"`i` must be a step index in [0, {v.size - 1}], got {i!r}")
     if i < order:
@@ -185,8 +185,7 @@ def compile_dc(plan: Plan, ratios: Sequence[float], order: int = 2, variable: st
 
 def compile_dc_plan(grid: TimeGrid, decisions: Sequence[StepDecision], order: int = 2) -> Plan:
     """``compile_plan`` with a buffer large enough for ``K+1`` interpolation points."""
-    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not 1 <= order <= 3:
-        raise ValueError(f"`order` (the DC interpolation order K) must be an integer in [1, 3], got {order!r}")
+    check_int("order", order, 1, 3, what="the DC interpolation order K")
     plan = compile_plan(grid, decisions)
     if plan.buffer_size < order + 1:
         plan = compile_plan(grid, decisions, extra_buffer=order + 1 - plan.buffer_size)

@@ -30,7 +30,6 @@ Nothing here imports diffusers; costs are plain callables ``cost(x0_hat) -> [N]`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,11 +82,9 @@ class FlowChefConfig:
 
     def __post_init__(self) -> None:
         eta = self.step_size
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"`step_size` (eta) must be a finite number >= 0, got {eta!r}")
+        check_number("step_size", eta, 0, what="eta")
         m = self.inner_steps
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise ValueError(f"`inner_steps` (M) must be an integer >= 1, got {m!r}")
+        check_int("inner_steps", m, 1, what="M")
         k = self.steered_steps
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
             raise ValueError(f"`steered_steps` (K) must be an integer >= 0 or None (all but the last), got {k!r}")

@@ -16,10 +16,10 @@ of the exponential-integrator math, only these conversions:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
+
+from .._checks import check_number
 
 __all__ = [
     "MR_PREDICTIONS",
@@ -36,9 +36,7 @@ MR_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 def check_stationary_std(lam: float, name: str = "stationary_std") -> float:
     """The MR-SDE's stationary std ``lam`` (IR-SDE: 50/255 for 8-bit images in [0, 1]) must be > 0."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
-        raise ValueError(f"`{name}` (the MR-SDE's stationary std lambda) must be a finite number > 0, got {lam!r}")
-    return float(lam)
+    return check_number(name, lam, 0, low_open=True, what="the MR-SDE's stationary std lambda")
 
 
 def check_measurement(mu: torch.Tensor | None, sample: torch.Tensor, name: str = "mu") -> torch.Tensor:
