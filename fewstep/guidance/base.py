@@ -18,9 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from .._checks import check_int, check_number
+from .._checks import check_int
 
-__all__ = ["Pair", "StepState", "GuidanceRule", "check_number"]
+__all__ = ["Pair", "StepState", "GuidanceRule"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 

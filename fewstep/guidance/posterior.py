@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import check_number
+from .._checks import check_number
 from .operators import MeasurementOperator
 
 __all__ = [

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import GuidanceRule, Pair, StepState, check_number
+from .._checks import check_number
+from .base import GuidanceRule, Pair, StepState
 
 __all__ = [
     "CFG",

@@ -55,8 +55,7 @@ from typing import ClassVar
 
 import torch
 
-from .._checks import check_int
-from .base import check_number
+from .._checks import check_int, check_number
 from .posterior import (
     PosteriorMethod,
     PosteriorResult,
