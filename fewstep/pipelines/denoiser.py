@@ -61,9 +61,8 @@ def check_compile(compile: bool | str | Mapping[str, Any] | None) -> dict | None
 def _load_quantized(model: torch.nn.Module, quantized: Any, quant_mode: str | None) -> torch.nn.Module:
     from .. import quant
 
-    allowed = list(quant.MODES) + [quant.AUTO_MODE]
-    if quant_mode is not None and quant_mode not in allowed:
-        raise ValueError(f"`quant_mode` must be one of {allowed}, got {quant_mode!r}")
+    if quant_mode is not None and quant_mode not in quant.SETTABLE_MODES:
+        raise ValueError(f"`quant_mode` must be one of {list(quant.SETTABLE_MODES)}, got {quant_mode!r}")
     if isinstance(quantized, (str, os.PathLike)):
         path = Path(quantized)
         if not path.is_dir():

@@ -20,7 +20,7 @@ from .calibration import (
     uniform_indices,
 )
 from .kernels import fp8_supported
-from .modules import AUTO_MODE, MODES, QuantLayer, quant_layers, set_mode
+from .modules import AUTO_MODE, MODES, SETTABLE_MODES, QuantLayer, quant_layers, set_mode
 from .policy import LayerTiming, choose_modes, time_layer
 from .quantize import BOUNDARY_LAYERS, QuantConfig, find_skip_splits, quantizable_layers, quantize
 from .quantizers import FORMATS, METRICS, ActQParams, Histogram, search_act_range, weight_qparams
@@ -29,7 +29,8 @@ __all__ = [
     "BOUNDARY_LAYERS",
     "CALIBRATION_METHODS", "CalibrationSet", "build_calibration_set", "ndtc_indices", "uniform_indices",
     "record_denoiser_inputs", "QuantConfig", "quantize", "quantizable_layers", "find_skip_splits",
-    "QuantLayer", "MODES", "AUTO_MODE", "quant_layers", "set_mode", "LayerTiming", "choose_modes", "time_layer",
+    "QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "quant_layers", "set_mode", "LayerTiming",
+    "choose_modes", "time_layer",
     "save_quantized", "load_quantized", "read_metadata", "model_fingerprint", "fp8_supported",
     "FORMATS", "METRICS", "ActQParams", "Histogram", "search_act_range", "weight_qparams",
 ]

@@ -26,11 +26,13 @@ from torch import nn
 from .kernels import FP8_UNAVAILABLE, fp8_mm, fp8_supported, im2col, im2col_int8, int8_mm
 from .quantizers import ActQParams, fake_quant_act, quantize_act, quantize_weight
 
-__all__ = ["QuantLayer", "MODES", "AUTO_MODE", "quant_layers", "set_mode"]
+__all__ = ["QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "quant_layers", "set_mode"]
 
 MODES = ("fake", "int8", "fp8", "dequant")
 #: resolves per layer to its own 8-bit format when the layer and device can run it, else ``"fake"``
 AUTO_MODE = "auto"
+#: what ``set_mode`` accepts: an execution mode or ``"auto"``
+SETTABLE_MODES = (*MODES, AUTO_MODE)
 
 
 class QuantLayer(nn.Module):
@@ -110,7 +112,7 @@ class QuantLayer(nn.Module):
         if mode == AUTO_MODE:
             mode = self.fmt if self.fmt in self.supported_modes() else "fake"
         if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {list(MODES) + [AUTO_MODE]}, got {mode!r}")
+            raise ValueError(f"`mode` must be one of {list(SETTABLE_MODES)}, got {mode!r}")
         if mode == "int8" and self.fmt != "int8":
             raise ValueError(f"`mode` 'int8' needs int8-format parameters; this layer holds {self.fmt!r} "
                              "(use 'fp8', 'fake' or 'dequant')")
