@@ -3,11 +3,14 @@
 per UNet call, with static (calibrated) activation scales. Needs a CUDA GPU (fp8 needs SM >= 8.9).
 
 Part ``layers``: one ``QuantLayer`` per shape from the research notes (SD1.5 / SDXL / Flux Linears, SD-sized
-3x3 convs), every mode it supports, eager and ``torch.compile``-d; the bare GEMMs as well.
+3x3 convs), every mode it supports, eager and ``torch.compile``-d; fp8 convs also on the Triton implicit-GEMM
+kernel (``fewstep.quant.triton_conv``) where triton is installed, with its error against the fake-quant
+reference; the bare GEMMs as well.
 Part ``unet``: SD1.5- and SDXL-shaped ``UNet2DConditionModel`` with random weights (speed only), quantized
 on a random calibration set (every layer, ``exclude=[]``, as the recorded results were measured; the library
-default keeps conv_in / conv_out in bf16), the per-layer policy run at batch 8, then compiled per-call latency at batch
-1, 2, 8, 16 and weight memory, bf16 vs int8 vs fp8, as ratios within one run. Results as JSON.
+default keeps conv_in / conv_out in bf16), the per-layer policy run at batch 2 (fp8 convs: im2col or
+Triton), then compiled per-call latency at batch 1, 2, 8, 16 and weight memory, bf16 vs int8 vs fp8, as
+ratios within one run. Results as JSON.
 
     PYTHONPATH=. python scripts/bench_quant_cuda.py --out scripts/results_quant_cuda.json
 """
@@ -26,6 +29,7 @@ from torch import nn
 
 from fewstep import quant
 from fewstep.quant.quantizers import act_qparams_from_range, weight_qparams
+from fewstep.quant.triton_conv import triton_available
 
 LINEARS = {  # name -> (M tokens, K in, N out)
     "SD1.5-512 ff1": (8192, 320, 2560),
@@ -112,6 +116,14 @@ def bench_layers(device, args) -> list[dict]:
                 fake = q(x)
                 q.set_mode("int8")
                 row["int8_vs_fake_max_rel"] = float((q(x) - fake).abs().max() / fake.abs().max())
+            if fmt == "fp8" and q.kind == "conv2d" and "fp8" in q.supported_modes() and triton_available(device):
+                q.set_mode("fp8").set_conv_kernel("triton")  # the implicit-GEMM kernel: no im2col buffer
+                row["fp8_triton_ms"] = cuda_ms(lambda: q(xb), args.repeats)  # noqa: B023
+                q.set_mode("fake")
+                fake = q(x)
+                q.set_mode("fp8")
+                row["fp8_triton_vs_fake_max_rel"] = float((q(x) - fake).abs().max() / fake.abs().max())
+                q.set_conv_kernel("im2col")
         rows.append(row)
         print(json.dumps(row), flush=True)
     # bare GEMMs (no activation quantization): column-major B for both 8-bit kernels
@@ -173,15 +185,20 @@ def bench_unet(name: str, device, args) -> dict:
         inputs = {k: v.to(device) for k, v in next(cal.batches(2)).items()}
         inputs["sample"] = inputs["sample"].to(torch.bfloat16)
         inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)
-        report = quant.choose_modes(q, inputs, candidates=(fmt, "dequant"),
+        kernels = ("im2col", "triton") if fmt == "fp8" and triton_available(device) else ("im2col",)
+        report = quant.choose_modes(q, inputs, candidates=(fmt, "dequant"), fp8_conv_kernels=kernels,
                                     timer=lambda layer, x, mode: quant.time_layer(layer, x, mode, repeats=10))
-        out[f"{fmt}_policy"] = {m: sum(r.chosen == m for r in report) for m in (fmt, "dequant")}
+        out[f"{fmt}_policy"] = {m: sum(r.chosen == m for r in report) for m in (fmt, f"{fmt}+triton", "dequant")}
         out[f"{fmt}_weight_bytes"] = _weight_bytes(q)
         variants[f"{fmt}"] = q
         all_real = copy.deepcopy(q)  # every layer on the 8-bit kernel where one exists, whatever the timing
         quant.set_mode(all_real, {n: m for n, layer in quant.quant_layers(all_real).items()
                                   for m in [fmt if fmt in layer.supported_modes() else "dequant"]})
         variants[f"{fmt}-all"] = all_real
+        if fmt == "fp8" and triton_available(device):  # and every fp8 conv on the Triton kernel
+            all_triton = copy.deepcopy(all_real)
+            quant.set_conv_kernel(all_triton, "triton")
+            variants["fp8-all-triton"] = all_triton
     for batch in args.batches:
         cfg = unet.config
         x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device, dtype=torch.bfloat16)

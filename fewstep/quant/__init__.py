@@ -5,6 +5,7 @@
 * ``quantize(unet, calibration, QuantConfig(...))`` -- per-channel weight / per-tensor static activation
   scales from an L_p (p = 2.4) range search; Linear/Conv2d swapped for ``QuantLayer``;
 * ``set_mode(model, "fake" | "int8" | "fp8" | "dequant")`` and ``choose_modes`` (the per-layer policy);
+  ``set_conv_kernel(model, "triton")`` runs fp8 convs on the Triton implicit-GEMM kernel (``triton_conv``);
 * ``save_quantized`` / ``load_quantized`` -- safetensors + JSON artifacts, checked against the model.
 
 Depends only on torch and safetensors (calibration drives a pipeline object given to it).
@@ -20,7 +21,16 @@ from .calibration import (
     uniform_indices,
 )
 from .kernels import fp8_supported
-from .modules import AUTO_MODE, MODES, SETTABLE_MODES, QuantLayer, quant_layers, set_mode
+from .modules import (
+    AUTO_MODE,
+    CONV_KERNELS,
+    MODES,
+    SETTABLE_MODES,
+    QuantLayer,
+    quant_layers,
+    set_conv_kernel,
+    set_mode,
+)
 from .policy import LayerTiming, choose_modes, time_layer
 from .quantize import BOUNDARY_LAYERS, QuantConfig, find_skip_splits, quantizable_layers, quantize
 from .quantizers import FORMATS, METRICS, ActQParams, Histogram, search_act_range, weight_qparams
@@ -29,7 +39,8 @@ __all__ = [
     "BOUNDARY_LAYERS",
     "CALIBRATION_METHODS", "CalibrationSet", "build_calibration_set", "ndtc_indices", "uniform_indices",
     "record_denoiser_inputs", "QuantConfig", "quantize", "quantizable_layers", "find_skip_splits",
-    "QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "quant_layers", "set_mode", "LayerTiming",
+    "QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "CONV_KERNELS", "quant_layers", "set_mode",
+    "set_conv_kernel", "LayerTiming",
     "choose_modes", "time_layer",
     "save_quantized", "load_quantized", "read_metadata", "model_fingerprint", "fp8_supported",
     "FORMATS", "METRICS", "ActQParams", "Histogram", "search_act_range", "weight_qparams",

@@ -1,5 +1,6 @@
 """Real 8-bit GEMMs: int8 x int8 -> int32 via ``torch._int_mm`` (CPU and CUDA) and fp8 e4m3 via
-``torch._scaled_mm`` (CUDA, compute capability >= 8.9).
+``torch._scaled_mm`` (CUDA with compute capability >= 8.9, and CPU where the PyTorch build has the
+float8 kernel -- probed once, see ``fp8_supported``).
 
 Static-scale W8A8 linear (per-tensor activation ``(s_x, z)``, per-channel weight ``s_w[n]``)::
 
@@ -14,14 +15,17 @@ which leaves the integer result unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 __all__ = ["int8_mm", "fp8_mm", "fp8_supported", "FP8_UNAVAILABLE", "im2col", "im2col_int8"]
 
 FP8_UNAVAILABLE = (
-    "the fp8 path (torch._scaled_mm) needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); "
-    "use mode='fake' (the fake-quant reference, any device) or mode='dequant' (8-bit storage, float compute)"
+    "the fp8 path (torch._scaled_mm) needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper), or a "
+    "PyTorch build with a CPU float8 _scaled_mm; use mode='fake' (the fake-quant reference, any device) or "
+    "mode='dequant' (8-bit storage, float compute)"
 )
 
 
@@ -46,21 +50,38 @@ def int8_mm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a.contiguous(), b.contiguous().t())[:m, :n]
 
 
-def fp8_supported(device: torch.device | str | None = None) -> bool:
-    """True when ``torch._scaled_mm`` with e4m3 operands can run on ``device`` (CUDA, SM >= 8.9)."""
-    if not torch.cuda.is_available():
+@functools.lru_cache(maxsize=1)
+def _cpu_scaled_mm_works() -> bool:
+    """Whether this PyTorch build's CPU ``_scaled_mm`` multiplies e4m3 operands with row-wise scales correctly
+    (a 16 x 16 probe against the float product; run once per process)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=gen).to(torch.float8_e4m3fn)
+    b = torch.randn(16, 16, generator=gen).to(torch.float8_e4m3fn)
+    sa, sb = torch.full((16, 1), 0.5), torch.full((1, 16), 2.0)
+    try:
+        out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError, TypeError):
         return False
+    return bool(torch.allclose(out, a.float() @ b.float().t(), atol=1e-4))
+
+
+def fp8_supported(device: torch.device | str | None = None) -> bool:
+    """True when ``torch._scaled_mm`` with e4m3 operands can run on ``device``: CUDA with SM >= 8.9, or the
+    CPU when this PyTorch build has the kernel (``device=None`` asks about the default CUDA device)."""
     dev = torch.device(device) if device is not None else torch.device("cuda")
-    if dev.type != "cuda":
+    if dev.type == "cpu":
+        return _cpu_scaled_mm_works()
+    if dev.type != "cuda" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
 def fp8_mm(x: torch.Tensor, x_scale: float, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``(s_x * e4m3(x / s_x)) @ (s_w * W_fp8)^T`` with ``torch._scaled_mm`` (row-wise scales, bf16 out).
+    """``(s_x * e4m3(x / s_x)) @ (s_w * W_fp8)^T`` with ``torch._scaled_mm`` (row-wise scales).
 
     ``x`` (M, K) float, ``w_fp8`` (N, K) float8_e4m3fn, ``w_scale`` (N,) float32. K and N are zero-padded
-    to multiples of 16 (the kernel's layout rule). CUDA with SM >= 8.9 only.
+    to multiples of 16 (cuBLASLt's layout rule). The product of e4m3 values is exact in float32; CUDA's
+    row-wise kernel writes bf16 (the one rounding against the fake-quant reference), the CPU kernel float32.
     """
     if not fp8_supported(x.device):
         raise RuntimeError(FP8_UNAVAILABLE)
@@ -70,8 +91,9 @@ def fp8_mm(x: torch.Tensor, x_scale: float, w_fp8: torch.Tensor, w_scale: torch.
     b = _pad_to(_pad_to(w_fp8.view(torch.uint8), 1, 16), 0, 16).view(torch.float8_e4m3fn)
     scale_a = torch.full((a.shape[0], 1), float(x_scale), device=x.device, dtype=torch.float32)
     scale_b = _pad_to(w_scale.float().reshape(1, -1), 1, 16).to(x.device)
+    out_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
     out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=scale_a, scale_b=scale_b,
-                           out_dtype=torch.bfloat16)
+                           out_dtype=out_dtype)
     return out[:m, :n]
 
 

@@ -7,7 +7,9 @@ Execution modes of one layer (same stored parameters, same numerics up to float 
 
 * ``fake``    -- the reference: quantize-dequantize input and weight in float32, then the float op;
 * ``int8``    -- real integer GEMM (``torch._int_mm``; convs through im2col), int8 format only;
-* ``fp8``     -- real e4m3 GEMM (``torch._scaled_mm``, CUDA SM >= 8.9), fp8 format only;
+* ``fp8``     -- real e4m3 GEMM (``torch._scaled_mm``: CUDA SM >= 8.9, or CPU where the build has it), fp8
+  format only; convs through im2col, or (``set_conv_kernel("triton")``) the Triton implicit-GEMM kernel
+  of ``triton_conv``, which never materialises the patch matrix;
 * ``dequant`` -- 8-bit weight *storage*, dequantized to the input dtype (bf16 on GPU) for a float op;
   the input is still fake-quantized so the numerics are the reference's.
 
@@ -26,13 +28,16 @@ from torch import nn
 from .kernels import FP8_UNAVAILABLE, fp8_mm, fp8_supported, im2col, im2col_int8, int8_mm
 from .quantizers import ActQParams, fake_quant_act, quantize_act, quantize_weight
 
-__all__ = ["QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "quant_layers", "set_mode"]
+__all__ = ["QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "CONV_KERNELS", "quant_layers", "set_mode",
+           "set_conv_kernel"]
 
 MODES = ("fake", "int8", "fp8", "dequant")
 #: resolves per layer to its own 8-bit format when the layer and device can run it, else ``"fake"``
 AUTO_MODE = "auto"
 #: what ``set_mode`` accepts: an execution mode or ``"auto"``
 SETTABLE_MODES = (*MODES, AUTO_MODE)
+#: how a conv runs in ``fp8`` mode: im2col + ``torch._scaled_mm``, or the Triton implicit-GEMM kernel
+CONV_KERNELS = ("im2col", "triton")
 
 
 class QuantLayer(nn.Module):
@@ -71,6 +76,7 @@ class QuantLayer(nn.Module):
         bias = layer.bias.detach().float().clone() if layer.bias is not None else None
         self.register_buffer("bias", bias)
         self._derived: dict[tuple[str, int], torch.Tensor] = {}
+        self.conv_kernel = "im2col"
         self.mode = "fake"
         self.set_mode(mode)
 
@@ -95,11 +101,15 @@ class QuantLayer(nn.Module):
         dim = -1 if self.kind == "linear" else 1
         return [x.narrow(dim, 0, self.split), x.narrow(dim, self.split, self.in_channels - self.split)]
 
+    def _gemm_shaped(self) -> bool:
+        """A Linear, or a conv that is one GEMM over its patches: groups 1, numeric zero padding."""
+        return self.kind == "linear" or (self.conv["groups"] == 1 and self.conv["padding_mode"] == "zeros"
+                                         and not isinstance(self.conv["padding"], str))
+
     def supported_modes(self) -> list[str]:
         """Modes this layer can run in on the current device of its buffers."""
         modes = ["fake", "dequant"]
-        real_ok = self.kind == "linear" or (self.conv["groups"] == 1 and self.conv["padding_mode"] == "zeros"
-                                            and not isinstance(self.conv["padding"], str))
+        real_ok = self._gemm_shaped()
         if real_ok and self.fmt == "int8":
             modes.append("int8")
         if real_ok and self.fmt == "fp8" and fp8_supported(self.weight_q0.device):
@@ -125,6 +135,24 @@ class QuantLayer(nn.Module):
             raise ValueError(f"`mode` {mode!r} is not available for this {self.kind} ({self.conv}); "
                              "use 'fake' or 'dequant'")
         self.mode = mode
+        return self
+
+    def set_conv_kernel(self, kernel: str) -> QuantLayer:
+        """How this conv runs in ``fp8`` mode: ``"im2col"`` (im2col + ``torch._scaled_mm``, the default) or
+        ``"triton"`` (``triton_conv.triton_fp8_conv2d``: fp8 format, groups 1, zero padding, and Triton on a
+        CUDA device or under ``TRITON_INTERPRET=1``)."""
+        if kernel not in CONV_KERNELS:
+            raise ValueError(f"`kernel` must be one of {list(CONV_KERNELS)}, got {kernel!r}")
+        if kernel == "triton":
+            from .triton_conv import TRITON_UNAVAILABLE, triton_available
+
+            if self.kind != "conv2d" or self.fmt != "fp8":
+                raise ValueError(f"`kernel` 'triton' is an fp8 conv kernel; this layer is an {self.fmt} {self.kind}")
+            if not self._gemm_shaped():
+                raise ValueError(f"`kernel` 'triton' needs groups 1 and numeric zero padding, got {self.conv}")
+            if not triton_available(self.weight_q0.device):
+                raise RuntimeError(TRITON_UNAVAILABLE)
+        self.conv_kernel = kernel
         return self
 
     def extra_repr(self) -> str:
@@ -206,6 +234,8 @@ class QuantLayer(nn.Module):
                 y = acc.to(torch.float32).mul_(scale)
                 if bias is not None:
                     y.add_(bias)
+            elif self.kind == "conv2d" and self.conv_kernel == "triton":
+                y, how = self._triton_conv(part, g, bias)
             else:
                 rows, how = self._rows(part)
                 w = self.weight_q(g).reshape(self.out_channels, -1)
@@ -214,6 +244,17 @@ class QuantLayer(nn.Module):
             bias = None  # added once
             out = y if out is None else out + y
         return self._fold(out, how).to(x.dtype)
+
+    def _triton_conv(self, part: torch.Tensor, g: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+        """fp8 implicit-GEMM conv of one input part as (M, N) rows (a view of its channels-last output)."""
+        from .triton_conv import triton_fp8_conv2d
+
+        w_kn = self._cached("kn", g, lambda w: w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous())
+        c = self.conv
+        y = triton_fp8_conv2d(part, self.act[g].scale, w_kn, self.weight_scale(g), bias, c["kernel_size"],
+                              c["stride"], tuple(c["padding"]), c["dilation"], out_dtype=torch.float32)
+        b, n, ho, wo = y.shape
+        return y.permute(0, 2, 3, 1).reshape(-1, n), ("conv", b, ho, wo)
 
     # ------------------------------------------------------------------------------------- reference
     def reference_weight(self) -> torch.Tensor:
@@ -225,6 +266,26 @@ class QuantLayer(nn.Module):
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     """Name -> ``QuantLayer`` of a quantized model."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def set_conv_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Set the fp8 conv kernel (``CONV_KERNELS``) of every fp8-format conv of a quantized model that can take it;
+    errors name the first layer that cannot when none can."""
+    if kernel not in CONV_KERNELS:
+        raise ValueError(f"`kernel` must be one of {list(CONV_KERNELS)}, got {kernel!r}")
+    convs = {name: m for name, m in quant_layers(model).items() if m.kind == "conv2d" and m.fmt == "fp8"}
+    if not convs:
+        raise ValueError("`model` holds no fp8-format quantized convs (quantize with QuantConfig(format='fp8'))")
+    errors = {}
+    for name, layer in convs.items():
+        try:
+            layer.set_conv_kernel(kernel)
+        except ValueError as exc:  # e.g. a grouped conv: it keeps its kernel
+            errors[name] = exc
+    if len(errors) == len(convs):
+        name, exc = next(iter(errors.items()))
+        raise ValueError(f"no fp8 conv of `model` can use kernel {kernel!r}; {name}: {exc}")
+    return model
 
 
 def set_mode(model: nn.Module, mode: str | dict[str, str]) -> nn.Module:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
-from .modules import MODES, QuantLayer, quant_layers
+from .modules import CONV_KERNELS, MODES, QuantLayer, quant_layers
 
 __all__ = ["LayerTiming", "time_layer", "capture_layer_inputs", "choose_modes"]
 
@@ -76,6 +76,24 @@ def capture_layer_inputs(model: nn.Module, inputs: dict) -> dict[str, torch.Tens
     return captured
 
 
+def _conv_kernels(layer: QuantLayer, mode: str, wanted: tuple[str, ...]) -> list[str]:
+    """The conv kernels to time for ``layer`` in ``mode``: only fp8 convs have a choice, and only where the
+    kernel can run (``QuantLayer.set_conv_kernel`` accepts it)."""
+    if layer.kind != "conv2d":
+        return ["im2col"]
+    if mode != "fp8":
+        return ["im2col"]
+    usable = []
+    for kernel in wanted:
+        try:
+            layer.set_conv_kernel(kernel)
+        except (ValueError, RuntimeError):
+            continue
+        usable.append(kernel)
+    layer.set_conv_kernel("im2col")
+    return usable or ["im2col"]
+
+
 def choose_modes(
     model: nn.Module,
     inputs: dict,
@@ -83,17 +101,23 @@ def choose_modes(
     timer: Callable[[QuantLayer, torch.Tensor, str], float] | None = None,
     margin: float = 1.0,
     apply: bool = True,
+    fp8_conv_kernels: tuple[str, ...] = ("im2col",),
 ) -> list[LayerTiming]:
     """Time each quantized layer in every candidate mode it supports and pick the fastest.
 
     A real 8-bit mode must beat ``dequant`` by the factor ``margin`` (>= 1) to be chosen -- ties keep
     float compute, which has no quantize/dequantize overhead to hide. ``inputs``: keyword inputs of one
     representative forward (e.g. a calibration batch at the deployment batch size). ``apply`` sets the
-    chosen modes on the model.
+    chosen modes on the model. ``fp8_conv_kernels``: the conv kernels (``CONV_KERNELS``) to time for fp8
+    convs; with ``"triton"`` an fp8 conv that can run the Triton kernel is also timed as ``"fp8+triton"``.
     """
     unknown = [c for c in candidates if c not in MODES]
     if not candidates or unknown:
         raise ValueError(f"`candidates` must be a non-empty subset of {list(MODES)}, got {list(candidates)!r}")
+    bad = [k for k in fp8_conv_kernels if k not in CONV_KERNELS]
+    if not fp8_conv_kernels or bad:
+        raise ValueError(f"`fp8_conv_kernels` must be a non-empty subset of {list(CONV_KERNELS)}, "
+                         f"got {list(fp8_conv_kernels)!r}")
     if not (isinstance(margin, (int, float)) and margin >= 1):
         raise ValueError(f"`margin` must be a number >= 1, got {margin!r}")
     layers = quant_layers(model)
@@ -108,11 +132,17 @@ def choose_modes(
         modes = [m for m in candidates if m in layer.supported_modes()]
         if not modes:
             continue
-        seconds = {m: float(timer(layer, xs[name], m)) for m in modes}
+        seconds, previous_kernel = {}, layer.conv_kernel
+        for m in modes:
+            for kernel in _conv_kernels(layer, m, fp8_conv_kernels):
+                layer.set_conv_kernel(kernel)
+                seconds[m if kernel == "im2col" else f"{m}+{kernel}"] = float(timer(layer, xs[name], m))
         fallback = "dequant" if "dequant" in seconds else min(seconds, key=seconds.get)
         best = min(seconds, key=seconds.get)
         chosen = best if best == fallback or seconds[best] * margin < seconds[fallback] else fallback
+        mode, _, kernel = chosen.partition("+")
+        layer.set_conv_kernel((kernel or "im2col") if apply else previous_kernel)
         if apply:
-            layer.set_mode(chosen)
+            layer.set_mode(mode)
         report.append(LayerTiming(name, seconds, chosen))
     return report

@@ -1,0 +1,142 @@
+"""fp8 (e4m3) implicit-GEMM convolution in Triton: the 8-bit conv PyTorch lacks.
+
+A conv is the GEMM ``Y (M, N) = A (M, K) @ B (K, N)`` with ``M = batch * H_out * W_out`` output pixels,
+``N`` output channels and ``K = kh * kw * C`` patch elements. ``fp8_mm`` after ``im2col`` materialises
+``A`` -- ``kh * kw`` times the input, in memory -- before the 8-bit GEMM. The implicit GEMM never builds
+it: each program computes one ``BLOCK_M x BLOCK_N`` tile of ``Y`` and, for every ``BLOCK_K`` slice of
+``K``, gathers its ``A`` tile straight from the channels-last e4m3 input (row ``m`` -> pixel
+``(b, oh, ow)``, column ``k`` -> tap ``(r, s)`` and channel ``c``; taps that fall in the zero padding load
+the e4m3 code of 0.0), multiplies in fp8 with float32 accumulation (``tl.dot``; Hopper's fp8 tensor cores),
+and applies the static scales ``s_x * s_w[n]`` and the bias once in the epilogue:
+
+    y[m, n] = s_x * s_w[n] * sum_k e4m3(x / s_x)[m, k] * W_fp8[k, n] + b[n]
+
+which is exactly the fake-quant reference's sum (the products of e4m3 values are exact in float32).
+
+Status: the kernel is checked against the fake-quant reference in Triton's interpreter
+(``TRITON_INTERPRET=1``, CPU); its GPU speed is measured by ``scripts/bench_quant_cuda.py``. It is
+opt-in per layer (``QuantLayer.set_conv_kernel("triton")``) until that benchmark has run on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["triton_available", "triton_fp8_conv2d", "TRITON_UNAVAILABLE"]
+
+TRITON_UNAVAILABLE = (
+    "the Triton fp8 conv needs the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU "
+    "interpreter); use conv kernel 'im2col' (im2col + torch._scaled_mm) or mode 'dequant'"
+)
+
+_KERNELS: dict[bool, object] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """Whether the Triton fp8 conv can run on ``device``: ``triton`` importable, and a CUDA device (or any
+    device under ``TRITON_INTERPRET=1``, Triton's CPU interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    dev = torch.device(device)
+    if _interpreting():
+        return dev.type == "cpu"
+    return dev.type == "cuda" and torch.cuda.is_available()
+
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    def _fp8_conv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, x_scale,
+                         M, N, K, C, H, W, HO, WO, KW, SH, SW, PH, PW, DH, DW,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+        """One BLOCK_M x BLOCK_N tile of ``Y = A @ B`` with ``A`` gathered from the NHWC e4m3 input."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ow = rm % WO
+        oh = (rm // WO) % HO
+        bb = rm // (WO * HO)
+        ih0 = oh * SH - PH
+        iw0 = ow * SW - PW
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            c = rk % C
+            tap_s = (rk // C) % KW
+            tap_r = rk // (C * KW)
+            ih = ih0[:, None] + tap_r[None, :] * DH
+            iw = iw0[:, None] + tap_s[None, :] * DW
+            in_a = (rm[:, None] < M) & (rk[None, :] < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_ptr + ((bb[:, None] * H + ih) * W + iw) * C + c[None, :], mask=in_a, other=0.0)
+            in_b = (rk[:, None] < K) & (rn[None, :] < N)
+            b = tl.load(w_ptr + rk[:, None] * N + rn[None, :], mask=in_b, other=0.0)
+            acc = tl.dot(a, b, acc)
+        ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+        y = acc * (ws[None, :] * x_scale)
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        out = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=out)
+
+
+def _kernel():
+    """The jitted kernel, built on first use: ``triton.jit`` picks compiled or interpreted mode when it
+    decorates, so building late lets ``TRITON_INTERPRET`` be set after import."""
+    interpret = _interpreting()
+    if interpret not in _KERNELS:
+        _KERNELS[interpret] = triton.jit(_fp8_conv_kernel)
+    return _KERNELS[interpret]
+
+
+def _blocks(m: int, n: int, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): Hopper-sized tiles on the GPU (fp8 ``tl.dot`` needs
+    BLOCK_K >= 32), small ones in the interpreter, where each program is emulated on the CPU."""
+    if interpret:
+        return 32, 32, 32, 4
+    block_n = 128 if n >= 128 else 64
+    block_m = 128 if m >= 4096 else 64
+    return block_m, block_n, 64, 8 if block_m * block_n >= 128 * 128 else 4
+
+
+def triton_fp8_conv2d(x: torch.Tensor, x_scale: float, w_kn: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, kernel_size: tuple[int, int], stride: tuple[int, int],
+                      padding: tuple[int, int], dilation: tuple[int, int],
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W8A8 e4m3 ``conv2d`` of an NCHW input ``x`` with the static per-tensor scale ``x_scale``.
+
+    ``w_kn``: the float8_e4m3fn weight as a ``(kh * kw * C, N)`` matrix, row ``k`` = tap ``(r, s)``,
+    channel ``c`` with ``k = (r * kw + s) * C + c`` -- i.e. ``weight.permute(2, 3, 1, 0).reshape(-1, N)``;
+    ``w_scale`` (N,) float32; ``bias`` (N,) or None. Returns NCHW (channels-last memory) in ``out_dtype``
+    (default: ``x``'s dtype). Groups 1, zero padding.
+    """
+    if not triton_available(x.device):
+        raise RuntimeError(TRITON_UNAVAILABLE)
+    if w_kn.dtype != torch.float8_e4m3fn or w_kn.dim() != 2:
+        raise TypeError(f"`w_kn` must be a 2-D float8_e4m3fn matrix, got {w_kn.dtype} with shape {tuple(w_kn.shape)}")
+    b, c, h, w = x.shape
+    kh, kw = kernel_size
+    if w_kn.shape[0] != kh * kw * c:
+        raise ValueError(f"`w_kn` has {w_kn.shape[0]} rows; a {kh}x{kw} conv over {c} channels needs {kh * kw * c}")
+    n = w_kn.shape[1]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    x_q = (x.float().permute(0, 2, 3, 1) / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).contiguous()
+    m = b * ho * wo
+    y = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
+    interpret = _interpreting()
+    block_m, block_n, block_k, warps = _blocks(m, n, interpret)
+    grid = (-(-m // block_m), -(-n // block_n))
+    bias_arg = bias.float().contiguous() if bias is not None else w_scale
+    _kernel()[grid](x_q, w_kn.contiguous(), w_scale.float().contiguous(), bias_arg, y, float(x_scale),
+                    m, n, kh * kw * c, c, h, w, ho, wo, kw, sh, sw, ph, pw, dh, dw,
+                    HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y.view(b, ho, wo, n).permute(0, 3, 1, 2)

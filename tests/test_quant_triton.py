@@ -1,0 +1,117 @@
+"""The Triton fp8 implicit-GEMM conv (fewstep.quant.triton_conv): checked against the fake-quant reference in
+Triton's CPU interpreter (a subprocess: TRITON_INTERPRET must be set before triton is imported), and the
+errors of the opt-in switch and of the policy's kernel candidates."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep import quant
+from fewstep.quant.quantizers import act_qparams_from_range, weight_qparams
+from fewstep.quant.triton_conv import triton_available, triton_fp8_conv2d
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fp8_conv(conv: nn.Conv2d) -> quant.QuantLayer:
+    return quant.QuantLayer(conv, [weight_qparams(conv.weight, fmt="fp8")], [act_qparams_from_range(-1, 1, "fp8")],
+                            fmt="fp8")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_triton_conv_interp.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (pip install -e '.[test]')")
+def test_kernel_equals_the_fp8_conv_of_the_same_operands(interpreted):
+    assert interpreted["available_cpu"]
+    # stride, dilation, zero padding, 1x1, N and K not multiples of the block, K blocks spanning taps
+    assert set(interpreted["kernel"]) == {"3x3 pad1 bias", "3x3 stride2", "1x1 wide", "3x3 dilation2", "K spans taps"}
+    for case, err in interpreted["kernel"].items():
+        assert err < 2e-6, case
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (pip install -e '.[test]')")
+def test_quant_layer_on_triton_matches_fake_quant_reference(interpreted):
+    for case, (real_vs_fake, fake_vs_float) in interpreted["layer"].items():
+        assert real_vs_fake < 2e-6, case
+        assert fake_vs_float > 1e-3, case  # the reference is quantized: the check is not vacuous
+    assert interpreted["model"] < 1e-5 and interpreted["kernels"] == ["triton"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (pip install -e '.[test]')")
+def test_policy_times_and_sets_the_triton_kernel(interpreted):
+    for name, (timed, chosen) in interpreted["policy"].items():
+        assert timed == ["dequant", "fp8", "fp8+triton"] and chosen == "fp8+triton", name
+        assert interpreted["policy_set"][name] == ["fp8", "triton"]
+
+
+def test_conv_kernel_bad_input():
+    conv = _fp8_conv(nn.Conv2d(4, 8, 3, padding=1))
+    with pytest.raises(ValueError, match=r"`kernel` must be one of \['im2col', 'triton'\], got 'cudnn'"):
+        conv.set_conv_kernel("cudnn")
+    lin = nn.Linear(8, 8)
+    fp8_linear = quant.QuantLayer(lin, [weight_qparams(lin.weight, fmt="fp8")], [act_qparams_from_range(-1, 1, "fp8")],
+                                  fmt="fp8")
+    with pytest.raises(ValueError, match=r"`kernel` 'triton' is an fp8 conv kernel; this layer is an fp8 linear"):
+        fp8_linear.set_conv_kernel("triton")
+    int8_conv = quant.QuantLayer(nn.Conv2d(4, 8, 3), [torch.full((8,), 0.01)], [act_qparams_from_range(-1, 1)])
+    with pytest.raises(ValueError, match=r"this layer is an int8 conv2d"):
+        int8_conv.set_conv_kernel("triton")
+    grouped = quant.QuantLayer(nn.Conv2d(4, 4, 3, groups=2), [torch.full((4,), 0.01)],
+                               [act_qparams_from_range(-1, 1, "fp8")], fmt="fp8")
+    with pytest.raises(ValueError, match=r"`kernel` 'triton' needs groups 1 and numeric zero padding"):
+        grouped.set_conv_kernel("triton")
+    if not triton_available("cpu"):  # in this process: no interpreter, and the layer is on the CPU
+        with pytest.raises(RuntimeError, match=r"needs the `triton` package and a CUDA GPU .* kernel 'im2col'"):
+            conv.set_conv_kernel("triton")
+        with pytest.raises(RuntimeError, match=r"needs the `triton` package"):
+            triton_fp8_conv2d(torch.randn(1, 4, 5, 5), 0.01, torch.zeros(36, 8).to(torch.float8_e4m3fn),
+                              torch.ones(8), None, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert conv.conv_kernel == "im2col"  # failed switches change nothing
+
+
+def test_model_level_switch_and_policy_bad_input():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    q = nn.Sequential(quant.QuantLayer(model[0], [torch.full((4,), 0.01)], [act_qparams_from_range(-1, 1)]))
+    with pytest.raises(ValueError, match=r"holds no fp8-format quantized convs"):
+        quant.set_conv_kernel(q, "triton")
+    with pytest.raises(ValueError, match=r"`kernel` must be one of \['im2col', 'triton'\], got 'x'"):
+        quant.set_conv_kernel(q, "x")
+    grouped = nn.Sequential(quant.QuantLayer(nn.Conv2d(4, 4, 3, groups=2), [torch.full((4,), 0.01)],
+                                             [act_qparams_from_range(-1, 1, "fp8")], fmt="fp8"))
+    with pytest.raises(ValueError, match=r"no fp8 conv of `model` can use kernel 'triton'; 0: `kernel` 'triton' needs"):
+        quant.set_conv_kernel(grouped, "triton")
+    inputs = {"input": torch.randn(1, 3, 6, 6)}
+    with pytest.raises(ValueError, match=r"`fp8_conv_kernels` must be a non-empty subset of \['im2col', 'triton'\], "
+                                         r"got \['winograd'\]"):
+        quant.choose_modes(q, inputs, fp8_conv_kernels=("winograd",))
+
+
+def test_policy_skips_a_triton_kernel_that_cannot_run(monkeypatch):
+    """Where the Triton kernel cannot run (here: forced unavailable), the policy times only im2col."""
+    monkeypatch.setattr("fewstep.quant.triton_conv.triton_available", lambda device="cuda": False)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    q = nn.Sequential(_fp8_conv(conv))
+    candidates = ("fp8", "dequant") if "fp8" in q[0].supported_modes() else ("fake", "dequant")
+    report = quant.choose_modes(q, {"input": torch.randn(1, 3, 6, 6)}, candidates=candidates,
+                                timer=lambda layer, x, mode: 1.0 if mode != "dequant" else 2.0,
+                                fp8_conv_kernels=("im2col", "triton"))
+    assert sorted(report[0].seconds) == sorted(candidates) and q[0].conv_kernel == "im2col"
+    assert report[0].chosen == candidates[0] and q[0].mode == candidates[0]
