@@ -44,6 +44,11 @@ def qmodel(pipe, calibration):
     return quant.quantize(pipe.unet, calibration, quant.QuantConfig(act_grid=25, weight_grid=20, split_skip=True))
 
 
+@pytest.fixture(scope="module")
+def fp8_qmodel(pipe, calibration):
+    return quant.quantize(pipe.unet, calibration, quant.QuantConfig(format="fp8", act_grid=15, weight_grid=10))
+
+
 # --------------------------------------------------------------------------------------------- quantizer math
 def test_activation_grid_scale_zero_point_and_exact_zero():
     qp = act_qparams_from_range(-1.0, 3.0)
@@ -325,10 +330,15 @@ def test_quantized_unet_int8_vs_fake(pipe, qmodel, calibration):
     assert float((real - fake).norm() / fake.norm()) < 0.3 * q_err
 
 
-@pytest.mark.parametrize("mode", ["fake", "int8"])
-def test_quantized_unet_compiles_as_one_graph(qmodel, calibration, mode):
+@pytest.mark.parametrize("mode", ["fake", "int8", "fp8"])
+def test_quantized_unet_compiles_as_one_graph(request, qmodel, calibration, mode):
     """``torch.compile`` sees the whole quantized UNet as one graph (static activation scales, no host sync, no
-    graph break), so inductor can fuse the quantize / GEMM / epilogue passes; the compiled call matches eager."""
+    graph break), so inductor can fuse the quantize / GEMM / epilogue passes; the compiled call matches eager.
+    fp8 runs where ``torch._scaled_mm`` has the float8 kernel (CPU builds that have it, or CUDA SM >= 8.9)."""
+    if mode == "fp8":
+        if not fp8_supported("cpu"):
+            pytest.skip("this PyTorch build has no CPU float8 torch._scaled_mm")
+        qmodel = request.getfixturevalue("fp8_qmodel")
     batch = next(calibration.batches(4))
     quant.set_mode(qmodel, mode)
     try:
@@ -607,10 +617,10 @@ def test_real_fp8_matches_reference(device):
 
 
 @pytest.mark.skipif("cpu" not in FP8_DEVICES, reason="this PyTorch build has no CPU float8 torch._scaled_mm")
-def test_fp8_digits_unet_real_path_matches_reference(pipe, calibration):
+def test_fp8_digits_unet_real_path_matches_reference(pipe, calibration, fp8_qmodel):
     """The whole fp8-quantized digits UNet (auto mode: every layer on the real e4m3 GEMM) matches its fake-quant
     reference; the CPU ``_scaled_mm`` path is what makes this testable without a GPU."""
-    q = quant.quantize(pipe.unet, calibration, quant.QuantConfig(format="fp8", act_grid=15, weight_grid=10))
+    q = fp8_qmodel
     quant.set_mode(q, "auto")
     modes = {layer.mode for layer in quant.quant_layers(q).values()}
     assert modes == {"fp8"}

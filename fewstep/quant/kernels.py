@@ -83,7 +83,7 @@ def fp8_mm(x: torch.Tensor, x_scale: float, w_fp8: torch.Tensor, w_scale: torch.
     to multiples of 16 (cuBLASLt's layout rule). The product of e4m3 values is exact in float32; CUDA's
     row-wise kernel writes bf16 (the one rounding against the fake-quant reference), the CPU kernel float32.
     """
-    if not fp8_supported(x.device):
+    if not torch.compiler.is_compiling() and not fp8_supported(x.device):  # the probe is not traceable
         raise RuntimeError(FP8_UNAVAILABLE)
     m, n = x.shape[0], w_fp8.shape[0]
     a = (x.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
