@@ -477,6 +477,32 @@ def test_bad_quantize_input(pipe, calibration):
         quant.set_mode(pipe.unet, "int8")
 
 
+def test_dtype_casts_leave_the_stored_quantized_tensors_alone(pipe, calibration):
+    """``model.to(torch.float16)`` / ``.half()`` (what ``pipe.to("cuda", torch.float16)`` does) cast the float
+    parts of the model but not the 8-bit weights, float32 scales and bias that define the numerics."""
+    import copy
+
+    q = quant.quantize(pipe.unet, calibration, quant.QuantConfig(act_grid=10, weight_grid=5, split_skip=True))
+    before = {n: (b.dtype, b.clone()) for n, b in q.named_buffers() if ".weight_q" in n or ".weight_scale" in n}
+    half = copy.deepcopy(q).to(torch.float16)
+    after = dict(half.named_buffers())
+    for name, (dtype, value) in before.items():
+        assert after[name].dtype == dtype and torch.equal(after[name], value), name
+    layers = quant.quant_layers(half)
+    assert all(layer.bias is None or layer.bias.dtype == torch.float32 for layer in layers.values())
+    assert half.conv_in.weight.dtype == torch.float16  # the float layers are cast as usual
+    lin = nn.Linear(16, 8)
+    fp8 = quant.QuantLayer(lin, [weight_qparams(lin.weight, fmt="fp8")], [act_qparams_from_range(-1, 1, "fp8")],
+                           fmt="fp8").bfloat16()
+    assert fp8.weight_q0.dtype == torch.float8_e4m3fn and fp8.weight_scale0.dtype == torch.float32
+    batch = next(calibration.batches(4))
+    with torch.no_grad():
+        ref = q(**batch).sample
+        quant.set_mode(half, "dequant")
+        got = half(**{k: v.half() if v.is_floating_point() else v for k, v in batch.items()}).sample
+    assert got.dtype == torch.float16 and float((got.float() - ref).norm() / ref.norm()) < 0.05
+
+
 def test_real_mode_errors_name_the_fallback(monkeypatch):
     lin = nn.Linear(16, 16)
     fp8 = quant.QuantLayer(lin, [weight_qparams(lin.weight, fmt="fp8")], [act_qparams_from_range(-1, 1, "fp8")],

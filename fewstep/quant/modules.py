@@ -80,6 +80,20 @@ class QuantLayer(nn.Module):
         self.mode = "fake"
         self.set_mode(mode)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves reach the stored tensors, dtype casts do not: ``pipe.to("cuda", torch.float16)`` must not
+        turn the e4m3 weights into fp16 codes or round the float32 scales and bias (they define the numerics,
+        and the real kernels need their dtypes). The rest of the model is cast as usual."""
+        stored = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        for name in stored:
+            self._buffers[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in stored.items():
+                self._buffers[name] = buf.to(fn(torch.empty(0, device=buf.device)).device)
+        return self
+
     # ----------------------------------------------------------------------------------------- helpers
     @property
     def groups(self) -> int:
