@@ -219,9 +219,42 @@ def bench_unet(name: str, device, args) -> dict:
     return out
 
 
+@torch.no_grad()
+def bench_memory(name: str, args) -> dict:
+    """Weight memory of the SD1.5-/SDXL-shaped UNet, bf16 vs int8 vs fp8 storage, for the library default
+    (``conv_in`` / ``conv_out`` kept in bf16) and for every layer quantized. Weights do not depend on the latent
+    size or on timing, so this part runs on any device: a 16x16 latent and a 2-row random calibration set (the
+    scales' values do not change the byte count)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: an fp32 SDXL would need 10 GB
+    try:
+        unet = UNet2DConditionModel(**{**UNETS[name], "sample_size": 16}).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    cal = _random_calibration(unet, 2, "cpu")
+    cal = quant.CalibrationSet(cal.sample.to(torch.bfloat16), cal.timestep,
+                               encoder_hidden_states=cal.encoder_hidden_states.to(torch.bfloat16),
+                               settings=cal.settings)
+    out = {"unet": name, "params": sum(p.numel() for p in unet.parameters()), "bf16_weight_bytes": _weight_bytes(unet)}
+    for fmt in ("int8", "fp8"):
+        for label, exclude in (("default", list(quant.BOUNDARY_LAYERS)), ("all", [])):
+            q = quant.quantize(unet, cal, quant.QuantConfig(format=fmt, act_grid=1, weight_grid=1, batch_size=2,
+                                                            exclude=exclude))
+            key = f"{fmt}_{label}"
+            out[f"{key}_weight_bytes"] = _weight_bytes(q)
+            out[f"{key}_weight_ratio"] = out[f"{key}_weight_bytes"] / out["bf16_weight_bytes"]
+            del q
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["layers", "unet"], choices=["layers", "unet"])
+    parser.add_argument("--parts", nargs="+", default=["layers", "unet"], choices=["layers", "unet", "memory"],
+                        help="memory: weight bytes only, runs without a GPU")
     parser.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8, 16])
     parser.add_argument("--no-compile", dest="compile", action="store_false")
@@ -229,20 +262,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet-repeats", type=int, default=10)
     parser.add_argument("--out", default="scripts/results_quant_cuda.json")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if args.parts == ["memory"]:
+        results = {"memory": [bench_memory(name, args) for name in args.unets], "torch": torch.__version__}
+        results["seconds"] = time.perf_counter() - start
+        return _write(args.out, results)
     device = require_cuda()
     torch.backends.cudnn.allow_tf32 = False  # the float32 fake-quant reference of the parity check, not TF32
     results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "fp8": quant.fp8_supported(device), "compile": args.compile}
-    start = time.perf_counter()
+    if "memory" in args.parts:
+        results["memory"] = [bench_memory(name, args) for name in args.unets]
     if "layers" in args.parts:
         results["layers"] = bench_layers(device, args)
     if "unet" in args.parts:
         results["unets"] = [bench_unet(name, device, args) for name in args.unets]
     results["seconds"] = time.perf_counter() - start
+    return _write(args.out, results)
+
+
+def _write(path: str, results: dict) -> int:
     from fewstep._io import atomic_write
 
-    atomic_write(args.out, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
-    print(f"wrote {args.out}")
+    atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
+    print(f"wrote {path}")
     return 0
 
 

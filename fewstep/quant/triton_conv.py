@@ -32,25 +32,23 @@ TRITON_UNAVAILABLE = (
     "interpreter); use conv kernel 'im2col' (im2col + torch._scaled_mm) or mode 'dequant'"
 )
 
-_KERNELS: dict[bool, object] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: Triton's CPU interpreter, chosen as Triton itself chooses it: from the environment, before triton is imported
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def triton_available(device: torch.device | str = "cuda") -> bool:
-    """Whether the Triton fp8 conv can run on ``device``: ``triton`` importable, and a CUDA device (or any
-    device under ``TRITON_INTERPRET=1``, Triton's CPU interpreter)."""
-    if importlib.util.find_spec("triton") is None:
+    """Whether the Triton fp8 conv can run on ``device``: ``triton`` importable, and a CUDA device (or the CPU
+    when this process started with ``TRITON_INTERPRET=1``, Triton's CPU interpreter)."""
+    if not _HAS_TRITON:
         return False
     dev = torch.device(device)
-    if _interpreting():
+    if _INTERPRET:
         return dev.type == "cpu"
     return dev.type == "cuda" and torch.cuda.is_available()
 
 
-if importlib.util.find_spec("triton") is not None:
+if _HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -86,14 +84,8 @@ if importlib.util.find_spec("triton") is not None:
         out = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=out)
 
+    _KERNEL = triton.jit(_fp8_conv_kernel)
 
-def _kernel():
-    """The jitted kernel, built on first use: ``triton.jit`` picks compiled or interpreted mode when it
-    decorates, so building late lets ``TRITON_INTERPRET`` be set after import."""
-    interpret = _interpreting()
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_fp8_conv_kernel)
-    return _KERNELS[interpret]
 
 
 def _blocks(m: int, n: int, interpret: bool) -> tuple[int, int, int, int]:
@@ -117,14 +109,17 @@ def triton_fp8_conv2d(x: torch.Tensor, x_scale: float, w_kn: torch.Tensor, w_sca
     ``w_scale`` (N,) float32; ``bias`` (N,) or None. Returns NCHW (channels-last memory) in ``out_dtype``
     (default: ``x``'s dtype). Groups 1, zero padding.
     """
-    if not triton_available(x.device):
-        raise RuntimeError(TRITON_UNAVAILABLE)
-    if w_kn.dtype != torch.float8_e4m3fn or w_kn.dim() != 2:
-        raise TypeError(f"`w_kn` must be a 2-D float8_e4m3fn matrix, got {w_kn.dtype} with shape {tuple(w_kn.shape)}")
     b, c, h, w = x.shape
     kh, kw = kernel_size
-    if w_kn.shape[0] != kh * kw * c:
-        raise ValueError(f"`w_kn` has {w_kn.shape[0]} rows; a {kh}x{kw} conv over {c} channels needs {kh * kw * c}")
+    if not torch.compiler.is_compiling():  # checked eagerly; nothing here for the tracer
+        if not triton_available(x.device):
+            raise RuntimeError(TRITON_UNAVAILABLE)
+        if w_kn.dtype != torch.float8_e4m3fn or w_kn.dim() != 2:
+            raise TypeError(f"`w_kn` must be a 2-D float8_e4m3fn matrix, got {w_kn.dtype} with shape "
+                            f"{tuple(w_kn.shape)}")
+        if w_kn.shape[0] != kh * kw * c:
+            raise ValueError(f"`w_kn` has {w_kn.shape[0]} rows; a {kh}x{kw} conv over {c} channels needs "
+                             f"{kh * kw * c}")
     n = w_kn.shape[1]
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -132,11 +127,10 @@ def triton_fp8_conv2d(x: torch.Tensor, x_scale: float, w_kn: torch.Tensor, w_sca
     x_q = (x.float().permute(0, 2, 3, 1) / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).contiguous()
     m = b * ho * wo
     y = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
-    interpret = _interpreting()
-    block_m, block_n, block_k, warps = _blocks(m, n, interpret)
+    block_m, block_n, block_k, warps = _blocks(m, n, _INTERPRET)
     grid = (-(-m // block_m), -(-n // block_n))
     bias_arg = bias.float().contiguous() if bias is not None else w_scale
-    _kernel()[grid](x_q, w_kn.contiguous(), w_scale.float().contiguous(), bias_arg, y, float(x_scale),
-                    m, n, kh * kw * c, c, h, w, ho, wo, kw, sh, sw, ph, pw, dh, dw,
-                    HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    _KERNEL[grid](x_q, w_kn.contiguous(), w_scale.float().contiguous(), bias_arg, y, float(x_scale),
+                  m, n, kh * kw * c, c, h, w, ho, wo, kw, sh, sw, ph, pw, dh, dw,
+                  HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y.view(b, ho, wo, n).permute(0, 3, 1, 2)
