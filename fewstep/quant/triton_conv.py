@@ -28,8 +28,9 @@ import torch
 __all__ = ["triton_available", "triton_fp8_conv2d", "TRITON_UNAVAILABLE"]
 
 TRITON_UNAVAILABLE = (
-    "the Triton fp8 conv needs the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU "
-    "interpreter); use conv kernel 'im2col' (im2col + torch._scaled_mm) or mode 'dequant'"
+    "the Triton fp8 conv needs the `triton` package and a CUDA GPU with compute capability >= 8.9 (or "
+    "TRITON_INTERPRET=1 for Triton's CPU interpreter); use conv kernel 'im2col' (im2col + torch._scaled_mm) or "
+    "mode 'dequant'"
 )
 
 #: Triton's CPU interpreter, chosen as Triton itself chooses it: from the environment, before triton is imported
@@ -38,14 +39,17 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def triton_available(device: torch.device | str = "cuda") -> bool:
-    """Whether the Triton fp8 conv can run on ``device``: ``triton`` importable, and a CUDA device (or the CPU
-    when this process started with ``TRITON_INTERPRET=1``, Triton's CPU interpreter)."""
+    """Whether the Triton fp8 conv can run on ``device``: ``triton`` importable, and a CUDA device with fp8
+    tensor cores (compute capability >= 8.9: Ada, Hopper), or the CPU when this process started with
+    ``TRITON_INTERPRET=1`` (Triton's CPU interpreter)."""
     if not _HAS_TRITON:
         return False
     dev = torch.device(device)
     if _INTERPRET:
         return dev.type == "cpu"
-    return dev.type == "cuda" and torch.cuda.is_available()
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
 if _HAS_TRITON:
