@@ -119,8 +119,9 @@ def run_samplers(pipe, classifier, args) -> list[dict]:
     if args.with_fp8 or args.fp8_only:
         fp8 = quant.quantize(pipe.unet, cal, quant.QuantConfig(format="fp8", **config))
         # the real e4m3 GEMM (torch._scaled_mm) where this device has it -- CPU builds with the float8 kernel too
-        path = "real _scaled_mm path" if quant.fp8_supported(pipe.device) else "fake-quant"
-        models[f"W8A8 fp8 ({path}), {where}"] = quant.set_mode(fp8, "auto")
+        real = quant.fp8_supported(pipe.device)
+        path = "real _scaled_mm path" if real else "fake-quant"
+        models[f"W8A8 fp8 ({path}), {where}"] = quant.set_mode(fp8, "fp8" if real else "fake")
     rows = []
     for sampler in args.sampler_set:
         for steps in (10, 20):

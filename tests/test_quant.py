@@ -413,7 +413,8 @@ def test_auto_mode_picks_each_layers_real_path_where_it_runs(tmp_path, pipe, qmo
     assert int8.set_mode("auto").mode == "int8"
     fp8 = quant.QuantLayer(lin, [weight_qparams(lin.weight, fmt="fp8")], [act_qparams_from_range(-1, 1, "fp8")],
                            fmt="fp8")
-    assert fp8.set_mode("auto").mode == ("fp8" if fp8_supported(fp8.weight_q0.device) else "fake")
+    # fp8 on CUDA only: the CPU float8 kernel is exact but slower than fake-quant
+    assert fp8.set_mode("auto").mode == "fake" and fp8.weight_q0.device.type == "cpu"
     grouped = quant.QuantLayer(nn.Conv2d(4, 4, 3, groups=2), [torch.full((4,), 0.01)], [act_qparams_from_range(-1, 1)])
     assert grouped.set_mode("auto").mode == "fake"  # no int8 conv path for grouped convs
     with pytest.raises(ValueError, match=r"`mode` must be one of \['fake', 'int8', 'fp8', 'dequant', 'auto'\], "
@@ -644,10 +645,10 @@ def test_real_fp8_matches_reference(device):
 
 @pytest.mark.skipif("cpu" not in FP8_DEVICES, reason="this PyTorch build has no CPU float8 torch._scaled_mm")
 def test_fp8_digits_unet_real_path_matches_reference(pipe, calibration, fp8_qmodel):
-    """The whole fp8-quantized digits UNet (auto mode: every layer on the real e4m3 GEMM) matches its fake-quant
+    """The whole fp8-quantized digits UNet (every layer on the real e4m3 GEMM) matches its fake-quant
     reference; the CPU ``_scaled_mm`` path is what makes this testable without a GPU."""
     q = fp8_qmodel
-    quant.set_mode(q, "auto")
+    quant.set_mode(q, "fp8")
     modes = {layer.mode for layer in quant.quant_layers(q).values()}
     assert modes == {"fp8"}
     batch = next(calibration.batches(6))

@@ -32,7 +32,8 @@ __all__ = ["QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "CONV_KERNELS",
            "set_conv_kernel"]
 
 MODES = ("fake", "int8", "fp8", "dequant")
-#: resolves per layer to its own 8-bit format when the layer and device can run it, else ``"fake"``
+#: resolves per layer to its own 8-bit format when the layer and device can run it, else ``"fake"``; fp8 only on
+#: CUDA (the CPU float8 ``_scaled_mm`` is exact but ~4x slower than fake-quant: a numerics check, not a fast path)
 AUTO_MODE = "auto"
 #: what ``set_mode`` accepts: an execution mode or ``"auto"``
 SETTABLE_MODES = (*MODES, AUTO_MODE)
@@ -132,9 +133,10 @@ class QuantLayer(nn.Module):
 
     def set_mode(self, mode: str) -> QuantLayer:
         """Execution mode: one of ``MODES``, or ``"auto"`` -- this layer's own format (``"int8"``/``"fp8"``) where
-        ``supported_modes`` has it on the current device, else ``"fake"``."""
+        ``supported_modes`` has it on the current device (fp8: on CUDA only), else ``"fake"``."""
         if mode == AUTO_MODE:
-            mode = self.fmt if self.fmt in self.supported_modes() else "fake"
+            fast = self.fmt != "fp8" or self.weight_q0.device.type == "cuda"
+            mode = self.fmt if fast and self.fmt in self.supported_modes() else "fake"
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {list(SETTABLE_MODES)}, got {mode!r}")
         if mode == "int8" and self.fmt != "int8":
