@@ -1,0 +1,40 @@
+"""The ``fewstep`` command line: ``list``, ``generate``, ``bench``, ``calibrate``, ``search`` and ``quantize``,
+one module per subcommand (``_common`` holds the value types they share).
+
+Usage errors (bad flags or values) print one line to stderr and exit with code 2; output files are
+written atomically, so a failed run leaves none behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from . import bench, calibrate, generate, quantize, search
+from ._common import UsageError
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
+    parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    generate.add_parsers(sub)
+    bench.add_parser(sub)
+    calibrate.add_parser(sub)
+    search.add_parser(sub)
+    quantize.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"fewstep {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,179 @@
+"""Shared pieces of the ``fewstep`` command line: the usage error, argparse value types (each names the flag's
+allowed values in its message) and the embedded-model loader the subcommands share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .. import samplers as sampler_registry
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported in one line, exit code 2."""
+
+
+def _int_list(minimum: int, example: str):
+    """argparse type: comma-separated integers >= ``minimum``."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            message = f"expected comma-separated integers like {example}, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+        if not values or any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum} like {example}, got {text!r}")
+        return values
+
+    return parse
+
+
+def _name_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    # flow-only samplers (flow-euler) too: on a VP model they fail with a clear message before anything runs
+    available = sampler_registry.names("diffusion", standalone=True) + [
+        n for n in sampler_registry.names("flow") if n != "flowchef"
+    ]
+    unknown = [v for v in values if v not in available]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown or text!r}; available: {', '.join(available)}")
+    return values
+
+
+def _sampler_name(text: str) -> str:
+    if text not in sampler_registry.names():
+        raise argparse.ArgumentTypeError(f"unknown sampler {text!r}; available: {', '.join(sampler_registry.names())}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _guidance_name(text: str) -> str:
+    from .. import guidance
+
+    if guidance.is_posterior(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is an inverse-problem posterior sampler: use --task inpaint|sr|deblur --posterior {text}"
+        )
+    try:
+        guidance.get(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return {"cfgpp": "cfg++"}.get(text, text)
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _sampler_option(text: str) -> tuple[str, object]:
+    """argparse type: ``KEY=VALUE``; VALUE is read as JSON (3.8, true, [1, 2]) and otherwise kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like momentum_order=3.8, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _read_prompts(path: str) -> list[str]:
+    """``--prompts FILE``: its non-empty lines, stripped."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise UsageError(f"--prompts {path!r}: no such file (one prompt per line)")
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _options_dict(pairs: list[tuple[str, object]] | None) -> dict:
+    out: dict = {}
+    for key, value in pairs or []:
+        if key in out:
+            raise UsageError(f"--sampler-option {key} given twice")
+        out[key] = value
+    return out
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _guidance_list(text: str) -> list[tuple[str, float]]:
+    """argparse type: comma-separated ``RULE:SCALE`` (or ``RULE`` for its default scale), e.g. cfg:3,cfg++:0.6."""
+    from ..bench.runner import parse_guidance
+
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected RULE:SCALE like cfg:3,cfg++:0.6, got {text!r}")
+    try:
+        return [parse_guidance(v) for v in items]
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _model_list(text: str) -> list[str]:
+    """argparse type: comma-separated bench models."""
+    from ..bench.runner import MODELS, is_pipeline_dir
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in MODELS and not is_pipeline_dir(v)]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; available: {', '.join(MODELS)} "
+                                         "or a diffusers pipeline directory")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    """argparse type: comma-separated finite numbers >= 0 (guidance scales)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,3,7, got {text!r}") from None
+    if not values or any(not (v >= 0 and v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0 like 1,3,7, got {text!r}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _load_class_conditional(model: str, embedded: tuple[str, ...] = ("digits-eps",)):
+    from pathlib import Path
+
+    from ..pipelines.defaults import DEFAULT_MODELS, load_default
+
+    if model in embedded:
+        return load_default(model, sampler=None)
+    if model in DEFAULT_MODELS or not Path(model).is_dir():
+        raise UsageError(f"--model {model!r}: this calibration needs {' or '.join(embedded)} or a class-conditional "
+                         "pipeline directory")
+    from ..pipelines.class_conditional import ClassConditionalPipeline
+
+    return ClassConditionalPipeline.from_pretrained(model)

@@ -1,0 +1,136 @@
+"""``fewstep bench``: the sampler x NFE x guidance x model grid runner and the analytic error table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .. import __version__
+from .._io import atomic_write, check_writable
+from ._common import (
+    UsageError,
+    _guidance_list,
+    _int_list,
+    _model_list,
+    _name_list,
+    _positive_int,
+    _read_prompts,
+)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    models = args.model
+    digits_only = ("guidance", "num_per_class", "classes", "batch_size", "reference_steps", "features",
+                   "inception_weights", "reference_images")
+    if models == ["analytic"] and args.out is None:  # the analytic table, as before the grid runner
+        given = [f"--{k.replace('_', '-')}" for k in digits_only if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to the digits models, not --model analytic")
+        return _bench_analytic_table(args)
+    if args.out is None:
+        raise UsageError(f"--model {','.join(models)} runs a benchmark grid: give --out DIR for its results")
+    if args.json:
+        raise UsageError("--json is for the analytic table; a grid run writes results.json into --out")
+    if args.guidance is not None and models == ["analytic"]:
+        raise UsageError("--guidance applies to the digits models (digits-eps, digits-flow), not --model analytic")
+    from ..bench.runner import RESULTS_FILES, BenchConfig, format_markdown, is_main_process, plot_results, run_grid
+
+    defaults = {"guidance": [("cfg", 3.0)], "num_per_class": 20, "classes": list(range(10)), "batch_size": 250,
+                "reference_steps": 200, "features": "digits-classifier", "inception_weights": None,
+                "reference_images": None}
+    options = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in digits_only}
+    options["feature_extractor"] = options.pop("features")
+    if options["inception_weights"] is not None and options["feature_extractor"] != "inception":
+        raise UsageError("--inception-weights needs --features inception")
+    prompts = _read_prompts(args.prompts) if args.prompts is not None else None
+    config = BenchConfig(models=models, samplers=args.samplers, steps=args.steps, schedule=args.schedule,
+                         num_samples=args.num_samples, dim=args.dim, seed=args.seed, prompts=prompts,
+                         image_size=args.image_size, **options)
+    rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet)
+    if not is_main_process():  # under `accelerate launch`, one process reports
+        return 0
+    print(format_markdown(rows))
+    from pathlib import Path
+
+    out = Path(args.out)
+    print(f"wrote {', '.join(str(out / name) for name in RESULTS_FILES.values())}")
+    if args.plot != "none":
+        target = out / f"{args.plot}_vs_nfe.png"
+        try:
+            plot_results(rows, target, metric=args.plot)
+        except ImportError as exc:
+            print(f"fewstep bench: skipping the plot: {exc}", file=sys.stderr)
+        else:
+            print(f"wrote {target}")
+    return 0
+
+
+def _bench_analytic_table(args: argparse.Namespace) -> int:
+    if args.json:
+        check_writable(args.json, "--json")
+    from ..bench.analytic_bench import format_table, rows_as_dicts, run_analytic_bench
+
+    rows, meta = run_analytic_bench(
+        samplers=args.samplers,
+        steps=args.steps,
+        schedule=args.schedule,
+        num_samples=args.num_samples,
+        dim=args.dim,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(format_table(rows, meta))
+    if args.json:
+        payload = {"meta": meta, "rows": rows_as_dicts(rows), "version": __version__}
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """The ``bench`` subcommand."""
+    p_bench = sub.add_parser("bench", help="error / FD / MSE versus NFE of samplers (a grid runner)")
+    p_bench.add_argument("--model", type=_model_list, default=["analytic"],
+                         help="comma-separated models: analytic, digits-eps, digits-flow (default: analytic)")
+    p_bench.add_argument("--steps", type=_int_list(1, "5,10,20"), default=[5, 10, 20],
+                         help="comma-separated step counts")
+    p_bench.add_argument("--samplers", type=_name_list, default=None, help="comma-separated names (default: all)")
+    p_bench.add_argument("--guidance", type=_guidance_list, default=None, metavar="RULE:SCALE,...",
+                         help="digits models: comma-separated guidance settings, e.g. cfg:3,cfg++:0.6,apg:7.5 "
+                              "(default cfg:3)")
+    p_bench.add_argument("--num-per-class", type=_positive_int, default=None,
+                         help="digits models: samples per class (default 20)")
+    p_bench.add_argument("--classes", type=_int_list(0, "0,1,2"), default=None,
+                         help="digits models: comma-separated classes (default 0-9)")
+    p_bench.add_argument("--batch-size", type=_positive_int, default=None,
+                         help="digits models: samples per pipeline call (default 250; results do not depend on it)")
+    p_bench.add_argument("--reference-steps", type=_positive_int, default=None,
+                         help="digits models: steps of the dpm-solver++ reference solve for the MSE (default 200)")
+    p_bench.add_argument("--features", choices=["digits-classifier", "inception"], default=None,
+                         help="features of the Frechet distance (default digits-classifier, digits models only; "
+                              "inception = pytorch-fid's Inception-V3, needs its weights file; pipeline directories "
+                              "get an FD only with inception)")
+    p_bench.add_argument("--inception-weights", default=None, metavar="PATH",
+                         help="pt_inception-2015-12-05-6726825d.pth (else $FEWSTEP_INCEPTION_WEIGHTS or torch hub's "
+                              "cache); never downloaded")
+    p_bench.add_argument("--prompts", default=None, metavar="FILE",
+                         help="pipeline directories among --model: prompts, one per line (--num-per-class each)")
+    p_bench.add_argument("--reference-images", default=None, metavar="DIR",
+                         help="pipeline directories: FD to these images (png/jpg/..., one size = the generated size; "
+                              "with --features inception); default: to the decoded reference solves")
+    p_bench.add_argument("--image-size", type=_positive_int, default=None,
+                         help="pipeline directories: image side in pixels (default: the pipeline's own)")
+    p_bench.add_argument("--schedule", choices=["vp", "flow"], default="vp", help="analytic noise schedule")
+    p_bench.add_argument("--num-samples", type=_positive_int, default=2000, help="analytic samples per cell")
+    p_bench.add_argument("--dim", type=_positive_int, default=2, help="dimension of the analytic mixture")
+    p_bench.add_argument("--seed", type=int, default=0, help="seed of the mixture / the first sample's noise")
+    p_bench.add_argument("--out", default=None, metavar="DIR",
+                         help="grid run: write results.json/.csv/.md (+ plot) here; re-runs skip finished cells")
+    p_bench.add_argument("--cache-dir", default=None,
+                         help="where reference statistics and solves are cached (default OUT/cache)")
+    p_bench.add_argument("--plot", choices=["fd", "mse", "rmse", "accuracy", "none"], default="fd",
+                         help="grid run: metric to plot versus NFE into OUT/METRIC_vs_nfe.png (needs matplotlib)")
+    p_bench.add_argument("--json", default=None, help="analytic table: also write the results as JSON to this path")
+    p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_bench.set_defaults(func=cmd_bench)

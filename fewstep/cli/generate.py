@@ -1,0 +1,387 @@
+"""``fewstep list`` and ``fewstep generate``: sampling into a PNG grid, with the FlowChef, posterior-sampling
+and quantized-denoiser paths."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from .. import samplers as sampler_registry
+from .._io import atomic_write, check_writable
+from ._common import (
+    UsageError,
+    _finite_float,
+    _guidance_name,
+    _int_list,
+    _nonneg_float,
+    _options_dict,
+    _positive_int,
+    _sampler_name,
+    _sampler_option,
+)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    width = max(len(n) for n in sampler_registry.names())
+    for name in sampler_registry.names():
+        print(f"{name:<{width}}  {sampler_registry.describe(name)}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..pipelines.generate import generate, image_grid, load_model
+
+    out = check_writable(args.out, "--out")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {args.out!r} must end in .png")
+    if args.task is not None and args.quant is not None:
+        raise UsageError("--quant applies to plain sampling of UNet pipelines (digits-eps, ...), not to --task")
+    if args.gaussian_fill and (args.task != "inpaint" or args.model != "digits-flow" or args.posterior is not None):
+        raise UsageError("--gaussian-fill is for FlowChef box inpainting: --model digits-flow --task inpaint")
+    if args.task is not None and (args.compile or args.cuda_graph):
+        flag = "--compile" if args.compile else "--cuda-graph"
+        raise UsageError(f"{flag} applies to plain sampling (no --task)")
+    edit_flags = [flag for flag, given in (("--source", args.source is not None),
+                                           ("--source-class", args.source_classes is not None),
+                                           ("--edit-size", args.edit_size is not None)) if given]
+    if args.task != "edit" and edit_flags:
+        raise UsageError(f"{', '.join(edit_flags)}: only with --task edit (FlowChef masked editing on digits-flow)")
+    if args.task == "edit":
+        posterior_flags = [flag for flag, value in _posterior_flags(args) if value is not None]
+        if posterior_flags:
+            raise UsageError(f"{', '.join(posterior_flags)} are for posterior sampling, not --task edit")
+        return _generate_flowchef(args, out)
+    if args.task is not None and (args.posterior is not None or args.model != "digits-flow"):
+        return _generate_posterior(args, out)
+    if args.task is not None:  # FlowChef
+        return _generate_flowchef(args, out)
+    posterior_flags = [flag for flag, value in _posterior_flags(args) if value is not None]
+    if posterior_flags:
+        raise UsageError(f"{', '.join(posterior_flags)} need --task inpaint|sr|deblur (posterior sampling)")
+    if args.sampler == "flowchef":
+        raise UsageError("--sampler flowchef steers towards a task: add --task inpaint|sr|deblur|classifier")
+    args.sampler = args.sampler or "unipc"
+    from .. import guidance
+
+    guidance.make(args.guidance, args.guidance_scale)  # validate the rule's parameters before loading a model
+    options = _options_dict(args.sampler_option)
+    if args.sampler == "dc-solver" and ("dc_ratios_file" in options or "dc_cpr" in options):
+        # DC ratios are keyed by the guidance scale and the model: default them to this run's.
+        options.setdefault("dc_guidance_scale", args.guidance_scale)
+        options.setdefault("dc_model", args.model)
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" too
+    pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype, sampler_options=options)
+    pipe = _apply_quant(args, pipe)
+    measurement = None
+    if args.measurement is not None:
+        from ..pipelines.generate import load_measurement
+
+        size = getattr(getattr(pipe, "unet", None), "config", None)
+        measurement = load_measurement(args.measurement, size.sample_size if size is not None else 16)
+    result = generate(
+        pipe,
+        num_images=args.num_images,
+        steps=args.steps,
+        seed=args.seed,
+        classes=args.classes,
+        prompt=args.prompt,
+        guidance_scale=args.guidance_scale,
+        progress=not args.quiet,
+        guidance=args.guidance,
+        measurement=measurement,
+        compile=args.compile,
+        cuda_graph=args.cuda_graph,
+    )
+    if result.measurements is not None:  # restoration: degraded inputs above their restorations
+        n = len(result.images)
+        columns = min(n, 10)
+        rows = []
+        for start in range(0, n, columns):
+            rows += [result.measurements[start:start + columns], result.images[start:start + columns]]
+        grid = image_grid(np.concatenate(rows), columns=columns)
+    else:
+        grid = image_grid(result.images)
+    atomic_write(out, lambda p: grid.save(p, format="PNG"))
+    guided = not (args.guidance == "cfg" and args.guidance_scale == 1.0)
+    cfg_note = f" x2 ({args.guidance})" if guided and result.measurements is None else ""
+    kind = "restored images (top: degraded input)" if result.measurements is not None else "images"
+    print(f"wrote {out} ({len(result.images)} {kind}, sampler {args.sampler}, NFE {result.nfe}{cfg_note}, "
+          f"{result.seconds:.2f} s)")
+    return 0
+
+
+def _add_flowchef_args(p_gen) -> None:
+    from ..pipelines.flowchef import EDIT_TASK, TASKS
+    from ..pipelines.posterior import POSTERIOR_TASKS
+
+    p_gen.add_argument("--task", choices=list(dict.fromkeys(TASKS + (EDIT_TASK,) + POSTERIOR_TASKS)), default=None,
+                       help="restore held-out test digits (or --measurement): FlowChef on digits-flow (inpaint, sr, "
+                            "deblur; classifier steers towards --class; edit turns held-out digits (or --source) "
+                            "into --class inside a centred square), posterior sampling (--posterior) on "
+                            "digits-eps (also random-inpaint, sr-bicubic, motion-deblur)")
+    p_gen.add_argument("--flowchef-step", type=_nonneg_float, default=None, metavar="ETA",
+                       help="FlowChef step size eta (default per task)")
+    p_gen.add_argument("--flowchef-inner-steps", type=_positive_int, default=None, metavar="M",
+                       help="gradient steps per steered step (default per task)")
+    p_gen.add_argument("--flowchef-steered-steps", type=int, default=None, metavar="K",
+                       help="steer the first K steps (default: all but the last)")
+    p_gen.add_argument("--flowchef-optimizer", choices=["gd", "adam"], default=None, help="default per task")
+    p_gen.add_argument("--gaussian-fill", action="store_true",
+                       help="--task inpaint on digits-flow: spread FlowChef's moves into the hole by the digits' "
+                            "Gaussian prior (ours; see README, FlowChef)")
+    p_gen.add_argument("--noise-std", type=_nonneg_float, default=0.0, help="measurement noise std (inverse tasks)")
+    p_gen.add_argument("--source", default=None, metavar="IMAGE",
+                       help="--task edit: images to edit (one 16x16 tile or a grid of them; default: held-out test "
+                            "digits)")
+    p_gen.add_argument("--source-class", dest="source_classes", type=_int_list(0, "3,7"), default=None,
+                       help="--task edit with --source: the class each source tile shows (cycled)")
+    p_gen.add_argument("--edit-size", type=_positive_int, default=None, metavar="N",
+                       help="--task edit: side of the centred square that may change (default 12 of 16)")
+
+
+def _generate_flowchef(args: argparse.Namespace, out) -> int:
+    import dataclasses
+
+    from ..pipelines.flowchef import DEFAULT_CONFIGS, EDIT_TASK, as_numpy_images, run_edit, run_task
+    from ..pipelines.generate import image_grid, load_model
+
+    if args.model != "digits-flow":
+        raise UsageError(f"--task needs --model digits-flow (a rectified-flow model), got {args.model!r}")
+    if args.prompt is not None:
+        raise UsageError("--task takes no --prompt")
+    editing = args.task == EDIT_TASK
+    if not editing and args.guidance_scale is not None:
+        raise UsageError(f"--guidance-scale is for --task edit (masked guidance), not --task {args.task}")
+    if editing:
+        if args.measurement is not None:
+            raise UsageError("--task edit edits --source images (or held-out digits), it takes no --measurement")
+        if args.noise_std:
+            raise UsageError("--noise-std is for the inverse tasks (inpaint, sr, deblur)")
+        if (args.source is None) != (args.source_classes is None):
+            raise UsageError("--source and --source-class go together (what each source tile shows)")
+        if args.edit_size is not None and args.edit_size > 16:
+            raise UsageError(f"--edit-size must be <= 16 (the digits' side), got {args.edit_size}")
+        if args.guidance_scale is not None and args.guidance_scale < 0:
+            raise UsageError(f"--guidance-scale must be >= 0 for --task edit, got {args.guidance_scale}")
+        if args.guidance != "cfg":
+            raise UsageError(f"--task edit uses its own masked guidance; --guidance {args.guidance} does not apply")
+    if args.measurement is not None and args.task == "classifier":
+        raise UsageError("--measurement is for the inverse tasks (inpaint, sr, deblur), not --task classifier")
+    if args.classes and args.task not in ("classifier", EDIT_TASK):
+        raise UsageError(f"--class is for --task classifier or edit, not --task {args.task}")
+    if args.noise_std and args.task == "classifier":
+        raise UsageError("--noise-std is for the inverse tasks (inpaint, sr, deblur)")
+    if args.flowchef_steered_steps is not None and not 0 <= args.flowchef_steered_steps <= args.steps:
+        raise UsageError(f"--flowchef-steered-steps must be in 0..{args.steps} (--steps), "
+                         f"got {args.flowchef_steered_steps}")
+    changes = {k: v for k, v in (("step_size", args.flowchef_step), ("inner_steps", args.flowchef_inner_steps),
+                                 ("steered_steps", args.flowchef_steered_steps),
+                                 ("optimizer", args.flowchef_optimizer)) if v is not None}
+    config = dataclasses.replace(DEFAULT_CONFIGS[args.task], **changes)
+    sampler = "flow-euler" if args.sampler in (None, "flowchef") else args.sampler
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    pipe = load_model(args.model, sampler, device=args.device, dtype=args.dtype,
+                      sampler_options=_options_dict(args.sampler_option))
+    measurement = None
+    if editing:
+        source = None
+        if args.source is not None:
+            from ..pipelines.generate import load_measurement
+
+            source = load_measurement(args.source, pipe.unet.config.sample_size, flag="--source")
+        scale = 4.0 if args.guidance_scale is None else args.guidance_scale
+        result = run_edit(pipe, num_images=args.num_images, steps=args.steps, seed=args.seed,
+                          target_classes=args.classes, config=config, guidance_scale=scale,
+                          source=source, source_classes=args.source_classes,
+                          **({} if args.edit_size is None else {"edit_size": args.edit_size}))
+    else:
+        if args.measurement is not None:
+            from ..guidance.operators import make_operator
+            from ..pipelines.generate import load_measurement
+
+            size = pipe.unet.config.sample_size
+            low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
+            measurement = load_measurement(args.measurement, low)
+        result = run_task(pipe, args.task, num_images=args.num_images, steps=args.steps, seed=args.seed,
+                          classes=args.classes, config=config, noise_std=args.noise_std, measurement=measurement,
+                          gaussian_fill=args.gaussian_fill)
+    images = as_numpy_images(result.images)
+    if result.degraded is not None:
+        n, columns = len(images), min(len(images), 10)
+        degraded = as_numpy_images(result.degraded)
+        rows = []
+        for start in range(0, n, columns):
+            rows += [degraded[start:start + columns], images[start:start + columns]]
+        grid = image_grid(np.concatenate(rows), columns=columns)
+    else:
+        grid = image_grid(images)
+    atomic_write(out, lambda p: grid.save(p, format="PNG"))
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+    kind = "edited images (top: source)" if editing else "images"
+    fill = " + Gaussian fill" if args.gaussian_fill else ""
+    print(f"wrote {out} ({len(images)} {kind}, FlowChef{fill} {args.task}: eta {config.step_size:g}, "
+          f"M {config.inner_steps}, {config.optimizer}; sampler {sampler}, NFE {result.nfe}, {result.seconds:.2f} s; "
+          f"{metrics})")
+    return 0
+
+
+def _posterior_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
+    return [("--posterior", args.posterior), ("--posterior-step", args.posterior_step), ("--stsl-eta", args.stsl_eta),
+            ("--stsl-inner-steps", args.stsl_inner_steps), ("--stsl-probes", args.stsl_probes),
+            ("--gluing", args.gluing), ("--strength", args.strength)]
+
+
+def _add_posterior_args(p_gen) -> None:
+    p_gen.add_argument("--posterior", choices=["dps", "psld", "stsl"], default=None,
+                       help="VP models (digits-eps): posterior sampler for --task (default stsl)")
+    p_gen.add_argument("--posterior-step", type=_nonneg_float, default=None, metavar="ZETA",
+                       help="posterior samplers: gradient step size zeta (default per method)")
+    p_gen.add_argument("--stsl-eta", type=_nonneg_float, default=None, metavar="ETA",
+                       help="STSL: weight of the trace (second-order) term (default 3 with the 'tweedie' "
+                       "weighting; 0 = first order)")
+    p_gen.add_argument("--stsl-inner-steps", type=_positive_int, default=None, metavar="K",
+                       help="STSL: gradient iterations per step (default 1)")
+    p_gen.add_argument("--stsl-probes", type=_positive_int, default=None, metavar="P",
+                       help="STSL: Gaussian probes per iteration (default 1)")
+    p_gen.add_argument("--gluing", type=_nonneg_float, default=None, metavar="GAMMA",
+                       help="posterior samplers: PSLD gluing weight (default: psld 0.1, else off)")
+    p_gen.add_argument("--strength", type=_finite_float, default=None,
+                       help="STSL: fraction of the noise schedule to run from the noised A^T y (0, 1]")
+
+
+def _generate_posterior(args: argparse.Namespace, out) -> int:
+    from ..pipelines.generate import image_grid, load_measurement, load_model
+    from ..pipelines.posterior import POSTERIOR_TASKS, default_method, run_inverse_task
+
+    if args.task not in POSTERIOR_TASKS:
+        raise UsageError(f"--task {args.task} is not an inverse problem; posterior sampling takes "
+                         f"{', '.join(POSTERIOR_TASKS)}")
+    if args.model == "digits-flow":
+        raise UsageError("--posterior needs a VP diffusion model (digits-eps); digits-flow is a flow model: drop "
+                         "--posterior to steer it with FlowChef")
+    if args.prompt is not None or args.classes:
+        raise UsageError("--task with --posterior restores images unconditionally: it takes no --prompt/--class")
+    for flag, value in (("--flowchef-step", args.flowchef_step), ("--flowchef-inner-steps", args.flowchef_inner_steps),
+                        ("--flowchef-steered-steps", args.flowchef_steered_steps),
+                        ("--flowchef-optimizer", args.flowchef_optimizer)):
+        if value is not None:
+            raise UsageError(f"{flag} is for FlowChef (--model digits-flow), not posterior sampling")
+    name = args.posterior or "stsl"
+    stsl_only = {"--stsl-eta": args.stsl_eta, "--stsl-inner-steps": args.stsl_inner_steps,
+                 "--stsl-probes": args.stsl_probes, "--strength": args.strength}
+    given = [flag for flag, value in stsl_only.items() if value is not None]
+    if name != "stsl" and given:
+        raise UsageError(f"{', '.join(given)} apply to --posterior stsl, not {name}")
+    overrides = {"step_size": args.posterior_step, "gluing": args.gluing}
+    if name == "stsl":
+        overrides.update(eta=args.stsl_eta, inner_steps=args.stsl_inner_steps, num_probes=args.stsl_probes,
+                         strength=args.strength)
+    method = default_method(name, **overrides)  # validates before a model is loaded
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    pipe = load_model(args.model, args.sampler or "ddim", device=args.device, dtype=args.dtype)
+    measurement = None
+    if args.measurement is not None:
+        from ..guidance.operators import make_operator
+
+        size = pipe.unet.config.sample_size
+        low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
+        measurement = load_measurement(args.measurement, low)
+    result = run_inverse_task(pipe, args.task, method, num_images=args.num_images, steps=args.steps, seed=args.seed,
+                              noise_std=args.noise_std, measurement=measurement)
+    from ..pipelines.flowchef import as_numpy_images
+
+    images, degraded = as_numpy_images(result.images), as_numpy_images(result.degraded)
+    n, columns = len(images), min(len(images), 10)
+    rows = []
+    for start in range(0, n, columns):
+        rows += [degraded[start:start + columns], images[start:start + columns]]
+    grid = image_grid(np.concatenate(rows), columns=columns)
+    atomic_write(out, lambda p: grid.save(p, format="PNG"))
+    metrics = "".join(f", {k} {v:.3f}" for k, v in result.metrics.items())
+    print(f"wrote {out} ({n} restored images (top: degraded input), {name} {args.task}: steps {args.steps}, "
+          f"NFE {result.nfe}, {result.seconds:.2f} s{metrics})")
+    return 0
+
+
+def _add_quant_generate_args(p_gen) -> None:
+    p_gen.add_argument("--quant", "--quantized", dest="quant", default=None, metavar="DIR",
+                       help="run the UNet W8A8-quantized with parameters saved by `fewstep quantize`")
+    p_gen.add_argument("--quant-mode", choices=["auto", "fake", "int8", "fp8", "dequant"], default="auto",
+                       help="execution of the quantized layers: fake-quant reference, real int8 (_int_mm), fp8 "
+                            "(CUDA SM>=8.9), dequant (8-bit storage, float compute); auto: each layer's own "
+                            "8-bit format where the layer and device can run it, else fake")
+
+
+def _apply_quant(args: argparse.Namespace, pipe):
+    """``fewstep generate --quant DIR``: swap the pipeline's UNet for its quantized version."""
+    if getattr(args, "quant", None) is None:
+        return pipe
+    from .. import quant
+
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise UsageError(f"--quant needs a UNet pipeline; {type(pipe).__name__} has no unet")
+    meta = quant.read_metadata(args.quant)
+    mode = args.quant_mode  # "auto" resolves per layer in QuantLayer.set_mode
+    if mode in ("int8", "fp8") and mode != meta["format"]:
+        raise UsageError(f"--quant-mode {mode} needs {mode} parameters; {args.quant!r} holds {meta['format']} "
+                         f"(use --quant-mode auto, fake or dequant)")
+    try:
+        pipe.unet = quant.load_quantized(unet, args.quant, mode=mode, inplace=True)
+    except RuntimeError as exc:  # fp8 without a capable GPU: the message names the fallbacks
+        raise UsageError(f"--quant-mode {mode}: {exc}") from None
+    return pipe
+
+
+def add_parsers(sub) -> None:
+    """The ``list`` and ``generate`` subcommands."""
+    p_list = sub.add_parser("list", help="list the registered samplers")
+    p_list.set_defaults(func=cmd_list)
+
+    from ..pipelines.denoiser import COMPILE_MODES
+
+    p_gen = sub.add_parser("generate", help="generate images with a fewstep sampler into a PNG grid")
+    p_gen.add_argument("--model", default="digits-eps",
+                       help="embedded model (digits-eps, digits-flow, digits-mr), a local pipeline directory "
+                            "or a hub id")
+    p_gen.add_argument("--sampler", type=_sampler_name, default=None,
+                       help="registered sampler (fewstep list; default unipc, flow-euler with --task)")
+    p_gen.add_argument("--sampler-option", type=_sampler_option, action="append", metavar="KEY=VALUE",
+                       help="override a sampler config option, e.g. momentum_order=3.8 (repeatable)")
+    p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
+    p_gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    p_gen.add_argument("--num-images", type=_positive_int, default=10, help="images to generate (default 10)")
+    p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,7"), default=None,
+                       help="comma-separated class ids for class-conditional models (default: cycle 0-9)")
+    p_gen.add_argument("--prompt", default=None, help="text prompt for text-to-image pipelines")
+    p_gen.add_argument("--measurement", default=None, metavar="IMAGE",
+                       help="restoration models (digits-mr) and --posterior: degraded image file, one tile or a grid "
+                            "of tiles of the measurement's size (16x16; 8x8 for 2x sr) (default: held-out test digits "
+                            "degraded by the task)")
+    p_gen.add_argument("--guidance", type=_guidance_name, default="cfg",
+                       help="guidance rule: cfg, cfg++ (scale in [0, 1]) or apg (default cfg)")
+    p_gen.add_argument("--guidance-scale", type=_finite_float, default=None,
+                       help="scale of the guidance rule (default: cfg 3, cfg++ 0.6, apg 7.5)")
+    p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p_gen.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+    p_gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_gen.add_argument("--compile", nargs="?", const="default", default=None, choices=list(COMPILE_MODES),
+                       metavar="MODE", help="torch.compile the denoiser (mode: " + ", ".join(COMPILE_MODES)
+                       + "; default when given without one: default)")
+    p_gen.add_argument("--cuda-graph", action="store_true",
+                       help="SD-family pipelines on CUDA: capture one denoising step in a CUDA graph and replay it")
+    _add_flowchef_args(p_gen)
+    _add_posterior_args(p_gen)
+    _add_quant_generate_args(p_gen)
+    p_gen.set_defaults(func=cmd_generate)

@@ -1,0 +1,89 @@
+"""``fewstep search``: S^3 solver-schedule search."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .. import __version__
+from .._io import check_writable
+from ._common import (
+    UsageError,
+    _positive_int,
+)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    out = check_writable(args.out, "--out")
+    if out.suffix.lower() != ".json":
+        raise UsageError(f"--out {args.out!r} must end in .json")
+    if args.model not in ("analytic", "digits-eps"):
+        raise UsageError(f"--model {args.model!r} is not searchable here; available: analytic, digits-eps")
+    if args.metric == "mse" and args.model != "digits-eps":
+        raise UsageError("--metric mse is for --model digits-eps (the analytic model uses its exact solution)")
+    from ..search import SearchSpace, search
+    from ..search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
+
+    if args.ems not in ("auto", "none") and args.model != "digits-eps":
+        raise UsageError("--ems FILE is for --model digits-eps (the analytic model has no EMS file)")
+    ems = None if args.ems == "none" else args.ems
+    if args.model == "analytic":
+        objective = AnalyticObjective()
+    elif args.metric == "mse":
+        objective = DigitsMSEObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
+    else:
+        objective = DigitsObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
+    space = SearchSpace(objective.noise_schedule, args.nfe, ems=objective.ems)
+    initial = [_load_init_schedule(path, objective) for path in args.init or []]
+    state = args.state or str(out) + ".state.json"
+    result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
+                    state_path=state, progress=not args.quiet, initial=initial)
+    best, value = result.best
+    best.metadata.update(objective.metadata())
+    best.metadata.update({"metric": objective.name, "value": value, "evaluations": len(result.evaluated),
+                          "predictor": not args.no_predictor, "seed": args.seed, "version": __version__})
+    if initial:  # the warm-start files, by name, so the search can be repeated
+        best.metadata["init"] = [os.path.basename(p) for p in args.init]
+    best.save(out)
+    print(f"wrote {out} (NFE {args.nfe}, best {objective.name} metric {value:.4g} after "
+          f"{len(result.evaluated)} evaluations; resumable state in {state})")
+    return 0
+
+
+def _load_init_schedule(path: str, objective):
+    """``fewstep search --init FILE``: a schedule file searched for the same model (noise schedule)."""
+    from ..solvers.s3 import SolverSchedule
+
+    try:
+        schedule = SolverSchedule.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--init {path!r}: {exc}") from None
+    expected = objective.metadata()["noise_schedule"]
+    found = schedule.metadata.get("noise_schedule")
+    if found is not None and found != expected:
+        raise UsageError(f"--init {path!r} was searched for another model (noise schedule {found}, "
+                         f"this search: {expected})")
+    return schedule
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("search", help="S3: search a solver schedule for a model and NFE")
+    p.add_argument("--model", default="digits-eps", help="analytic or digits-eps")
+    p.add_argument("--nfe", type=_positive_int, required=True, help="number of model evaluations (>= 2)")
+    p.add_argument("--budget", type=_positive_int, default=40, help="schedules to evaluate (default 40)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale for digits-eps (default 3)")
+    p.add_argument("--num-per-class", type=_positive_int, default=20, help="digits-eps samples per class (7 classes)")
+    p.add_argument("--metric", choices=["fd", "mse"], default="fd",
+                   help="digits-eps: Frechet distance, or MSE to a 200-step reference solve (default fd)")
+    p.add_argument("--ems", default="auto",
+                   help="DPM-Solver-v3 tables that make 'ems' a prediction type of the search: auto (the model's "
+                        "shipped EMS, if any), none, or an EMS file (digits-eps)")
+    p.add_argument("--no-predictor", action="store_true", help="plain evolution (no performance predictor)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", action="append", metavar="SCHEDULE",
+                   help="warm start from a schedule file of this model, any NFE (steps are inserted or removed "
+                        "to fit); repeatable")
+    p.add_argument("--state", default=None, help="resumable search state (default: OUT.state.json)")
+    p.add_argument("--out", required=True, help="where to write the best schedule (.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_search)
