@@ -177,3 +177,18 @@ def _load_class_conditional(model: str, embedded: tuple[str, ...] = ("digits-eps
     from ..pipelines.class_conditional import ClassConditionalPipeline
 
     return ClassConditionalPipeline.from_pretrained(model)
+
+
+def _load_prompted_sd(model: str, prompts_file: str):
+    """``--model`` as an SD 1.x/2.x pipeline directory and the ``--prompts`` file (one prompt per line), for the
+    text-to-image calibrations."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+
+    prompts = _read_prompts(prompts_file)
+    if not prompts:
+        raise UsageError(f"--prompts {prompts_file!r} holds no prompt (one per line)")
+    if not (Path(model) / "model_index.json").is_file():
+        raise UsageError(f"--model {model!r} must be an SD 1.x/2.x pipeline directory when --prompts is given")
+    return StableDiffusionPipeline.from_pretrained(model), prompts

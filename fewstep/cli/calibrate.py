@@ -11,8 +11,8 @@ from ._common import (
     _float_list,
     _int_list,
     _load_class_conditional,
+    _load_prompted_sd,
     _positive_int,
-    _read_prompts,
 )
 
 
@@ -33,16 +33,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     common = dict(datapoints=args.datapoints, seed=args.seed, reference=args.reference, scheduler_overrides=overrides,
                   iters=args.iters, lr=args.lr, progress=not args.quiet, objective=args.objective)
     if args.prompts is not None:  # a text-to-image (SD 1.x/2.x) pipeline directory with (noise, prompt) datapoints
-        from pathlib import Path
-
-        from diffusers import StableDiffusionPipeline
-
-        prompts = _read_prompts(args.prompts)
-        if not prompts:
-            raise UsageError(f"--prompts {args.prompts!r} holds no prompt (one per line)")
-        if not (Path(args.model) / "model_index.json").is_file():
-            raise UsageError(f"--model {args.model!r} must be an SD 1.x/2.x pipeline directory when --prompts is given")
-        pipe = StableDiffusionPipeline.from_pretrained(args.model)
+        pipe, prompts = _load_prompted_sd(args.model, args.prompts)
         entries, key = calibrate_text_to_image(pipe, prompts, args.nfe, args.guidance_scale, **common)
     else:
         pipe = _load_class_conditional(args.model)
@@ -59,8 +50,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_ems(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..calibrate.ems import class_conditional_ems, text_to_image_ems
     from ..solvers.ems import save_ems
 
@@ -69,14 +58,7 @@ def cmd_calibrate_ems(args: argparse.Namespace) -> int:
                   t_start=args.t_start, t_end=args.t_end, checkpoint=args.checkpoint, progress=not args.quiet,
                   time_derivative=args.time_derivative)
     if args.prompts is not None:
-        from diffusers import StableDiffusionPipeline
-
-        prompts = _read_prompts(args.prompts)
-        if not prompts:
-            raise UsageError(f"--prompts {args.prompts!r} holds no prompt (one per line)")
-        if not (Path(args.model) / "model_index.json").is_file():
-            raise UsageError(f"--model {args.model!r} must be an SD 1.x/2.x pipeline directory when --prompts is given")
-        pipe = StableDiffusionPipeline.from_pretrained(args.model)
+        pipe, prompts = _load_prompted_sd(args.model, args.prompts)
         ems = text_to_image_ems(pipe, args.model, prompts, batch_size=args.batch_size or 16,
                                 sample_steps=args.sample_steps, guidance_scale=args.guidance_scale, **common)
     else:
