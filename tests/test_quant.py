@@ -49,6 +49,46 @@ def fp8_qmodel(pipe, calibration):
     return quant.quantize(pipe.unet, calibration, quant.QuantConfig(format="fp8", act_grid=15, weight_grid=10))
 
 
+def _assert_real_path_matches_reference(q: nn.Module, model: nn.Module, batch: dict, mode: str,
+                                        layer_tol: float = 1e-5) -> None:
+    """The real 8-bit ``mode`` of a quantized UNet against its fake-quant reference. Per layer, on the
+    activations the model really produces: equal to float rounding (``layer_tol``, relative). End to end the
+    two cannot be compared that tightly: a sum-order difference of 1e-7 flips the odd activation rounding, and
+    every quantizer downstream spreads a perturbation below its step into more flips, so after ~20 layers the
+    paths differ by a fraction of the quantization error that depends on the CPU's summation order. There the
+    real path must be an equally good quantization: as close to full precision as the reference (within
+    30%), and nearer the reference than the reference is to full precision."""
+    layers = quant.quant_layers(q)
+    seen: dict[str, tuple] = {}
+    hooks = [layer.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, (args, out)))
+             for name, layer in layers.items()]
+    quant.set_mode(q, "fake")
+    try:
+        with torch.no_grad():
+            fake = q(**batch).sample
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(seen) == set(layers)
+    try:
+        with torch.no_grad():
+            for name, (args, out) in seen.items():
+                real_out = layers[name].set_mode(mode)(*args)
+                layers[name].set_mode("fake")
+                assert float((real_out - out).norm() / out.norm()) < layer_tol, name
+            ref = model(**batch).sample
+            quant.set_mode(q, mode)
+            assert {layer.mode for layer in layers.values()} == {mode}
+            real = q(**batch).sample
+    finally:
+        quant.set_mode(q, "fake")
+    q_err = float((fake - ref).norm() / ref.norm())
+    real_err = float((real - ref).norm() / ref.norm())
+    assert 1e-4 < q_err < 0.1  # W8A8 is close to, but not, full precision
+    assert real_err < 1.3 * q_err and q_err < 1.3 * real_err, (real_err, q_err)
+    assert float((real - fake).norm() / fake.norm()) < q_err
+
+
 # --------------------------------------------------------------------------------------------- quantizer math
 def test_activation_grid_scale_zero_point_and_exact_zero():
     qp = act_qparams_from_range(-1.0, 3.0)
@@ -316,18 +356,7 @@ def test_int8_kernels_are_exact():
 
 
 def test_quantized_unet_int8_vs_fake(pipe, qmodel, calibration):
-    batch = next(calibration.batches(8))
-    with torch.no_grad():
-        ref = pipe.unet(**batch).sample
-        quant.set_mode(qmodel, "fake")
-        fake = qmodel(**batch).sample
-        quant.set_mode(qmodel, "int8")
-        real = qmodel(**batch).sample
-        quant.set_mode(qmodel, "fake")
-    q_err = float((fake - ref).norm() / ref.norm())
-    assert 1e-4 < q_err < 0.1  # W8A8 is close to, but not, full precision
-    # per layer the paths agree to float rounding; end to end a rare rounding flip can propagate
-    assert float((real - fake).norm() / fake.norm()) < 0.3 * q_err
+    _assert_real_path_matches_reference(qmodel, pipe.unet, next(calibration.batches(8)), "int8")
 
 
 @pytest.mark.parametrize("mode", ["fake", "int8", "fp8"])
@@ -647,20 +676,7 @@ def test_real_fp8_matches_reference(device):
 def test_fp8_digits_unet_real_path_matches_reference(pipe, calibration, fp8_qmodel):
     """The whole fp8-quantized digits UNet (every layer on the real e4m3 GEMM) matches its fake-quant
     reference; the CPU ``_scaled_mm`` path is what makes this testable without a GPU."""
-    q = fp8_qmodel
-    quant.set_mode(q, "fp8")
-    modes = {layer.mode for layer in quant.quant_layers(q).values()}
-    assert modes == {"fp8"}
-    batch = next(calibration.batches(6))
-    with torch.no_grad():
-        ref = pipe.unet(**batch).sample
-        real = q(**batch).sample
-        quant.set_mode(q, "fake")
-        fake = q(**batch).sample
-    q_err = float((fake - ref).norm() / ref.norm())
-    assert 1e-4 < q_err < 0.1
-    # per layer exact (test above); end to end a sum-order difference can flip a later rounding
-    assert float((real - fake).norm() / fake.norm()) < 0.3 * q_err
+    _assert_real_path_matches_reference(fp8_qmodel, pipe.unet, next(calibration.batches(6)), "fp8")
 
 
 def test_sd_shaped_unet_quantizes_and_runs_int8():
@@ -678,13 +694,7 @@ def test_sd_shaped_unet_quantizes_and_runs_int8():
     q = quant.quantize(unet, cal, quant.QuantConfig(act_grid=20, weight_grid=10, split_skip=True, exclude=[]))
     layers = quant.quant_layers(q)
     assert any(name.endswith("attn2.to_k") for name in layers) and any(layers[n].split for n in layers)
-    batch = next(cal.batches(3))
-    with torch.no_grad():
-        ref = unet(**batch).sample
-        fake = q(**batch).sample
-        real = quant.set_mode(q, "int8")(**batch).sample
-    q_err = float((fake - ref).norm() / ref.norm())
-    assert q_err < 0.1 and float((real - fake).norm() / fake.norm()) < 0.3 * q_err
+    _assert_real_path_matches_reference(q, unet, next(cal.batches(3)), "int8")
 
 
 def test_cuda_benchmark_script_fails_clearly_without_cuda():
