@@ -145,7 +145,9 @@ def time_call(fn, device: torch.device, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
+    """Every cell, then the graph-vs-eager image check; ``save(partial_results)`` after each measured cell (a run
+    cut short by a time limit keeps what it measured)."""
     device = require_device(args.device)
     pipe = build(args, device)
     dtype = pipe.unet.dtype
@@ -162,6 +164,15 @@ def run(args) -> dict:
         graph._loop_mode = "static"
     output_type = "np" if args.decode else "latent"
     cells = []
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": "tiny" if args.tiny else "SD1.5-shaped UNet, random weights",
+        "dtype": str(dtype).replace("torch.", ""), "sampler": args.sampler,
+        "stock_scheduler": STOCK[args.sampler].__name__,
+        "guidance": f"cfg {scale}", "timed": "denoise + decode" if args.decode else "denoise (output_type=latent)",
+        "graph_mode": "cuda graph" if device.type == "cuda" else "static step, uncaptured (cpu smoke test)",
+        "cells": cells,
+    }  # fmt: skip
     for nfe in args.steps:
         for batch in args.batches:
             g = torch.Generator("cpu").manual_seed(batch)
@@ -178,6 +189,9 @@ def run(args) -> dict:
                 "nfe": nfe, "batch": batch, "ms_per_image": {k: 1e3 * v for k, v in per_image.items()},
                 "stock_over_graph": secs["stock"] / secs["graph"], "eager_over_graph": secs["eager"] / secs["graph"],
             })  # fmt: skip
+            print(json.dumps(cells[-1]), flush=True)
+            if save is not None:
+                save(results)
     # agreement: decoded images of graph vs eager, same seed, first NFE and batch
     check_kw = dict(prompt_embeds=torch.randn(args.batches[0], TOKENS, dim, generator=torch.Generator().manual_seed(7)
                                               ).to(device, dtype),
@@ -186,16 +200,8 @@ def run(args) -> dict:
     img_eager = eager(**check_kw, generator=torch.Generator("cpu").manual_seed(1)).images
     img_graph = graph(**check_kw, generator=torch.Generator("cpu").manual_seed(1)).images
     max_diff = float(np.abs(np.asarray(img_eager, dtype=np.float64) - np.asarray(img_graph, dtype=np.float64)).max())
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": "tiny" if args.tiny else "SD1.5-shaped UNet, random weights",
-        "dtype": str(dtype).replace("torch.", ""), "sampler": args.sampler,
-        "stock_scheduler": STOCK[args.sampler].__name__,
-        "guidance": f"cfg {scale}", "timed": "denoise + decode" if args.decode else "denoise (output_type=latent)",
-        "graph_mode": "cuda graph" if device.type == "cuda" else "static step, uncaptured (cpu smoke test)",
-        "cells": cells,
-        "graph_vs_eager_image_max_abs_diff": max_diff, "images_agree": bool(max_diff <= args.tol), "tol": args.tol,
-    }  # fmt: skip
+    results.update(graph_vs_eager_image_max_abs_diff=max_diff, images_agree=bool(max_diff <= args.tol), tol=args.tol)
+    return results
 
 
 def report(results: dict) -> str:
@@ -224,10 +230,17 @@ def report(results: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    results = run(args)
-    print(report(results))
+    save = None
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        from fewstep._io import atomic_write
+
+        def save(results: dict) -> None:
+            atomic_write(args.out, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+
+    results = run(args, save)
+    print(report(results))
+    if save is not None:
+        save(results)
     return results
 
 

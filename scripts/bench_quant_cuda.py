@@ -55,6 +55,7 @@ UNETS = {
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
 }
 TEXT_TOKENS = 77
+UNET_VARIANTS = ("int8", "int8-all", "fp8", "fp8-all", "fp8-all-triton")  # policy / every layer 8-bit / + Triton
 
 
 def require_cuda() -> torch.device:
@@ -88,8 +89,8 @@ def _layer(float_layer: nn.Module, x: torch.Tensor, fmt: str) -> quant.QuantLaye
 
 
 @torch.no_grad()
-def bench_layers(device, args) -> list[dict]:
-    rows = []
+def bench_layers(device, args, rows: list) -> list[dict]:
+    """Appends one row per layer shape (then per bare GEMM) to ``rows``, checkpointing after each."""
     cases = [(name, nn.Linear(k, n), torch.randn(m, k)) for name, (m, k, n) in LINEARS.items()]
     cases += [(name, nn.Conv2d(c, c, 3, padding=1), torch.randn(b, c, s, s)) for name, (b, c, s) in CONVS.items()]
     for name, float_layer, x in cases:
@@ -125,6 +126,7 @@ def bench_layers(device, args) -> list[dict]:
                 row["fp8_triton_vs_fake_max_rel"] = float((q(x) - fake).abs().max() / fake.abs().max())
                 q.set_conv_kernel("im2col")
         rows.append(row)
+        args.checkpoint()
         print(json.dumps(row), flush=True)
     # bare GEMMs (no activation quantization): column-major B for both 8-bit kernels
     for name, (m, k, n) in LINEARS.items():
@@ -140,6 +142,7 @@ def bench_layers(device, args) -> list[dict]:
             row["fp8_ms"] = cuda_ms(lambda: torch._scaled_mm(af, wf.t(), scale_a=one, scale_b=one,  # noqa: B023
                                                              out_dtype=torch.bfloat16), args.repeats)
         rows.append(row)
+        args.checkpoint()
         print(json.dumps(row), flush=True)
     return rows
 
@@ -169,19 +172,31 @@ class _Call(nn.Module):
 
 
 @torch.no_grad()
-def bench_unet(name: str, device, args) -> dict:
+def bench_unet(name: str, device, args, done: list) -> dict:
+    """``done``: the results list this one joins; it is checkpointed with it after every measured cell."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNETS[name]).to(device, torch.bfloat16).eval()
     cal = _random_calibration(unet, 4, device)
     out = {"unet": name, "bf16_weight_bytes": _weight_bytes(unet), "per_call_ms": {}}
+    outer = args.checkpoint
+
+    def checkpoint() -> None:  # this UNet's partial results, saved beside the finished ones
+        done.append(out)
+        try:
+            outer()
+        finally:
+            done.pop()
+
+    args.checkpoint = checkpoint
     variants = {"bf16": unet}
-    for fmt in ("int8", "fp8"):
+    for fmt in args.formats:
         if fmt == "fp8" and not quant.fp8_supported(device):
             continue
-        q = quant.quantize(unet, cal, quant.QuantConfig(format=fmt, act_grid=20, weight_grid=10, batch_size=2,
-                                                        mode="dequant", exclude=[]))
+        config = quant.QuantConfig(format=fmt, act_grid=args.grid, weight_grid=args.grid, batch_size=2, mode="dequant",
+                                   exclude=[])
+        q = quant.quantize(unet, cal, config)
         inputs = {k: v.to(device) for k, v in next(cal.batches(2)).items()}
         inputs["sample"] = inputs["sample"].to(torch.bfloat16)
         inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)
@@ -199,6 +214,8 @@ def bench_unet(name: str, device, args) -> dict:
             all_triton = copy.deepcopy(all_real)
             quant.set_conv_kernel(all_triton, "triton")
             variants["fp8-all-triton"] = all_triton
+    if args.variants:
+        variants = {label: model for label, model in variants.items() if label == "bf16" or label in args.variants}
     for batch in args.batches:
         cfg = unet.config
         x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device, dtype=torch.bfloat16)
@@ -210,9 +227,12 @@ def bench_unet(name: str, device, args) -> dict:
             if args.compile:
                 call = torch.compile(call)
             row[label] = cuda_ms(lambda: call(x, t, text), args.unet_repeats)  # noqa: B023
-        row.update({f"bf16_over_{k}": row["bf16"] / v for k, v in row.items() if k != "bf16"})
-        out["per_call_ms"][str(batch)] = row
+            if label != "bf16":
+                row[f"bf16_over_{label}"] = row["bf16"] / row[label]
+            out["per_call_ms"][str(batch)] = row
+            args.checkpoint()  # a run cut short by its time limit keeps every cell measured so far
         print(name, batch, json.dumps(row), flush=True)
+    args.checkpoint = outer
     for fmt in ("int8", "fp8"):
         if f"{fmt}_weight_bytes" in out:
             out[f"{fmt}_weight_ratio"] = out[f"{fmt}_weight_bytes"] / out["bf16_weight_bytes"]
@@ -257,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory: weight bytes only, runs without a GPU")
     parser.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8, 16])
+    parser.add_argument("--formats", nargs="+", default=["int8", "fp8"], choices=["int8", "fp8"],
+                        help="8-bit formats of part unet (bf16 is always the baseline)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(UNET_VARIANTS),
+                        help="part unet: time only these (default all; bf16 always)")
+    parser.add_argument("--grid", type=int, default=10,
+                        help="range-search grid of the calibration (speed does not depend on it; 1 = absmax)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--unet-repeats", type=int, default=10)
@@ -271,21 +297,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = False  # the float32 fake-quant reference of the parity check, not TF32
     results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "fp8": quant.fp8_supported(device), "compile": args.compile}
+    args.checkpoint = lambda: _write(args.out, {**results, "seconds": time.perf_counter() - start}, quiet=True)
     if "memory" in args.parts:
         results["memory"] = [bench_memory(name, args) for name in args.unets]
     if "layers" in args.parts:
-        results["layers"] = bench_layers(device, args)
+        results["layers"] = []
+        bench_layers(device, args, results["layers"])
     if "unet" in args.parts:
-        results["unets"] = [bench_unet(name, device, args) for name in args.unets]
+        results["unets"] = []
+        for name in args.unets:
+            results["unets"].append(bench_unet(name, device, args, results["unets"]))
     results["seconds"] = time.perf_counter() - start
     return _write(args.out, results)
 
 
-def _write(path: str, results: dict) -> int:
+def _write(path: str, results: dict, quiet: bool = False) -> int:
     from fewstep._io import atomic_write
 
     atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Run by tests/test_quant_triton.py in a subprocess with TRITON_INTERPRET=1 (Triton's CPU interpreter must be
-chosen before triton is imported). Prints one JSON object of measured errors; the test asserts on it."""
+chosen before triton is imported). Prints one JSON object of measured errors; the test asserts on it. The case
+functions also serve the compiled-kernel test on a CUDA GPU (``device="cuda"``, in the test's own process)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-assert os.environ.get("TRITON_INTERPRET") == "1"
-
-from fewstep import quant  # noqa: E402
-from fewstep.quant.quantizers import act_qparams_from_range, fp8_fake_quant, weight_qparams  # noqa: E402
-from fewstep.quant.triton_conv import triton_available, triton_fp8_conv2d  # noqa: E402
+from fewstep import quant
+from fewstep.quant.quantizers import act_qparams_from_range, fp8_fake_quant, weight_qparams
+from fewstep.quant.triton_conv import triton_available, triton_fp8_conv2d
 
 
-def kernel_case(b, c, h, w, n, k, stride, padding, dilation, bias):
+def kernel_case(b, c, h, w, n, k, stride, padding, dilation, bias, device="cpu"):
     """Relative max error of the kernel against an fp32 conv of the same e4m3 operands."""
-    x = torch.randn(b, c, h, w)
-    weight = torch.randn(n, c, k, k) * 0.2
+    x = torch.randn(b, c, h, w).to(device)
+    weight = torch.randn(n, c, k, k).to(device) * 0.2
     s_x = float(x.abs().max()) / 448
     s_w = weight.abs().amax(dim=(1, 2, 3)) / 448
     w8 = (weight / s_w.reshape(-1, 1, 1, 1)).to(torch.float8_e4m3fn)
-    bvec = torch.randn(n) if bias else None
+    bvec = torch.randn(n).to(device) if bias else None
     ref = F.conv2d(fp8_fake_quant(x, s_x), w8.float() * s_w.reshape(-1, 1, 1, 1), bvec, stride, padding, dilation)
     y = triton_fp8_conv2d(x, s_x, w8.permute(2, 3, 1, 0).reshape(-1, n), s_w, bvec, (k, k), (stride, stride),
                           (padding, padding), (dilation, dilation))
@@ -32,13 +31,14 @@ def kernel_case(b, c, h, w, n, k, stride, padding, dilation, bias):
     return float((y - ref).abs().max() / ref.abs().max())
 
 
-def layer_case(conv, x, split):
+def layer_case(conv, x, split, device="cpu"):
     """Relative max error of a QuantLayer on the Triton kernel against its fake-quant reference, and the
     error of the fake-quant reference against the float conv (so the check is not vacuous)."""
+    conv, x = conv.to(device), x.to(device)
     w = conv.weight.detach()
     parts = [w] if not split else [w[:, :split], w[:, split:]]
     q = quant.QuantLayer(conv, [weight_qparams(p, fmt="fp8") for p in parts],
-                         [act_qparams_from_range(-3.0, 3.0, "fp8")] * len(parts), fmt="fp8", split=split)
+                         [act_qparams_from_range(-3.0, 3.0, "fp8")] * len(parts), fmt="fp8", split=split).to(device)
     with torch.no_grad():
         fake = q(x)
         q.set_mode("fp8").set_conv_kernel("triton")
@@ -59,6 +59,7 @@ class TwoConvs(nn.Module):
 
 
 def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.manual_seed(0)
     out = {"available_cpu": triton_available("cpu")}
     out["kernel"] = {

@@ -8,6 +8,8 @@ calls (buffers reused, APG momentum reset). Real CUDA-graph capture runs only wh
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -398,7 +400,8 @@ def test_pipeline_benchmark_refuses_cpu_and_smoke_runs_tiny(tmp_path, capsys):
     assert all(c["stock_over_graph"] > 0 and set(c["ms_per_image"]) == {"stock", "eager", "graph"}
                for c in results["cells"])  # fmt: skip
     assert results["images_agree"] and results["graph_vs_eager_image_max_abs_diff"] == 0.0  # static == eager on CPU
-    assert "stock/graph" in capsys.readouterr().out and out.is_file()
+    assert "stock/graph" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == results  # written after each cell, then whole
 
 
 # ------------------------------------------------------------------------------- StaticEngine vs EngineState

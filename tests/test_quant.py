@@ -697,7 +697,7 @@ def test_sd_shaped_unet_quantizes_and_runs_int8():
     _assert_real_path_matches_reference(q, unet, next(cal.batches(3)), "int8")
 
 
-def test_cuda_benchmark_script_fails_clearly_without_cuda():
+def _bench_quant_cuda_module():
     import importlib.util
     from pathlib import Path
 
@@ -705,10 +705,59 @@ def test_cuda_benchmark_script_fails_clearly_without_cuda():
     spec = importlib.util.spec_from_file_location("bench_quant_cuda", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # imports without a GPU
+    return module
+
+
+def test_cuda_benchmark_script_fails_clearly_without_cuda():
+    module = _bench_quant_cuda_module()
     if CUDA:
         pytest.skip("a GPU is present: the script would run")
     with pytest.raises(SystemExit, match=r"needs a CUDA GPU \(none visible to torch\)"):
         module.main(["--parts", "layers"])
+
+
+@pytest.mark.skipif("cpu" not in FP8_DEVICES, reason="this PyTorch build has no CPU float8 torch._scaled_mm")
+def test_cuda_benchmark_script_logic_on_cpu_and_partial_results(tmp_path, monkeypatch):
+    """The GPU-only parts of bench_quant_cuda.py run here on tiny shapes (CUDA events swapped for a call
+    counter), so a device session does not find their bugs; a run cut short keeps every cell it measured."""
+    bench = _bench_quant_cuda_module()
+    calls = {"n": 0, "limit": None}
+
+    def fake_ms(fn, repeats=1, warmup=0):
+        calls["n"] += 1
+        if calls["limit"] is not None and calls["n"] > calls["limit"]:
+            raise KeyboardInterrupt  # the device tool's time limit, say
+        fn()
+        return float(calls["n"])
+
+    monkeypatch.setattr(bench, "require_cuda", lambda: torch.device("cpu"))
+    monkeypatch.setattr(bench, "cuda_ms", fake_ms)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "cpu (test)")
+    monkeypatch.setattr(bench, "LINEARS", {"tiny": (4, 32, 16)})
+    monkeypatch.setattr(bench, "CONVS", {"tiny conv": (1, 8, 6)})
+    tiny = dict(sample_size=8, block_out_channels=(16, 32), cross_attention_dim=16, attention_head_dim=4,
+                layers_per_block=1, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    monkeypatch.setattr(bench, "UNETS", {"sdxl": tiny})
+    monkeypatch.setattr(bench, "TEXT_TOKENS", 5)
+    out = tmp_path / "r.json"
+    argv = ["--parts", "layers", "unet", "--unets", "sdxl", "--batches", "1", "2", "--formats", "fp8",
+            "--no-compile", "--out", str(out)]
+    assert bench.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert [row.get("layer", row.get("gemm")) for row in results["layers"]] == ["tiny", "tiny conv", "tiny"]
+    cells = results["unets"][0]["per_call_ms"]
+    assert set(cells) == {"1", "2"} and {"bf16", "fp8", "fp8-all", "bf16_over_fp8"} <= set(cells["2"])
+    assert "int8" not in cells["2"] and results["unets"][0]["fp8_weight_ratio"] < 0.6
+
+    calls["n"], calls["limit"] = 0, 3  # stopped during the fourth UNet timing (batch 2, fp8)
+    monkeypatch.setattr(bench, "bench_layers", lambda device, args, rows: None)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*argv, "--variants", "fp8", "--grid", "1"])
+    partial = json.loads(out.read_text())
+    kept = partial["unets"][0]["per_call_ms"]
+    assert partial["layers"] == [] and list(kept["1"]) == ["bf16", "fp8", "bf16_over_fp8"]
+    assert list(kept["2"]) == ["bf16"]
 
 
 class _TinyDenoiser(nn.Module):

@@ -62,6 +62,42 @@ def test_policy_times_and_sets_the_triton_kernel(interpreted):
         assert interpreted["policy_set"][name] == ["fp8", "triton"]
 
 
+def _case_functions():
+    spec = importlib.util.spec_from_file_location("_triton_conv_interp", ROOT / "tests" / "_triton_conv_interp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not triton_available("cuda"), reason="needs triton and a CUDA GPU with compute capability >= 8.9")
+def test_compiled_kernel_on_cuda_matches_reference():
+    """The kernel compiled for the GPU (Hopper-sized tiles, fp8 tensor cores) on the interpreter's cases plus
+    SD-sized ones whose M, N and K are not multiples of the GPU tiles. fp8 products are exact; the tolerance
+    allows for the tensor cores' reduced-precision fp32 accumulation."""
+    cases = _case_functions()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the reference conv in true float32
+    try:
+        torch.manual_seed(0)
+        kernel = {
+            "3x3 pad1 bias": cases.kernel_case(2, 6, 9, 9, 10, 3, 1, 1, 1, True, device="cuda"),
+            "3x3 stride2": cases.kernel_case(1, 5, 7, 8, 3, 3, 2, 1, 1, False, device="cuda"),
+            "1x1 wide": cases.kernel_case(2, 40, 5, 5, 70, 1, 1, 0, 1, True, device="cuda"),
+            "3x3 dilation2": cases.kernel_case(1, 4, 9, 9, 8, 3, 1, 2, 2, False, device="cuda"),
+            "SD-sized, ragged tiles": cases.kernel_case(2, 40, 48, 48, 160, 3, 1, 1, 1, True, device="cuda"),
+            "C320 @ 32^2": cases.kernel_case(2, 320, 32, 32, 320, 3, 1, 1, 1, True, device="cuda"),
+            "downsample C320": cases.kernel_case(2, 320, 32, 32, 320, 3, 2, 1, 1, True, device="cuda"),
+        }
+        layer = cases.layer_case(nn.Conv2d(64, 96, 3, padding=1), torch.randn(4, 64, 40, 40), 0, device="cuda")
+        split = cases.layer_case(nn.Conv2d(96, 64, 1), torch.randn(4, 96, 40, 40), 40, device="cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    for name, err in kernel.items():
+        assert err < 1e-3, (name, err)
+    for name, (real_vs_fake, fake_vs_float) in {"3x3": layer, "split 1x1": split}.items():
+        assert real_vs_fake < 1e-3 and fake_vs_float > 1e-3, (name, real_vs_fake, fake_vs_float)
+
+
 def test_conv_kernel_bad_input():
     conv = _fp8_conv(nn.Conv2d(4, 8, 3, padding=1))
     with pytest.raises(ValueError, match=r"`kernel` must be one of \['im2col', 'triton'\], got 'cudnn'"):

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, as one prepared run that fits a lent device machine's 10-minute command
+# (about 9 minutes on an H100 / H200). Stages run in order of importance, each under its own time limit, and
+# each benchmark writes its JSON after every measured cell, so a stage cut short keeps what it measured:
+#
+#   1. CUDA tests: real int8 / fp8 GEMMs vs the fake-quant reference, the Triton fp8 conv compiled for the
+#      GPU, FewstepPipeline's CUDA-graph mode vs eager, every sampler's loop captured in a CUDA graph;
+#   2. scripts/bench_pipeline_cuda.py: CUDA-graph vs eager vs stock diffusers, SD1.5-shaped, 8 / 20 NFE,
+#      batch 1, 2, 8 (issue 10's target: >= 2.5x over stock at batch 1-2);
+#   3. scripts/bench_quant_cuda.py, part unet: SDXL-shaped UNet, compiled, bf16 vs fp8 (the per-layer policy;
+#      every layer fp8 with every conv on the Triton kernel) at batch 16, then 8 (issue 12's target: fp8
+#      >= 1.3x over compiled bf16 at batch 8-16, >= 1.5x with 8-bit convs);
+#   4. scripts/bench_quant_cuda.py, part layers, eager: per-layer int8 / fp8 / Triton-conv timings.
+#
+# Usage. Here, once per checkout (diffusers and importlib_metadata are not on the device image):
+#     bash scripts/device_checks.sh --fetch-wheels        # pip download into .whl/ (git-ignored)
+# then one call of the device tool's `run` with carry [".whl"] and timeout_s 600:
+#     bash scripts/device_checks.sh
+# Results: $OUT/ (device_checks.log, tests.log, results_pipeline_cuda.json, results_quant_cuda_*.json).
+# QUICK=1 shrinks every stage (a smoke run of this script); STAGES="1 2" runs a subset.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0)
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    mkdir -p .whl
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "${WHEELS[@]}"
+    exit $?
+fi
+
+OUT="${OUT:-/tmp/fewstep-device}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/device_checks.log") 2>&1
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+QUICK="${QUICK:-0}"
+STAGES="${STAGES:-1 2 3 4}"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+python3 - <<'EOF' || exit 1
+import diffusers, torch
+from fewstep import quant
+from fewstep.quant.triton_conv import triton_available
+print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, cuda {torch.cuda.is_available()}, "
+      f"fp8 {quant.fp8_supported('cuda') if torch.cuda.is_available() else False}, "
+      f"triton conv {triton_available('cuda')}")
+EOF
+
+stage() {  # stage NUMBER SECONDS NAME COMMAND...
+    local n=$1 limit=$2 name=$3
+    shift 3
+    [[ " $STAGES " == *" $n "* ]] || return 0
+    echo "=== stage $n: $name (limit ${limit}s) ==="
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    echo "=== stage $n: rc $rc after $((SECONDS - start))s ==="
+}
+
+if [[ "$QUICK" == 1 ]]; then
+    pipe_args=(--steps 4 --batches 1 --repeats 1 --warmup 1)
+    unet_args=(--unets sd15 --batches 2 --formats fp8 --grid 1 --unet-repeats 2 --no-compile)
+    layer_args=(--repeats 3 --no-compile)
+else
+    pipe_args=(--steps 8,20 --batches 1,2,8 --repeats 3 --warmup 1)
+    unet_args=(--unets sdxl --batches 16 8 --formats fp8 --variants fp8 fp8-all-triton --grid 1 --unet-repeats 10)
+    layer_args=(--repeats 20 --no-compile)
+fi
+
+stage 1 120 "CUDA tests" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/test_quant.py tests/test_quant_triton.py tests/test_fewstep_pipeline_graph.py tests/test_no_sync.py \
+    -k "cuda or fp8 or triton" --junitxml="$OUT/tests.xml"
+stage 2 150 "pipeline CUDA graph vs eager vs stock" python3 scripts/bench_pipeline_cuda.py "${pipe_args[@]}" \
+    --out "$OUT/results_pipeline_cuda.json"
+stage 3 230 "SDXL-shaped UNet, compiled, bf16 vs fp8" python3 scripts/bench_quant_cuda.py --parts unet \
+    "${unet_args[@]}" --out "$OUT/results_quant_cuda_unet.json"
+stage 4 45 "per-layer 8-bit timings, eager" python3 scripts/bench_quant_cuda.py --parts layers "${layer_args[@]}" \
+    --out "$OUT/results_quant_cuda_layers.json"
+echo "device checks done in ${SECONDS}s; results in $OUT"
