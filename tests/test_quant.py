@@ -24,6 +24,7 @@ from fewstep.quant.quantizers import (
     search_act_range,
     weight_qparams,
 )
+from fewstep.quant.triton_conv import triton_available
 
 CUDA = torch.cuda.is_available()
 
@@ -573,6 +574,37 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fewstep generate: error: --quant-mode fp8 needs fp8 parameters; {str(out)!r} holds int8 "
                    "(use --quant-mode auto, fake or dequant)"]
+    assert main(["generate", "--quant", str(out), "--quant-conv-kernel", "triton", "--out", str(png), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"fewstep generate: error: --quant-conv-kernel triton runs fp8 convs: it needs fp8 parameters ({str(out)!r} "
+        "holds int8) and --quant-mode fp8 or auto (got auto)")
+
+
+@pytest.mark.skipif(triton_available("cpu") or CUDA, reason="checks the message where the Triton conv cannot run")
+def test_cli_triton_conv_kernel_without_triton_gpu(tmp_path, capsys):
+    from fewstep.cli import main
+
+    out, png = tmp_path / "q8", tmp_path / "s.png"
+    assert main(["quantize", "--out", str(out), "--format", "fp8", "--samples", "4", "--steps", "2", "--calib",
+                 "uniform", "--steps-kept", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    argv = ["generate", "--quant", str(out), "--quant-conv-kernel", "triton", "--out", str(png), "--quiet"]
+    assert main([*argv, "--quant-mode", "fake"]) == 2
+    assert "--quant-mode fp8 or auto (got fake)" in capsys.readouterr().err
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fewstep generate: error: --quant-conv-kernel triton: the Triton fp8 conv needs the `triton` "
+                          "package and a CUDA GPU") and "use conv kernel 'im2col'" in err
+    assert not png.exists()
+
+
+def test_cli_quant_choices_follow_the_library():
+    from fewstep.cli import build_parser
+
+    gen = build_parser()._subparsers._group_actions[0].choices["generate"]
+    choices = {a.dest: a.choices for a in gen._actions if a.dest in ("quant_mode", "quant_conv_kernel")}
+    assert set(choices["quant_mode"]) == set(quant.SETTABLE_MODES)
+    assert tuple(choices["quant_conv_kernel"]) == quant.CONV_KERNELS
 
 
 @pytest.mark.parametrize(("extra", "exclude", "count"), [

@@ -320,6 +320,9 @@ def _add_quant_generate_args(p_gen) -> None:
                        help="execution of the quantized layers: fake-quant reference, real int8 (_int_mm), fp8 "
                             "(CUDA SM>=8.9), dequant (8-bit storage, float compute); auto: each layer's own "
                             "8-bit format where the layer and device can run it, else fake")
+    p_gen.add_argument("--quant-conv-kernel", choices=["im2col", "triton"], default="im2col",
+                       help="fp8 convs: im2col + torch._scaled_mm (default), or the Triton implicit-GEMM fp8 conv "
+                            "(needs triton and a CUDA GPU with SM>=8.9)")
 
 
 def _apply_quant(args: argparse.Namespace, pipe):
@@ -336,10 +339,19 @@ def _apply_quant(args: argparse.Namespace, pipe):
     if mode in ("int8", "fp8") and mode != meta["format"]:
         raise UsageError(f"--quant-mode {mode} needs {mode} parameters; {args.quant!r} holds {meta['format']} "
                          f"(use --quant-mode auto, fake or dequant)")
+    kernel = getattr(args, "quant_conv_kernel", "im2col")
+    if kernel != "im2col" and (meta["format"] != "fp8" or mode not in ("fp8", "auto")):
+        raise UsageError(f"--quant-conv-kernel {kernel} runs fp8 convs: it needs fp8 parameters ({args.quant!r} holds "
+                         f"{meta['format']}) and --quant-mode fp8 or auto (got {mode})")
     try:
         pipe.unet = quant.load_quantized(unet, args.quant, mode=mode, inplace=True)
     except RuntimeError as exc:  # fp8 without a capable GPU: the message names the fallbacks
         raise UsageError(f"--quant-mode {mode}: {exc}") from None
+    if kernel != "im2col":
+        try:
+            quant.set_conv_kernel(pipe.unet, kernel)
+        except (RuntimeError, ValueError) as exc:  # no Triton / GPU, or no conv that can take it
+            raise UsageError(f"--quant-conv-kernel {kernel}: {exc}") from None
     return pipe
 
 
