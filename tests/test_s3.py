@@ -107,6 +107,105 @@ def test_bad_schedule_contents_and_mismatches(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# analytical first step (AFS)
+AFS_DECISIONS = [StepDecision("data", 1), StepDecision("noise", 2, corrector="unic"), StepDecision("data", 3),
+                 StepDecision("data", 2, points=(2,), coefficients="bh2"), StepDecision("data", 1)]
+AFS_TIMES = [999.0, 720.0, 431.0, 180.0, 45.0]
+
+
+@pytest.mark.parametrize("first", ["data", "noise"])
+def test_afs_equals_the_full_schedule_with_x0_zero_at_the_first_point(first):
+    """The oracle: an AFS schedule run in a diffusers loop (noise scaled by init_noise_sigma, NFE = points - 1)
+    equals the same schedule without AFS whose model returns exactly ``x0 = 0`` at the first time point --
+    including a second-order step and a corrector that use that analytic point."""
+    decisions = [StepDecision(first, 1), *AFS_DECISIONS[1:]]
+    model = TinyDenoiser(32)
+    full = S3(s3_schedule=SolverSchedule(AFS_TIMES, decisions).to_dict())
+    full.set_timesteps(5)
+    noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = noise.clone()
+    sigma0 = float(full.noise_schedule.alpha_sigma(np.asarray([AFS_TIMES[0]]))[1][0])
+    for k, t in enumerate(full.timesteps):
+        out = x / sigma0 if k == 0 else model(x, t)  # eps-prediction of x0 = 0 at the first point
+        x = full.step(out, t, x).prev_sample
+    schedule = SolverSchedule(AFS_TIMES, decisions, afs="zero_x0")
+    assert schedule.nfe == 4
+    afs = S3(s3_schedule=schedule.to_dict())
+    afs.set_timesteps(4)
+    assert afs.timesteps.tolist() == [720, 431, 180, 45] and afs.init_noise_sigma < 1.0
+    y = noise * afs.init_noise_sigma  # what a diffusers pipeline's prepare_latents does
+    calls = 0
+    for t in afs.timesteps:
+        y = afs.step(model(y, t), t, y).prev_sample
+        calls += 1
+    assert calls == 4
+    torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
+    # without the analytic point in the buffer (plain truncation) the second-order step differs
+    truncated = SolverSchedule(AFS_TIMES[1:], [StepDecision("noise", 1, corrector="unic"), StepDecision("data", 2),
+                                                *decisions[3:]])
+    z = noise * afs.init_noise_sigma
+    trunc = S3(s3_schedule=truncated.to_dict())
+    trunc.set_timesteps(4)
+    for t in trunc.timesteps:
+        z = trunc.step(model(z, t), t, z).prev_sample
+    assert (z - x).abs().max() > 1e-4
+
+
+def test_afs_schedule_round_trips_and_runs_in_the_functional_loop(tmp_path):
+    from fewstep.search.objectives import AnalyticObjective
+    from fewstep.solvers.engine import sample_loop
+
+    schedule = SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs="zero_x0", metadata={"model": "analytic"})
+    again = SolverSchedule.load(schedule.save(tmp_path / "afs.json"))
+    assert again.to_dict() == schedule.to_dict() and again.afs == "zero_x0" and again.nfe == 4
+    objective = AnalyticObjective(num_samples=50)
+    plan = schedule.plan(objective.noise_schedule)
+    assert plan.nfe == 4 and plan.analytic_start is not None
+    grid = plan.grid
+    calls = []
+
+    def pair_fn(x, i):
+        calls.append(i)
+        return objective.mixture.denoise(x, grid.alphas[i], grid.sigmas[i])
+
+    out = sample_loop(pair_fn, objective.x_start * plan.analytic_start.scale, plan)
+    assert calls == [0, 1, 2, 3]
+    rmse = float((out - objective.reference).pow(2).mean().sqrt())
+    assert objective(schedule) == pytest.approx(rmse, rel=1e-12)  # the objective scales the start itself
+    unscaled = sample_loop(pair_fn, objective.x_start, plan)
+    assert float((unscaled - objective.reference).pow(2).mean().sqrt()) != pytest.approx(rmse, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "afs, decisions, timesteps, match",
+    [
+        ("average_x0", AFS_DECISIONS, AFS_TIMES, r"`afs` must be None or one of \['zero_x0'\], got 'average_x0'"),
+        ("zero_x0", [StepDecision("data", 1)], [999.0], "needs at least 2 timesteps"),
+        ("zero_x0", [StepDecision("ems", 1), StepDecision()], [999.0, 500.0], "first-order 'data' or 'noise' ODE"),
+        ("zero_x0", [StepDecision("data", 1, stochastic=True), StepDecision()], [999.0, 500.0], "stochastic=True"),
+    ],
+)
+def test_bad_afs_schedules(afs, decisions, timesteps, match):
+    with pytest.raises(ValueError, match=match):
+        SolverSchedule(timesteps, decisions, afs=afs)
+
+
+def test_afs_schedules_refuse_graph_mode_and_nfe_mismatch():
+    from fewstep.solvers.static import check_static_plan
+
+    schedule = SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs="zero_x0")
+    sched = S3(s3_schedule=schedule.to_dict())
+    with pytest.raises(ValueError, match="the solver schedule has NFE 4, but num_inference_steps=5"):
+        sched.set_timesteps(5)
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match="analytical first step .* the static step does not model"):
+        check_static_plan(sched.plan)
+    data = dict(schedule.to_dict(), nfe=5)
+    with pytest.raises(ValueError, match="schedule says nfe=5 but its 5 timesteps make 4 model evaluations"):
+        SolverSchedule.from_dict(data)
+
+
+# ----------------------------------------------------------------------------------------------------
 # the search
 @pytest.fixture(scope="module")
 def analytic_objective():
@@ -153,6 +252,40 @@ def test_search_resumes_from_its_state(analytic_objective, tmp_path):
         search(analytic_objective, space, 0, progress=False)
     with pytest.raises(ValueError, match="`nfe` must be an integer >= 2, got 1"):
         SearchSpace(analytic_objective.noise_schedule, 1)
+
+
+def test_afs_search_space_keeps_the_nfe_through_every_operator(analytic_objective):
+    """With ``afs=True`` random schedules, seeds, mutation (which switches AFS on and off), crossover of
+    parents with and without AFS, and warm starts all give valid schedules of the space's NFE, and the
+    predictor's encoding has one length for both kinds."""
+    from fewstep.search import SearchSpace
+    from fewstep.search.s3_search import crossover, encode, mutate, random_schedule, seed_schedules, warm_start
+
+    space = SearchSpace(analytic_objective.noise_schedule, 5, afs=True)
+    rng = np.random.default_rng(0)
+    pool = seed_schedules(space) + [random_schedule(space, rng) for _ in range(20)]
+    assert {s.afs for s in pool} == {None, "zero_x0"}
+    for _ in range(200):
+        a, b = pool[rng.integers(len(pool))], pool[rng.integers(len(pool))]
+        pool.append(mutate(space, a, rng) if rng.random() < 0.5 else crossover(space, a, b, rng))
+    with_afs = SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs="zero_x0")  # NFE 4, fitted to 5
+    pool += warm_start(space, with_afs) + warm_start(space, SolverSchedule.from_dict(pool[0].to_dict()))
+    lengths = {encode(space, s).size for s in pool}
+    assert len(lengths) == 1
+    for schedule in pool:
+        assert schedule.nfe == 5, schedule.to_dict()
+        if schedule.afs:
+            assert len(schedule.timesteps) == 6 and schedule.decisions[0].order == 1
+            assert schedule.decisions[0].prediction == "data"
+        assert schedule.timesteps[0] == pytest.approx(space.t_max)
+        plan = schedule.plan(space.schedule)  # compiles: orders fit the buffer, AFS step first order
+        assert plan.nfe == 5 and (plan.analytic_start is not None) == (schedule.afs is not None)
+    assert sum(s.afs is not None for s in pool) > 20 and sum(s.afs is None for s in pool) > 20
+    plain = SearchSpace(analytic_objective.noise_schedule, 5)  # without AFS: never produced, dropped by warm start
+    assert all(s.afs is None for s in warm_start(plain, with_afs) + [random_schedule(plain, rng) for _ in range(20)])
+    assert all(s.nfe == 5 for s in warm_start(plain, with_afs))
+    with pytest.raises(ValueError, match="`afs` must be True or False, got 'yes'"):
+        SearchSpace(analytic_objective.noise_schedule, 5, afs="yes")
 
 
 def test_warm_start_fits_a_schedule_of_another_nfe_into_the_space(analytic_objective):

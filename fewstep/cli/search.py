@@ -33,7 +33,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         objective = DigitsMSEObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
     else:
         objective = DigitsObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
-    space = SearchSpace(objective.noise_schedule, args.nfe, ems=objective.ems)
+    space = SearchSpace(objective.noise_schedule, args.nfe, ems=objective.ems, afs=args.afs)
     initial = [_load_init_schedule(path, objective) for path in args.init or []]
     state = args.state or str(out) + ".state.json"
     result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
@@ -78,6 +78,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ems", default="auto",
                    help="DPM-Solver-v3 tables that make 'ems' a prediction type of the search: auto (the model's "
                         "shipped EMS, if any), none, or an EMS file (digits-eps)")
+    p.add_argument("--afs", action="store_true",
+                   help="let candidates take the analytical first step (x0 = 0 at t_max, no model call; USF's "
+                        "zero_x0) and spend the NFE after it")
     p.add_argument("--no-predictor", action="store_true", help="plain evolution (no performance predictor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", action="append", metavar="SCHEDULE",

@@ -227,7 +227,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         grid = self._grid(num_inference_steps, timesteps, sigmas, mu)
         decisions = self._grid_decisions(grid)
         self.plan = self._compile_plan(grid, decisions)
-        self.plan.momentum = self._momentum(grid, decisions)
+        if self.plan.analytic_start is None:
+            self.plan.momentum = self._momentum(grid, decisions)
+            self.init_noise_sigma = 1.0
+        else:  # an analytical first step (s3): the model's first call is at the plan's (later) first point
+            grid = self.plan.grid
+            self.init_noise_sigma = self.plan.analytic_start.scale
         self.num_inference_steps = grid.num_steps
         integral = np.all(grid.timesteps == np.round(grid.timesteps)) and not self.is_flow
         ts = torch.from_numpy(grid.timesteps.astype(np.int64 if integral else np.float32))

@@ -9,7 +9,7 @@ from diffusers.configuration_utils import register_to_config
 
 from ..solvers import grids
 from ..solvers.ems import EMS
-from ..solvers.engine import Plan, StepDecision, compile_plan
+from ..solvers.engine import Plan, StepDecision, compile_plan, with_analytic_first_step
 from ..solvers.s3 import SolverSchedule, schedule_fingerprint
 from .base import FewstepScheduler
 
@@ -39,6 +39,10 @@ class FewstepS3Scheduler(FewstepScheduler):
     the file for the requested NFE) or an inline dict; ``set_timesteps(num_inference_steps)`` must ask for
     the schedule's NFE, and the schedule's noise-schedule fingerprint (and ``s3_model``, when both name
     one) must match -- a schedule searched for another model or NFE is an error, never a silent fallback.
+
+    A schedule with an analytical first step (``afs="zero_x0"``) calls the model at its time points after the
+    first; ``set_timesteps`` then sets ``init_noise_sigma`` to ``sigma_1 / sigma_0``, which diffusers pipelines
+    apply to the initial noise (text-to-image; img2img-style partial sampling is not meaningful with AFS).
 
     Schedules may use DPM-Solver-v3 steps (``prediction="ems"``); those need the model's empirical model
     statistics in ``ems_file`` (a file from ``fewstep calibrate ems`` or a shipped name, e.g. ``"digits-eps"``;
@@ -142,4 +146,6 @@ class FewstepS3Scheduler(FewstepScheduler):
         return list(self._current.decisions)
 
     def _compile_plan(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> Plan:
-        return compile_plan(grid, decisions, ems=self._ems_grid)
+        plan = compile_plan(grid, decisions, ems=self._ems_grid)
+        # AFS: the model is first called at the second time point, on noise scaled by init_noise_sigma
+        return with_analytic_first_step(plan) if self._current.afs is not None else plan

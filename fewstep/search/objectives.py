@@ -49,7 +49,8 @@ class AnalyticObjective:
 
         plan = schedule.plan(self.noise_schedule, self.ems)
         grid = plan.grid
-        out = sample_loop(lambda x, i: self.mixture.denoise(x, grid.alphas[i], grid.sigmas[i]), self.x_start, plan)
+        start = self.x_start if plan.analytic_start is None else self.x_start * plan.analytic_start.scale
+        out = sample_loop(lambda x, i: self.mixture.denoise(x, grid.alphas[i], grid.sigmas[i]), start, plan)
         return (out - self.reference).pow(2).mean().sqrt().item()
 
 

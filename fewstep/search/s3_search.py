@@ -47,20 +47,25 @@ MetricFn = Callable[[SolverSchedule], float]
 class SearchSpace:
     """What the search may change, for one noise schedule and NFE (first time fixed at ``t_max``).
 
-    ``ems``: the model's DPM-Solver-v3 tables; with them ``"ems"`` is a prediction type of the search."""
+    ``ems``: the model's DPM-Solver-v3 tables; with them ``"ems"`` is a prediction type of the search.
+    ``afs``: the analytical first step joins the decisions -- a candidate may evaluate ``t_max`` analytically
+    (``x0 = 0``) and spend its ``nfe`` model calls on the time points after it."""
 
     schedule: NoiseSchedule
     nfe: int
     max_order: int = 3
     lambda_end: float | None = None  # last allowed evaluation point (default: lambda at t_min)
     ems: EMS | None = None
+    afs: bool = False
 
     def __post_init__(self) -> None:
         check_int("nfe", self.nfe, 2, numpy_ok=False)
+        if not isinstance(self.afs, bool):
+            raise ValueError(f"`afs` must be True or False, got {self.afs!r}")
         if self.ems is not None and not isinstance(self.ems, EMS):
             raise ValueError(f"`ems` must be fewstep.solvers.ems.EMS tables or None, got {type(self.ems).__name__}")
-        if self.ems is not None and self.nfe > self.ems.num_points - 1:
-            raise ValueError(f"`nfe` {self.nfe} needs at least {self.nfe + 1} EMS grid points, the EMS have "
+        if self.ems is not None and self.nfe + self.afs > self.ems.num_points - 1:
+            raise ValueError(f"`nfe` {self.nfe} needs at least {self.nfe + self.afs + 1} EMS grid points, the EMS have "
                              f"{self.ems.num_points}")
         if not 1 <= self.max_order <= 4:
             raise ValueError(f"`max_order` must be in [1, 4], got {self.max_order!r}")
@@ -124,17 +129,24 @@ def _snap_positions(space: SearchSpace, pos: np.ndarray) -> np.ndarray:
     return (ems.lambdas[idx] - space.lambda_start) / (space.lambda_end - space.lambda_start)
 
 
-def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecision]) -> SolverSchedule:
+AFS_DECISION = StepDecision("data", 1)  # the analytic step's own decision (x_1 = sigma_1/sigma_0 x_0 in any form)
+
+
+def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecision],
+            afs: bool = False) -> SolverSchedule:
     """Make a candidate valid: distinct sorted positions, orders within the buffer, no final corrector; EMS
-    steps only with EMS (never the final step onto clean data) and with their positions on the EMS grid."""
+    steps only with EMS (never the final step onto clean data) and with their positions on the EMS grid; with
+    ``afs`` (the space must allow it) the first step is the analytic one (first order; its corrector gene kept)
+    and the candidate has ``nfe + 1`` time points."""
+    afs = bool(afs and space.afs)
+    n = space.nfe + afs  # time points
     pos = np.clip(np.sort(positions), 1e-3, 1.0)
-    min_gap = 0.25 / space.nfe
+    min_gap = 0.25 / n
     for i in range(1, pos.size):
         pos[i] = max(pos[i], pos[i - 1] + min_gap)
     if pos.size and pos[-1] > 1.0:  # squeeze back under the end
         pos = np.linspace(min_gap, 1.0, pos.size) * 0.5 + pos / pos[-1] * 0.5
     out = []
-    n = space.nfe
     for i, d in enumerate(decisions):
         order = max(1, min(d.order, i + 1, space.max_order))
         corrector = d.corrector if i < n - 1 else "none"
@@ -145,6 +157,8 @@ def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecis
                 pred = "data"  # v3 steps stay on the EMS grid; its final step is this first-order data step
         if pred == "ems" and space.ems is None:
             pred = "data"
+        if i == 0 and afs:
+            pred, order, rule, relax = AFS_DECISION.prediction, 1, AFS_DECISION.coefficients, 0.0
         if pred == "ems":
             rule, relax = "taylor", 0.0
         pseudo = d.pseudo and rule == "taylor" and order > 2
@@ -159,13 +173,24 @@ def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecis
     times = space.times(pos)
     if len(set(times)) != len(times) or np.any(np.diff(times) >= 0):
         times = space.times(np.linspace(1.0 / n, 1.0, n - 1))
-    return SolverSchedule(times, out, "zero")
+    return SolverSchedule(times, out, "zero", afs="zero_x0" if afs else None)
+
+
+def _model_steps(schedule: SolverSchedule) -> tuple[np.ndarray, list[StepDecision]]:
+    """Where the model evaluates (positions along lambda in [0, 1]; ``t_max`` is 0) and the decision of the
+    step each evaluation starts: the same length (the NFE) with or without an analytical first step."""
+    return np.asarray(schedule.timesteps[1:] if schedule.afs else schedule.timesteps), (
+        schedule.decisions[1:] if schedule.afs else list(schedule.decisions))
 
 
 def encode(space: SearchSpace, schedule: SolverSchedule) -> np.ndarray:
-    """Fixed-length features: interior positions, then per step type, order, rule, relaxation, corrector."""
-    feats = list(space.positions(schedule))
-    for d in schedule.decisions:
+    """Fixed-length features, aligned by model evaluation: the AFS flag and its step's corrector, the
+    evaluation positions (``t_max`` = 0), then per evaluation's step type, order, rule, relaxation, corrector."""
+    times, decisions = _model_steps(schedule)
+    lam = np.asarray(space.schedule.lambda_(times))
+    feats = [schedule.afs is not None, schedule.afs is not None and schedule.decisions[0].corrector == "unic"]
+    feats += list((lam - space.lambda_start) / (space.lambda_end - space.lambda_start))
+    for d in decisions:
         feats += [d.prediction == "data", d.prediction == "ems", d.order / space.max_order,
                   *[d.coefficients == r for r in _RULES], d.relaxation, d.corrector == "unic", d.pseudo,
                   d.corrector_pseudo]
@@ -173,7 +198,8 @@ def encode(space: SearchSpace, schedule: SolverSchedule) -> np.ndarray:
 
 
 def random_schedule(space: SearchSpace, rng: np.random.Generator) -> SolverSchedule:
-    n = space.nfe
+    afs = space.afs and rng.random() < 0.3
+    n = space.nfe + afs  # time points
     positions = np.sort(rng.uniform(0.02, 1.0, n - 1))
     kinds, probs = (["data", "noise"], [0.7, 0.3]) if space.ems is None else (["data", "noise", "ems"], [0.4, 0.2, 0.4])
     decisions = [
@@ -186,7 +212,7 @@ def random_schedule(space: SearchSpace, rng: np.random.Generator) -> SolverSched
         )
         for _ in range(n)
     ]
-    return _repair(space, positions, decisions)
+    return _repair(space, positions, decisions, afs)
 
 
 def seed_schedules(space: SearchSpace) -> list[SolverSchedule]:
@@ -216,6 +242,10 @@ def seed_schedules(space: SearchSpace) -> list[SolverSchedule]:
         v3 = dpm_solver_v3_decisions(n, solver_order=2)
         for pos in [(lam_q - space.lambda_start) / (space.lambda_end - space.lambda_start), *positions]:
             out.append(_repair(space, pos, v3))
+    if space.afs:  # DPM-Solver++ 2M and UniPC-2 bh2 after an analytical first step, uniform in lambda
+        pos = np.linspace(1.0, float(n), n) / (n + 1)
+        out.append(_repair(space, pos, dpm_solver_decisions(n + 1, 2), afs=True))
+        out.append(_repair(space, pos, unipc_decisions(n + 1, 2, solver_type="bh2"), afs=True))
     return out
 
 
@@ -238,11 +268,13 @@ def warm_start(space: SearchSpace, schedule: SolverSchedule) -> list[SolverSched
     neighbouring NFE): the same NFE is repaired as it is; a shorter schedule gets one candidate per step
     in which a new evaluation is inserted midway (in lambda), with the decision of the step it splits, then
     further ones in the widest gaps until the NFE fits; a longer one gets one candidate per interior evaluation
-    removed, then further ones at the narrowest gaps. Candidates are repaired into the space (``_repair``)."""
+    removed, then further ones at the narrowest gaps. Candidates are repaired into the space (``_repair``); an
+    analytical first step is kept where the space allows it (else ``t_max`` becomes a model evaluation)."""
     if not isinstance(schedule, SolverSchedule):
         raise TypeError(f"`schedule` must be a SolverSchedule, got {type(schedule).__name__}")
+    afs = schedule.afs is not None and space.afs
     pos, dec = [float(p) for p in space.positions(schedule)], list(schedule.decisions)
-    n, m = space.nfe, len(dec)
+    n, m = space.nfe + afs, len(dec)  # time points wanted / given
     if m == n:
         variants = [(pos, dec)]
     elif m < n:
@@ -257,23 +289,37 @@ def warm_start(space: SearchSpace, schedule: SolverSchedule) -> list[SolverSched
         while len(d) > n:
             widths = np.diff([0.0, *p])
             p, d = _delete_step(p, d, int(np.argmin(widths)) + 1 if len(p) else 1)
-        candidate = _repair(space, np.asarray(p), d)
+        candidate = _repair(space, np.asarray(p), d, afs)
         if _key(candidate) not in seen:
             seen.add(_key(candidate))
             out.append(candidate)
     return out
 
 
+def _toggle_afs(pos: np.ndarray, decisions: list[StepDecision], afs: bool) -> tuple[np.ndarray, list, bool]:
+    """Switch the analytical first step at the same NFE. On: ``t_max`` turns analytic and a model evaluation
+    is added midway (in lambda) to the next point, taking over the first step's decision. Off: the first model
+    evaluation is dropped and ``t_max`` becomes a model evaluation with that evaluation's decision."""
+    if afs:
+        return pos[1:], decisions[1:], False
+    first = pos[0] if pos.size else 1.0
+    return np.concatenate([[0.5 * first], pos]), [AFS_DECISION, *decisions], True
+
+
 def mutate(space: SearchSpace, schedule: SolverSchedule, rng: np.random.Generator) -> SolverSchedule:
-    """USF mutation: each decision changes with a small probability; time points jitter in lambda."""
+    """USF mutation: each decision changes with a small probability; time points jitter in lambda; with an
+    AFS space the analytical first step is switched on or off (same NFE) with probability 0.1."""
     pos = space.positions(schedule).copy()
+    decisions, afs = list(schedule.decisions), schedule.afs is not None and space.afs
+    if space.afs and rng.random() < 0.1:
+        pos, decisions, afs = _toggle_afs(pos, decisions, afs)
     if pos.size:
         if rng.random() < 0.5:
             pos = pos + rng.normal(0, 0.3 / space.nfe, pos.size)
         if rng.random() < 0.2:  # delete a step and add one elsewhere (keeps the NFE)
             pos[rng.integers(pos.size)] = rng.uniform(0.02, 1.0)
     out = []
-    for d in schedule.decisions:
+    for d in decisions:
         pred, order, rule, relax, corr = d.prediction, d.order, d.coefficients, d.relaxation, d.corrector
         pseudo, c_pseudo = d.pseudo, d.corrector_pseudo
         if rng.random() < 0.15:
@@ -293,16 +339,23 @@ def mutate(space: SearchSpace, schedule: SolverSchedule, rng: np.random.Generato
             if rng.random() < 0.15:
                 c_pseudo = not c_pseudo
         out.append(_decision(pred, order, rule, relax, corr, pseudo, c_pseudo))
-    return _repair(space, pos, out)
+    return _repair(space, pos, out, afs)
 
 
 def crossover(space: SearchSpace, a: SolverSchedule, b: SolverSchedule, rng: np.random.Generator) -> SolverSchedule:
-    """Per-step genes from either parent ("deep crossover"); time points from one parent or their mean."""
+    """Per-step genes from either parent ("deep crossover", aligned by model evaluation); time points from one
+    parent or their mean (parents with and without an analytical first step: the points and the AFS choice
+    come from one parent)."""
     pa, pb = space.positions(a), space.positions(b)
     choice = rng.random()
+    if (a.afs is None) != (b.afs is None) and choice >= 0.8:
+        choice = rng.random() * 0.8
     pos = pa if choice < 0.4 else pb if choice < 0.8 else 0.5 * (pa + pb)
-    genes = [da if rng.random() < 0.5 else db for da, db in zip(a.decisions, b.decisions)]
-    return _repair(space, pos, genes)
+    lead = b if 0.4 <= choice < 0.8 else a
+    genes = [da if rng.random() < 0.5 else db for da, db in zip(_model_steps(a)[1], _model_steps(b)[1])]
+    if lead.afs is not None:
+        genes = [lead.decisions[0], *genes]
+    return _repair(space, pos, genes, lead.afs is not None)
 
 
 @dataclass

@@ -38,6 +38,13 @@ nearest points (divided differences) instead of the Taylor fit through all point
 **Corrector.** ``"unic"``: after the model is evaluated at the predicted ``x_t``, the same transition is
 redone with the new point among the derivative points (UniC of UniPC; the "pseudo" corrector of
 USF/DPM-Solver-v3), at no extra NFE. The buffered evaluation keeps the uncorrected ``x^eval``.
+
+**Analytical first step** (AFS, USF's ``zero_x0``; ``with_analytic_first_step``): the evaluation at the first
+time point ``t_0`` is not a model call but the pair ``x0 = 0, eps = x_0 / sigma_0``, so its first-order step is
+``x_1 = (sigma_1 / sigma_0) x_0`` and the plan starts at ``t_1`` (the caller scales the initial noise by
+``AnalyticStart.scale``). The engine buffers that analytic point before the first real evaluation, so later
+steps may use it as a derivative point (and the first real step's corrector may correct from it): one NFE
+saved.
 """
 
 from __future__ import annotations
@@ -68,6 +75,8 @@ __all__ = [
     "Evaluation",
     "sample_loop",
     "EMSGrid",
+    "AnalyticStart",
+    "with_analytic_first_step",
 ]
 
 PREDICTIONS = ("data", "noise", "ems")
@@ -198,6 +207,8 @@ class Plan:
     #: optional heavy-ball/GHVB momentum per transition ``i -> i+1`` (``None`` entries: plain step); the
     #: transition is realised by step ``i``'s predictor, or by step ``i+1``'s corrector when one follows.
     momentum: list[MomentumStep | None] | None = None
+    #: the analytical first step this plan starts after (``with_analytic_first_step``), or ``None``
+    analytic_start: AnalyticStart | None = None
 
     @property
     def num_steps(self) -> int:
@@ -375,6 +386,43 @@ def compile_plan(
     return Plan(grid, decisions, steps, need + extra_buffer)
 
 
+@dataclass(frozen=True)
+class AnalyticStart:
+    """USF's analytical first step ``zero_x0`` at time point ``t_0``: the pair ``(0, x_0 / sigma)`` stands in
+    for the model there, and the plan begins at ``t_1`` with ``x_1 = scale * x_0`` (``scale = sigma_1 / sigma_0``,
+    the first-order step from that pair in either prediction form)."""
+
+    alpha: float
+    sigma: float
+    scale: float
+
+
+def with_analytic_first_step(plan: Plan) -> Plan:
+    """The plan that skips the model call at ``plan``'s first point: its steps and grid from point 1 on, with
+    the analytic evaluation ``x0 = 0, eps = x_0 / sigma_0`` buffered first (``AnalyticStart``).
+
+    Step 0 of ``plan`` is the analytic step itself; it must be a first-order data/noise ODE step (so that it
+    is exactly ``x_1 = (sigma_1 / sigma_0) x_0``), and the plan needs at least one model evaluation after it.
+    Derivative points and correctors of the later steps refer to buffer offsets, so they keep their meaning.
+    """
+    if plan.num_steps < 2:
+        raise ValueError("an analytical first step needs at least one model evaluation after it (2+ time points)")
+    if plan.analytic_start is not None:
+        raise ValueError("this plan already starts with an analytical first step")
+    d = plan.decisions[0]
+    if d.order != 1 or d.prediction == "ems" or d.stochastic:
+        raise ValueError(
+            "the analytical first step must be a first-order data or noise ODE step (x_1 = sigma_1/sigma_0 x_0), "
+            f"got prediction={d.prediction!r}, order={d.order}, stochastic={d.stochastic}"
+        )
+    if plan.momentum is not None:
+        raise ValueError("an analytical first step cannot be combined with momentum")
+    g = plan.grid
+    grid = TimeGrid(g.timesteps[1:], g.alphas[1:], g.sigmas[1:])
+    start = AnalyticStart(float(g.alphas[0]), float(g.sigmas[0]), float(g.sigmas[1] / g.sigmas[0]))
+    return Plan(grid, plan.decisions[1:], plan.steps[1:], plan.buffer_size, dict(plan.extra), None, start)
+
+
 @dataclass
 class Evaluation:
     """One buffered model evaluation: where it was taken and its ``(x0, eps)`` pair."""
@@ -448,6 +496,11 @@ class EngineState:
 
         ``noise``: fresh standard normal noise for a stochastic step (ignored by ODE steps)."""
         step = self.plan.steps[i]
+        start = self.plan.analytic_start
+        if start is not None and i == 0:  # the analytic evaluation at t_0, then this one (at t_1)
+            x_first = x_eval / start.scale
+            self.buffer = [Evaluation(x_first, torch.zeros_like(x_eval), x_first / start.sigma)]
+            self.last_sample = x_first
         self.buffer.append(Evaluation(x_eval, x0, eps))
         if len(self.buffer) > self.plan.buffer_size:
             del self.buffer[0]
@@ -477,6 +530,9 @@ def sample_loop(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Functional sampler: ``pair_fn(x, i) -> (x0, eps)`` evaluates the model at grid point ``i``.
+
+    ``x_start`` is the sample at the plan's first grid point; a plan with an analytical first step starts one
+    point later: pass the initial noise times ``plan.analytic_start.scale``.
 
     Stochastic steps draw their noise from ``generator`` (on the sample's device)."""
     state = EngineState(plan, hooks)

@@ -9,9 +9,10 @@ dedicated schedulers), and S^3's search only produces schedules.
 Supported decisions: timestep, prediction type (data/noise, or ``"ems"``: DPM-Solver-v3's per-element
 reparameterisation, which needs the model's empirical model statistics), order 1-5, derivative points, coefficient
 rule, linear relaxation ``c`` (first derivative scaled by ``1 + c h``), pseudo corrector (``"unic"``: no
-extra NFE). Not supported: the implicit corrector (+1 NFE, probability 0 in the published search
-configs), the analytical first step and U-Net skip coefficients (both change the model call, which a
-diffusers scheduler does not control).
+extra NFE), and the analytical first step (``afs="zero_x0"``: the first time point's evaluation is ``x0 = 0``,
+not a model call; one NFE saved; see ``engine.with_analytic_first_step``). Not supported: the implicit
+corrector (+1 NFE, probability 0 in the published search configs), the ``average_x0`` AFS (it needs the data
+mean) and U-Net skip coefficients (they change the model, which a diffusers scheduler does not control).
 
 A schedule with ``"ems"`` steps runs only with EMS tables (``plan(schedule, ems=...)``; the ``s3`` scheduler's
 ``ems_file``): all its time points are then snapped to the nearest EMS grid point, as DPM-Solver-v3 does, so
@@ -30,13 +31,15 @@ from typing import Any
 import numpy as np
 
 from .ems import EMS, snap_grid
-from .engine import EMSGrid, Plan, StepDecision, compile_plan
+from .engine import EMSGrid, Plan, StepDecision, compile_plan, with_analytic_first_step
 from .grids import TimeGrid
 from .schedules import NoiseSchedule
 
-__all__ = ["SolverSchedule", "SCHEDULE_VERSION", "decisions_from_dicts", "schedule_fingerprint"]
+__all__ = ["SolverSchedule", "SCHEDULE_VERSION", "AFS_KINDS", "decisions_from_dicts", "schedule_fingerprint"]
 
 SCHEDULE_VERSION = 1
+#: analytical first steps a schedule may start with (USF): ``zero_x0`` takes ``x0 = 0`` at the first time point
+AFS_KINDS = ("zero_x0",)
 _DECISION_KEYS = {
     "prediction", "order", "points", "coefficients", "relaxation", "corrector", "stochastic", "pseudo",
     "corrector_order", "corrector_pseudo",
@@ -77,12 +80,17 @@ def decisions_from_dicts(items: Sequence[Mapping[str, Any]]) -> list[StepDecisio
 
 @dataclass
 class SolverSchedule:
-    """Per-step decisions + time points (+ free-form metadata such as model and schedule config)."""
+    """Per-step decisions + time points (+ free-form metadata such as model and schedule config).
+
+    ``afs="zero_x0"``: the first time point is evaluated analytically (``x0 = 0``), not by the model, so the
+    NFE is one less than the number of time points and the first decision must be a first-order data or
+    noise step; samplers start from noise scaled by ``sigma_1 / sigma_0`` at the second time point."""
 
     timesteps: list[float]
     decisions: list[StepDecision]
     final: str | float = "zero"
     metadata: dict = field(default_factory=dict)
+    afs: str | None = None
 
     def __post_init__(self) -> None:
         ts = np.asarray(self.timesteps, dtype=np.float64).reshape(-1)
@@ -96,6 +104,19 @@ class SolverSchedule:
         for i, d in enumerate(self.decisions):
             if not isinstance(d, StepDecision):
                 raise TypeError(f"decisions[{i}] must be a StepDecision, got {type(d).__name__}")
+        if self.afs is not None:
+            if self.afs not in AFS_KINDS:
+                raise ValueError(f"`afs` must be None or one of {list(AFS_KINDS)}, got {self.afs!r}")
+            if ts.size < 2:
+                raise ValueError("a schedule with an analytical first step (`afs`) needs at least 2 timesteps: the "
+                                 "analytic one and one model evaluation")
+            first = self.decisions[0]
+            if first.order != 1 or first.prediction == "ems" or first.stochastic:
+                raise ValueError(
+                    "with `afs` the first decision is the analytical step: it must be a first-order 'data' or "
+                    f"'noise' ODE step, got prediction={first.prediction!r}, order={first.order}, "
+                    f"stochastic={first.stochastic}"
+                )
         if isinstance(self.final, str):
             if self.final != "zero":
                 raise ValueError(f"`final` must be 'zero' or a model time below the last timestep, got {self.final!r}")
@@ -109,7 +130,8 @@ class SolverSchedule:
 
     @property
     def nfe(self) -> int:
-        return len(self.timesteps)
+        """Model evaluations: one per time point, less the analytic first one (``afs``)."""
+        return len(self.timesteps) - (self.afs is not None)
 
     @property
     def ems_steps(self) -> list[int]:
@@ -167,7 +189,8 @@ class SolverSchedule:
 
         ``ems``: DPM-Solver-v3 tables of the model, required when the schedule has ``"ems"`` steps."""
         grid, ems_grid = self.ems_grid(schedule, ems)
-        return compile_plan(grid, self.decisions, ems=ems_grid)
+        plan = compile_plan(grid, self.decisions, ems=ems_grid)
+        return with_analytic_first_step(plan) if self.afs is not None else plan
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -178,7 +201,7 @@ class SolverSchedule:
             steps.append(item)
         return {
             "version": SCHEDULE_VERSION, "nfe": self.nfe, "timesteps": self.timesteps, "final": self.final,
-            "decisions": steps, "metadata": self.metadata,
+            "afs": self.afs, "decisions": steps, "metadata": self.metadata,
         }
 
     @classmethod
@@ -191,9 +214,10 @@ class SolverSchedule:
                 f"schedule format version {version!r} is not supported (this fewstep reads {SCHEDULE_VERSION})"
             )
         out = cls(list(data["timesteps"]), decisions_from_dicts(data["decisions"]), data.get("final", "zero"),
-                  dict(data.get("metadata") or {}))
+                  dict(data.get("metadata") or {}), data.get("afs"))
         if "nfe" in data and data["nfe"] != out.nfe:
-            raise ValueError(f"schedule says nfe={data['nfe']} but has {out.nfe} timesteps")
+            raise ValueError(f"schedule says nfe={data['nfe']} but its {len(out.timesteps)} timesteps make "
+                             f"{out.nfe} model evaluations")
         return out
 
     def save(self, path: str | Path) -> Path:

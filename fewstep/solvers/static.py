@@ -43,6 +43,11 @@ def check_static_plan(plan: Plan, hooks: Sequence = ()) -> None:
             "momentum samplers (hb, ghvb) carry a direction history that the static step does not model; "
             "use ddim, dpm-solver++, unipc or dpm-solver-v3 in graph mode"
         )
+    if plan.analytic_start is not None:
+        raise ValueError(
+            "solver schedules with an analytical first step (s3, afs='zero_x0') buffer an extra analytic point that "
+            "the static step does not model; run them eagerly, or use a schedule without `afs` in graph mode"
+        )
     if hooks:
         raise ValueError(
             f"samplers with step hooks ({', '.join(type(h).__name__ for h in hooks)}: DC-Solver, FlowChef) "
