@@ -4,12 +4,14 @@ vs plain evolutionary search at equal evaluation budget.
 
     python scripts/bench_s3.py heldout --nfe 4 5 6 --sets 4 --out scripts/results_s3.json
     python scripts/bench_s3.py predictor --nfe 5 --budget 60 --repeats 3
+    python scripts/bench_s3.py afs --nfe 3 4 5 6 --budget 60 --repeats 3 --out scripts/results_s3.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -134,6 +136,24 @@ def predictor(nfe: int, budget: int, repeats: int) -> dict:
     return out
 
 
+def afs_ablation(nfes: list[int], budget: int, repeats: int) -> dict:
+    """The analytical first step in the search space or not, at equal budget: geometric mean over ``repeats``
+    searches of the best RMSE (analytic reference, the search's own 500 points) and how many winners use AFS."""
+    objective = AnalyticObjective(num_samples=500)
+    out = {"budget": budget, "repeats": repeats, "rows": []}
+    for nfe in nfes:
+        row = {"nfe": nfe}
+        for afs in (False, True):
+            results = [search(objective, SearchSpace(objective.noise_schedule, nfe, afs=afs), budget, seed=r,
+                              progress=False).best for r in range(repeats)]
+            row["with AFS" if afs else "without AFS"] = float(np.exp(np.mean(np.log([v for _, v in results]))))
+            if afs:
+                row["winners using AFS"] = sum(s.afs is not None for s, _ in results)
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -154,6 +174,11 @@ def main() -> None:
     q.add_argument("--nfe", type=int, default=5)
     q.add_argument("--budget", type=int, default=60)
     q.add_argument("--repeats", type=int, default=3)
+    a = sub.add_parser("afs", help="analytical first step in the search space or not, equal budget (analytic)")
+    a.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6])
+    a.add_argument("--budget", type=int, default=60)
+    a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--out", default=None, help="store the rows under 'analytic-afs' in this results JSON")
     args = parser.parse_args()
     if args.what == "heldout":
         result = {} if args.skip_analytic else {"analytic": heldout_analytic(args.nfe)}
@@ -166,6 +191,12 @@ def main() -> None:
                 json.dump(result, fh, indent=1)
     elif args.what == "heldout-mse":
         heldout_mse(args.schedule)
+    elif args.what == "afs":
+        rows = afs_ablation(args.nfe, args.budget, args.repeats)
+        if args.out:
+            results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+            results["analytic-afs"] = rows
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     else:
         predictor(args.nfe, args.budget, args.repeats)
 
