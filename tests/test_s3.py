@@ -200,6 +200,9 @@ def test_afs_schedules_refuse_graph_mode_and_nfe_mismatch():
     sched.set_timesteps(4)
     with pytest.raises(ValueError, match="analytical first step .* the static step does not model"):
         check_static_plan(sched.plan)
+    with pytest.raises(ValueError, match="`begin_index` 2: this solver schedule starts with an analytical first"):
+        sched.set_begin_index(2)
+    sched.set_begin_index(0)
     data = dict(schedule.to_dict(), nfe=5)
     with pytest.raises(ValueError, match="schedule says nfe=5 but its 5 timesteps make 4 model evaluations"):
         SolverSchedule.from_dict(data)

@@ -145,6 +145,17 @@ class FewstepS3Scheduler(FewstepScheduler):
     def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:
         return list(self._current.decisions)
 
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """As diffusers' (img2img starts part-way); refused for a schedule with an analytical first step, whose
+        analytic point only exists at the start."""
+        plan = self.plan
+        if plan is not None and plan.analytic_start is not None and begin_index != 0:
+            raise ValueError(
+                f"`begin_index` {begin_index!r}: this solver schedule starts with an analytical first step (afs), "
+                "which only applies to sampling from pure noise; use a schedule without `afs` for img2img"
+            )
+        super().set_begin_index(begin_index)
+
     def _compile_plan(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> Plan:
         plan = compile_plan(grid, decisions, ems=self._ems_grid)
         # AFS: the model is first called at the second time point, on noise scaled by init_noise_sigma
