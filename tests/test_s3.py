@@ -560,3 +560,20 @@ def test_digits_objective_records_the_ems_digest():
     meta = objective.metadata()
     assert meta["ems"] == "digits-eps" and meta["ems_digest"] == objective.ems.digest
     assert "ems_digest" not in DigitsObjective(classes=(0, 1), num_per_class=1, ems=None).metadata()
+
+
+def test_generate_with_s3_on_the_default_model_picks_the_shipped_schedule(tmp_path, capsys):
+    """`fewstep generate --sampler s3` needs no options on a model with shipped schedules; an NFE without one is
+    a usage error listing the shipped NFEs."""
+    from fewstep.cli import main
+    from fewstep.pipelines.defaults import default_sampler_options
+
+    assert default_sampler_options("digits-eps", "s3", with_schedule=True)["s3_schedule"] == "digits-eps"
+    assert default_sampler_options("analytic", "s3", with_schedule=True) == {"s3_schedule": "analytic"}
+    assert "s3_schedule" not in default_sampler_options("digits-eps", "s3")  # callers that pass their own
+    assert "s3_schedule" not in default_sampler_options("digits-eps", "dpm-solver-v3", with_schedule=True)
+    out = tmp_path / "s.png"
+    assert main(["generate", "--sampler", "s3", "--steps", "4", "--num-images", "2", "--out", str(out), "--quiet"]) == 0
+    assert out.is_file()
+    assert main(["generate", "--sampler", "s3", "--steps", "7", "--out", str(tmp_path / "t.png"), "--quiet"]) == 2
+    assert "no shipped 'digits-eps' schedule for NFE 7; shipped NFEs: [4, 5, 6, 8, 10]" in capsys.readouterr().err

@@ -273,7 +273,7 @@ def _check_cell(cell: Cell, model_config: dict[str, Any]) -> None:
     model is reported before anything runs."""
     try:
         sched = sampler_registry.from_config(cell.sampler, model_config,
-                                             **default_sampler_options(cell.model, cell.sampler))
+                                             **default_sampler_options(cell.model, cell.sampler, with_schedule=True))
         # dynamic-shift models (Flux) get their mu from the image size at run time; any value checks the grid
         sched.set_timesteps(cell.steps, mu=1.0 if model_config.get("use_dynamic_shifting") else None)
     except (ValueError, TypeError) as exc:
@@ -466,7 +466,7 @@ class _DigitsWorld:
         reference = self.reference(cell.guidance, cell.guidance_scale)
         self._use(cell.guidance, cell.guidance_scale)
         sched = sampler_registry.from_config(cell.sampler, self.objective.model_config,
-                                             **default_sampler_options(cell.model, cell.sampler))
+                                             **default_sampler_options(cell.model, cell.sampler, with_schedule=True))
         images, seconds = self.generate(sched, cell.steps)
         fd, accuracy = self.objective.score(images)
         if self.extractor is not None:

@@ -32,10 +32,13 @@ def default_model_path(name: str) -> Path:
     return path
 
 
-def default_sampler_options(model: str, sampler: str | None) -> dict:
+def default_sampler_options(model: str, sampler: str | None, with_schedule: bool = False) -> dict:
     """Options a sampler needs to run on an embedded model out of the box: the shipped DPM-Solver-v3 EMS
     (``ems_file``/``ems_model``, and the time grid measured best with them) for ``dpm-solver-v3`` on a model
-    that has them, and the same EMS for ``s3`` (searched schedules may use DPM-Solver-v3 steps); else nothing."""
+    that has them, and the same EMS for ``s3`` (searched schedules may use DPM-Solver-v3 steps); with
+    ``with_schedule`` also the model's shipped searched schedules for ``s3`` (``s3_schedule``: picked by NFE in
+    ``set_timesteps``) -- for callers that do not pass a schedule themselves; else nothing."""
+    options: dict = {}
     if sampler in ("dpm-solver-v3", "s3"):
         from ..samplers.dpm_solver_v3 import SHIPPED_EMS, SHIPPED_EMS_TIME_GRID
 
@@ -43,8 +46,12 @@ def default_sampler_options(model: str, sampler: str | None) -> dict:
             options = {"ems_file": model, "ems_model": model}
             if sampler == "dpm-solver-v3":
                 options["time_grid"] = SHIPPED_EMS_TIME_GRID[model]
-            return options
-    return {}
+    if sampler == "s3" and with_schedule:
+        from ..samplers.s3 import SHIPPED_SCHEDULES
+
+        if model in SHIPPED_SCHEDULES:
+            options["s3_schedule"] = model
+    return options
 
 
 def load_default(
@@ -73,7 +80,7 @@ def load_default(
     if sampler is not None:
         from .swap import swap_sampler
 
-        swap_sampler(pipe, sampler, **default_sampler_options(name, sampler))
+        swap_sampler(pipe, sampler, **default_sampler_options(name, sampler, with_schedule=True))
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -93,7 +93,7 @@ def load_model(
         if model not in GENERATORS:
             raise ValueError(f"`model` {model!r} is not an image generator; choose one of {', '.join(GENERATORS)}")
         pipe = load_default(model, sampler=None, device=dev, torch_dtype=torch_dtype)
-        options = {**default_sampler_options(model, sampler), **(sampler_options or {})}
+        options = {**default_sampler_options(model, sampler, with_schedule=True), **(sampler_options or {})}
         if (sampler_options or {}).get("degenerated"):
             options.pop("ems_file", None)
         return swap_sampler(pipe, sampler, **options)
