@@ -55,6 +55,28 @@ def test_analytic_bench_error_falls_with_nfe_and_multistep_beats_ddim():
     assert meta["exact_fd"] < by[("unipc", 20)].fd * 1.5
 
 
+def test_analytic_bench_runs_the_shipped_s3_schedules_on_request():
+    """`s3` joins the analytic bench by name (never by default): the shipped searched schedules, AFS ones
+    included (noise scaled by init_noise_sigma, error measured against the ODE from the analytic point), beat
+    UniPC many times over at the same NFE; an NFE without a shipped schedule is a clear error."""
+    from fewstep.samplers.s3 import shipped_schedule_path
+    from fewstep.search.objectives import AnalyticObjective
+    from fewstep.solvers.s3 import SolverSchedule
+
+    rows, _ = run_analytic_bench(samplers=["s3", "unipc"], steps=[4, 5], num_samples=500, progress=False)
+    by = {(r.sampler, r.steps): r for r in rows}
+    for n in (4, 5):
+        assert by[("s3", n)].nfe == n and by[("s3", n)].rmse < by[("unipc", n)].rmse / 4
+    assert SolverSchedule.load(shipped_schedule_path("analytic", 4)).afs == "zero_x0"
+    # the same number as the search objective on the same mixture and noise (its own path through the engine)
+    objective = AnalyticObjective(num_samples=500)
+    assert by[("s3", 4)].rmse == pytest.approx(objective(SolverSchedule.load(shipped_schedule_path("analytic", 4))),
+                                               rel=1e-6)
+    assert "s3" not in {r.sampler for r in run_analytic_bench(steps=[5], num_samples=50, progress=False)[0]}
+    with pytest.raises(ValueError, match=r"no shipped 'analytic' schedule for NFE 7; shipped NFEs: \[4, 5, 6, 8, 10\]"):
+        run_analytic_bench(samplers=["s3"], steps=[7], num_samples=50, progress=False)
+
+
 def test_analytic_bench_validates_input():
     with pytest.raises(ValueError, match="unknown values"):
         run_analytic_bench(samplers=["euler"], progress=False)
@@ -121,3 +143,12 @@ def test_analytic_bench_takes_flow_euler_on_the_flow_schedule(capsys):
     assert rows[0].rmse == pytest.approx(rows[1].rmse, rel=1e-6)  # DDIM on a flow schedule is flow-matching Euler
     with pytest.raises(ValueError, match=r"\['flow-euler'\] integrate flow models only: use schedule='flow'"):
         run_analytic_bench(samplers=["flow-euler"], steps=[5], schedule="vp", progress=False)
+
+
+def test_cli_bench_takes_artifact_samplers_by_name(capsys):
+    from fewstep.cli import main
+
+    assert main(["bench", "--model", "analytic", "--samplers", "s3,ddim", "--steps", "4", "--num-samples", "50"]) == 0
+    assert "| s3 | 4 | 4 |" in capsys.readouterr().out
+    assert main(["bench", "--model", "analytic", "--samplers", "s3", "--steps", "7", "--num-samples", "50"]) == 2
+    assert "no shipped 'analytic' schedule for NFE 7" in capsys.readouterr().err

@@ -31,10 +31,9 @@ def _int_list(minimum: int, example: str):
 
 def _name_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
-    # flow-only samplers (flow-euler) too: on a VP model they fail with a clear message before anything runs
-    available = sampler_registry.names("diffusion", standalone=True) + [
-        n for n in sampler_registry.names("flow") if n != "flowchef"
-    ]
+    # flow-only samplers (flow-euler) too, and those that need shipped artifacts (dpm-solver-v3's EMS, s3's
+    # searched schedules): on a model or NFE they cannot run, the runner fails with a clear message before anything
+    available = sampler_registry.names("diffusion") + [n for n in sampler_registry.names("flow") if n != "flowchef"]
     unknown = [v for v in values if v not in available]
     if not values or unknown:
         raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown or text!r}; available: {', '.join(available)}")
