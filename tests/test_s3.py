@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 
 import numpy as np
@@ -577,3 +578,32 @@ def test_generate_with_s3_on_the_default_model_picks_the_shipped_schedule(tmp_pa
     assert out.is_file()
     assert main(["generate", "--sampler", "s3", "--steps", "7", "--out", str(tmp_path / "t.png"), "--quiet"]) == 2
     assert "no shipped 'digits-eps' schedule for NFE 7; shipped NFEs: [4, 5, 6, 8, 10]" in capsys.readouterr().err
+
+
+def test_search_under_two_accelerate_processes_matches_one(tmp_path):
+    """`accelerate launch --num_processes 2 --cpu -m fewstep.cli search`: every process runs the same search,
+    each evaluation's samples are split across the processes and gathered, one process writes; the evaluated
+    schedules and their Frechet distances equal a one-process run's (per-sample seeds; float32 batching noise)."""
+    import os
+    import subprocess
+    import sys
+
+    from fewstep.cli import main
+
+    pytest.importorskip("accelerate")
+    args = ["search", "--model", "digits-eps", "--nfe", "3", "--budget", "3", "--num-per-class", "3", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "fewstep.cli", *args, "--out", str(two)],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # one writer
+    one = tmp_path / "one.json"
+    assert main([*args, "--out", str(one)]) == 0
+    runs = [json.loads(pathlib.Path(f"{p}.state.json").read_text())["evaluated"] for p in (two, one)]
+    assert [s for s, _ in runs[0]] == [s for s, _ in runs[1]]
+    assert [v for _, v in runs[0]] == pytest.approx([v for _, v in runs[1]], rel=1e-4)
+    assert SolverSchedule.load(two).to_dict()["decisions"] == SolverSchedule.load(one).to_dict()["decisions"]

@@ -23,7 +23,6 @@ import csv
 import hashlib
 import io
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
+from .._dist import distributed_state, is_main_process, split_samples
 from .._io import atomic_write
 from ..pipelines.defaults import default_sampler_options
 from ._cache import cache_name as _cache_name
@@ -282,23 +282,6 @@ def _check_cell(cell: Cell, model_config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- processes
-def _state():
-    """accelerate's ``PartialState`` when running under a distributed launcher (``WORLD_SIZE`` > 1), else None."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-
-    return PartialState()
-
-
-def is_main_process() -> bool:
-    """True unless this is a non-main process of a distributed launch."""
-    state = _state()
-    return state is None or state.is_main_process
-
-
 # ---------------------------------------------------------------------------------------------- caching
 def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Path | None = None,
                          classifier=None, inception=None, inception_id: str | None = None,
@@ -392,30 +375,6 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the cells
-def _split_samples(n: int, make) -> tuple[torch.Tensor, float]:
-    """``make(indices) -> [len(indices), ...]`` for all ``n`` samples, and the wall time. Under ``accelerate launch``
-    each process makes a contiguous share (the per-sample seeds make it the same samples) and the shares are
-    gathered onto every process; the time is the slowest share's."""
-    state = _state()
-    if state is None or state.num_processes == 1:
-        start = time.perf_counter()
-        out = make(list(range(n)))
-        return out, time.perf_counter() - start
-    from accelerate.utils import gather_object
-
-    chunk = -(-n // state.num_processes)
-    mine = list(range(state.process_index * chunk, min(n, (state.process_index + 1) * chunk)))
-    start = time.perf_counter()
-    part = make(mine) if mine else None
-    shares = gather_object([(mine, part, time.perf_counter() - start)])
-    full = [p for idx, p, _ in shares if idx]
-    out = torch.zeros(n, *full[0].shape[1:], dtype=full[0].dtype)
-    for idx, p, _ in shares:
-        if idx:
-            out[torch.tensor(idx)] = p
-    return out, max(sec for _, _, sec in shares)
-
-
 class _DigitsWorld:
     """One embedded digits model: the shared objective (pipeline, classifier, seeds, reference statistics) and
     the many-step reference solves, one per guidance setting (cached as safetensors)."""
@@ -437,8 +396,8 @@ class _DigitsWorld:
         self.objective.guidance, self.objective.guidance_scale = rule, float(scale)
 
     def generate(self, scheduler, steps: int) -> tuple[torch.Tensor, float]:
-        """All samples and the wall time of generating them (split across processes, see :func:`_split_samples`)."""
-        return _split_samples(
+        """All samples and the wall time of generating them (split across processes: ``_dist.split_samples``)."""
+        return split_samples(
             len(self.objective.labels),
             lambda idx: self.objective.images(scheduler, steps, progress=self.progress and is_main_process(),
                                               indices=idx),
@@ -541,7 +500,7 @@ class _PipelineWorld:
                 outs.append(out.images.float().cpu())
             return torch.cat(outs)
 
-        return _split_samples(len(self.prompts), make)
+        return split_samples(len(self.prompts), make)
 
     def features(self, latents: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` features of the decoded latents (decoded ``batch_size`` at a time). Under ``accelerate
@@ -554,7 +513,7 @@ class _PipelineWorld:
             return torch.cat([self.extractor(self.decoder.decode_latents(chunk.to(torch.float32), h, w)).cpu()
                               for chunk in share.split(self.config.batch_size)])
 
-        return _split_samples(len(latents), make)[0]
+        return split_samples(len(latents), make)[0]
 
     def reference(self, rule: str, scale: float) -> torch.Tensor:
         """The many-step reference latents of a guidance setting (cached as safetensors)."""
@@ -681,7 +640,7 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
             _write_results(out, fingerprint, stored, order)
     if not todo and main:
         _write_results(out, fingerprint, stored, order)
-    state = _state()
+    state = distributed_state()
     if state is not None:
         state.wait_for_everyone()  # the results file is complete before any process returns
     return [stored[k] for k in order]

@@ -21,6 +21,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {args.model!r} is not searchable here; available: analytic, digits-eps")
     if args.metric == "mse" and args.model != "digits-eps":
         raise UsageError("--metric mse is for --model digits-eps (the analytic model uses its exact solution)")
+    from .._dist import is_main_process
     from ..search import SearchSpace, search
     from ..search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
 
@@ -44,9 +45,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                           "predictor": not args.no_predictor, "seed": args.seed, "version": __version__})
     if initial:  # the warm-start files, by name, so the search can be repeated
         best.metadata["init"] = [os.path.basename(p) for p in args.init]
-    best.save(out)
-    print(f"wrote {out} (NFE {args.nfe}, best {objective.name} metric {value:.4g} after "
-          f"{len(result.evaluated)} evaluations; resumable state in {state})")
+    if is_main_process():  # under accelerate launch: one writer
+        best.save(out)
+        print(f"wrote {out} (NFE {args.nfe}, best {objective.name} metric {value:.4g} after "
+              f"{len(result.evaluated)} evaluations; resumable state in {state})")
     return 0
 
 

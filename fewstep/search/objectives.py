@@ -183,8 +183,15 @@ class DigitsObjective:
         accuracy = (logits.argmax(1).cpu() == torch.tensor(self.labels)).double().mean().item()
         return fd, accuracy
 
+    def all_images(self, scheduler, steps: int) -> torch.Tensor:
+        """``images`` of every sample; under ``accelerate launch`` each process makes its share and all
+        processes get all of them (per-sample seeds: the same images as one process)."""
+        from .._dist import split_samples
+
+        return split_samples(len(self.labels), lambda idx: self.images(scheduler, steps, indices=idx))[0]
+
     def __call__(self, schedule: SolverSchedule) -> float:
-        return self.frechet(self.images(self.scheduler(schedule), schedule.nfe))
+        return self.frechet(self.all_images(self.scheduler(schedule), schedule.nfe))
 
 
 class DigitsMSEObjective(DigitsObjective):
@@ -201,14 +208,14 @@ class DigitsMSEObjective(DigitsObjective):
         from .. import samplers
 
         reference = samplers.from_config("dpm-solver++", self.model_config)
-        self.reference = self.images(reference, reference_steps).double()
+        self.reference = self.all_images(reference, reference_steps).double()
         self.reference_steps = reference_steps
 
     def metadata(self) -> dict:
         return {**super().metadata(), "reference": f"dpm-solver++:{self.reference_steps}"}
 
     def __call__(self, schedule: SolverSchedule) -> float:
-        return self.mse(self.images(self.scheduler(schedule), schedule.nfe))
+        return self.mse(self.all_images(self.scheduler(schedule), schedule.nfe))
 
     def mse(self, images: torch.Tensor) -> float:
         return (images.double() - self.reference).pow(2).mean().item()

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .._checks import check_int
+from .._dist import is_main_process
 from ..solvers import grids
 from ..solvers.ems import EMS
 from ..solvers.engine import StepDecision
@@ -415,8 +416,10 @@ def search(
         evaluated = [(SolverSchedule.from_dict(s), float(v)) for s, v in data["evaluated"]]
         rng = np.random.default_rng(seed + len(evaluated))
     seen = {_key(s) for s, _ in evaluated}
+    main = is_main_process()  # under accelerate launch every process runs the same search (same seed, same
+    # gathered metric values); the objective splits each evaluation's samples; one process shows and writes
     bar = tqdm(total=budget, initial=min(len(evaluated), budget), desc=f"S3 search NFE {space.nfe}",
-               disable=not progress)
+               disable=not (progress and main))
 
     def run(schedule: SolverSchedule) -> None:
         key = _key(schedule)
@@ -431,7 +434,7 @@ def search(
             value = 1e6
         evaluated.append((schedule, value))
         bar.update(1)
-        if state is not None:
+        if state is not None and main:
             from .._io import atomic_write
 
             payload = {"nfe": space.nfe, "evaluated": [[s.to_dict(), v] for s, v in evaluated]}
