@@ -817,3 +817,22 @@ def test_fp8_format_round_trip(tmp_path):
         ref, got, fp = q(**batch), loaded(**batch), model(**batch)
     assert torch.allclose(got, ref, atol=1e-6)
     assert float((got - fp).norm() / fp.norm()) < 0.1
+
+
+def test_device_checks_script_parses_and_names_existing_files():
+    """scripts/device_checks.sh (the one prepared GPU run) is valid bash and every test file and script it runs
+    exists, so a session with a GPU does not spend its device time on a typo."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "scripts" / "device_checks.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    named = set(re.findall(r"(tests/\w+\.py|scripts/\w+\.py)", text))
+    assert {"tests/test_quant.py", "scripts/bench_pipeline_cuda.py", "scripts/bench_quant_cuda.py"} <= named
+    assert all((root / path).is_file() for path in named), named
