@@ -97,7 +97,12 @@ class SearchSpace:
         return [self.t_max] + [float(t) for t in self.schedule.t_of_lambda(lam)]
 
     def positions(self, schedule: SolverSchedule) -> np.ndarray:
-        lam = self.schedule.lambda_(np.asarray(schedule.timesteps[1:]))
+        """Positions of the schedule's time points after ``t_max`` (the inverse of ``times``)."""
+        return self.positions_of(schedule.timesteps[1:])
+
+    def positions_of(self, times: Sequence[float]) -> np.ndarray:
+        """Model times as positions along lambda: 0 at ``t_max``, 1 at the last allowed evaluation."""
+        lam = self.schedule.lambda_(np.asarray(times, dtype=np.float64))
         return (np.asarray(lam) - self.lambda_start) / (self.lambda_end - self.lambda_start)
 
 
@@ -159,7 +164,8 @@ def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecis
         if pred == "ems" and space.ems is None:
             pred = "data"
         if i == 0 and afs:
-            pred, order, rule, relax = AFS_DECISION.prediction, 1, AFS_DECISION.coefficients, 0.0
+            pred, order = AFS_DECISION.prediction, AFS_DECISION.order
+            rule, relax = AFS_DECISION.coefficients, AFS_DECISION.relaxation
         if pred == "ems":
             rule, relax = "taylor", 0.0
         pseudo = d.pseudo and rule == "taylor" and order > 2
@@ -178,8 +184,8 @@ def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecis
 
 
 def _model_steps(schedule: SolverSchedule) -> tuple[np.ndarray, list[StepDecision]]:
-    """Where the model evaluates (positions along lambda in [0, 1]; ``t_max`` is 0) and the decision of the
-    step each evaluation starts: the same length (the NFE) with or without an analytical first step."""
+    """The model times of the evaluations and the decision of the step each one starts: the same length (the
+    NFE) with or without an analytical first step."""
     return np.asarray(schedule.timesteps[1:] if schedule.afs else schedule.timesteps), (
         schedule.decisions[1:] if schedule.afs else list(schedule.decisions))
 
@@ -188,9 +194,8 @@ def encode(space: SearchSpace, schedule: SolverSchedule) -> np.ndarray:
     """Fixed-length features, aligned by model evaluation: the AFS flag and its step's corrector, the
     evaluation positions (``t_max`` = 0), then per evaluation's step type, order, rule, relaxation, corrector."""
     times, decisions = _model_steps(schedule)
-    lam = np.asarray(space.schedule.lambda_(times))
     feats = [schedule.afs is not None, schedule.afs is not None and schedule.decisions[0].corrector == "unic"]
-    feats += list((lam - space.lambda_start) / (space.lambda_end - space.lambda_start))
+    feats += list(space.positions_of(times))
     for d in decisions:
         feats += [d.prediction == "data", d.prediction == "ems", d.order / space.max_order,
                   *[d.coefficients == r for r in _RULES], d.relaxation, d.corrector == "unic", d.pseudo,

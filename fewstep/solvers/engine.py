@@ -76,6 +76,7 @@ __all__ = [
     "sample_loop",
     "EMSGrid",
     "AnalyticStart",
+    "check_analytic_first_decision",
     "with_analytic_first_step",
 ]
 
@@ -397,6 +398,16 @@ class AnalyticStart:
     scale: float
 
 
+def check_analytic_first_decision(d: StepDecision) -> None:
+    """The decision of an analytical first step must make it exactly ``x_1 = (sigma_1 / sigma_0) x_0``: a
+    first-order data or noise ODE step (an EMS or stochastic step would not)."""
+    if d.order != 1 or d.prediction == "ems" or d.stochastic:
+        raise ValueError(
+            "the analytical first step (afs) must be a first-order 'data' or 'noise' ODE step (x_1 = sigma_1/sigma_0 "
+            f"x_0), got prediction={d.prediction!r}, order={d.order}, stochastic={d.stochastic}"
+        )
+
+
 def with_analytic_first_step(plan: Plan) -> Plan:
     """The plan that skips the model call at ``plan``'s first point: its steps and grid from point 1 on, with
     the analytic evaluation ``x0 = 0, eps = x_0 / sigma_0`` buffered first (``AnalyticStart``).
@@ -409,12 +420,7 @@ def with_analytic_first_step(plan: Plan) -> Plan:
         raise ValueError("an analytical first step needs at least one model evaluation after it (2+ time points)")
     if plan.analytic_start is not None:
         raise ValueError("this plan already starts with an analytical first step")
-    d = plan.decisions[0]
-    if d.order != 1 or d.prediction == "ems" or d.stochastic:
-        raise ValueError(
-            "the analytical first step must be a first-order data or noise ODE step (x_1 = sigma_1/sigma_0 x_0), "
-            f"got prediction={d.prediction!r}, order={d.order}, stochastic={d.stochastic}"
-        )
+    check_analytic_first_decision(plan.decisions[0])
     if plan.momentum is not None:
         raise ValueError("an analytical first step cannot be combined with momentum")
     g = plan.grid

@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 
 from .ems import EMS, snap_grid
-from .engine import EMSGrid, Plan, StepDecision, compile_plan, with_analytic_first_step
+from .engine import (
+    EMSGrid,
+    Plan,
+    StepDecision,
+    check_analytic_first_decision,
+    compile_plan,
+    with_analytic_first_step,
+)
 from .grids import TimeGrid
 from .schedules import NoiseSchedule
 
@@ -110,13 +117,7 @@ class SolverSchedule:
             if ts.size < 2:
                 raise ValueError("a schedule with an analytical first step (`afs`) needs at least 2 timesteps: the "
                                  "analytic one and one model evaluation")
-            first = self.decisions[0]
-            if first.order != 1 or first.prediction == "ems" or first.stochastic:
-                raise ValueError(
-                    "with `afs` the first decision is the analytical step: it must be a first-order 'data' or "
-                    f"'noise' ODE step, got prediction={first.prediction!r}, order={first.order}, "
-                    f"stochastic={first.stochastic}"
-                )
+            check_analytic_first_decision(self.decisions[0])
         if isinstance(self.final, str):
             if self.final != "zero":
                 raise ValueError(f"`final` must be 'zero' or a model time below the last timestep, got {self.final!r}")
