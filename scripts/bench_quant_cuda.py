@@ -173,23 +173,14 @@ class _Call(nn.Module):
 
 @torch.no_grad()
 def bench_unet(name: str, device, args, done: list) -> dict:
-    """``done``: the results list this one joins; it is checkpointed with it after every measured cell."""
+    """Appends this UNet's results to ``done`` at once and fills them in, checkpointing after every cell."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNETS[name]).to(device, torch.bfloat16).eval()
     cal = _random_calibration(unet, 4, device)
     out = {"unet": name, "bf16_weight_bytes": _weight_bytes(unet), "per_call_ms": {}}
-    outer = args.checkpoint
-
-    def checkpoint() -> None:  # this UNet's partial results, saved beside the finished ones
-        done.append(out)
-        try:
-            outer()
-        finally:
-            done.pop()
-
-    args.checkpoint = checkpoint
+    done.append(out)  # partial results are saved beside the finished ones
     variants = {"bf16": unet}
     for fmt in args.formats:
         if fmt == "fp8" and not quant.fp8_supported(device):
@@ -232,7 +223,6 @@ def bench_unet(name: str, device, args, done: list) -> dict:
             out["per_call_ms"][str(batch)] = row
             args.checkpoint()  # a run cut short by its time limit keeps every cell measured so far
         print(name, batch, json.dumps(row), flush=True)
-    args.checkpoint = outer
     for fmt in ("int8", "fp8"):
         if f"{fmt}_weight_bytes" in out:
             out[f"{fmt}_weight_ratio"] = out[f"{fmt}_weight_bytes"] / out["bf16_weight_bytes"]
@@ -306,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if "unet" in args.parts:
         results["unets"] = []
         for name in args.unets:
-            results["unets"].append(bench_unet(name, device, args, results["unets"]))
+            bench_unet(name, device, args, results["unets"])
     results["seconds"] = time.perf_counter() - start
     return _write(args.out, results)
 

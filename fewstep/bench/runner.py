@@ -281,7 +281,6 @@ def _check_cell(cell: Cell, model_config: dict[str, Any]) -> None:
                          f"{cell.model}: {exc}") from None
 
 
-# ---------------------------------------------------------------------------------------------- processes
 # ---------------------------------------------------------------------------------------------- caching
 def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Path | None = None,
                          classifier=None, inception=None, inception_id: str | None = None,
