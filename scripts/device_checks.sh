@@ -17,7 +17,8 @@
 # then one call of the device tool's `run` with carry [".whl"] and timeout_s 600:
 #     bash scripts/device_checks.sh
 # Results: $OUT/ (device_checks.log, tests.log, results_pipeline_cuda.json, results_quant_cuda_*.json).
-# QUICK=1 shrinks every stage (a smoke run of this script); STAGES="1 2" runs a subset.
+# QUICK=1 shrinks every stage (a smoke run of this script); STAGES="1 2" runs a subset; L1..L4 override the
+# stages' time limits in seconds; UNET_ARGS replaces stage 3's benchmark arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,16 +73,17 @@ if [[ "$QUICK" == 1 ]]; then
 else
     pipe_args=(--steps 8,20 --batches 1,2,8 --repeats 3 --warmup 1)
     unet_args=(--unets sdxl --batches 16 8 --formats fp8 --variants fp8 fp8-all-triton --grid 1 --unet-repeats 10)
+    [[ -n "${UNET_ARGS:-}" ]] && read -r -a unet_args <<<"$UNET_ARGS"
     layer_args=(--repeats 20 --no-compile)
 fi
 
-stage 1 120 "CUDA tests" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+stage 1 "${L1:-120}" "CUDA tests" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_quant.py tests/test_quant_triton.py tests/test_fewstep_pipeline_graph.py tests/test_no_sync.py \
     -k "cuda or fp8 or triton" --junitxml="$OUT/tests.xml"
-stage 2 150 "pipeline CUDA graph vs eager vs stock" python3 scripts/bench_pipeline_cuda.py "${pipe_args[@]}" \
+stage 2 "${L2:-150}" "pipeline CUDA graph vs eager vs stock" python3 scripts/bench_pipeline_cuda.py "${pipe_args[@]}" \
     --out "$OUT/results_pipeline_cuda.json"
-stage 3 230 "SDXL-shaped UNet, compiled, bf16 vs fp8" python3 scripts/bench_quant_cuda.py --parts unet \
+stage 3 "${L3:-230}" "SDXL-shaped UNet, compiled, bf16 vs fp8" python3 scripts/bench_quant_cuda.py --parts unet \
     "${unet_args[@]}" --out "$OUT/results_quant_cuda_unet.json"
-stage 4 45 "per-layer 8-bit timings, eager" python3 scripts/bench_quant_cuda.py --parts layers "${layer_args[@]}" \
+stage 4 "${L4:-45}" "per-layer 8-bit timings, eager" python3 scripts/bench_quant_cuda.py --parts layers "${layer_args[@]}" \
     --out "$OUT/results_quant_cuda_layers.json"
 echo "device checks done in ${SECONDS}s; results in $OUT"
