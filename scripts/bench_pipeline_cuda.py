@@ -153,7 +153,9 @@ def run(args, save=None) -> dict:
     dtype = pipe.unet.dtype
     dim = pipe.unet.config.cross_attention_dim
     scale = args.guidance_scale
-    stock = StableDiffusionPipeline.from_pipe(pipe, scheduler=STOCK[args.sampler].from_config(SD15_SCHEDULER))
+    # dtype: diffusers' from_pipe would otherwise cast the shared UNet to float32 (for all three pipelines)
+    stock = StableDiffusionPipeline.from_pipe(pipe, scheduler=STOCK[args.sampler].from_config(SD15_SCHEDULER),
+                                              dtype=dtype)
     stock.set_progress_bar_config(disable=True)
     eager = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale)
     if device.type == "cuda":
@@ -162,6 +164,8 @@ def run(args, save=None) -> dict:
     else:  # the static step uncaptured: the same code path, no graph
         graph = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale)
         graph._loop_mode = "static"
+    if pipe.unet.dtype != dtype or pipe.vae.dtype != dtype:
+        raise RuntimeError(f"building the pipelines changed the model dtype to {pipe.unet.dtype} (expected {dtype})")
     output_type = "np" if args.decode else "latent"
     cells = []
     results = {

@@ -342,10 +342,45 @@ def test_compile_bad_input(sd, compile, message):
         FewstepPipeline.from_pipe(sd, scheduler="ddim", compile=compile)
 
 
+def _param_dtypes(pipe) -> dict:
+    return {f"{m}.{n}": p.dtype for m in ("transformer", "unet", "vae") if getattr(pipe, m, None) is not None
+            for n, p in getattr(pipe, m).named_parameters()}
+
+
+def test_from_pipe_keeps_a_half_precision_pipeline_in_its_dtype():
+    """diffusers' own ``from_pipe`` casts the new pipeline -- and so the shared modules -- to float32 unless told
+    a dtype (a bf16 SD3 then fails with mixed dtypes; a fp16 UNet silently runs in float32). FewstepPipeline
+    must leave the modules it shares exactly as they were, and run."""
+    torch.manual_seed(0)
+    sd3 = StableDiffusion3Pipeline(
+        transformer=_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW),
+        vae=_flow_vae(4), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None,
+    ).to(dtype=torch.bfloat16)  # fmt: skip
+    before = _param_dtypes(sd3)
+    assert set(before.values()) == {torch.bfloat16}
+    fp = FewstepPipeline.from_pipe(sd3, scheduler="unipc", guidance="apg", guidance_scale=3.0)
+    fp.set_progress_bar_config(disable=True)
+    assert _param_dtypes(sd3) == before
+    kw = {k: v.to(torch.bfloat16) for k, v in _flow_embeds(1).items()}
+    out = fp(**kw, height=SIZE, width=SIZE, num_inference_steps=2, output_type="latent", generator=_gen()).images
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    torch.manual_seed(0)
+    sd = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=None, tokenizer=None, unet=_unet(), scheduler=PNDMScheduler.from_config(SD15_PNDM),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to(dtype=torch.bfloat16)  # fmt: skip
+    before = _param_dtypes(sd)
+    FewstepPipeline.from_pipe(sd, scheduler="dpm-solver++", guidance="cfg++", guidance_scale=0.5)
+    assert _param_dtypes(sd) == before
+
+
 # ------------------------------------------------------------------------------------------ real capture
 @pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs a CUDA device")
 @pytest.mark.parametrize("sampler,extra", SOLVERS, ids=[f"{s}{e.get('solver_order', '')}" for s, e in SOLVERS])
-def test_cuda_graph_matches_eager_on_cuda(sd, sampler, extra):
+def test_cuda_graph_matches_eager_on_cuda(sd, sampler, extra, monkeypatch):
+    # float32 convs (cuDNN's default TF32 differs between algorithms, and capture may pick another algorithm)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     pipe = StableDiffusionPipeline.from_pipe(sd).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     kw = {k: v.cuda() for k, v in _sd_embeds(2).items()}
@@ -357,7 +392,9 @@ def test_cuda_graph_matches_eager_on_cuda(sd, sampler, extra):
             run = dict(**kw, num_inference_steps=6, output_type="latent")
             a = eager(**run, generator=torch.Generator("cuda").manual_seed(seed)).images
             b = graph(**run, generator=torch.Generator("cuda").manual_seed(seed)).images
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            # the graph's coefficients are float32 device tensors, eager's Python floats: a last-bit difference
+            # the random UNet amplifies over the steps (measured 2e-4 on an H200 with TF32 convs)
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
         assert graph._graph_cache is not None and graph._graph_cache[1].graph is not None
 
 

@@ -699,7 +699,7 @@ def test_real_fp8_matches_reference(device):
                 fp = layer.to(device)(x.to(device))
             assert real.shape == fake.shape and real.dtype == x.dtype
             assert (real - fake).abs().max() <= tol * float(fake.abs().max())
-            assert (real - fp).abs().max() > 10 * tol * float(fake.abs().max())  # it is quantized
+            assert (real - fp).abs().max() > 3 * (real - fake).abs().max()  # it is quantized
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 

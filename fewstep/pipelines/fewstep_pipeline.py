@@ -30,6 +30,7 @@ Not covered yet: img2img/inpainting, IP-adapter, LCM ``timestep_cond``, SD3 skip
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -209,6 +210,17 @@ class _StaticRun:
 _COLUMNS = ("alpha", "sigma", "norm", "scale", "sigma_over_alpha", "alpha_over_sigma")
 
 
+def _share(pipe: Any, **modules: Any) -> Any:
+    """A second pipeline object over ``pipe``'s modules, with ``modules`` registered in place of its own; ``pipe``
+    is left unchanged (its config, attributes and modules). Not diffusers' ``from_pipe``: that casts the new
+    pipeline, and so every module it shares, to one dtype (float32 unless told another), which would silently
+    run a fp16 UNet in float32, mix dtypes in a half-precision SD3, or cast a float32 VAE kept beside a fp16
+    UNet."""
+    shared = copy.copy(pipe)  # register_modules gives the copy its own config dict; the modules are shared
+    shared.register_modules(**modules)
+    return shared
+
+
 class FewstepPipeline:
     """A fewstep denoising loop around a diffusers SD/SDXL/SD3/Flux pipeline (see the module docstring).
 
@@ -334,7 +346,7 @@ class FewstepPipeline:
         model = pipe.transformer if flow else pipe.unet
         module, call = prepare_denoiser(model, quantized, quant_mode, compile)
         overrides = {} if module is model else {"transformer" if flow else "unet": module}
-        shared = type(pipe).from_pipe(pipe, scheduler=scheduler, **overrides)
+        shared = _share(pipe, scheduler=scheduler, **overrides)
         shared.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
         return cls(shared, rule, embedded, denoiser=None if call is module else call, cuda_graph=cuda_graph)
 

@@ -80,7 +80,9 @@ if _HAS_TRITON:
             a = tl.load(x_ptr + ((bb[:, None] * H + ih) * W + iw) * C + c[None, :], mask=in_a, other=0.0)
             in_b = (rk[:, None] < K) & (rn[None, :] < N)
             b = tl.load(w_ptr + rk[:, None] * N + rn[None, :], mask=in_b, other=0.0)
-            acc = tl.dot(a, b, acc)
+            # promote to the float32 accumulator after every K tile: Hopper's fp8 MMA otherwise accumulates the
+            # whole K loop at reduced precision (3.5e-3 relative error at K = 2880, measured on an H200)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
         ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
         y = acc * (ws[None, :] * x_scale)
         if HAS_BIAS:
