@@ -86,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--decode", action="store_true", help="time the VAE decode too (output_type='np')")
+    ap.add_argument("--compile", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                    help="torch.compile the UNet of both fewstep pipelines (eager and graph) in this mode; stock "
+                         "diffusers stays uncompiled (default: no compilation)")
     ap.add_argument("--tol", type=float, default=1e-2, help="max |graph - eager| on [0, 1] images (fp16)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args(argv)
@@ -157,12 +160,14 @@ def run(args, save=None) -> dict:
     stock = StableDiffusionPipeline.from_pipe(pipe, scheduler=STOCK[args.sampler].from_config(SD15_SCHEDULER),
                                               dtype=dtype)
     stock.set_progress_bar_config(disable=True)
-    eager = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale)
+    compiled = {"compile": args.compile} if args.compile else {}
+    eager = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale, **compiled)
     if device.type == "cuda":
         graph = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale,
-                                          cuda_graph=True)  # fmt: skip
+                                          cuda_graph=True, **compiled)  # fmt: skip
     else:  # the static step uncaptured: the same code path, no graph
-        graph = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale)
+        graph = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale,
+                                          **compiled)
         graph._loop_mode = "static"
     if pipe.unet.dtype != dtype or pipe.vae.dtype != dtype:
         raise RuntimeError(f"building the pipelines changed the model dtype to {pipe.unet.dtype} (expected {dtype})")
@@ -175,6 +180,7 @@ def run(args, save=None) -> dict:
         "stock_scheduler": STOCK[args.sampler].__name__,
         "guidance": f"cfg {scale}", "timed": "denoise + decode" if args.decode else "denoise (output_type=latent)",
         "graph_mode": "cuda graph" if device.type == "cuda" else "static step, uncaptured (cpu smoke test)",
+        "compile": args.compile or "none",
         "cells": cells,
     }  # fmt: skip
     for nfe in args.steps:
@@ -212,7 +218,7 @@ def report(results: dict) -> str:
     lines = [
         f"{results['model']} ({results['dtype']}) on {results['device']}; {results['sampler']} vs stock "
         f"{results['stock_scheduler']}; {results['guidance']}; timed: {results['timed']}; "
-        f"graph: {results['graph_mode']}",
+        f"graph: {results['graph_mode']}; fewstep UNet compiled: {results.get('compile', 'none')}",
         f"{'NFE':>4} {'batch':>5} {'stock ms/img':>13} {'eager ms/img':>13} {'graph ms/img':>13} "
         f"{'stock/graph':>12} {'eager/graph':>12}",
     ]
