@@ -75,7 +75,7 @@ def test_hphi_limit_and_first_order_final_step_only():
         ({"order": 0}, "order"),
         ({"order": 7}, "order"),
         ({"coefficients": "rk4"}, "coefficients"),
-        ({"corrector": "implicit"}, "corrector"),
+        ({"corrector": "pece"}, "corrector"),
         ({"order": 3, "points": (1,)}, "points"),
         ({"order": 2, "points": (0,)}, "points"),
         ({"relaxation": float("nan")}, "relaxation"),

@@ -29,12 +29,14 @@ def step_kwargs(scheduler: Any, generator: torch.Generator | list[torch.Generato
 
 
 def step_state(scheduler: Any, index: int) -> StepState:
-    """The ``StepState`` of evaluation ``index`` of a fewstep scheduler after ``set_timesteps`` (host floats)."""
+    """The ``StepState`` of model call ``index`` of a fewstep scheduler after ``set_timesteps`` (host floats), at
+    that call's grid point (two calls share one where an s3 schedule has an implicit corrector)."""
     plan = scheduler.plan
     if plan is None:
         raise ValueError("call `set_timesteps` on the scheduler before guiding a step")
     grid = plan.grid
-    return StepState(index, plan.num_steps, float(grid.alphas[index]), float(grid.sigmas[index]))
+    i = plan.calls[index][0]
+    return StepState(i, plan.num_steps, float(grid.alphas[i]), float(grid.sigmas[i]))
 
 
 def guided_step(
@@ -49,7 +51,7 @@ def guided_step(
 ) -> torch.Tensor:
     """Advance ``sample`` by one step of ``scheduler`` guided by ``rule`` from raw model outputs.
 
-    Both outputs are converted to ``(x0, eps)`` at grid point ``index`` (the scheduler's own conversion,
+    Both outputs are converted to ``(x0, eps)`` at model call ``index`` (the scheduler's own conversion,
     including ``clip_sample``), combined by the rule and fed to ``scheduler.step_pair``; ``generator`` draws the
     noise of a stochastic (SDE) step.
     """

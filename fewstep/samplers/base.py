@@ -233,11 +233,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         else:  # an analytical first step (s3): the model's first call is at the plan's (later) first point
             grid = self.plan.grid
             self.init_noise_sigma = self.plan.analytic_start.scale
-        self.num_inference_steps = grid.num_steps
+        # one timestep per model call: a point whose step has an implicit corrector (s3) is called twice
+        points = [i for i, _ in self.plan.calls]
+        self.num_inference_steps = len(points)
         integral = np.all(grid.timesteps == np.round(grid.timesteps)) and not self.is_flow
-        ts = torch.from_numpy(grid.timesteps.astype(np.int64 if integral else np.float32))
+        ts = torch.from_numpy(grid.timesteps[points].astype(np.int64 if integral else np.float32))
         self.timesteps = ts.to(device=device) if device is not None else ts
-        self.sigmas = torch.from_numpy(grid.rhos if not self.is_flow else grid.sigmas).to(torch.float32)
+        levels = grid.rhos if not self.is_flow else grid.sigmas
+        self.sigmas = torch.from_numpy(levels[[*points, grid.num_steps]]).to(torch.float32)
         self._timestep_values = ts.tolist()  # as the pipeline will pass them back (int64 or float32)
         self._state = EngineState(self.plan)  # fresh buffer and momentum: nothing leaks between runs
         self._step_index = None
@@ -275,11 +278,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def convert_model_output(
         self, model_output: torch.Tensor, sample: torch.Tensor, step_index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(x0, eps)`` pair of a raw model output at grid point ``step_index``."""
+        """The ``(x0, eps)`` pair of a raw model output at model call ``step_index`` (its grid point)."""
         grid = self.plan.grid
-        x0, eps = to_pair(
-            model_output, sample, float(grid.alphas[step_index]), float(grid.sigmas[step_index]), self.prediction_type
-        )
+        i = self.plan.calls[step_index][0]
+        x0, eps = to_pair(model_output, sample, float(grid.alphas[i]), float(grid.sigmas[i]), self.prediction_type)
         return self._postprocess_pair(x0, eps)
 
     def _postprocess_pair(self, x0: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,9 +297,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
-        if i >= self.plan.num_steps:
+        if i >= self.plan.nfe:
             raise ValueError(
-                f"all {self.plan.num_steps} steps have run; call `set_timesteps` again to sample another batch"
+                f"all {self.plan.nfe} steps have run; call `set_timesteps` again to sample another batch"
             )
         return i
 
@@ -336,17 +338,19 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         x0, eps = self._postprocess_pair(x0.to(dtype), eps.to(dtype))
         return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))
 
-    def _step_noise(self, i: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
-        """Fresh standard normal noise for a stochastic (SDE) step, drawn from ``generator``; ``None`` for ODE steps.
+    def _step_noise(self, k: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Fresh standard normal noise for model call ``k`` when its step's predictor is stochastic (SDE), drawn
+        from ``generator``; ``None`` for ODE steps and for the first call of a step with an implicit corrector.
 
         Drawn in float32 on every stochastic step (also a final one whose noise weight is 0), as diffusers does,
         so that one seeded generator gives the same trajectory with either library."""
-        if not self.plan.decisions[i].stochastic:
+        i, again = self.plan.calls[k]
+        if not self.plan.decisions[i].stochastic or (self.plan.steps[i].reevaluate and not again):
             return None
         return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
     def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None):
-        prev = self._state.advance(i, x, x0, eps, noise).to(out_dtype)
+        prev = self._state.call(i, x, x0, eps, noise).to(out_dtype)
         self._step_index = i + 1
         if not return_dict:
             return (prev,)

@@ -155,7 +155,9 @@ def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecis
     out = []
     for i, d in enumerate(decisions):
         order = max(1, min(d.order, i + 1, space.max_order))
-        corrector = d.corrector if i < n - 1 else "none"
+        # the space holds no implicit corrector (+1 NFE; probability 0 in the published configs): a warm-start
+        # schedule's implicit corrector becomes the pseudo one
+        corrector = ("unic" if d.corrector == "implicit" else d.corrector) if i < n - 1 else "none"
         pred, rule, relax = d.prediction, d.coefficients, float(d.relaxation)
         if i == n - 1:
             order = 1  # the final step lands on sigma = 0: higher orders diverge there

@@ -39,6 +39,11 @@ nearest points (divided differences) instead of the Taylor fit through all point
 redone with the new point among the derivative points (UniC of UniPC; the "pseudo" corrector of
 USF/DPM-Solver-v3), at no extra NFE. The buffered evaluation keeps the uncorrected ``x^eval``.
 
+``"implicit"``: the same correction, then the model is called again at the corrected point (same time) and
+that evaluation replaces the predicted one in the buffer before the next predictor (predict-evaluate-correct-
+evaluate; USF's implicit corrector, one extra NFE). Such a plan has more model calls than steps: ``Plan.calls``
+lists them as ``(grid point, re-evaluation?)`` and ``EngineState.call`` dispatches them.
+
 **Analytical first step** (AFS, USF's ``zero_x0``; ``with_analytic_first_step``): the evaluation at the first
 time point ``t_0`` is not a model call but the pair ``x0 = 0, eps = x_0 / sigma_0``, so its first-order step is
 ``x_1 = (sigma_1 / sigma_0) x_0`` and the plan starts at ``t_1`` (the caller scales the initial noise by
@@ -52,6 +57,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -82,7 +88,7 @@ __all__ = [
 
 PREDICTIONS = ("data", "noise", "ems")
 COEFFICIENT_RULES = ("taylor", "bh1", "bh2", "dpmsolver", "dpmsolver-heun", "euler-maruyama")
-CORRECTORS = ("none", "unic")
+CORRECTORS = ("none", "unic", "implicit")
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,9 @@ class StepDecision:
             single derivative point is used), ``"dpmsolver"``/``"dpmsolver-heun"`` (diffusers'
             DPM-Solver++ midpoint/heun second order and its third-order multistep weights).
         relaxation: linear relaxation ``c`` of the first-derivative term, scaled by ``1 + c h`` (USF).
-        corrector: ``"none"`` or ``"unic"`` (correct this step's result after the next evaluation).
+        corrector: ``"none"``, ``"unic"`` (correct this step's result after the next evaluation, which stays in
+            the buffer: no extra NFE) or ``"implicit"`` (the same correction, then the model is evaluated again at
+            the corrected point and that evaluation replaces the predicted one: +1 NFE).
         pseudo: estimate the ``k``-th derivative from the ``k + 1`` nearest points only (Newton divided
             differences; DPM-Solver-v3's pseudo-order predictor) instead of the Taylor fit through all points.
         corrector_order: order of the corrector (default ``order + 1``: UniC, every predictor point plus the new
@@ -190,10 +198,12 @@ class Transition:
 
 @dataclass(frozen=True)
 class CompiledStep:
-    """Step ``i``: an optional corrector of the previous transition, then the predictor to point ``i+1``."""
+    """Step ``i``: an optional corrector of the previous transition, then the predictor to point ``i+1``.
+    ``reevaluate``: the corrector is implicit; the model is called again at the corrected point first."""
 
     corrector: Transition | None
     predictor: Transition
+    reevaluate: bool = False
 
 
 @dataclass
@@ -215,9 +225,21 @@ class Plan:
     def num_steps(self) -> int:
         return len(self.steps)
 
+    @cached_property
+    def calls(self) -> list[tuple[int, bool]]:
+        """The model calls in order, as ``(grid point, re-evaluation?)``: one per step, plus a second call at
+        the corrected point of every step whose corrector is implicit."""
+        out = []
+        for i, step in enumerate(self.steps):
+            out.append((i, False))
+            if step.reevaluate:
+                out.append((i, True))
+        return out
+
     @property
     def nfe(self) -> int:
-        return self.grid.num_steps
+        """Model evaluations: the grid's steps plus one per implicit corrector."""
+        return self.grid.num_steps + sum(step.reevaluate for step in self.steps)
 
 
 def _taylor_coefficients(m: int, hh: float, scale: float) -> list[float]:
@@ -367,7 +389,7 @@ def compile_plan(
         if pts and max(pts) > i:
             raise ValueError(f"step {i}: order {d.order} needs {max(pts)} previous evaluations, only {i} exist")
         corrector = None
-        if i > 0 and decisions[i - 1].corrector == "unic":
+        if i > 0 and decisions[i - 1].corrector != "none":
             prev = decisions[i - 1]
             # UniC: the new point (grid i, offset 0) joins the previous step's derivative points.
             cpts = ([i] + [i - 1 - p for p in prev.derivative_points])[: prev.corrector_points]
@@ -376,14 +398,15 @@ def compile_plan(
                 pseudo=prev.corrector_pseudo, ems=ems,
             )
             need = max(need, 1 + max(1, *(i - j for j in cpts)))
-        if d.corrector == "unic" and i == n - 1:
+        if d.corrector != "none" and i == n - 1:
             raise ValueError("the last step cannot have a corrector (there is no evaluation after it)")
         predictor = _transition(
             grid, i, i + 1, d.prediction, [i - p for p in pts], d.coefficients, d.relaxation, 0, d.stochastic,
             d.pseudo, ems,
         )
         need = max(need, 1 + (max(pts) if pts else 0))
-        steps.append(CompiledStep(corrector, predictor))
+        reevaluate = corrector is not None and decisions[i - 1].corrector == "implicit"
+        steps.append(CompiledStep(corrector, predictor, reevaluate))
     return Plan(grid, decisions, steps, need + extra_buffer)
 
 
@@ -514,12 +537,35 @@ class EngineState:
         if step.corrector is not None and self.last_sample is not None:
             x = apply_transition(step.corrector, self.last_sample, self.buffer)
             x = self._momentum(i - 1, self.last_sample, x)
+            if step.reevaluate:  # implicit corrector: the model is called at x next (``reevaluated``)
+                return x
+        return self._predict(i, x, noise)
+
+    def reevaluated(
+        self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Consume the second evaluation at grid point ``i`` (an implicit corrector's, taken at the corrected
+        ``x_eval`` that ``advance(i, ...)`` returned): it replaces the predicted evaluation in the buffer, then the
+        predictor runs from ``x_eval``. Returns the sample at ``i+1``."""
+        if not self.plan.steps[i].reevaluate:
+            raise ValueError(f"step {i} has no implicit corrector: there is no second evaluation to consume")
+        self.buffer[-1] = Evaluation(x_eval, x0, eps)
+        return self._predict(i, x_eval, noise)
+
+    def call(
+        self, k: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Consume model call ``k`` of ``plan.calls`` and return where the model is called next (or the result)."""
+        i, again = self.plan.calls[k]
+        return self.reevaluated(i, x_eval, x0, eps, noise) if again else self.advance(i, x_eval, x0, eps, noise)
+
+    def _predict(self, i: int, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         self.sample = x
         for hook in self.hooks:
             hook(self, i)
         x = self.sample
         self.last_sample = x
-        x_next = apply_transition(step.predictor, x, self.buffer, noise)
+        x_next = apply_transition(self.plan.steps[i].predictor, x, self.buffer, noise)
         if self.plan.decisions[i].corrector == "none":
             x_next = self._momentum(i, x, x_next)
         return x_next
@@ -535,7 +581,8 @@ def sample_loop(
     hooks: Sequence[Hook] = (),
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Functional sampler: ``pair_fn(x, i) -> (x0, eps)`` evaluates the model at grid point ``i``.
+    """Functional sampler: ``pair_fn(x, i) -> (x0, eps)`` evaluates the model at grid point ``i`` (once per entry
+    of ``plan.calls``: twice at a point whose step has an implicit corrector).
 
     ``x_start`` is the sample at the plan's first grid point; a plan with an analytical first step starts one
     point later: pass the initial noise times ``plan.analytic_start.scale``.
@@ -543,10 +590,10 @@ def sample_loop(
     Stochastic steps draw their noise from ``generator`` (on the sample's device)."""
     state = EngineState(plan, hooks)
     x = x_start
-    for i in range(plan.num_steps):
+    for k, (i, again) in enumerate(plan.calls):
         x0, eps = pair_fn(x, i)
         noise = None
-        if plan.steps[i].predictor.noise != 0.0:
+        if plan.steps[i].predictor.noise != 0.0 and (again or not plan.steps[i].reevaluate):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = state.advance(i, x, x0, eps, noise)
+        x = state.call(k, x, x0, eps, noise)
     return x

@@ -8,10 +8,12 @@ dedicated schedulers), and S^3's search only produces schedules.
 
 Supported decisions: timestep, prediction type (data/noise, or ``"ems"``: DPM-Solver-v3's per-element
 reparameterisation, which needs the model's empirical model statistics), order 1-5, derivative points, coefficient
-rule, linear relaxation ``c`` (first derivative scaled by ``1 + c h``), pseudo corrector (``"unic"``: no
-extra NFE), and the analytical first step (``afs="zero_x0"``: the first time point's evaluation is ``x0 = 0``,
-not a model call; one NFE saved; see ``engine.with_analytic_first_step``). Not supported: the implicit
-corrector (+1 NFE, probability 0 in the published search configs), the ``average_x0`` AFS (it needs the data
+rule, linear relaxation ``c`` (first derivative scaled by ``1 + c h``), corrector (``"unic"``, the pseudo
+corrector: no extra NFE; ``"implicit"``: the model is called again at the corrected point, +1 NFE), and the
+analytical first step (``afs="zero_x0"``: the first time point's evaluation is ``x0 = 0``, not a model call; one
+NFE saved; see ``engine.with_analytic_first_step``). A schedule's NFE is its number of time points, less one
+with ``afs``, plus one per implicit corrector. The search (``fewstep.search``) proposes no implicit corrector
+(probability 0 in the published search configs). Not supported: the ``average_x0`` AFS (it needs the data
 mean) and U-Net skip coefficients (they change the model, which a diffusers scheduler does not control).
 
 A schedule with ``"ems"`` steps runs only with EMS tables (``plan(schedule, ems=...)``; the ``s3`` scheduler's
@@ -131,8 +133,10 @@ class SolverSchedule:
 
     @property
     def nfe(self) -> int:
-        """Model evaluations: one per time point, less the analytic first one (``afs``)."""
-        return len(self.timesteps) - (self.afs is not None)
+        """Model evaluations: one per time point, less the analytic first one (``afs``), plus one per implicit
+        corrector (the model is called again at each corrected point)."""
+        implicit = sum(d.corrector == "implicit" for d in self.decisions)
+        return len(self.timesteps) - (self.afs is not None) + implicit
 
     @property
     def ems_steps(self) -> list[int]:

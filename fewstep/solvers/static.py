@@ -48,6 +48,11 @@ def check_static_plan(plan: Plan, hooks: Sequence = ()) -> None:
             "solver schedules with an analytical first step (s3, afs='zero_x0') buffer an extra analytic point that "
             "the static step does not model; run them eagerly, or use a schedule without `afs` in graph mode"
         )
+    if any(step.reevaluate for step in plan.steps):
+        raise ValueError(
+            "solver schedules with an implicit corrector (s3, corrector='implicit') call the model twice at a time "
+            "point, which the static step does not model; run them eagerly, or use corrector='unic' in graph mode"
+        )
     if hooks:
         raise ValueError(
             f"samplers with step hooks ({', '.join(type(h).__name__ for h in hooks)}: DC-Solver, FlowChef) "
