@@ -188,3 +188,40 @@ def test_generate_compile_and_cuda_graph_options(tmp_path, capsys):
     for flag in ("--compile", "--cuda-graph"):
         argv = ["generate", "--model", "digits-flow", "--task", "sr", flag, "--out", str(tmp_path / "x.png")]
         assert main(argv) == 2 and f"{flag} applies to plain sampling" in capsys.readouterr().err
+
+
+def test_s3_schedule_with_implicit_correctors_under_cfgpp(unet):
+    """An s3 schedule whose implicit correctors call the model twice at a time point runs in the pipeline with a
+    pair rule (CFG++): one UNet call per CFG branch per NFE, and the same latents as the functional engine loop
+    fed the CFG++ pair (guided x0, unconditional eps) at each call's grid point."""
+    from fewstep.solvers.engine import StepDecision, sample_loop
+    from fewstep.solvers.s3 import SolverSchedule
+
+    decisions = [StepDecision("data", 1, corrector="implicit"), StepDecision("data", 2, corrector="implicit"),
+                 StepDecision("noise", 2), StepDecision("data", 2, corrector="unic"), StepDecision("data", 1)]
+    schedule = SolverSchedule([950.0, 700.0, 420.0, 200.0, 60.0], decisions)
+    assert schedule.nfe == 7
+    s3 = samplers.get("s3").from_config(DDPM, s3_schedule=schedule.to_dict())
+    pipe = ClassConditionalPipeline(unet=unet, scheduler=s3)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    handle = unet.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        out = pipe([3, 7], 7, guidance="cfg++", guidance_scale=0.6, latents=_latents(), output_type="latent").images
+    finally:
+        handle.remove()
+    assert sum(rows) == 7 * 4  # 7 NFE x (2 conditional + 2 unconditional rows)
+    plan = pipe.scheduler.plan
+    g = plan.grid
+    labels, null = torch.tensor([3, 7]), torch.tensor([10, 10])
+
+    def pair_fn(x, i):
+        t = torch.tensor(int(g.timesteps[i]))
+        with torch.no_grad():
+            eps_c, eps_u = (unet(x, t, class_labels=c).sample for c in (labels, null))
+        a, s = float(g.alphas[i]), float(g.sigmas[i])
+        x0_c, x0_u = (x - s * eps_c) / a, (x - s * eps_u) / a
+        return x0_u + 0.6 * (x0_c - x0_u), eps_u
+
+    ref = sample_loop(pair_fn, _latents(), plan)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
