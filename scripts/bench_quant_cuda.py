@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -192,8 +193,10 @@ def bench_unet(name: str, device, args, done: list) -> dict:
         inputs["sample"] = inputs["sample"].to(torch.bfloat16)
         inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)
         kernels = ("im2col", "triton") if fmt == "fp8" and triton_available(device) else ("im2col",)
+        compiled_policy = args.compile and args.policy_timing == "compiled"
         report = quant.choose_modes(q, inputs, candidates=(fmt, "dequant"), fp8_conv_kernels=kernels,
-                                    timer=lambda layer, x, mode: quant.time_layer(layer, x, mode, repeats=10))
+                                    timer=functools.partial(quant.time_layer, repeats=10, compiled=compiled_policy))
+        out[f"{fmt}_policy_timing"] = "compiled" if compiled_policy else "eager"
         out[f"{fmt}_policy"] = {m: sum(r.chosen == m for r in report) for m in (fmt, f"{fmt}+triton", "dequant")}
         out[f"{fmt}_weight_bytes"] = _weight_bytes(q)
         variants[f"{fmt}"] = q
@@ -274,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=int, default=10,
                         help="range-search grid of the calibration (speed does not depend on it; 1 = absmax)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--policy-timing", choices=["compiled", "eager"], default="compiled",
+                        help="how the per-layer policy times each layer signature (compiled: as the UNet will run; "
+                             "eager only without --no-compile makes a difference)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--unet-repeats", type=int, default=10)
     parser.add_argument("--out", default="scripts/results_quant_cuda.json")

@@ -413,6 +413,41 @@ def test_time_layer_restores_mode():
     layer = quant.QuantLayer(nn.Linear(16, 16), [torch.full((16,), 0.01)], [act_qparams_from_range(-1, 1)])
     assert quant.time_layer(layer, torch.randn(8, 16), "int8", repeats=2) > 0
     assert layer.mode == "fake"
+    # compiled: torch.compile(layer) in that mode, timed after its first (compiling) call; mode restored
+    assert quant.time_layer(layer, torch.randn(8, 16), "dequant", repeats=2, warmup=1, compiled=True) > 0
+    assert layer.mode == "fake"
+    with pytest.raises(ValueError, match="`warmup` must be"):
+        quant.time_layer(layer, torch.randn(8, 16), "dequant", warmup=0, compiled=True)
+
+
+def test_policy_times_each_layer_signature_once(qmodel, calibration):
+    """Layers with the same structure and input shape share one timing and one choice; the choice follows the
+    signature, not the layer's name."""
+    from fewstep.quant.policy import capture_layer_inputs, layer_signature
+
+    batch = next(calibration.batches(4))
+    xs = capture_layer_inputs(qmodel, batch)
+    layers = quant.quant_layers(qmodel)
+    signatures = {name: layer_signature(layer, xs[name]) for name, layer in layers.items() if name in xs}
+    distinct = sorted(set(signatures.values()), key=str)
+    assert 1 < len(distinct) < len(signatures)  # the UNet repeats some layer shapes
+    fast = set(distinct[::2])  # int8 wins for every other signature
+    calls = []
+
+    def timer(layer, x, mode):
+        sig = layer_signature(layer, x)
+        calls.append((sig, mode))
+        return {"int8": 1.0 if sig in fast else 3.0, "dequant": 2.0}[mode]
+
+    report = quant.choose_modes(qmodel, batch, candidates=("int8", "dequant"), timer=timer)
+    assert len(calls) == 2 * len(distinct) and len(set(calls)) == len(calls)
+    assert len(report) == len(signatures)
+    for r in report:
+        want = "int8" if signatures[r.name] in fast else "dequant"
+        assert r.chosen == want == qmodel.get_submodule(r.name).mode
+    quant.set_mode(qmodel, "fake")
+    with pytest.raises(ValueError, match="`compiled` must be a bool, got 'yes'"):
+        quant.choose_modes(qmodel, batch, compiled="yes")
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
@@ -781,6 +816,7 @@ def test_cuda_benchmark_script_logic_on_cpu_and_partial_results(tmp_path, monkey
     cells = results["unets"][0]["per_call_ms"]
     assert set(cells) == {"1", "2"} and {"bf16", "fp8", "fp8-all", "bf16_over_fp8"} <= set(cells["2"])
     assert "int8" not in cells["2"] and results["unets"][0]["fp8_weight_ratio"] < 0.6
+    assert results["unets"][0]["fp8_policy_timing"] == "eager"  # --no-compile: the policy is timed eagerly too
 
     calls["n"], calls["limit"] = 0, 3  # stopped during the fourth UNet timing (batch 2, fp8)
     monkeypatch.setattr(bench, "bench_layers", lambda device, args, rows: None)
