@@ -20,8 +20,13 @@
 # Measured on an H200 (torch 2.11): stage 1 takes 35 s, stage 2 62 s, stage 4 9 s; stage 3 needs more than its
 # default limit (bf16 SDXL compiled and the per-layer policy took 147 s, the fp8 variant's compile did not finish
 # in the next 124 s): give it a run of its own, STAGES=3 L3=540.
+# Next GPU session (15 device minutes), two calls:
+#   1. STAGES=3 L3=560 UNET_ARGS="--unets sdxl --batches 16 --formats fp8 --variants fp8 --grid 1 --unet-repeats 10"
+#      (bf16 vs the fp8 policy, now timed compiled once per layer signature: ~36 weight signatures in SDXL)
+#   2. STAGES=2 L2=300 PIPE_ARGS="--steps 8,20 --batches 1,2 --repeats 3 --warmup 1 --compile default"
+#      (CUDA graph + compiled UNet vs stock diffusers: issue 10's 2.5x at batch 2 needs a faster UNet)
 # QUICK=1 shrinks every stage (a smoke run of this script); STAGES="1 2" runs a subset; L1..L4 override the
-# stages' time limits in seconds; UNET_ARGS replaces stage 3's benchmark arguments.
+# stages' time limits in seconds; UNET_ARGS / PIPE_ARGS replace stage 3's / stage 2's benchmark arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,6 +82,7 @@ else
     pipe_args=(--steps 8,20 --batches 1,2,8 --repeats 3 --warmup 1)
     unet_args=(--unets sdxl --batches 16 8 --formats fp8 --variants fp8 fp8-all-triton --grid 1 --unet-repeats 10)
     [[ -n "${UNET_ARGS:-}" ]] && read -r -a unet_args <<<"$UNET_ARGS"
+    [[ -n "${PIPE_ARGS:-}" ]] && read -r -a pipe_args <<<"$PIPE_ARGS"
     layer_args=(--repeats 20 --no-compile)
 fi
 
