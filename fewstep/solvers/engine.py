@@ -521,7 +521,9 @@ class EngineState:
     def advance(
         self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Consume the evaluation at grid point ``i`` (taken at ``x_eval``) and return the sample at ``i+1``.
+        """Consume the evaluation at grid point ``i`` (taken at ``x_eval``) and return the sample at ``i+1`` -- or,
+        when step ``i`` corrects implicitly, the corrected sample at ``i``, where the model is called again
+        (``reevaluated``).
 
         ``noise``: fresh standard normal noise for a stochastic step (ignored by ODE steps)."""
         step = self.plan.steps[i]
