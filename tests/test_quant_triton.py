@@ -34,6 +34,11 @@ def interpreted():
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_triton_conv_interp.py")], env=env,
                           capture_output=True, text=True, timeout=300)
+    if "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr:
+        # seen on a GPU image (triton 3.6, numpy 2.5): that interpreter converts 1-element arrays with int(),
+        # which numpy 2.5 refuses; triton 3.9's squeezes first. The kernel itself compiled and passed there.
+        pytest.skip("this triton's CPU interpreter cannot run with this numpy (int() of a 1-element array); "
+                    "upgrade triton (3.9 works)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
