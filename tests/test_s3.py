@@ -180,7 +180,7 @@ def test_afs_schedule_round_trips_and_runs_in_the_functional_loop(tmp_path):
 @pytest.mark.parametrize(
     "afs, decisions, timesteps, match",
     [
-        ("average_x0", AFS_DECISIONS, AFS_TIMES, r"`afs` must be None or one of \['zero_x0'\], got 'average_x0'"),
+        ("half_x0", AFS_DECISIONS, AFS_TIMES, r"`afs` must be None or one of \['zero_x0', 'average_x0'\]"),
         ("zero_x0", [StepDecision("data", 1)], [999.0], "needs at least 2 timesteps"),
         ("zero_x0", [StepDecision("ems", 1), StepDecision()], [999.0, 500.0], "first-order 'data' or 'noise' ODE"),
         ("zero_x0", [StepDecision("data", 1, stochastic=True), StepDecision()], [999.0, 500.0], "stochastic=True"),
@@ -258,17 +258,21 @@ def test_search_resumes_from_its_state(analytic_objective, tmp_path):
         SearchSpace(analytic_objective.noise_schedule, 1)
 
 
-def test_afs_search_space_keeps_the_nfe_through_every_operator(analytic_objective):
+@pytest.mark.parametrize("kind", ["zero_x0", "average_x0"])
+def test_afs_search_space_keeps_the_nfe_through_every_operator(analytic_objective, kind):
     """With ``afs=True`` random schedules, seeds, mutation (which switches AFS on and off), crossover of
     parents with and without AFS, and warm starts all give valid schedules of the space's NFE, and the
-    predictor's encoding has one length for both kinds."""
+    predictor's encoding has one length for both kinds. With ``afs_mean`` every AFS candidate is ``average_x0``
+    and carries the mean."""
     from fewstep.search import SearchSpace
     from fewstep.search.s3_search import crossover, encode, mutate, random_schedule, seed_schedules, warm_start
 
-    space = SearchSpace(analytic_objective.noise_schedule, 5, afs=True)
+    mean = analytic_objective.data_mean() if kind == "average_x0" else None
+    space = SearchSpace(analytic_objective.noise_schedule, 5, afs=True, afs_mean=mean)
+    assert space.afs_kind == kind
     rng = np.random.default_rng(0)
     pool = seed_schedules(space) + [random_schedule(space, rng) for _ in range(20)]
-    assert {s.afs for s in pool} == {None, "zero_x0"}
+    assert {s.afs for s in pool} == {None, kind}
     for _ in range(200):
         a, b = pool[rng.integers(len(pool))], pool[rng.integers(len(pool))]
         pool.append(mutate(space, a, rng) if rng.random() < 0.5 else crossover(space, a, b, rng))
@@ -284,12 +288,15 @@ def test_afs_search_space_keeps_the_nfe_through_every_operator(analytic_objectiv
         assert schedule.timesteps[0] == pytest.approx(space.t_max)
         plan = schedule.plan(space.schedule)  # compiles: orders fit the buffer, AFS step first order
         assert plan.nfe == 5 and (plan.analytic_start is not None) == (schedule.afs is not None)
+        assert schedule.afs in (None, kind) and (schedule.afs_mean == mean if schedule.afs else True)
     assert sum(s.afs is not None for s in pool) > 20 and sum(s.afs is None for s in pool) > 20
     plain = SearchSpace(analytic_objective.noise_schedule, 5)  # without AFS: never produced, dropped by warm start
     assert all(s.afs is None for s in warm_start(plain, with_afs) + [random_schedule(plain, rng) for _ in range(20)])
     assert all(s.nfe == 5 for s in warm_start(plain, with_afs))
     with pytest.raises(ValueError, match="`afs` must be True or False, got 'yes'"):
         SearchSpace(analytic_objective.noise_schedule, 5, afs="yes")
+    with pytest.raises(ValueError, match=r"`afs_mean` \(average_x0\) needs afs=True"):
+        SearchSpace(analytic_objective.noise_schedule, 5, afs_mean=[0.0, 0.0])
 
 
 def test_warm_start_fits_a_schedule_of_another_nfe_into_the_space(analytic_objective):
@@ -331,6 +338,12 @@ def test_search_evaluates_the_warm_start_candidates_first(analytic_objective):
     assert started == [c.to_dict() for c in warm_start(space5, best4)]
 
 
+def _analytic_data_mean() -> list:
+    from fewstep.search.objectives import AnalyticObjective
+
+    return AnalyticObjective(num_samples=8).data_mean()
+
+
 def test_cli_search_writes_a_schedule_the_s3_scheduler_runs(tmp_path, capsys):
     from fewstep.cli import main
 
@@ -340,6 +353,14 @@ def test_cli_search_writes_a_schedule_the_s3_scheduler_runs(tmp_path, capsys):
     assert schedule.nfe == 4 and schedule.metadata["model"] == "analytic"
     assert main(["search", "--model", "sd15", "--nfe", "4", "--out", str(tmp_path / "x.json")]) == 2
     assert "not searchable here" in capsys.readouterr().err
+    avg = tmp_path / "avg.json"  # AFS with the data mean (the mixture's) allowed: the seeds include AFS schedules
+    assert main(["search", "--model", "analytic", "--nfe", "4", "--budget", "8", "--quiet", "--afs", "average_x0",
+                 "--out", str(avg)]) == 0
+    state = json.loads((tmp_path / "avg.json.state.json").read_text())
+    kinds = {(s["afs"], tuple(np.ravel(s.get("afs_mean") or []))) for s, _ in state["evaluated"]}
+    assert (None, ()) in kinds and ("average_x0", tuple(np.ravel(_analytic_data_mean()))) in kinds
+    with pytest.raises(SystemExit):
+        main(["search", "--model", "analytic", "--nfe", "4", "--afs", "mean_x0", "--out", str(tmp_path / "w.json")])
     assert main(["search", "--model", "analytic", "--nfe", "4", "--ems", "x.safetensors", "--out",
                  str(tmp_path / "y.json")]) == 2
     assert "--ems FILE is for --model digits-eps" in capsys.readouterr().err
@@ -745,3 +766,92 @@ def test_implicit_schedules_refuse_graph_mode_and_the_search_maps_them_to_pseudo
     space = SearchSpace(obj.noise_schedule, 3)
     for candidate in warm_start(space, schedule):
         assert candidate.nfe == 3 and all(d.corrector != "implicit" for d in candidate.decisions)
+
+
+# ----------------------------------------------------------------------------------------------------
+# average_x0 analytical first step
+def _mean_image() -> list:
+    return (0.3 * torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)).tolist()
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_average_x0_afs_equals_the_full_schedule_with_x0_mean_at_the_first_point(guided):
+    """The oracle of ``zero_x0`` with ``x0 =`` the mean image: a diffusers loop (noise scaled by init_noise_sigma,
+    ``scale_model_input`` before the model, NFE = points - 1) equals the full schedule whose model returns
+    exactly ``x0 = mean`` at the first time point; also through ``guided_step`` (CFG at scale 1)."""
+    from fewstep.guidance import CFG, guided_step
+
+    mean = _mean_image()
+    m = torch.tensor(mean, dtype=torch.float64)
+    model = TinyDenoiser(32)
+    full = S3(s3_schedule=SolverSchedule(AFS_TIMES, AFS_DECISIONS).to_dict())
+    full.set_timesteps(5)
+    noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    alpha0, sigma0 = (float(v[0]) for v in full.noise_schedule.alpha_sigma(np.asarray([AFS_TIMES[0]])))
+    x = noise.clone()
+    for k, t in enumerate(full.timesteps):
+        out = (x - alpha0 * m) / sigma0 if k == 0 else model(x, t)  # eps of the pair (mean, ...) at t_0
+        x = full.step(out, t, x).prev_sample
+    schedule = SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs="average_x0", afs_mean=mean)
+    assert schedule.nfe == 4
+    afs = S3(s3_schedule=schedule.to_dict())
+    afs.set_timesteps(4)
+    y = noise * afs.init_noise_sigma  # what a diffusers pipeline's prepare_latents does
+    for t in afs.timesteps:
+        model_in = afs.scale_model_input(y, t)
+        if guided:
+            out = model(model_in, t)
+            y = guided_step(afs, CFG(1.0), out, out, t, y, afs.step_index or 0)
+        else:
+            y = afs.step(model(model_in, t), t, y).prev_sample
+    torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
+    # the zero_x0 start differs: the mean matters
+    zero = S3(s3_schedule=SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs="zero_x0").to_dict())
+    zero.set_timesteps(4)
+    z = noise * zero.init_noise_sigma
+    for t in zero.timesteps:
+        z = zero.step(model(zero.scale_model_input(z, t), t), t, z).prev_sample
+    assert (z - x).abs().max() > 1e-3
+
+
+def test_average_x0_schedule_round_trips_and_matches_the_functional_loop(tmp_path):
+    from fewstep.search.objectives import AnalyticObjective
+
+    obj = AnalyticObjective(num_samples=64)
+    mean = [0.4, -0.2]  # the mixture is 2-D
+    schedule = SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs="average_x0", afs_mean=mean)
+    again = SolverSchedule.load(schedule.save(tmp_path / "avg.json"))
+    assert again.to_dict() == schedule.to_dict() and again.afs_mean == mean
+    plan = again.plan(obj.noise_schedule)
+    start = plan.analytic_start
+    assert start.offset != 0.0 and torch.equal(start.mean, torch.tensor(mean, dtype=torch.float64))
+    x1 = start.start(obj.x_start)
+    alpha1, sigma1 = plan.grid.alphas[0], plan.grid.sigmas[0]
+    # the first-order step from the pair (mean, (x - alpha_0 mean) / sigma_0): x_1 = alpha_1 mean + sigma_1 eps
+    eps = (obj.x_start - start.alpha * start.mean) / start.sigma
+    torch.testing.assert_close(x1, alpha1 * start.mean + sigma1 * eps, rtol=1e-12, atol=1e-12)
+    assert obj(again) != pytest.approx(obj(SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs="zero_x0")), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "afs, mean, match",
+    [
+        ("average_x0", None, "`afs_mean` .* goes with afs='average_x0' and only with it"),
+        ("zero_x0", [0.0, 1.0], "`afs_mean` .* goes with afs='average_x0' and only with it"),
+        (None, [0.0, 1.0], "`afs_mean` .* goes with afs='average_x0' and only with it"),
+        ("average_x0", [0.0, float("nan")], "`afs_mean` must be a non-empty array of finite numbers"),
+        ("average_x0", [[0.0, 1.0], [2.0]], "`afs_mean` must be nested lists of numbers shaped like one sample"),
+    ],
+)
+def test_bad_average_x0_schedules(afs, mean, match):
+    with pytest.raises(ValueError, match=match):
+        SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs=afs, afs_mean=mean)
+
+
+def test_average_x0_mean_must_match_the_samples():
+    schedule = SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs="average_x0", afs_mean=[[1.0, 2.0, 3.0]])
+    sched = S3(s3_schedule=schedule.to_dict())
+    sched.set_timesteps(4)
+    x = torch.zeros(2, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"mean image \(average_x0\) has shape \(1, 3\), which does not match"):
+        sched.scale_model_input(x, sched.timesteps[0])

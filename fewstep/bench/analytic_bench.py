@@ -110,7 +110,7 @@ def run_analytic_bench(
         start = time.perf_counter()
         x = x_start * sched.init_noise_sigma  # != 1 after an analytical first step (s3 schedules)
         for t in sched.timesteps:
-            x = sched.step(model(x, t), t, x).prev_sample
+            x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
         seconds = time.perf_counter() - start
         first = sched.plan.analytic_start  # the ODE starts at the analytic point, before the first model call
         ref = reference_for(*((first.alpha, first.sigma) if first is not None else

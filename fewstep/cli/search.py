@@ -34,7 +34,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         objective = DigitsMSEObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
     else:
         objective = DigitsObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
-    space = SearchSpace(objective.noise_schedule, args.nfe, ems=objective.ems, afs=args.afs)
+    space = SearchSpace(objective.noise_schedule, args.nfe, ems=objective.ems, afs=args.afs is not None,
+                        afs_mean=objective.data_mean() if args.afs == "average_x0" else None)
     initial = [_load_init_schedule(path, objective) for path in args.init or []]
     state = args.state or str(out) + ".state.json"
     result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
@@ -80,9 +81,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ems", default="auto",
                    help="DPM-Solver-v3 tables that make 'ems' a prediction type of the search: auto (the model's "
                         "shipped EMS, if any), none, or an EMS file (digits-eps)")
-    p.add_argument("--afs", action="store_true",
-                   help="let candidates take the analytical first step (x0 = 0 at t_max, no model call; USF's "
-                        "zero_x0) and spend the NFE after it")
+    p.add_argument("--afs", nargs="?", const="zero_x0", default=None, choices=["zero_x0", "average_x0"],
+                   help="let candidates take the analytical first step at t_max (no model call) and spend the NFE "
+                        "after it: x0 = 0 (zero_x0, the default) or the data's mean image (average_x0)")
     p.add_argument("--no-predictor", action="store_true", help="plain evolution (no performance predictor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", action="append", metavar="SCHEDULE",

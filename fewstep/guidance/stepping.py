@@ -66,7 +66,7 @@ def guided_step(
             f"{tuple(out_cond.shape)}, {tuple(out_uncond.shape)} and {tuple(sample.shape)}"
         )
     dtype = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
-    x = sample.to(dtype)
+    x = scheduler.model_sample(index, sample.to(dtype))  # as the model saw it (an average_x0 start is shifted)
     cond = scheduler.convert_model_output(out_cond.to(dtype), x, index)
     uncond = scheduler.convert_model_output(out_uncond.to(dtype), x, index)
     x0, eps = rule(cond, uncond, step_state(scheduler, index))

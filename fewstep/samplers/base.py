@@ -114,8 +114,19 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return self.noise_schedule.num_train_timesteps
 
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """No input scaling: fewstep schedulers feed ``x_t`` itself to the model."""
-        return sample
+        """No input scaling: fewstep schedulers feed ``x_t`` itself to the model -- except at the first call after
+        an ``average_x0`` analytical first step (s3), where ``x_1 = init_noise_sigma * noise + offset * mean``
+        and diffusers pipelines have applied only ``init_noise_sigma``: the mean's share is added here (and
+        by ``step`` to the sample it receives at that call)."""
+        return self.model_sample(0 if self._step_index is None else self._step_index, sample)
+
+    def model_sample(self, k: int, sample: torch.Tensor) -> torch.Tensor:
+        """The sample the model is called at for call ``k``, given the pipeline's ``sample``: itself, except at the
+        first call after an ``average_x0`` analytical first step (see ``scale_model_input``)."""
+        start = self.plan.analytic_start if self.plan is not None else None
+        if k != 0 or start is None or start.mean is None:
+            return sample
+        return sample + start.shift(sample)
 
     # ----------------------------------------------------------------------------------------------
     # set_timesteps
@@ -317,7 +328,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """
         i = self._begin_step(timestep)
         dtype = _compute_dtype(sample.dtype)
-        x = sample.to(dtype)
+        x = self.model_sample(i, sample.to(dtype))
         x0, eps = self.convert_model_output(model_output.to(dtype), x, i)
         return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))
 
@@ -334,7 +345,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         solver an inconsistent pair (guided ``x0``, unconditional ``eps``) through this entry point."""
         i = self._begin_step(timestep)
         dtype = _compute_dtype(sample.dtype)
-        x = sample.to(dtype)
+        x = self.model_sample(i, sample.to(dtype))
         x0, eps = self._postprocess_pair(x0.to(dtype), eps.to(dtype))
         return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))
 

@@ -158,5 +158,8 @@ class FewstepS3Scheduler(FewstepScheduler):
 
     def _compile_plan(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> Plan:
         plan = compile_plan(grid, decisions, ems=self._ems_grid)
-        # AFS: the model is first called at the second time point, on noise scaled by init_noise_sigma
-        return with_analytic_first_step(plan) if self._current.afs is not None else plan
+        # AFS: the model is first called at the second time point, on noise scaled by init_noise_sigma (plus, for
+        # average_x0, the mean image's share, added by scale_model_input / step at that call)
+        if self._current.afs is None:
+            return plan
+        return with_analytic_first_step(plan, self._current.mean_image())

@@ -44,12 +44,16 @@ class AnalyticObjective:
     def metadata(self) -> dict:
         return {"model": "analytic", "noise_schedule": schedule_fingerprint(self.noise_schedule)}
 
+    def data_mean(self) -> list:
+        """The mixture's mean (``average_x0``'s ``x0``)."""
+        return (self.mixture.weights @ self.mixture.means).tolist()
+
     def __call__(self, schedule: SolverSchedule) -> float:
         from ..solvers.engine import sample_loop
 
         plan = schedule.plan(self.noise_schedule, self.ems)
         grid = plan.grid
-        start = self.x_start if plan.analytic_start is None else self.x_start * plan.analytic_start.scale
+        start = self.x_start if plan.analytic_start is None else plan.analytic_start.start(self.x_start)
         out = sample_loop(lambda x, i: self.mixture.denoise(x, grid.alphas[i], grid.sigmas[i]), start, plan)
         return (out - self.reference).pow(2).mean().sqrt().item()
 
@@ -124,6 +128,13 @@ class DigitsObjective:
         probe = samplers.get("s3").from_config(self.model_config, **self.scheduler_options)
         self.noise_schedule = probe.noise_schedule
         self.ems = probe.ems
+
+    def data_mean(self) -> list:
+        """The mean training digit in model space, ``[1, R, R]`` (``average_x0``'s ``x0``)."""
+        from ..datasets import load_digits_images
+
+        images, _ = load_digits_images(self.pipe.unet.config.sample_size, "train")
+        return images.double().mean(0).tolist()
 
     def scheduler(self, schedule: SolverSchedule):
         """The ``s3`` scheduler running ``schedule`` on this model (with the objective's EMS)."""

@@ -35,7 +35,7 @@ from ..solvers import grids
 from ..solvers.ems import EMS
 from ..solvers.engine import StepDecision
 from ..solvers.methods import dpm_solver_decisions, dpm_solver_v3_decisions, unipc_decisions
-from ..solvers.s3 import SolverSchedule
+from ..solvers.s3 import SolverSchedule, check_afs_mean
 from ..solvers.schedules import NoiseSchedule
 
 __all__ = ["SearchSpace", "SearchResult", "encode", "random_schedule", "warm_start", "mutate", "crossover", "search"]
@@ -50,7 +50,9 @@ class SearchSpace:
 
     ``ems``: the model's DPM-Solver-v3 tables; with them ``"ems"`` is a prediction type of the search.
     ``afs``: the analytical first step joins the decisions -- a candidate may evaluate ``t_max`` analytically
-    (``x0 = 0``) and spend its ``nfe`` model calls on the time points after it."""
+    (``x0 = 0``) and spend its ``nfe`` model calls on the time points after it. ``afs_mean``: the data's mean
+    image (nested lists shaped like one sample); with it the analytic step takes ``x0 =`` that mean
+    (``average_x0``) instead of 0."""
 
     schedule: NoiseSchedule
     nfe: int
@@ -58,11 +60,16 @@ class SearchSpace:
     lambda_end: float | None = None  # last allowed evaluation point (default: lambda at t_min)
     ems: EMS | None = None
     afs: bool = False
+    afs_mean: list | None = None
 
     def __post_init__(self) -> None:
         check_int("nfe", self.nfe, 2, numpy_ok=False)
         if not isinstance(self.afs, bool):
             raise ValueError(f"`afs` must be True or False, got {self.afs!r}")
+        if self.afs_mean is not None:
+            if not self.afs:
+                raise ValueError("`afs_mean` (average_x0) needs afs=True")
+            self.afs_mean = check_afs_mean(self.afs_mean)
         if self.ems is not None and not isinstance(self.ems, EMS):
             raise ValueError(f"`ems` must be fewstep.solvers.ems.EMS tables or None, got {type(self.ems).__name__}")
         if self.ems is not None and self.nfe + self.afs > self.ems.num_points - 1:
@@ -87,6 +94,10 @@ class SearchSpace:
                     f"{self.lambda_end:.4f}]: estimate EMS over the whole range or pass a smaller `lambda_end`"
                 )
 
+    @property
+    def afs_kind(self) -> str:
+        """The analytical first step candidates take: ``average_x0`` with ``afs_mean``, else ``zero_x0``."""
+        return "average_x0" if self.afs_mean is not None else "zero_x0"
     @property
     def predictions(self) -> tuple[str, ...]:
         return ("data", "noise", "ems") if self.ems is not None else ("data", "noise")
@@ -182,7 +193,8 @@ def _repair(space: SearchSpace, positions: np.ndarray, decisions: list[StepDecis
     times = space.times(pos)
     if len(set(times)) != len(times) or np.any(np.diff(times) >= 0):
         times = space.times(np.linspace(1.0 / n, 1.0, n - 1))
-    return SolverSchedule(times, out, "zero", afs="zero_x0" if afs else None)
+    return SolverSchedule(times, out, "zero", afs=space.afs_kind if afs else None,
+                          afs_mean=space.afs_mean if afs else None)
 
 
 def _model_steps(schedule: SolverSchedule) -> tuple[np.ndarray, list[StepDecision]]:

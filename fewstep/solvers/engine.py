@@ -44,12 +44,13 @@ that evaluation replaces the predicted one in the buffer before the next predict
 evaluate; USF's implicit corrector, one extra NFE). Such a plan has more model calls than steps: ``Plan.calls``
 lists them as ``(grid point, re-evaluation?)`` and ``EngineState.call`` dispatches them.
 
-**Analytical first step** (AFS, USF's ``zero_x0``; ``with_analytic_first_step``): the evaluation at the first
-time point ``t_0`` is not a model call but the pair ``x0 = 0, eps = x_0 / sigma_0``, so its first-order step is
-``x_1 = (sigma_1 / sigma_0) x_0`` and the plan starts at ``t_1`` (the caller scales the initial noise by
-``AnalyticStart.scale``). The engine buffers that analytic point before the first real evaluation, so later
-steps may use it as a derivative point (and the first real step's corrector may correct from it): one NFE
-saved.
+**Analytical first step** (AFS, USF's ``zero_x0`` / ``average_x0``; ``with_analytic_first_step``): the
+evaluation at the first time point ``t_0`` is not a model call but the pair ``x0 = m, eps = (x_0 - alpha_0 m) /
+sigma_0`` with ``m = 0`` (``zero_x0``) or the data's mean image (``average_x0``), so its first-order step is
+``x_1 = (sigma_1 / sigma_0) x_0 + (alpha_1 - sigma_1 alpha_0 / sigma_0) m`` and the plan starts at ``t_1`` (the
+caller starts from ``AnalyticStart.start(noise)``). The engine buffers that analytic point before the first real
+evaluation, so later steps may use it as a derivative point (and the first real step's corrector may correct
+from it): one NFE saved.
 """
 
 from __future__ import annotations
@@ -412,13 +413,30 @@ def compile_plan(
 
 @dataclass(frozen=True)
 class AnalyticStart:
-    """USF's analytical first step ``zero_x0`` at time point ``t_0``: the pair ``(0, x_0 / sigma)`` stands in
-    for the model there, and the plan begins at ``t_1`` with ``x_1 = scale * x_0`` (``scale = sigma_1 / sigma_0``,
-    the first-order step from that pair in either prediction form)."""
+    """USF's analytical first step at time point ``t_0``: the pair ``(m, (x_0 - alpha m) / sigma)`` stands in for
+    the model there (``m``: ``mean``, or 0 for ``zero_x0``), and the plan begins at ``t_1`` with
+    ``x_1 = scale * x_0 + offset * m`` (``scale = sigma_1 / sigma_0``, ``offset = alpha_1 - scale * alpha_0``: the
+    first-order step from that pair in either prediction form)."""
 
     alpha: float
     sigma: float
     scale: float
+    mean: torch.Tensor | None = None
+    offset: float = 0.0
+
+    def shift(self, like: torch.Tensor) -> torch.Tensor | float:
+        """``offset * m`` broadcast against a sample ``like`` (0 for ``zero_x0``)."""
+        if self.mean is None or self.offset == 0.0:
+            return 0.0
+        mean = self.mean.to(device=like.device, dtype=like.dtype)
+        if like.shape[-mean.dim():] != mean.shape:
+            raise ValueError(f"the schedule's mean image (average_x0) has shape {tuple(mean.shape)}, which does not "
+                             f"match samples of shape {tuple(like.shape)}")
+        return self.offset * mean
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The sample at ``t_1`` from the initial noise ``x_0`` at ``t_0``."""
+        return noise * self.scale + self.shift(noise)
 
 
 def check_analytic_first_decision(d: StepDecision) -> None:
@@ -431,13 +449,15 @@ def check_analytic_first_decision(d: StepDecision) -> None:
         )
 
 
-def with_analytic_first_step(plan: Plan) -> Plan:
+def with_analytic_first_step(plan: Plan, mean: torch.Tensor | None = None) -> Plan:
     """The plan that skips the model call at ``plan``'s first point: its steps and grid from point 1 on, with
     the analytic evaluation ``x0 = 0, eps = x_0 / sigma_0`` buffered first (``AnalyticStart``).
 
     Step 0 of ``plan`` is the analytic step itself; it must be a first-order data/noise ODE step (so that it
     is exactly ``x_1 = (sigma_1 / sigma_0) x_0``), and the plan needs at least one model evaluation after it.
     Derivative points and correctors of the later steps refer to buffer offsets, so they keep their meaning.
+    ``mean``: the data's mean image for ``average_x0`` (shape of one sample, without the batch), ``None`` for
+    ``zero_x0``.
     """
     if plan.num_steps < 2:
         raise ValueError("an analytical first step needs at least one model evaluation after it (2+ time points)")
@@ -448,7 +468,13 @@ def with_analytic_first_step(plan: Plan) -> Plan:
         raise ValueError("an analytical first step cannot be combined with momentum")
     g = plan.grid
     grid = TimeGrid(g.timesteps[1:], g.alphas[1:], g.sigmas[1:])
-    start = AnalyticStart(float(g.alphas[0]), float(g.sigmas[0]), float(g.sigmas[1] / g.sigmas[0]))
+    if mean is not None:
+        if not isinstance(mean, torch.Tensor) or mean.dim() == 0 or not bool(torch.isfinite(mean).all()):
+            raise ValueError("`mean` (average_x0) must be a finite tensor shaped like one sample")
+        mean = mean.detach().to(torch.float64)
+    scale = float(g.sigmas[1] / g.sigmas[0])
+    offset = float(g.alphas[1] - scale * g.alphas[0]) if mean is not None else 0.0
+    start = AnalyticStart(float(g.alphas[0]), float(g.sigmas[0]), scale, mean, offset)
     return Plan(grid, plan.decisions[1:], plan.steps[1:], plan.buffer_size, dict(plan.extra), None, start)
 
 
@@ -529,8 +555,9 @@ class EngineState:
         step = self.plan.steps[i]
         start = self.plan.analytic_start
         if start is not None and i == 0:  # the analytic evaluation at t_0, then this one (at t_1)
-            x_first = x_eval / start.scale
-            self.buffer = [Evaluation(x_first, torch.zeros_like(x_eval), x_first / start.sigma)]
+            x_first = (x_eval - start.shift(x_eval)) / start.scale
+            x0_first = torch.zeros_like(x_eval) + (0.0 if start.mean is None else start.mean.to(x_eval))
+            self.buffer = [Evaluation(x_first, x0_first, (x_first - start.alpha * x0_first) / start.sigma)]
             self.last_sample = x_first
         self.buffer.append(Evaluation(x_eval, x0, eps))
         if len(self.buffer) > self.plan.buffer_size:
@@ -587,7 +614,7 @@ def sample_loop(
     of ``plan.calls``: twice at a point whose step has an implicit corrector).
 
     ``x_start`` is the sample at the plan's first grid point; a plan with an analytical first step starts one
-    point later: pass the initial noise times ``plan.analytic_start.scale``.
+    point later: pass ``plan.analytic_start.start(noise)``.
 
     Stochastic steps draw their noise from ``generator`` (on the sample's device)."""
     state = EngineState(plan, hooks)

@@ -10,11 +10,12 @@ Supported decisions: timestep, prediction type (data/noise, or ``"ems"``: DPM-So
 reparameterisation, which needs the model's empirical model statistics), order 1-5, derivative points, coefficient
 rule, linear relaxation ``c`` (first derivative scaled by ``1 + c h``), corrector (``"unic"``, the pseudo
 corrector: no extra NFE; ``"implicit"``: the model is called again at the corrected point, +1 NFE), and the
-analytical first step (``afs="zero_x0"``: the first time point's evaluation is ``x0 = 0``, not a model call; one
-NFE saved; see ``engine.with_analytic_first_step``). A schedule's NFE is its number of time points, less one
-with ``afs``, plus one per implicit corrector. The search (``fewstep.search``) proposes no implicit corrector
-(probability 0 in the published search configs). Not supported: the ``average_x0`` AFS (it needs the data
-mean) and U-Net skip coefficients (they change the model, which a diffusers scheduler does not control).
+analytical first step (``afs="zero_x0"``: the first time point's evaluation is ``x0 = 0``, not a model call, one
+NFE saved; ``afs="average_x0"``: ``x0 =`` the data's mean image, carried by the schedule; see
+``engine.with_analytic_first_step``). A schedule's NFE is its number of time points, less one with ``afs``, plus
+one per implicit corrector. The search (``fewstep.search``) proposes no implicit corrector (probability 0 in the
+published search configs) and only the ``zero_x0`` AFS. Not supported: U-Net skip coefficients (they change the
+model, which a diffusers scheduler does not control).
 
 A schedule with ``"ems"`` steps runs only with EMS tables (``plan(schedule, ems=...)``; the ``s3`` scheduler's
 ``ems_file``): all its time points are then snapped to the nearest EMS grid point, as DPM-Solver-v3 does, so
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .ems import EMS, snap_grid
 from .engine import (
@@ -44,11 +46,12 @@ from .engine import (
 from .grids import TimeGrid
 from .schedules import NoiseSchedule
 
-__all__ = ["SolverSchedule", "SCHEDULE_VERSION", "AFS_KINDS", "decisions_from_dicts", "schedule_fingerprint"]
+__all__ = ["SolverSchedule", "SCHEDULE_VERSION", "AFS_KINDS", "check_afs_mean", "decisions_from_dicts",
+           "schedule_fingerprint"]
 
 SCHEDULE_VERSION = 1
 #: analytical first steps a schedule may start with (USF): ``zero_x0`` takes ``x0 = 0`` at the first time point
-AFS_KINDS = ("zero_x0",)
+AFS_KINDS = ("zero_x0", "average_x0")
 _DECISION_KEYS = {
     "prediction", "order", "points", "coefficients", "relaxation", "corrector", "stochastic", "pseudo",
     "corrector_order", "corrector_pseudo",
@@ -87,19 +90,34 @@ def decisions_from_dicts(items: Sequence[Mapping[str, Any]]) -> list[StepDecisio
     return out
 
 
+def check_afs_mean(mean: Any) -> list:
+    """The ``average_x0`` mean image as nested lists of floats (one sample's shape), or a clear error."""
+    try:
+        arr = np.asarray(mean, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("`afs_mean` must be nested lists of numbers shaped like one sample") from None
+    if arr.ndim == 0 or arr.size == 0 or not np.all(np.isfinite(arr)):
+        raise ValueError(f"`afs_mean` must be a non-empty array of finite numbers, got shape {arr.shape}")
+    return arr.tolist()
+
+
 @dataclass
 class SolverSchedule:
     """Per-step decisions + time points (+ free-form metadata such as model and schedule config).
 
     ``afs="zero_x0"``: the first time point is evaluated analytically (``x0 = 0``), not by the model, so the
     NFE is one less than the number of time points and the first decision must be a first-order data or
-    noise step; samplers start from noise scaled by ``sigma_1 / sigma_0`` at the second time point."""
+    noise step; samplers start from noise scaled by ``sigma_1 / sigma_0`` at the second time point.
+    ``afs="average_x0"``: the same with ``x0 =`` ``afs_mean``, the data's mean image (nested lists shaped like
+    one sample, without the batch), which the schedule file carries; samplers then also add
+    ``(alpha_1 - sigma_1 alpha_0 / sigma_0) * afs_mean`` to the scaled noise (``engine.AnalyticStart``)."""
 
     timesteps: list[float]
     decisions: list[StepDecision]
     final: str | float = "zero"
     metadata: dict = field(default_factory=dict)
     afs: str | None = None
+    afs_mean: list | None = None
 
     def __post_init__(self) -> None:
         ts = np.asarray(self.timesteps, dtype=np.float64).reshape(-1)
@@ -120,6 +138,11 @@ class SolverSchedule:
                 raise ValueError("a schedule with an analytical first step (`afs`) needs at least 2 timesteps: the "
                                  "analytic one and one model evaluation")
             check_analytic_first_decision(self.decisions[0])
+        if (self.afs == "average_x0") != (self.afs_mean is not None):
+            raise ValueError(f"`afs_mean` (the data's mean image) goes with afs='average_x0' and only with it; got "
+                             f"afs={self.afs!r} and {'an' if self.afs_mean is not None else 'no'} afs_mean")
+        if self.afs_mean is not None:
+            self.afs_mean = check_afs_mean(self.afs_mean)
         if isinstance(self.final, str):
             if self.final != "zero":
                 raise ValueError(f"`final` must be 'zero' or a model time below the last timestep, got {self.final!r}")
@@ -195,7 +218,13 @@ class SolverSchedule:
         ``ems``: DPM-Solver-v3 tables of the model, required when the schedule has ``"ems"`` steps."""
         grid, ems_grid = self.ems_grid(schedule, ems)
         plan = compile_plan(grid, self.decisions, ems=ems_grid)
-        return with_analytic_first_step(plan) if self.afs is not None else plan
+        if self.afs is None:
+            return plan
+        return with_analytic_first_step(plan, self.mean_image())
+
+    def mean_image(self) -> torch.Tensor | None:
+        """``afs_mean`` as a float64 tensor (``None`` unless ``afs="average_x0"``)."""
+        return None if self.afs_mean is None else torch.tensor(self.afs_mean, dtype=torch.float64)
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -204,10 +233,13 @@ class SolverSchedule:
             item = asdict(d)
             item["points"] = list(d.points) if d.points is not None else None
             steps.append(item)
-        return {
+        out = {
             "version": SCHEDULE_VERSION, "nfe": self.nfe, "timesteps": self.timesteps, "final": self.final,
             "afs": self.afs, "decisions": steps, "metadata": self.metadata,
         }
+        if self.afs_mean is not None:
+            out["afs_mean"] = self.afs_mean
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SolverSchedule:
@@ -219,7 +251,7 @@ class SolverSchedule:
                 f"schedule format version {version!r} is not supported (this fewstep reads {SCHEDULE_VERSION})"
             )
         out = cls(list(data["timesteps"]), decisions_from_dicts(data["decisions"]), data.get("final", "zero"),
-                  dict(data.get("metadata") or {}), data.get("afs"))
+                  dict(data.get("metadata") or {}), data.get("afs"), data.get("afs_mean"))
         if "nfe" in data and data["nfe"] != out.nfe:
             raise ValueError(f"schedule says nfe={data['nfe']} but its {len(out.timesteps)} timesteps make "
                              f"{out.nfe} model evaluations")
