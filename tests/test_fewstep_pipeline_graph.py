@@ -370,9 +370,12 @@ def test_from_pipe_keeps_a_half_precision_pipeline_in_its_dtype():
         vae=_vae(), text_encoder=None, tokenizer=None, unet=_unet(), scheduler=PNDMScheduler.from_config(SD15_PNDM),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).to(dtype=torch.bfloat16)  # fmt: skip
-    before = _param_dtypes(sd)
-    FewstepPipeline.from_pipe(sd, scheduler="dpm-solver++", guidance="cfg++", guidance_scale=0.5)
+    before, config, scheduler = _param_dtypes(sd), dict(sd.config), sd.scheduler
+    fp = FewstepPipeline.from_pipe(sd, scheduler="dpm-solver++", guidance="cfg++", guidance_scale=0.5)
     assert _param_dtypes(sd) == before
+    # the base pipeline keeps its own scheduler and config; the modules are shared, not copied
+    assert sd.scheduler is scheduler and dict(sd.config) == config and fp.pipe.unet is sd.unet
+    assert type(fp.scheduler).__name__ != type(scheduler).__name__
 
 
 # ------------------------------------------------------------------------------------------ real capture
