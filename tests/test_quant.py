@@ -420,6 +420,26 @@ def test_time_layer_restores_mode():
         quant.time_layer(layer, torch.randn(8, 16), "dequant", warmup=0, compiled=True)
 
 
+def test_compiled_timing_really_compiles_every_layer():
+    """All QuantLayers share one forward code object, whose dynamo cache holds 8 entries before dynamo falls back
+    to eager without an error: each compiled timing must start from (and leave) an empty cache, or the 9th
+    layer would be timed eagerly under the compiled label. A counting backend sees one graph per timing."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    layers = [quant.QuantLayer(nn.Linear(16, 8 + k), [torch.full((8 + k,), 0.01)], [act_qparams_from_range(-1, 1)])
+              for k in range(12)]
+    x = torch.randn(4, 16)
+    for layer in layers:
+        assert quant.time_layer(layer, x, "int8", repeats=1, warmup=1, compiled={"backend": counting_backend}) > 0
+    assert len(graphs) == len(layers)
+    with pytest.raises(ValueError, match="`compiled` must be a bool or a dict of torch.compile arguments"):
+        quant.time_layer(layers[0], x, "int8", compiled="yes")
+
+
 def test_policy_times_each_layer_signature_once(qmodel, calibration):
     """Layers with the same structure and input shape share one timing and one choice; the choice follows the
     signature, not the layer's name."""
@@ -446,7 +466,7 @@ def test_policy_times_each_layer_signature_once(qmodel, calibration):
         want = "int8" if signatures[r.name] in fast else "dequant"
         assert r.chosen == want == qmodel.get_submodule(r.name).mode
     quant.set_mode(qmodel, "fake")
-    with pytest.raises(ValueError, match="`compiled` must be a bool, got 'yes'"):
+    with pytest.raises(ValueError, match="`compiled` must be a bool or a dict of torch.compile arguments, got 'yes'"):
         quant.choose_modes(qmodel, batch, compiled="yes")
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,18 +46,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _compile_options(compiled: bool | Mapping[str, Any]) -> dict | None:
+    """``compiled`` as ``torch.compile`` keyword arguments (``None``: eager)."""
+    if compiled is False:
+        return None
+    if compiled is True:
+        return {"dynamic": False}
+    if isinstance(compiled, Mapping):
+        return dict(compiled)
+    raise ValueError(f"`compiled` must be a bool or a dict of torch.compile arguments, got {compiled!r}")
+
+
 @torch.no_grad()
 def time_layer(
-    layer: QuantLayer, x: torch.Tensor, mode: str, repeats: int = 20, warmup: int = 3, compiled: bool = False
+    layer: QuantLayer, x: torch.Tensor, mode: str, repeats: int = 20, warmup: int = 3,
+    compiled: bool | Mapping[str, Any] = False,
 ) -> float:
     """Median wall-clock seconds of ``layer(x)`` in ``mode`` (device-synchronised); the layer's mode is restored.
-    ``compiled``: time ``torch.compile(layer)`` instead (compiled in this mode on the first warm-up call)."""
+    ``compiled``: time ``torch.compile(layer)`` instead (``True``, or a dict of ``torch.compile`` arguments),
+    compiled in this mode on the first warm-up call. Every compiled timing starts from an empty dynamo cache for
+    ``QuantLayer.forward`` and leaves it empty: all layers share that code object, whose cache holds only
+    ``torch._dynamo.config.cache_size_limit`` entries before dynamo silently falls back to eager (which would
+    time the eager path under the compiled label)."""
     check_int("repeats", repeats, 1, numpy_ok=False)
-    check_int("warmup", warmup, 1 if compiled else 0, numpy_ok=False)
+    options = _compile_options(compiled)
+    check_int("warmup", warmup, 1 if options is not None else 0, numpy_ok=False)
     previous = layer.mode
     layer.set_mode(mode)
+    code = type(layer).forward.__code__
+    if options is not None:
+        torch._dynamo.reset_code(code)
     try:
-        call = torch.compile(layer, dynamic=False) if compiled else layer
+        call = torch.compile(layer, **options) if options is not None else layer
         for _ in range(warmup):
             call(x)
         _sync(x.device)
@@ -68,6 +89,8 @@ def time_layer(
             times.append(time.perf_counter() - start)
     finally:
         layer.set_mode(previous)
+        if options is not None:
+            torch._dynamo.reset_code(code)
     return statistics.median(times)
 
 
@@ -123,7 +146,7 @@ def choose_modes(
     margin: float = 1.0,
     apply: bool = True,
     fp8_conv_kernels: tuple[str, ...] = ("im2col",),
-    compiled: bool = False,
+    compiled: bool | Mapping[str, Any] = False,
 ) -> list[LayerTiming]:
     """Time each quantized layer in every candidate mode it supports and pick the fastest.
 
@@ -147,8 +170,7 @@ def choose_modes(
     layers = quant_layers(model)
     if not layers:
         raise ValueError("`model` holds no quantized layers (run fewstep.quant.quantize first)")
-    if not isinstance(compiled, bool):
-        raise ValueError(f"`compiled` must be a bool, got {compiled!r}")
+    _compile_options(compiled)  # validated here, before any timing
     if timer is None:
         def timer(layer, x, mode):
             return time_layer(layer, x, mode, compiled=compiled)
