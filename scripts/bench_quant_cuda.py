@@ -192,7 +192,8 @@ def bench_unet(name: str, device, args, done: list) -> dict:
         inputs = {k: v.to(device) for k, v in next(cal.batches(2)).items()}
         inputs["sample"] = inputs["sample"].to(torch.bfloat16)
         inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)
-        kernels = ("im2col", "triton") if fmt == "fp8" and triton_available(device) else ("im2col",)
+        usable = fmt == "fp8" and triton_available(device)
+        kernels = tuple(k for k in args.policy_conv_kernels if k == "im2col" or usable) or ("im2col",)
         compiled_policy = args.compile and args.policy_timing == "compiled"
         report = quant.choose_modes(q, inputs, candidates=(fmt, "dequant"), fp8_conv_kernels=kernels,
                                     timer=functools.partial(quant.time_layer, repeats=10, compiled=compiled_policy))
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=int, default=10,
                         help="range-search grid of the calibration (speed does not depend on it; 1 = absmax)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--policy-conv-kernels", nargs="+", choices=list(quant.CONV_KERNELS),
+                        default=list(quant.CONV_KERNELS),
+                        help="fp8 conv kernels the policy times (triton only where it can run; default both)")
     parser.add_argument("--policy-timing", choices=["compiled", "eager"], default="compiled",
                         help="how the per-layer policy times each layer signature (compiled: as the UNet will run; "
                              "eager only without --no-compile makes a difference)")

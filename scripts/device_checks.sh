@@ -21,8 +21,9 @@
 # default limit (bf16 SDXL compiled and the per-layer policy took 147 s, the fp8 variant's compile did not finish
 # in the next 124 s): give it a run of its own, STAGES=3 L3=540.
 # Next GPU session (15 device minutes), two calls:
-#   1. STAGES=3 L3=560 UNET_ARGS="--unets sdxl --batches 16 --formats fp8 --variants fp8 --grid 1 --unet-repeats 10"
-#      (bf16 vs the fp8 policy, now timed compiled once per layer signature: ~36 weight signatures in SDXL)
+#   1. STAGES=3 L3=560 UNET_ARGS="--unets sdxl --batches 16 --formats fp8 --variants fp8 --grid 1 --unet-repeats 10
+#      --policy-conv-kernels im2col" (bf16 vs the fp8 policy, now timed compiled once per layer signature: ~36
+#      weight signatures in SDXL, one compile each per mode; dropping the Triton candidate saves a third of them)
 #   2. STAGES=2 L2=300 PIPE_ARGS="--steps 8,20 --batches 1,2 --repeats 3 --warmup 1 --compile default"
 #      (CUDA graph + compiled UNet vs stock diffusers: issue 10's 2.5x at batch 2 needs a faster UNet)
 # QUICK=1 shrinks every stage (a smoke run of this script); STAGES="1 2" runs a subset; L1..L4 override the
