@@ -98,6 +98,7 @@ class SearchSpace:
     def afs_kind(self) -> str:
         """The analytical first step candidates take: ``average_x0`` with ``afs_mean``, else ``zero_x0``."""
         return "average_x0" if self.afs_mean is not None else "zero_x0"
+
     @property
     def predictions(self) -> tuple[str, ...]:
         return ("data", "noise", "ems") if self.ems is not None else ("data", "noise")

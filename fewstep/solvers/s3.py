@@ -14,8 +14,8 @@ analytical first step (``afs="zero_x0"``: the first time point's evaluation is `
 NFE saved; ``afs="average_x0"``: ``x0 =`` the data's mean image, carried by the schedule; see
 ``engine.with_analytic_first_step``). A schedule's NFE is its number of time points, less one with ``afs``, plus
 one per implicit corrector. The search (``fewstep.search``) proposes no implicit corrector (probability 0 in the
-published search configs) and only the ``zero_x0`` AFS. Not supported: U-Net skip coefficients (they change the
-model, which a diffusers scheduler does not control).
+published search configs); its AFS is ``zero_x0``, or ``average_x0`` given the data mean. Not supported: U-Net
+skip coefficients (they change the model, which a diffusers scheduler does not control).
 
 A schedule with ``"ems"`` steps runs only with EMS tables (``plan(schedule, ems=...)``; the ``s3`` scheduler's
 ``ems_file``): all its time points are then snapped to the nearest EMS grid point, as DPM-Solver-v3 does, so
