@@ -46,6 +46,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reset_dynamo_cache(code) -> None:
+    """Drop dynamo's compiled entries for one code object (``torch._dynamo.reset_code``, in the C extension
+    where an older torch does not re-export it)."""
+    reset = getattr(torch._dynamo, "reset_code", None) or torch._C._dynamo.eval_frame.reset_code
+    reset(code)
+
+
 def _compile_options(compiled: bool | Mapping[str, Any]) -> dict | None:
     """``compiled`` as ``torch.compile`` keyword arguments (``None``: eager)."""
     if compiled is False:
@@ -75,7 +82,7 @@ def time_layer(
     layer.set_mode(mode)
     code = type(layer).forward.__code__
     if options is not None:
-        torch._dynamo.reset_code(code)
+        _reset_dynamo_cache(code)
     try:
         call = torch.compile(layer, **options) if options is not None else layer
         for _ in range(warmup):
@@ -90,7 +97,7 @@ def time_layer(
     finally:
         layer.set_mode(previous)
         if options is not None:
-            torch._dynamo.reset_code(code)
+            _reset_dynamo_cache(code)
     return statistics.median(times)
 
 
