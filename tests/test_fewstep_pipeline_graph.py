@@ -442,6 +442,10 @@ def test_pipeline_benchmark_refuses_cpu_and_smoke_runs_tiny(tmp_path, capsys):
     assert results["images_agree"] and results["graph_vs_eager_image_max_abs_diff"] == 0.0  # static == eager on CPU
     assert "stock/graph" in capsys.readouterr().out
     assert json.loads(out.read_text()) == results  # written after each cell, then whole
+    assert results["compile"] == "none" and results["dtype"] == "float32"
+    assert bench.parse_args(["--compile", "default"]).compile == "default"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--compile", "fast"])
 
 
 # ------------------------------------------------------------------------------- StaticEngine vs EngineState
