@@ -101,7 +101,7 @@ def bench_layers(device, args, rows: list) -> list[dict]:
         bf16 = copy.deepcopy(float_layer).to(torch.bfloat16)
         row = {"layer": name, "shape": list(x.shape), "bf16_ms": cuda_ms(lambda: bf16(xb), args.repeats)}  # noqa: B023
         if args.compile:
-            compiled = torch.compile(bf16)
+            compiled = quant.compile_fresh(bf16)
             row["bf16_compiled_ms"] = cuda_ms(lambda: compiled(xb), args.repeats)  # noqa: B023
         for fmt in ("int8", "fp8"):
             q = _layer(float_layer, x, fmt).to(device)
@@ -111,7 +111,7 @@ def bench_layers(device, args, rows: list) -> list[dict]:
                 q.set_mode(mode)
                 row[f"{fmt}_{mode}_ms"] = cuda_ms(lambda: q(xb), args.repeats)  # noqa: B023
                 if args.compile:
-                    cq = torch.compile(q)
+                    cq = quant.compile_fresh(q)
                     row[f"{fmt}_{mode}_compiled_ms"] = cuda_ms(lambda: cq(xb), args.repeats)  # noqa: B023
             if fmt == "int8" and "int8" in q.supported_modes():
                 q.set_mode("fake")
@@ -220,7 +220,7 @@ def bench_unet(name: str, device, args, done: list) -> dict:
         for label, model in variants.items():
             call = _Call(model)
             if args.compile:
-                call = torch.compile(call)
+                call = quant.compile_fresh(call)  # a fresh cache per variant and batch
             row[label] = cuda_ms(lambda: call(x, t, text), args.unet_repeats)  # noqa: B023
             if label != "bf16":
                 row[f"bf16_over_{label}"] = row["bf16"] / row[label]

@@ -436,6 +436,10 @@ def test_compiled_timing_really_compiles_every_layer():
     for layer in layers:
         assert quant.time_layer(layer, x, "int8", repeats=1, warmup=1, compiled={"backend": counting_backend}) > 0
     assert len(graphs) == len(layers)
+    graphs.clear()  # the same for any module class, as the CUDA benchmark compiles its layers and UNet variants
+    for k in range(12):
+        quant.compile_fresh(nn.Linear(16, 8 + k), backend=counting_backend)(x)
+    assert len(graphs) == 12
     with pytest.raises(ValueError, match="`compiled` must be a bool or a dict of torch.compile arguments"):
         quant.time_layer(layers[0], x, "int8", compiled="yes")
 

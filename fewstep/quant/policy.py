@@ -17,8 +17,10 @@ policy meant for a compiled model should be chosen compiled.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,7 @@ from torch import nn
 from .._checks import check_int
 from .modules import CONV_KERNELS, MODES, QuantLayer, quant_layers
 
-__all__ = ["LayerTiming", "time_layer", "capture_layer_inputs", "choose_modes", "layer_signature"]
+__all__ = ["LayerTiming", "time_layer", "capture_layer_inputs", "choose_modes", "layer_signature", "compile_fresh"]
 
 
 @dataclass
@@ -46,11 +48,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_dynamo_cache(code) -> None:
-    """Drop dynamo's compiled entries for one code object (``torch._dynamo.reset_code``, in the C extension
-    where an older torch does not re-export it)."""
-    reset = getattr(torch._dynamo, "reset_code", None) or torch._C._dynamo.eval_frame.reset_code
-    reset(code)
+def _call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module(*args, **kwargs)
+
+
+def compile_fresh(module: nn.Module, **options: Any) -> Callable:
+    """``torch.compile`` of ``module``'s call, compiled into a code object of its own. Dynamo caches compiled code
+    per code object and holds only ``torch._dynamo.config.cache_size_limit`` entries there: past them it silently
+    runs eagerly. Instances of one class (and every mode of a ``QuantLayer``) share their ``forward`` code, so a
+    benchmark that compiles many layers or variants one after another would time eager code under a compiled
+    label; each call of this function starts an empty cache instead."""
+    fresh = types.FunctionType(_call_module.__code__.replace(), _call_module.__globals__, "compiled_call")
+    compiled = torch.compile(fresh, **options)
+    return functools.partial(compiled, module)
 
 
 def _compile_options(compiled: bool | Mapping[str, Any]) -> dict | None:
@@ -71,20 +81,14 @@ def time_layer(
 ) -> float:
     """Median wall-clock seconds of ``layer(x)`` in ``mode`` (device-synchronised); the layer's mode is restored.
     ``compiled``: time ``torch.compile(layer)`` instead (``True``, or a dict of ``torch.compile`` arguments),
-    compiled in this mode on the first warm-up call. Every compiled timing starts from an empty dynamo cache for
-    ``QuantLayer.forward`` and leaves it empty: all layers share that code object, whose cache holds only
-    ``torch._dynamo.config.cache_size_limit`` entries before dynamo silently falls back to eager (which would
-    time the eager path under the compiled label)."""
+    compiled in this mode on the first warm-up call, into a dynamo cache of its own (``compile_fresh``)."""
     check_int("repeats", repeats, 1, numpy_ok=False)
     options = _compile_options(compiled)
     check_int("warmup", warmup, 1 if options is not None else 0, numpy_ok=False)
     previous = layer.mode
     layer.set_mode(mode)
-    code = type(layer).forward.__code__
-    if options is not None:
-        _reset_dynamo_cache(code)
     try:
-        call = torch.compile(layer, **options) if options is not None else layer
+        call = compile_fresh(layer, **options) if options is not None else layer
         for _ in range(warmup):
             call(x)
         _sync(x.device)
@@ -96,8 +100,6 @@ def time_layer(
             times.append(time.perf_counter() - start)
     finally:
         layer.set_mode(previous)
-        if options is not None:
-            _reset_dynamo_cache(code)
     return statistics.median(times)
 
 
