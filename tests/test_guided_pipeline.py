@@ -179,8 +179,10 @@ def test_generate_compile_and_cuda_graph_options(tmp_path, capsys):
     plain = generate(pipe, num_images=2, steps=3, progress=False)
     compiled = generate(pipe, num_images=2, steps=3, progress=False, compile={"backend": "eager"})
     np.testing.assert_allclose(compiled.images, plain.images, atol=1e-5)
-    with pytest.raises(ValueError, match="`cuda_graph` needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline"):
-        generate(pipe, num_images=2, steps=3, cuda_graph=True)
+    with pytest.raises(ValueError, match=r"cuda_graph=True needs the pipeline on a CUDA device, got cpu"):
+        generate(pipe, num_images=2, steps=3, cuda_graph=True)  # hosted by FewstepPipeline; no GPU here
+    with pytest.raises(ValueError, match="`cuda_graph` needs a pipeline FewstepPipeline hosts .* got MeanReverting"):
+        generate(fewstep.load_default("digits-mr"), num_images=2, steps=3, cuda_graph=True)
     with pytest.raises(ValueError, match="`cuda_graph` must be True or False, got 'yes'"):
         generate(pipe, num_images=2, steps=3, cuda_graph="yes")
     half = fewstep.load_default("digits-eps", torch_dtype=torch.bfloat16)

@@ -392,7 +392,8 @@ def add_parsers(sub) -> None:
                        metavar="MODE", help="torch.compile the denoiser (mode: " + ", ".join(COMPILE_MODES)
                        + "; default when given without one: default)")
     p_gen.add_argument("--cuda-graph", action="store_true",
-                       help="SD-family pipelines on CUDA: capture one denoising step in a CUDA graph and replay it")
+                       help="on CUDA (SD-family, SD3, Flux and digits models): capture one denoising step in a CUDA "
+                       "graph and replay it")
     _add_flowchef_args(p_gen)
     _add_posterior_args(p_gen)
     _add_quant_generate_args(p_gen)

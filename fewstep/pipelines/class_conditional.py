@@ -11,11 +11,9 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 
 from .. import guidance as guidance_rules
 from .._checks import check_int
-from ..datasets import to_unit_range
 from ..guidance import GuidanceRule
 from .denoiser import prepare_denoiser
 
@@ -49,22 +47,29 @@ class ClassConditionalPipeline(DiffusionPipeline):
         quantized: str | os.PathLike | torch.nn.Module | None = None,
         quant_mode: str | None = None,
         compile: bool | str | Mapping[str, Any] | None = False,
-        **kwargs: Any,
+        **components: Any,
     ) -> ClassConditionalPipeline:
-        """diffusers' ``from_pipe`` (shared modules, ``scheduler=`` etc. overrides), plus an optional quantized
-        and/or ``torch.compile``d denoiser, as ``FewstepPipeline.from_pipe``: ``quantized`` a
-        ``fewstep.quant.save_quantized`` directory for ``pipeline.unet`` (loaded onto a copy; ``quant_mode`` one
-        of ``fewstep.quant.MODES`` or ``"auto"``, default ``"fake"``) or a quantized module; ``compile`` ``True``, a
+        """A pipeline over ``pipeline``'s modules (shared, not copied, and not cast: diffusers' ``from_pipe`` would
+        cast them to float32), with ``components`` (``unet=``, ``scheduler=``) in place of its own, plus an
+        optional quantized and/or ``torch.compile``d denoiser, as ``FewstepPipeline.from_pipe``: ``quantized`` a
+        ``fewstep.quant.save_quantized`` directory for the UNet (loaded onto a copy; ``quant_mode`` one of
+        ``fewstep.quant.MODES`` or ``"auto"``, default ``"fake"``) or a quantized module; ``compile`` ``True``, a
         ``torch.compile`` mode or a dict of its arguments. ``pipeline`` itself is left unchanged."""
-        unet = kwargs.get("unet", getattr(pipeline, "unet", None))
+        from .fewstep_pipeline import _share
+
+        unknown = sorted(set(components) - {"unet", "scheduler"})
+        if unknown:
+            raise ValueError(f"`from_pipe` takes the components 'unet' and 'scheduler', got {unknown}")
+        unet = components.get("unet", getattr(pipeline, "unet", None))
         if unet is None:
             raise ValueError(f"`pipeline` must have a `unet`, got {type(pipeline).__name__}")
+        scheduler = components.get("scheduler", getattr(pipeline, "scheduler", None))
         module, call = prepare_denoiser(unet, quantized, quant_mode, compile)
-        if module is not unet:
-            kwargs["unet"] = module
-        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-            kwargs["dtype"] = pipeline.dtype  # diffusers' from_pipe would cast everything to float32
-        new = super().from_pipe(pipeline, **kwargs)
+        if isinstance(pipeline, cls):
+            new = _share(pipeline, unet=module, scheduler=scheduler)
+        else:
+            new = cls(unet=module, scheduler=scheduler)
+            new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
         new._denoiser = None if call is module else call
         return new
 
@@ -78,6 +83,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return self.num_classes
 
     def _check_inputs(self, class_labels, num_inference_steps, output_type) -> list[int]:
+        labels = self.check_class_labels(class_labels)
+        check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        return labels
+
+    def check_class_labels(self, class_labels: Sequence[int] | int | torch.Tensor) -> list[int]:
+        """``class_labels`` as a list of ints in ``0..num_classes - 1`` (a ValueError otherwise, or when the UNet
+        is unconditional)."""
         if getattr(self.unet.config, "num_class_embeds", None) is None:
             raise ValueError(
                 "this UNet is unconditional (num_class_embeds=None): guidance needs a class-conditional model "
@@ -94,9 +108,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
             if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < self.num_classes:
                 raise ValueError(f"class label {c!r} is out of range: this model has classes 0..{self.num_classes - 1}")
             labels.append(int(c))
-        check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
         return labels
 
     def _guidance_rule(self, guidance: str | GuidanceRule | None, guidance_scale: float | None) -> GuidanceRule:
@@ -143,64 +154,17 @@ class ClassConditionalPipeline(DiffusionPipeline):
         NCHW tensor in [0, 1], ``latent`` the final sample itself (model space, nominally [-1, 1], not
         clipped). With ``check_finite`` a NaN/Inf is reported with the first step that made it
         (tracked on the device, read once at the end: no per-step host sync).
+
+        The loop is ``FewstepPipeline``'s (one denoising loop for every pipeline fewstep hosts);
+        ``FewstepPipeline.from_pipe(this, ...)`` adds its options (``cuda_graph``, ``quantized``, ``compile``).
         """
+        from .fewstep_pipeline import FewstepPipeline
+
         labels = self._check_inputs(class_labels, num_inference_steps, output_type)
         rule = self._guidance_rule(guidance, guidance_scale)
-        rule.reset()
-        pairs = guidance_rules.supports_pairs(self.scheduler)
-        device = self._execution_device
-        dtype = self.unet.dtype
-        shape = (len(labels), self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
-        x = latents.to(device=device, dtype=dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
-
-        cond = torch.tensor(labels, device=device)
-        guided = rule.needs_uncond
-        model_labels = torch.cat([cond, torch.full_like(cond, self.null_class)]) if guided else cond
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        denoiser = self.unet if self._denoiser is None else self._denoiser
-        # stochastic steps draw their noise from `generator` (diffusers schedulers: when their step takes one)
-        step_kwargs = guidance_rules.step_kwargs(self.scheduler, generator)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_in = torch.cat([x, x]) if guided else x
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            t_batch = t.reshape(1).to(device).expand(model_in.shape[0])
-            out = denoiser(model_in, t_batch, class_labels=model_labels).sample
-            if guided and pairs:
-                out_cond, out_uncond = out.chunk(2)
-                x = guidance_rules.guided_step(self.scheduler, rule, out_cond, out_uncond, t, x, i, generator=generator)
-            else:
-                if guided:  # plain CFG on the raw output (diffusers schedulers)
-                    out_cond, out_uncond = out.chunk(2)
-                    out = guidance_rules.raw_cfg(rule, out_cond, out_uncond, i, len(self.scheduler.timesteps))
-                x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
-            if check_finite:
-                bad = ~torch.isfinite(x).all()
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
-        if check_finite:
-            step = int(first_bad)  # the one host sync, after the loop
-            if step >= 0:
-                raise FloatingPointError(
-                    f"sampling produced NaN/Inf at step {step} of {num_inference_steps} "
-                    f"(sampler {type(self.scheduler).__name__}); pass check_finite=False to return it anyway"
-                )
-        images = to_unit_range(x.float())
-        if output_type == "latent":
-            result = x
-        elif output_type == "pt":
-            result = images
-        else:
-            result = images.permute(0, 2, 3, 1).cpu().numpy()
-            if output_type == "pil":
-                result = self.numpy_to_pil(result)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (result,)
-        return ImagePipelineOutput(images=result)
+        host = FewstepPipeline(self, rule, denoiser=self._denoiser)
+        return host(class_labels=labels, num_inference_steps=num_inference_steps, generator=generator,
+                    latents=latents, output_type=output_type, return_dict=return_dict, check_finite=check_finite)
 
 
 def _sampler_names() -> list[str]:

@@ -1,6 +1,8 @@
 """``FewstepPipeline``: one denoising loop hosting a fewstep scheduler and a guidance rule around an existing
-diffusers SD 1.x/2.x or SDXL pipeline (UNet2DConditionModel, SDXL's added text/time conditions), or an SD3 or
-Flux pipeline (flow-matching transformers).
+diffusers SD 1.x/2.x or SDXL pipeline (UNet2DConditionModel, SDXL's added text/time conditions), an SD3 or
+Flux pipeline (flow-matching transformers), or the class-conditional pipeline of the embedded digits models
+(``ClassConditionalPipeline``, family ``"class"``: ``class_labels`` instead of a prompt, the null class as the
+unconditional branch; that pipeline's own ``__call__`` runs this loop too).
 
 Built with ``FewstepPipeline.from_pipe(pipe, scheduler="unipc", guidance="apg")``: the base pipeline's modules
 are shared, not copied (diffusers' ``from_pipe``), and its own ``encode_prompt``, ``prepare_latents``,
@@ -44,6 +46,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import guidance as guidance_rules
 from .. import samplers
 from .._checks import check_int
+from ..datasets import to_unit_range
 from ..guidance import GuidanceRule
 from ..guidance.static import StaticGuidance
 from ..solvers.schedules import is_flow_config
@@ -60,7 +63,9 @@ _CALLBACK_TENSORS = ("latents", "prompt_embeds")
 FLOW_FAMILIES = ("sd3", "flux")
 _TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 #: default guidance of each family when ``from_pipe`` gets none (diffusers' defaults); Flux: its embedding
-_DEFAULT_SCALE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0}
+_DEFAULT_SCALE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0, "class": 3.0}
+#: the family of ``ClassConditionalPipeline`` (class labels, no text encoder or VAE)
+CLASS_FAMILY = "class"
 _FLUX_EMBEDDED_SCALE = 3.5
 
 
@@ -96,6 +101,10 @@ def _check_flow_scheduler(scheduler: Any, family: str) -> None:
 
 
 def _family(pipe: Any) -> str:
+    from .class_conditional import ClassConditionalPipeline
+
+    if isinstance(pipe, ClassConditionalPipeline):
+        return CLASS_FAMILY
     transformer = getattr(pipe, "transformer", None)
     if transformer is not None and hasattr(pipe, "encode_prompt"):
         family = _TRANSFORMERS.get(type(transformer).__name__)
@@ -105,8 +114,8 @@ def _family(pipe: Any) -> str:
     if unet is None or type(unet).__name__ != "UNet2DConditionModel" or not hasattr(pipe, "encode_prompt"):
         raise ValueError(
             f"FewstepPipeline.from_pipe supports SD 1.x/2.x and SDXL text-to-image pipelines (a UNet2DConditionModel "
-            f"and encode_prompt), SD3 (SD3Transformer2DModel) and Flux (FluxTransformer2DModel); "
-            f"got {type(pipe).__name__}"
+            f"and encode_prompt), SD3 (SD3Transformer2DModel), Flux (FluxTransformer2DModel) and fewstep's "
+            f"ClassConditionalPipeline; got {type(pipe).__name__}"
         )
     if getattr(unet.config, "addition_embed_type", None) == "text_time":
         return "sdxl"
@@ -208,6 +217,30 @@ class _StaticRun:
 
 
 _COLUMNS = ("alpha", "sigma", "norm", "scale", "sigma_over_alpha", "alpha_over_sigma")
+
+
+def _callback_tensors(x: torch.Tensor, conds: dict) -> dict:
+    """What ``callback_on_step_end`` may ask for: the latents, and the prompt embeddings where there are some."""
+    return {"latents": x, "prompt_embeds": conds["embeds"]} if "embeds" in conds else {"latents": x}
+
+
+class _FiniteWatch:
+    """The first step whose latents hold a NaN/Inf, tracked on the device (no host sync inside the loop)."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+
+    def update(self, x: torch.Tensor, i: int) -> None:
+        bad = ~torch.isfinite(x).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, i), self.first_bad)
+
+    def raise_if_bad(self, num_steps: int, sampler: str) -> None:
+        step = int(self.first_bad)  # the one host sync, after the loop
+        if step >= 0:
+            raise FloatingPointError(
+                f"sampling produced NaN/Inf at step {step} of {num_steps} (sampler {sampler}); pass "
+                "check_finite=False to return it anyway"
+            )
 
 
 def _share(pipe: Any, **modules: Any) -> Any:
@@ -352,7 +385,8 @@ class FewstepPipeline:
 
     @staticmethod
     def family_of(pipe: Any) -> str | None:
-        """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` for a pipeline ``from_pipe`` can host, else ``None``."""
+        """``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` or ``"class"`` for a pipeline ``from_pipe`` can host, else
+        ``None``."""
         try:
             return _family(pipe)
         except ValueError:
@@ -360,7 +394,8 @@ class FewstepPipeline:
 
     @staticmethod
     def supports(pipe: Any) -> bool:
-        """Whether ``from_pipe`` can host ``pipe`` (an SD 1.x/2.x, SDXL, SD3 or Flux text-to-image pipeline)."""
+        """Whether ``from_pipe`` can host ``pipe`` (an SD 1.x/2.x, SDXL, SD3 or Flux text-to-image pipeline, or a
+        ``ClassConditionalPipeline``)."""
         try:
             _family(pipe)
         except ValueError:
@@ -469,24 +504,33 @@ class FewstepPipeline:
         generator: Any,
         callback: Callable | None,
         callback_inputs: Sequence[str],
+        check_finite: bool = False,
     ) -> torch.Tensor:
         """Run every step from ``x``: ``model_fn(x, t, conds)`` is the raw model output (``[uncond, cond]``
-        halves when ``rule`` guides); ``conds`` holds the conditioning tensors (``embeds`` is what the callback
-        sees as ``prompt_embeds``)."""
+        halves when ``rule`` guides); ``conds`` holds the conditioning tensors (``embeds``, when present, is what
+        the callback sees as ``prompt_embeds``). ``check_finite``: a NaN/Inf in ``x`` is a FloatingPointError
+        naming the first step that made it (tracked on the device, read once after the loop)."""
         if self._loop_mode != "eager":
-            return self._denoise_static(model_fn, x, conds, timesteps, rule, generator, callback, callback_inputs)
+            return self._denoise_static(model_fn, x, conds, timesteps, rule, generator, callback, callback_inputs,
+                                        check_finite)  # fmt: skip
         p = self.pipe
         scheduler = p.scheduler
         pairs = guidance_rules.supports_pairs(scheduler)
         step_kwargs = guidance_rules.step_kwargs(scheduler, generator)
+        finite = _FiniteWatch(x.device) if check_finite else None
         for i, t in enumerate(p.progress_bar(timesteps)):
             out = model_fn(x, t, conds)
             x = self._step(scheduler, rule, pairs, out, t, x, i, len(timesteps), step_kwargs)
             if callback is not None:
-                tensors = {"latents": x, "prompt_embeds": conds["embeds"]}
+                tensors = _callback_tensors(x, conds)
                 outputs = callback(p, i, t, {k: tensors[k] for k in callback_inputs}) or {}
                 x = outputs.get("latents", x)
-                conds["embeds"] = outputs.get("prompt_embeds", conds["embeds"])
+                if "embeds" in conds:
+                    conds["embeds"] = outputs.get("prompt_embeds", conds["embeds"])
+            if finite is not None:
+                finite.update(x, i)
+        if finite is not None:
+            finite.raise_if_bad(len(timesteps), type(scheduler).__name__)
         return x
 
     def _static_inputs(self, x: torch.Tensor, rule: GuidanceRule | None, generator: Any):
@@ -563,7 +607,8 @@ class FewstepPipeline:
         run.graph = graph
         run.restart(x, noise)  # capturing records the kernels without running them; restart to be explicit
 
-    def _denoise_static(self, model_fn, x, conds, timesteps, rule, generator, callback, callback_inputs):
+    def _denoise_static(self, model_fn, x, conds, timesteps, rule, generator, callback, callback_inputs,
+                        check_finite=False):
         p = self.pipe
         graph = self._loop_mode == "cuda-graph"
         if graph:
@@ -583,13 +628,16 @@ class FewstepPipeline:
         run.postprocess = p.scheduler._postprocess_pair
         if graph and run.graph is None:
             self._capture(run, x, noise)
+        finite = _FiniteWatch(x.device) if check_finite else None
         for i, t in enumerate(p.progress_bar(timesteps)):
             if graph:
                 run.graph.replay()
             else:
                 self._static_step(run)
+            if finite is not None:
+                finite.update(run.x, i)
             if callback is not None:
-                tensors = {"latents": run.x, "prompt_embeds": run.conds["embeds"]}
+                tensors = _callback_tensors(run.x, run.conds)
                 outputs = callback(p, i, t, {k: tensors[k] for k in callback_inputs}) or {}
                 for name, value in outputs.items():
                     if name in tensors and value is not tensors[name]:
@@ -598,6 +646,8 @@ class FewstepPipeline:
                             "replayed step reads static buffers, so change the given tensor in place "
                             f"(tensors[{name!r}].copy_(...)) or run without cuda_graph"
                         )
+        if finite is not None:
+            finite.raise_if_bad(len(timesteps), type(p.scheduler).__name__)
         return run.x.clone()
 
     @torch.no_grad()
@@ -622,8 +672,10 @@ class FewstepPipeline:
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         embedded_guidance_scale: float | None = None,
+        class_labels: Sequence[int] | int | torch.Tensor | None = None,
+        check_finite: bool = False,
     ) -> ImagePipelineOutput | tuple:
-        """Text-to-image with the hosted scheduler and guidance rule.
+        """Text-to-image (class-conditional: ``class_labels``) with the hosted scheduler and guidance rule.
 
         ``guidance``/``guidance_scale`` override the pipeline's rule for this call (a name plus scale, a rule
         object, or ``guidance_scale`` alone: the pipeline's rule kind with that scale).
@@ -633,6 +685,11 @@ class FewstepPipeline:
         Flux: ``embedded_guidance_scale`` (default: the pipeline's, 3.5) feeds the guidance embedding of
         guidance-distilled transformers; without a rule (the default) ``guidance_scale`` alone sets it; a rule
         needs ``negative_prompt`` or ``negative_prompt_embeds`` (true CFG).
+        Class-conditional pipelines (family ``"class"``) take ``class_labels`` (one image per label and per
+        ``num_images_per_prompt``) and no prompt; the unconditional branch is the null class; images as
+        ``ClassConditionalPipeline`` returns them (``np``: NHWC in [0, 1]).
+        ``check_finite``: raise a FloatingPointError naming the first step whose latents hold a NaN/Inf (tracked on
+        the device, read once after the loop).
         """
         p = self.pipe
         embedded = self.embedded_guidance_scale if embedded_guidance_scale is None else float(embedded_guidance_scale)
@@ -654,6 +711,21 @@ class FewstepPipeline:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` {bad} not supported; allowed: {list(_CALLBACK_TENSORS)}"
             )
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"`check_finite` must be True or False, got {check_finite!r}")
+        check_int("num_images_per_prompt", num_images_per_prompt, 1, numpy_ok=False)
+        if self.family == CLASS_FAMILY:
+            if prompt is not None or prompt_embeds is not None:
+                raise ValueError("a class-conditional pipeline takes `class_labels`, not `prompt`/`prompt_embeds`")
+            if "prompt_embeds" in callback_on_step_end_tensor_inputs:
+                raise ValueError("`callback_on_step_end_tensor_inputs`: a class-conditional pipeline has no "
+                                 "prompt_embeds; allowed: ['latents']")  # fmt: skip
+            return self._class_call(rule, class_labels, num_inference_steps, num_images_per_prompt, generator,
+                                    latents, output_type, return_dict, callback_on_step_end,
+                                    callback_on_step_end_tensor_inputs, check_finite)  # fmt: skip
+        if class_labels is not None:
+            raise ValueError(f"`class_labels` is for class-conditional pipelines; this one is {self.family} "
+                             "(text-to-image: pass `prompt`)")  # fmt: skip
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
         if prompt is not None:
@@ -670,6 +742,7 @@ class FewstepPipeline:
                     "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "output_type": output_type,
                     "return_dict": return_dict, "callback_on_step_end": callback_on_step_end,
                     "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
+                    "check_finite": check_finite,
                 },
             )  # fmt: skip
         height = height or p.unet.config.sample_size * p.vae_scale_factor
@@ -702,12 +775,65 @@ class FewstepPipeline:
                             return_dict=False)[0]  # fmt: skip
 
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator, callback_on_step_end,
-                          callback_on_step_end_tensor_inputs)  # fmt: skip
+                          callback_on_step_end_tensor_inputs, check_finite)  # fmt: skip
         image = self._decode(x, output_type, device, embeds.dtype)
         p.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    # ----------------------------------------------------------------------------------------------
+    # class-conditional UNet2DModel (the embedded digits models)
+    def _class_call(self, rule: GuidanceRule, class_labels: Any, num_inference_steps: int, per_label: int,
+                    generator: Any, latents: torch.Tensor | None, output_type: str, return_dict: bool,
+                    callback: Callable | None, callback_inputs: Sequence[str], check_finite: bool
+                    ) -> ImagePipelineOutput | tuple:
+        """The denoising loop of a ``ClassConditionalPipeline``: one UNet call per step on ``[null, labels]``
+        (``[labels]`` without guidance), validated arguments of ``__call__``."""
+        p = self.pipe
+        labels = [c for c in p.check_class_labels(class_labels) for _ in range(per_label)]
+        unet = p.unet
+        device = p._execution_device
+        dtype = unet.dtype
+        shape = (len(labels), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+        scheduler = p.scheduler
+        x = latents.to(device=device, dtype=dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
+        guided = rule.needs_uncond
+        rule.reset()
+        cond = torch.tensor(labels, device=device)
+        conds = {"labels": torch.cat([torch.full_like(cond, p.null_class), cond]) if guided else cond}
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        denoiser = self.denoiser
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+            model_in = torch.cat([x, x]) if guided else x
+            model_in = scheduler.scale_model_input(model_in, t)
+            t_batch = t.reshape(1).to(device).expand(model_in.shape[0])
+            return denoiser(model_in, t_batch, class_labels=c["labels"]).sample
+
+        x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator, callback,
+                          callback_inputs, check_finite)  # fmt: skip
+        image = self._class_images(x, output_type)
+        p.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    def _class_images(self, x: torch.Tensor, output_type: str) -> Any:
+        """``ClassConditionalPipeline``'s outputs: the sample itself (``latent``, model space), NCHW in [0, 1]
+        (``pt``), NHWC numpy in [0, 1] (``np``) or grayscale PIL images."""
+        if output_type == "latent":
+            return x
+        images = to_unit_range(x.float())
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        return self.pipe.numpy_to_pil(array) if output_type == "pil" else array
 
     # ----------------------------------------------------------------------------------------------
     # SD3 / Flux (flow-matching transformers)
@@ -777,6 +903,8 @@ class FewstepPipeline:
     def default_image_size(self) -> int:
         """Side in pixels of an image generated without ``height``/``width``."""
         p = self.pipe
+        if self.family == CLASS_FAMILY:
+            return int(p.unet.config.sample_size)
         base = p.default_sample_size if self.is_flow else p.unet.config.sample_size
         return int(base * p.vae_scale_factor)
 
@@ -786,7 +914,9 @@ class FewstepPipeline:
         """Images in [0, 1] (NCHW, float32, CPU) from the latents a call with ``output_type="latent"`` returned,
         by the same VAE decode as ``output_type="pt"``; ``height``/``width``: those of that call (needed to unpack
         Flux latents; default :meth:`default_image_size`)."""
-        if self.is_flow:
+        if self.family == CLASS_FAMILY:
+            image = self._class_images(latents, "pt")
+        elif self.is_flow:
             size = self.default_image_size()
             image = self._flow_decode(latents, "pt", height or size, width or size)
         else:
@@ -865,7 +995,8 @@ class FewstepPipeline:
                                 return_dict=False)[0]  # fmt: skip
 
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator,
-                          kw["callback_on_step_end"], kw["callback_on_step_end_tensor_inputs"])  # fmt: skip
+                          kw["callback_on_step_end"], kw["callback_on_step_end_tensor_inputs"],
+                          kw["check_finite"])  # fmt: skip
         image = self._flow_decode(x, kw["output_type"], height, width)
         p.maybe_free_model_hooks()
         if not kw["return_dict"]:

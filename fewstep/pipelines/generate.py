@@ -141,8 +141,8 @@ def generate(
     against the empty prompt); other text-to-image pipelines support ``cfg`` only.
 
     ``compile``: ``torch.compile`` the denoiser (``True``, a mode name or a dict of its arguments; the digits
-    pipelines and ``FewstepPipeline``). ``cuda_graph=True``: ``FewstepPipeline``'s CUDA-graph mode (SD-family
-    pipelines on a CUDA device only).
+    pipelines and ``FewstepPipeline``). ``cuda_graph=True``: ``FewstepPipeline``'s CUDA-graph mode (the pipelines
+    it hosts, digits included, on a CUDA device only).
     """
     from .. import guidance as guidance_rules
     from .class_conditional import ClassConditionalPipeline
@@ -155,8 +155,8 @@ def generate(
     from .fewstep_pipeline import FewstepPipeline
 
     if cuda_graph and not FewstepPipeline.supports(pipe):
-        raise ValueError(f"`cuda_graph` needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline (FewstepPipeline); got "
-                         f"{type(pipe).__name__}")
+        raise ValueError(f"`cuda_graph` needs a pipeline FewstepPipeline hosts (SD 1.x/2.x, SDXL, SD3, Flux, or a "
+                         f"class-conditional digits model); got {type(pipe).__name__}")
     if compile and isinstance(pipe, MeanRevertingPipeline):
         raise ValueError("`compile` applies to the digits generators and FewstepPipeline, not to a restoration model")
     pipe.set_progress_bar_config(disable=not progress, desc="sampling")
@@ -180,9 +180,15 @@ def generate(
         pool = classes if classes else list(range(pipe.num_classes))
         labels = [pool[i % len(pool)] for i in range(num_images)]
         rule = guidance_rules.make(guidance, guidance_scale)
-        if compile:
-            pipe = ClassConditionalPipeline.from_pipe(pipe, compile=compile)
-        images = pipe(labels, num_inference_steps=steps, guidance=rule, generator=generator, output_type="np").images
+        if cuda_graph:
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=rule, compile=compile or False, cuda_graph=True)
+            images = pipe(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="np",
+                          check_finite=True).images  # fmt: skip
+        else:
+            if compile:
+                pipe = ClassConditionalPipeline.from_pipe(pipe, compile=compile)
+            images = pipe(labels, num_inference_steps=steps, guidance=rule, generator=generator,
+                          output_type="np").images  # fmt: skip
     else:
         if classes:
             raise ValueError("`classes` given to a text-to-image pipeline; use --prompt instead")
