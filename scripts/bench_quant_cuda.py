@@ -24,6 +24,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -157,6 +159,17 @@ def _random_calibration(unet, rows: int, device) -> quant.CalibrationSet:
     return quant.CalibrationSet(sample, timestep, encoder_hidden_states=text, settings={"method": "random"})
 
 
+def _unet_inputs(cfg, batch: int, device) -> dict:
+    """Random bf16 UNet inputs of one call at ``batch`` (latents, a mid timestep, text embeddings)."""
+    return {
+        "sample": torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device,
+                              dtype=torch.bfloat16),
+        "timestep": torch.full((batch,), 500, device=device),
+        "encoder_hidden_states": torch.randn(batch, TEXT_TOKENS, cfg.cross_attention_dim, device=device,
+                                             dtype=torch.bfloat16),
+    }  # fmt: skip
+
+
 def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -189,15 +202,20 @@ def bench_unet(name: str, device, args, done: list) -> dict:
         config = quant.QuantConfig(format=fmt, act_grid=args.grid, weight_grid=args.grid, batch_size=2, mode="dequant",
                                    exclude=[])
         q = quant.quantize(unet, cal, config)
-        inputs = {k: v.to(device) for k, v in next(cal.batches(2)).items()}
-        inputs["sample"] = inputs["sample"].to(torch.bfloat16)
-        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)
+        # the policy is timed at the deployment batch: a layer's fp8 gain grows with its GEMM's rows
+        policy_batch = args.policy_batch or max(args.batches)
+        inputs = _unet_inputs(unet.config, policy_batch, device)
         usable = fmt == "fp8" and triton_available(device)
         kernels = tuple(k for k in args.policy_conv_kernels if k == "im2col" or usable) or ("im2col",)
         compiled_policy = args.compile and args.policy_timing == "compiled"
+        start = time.perf_counter()
         report = quant.choose_modes(q, inputs, candidates=(fmt, "dequant"), fp8_conv_kernels=kernels,
-                                    timer=functools.partial(quant.time_layer, repeats=10, compiled=compiled_policy))
+                                    timer=functools.partial(quant.time_layer, repeats=10, compiled=compiled_policy),
+                                    budget=args.policy_budget, progress=True)  # fmt: skip
         out[f"{fmt}_policy_timing"] = "compiled" if compiled_policy else "eager"
+        out[f"{fmt}_policy_batch"] = policy_batch
+        out[f"{fmt}_policy_seconds"] = time.perf_counter() - start
+        out[f"{fmt}_policy_untimed_layers"] = sum(not r.seconds for r in report)
         out[f"{fmt}_policy"] = {m: sum(r.chosen == m for r in report) for m in (fmt, f"{fmt}+triton", "dequant")}
         out[f"{fmt}_weight_bytes"] = _weight_bytes(q)
         variants[f"{fmt}"] = q
@@ -212,10 +230,7 @@ def bench_unet(name: str, device, args, done: list) -> dict:
     if args.variants:
         variants = {label: model for label, model in variants.items() if label == "bf16" or label in args.variants}
     for batch in args.batches:
-        cfg = unet.config
-        x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device, dtype=torch.bfloat16)
-        t = torch.full((batch,), 500, device=device)
-        text = torch.randn(batch, TEXT_TOKENS, cfg.cross_attention_dim, device=device, dtype=torch.bfloat16)
+        x, t, text = _unet_inputs(unet.config, batch, device).values()
         row = {}
         for label, model in variants.items():
             call = _Call(model)
@@ -265,6 +280,21 @@ def bench_memory(name: str, args) -> dict:
     return out
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """argparse type: a number of ``kind`` greater than 0."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {kind.__name__} > 0, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a {kind.__name__} > 0, got {text!r}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["layers", "unet"], choices=["layers", "unet", "memory"],
@@ -281,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy-conv-kernels", nargs="+", choices=list(quant.CONV_KERNELS),
                         default=list(quant.CONV_KERNELS),
                         help="fp8 conv kernels the policy times (triton only where it can run; default both)")
+    parser.add_argument("--policy-batch", type=_positive(int), default=None,
+                        help="batch at which the per-layer policy times each layer (default: the largest of --batches)")
+    parser.add_argument("--policy-budget", type=_positive(float), default=None, metavar="SECONDS",
+                        help="stop timing layer signatures after this many seconds (largest signatures first; the "
+                             "rest run dequant)")
     parser.add_argument("--policy-timing", choices=["compiled", "eager"], default="compiled",
                         help="how the per-layer policy times each layer signature (compiled: as the UNet will run; "
                              "eager only without --no-compile makes a difference)")

@@ -22,8 +22,9 @@
 # in the next 124 s): give it a run of its own, STAGES=3 L3=540.
 # Next GPU session (15 device minutes), two calls:
 #   1. STAGES=3 L3=560 UNET_ARGS="--unets sdxl --batches 16 --formats fp8 --variants fp8 --grid 1 --unet-repeats 10
-#      --policy-conv-kernels im2col" (bf16 vs the fp8 policy, now timed compiled once per layer signature: ~36
-#      weight signatures in SDXL, one compile each per mode; dropping the Triton candidate saves a third of them)
+#      --policy-conv-kernels im2col --policy-budget 180" (bf16 vs the fp8 policy, timed compiled once per layer
+#      signature at batch 16: ~36 weight signatures in SDXL, one compile each per mode, largest multiply-add share
+#      first; after 180 s the rest stay dequant, so the fp8 UNet's compile and timing still fit the stage)
 #   2. STAGES=2 L2=300 PIPE_ARGS="--steps 8,20 --batches 1,2 --repeats 3 --warmup 1 --compile default"
 #      (CUDA graph + compiled UNet vs stock diffusers: issue 10's 2.5x at batch 2 needs a faster UNet)
 # QUICK=1 shrinks every stage (a smoke run of this script); STAGES="1 2" runs a subset; L1..L4 override the
@@ -81,14 +82,16 @@ if [[ "$QUICK" == 1 ]]; then
     layer_args=(--repeats 3 --no-compile)
 else
     pipe_args=(--steps 8,20 --batches 1,2,8 --repeats 3 --warmup 1)
-    unet_args=(--unets sdxl --batches 16 8 --formats fp8 --variants fp8 fp8-all-triton --grid 1 --unet-repeats 10)
+    unet_args=(--unets sdxl --batches 16 8 --formats fp8 --variants fp8 fp8-all-triton --grid 1 --unet-repeats 10
+               --policy-budget 90)
     [[ -n "${UNET_ARGS:-}" ]] && read -r -a unet_args <<<"$UNET_ARGS"
     [[ -n "${PIPE_ARGS:-}" ]] && read -r -a pipe_args <<<"$PIPE_ARGS"
     layer_args=(--repeats 20 --no-compile)
 fi
 
 stage 1 "${L1:-120}" "CUDA tests" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/test_quant.py tests/test_quant_triton.py tests/test_fewstep_pipeline_graph.py tests/test_no_sync.py \
+    tests/test_quant.py tests/test_quant_triton.py tests/test_fewstep_pipeline_graph.py \
+    tests/test_fewstep_pipeline_class.py tests/test_no_sync.py \
     -k "cuda or fp8 or triton" --junitxml="$OUT/tests.xml"
 stage 2 "${L2:-150}" "pipeline CUDA graph vs eager vs stock" python3 scripts/bench_pipeline_cuda.py "${pipe_args[@]}" \
     --out "$OUT/results_pipeline_cuda.json"

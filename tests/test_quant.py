@@ -4,6 +4,7 @@ policy, artifacts, bad input and the CLI."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -474,6 +475,65 @@ def test_policy_times_each_layer_signature_once(qmodel, calibration):
         quant.choose_modes(qmodel, batch, compiled="yes")
 
 
+def test_layer_macs_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cases = [
+        (nn.Linear(24, 40), torch.randn(3, 7, 24)),
+        (nn.Conv2d(6, 10, 3, padding=1), torch.randn(2, 6, 9, 9)),
+        (nn.Conv2d(6, 10, 3, stride=2, padding=1), torch.randn(2, 6, 9, 9)),
+        (nn.Conv2d(8, 12, 3, padding=1, groups=2), torch.randn(2, 8, 5, 5)),
+        (nn.Conv2d(6, 4, 3, padding="same"), torch.randn(1, 6, 7, 7)),
+        (nn.Conv2d(6, 4, 1), torch.randn(1, 6, 7, 7)),
+    ]
+    for module, x in cases:
+        out_ch = module.weight.shape[0]
+        layer = quant.QuantLayer(module, [torch.full((out_ch,), 0.01)], [act_qparams_from_range(-1, 1)])
+        with FlopCounterMode(display=False) as counter:
+            module(x)
+        assert quant.layer_macs(layer, x) * 2 == counter.get_total_flops(), module
+
+
+def test_policy_times_the_largest_signatures_first_within_a_budget(qmodel, calibration):
+    """Signatures are timed in order of their multiply-adds (all layers sharing one), largest first; past the
+    ``budget`` the rest are not timed and run ``dequant``, reported with no timings."""
+    from fewstep.quant.policy import capture_layer_inputs
+
+    batch = next(calibration.batches(4))
+    xs = capture_layer_inputs(qmodel, batch)
+    layers = quant.quant_layers(qmodel)
+    totals: dict = {}
+    for name, layer in layers.items():
+        sig = quant.layer_signature(layer, xs[name])
+        totals[sig] = totals.get(sig, 0) + quant.layer_macs(layer, xs[name])
+    calls = []
+
+    def timer(layer, x, mode):
+        if mode == "int8":
+            calls.append(quant.layer_signature(layer, x))
+        return {"int8": 1.0, "dequant": 2.0}[mode]
+
+    quant.choose_modes(qmodel, batch, candidates=("int8", "dequant"), timer=timer, apply=False)
+    assert [totals[c] for c in calls] == sorted(totals.values(), reverse=True)
+
+    def slow_timer(layer, x, mode):
+        time.sleep(0.02)
+        return timer(layer, x, mode)
+
+    calls.clear()
+    report = quant.choose_modes(qmodel, batch, candidates=("int8", "dequant"), timer=slow_timer, budget=0.05)
+    assert 1 <= len(calls) < len(totals)  # stopped once 0.05 s of timing had passed
+    timed = [r for r in report if r.seconds]
+    assert timed and all(r.chosen == "int8" for r in timed)
+    untimed = [r for r in report if not r.seconds]
+    assert untimed and all(r.chosen == "dequant" == qmodel.get_submodule(r.name).mode for r in untimed)
+    assert {quant.layer_signature(layers[r.name], xs[r.name]) for r in timed} == set(calls)
+    quant.set_mode(qmodel, "fake")
+    for bad in (0, -1.0, "60", True):
+        with pytest.raises(ValueError, match="`budget` must be None or a number of seconds > 0"):
+            quant.choose_modes(qmodel, batch, budget=bad)
+
+
 # ------------------------------------------------------------------------------------------------ artifacts
 def test_save_load_round_trip(tmp_path, pipe, qmodel, calibration):
     quant.save_quantized(qmodel, tmp_path / "q", model_id="digits-eps")
@@ -841,6 +901,16 @@ def test_cuda_benchmark_script_logic_on_cpu_and_partial_results(tmp_path, monkey
     assert set(cells) == {"1", "2"} and {"bf16", "fp8", "fp8-all", "bf16_over_fp8"} <= set(cells["2"])
     assert "int8" not in cells["2"] and results["unets"][0]["fp8_weight_ratio"] < 0.6
     assert results["unets"][0]["fp8_policy_timing"] == "eager"  # --no-compile: the policy is timed eagerly too
+    assert results["unets"][0]["fp8_policy_batch"] == 2  # the largest benchmarked batch
+    assert results["unets"][0]["fp8_policy_untimed_layers"] == 0
+    # a tiny timing budget: the largest signature is timed, the rest run dequant
+    assert bench.main([*argv[:-2], "--variants", "fp8", "--policy-batch", "1", "--policy-budget", "1e-9",
+                       "--out", str(out)]) == 0  # fmt: skip
+    budgeted = json.loads(out.read_text())["unets"][0]
+    assert budgeted["fp8_policy_batch"] == 1 and budgeted["fp8_policy_untimed_layers"] > 0
+    for bad in (["--policy-budget", "0"], ["--policy-batch", "-2"], ["--policy-batch", "two"]):
+        with pytest.raises(SystemExit):
+            bench.main([*argv, *bad])
 
     calls["n"], calls["limit"] = 0, 3  # stopped during the fourth UNet timing (batch 2, fp8)
     monkeypatch.setattr(bench, "bench_layers", lambda device, args, rows: None)

@@ -31,7 +31,7 @@ from .modules import (
     set_conv_kernel,
     set_mode,
 )
-from .policy import LayerTiming, choose_modes, compile_fresh, time_layer
+from .policy import LayerTiming, choose_modes, compile_fresh, layer_macs, layer_signature, time_layer
 from .quantize import BOUNDARY_LAYERS, QuantConfig, find_skip_splits, quantizable_layers, quantize
 from .quantizers import FORMATS, METRICS, ActQParams, Histogram, search_act_range, weight_qparams
 
@@ -41,7 +41,7 @@ __all__ = [
     "record_denoiser_inputs", "QuantConfig", "quantize", "quantizable_layers", "find_skip_splits",
     "QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "CONV_KERNELS", "quant_layers", "set_mode",
     "set_conv_kernel", "LayerTiming",
-    "choose_modes", "time_layer", "compile_fresh",
+    "choose_modes", "time_layer", "compile_fresh", "layer_signature", "layer_macs",
     "save_quantized", "load_quantized", "read_metadata", "model_fingerprint", "fp8_supported",
     "FORMATS", "METRICS", "ActQParams", "Histogram", "search_act_range", "weight_qparams",
 ]

@@ -27,11 +27,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .._checks import check_int
 from .modules import CONV_KERNELS, MODES, QuantLayer, quant_layers
 
-__all__ = ["LayerTiming", "time_layer", "capture_layer_inputs", "choose_modes", "layer_signature", "compile_fresh"]
+__all__ = ["LayerTiming", "time_layer", "capture_layer_inputs", "choose_modes", "layer_signature", "layer_macs",
+           "compile_fresh"]
 
 
 @dataclass
@@ -147,6 +149,27 @@ def _conv_kernels(layer: QuantLayer, mode: str, wanted: tuple[str, ...]) -> list
     return usable or ["im2col"]
 
 
+def layer_macs(layer: QuantLayer, x: torch.Tensor) -> int:
+    """Multiply-adds of one call of ``layer`` on ``x``: ``M * K * N`` of its GEMM (a conv's ``M`` is the number of
+    output positions, ``K`` the patch size per group)."""
+    n = layer.out_channels
+    if layer.kind == "linear":
+        k = layer.in_channels
+        return (x.numel() // max(k, 1)) * k * n
+    c = layer.conv
+    kh, kw = c["kernel_size"]
+    b, _, h, w = x.shape
+    if isinstance(c["padding"], str):  # "same" keeps the size at stride 1; "valid" pads nothing
+        ph = pw = None if c["padding"] == "same" else 0
+    else:
+        ph, pw = c["padding"]
+    sh, sw = c["stride"]
+    dh, dw = c["dilation"]
+    ho = h if ph is None else (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = w if pw is None else (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return b * ho * wo * (layer.in_channels // c["groups"]) * kh * kw * n
+
+
 def choose_modes(
     model: nn.Module,
     inputs: dict,
@@ -156,6 +179,8 @@ def choose_modes(
     apply: bool = True,
     fp8_conv_kernels: tuple[str, ...] = ("im2col",),
     compiled: bool | Mapping[str, Any] = False,
+    budget: float | None = None,
+    progress: bool = False,
 ) -> list[LayerTiming]:
     """Time each quantized layer in every candidate mode it supports and pick the fastest.
 
@@ -166,6 +191,12 @@ def choose_modes(
     convs; with ``"triton"`` an fp8 conv that can run the Triton kernel is also timed as ``"fp8+triton"``.
     ``compiled``: time under ``torch.compile`` (the default timer's ``compiled``; ignored with a custom
     ``timer``). Each ``layer_signature`` is timed once; layers sharing it share the timings and the choice.
+
+    Signatures are timed in order of their share of the model's multiply-adds (``layer_macs`` times the number
+    of layers sharing it), largest first. ``budget``: seconds of timing after which the remaining signatures are
+    not timed; their layers run ``dequant`` (8-bit storage, float compute: the policy's fallback) and are
+    reported with empty ``seconds`` -- for large compiled models, where each timing compiles. ``progress``: a
+    tqdm bar over the signatures.
     """
     unknown = [c for c in candidates if c not in MODES]
     if not candidates or unknown:
@@ -176,6 +207,8 @@ def choose_modes(
                          f"got {list(fp8_conv_kernels)!r}")
     if not (isinstance(margin, (int, float)) and margin >= 1):
         raise ValueError(f"`margin` must be a number >= 1, got {margin!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+        raise ValueError(f"`budget` must be None or a number of seconds > 0, got {budget!r}")
     layers = quant_layers(model)
     if not layers:
         raise ValueError("`model` holds no quantized layers (run fewstep.quant.quantize first)")
@@ -184,31 +217,48 @@ def choose_modes(
         def timer(layer, x, mode):
             return time_layer(layer, x, mode, compiled=compiled)
     xs = capture_layer_inputs(model, inputs)
-    timed: dict[tuple, dict[str, float]] = {}
-    report = []
+    # one entry per signature (and candidate set): its first layer, and the multiply-adds of all its layers
+    keyed: dict[str, tuple] = {}
+    groups: dict[tuple, list] = {}
     for name, layer in layers.items():
         if name not in xs:
             continue
         modes = [m for m in candidates if m in layer.supported_modes()]
         if not modes:
             continue
-        previous_kernel = layer.conv_kernel
         key = (layer_signature(layer, xs[name]), tuple(modes))
-        seconds = timed.get(key)
-        if seconds is None:
-            seconds = {}
-            for m in modes:
-                for kernel in _conv_kernels(layer, m, fp8_conv_kernels):
-                    layer.set_conv_kernel(kernel)
-                    seconds[m if kernel == "im2col" else f"{m}+{kernel}"] = float(timer(layer, xs[name], m))
-            timed[key] = seconds
-        seconds = dict(seconds)
-        fallback = "dequant" if "dequant" in seconds else min(seconds, key=seconds.get)
-        best = min(seconds, key=seconds.get)
-        chosen = best if best == fallback or seconds[best] * margin < seconds[fallback] else fallback
-        mode, _, kernel = chosen.partition("+")
-        layer.set_conv_kernel((kernel or "im2col") if apply else previous_kernel)
+        keyed[name] = key
+        group = groups.setdefault(key, [name, 0])
+        group[1] += layer_macs(layer, xs[name])
+    timed: dict[tuple, dict[str, float]] = {}
+    start = time.perf_counter()
+    order = sorted(groups, key=lambda k: -groups[k][1])
+    for key in tqdm(order, desc="timing layer signatures", disable=not progress):
+        if budget is not None and time.perf_counter() - start > budget:
+            break
+        name = groups[key][0]
+        layer = layers[name]
+        previous_kernel = layer.conv_kernel
+        seconds = {}
+        for m in key[1]:
+            for kernel in _conv_kernels(layer, m, fp8_conv_kernels):
+                layer.set_conv_kernel(kernel)
+                seconds[m if kernel == "im2col" else f"{m}+{kernel}"] = float(timer(layer, xs[name], m))
+        layer.set_conv_kernel(previous_kernel)
+        timed[key] = seconds
+    report = []
+    for name, key in keyed.items():
+        layer = layers[name]
+        seconds = dict(timed.get(key, {}))
+        if seconds:
+            fallback = "dequant" if "dequant" in seconds else min(seconds, key=seconds.get)
+            best = min(seconds, key=seconds.get)
+            chosen = best if best == fallback or seconds[best] * margin < seconds[fallback] else fallback
+        else:  # not timed within the budget
+            chosen = "dequant"
         if apply:
+            mode, _, kernel = chosen.partition("+")
+            layer.set_conv_kernel(kernel or "im2col")
             layer.set_mode(mode)
         report.append(LayerTiming(name, seconds, chosen))
     return report
