@@ -187,6 +187,10 @@ def test_generate_compile_and_cuda_graph_options(tmp_path, capsys):
         generate(pipe, num_images=2, steps=3, cuda_graph="yes")
     half = fewstep.load_default("digits-eps", torch_dtype=torch.bfloat16)
     assert ClassConditionalPipeline.from_pipe(half).unet.dtype == torch.bfloat16
+    out = tmp_path / "g.png"
+    assert main(["generate", "--model", "digits-eps", "--cuda-graph", "--device", "cpu", "--out", str(out)]) == 2
+    assert "--cuda-graph needs a CUDA GPU (--device auto or cuda), got --device cpu" in capsys.readouterr().err
+    assert not out.exists()
     for flag in ("--compile", "--cuda-graph"):
         argv = ["generate", "--model", "digits-flow", "--task", "sr", flag, "--out", str(tmp_path / "x.png")]
         assert main(argv) == 2 and f"{flag} applies to plain sampling" in capsys.readouterr().err

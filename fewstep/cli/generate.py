@@ -42,6 +42,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.task is not None and (args.compile or args.cuda_graph):
         flag = "--compile" if args.compile else "--cuda-graph"
         raise UsageError(f"{flag} applies to plain sampling (no --task)")
+    import torch
+
+    if args.cuda_graph and (args.device.startswith("cpu") or not torch.cuda.is_available()):
+        raise UsageError(f"--cuda-graph needs a CUDA GPU (--device auto or cuda), got --device {args.device} "
+                         f"(torch.cuda.is_available() = {torch.cuda.is_available()}); drop --cuda-graph")
     edit_flags = [flag for flag, given in (("--source", args.source is not None),
                                            ("--source-class", args.source_classes is not None),
                                            ("--edit-size", args.edit_size is not None)) if given]
