@@ -5,11 +5,11 @@ Flux pipeline (flow-matching transformers), or the class-conditional pipeline of
 unconditional branch; that pipeline's own ``__call__`` runs this loop too).
 
 Built with ``FewstepPipeline.from_pipe(pipe, scheduler="unipc", guidance="apg")``: the base pipeline's modules
-are shared, not copied (diffusers' ``from_pipe``), and its own ``encode_prompt``, ``prepare_latents``,
-``_get_add_time_ids``, VAE decode, safety checker / watermark and ``image_processor`` are reused; only the
-loop is fewstep's: per step one UNet call on ``[uncond, cond]``, both outputs converted to ``(x0, eps)``
-pairs, the rule combines them and the scheduler's ``step_pair`` advances (so CFG++ and APG work with every
-fewstep solver).
+are shared, not copied and not cast (``_share``; diffusers' ``from_pipe`` would cast them), and its own
+``encode_prompt``, ``prepare_latents``, ``_get_add_time_ids``, VAE decode, safety checker / watermark and
+``image_processor`` are reused; only the loop is fewstep's: per step one UNet call on ``[uncond, cond]``, both
+outputs converted to ``(x0, eps)`` pairs, the rule combines them and the scheduler's ``step_pair`` advances (so
+CFG++ and APG work with every fewstep solver).
 
 SD3 and Flux predict a velocity; fewstep schedulers built from their flow configs read it as such
 (``prediction_type="flow"``). SD3 runs true CFG (negative prompt) through the rule; Flux uses its distilled guidance
@@ -26,19 +26,18 @@ buffers: the latents, the conditioning, the solver's evaluation buffer, APG's mo
 numbers (solver coefficients, timestep, ``alpha``/``sigma``, CFG scale) that the step reads at a step index held
 on the device (``fewstep.solvers.static``, ``fewstep.guidance.static``), so replaying never syncs with the host.
 The same static step also runs uncaptured (``_loop_mode = "static"``), which is how CPU tests check it against
-the eager loop.
+the eager loop. The static step lives in ``graph_step.py`` and the SD3/Flux methods in ``flow_families.py``
+(mixins of ``FewstepPipeline``); this module holds the shared loop, SD/SDXL and the class-conditional family.
 Not covered yet: img2img/inpainting, IP-adapter, LCM ``timestep_cond``, SD3 skip-layer guidance.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -48,10 +47,18 @@ from .. import samplers
 from .._checks import check_int
 from ..datasets import to_unit_range
 from ..guidance import GuidanceRule
-from ..guidance.static import StaticGuidance
-from ..solvers.schedules import is_flow_config
-from ..solvers.static import StaticEngine, check_static_plan
 from .denoiser import check_compile, prepare_denoiser
+from .flow_families import (
+    FLOW_FAMILIES,
+    FLUX_EMBEDDED_SCALE,
+    TRANSFORMER_FAMILIES,
+    FlowFamilies,
+    check_flow_scheduler,
+    flow_samplers,
+    flow_shift_mu,
+)
+from .graph_step import StaticLoop, StaticRun, check_graph_device, check_graph_rule, check_graph_scheduler
+from .loop_checks import FiniteWatch, callback_tensors
 
 __all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES", "flow_shift_mu"]
 
@@ -59,45 +66,11 @@ PIPELINE_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _CALLBACK_TENSORS = ("latents", "prompt_embeds")
 
 
-#: families whose model is a flow-matching transformer predicting a velocity
-FLOW_FAMILIES = ("sd3", "flux")
-_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 #: default guidance of each family when ``from_pipe`` gets none (diffusers' defaults); Flux: its embedding
 _DEFAULT_SCALE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0, "class": 3.0}
 #: the family of ``ClassConditionalPipeline`` (class labels, no text encoder or VAE)
 CLASS_FAMILY = "class"
-_FLUX_EMBEDDED_SCALE = 3.5
 
-
-def flow_shift_mu(image_seq_len: int, config: Any, max_shift_default: float = 1.15) -> float:
-    """Dynamic flow shift ``mu`` for an image of ``image_seq_len`` tokens: linear between ``base_shift`` at
-    ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len`` (the scheduler config's values; Flux, and
-    SD3 configs with ``use_dynamic_shifting``)."""
-    base_len = config.get("base_image_seq_len", None) or 256
-    max_len = config.get("max_image_seq_len", None) or 4096
-    base_shift = config.get("base_shift", None)
-    max_shift = config.get("max_shift", None)
-    base_shift = 0.5 if base_shift is None else base_shift
-    max_shift = max_shift_default if max_shift is None else max_shift
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return base_shift + slope * (image_seq_len - base_len)
-
-
-def _flow_samplers() -> list[str]:
-    return samplers.names("diffusion", standalone=True) + samplers.names("flow")
-
-
-def _check_flow_scheduler(scheduler: Any, family: str) -> None:
-    """Refuse a scheduler that cannot integrate a flow model (mean-reverting or VP-only)."""
-    name = type(scheduler).__name__
-    flow = getattr(scheduler, "is_flow", None)
-    if flow is None:
-        flow = is_flow_config(dict(getattr(scheduler, "config", {}) or {}))
-    if isinstance(scheduler, samplers.FewstepMRSScheduler) or not flow:
-        raise ValueError(
-            f"{family} is a flow-matching model; scheduler {name} cannot sample it (it is not built for a flow "
-            f"schedule); use one of: {', '.join(_flow_samplers())}"
-        )
 
 
 def _family(pipe: Any) -> str:
@@ -107,7 +80,7 @@ def _family(pipe: Any) -> str:
         return CLASS_FAMILY
     transformer = getattr(pipe, "transformer", None)
     if transformer is not None and hasattr(pipe, "encode_prompt"):
-        family = _TRANSFORMERS.get(type(transformer).__name__)
+        family = TRANSFORMER_FAMILIES.get(type(transformer).__name__)
         if family is not None:
             return family
     unet = getattr(pipe, "unet", None)
@@ -122,125 +95,6 @@ def _family(pipe: Any) -> str:
     return "sd"
 
 
-def _non_graph_classes() -> tuple[type, ...]:
-    """fewstep scheduler classes whose step is not a static linear step (momentum history, step hooks, MR)."""
-    return (samplers.FewstepHeavyBallScheduler, samplers.FewstepGHVBScheduler, samplers.FewstepMRSScheduler,
-            samplers.FewstepDCSolverScheduler, samplers.FewstepFlowChefScheduler)
-
-
-def graph_samplers() -> list[str]:
-    """Registered samplers that graph mode (``cuda_graph=True``) can replay."""
-    bad = _non_graph_classes()
-    return [n for n in samplers.names() if not issubclass(samplers.get(n), bad)]
-
-
-def _check_graph_scheduler(scheduler: Any) -> None:
-    name = type(scheduler).__name__
-    if not isinstance(scheduler, samplers.FewstepScheduler) or not guidance_rules.supports_pairs(scheduler):
-        raise ValueError(
-            f"cuda_graph=True needs a fewstep scheduler: {name} (diffusers' own) reads its step state on the host "
-            f"(step-index lookups, host syncs) and cannot be captured; use one of: {', '.join(graph_samplers())}"
-        )
-    if isinstance(scheduler, _non_graph_classes()):
-        raise ValueError(
-            f"cuda_graph=True cannot replay {name} (momentum history, step hooks or a mean-reverting step); use "
-            f"one of: {', '.join(graph_samplers())}"
-        )
-
-
-def _check_graph_rule(rule: GuidanceRule) -> None:
-    from ..guidance.static import STATIC_RULES
-
-    if type(rule) not in STATIC_RULES:
-        raise ValueError(
-            f"cuda_graph=True supports the guidance rules {[r.name for r in STATIC_RULES]}, got "
-            f"{type(rule).__name__} ({rule.name!r})"
-        )
-
-
-def _check_graph_device(device: Any) -> None:
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(
-            f"cuda_graph=True needs the pipeline on a CUDA device, got {device} (torch.cuda.is_available() = "
-            f"{torch.cuda.is_available()}); move it with pipe.to('cuda') or leave cuda_graph=False"
-        )
-
-
-def _static_pair(kind: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-                 norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``solvers.parameterization.to_pair`` with this step's ``alpha``, ``sigma`` and ``alpha^2 + sigma^2`` as
-    device scalars (the latter precomputed in float64, as the eager conversion computes it)."""
-    if kind == "epsilon":
-        return (x - sigma * out) / alpha, out
-    if kind == "sample":
-        return out, (x - alpha * out) / sigma
-    if kind == "v_prediction":
-        return (alpha * x - sigma * out) / norm, (sigma * x + alpha * out) / norm
-    return x - sigma * out, x + alpha * out
-
-
-class _StaticRun:
-    """The static buffers of graph mode (kept between calls of the same shapes) and, once captured, the graph."""
-
-    def __init__(self, engine: StaticEngine, guide: StaticGuidance | None, x: torch.Tensor, conds: dict,
-                 table: torch.Tensor, t_table: torch.Tensor):
-        self.engine = engine
-        self.guide = guide
-        self.x = x.clone()
-        self.conds = {k: v.clone() for k, v in conds.items()}
-        self.table = table
-        self.t_table = t_table.clone()
-        self.graph: Any = None
-        self.model_fn: Callable | None = None
-        self.kind = ""
-        self.postprocess: Callable | None = None
-
-    def load(self, engine: StaticEngine, x: torch.Tensor, conds: dict, table: torch.Tensor, t_table: torch.Tensor,
-             noise: torch.Tensor | None) -> None:
-        """Copy this call's inputs into the static buffers and reset the state (start of a generation)."""
-        if engine is not self.engine:
-            self.engine.table.copy_(engine.table)
-            self.engine.noise_coef.copy_(engine.noise_coef)
-        self.table.copy_(table)
-        self.t_table.copy_(t_table)
-        for k, v in conds.items():
-            if v is not self.conds[k]:
-                self.conds[k].copy_(v)
-        self.restart(x, noise)
-
-    def restart(self, x: torch.Tensor, noise: torch.Tensor | None) -> None:
-        self.x.copy_(x)
-        self.engine.reset(noise)
-        if self.guide is not None:
-            self.guide.reset()
-
-
-_COLUMNS = ("alpha", "sigma", "norm", "scale", "sigma_over_alpha", "alpha_over_sigma")
-
-
-def _callback_tensors(x: torch.Tensor, conds: dict) -> dict:
-    """What ``callback_on_step_end`` may ask for: the latents, and the prompt embeddings where there are some."""
-    return {"latents": x, "prompt_embeds": conds["embeds"]} if "embeds" in conds else {"latents": x}
-
-
-class _FiniteWatch:
-    """The first step whose latents hold a NaN/Inf, tracked on the device (no host sync inside the loop)."""
-
-    def __init__(self, device: torch.device):
-        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
-
-    def update(self, x: torch.Tensor, i: int) -> None:
-        bad = ~torch.isfinite(x).all()
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, i), self.first_bad)
-
-    def raise_if_bad(self, num_steps: int, sampler: str) -> None:
-        step = int(self.first_bad)  # the one host sync, after the loop
-        if step >= 0:
-            raise FloatingPointError(
-                f"sampling produced NaN/Inf at step {step} of {num_steps} (sampler {sampler}); pass "
-                "check_finite=False to return it anyway"
-            )
 
 
 def _share(pipe: Any, **modules: Any) -> Any:
@@ -254,8 +108,9 @@ def _share(pipe: Any, **modules: Any) -> Any:
     return shared
 
 
-class FewstepPipeline:
-    """A fewstep denoising loop around a diffusers SD/SDXL/SD3/Flux pipeline (see the module docstring).
+class FewstepPipeline(StaticLoop, FlowFamilies):
+    """A fewstep denoising loop around a diffusers SD/SDXL/SD3/Flux pipeline or a ``ClassConditionalPipeline``
+    (see the module docstring).
 
     ``pipe`` holds the shared components with ``scheduler`` swapped in; ``guidance`` is the default rule of
     ``__call__`` (a call may pass another one); ``None`` only for Flux: its distilled guidance embedding with
@@ -266,7 +121,7 @@ class FewstepPipeline:
         self,
         pipe: Any,
         guidance: GuidanceRule | None,
-        embedded_guidance_scale: float = _FLUX_EMBEDDED_SCALE,
+        embedded_guidance_scale: float = FLUX_EMBEDDED_SCALE,
         denoiser: Callable[..., Any] | None = None,
         cuda_graph: bool = False,
     ):
@@ -285,7 +140,7 @@ class FewstepPipeline:
         #: "eager" (the reference loop), "cuda-graph" (capture one step, replay it) or "static" (the captured
         #: step's code run uncaptured, any device: what the CPU tests compare with "eager")
         self._loop_mode = "cuda-graph" if cuda_graph else "eager"
-        self._graph_cache: tuple[tuple, _StaticRun] | None = None
+        self._graph_cache: tuple[tuple, StaticRun] | None = None
 
     @property
     def _model(self) -> torch.nn.Module:
@@ -357,7 +212,7 @@ class FewstepPipeline:
             if flow and samplers.process_of(scheduler) == "mean-reverting":
                 raise ValueError(
                     f"sampler {scheduler!r} ({samplers.process_of(scheduler)}) cannot sample the flow-matching "
-                    f"{family} model; use one of: {', '.join(_flow_samplers())}"
+                    f"{family} model; use one of: {', '.join(flow_samplers())}"
                 )
             scheduler = samplers.get(scheduler).from_config(pipe.scheduler.config)
         elif scheduler is None:
@@ -365,17 +220,17 @@ class FewstepPipeline:
         elif not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "step"):
             raise TypeError(f"`scheduler` must be a sampler name or a scheduler, got {type(scheduler).__name__}")
         if flow:
-            _check_flow_scheduler(scheduler, family)
+            check_flow_scheduler(scheduler, family)
         if family == "flux" and guidance is None:
-            rule, embedded = None, _FLUX_EMBEDDED_SCALE if guidance_scale is None else float(guidance_scale)
+            rule, embedded = None, FLUX_EMBEDDED_SCALE if guidance_scale is None else float(guidance_scale)
         else:
-            rule, embedded = cls._make_rule(guidance, guidance_scale, family), _FLUX_EMBEDDED_SCALE
+            rule, embedded = cls._make_rule(guidance, guidance_scale, family), FLUX_EMBEDDED_SCALE
             cls._check_compatible(rule, scheduler)
         if cuda_graph:
-            _check_graph_scheduler(scheduler)
+            check_graph_scheduler(scheduler)
             if rule is not None:
-                _check_graph_rule(rule)
-            _check_graph_device(pipe._execution_device)
+                check_graph_rule(rule)
+            check_graph_device(pipe._execution_device)
         model = pipe.transformer if flow else pipe.unet
         module, call = prepare_denoiser(model, quantized, quant_mode, compile)
         overrides = {} if module is model else {"transformer" if flow else "unet": module}
@@ -517,12 +372,12 @@ class FewstepPipeline:
         scheduler = p.scheduler
         pairs = guidance_rules.supports_pairs(scheduler)
         step_kwargs = guidance_rules.step_kwargs(scheduler, generator)
-        finite = _FiniteWatch(x.device) if check_finite else None
+        finite = FiniteWatch(x.device) if check_finite else None
         for i, t in enumerate(p.progress_bar(timesteps)):
             out = model_fn(x, t, conds)
             x = self._step(scheduler, rule, pairs, out, t, x, i, len(timesteps), step_kwargs)
             if callback is not None:
-                tensors = _callback_tensors(x, conds)
+                tensors = callback_tensors(x, conds)
                 outputs = callback(p, i, t, {k: tensors[k] for k in callback_inputs}) or {}
                 x = outputs.get("latents", x)
                 if "embeds" in conds:
@@ -532,123 +387,6 @@ class FewstepPipeline:
         if finite is not None:
             finite.raise_if_bad(len(timesteps), type(scheduler).__name__)
         return x
-
-    def _static_inputs(self, x: torch.Tensor, rule: GuidanceRule | None, generator: Any):
-        """This call's engine (coefficient tables), guidance, per-step table and stochastic noise draws."""
-        scheduler = self.pipe.scheduler
-        _check_graph_scheduler(scheduler)
-        if rule is not None:
-            _check_graph_rule(rule)
-        plan = scheduler.plan
-        check_static_plan(plan, scheduler._state.hooks if scheduler._state is not None else ())
-        cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        n = plan.num_steps
-        engine = StaticEngine(plan, x.shape, x.device, cdtype)
-        alphas = np.asarray(plan.grid.alphas[:n], dtype=np.float64)
-        sigmas = np.asarray(plan.grid.sigmas[:n], dtype=np.float64)
-        guide = StaticGuidance(rule, x.shape, x.device, cdtype) if rule is not None else None
-        extra = guide.columns(alphas, sigmas) if guide is not None else np.zeros((n, 3))
-        cols = np.concatenate([np.stack([alphas, sigmas, alphas * alphas + sigmas * sigmas], axis=1), extra], axis=1)
-        table = torch.as_tensor(cols, dtype=cdtype).to(x.device)
-        noise = None
-        if engine.stochastic:  # drawn up front, in step order, as the eager steps draw them
-            noise = torch.zeros((n, *x.shape), dtype=cdtype, device=x.device)
-            for i, decision in enumerate(plan.decisions):
-                if decision.stochastic:
-                    noise[i] = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        return engine, guide, table, noise
-
-    def _static_key(self, x: torch.Tensor, conds: dict, engine: StaticEngine, table: torch.Tensor,
-                    timesteps: torch.Tensor, rule: GuidanceRule | None) -> tuple:
-        """What a captured step depends on besides the values copied into its buffers."""
-        sched = self.pipe.scheduler
-        rule_key = None if rule is None else (type(rule).__name__, repr(sorted(rule.config().items())))
-        return (
-            self.family, self._loop_mode, id(self.denoiser), rule_key, tuple(x.shape), x.dtype, str(x.device),
-            tuple(engine.table.shape), engine.stochastic, tuple(table.shape), tuple(timesteps.shape),
-            timesteps.dtype, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(conds.items())),
-            sched.prediction_type, bool(getattr(sched.config, "clip_sample", False)),
-            float(getattr(sched.config, "clip_sample_range", 1.0) or 1.0),
-        )
-
-    def _static_step(self, run: _StaticRun) -> None:
-        """One denoising step on the static buffers of ``run`` (what graph mode captures): the model call(s),
-        the pair conversion, the guidance rule and the solver step, then ``x`` and the step index in place."""
-        engine = run.engine
-        row = engine.row(run.table)
-        t = engine.row(run.t_table)
-        alpha, sigma, norm, scale, s_over_a, a_over_s = (row[k] for k in range(len(_COLUMNS)))
-        out = run.model_fn(run.x, t, run.conds)
-        x = run.x.to(engine.dtype)
-        if run.guide is not None:
-            out_uncond, out_cond = out.chunk(2)
-            cond = run.postprocess(*_static_pair(run.kind, out_cond.to(engine.dtype), x, alpha, sigma, norm))
-            uncond = run.postprocess(*_static_pair(run.kind, out_uncond.to(engine.dtype), x, alpha, sigma, norm))
-            x0, eps = run.guide.combine(cond, uncond, scale, s_over_a, a_over_s)
-            x0, eps = run.postprocess(x0.to(engine.dtype), eps.to(engine.dtype))
-        else:
-            x0, eps = run.postprocess(*_static_pair(run.kind, out.to(engine.dtype), x, alpha, sigma, norm))
-        run.x.copy_(engine.advance(x, x0, eps).to(run.x.dtype))
-        engine.index.add_(1)
-
-    def _capture(self, run: _StaticRun, x: torch.Tensor, noise: torch.Tensor | None) -> None:
-        """Warm up one step on a side stream (lazy initialisation, ``torch.compile``, library handles), restore
-        the start state, capture one step into ``run.graph``."""
-        device = run.x.device
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            self._static_step(run)
-        torch.cuda.current_stream(device).wait_stream(side)
-        run.restart(x, noise)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._static_step(run)
-        run.graph = graph
-        run.restart(x, noise)  # capturing records the kernels without running them; restart to be explicit
-
-    def _denoise_static(self, model_fn, x, conds, timesteps, rule, generator, callback, callback_inputs,
-                        check_finite=False):
-        p = self.pipe
-        graph = self._loop_mode == "cuda-graph"
-        if graph:
-            _check_graph_device(x.device)
-        engine, guide, table, noise = self._static_inputs(x, rule, generator)
-        key = self._static_key(x, conds, engine, table, timesteps, rule)
-        if self._graph_cache is not None and self._graph_cache[0] == key:
-            run = self._graph_cache[1]
-            run.load(engine, x, conds, table, timesteps, noise)
-        else:
-            self._graph_cache = None  # free the previous graph and buffers first
-            run = _StaticRun(engine, guide, x, conds, table, timesteps)
-            run.restart(x, noise)
-            self._graph_cache = (key, run)
-        run.model_fn = model_fn
-        run.kind = p.scheduler.prediction_type
-        run.postprocess = p.scheduler._postprocess_pair
-        if graph and run.graph is None:
-            self._capture(run, x, noise)
-        finite = _FiniteWatch(x.device) if check_finite else None
-        for i, t in enumerate(p.progress_bar(timesteps)):
-            if graph:
-                run.graph.replay()
-            else:
-                self._static_step(run)
-            if finite is not None:
-                finite.update(run.x, i)
-            if callback is not None:
-                tensors = _callback_tensors(run.x, run.conds)
-                outputs = callback(p, i, t, {k: tensors[k] for k in callback_inputs}) or {}
-                for name, value in outputs.items():
-                    if name in tensors and value is not tensors[name]:
-                        raise ValueError(
-                            f"callback_on_step_end returned a new `{name}` at step {i}: with cuda_graph=True the "
-                            "replayed step reads static buffers, so change the given tensor in place "
-                            f"(tensors[{name!r}].copy_(...)) or run without cuda_graph"
-                        )
-        if finite is not None:
-            finite.raise_if_bad(len(timesteps), type(p.scheduler).__name__)
-        return run.x.clone()
 
     @torch.no_grad()
     def __call__(
@@ -835,71 +573,6 @@ class FewstepPipeline:
         array = images.permute(0, 2, 3, 1).cpu().numpy()
         return self.pipe.numpy_to_pil(array) if output_type == "pil" else array
 
-    # ----------------------------------------------------------------------------------------------
-    # SD3 / Flux (flow-matching transformers)
-    def _flow_encode(self, guided: bool, device, kw: dict) -> dict:
-        """Prompt embeddings through the base pipeline's ``encode_prompt``: ``pos``/``pooled`` (+ ``neg``/
-        ``neg_pooled`` when ``guided``), and Flux's ``text_ids``/``neg_text_ids``."""
-        p, n = self.pipe, kw["num_images_per_prompt"]
-        if self.family == "sd3":
-            pos, neg, pooled, neg_pooled = p.encode_prompt(
-                prompt=kw["prompt"], prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=n,
-                do_classifier_free_guidance=guided, negative_prompt=kw["negative_prompt"],
-                prompt_embeds=kw["prompt_embeds"], negative_prompt_embeds=kw["negative_prompt_embeds"],
-                pooled_prompt_embeds=kw["pooled_prompt_embeds"],
-                negative_pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"],
-            )  # fmt: skip
-            return {"pos": pos, "neg": neg, "pooled": pooled, "neg_pooled": neg_pooled}
-        pos, pooled, text_ids = p.encode_prompt(
-            prompt=kw["prompt"], prompt_2=None, device=device, num_images_per_prompt=n,
-            prompt_embeds=kw["prompt_embeds"], pooled_prompt_embeds=kw["pooled_prompt_embeds"],
-        )  # fmt: skip
-        enc = {"pos": pos, "pooled": pooled, "text_ids": text_ids}
-        if guided:
-            neg_prompt = kw["negative_prompt"]
-            if neg_prompt is None and kw["negative_prompt_embeds"] is None:
-                raise ValueError(
-                    "true CFG on Flux needs `negative_prompt` or `negative_prompt_embeds` (with "
-                    "`negative_pooled_prompt_embeds`); omit `guidance` to use the distilled guidance embedding"
-                )
-            neg, neg_pooled, neg_ids = p.encode_prompt(
-                prompt=neg_prompt, prompt_2=None, device=device, num_images_per_prompt=n,
-                prompt_embeds=kw["negative_prompt_embeds"], pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"],
-            )  # fmt: skip
-            enc.update(neg=neg, neg_pooled=neg_pooled, neg_text_ids=neg_ids)
-        return enc
-
-    def _flow_timesteps(self, num_inference_steps: int, image_seq_len: int, device) -> torch.Tensor:
-        """``set_timesteps`` as the base pipeline calls it: Flux passes ``sigmas = linspace(1, 1/N, N)`` to
-        flow-matching-Euler grids and ``mu`` from the image sequence length; SD3 passes ``mu`` only for a
-        dynamically shifted config."""
-        scheduler = self.pipe.scheduler
-        cfg = scheduler.config
-        kwargs: dict[str, Any] = {}
-        params = inspect.signature(scheduler.set_timesteps).parameters
-        if cfg.get("use_dynamic_shifting", False):
-            kwargs["mu"] = flow_shift_mu(image_seq_len, cfg, 1.15 if self.family == "flux" else 1.16)
-        euler_grid = getattr(scheduler, "flow_grid_style", "flowmatch") == "flowmatch"
-        if self.family == "flux" and euler_grid and "sigmas" in params and not cfg.get("use_flow_sigmas", False):
-            n = num_inference_steps
-            kwargs["sigmas"] = [1.0 - k * (1.0 - 1.0 / n) / max(n - 1, 1) for k in range(n)]
-            scheduler.set_timesteps(device=device, **kwargs)
-        else:
-            scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        return scheduler.timesteps
-
-    def decode_flow_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Images in [-1, 1] (NCHW) from SD3/Flux latents (Flux: packed), differentiable: pixel-space costs
-        of FlowChef backpropagate through the VAE decoder with this (never through the transformer)."""
-        p = self.pipe
-        if self.family == "flux":
-            latents = p._unpack_latents(latents, height, width, p.vae_scale_factor)
-        vae = p.vae
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
-
     def default_image_size(self) -> int:
         """Side in pixels of an image generated without ``height``/``width``."""
         p = self.pipe
@@ -922,83 +595,3 @@ class FewstepPipeline:
         else:
             image = self._decode(latents, "pt", latents.device, latents.dtype)
         return image.float().cpu()
-
-    def _flow_decode(self, latents: torch.Tensor, output_type: str, height: int, width: int) -> Any:
-        if output_type == "latent":
-            return latents
-        image = self.decode_flow_latents(latents, height, width)
-        return self.pipe.image_processor.postprocess(image, output_type=output_type)
-
-    def _flow_call(
-        self, rule: GuidanceRule | None, embedded: float, batch: int, kw: dict
-    ) -> ImagePipelineOutput | tuple:
-        """The denoising loop of SD3/Flux (validated arguments of ``__call__`` in ``kw``)."""
-        p = self.pipe
-        flux = self.family == "flux"
-        tr = p.transformer
-        height = kw["height"] or p.default_sample_size * p.vae_scale_factor
-        width = kw["width"] or p.default_sample_size * p.vae_scale_factor
-        device = p._execution_device
-        guided = rule is not None and rule.needs_uncond
-        if rule is not None:
-            rule.reset()
-        enc = self._flow_encode(guided, device, kw)
-        n = batch * kw["num_images_per_prompt"]
-        for key in ("pos", "neg", "pooled", "neg_pooled"):  # given embeddings: one row per prompt, not per image
-            value = enc.get(key)
-            if value is not None and value.shape[0] == batch and n != batch:
-                enc[key] = value.repeat_interleave(kw["num_images_per_prompt"], dim=0)
-        generator = kw["generator"]
-        if flux:
-            x, image_ids = p.prepare_latents(
-                n, tr.config.in_channels // 4, height, width, enc["pos"].dtype, device, generator, kw["latents"]
-            )
-            seq_len = x.shape[1]
-            embeds = enc["pos"]
-        else:
-            x = p.prepare_latents(
-                n, tr.config.in_channels, height, width, enc["pos"].dtype, device, generator, kw["latents"]
-            )
-            patch = tr.config.patch_size
-            seq_len = (x.shape[-2] // patch) * (x.shape[-1] // patch)
-            embeds = torch.cat([enc["neg"], enc["pos"]]) if guided else enc["pos"]
-            pooled = torch.cat([enc["neg_pooled"], enc["pooled"]]) if guided else enc["pooled"]
-        timesteps = self._flow_timesteps(kw["num_inference_steps"], seq_len, device)
-        denoiser = self.denoiser
-        if flux:
-            conds = {"embeds": embeds, "pooled": enc["pooled"], "text_ids": enc["text_ids"], "image_ids": image_ids}
-            if guided:
-                conds.update(neg=enc["neg"], neg_pooled=enc["neg_pooled"], neg_text_ids=enc["neg_text_ids"])
-            if tr.config.guidance_embeds:
-                conds["guidance"] = torch.full((n,), embedded, device=device, dtype=torch.float32)
-
-            def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
-                t_in = t.expand(n).to(x.dtype) / 1000
-                out = denoiser(hidden_states=x, timestep=t_in, guidance=c.get("guidance"),
-                               pooled_projections=c["pooled"], encoder_hidden_states=c["embeds"],
-                               txt_ids=c["text_ids"], img_ids=c["image_ids"], return_dict=False)[0]  # fmt: skip
-                if not guided:
-                    return out
-                out_uncond = denoiser(
-                    hidden_states=x, timestep=t_in, guidance=c.get("guidance"), pooled_projections=c["neg_pooled"],
-                    encoder_hidden_states=c["neg"], txt_ids=c["neg_text_ids"], img_ids=c["image_ids"],
-                    return_dict=False,
-                )[0]  # fmt: skip
-                return torch.cat([out_uncond, out])
-        else:
-            conds = {"embeds": embeds, "pooled": pooled}
-
-            def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
-                model_in = torch.cat([x, x]) if guided else x
-                return denoiser(hidden_states=model_in, timestep=t.expand(model_in.shape[0]),
-                                encoder_hidden_states=c["embeds"], pooled_projections=c["pooled"],
-                                return_dict=False)[0]  # fmt: skip
-
-        x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator,
-                          kw["callback_on_step_end"], kw["callback_on_step_end_tensor_inputs"],
-                          kw["check_finite"])  # fmt: skip
-        image = self._flow_decode(x, kw["output_type"], height, width)
-        p.maybe_free_model_hooks()
-        if not kw["return_dict"]:
-            return (image,)
-        return ImagePipelineOutput(images=image)

@@ -1,0 +1,246 @@
+"""The static denoising step of ``FewstepPipeline``: what ``cuda_graph=True`` captures once and replays.
+
+One step (the model call(s), the conversion to ``(x0, eps)`` pairs, the guidance rule and the solver step) reads
+every per-step number from device tables at a step index held on the device (``fewstep.solvers.static``,
+``fewstep.guidance.static``) and writes the latents in place, so replaying it never syncs with the host. Its
+inputs live in static buffers (``StaticRun``), kept between calls of the same shapes. The same step also runs
+uncaptured (loop mode ``"static"``), which is how CPU tests check it against the eager loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import guidance as guidance_rules
+from .. import samplers
+from ..guidance import GuidanceRule
+from ..guidance.static import StaticGuidance
+from ..solvers.static import StaticEngine, check_static_plan
+from .loop_checks import FiniteWatch, callback_tensors
+
+__all__ = ["graph_samplers", "check_graph_scheduler", "check_graph_rule", "check_graph_device", "StaticRun",
+           "StaticLoop", "non_graph_classes"]
+
+
+def non_graph_classes() -> tuple[type, ...]:
+    """fewstep scheduler classes whose step is not a static linear step (momentum history, step hooks, MR)."""
+    return (samplers.FewstepHeavyBallScheduler, samplers.FewstepGHVBScheduler, samplers.FewstepMRSScheduler,
+            samplers.FewstepDCSolverScheduler, samplers.FewstepFlowChefScheduler)
+
+
+def graph_samplers() -> list[str]:
+    """Registered samplers that graph mode (``cuda_graph=True``) can replay."""
+    bad = non_graph_classes()
+    return [n for n in samplers.names() if not issubclass(samplers.get(n), bad)]
+
+
+def check_graph_scheduler(scheduler: Any) -> None:
+    name = type(scheduler).__name__
+    if not isinstance(scheduler, samplers.FewstepScheduler) or not guidance_rules.supports_pairs(scheduler):
+        raise ValueError(
+            f"cuda_graph=True needs a fewstep scheduler: {name} (diffusers' own) reads its step state on the host "
+            f"(step-index lookups, host syncs) and cannot be captured; use one of: {', '.join(graph_samplers())}"
+        )
+    if isinstance(scheduler, non_graph_classes()):
+        raise ValueError(
+            f"cuda_graph=True cannot replay {name} (momentum history, step hooks or a mean-reverting step); use "
+            f"one of: {', '.join(graph_samplers())}"
+        )
+
+
+def check_graph_rule(rule: GuidanceRule) -> None:
+    from ..guidance.static import STATIC_RULES
+
+    if type(rule) not in STATIC_RULES:
+        raise ValueError(
+            f"cuda_graph=True supports the guidance rules {[r.name for r in STATIC_RULES]}, got "
+            f"{type(rule).__name__} ({rule.name!r})"
+        )
+
+
+def check_graph_device(device: Any) -> None:
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph=True needs the pipeline on a CUDA device, got {device} (torch.cuda.is_available() = "
+            f"{torch.cuda.is_available()}); move it with pipe.to('cuda') or leave cuda_graph=False"
+        )
+
+
+def static_pair(kind: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                 norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``solvers.parameterization.to_pair`` with this step's ``alpha``, ``sigma`` and ``alpha^2 + sigma^2`` as
+    device scalars (the latter precomputed in float64, as the eager conversion computes it)."""
+    if kind == "epsilon":
+        return (x - sigma * out) / alpha, out
+    if kind == "sample":
+        return out, (x - alpha * out) / sigma
+    if kind == "v_prediction":
+        return (alpha * x - sigma * out) / norm, (sigma * x + alpha * out) / norm
+    return x - sigma * out, x + alpha * out
+
+
+class StaticRun:
+    """The static buffers of graph mode (kept between calls of the same shapes) and, once captured, the graph."""
+
+    def __init__(self, engine: StaticEngine, guide: StaticGuidance | None, x: torch.Tensor, conds: dict,
+                 table: torch.Tensor, t_table: torch.Tensor):
+        self.engine = engine
+        self.guide = guide
+        self.x = x.clone()
+        self.conds = {k: v.clone() for k, v in conds.items()}
+        self.table = table
+        self.t_table = t_table.clone()
+        self.graph: Any = None
+        self.model_fn: Callable | None = None
+        self.kind = ""
+        self.postprocess: Callable | None = None
+
+    def load(self, engine: StaticEngine, x: torch.Tensor, conds: dict, table: torch.Tensor, t_table: torch.Tensor,
+             noise: torch.Tensor | None) -> None:
+        """Copy this call's inputs into the static buffers and reset the state (start of a generation)."""
+        if engine is not self.engine:
+            self.engine.table.copy_(engine.table)
+            self.engine.noise_coef.copy_(engine.noise_coef)
+        self.table.copy_(table)
+        self.t_table.copy_(t_table)
+        for k, v in conds.items():
+            if v is not self.conds[k]:
+                self.conds[k].copy_(v)
+        self.restart(x, noise)
+
+    def restart(self, x: torch.Tensor, noise: torch.Tensor | None) -> None:
+        self.x.copy_(x)
+        self.engine.reset(noise)
+        if self.guide is not None:
+            self.guide.reset()
+
+
+COLUMNS = ("alpha", "sigma", "norm", "scale", "sigma_over_alpha", "alpha_over_sigma")
+
+
+class StaticLoop:
+    """``FewstepPipeline``'s static-step loop (a mixin: it uses the host's ``pipe``, ``family``, ``denoiser``,
+    ``_loop_mode`` and ``_graph_cache``)."""
+
+    def _static_inputs(self, x: torch.Tensor, rule: GuidanceRule | None, generator: Any):
+        """This call's engine (coefficient tables), guidance, per-step table and stochastic noise draws."""
+        scheduler = self.pipe.scheduler
+        check_graph_scheduler(scheduler)
+        if rule is not None:
+            check_graph_rule(rule)
+        plan = scheduler.plan
+        check_static_plan(plan, scheduler._state.hooks if scheduler._state is not None else ())
+        cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        n = plan.num_steps
+        engine = StaticEngine(plan, x.shape, x.device, cdtype)
+        alphas = np.asarray(plan.grid.alphas[:n], dtype=np.float64)
+        sigmas = np.asarray(plan.grid.sigmas[:n], dtype=np.float64)
+        guide = StaticGuidance(rule, x.shape, x.device, cdtype) if rule is not None else None
+        extra = guide.columns(alphas, sigmas) if guide is not None else np.zeros((n, 3))
+        cols = np.concatenate([np.stack([alphas, sigmas, alphas * alphas + sigmas * sigmas], axis=1), extra], axis=1)
+        table = torch.as_tensor(cols, dtype=cdtype).to(x.device)
+        noise = None
+        if engine.stochastic:  # drawn up front, in step order, as the eager steps draw them
+            noise = torch.zeros((n, *x.shape), dtype=cdtype, device=x.device)
+            for i, decision in enumerate(plan.decisions):
+                if decision.stochastic:
+                    noise[i] = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        return engine, guide, table, noise
+
+    def _static_key(self, x: torch.Tensor, conds: dict, engine: StaticEngine, table: torch.Tensor,
+                    timesteps: torch.Tensor, rule: GuidanceRule | None) -> tuple:
+        """What a captured step depends on besides the values copied into its buffers."""
+        sched = self.pipe.scheduler
+        rule_key = None if rule is None else (type(rule).__name__, repr(sorted(rule.config().items())))
+        return (
+            self.family, self._loop_mode, id(self.denoiser), rule_key, tuple(x.shape), x.dtype, str(x.device),
+            tuple(engine.table.shape), engine.stochastic, tuple(table.shape), tuple(timesteps.shape),
+            timesteps.dtype, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(conds.items())),
+            sched.prediction_type, bool(getattr(sched.config, "clip_sample", False)),
+            float(getattr(sched.config, "clip_sample_range", 1.0) or 1.0),
+        )
+
+    def _static_step(self, run: StaticRun) -> None:
+        """One denoising step on the static buffers of ``run`` (what graph mode captures): the model call(s),
+        the pair conversion, the guidance rule and the solver step, then ``x`` and the step index in place."""
+        engine = run.engine
+        row = engine.row(run.table)
+        t = engine.row(run.t_table)
+        alpha, sigma, norm, scale, s_over_a, a_over_s = (row[k] for k in range(len(COLUMNS)))
+        out = run.model_fn(run.x, t, run.conds)
+        x = run.x.to(engine.dtype)
+        if run.guide is not None:
+            out_uncond, out_cond = out.chunk(2)
+            cond = run.postprocess(*static_pair(run.kind, out_cond.to(engine.dtype), x, alpha, sigma, norm))
+            uncond = run.postprocess(*static_pair(run.kind, out_uncond.to(engine.dtype), x, alpha, sigma, norm))
+            x0, eps = run.guide.combine(cond, uncond, scale, s_over_a, a_over_s)
+            x0, eps = run.postprocess(x0.to(engine.dtype), eps.to(engine.dtype))
+        else:
+            x0, eps = run.postprocess(*static_pair(run.kind, out.to(engine.dtype), x, alpha, sigma, norm))
+        run.x.copy_(engine.advance(x, x0, eps).to(run.x.dtype))
+        engine.index.add_(1)
+
+    def _capture(self, run: StaticRun, x: torch.Tensor, noise: torch.Tensor | None) -> None:
+        """Warm up one step on a side stream (lazy initialisation, ``torch.compile``, library handles), restore
+        the start state, capture one step into ``run.graph``."""
+        device = run.x.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._static_step(run)
+        torch.cuda.current_stream(device).wait_stream(side)
+        run.restart(x, noise)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_step(run)
+        run.graph = graph
+        run.restart(x, noise)  # capturing records the kernels without running them; restart to be explicit
+
+    def _denoise_static(self, model_fn, x, conds, timesteps, rule, generator, callback, callback_inputs,
+                        check_finite=False):
+        p = self.pipe
+        graph = self._loop_mode == "cuda-graph"
+        if graph:
+            check_graph_device(x.device)
+        engine, guide, table, noise = self._static_inputs(x, rule, generator)
+        key = self._static_key(x, conds, engine, table, timesteps, rule)
+        if self._graph_cache is not None and self._graph_cache[0] == key:
+            run = self._graph_cache[1]
+            run.load(engine, x, conds, table, timesteps, noise)
+        else:
+            self._graph_cache = None  # free the previous graph and buffers first
+            run = StaticRun(engine, guide, x, conds, table, timesteps)
+            run.restart(x, noise)
+            self._graph_cache = (key, run)
+        run.model_fn = model_fn
+        run.kind = p.scheduler.prediction_type
+        run.postprocess = p.scheduler._postprocess_pair
+        if graph and run.graph is None:
+            self._capture(run, x, noise)
+        finite = FiniteWatch(x.device) if check_finite else None
+        for i, t in enumerate(p.progress_bar(timesteps)):
+            if graph:
+                run.graph.replay()
+            else:
+                self._static_step(run)
+            if finite is not None:
+                finite.update(run.x, i)
+            if callback is not None:
+                tensors = callback_tensors(run.x, run.conds)
+                outputs = callback(p, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+                for name, value in outputs.items():
+                    if name in tensors and value is not tensors[name]:
+                        raise ValueError(
+                            f"callback_on_step_end returned a new `{name}` at step {i}: with cuda_graph=True the "
+                            "replayed step reads static buffers, so change the given tensor in place "
+                            f"(tensors[{name!r}].copy_(...)) or run without cuda_graph"
+                        )
+        if finite is not None:
+            finite.raise_if_bad(len(timesteps), type(p.scheduler).__name__)
+        return run.x.clone()

@@ -1,0 +1,32 @@
+"""Per-step checks shared by ``FewstepPipeline``'s eager and static loops: what a step-end callback may see,
+and the NaN/Inf watch that names the first bad step without a host sync inside the loop."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["callback_tensors", "FiniteWatch"]
+
+
+def callback_tensors(x: torch.Tensor, conds: dict) -> dict:
+    """What ``callback_on_step_end`` may ask for: the latents, and the prompt embeddings where there are some."""
+    return {"latents": x, "prompt_embeds": conds["embeds"]} if "embeds" in conds else {"latents": x}
+
+
+class FiniteWatch:
+    """The first step whose latents hold a NaN/Inf, tracked on the device (no host sync inside the loop)."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+
+    def update(self, x: torch.Tensor, i: int) -> None:
+        bad = ~torch.isfinite(x).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, i), self.first_bad)
+
+    def raise_if_bad(self, num_steps: int, sampler: str) -> None:
+        step = int(self.first_bad)  # the one host sync, after the loop
+        if step >= 0:
+            raise FloatingPointError(
+                f"sampling produced NaN/Inf at step {step} of {num_steps} (sampler {sampler}); pass "
+                "check_finite=False to return it anyway"
+            )
