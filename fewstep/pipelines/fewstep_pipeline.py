@@ -290,8 +290,13 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                 prompt_embeds=kw["prompt_embeds"], negative_prompt_embeds=kw["negative_prompt_embeds"],
             )  # fmt: skip
             return {"pos": pos, "neg": neg}
-        pos, neg, pooled, neg_pooled = p.encode_prompt(
-            prompt=kw["prompt"], device=device, num_images_per_prompt=num_images_per_prompt,
+        return self._encode_pooled(guided, device, num_images_per_prompt, kw)
+
+    def _encode_pooled(self, guided: bool, device, num_images_per_prompt: int, kw: dict, **extra: Any) -> dict:
+        """``encode_prompt`` of pipelines with pooled embeddings (SDXL, SD3; ``extra``: e.g. SD3's unused
+        ``prompt_2``/``prompt_3``): ``pos``, ``neg``, ``pooled``, ``neg_pooled``."""
+        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=kw["prompt"], **extra, device=device, num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=guided, negative_prompt=kw["negative_prompt"],
             prompt_embeds=kw["prompt_embeds"], negative_prompt_embeds=kw["negative_prompt_embeds"],
             pooled_prompt_embeds=kw["pooled_prompt_embeds"],

@@ -71,14 +71,7 @@ class FlowFamilies:
         ``neg_pooled`` when ``guided``), and Flux's ``text_ids``/``neg_text_ids``."""
         p, n = self.pipe, kw["num_images_per_prompt"]
         if self.family == "sd3":
-            pos, neg, pooled, neg_pooled = p.encode_prompt(
-                prompt=kw["prompt"], prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=n,
-                do_classifier_free_guidance=guided, negative_prompt=kw["negative_prompt"],
-                prompt_embeds=kw["prompt_embeds"], negative_prompt_embeds=kw["negative_prompt_embeds"],
-                pooled_prompt_embeds=kw["pooled_prompt_embeds"],
-                negative_pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"],
-            )  # fmt: skip
-            return {"pos": pos, "neg": neg, "pooled": pooled, "neg_pooled": neg_pooled}
+            return self._encode_pooled(guided, device, n, kw, prompt_2=None, prompt_3=None)
         pos, pooled, text_ids = p.encode_prompt(
             prompt=kw["prompt"], prompt_2=None, device=device, num_images_per_prompt=n,
             prompt_embeds=kw["prompt_embeds"], pooled_prompt_embeds=kw["pooled_prompt_embeds"],
