@@ -16,8 +16,9 @@ from fewstep.quant.quantizers import act_qparams_from_range, fp8_fake_quant, wei
 from fewstep.quant.triton_conv import triton_available, triton_fp8_conv2d
 
 
-def kernel_case(b, c, h, w, n, k, stride, padding, dilation, bias, device="cpu"):
-    """Relative max error of the kernel against an fp32 conv of the same e4m3 operands."""
+def kernel_case(b, c, h, w, n, k, stride, padding, dilation, bias, device="cpu", k_contiguous=False):
+    """Relative max error of the kernel against an fp32 conv of the same e4m3 operands (the weight matrix passed
+    N-contiguous, or K-contiguous as QuantLayer passes it)."""
     x = torch.randn(b, c, h, w).to(device)
     weight = torch.randn(n, c, k, k).to(device) * 0.2
     s_x = float(x.abs().max()) / 448
@@ -25,8 +26,11 @@ def kernel_case(b, c, h, w, n, k, stride, padding, dilation, bias, device="cpu")
     w8 = (weight / s_w.reshape(-1, 1, 1, 1)).to(torch.float8_e4m3fn)
     bvec = torch.randn(n).to(device) if bias else None
     ref = F.conv2d(fp8_fake_quant(x, s_x), w8.float() * s_w.reshape(-1, 1, 1, 1), bvec, stride, padding, dilation)
-    y = triton_fp8_conv2d(x, s_x, w8.permute(2, 3, 1, 0).reshape(-1, n), s_w, bvec, (k, k), (stride, stride),
-                          (padding, padding), (dilation, dilation))
+    w_kn = w8.permute(2, 3, 1, 0).reshape(-1, n)
+    if k_contiguous:
+        w_kn = w_kn.t().contiguous().t()
+    y = triton_fp8_conv2d(x, s_x, w_kn, s_w, bvec, (k, k), (stride, stride), (padding, padding),
+                          (dilation, dilation))
     assert y.shape == ref.shape, (y.shape, ref.shape)
     return float((y - ref).abs().max() / ref.abs().max())
 
@@ -68,6 +72,12 @@ def main() -> None:
         "1x1 wide": kernel_case(2, 40, 5, 5, 70, 1, 1, 0, 1, True),
         "3x3 dilation2": kernel_case(1, 4, 9, 9, 8, 3, 1, 2, 2, False),
         "K spans taps": kernel_case(1, 20, 6, 6, 33, 3, 1, 1, 1, True),
+        # channels a multiple of BLOCK_K: the kernel's one-tap-per-K-slice path (every UNet conv but conv_in)
+        "aligned 3x3 pad1": kernel_case(2, 64, 7, 6, 40, 3, 1, 1, 1, True),
+        "aligned stride2 dilation": kernel_case(1, 32, 9, 9, 24, 3, 2, 2, 2, False),
+        "aligned 1x1": kernel_case(1, 96, 4, 5, 16, 1, 1, 0, 1, True),
+        "K-contiguous weight": kernel_case(2, 64, 6, 6, 24, 3, 1, 1, 1, True, k_contiguous=True),
+        "K-contiguous weight, general": kernel_case(1, 20, 6, 6, 33, 3, 1, 1, 1, False, k_contiguous=True),
     }
     out["layer"] = {
         "3x3": layer_case(nn.Conv2d(6, 10, 3, padding=1), torch.randn(2, 6, 8, 8), 0),

@@ -47,7 +47,9 @@ def interpreted():
 def test_kernel_equals_the_fp8_conv_of_the_same_operands(interpreted):
     assert interpreted["available_cpu"]
     # stride, dilation, zero padding, 1x1, N and K not multiples of the block, K blocks spanning taps
-    assert set(interpreted["kernel"]) == {"3x3 pad1 bias", "3x3 stride2", "1x1 wide", "3x3 dilation2", "K spans taps"}
+    assert set(interpreted["kernel"]) == {"3x3 pad1 bias", "3x3 stride2", "1x1 wide", "3x3 dilation2", "K spans taps",
+                                          "aligned 3x3 pad1", "aligned stride2 dilation", "aligned 1x1",
+                                          "K-contiguous weight", "K-contiguous weight, general"}
     for case, err in interpreted["kernel"].items():
         assert err < 2e-6, case
 
@@ -92,6 +94,10 @@ def test_compiled_kernel_on_cuda_matches_reference():
             "SD-sized, ragged tiles": cases.kernel_case(2, 40, 48, 48, 160, 3, 1, 1, 1, True, device="cuda"),
             "C320 @ 32^2": cases.kernel_case(2, 320, 32, 32, 320, 3, 1, 1, 1, True, device="cuda"),
             "downsample C320": cases.kernel_case(2, 320, 32, 32, 320, 3, 2, 1, 1, True, device="cuda"),
+            "C96 (not a multiple of 64)": cases.kernel_case(2, 96, 16, 16, 200, 3, 1, 1, 1, True, device="cuda"),
+            "C1280 @ 16^2, N 1280": cases.kernel_case(2, 1280, 16, 16, 1280, 3, 1, 1, 1, False, device="cuda"),
+            "C640, K-contiguous": cases.kernel_case(2, 640, 16, 16, 640, 3, 1, 1, 1, True, device="cuda",
+                                                    k_contiguous=True),
         }
         layer = cases.layer_case(nn.Conv2d(64, 96, 3, padding=1), torch.randn(4, 64, 40, 40), 0, device="cuda")
         split = cases.layer_case(nn.Conv2d(96, 64, 1), torch.randn(4, 96, 40, 40), 40, device="cuda")
@@ -156,3 +162,47 @@ def test_policy_skips_a_triton_kernel_that_cannot_run(monkeypatch):
                                 fp8_conv_kernels=("im2col", "triton"))
     assert sorted(report[0].seconds) == sorted(candidates) and q[0].conv_kernel == "im2col"
     assert report[0].chosen == candidates[0] and q[0].mode == candidates[0]
+
+
+def _compile_for_hopper(const: dict, divisible: tuple[str, ...]):
+    """The conv kernel compiled ahead of time for sm_90 (no GPU needed: Triton ships ptxas); its TTGIR."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:  # another Triton's compiler API
+        pytest.skip(f"this triton has no ahead-of-time compile API: {exc}")
+    from fewstep.quant import triton_conv
+
+    fn = triton_conv._KERNEL
+    names = fn.arg_names
+    ptrs = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
+            "x_scale": "fp32"}
+    signature = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in names}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in divisible})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    return kernel.asm["ttgir"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (pip install -e '.[test]')")
+@pytest.mark.parametrize("aligned", [True, False], ids=["channels-aligned", "general"])
+def test_hopper_build_streams_both_operands_into_shared_memory(aligned):
+    """Compiled for Hopper, the kernel's K loop copies both GEMM operands global -> shared asynchronously (the
+    software pipeline) when the weight matrix is K-contiguous, as QuantLayer passes it; an N-contiguous weight is
+    loaded through registers instead (fp8 MMA reads B K-major), which is why QuantLayer transposes it once."""
+    base = {"HAS_BIAS": True, "C_ALIGNED": aligned, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
+    pointers = ("x_ptr", "w_ptr", "ws_ptr", "b_ptr", "y_ptr", "C", "N", "K")
+
+    def loads(ttgir: str) -> tuple[int, int]:
+        lines = [line for line in ttgir.splitlines() if " = " in line]
+        copies = sum("ttg.async_copy_global_to_local" in line for line in lines)
+        fp8_loads = sum("tt.load" in line and "f8E4M3FN" in line for line in lines)
+        return copies, fp8_loads
+
+    k_major = _compile_for_hopper({**base, "stride_wk": 1}, (*pointers, "stride_wn"))
+    n_major = _compile_for_hopper({**base, "stride_wn": 1}, (*pointers, "stride_wk"))
+    (k_copies, k_loads), (n_copies, n_loads) = loads(k_major), loads(n_major)
+    assert "warp_group_dot" in k_major or "wgmma" in k_major  # Hopper's fp8 tensor-core MMA
+    assert k_loads == 0 and k_copies > n_copies  # both operands pipelined
+    assert n_loads > 0  # the N-contiguous weight goes through registers

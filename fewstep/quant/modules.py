@@ -265,7 +265,8 @@ class QuantLayer(nn.Module):
         """fp8 implicit-GEMM conv of one input part as (M, N) rows (a view of its channels-last output)."""
         from .triton_conv import triton_fp8_conv2d
 
-        w_kn = self._cached("kn", g, lambda w: w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous())
+        # (N, K) with K contiguous, passed as its (K, N) transpose: the layout Hopper's fp8 MMA reads directly
+        w_kn = self._cached("nk", g, lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()).t()
         c = self.conv
         y = triton_fp8_conv2d(part, self.act[g].scale, w_kn, self.weight_scale(g), bias, c["kernel_size"],
                               c["stride"], tuple(c["padding"]), c["dilation"], out_dtype=torch.float32)

@@ -13,9 +13,16 @@ and applies the static scales ``s_x * s_w[n]`` and the bias once in the epilogue
 
 which is exactly the fake-quant reference's sum (the products of e4m3 values are exact in float32).
 
+On Hopper both operands should be K-contiguous: fp8 tensor-core MMA reads them K-major, so the weight is best
+given as the transpose of an ``(N, K)``-contiguous matrix (then both tiles are copied global -> shared
+asynchronously and software-pipelined; an N-contiguous weight is loaded through registers every K step). When
+the channels are a multiple of ``BLOCK_K`` each K slice lies in one tap (``C_ALIGNED``). On the GPU the tile shape
+is autotuned per ``(M, N, K)``.
+
 Status: the kernel is checked against the fake-quant reference in Triton's interpreter
-(``TRITON_INTERPRET=1``, CPU); its GPU speed is measured by ``scripts/bench_quant_cuda.py``. It is
-opt-in per layer (``QuantLayer.set_conv_kernel("triton")``) until that benchmark has run on a GPU.
+(``TRITON_INTERPRET=1``, CPU) and compiled for sm_90 in the tests; its GPU speed is measured by
+``scripts/bench_quant_cuda.py``. It is opt-in per layer (``QuantLayer.set_conv_kernel("triton")``) or chosen by
+the per-layer policy where it is timed faster.
 """
 
 from __future__ import annotations
@@ -57,10 +64,15 @@ if _HAS_TRITON:
     import triton.language as tl
 
     def _fp8_conv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, x_scale,
-                         M, N, K, C, H, W, HO, WO, KW, SH, SW, PH, PW, DH, DW,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-        """One BLOCK_M x BLOCK_N tile of ``Y = A @ B`` with ``A`` gathered from the NHWC e4m3 input."""
+                         M, N, K, C, H, W, HO, WO, KW, SH, SW, PH, PW, DH, DW, stride_wk, stride_wn,
+                         HAS_BIAS: tl.constexpr, C_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One BLOCK_M x BLOCK_N tile of ``Y = A @ B`` with ``A`` gathered from the NHWC e4m3 input.
+
+        ``C_ALIGNED`` (``C % BLOCK_K == 0``, every UNet conv but ``conv_in``): each ``BLOCK_K`` slice of ``K`` lies
+        in one tap ``(r, s)``, so the tap is a scalar per slice and the slice is ``BLOCK_K`` consecutive channels
+        of one input pixel per row: contiguous, vectorisable loads and one bounds mask per row. Otherwise every
+        element's tap and channel are computed."""
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ow = rm % WO
@@ -71,15 +83,26 @@ if _HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            c = rk % C
-            tap_s = (rk // C) % KW
-            tap_r = rk // (C * KW)
-            ih = ih0[:, None] + tap_r[None, :] * DH
-            iw = iw0[:, None] + tap_s[None, :] * DW
-            in_a = (rm[:, None] < M) & (rk[None, :] < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_ptr + ((bb[:, None] * H + ih) * W + iw) * C + c[None, :], mask=in_a, other=0.0)
-            in_b = (rk[:, None] < K) & (rn[None, :] < N)
-            b = tl.load(w_ptr + rk[:, None] * N + rn[None, :], mask=in_b, other=0.0)
+            if C_ALIGNED:
+                tap = k0 // C
+                ih = ih0 + (tap // KW) * DH
+                iw = iw0 + (tap % KW) * DW
+                in_row = (rm < M) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                cc = tl.max_contiguous(tl.multiple_of(k0 - tap * C + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
+                a = tl.load(x_ptr + (((bb * H + ih) * W + iw) * C)[:, None] + cc[None, :], mask=in_row[:, None],
+                            other=0.0)
+                b = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=rn[None, :] < N,
+                            other=0.0)
+            else:
+                c = rk % C
+                tap_s = (rk // C) % KW
+                tap_r = rk // (C * KW)
+                ih = ih0[:, None] + tap_r[None, :] * DH
+                iw = iw0[:, None] + tap_s[None, :] * DW
+                in_a = (rm[:, None] < M) & (rk[None, :] < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_ptr + ((bb[:, None] * H + ih) * W + iw) * C + c[None, :], mask=in_a, other=0.0)
+                b = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                            mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
             # promote to the float32 accumulator after every K tile: Hopper's fp8 MMA otherwise accumulates the
             # whole K loop at reduced precision (3.5e-3 relative error at K = 2880, measured on an H200)
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
@@ -91,17 +114,21 @@ if _HAS_TRITON:
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=out)
 
     _KERNEL = triton.jit(_fp8_conv_kernel)
+    #: on the GPU the tile shape is chosen by timing these per (M, N, K) on the first call (BLOCK_K stays 64: the
+    #: channel alignment above is decided with it, and fp8 ``tl.dot`` needs BLOCK_K >= 32)
+    _TUNED = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4),
+                                          (64, 64, 4, 4), (128, 256, 8, 3))
+        ],
+        key=["M", "N", "K", "C_ALIGNED"],
+    )(_KERNEL)
 
-
-
-def _blocks(m: int, n: int, interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): Hopper-sized tiles on the GPU (fp8 ``tl.dot`` needs
-    BLOCK_K >= 32), small ones in the interpreter, where each program is emulated on the CPU."""
-    if interpret:
-        return 32, 32, 32, 4
-    block_n = 128 if n >= 128 else 64
-    block_m = 128 if m >= 4096 else 64
-    return block_m, block_n, 64, 8 if block_m * block_n >= 128 * 128 else 4
+#: BLOCK_K of the kernel: on the GPU (``_TUNED``'s configs) and in the interpreter (small tiles: each program is
+#: emulated on the CPU)
+_GPU_BLOCK_K = 64
+_INTERPRET_BLOCKS = (32, 32, 32)
 
 
 def triton_fp8_conv2d(x: torch.Tensor, x_scale: float, w_kn: torch.Tensor, w_scale: torch.Tensor,
@@ -111,7 +138,11 @@ def triton_fp8_conv2d(x: torch.Tensor, x_scale: float, w_kn: torch.Tensor, w_sca
     """W8A8 e4m3 ``conv2d`` of an NCHW input ``x`` with the static per-tensor scale ``x_scale``.
 
     ``w_kn``: the float8_e4m3fn weight as a ``(kh * kw * C, N)`` matrix, row ``k`` = tap ``(r, s)``,
-    channel ``c`` with ``k = (r * kw + s) * C + c`` -- i.e. ``weight.permute(2, 3, 1, 0).reshape(-1, N)``;
+    channel ``c`` with ``k = (r * kw + s) * C + c`` -- e.g. ``weight.permute(2, 3, 1, 0).reshape(-1, N)``, any
+    strides. Fastest as the transpose of an ``(N, K)``-contiguous matrix (``weight.permute(0, 2, 3, 1)
+    .reshape(N, -1).contiguous().t()``, what ``QuantLayer`` passes): Hopper's fp8 tensor-core MMA takes B with K
+    contiguous, so that layout is copied straight into shared memory, pipelined, while an N-contiguous one goes
+    through registers to be transposed;
     ``w_scale`` (N,) float32; ``bias`` (N,) or None. Returns NCHW (channels-last memory) in ``out_dtype``
     (default: ``x``'s dtype). Groups 1, zero padding.
     """
@@ -133,10 +164,17 @@ def triton_fp8_conv2d(x: torch.Tensor, x_scale: float, w_kn: torch.Tensor, w_sca
     x_q = (x.float().permute(0, 2, 3, 1) / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).contiguous()
     m = b * ho * wo
     y = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
-    block_m, block_n, block_k, warps = _blocks(m, n, _INTERPRET)
-    grid = (-(-m // block_m), -(-n // block_n))
     bias_arg = bias.float().contiguous() if bias is not None else w_scale
-    _KERNEL[grid](x_q, w_kn.contiguous(), w_scale.float().contiguous(), bias_arg, y, float(x_scale),
-                  m, n, kh * kw * c, c, h, w, ho, wo, kw, sh, sw, ph, pw, dh, dw,
-                  HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    args = (x_q, w_kn, w_scale.float().contiguous(), bias_arg, y, float(x_scale),
+            m, n, kh * kw * c, c, h, w, ho, wo, kw, sh, sw, ph, pw, dh, dw, w_kn.stride(0), w_kn.stride(1))
+    if _INTERPRET:
+        block_m, block_n, block_k = _INTERPRET_BLOCKS
+        grid = (-(-m // block_m), -(-n // block_n))
+        _KERNEL[grid](*args, HAS_BIAS=bias is not None, C_ALIGNED=c % block_k == 0, BLOCK_M=block_m,
+                      BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
+    else:
+        def grid(meta):
+            return (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"]))
+
+        _TUNED[grid](*args, HAS_BIAS=bias is not None, C_ALIGNED=c % _GPU_BLOCK_K == 0)
     return y.view(b, ho, wo, n).permute(0, 3, 1, 2)
