@@ -11,6 +11,10 @@ prompt embeddings (no text encoder is timed), CFG on both branches in one batche
 * ``stock``: ``StableDiffusionPipeline`` with diffusers' own scheduler of the same method (``--sampler``:
   dpm-solver++ -> DPMSolverMultistepScheduler, unipc -> UniPCMultistepScheduler, ddim -> DDIMScheduler).
 
+``--model digits`` runs the same three on the embedded ``digits-eps`` model (float32, CFG 3): "stock" is then its
+``ClassConditionalPipeline`` with diffusers' scheduler of the method (the loop a user of the digits models gets
+without fewstep's solvers), eager and graph ``FewstepPipeline`` around it; a tiny UNet, so launch-bound.
+
 Timed with ``output_type="latent"`` by default (the denoising loop; ``--decode`` adds the VAE decode to all
 three), after ``--warmup`` untimed calls per cell (they include the capture), median of ``--repeats`` runs.
 Also checks that graph and eager images agree (decoded, fp16 tolerance ``--tol``).
@@ -77,12 +81,15 @@ TARGET = 2.5
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="sd15", choices=["sd15", "digits"],
+                    help="sd15: SD1.5-shaped UNet, random weights, fp16 (the issue's benchmark); digits: the embedded "
+                         "digits-eps model, float32 (stock = its pipeline with diffusers' scheduler)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="tiny UNet/VAE (smoke test; required with --device cpu)")
     ap.add_argument("--steps", default="8,20", help="comma-separated NFE (default 8,20)")
     ap.add_argument("--batches", default="1,2,8", help="comma-separated batch sizes (default 1,2,8)")
     ap.add_argument("--sampler", default="dpm-solver++", choices=sorted(STOCK))
-    ap.add_argument("--guidance-scale", type=float, default=7.5)
+    ap.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: 7.5 sd15, 3 digits)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--decode", action="store_true", help="time the VAE decode too (output_type='np')")
@@ -101,8 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--steps and --batches must be >= 1, got {args.steps} / {args.batches}")
     if args.repeats < 1 or args.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} / {args.warmup}")
-    if args.device == "cpu" and not args.tiny:
-        ap.error("--device cpu runs only with --tiny (a smoke test of the benchmark's logic)")
+    if args.device == "cpu" and not (args.tiny or args.model == "digits"):
+        ap.error("--device cpu runs only with --tiny or --model digits (a smoke test of the benchmark's logic)")
+    if args.guidance_scale is None:
+        args.guidance_scale = 3.0 if args.model == "digits" else 7.5
     return args
 
 
@@ -148,10 +157,8 @@ def time_call(fn, device: torch.device, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(args, save=None) -> dict:
-    """Every cell, then the graph-vs-eager image check; ``save(partial_results)`` after each measured cell (a run
-    cut short by a time limit keeps what it measured)."""
-    device = require_device(args.device)
+def _sd15_setup(args, device: torch.device):
+    """The SD1.5-shaped pipelines: stock diffusers, fewstep eager, fewstep graph; per-cell call arguments."""
     pipe = build(args, device)
     dtype = pipe.unet.dtype
     dim = pipe.unet.config.cross_attention_dim
@@ -160,40 +167,86 @@ def run(args, save=None) -> dict:
     stock = StableDiffusionPipeline.from_pipe(pipe, scheduler=STOCK[args.sampler].from_config(SD15_SCHEDULER),
                                               dtype=dtype)
     stock.set_progress_bar_config(disable=True)
+    eager, graph = _fewstep_pair(pipe, args, device)
+    if pipe.unet.dtype != dtype or pipe.vae.dtype != dtype:
+        raise RuntimeError(f"building the pipelines changed the model dtype to {pipe.unet.dtype} (expected {dtype})")
+
+    def cell_kwargs(batch: int, nfe: int, output_type: str) -> tuple[dict, dict]:
+        g = torch.Generator("cpu").manual_seed(batch)
+        pos, neg = (torch.randn(batch, TOKENS, dim, generator=g).to(device, dtype) for _ in range(2))
+        kw = dict(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=nfe, output_type=output_type)
+        return {**kw, "guidance_scale": scale}, kw
+
+    meta = {"model": "tiny" if args.tiny else "SD1.5-shaped UNet, random weights", "dtype": dtype,
+            "stock_scheduler": STOCK[args.sampler].__name__}  # fmt: skip
+    return stock, eager, graph, cell_kwargs, meta
+
+
+def _digits_setup(args, device: torch.device):
+    """The embedded ``digits-eps`` model (float32): "stock" is its ``ClassConditionalPipeline`` with diffusers'
+    own scheduler of the method, eager and graph are ``FewstepPipeline`` around it."""
+    from fewstep import load_default
+    from fewstep.pipelines import ClassConditionalPipeline
+
+    pipe = load_default("digits-eps").to(device)
+    pipe.set_progress_bar_config(disable=True)
+    stock = ClassConditionalPipeline.from_pipe(pipe, scheduler=STOCK[args.sampler].from_config(pipe.scheduler.config))
+    eager, graph = _fewstep_pair(pipe, args, device)
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+
+    def cell_kwargs(batch: int, nfe: int, output_type: str) -> tuple[dict, dict]:
+        labels = [k % pipe.num_classes for k in range(batch)]
+        latents = torch.randn(batch, *shape, generator=torch.Generator("cpu").manual_seed(batch)).to(device)
+        out = "np" if output_type != "latent" else "latent"
+        stock_kw = dict(class_labels=labels, num_inference_steps=nfe, guidance_scale=args.guidance_scale,
+                        latents=latents, output_type=out, check_finite=False)  # fmt: skip
+        return stock_kw, dict(class_labels=labels, num_inference_steps=nfe, latents=latents, output_type=out)
+
+    meta = {"model": "digits-eps (embedded, 16x16)", "dtype": pipe.unet.dtype,
+            "stock_scheduler": f"ClassConditionalPipeline + {STOCK[args.sampler].__name__}"}  # fmt: skip
+    return stock, eager, graph, cell_kwargs, meta
+
+
+def _fewstep_pair(pipe, args, device: torch.device):
+    """FewstepPipeline around ``pipe``, eager and in graph mode (on the CPU: the static step, uncaptured)."""
     # static shapes: one specialised compile per batch size (dynamo would otherwise switch to dynamic shapes at the
     # second batch size, whose kernels are slower); eager and graph pipelines share the compiled UNet's cache
     compiled = {"compile": {"mode": args.compile, "dynamic": False}} if args.compile else {}
-    eager = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale, **compiled)
+    rule = dict(scheduler=args.sampler, guidance="cfg", guidance_scale=args.guidance_scale, **compiled)
+    eager = FewstepPipeline.from_pipe(pipe, **rule)
     if device.type == "cuda":
-        graph = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale,
-                                          cuda_graph=True, **compiled)  # fmt: skip
+        graph = FewstepPipeline.from_pipe(pipe, cuda_graph=True, **rule)
     else:  # the static step uncaptured: the same code path, no graph
-        graph = FewstepPipeline.from_pipe(pipe, scheduler=args.sampler, guidance="cfg", guidance_scale=scale,
-                                          **compiled)
+        graph = FewstepPipeline.from_pipe(pipe, **rule)
         graph._loop_mode = "static"
-    if pipe.unet.dtype != dtype or pipe.vae.dtype != dtype:
-        raise RuntimeError(f"building the pipelines changed the model dtype to {pipe.unet.dtype} (expected {dtype})")
+    return eager, graph
+
+
+def run(args, save=None) -> dict:
+    """Every cell, then the graph-vs-eager image check; ``save(partial_results)`` after each measured cell (a run
+    cut short by a time limit keeps what it measured)."""
+    device = require_device(args.device)
+    setup = _digits_setup if args.model == "digits" else _sd15_setup
+    stock, eager, graph, cell_kwargs, meta = setup(args, device)
     output_type = "np" if args.decode else "latent"
     cells = []
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": "tiny" if args.tiny else "SD1.5-shaped UNet, random weights",
-        "dtype": str(dtype).replace("torch.", ""), "sampler": args.sampler,
-        "stock_scheduler": STOCK[args.sampler].__name__,
-        "guidance": f"cfg {scale}", "timed": "denoise + decode" if args.decode else "denoise (output_type=latent)",
+        "model": meta["model"], "dtype": str(meta["dtype"]).replace("torch.", ""), "sampler": args.sampler,
+        "stock_scheduler": meta["stock_scheduler"],
+        "guidance": f"cfg {args.guidance_scale}", "timed": "denoise + decode" if args.decode else
+        "denoise (output_type=latent)",
         "graph_mode": "cuda graph" if device.type == "cuda" else "static step, uncaptured (cpu smoke test)",
         "compile": args.compile or "none",
         "cells": cells,
     }  # fmt: skip
     for nfe in args.steps:
         for batch in args.batches:
-            g = torch.Generator("cpu").manual_seed(batch)
-            pos, neg = (torch.randn(batch, TOKENS, dim, generator=g).to(device, dtype) for _ in range(2))
-            kw = dict(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=nfe, output_type=output_type)
+            stock_kw, kw = cell_kwargs(batch, nfe, output_type)
             calls = {
-                "stock": lambda kw=kw: stock(**kw, guidance_scale=scale, generator=torch.Generator().manual_seed(0)),
-                "eager": lambda kw=kw: eager(**kw, generator=torch.Generator().manual_seed(0)),
-                "graph": lambda kw=kw: graph(**kw, generator=torch.Generator().manual_seed(0)),
+                "stock": lambda: stock(**stock_kw, generator=torch.Generator().manual_seed(0)),  # noqa: B023
+                "eager": lambda: eager(**kw, generator=torch.Generator().manual_seed(0)),  # noqa: B023
+                "graph": lambda: graph(**kw, generator=torch.Generator().manual_seed(0)),  # noqa: B023
             }
             secs = {name: time_call(fn, device, args.warmup, args.repeats) for name, fn in calls.items()}
             per_image = {k: v / batch for k, v in secs.items()}
@@ -205,10 +258,7 @@ def run(args, save=None) -> dict:
             if save is not None:
                 save(results)
     # agreement: decoded images of graph vs eager, same seed, first NFE and batch
-    check_kw = dict(prompt_embeds=torch.randn(args.batches[0], TOKENS, dim, generator=torch.Generator().manual_seed(7)
-                                              ).to(device, dtype),
-                    negative_prompt_embeds=torch.zeros(args.batches[0], TOKENS, dim, device=device, dtype=dtype),
-                    num_inference_steps=args.steps[0], output_type="np")  # fmt: skip
+    _, check_kw = cell_kwargs(args.batches[0], args.steps[0], "np")
     img_eager = eager(**check_kw, generator=torch.Generator("cpu").manual_seed(1)).images
     img_graph = graph(**check_kw, generator=torch.Generator("cpu").manual_seed(1)).images
     max_diff = float(np.abs(np.asarray(img_eager, dtype=np.float64) - np.asarray(img_graph, dtype=np.float64)).max())

@@ -10,7 +10,8 @@
 #   3. scripts/bench_quant_cuda.py, part unet: SDXL-shaped UNet, compiled, bf16 vs fp8 (the per-layer policy;
 #      every layer fp8 with every conv on the Triton kernel) at batch 16, then 8 (issue 12's target: fp8
 #      >= 1.3x over compiled bf16 at batch 8-16, >= 1.5x with 8-bit convs);
-#   4. scripts/bench_quant_cuda.py, part layers, eager: per-layer int8 / fp8 / Triton-conv timings.
+#   4. scripts/bench_quant_cuda.py, part layers, eager: per-layer int8 / fp8 / Triton-conv timings;
+#   5. scripts/bench_pipeline_cuda.py --model digits: the same comparison on the embedded digits-eps model.
 #
 # Usage. Here, once per checkout (diffusers and importlib_metadata are not on the device image):
 #     bash scripts/device_checks.sh --fetch-wheels        # pip download into .whl/ (git-ignored)
@@ -25,11 +26,11 @@
 #      --policy-conv-kernels im2col --policy-budget 180" (bf16 vs the fp8 policy, timed compiled once per layer
 #      signature at batch 16: ~36 weight signatures in SDXL, one compile each per mode, largest multiply-add share
 #      first; after 180 s the rest stay dequant, so the fp8 UNet's compile and timing still fit the stage)
-#   2. STAGES=2 L2=300 PIPE_ARGS="--steps 8,20 --batches 1,2 --repeats 3 --warmup 1 --compile default"
+#   2. STAGES="2 5" L2=300 PIPE_ARGS="--steps 8,20 --batches 1,2 --repeats 3 --warmup 1 --compile default"
 #      (CUDA graph + compiled UNet vs stock diffusers: issue 10's 2.5x at batch 2 needs a faster UNet)
 #   With device time left: STAGES="1 4" (the Triton conv now takes a K-contiguous weight and is autotuned: its
 #   per-layer timings against cuDNN bf16 have not been re-measured), then stage 3 with --variants fp8-all-triton.
-# QUICK=1 shrinks every stage (a smoke run of this script); STAGES="1 2" runs a subset; L1..L4 override the
+# QUICK=1 shrinks every stage (a smoke run of this script); STAGES="1 2" runs a subset; L1..L5 override the
 # stages' time limits in seconds; UNET_ARGS / PIPE_ARGS replace stage 3's / stage 2's benchmark arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,7 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 QUICK="${QUICK:-0}"
-STAGES="${STAGES:-1 2 3 4}"
+STAGES="${STAGES:-1 2 3 4 5}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 - <<'EOF' || exit 1
@@ -80,10 +81,12 @@ stage() {  # stage NUMBER SECONDS NAME COMMAND...
 
 if [[ "$QUICK" == 1 ]]; then
     pipe_args=(--steps 4 --batches 1 --repeats 1 --warmup 1)
+    digits_args=(--steps 4 --batches 1 --repeats 1 --warmup 1)
     unet_args=(--unets sd15 --batches 2 --formats fp8 --grid 1 --unet-repeats 2 --no-compile)
     layer_args=(--repeats 3 --no-compile)
 else
     pipe_args=(--steps 8,20 --batches 1,2,8 --repeats 3 --warmup 1)
+    digits_args=(--steps 8,20 --batches 1,10,100 --repeats 5 --warmup 1)
     unet_args=(--unets sdxl --batches 16 8 --formats fp8 --variants fp8 fp8-all-triton --grid 1 --unet-repeats 10
                --policy-budget 90)
     [[ -n "${UNET_ARGS:-}" ]] && read -r -a unet_args <<<"$UNET_ARGS"
@@ -101,4 +104,6 @@ stage 3 "${L3:-230}" "SDXL-shaped UNet, compiled, bf16 vs fp8" python3 scripts/b
     "${unet_args[@]}" --out "$OUT/results_quant_cuda_unet.json"
 stage 4 "${L4:-45}" "per-layer 8-bit timings, eager" python3 scripts/bench_quant_cuda.py --parts layers "${layer_args[@]}" \
     --out "$OUT/results_quant_cuda_layers.json"
+stage 5 "${L5:-60}" "digits-eps pipeline CUDA graph vs eager vs stock" python3 scripts/bench_pipeline_cuda.py \
+    --model digits "${digits_args[@]}" --out "$OUT/results_pipeline_digits_cuda.json"
 echo "device checks done in ${SECONDS}s; results in $OUT"

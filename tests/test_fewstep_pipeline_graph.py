@@ -446,6 +446,13 @@ def test_pipeline_benchmark_refuses_cpu_and_smoke_runs_tiny(tmp_path, capsys):
     assert bench.parse_args(["--compile", "default"]).compile == "default"
     with pytest.raises(SystemExit):
         bench.parse_args(["--compile", "fast"])
+    # the embedded digits model: stock = its pipeline with diffusers' scheduler; CFG 3 by default
+    digits = bench.main(["--device", "cpu", "--model", "digits", "--steps", "2", "--batches", "3", "--repeats", "1",
+                         "--warmup", "0"])  # fmt: skip
+    assert digits["model"].startswith("digits-eps") and digits["guidance"] == "cfg 3.0"
+    assert digits["stock_scheduler"] == "ClassConditionalPipeline + DPMSolverMultistepScheduler"
+    assert [(c["nfe"], c["batch"]) for c in digits["cells"]] == [(2, 3)] and digits["images_agree"]
+    assert bench.parse_args(["--model", "sd15"]).guidance_scale == 7.5
 
 
 # ------------------------------------------------------------------------------- StaticEngine vs EngineState
