@@ -445,6 +445,37 @@ def test_compiled_timing_really_compiles_every_layer():
         quant.time_layer(layers[0], x, "int8", compiled="yes")
 
 
+def test_compiled_layers_compile_once_and_derived_weights_follow_the_weights():
+    """A forward that filled a cache (int8 convs' (kh, kw, C) weight, the zero-point row sums, the Triton conv's
+    weight) mutated module state, and torch.compile recompiled every such model on its second call; the derived
+    tensors are now built when the mode is set, and rebuilt when the weights are loaded or moved."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    layer = quant.QuantLayer(conv, [torch.full((16,), 0.01)], [act_qparams_from_range(-1, 2)], mode="int8")
+    assert set(layer._derived) == {("nk", 0), ("zero_term", 0)}  # asymmetric range: a zero point
+    x = torch.randn(2, 8, 6, 6)
+    call = quant.compile_fresh(layer, backend=counting_backend)
+    with torch.no_grad():
+        outs = [call(x) for _ in range(3)]
+    assert len(graphs) == 1 and all(torch.equal(o, outs[0]) for o in outs)
+    # new weights through load_state_dict: the derived tensors follow (the int8 result equals the reference's)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight_q0"] = torch.randint(-127, 128, state["weight_q0"].shape, dtype=torch.int8)
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        real = layer(x)
+        fake = layer.set_mode("fake")(x)
+    torch.testing.assert_close(real, fake, rtol=1e-5, atol=1e-5)
+    assert layer._derived == {}  # fake mode reads nothing derived
+    layer.set_mode("int8").to("cpu")
+    assert set(layer._derived) == {("nk", 0), ("zero_term", 0)}
+
+
 def test_policy_times_each_layer_signature_once(qmodel, calibration):
     """Layers with the same structure and input shape share one timing and one choice; the choice follows the
     signature, not the layer's name."""

@@ -93,7 +93,13 @@ class QuantLayer(nn.Module):
         finally:
             for name, buf in stored.items():
                 self._buffers[name] = buf.to(fn(torch.empty(0, device=buf.device)).device)
+        self._refresh_derived()  # on the new device
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        """``load_state_dict`` writes the stored weights in place: rebuild what is derived from them."""
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_derived()
 
     # ----------------------------------------------------------------------------------------- helpers
     @property
@@ -151,6 +157,7 @@ class QuantLayer(nn.Module):
             raise ValueError(f"`mode` {mode!r} is not available for this {self.kind} ({self.conv}); "
                              "use 'fake' or 'dequant'")
         self.mode = mode
+        self._refresh_derived()
         return self
 
     def set_conv_kernel(self, kernel: str) -> QuantLayer:
@@ -169,6 +176,7 @@ class QuantLayer(nn.Module):
             if not triton_available(self.weight_q0.device):
                 raise RuntimeError(TRITON_UNAVAILABLE)
         self.conv_kernel = kernel
+        self._refresh_derived()
         return self
 
     def extra_repr(self) -> str:
@@ -213,21 +221,45 @@ class QuantLayer(nn.Module):
         _, b, ho, wo = how
         return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
-    def _cached(self, key: str, g: int, make) -> torch.Tensor:
-        """Per-device derived tensors of the stored weight (row sums, the (kh, kw, C)-ordered int8 weight)."""
+    def _derived_keys(self) -> tuple[str, ...]:
+        """The derived weight tensors the current mode and conv kernel read (``_make_derived``)."""
+        keys = []
+        if self.mode == "int8":
+            if self.kind == "conv2d" and tuple(self.conv["dilation"]) == (1, 1):
+                keys.append("nk")
+            if any(qp.zero_point for qp in self.act):
+                keys.append("zero_term")
+        elif self.mode == "fp8" and self.kind == "conv2d" and self.conv_kernel == "triton":
+            keys.append("nk")
+        return tuple(keys)
+
+    def _make_derived(self, key: str, g: int) -> torch.Tensor:
+        """``"nk"``: the weight as an ``(N, kh * kw * C)`` matrix in ``(kh, kw, C)`` order, contiguous (what the int8
+        im2col rows and the Triton conv read); ``"zero_term"``: ``z * sum_k W_q[n, k]`` in int32."""
         w = self.weight_q(g)
+        if key == "nk":
+            return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
+        return self.act[g].zero_point * w.reshape(w.shape[0], -1).to(torch.int32).sum(1)
+
+    def _refresh_derived(self) -> None:
+        """Build the derived tensors of the current mode now, on the weights' device, so that ``forward`` only
+        reads them: a forward that filled a cache would mutate module state, which ``torch.compile`` guards on --
+        every compiled model would be compiled a second time on its second call."""
+        self._derived = {(key, g): self._make_derived(key, g) for key in self._derived_keys()
+                         for g in range(self.groups)}  # fmt: skip
+
+    def _derived_tensor(self, key: str, g: int) -> torch.Tensor:
         cached = self._derived.get((key, g))
-        if cached is None or cached.device != w.device:
-            cached = make(w)
-            self._derived[(key, g)] = cached
-        return cached
+        if cached is not None and cached.device == self.weight_q(g).device:
+            return cached
+        return self._make_derived(key, g)  # not stored: forward changes no state (see _refresh_derived)
 
     def _int8_gemm(self, part: torch.Tensor, g: int) -> tuple[torch.Tensor, tuple]:
         """Exact int32 ``sum_k (x_q - z) W_q`` of one input part, and how to fold it back."""
         qp = self.act[g]
         if self.kind == "conv2d" and tuple(self.conv["dilation"]) == (1, 1):
             rows, (ho, wo) = im2col_int8(quantize_act(part, qp), self.conv, qp.zero_point)
-            w = self._cached("khwc", g, lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous())
+            w = self._derived_tensor("nk", g)
             how = ("conv", part.shape[0], ho, wo)
         else:
             rows, how = self._rows(part)
@@ -235,8 +267,7 @@ class QuantLayer(nn.Module):
             w = self.weight_q(g).reshape(self.out_channels, -1)
         acc = int8_mm(rows, w)
         if qp.zero_point:
-            zero_term = self._cached("zero_term", g, lambda w: qp.zero_point * w.reshape(w.shape[0], -1)
-                                     .to(torch.int32).sum(1))
+            zero_term = self._derived_tensor("zero_term", g)
             acc.sub_(zero_term)  # exact, in int32, in place
         return acc, how
 
@@ -266,7 +297,7 @@ class QuantLayer(nn.Module):
         from .triton_conv import triton_fp8_conv2d
 
         # (N, K) with K contiguous, passed as its (K, N) transpose: the layout Hopper's fp8 MMA reads directly
-        w_kn = self._cached("nk", g, lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()).t()
+        w_kn = self._derived_tensor("nk", g).t()
         c = self.conv
         y = triton_fp8_conv2d(part, self.act[g].scale, w_kn, self.weight_scale(g), bias, c["kernel_size"],
                               c["stride"], tuple(c["padding"]), c["dilation"], out_dtype=torch.float32)
