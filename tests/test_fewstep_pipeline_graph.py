@@ -218,6 +218,34 @@ def test_static_engine_refuses_momentum_and_checks_noise(sd):
         engine.reset(None)
 
 
+def test_compiled_denoiser_compiles_once_per_batch_size_across_loops(sd):
+    """With ``compile={..., "dynamic": False}`` (what bench_pipeline_cuda passes), the eager loop and the static
+    step (what graph mode captures) trace the UNet alike: one compile per batch size, shared by both loops and
+    by repeated calls -- no recompilation from the step index, the timestep values or the buffers."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        setting = {"backend": counting_backend, "dynamic": False}
+        eager = FewstepPipeline.from_pipe(sd, scheduler="dpm-solver++", guidance="apg", guidance_scale=3.0,
+                                          compile=setting)  # fmt: skip
+        static = FewstepPipeline.from_pipe(sd, scheduler="dpm-solver++", guidance="apg", guidance_scale=3.0,
+                                           compile=setting)  # fmt: skip
+        static._loop_mode = "static"
+        counts = []
+        for n in (1, 2):
+            for fp in (eager, static, eager, static):
+                fp(**_sd_embeds(n), num_inference_steps=3, output_type="latent")
+                counts.append(len(graphs))
+    finally:
+        torch._dynamo.reset()
+    assert counts == [1, 1, 1, 1, 2, 2, 2, 2]
+
+
 # ------------------------------------------------------------------------------------------------- errors
 def test_graph_mode_errors(sd):
     with pytest.raises(ValueError, match="needs a fewstep scheduler: PNDMScheduler .* cannot be captured; use one of"):
