@@ -236,7 +236,15 @@ def bench_unet(name: str, device, args, done: list) -> dict:
             call = _Call(model)
             if args.compile:
                 call = quant.compile_fresh(call)  # a fresh cache per variant and batch
-            row[label] = cuda_ms(lambda: call(x, t, text), args.unet_repeats)  # noqa: B023
+            try:
+                row[label] = cuda_ms(lambda: call(x, t, text), args.unet_repeats)  # noqa: B023
+            except Exception as exc:  # noqa: BLE001 - one failing variant must not cost the others' device time
+                if label == "bf16":
+                    raise
+                out.setdefault("errors", {})[f"{label} @ {batch}"] = f"{type(exc).__name__}: {exc}"[:2000]
+                print(f"{name} {batch} {label} failed: {type(exc).__name__}: {exc}", flush=True)
+                args.checkpoint()
+                continue
             if label != "bf16":
                 row[f"bf16_over_{label}"] = row["bf16"] / row[label]
             out["per_call_ms"][str(batch)] = row

@@ -481,6 +481,26 @@ def test_pipeline_benchmark_refuses_cpu_and_smoke_runs_tiny(tmp_path, capsys):
     assert digits["stock_scheduler"] == "ClassConditionalPipeline + DPMSolverMultistepScheduler"
     assert [(c["nfe"], c["batch"]) for c in digits["cells"]] == [(2, 3)] and digits["images_agree"]
     assert bench.parse_args(["--model", "sd15"]).guidance_scale == 7.5
+    # a pipeline that fails (graph capture, say) is recorded; the other timings and cells are kept
+    real_time_call, calls = bench.time_call, {"n": 0}
+
+    def failing(fn, device, warmup, repeats):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first cell's graph pipeline
+            raise RuntimeError("capture failed")
+        return real_time_call(fn, device, warmup, repeats)
+
+    bench.time_call = failing
+    try:
+        broken = bench.main(["--device", "cpu", "--model", "digits", "--steps", "2", "--batches", "1,2", "--repeats",
+                             "1", "--warmup", "0"])  # fmt: skip
+    finally:
+        bench.time_call = real_time_call
+    assert broken["errors"] == {"graph nfe 2 batch 1": "RuntimeError: capture failed"}
+    first, second = broken["cells"]
+    assert np.isnan(first["stock_over_graph"]) and first["ms_per_image"]["eager"] > 0
+    assert second["stock_over_graph"] > 0
+    assert "FAILED graph nfe 2 batch 1: RuntimeError: capture failed" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------- StaticEngine vs EngineState

@@ -942,6 +942,22 @@ def test_cuda_benchmark_script_logic_on_cpu_and_partial_results(tmp_path, monkey
     for bad in (["--policy-budget", "0"], ["--policy-batch", "-2"], ["--policy-batch", "two"]):
         with pytest.raises(SystemExit):
             bench.main([*argv, *bad])
+    # a variant that fails (a kernel that does not build, say) is recorded and the others still run
+    timings = {"n": 0}
+
+    def failing_ms(fn, repeats=1, warmup=0):
+        timings["n"] += 1
+        if timings["n"] == 2:  # the second timing: batch 1, the first 8-bit variant
+            raise RuntimeError("kernel failed to build")
+        return fake_ms(fn, repeats, warmup)
+
+    monkeypatch.setattr(bench, "cuda_ms", failing_ms)
+    assert bench.main(["--parts", "unet", *argv[3:]]) == 0
+    failed = json.loads(out.read_text())["unets"][0]
+    assert failed["errors"] == {"fp8 @ 1": "RuntimeError: kernel failed to build"}
+    assert set(failed["per_call_ms"]["1"]) == {"bf16", "fp8-all", "bf16_over_fp8-all"}
+    assert {"bf16", "fp8", "fp8-all"} <= set(failed["per_call_ms"]["2"])
+    monkeypatch.setattr(bench, "cuda_ms", fake_ms)
 
     calls["n"], calls["limit"] = 0, 3  # stopped during the fourth UNet timing (batch 2, fp8)
     monkeypatch.setattr(bench, "bench_layers", lambda device, args, rows: None)
