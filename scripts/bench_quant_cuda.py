@@ -216,6 +216,9 @@ def bench_unet(name: str, device, args, done: list) -> dict:
         out[f"{fmt}_policy_batch"] = policy_batch
         out[f"{fmt}_policy_seconds"] = time.perf_counter() - start
         out[f"{fmt}_policy_untimed_layers"] = sum(not r.seconds for r in report)
+        failed = {r.name: r.errors for r in report if r.errors}
+        if failed:  # candidates whose kernel did not build or run: never chosen
+            out[f"{fmt}_policy_failed_candidates"] = {"layers": len(failed), "first": next(iter(failed.items()))}
         out[f"{fmt}_policy"] = {m: sum(r.chosen == m for r in report) for m in (fmt, f"{fmt}+triton", "dequant")}
         out[f"{fmt}_weight_bytes"] = _weight_bytes(q)
         variants[f"{fmt}"] = q

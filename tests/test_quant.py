@@ -560,6 +560,27 @@ def test_policy_times_the_largest_signatures_first_within_a_budget(qmodel, calib
     assert untimed and all(r.chosen == "dequant" == qmodel.get_submodule(r.name).mode for r in untimed)
     assert {quant.layer_signature(layers[r.name], xs[r.name]) for r in timed} == set(calls)
     quant.set_mode(qmodel, "fake")
+    # a candidate kernel that fails to build or run is recorded and never chosen; a failing fallback is an error
+
+    def broken_int8(layer, x, mode):
+        if mode == "int8" and layer.kind == "conv2d":
+            raise RuntimeError("no kernel image")
+        return {"int8": 1.0, "dequant": 2.0}[mode]
+
+    report = quant.choose_modes(qmodel, batch, candidates=("int8", "dequant"), timer=broken_int8)
+    convs = [r for r in report if layers[r.name].kind == "conv2d"]
+    assert convs and all(r.chosen == "dequant" and r.seconds["int8"] == float("inf") and
+                         r.errors == {"int8": "RuntimeError: no kernel image"} for r in convs)  # fmt: skip
+    assert all(r.chosen == "int8" and not r.errors for r in report if layers[r.name].kind == "linear")
+    report = quant.choose_modes(qmodel, batch, candidates=("int8",), timer=broken_int8)
+    assert {r.chosen for r in report if layers[r.name].kind == "conv2d"} == {"dequant"}
+
+    def broken_fallback(layer, x, mode):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        quant.choose_modes(qmodel, batch, candidates=("int8", "dequant"), timer=broken_fallback)
+    quant.set_mode(qmodel, "fake")
     for bad in (0, -1.0, "60", True):
         with pytest.raises(ValueError, match="`budget` must be None or a number of seconds > 0"):
             quant.choose_modes(qmodel, batch, budget=bad)

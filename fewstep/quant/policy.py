@@ -18,11 +18,12 @@ policy meant for a compiled model should be chosen compiled.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,11 +39,13 @@ __all__ = ["LayerTiming", "time_layer", "capture_layer_inputs", "choose_modes", 
 
 @dataclass
 class LayerTiming:
-    """Measured seconds per call of one layer in each candidate mode, and the chosen mode."""
+    """Measured seconds per call of one layer in each candidate mode, and the chosen mode; ``errors``: the
+    candidates whose timing raised (their ``seconds`` are ``inf``, so they are never chosen), with the message."""
 
     name: str
     seconds: dict[str, float]
     chosen: str
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:
@@ -239,26 +242,32 @@ def choose_modes(
         name = groups[key][0]
         layer = layers[name]
         previous_kernel = layer.conv_kernel
-        seconds = {}
+        seconds, errors = {}, {}
         for m in key[1]:
             for kernel in _conv_kernels(layer, m, fp8_conv_kernels):
+                label = m if kernel == "im2col" else f"{m}+{kernel}"
                 layer.set_conv_kernel(kernel)
-                seconds[m if kernel == "im2col" else f"{m}+{kernel}"] = float(timer(layer, xs[name], m))
+                try:
+                    seconds[label] = float(timer(layer, xs[name], m))
+                except Exception as exc:  # a kernel that does not build or run here is not a candidate
+                    if m == "dequant":
+                        raise  # the fallback itself: nothing to fall back to
+                    seconds[label], errors[label] = math.inf, f"{type(exc).__name__}: {exc}"
         layer.set_conv_kernel(previous_kernel)
-        timed[key] = seconds
+        timed[key] = (seconds, errors)
     report = []
     for name, key in keyed.items():
         layer = layers[name]
-        seconds = dict(timed.get(key, {}))
-        if seconds:
+        seconds, errors = (dict(d) for d in timed.get(key, ({}, {})))
+        if seconds and min(seconds.values()) < math.inf:
             fallback = "dequant" if "dequant" in seconds else min(seconds, key=seconds.get)
             best = min(seconds, key=seconds.get)
             chosen = best if best == fallback or seconds[best] * margin < seconds[fallback] else fallback
-        else:  # not timed within the budget
+        else:  # not timed within the budget, or no candidate ran
             chosen = "dequant"
         if apply:
             mode, _, kernel = chosen.partition("+")
             layer.set_conv_kernel(kernel or "im2col")
             layer.set_mode(mode)
-        report.append(LayerTiming(name, seconds, chosen))
+        report.append(LayerTiming(name, seconds, chosen, errors))
     return report
