@@ -119,8 +119,8 @@ def require_device(name: str) -> torch.device:
     """The device to run on, or exit with a one-line reason (no CPU fallback for the real benchmark)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
-            "bench_pipeline_cuda.py needs a CUDA GPU (none visible to torch); `--device cpu --tiny` only smoke-tests "
-            "its logic"
+            "bench_pipeline_cuda.py needs a CUDA GPU (none visible to torch); `--device cpu --tiny` (or `--device cpu "
+            "--model digits`) only smoke-tests its logic"
         )
     return torch.device(name)
 
