@@ -35,10 +35,11 @@ def kernel_case(b, c, h, w, n, k, stride, padding, dilation, bias, device="cpu",
     return float((y - ref).abs().max() / ref.abs().max())
 
 
-def layer_case(conv, x, split, device="cpu"):
+def layer_case(conv, x, split, device="cpu", dtype=torch.float32):
     """Relative max error of a QuantLayer on the Triton kernel against its fake-quant reference, and the
-    error of the fake-quant reference against the float conv (so the check is not vacuous)."""
-    conv, x = conv.to(device), x.to(device)
+    error of the fake-quant reference against the float conv (so the check is not vacuous); ``dtype``: of the
+    input and so of the output (bf16: the kernel's epilogue writes it directly)."""
+    conv, x = conv.to(device), x.to(device, dtype)
     w = conv.weight.detach()
     parts = [w] if not split else [w[:, :split], w[:, split:]]
     q = quant.QuantLayer(conv, [weight_qparams(p, fmt="fp8") for p in parts],
@@ -47,7 +48,9 @@ def layer_case(conv, x, split, device="cpu"):
         fake = q(x)
         q.set_mode("fp8").set_conv_kernel("triton")
         real = q(x)
-        fp = conv(x)
+        fp = conv(x.float())
+    assert real.dtype == fake.dtype == dtype
+    real, fake = real.float(), fake.float()
     scale = float(fake.abs().max())
     return float((real - fake).abs().max()) / scale, float((fake - fp).abs().max()) / scale
 
@@ -83,6 +86,8 @@ def main() -> None:
         "3x3": layer_case(nn.Conv2d(6, 10, 3, padding=1), torch.randn(2, 6, 8, 8), 0),
         "split 1x1": layer_case(nn.Conv2d(12, 8, 1), torch.randn(2, 12, 5, 5), 5),
     }
+    # bf16 in and out: the kernel's float32 epilogue rounds straight to bf16, as the reference's result is rounded
+    out["layer_bf16"] = layer_case(nn.Conv2d(64, 96, 3, padding=1), torch.randn(2, 64, 6, 6), 0, dtype=torch.bfloat16)
     # model level: set_conv_kernel and the policy's "fp8+triton" candidate
     model = TwoConvs().eval()
     cal = quant.CalibrationSet(torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))

@@ -60,6 +60,8 @@ def test_quant_layer_on_triton_matches_fake_quant_reference(interpreted):
         assert real_vs_fake < 2e-6, case
         assert fake_vs_float > 1e-3, case  # the reference is quantized: the check is not vacuous
     assert interpreted["model"] < 1e-5 and interpreted["kernels"] == ["triton"]
+    real_vs_fake, fake_vs_float = interpreted["layer_bf16"]
+    assert real_vs_fake < 1e-2 and fake_vs_float > 1e-3  # within bf16 rounding of the reference
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (pip install -e '.[test]')")
@@ -101,12 +103,15 @@ def test_compiled_kernel_on_cuda_matches_reference():
         }
         layer = cases.layer_case(nn.Conv2d(64, 96, 3, padding=1), torch.randn(4, 64, 40, 40), 0, device="cuda")
         split = cases.layer_case(nn.Conv2d(96, 64, 1), torch.randn(4, 96, 40, 40), 40, device="cuda")
+        bf16 = cases.layer_case(nn.Conv2d(64, 96, 3, padding=1), torch.randn(4, 64, 40, 40), 0, device="cuda",
+                                dtype=torch.bfloat16)  # fmt: skip
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     for name, err in kernel.items():
         assert err < 1e-3, (name, err)
     for name, (real_vs_fake, fake_vs_float) in {"3x3": layer, "split 1x1": split}.items():
         assert real_vs_fake < 1e-3 and fake_vs_float > 1e-3, (name, real_vs_fake, fake_vs_float)
+    assert bf16[0] < 1e-2, bf16  # both round the same float32 result to bf16 (one bf16 ulp apart at most)
 
 
 def test_conv_kernel_bad_input():

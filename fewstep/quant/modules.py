@@ -299,8 +299,11 @@ class QuantLayer(nn.Module):
         # (N, K) with K contiguous, passed as its (K, N) transpose: the layout Hopper's fp8 MMA reads directly
         w_kn = self._derived_tensor("nk", g).t()
         c = self.conv
+        # the epilogue (scales, bias) runs in float32 and rounds once: straight to the input's dtype, unless the two
+        # halves of a split layer are still to be summed (then in float32)
+        out_dtype = torch.float32 if self.split else part.dtype
         y = triton_fp8_conv2d(part, self.act[g].scale, w_kn, self.weight_scale(g), bias, c["kernel_size"],
-                              c["stride"], tuple(c["padding"]), c["dilation"], out_dtype=torch.float32)
+                              c["stride"], tuple(c["padding"]), c["dilation"], out_dtype=out_dtype)
         b, n, ho, wo = y.shape
         return y.permute(0, 2, 3, 1).reshape(-1, n), ("conv", b, ho, wo)
 
