@@ -184,8 +184,11 @@ def _compile_for_hopper(const: dict, divisible: tuple[str, ...]):
     ptrs = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
             "x_scale": "fp32"}
     signature = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
-                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in divisible})
+    try:
+        source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                           attrs={(names.index(k),): [["tt.divisibility", 16]] for k in divisible})
+    except (TypeError, KeyError, AttributeError) as exc:  # the ahead-of-time API of another Triton version
+        pytest.skip(f"this triton's ASTSource takes other arguments: {exc}")
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
     return kernel.asm["ttgir"]
 
