@@ -345,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         return _write(args.out, results)
     device = require_cuda()
     torch.backends.cudnn.allow_tf32 = False  # the float32 fake-quant reference of the parity check, not TF32
+    from fewstep.quant.kernels import scaled_mm_fuses_bias
+
     results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-               "fp8": quant.fp8_supported(device), "compile": args.compile}
+               "fp8": quant.fp8_supported(device), "compile": args.compile,
+               "fp8_bias_in_gemm_epilogue": quant.fp8_supported(device) and scaled_mm_fuses_bias(device)}
     args.checkpoint = lambda: _write(args.out, {**results, "seconds": time.perf_counter() - start}, quiet=True)
     if "memory" in args.parts:
         results["memory"] = [bench_memory(name, args) for name in args.unets]

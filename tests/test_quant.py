@@ -875,6 +875,50 @@ def test_real_fp8_matches_reference(device):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+@pytest.mark.skipif(not FP8_DEVICES, reason="no device with a float8 torch._scaled_mm")
+@pytest.mark.parametrize("device", FP8_DEVICES)
+def test_fp8_bias_in_the_gemm_epilogue(device, monkeypatch):
+    """Where ``_scaled_mm`` adds a bf16 bias in its epilogue (CUDA, probed once), fp8 layers without a split pass the
+    bias to it and skip the float32 pass over the output; elsewhere, and for split layers, the bias is added after
+    the GEMM. The CPU has no fused bias (its kernel writes float32): the probe says so, and forcing the flag there
+    exercises the same layer code with the bias added inside ``fp8_mm``."""
+    from fewstep.quant import kernels, modules
+
+    assert kernels.scaled_mm_fuses_bias("cpu") is False
+    torch.manual_seed(0)
+    x, w = torch.randn(20, 40).to(device), torch.randn(24, 40).to(device)
+    s_w = w.abs().amax(1) / 448
+    w8 = (w / s_w[:, None]).to(torch.float8_e4m3fn)
+    bias = torch.randn(24).to(device)
+    with_bias = kernels.fp8_mm(x, 0.01, w8, s_w, bias=bias).float()
+    plain = kernels.fp8_mm(x, 0.01, w8, s_w).float() + bias
+    torch.testing.assert_close(with_bias, plain, rtol=1e-2, atol=1e-2 * float(plain.abs().max()))
+    lin = nn.Linear(40, 24).to(device)
+    layer = quant.QuantLayer(lin, [weight_qparams(lin.weight, fmt="fp8")], [act_qparams_from_range(-3, 3, "fp8")],
+                             fmt="fp8").to(device)
+    with torch.no_grad():
+        layer.set_mode("fp8")
+        expected_fused = kernels.scaled_mm_fuses_bias(device)
+        assert layer._fuse_bias is expected_fused
+        unfused_flag = layer(x)
+        monkeypatch.setattr(modules, "scaled_mm_fuses_bias", lambda dev: True)
+        layer.set_mode("fp8")
+        assert layer._fuse_bias is True
+        forced = layer(x)
+        fake = layer.set_mode("fake")(x)
+    assert layer._fuse_bias is False  # only the fp8 mode reads it
+    scale = float(fake.abs().max())
+    for out in (unfused_flag, forced):
+        assert out.dtype == x.dtype and (out - fake).abs().max() <= 1e-2 * scale
+    if device == "cpu":
+        assert torch.equal(forced, unfused_flag)  # float32 output: the bias is added the same way
+    split_conv = nn.Conv2d(12, 8, 1).to(device)
+    parts = [split_conv.weight[:, :5], split_conv.weight[:, 5:]]
+    split = quant.QuantLayer(split_conv, [weight_qparams(p, fmt="fp8") for p in parts],
+                             [act_qparams_from_range(-3, 3, "fp8")] * 2, fmt="fp8", split=5).to(device)
+    assert split.set_mode("fp8")._fuse_bias is False  # halves summed in float32 first
+
+
 @pytest.mark.skipif("cpu" not in FP8_DEVICES, reason="this PyTorch build has no CPU float8 torch._scaled_mm")
 def test_fp8_digits_unet_real_path_matches_reference(pipe, calibration, fp8_qmodel):
     """The whole fp8-quantized digits UNet (every layer on the real e4m3 GEMM) matches its fake-quant

@@ -20,7 +20,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["int8_mm", "fp8_mm", "fp8_supported", "FP8_UNAVAILABLE", "im2col", "im2col_int8"]
+__all__ = ["int8_mm", "fp8_mm", "fp8_supported", "scaled_mm_fuses_bias", "FP8_UNAVAILABLE", "im2col", "im2col_int8"]
 
 FP8_UNAVAILABLE = (
     "the fp8 path (torch._scaled_mm) needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper), or a "
@@ -76,12 +76,41 @@ def fp8_supported(device: torch.device | str | None = None) -> bool:
     return torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
-def fp8_mm(x: torch.Tensor, x_scale: float, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``(s_x * e4m3(x / s_x)) @ (s_w * W_fp8)^T`` with ``torch._scaled_mm`` (row-wise scales).
+@functools.cache
+def _scaled_mm_bias_probe(device: str) -> bool:
+    """Whether ``torch._scaled_mm`` on ``device`` adds a bf16 bias in its epilogue with row-wise scales and bf16
+    output, correctly (a 32 x 32 probe against the unfused result; once per device and process)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 32, generator=gen).to(device).to(torch.float8_e4m3fn)
+    b = torch.randn(32, 32, generator=gen).to(device).to(torch.float8_e4m3fn)
+    bias = torch.randn(32, generator=gen).to(device, torch.bfloat16)
+    sa, sb = torch.full((32, 1), 0.5, device=device), torch.full((1, 32), 2.0, device=device)
+    try:
+        out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    ref = a.float() @ b.float().t() + bias.float()
+    return bool(torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max())))
 
-    ``x`` (M, K) float, ``w_fp8`` (N, K) float8_e4m3fn, ``w_scale`` (N,) float32. K and N are zero-padded
-    to multiples of 16 (cuBLASLt's layout rule). The product of e4m3 values is exact in float32; CUDA's
-    row-wise kernel writes bf16 (the one rounding against the fake-quant reference), the CPU kernel float32.
+
+def scaled_mm_fuses_bias(device: torch.device | str) -> bool:
+    """True where ``fp8_mm(..., bias=...)`` adds the bias inside the fp8 GEMM's epilogue (CUDA with a row-wise
+    ``_scaled_mm`` that takes a bf16 bias; probed once). Elsewhere the bias is added afterwards, in float32."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not fp8_supported(dev):
+        return False
+    return _scaled_mm_bias_probe(str(dev))
+
+
+def fp8_mm(x: torch.Tensor, x_scale: float, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``(s_x * e4m3(x / s_x)) @ (s_w * W_fp8)^T (+ bias)`` with ``torch._scaled_mm`` (row-wise scales).
+
+    ``x`` (M, K) float, ``w_fp8`` (N, K) float8_e4m3fn, ``w_scale`` (N,) float32, ``bias`` (N,) or None. K and N
+    are zero-padded to multiples of 16 (cuBLASLt's layout rule). The product of e4m3 values is exact in float32;
+    CUDA's row-wise kernel writes bf16 (the one rounding against the fake-quant reference) and, where
+    ``scaled_mm_fuses_bias``, adds the bias (as bf16) in its epilogue before that rounding; the CPU kernel writes
+    float32 and the bias is added to it.
     """
     if not torch.compiler.is_compiling() and not fp8_supported(x.device):  # the probe is not traceable
         raise RuntimeError(FP8_UNAVAILABLE)
@@ -92,9 +121,13 @@ def fp8_mm(x: torch.Tensor, x_scale: float, w_fp8: torch.Tensor, w_scale: torch.
     scale_a = torch.full((a.shape[0], 1), float(x_scale), device=x.device, dtype=torch.float32)
     scale_b = _pad_to(w_scale.float().reshape(1, -1), 1, 16).to(x.device)
     out_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
+    # eagerly the probe decides; a compiled caller (QuantLayer) passes a bias here only where the probe passed
+    fused = bias is not None and out_dtype == torch.bfloat16 and (
+        torch.compiler.is_compiling() or scaled_mm_fuses_bias(x.device))
     out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=scale_a, scale_b=scale_b,
-                           out_dtype=out_dtype)
-    return out[:m, :n]
+                           bias=_pad_to(bias.to(torch.bfloat16), 0, 16) if fused else None, out_dtype=out_dtype)
+    out = out[:m, :n]
+    return out + bias.to(out.dtype) if bias is not None and not fused else out
 
 
 def im2col(x: torch.Tensor, conv: dict) -> tuple[torch.Tensor, tuple[int, int]]:

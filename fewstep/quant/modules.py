@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import FP8_UNAVAILABLE, fp8_mm, fp8_supported, im2col, im2col_int8, int8_mm
+from .kernels import FP8_UNAVAILABLE, fp8_mm, fp8_supported, im2col, im2col_int8, int8_mm, scaled_mm_fuses_bias
 from .quantizers import ActQParams, fake_quant_act, quantize_act, quantize_weight
 
 __all__ = ["QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "CONV_KERNELS", "quant_layers", "set_mode",
@@ -77,6 +77,7 @@ class QuantLayer(nn.Module):
         bias = layer.bias.detach().float().clone() if layer.bias is not None else None
         self.register_buffer("bias", bias)
         self._derived: dict[tuple[str, int], torch.Tensor] = {}
+        self._fuse_bias = False
         self.conv_kernel = "im2col"
         self.mode = "fake"
         self.set_mode(mode)
@@ -93,13 +94,13 @@ class QuantLayer(nn.Module):
         finally:
             for name, buf in stored.items():
                 self._buffers[name] = buf.to(fn(torch.empty(0, device=buf.device)).device)
-        self._refresh_derived()  # on the new device
+        self._prepare_execution()  # on the new device
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
         """``load_state_dict`` writes the stored weights in place: rebuild what is derived from them."""
         super()._load_from_state_dict(*args, **kwargs)
-        self._refresh_derived()
+        self._prepare_execution()
 
     # ----------------------------------------------------------------------------------------- helpers
     @property
@@ -157,7 +158,7 @@ class QuantLayer(nn.Module):
             raise ValueError(f"`mode` {mode!r} is not available for this {self.kind} ({self.conv}); "
                              "use 'fake' or 'dequant'")
         self.mode = mode
-        self._refresh_derived()
+        self._prepare_execution()
         return self
 
     def set_conv_kernel(self, kernel: str) -> QuantLayer:
@@ -176,7 +177,7 @@ class QuantLayer(nn.Module):
             if not triton_available(self.weight_q0.device):
                 raise RuntimeError(TRITON_UNAVAILABLE)
         self.conv_kernel = kernel
-        self._refresh_derived()
+        self._prepare_execution()
         return self
 
     def extra_repr(self) -> str:
@@ -241,18 +242,22 @@ class QuantLayer(nn.Module):
             return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
         return self.act[g].zero_point * w.reshape(w.shape[0], -1).to(torch.int32).sum(1)
 
-    def _refresh_derived(self) -> None:
-        """Build the derived tensors of the current mode now, on the weights' device, so that ``forward`` only
-        reads them: a forward that filled a cache would mutate module state, which ``torch.compile`` guards on --
-        every compiled model would be compiled a second time on its second call."""
+    def _prepare_execution(self) -> None:
+        """Build what the current mode reads, now, on the weights' device, so that ``forward`` only reads it: the
+        derived weight tensors (a forward that filled a cache would mutate module state, which ``torch.compile``
+        guards on -- every compiled model would be compiled a second time on its second call), and whether the fp8
+        GEMM adds the bias in its epilogue (``kernels.scaled_mm_fuses_bias``; not for split layers, whose halves
+        are summed in float32 first)."""
         self._derived = {(key, g): self._make_derived(key, g) for key in self._derived_keys()
                          for g in range(self.groups)}  # fmt: skip
+        self._fuse_bias = (self.mode == "fp8" and self.bias is not None and not self.split
+                           and scaled_mm_fuses_bias(self.weight_q0.device))  # fmt: skip
 
     def _derived_tensor(self, key: str, g: int) -> torch.Tensor:
         cached = self._derived.get((key, g))
         if cached is not None and cached.device == self.weight_q(g).device:
             return cached
-        return self._make_derived(key, g)  # not stored: forward changes no state (see _refresh_derived)
+        return self._make_derived(key, g)  # not stored: forward changes no state (see _prepare_execution)
 
     def _int8_gemm(self, part: torch.Tensor, g: int) -> tuple[torch.Tensor, tuple]:
         """Exact int32 ``sum_k (x_q - z) W_q`` of one input part, and how to fold it back."""
@@ -283,6 +288,10 @@ class QuantLayer(nn.Module):
                     y.add_(bias)
             elif self.kind == "conv2d" and self.conv_kernel == "triton":
                 y, how = self._triton_conv(part, g, bias)
+            elif self._fuse_bias:  # the bias in the GEMM's epilogue: no pass over the output after it
+                rows, how = self._rows(part)
+                w = self.weight_q(g).reshape(self.out_channels, -1)
+                y = fp8_mm(rows, self.act[g].scale, w, self.weight_scale(g), bias=bias)
             else:
                 rows, how = self._rows(part)
                 w = self.weight_q(g).reshape(self.out_channels, -1)
