@@ -119,8 +119,8 @@ if _HAS_TRITON:
     _TUNED = triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
-            for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4),
-                                          (64, 64, 4, 4), (128, 256, 8, 3))
+            for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4),
+                                          (128, 256, 8, 3))
         ],
         key=["M", "N", "K", "C_ALIGNED"],
     )(_KERNEL)
