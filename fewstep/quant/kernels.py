@@ -20,7 +20,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["int8_mm", "fp8_mm", "fp8_supported", "scaled_mm_fuses_bias", "FP8_UNAVAILABLE", "im2col", "im2col_int8"]
+__all__ = ["int8_mm", "fp8_mm", "fp8_supported", "scaled_mm_fuses_bias", "FP8_UNAVAILABLE", "conv_output_size",
+           "im2col", "im2col_int8"]
 
 FP8_UNAVAILABLE = (
     "the fp8 path (torch._scaled_mm) needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper), or a "
@@ -130,6 +131,13 @@ def fp8_mm(x: torch.Tensor, x_scale: float, w_fp8: torch.Tensor, w_scale: torch.
     return out + bias.to(out.dtype) if bias is not None and not fused else out
 
 
+def conv_output_size(h: int, w: int, kernel_size: tuple[int, int], stride: tuple[int, int],
+                     padding: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a conv with numeric padding: ``(H + 2p - d (k - 1) - 1) // s + 1`` per axis."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 def im2col(x: torch.Tensor, conv: dict) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patches of an NCHW input as GEMM rows ``(B * H_out * W_out, C * kh * kw)`` (channel-major, the
     order of ``weight.reshape(N, -1)``), and the output spatial size. 1x1 stride-1 convs skip unfold."""
@@ -138,12 +146,8 @@ def im2col(x: torch.Tensor, conv: dict) -> tuple[torch.Tensor, tuple[int, int]]:
     if (kh, kw) == (1, 1) and conv["stride"] == (1, 1) and conv["padding"] == (0, 0):
         return x.permute(0, 2, 3, 1).reshape(-1, c), (h, w)
     cols = F.unfold(x, (kh, kw), dilation=conv["dilation"], padding=conv["padding"], stride=conv["stride"])
-    sh, sw = conv["stride"]
-    ph, pw = conv["padding"]
-    dh, dw = conv["dilation"]
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (ho, wo)
+    size = conv_output_size(h, w, (kh, kw), conv["stride"], conv["padding"], conv["dilation"])
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]), size
 
 
 def im2col_int8(x_q: torch.Tensor, conv: dict, pad_value: int) -> tuple[torch.Tensor, tuple[int, int]]:

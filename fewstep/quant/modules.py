@@ -288,15 +288,14 @@ class QuantLayer(nn.Module):
                     y.add_(bias)
             elif self.kind == "conv2d" and self.conv_kernel == "triton":
                 y, how = self._triton_conv(part, g, bias)
-            elif self._fuse_bias:  # the bias in the GEMM's epilogue: no pass over the output after it
-                rows, how = self._rows(part)
-                w = self.weight_q(g).reshape(self.out_channels, -1)
-                y = fp8_mm(rows, self.act[g].scale, w, self.weight_scale(g), bias=bias)
             else:
                 rows, how = self._rows(part)
                 w = self.weight_q(g).reshape(self.out_channels, -1)
-                y = fp8_mm(rows, self.act[g].scale, w, self.weight_scale(g)).float()
-                y = y + bias if bias is not None else y
+                if self._fuse_bias:  # the bias in the GEMM's epilogue: no pass over the output after it
+                    y = fp8_mm(rows, self.act[g].scale, w, self.weight_scale(g), bias=bias)
+                else:
+                    y = fp8_mm(rows, self.act[g].scale, w, self.weight_scale(g)).float()
+                    y = y + bias if bias is not None else y
             bias = None  # added once
             out = y if out is None else out + y
         return self._fold(out, how).to(x.dtype)

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._checks import check_int
+from .kernels import conv_output_size
 from .modules import CONV_KERNELS, MODES, QuantLayer, quant_layers
 
 __all__ = ["LayerTiming", "time_layer", "capture_layer_inputs", "choose_modes", "layer_signature", "layer_macs",
@@ -162,14 +163,11 @@ def layer_macs(layer: QuantLayer, x: torch.Tensor) -> int:
     c = layer.conv
     kh, kw = c["kernel_size"]
     b, _, h, w = x.shape
-    if isinstance(c["padding"], str):  # "same" keeps the size at stride 1; "valid" pads nothing
-        ph = pw = None if c["padding"] == "same" else 0
+    if c["padding"] == "same":  # keeps the size (stride 1)
+        ho, wo = h, w
     else:
-        ph, pw = c["padding"]
-    sh, sw = c["stride"]
-    dh, dw = c["dilation"]
-    ho = h if ph is None else (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = w if pw is None else (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        padding = (0, 0) if c["padding"] == "valid" else c["padding"]
+        ho, wo = conv_output_size(h, w, (kh, kw), c["stride"], padding, c["dilation"])
     return b * ho * wo * (layer.in_channels // c["groups"]) * kh * kw * n
 
 
@@ -233,7 +231,7 @@ def choose_modes(
         keyed[name] = key
         group = groups.setdefault(key, [name, 0])
         group[1] += layer_macs(layer, xs[name])
-    timed: dict[tuple, dict[str, float]] = {}
+    timed: dict[tuple, tuple[dict[str, float], dict[str, str]]] = {}  # signature -> (seconds, errors)
     start = time.perf_counter()
     order = sorted(groups, key=lambda k: -groups[k][1])
     for key in tqdm(order, desc="timing layer signatures", disable=not progress):

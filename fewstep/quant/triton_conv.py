@@ -32,6 +32,8 @@ import os
 
 import torch
 
+from .kernels import conv_output_size
+
 __all__ = ["triton_available", "triton_fp8_conv2d", "TRITON_UNAVAILABLE"]
 
 TRITON_UNAVAILABLE = (
@@ -159,8 +161,7 @@ def triton_fp8_conv2d(x: torch.Tensor, x_scale: float, w_kn: torch.Tensor, w_sca
                              f"{kh * kw * c}")
     n = w_kn.shape[1]
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = conv_output_size(h, w, kernel_size, stride, padding, dilation)
     x_q = (x.float().permute(0, 2, 3, 1) / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).contiguous()
     m = b * ho * wo
     y = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
