@@ -121,15 +121,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if guidance is None:
             guidance = "cfg"
             guidance_scale = 3.0 if guidance_scale is None else guidance_scale
-        rule = guidance_rules.make(guidance, guidance_scale)
-        if not rule.needs_uncond:
-            return rule
-        if not guidance_rules.supports_pairs(self.scheduler) and not isinstance(rule, guidance_rules.CFG):
-            raise ValueError(
-                f"guidance {rule.name!r} needs a fewstep scheduler (with `step_pair`), got "
-                f"{type(self.scheduler).__name__}; use one of: {', '.join(_sampler_names())}"
-            )
-        return rule
+        return guidance_rules.make(guidance, guidance_scale)  # its fit to the scheduler: FewstepPipeline's check
 
     @torch.no_grad()
     def __call__(
@@ -165,9 +157,3 @@ class ClassConditionalPipeline(DiffusionPipeline):
         host = FewstepPipeline(self, rule, denoiser=self._denoiser)
         return host(class_labels=labels, num_inference_steps=num_inference_steps, generator=generator,
                     latents=latents, output_type=output_type, return_dict=return_dict, check_finite=check_finite)
-
-
-def _sampler_names() -> list[str]:
-    from .. import samplers
-
-    return samplers.names("diffusion")

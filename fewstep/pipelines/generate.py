@@ -180,15 +180,9 @@ def generate(
         pool = classes if classes else list(range(pipe.num_classes))
         labels = [pool[i % len(pool)] for i in range(num_images)]
         rule = guidance_rules.make(guidance, guidance_scale)
-        if cuda_graph:
-            pipe = FewstepPipeline.from_pipe(pipe, guidance=rule, compile=compile or False, cuda_graph=True)
-            images = pipe(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="np",
-                          check_finite=True).images  # fmt: skip
-        else:
-            if compile:
-                pipe = ClassConditionalPipeline.from_pipe(pipe, compile=compile)
-            images = pipe(labels, num_inference_steps=steps, guidance=rule, generator=generator,
-                          output_type="np").images  # fmt: skip
+        pipe = FewstepPipeline.from_pipe(pipe, guidance=rule, compile=compile or False, cuda_graph=cuda_graph)
+        images = pipe(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="np",
+                      check_finite=True).images  # fmt: skip
     else:
         if classes:
             raise ValueError("`classes` given to a text-to-image pipeline; use --prompt instead")
