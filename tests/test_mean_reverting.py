@@ -71,3 +71,19 @@ def test_restoration_pipeline_bad_input(tiny_mr):
         pipe(torch.zeros(1, 1, 8, 8), num_inference_steps=0)
     with pytest.raises(ValueError, match="NCHW tensor"):
         pipe(np.zeros((1, 1, 8, 8)))
+    with pytest.raises(ValueError, match=r"`output_type` must be one of \['pil', 'np', 'pt', 'latent'\], got 'npy'"):
+        pipe(torch.zeros(1, 1, 8, 8), output_type="npy")
+
+
+def test_restoration_pipeline_output_types_agree(tiny_mr):
+    """`latent` is the restored sample in [-1, 1]; `pt`, `np` and `pil` are the same images in [0, 1]."""
+    pipe = MeanRevertingPipeline.from_pretrained(tiny_mr)
+    pipe.set_progress_bar_config(disable=True)
+    mu = torch.linspace(-1, 1, 128).reshape(2, 1, 8, 8)
+    out = {kind: pipe(mu, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type=kind).images
+           for kind in ("latent", "pt", "np", "pil")}
+    unit = ((out["latent"].float() + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(out["pt"], unit)
+    np.testing.assert_allclose(out["np"], unit.permute(0, 2, 3, 1).numpy())
+    assert len(out["pil"]) == 2 and out["pil"][0].size == (8, 8) and out["pil"][0].mode == "L"
+    np.testing.assert_array_equal(np.asarray(out["pil"][1]), (out["np"][1, :, :, 0] * 255).round().astype(np.uint8))

@@ -16,6 +16,7 @@ from .. import guidance as guidance_rules
 from .._checks import check_int
 from ..guidance import GuidanceRule
 from .denoiser import prepare_denoiser
+from .sharing import share_modules
 
 __all__ = ["ClassConditionalPipeline", "OUTPUT_TYPES"]
 
@@ -55,8 +56,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
         ``fewstep.quant.save_quantized`` directory for the UNet (loaded onto a copy; ``quant_mode`` one of
         ``fewstep.quant.MODES`` or ``"auto"``, default ``"fake"``) or a quantized module; ``compile`` ``True``, a
         ``torch.compile`` mode or a dict of its arguments. ``pipeline`` itself is left unchanged."""
-        from .fewstep_pipeline import _share
-
         unknown = sorted(set(components) - {"unet", "scheduler"})
         if unknown:
             raise ValueError(f"`from_pipe` takes the components 'unet' and 'scheduler', got {unknown}")
@@ -66,7 +65,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         scheduler = components.get("scheduler", getattr(pipeline, "scheduler", None))
         module, call = prepare_denoiser(unet, quantized, quant_mode, compile)
         if isinstance(pipeline, cls):
-            new = _share(pipeline, unet=module, scheduler=scheduler)
+            new = share_modules(pipeline, unet=module, scheduler=scheduler)
         else:
             new = cls(unet=module, scheduler=scheduler)
             new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))

@@ -5,7 +5,7 @@ Flux pipeline (flow-matching transformers), or the class-conditional pipeline of
 unconditional branch; that pipeline's own ``__call__`` runs this loop too).
 
 Built with ``FewstepPipeline.from_pipe(pipe, scheduler="unipc", guidance="apg")``: the base pipeline's modules
-are shared, not copied and not cast (``_share``; diffusers' ``from_pipe`` would cast them), and its own
+are shared, not copied and not cast (``sharing.share_modules``; diffusers' ``from_pipe`` would cast them), and its own
 ``encode_prompt``, ``prepare_latents``, ``_get_add_time_ids``, VAE decode, safety checker / watermark and
 ``image_processor`` are reused; only the loop is fewstep's: per step one UNet call on ``[uncond, cond]``, both
 outputs converted to ``(x0, eps)`` pairs, the rule combines them and the scheduler's ``step_pair`` advances (so
@@ -33,7 +33,6 @@ Not covered yet: img2img/inpainting, IP-adapter, LCM ``timestep_cond``, SD3 skip
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -45,7 +44,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import guidance as guidance_rules
 from .. import samplers
 from .._checks import check_int
-from ..datasets import to_unit_range
 from ..guidance import GuidanceRule
 from .denoiser import check_compile, prepare_denoiser
 from .flow_families import (
@@ -59,6 +57,7 @@ from .flow_families import (
 )
 from .graph_step import StaticLoop, StaticRun, check_graph_device, check_graph_rule, check_graph_scheduler
 from .loop_checks import FiniteWatch, callback_tensors
+from .sharing import pixel_outputs, share_modules
 
 __all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES", "flow_shift_mu"]
 
@@ -95,17 +94,6 @@ def _family(pipe: Any) -> str:
     return "sd"
 
 
-
-
-def _share(pipe: Any, **modules: Any) -> Any:
-    """A second pipeline object over ``pipe``'s modules, with ``modules`` registered in place of its own; ``pipe``
-    is left unchanged (its config, attributes and modules). Not diffusers' ``from_pipe``: that casts the new
-    pipeline, and so every module it shares, to one dtype (float32 unless told another), which would silently
-    run a fp16 UNet in float32, mix dtypes in a half-precision SD3, or cast a float32 VAE kept beside a fp16
-    UNet."""
-    shared = copy.copy(pipe)  # register_modules gives the copy its own config dict; the modules are shared
-    shared.register_modules(**modules)
-    return shared
 
 
 class FewstepPipeline(StaticLoop, FlowFamilies):
@@ -234,7 +222,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         model = pipe.transformer if flow else pipe.unet
         module, call = prepare_denoiser(model, quantized, quant_mode, compile)
         overrides = {} if module is model else {"transformer" if flow else "unet": module}
-        shared = _share(pipe, scheduler=scheduler, **overrides)
+        shared = share_modules(pipe, scheduler=scheduler, **overrides)
         shared.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
         return cls(shared, rule, embedded, denoiser=None if call is module else call, cuda_graph=cuda_graph)
 
@@ -570,13 +558,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
     def _class_images(self, x: torch.Tensor, output_type: str) -> Any:
         """``ClassConditionalPipeline``'s outputs: the sample itself (``latent``, model space), NCHW in [0, 1]
         (``pt``), NHWC numpy in [0, 1] (``np``) or grayscale PIL images."""
-        if output_type == "latent":
-            return x
-        images = to_unit_range(x.float())
-        if output_type == "pt":
-            return images
-        array = images.permute(0, 2, 3, 1).cpu().numpy()
-        return self.pipe.numpy_to_pil(array) if output_type == "pil" else array
+        return pixel_outputs(x, output_type, self.pipe.numpy_to_pil)
 
     def default_image_size(self) -> int:
         """Side in pixels of an image generated without ``height``/``width``."""

@@ -16,8 +16,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._checks import check_int
-from ..datasets import to_unit_range
 from ..samplers.mrs import FewstepMRSScheduler
+from .sharing import PIXEL_OUTPUT_TYPES, pixel_outputs
 
 __all__ = ["MeanRevertingPipeline", "box_inpainting"]
 
@@ -56,7 +56,8 @@ class MeanRevertingPipeline(DiffusionPipeline):
         output_type: str = "np",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        """Restore ``measurement`` (NCHW in [-1, 1], the degraded images ``mu``); images come back in [0, 1]."""
+        """Restore ``measurement`` (NCHW in [-1, 1], the degraded images ``mu``); images come back in [0, 1]
+        (``output_type`` ``"np"``, ``"pt"`` or ``"pil"``; ``"latent"``: the restored sample itself, in [-1, 1])."""
         if not isinstance(measurement, torch.Tensor) or measurement.ndim != 4:
             raise ValueError("`measurement` must be an NCHW tensor of degraded images in [-1, 1]")
         expected = (self.unet.config.in_channels // 2, self.unet.config.sample_size, self.unet.config.sample_size)
@@ -64,8 +65,8 @@ class MeanRevertingPipeline(DiffusionPipeline):
             raise ValueError(f"`measurement` must have shape [N, {', '.join(map(str, expected))}], "
                              f"got {tuple(measurement.shape)}")
         check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
-        if output_type not in ("np", "pt"):
-            raise ValueError(f"`output_type` must be 'np' or 'pt', got {output_type!r}")
+        if output_type not in PIXEL_OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {list(PIXEL_OUTPUT_TYPES)}, got {output_type!r}")
         device, dtype = self._execution_device, self.unet.dtype
         lam = float(self.config.stationary_std)
         in_x = isinstance(self.scheduler, FewstepMRSScheduler)
@@ -86,8 +87,7 @@ class MeanRevertingPipeline(DiffusionPipeline):
             else:
                 z = self.scheduler.step(eps, t, (x - mu) / lam, generator=generator).prev_sample
                 x = mu + lam * z
-        images = to_unit_range(x.float())
-        result = images if output_type == "pt" else images.permute(0, 2, 3, 1).cpu().numpy()
+        result = pixel_outputs(x, output_type, self.numpy_to_pil)
         if not return_dict:
             return (result,)
         return ImagePipelineOutput(images=result)

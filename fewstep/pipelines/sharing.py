@@ -1,0 +1,44 @@
+"""Pipeline plumbing shared by fewstep's pipelines: module sharing without casts, and the pixel-space outputs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..datasets import to_unit_range
+
+__all__ = ["share_modules", "pixel_outputs", "PIXEL_OUTPUT_TYPES"]
+
+PIXEL_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def share_modules(pipe: Any, **modules: Any) -> Any:
+    """A second pipeline object over ``pipe``'s modules, with ``modules`` registered in place of its own; ``pipe``
+    is left unchanged (its config, attributes and modules).
+
+    Not diffusers' ``from_pipe``: that casts the new pipeline, and so every module it shares, to one dtype (float32
+    unless told another), which would silently run a fp16 UNet in float32, mix dtypes in a half-precision SD3, or
+    cast a float32 VAE kept beside a fp16 UNet.
+    """
+    shared = copy.copy(pipe)  # register_modules gives the copy its own config dict; the modules are shared
+    shared.register_modules(**modules)
+    return shared
+
+
+def pixel_outputs(x: torch.Tensor, output_type: str, to_pil: Callable[[Any], Any] | None = None) -> Any:
+    """The outputs of a pipeline whose model works in pixel space on ``[-1, 1]`` (the digits pipelines): ``x``
+    itself (``"latent"``), NCHW in ``[0, 1]`` (``"pt"``), NHWC numpy in ``[0, 1]`` (``"np"``) or PIL images
+    (``"pil"``, through ``to_pil``, e.g. a pipeline's ``numpy_to_pil``)."""
+    allowed = PIXEL_OUTPUT_TYPES if to_pil is not None else tuple(t for t in PIXEL_OUTPUT_TYPES if t != "pil")
+    if output_type not in allowed:
+        raise ValueError(f"`output_type` must be one of {list(allowed)}, got {output_type!r}")
+    if output_type == "latent":
+        return x
+    images = to_unit_range(x.float())
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).cpu().numpy()
+    return to_pil(array) if output_type == "pil" else array
