@@ -855,3 +855,28 @@ def test_average_x0_mean_must_match_the_samples():
     x = torch.zeros(2, 2, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"mean image \(average_x0\) has shape \(1, 3\), which does not match"):
         sched.scale_model_input(x, sched.timesteps[0])
+
+
+def test_s3_begin_index_restarts_the_schedule_part_way():
+    """img2img on an s3 schedule: from call k the buffer is empty, so the steps there drop the derivative points
+    that do not exist yet; beginning at the second call of an implicitly corrected step is refused."""
+    from diffusers import DDPMScheduler
+
+    decisions = [StepDecision("data", 1, corrector="implicit"), StepDecision("noise", 2, points=(1,)),
+                 StepDecision("data", 3, corrector="unic"), StepDecision("data", 2), StepDecision("data", 1)]
+    schedule = SolverSchedule(AFS_TIMES, decisions, metadata={"model": "analytic"})
+    sched = S3.from_config(DDPMScheduler().config, s3_schedule=schedule.to_dict())
+    sched.set_timesteps(schedule.nfe)
+    assert sched.plan.calls[:4] == [(0, False), (1, False), (1, True), (2, False)]  # step 0 corrects at point 1
+    with pytest.raises(ValueError, match="`begin_index` 2 is the second model call of an implicitly corrected step"):
+        sched.set_begin_index(2)
+    sched.set_begin_index(3)  # grid point 2: its order-3 predictor has nothing buffered yet
+    assert [d.order for d in sched.plan.decisions[2:]] == [1, 2, 1]
+    obj = _mixture_objective()
+    g = sched.plan.grid
+    x = obj.x_start.double()
+    for t in sched.timesteps[3:]:
+        i = sched.plan.calls[sched.step_index or 3][0]
+        x0, eps = obj.mixture.denoise(x, g.alphas[i], g.sigmas[i])
+        x = sched.step(eps, t, x).prev_sample
+    assert torch.isfinite(x).all() and sched.step_index == schedule.nfe

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .._checks import check_int
 from ..solvers import grids
-from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan
+from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
 from ..solvers.momentum import MomentumStep
 from ..solvers.parameterization import normalize_prediction_type, to_pair
 from ..solvers.schedules import FlowSchedule, FlowShift, NoiseSchedule, VPSchedule, is_flow_config
@@ -89,6 +89,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._timestep_values: list[float] = []
+        self._compiled: tuple[grids.TimeGrid, list[StepDecision]] | None = None  # set_timesteps' grid, decisions
 
     @property
     def is_flow(self) -> bool:
@@ -106,8 +107,28 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start at this step (img2img pipelines call it after ``set_timesteps``); checked when stepping."""
+        """Start at model call ``begin_index`` (img2img pipelines call it after ``set_timesteps``, then step from
+        ``timesteps[begin_index]``). The run starts with an empty buffer there, so the plan is recompiled with the
+        multistep warm-up moved to that step (``solvers.engine.restart_decisions``), as diffusers' schedulers
+        count their lower-order warm-up from the first step they take."""
         check_int("begin_index", begin_index, 0, numpy_ok=False)
+        if self.plan is not None and self._compiled is not None:
+            calls = self.plan.calls
+            if begin_index >= len(calls):
+                raise ValueError(
+                    f"`begin_index` must be below the number of timesteps ({len(calls)}), got {begin_index}"
+                )
+            point, again = calls[begin_index]
+            if again:
+                raise ValueError(
+                    f"`begin_index` {begin_index} is the second model call of an implicitly corrected step (grid "
+                    f"point {point}); begin at {begin_index - 1} or {begin_index + 1}"
+                )
+            grid, decisions = self._compiled
+            hooks = self._state.hooks if self._state is not None else ()
+            run = restart_decisions(decisions, point) if point > 0 else list(decisions)
+            self._install_plan(grid, run, hooks, start=point)
+            self._step_index = None
         self._begin_index = begin_index
 
     def __len__(self) -> int:
@@ -141,7 +162,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Decisions -> engine plan (DPM-Solver-v3 adds its EMS tables here)."""
         return compile_plan(grid, decisions)
 
-    def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> list[MomentumStep | None] | None:
+    def _install_plan(self, grid: grids.TimeGrid, decisions: list[StepDecision], hooks: Any = (), start: int = 0
+                      ) -> None:
+        """Compile ``decisions`` on ``grid`` into ``self.plan`` (with momentum from grid point ``start``, where the
+        run begins) and start a fresh engine state with ``hooks``: nothing leaks between runs (schedulers that add
+        their own hooks or tables override this)."""
+        self.plan = self._compile_plan(grid, decisions)
+        if self.plan.analytic_start is None:
+            self.plan.momentum = self._momentum(grid, decisions, start)
+        self._state = EngineState(self.plan, hooks)
+
+    def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision], start: int = 0
+                  ) -> list[MomentumStep | None] | None:
         """Momentum around the engine's steps (heavy-ball schedulers); ``None``: plain steps."""
         return None
 
@@ -237,9 +269,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                     )
         grid = self._grid(num_inference_steps, timesteps, sigmas, mu)
         decisions = self._grid_decisions(grid)
-        self.plan = self._compile_plan(grid, decisions)
+        self._compiled = (grid, decisions)
+        self._install_plan(grid, decisions)
         if self.plan.analytic_start is None:
-            self.plan.momentum = self._momentum(grid, decisions)
             self.init_noise_sigma = 1.0
         else:  # an analytical first step (s3): the model's first call is at the plan's (later) first point
             grid = self.plan.grid
@@ -253,7 +285,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         levels = grid.rhos if not self.is_flow else grid.sigmas
         self.sigmas = torch.from_numpy(levels[[*points, grid.num_steps]]).to(torch.float32)
         self._timestep_values = ts.tolist()  # as the pipeline will pass them back (int64 or float32)
-        self._state = EngineState(self.plan)  # fresh buffer and momentum: nothing leaks between runs
         self._step_index = None
         self._begin_index = None
 
@@ -379,3 +410,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         a = torch.as_tensor(alpha, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
         s = torch.as_tensor(sigma, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
         return a * original_samples + s * noise
+
+    def scale_noise(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Flow models' forward process, as diffusers' ``FlowMatchEulerDiscreteScheduler.scale_noise`` (what the SD3
+        and Flux img2img/inpaint pipelines call): ``(1 - s) x0 + s eps`` with ``s = t / T`` at model timestep
+        ``timestep``."""
+        if not self.is_flow:
+            raise ValueError(
+                f"`scale_noise` is the forward process of flow-matching models; {type(self).__name__} is on a VP "
+                "schedule here: use add_noise"
+            )
+        if noise is None:
+            raise ValueError("`noise` must be a tensor of the sample's shape, got None")
+        return self.add_noise(sample, noise, timestep)

@@ -235,17 +235,18 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             "dc-solver has no ratios (dc_ratios, dc_ratios_file or dc_cpr): all ratios are 1, i.e. plain "
             f"{cfg.dc_base}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return [1.0] * num_steps
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None) -> None:
-        """Build the grid and the base solver's plan, then compile the compensation table (host, float64)."""
-        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+    def _install_plan(self, grid, decisions, hooks=(), start=0) -> None:
+        """The base solver's plan plus the compensation table (host, float64) and its buffer hook (also when
+        ``set_begin_index`` restarts the run part-way)."""
         cfg = self.config
-        plan = compile_dc_plan(self.plan.grid, self.plan.decisions, cfg.dc_order)
+        plan = compile_dc_plan(grid, decisions, cfg.dc_order)
         ratios = self.ratios_for(plan.num_steps)
-        table = compile_dc(plan, ratios, cfg.dc_order, cfg.dc_variable)
+        table = compile_dc(plan, ratios, cfg.dc_order, cfg.dc_variable, start=start)
         self.plan = plan
         self.dc_ratios_used = ratios
-        self._state = EngineState(plan, [DynamicCompensation(table)])
+        others = [h for h in hooks if not isinstance(h, DynamicCompensation)]
+        self._state = EngineState(plan, [DynamicCompensation(table), *others])

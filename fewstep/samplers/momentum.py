@@ -124,13 +124,14 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
             num_steps, order, "data", cfg.solver_type or "bh2", cfg.lower_order_final, final_is_clean=final_is_clean
         )
 
-    def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> list[MomentumStep | None]:
+    def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision], start: int = 0
+                  ) -> list[MomentumStep | None]:
         cfg = self.config
         order, beta = self._order_and_beta(HB_BASES[cfg.base])
         if cfg.base == "plms":
-            return compile_momentum(grid, "hb", order, beta, space="noise", nesterov=cfg.nesterov)
+            return compile_momentum(grid, "hb", order, beta, space="noise", nesterov=cfg.nesterov, start=start)
         return compile_momentum(
-            grid, "hb", 1, beta, space="data", active=momentum_active(decisions), nesterov=cfg.nesterov
+            grid, "hb", 1, beta, space="data", active=momentum_active(decisions), nesterov=cfg.nesterov, start=start
         )
 
 
@@ -180,6 +181,7 @@ class FewstepGHVBScheduler(_MomentumMixin, FewstepScheduler):
     def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:
         return ddim_decisions(num_steps, prediction="noise")
 
-    def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> list[MomentumStep | None]:
+    def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision], start: int = 0
+                  ) -> list[MomentumStep | None]:
         order, beta = self._order_and_beta(5)
-        return compile_momentum(grid, "ghvb", order, beta, space="noise")
+        return compile_momentum(grid, "ghvb", order, beta, space="noise", start=start)

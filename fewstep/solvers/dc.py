@@ -169,9 +169,12 @@ def check_ratios(ratios: Any, num_steps: int, order: int = 2) -> list[float]:
     return values
 
 
-def compile_dc(plan: Plan, ratios: Sequence[float], order: int = 2, variable: str = "t") -> list[DCStep | None]:
-    """Host-side (float64) compensation table for a plan: ``None`` where no compensation applies (``i < K``)."""
+def compile_dc(plan: Plan, ratios: Sequence[float], order: int = 2, variable: str = "t", start: int = 0
+               ) -> list[DCStep | None]:
+    """Host-side (float64) compensation table for a plan: ``None`` where no compensation applies (``i < start + K``:
+    the buffer holds fewer than ``K + 1`` outputs; ``start`` is the first step of the run, after 0 in img2img)."""
     values = check_ratios(ratios, plan.num_steps, order)
+    check_int("start", start, 0, max(plan.num_steps - 1, 0), numpy_ok=False)
     if plan.buffer_size < order + 1:
         raise ValueError(
             f"the plan buffers {plan.buffer_size} outputs but interpolation order K={order} needs {order + 1}; "
@@ -179,7 +182,7 @@ def compile_dc(plan: Plan, ratios: Sequence[float], order: int = 2, variable: st
         )
     table: list[DCStep | None] = []
     for i, rho in enumerate(values):
-        table.append(None if i < order else dc_step(plan.grid, plan.decisions[i], i, rho, order, variable))
+        table.append(None if i < start + order else dc_step(plan.grid, plan.decisions[i], i, rho, order, variable))
     return table
 
 

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -77,6 +77,7 @@ __all__ = [
     "CompiledStep",
     "Plan",
     "compile_plan",
+    "restart_decisions",
     "derivative_weights",
     "EngineState",
     "Evaluation",
@@ -369,6 +370,27 @@ def _transition(
         w = weight_scale * derivative_weights(r, hh, scale, rule, 1.0 + relaxation * h, pseudo)
         weights = tuple((base + s - j, float(wj)) for j, wj in zip(points, w))
     return Transition(prediction, base, float(lin), float(a_t), float(eps_coef), weights, float(noise))
+
+
+def restart_decisions(decisions: Sequence[StepDecision], start: int) -> list[StepDecision]:
+    """The decisions of a run that begins at grid point ``start`` with an empty buffer (img2img, which starts
+    part-way down the grid): step ``start + j`` has only the ``j`` evaluations made since, so derivative points
+    further back are dropped and the order falls to what remains (at most ``j + 1``), the warm-up multistep
+    solvers do at the start of a run (diffusers counts it in ``lower_order_nums``). A corrector's order is capped
+    at the new order + 1. Steps before ``start`` are returned unchanged (they are never run)."""
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < len(decisions):
+        raise ValueError(f"`start` must be an integer in [0, {len(decisions) - 1}], got {start!r}")
+    out = list(decisions)
+    for j, d in enumerate(decisions[start:]):
+        points = d.derivative_points
+        keep = tuple(p for p in points if p <= j)
+        if len(keep) == len(points):
+            continue
+        order = len(keep) + 1
+        corrector_order = None if d.corrector_order is None else min(d.corrector_order, order + 1)
+        out[start + j] = replace(d, order=order, points=keep if d.points is not None else None,
+                                 corrector_order=corrector_order)
+    return out
 
 
 def compile_plan(

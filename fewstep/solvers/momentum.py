@@ -148,13 +148,15 @@ def compile_momentum(
     space: str = "noise",
     active: list[bool] | None = None,
     nesterov: bool = False,
+    start: int = 0,
 ) -> list[MomentumStep | None]:
     """One :class:`MomentumStep` (or ``None`` = plain base step) per grid transition.
 
     ``order``: Adams-Bashforth order of the direction history for ``hb`` (1 over a method that is
     multistep already) or the GHVB order for ``ghvb``; both start at order 1 and grow with the history
     (the paper's warm-up). ``active[i]`` says whether transition ``i`` carries momentum; inactive steps
-    neither use nor feed the history.
+    neither use nor feed the history. ``start``: the first transition a run takes (img2img begins part-way);
+    the ones before it never run, and the history (and so the warm-up) starts there.
     """
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {list(MODES)}, got {mode!r}")
@@ -167,9 +169,11 @@ def compile_momentum(
     if nesterov and mode != "hb":
         raise ValueError("`nesterov=True` is defined for heavy ball (mode='hb') only")
     n = grid.num_steps
+    check_int("start", start, 0, max(n - 1, 0), numpy_ok=False)
     active = [True] * n if active is None else [bool(a) for a in active]
     if len(active) != n:
         raise ValueError(f"`active` needs one flag per step ({n}), got {len(active)}")
+    active = [a and i >= start for i, a in enumerate(active)]
     steps: list[MomentumStep | None] = []
     history = 0
     for i in range(n):

@@ -1,0 +1,149 @@
+"""fewstep schedulers in diffusers' img2img pipelines, which start part-way down the grid (``set_begin_index``).
+
+A multistep solver that begins at step k has an empty buffer there: its warm-up (lower orders) must restart at k,
+as diffusers' schedulers do (``lower_order_nums`` counts the steps taken). Parity with diffusers' own schedulers in
+StableDiffusionImg2ImgPipeline (VP) and StableDiffusion3Img2ImgPipeline (flow: ``scale_noise``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import SD3_FLOW, SD15_PNDM
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusionImg2ImgPipeline,
+    UniPCMultistepScheduler,
+)
+from test_fewstep_pipeline import sd, sd_path  # noqa: F401 - the tiny SD1.5-shaped pipeline fixtures
+from test_fewstep_pipeline_flow import SIZE, _embeds, sd3  # noqa: F401 - the tiny SD3-shaped pipeline fixture
+
+from fewstep import samplers
+from fewstep.solvers.engine import StepDecision, restart_decisions
+
+PARITY = [
+    ("ddim", DDIMScheduler, {}),
+    ("dpm-solver++", DPMSolverMultistepScheduler, {}),
+    ("dpm-solver++", DPMSolverMultistepScheduler, {"solver_order": 3}),
+    ("unipc", UniPCMultistepScheduler, {}),
+    ("unipc", UniPCMultistepScheduler, {"solver_order": 3}),
+]  # not bh1: diffusers' UniPC bh1 returns NaN on SD1.5's config (final sigma 0), from a full run too
+
+
+@pytest.fixture(scope="module")
+def i2i(sd):  # noqa: F811
+    pipe = StableDiffusionImg2ImgPipeline(**sd.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image() -> torch.Tensor:
+    return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
+def _run(pipe, scheduler, strength=0.6, steps=10) -> np.ndarray:
+    pipe.scheduler = scheduler
+    return pipe("a", image=_image(), strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+                output_type="np", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "cls", "extra"), PARITY, ids=[f"{n}-{e}" for n, _, e in PARITY])
+def test_img2img_matches_diffusers(i2i, name, cls, extra):
+    """Before the warm-up moved with ``begin_index``, every multistep solver failed here (an order-2 step at
+    the first step taken found no previous evaluation in its buffer)."""
+    theirs = _run(i2i, cls.from_config(SD15_PNDM, **extra))
+    ours = _run(i2i, samplers.get(name).from_config(SD15_PNDM, **extra))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # the scheduler began at call 4 of 10 (strength 0.6) and warmed up there
+    assert i2i.scheduler.begin_index == 4 and i2i.scheduler.plan.decisions[4].order == 1
+
+
+@pytest.mark.parametrize("name", samplers.names("diffusion", standalone=True))
+def test_every_standalone_sampler_runs_img2img(i2i, name):
+    out = _run(i2i, samplers.get(name).from_config(SD15_PNDM), strength=0.5, steps=8)
+    assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
+    full = _run(i2i, samplers.get(name).from_config(SD15_PNDM), strength=1.0, steps=8)  # begin_index 0
+    assert not np.allclose(out, full)
+
+
+def test_sd3_img2img_matches_diffusers(sd3):  # noqa: F811
+    pipe = StableDiffusion3Img2ImgPipeline(**sd3.components)
+    pipe.set_progress_bar_config(disable=True)
+    kw = _embeds()
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for scheduler in (FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW),
+                      samplers.get("flow-euler").from_config(SD3_FLOW)):  # fmt: skip
+        pipe.scheduler = scheduler
+        outs.append(pipe(**kw, image=image, strength=0.7, num_inference_steps=6, guidance_scale=4.0,
+                         output_type="np", generator=torch.Generator().manual_seed(1)).images)  # fmt: skip
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+    # a multistep solver on the flow model runs from part-way too
+    pipe.scheduler = samplers.get("unipc").from_config(SD3_FLOW)
+    out = pipe(**kw, image=image, strength=0.7, num_inference_steps=6, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+    assert np.isfinite(out).all() and np.abs(out - outs[0]).max() < 0.2
+
+
+def test_scale_noise_is_the_flow_forward_process():
+    sched = samplers.get("flow-euler").from_config(SD3_FLOW)
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(sched.scale_noise(x0, torch.tensor([250.0]), eps), 0.75 * x0 + 0.25 * eps)
+    with pytest.raises(ValueError, match="`noise` must be a tensor"):
+        sched.scale_noise(x0, torch.tensor([250.0]))
+    with pytest.raises(ValueError, match="`scale_noise` is the forward process of flow-matching models"):
+        samplers.get("ddim").from_config(SD15_PNDM).scale_noise(x0, torch.tensor([250]), eps)
+
+
+def test_restart_decisions_caps_orders_and_points():
+    d = [StepDecision(order=1), StepDecision(order=2), StepDecision(order=3, corrector="unic"),
+         StepDecision(order=3, points=(1, 3)), StepDecision(order=3, corrector="unic", corrector_order=4)]
+    out = restart_decisions(d, 2)
+    assert out[:2] == d[:2]  # steps before the start are never run
+    assert [s.order for s in out[2:]] == [1, 2, 3]
+    assert out[3].points == (1,)  # offset 3 does not exist one step after the start
+    assert out[4] == d[4]  # two evaluations back exist: unchanged
+    assert out[2].corrector == "unic"
+    capped = restart_decisions(d, 4)[4]
+    assert capped.order == 1 and capped.corrector_order == 2
+    assert restart_decisions(d, 0) == d
+    with pytest.raises(ValueError, match=r"`start` must be an integer in \[0, 4\], got 5"):
+        restart_decisions(d, 5)
+
+
+def test_restarted_plan_equals_a_run_over_the_remaining_timesteps():
+    """Beginning at call k runs the solver that set_timesteps would build for the remaining grid points."""
+    full = samplers.get("unipc").from_config(SD15_PNDM, solver_order=3)
+    full.set_timesteps(12)
+    part = samplers.get("unipc").from_config(SD15_PNDM, solver_order=3)
+    part.set_timesteps(timesteps=full.timesteps[5:].tolist())
+    full.set_begin_index(5)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    a, b = x.clone(), x.clone()
+    for t in full.timesteps[5:]:
+        out = torch.tanh(a) * 0.5  # any deterministic model
+        a = full.step(out, t, a).prev_sample
+        b = part.step(torch.tanh(b) * 0.5, t, b).prev_sample
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if x.dtype == torch.float64 else 1e-6)
+
+
+def test_begin_index_bad_input():
+    sched = samplers.get("dpm-solver++").from_config(SD15_PNDM)
+    sched.set_timesteps(6)
+    with pytest.raises(ValueError, match=r"`begin_index` must be below the number of timesteps \(6\), got 6"):
+        sched.set_begin_index(6)
+    with pytest.raises(ValueError, match="`begin_index` must be an integer >= 0"):
+        sched.set_begin_index(-1)
+
+
+def test_dpm_solver_v3_runs_img2img(i2i):
+    """A sampler with its own plan compilation (EMS tables) restarts part-way too (s3: tests/test_s3.py)."""
+    v3 = samplers.get("dpm-solver-v3").from_config(SD15_PNDM, degenerated=True)
+    out = _run(i2i, v3, strength=0.5, steps=8)
+    assert np.isfinite(out).all() and v3.plan.decisions[v3.begin_index].order == 1
+    ref = _run(i2i, samplers.get("dpm-solver++").from_config(SD15_PNDM, solver_type="taylor"), strength=0.5, steps=8)
+    assert np.abs(out - ref).max() < 0.05  # degenerate v3 is DPM-Solver++ (on its own time grid)
