@@ -10,16 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import SD3_FLOW, SD15_PNDM
+from _helpers import SD3_FLOW, SD15_PNDM, SDXL_EULER
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     UniPCMultistepScheduler,
 )
-from test_fewstep_pipeline import sd, sd_path  # noqa: F401 - the tiny SD1.5-shaped pipeline fixtures
+from test_fewstep_pipeline import _sdxl_embeds, sd, sd_path, sdxl  # noqa: F401 - tiny SD1.5/SDXL pipeline fixtures
 from test_fewstep_pipeline_flow import SIZE, _embeds, sd3  # noqa: F401 - the tiny SD3-shaped pipeline fixture
 
 from fewstep import samplers
@@ -147,3 +149,48 @@ def test_dpm_solver_v3_runs_img2img(i2i):
     assert np.isfinite(out).all() and v3.plan.decisions[v3.begin_index].order == 1
     ref = _run(i2i, samplers.get("dpm-solver++").from_config(SD15_PNDM, solver_type="taylor"), strength=0.5, steps=8)
     assert np.abs(out - ref).max() < 0.05  # degenerate v3 is DPM-Solver++ (on its own time grid)
+
+
+@pytest.mark.parametrize(("name", "cls"), [("dpm-solver++", DPMSolverMultistepScheduler),
+                                           ("unipc", UniPCMultistepScheduler)])  # fmt: skip
+def test_inpainting_matches_diffusers(sd, name, cls):  # noqa: F811
+    """The inpainting pipeline begins part-way (strength) and re-noises the kept region with add_noise at every
+    step."""
+    pipe = StableDiffusionInpaintPipeline(**sd.components)
+    pipe.set_progress_bar_config(disable=True)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    outs = []
+    for scheduler in (cls.from_config(SD15_PNDM), samplers.get(name).from_config(SD15_PNDM)):
+        pipe.scheduler = scheduler
+        outs.append(pipe("a", image=_image(), mask_image=mask, strength=0.7, num_inference_steps=10, height=16,
+                         width=16, output_type="np", generator=torch.Generator().manual_seed(0)).images)  # fmt: skip
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "cls"), [("dpm-solver++", DPMSolverMultistepScheduler),
+                                           ("unipc", UniPCMultistepScheduler)])  # fmt: skip
+def test_sdxl_base_then_refiner_matches_diffusers(sdxl, name, cls):  # noqa: F811
+    """SDXL's ensemble of experts: the base stops at ``denoising_end=0.7``, the img2img refiner begins there
+    (``denoising_start``, which sets the begin index) on the base's latents."""
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=sdxl.vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=sdxl.unet,
+        scheduler=sdxl.scheduler, add_watermarker=False, requires_aesthetics_score=False,
+    )  # fmt: skip
+    refiner.set_progress_bar_config(disable=True)
+    base_scheduler = sdxl.scheduler
+    outs = []
+    try:
+        for make in (cls.from_config, samplers.get(name).from_config):
+            sdxl.scheduler = make(SDXL_EULER)
+            latents = sdxl(**_sdxl_embeds(), height=16, width=16, num_inference_steps=10, denoising_end=0.7,
+                           output_type="latent", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+            refiner.scheduler = make(SDXL_EULER)
+            image = refiner(**_sdxl_embeds(), image=latents, num_inference_steps=10, denoising_start=0.7,
+                            output_type="np", generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+            outs.append((latents, image))
+    finally:
+        sdxl.scheduler = base_scheduler
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=1e-4)  # latents of unit scale
+    np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5)
+    assert refiner.scheduler.begin_index == 7
