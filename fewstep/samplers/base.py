@@ -25,7 +25,12 @@ from ..solvers.momentum import MomentumStep
 from ..solvers.parameterization import normalize_prediction_type, to_pair
 from ..solvers.schedules import FlowSchedule, FlowShift, NoiseSchedule, VPSchedule, is_flow_config
 
-__all__ = ["FewstepSchedulerOutput", "FewstepScheduler", "TIME_GRIDS"]
+__all__ = ["FewstepSchedulerOutput", "FewstepScheduler", "TIME_GRIDS", "SchedulerMixin"]
+
+# Every module that defines a scheduler imports ``SchedulerMixin`` from here: a pipeline saved with a fewstep
+# scheduler records the scheduler's module as its library, and diffusers' ``from_pretrained`` then looks for its
+# loadable base classes (``SchedulerMixin``) *in that module*; without the name there it refuses to load the
+# pipeline ("does not seem to have any of the loading methods").
 
 TIME_GRIDS = ("spacing", "uniform_time", "uniform_lambda", "time_quadratic", "karras")
 

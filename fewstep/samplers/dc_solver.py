@@ -14,7 +14,7 @@ from ..solvers.dc import DC_VARIABLES, DynamicCompensation, check_ratios, compil
 from ..solvers.dc_artifacts import CPRModel, load_cpr, load_ratios
 from ..solvers.engine import EngineState
 from ..solvers.methods import DPM_SOLVER_TYPES, UNIPC_TYPES, ddim_decisions, dpm_solver_decisions, unipc_decisions
-from .base import FewstepScheduler
+from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = ["FewstepDCSolverScheduler", "DC_BASES", "SHIPPED_DC_ARTIFACTS", "dc_scheduler_key", "shipped_artifact"]
 

@@ -7,7 +7,7 @@ from typing import Literal
 from diffusers.configuration_utils import register_to_config
 
 from ..solvers.methods import ddim_decisions
-from .base import FewstepScheduler
+from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = ["FewstepDDIMScheduler"]
 

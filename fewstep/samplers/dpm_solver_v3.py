@@ -14,7 +14,7 @@ from ..solvers.engine import EMSGrid, compile_plan
 from ..solvers.methods import dpm_solver_v3_decisions
 from ..solvers.s3 import schedule_fingerprint
 from ..solvers.schedules import FlowSchedule
-from .base import FewstepScheduler
+from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = [
     "FewstepDPMSolverV3Scheduler", "SHIPPED_EMS", "SHIPPED_EMS_TIME_GRID", "CORRECTOR_REGIONS", "V3_TIME_GRIDS",

@@ -11,7 +11,7 @@ from diffusers.configuration_utils import register_to_config
 from ..solvers import grids
 from ..solvers.methods import ddim_decisions
 from ..solvers.schedules import FlowSchedule, is_flow_config
-from .base import FewstepScheduler
+from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = ["FewstepFlowEulerScheduler", "FewstepFlowChefScheduler"]
 

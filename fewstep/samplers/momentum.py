@@ -18,7 +18,7 @@ from ..solvers.methods import (
     unipc_decisions,
 )
 from ..solvers.momentum import MomentumStep, check_beta, compile_momentum, split_fractional_order
-from .base import FewstepScheduler
+from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = ["FewstepHeavyBallScheduler", "FewstepGHVBScheduler", "HB_BASES"]
 

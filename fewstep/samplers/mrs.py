@@ -19,7 +19,7 @@ from ..solvers.mean_reverting import (
 )
 from ..solvers.methods import dpm_solver_decisions, euler_maruyama_decisions
 from ..solvers.schedules import is_flow_config
-from .base import FewstepScheduler, FewstepSchedulerOutput, _compute_dtype
+from .base import FewstepScheduler, FewstepSchedulerOutput, SchedulerMixin, _compute_dtype  # noqa: F401 - see base.py
 
 __all__ = ["FewstepMRSScheduler", "MRS_SOLVERS"]
 

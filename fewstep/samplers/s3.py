@@ -11,7 +11,7 @@ from ..solvers import grids
 from ..solvers.ems import EMS
 from ..solvers.engine import Plan, StepDecision, compile_plan, with_analytic_first_step
 from ..solvers.s3 import SolverSchedule, schedule_fingerprint
-from .base import FewstepScheduler
+from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = ["FewstepS3Scheduler", "SHIPPED_SCHEDULES", "shipped_schedule_path"]
 
