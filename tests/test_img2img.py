@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import SD3_FLOW, SD15_PNDM, SDXL_EULER
+from _helpers import FLUX_FLOW, SD3_FLOW, SD15_PNDM, SDXL_EULER
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -22,7 +23,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from test_fewstep_pipeline import _sdxl_embeds, sd, sd_path, sdxl  # noqa: F401 - tiny SD1.5/SDXL pipeline fixtures
-from test_fewstep_pipeline_flow import SIZE, _embeds, sd3  # noqa: F401 - the tiny SD3-shaped pipeline fixture
+from test_fewstep_pipeline_flow import SIZE, _embeds, _flux_transformer, _vae, sd3  # noqa: F401 - tiny SD3 fixture
 
 from fewstep import samplers
 from fewstep.solvers.engine import StepDecision, restart_decisions
@@ -89,6 +90,26 @@ def test_sd3_img2img_matches_diffusers(sd3):  # noqa: F811
     out = pipe(**kw, image=image, strength=0.7, num_inference_steps=6, guidance_scale=4.0, output_type="np",
                generator=torch.Generator().manual_seed(1)).images  # fmt: skip
     assert np.isfinite(out).all() and np.abs(out - outs[0]).max() < 0.2
+
+
+def test_flux_img2img_matches_diffusers():
+    """Flux img2img: dynamic shift (``mu``), the pipeline's own sigmas, ``scale_noise`` and the begin index."""
+    torch.manual_seed(0)
+    pipe = FluxImg2ImgPipeline(
+        transformer=_flux_transformer(True), scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_FLOW),
+        vae=_vae(4), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    kw = {"prompt_embeds": torch.randn(1, 6, 16, generator=g), "pooled_prompt_embeds": torch.randn(1, 8, generator=g)}
+    image = torch.rand(1, 3, SIZE, SIZE, generator=g)
+    outs = []
+    for scheduler in (FlowMatchEulerDiscreteScheduler.from_config(FLUX_FLOW),
+                      samplers.get("flow-euler").from_config(FLUX_FLOW)):  # fmt: skip
+        pipe.scheduler = scheduler
+        outs.append(pipe(**kw, image=image, strength=0.6, num_inference_steps=8, height=SIZE, width=SIZE,
+                         output_type="np", generator=torch.Generator().manual_seed(1)).images)  # fmt: skip
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
 
 
 def test_scale_noise_is_the_flow_forward_process():
