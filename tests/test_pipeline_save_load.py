@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from _helpers import SD3_FLOW, SD15_PNDM
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
@@ -41,3 +42,29 @@ def test_saved_pipeline_loads_back_with_its_fewstep_scheduler(sd, tmp_path, name
         loaded = loader.from_pretrained(tmp_path)
         assert type(loaded.scheduler) is type(scheduler)
         assert _public(loaded.scheduler.config) == _public(scheduler.config)
+
+
+def test_ddim_from_a_saved_config_is_the_ddim_from_the_same_config_in_memory(tmp_path):
+    """diffusers drops another class's default-valued keys when converting a config in memory, but a saved config
+    lists them explicitly (Euler's ``final_sigmas_type="zero"``). DDIM's last step follows ``set_alpha_to_one``
+    (as diffusers' DDIMScheduler) either way, unless ``final_sigmas_type`` is passed explicitly."""
+    from _helpers import SDXL_EULER
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler.from_config(SDXL_EULER)
+    euler.save_pretrained(tmp_path)
+    reloaded = EulerDiscreteScheduler.from_pretrained(tmp_path)
+    assert reloaded.config.final_sigmas_type == "zero" and "final_sigmas_type" not in SDXL_EULER
+    ddim = samplers.get("ddim")
+    grids = []
+    for config in (euler.config, reloaded.config):
+        sched = ddim.from_config(config)
+        assert sched.config.final_sigmas_type == "sigma_min"  # set_alpha_to_one=False in SDXL's config
+        sched.set_timesteps(4)
+        grids.append(sched.plan.grid.alphas)
+    np.testing.assert_array_equal(grids[0], grids[1])
+    theirs = DDIMScheduler.from_config(reloaded.config)
+    assert grids[1][-1] == pytest.approx(float(theirs.final_alpha_cumprod) ** 0.5)
+    assert ddim.from_config(reloaded.config, final_sigmas_type="zero").config.final_sigmas_type == "zero"
+    own = ddim.from_config(reloaded.config, final_sigmas_type="zero")
+    assert ddim.from_config(own.config).config.final_sigmas_type == "zero"  # a fewstep DDIM config keeps its own

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from diffusers.configuration_utils import register_to_config
 
@@ -62,6 +62,20 @@ class FewstepDDIMScheduler(FewstepScheduler):
         if clip_sample is None:
             # diffusers' DDIM clips x0 to [-1, 1] by default; that suits pixel-space VP models, never flow latents.
             self.register_to_config(clip_sample=not self.is_flow)
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """As diffusers' ``from_config``, except that another scheduler's ``final_sigmas_type`` is not taken over
+        (only a fewstep DDIM config's or an explicit keyword's): it describes that scheduler's last step, while
+        DDIM's is decided by ``set_alpha_to_one``, as in diffusers' DDIMScheduler. Without this a pipeline's
+        scheduler gave another DDIM after ``save_pretrained`` / ``from_pretrained`` (which writes e.g. Euler's
+        default ``final_sigmas_type="zero"`` explicitly) than before it."""
+        if config is not None and "final_sigmas_type" not in kwargs:
+            source = dict(config)
+            if source.get("_class_name") != cls.__name__ and "final_sigmas_type" in source:
+                del source["final_sigmas_type"]
+                config = source
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _decisions(self, num_steps: int, final_is_clean: bool):
         return ddim_decisions(num_steps)
