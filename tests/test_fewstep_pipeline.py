@@ -157,6 +157,23 @@ def test_bad_input(sd):
         FewstepPipeline.from_pipe(object())
 
 
+def test_pipelines_with_extra_model_inputs_are_refused(sd):
+    """A ControlNet pipeline or an inpainting UNet would run wrong (the ControlNet ignored) or fail inside the model
+    in a text-to-image loop: refused with what to do instead."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionInpaintPipeline
+
+    controlnet = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(8, 16))
+    cn_pipe = StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
+    with pytest.raises(ValueError, match="StableDiffusionControlNetPipeline has a ControlNet, whose residuals"):
+        FewstepPipeline.from_pipe(cn_pipe, scheduler="unipc")
+    nine = UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": 9})  # SD inpainting's UNet
+    inpaint = StableDiffusionInpaintPipeline(**{**sd.components, "unet": nine})
+    with pytest.raises(ValueError, match=r"UNet2DConditionModel takes 9 input channels for 4 output channels"):
+        FewstepPipeline.from_pipe(inpaint, scheduler="unipc")
+    # the same components as an img2img pipeline are text-to-image components: hosted
+    assert FewstepPipeline.from_pipe(StableDiffusionInpaintPipeline(**sd.components), scheduler="unipc").family == "sd"
+
+
 def test_scale_override_keeps_the_rule_kind(sd):
     fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="cfg++", guidance_scale=0.2)
     run = lambda **kw: fp("x", num_inference_steps=3, generator=_gen(), output_type="latent", **kw).images  # noqa: E731

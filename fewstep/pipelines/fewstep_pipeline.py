@@ -72,11 +72,37 @@ CLASS_FAMILY = "class"
 
 
 
+def _check_text_to_image(pipe: Any, model: Any) -> None:
+    """Refuse pipelines whose denoiser needs inputs the text-to-image loop does not give it (a ControlNet's
+    residuals; an inpainting, depth, pix2pix or upscaling UNet's extra input channels), rather than run them
+    wrong or fail deep inside the model. Their own pipelines take a fewstep scheduler directly."""
+    how = ("use it with a fewstep scheduler as it is (pipe.scheduler = fewstep.samplers.get(name).from_config("
+           "pipe.scheduler.config)), or host its text-to-image base pipeline")
+    name = type(pipe).__name__
+    if getattr(pipe, "controlnet", None) is not None:
+        raise ValueError(f"FewstepPipeline hosts text-to-image loops; {name} has a ControlNet, whose residuals "
+                         f"this loop does not compute: {how}")  # fmt: skip
+    cfg = model.config
+    in_ch = getattr(cfg, "in_channels", None)
+    out_ch = getattr(cfg, "out_channels", None) or in_ch
+    if in_ch is not None and in_ch != out_ch:
+        raise ValueError(
+            f"FewstepPipeline hosts text-to-image loops; {name}'s {type(model).__name__} takes {in_ch} input "
+            f"channels for {out_ch} output channels (an inpainting, depth, pix2pix or upscaling model that expects "
+            f"extra image inputs): {how}"
+        )
+
+
 def _family(pipe: Any) -> str:
     from .class_conditional import ClassConditionalPipeline
 
     if isinstance(pipe, ClassConditionalPipeline):
         return CLASS_FAMILY
+    for attr in ("transformer", "unet"):
+        model = getattr(pipe, attr, None)
+        if model is not None and hasattr(model, "config"):
+            _check_text_to_image(pipe, model)
+            break
     transformer = getattr(pipe, "transformer", None)
     if transformer is not None and hasattr(pipe, "encode_prompt"):
         family = TRANSFORMER_FAMILIES.get(type(transformer).__name__)
