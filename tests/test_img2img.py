@@ -215,3 +215,22 @@ def test_sdxl_base_then_refiner_matches_diffusers(sdxl, name, cls):  # noqa: F81
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=1e-4)  # latents of unit scale
     np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5)
     assert refiner.scheduler.begin_index == 7
+
+
+@pytest.mark.parametrize(("name", "cls"), [("dpm-solver++", DPMSolverMultistepScheduler),
+                                           ("unipc", UniPCMultistepScheduler)])  # fmt: skip
+def test_add_noise_on_a_karras_grid_uses_the_exact_levels(name, cls):
+    """Karras grids round the model timesteps; add_noise at a grid timestep must give the exact level the solver
+    starts from (diffusers' self.sigmas[step_index]), not the schedule's level at the rounded timestep."""
+    theirs = cls.from_config(SD15_PNDM, use_karras_sigmas=True)
+    ours = samplers.get(name).from_config(SD15_PNDM, use_karras_sigmas=True)
+    x0, eps = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    for sched in (theirs, ours):
+        sched.set_timesteps(10)
+        sched.set_begin_index(4)
+    t = ours.timesteps[4:5]
+    # diffusers keeps its sigmas in float32 (~3e-8); the schedule level at the rounded timestep was 2e-4 off
+    torch.testing.assert_close(ours.add_noise(x0, eps, t), theirs.add_noise(x0, eps, t), rtol=1e-6, atol=1e-7)
+    off_grid = torch.tensor([500])  # not a grid timestep: the schedule's own level
+    alpha, sigma = ours.noise_schedule.alpha_sigma(500.0)
+    torch.testing.assert_close(ours.add_noise(x0, eps, off_grid), float(alpha) * x0 + float(sigma) * eps)

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistep
 from fewstep.samplers import get
 
 
-def _loop(scheduler, model, steps: int, dtype=torch.float64, seed: int = 1, **set_kw) -> torch.Tensor:
+def _loop(scheduler, model, steps: int | None, dtype=torch.float64, seed: int = 1, **set_kw) -> torch.Tensor:
     scheduler.set_timesteps(steps, **set_kw)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64).to(dtype)
@@ -151,3 +151,32 @@ def test_user_flow_sigmas_are_shifted_as_diffusers_does():
         outs.append(x)
     # diffusers feeds the model int64 timesteps (999, 954, ...) where fewstep keeps 999.999, 954.5: ~1e-5
     assert ((outs[0] - outs[1]).abs().max() / outs[0].abs().max()).item() < 2e-4
+
+
+@pytest.mark.parametrize("config_name,mu", [("sd3", None), ("flux", 0.8)])
+def test_ddim_on_flow_configs_shifts_user_timesteps_as_flow_match_euler(config_name, mu):
+    """User ``timesteps`` on a flow config are sigmas * T, shifted like any others (before, DDIM took them
+    unshifted: 5% off diffusers' FlowMatchEuler)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = REAL_CONFIGS[config_name]
+    model = TinyDenoiser(3 * 8 * 8)
+    kw = {"timesteps": [1000.0, 800.0, 500.0, 200.0, 50.0], **({"mu": mu} if mu is not None else {})}
+    reference, ours = FlowMatchEulerDiscreteScheduler.from_config(config), get("ddim").from_config(config)
+    got, expected = _loop(ours, model, None, **kw), _loop(reference, model, None, **kw)
+    torch.testing.assert_close(ours.sigmas.double(), reference.sigmas.double(), rtol=0, atol=2e-6)  # s <= 1 - 1e-6
+    assert _rel(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("bounds", [{"sigma_min": 0.1, "sigma_max": 10.0}, {"sigma_min": 0.1}, {}])
+@pytest.mark.parametrize("name,diffusers_cls", [("dpm-solver++", DPMSolverMultistepScheduler),
+                                                 ("unipc", UniPCMultistepScheduler)])
+def test_karras_grid_takes_the_configs_sigma_bounds(name, diffusers_cls, bounds):
+    """diffusers' Karras grids read ``sigma_min``/``sigma_max`` from the config when it has them (Euler's keys);
+    fewstep ignored them (44% off)."""
+    config = {**diffusers_cls(use_karras_sigmas=True).config, **bounds}
+    reference, ours = diffusers_cls.from_config(config), get(name).from_config(config)
+    model = TinyDenoiser(3 * 8 * 8)
+    expected, got = _loop(reference, model, 6), _loop(ours, model, 6)
+    assert torch.equal(ours.timesteps, reference.timesteps)
+    assert _rel(got, expected) < 1e-6

@@ -95,3 +95,44 @@ def test_flow_models_need_mu_with_dynamic_shifting():
 def test_unknown_sampler_name_lists_available():
     with pytest.raises(ValueError, match=r"unknown sampler 'euler'; available: ddim, dpm-solver\+\+, unipc"):
         samplers.get("euler")
+
+
+FOREIGN = [
+    ("dpm-solver++", {"use_lu_lambdas": True}, r"does not implement diffusers' `use_lu_lambdas`=True .*uniform_lambda"),
+    ("unipc", {"use_exponential_sigmas": True}, r"`use_exponential_sigmas`=True"),
+    ("unipc", {"use_beta_sigmas": True}, r"`use_beta_sigmas`=True"),
+    ("dpm-solver++", {"lambda_min_clipped": -5.1}, r"`lambda_min_clipped`=-5.1"),
+    ("ddim", {"variance_type": "learned_range"}, r"`variance_type`='learned_range' .*first C output channels"),
+    ("ddim", {"shift": 3.0, "invert_sigmas": True}, r"`invert_sigmas`=True"),
+    ("ddim", {"shift": 3.0, "stochastic_sampling": True}, r"`stochastic_sampling`=True"),
+]
+
+
+@pytest.mark.parametrize(("name", "extra", "match"), FOREIGN)
+def test_options_fewstep_does_not_implement_are_refused_not_dropped(name, extra, match):
+    """diffusers' from_config drops keys the target class does not take; these change the trajectory, so a
+    config that sets them (as a pipeline's may) is an error naming the option, not a silently different sampler."""
+    base = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000}
+    with pytest.raises(ValueError, match=match):
+        samplers.get(name).from_config({**base, **extra})
+    neutral = {k: (False if isinstance(v, bool) else None) for k, v in extra.items() if k != "shift"}
+    samplers.get(name).from_config({**base, **extra, **neutral})  # neutral values are fine
+
+
+def test_edm_configs_are_refused():
+    with pytest.raises(ValueError, match="EDMDPMSolverMultistepScheduler config: EDM schedulers"):
+        samplers.get("unipc").from_config({"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_data": 0.5})
+
+
+def test_flow_schedules_refuse_karras_and_sigma_min_ends():
+    sched = samplers.get("unipc").from_config({"use_flow_sigmas": True, "flow_shift": 3.0,
+                                               "prediction_type": "flow_prediction", "use_karras_sigmas": True})
+    with pytest.raises(ValueError, match="`use_karras_sigmas=True` is not supported on a flow-matching schedule"):
+        sched.set_timesteps(5)
+    sched = samplers.get("dpm-solver++").from_config({"use_flow_sigmas": True, "flow_shift": 3.0,
+                                                      "prediction_type": "flow_prediction",
+                                                      "final_sigmas_type": "sigma_min"})  # fmt: skip
+    with pytest.raises(ValueError, match="`final_sigmas_type`='sigma_min': flow-matching schedules end on clean"):
+        sched.set_timesteps(5)
+    ddim = samplers.get("ddim").from_config({"shift": 3.0, "set_alpha_to_one": False})  # a VP notion: ignored on flow
+    assert ddim.is_flow and ddim.config.final_sigmas_type == "zero"

@@ -43,6 +43,44 @@ class FewstepSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
+#: diffusers scheduler options that change the sampled trajectory but that fewstep does not implement: when a config
+#: (a pipeline's, or the one given to ``from_config``) sets one to anything but these neutral values, building a
+#: fewstep scheduler from it is an error rather than a silently different sampler. Value: (neutral values, hint).
+_FOREIGN_OPTIONS: dict[str, tuple[tuple, str]] = {
+    "use_lu_lambdas": ((False, None), "for steps uniform in log-SNR use time_grid='uniform_lambda'"),
+    "use_exponential_sigmas": ((False, None), "supported grids: time_grid in " + str(list(TIME_GRIDS))),
+    "use_beta_sigmas": ((False, None), "supported grids: time_grid in " + str(list(TIME_GRIDS))),
+    "lambda_min_clipped": ((-float("inf"), None), "the steps are not clipped in log-SNR"),
+    "variance_type": ((None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
+                      "a model that also predicts its variance needs a wrapper returning the first C output "
+                      "channels (the mean prediction)"),
+    "invert_sigmas": ((False, None), "flow sigmas are not inverted"),
+    "stochastic_sampling": ((False, None), "fewstep's flow samplers are deterministic ODE steps"),
+}
+
+
+def check_foreign_options(config: Any, scheduler: str) -> None:
+    """Refuse a config that asks for diffusers behaviour fewstep does not implement (``_FOREIGN_OPTIONS``; EDM
+    parameterisations), naming the option, its value and the way out."""
+    cfg = dict(config or {})
+    source = str(cfg.get("_class_name") or "")
+    if source.startswith("EDM") or "sigma_data" in cfg:
+        raise ValueError(
+            f"{scheduler} cannot be built from {source or 'an EDM'} config: EDM schedulers (sigma_data, "
+            "precondition_outputs) parameterise the model without a beta schedule, which fewstep's VP and flow "
+            "schedules do not model"
+        )
+    for key, (neutral, hint) in _FOREIGN_OPTIONS.items():
+        value = cfg.get(key)
+        if value is None or value in neutral:
+            continue
+        origin = f"the {source} config" if source else "the scheduler config"
+        raise ValueError(
+            f"{scheduler} does not implement diffusers' `{key}`={value!r} (from {origin}); {hint}. Remove the key "
+            f"from the config to use fewstep's default ({neutral[0]!r})"
+        )
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -60,6 +98,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     # ----------------------------------------------------------------------------------------------
     # construction
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' ``from_config``, after refusing options of the source config that would change the result
+        and that fewstep does not implement (``check_foreign_options``): diffusers drops such keys silently."""
+        check_foreign_options({**dict(config or {}), **kwargs}, cls.__name__)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def _init_common(self) -> None:
         cfg = self.config
         flow = is_flow_config(dict(cfg))
@@ -216,11 +261,19 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         sched = self.noise_schedule
         final = cfg.final_sigmas_type
+        if isinstance(sched, FlowSchedule):
+            if cfg.use_karras_sigmas:
+                raise ValueError("`use_karras_sigmas=True` is not supported on a flow-matching schedule (the steps "
+                                 "follow the shifted flow sigmas); set it to False")  # fmt: skip
+            if final != "zero":
+                raise ValueError(f"`final_sigmas_type`={final!r}: flow-matching schedules end on clean data here; "
+                                 "use 'zero'")  # fmt: skip
+            if timesteps is not None or sigmas is not None:
+                # as FlowMatchEulerDiscreteScheduler: user timesteps are sigmas * T, shifted like any others
+                return self._shifted_flow_grid(timesteps, sigmas, mu)
         if timesteps is not None:
             return grids.custom_timesteps_grid(sched, timesteps, final)
         if sigmas is not None:
-            if isinstance(sched, FlowSchedule):
-                return self._shifted_flow_grid(None, sigmas, mu)
             return grids.custom_sigmas_grid(sched, sigmas, final, round_timesteps=True)
         if isinstance(sched, FlowSchedule):
             shift = self._flow_shift(mu)
@@ -237,7 +290,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 sched, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset, final, style=self.spacing_style
             )
         if grid_name == "karras":
-            return grids.karras_grid(sched, num_inference_steps, final_sigmas_type=final)
+            # diffusers' Karras grids take the config's sigma_min / sigma_max when it has them (Euler's keys, kept
+            # in the config as extra entries), else the schedule's own range
+            bounds = {k: getattr(cfg, k, None) for k in ("sigma_min", "sigma_max")}
+            return grids.karras_grid(sched, num_inference_steps, rho_min=bounds["sigma_min"],
+                                     rho_max=bounds["sigma_max"], final_sigmas_type=final)  # fmt: skip
         builder = {
             "uniform_time": grids.uniform_time_grid,
             "uniform_lambda": grids.uniform_lambda_grid,
@@ -408,9 +465,22 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """``alpha_t x0 + sigma_t eps`` at model timesteps ``timesteps`` (one per batch element or a scalar)."""
+        """``alpha_t x0 + sigma_t eps`` at model timesteps ``timesteps`` (one per batch element or a scalar).
+
+        A timestep of the current grid gets that grid point's exact ``alpha``/``sigma`` (as diffusers takes
+        ``self.sigmas[step_index]``): on a Karras grid the model timesteps are rounded while the solver starts
+        from the exact level, so img2img's noised start must use the latter."""
         t = torch.as_tensor(timesteps).to(torch.float64).reshape(-1).cpu().numpy()
-        alpha, sigma = self.noise_schedule.alpha_sigma(t)
+        alpha, sigma = (np.array(v, dtype=np.float64, ndmin=1) for v in self.noise_schedule.alpha_sigma(t))
+        if self.plan is not None and self._timestep_values:
+            point = {}
+            for k, (i, _) in enumerate(self.plan.calls):
+                point.setdefault(self._timestep_values[k], i)
+            grid = self.plan.grid
+            for j, value in enumerate(t.tolist()):
+                i = point.get(value)
+                if i is not None:
+                    alpha[j], sigma[j] = grid.alphas[i], grid.sigmas[i]
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         a = torch.as_tensor(alpha, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
         s = torch.as_tensor(sigma, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)

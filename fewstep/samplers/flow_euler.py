@@ -92,10 +92,7 @@ class FewstepFlowEulerScheduler(FewstepScheduler):
     def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:
         if not isinstance(self.noise_schedule, FlowSchedule):  # pragma: no cover - refused in __init__
             raise ValueError("flow-euler needs a flow schedule")
-        if sigmas is None and timesteps is None:
-            return super()._grid(num_inference_steps, timesteps, sigmas, mu)
-        # FlowMatchEulerDiscreteScheduler also shifts sigmas derived from user timesteps.
-        return self._shifted_flow_grid(timesteps, sigmas, mu)
+        return super()._grid(num_inference_steps, timesteps, sigmas, mu)
 
     def _decisions(self, num_steps: int, final_is_clean: bool):
         return ddim_decisions(num_steps)
