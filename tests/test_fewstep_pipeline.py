@@ -198,3 +198,92 @@ def test_diffusers_scheduler_runs_raw_cfg_like_diffusers(sd):
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
     plain = sd("a digit", num_inference_steps=4, guidance_scale=5.0, generator=_gen(), output_type="np").images
     assert not np.allclose(plain, theirs, atol=1e-4)
+
+
+def _unet_batches(module) -> list:
+    seen: list = []
+    module.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_cfg_at_scale_at_most_one_runs_the_conditional_model_alone_as_diffusers(sd):
+    """diffusers' text-to-image pipelines turn CFG off at guidance_scale <= 1 (turbo models use 0): one branch,
+    the prompt kept. (The class-conditional digits pipelines keep w literally: tests/test_guided_pipeline.py.)"""
+    fp = FewstepPipeline.from_pipe(sd, scheduler="unipc")
+    stock = type(sd)(**{**sd.components, "scheduler": samplers.get("unipc").from_config(sd.scheduler.config)})
+    stock.set_progress_bar_config(disable=True)
+    for w in (0.0, 0.5):
+        seen = _unet_batches(sd.unet)
+        ours = fp("a seven", guidance_scale=w, num_inference_steps=3, generator=_gen(), output_type="np").images
+        assert seen == [1, 1, 1]
+        theirs = stock("a seven", guidance_scale=w, num_inference_steps=3, generator=_gen(), output_type="np").images
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+        sd.unet._forward_pre_hooks.clear()
+
+
+def test_per_call_scale_keeps_the_rules_other_settings_and_defaults_follow_diffusers(sd, sdxl):
+    rescaled = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance=guidance.CFG(5.0, guidance_rescale=0.7))
+    run = lambda p, **kw: p("x", num_inference_steps=3, generator=_gen(), output_type="latent", **kw).images  # noqa: E731
+    assert torch.equal(run(rescaled), run(rescaled, guidance_scale=5.0))  # the rescale is kept
+    apg = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance=guidance.APG(4.0, eta=1.0, norm_threshold=None,
+                                                                                momentum=0.0))  # fmt: skip
+    assert torch.equal(run(apg), run(apg, guidance_scale=4.0))
+    wide = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance=guidance.CFGPlusPlus(0.5, allow_extrapolation=True))
+    run(wide, guidance_scale=1.5)  # still allowed to extrapolate
+    assert FewstepPipeline.from_pipe(sdxl, scheduler="ddim").guidance.guidance_scale == 5.0  # diffusers' SDXL default
+    assert FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="cfg").guidance.guidance_scale == 7.5
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance_scale=7.5)
+    assert torch.equal(run(fp), run(fp, guidance="cfg"))  # "cfg" without a scale: the family default, not 3
+
+
+def test_base_pipeline_input_checks_run(sd):
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim")
+    with pytest.raises(ValueError, match="`height` and `width` have to be divisible by 8 but are 12 and 16"):
+        fp("x", height=12, width=16, num_inference_steps=2)
+    with pytest.raises(ValueError, match="Cannot forward both `negative_prompt`"):
+        fp("x", negative_prompt="y", negative_prompt_embeds=torch.zeros(1, 77, 16), num_inference_steps=2)
+
+
+def test_callbacks_see_the_pipeline_state_and_can_interrupt(sd):
+    """diffusers callbacks read pipe.num_timesteps / guidance_scale / do_classifier_free_guidance and may set
+    pipe._interrupt; PipelineCallback objects bring their own tensor inputs; a callback that changes a tensor's
+    shape (diffusers' CFG cutoff) is a clear error."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    fp = FewstepPipeline.from_pipe(sd, scheduler="unipc", guidance_scale=5.0)
+    seen = {}
+
+    def spy(pipe, i, t, tensors):
+        seen.update(n=pipe.num_timesteps, w=pipe.guidance_scale, cfg=pipe.do_classifier_free_guidance)
+        if i == 1:
+            pipe._interrupt = True
+        return {}
+
+    calls = _unet_batches(sd.unet)
+    fp("x", num_inference_steps=4, generator=_gen(), output_type="latent", callback_on_step_end=spy)
+    sd.unet._forward_pre_hooks.clear()
+    assert seen == {"n": 4, "w": 5.0, "cfg": True} and len(calls) == 2  # steps 2 and 3 skipped
+    again = fp("x", num_inference_steps=4, generator=_gen(), output_type="latent").images  # interrupt is per call
+    assert torch.isfinite(again).all()
+    with pytest.raises(ValueError, match=r"returned `prompt_embeds` of shape \(1, 77, 16\) at step 2; the loop"):
+        fp("x", num_inference_steps=4, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+
+
+def test_sd_outputs_carry_the_safety_flags_as_diffusers(sd):
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim")
+    out = fp("x", num_inference_steps=np.int64(2), num_images_per_prompt=np.int64(1), output_type="np")
+    assert out.nsfw_content_detected is None and out.images.shape == (1, 8, 8, 3)
+    images, nsfw = fp("x", num_inference_steps=2, output_type="np", return_dict=False)
+    assert nsfw is None and images.shape == (1, 8, 8, 3)
+
+
+def test_sdxl_decodes_a_float16_vae_in_float32_as_diffusers(sdxl):
+    """SDXL's VAE overflows in float16; with ``force_upcast`` the decode runs in float32 and the shared VAE goes back
+    to float16 afterwards (StableDiffusionXLPipeline's behaviour)."""
+    vae = AutoencoderKL.from_config({**sdxl.vae.config, "force_upcast": True}).to(torch.float16)
+    pipe = StableDiffusionXLPipeline(**{**sdxl.components, "vae": vae})
+    fp = FewstepPipeline.from_pipe(pipe, scheduler="ddim")
+    dtypes = []
+    vae.decoder.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
+    image = fp(**_sdxl_embeds(), num_inference_steps=2, generator=_gen(), output_type="np").images
+    assert dtypes == [torch.float32] and vae.dtype == torch.float16 and np.isfinite(image).all()

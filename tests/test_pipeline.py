@@ -64,6 +64,8 @@ def test_output_types_and_guidance_branches(saved_pipeline):
     np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), npy, atol=1e-6)
     cond_only = pipe([1], num_inference_steps=3, guidance_scale=1.0, generator=g()).images
     assert not np.allclose(cond_only, npy)
+    as_array = pipe(np.array([1]), num_inference_steps=3, generator=g(), output_type="np").images
+    np.testing.assert_array_equal(as_array, npy)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +73,7 @@ def test_output_types_and_guidance_branches(saved_pipeline):
     [
         ({"class_labels": [10]}, r"class label 10 is out of range: this model has classes 0..9"),
         ({"class_labels": [-1]}, r"class label -1 is out of range"),
+        ({"class_labels": [3.0]}, r"class labels must be ints, got 3.0 \(float\)"),
         ({"class_labels": []}, r"`class_labels` must be a non-empty list"),
         ({"class_labels": [1], "num_inference_steps": 0}, r"`num_inference_steps` must be an integer >= 1"),
         ({"class_labels": [1], "guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number >= 0"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -92,8 +92,16 @@ class GuidanceRule:
         return self.combine(cond, uncond, state)
 
     def config(self) -> dict:
-        """The rule's parameters (for reports and ``repr``)."""
+        """The rule's parameters (for reports and ``repr``; the constructor's keyword arguments)."""
         return {}
+
+    def with_scale(self, guidance_scale: Any) -> GuidanceRule:
+        """A new rule of this kind and with these settings, ``guidance_scale`` in place of this one's (per-step
+        state such as APG's momentum is not carried over)."""
+        config = self.config()
+        if "guidance_scale" not in config:
+            raise ValueError(f"{type(self).__name__} has no `guidance_scale` to replace (its config: {config})")
+        return type(self)(**{**config, "guidance_scale": guidance_scale})
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

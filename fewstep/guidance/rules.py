@@ -253,6 +253,7 @@ class APG(GuidanceRule):
             "norm_threshold": self.norm_threshold,
             "momentum": self.momentum,
             "space": self.space,
+            "norm_dims": None if self.norm_dims is None else list(self.norm_dims),
         }
 
 

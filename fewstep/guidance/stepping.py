@@ -80,6 +80,12 @@ def raw_cfg(rule: CFG, out_cond: torch.Tensor, out_uncond: torch.Tensor, index: 
     then diffusers' ``guidance_rescale`` on the raw output, exactly as diffusers' pipelines do."""
     if not isinstance(rule, CFG):
         raise ValueError(f"only plain CFG can run on raw outputs, got guidance {rule.name!r}")
+    if rule.scales is not None and len(rule.scales) != num_steps:
+        raise ValueError(
+            f"`guidance_scale` has {len(rule.scales)} per-step values, but this scheduler makes {num_steps} model "
+            "calls (len(scheduler.timesteps); PNDM, Heun and KDPM2 call the model more than once per step): give one "
+            "value per model call"
+        )
     w = rule.scale_at(StepState(index, num_steps, 1.0, 1.0))
     out = out_uncond + w * (out_cond - out_uncond)
     if rule.guidance_rescale > 0:

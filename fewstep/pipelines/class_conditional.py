@@ -98,13 +98,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
             )
         if isinstance(class_labels, (int, np.integer)):
             class_labels = [int(class_labels)]
-        if isinstance(class_labels, torch.Tensor):
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             class_labels = class_labels.reshape(-1).tolist()
         if not isinstance(class_labels, Sequence) or len(class_labels) == 0:
             raise ValueError(f"`class_labels` must be a non-empty list of ints, got {class_labels!r}")
         labels = []
         for c in class_labels:
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < self.num_classes:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+                raise ValueError(f"class labels must be ints, got {c!r} ({type(c).__name__}) in {class_labels!r}")
+            if not 0 <= c < self.num_classes:
                 raise ValueError(f"class label {c!r} is out of range: this model has classes 0..{self.num_classes - 1}")
             labels.append(int(c))
         return labels

@@ -33,12 +33,15 @@ Not covered yet: img2img/inpainting, IP-adapter, LCM ``timestep_cond``, SD3 skip
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from diffusers import ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import guidance as guidance_rules
@@ -56,7 +59,7 @@ from .flow_families import (
     flow_shift_mu,
 )
 from .graph_step import StaticLoop, StaticRun, check_graph_device, check_graph_rule, check_graph_scheduler
-from .loop_checks import FiniteWatch, callback_tensors
+from .loop_checks import FiniteWatch, callback_tensors, check_returned
 from .sharing import pixel_outputs, share_modules
 
 __all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES", "flow_shift_mu"]
@@ -66,7 +69,7 @@ _CALLBACK_TENSORS = ("latents", "prompt_embeds")
 
 
 #: default guidance of each family when ``from_pipe`` gets none (diffusers' defaults); Flux: its embedding
-_DEFAULT_SCALE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0, "class": 3.0}
+_DEFAULT_SCALE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "class": 3.0}
 #: the family of ``ClassConditionalPipeline`` (class labels, no text encoder or VAE)
 CLASS_FAMILY = "class"
 
@@ -275,9 +278,29 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
     def _make_rule(
         guidance: str | GuidanceRule | None, guidance_scale: float | None, family: str = "sd"
     ) -> GuidanceRule:
-        if guidance is None:
+        if guidance is None or (guidance == "cfg" and guidance_scale is None):  # CFG: the family's diffusers default
             return guidance_rules.CFG(_DEFAULT_SCALE.get(family, 7.5) if guidance_scale is None else guidance_scale)
         return guidance_rules.make(guidance, guidance_scale)
+
+    def _guided(self, rule: GuidanceRule | None) -> bool:
+        """Whether this call runs the unconditional branch. As in diffusers' text-to-image pipelines, plain CFG
+        with a (single) scale <= 1 runs the conditional model alone (``guidance_scale=0`` for distilled "turbo"
+        models), guidance_rescale included; the class-conditional digits pipelines keep the formula literally
+        (``w = 0``: the unconditional model) and other rules always run both branches."""
+        if rule is None or not rule.needs_uncond:
+            return False
+        plain = type(rule) is guidance_rules.CFG and rule.scales is None
+        return not (plain and self.family != CLASS_FAMILY and rule.guidance_scale <= 1.0)
+
+    def _check_base_inputs(self, **known: Any) -> None:
+        """The base pipeline's own ``check_inputs`` (divisible sizes, prompt/embedding combinations and shapes), with
+        the arguments this call knows; the rest at their defaults or ``None``."""
+        check = getattr(self.pipe, "check_inputs", None)
+        if check is None:
+            return
+        params = inspect.signature(check).parameters
+        check(**{name: known.get(name) for name, prm in params.items()
+                 if name in known or (prm.default is prm.empty and prm.kind is not prm.VAR_KEYWORD)})  # fmt: skip
 
     @staticmethod
     def _check_compatible(rule: GuidanceRule, scheduler: Any) -> None:
@@ -330,10 +353,12 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             time_ids = torch.cat([time_ids, time_ids])
         return {"text_embeds": text.to(device), "time_ids": time_ids.to(device).repeat(batch, 1)}
 
-    def _decode(self, latents: torch.Tensor, output_type: str, device, dtype) -> Any:
+    def _decode(self, latents: torch.Tensor, output_type: str, device, dtype, with_nsfw: bool = False) -> Any:
+        """VAE decode and postprocessing as the base pipeline does (SD's safety checker, SDXL's float32 upcast of a
+        float16 VAE with ``force_upcast`` and its watermark); ``with_nsfw``: also return the checker's flags."""
         p = self.pipe
         if output_type == "latent":
-            return latents
+            return (latents, None) if with_nsfw else latents
         vae = p.vae
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
@@ -343,14 +368,38 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             z = latents * std_t / vae.config.scaling_factor + mean_t
         else:
             z = latents / vae.config.scaling_factor
-        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        do_denormalize = None
+        force_upcast = bool(getattr(vae.config, "force_upcast", False))
+        upcast = self.family == "sdxl" and vae.dtype == torch.float16 and force_upcast
+        if upcast:  # SDXL's VAE overflows in float16: decode in float32, as StableDiffusionXLPipeline does
+            vae.to(dtype=torch.float32)
+        try:
+            image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        do_denormalize, nsfw = None, None
         if self.family == "sd" and getattr(p, "safety_checker", None) is not None:
             image, nsfw = p.run_safety_checker(image, device, dtype)
             do_denormalize = [not flag for flag in nsfw] if nsfw is not None else None
         if self.family == "sdxl" and getattr(p, "watermark", None) is not None:
             image = p.watermark.apply_watermark(image)
-        return p.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        image = p.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        return (image, nsfw) if with_nsfw else image
+
+    def _set_call_state(self, rule: GuidanceRule | None, num_timesteps: int, scale: float | None = None) -> None:
+        """The base pipeline's per-call properties that diffusers callbacks read (``num_timesteps``,
+        ``guidance_scale``, ``do_classifier_free_guidance``, ``interrupt``), set on this wrapper's own pipeline
+        object (``pipe`` is untouched). Setting ``pipe._interrupt = True`` in a callback skips the remaining steps,
+        as in diffusers."""
+        p = self.pipe
+        if scale is None:
+            scale = getattr(rule, "guidance_scale", None)
+        p._num_timesteps = int(num_timesteps)
+        p._guidance_scale = float(scale) if isinstance(scale, (int, float)) else 1.0
+        p._guidance_rescale = float(getattr(rule, "guidance_rescale", 0.0) or 0.0)
+        p._interrupt = False
+        for name in ("_clip_skip", "_cross_attention_kwargs", "_joint_attention_kwargs", "_current_timestep"):
+            setattr(p, name, None)
 
     @staticmethod
     def _step(scheduler, rule, pairs: bool, out: torch.Tensor, t, x: torch.Tensor, i: int, n: int,
@@ -393,14 +442,17 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         step_kwargs = guidance_rules.step_kwargs(scheduler, generator)
         finite = FiniteWatch(x.device) if check_finite else None
         for i, t in enumerate(p.progress_bar(timesteps)):
+            if getattr(p, "_interrupt", False):  # set by a callback: skip the remaining steps (diffusers' interrupt)
+                continue
             out = model_fn(x, t, conds)
             x = self._step(scheduler, rule, pairs, out, t, x, i, len(timesteps), step_kwargs)
             if callback is not None:
                 tensors = callback_tensors(x, conds)
                 outputs = callback(p, i, t, {k: tensors[k] for k in callback_inputs}) or {}
-                x = outputs.get("latents", x)
+                x = check_returned("latents", outputs.get("latents", x), x, i)
                 if "embeds" in conds:
-                    conds["embeds"] = outputs.get("prompt_embeds", conds["embeds"])
+                    conds["embeds"] = check_returned("prompt_embeds", outputs.get("prompt_embeds", conds["embeds"]),
+                                                     conds["embeds"], i)  # fmt: skip
             if finite is not None:
                 finite.update(x, i)
         if finite is not None:
@@ -455,14 +507,17 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             if guidance_scale is not None:
                 embedded = float(guidance_scale)
         elif guidance is None:
-            rule = self.guidance if guidance_scale is None else self._make_rule(self.guidance.name, guidance_scale)
+            rule = self.guidance if guidance_scale is None else self.guidance.with_scale(guidance_scale)
         else:
-            rule = self._make_rule(guidance, guidance_scale)
+            rule = self._make_rule(guidance, guidance_scale, self.family)
         if rule is not None:
             self._check_compatible(rule, p.scheduler)
         if output_type not in PIPELINE_OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(PIPELINE_OUTPUT_TYPES)}, got {output_type!r}")
-        check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
+        check_int("num_inference_steps", num_inference_steps, 1)
+        num_inference_steps = int(num_inference_steps)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # as diffusers
         bad = [name for name in callback_on_step_end_tensor_inputs if name not in _CALLBACK_TENSORS]
         if bad:
             raise ValueError(
@@ -470,7 +525,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             )
         if not isinstance(check_finite, bool):
             raise ValueError(f"`check_finite` must be True or False, got {check_finite!r}")
-        check_int("num_images_per_prompt", num_images_per_prompt, 1, numpy_ok=False)
+        check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        num_images_per_prompt = int(num_images_per_prompt)
         if self.family == CLASS_FAMILY:
             if prompt is not None or prompt_embeds is not None:
                 raise ValueError("a class-conditional pipeline takes `class_labels`, not `prompt`/`prompt_embeds`")
@@ -504,8 +560,14 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             )  # fmt: skip
         height = height or p.unet.config.sample_size * p.vae_scale_factor
         width = width or p.unet.config.sample_size * p.vae_scale_factor
+        self._check_base_inputs(
+            prompt=prompt, height=height, width=width, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+        )  # fmt: skip
         device = p._execution_device
-        guided = rule.needs_uncond
+        guided = self._guided(rule)
         rule.reset()
 
         enc = self._encode(guided, device, num_images_per_prompt, {
@@ -531,10 +593,14 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             return denoiser(model_in, t, encoder_hidden_states=c["embeds"], added_cond_kwargs=added_kw,
                             return_dict=False)[0]  # fmt: skip
 
+        self._set_call_state(rule, len(timesteps))
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator, callback_on_step_end,
                           callback_on_step_end_tensor_inputs, check_finite)  # fmt: skip
-        image = self._decode(x, output_type, device, embeds.dtype)
+        image, nsfw = self._decode(x, output_type, device, embeds.dtype, with_nsfw=True)
         p.maybe_free_model_hooks()
+        if self.family == "sd":  # as StableDiffusionPipeline: the safety checker's flags (None without one)
+            return (image, nsfw) if not return_dict else StableDiffusionPipelineOutput(images=image,
+                                                                                     nsfw_content_detected=nsfw)
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
@@ -559,7 +625,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
         scheduler = p.scheduler
         x = latents.to(device=device, dtype=dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
-        guided = rule.needs_uncond
+        guided = self._guided(rule)
         rule.reset()
         cond = torch.tensor(labels, device=device)
         conds = {"labels": torch.cat([torch.full_like(cond, p.null_class), cond]) if guided else cond}
@@ -573,6 +639,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             t_batch = t.reshape(1).to(device).expand(model_in.shape[0])
             return denoiser(model_in, t_batch, class_labels=c["labels"]).sample
 
+        self._set_call_state(rule, len(timesteps))
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator, callback,
                           callback_inputs, check_finite)  # fmt: skip
         image = self._class_images(x, output_type)

@@ -137,8 +137,15 @@ class FlowFamilies:
         tr = p.transformer
         height = kw["height"] or p.default_sample_size * p.vae_scale_factor
         width = kw["width"] or p.default_sample_size * p.vae_scale_factor
+        self._check_base_inputs(
+            prompt=kw["prompt"], height=height, width=width, negative_prompt=kw["negative_prompt"],
+            prompt_embeds=kw["prompt_embeds"], negative_prompt_embeds=kw["negative_prompt_embeds"],
+            pooled_prompt_embeds=kw["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"],
+            callback_on_step_end_tensor_inputs=list(kw["callback_on_step_end_tensor_inputs"]),
+        )  # fmt: skip
         device = p._execution_device
-        guided = rule is not None and rule.needs_uncond
+        guided = self._guided(rule)
         if rule is not None:
             rule.reset()
         enc = self._flow_encode(guided, device, kw)
@@ -193,6 +200,7 @@ class FlowFamilies:
                                 encoder_hidden_states=c["embeds"], pooled_projections=c["pooled"],
                                 return_dict=False)[0]  # fmt: skip
 
+        self._set_call_state(rule, len(timesteps), None if rule is not None else embedded)
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator,
                           kw["callback_on_step_end"], kw["callback_on_step_end_tensor_inputs"],
                           kw["check_finite"])  # fmt: skip

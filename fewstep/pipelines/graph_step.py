@@ -225,6 +225,8 @@ class StaticLoop:
             self._capture(run, x, noise)
         finite = FiniteWatch(x.device) if check_finite else None
         for i, t in enumerate(p.progress_bar(timesteps)):
+            if getattr(p, "_interrupt", False):  # set by a callback: skip the remaining steps (diffusers' interrupt)
+                continue
             if graph:
                 run.graph.replay()
             else:

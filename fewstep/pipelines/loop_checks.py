@@ -3,9 +3,11 @@ and the NaN/Inf watch that names the first bad step without a host sync inside t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["callback_tensors", "FiniteWatch"]
+__all__ = ["callback_tensors", "check_returned", "FiniteWatch"]
 
 
 def callback_tensors(x: torch.Tensor, conds: dict) -> dict:
@@ -30,3 +32,17 @@ class FiniteWatch:
                 f"sampling produced NaN/Inf at step {step} of {num_steps} (sampler {sampler}); pass "
                 "check_finite=False to return it anyway"
             )
+
+
+def check_returned(name: str, value: Any, current: torch.Tensor, step: int) -> torch.Tensor:
+    """A tensor a ``callback_on_step_end`` returned in place of ``current``: it must keep its shape, because the
+    loop's guidance rule keeps both branches for the whole run (diffusers' CFG-cutoff callbacks shrink the batch to
+    the conditional half; with fewstep, end guidance with a per-step scale sequence instead)."""
+    if not isinstance(value, torch.Tensor) or value.shape != current.shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"callback_on_step_end returned `{name}` of shape {got} at step {step}; the loop needs shape "
+            f"{tuple(current.shape)} (both guidance branches run for the whole call: to stop guiding after k steps "
+            "use a per-step scale, e.g. guidance.CFG([7.5] * k + [1.0] * (n - k)))"
+        )
+    return value
