@@ -140,6 +140,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index: int | None = None
         self._timestep_values: list[float] = []
         self._compiled: tuple[grids.TimeGrid, list[StepDecision]] | None = None  # set_timesteps' grid, decisions
+        self._plan_start = 0  # the grid point the current plan's warm-up starts at (set_begin_index)
 
     @property
     def is_flow(self) -> bool:
@@ -174,10 +175,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                     f"`begin_index` {begin_index} is the second model call of an implicitly corrected step (grid "
                     f"point {point}); begin at {begin_index - 1} or {begin_index + 1}"
                 )
-            grid, decisions = self._compiled
-            hooks = self._state.hooks if self._state is not None else ()
-            run = restart_decisions(decisions, point) if point > 0 else list(decisions)
-            self._install_plan(grid, run, hooks, start=point)
+            if point != self._plan_start:  # (begin_index 0 right after set_timesteps: nothing to recompile)
+                grid, decisions = self._compiled
+                hooks = self._state.hooks if self._state is not None else ()
+                run = restart_decisions(decisions, point) if point > 0 else list(decisions)
+                self._install_plan(grid, run, hooks, start=point)
+                self._plan_start = point
             self._step_index = None
         self._begin_index = begin_index
 
@@ -333,6 +336,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         decisions = self._grid_decisions(grid)
         self._compiled = (grid, decisions)
         self._install_plan(grid, decisions)
+        self._plan_start = 0
         if self.plan.analytic_start is None:
             self.init_noise_sigma = 1.0
         else:  # an analytical first step (s3): the model's first call is at the plan's (later) first point
