@@ -1078,3 +1078,103 @@ def test_device_checks_script_parses_and_names_existing_files():
     named = set(re.findall(r"(tests/\w+\.py|scripts/\w+\.py)", text))
     assert {"tests/test_quant.py", "scripts/bench_pipeline_cuda.py", "scripts/bench_quant_cuda.py"} <= named
     assert all((root / path).is_file() for path in named), named
+
+
+# ------------------------------------------------------------------------------------- found by probing the API
+def _layer(module: nn.Module, fmt: str = "int8", lo: float = -4.0, hi: float = 4.0) -> quant.QuantLayer:
+    return quant.QuantLayer(module, [weight_qparams(module.weight, fmt=fmt)], [act_qparams_from_range(lo, hi, fmt)],
+                            fmt=fmt)  # fmt: skip
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+def test_fake_quant_conv_pads_with_the_layers_padding_mode(padding_mode):
+    """nn.Conv2d pads with its padding_mode before convolving; the fake-quant reference padded with zeros (34-54%
+    off at the border for an input of mean 3). The real 8-bit paths refuse these layers."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, padding_mode=padding_mode)
+    x = torch.randn(2, 4, 8, 8) * 0.5 + 3.0
+    q = _layer(conv, lo=0.0, hi=5.0)
+    for mode in ("fake", "dequant"):
+        q.set_mode(mode)
+        with torch.no_grad():
+            assert float((q(x) - conv(x)).norm() / conv(x).norm()) < 0.02, mode
+
+
+def test_fake_quant_passes_gradients_straight_through():
+    """Rounding has no gradient: guidance that backpropagates through a fake-quant denoiser (DPS) got exactly 0.
+    The straight-through estimator passes it inside the clipping range and leaves the values unchanged."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    q = _layer(lin, lo=-2.0, hi=2.0)
+    x = (torch.randn(4, 16) * 0.4).requires_grad_(True)  # inside the clipping range
+    y = q(x)
+    with torch.no_grad():
+        assert torch.equal(y, q(x))  # the same values with and without autograd
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    (ref,) = torch.autograd.grad(lin(x).square().sum(), x)
+    assert float((g - ref).norm() / ref.norm()) < 0.1
+    outside = torch.full((1, 16), 5.0, requires_grad=True)  # clipped: no gradient
+    assert torch.count_nonzero(torch.autograd.grad(q(outside).sum(), outside)[0]) == 0
+
+
+def test_state_dict_carries_the_activation_quantizers():
+    torch.manual_seed(0)
+    a, b = _layer(nn.Linear(16, 8), lo=-1.0, hi=1.0), _layer(nn.Linear(16, 8), lo=-3.0, hi=0.5)
+    b.load_state_dict(a.state_dict())
+    assert b.act == a.act
+    x = torch.randn(3, 16)
+    for mode in ("fake", "int8"):
+        a.set_mode(mode), b.set_mode(mode)
+        assert torch.equal(a(x), b(x)), mode
+
+
+def test_load_rejects_same_norm_weights_and_modules_from_other_weights(tmp_path, pipe, qmodel):
+    """Negated or permuted weights keep every norm: the saved projections tell them apart (also for a quantized
+    module handed to FewstepPipeline.from_pipe)."""
+    import copy
+
+    from fewstep.pipelines import FewstepPipeline
+
+    quant.save_quantized(qmodel, tmp_path / "q")
+    flipped = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        layer = next(m for n, m in flipped.named_modules() if n in quant.quant_layers(qmodel))
+        layer.weight.neg_()
+    with pytest.raises(ValueError, match=r"has weights of the same norm but other values"):
+        quant.load_quantized(flipped, tmp_path / "q")
+    quant.load_quantized(copy.deepcopy(pipe.unet).to(torch.bfloat16), tmp_path / "q")  # bf16 rounding is fine
+    other = type(pipe)(unet=flipped, scheduler=pipe.scheduler)
+    with pytest.raises(ValueError, match=r"`quantized` \(a module\) does not fit this model's weights"):
+        FewstepPipeline.from_pipe(other, quantized=qmodel)
+
+
+def test_set_mode_is_all_or_nothing_and_names_the_layer():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(8, 8, 3, groups=8), nn.Linear(8, 8))
+    for i in (0, 1, 2):
+        model[i] = _layer(model[i])
+    with pytest.raises(ValueError, match=r"layer '1': `mode` 'int8' is not available"):
+        quant.set_mode(model, "int8")
+    assert [layer.mode for layer in model] == ["fake", "fake", "fake"]
+
+
+def test_non_finite_calibration_and_unfused_lora_layers_are_clear_errors(pipe, calibration):
+    import dataclasses
+
+    bad = dataclasses.replace(calibration, sample=calibration.sample.clone())
+    bad.sample[-1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"drives layer '.*' to non-finite inputs"):
+        quant.quantize(pipe.unet, bad, quant.QuantConfig(act_grid=5, weight_grid=5, batch_size=3))
+
+    class LoRALinear(nn.Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.up = nn.Linear(2, self.out_features, bias=False)
+            self.down = nn.Linear(self.in_features, 2, bias=False)
+
+        def forward(self, x):
+            return super().forward(x) + self.up(self.down(x))
+
+    model = nn.Sequential(LoRALinear(8, 8))
+    with pytest.raises(ValueError, match=r"layer '0' is a LoRALinear .* fuse it first"):
+        quant.quantizable_layers(model)
+    assert set(quant.quantizable_layers(model, exclude=["0"])) == {"0.up", "0.down"}

@@ -83,8 +83,17 @@ def _load_quantized(model: torch.nn.Module, quantized: Any, quant_mode: str | No
                 f"{type(model).__name__}"
             )
         fingerprint = quantized.fewstep_quant.get("fingerprint") if isinstance(quantized.fewstep_quant, dict) else None
-        if fingerprint is not None and fingerprint.get("arch") != quant.model_fingerprint(model)["arch"]:
-            raise ValueError("`quantized` was made from a model of another architecture than this pipeline's denoiser")
+        if fingerprint is not None:
+            now = quant.model_fingerprint(model)
+            if fingerprint.get("arch") != now["arch"]:
+                raise ValueError("`quantized` was made from a model of another architecture than this pipeline's "
+                                 "denoiser")  # fmt: skip
+            layers = quant.quant_layers(quantized)
+            from ..quant.artifacts import check_weights_fit
+
+            check_weights_fit(now, {k: v for k, v in fingerprint.get("norms", {}).items() if k in layers},
+                              {k: v for k, v in fingerprint.get("projections", {}).items() if k in layers},
+                              "`quantized` (a module)")  # fmt: skip
         if quant_mode is not None:
             quant.set_mode(quantized, quant_mode)
         return quantized

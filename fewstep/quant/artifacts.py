@@ -29,11 +29,27 @@ META_FILE = "quant.json"
 _NORM_RTOL = 2e-3  # weights loaded in float16/bfloat16 still match their float32 originals
 
 
+_PROJ_ATOL = 2e-2  # |projection change| / weight norm: bf16/fp16 rounding moves it ~2e-3, other weights by O(1)
+_PROJECTIONS = 4
+
+
+def weight_projections(weight: torch.Tensor) -> list[float]:
+    """``weight`` projected on fixed random sign vectors (seeded by its size), divided by its norm: a cheap,
+    dtype-tolerant signature that, unlike the norm, changes when the weights are negated, permuted or replaced by
+    other weights of the same size (each value is O(1) for unrelated weights)."""
+    w = weight.detach().float().reshape(-1).cpu()
+    g = torch.Generator().manual_seed(w.numel())
+    signs = torch.randint(0, 2, (_PROJECTIONS, w.numel()), generator=g, dtype=torch.int8).float() * 2 - 1
+    norm = float(w.norm())
+    return [float(v) / max(norm, 1e-30) for v in (signs @ w)]
+
+
 def model_fingerprint(model: nn.Module) -> dict:
     """Identity of a float model: ``arch`` hashes parameter names and shapes, ``weights`` hashes their
-    float32 values, ``norms`` the L2 norm of every Linear/Conv2d weight (a dtype-tolerant check)."""
+    float32 values, ``norms`` the L2 norm of every Linear/Conv2d weight and ``projections`` its
+    ``weight_projections`` (dtype-tolerant checks)."""
     arch, weights = hashlib.sha256(), hashlib.sha256()
-    norms = {}
+    norms, projections = {}, {}
     state = model.state_dict()
     for name in sorted(state):
         t = state[name]
@@ -43,7 +59,9 @@ def model_fingerprint(model: nn.Module) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             norms[name] = float(m.weight.detach().float().norm())
-    return {"arch": arch.hexdigest()[:16], "weights": weights.hexdigest()[:16], "norms": norms}
+            projections[name] = weight_projections(m.weight)
+    return {"arch": arch.hexdigest()[:16], "weights": weights.hexdigest()[:16], "norms": norms,
+            "projections": projections}
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, model_id: str | None = None,
@@ -78,6 +96,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, model_id: str |
         "artifact": "fewstep-quant", "version": ARTIFACT_VERSION, "fewstep_version": __version__,
         "model_id": model_id, "model_arch_hash": fp["arch"], "model_weights_hash": fp["weights"],
         "weight_norms": {k: v for k, v in fp["norms"].items() if k in layers},
+        "weight_projections": {k: v for k, v in fp.get("projections", {}).items() if k in layers},
         "bits": 8, "format": info["config"]["format"], "method": "ptq4dm-w8a8",
         "config": info["config"], "calibration": info["calibration"], "layers": meta_layers,
     }
@@ -125,11 +144,21 @@ def _check_model(meta: dict, model: nn.Module, model_id: str | None, strict: boo
     if strict and fp["weights"] != meta["model_weights_hash"]:
         raise ValueError(f"quantization {where}: weights hash {fp['weights']} != saved {meta['model_weights_hash']} "
                          "(other weights; strict=True requires the exact float32 weights)")
-    for name, saved in meta["weight_norms"].items():
+    check_weights_fit(fp, meta["weight_norms"], meta.get("weight_projections", {}), where)
+
+
+def check_weights_fit(fp: dict, norms: dict, projections: dict, where: str) -> None:
+    """Each quantized layer's saved weight norm and projections against a float model's fingerprint ``fp``."""
+    for name, saved in norms.items():
         now = fp["norms"][name]
         if abs(now - saved) > _NORM_RTOL * max(abs(saved), 1e-12):
             raise ValueError(f"quantization {where} does not fit this model's weights: layer {name!r} weight norm "
                              f"{now:.6g} vs saved {saved:.6g} (calibrated on other weights)")
+    for name, saved in projections.items():  # (older artifacts lack them)
+        now = fp["projections"][name]
+        if max(abs(a - b) for a, b in zip(now, saved)) > _PROJ_ATOL:
+            raise ValueError(f"quantization {where} does not fit this model's weights: layer {name!r} has weights "
+                             "of the same norm but other values (negated, permuted or another checkpoint)")
 
 
 def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "fake", model_id: str | None = None,

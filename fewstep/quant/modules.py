@@ -21,6 +21,9 @@ scales; the two partial products are summed.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,7 +70,8 @@ class QuantLayer(nn.Module):
         if self.kind == "conv2d":
             self.conv = {"kernel_size": tuple(layer.kernel_size), "stride": tuple(layer.stride),
                          "padding": layer.padding, "dilation": tuple(layer.dilation), "groups": layer.groups,
-                         "padding_mode": layer.padding_mode}
+                         "padding_mode": layer.padding_mode,
+                         "explicit_padding": tuple(layer._reversed_padding_repeated_twice)}
         w = layer.weight.detach().float()
         parts = [w] if not split else [w[:, :split], w[:, split:]]
         for g, (part, scale) in enumerate(zip(parts, weight_scales)):
@@ -101,6 +105,18 @@ class QuantLayer(nn.Module):
         """``load_state_dict`` writes the stored weights in place: rebuild what is derived from them."""
         super()._load_from_state_dict(*args, **kwargs)
         self._prepare_execution()
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The static activation quantizers in ``state_dict`` (one ``[scale, zero_point]`` row per input part), so
+        that ``load_state_dict`` carries them with the weights."""
+        return torch.tensor([[a.scale, float(a.zero_point)] for a in self.act], dtype=torch.float64)
+
+    def set_extra_state(self, state: Any) -> None:
+        rows = torch.as_tensor(state, dtype=torch.float64).reshape(-1, 2).tolist()
+        if len(rows) != len(self.act):
+            raise ValueError(f"the state holds {len(rows)} activation quantizers, this layer has {len(self.act)}")
+        self.act = [dataclasses.replace(a, scale=float(r[0]), zero_point=int(round(r[1])))
+                    for a, r in zip(self.act, rows)]  # fmt: skip
 
     # ----------------------------------------------------------------------------------------- helpers
     @property
@@ -195,6 +211,9 @@ class QuantLayer(nn.Module):
         if self.kind == "linear":
             return F.linear(x, w, bias)
         c = self.conv
+        if c["padding_mode"] != "zeros":  # as nn.Conv2d: pad with the mode first, then convolve unpadded
+            x = F.pad(x, c["explicit_padding"], mode=c["padding_mode"])
+            return F.conv2d(x, w, bias, c["stride"], 0, c["dilation"], c["groups"])
         return F.conv2d(x, w, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
 
     def _forward_float(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,14 +372,20 @@ def set_mode(model: nn.Module, mode: str | dict[str, str]) -> nn.Module:
     layers = quant_layers(model)
     if not layers:
         raise ValueError("`model` holds no quantized layers (run fewstep.quant.quantize first)")
-    if isinstance(mode, str):
-        for layer in layers.values():
-            layer.set_mode(mode)
-        return model
-    unknown = sorted(set(mode) - set(layers))
+    plan = {name: mode for name in layers} if isinstance(mode, str) else dict(mode)
+    unknown = sorted(set(plan) - set(layers))
     if unknown:
         raise ValueError(f"`mode` names layers that are not quantized: {unknown[:5]}")
-    for name, m in mode.items():
-        layers[name].set_mode(m)
+    previous = {name: layers[name].mode for name in plan}
+    try:
+        for name, m in plan.items():
+            try:
+                layers[name].set_mode(m)
+            except ValueError as exc:
+                raise ValueError(f"layer {name!r}: {exc}") from None
+    except ValueError:
+        for name, m in previous.items():  # all or nothing: no model left half switched
+            layers[name].set_mode(m)
+        raise
     return model
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -89,11 +90,21 @@ class QuantConfig:
 
 
 def quantizable_layers(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """Name -> ``nn.Linear`` / ``nn.Conv2d`` of ``model`` not matched by an ``exclude`` pattern."""
-    return {
-        name: m for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(fnmatch.fnmatch(name, pat) for pat in exclude)
-    }
+    """Name -> ``nn.Linear`` / ``nn.Conv2d`` of ``model`` not matched by an ``exclude`` pattern. A subclass with
+    submodules or its own ``forward`` (an unfused LoRA layer, an already-wrapped layer) is an error: replacing it
+    by a plain 8-bit layer would drop what it adds."""
+    found = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or any(fnmatch.fnmatch(name, pat) for pat in exclude):
+            continue
+        base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
+        if type(m) is not base and (next(m.children(), None) is not None or type(m).forward is not base.forward):
+            raise ValueError(
+                f"layer {name!r} is a {type(m).__name__} (a {base.__name__} with its own forward or submodules, e.g. "
+                "an unfused LoRA): fuse it first (pipe.fuse_lora()) or leave it in float with exclude=[...]"
+            )
+        found[name] = m
+    return found
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -209,6 +220,9 @@ def quantize(
 
     def observe_range(name, g, x):
         lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"the calibration set drives layer {name!r} to non-finite inputs (min {lo}, max {hi}): "
+                             "check the calibration samples for NaN/Inf (CalibrationSet tensors)")
         r = ranges.setdefault((name, g), [lo, hi])
         r[0], r[1] = min(r[0], lo), max(r[1], hi)
 

@@ -175,11 +175,20 @@ def quantize_act(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
 
 
 def fake_quant_act(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
-    """Quantize-dequantize in float32 (keeps ``x``'s dtype on return)."""
+    """Quantize-dequantize in float32 (keeps ``x``'s dtype on return). With autograd recording and ``x`` requiring
+    a gradient (guidance that backpropagates through the denoiser, e.g. DPS), the rounding passes the gradient
+    straight through inside the clipping range; otherwise rounding has none and the input gradient would be 0."""
     if qp.fmt == "fp8":
-        return fp8_fake_quant(x, qp.scale).to(x.dtype)
-    q = torch.clamp(torch.round(x.float() / qp.scale) + qp.zero_point, _A_QMIN, _A_QMAX)
-    return ((q - qp.zero_point) * qp.scale).to(x.dtype)
+        out = fp8_fake_quant(x, qp.scale).to(x.dtype)
+    else:
+        q = torch.clamp(torch.round(x.float() / qp.scale) + qp.zero_point, _A_QMIN, _A_QMAX)
+        out = ((q - qp.zero_point) * qp.scale).to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        lo = (_A_QMIN - qp.zero_point) * qp.scale if qp.fmt != "fp8" else -FP8_MAX * qp.scale
+        hi = (_A_QMAX - qp.zero_point) * qp.scale if qp.fmt != "fp8" else FP8_MAX * qp.scale
+        inside = (x.detach() >= lo) & (x.detach() <= hi)
+        return torch.where(inside, x + (out - x).detach(), out.detach())
+    return out
 
 
 class Histogram:
