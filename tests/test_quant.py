@@ -677,6 +677,8 @@ def test_bad_quantize_input(pipe, calibration):
         quant.build_calibration_set(pipe, method="random")
     with pytest.raises(ValueError, match=r"`model` holds no quantized layers"):
         quant.set_mode(pipe.unet, "int8")
+    with pytest.raises(ValueError, match=r"`unet` is a Linear: fewstep.quant calibrates UNets"):
+        quant.quantize(nn.Linear(4, 4), calibration)
 
 
 def test_dtype_casts_leave_the_stored_quantized_tensors_alone(pipe, calibration):

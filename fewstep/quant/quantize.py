@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -206,6 +207,11 @@ def quantize(
         raise ValueError(
             f"`unet` ({type(unet).__name__}) has no quantizable layers (nn.Linear / nn.Conv2d)"
             + (f" outside exclude={config.exclude}" if config.exclude else "")
+        )
+    if "sample" not in inspect.signature(unet.forward).parameters:
+        raise ValueError(
+            f"`unet` is a {type(unet).__name__}: fewstep.quant calibrates UNets (forward(sample, timestep, ...): "
+            "UNet2DModel, UNet2DConditionModel); transformers such as SD3's and Flux's are not supported yet"
         )
     from .artifacts import model_fingerprint
 
