@@ -7,11 +7,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "check_writable"]
+__all__ = ["atomic_write", "check_writable", "check_creatable_dir"]
 
 
 def check_writable(path: str | os.PathLike, arg: str = "path") -> Path:
     """Fail early (``ValueError`` naming ``arg``) if ``path`` cannot be created."""
+    if not str(path).strip():
+        raise ValueError(f"`{arg}` must be a file path, got an empty string")
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
@@ -20,6 +22,30 @@ def check_writable(path: str | os.PathLike, arg: str = "path") -> Path:
         raise ValueError(f"`{arg}` {str(p)!r}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"`{arg}` {str(p)!r}: directory {str(parent)!r} is not writable")
+    try:  # os.access says yes to root everywhere (/proc, read-only mounts): create and remove a file to know
+        with tempfile.NamedTemporaryFile(prefix=f".{p.name or 'probe'}.", suffix=".probe", dir=parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"`{arg}` {str(p)!r}: cannot create files in {str(parent)!r} ({exc.strerror})") from None
+    return p
+
+
+def check_creatable_dir(path: str | os.PathLike, arg: str = "path") -> Path:
+    """Fail early (``ValueError`` naming ``arg``) if directory ``path`` neither exists as a directory nor can be
+    created where it would go (its nearest existing parent must accept new files); creates nothing."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"`{arg}` {str(p)!r} exists and is not a directory")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"`{arg}` {str(p)!r}: {str(parent)!r} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".fewstep-probe.", dir=parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"`{arg}` {str(p)!r}: cannot create files in {str(parent)!r} ({exc.strerror})") from None
     return p
 
 

@@ -18,10 +18,18 @@ from ._common import UsageError
 __all__ = ["main", "build_parser", "UsageError"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``fewstep generate: error: ... (see --help)``, exit code 2) instead of
+    a usage block above the message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
+    parser = _Parser(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     generate.add_parsers(sub)
     bench.add_parser(sub)
     calibrate.add_parser(sub)
@@ -33,8 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
+    if getattr(args, "quiet", False):  # also diffusers' "Loading pipeline components" bars
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     try:
         return args.func(args)
     except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"fewstep {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a run that diverged (NaN/Inf), e.g. from a huge step size: no traceback
+        print(f"fewstep {args.command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 
 from .. import __version__
-from .._io import atomic_write, check_writable
+from .._io import atomic_write, check_creatable_dir, check_writable
 from ._common import (
     UsageError,
     _guidance_list,
@@ -16,6 +17,7 @@ from ._common import (
     _name_list,
     _positive_int,
     _read_prompts,
+    _seed,
 )
 
 
@@ -34,6 +36,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--json is for the analytic table; a grid run writes results.json into --out")
     if args.guidance is not None and models == ["analytic"]:
         raise UsageError("--guidance applies to the digits models (digits-eps, digits-flow), not --model analytic")
+    digits = [m for m in models if m.startswith("digits-")]
+    if digits and args.schedule != "vp":
+        raise UsageError(f"--schedule applies to --model analytic; {', '.join(digits)} have their own schedule")
+    if digits and args.image_size is not None:
+        raise UsageError(f"--image-size applies to pipeline directories; {', '.join(digits)} are 16x16 models")
+    check_creatable_dir(args.out, "--out")
+    if args.cache_dir is not None:
+        check_creatable_dir(args.cache_dir, "--cache-dir")
     from ..bench.runner import RESULTS_FILES, BenchConfig, format_markdown, is_main_process, plot_results, run_grid
 
     defaults = {"guidance": [("cfg", 3.0)], "num_per_class": 20, "classes": list(range(10)), "batch_size": 250,
@@ -47,12 +57,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(models=models, samplers=args.samplers, steps=args.steps, schedule=args.schedule,
                          num_samples=args.num_samples, dim=args.dim, seed=args.seed, prompts=prompts,
                          image_size=args.image_size, **options)
-    rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet)
+    from pathlib import Path
+
+    created = [d for d in (Path(args.out), Path(args.cache_dir) if args.cache_dir else None) if d and not d.exists()]
+    try:
+        rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet)
+    except BaseException:
+        for d in created:  # a run that failed before writing a file leaves no (empty) folder behind
+            if d.is_dir() and not any(f.is_file() for f in d.rglob("*")):
+                shutil.rmtree(d)
+        raise
     if not is_main_process():  # under `accelerate launch`, one process reports
         return 0
     print(format_markdown(rows))
-    from pathlib import Path
-
     out = Path(args.out)
     print(f"wrote {', '.join(str(out / name) for name in RESULTS_FILES.values())}")
     if args.plot != "none":
@@ -124,7 +141,7 @@ def add_parser(sub) -> None:
     p_bench.add_argument("--schedule", choices=["vp", "flow"], default="vp", help="analytic noise schedule")
     p_bench.add_argument("--num-samples", type=_positive_int, default=2000, help="analytic samples per cell")
     p_bench.add_argument("--dim", type=_positive_int, default=2, help="dimension of the analytic mixture")
-    p_bench.add_argument("--seed", type=int, default=0, help="seed of the mixture / the first sample's noise")
+    p_bench.add_argument("--seed", type=_seed, default=0, help="seed of the mixture / the first sample's noise")
     p_bench.add_argument("--out", default=None, metavar="DIR",
                          help="grid run: write results.json/.csv/.md (+ plot) here; re-runs skip finished cells")
     p_bench.add_argument("--cache-dir", default=None,

@@ -13,16 +13,24 @@ from ._common import (
     _load_class_conditional,
     _load_prompted_sd,
     _positive_int,
+    _seed,
 )
+
+
+def _safetensors_out(path: str, flag: str):
+    out = check_writable(path, flag)
+    if out.suffix.lower() != ".safetensors":
+        raise UsageError(f"{flag} {path!r} must end in .safetensors (the file is written in that format)")
+    return out
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..calibrate.dc import calibrate_class_conditional, calibrate_text_to_image, parse_reference
     from ..solvers.dc_artifacts import fit_cpr, save_cpr, save_ratio_table
 
-    out = check_writable(args.out, "--out")
+    out = _safetensors_out(args.out, "--out")
     if args.cpr_out:
-        check_writable(args.cpr_out, "--cpr-out")
+        _safetensors_out(args.cpr_out, "--cpr-out")
     parse_reference(args.reference)
     if args.cpr_out and len(args.nfe) * len(args.guidance_scale) < 2:
         raise UsageError("--cpr-out needs ratios for at least 2 (NFE, CFG) pairs")
@@ -53,7 +61,7 @@ def cmd_calibrate_ems(args: argparse.Namespace) -> int:
     from ..calibrate.ems import class_conditional_ems, text_to_image_ems
     from ..solvers.ems import save_ems
 
-    out = check_writable(args.out, "--out")
+    out = _safetensors_out(args.out, "--out")
     common = dict(num_samples=args.samples, num_intervals=args.intervals, probes=args.probes, seed=args.seed,
                   t_start=args.t_start, t_end=args.t_end, checkpoint=args.checkpoint, progress=not args.quiet,
                   time_derivative=args.time_derivative)
@@ -85,7 +93,7 @@ def add_parser(sub) -> None:
     p_dc.add_argument("--guidance-scale", type=_float_list, default=[1.0, 3.0, 7.0],
                       help="comma-separated CFG scales (1 = unguided)")
     p_dc.add_argument("--datapoints", type=_positive_int, default=10, help="seeded datapoints (default 10)")
-    p_dc.add_argument("--seed", type=int, default=0, help="seed of the datapoints' noise")
+    p_dc.add_argument("--seed", type=_seed, default=0, help="seed of the datapoints' noise")
     p_dc.add_argument("--reference", default="ddim:200",
                       help="many-step reference METHOD:STEPS, METHOD ddim or dpm-solver++ (default ddim:200)")
     p_dc.add_argument("--base", choices=["unipc", "ddim", "dpm-solver++"], default="unipc", help="base solver")
@@ -120,7 +128,7 @@ def add_parser(sub) -> None:
     p_ems.add_argument("--time-derivative", choices=["difference", "jvp"], default="difference",
                        help="d eps/d lambda: difference over one grid spacing (default; robust for models trained "
                             "on integer timesteps) or the exact JVP through the time input (the paper)")
-    p_ems.add_argument("--seed", type=int, default=0, help="seed of the noise and probes")
+    p_ems.add_argument("--seed", type=_seed, default=0, help="seed of the noise and probes")
     p_ems.add_argument("--checkpoint", default=None, metavar="FILE",
                        help="running sums saved after every grid point; an existing file is resumed")
     p_ems.add_argument("--out", required=True, help="EMS file to write (.safetensors)")

@@ -19,6 +19,7 @@ from ._common import (
     _positive_int,
     _sampler_name,
     _sampler_option,
+    _seed,
 )
 
 
@@ -30,11 +31,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ..pipelines.defaults import DEFAULT_MODELS
     from ..pipelines.generate import generate, image_grid, load_model
 
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
+    quant_flags = [flag for flag, value in (("--quant-mode", args.quant_mode),
+                                            ("--quant-conv-kernel", args.quant_conv_kernel)) if value is not None]
+    if quant_flags and args.quant is None:
+        raise UsageError(f"{', '.join(quant_flags)} need --quant DIR (a model saved by `fewstep quantize`)")
     if args.task is not None and args.quant is not None:
         raise UsageError("--quant applies to plain sampling of UNet pipelines (digits-eps, ...), not to --task")
     if args.gaussian_fill and (args.task != "inpaint" or args.model != "digits-flow" or args.posterior is not None):
@@ -73,7 +79,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = _options_dict(args.sampler_option)
     if args.sampler == "dc-solver" and ("dc_ratios_file" in options or "dc_cpr" in options):
         # DC ratios are keyed by the guidance scale and the model: default them to this run's.
-        options.setdefault("dc_guidance_scale", args.guidance_scale)
+        if args.guidance_scale is None and args.model not in DEFAULT_MODELS:
+            raise UsageError("--sampler-option dc_ratios_file/dc_cpr: DC ratios are per CFG scale; "
+                             "give --guidance-scale")
+        options.setdefault("dc_guidance_scale", 3.0 if args.guidance_scale is None else args.guidance_scale)
         options.setdefault("dc_model", args.model)
     if args.quiet:
         from diffusers.utils import logging as diffusers_logging
@@ -159,6 +168,9 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
     if args.prompt is not None:
         raise UsageError("--task takes no --prompt")
     editing = args.task == EDIT_TASK
+    if not editing and args.guidance != "cfg":
+        raise UsageError(f"--guidance {args.guidance} does not apply to FlowChef --task {args.task} (its steering is "
+                         "the guidance)")  # fmt: skip
     if not editing and args.guidance_scale is not None:
         raise UsageError(f"--guidance-scale is for --task edit (masked guidance), not --task {args.task}")
     if editing:
@@ -279,6 +291,13 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
         if value is not None:
             raise UsageError(f"{flag} is for FlowChef (--model digits-flow), not posterior sampling")
     name = args.posterior or "stsl"
+    ignored = [flag for flag, given in (("--sampler", args.sampler is not None),
+                                        ("--sampler-option", bool(args.sampler_option)),
+                                        ("--guidance", args.guidance != "cfg"),
+                                        ("--guidance-scale", args.guidance_scale is not None)) if given]  # fmt: skip
+    if ignored:
+        raise UsageError(f"{', '.join(ignored)} do not apply to posterior sampling: --posterior {name} runs its own "
+                         "DDIM-type steps on the model's noise schedule, unconditionally")  # fmt: skip
     stsl_only = {"--stsl-eta": args.stsl_eta, "--stsl-inner-steps": args.stsl_inner_steps,
                  "--stsl-probes": args.stsl_probes, "--strength": args.strength}
     given = [flag for flag, value in stsl_only.items() if value is not None]
@@ -293,7 +312,7 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-    pipe = load_model(args.model, args.sampler or "ddim", device=args.device, dtype=args.dtype)
+    pipe = load_model(args.model, "ddim", device=args.device, dtype=args.dtype)
     measurement = None
     if args.measurement is not None:
         from ..guidance.operators import make_operator
@@ -321,11 +340,11 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
 def _add_quant_generate_args(p_gen) -> None:
     p_gen.add_argument("--quant", "--quantized", dest="quant", default=None, metavar="DIR",
                        help="run the UNet W8A8-quantized with parameters saved by `fewstep quantize`")
-    p_gen.add_argument("--quant-mode", choices=["auto", "fake", "int8", "fp8", "dequant"], default="auto",
+    p_gen.add_argument("--quant-mode", choices=["auto", "fake", "int8", "fp8", "dequant"], default=None,
                        help="execution of the quantized layers: fake-quant reference, real int8 (_int_mm), fp8 "
                             "(CUDA SM>=8.9), dequant (8-bit storage, float compute); auto: each layer's own "
                             "8-bit format where the layer and device can run it, else fake")
-    p_gen.add_argument("--quant-conv-kernel", choices=["im2col", "triton"], default="im2col",
+    p_gen.add_argument("--quant-conv-kernel", choices=["im2col", "triton"], default=None,
                        help="fp8 convs: im2col + torch._scaled_mm (default), or the Triton implicit-GEMM fp8 conv "
                             "(needs triton and a CUDA GPU with SM>=8.9)")
 
@@ -340,11 +359,11 @@ def _apply_quant(args: argparse.Namespace, pipe):
     if unet is None:
         raise UsageError(f"--quant needs a UNet pipeline; {type(pipe).__name__} has no unet")
     meta = quant.read_metadata(args.quant)
-    mode = args.quant_mode  # "auto" resolves per layer in QuantLayer.set_mode
+    mode = args.quant_mode or "auto"  # "auto" resolves per layer in QuantLayer.set_mode
     if mode in ("int8", "fp8") and mode != meta["format"]:
         raise UsageError(f"--quant-mode {mode} needs {mode} parameters; {args.quant!r} holds {meta['format']} "
                          f"(use --quant-mode auto, fake or dequant)")
-    kernel = getattr(args, "quant_conv_kernel", "im2col")
+    kernel = getattr(args, "quant_conv_kernel", None) or "im2col"
     if kernel != "im2col" and (meta["format"] != "fp8" or mode not in ("fp8", "auto")):
         raise UsageError(f"--quant-conv-kernel {kernel} runs fp8 convs: it needs fp8 parameters ({args.quant!r} holds "
                          f"{meta['format']}) and --quant-mode fp8 or auto (got {mode})")
@@ -376,7 +395,7 @@ def add_parsers(sub) -> None:
     p_gen.add_argument("--sampler-option", type=_sampler_option, action="append", metavar="KEY=VALUE",
                        help="override a sampler config option, e.g. momentum_order=3.8 (repeatable)")
     p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
-    p_gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    p_gen.add_argument("--seed", type=_seed, default=0, help="random seed (same seed, same images)")
     p_gen.add_argument("--num-images", type=_positive_int, default=10, help="images to generate (default 10)")
     p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,7"), default=None,
                        help="comma-separated class ids for class-conditional models (default: cycle 0-9)")

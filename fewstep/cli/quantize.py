@@ -12,6 +12,7 @@ from ._common import (
     _load_class_conditional,
     _positive_int,
     _sampler_name,
+    _seed,
 )
 
 
@@ -104,6 +105,6 @@ def add_parser(sub) -> None:
                         "float boundary conv_in + conv_out (PTQ4DM never quantizes x_t or the output)")
     p.add_argument("--quantize-all", action="store_true",
                    help="quantize every layer, conv_in and conv_out included (only --exclude patterns stay float)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise and NDTC draws")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the calibration noise and NDTC draws")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)

@@ -10,6 +10,7 @@ from .._io import check_writable
 from ._common import (
     UsageError,
     _positive_int,
+    _seed,
 )
 
 
@@ -17,6 +18,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".json":
         raise UsageError(f"--out {args.out!r} must end in .json")
+    if args.state is not None:
+        check_writable(args.state, "--state")
     if args.model not in ("analytic", "digits-eps"):
         raise UsageError(f"--model {args.model!r} is not searchable here; available: analytic, digits-eps")
     if args.metric == "mse" and args.model != "digits-eps":
@@ -85,7 +88,7 @@ def add_parser(sub) -> None:
                    help="let candidates take the analytical first step at t_max (no model call) and spend the NFE "
                         "after it: x0 = 0 (zero_x0, the default) or the data's mean image (average_x0)")
     p.add_argument("--no-predictor", action="store_true", help="plain evolution (no performance predictor)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--init", action="append", metavar="SCHEDULE",
                    help="warm start from a schedule file of this model, any NFE (steps are inserted or removed "
                         "to fit); repeatable")

@@ -106,6 +106,8 @@ def load_model(
             f"`model` {model!r} is neither an embedded model ({', '.join(DEFAULT_MODELS)}) nor a diffusers "
             "pipeline directory (no model_index.json there) nor a hub id like 'org/name'"
         )
+    if looks_local:
+        _check_model_index(path / "model_index.json")
     try:
         # fewstep's own pipeline classes are registered in diffusers' namespace (fewstep.pipelines)
         pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
@@ -114,7 +116,30 @@ def load_model(
             f"could not load `model` {model!r}: {str(exc).splitlines()[0]} -- without a network connection "
             "a hub id only works when its weights are in the local Hugging Face cache"
         ) from None
+    except (KeyError, AttributeError, TypeError) as exc:  # a malformed model_index.json or component config
+        raise ValueError(f"could not load `model` {model!r}: {type(exc).__name__}: {exc}") from None
     return swap_sampler(pipe, sampler, **(sampler_options or {})).to(dev)
+
+
+def _check_model_index(path: Path) -> None:
+    """A diffusers ``model_index.json``: a JSON object naming a pipeline class diffusers (or fewstep) provides."""
+    import json
+
+    import diffusers
+
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"`model` {str(path.parent)!r}: {path.name} is not readable JSON ({exc})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise ValueError(f"`model` {str(path.parent)!r}: {path.name} must be a JSON object with the pipeline's "
+                         "\"_class_name\" (a diffusers pipeline directory)")  # fmt: skip
+    name = index["_class_name"]
+    from .. import pipelines as fewstep_pipelines
+
+    if getattr(diffusers, name, None) is None and getattr(fewstep_pipelines, name, None) is None:
+        raise ValueError(f"`model` {str(path.parent)!r}: {path.name} names pipeline class {name!r}, which neither "
+                         f"diffusers {diffusers.__version__} nor fewstep provides")  # fmt: skip
 
 
 def generate(
@@ -221,6 +246,10 @@ def image_grid(images: np.ndarray, columns: int | None = None, min_cell: int = 9
     """Tile NHWC images in [0, 1] into one picture, upscaled (nearest) so each cell is >= ``min_cell`` px."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"`images` must be a non-empty NHWC array, got shape {images.shape}")
+    bad = int((~np.isfinite(images)).reshape(images.shape[0], -1).any(axis=1).sum())
+    if bad:
+        raise FloatingPointError(f"{bad} of {images.shape[0]} images hold NaN/Inf (the sampling diverged: lower the "
+                                 "step size, guidance or noise settings); nothing was written")  # fmt: skip
     n, h, w, c = images.shape
     columns = columns or min(n, 10)
     rows = math.ceil(n / columns)
