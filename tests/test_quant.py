@@ -1150,6 +1150,17 @@ def test_load_rejects_same_norm_weights_and_modules_from_other_weights(tmp_path,
         FewstepPipeline.from_pipe(other, quantized=qmodel)
 
 
+def test_real_convs_take_unbatched_input_as_nn_conv2d_does():
+    torch.manual_seed(0)
+    q = _layer(nn.Conv2d(4, 6, 3, padding=1))
+    x = torch.randn(4, 8, 8)
+    q.set_mode("fake")
+    ref = q(x)
+    q.set_mode("int8")
+    out = q(x)
+    assert out.shape == (6, 8, 8) and float((out - ref).norm() / ref.norm()) < 1e-5
+
+
 def test_set_mode_is_all_or_nothing_and_names_the_layer():
     model = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(8, 8, 3, groups=8), nn.Linear(8, 8))
     for i in (0, 1, 2):

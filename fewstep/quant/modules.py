@@ -205,6 +205,8 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode in ("fake", "dequant"):
             return self._forward_float(x)
+        if self.kind == "conv2d" and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self._forward_real(x.unsqueeze(0)).squeeze(0)
         return self._forward_real(x)
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
