@@ -22,12 +22,18 @@ def check_writable(path: str | os.PathLike, arg: str = "path") -> Path:
         raise ValueError(f"`{arg}` {str(p)!r}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"`{arg}` {str(p)!r}: directory {str(parent)!r} is not writable")
-    try:  # os.access says yes to root everywhere (/proc, read-only mounts): create and remove a file to know
-        with tempfile.NamedTemporaryFile(prefix=f".{p.name or 'probe'}.", suffix=".probe", dir=parent):
+    _probe_create(parent, p, arg)
+    return p
+
+
+def _probe_create(directory: Path, path: Path, arg: str) -> None:
+    """Create and remove a file in ``directory`` (``os.access`` says yes to root everywhere: /proc, read-only
+    mounts), or a ``ValueError`` naming ``arg`` and ``path``."""
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".fewstep-probe.", dir=directory):
             pass
     except OSError as exc:
-        raise ValueError(f"`{arg}` {str(p)!r}: cannot create files in {str(parent)!r} ({exc.strerror})") from None
-    return p
+        raise ValueError(f"`{arg}` {str(path)!r}: cannot create files in {str(directory)!r} ({exc.strerror})") from None
 
 
 def check_creatable_dir(path: str | os.PathLike, arg: str = "path") -> Path:
@@ -41,11 +47,7 @@ def check_creatable_dir(path: str | os.PathLike, arg: str = "path") -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise ValueError(f"`{arg}` {str(p)!r}: {str(parent)!r} is not a directory")
-    try:
-        with tempfile.NamedTemporaryFile(prefix=".fewstep-probe.", dir=parent):
-            pass
-    except OSError as exc:
-        raise ValueError(f"`{arg}` {str(p)!r}: cannot create files in {str(parent)!r} ({exc.strerror})") from None
+    _probe_create(parent, p, arg)
     return p
 
 

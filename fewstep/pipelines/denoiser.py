@@ -88,12 +88,10 @@ def _load_quantized(model: torch.nn.Module, quantized: Any, quant_mode: str | No
             if fingerprint.get("arch") != now["arch"]:
                 raise ValueError("`quantized` was made from a model of another architecture than this pipeline's "
                                  "denoiser")  # fmt: skip
-            layers = quant.quant_layers(quantized)
             from ..quant.artifacts import check_weights_fit
 
-            check_weights_fit(now, {k: v for k, v in fingerprint.get("norms", {}).items() if k in layers},
-                              {k: v for k, v in fingerprint.get("projections", {}).items() if k in layers},
-                              "`quantized` (a module)")  # fmt: skip
+            check_weights_fit(now, fingerprint.get("norms", {}), fingerprint.get("projections", {}),
+                              "`quantized` (a module)", layers=quant.quant_layers(quantized))  # fmt: skip
         if quant_mode is not None:
             quant.set_mode(quantized, quant_mode)
         return quantized

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,8 +148,12 @@ def _check_model(meta: dict, model: nn.Module, model_id: str | None, strict: boo
     check_weights_fit(fp, meta["weight_norms"], meta.get("weight_projections", {}), where)
 
 
-def check_weights_fit(fp: dict, norms: dict, projections: dict, where: str) -> None:
-    """Each quantized layer's saved weight norm and projections against a float model's fingerprint ``fp``."""
+def check_weights_fit(fp: dict, norms: dict, projections: dict, where: str, layers: Any = None) -> None:
+    """Each quantized layer's saved weight norm and projections against a float model's fingerprint ``fp``
+    (``layers``: only these names, e.g. a quantized module's layers out of its whole-model fingerprint)."""
+    if layers is not None:
+        norms = {k: v for k, v in norms.items() if k in layers}
+        projections = {k: v for k, v in projections.items() if k in layers}
     for name, saved in norms.items():
         now = fp["norms"][name]
         if abs(now - saved) > _NORM_RTOL * max(abs(saved), 1e-12):

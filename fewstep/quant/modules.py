@@ -379,15 +379,12 @@ def set_mode(model: nn.Module, mode: str | dict[str, str]) -> nn.Module:
     if unknown:
         raise ValueError(f"`mode` names layers that are not quantized: {unknown[:5]}")
     previous = {name: layers[name].mode for name in plan}
-    try:
-        for name, m in plan.items():
-            try:
-                layers[name].set_mode(m)
-            except ValueError as exc:
-                raise ValueError(f"layer {name!r}: {exc}") from None
-    except ValueError:
-        for name, m in previous.items():  # all or nothing: no model left half switched
+    for name, m in plan.items():
+        try:
             layers[name].set_mode(m)
-        raise
+        except ValueError as exc:
+            for done, old in previous.items():  # all or nothing: no model left half switched
+                layers[done].set_mode(old)
+            raise ValueError(f"layer {name!r}: {exc}") from None
     return model
 

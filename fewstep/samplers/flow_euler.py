@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 from diffusers.configuration_utils import register_to_config
 
-from ..solvers import grids
 from ..solvers.methods import ddim_decisions
-from ..solvers.schedules import FlowSchedule, is_flow_config
+from ..solvers.schedules import is_flow_config
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = ["FewstepFlowEulerScheduler", "FewstepFlowChefScheduler"]
@@ -88,11 +87,6 @@ class FewstepFlowEulerScheduler(FewstepScheduler):
                 "use ddim, dpm-solver++ or unipc for VP models"
             )
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-
-    def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:
-        if not isinstance(self.noise_schedule, FlowSchedule):  # pragma: no cover - refused in __init__
-            raise ValueError("flow-euler needs a flow schedule")
-        return super()._grid(num_inference_steps, timesteps, sigmas, mu)
 
     def _decisions(self, num_steps: int, final_is_clean: bool):
         return ddim_decisions(num_steps)

@@ -63,6 +63,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from .._checks import check_int
 from .ems import EMS, EMSTransition, derivative_matrix, ems_transition
 from .grids import TimeGrid
 from .momentum import MomentumState, MomentumStep
@@ -378,8 +379,7 @@ def restart_decisions(decisions: Sequence[StepDecision], start: int) -> list[Ste
     further back are dropped and the order falls to what remains (at most ``j + 1``), the warm-up multistep
     solvers do at the start of a run (diffusers counts it in ``lower_order_nums``). A corrector's order is capped
     at the new order + 1. Steps before ``start`` are returned unchanged (they are never run)."""
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < len(decisions):
-        raise ValueError(f"`start` must be an integer in [0, {len(decisions) - 1}], got {start!r}")
+    check_int("start", start, 0, len(decisions) - 1)
     out = list(decisions)
     for j, d in enumerate(decisions[start:]):
         points = d.derivative_points
