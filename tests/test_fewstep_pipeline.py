@@ -287,3 +287,42 @@ def test_sdxl_decodes_a_float16_vae_in_float32_as_diffusers(sdxl):
     vae.decoder.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
     image = fp(**_sdxl_embeds(), num_inference_steps=2, generator=_gen(), output_type="np").images
     assert dtypes == [torch.float32] and vae.dtype == torch.float16 and np.isfinite(image).all()
+
+
+def test_execution_device_is_cached_until_a_component_moves_or_gains_an_offload_hook(sd, monkeypatch):
+    """FewstepPipeline asks diffusers for the execution device (a walk over every submodule) only when a
+    component is replaced, moved or hooked; the answer always equals diffusers' own."""
+    from types import SimpleNamespace
+
+    from fewstep.pipelines.execution_device import module_key
+
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim")
+    base = fp.pipe
+    calls = []
+    cls = type(base)
+    original = cls._execution_device
+    monkeypatch.setattr(cls, "_execution_device", property(lambda p: calls.append(1) or original.fget(p)))
+    assert fp._exec_device() == torch.device("cpu") and fp._exec_device() == torch.device("cpu")
+    assert len(calls) == 1
+    fp(prompt_embeds=torch.randn(1, 77, 16), negative_prompt_embeds=torch.randn(1, 77, 16), num_inference_steps=2,
+       output_type="latent")  # fmt: skip
+    assert len(calls) == 1  # the call reused it
+
+    # accelerate-style offload hooks on every component: diffusers then answers their execution device
+    hooked = [m for m in (base.vae, base.text_encoder, base.unet)]
+    keys = [module_key(m) for m in hooked]
+    try:
+        for m in hooked:
+            m._hf_hook = SimpleNamespace(execution_device=torch.device("meta"))
+        assert [module_key(m) for m in hooked] != keys
+        assert fp._exec_device() == base._execution_device == torch.device("meta")
+        assert len(calls) == 3
+    finally:
+        for m in hooked:
+            del m._hf_hook
+    assert fp._exec_device() == torch.device("cpu") and len(calls) == 4
+
+    # a replaced component (same device) is a new key too
+    fp.pipe.vae = _vae()
+    assert fp._exec_device() == torch.device("cpu") and len(calls) == 5
+    fp.pipe.vae = sd.vae

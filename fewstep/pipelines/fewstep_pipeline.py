@@ -49,6 +49,7 @@ from .. import samplers
 from .._checks import check_int
 from ..guidance import GuidanceRule
 from .denoiser import check_compile, prepare_denoiser
+from .execution_device import ExecutionDevice
 from .flow_families import (
     FLOW_FAMILIES,
     FLUX_EMBEDDED_SCALE,
@@ -158,6 +159,12 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         #: step's code run uncaptured, any device: what the CPU tests compare with "eager")
         self._loop_mode = "cuda-graph" if cuda_graph else "eager"
         self._graph_cache: tuple[tuple, StaticRun] | None = None
+        self._device_cache = ExecutionDevice()
+
+    def _exec_device(self) -> torch.device:
+        """The base pipeline's ``_execution_device``, cached while its components stay put (``ExecutionDevice``:
+        diffusers walks every submodule for offloading hooks on each call)."""
+        return self._device_cache(self.pipe)
 
     @property
     def _model(self) -> torch.nn.Module:
@@ -566,7 +573,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
         )  # fmt: skip
-        device = p._execution_device
+        device = self._exec_device()
         guided = self._guided(rule)
         rule.reset()
 
@@ -616,7 +623,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         p = self.pipe
         labels = [c for c in p.check_class_labels(class_labels) for _ in range(per_label)]
         unet = p.unet
-        device = p._execution_device
+        device = self._exec_device()
         dtype = unet.dtype
         shape = (len(labels), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         if latents is None:

@@ -144,7 +144,7 @@ class FlowFamilies:
             negative_pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"],
             callback_on_step_end_tensor_inputs=list(kw["callback_on_step_end_tensor_inputs"]),
         )  # fmt: skip
-        device = p._execution_device
+        device = self._exec_device()
         guided = self._guided(rule)
         if rule is not None:
             rule.reset()
