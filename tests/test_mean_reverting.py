@@ -26,6 +26,21 @@ def test_ir_sde_cosine_schedule_endpoints_and_vp_form():
         mean_reverting_alphas_cumprod(100, a_end=1.5)
 
 
+def test_ir_sde_cosine_schedule_matches_the_released_theta_grid():
+    """Every level, not only the ends: the released MR-Sampler/IR-SDE code takes the cosine ``abar`` on ``T + 3``
+    points of ``[0, 1]``, drops both ends for ``theta`` and normalises ``dt`` so that ``a_T = a_end`` (written out
+    here independently, in torch)."""
+    import math
+
+    T, a_end, s = 100, 0.005, 0.008
+    x = torch.linspace(0, T + 2, T + 3, dtype=torch.float64) / (T + 2)
+    abar_cos = torch.cos((x + s) / (1 + s) * math.pi / 2) ** 2
+    theta = 1 - (abar_cos / abar_cos[0])[1:-1]
+    cumsum = torch.cumsum(theta, 0)
+    a = torch.exp(cumsum * math.log(a_end) / cumsum[-1])
+    np.testing.assert_allclose(np.sqrt(mean_reverting_alphas_cumprod(T, a_end)), a.numpy(), rtol=1e-12)
+
+
 def test_box_inpainting_erases_one_square():
     x = torch.ones(3, 1, 16, 16)
     y = box_inpainting(x, box=6, generator=torch.Generator().manual_seed(0))

@@ -184,10 +184,14 @@ def test_from_the_shipped_mr_model_config_and_round_trip(tmp_path):
 
     cfg = DPMSolverMultistepScheduler.load_config(default_model_path("digits-mr") / "scheduler")
     sched = MRS.from_config(cfg, stationary_std=0.4, solver="sde")
-    default = MRS(stationary_std=0.4)
+    # the shipped model's own levels (its config's trained_betas), not the default mr_cosine: the model was trained
+    # on a cosine grid one point shorter than the released IR-SDE one, within 1.2% of it in a_t
     np.testing.assert_allclose(
-        sched.noise_schedule.alphas_cumprod, default.noise_schedule.alphas_cumprod, rtol=1e-12
+        sched.noise_schedule.alphas_cumprod, np.cumprod(1 - np.asarray(cfg["trained_betas"])), rtol=1e-6
     )
+    default = MRS(stationary_std=0.4).noise_schedule.alphas_cumprod
+    assert not np.allclose(sched.noise_schedule.alphas_cumprod, default, rtol=1e-6)
+    np.testing.assert_allclose(np.sqrt(sched.noise_schedule.alphas_cumprod), np.sqrt(default), rtol=1.2e-2)
     sched.save_pretrained(tmp_path)
     again = MRS.from_pretrained(tmp_path)
     assert (again.config.stationary_std, again.config.solver) == (0.4, "sde")
@@ -216,6 +220,8 @@ def test_sde_runs_are_reproducible_with_a_generator_and_differ_without():
         ({"stationary_std": 0.4, "prediction_type": "score"}, r"`prediction_type` must be one of \[.epsilon., "),
         ({"stationary_std": 0.4, "solver": "euler-maruyama", "solver_order": 1, "final_sigmas_type": "zero"},
          r"euler-maruyama' cannot step to sigma = 0"),
+        ({"stationary_std": 0.4, "num_train_timesteps": 2},
+         r"`num_train_timesteps` \(of beta_schedule='mr_cosine'\) must be an integer >= 3, got 2"),
     ],
 )
 def test_bad_mrs_config(kwargs, match):
@@ -229,6 +235,22 @@ def test_mrs_refuses_ordinary_diffusion_configs(config_name):
         MRS.from_config(REAL_CONFIGS[config_name], stationary_std=0.4)
     with pytest.raises(ValueError, match="flow-matching config"):
         MRS.from_config(REAL_CONFIGS["sd3"], stationary_std=0.4)
+
+
+def test_add_noise_is_the_mean_reverting_marginal_and_needs_mu():
+    """IR-SDE's forward marginal x_t = a x0 + (1 - a) mu + lam sqrt(1 - a^2) eps (the state ``step`` works on), not
+    the VP one."""
+    sched = MRS(stationary_std=LAM)
+    g = torch.Generator().manual_seed(0)
+    x0, mu, eps = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([5, 40, 90])
+    a = torch.as_tensor(np.sqrt(sched.noise_schedule.alphas_cumprod), dtype=torch.float64)[t].view(-1, 1, 1, 1)
+    expected = a * x0 + (1 - a) * mu + LAM * torch.sqrt(1 - a * a) * eps
+    torch.testing.assert_close(sched.add_noise(x0, eps, t, mu=mu), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="`mu` is required: the mean-reverting marginal"):
+        sched.add_noise(x0, eps, t)
+    with pytest.raises(ValueError, match=r"`mu` must have the sample's shape"):
+        sched.add_noise(x0, eps, t, mu=mu[:1])
 
 
 def test_step_needs_mu_of_the_samples_shape():

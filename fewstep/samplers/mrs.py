@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 from diffusers.configuration_utils import register_to_config
 
+from .._checks import check_int
 from ..solvers.engine import StepDecision
 from ..solvers.mean_reverting import (
     MR_PREDICTIONS,
@@ -81,7 +82,8 @@ class FewstepMRSScheduler(FewstepScheduler):
                     f"`mrs` needs a mean-reverting schedule: `trained_betas` (as MR models ship them) or "
                     f"beta_schedule='mr_cosine'; got beta_schedule={beta_schedule!r} -- is this a mean-reverting model?"
                 )
-            self.register_to_config(trained_betas=mean_reverting_betas(num_train_timesteps - 1, mr_a_end))
+            steps = check_int("num_train_timesteps", num_train_timesteps, 3, what="of beta_schedule='mr_cosine'")
+            self.register_to_config(trained_betas=mean_reverting_betas(steps - 1, mr_a_end))
         if stationary_std is None:
             raise ValueError(
                 "`stationary_std` (the MR-SDE's stationary std lambda) is required and is not part of a plain "
@@ -139,6 +141,23 @@ class FewstepMRSScheduler(FewstepScheduler):
         if not return_dict:
             return (prev,)
         return FewstepSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+        mu: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The MR-SDE marginal at model timesteps ``timesteps``: ``a x0 + (1 - a) mu + lam sqrt(1 - a^2) eps``
+        (IR-SDE eq. 7; the VP ``add_noise`` applied to ``z = (x - mu) / lam``). ``mu`` (the degraded image) is
+        required: without it the state is not defined."""
+        if mu is None:
+            raise ValueError(
+                "`mu` is required: the mean-reverting marginal a*x0 + (1 - a)*mu + lam*sqrt(1 - a^2)*eps drifts "
+                "towards the degraded image mu; call add_noise(x0, noise, timesteps, mu=degraded)"
+            )
+        mu = check_measurement(mu, original_samples)
+        lam = self.stationary_std
+        z0 = to_z(original_samples, mu.to(original_samples.dtype), lam)
+        return from_z(super().add_noise(z0, noise, timesteps), mu.to(original_samples.dtype), lam)
 
     def step_pair(self, *args: Any, **kwargs: Any):
         raise NotImplementedError("`mrs` takes model outputs through step(..., mu=...); step_pair is not defined")

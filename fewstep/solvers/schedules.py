@@ -328,16 +328,17 @@ def mean_reverting_alphas_cumprod(num_steps: int = 100, a_end: float = 0.005, of
     ``dx = theta_t (mu - x) dt + g_t dw`` with ``g_t^2 = 2 lam^2 theta_t`` has the marginal
     ``x_t = a_t x0 + (1 - a_t) mu + s_t eps``, ``a_t = exp(-int theta)``, ``s_t = lam sqrt(1 - a_t^2)``, so
     ``z = (x - mu) / lam`` follows the VP process ``z_t = a_t z_0 + sqrt(1 - a_t^2) eps`` -- every VP solver applies
-    to ``z`` (Li et al. 2025, sec. 3). ``theta_i = 1 - abar_cos(i + 1)`` from the improved-DDPM cosine over
-    ``num_steps + 2`` points, scaled so that ``a_T = a_end``; returns ``a_i^2`` for ``i = 0..num_steps``.
+    to ``z`` (Li et al. 2025, sec. 3). ``theta_i = 1 - abar_cos((i + 1) / (T + 2))`` from the improved-DDPM cosine on
+    ``T + 3`` points ``0..T+2`` with both ends dropped (the released IR-SDE / MR-Sampler code), ``a_i =
+    exp(-dt sum_{j<=i} theta_j)`` with ``dt`` such that ``a_T = a_end``; returns ``a_i^2`` for ``i = 0..T``.
     """
     check_int("num_steps", num_steps, 2, numpy_ok=False)
     if not 0 < a_end < 1:
         raise ValueError(f"`a_end` must lie in (0, 1), got {a_end!r}")
-    grid = np.arange(num_steps + 2, dtype=np.float64) / (num_steps + 1)
+    grid = np.arange(num_steps + 3, dtype=np.float64) / (num_steps + 2)
     abar = np.cos((grid + offset) / (1 + offset) * np.pi / 2) ** 2
     abar = abar / abar[0]
-    theta = 1.0 - abar[1:]  # num_steps + 1 values, rising from ~6e-4 to ~1
+    theta = 1.0 - abar[1:-1]  # num_steps + 1 values at grid points 1..T+1, rising from ~6e-4 to ~0.9998
     dt = -np.log(a_end) / theta.sum()
     a = np.exp(-dt * np.cumsum(theta))
     return a**2
