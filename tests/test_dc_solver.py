@@ -401,3 +401,29 @@ def test_cli_calibrates_a_text_to_image_pipeline(tiny_sd, tmp_path, capsys):  # 
     assert main(argv) == 2
     assert "holds no prompt" in capsys.readouterr().err
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_released_cpr_coefficients_give_the_released_ratios():
+    """DC-Solver's released CPR evaluation (nested quadratics in NFE/50 then CFG/12, highest power first, then a
+    cubic in step/NFE; ratio 1 for the first two steps), written out here, equals fewstep's CPR on the converted
+    coefficients; unconverted they differ."""
+    from fewstep.solvers.dc_artifacts import CPRModel, cpr_from_released
+
+    rng = np.random.default_rng(0)
+    released = rng.normal(size=36) * 0.1
+    released[0] = 1.0
+
+    def released_ratio(cfg, nfe, step):
+        c = released.reshape(4, 3, 3)
+        n, g, x = nfe / 50, cfg / 12, step / nfe
+        by_nfe = c[..., 0] * n**2 + c[..., 1] * n + c[..., 2]  # (4, 3)
+        by_cfg = by_nfe[:, 0] * g**2 + by_nfe[:, 1] * g + by_nfe[:, 2]  # (4,)
+        return sum(by_cfg[k] * x**k for k in range(4))
+
+    for cfg, nfe in ((7.5, 6), (3.0, 10), (12.0, 5)):
+        expected = [1.0 if step < 3 else released_ratio(cfg, nfe, step) for step in range(1, nfe + 1)]
+        got = CPRModel(cpr_from_released(released), order=2).predict(nfe, cfg, warn=False)
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+        assert not np.allclose(CPRModel(released, order=2).predict(nfe, cfg, warn=False), expected)
+    with pytest.raises(ValueError, match="released CPR `coefficients` must be 36 finite numbers, got 35"):
+        cpr_from_released(released[:35])

@@ -39,6 +39,7 @@ __all__ = [
     "RatioEntry",
     "CPRModel",
     "cpr_features",
+    "cpr_from_released",
     "fit_cpr",
     "save_ratio_table",
     "load_ratio_table",
@@ -190,6 +191,19 @@ def cpr_features(nfe: Any, guidance_scale: Any, step: Any) -> np.ndarray:
     x, g, n = np.broadcast_arrays(x, g, n)
     feats = [x**k * g**p * n**q for k in range(4) for p in range(3) for q in range(3)]
     return np.stack(feats, axis=-1)
+
+
+def cpr_from_released(coefficients: Any) -> list[float]:
+    """DC-Solver's released CPR coefficients (the ``.npy`` files of the official code, 36 values) in fewstep's
+    ``C[k, p, q]`` order, for ``dc_cpr=``.
+
+    The released evaluation nests quadratics: ``coefficients.reshape(4, 3, 3)[k, m, j]`` multiplies
+    ``x^k g^(2-m) n^(2-j)`` (highest power first in CFG and NFE), whereas ``cpr_features`` orders ``x^k g^p n^q``
+    with ascending powers, so the last two axes are reversed."""
+    c = np.asarray(coefficients, dtype=np.float64).reshape(-1)
+    if c.size != 36 or not np.all(np.isfinite(c)):
+        raise ValueError(f"released CPR `coefficients` must be 36 finite numbers, got {c.size} values")
+    return c.reshape(4, 3, 3)[:, ::-1, ::-1].reshape(-1).tolist()
 
 
 @dataclass
