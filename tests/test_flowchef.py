@@ -182,6 +182,9 @@ def test_flowchef_update_needs_no_outer_grad_and_leaves_inputs_alone():
     ({"inner_steps": 0}, "inner_steps"),
     ({"steered_steps": -1}, "steered_steps"),
     ({"optimizer": "sgd"}, "optimizer"),
+    ({"betas": (0.9, 0.99, 0.9)}, r"`betas` must be two numbers \(beta1, beta2\) in \[0, 1\), got \(0.9, 0.99, 0.9\)"),
+    ({"betas": 0.9}, r"`betas` must be two numbers .* got 0.9"),
+    ({"adam_eps": "1"}, r"`adam_eps` must be a finite number > 0, got '1'"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -403,6 +406,14 @@ def test_flowchef_pipeline_errors(flow_pipe):
     op = SuperResolution(2)
     with pytest.raises(ValueError, match="measurement shape"):
         dps_sample(flow_pipe, op, torch.zeros(1, 1, 16, 16), num_inference_steps=2)
+    # one image per measurement (a lone image would be steered towards the mean of several), or one for all
+    task = make_task("sr", torch.zeros(4, 1, 16, 16))
+    for n in (1, 3):
+        with pytest.raises(ValueError, match=rf"`num_images` \(or the latents' batch\) is {n}, but the 'sr' task "
+                                             r"holds 4 measurements: pass num_images=4"):
+            flowchef_sample(flow_pipe, task, num_images=n, num_inference_steps=2)
+    shared = make_task("sr", torch.zeros(1, 1, 16, 16))
+    assert flowchef_sample(flow_pipe, shared, num_images=2, num_inference_steps=1).shape == (2, 1, 16, 16)
 
 
 def test_cli_flowchef(tmp_path, capsys):
@@ -422,6 +433,14 @@ def test_cli_flowchef(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--model", "digits-flow", "--task", "colorize"])
     assert exc.value.code == 2
+    capsys.readouterr()
+    for argv, message in (
+        (["--task", "motion-deblur"], "--task motion-deblur is a posterior-sampling task (--posterior dps|psld|stsl"),
+        (["--task", "sr", "--sampler", "flowchef", "--sampler-option", "flowchef_step_size=0.2"],
+         "--sampler-option flowchef_step_size: a FlowChef --task run is steered by --flowchef-step"),
+    ):
+        assert main(["generate", "--model", "digits-flow", *argv, "--quiet", "--out", str(tmp_path / "x.png")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 def test_cli_gaussian_fill(tmp_path, capsys, flow_pipe):
@@ -634,3 +653,12 @@ def test_bench_matched_quality_needs_both_psnr_and_ssim():
     got = bench.matched(rows, "sr")
     assert [(m["dps_nfe"], m["flowchef_nfe"]) for m in got] == [(10, 8), (20, None)]
     assert got[0]["time_ratio"] == 0.25 and got[1]["time_ratio"] is None
+
+
+def test_cli_edit_of_the_whole_image_reports_no_keep_error(tmp_path, capsys):
+    """--edit-size 16 edits every pixel: nothing is kept, so no keep_mse (was printed as nan)."""
+    out = tmp_path / "e.png"
+    assert main(["generate", "--model", "digits-flow", "--task", "edit", "--edit-size", "16", "--steps", "2",
+                 "--num-images", "1", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.is_file() and "target_accuracy" in printed and "keep_mse" not in printed and "nan" not in printed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -68,6 +69,12 @@ def test_operator_bad_input():
         Inpainting(torch.ones(1, 1, 8, 8))(torch.zeros(1, 1, 16, 16))
     with pytest.raises(ValueError, match="unknown measurement task 'colorize'"):
         make_operator("colorize", 16)
+    with pytest.raises(ValueError, match=r"`angle` \(degrees\) must be a finite number, got nan"):
+        MotionBlur(5, angle=float("nan"))
+    assert MotionBlur(5, angle=np.float32(30)).angle == 30.0  # numpy scalars are numbers too
+    # a factor that does not divide the image: the same message from the measurement check as from the operator
+    with pytest.raises(ValueError, match=r"sr: image size \(16, 16\) is not divisible by the factor 3"):
+        SuperResolution(3).check_measurement(torch.zeros(1, 1, 5, 5), (1, 1, 16, 16))
 
 
 # ------------------------------------------------------------------------------------------------ the math
@@ -303,6 +310,19 @@ def test_latent_sd_path_runs_end_to_end(tiny_sd):
     assert outs["stsl"].nfe == 2 * 3 and outs["stsl"].grad_evals == 2 * 3 and outs["dps"].nfe == 2
     assert not torch.allclose(outs["psld"].latents, outs["dps"].latents)  # the gluing term acts
     assert not torch.allclose(outs["stsl"].latents, outs["stsl-glued"].latents)
+
+
+def test_latent_sd_path_runs_a_half_precision_pipeline(sd_path):  # noqa: F811 - the imported fixture
+    """The solver keeps float32 latents for a bf16/fp16 pipeline; the VAE decode/encode inside the measurement
+    term must run in the VAE's dtype (crashed with a dtype mismatch)."""
+    pipe = StableDiffusionPipeline.from_pretrained(sd_path, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    op = SuperResolution(2)
+    y = op.measure(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    for method in (DPS(step_size=0.5), STSL(inner_steps=1, num_probes=1, probe_batch=1, strength=0.5)):
+        out = posterior_sample(pipe, op, y, method, num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+        assert out.latents.dtype == torch.float32 and torch.isfinite(out.images).all()
+    assert pipe.vae.dtype == pipe.unet.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -165,6 +165,11 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
 
     if args.model != "digits-flow":
         raise UsageError(f"--task needs --model digits-flow (a rectified-flow model), got {args.model!r}")
+    if args.task not in DEFAULT_CONFIGS:
+        raise UsageError(
+            f"--task {args.task} is a posterior-sampling task (--posterior dps|psld|stsl on a VP model such as "
+            f"digits-eps); FlowChef on digits-flow takes --task {'|'.join(DEFAULT_CONFIGS)}"
+        )
     if args.prompt is not None:
         raise UsageError("--task takes no --prompt")
     editing = args.task == EDIT_TASK
@@ -198,14 +203,21 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
     changes = {k: v for k, v in (("step_size", args.flowchef_step), ("inner_steps", args.flowchef_inner_steps),
                                  ("steered_steps", args.flowchef_steered_steps),
                                  ("optimizer", args.flowchef_optimizer)) if v is not None}
+    options = _options_dict(args.sampler_option)
+    steering = sorted(k for k in options if k.startswith("flowchef_"))
+    if steering:
+        raise UsageError(
+            f"--sampler-option {', '.join(steering)}: a FlowChef --task run is steered by --flowchef-step, "
+            "--flowchef-inner-steps, --flowchef-steered-steps and --flowchef-optimizer (its sampler underneath is "
+            "flow-euler)"
+        )
     config = dataclasses.replace(DEFAULT_CONFIGS[args.task], **changes)
     sampler = "flow-euler" if args.sampler in (None, "flowchef") else args.sampler
     if args.quiet:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-    pipe = load_model(args.model, sampler, device=args.device, dtype=args.dtype,
-                      sampler_options=_options_dict(args.sampler_option))
+    pipe = load_model(args.model, sampler, device=args.device, dtype=args.dtype, sampler_options=options)
     measurement = None
     if editing:
         source = None

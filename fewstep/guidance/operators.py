@@ -232,6 +232,8 @@ class SuperResolution(MeasurementOperator):
 
     def output_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         n, c, h, w = shape
+        if h % self.factor or w % self.factor:
+            raise ValueError(f"{self.name}: image size {(h, w)} is not divisible by the factor {self.factor}")
         return (n, c, h // self.factor, w // self.factor)
 
     def _matrices(self, h: int, w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,8 +321,7 @@ class MotionBlur(_Convolution):
             raise ValueError(f"`length` must be a number in [1, {kernel_size}] (the kernel size), got {length!r}")
         if angle is None:
             angle = float(torch.rand((), generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)) * 180
-        if isinstance(angle, bool) or not isinstance(angle, (int, float)) or not math.isfinite(angle):
-            raise ValueError(f"`angle` must be a finite number of degrees, got {angle!r}")
+        angle = check_number("angle", angle, what="degrees")
         c = kernel_size // 2
         steps = torch.linspace(-0.5, 0.5, max(2, int(8 * length)), dtype=torch.float64) * (length - 1)
         theta = math.radians(angle)

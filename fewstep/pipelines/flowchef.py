@@ -178,6 +178,21 @@ def _prepare(pipe, num_images, class_labels, generator, latents):
 
 
 @torch.no_grad()
+def _check_task_batch(task: FlowChefTask, x: torch.Tensor) -> None:
+    """One measurement (or label) per image, or one measurement for all: a task's cost compares each image with its
+    own, and a single image against several measurements would silently be steered towards their mean."""
+    held = task.measurement if task.measurement is not None else task.labels
+    shared = task.measurement is not None and held.shape[0] == 1
+    if held is not None and held.shape[0] != x.shape[0] and not shared:
+        what = "measurements" if task.measurement is not None else "labels"
+        raise ValueError(
+            f"`num_images` (or the latents' batch) is {x.shape[0]}, but the {task.name!r} task holds {held.shape[0]} "
+            f"{what}: pass num_images={held.shape[0]} (one image per {what[:-1]})"
+        )
+    if task.operator is not None and task.measurement is not None:
+        task.operator.check_measurement(task.measurement, x.shape)
+
+
 def flowchef_sample(
     pipe,
     cost: Cost | FlowChefTask | None,
@@ -196,10 +211,13 @@ def flowchef_sample(
     ``cost=None`` samples unsteered (the same loop, for comparisons). ``propagate``: the hook's map of each
     move (``FlowChefHook``), e.g. ``inpainting_fill(task.operator)``."""
     _check_flow_scheduler(pipe)
-    if isinstance(cost, FlowChefTask):
-        cost = cost.cost
+    task = cost if isinstance(cost, FlowChefTask) else None
+    if task is not None:
+        cost = task.cost
     check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
     x, labels = _prepare(pipe, num_images, class_labels, generator, latents)
+    if task is not None:
+        _check_task_batch(task, x)
     sched = pipe.scheduler
     sched.set_timesteps(num_inference_steps, device=x.device)
     if cost is not None:
@@ -470,8 +488,9 @@ def run_edit(
     with torch.no_grad():
         pred = classifier(x.clamp(-1, 1)).argmax(1)
     keep = 1 - mask
-    keep_mse = float(((x - source) * keep).pow(2).sum() / (keep.sum() * n * x.shape[1]))
-    metrics = {"target_accuracy": float((pred == tgt_l).float().mean()), "keep_mse": keep_mse}
+    metrics = {"target_accuracy": float((pred == tgt_l).float().mean())}
+    if keep.sum() > 0:  # an edit_size of the whole image keeps nothing: no keep_mse
+        metrics["keep_mse"] = float(((x - source) * keep).pow(2).sum() / (keep.sum() * n * x.shape[1]))
     used = config if config is not None else DEFAULT_CONFIGS[EDIT_TASK]
     return TaskResult(x, 2 * len(pipe.scheduler.timesteps), seconds, used, source, None, metrics)
 

@@ -120,8 +120,9 @@ class _Prior:
             self.shape = (num_images, pipe.unet.config.in_channels, size, size)
             self.image_shape = (num_images, vae.config.in_channels, size * factor, size * factor)
             scale = float(vae.config.scaling_factor)
-            self.decode = lambda z: vae.decode(z / scale).sample
-            self.encode = lambda x: vae.encode(x).latent_dist.mean * scale
+            # the solver's latents stay float32 for a half-precision pipeline: the VAE computes in its own dtype
+            self.decode = lambda z: vae.decode((z / scale).to(vae.dtype)).sample.to(z.dtype)
+            self.encode = lambda x: (vae.encode(x.to(vae.dtype)).latent_dist.mean * scale).to(x.dtype)
         else:
             raise ValueError(
                 "posterior sampling supports the class-conditional digits pipelines (digits-eps) and SD 1.x/2.x "

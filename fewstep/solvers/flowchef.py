@@ -90,11 +90,13 @@ class FlowChefConfig:
             raise ValueError(f"`steered_steps` (K) must be an integer >= 0 or None (all but the last), got {k!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        b1, b2 = self.betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"`betas` must lie in [0, 1), got {self.betas!r}")
-        if not self.adam_eps > 0:
-            raise ValueError(f"`adam_eps` must be > 0, got {self.adam_eps!r}")
+        betas = self.betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+            not isinstance(b, (bool, np.bool_)) and isinstance(b, (int, float, np.integer, np.floating)) and 0 <= b < 1
+            for b in betas
+        )):
+            raise ValueError(f"`betas` must be two numbers (beta1, beta2) in [0, 1), got {betas!r}")
+        check_number("adam_eps", self.adam_eps, 0, low_open=True)
 
     def num_steered(self, num_steps: int) -> int:
         """``K`` resolved against a run of ``num_steps`` steps; ``K > num_steps`` is an error."""
