@@ -679,6 +679,10 @@ def test_bad_quantize_input(pipe, calibration):
         quant.set_mode(pipe.unet, "int8")
     with pytest.raises(ValueError, match=r"`unet` is a Linear: fewstep.quant calibrates UNets"):
         quant.quantize(nn.Linear(4, 4), calibration)
+    # a second pass over a quantized model (its artifact would not load onto any model) is refused
+    once = quant.quantize(pipe.unet, calibration, quant.QuantConfig(act_grid=4, weight_grid=3))
+    with pytest.raises(ValueError, match=r"`unet` \(UNet2DModel\) is already quantized"):
+        quant.quantize(once, calibration)
 
 
 def test_dtype_casts_leave_the_stored_quantized_tensors_alone(pipe, calibration):

@@ -202,6 +202,11 @@ def quantize(
         raise TypeError(f"`calibration` must be a fewstep.quant.CalibrationSet, got {type(calibration).__name__}")
     if len(calibration) == 0:
         raise ValueError("`calibration` is empty (0 rows): build it with build_calibration_set(num_samples >= 1)")
+    if getattr(unet, "fewstep_quant", None) is not None or any(isinstance(m, QuantLayer) for m in unet.modules()):
+        raise ValueError(
+            f"`unet` ({type(unet).__name__}) is already quantized (it holds QuantLayers): quantize the full-precision "
+            "model (a second pass would calibrate the 8-bit layers' leftovers and save an artifact no model loads)"
+        )
     layers = quantizable_layers(unet, config.exclude)
     if not layers:
         raise ValueError(
