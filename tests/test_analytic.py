@@ -239,6 +239,11 @@ def test_exact_endpoint_validation():
             exact_endpoint(gm, y, r0, r1)
     with pytest.raises(ValueError, match=r"x_start .* the mixture has D=3"):
         exact_endpoint(gm, torch.zeros(2, 4, dtype=torch.float64), 1.0)
+    # a NaN tolerance made scipy loop forever; a tiny one is silently raised by scipy
+    for kw, match in (({"rtol": float("nan")}, r"`rtol` must be a finite number in \[1e-13, 1"),
+                      ({"rtol": -1.0}, r"`rtol` must be .* got -1.0"), ({"atol": 0.0}, r"`atol` must be .* > 0")):
+        with pytest.raises(ValueError, match=match):
+            exact_endpoint(gm, y, 1.0, **kw)
 
 
 def test_exact_endpoint_pushes_noisy_marginal_to_data():

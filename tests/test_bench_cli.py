@@ -39,8 +39,25 @@ def test_frechet_distance_of_features_and_bad_input():
         frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match=r"`features` must be \[N, D\] with N >= 2"):
         feature_statistics(np.zeros((1, 3)))
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ValueError, match=r"`a` and `b` must have one shape, got \(2,\) vs \(3,\)"):
         rmse(torch.zeros(2), torch.zeros(3))
+    # found by probing: these gave 0.0, NaN or a raw AttributeError
+    with pytest.raises(ValueError, match=r"`cov1` must be a positive semi-definite covariance matrix; its smallest "
+                                         r"eigenvalue is -1"):
+        frechet_distance(np.zeros(2), -np.eye(2), np.zeros(2), np.eye(2))
+    broken = np.diag([1.0, 0.5, -0.3])
+    with pytest.raises(ValueError, match=r"`cov2` must be a positive semi-definite .* smallest eigenvalue is -0.3"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), broken)
+    assert frechet_distance(np.zeros(2), np.diag([1.0, -1e-12]), np.zeros(2), np.eye(2)) >= 0  # rounding passes
+    with pytest.raises(ValueError, match=r"D >= 1"):
+        feature_statistics(np.zeros((4, 0)))
+    with pytest.raises(ValueError, match=r"`features` must be real"):
+        feature_statistics(np.ones((4, 2), dtype=complex))
+    with pytest.raises(ValueError, match=r"`a` contains NaN or Inf"):
+        rmse(torch.tensor([float("nan")]), torch.zeros(1))
+    with pytest.raises(ValueError, match=r"`a` and `b` are empty"):
+        rmse(torch.zeros(0), torch.zeros(0))
+    assert rmse(np.zeros(3), np.full(3, 2.0)) == pytest.approx(2.0)  # numpy arrays too
 
 
 def test_analytic_bench_error_falls_with_nfe_and_multistep_beats_ddim():

@@ -127,6 +127,28 @@ def test_reference_folder_errors_name_the_problem(tmp_path):
     (big / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"'.*broken.png' is not a readable image"):
         folder_statistics(big, extractor)
+    # a truncated file: its header reads (the size check passes), its pixels do not
+    cut = tmp_path / "cut"
+    _write_images(cut, torch.rand(2, 3, 16, 16))
+    data = (cut / "001.png").read_bytes()
+    (cut / "001.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"'.*001.png' is not a readable image"):
+        folder_statistics(cut, extractor)
+
+
+def test_16_bit_reference_images_keep_their_values(tmp_path):
+    """A 16-bit greyscale PNG is scaled by 65535 (PIL's RGB conversion clipped it to white)."""
+    from fewstep.bench.fid import _load_batches
+
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    values = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)
+    for k in range(2):
+        Image.fromarray(values).save(folder / f"{k}.png")
+    assert Image.open(folder / "0.png").mode.startswith("I")
+    batch = next(_load_batches(list_reference_images(folder), 2))
+    expected = torch.tensor(values / 65535.0, dtype=torch.float32)
+    assert batch.shape == (2, 3, 2, 2) and torch.allclose(batch[1, 2], expected, atol=1e-6)
 
 
 def test_extractor_and_config_errors(tiny_sd, tmp_path):  # noqa: F811

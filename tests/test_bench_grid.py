@@ -10,6 +10,7 @@ import torch
 from test_real_pipeline import tiny_sd  # noqa: F401 - fixture reused by the pipeline-directory test
 
 from fewstep.bench import digits_eval, runner
+from fewstep.bench.analytic_bench import run_analytic_bench
 from fewstep.bench.runner import BenchConfig, parse_guidance, plot_results, reference_statistics, run_grid
 from fewstep.cli import main
 
@@ -82,6 +83,14 @@ def test_config_validation_messages():
     with pytest.raises(ValueError, match="scale 'x' is not a number"):
         parse_guidance("cfg:x")
     assert parse_guidance("cfgpp:0.5") == ("cfg++", 0.5)
+    with pytest.raises(ValueError, match=r"`seed` must be an integer in \[0, "):
+        BenchConfig(seed=-1)
+    with pytest.raises(ValueError, match=r"`schedule` must be one of \['vp', 'flow'\], got 've'"):
+        BenchConfig(models=["analytic"], schedule="ve")
+    with pytest.raises(ValueError, match=r"`seed` must be an integer .* got 1.5"):
+        run_analytic_bench(seed=1.5)
+    with pytest.raises(ValueError, match=r"`classes` must be distinct digits 0..9 \(at least one\), got \[11\]"):
+        reference_statistics("digits-eps", [11])
     with pytest.raises(ValueError, match="cannot run 4 steps on digits-eps"):
         run_grid(BenchConfig(models=["digits-eps"], samplers=["flow-euler"], steps=[4], **TINY), "/tmp/unused-x",
                  progress=False)
@@ -134,6 +143,18 @@ def _has_matplotlib() -> bool:
         (["bench", "--model", "digits-eps", "--out", "x", "--json", "y.json"], "--json is for the analytic table"),
         (["bench", "--model", "digits-eps", "--out", "x", "--classes", "0,12"], "`classes` must be distinct digits"),
         (["bench", "--model", "digits-eps", "--out", "x", "--num-per-class", "0"], "expected an integer >= 1"),
+        # found by probing: options no listed model uses were silently ignored in a grid run
+        (["bench", "--model", "analytic", "--out", "x", "--num-per-class", "3"],
+         "--num-per-class applies to the digits models and pipeline directories, not --model analytic"),
+        (["bench", "--model", "analytic", "--out", "x", "--features", "inception"], "--features applies to"),
+        (["bench", "--model", "digits-eps", "--out", "x", "--dim", "4"], "--dim applies to --model analytic"),
+        (["bench", "--model", "digits-eps", "--out", "x", "--num-samples", "9"], "--num-samples applies to"),
+        (["bench", "--model", "digits-eps", "--out", "x", "--prompts", "p.txt"], "--prompts applies to pipeline"),
+        (["bench", "--model", "analytic", "--plot", "fd"], "--plot is for a grid run (--out DIR)"),
+        # a metric no listed model reports fails before the run, not after it
+        (["bench", "--model", "analytic", "--out", "x", "--plot", "accuracy"],
+         "--plot accuracy: --model analytic reports ['fd', 'rmse']"),
+        (["bench", "--model", "digits-eps", "--out", "x", "--plot", "rmse"], "reports ['accuracy', 'fd', 'mse']"),
     ],
 )
 def test_cli_grid_usage_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -218,6 +239,15 @@ def test_inception_loads_a_pytorch_fid_state_dict(tmp_path):
     feats = inception_features(loaded, images)
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and (feats >= 0).all()
     assert torch.allclose(feats, inception_features(net.eval(), images))
+    # the extractor id (the reference-statistics cache key) follows the weights' content, not name and size
+    from fewstep.bench.fid import inception_extractor
+
+    (tmp_path / "other").mkdir()
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(other, tmp_path / "other" / "pt_inception.pth")
+    ids = [inception_extractor(tmp_path / d / "pt_inception.pth").id for d in (".", "other")]
+    assert (tmp_path / "pt_inception.pth").stat().st_size == (tmp_path / "other" / "pt_inception.pth").stat().st_size
+    assert ids[0] != ids[1] and ids[0] == inception_extractor(tmp_path / "pt_inception.pth").id
     del state["Mixed_7c.branch_pool.conv.weight"]
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"is not pytorch-fid's Inception-V3: missing \['Mixed_7c.branch_pool"):
@@ -258,6 +288,15 @@ def test_grid_on_a_text_to_image_pipeline_directory(tiny_sd, tmp_path, capsys): 
             str(tmp_path / "cli")]
     assert main(argv) == 0
     assert (tmp_path / "cli" / "results.json").is_file() and "unipc" in capsys.readouterr().out
+    # the default plot of a pipeline directory without inception features is its MSE (there is no FD to plot)
+    argv[argv.index("--plot") + 1] = "fd"
+    assert main(argv) == 2 and "--plot fd: --model" in capsys.readouterr().err
+    from fewstep.cli import build_parser
+    from fewstep.cli.bench import _check_applicable
+
+    args = build_parser().parse_args(["bench", "--model", str(tiny_sd), "--out", "x"])
+    _check_applicable(args, {"pipeline"})
+    assert args.plot == "mse"
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--model", str(tmp_path), "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and "or a diffusers pipeline directory" in capsys.readouterr().err

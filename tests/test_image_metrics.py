@@ -44,8 +44,16 @@ def test_bad_input():
     x = torch.zeros(2, 1, 8, 8)
     with pytest.raises(ValueError, match="must be NCHW tensors of one shape"):
         psnr(x, torch.zeros(2, 1, 8, 9))
-    with pytest.raises(ValueError, match="`data_range` must be > 0"):
+    with pytest.raises(ValueError, match="`data_range` must be a finite number > 0, got 0"):
         ssim(x, x, data_range=0)
+    with pytest.raises(ValueError, match="`data_range` must be a finite number > 0, got inf"):
+        psnr(x, x, data_range=float("inf"))
+    with pytest.raises(ValueError, match="`data_range` must be a finite number > 0, got '1'"):
+        psnr(x, x, data_range="1")
+    with pytest.raises(ValueError, match="`y` contains NaN or Inf"):
+        psnr(x, torch.full_like(x, float("nan")))
+    with pytest.raises(ValueError, match=r"empty images \(shape \(2, 0, 8, 8\)\)"):
+        ssim(torch.zeros(2, 0, 8, 8), torch.zeros(2, 0, 8, 8))
     with pytest.raises(ValueError, match="`win_size` must be an odd integer >= 3, got 4"):
         ssim(x, x, win_size=4)
     with pytest.raises(ValueError, match="smaller than `win_size` 9"):

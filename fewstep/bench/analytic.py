@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from .._checks import check_number
+
 __all__ = [
     "PREDICTION_TYPES",
     "AnalyticModel",
@@ -424,6 +426,9 @@ def _flatten_points(mixture: GaussianMixture, x: Any, name: str) -> tuple[torch.
 
 
 def _solve(fun: Any, t0: float, t1: float, y0: np.ndarray, rtol: float, atol: float, what: str) -> np.ndarray:
+    # scipy raises a tiny rtol to ~2e-14 with a warning, and never finishes with a NaN one: check both here
+    check_number("rtol", rtol, 1e-13, high=1.0)
+    check_number("atol", atol, 0, low_open=True)
     sol = solve_ivp(fun, (t0, t1), y0, method="DOP853", rtol=rtol, atol=atol, t_eval=None, dense_output=False)
     if not sol.success:
         raise RuntimeError(

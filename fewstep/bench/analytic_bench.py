@@ -86,6 +86,7 @@ def run_analytic_bench(
     if schedule not in SCHEDULE_CONFIGS:
         raise ValueError(f"`schedule` must be one of {list(SCHEDULE_CONFIGS)}, got {schedule!r}")
     check_int("num_samples", num_samples, 2, numpy_ok=False)
+    check_int("seed", seed, 0, 2**63 - 1)
     mixture = mixture if mixture is not None else default_mixture(dim=dim, seed=seed)
     x_start = torch.randn(num_samples, mixture.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     data_mean, data_cov = mixture.mean(), mixture.covariance()

@@ -87,7 +87,17 @@ def inception_extractor(weights: str | os.PathLike | None = None, device: str | 
     def features(images01: torch.Tensor) -> torch.Tensor:
         return model(images01.to(device))
 
-    return FeatureExtractor(features, f"inception:{file.name}:{file.stat().st_size}", batch_size)
+    return FeatureExtractor(features, f"inception:{_file_digest(file)}", batch_size)
+
+
+def _file_digest(file: Path) -> str:
+    """Content hash of a weights file: the extractor id keys the reference-statistics cache, so two checkpoints
+    of one name and size must not share it."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def list_reference_images(folder: str | os.PathLike) -> list[Path]:
@@ -150,9 +160,23 @@ def _load_batches(files: Sequence[Path], batch_size: int) -> Iterator[torch.Tens
     for start in range(0, len(files), batch_size):
         arrays = []
         for file in files[start:start + batch_size]:
-            with Image.open(file) as image:
-                arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+            try:
+                with Image.open(file) as image:
+                    arrays.append(_rgb01(image))
+            except OSError as exc:  # a truncated or corrupt file: its header read, its pixels do not
+                raise ValueError(f"`reference_images`: {str(file)!r} is not a readable image ({exc})") from None
         yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def _rgb01(image) -> np.ndarray:
+    """``[H, W, 3]`` float32 in [0, 1]. 16-bit greyscale (``I;16*``, ``I``) is scaled by 65535 (PIL's RGB
+    conversion would clip it to white), other modes go through PIL's RGB conversion (8 bits)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image, dtype=np.float64)
+        if grey.min(initial=0) < 0 or grey.max(initial=0) > 65535:
+            raise ValueError(f"32-bit integer image with values outside 0..65535 ({image.mode})")
+        return np.repeat((grey / 65535.0).astype(np.float32)[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
 def cached_statistics(key: dict, cache_dir: str | os.PathLike | None,

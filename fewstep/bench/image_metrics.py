@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_number
+
 __all__ = ["psnr", "ssim"]
 
 
@@ -18,8 +20,12 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:
         raise TypeError("`x` and `y` must be torch tensors (NCHW)")
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"`x` and `y` must be NCHW tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not data_range > 0:
-        raise ValueError(f"`data_range` must be > 0, got {data_range!r}")
+    if x.shape[1:].numel() == 0:
+        raise ValueError(f"`x` and `y` hold empty images (shape {tuple(x.shape)}): need C, H, W >= 1")
+    check_number("data_range", data_range, 0, low_open=True)
+    for name, t in (("x", x), ("y", y)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"`{name}` contains NaN or Inf")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:

@@ -17,7 +17,11 @@ __all__ = ["frechet_distance", "feature_statistics", "frechet_distance_features"
 
 def _as_numpy(value: Any, name: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise ValueError(f"`{name}` must be real, got dtype {value.dtype}")
         value = value.detach().to("cpu", torch.float64).numpy()
+    if np.iscomplexobj(value):
+        raise ValueError(f"`{name}` must be real, got a complex array")
     arr = np.asarray(value, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"`{name}` contains NaN or Inf")
@@ -39,10 +43,22 @@ def _nonzero(w: np.ndarray) -> np.ndarray:
     return w > w.size * np.finfo(np.float64).eps * max(float(np.abs(w).max(initial=0.0)), 0.0)
 
 
+def _check_psd(w: np.ndarray, name: str) -> None:
+    """``ValueError`` when the eigenvalues ``w`` of a symmetric matrix have a negative one beyond rounding
+    (``1e-6`` of the largest: covariances stored in float32 stay within it)."""
+    if w.size and w.min() < -1e-6 * max(float(np.abs(w).max()), 1e-300):
+        raise ValueError(
+            f"`{name}` must be a positive semi-definite covariance matrix; its smallest eigenvalue is "
+            f"{float(w.min()):.6g} (largest {float(w.max()):.6g})"
+        )
+
+
 def _trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
     """``tr (C_1 C_2)^{1/2}`` for symmetric PSD ``C_1``, ``C_2``: with ``C_1 = B B^T`` (``B = V_r W_r^{1/2}``, its
     nonzero eigenpairs) the nonzero eigenvalues of ``C_1 C_2`` are those of the r x r matrix ``B^T C_2 B``."""
     w, v = linalg.eigh(cov1)
+    _check_psd(w, "cov1")
+    _check_psd(linalg.eigvalsh(cov2), "cov2")
     keep = _nonzero(w)
     if not keep.any():
         return 0.0
@@ -61,6 +77,8 @@ def frechet_distance(mu1: Any, cov1: Any, mu2: Any, cov2: Any) -> float:
     mu1, mu2 = _as_numpy(mu1, "mu1").reshape(-1), _as_numpy(mu2, "mu2").reshape(-1)
     cov1, cov2 = np.atleast_2d(_as_numpy(cov1, "cov1")), np.atleast_2d(_as_numpy(cov2, "cov2"))
     d = mu1.size
+    if d == 0:
+        raise ValueError("`mu1`/`mu2` are empty: the Frechet distance needs features of dimension D >= 1")
     if mu2.size != d or cov1.shape != (d, d) or cov2.shape != (d, d):
         raise ValueError(
             f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, cov1 {cov1.shape}, cov2 {cov2.shape}; "
@@ -76,8 +94,8 @@ def frechet_distance(mu1: Any, cov1: Any, mu2: Any, cov2: Any) -> float:
 def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of ``[N, D]`` features, ``N >= 2``."""
     feats = _as_numpy(features, "features")
-    if feats.ndim != 2 or feats.shape[0] < 2:
-        raise ValueError(f"`features` must be [N, D] with N >= 2, got shape {feats.shape}")
+    if feats.ndim != 2 or feats.shape[0] < 2 or feats.shape[1] < 1:
+        raise ValueError(f"`features` must be [N, D] with N >= 2 and D >= 1, got shape {feats.shape}")
     return feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
 
 
@@ -87,7 +105,10 @@ def frechet_distance_features(features_a: Any, features_b: Any) -> float:
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root-mean-square difference over all elements."""
+    """Root-mean-square difference over all elements of two finite tensors (or arrays) of one shape."""
+    a, b = (torch.as_tensor(_as_numpy(v, name)) for v, name in ((a, "a"), (b, "b")))
     if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return float((a.to(torch.float64) - b.to(torch.float64)).pow(2).mean().sqrt())
+        raise ValueError(f"`a` and `b` must have one shape, got {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.numel() == 0:
+        raise ValueError("`a` and `b` are empty: RMSE needs at least one element")
+    return float((a - b).pow(2).mean().sqrt())

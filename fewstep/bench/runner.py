@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
+from .._checks import check_int
 from .._dist import distributed_state, is_main_process, split_samples
 from .._io import atomic_write
 from ..pipelines.defaults import default_sampler_options
@@ -153,6 +154,11 @@ class BenchConfig:
                                  ("reference_steps", self.reference_steps, 2), ("num_samples", self.num_samples, 2),
                                  ("dim", self.dim, 1)):
             _check_ints(name, [value], low)
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        from .analytic_bench import SCHEDULE_CONFIGS
+
+        if self.schedule not in SCHEDULE_CONFIGS:
+            raise ValueError(f"`schedule` must be one of {list(SCHEDULE_CONFIGS)}, got {self.schedule!r}")
         self.classes = _check_ints("classes", self.classes, 0)
         if any(c > 9 for c in self.classes) or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"`classes` must be distinct digits 0..9, got {self.classes}")
@@ -300,6 +306,9 @@ def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Pa
 
     if model not in MODELS[1:]:
         raise ValueError(f"`model` must be one of {list(MODELS[1:])}, got {model!r}")
+    classes = _check_ints("classes", classes, 0)
+    if not classes or any(c > 9 for c in classes) or len(set(classes)) != len(classes):
+        raise ValueError(f"`classes` must be distinct digits 0..9 (at least one), got {classes}")
     unet_config = json.loads((default_model_path(model) / "unet" / "config.json").read_text())
     size = int(unet_config["sample_size"])
     if inception is not None:

@@ -20,27 +20,65 @@ from ._common import (
     _seed,
 )
 
+#: which kinds of --model each option applies to (a flag no listed model uses is a usage error, not ignored)
+APPLIES = {
+    "guidance": ("digits", "pipeline"), "num_per_class": ("digits", "pipeline"), "classes": ("digits",),
+    "batch_size": ("digits", "pipeline"), "reference_steps": ("digits", "pipeline"),
+    "features": ("digits", "pipeline"), "inception_weights": ("digits", "pipeline"),
+    "reference_images": ("pipeline",), "prompts": ("pipeline",), "image_size": ("pipeline",),
+    "schedule": ("analytic",), "num_samples": ("analytic",), "dim": ("analytic",),
+}  # fmt: skip
+#: the metrics each kind of model reports (what --plot can draw)
+KIND_METRICS = {"analytic": ("rmse", "fd"), "digits": ("fd", "accuracy", "mse"), "pipeline": ("mse", "fd")}
+KIND_NAMES = {"analytic": "--model analytic", "digits": "the digits models", "pipeline": "pipeline directories"}
+#: defaults of the options that apply to the analytic model only (None on the parser, to see what was given)
+ANALYTIC_DEFAULTS = {"schedule": "vp", "num_samples": 2000, "dim": 2}
+
+
+def _model_kind(model: str) -> str:
+    return "analytic" if model == "analytic" else "digits" if model.startswith("digits-") else "pipeline"
+
+
+def _check_applicable(args: argparse.Namespace, kinds: set[str]) -> None:
+    """Refuse options that none of the requested models uses, and a --plot metric none of them reports."""
+    for key, where in APPLIES.items():
+        if getattr(args, key) is not None and not kinds & set(where):
+            users = " and ".join(KIND_NAMES[k] for k in where)
+            raise UsageError(f"--{key.replace('_', '-')} applies to {users}, not --model {','.join(args.model)}")
+    if args.features == "inception" and "pipeline" not in kinds and "digits" not in kinds:
+        raise UsageError("--features inception applies to the digits models and pipeline directories")
+    pipeline_fd = args.features == "inception"
+    available = [m for k in sorted(kinds) for m in KIND_METRICS[k] if m != "fd" or k != "pipeline" or pipeline_fd]
+    if args.plot is None:  # default: FD where a model reports it, else the first metric reported
+        args.plot = "fd" if "fd" in available else available[0]
+    elif args.plot != "none" and args.plot not in available:
+        raise UsageError(f"--plot {args.plot}: --model {','.join(args.model)} reports {sorted(set(available))}; "
+                         "plot one of those (pipeline directories report fd only with --features inception)")
+
 
 def cmd_bench(args: argparse.Namespace) -> int:
     models = args.model
+    kinds = {_model_kind(m) for m in models}
     digits_only = ("guidance", "num_per_class", "classes", "batch_size", "reference_steps", "features",
                    "inception_weights", "reference_images")
     if models == ["analytic"] and args.out is None:  # the analytic table, as before the grid runner
         given = [f"--{k.replace('_', '-')}" for k in digits_only if getattr(args, k) is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to the digits models, not --model analytic")
+        if args.plot is not None:
+            raise UsageError("--plot is for a grid run (--out DIR); the analytic table is printed")
+        for key, value in ANALYTIC_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
         return _bench_analytic_table(args)
     if args.out is None:
         raise UsageError(f"--model {','.join(models)} runs a benchmark grid: give --out DIR for its results")
     if args.json:
         raise UsageError("--json is for the analytic table; a grid run writes results.json into --out")
-    if args.guidance is not None and models == ["analytic"]:
-        raise UsageError("--guidance applies to the digits models (digits-eps, digits-flow), not --model analytic")
-    digits = [m for m in models if m.startswith("digits-")]
-    if digits and args.schedule != "vp":
-        raise UsageError(f"--schedule applies to --model analytic; {', '.join(digits)} have their own schedule")
-    if digits and args.image_size is not None:
-        raise UsageError(f"--image-size applies to pipeline directories; {', '.join(digits)} are 16x16 models")
+    _check_applicable(args, kinds)
+    for key, value in ANALYTIC_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     check_creatable_dir(args.out, "--out")
     if args.cache_dir is not None:
         check_creatable_dir(args.cache_dir, "--cache-dir")
@@ -138,16 +176,20 @@ def add_parser(sub) -> None:
                               "with --features inception); default: to the decoded reference solves")
     p_bench.add_argument("--image-size", type=_positive_int, default=None,
                          help="pipeline directories: image side in pixels (default: the pipeline's own)")
-    p_bench.add_argument("--schedule", choices=["vp", "flow"], default="vp", help="analytic noise schedule")
-    p_bench.add_argument("--num-samples", type=_positive_int, default=2000, help="analytic samples per cell")
-    p_bench.add_argument("--dim", type=_positive_int, default=2, help="dimension of the analytic mixture")
+    p_bench.add_argument("--schedule", choices=["vp", "flow"], default=None,
+                         help="analytic noise schedule (default vp)")
+    p_bench.add_argument("--num-samples", type=_positive_int, default=None,
+                         help="analytic samples per cell (default 2000)")
+    p_bench.add_argument("--dim", type=_positive_int, default=None,
+                         help="dimension of the analytic mixture (default 2)")
     p_bench.add_argument("--seed", type=_seed, default=0, help="seed of the mixture / the first sample's noise")
     p_bench.add_argument("--out", default=None, metavar="DIR",
                          help="grid run: write results.json/.csv/.md (+ plot) here; re-runs skip finished cells")
     p_bench.add_argument("--cache-dir", default=None,
                          help="where reference statistics and solves are cached (default OUT/cache)")
-    p_bench.add_argument("--plot", choices=["fd", "mse", "rmse", "accuracy", "none"], default="fd",
-                         help="grid run: metric to plot versus NFE into OUT/METRIC_vs_nfe.png (needs matplotlib)")
+    p_bench.add_argument("--plot", choices=["fd", "mse", "rmse", "accuracy", "none"], default=None,
+                         help="grid run: metric to plot versus NFE into OUT/METRIC_vs_nfe.png (needs matplotlib; "
+                              "default fd, or mse for pipeline directories without --features inception)")
     p_bench.add_argument("--json", default=None, help="analytic table: also write the results as JSON to this path")
     p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
     p_bench.set_defaults(func=cmd_bench)

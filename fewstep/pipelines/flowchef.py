@@ -32,6 +32,7 @@ from ..solvers.flowchef import (
     masked_guidance,
     measurement_cost,
 )
+from .loop_checks import raise_if_diverged
 
 __all__ = ["TASKS", "INVERSE_TASKS", "DEFAULT_CONFIGS", "FlowChefTask", "make_task", "flowchef_sample",
            "flowchef_edit",
@@ -404,6 +405,7 @@ def run_task(
     x = flowchef_sample(pipe, spec, num_images=num_images, num_inference_steps=steps, config=config,
                         generator=generator, propagate=propagate)
     seconds = time.perf_counter() - start
+    raise_if_diverged(x)
     metrics: dict[str, float] = {}
     if truth is not None:
         a, b = to_unit_range(x.float().cpu()), to_unit_range(truth)
@@ -484,6 +486,7 @@ def run_edit(
                       guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - start
     x = x.float().cpu()
+    raise_if_diverged(x)
     classifier = load_default("digits-classifier")
     with torch.no_grad():
         pred = classifier(x.clamp(-1, 1)).argmax(1)

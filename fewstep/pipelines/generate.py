@@ -15,6 +15,7 @@ from PIL import Image
 from .. import samplers
 from .._checks import check_int
 from .defaults import DEFAULT_MODELS
+from .loop_checks import raise_if_diverged
 from .swap import swap_sampler
 
 __all__ = ["GenerationResult", "load_model", "load_measurement", "generate", "image_grid", "DTYPES"]
@@ -246,10 +247,7 @@ def image_grid(images: np.ndarray, columns: int | None = None, min_cell: int = 9
     """Tile NHWC images in [0, 1] into one picture, upscaled (nearest) so each cell is >= ``min_cell`` px."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"`images` must be a non-empty NHWC array, got shape {images.shape}")
-    bad = int((~np.isfinite(images)).reshape(images.shape[0], -1).any(axis=1).sum())
-    if bad:
-        raise FloatingPointError(f"{bad} of {images.shape[0]} images hold NaN/Inf (the sampling diverged: lower the "
-                                 "step size, guidance or noise settings); nothing was written")  # fmt: skip
+    raise_if_diverged(images)
     n, h, w, c = images.shape
     columns = columns or min(n, 10)
     rows = math.ceil(n / columns)

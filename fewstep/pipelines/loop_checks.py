@@ -1,13 +1,15 @@
 """Per-step checks shared by ``FewstepPipeline``'s eager and static loops: what a step-end callback may see,
-and the NaN/Inf watch that names the first bad step without a host sync inside the loop."""
+the NaN/Inf watch that names the first bad step without a host sync inside the loop, and the check that a
+finished run's images are finite."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["callback_tensors", "check_returned", "FiniteWatch"]
+__all__ = ["callback_tensors", "check_returned", "FiniteWatch", "raise_if_diverged"]
 
 
 def callback_tensors(x: torch.Tensor, conds: dict) -> dict:
@@ -46,3 +48,14 @@ def check_returned(name: str, value: Any, current: torch.Tensor, step: int) -> t
             "use a per-step scale, e.g. guidance.CFG([7.5] * k + [1.0] * (n - k)))"
         )
     return value
+
+
+def raise_if_diverged(images: Any) -> None:
+    """``FloatingPointError`` naming how many of the ``images`` (numpy or torch, batch first) hold NaN/Inf: a run
+    that diverged writes no file and reports no metric."""
+    flat = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    bad = int((~torch.isfinite(flat.reshape(flat.shape[0], -1))).any(dim=1).sum()) if flat.numel() else 0
+    if bad:
+        raise FloatingPointError(f"{bad} of {flat.shape[0]} images hold NaN/Inf (the sampling diverged: lower the "
+                                 "step size, guidance or noise settings); nothing was written")  # fmt: skip
+
