@@ -41,10 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
-    if getattr(args, "quiet", False):  # also diffusers' "Loading pipeline components" bars
+    if getattr(args, "quiet", False):  # also diffusers' "Loading pipeline components" and transformers' bars
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
+        try:
+            from transformers.utils import logging as transformers_logging
+        except ImportError:  # transformers is optional (only text pipelines need it)
+            pass
+        else:
+            transformers_logging.disable_progress_bar()
     try:
         return args.func(args)
     except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
