@@ -198,6 +198,12 @@ def test_diffusers_scheduler_runs_raw_cfg_like_diffusers(sd):
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
     plain = sd("a digit", num_inference_steps=4, guidance_scale=5.0, generator=_gen(), output_type="np").images
     assert not np.allclose(plain, theirs, atol=1e-4)
+    # diffusers' per-call argument does the same on a plain cfg pipeline; other rules refuse it
+    per_call = FewstepPipeline.from_pipe(sd, guidance_scale=5.0)
+    again = per_call("a digit", num_inference_steps=4, guidance_rescale=0.7, generator=_gen(), output_type="np").images
+    np.testing.assert_allclose(again, theirs, atol=1e-6)
+    with pytest.raises(ValueError, match="`guidance_rescale` is a setting of the cfg rule .* rule is 'apg'"):
+        per_call("a digit", num_inference_steps=1, guidance="apg", guidance_scale=3.0, guidance_rescale=0.5)
 
 
 def _unet_batches(module) -> list:
@@ -326,3 +332,63 @@ def test_execution_device_is_cached_until_a_component_moves_or_gains_an_offload_
     fp.pipe.vae = _vae()
     assert fp._exec_device() == torch.device("cpu") and len(calls) == 5
     fp.pipe.vae = sd.vae
+
+
+class _GainProcessor:
+    """An attention processor with an extra argument (what ``cross_attention_kwargs`` feeds), scaling the output."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.base = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, gain=1.0):
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * gain
+
+
+def test_clip_skip_and_cross_attention_kwargs_match_the_base_pipeline(sd, monkeypatch):
+    """diffusers' per-call model arguments reach the UNet's attention processors (the same images as
+    StableDiffusionPipeline with the same scheduler, not those of the defaults) and the prompt encoder (clip_skip,
+    the LoRA scale: forwarded to the base pipeline's encode_prompt; diffusers' SD clip_skip and its LoRA scale
+    without peft need a CLIPTextModel with `text_model`, which transformers 5 dropped, so they fail in diffusers'
+    own pipeline here too)."""
+    sd.unet.set_attn_processor(_GainProcessor())
+    try:
+        fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="cfg", guidance_scale=4.0)
+        base = StableDiffusionPipeline.from_pipe(sd, scheduler=samplers.get("ddim").from_config(sd.scheduler.config))
+        base.set_progress_bar_config(disable=True)
+        kw = dict(num_inference_steps=3, output_type="np")
+        extra = dict(cross_attention_kwargs={"gain": 0.5})
+        ours = fp("a digit seven", generator=_gen(), **kw, **extra).images
+        theirs = base("a digit seven", guidance_scale=4.0, generator=_gen(), **kw, **extra).images
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+        plain = fp("a digit seven", generator=_gen(), **kw).images
+        assert np.abs(plain - ours).max() > 1e-4
+        seen = []
+        encode = type(fp.pipe).encode_prompt
+        monkeypatch.setattr(type(fp.pipe), "encode_prompt", lambda self, *a, **k: seen.append(k) or encode(
+            self, *a, **{**k, "clip_skip": None, "lora_scale": None}))
+        fp("a digit seven", generator=_gen(), clip_skip=1, cross_attention_kwargs={"scale": 0.7}, **kw)
+        assert seen[-1]["clip_skip"] == 1 and seen[-1]["lora_scale"] == 0.7
+        # graph mode's cache key follows the attention kwargs (a LoRA scale is baked into a captured step)
+        fp._loop_mode = "static"
+        fp("a digit seven", generator=_gen(), **kw, **extra)
+        key = fp._graph_cache[0]
+        fp("a digit seven", generator=_gen(), **kw, cross_attention_kwargs={"gain": 0.7})
+        assert fp._graph_cache[0] != key
+    finally:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        sd.unet.set_attn_processor(AttnProcessor2_0())
+
+
+def test_model_kwargs_of_another_family_are_refused(sd):
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim")
+    emb = {"prompt_embeds": torch.randn(1, 77, 16), "num_inference_steps": 1, "output_type": "latent"}
+    with pytest.raises(ValueError, match="`joint_attention_kwargs` is for transformer pipelines; sd takes "
+                                         "`cross_attention_kwargs`"):
+        fp(**emb, joint_attention_kwargs={"scale": 0.5})
+    with pytest.raises(ValueError, match="`cross_attention_kwargs` must be a dict"):
+        fp(**emb, cross_attention_kwargs=[("scale", 0.5)])
+    with pytest.raises(ValueError, match=r"`clip_skip` must be an integer >= 0, got -1"):
+        fp(**emb, clip_skip=-1)

@@ -197,6 +197,10 @@ def test_class_family_bad_input(unet, sd):  # noqa: F811
         fp(class_labels=[1], check_finite="yes")
     with pytest.raises(ValueError, match=r"`num_images_per_prompt` must be an integer >= 1"):
         fp(class_labels=[1], num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="`cross_attention_kwargs` applies to text-to-image pipelines"):
+        fp(class_labels=[1], cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(ValueError, match="`clip_skip` applies to SD, SDXL and SD3 .* this pipeline is class"):
+        fp(class_labels=[1], clip_skip=1)
     sd_fp = FewstepPipeline.from_pipe(sd, scheduler="ddim")
     with pytest.raises(ValueError, match="`class_labels` is for class-conditional pipelines; this one is sd"):
         sd_fp(**_sd_embeds(1), class_labels=[1], num_inference_steps=2)

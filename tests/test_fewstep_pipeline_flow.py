@@ -373,3 +373,26 @@ def test_benchmark_grid_on_flow_pipeline_directories(text_pipes, family, tmp_pat
     again = grid(3, "b")
     for r, s in zip(rows, again):
         assert s["mse"] == pytest.approx(r["mse"], rel=1e-4)
+
+
+def test_joint_attention_kwargs_reach_the_transformer_and_cross_attention_kwargs_are_refused(sd3, flux):
+    """SD3 and Flux take diffusers' ``joint_attention_kwargs`` (attention-processor arguments, LoRA ``scale``) on
+    every transformer call, both CFG branches included; the UNet families' name is a clear error."""
+    for pipe, guidance in ((sd3, "cfg"), (flux, "cfg")):
+        fp = FewstepPipeline.from_pipe(pipe, scheduler="flow-euler", guidance=guidance, guidance_scale=3.0)
+        seen: list = []
+        handle = pipe.transformer.register_forward_hook(
+            lambda m, args, kwargs, out, seen=seen: seen.append(kwargs.get("joint_attention_kwargs")),
+            with_kwargs=True)
+        try:
+            fp(**_embeds(), height=SIZE, width=SIZE, num_inference_steps=2, output_type="latent",
+               joint_attention_kwargs={"scale": 1.0})  # fmt: skip
+        finally:
+            handle.remove()
+        assert seen and all(k == {"scale": 1.0} for k in seen), seen
+        with pytest.raises(ValueError, match="`cross_attention_kwargs` is for UNet pipelines; .* takes "
+                                             "`joint_attention_kwargs`"):
+            fp(**_embeds(), height=SIZE, width=SIZE, num_inference_steps=1, cross_attention_kwargs={"scale": 1.0})
+    fp = FewstepPipeline.from_pipe(flux, scheduler="flow-euler")
+    with pytest.raises(ValueError, match="`clip_skip` applies to SD, SDXL and SD3"):
+        fp(**_pos(_embeds()), height=SIZE, width=SIZE, num_inference_steps=1, clip_skip=1)

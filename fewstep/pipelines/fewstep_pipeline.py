@@ -160,6 +160,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         self._loop_mode = "cuda-graph" if cuda_graph else "eager"
         self._graph_cache: tuple[tuple, StaticRun] | None = None
         self._device_cache = ExecutionDevice()
+        #: this call's attention kwargs (their repr): part of graph mode's cache key (a LoRA scale is baked in)
+        self._model_kwargs_key: str | None = None
 
     def _exec_device(self) -> torch.device:
         """The base pipeline's ``_execution_device``, cached while its components stay put (``ExecutionDevice``:
@@ -326,12 +328,43 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self.pipe.set_progress_bar_config(**kwargs)
 
+    def _check_model_kwargs(self, clip_skip: Any, cross_attention_kwargs: Any, joint_attention_kwargs: Any
+                            ) -> dict[str, Any] | None:
+        """Validate diffusers' ``clip_skip`` / ``cross_attention_kwargs`` / ``joint_attention_kwargs`` for this
+        family; returns the attention kwargs the denoiser takes (and remembers them for graph mode's cache key)."""
+        family = self.family
+        if clip_skip is not None:
+            if family not in ("sd", "sdxl", "sd3"):
+                raise ValueError(f"`clip_skip` applies to SD, SDXL and SD3 (CLIP text encoders); this pipeline is "
+                                 f"{family}")  # fmt: skip
+            check_int("clip_skip", clip_skip, 0)
+        flow = family in FLOW_FAMILIES
+        wrong, right = ("cross_attention_kwargs", "joint_attention_kwargs") if flow else (
+            "joint_attention_kwargs", "cross_attention_kwargs")
+        given = {"cross_attention_kwargs": cross_attention_kwargs, "joint_attention_kwargs": joint_attention_kwargs}
+        if given[wrong] is not None:
+            if family == CLASS_FAMILY:
+                raise ValueError(f"`{wrong}` applies to text-to-image pipelines; the class-conditional UNet takes none")
+            raise ValueError(f"`{wrong}` is for {'UNet' if flow else 'transformer'} pipelines; {family} takes "
+                             f"`{right}`")  # fmt: skip
+        kwargs = given[right]
+        if kwargs is not None:
+            if family == CLASS_FAMILY:
+                raise ValueError(f"`{right}` applies to text-to-image pipelines; the class-conditional UNet takes none")
+            if not isinstance(kwargs, Mapping):
+                raise ValueError(f"`{right}` must be a dict of attention-processor arguments, got "
+                                 f"{type(kwargs).__name__}")  # fmt: skip
+            kwargs = dict(kwargs)
+        self._model_kwargs_key = None if kwargs is None else repr(sorted(kwargs.items()))
+        return kwargs
+
     def _encode(self, guided: bool, device, num_images_per_prompt: int, kw: dict) -> dict:
         p = self.pipe
         if self.family == "sd":
             pos, neg = p.encode_prompt(
                 kw["prompt"], device, num_images_per_prompt, guided, kw["negative_prompt"],
                 prompt_embeds=kw["prompt_embeds"], negative_prompt_embeds=kw["negative_prompt_embeds"],
+                lora_scale=kw.get("lora_scale"), clip_skip=kw.get("clip_skip"),
             )  # fmt: skip
             return {"pos": pos, "neg": neg}
         return self._encode_pooled(guided, device, num_images_per_prompt, kw)
@@ -344,7 +377,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             do_classifier_free_guidance=guided, negative_prompt=kw["negative_prompt"],
             prompt_embeds=kw["prompt_embeds"], negative_prompt_embeds=kw["negative_prompt_embeds"],
             pooled_prompt_embeds=kw["pooled_prompt_embeds"],
-            negative_pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"], lora_scale=kw.get("lora_scale"),
+            clip_skip=kw.get("clip_skip"),
         )  # fmt: skip
         return {"pos": pos, "neg": neg, "pooled": pooled, "neg_pooled": neg_pooled}
 
@@ -490,6 +524,10 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         embedded_guidance_scale: float | None = None,
         class_labels: Sequence[int] | int | torch.Tensor | None = None,
         check_finite: bool = False,
+        clip_skip: int | None = None,
+        guidance_rescale: float | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Text-to-image (class-conditional: ``class_labels``) with the hosted scheduler and guidance rule.
 
@@ -506,6 +544,10 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         ``ClassConditionalPipeline`` returns them (``np``: NHWC in [0, 1]).
         ``check_finite``: raise a FloatingPointError naming the first step whose latents hold a NaN/Inf (tracked on
         the device, read once after the loop).
+        As diffusers: ``guidance_rescale`` (the cfg rule's ``rescale_noise_cfg`` factor for this call), ``clip_skip``
+        (SD, SDXL, SD3: prompt embeddings from that many CLIP layers before the last),
+        ``cross_attention_kwargs`` (SD, SDXL: passed to the UNet's attention processors; its ``scale`` is the LoRA
+        scale of the text encoders too) and ``joint_attention_kwargs`` (SD3, Flux: the same for the transformer).
         """
         p = self.pipe
         embedded = self.embedded_guidance_scale if embedded_guidance_scale is None else float(embedded_guidance_scale)
@@ -517,6 +559,11 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             rule = self.guidance if guidance_scale is None else self.guidance.with_scale(guidance_scale)
         else:
             rule = self._make_rule(guidance, guidance_scale, self.family)
+        if guidance_rescale is not None:  # diffusers' argument: the CFG rule's own setting for this call
+            if not isinstance(rule, guidance_rules.CFG):
+                raise ValueError(f"`guidance_rescale` is a setting of the cfg rule (diffusers' rescale_noise_cfg); "
+                                 f"this call's rule is {'none' if rule is None else repr(rule.name)}")  # fmt: skip
+            rule = guidance_rules.CFG(**{**rule.config(), "guidance_rescale": guidance_rescale})
         if rule is not None:
             self._check_compatible(rule, p.scheduler)
         if output_type not in PIPELINE_OUTPUT_TYPES:
@@ -534,6 +581,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             raise ValueError(f"`check_finite` must be True or False, got {check_finite!r}")
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
         num_images_per_prompt = int(num_images_per_prompt)
+        attention_kwargs = self._check_model_kwargs(clip_skip, cross_attention_kwargs, joint_attention_kwargs)
         if self.family == CLASS_FAMILY:
             if prompt is not None or prompt_embeds is not None:
                 raise ValueError("a class-conditional pipeline takes `class_labels`, not `prompt`/`prompt_embeds`")
@@ -562,7 +610,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                     "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "output_type": output_type,
                     "return_dict": return_dict, "callback_on_step_end": callback_on_step_end,
                     "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
-                    "check_finite": check_finite,
+                    "check_finite": check_finite, "clip_skip": clip_skip, "attention_kwargs": attention_kwargs,
                 },
             )  # fmt: skip
         height = height or p.unet.config.sample_size * p.vae_scale_factor
@@ -580,7 +628,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         enc = self._encode(guided, device, num_images_per_prompt, {
             "prompt": prompt, "negative_prompt": negative_prompt, "prompt_embeds": prompt_embeds,
             "negative_prompt_embeds": negative_prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
-            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "clip_skip": clip_skip,
+            "lora_scale": (attention_kwargs or {}).get("scale"),
         })  # fmt: skip
         embeds = torch.cat([enc["neg"], enc["pos"]]) if guided else enc["pos"]
         n = batch * num_images_per_prompt
@@ -598,7 +647,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             model_in = scheduler.scale_model_input(model_in, t)
             added_kw = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]} if "time_ids" in c else None
             return denoiser(model_in, t, encoder_hidden_states=c["embeds"], added_cond_kwargs=added_kw,
-                            return_dict=False)[0]  # fmt: skip
+                            cross_attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
 
         self._set_call_state(rule, len(timesteps))
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator, callback_on_step_end,

@@ -70,11 +70,13 @@ class FlowFamilies:
         """Prompt embeddings through the base pipeline's ``encode_prompt``: ``pos``/``pooled`` (+ ``neg``/
         ``neg_pooled`` when ``guided``), and Flux's ``text_ids``/``neg_text_ids``."""
         p, n = self.pipe, kw["num_images_per_prompt"]
+        lora_scale = (kw["attention_kwargs"] or {}).get("scale")
         if self.family == "sd3":
-            return self._encode_pooled(guided, device, n, kw, prompt_2=None, prompt_3=None)
+            return self._encode_pooled(guided, device, n, {**kw, "lora_scale": lora_scale}, prompt_2=None,
+                                       prompt_3=None)  # fmt: skip
         pos, pooled, text_ids = p.encode_prompt(
             prompt=kw["prompt"], prompt_2=None, device=device, num_images_per_prompt=n,
-            prompt_embeds=kw["prompt_embeds"], pooled_prompt_embeds=kw["pooled_prompt_embeds"],
+            prompt_embeds=kw["prompt_embeds"], pooled_prompt_embeds=kw["pooled_prompt_embeds"], lora_scale=lora_scale,
         )  # fmt: skip
         enc = {"pos": pos, "pooled": pooled, "text_ids": text_ids}
         if guided:
@@ -87,6 +89,7 @@ class FlowFamilies:
             neg, neg_pooled, neg_ids = p.encode_prompt(
                 prompt=neg_prompt, prompt_2=None, device=device, num_images_per_prompt=n,
                 prompt_embeds=kw["negative_prompt_embeds"], pooled_prompt_embeds=kw["negative_pooled_prompt_embeds"],
+                lora_scale=lora_scale,
             )  # fmt: skip
             enc.update(neg=neg, neg_pooled=neg_pooled, neg_text_ids=neg_ids)
         return enc
@@ -171,6 +174,7 @@ class FlowFamilies:
             pooled = torch.cat([enc["neg_pooled"], enc["pooled"]]) if guided else enc["pooled"]
         timesteps = self._flow_timesteps(kw["num_inference_steps"], seq_len, device)
         denoiser = self.denoiser
+        attention = kw["attention_kwargs"]
         if flux:
             conds = {"embeds": embeds, "pooled": enc["pooled"], "text_ids": enc["text_ids"], "image_ids": image_ids}
             if guided:
@@ -182,13 +186,14 @@ class FlowFamilies:
                 t_in = t.expand(n).to(x.dtype) / 1000
                 out = denoiser(hidden_states=x, timestep=t_in, guidance=c.get("guidance"),
                                pooled_projections=c["pooled"], encoder_hidden_states=c["embeds"],
-                               txt_ids=c["text_ids"], img_ids=c["image_ids"], return_dict=False)[0]  # fmt: skip
+                               txt_ids=c["text_ids"], img_ids=c["image_ids"], joint_attention_kwargs=attention,
+                               return_dict=False)[0]  # fmt: skip
                 if not guided:
                     return out
                 out_uncond = denoiser(
                     hidden_states=x, timestep=t_in, guidance=c.get("guidance"), pooled_projections=c["neg_pooled"],
                     encoder_hidden_states=c["neg"], txt_ids=c["neg_text_ids"], img_ids=c["image_ids"],
-                    return_dict=False,
+                    joint_attention_kwargs=attention, return_dict=False,
                 )[0]  # fmt: skip
                 return torch.cat([out_uncond, out])
         else:
@@ -198,7 +203,7 @@ class FlowFamilies:
                 model_in = torch.cat([x, x]) if guided else x
                 return denoiser(hidden_states=model_in, timestep=t.expand(model_in.shape[0]),
                                 encoder_hidden_states=c["embeds"], pooled_projections=c["pooled"],
-                                return_dict=False)[0]  # fmt: skip
+                                joint_attention_kwargs=attention, return_dict=False)[0]  # fmt: skip
 
         self._set_call_state(rule, len(timesteps), None if rule is not None else embedded)
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator,

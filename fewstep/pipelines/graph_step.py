@@ -126,7 +126,7 @@ COLUMNS = ("alpha", "sigma", "norm", "scale", "sigma_over_alpha", "alpha_over_si
 
 class StaticLoop:
     """``FewstepPipeline``'s static-step loop (a mixin: it uses the host's ``pipe``, ``family``, ``denoiser``,
-    ``_loop_mode`` and ``_graph_cache``)."""
+    ``_loop_mode``, ``_graph_cache`` and ``_model_kwargs_key``)."""
 
     def _static_inputs(self, x: torch.Tensor, rule: GuidanceRule | None, generator: Any):
         """This call's engine (coefficient tables), guidance, per-step table and stochastic noise draws."""
@@ -159,7 +159,8 @@ class StaticLoop:
         sched = self.pipe.scheduler
         rule_key = None if rule is None else (type(rule).__name__, repr(sorted(rule.config().items())))
         return (
-            self.family, self._loop_mode, id(self.denoiser), rule_key, tuple(x.shape), x.dtype, str(x.device),
+            self.family, self._loop_mode, id(self.denoiser), self._model_kwargs_key, rule_key, tuple(x.shape),
+            x.dtype, str(x.device),
             tuple(engine.table.shape), engine.stochastic, tuple(table.shape), tuple(timesteps.shape),
             timesteps.dtype, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(conds.items())),
             sched.prediction_type, bool(getattr(sched.config, "clip_sample", False)),
