@@ -339,6 +339,11 @@ def test_cli_posterior(tmp_path, capsys):
     code = main(["generate", "--task", "sr", "--posterior", "dps", "--steps", "2", "--measurement", str(low),
                  "--out", str(out), "--quiet"])
     assert code == 0 and "2 restored images" in capsys.readouterr().out
+    # the file sets the number of images: a different --num-images is refused, not ignored
+    code = main(["generate", "--task", "sr", "--posterior", "dps", "--steps", "2", "--measurement", str(low),
+                 "--num-images", "3", "--out", str(tmp_path / "n.png"), "--quiet"])
+    assert code == 2 and "--num-images 3: --measurement holds 2 image(s)" in capsys.readouterr().err
+    assert not (tmp_path / "n.png").exists()
     bad = [
         (["--model", "digits-flow", "--task", "sr", "--posterior", "dps"], "needs a VP diffusion model"),
         (["--task", "sr", "--posterior", "dps", "--stsl-eta", "0.1"], "--stsl-eta apply to --posterior stsl"),

@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         measurement = load_measurement(args.measurement, size.sample_size if size is not None else 16)
     result = generate(
         pipe,
-        num_images=args.num_images,
+        num_images=_image_count(args, measurement),
         steps=args.steps,
         seed=args.seed,
         classes=args.classes,
@@ -155,6 +155,18 @@ def _add_flowchef_args(p_gen) -> None:
                        help="--task edit with --source: the class each source tile shows (cycled)")
     p_gen.add_argument("--edit-size", type=_positive_int, default=None, metavar="N",
                        help="--task edit: side of the centred square that may change (default 12 of 16)")
+
+
+def _image_count(args: argparse.Namespace, loaded=None, flag: str = "--measurement") -> int:
+    """``--num-images`` (default 10), or the number of tiles of a ``--measurement``/``--source`` file, which sets it:
+    a different explicit ``--num-images`` is a usage error rather than silently ignored."""
+    if loaded is None:
+        return 10 if args.num_images is None else args.num_images
+    n = int(loaded.shape[0])
+    if args.num_images is not None and args.num_images != n:
+        raise UsageError(f"--num-images {args.num_images}: {flag} holds {n} image(s) (one per tile), one result each; "
+                         f"drop --num-images or pass {n}")  # fmt: skip
+    return n
 
 
 def _generate_flowchef(args: argparse.Namespace, out) -> int:
@@ -226,7 +238,7 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
 
             source = load_measurement(args.source, pipe.unet.config.sample_size, flag="--source")
         scale = 4.0 if args.guidance_scale is None else args.guidance_scale
-        result = run_edit(pipe, num_images=args.num_images, steps=args.steps, seed=args.seed,
+        result = run_edit(pipe, num_images=_image_count(args, source, "--source"), steps=args.steps, seed=args.seed,
                           target_classes=args.classes, config=config, guidance_scale=scale,
                           source=source, source_classes=args.source_classes,
                           **({} if args.edit_size is None else {"edit_size": args.edit_size}))
@@ -238,7 +250,7 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
             size = pipe.unet.config.sample_size
             low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
             measurement = load_measurement(args.measurement, low)
-        result = run_task(pipe, args.task, num_images=args.num_images, steps=args.steps, seed=args.seed,
+        result = run_task(pipe, args.task, num_images=_image_count(args, measurement), steps=args.steps, seed=args.seed,
                           classes=args.classes, config=config, noise_std=args.noise_std, measurement=measurement,
                           gaussian_fill=args.gaussian_fill)
     images = as_numpy_images(result.images)
@@ -332,8 +344,8 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
         size = pipe.unet.config.sample_size
         low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
         measurement = load_measurement(args.measurement, low)
-    result = run_inverse_task(pipe, args.task, method, num_images=args.num_images, steps=args.steps, seed=args.seed,
-                              noise_std=args.noise_std, measurement=measurement)
+    result = run_inverse_task(pipe, args.task, method, num_images=_image_count(args, measurement), steps=args.steps,
+                              seed=args.seed, noise_std=args.noise_std, measurement=measurement)
     from ..pipelines.flowchef import as_numpy_images
 
     images, degraded = as_numpy_images(result.images), as_numpy_images(result.degraded)
@@ -408,7 +420,8 @@ def add_parsers(sub) -> None:
                        help="override a sampler config option, e.g. momentum_order=3.8 (repeatable)")
     p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
     p_gen.add_argument("--seed", type=_seed, default=0, help="random seed (same seed, same images)")
-    p_gen.add_argument("--num-images", type=_positive_int, default=10, help="images to generate (default 10)")
+    p_gen.add_argument("--num-images", type=_positive_int, default=None,
+                       help="images to generate (default 10; with --measurement/--source: one per tile of the file)")
     p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,7"), default=None,
                        help="comma-separated class ids for class-conditional models (default: cycle 0-9)")
     p_gen.add_argument("--prompt", default=None, help="text prompt for text-to-image pipelines")

@@ -190,7 +190,10 @@ def posterior_sample(
     with torch.no_grad():
         images = problem.to_image(result.sample)
     if not torch.isfinite(images).all():
-        raise FloatingPointError(f"{method.name} produced NaN/Inf; lower `step_size` (got {method.step_size})")
+        knobs = f"`step_size` (got {method.step_size})"
+        if getattr(method, "gluing", 0):
+            knobs += f" or `gluing` (got {method.gluing})"
+        raise FloatingPointError(f"{method.name} produced NaN/Inf; lower {knobs}")
     return PosteriorOutput(images.detach(), result.sample, result.nfe, result.grad_evals,
                            time.perf_counter() - start, method.config())
 
