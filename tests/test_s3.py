@@ -234,24 +234,64 @@ def test_search_beats_the_hand_designed_seeds(analytic_objective, use_predictor,
     assert analytic_objective(SolverSchedule.from_dict(best.to_dict())) == pytest.approx(value, rel=1e-12)
 
 
+def test_interrupted_search_resumes_to_the_uninterrupted_result(analytic_objective, tmp_path):
+    """The state carries the generator's state and the round's remaining candidates: a search killed after any
+    evaluation and resumed evaluates exactly the schedules of an uninterrupted run, in the same order."""
+    from fewstep.search import SearchSpace, search
+
+    space = SearchSpace(analytic_objective.noise_schedule, 4)
+    whole = search(analytic_objective, space, 16, seed=3, state_path=tmp_path / "whole.json", progress=False)
+    for stop in (9, 11):  # inside the random phase's end and inside a round of 4
+        calls = []
+
+        def dying(schedule, calls=calls, stop=stop):
+            if len(calls) == stop:
+                raise KeyboardInterrupt
+            calls.append(schedule)
+            return analytic_objective(schedule)
+
+        state = tmp_path / f"cut{stop}.json"
+        with pytest.raises(KeyboardInterrupt):
+            search(dying, space, 16, seed=3, state_path=state, progress=False)
+        resumed = search(analytic_objective, space, 16, seed=3, state_path=state, progress=False)
+        assert [v for _, v in resumed.evaluated] == [v for _, v in whole.evaluated]
+
+
+def test_search_state_files_that_are_not_states_are_clear_errors(analytic_objective, tmp_path):
+    from fewstep.search import SearchSpace, search
+
+    space = SearchSpace(analytic_objective.noise_schedule, 4)
+    for text, match in (("{", "is not a readable JSON state file"), ("[1, 2]", "is not a fewstep search state"),
+                        ('{"version": 2, "rng": {}}', "is not a fewstep search state"),
+                        ('{"nfe": 4, "evaluated": []}', "is not a fewstep search state")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=rf"search state '.*bad.json' {match}"):
+            search(analytic_objective, space, 4, state_path=bad, progress=False)
+
+
 def test_search_resumes_from_its_state(analytic_objective, tmp_path):
     from fewstep.search import SearchSpace, search
 
     space = SearchSpace(analytic_objective.noise_schedule, 4)
     state = tmp_path / "state.json"
-    first = search(analytic_objective, space, 10, state_path=state, progress=False)
+    first = search(analytic_objective, space, 10, state_path=state, progress=False, identity={"model": "analytic"})
     calls = []
 
     def counting(schedule):
         calls.append(schedule)
         return analytic_objective(schedule)
 
-    more = search(counting, space, 14, state_path=state, progress=False)
+    more = search(counting, space, 14, state_path=state, progress=False, identity={"model": "analytic"})
     assert len(calls) == 4 and len(more.evaluated) == 14
     assert [v for _, v in more.evaluated[:10]] == [v for _, v in first.evaluated]
-    with pytest.raises(ValueError, match="is for NFE 4, not 5"):
+    with pytest.raises(ValueError, match=r"belongs to another search \(nfe: 4 there, 5 here\)"):
         search(analytic_objective, SearchSpace(analytic_objective.noise_schedule, 5), 12, state_path=state,
-               progress=False)
+               progress=False, identity={"model": "analytic"})
+    with pytest.raises(ValueError, match=r"belongs to another search \(model: 'analytic' there, 'digits-eps' here; "
+                                         r"seed: 0 there, 9 here\)"):
+        search(analytic_objective, space, 12, seed=9, state_path=state, progress=False,
+               identity={"model": "digits-eps"})
     with pytest.raises(ValueError, match="`budget` must be an integer >= 1, got 0"):
         search(analytic_objective, space, 0, progress=False)
     with pytest.raises(ValueError, match="`nfe` must be an integer >= 2, got 1"):
@@ -379,6 +419,12 @@ def test_cli_search_writes_a_schedule_the_s3_scheduler_runs(tmp_path, capsys):
                  str(tmp_path / "z.json")]) == 2
     assert "was searched for another model (noise schedule vp-1000-0000" in capsys.readouterr().err
     assert not (tmp_path / "z.json").exists()
+    # the default state file of an earlier run with the same --out belongs to another search: refused, not reused
+    assert main(["search", "--model", "analytic", "--nfe", "4", "--budget", "8", "--quiet", "--afs", "--out",
+                 str(out)]) == 2
+    assert "belongs to another search (afs: False there, True here)" in capsys.readouterr().err
+    assert main(["search", "--model", "analytic", "--nfe", "4", "--state", str(out), "--out", str(out)]) == 2
+    assert "is the --out file; the state needs a file of its own" in capsys.readouterr().err
     sched = S3(s3_schedule=str(out), s3_model="analytic")
     sched.set_timesteps(4)
     with pytest.raises(ValueError, match="searched for model 'analytic', not 'digits-eps'"):

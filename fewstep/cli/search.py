@@ -41,8 +41,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                         afs_mean=objective.data_mean() if args.afs == "average_x0" else None)
     initial = [_load_init_schedule(path, objective) for path in args.init or []]
     state = args.state or str(out) + ".state.json"
+    if os.path.abspath(state) == os.path.abspath(out):
+        raise UsageError(f"--state {args.state!r} is the --out file; the state needs a file of its own")
+    identity = {**objective.metadata(), "metric": objective.name}
     result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
-                    state_path=state, progress=not args.quiet, initial=initial)
+                    state_path=state, progress=not args.quiet, initial=initial, identity=identity)
     best, value = result.best
     best.metadata.update(objective.metadata())
     best.metadata.update({"metric": objective.name, "value": value, "evaluations": len(result.evaluated),

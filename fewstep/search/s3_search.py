@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -401,6 +402,36 @@ def _key(schedule: SolverSchedule) -> str:
     return json.dumps(schedule.to_dict()["decisions"]) + json.dumps([round(t, 6) for t in schedule.timesteps])
 
 
+#: version of the resumable search state file (``search(state_path=...)``)
+STATE_VERSION = 2
+
+
+def _load_state(state: Path, identity: dict) -> dict:
+    """The search state in ``state``, checked: a JSON object of this version, written by the same search
+    (``identity``: model, metric, NFE, seed, search options) -- anything else is a ``ValueError`` naming the file."""
+    try:
+        data = json.loads(state.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"search state {str(state)!r} is not a readable JSON state file ({exc}); delete it or pass "
+                         "another --state") from None
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION or not isinstance(
+            data.get("evaluated"), list) or not isinstance(data.get("rng"), dict):
+        raise ValueError(f"search state {str(state)!r} is not a fewstep search state (version {STATE_VERSION}: "
+                         "'identity', 'rng', 'evaluated'); delete it or pass another --state")  # fmt: skip
+    theirs = data.get("identity", {})
+    differ = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} here" for k in differ)
+        raise ValueError(f"search state {str(state)!r} belongs to another search ({shown}); delete it, pass another "
+                         "--state, or repeat that search's settings to resume it")
+    try:
+        data["evaluated"] = [(SolverSchedule.from_dict(d), float(v)) for d, v in data["evaluated"]]
+        data["pending"] = [SolverSchedule.from_dict(d) for d in data.get("pending", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"search state {str(state)!r} holds a malformed schedule ({exc}); delete it") from None
+    return data
+
+
 def search(
     metric: MetricFn,
     space: SearchSpace,
@@ -413,6 +444,7 @@ def search(
     state_path: str | Path | None = None,
     progress: bool = True,
     initial: Sequence[SolverSchedule] = (),
+    identity: Mapping[str, Any] | None = None,
 ) -> SearchResult:
     """Evaluate ``budget`` schedules (``metric``: lower is better) and return them all.
 
@@ -420,26 +452,40 @@ def search(
     the searched schedule of the neighbouring NFE), plus random schedules (a quarter of the budget at most). Each round
     breeds ``candidates_per_round`` children of the best ``num_parents``; with ``use_predictor`` the
     predictor picks the ``per_round`` most promising, otherwise they are drawn at random (the released
-    code's plain evolution). ``state_path`` (JSON) makes the search resumable: evaluated schedules are
-    stored after each evaluation and reused on restart.
+    code's plain evolution). ``state_path`` (JSON) makes the search resumable: after each evaluation it stores the
+    evaluated schedules, the random generator's state and the round's remaining candidates, so an interrupted
+    search resumed with the same settings evaluates exactly what the uninterrupted one would. ``identity``
+    describes the run (model, metric, objective settings); a state file of another run is refused.
     """
     from sklearn.ensemble import ExtraTreesRegressor
 
     check_int("budget", budget, 1, numpy_ok=False)
     rng = np.random.default_rng(seed)
+    ident = {**(identity or {}), "nfe": space.nfe, "seed": seed, "use_predictor": use_predictor,
+             "per_round": per_round, "candidates_per_round": candidates_per_round, "num_parents": num_parents,
+             "afs": space.afs, "afs_mean": space.afs_mean is not None, "ems": space.ems is not None,
+             "max_order": space.max_order, "initial": [_key(s) for s in initial]}
+    ident = json.loads(json.dumps(ident))  # as stored: tuples become lists
     evaluated: list[tuple[SolverSchedule, float]] = []
+    pending: list[SolverSchedule] = []  # this round's candidates not evaluated yet
     state = Path(state_path) if state_path is not None else None
     if state is not None and state.is_file():
-        data = json.loads(state.read_text())
-        if data.get("nfe") != space.nfe:
-            raise ValueError(f"search state {str(state)!r} is for NFE {data.get('nfe')}, not {space.nfe}")
-        evaluated = [(SolverSchedule.from_dict(s), float(v)) for s, v in data["evaluated"]]
-        rng = np.random.default_rng(seed + len(evaluated))
+        data = _load_state(state, ident)
+        evaluated, pending = data["evaluated"], data["pending"]
+        rng.bit_generator.state = data["rng"]
     seen = {_key(s) for s, _ in evaluated}
     main = is_main_process()  # under accelerate launch every process runs the same search (same seed, same
     # gathered metric values); the objective splits each evaluation's samples; one process shows and writes
     bar = tqdm(total=budget, initial=min(len(evaluated), budget), desc=f"S3 search NFE {space.nfe}",
                disable=not (progress and main))
+
+    def save() -> None:
+        if state is not None and main:
+            from .._io import atomic_write
+
+            payload = {"version": STATE_VERSION, "identity": ident, "nfe": space.nfe, "rng": rng.bit_generator.state,
+                       "pending": [c.to_dict() for c in pending], "evaluated": [[s.to_dict(), v] for s, v in evaluated]}
+            atomic_write(state, lambda p: p.write_text(json.dumps(payload)))
 
     def run(schedule: SolverSchedule) -> None:
         key = _key(schedule)
@@ -454,17 +500,18 @@ def search(
             value = 1e6
         evaluated.append((schedule, value))
         bar.update(1)
-        if state is not None and main:
-            from .._io import atomic_write
+        save()
 
-            payload = {"nfe": space.nfe, "evaluated": [[s.to_dict(), v] for s, v in evaluated]}
-            atomic_write(state, lambda p: p.write_text(json.dumps(payload)))
+    def flush() -> None:
+        while pending and len(evaluated) < budget:
+            run(pending.pop(0))
 
     starts = seed_schedules(space) + [c for schedule in initial for c in warm_start(space, schedule)]
     for s in starts:
         run(s)
     while len(evaluated) < min(budget, max(len(starts) + 2, budget // 4)):
         run(random_schedule(space, rng))
+    flush()  # a resumed search first finishes the round it was interrupted in
     while len(evaluated) < budget:
         ranked = sorted(evaluated, key=lambda item: item[1])[:num_parents]
         parents = [s for s, _ in ranked]
@@ -491,7 +538,7 @@ def search(
             order = np.argsort(score)
         else:
             order = rng.permutation(len(children))
-        for k in order[:per_round]:
-            run(children[int(k)])
+        pending[:] = [children[int(k)] for k in order[:per_round]]
+        flush()
     bar.close()
     return SearchResult(evaluated)
