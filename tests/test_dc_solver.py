@@ -346,6 +346,16 @@ def test_cli_calibrate_dc_end_to_end_and_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["calibrate", "dc", "--nfe", "2", "--out", str(out)])
     assert exc.value.code == 2
+    capsys.readouterr()
+    x = str(tmp_path / "x.safetensors")
+    for argv, message in (
+        (["--out", x, "--cpr-out", x], "--cpr-out '" + x + "' is the --out file"),
+        (["--nfe", "3,3", "--out", x], "--nfe 3,3 repeats a value"),
+        (["--guidance-scale", "1,1", "--out", x], "--guidance-scale 1,1 repeats a value"),
+        (["--nfe", "5", "--reference", "ddim:4", "--out", x], "--reference ddim:4: the reference solve needs at least"),
+    ):
+        assert main(["calibrate", "dc", *argv]) == 2, argv
+        assert message in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
 
 
 def test_cli_defaults_dc_guidance_scale_and_model_to_the_run(tmp_path, capsys, monkeypatch):

@@ -291,6 +291,19 @@ def test_estimator_resumes_from_a_checkpoint(tmp_path):
         np.testing.assert_allclose(getattr(resumed, n), getattr(full, n), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="other settings"):
         estimate_ems(_eps_fn(mixture), data, SCHED, num_intervals=6, batch_size=48, checkpoint=ck, progress=False)
+    # another model (the caller's weights digest) or other data: refused, not resumed into the wrong tables
+    with pytest.raises(ValueError, match="other settings"):
+        estimate_ems(_eps_fn(mixture), data, SCHED, num_intervals=6, batch_size=32, checkpoint=ck, progress=False,
+                     meta={"model_digest": "another-model"})
+    with pytest.raises(ValueError, match="other settings"):
+        estimate_ems(_eps_fn(mixture), data * 2, SCHED, num_intervals=6, batch_size=32, checkpoint=ck, progress=False)
+    from fewstep.solvers.ems_estimate import weights_digest
+
+    net = torch.nn.Linear(3, 2)
+    before = weights_digest(net)
+    with torch.no_grad():
+        net.weight.mul_(0.5)
+    assert weights_digest(net) != before
 
 
 def test_estimator_rejects_bad_input():
@@ -511,6 +524,12 @@ def test_cli_calibrate_ems_and_generate_with_it(tmp_path, capsys):
     assert main(["calibrate", "ems", "--samples", "4", "--intervals", "1", "--out", str(bad), "--quiet"]) == 2
     assert "`num_intervals` must be an integer >= 2" in capsys.readouterr().err and not bad.exists()
     assert main(["calibrate", "ems", "--model", "digits-mr", "--out", str(bad), "--quiet"]) == 2
+    capsys.readouterr()
+    assert main(["calibrate", "ems", "--checkpoint", str(tmp_path / "nodir" / "c.safetensors"), "--out", str(bad),
+                 "--quiet"]) == 2
+    assert "`--checkpoint`" in capsys.readouterr().err and not bad.exists()
+    assert main(["calibrate", "ems", "--checkpoint", str(bad), "--out", str(bad), "--quiet"]) == 2
+    assert "is the --out file" in capsys.readouterr().err
 
 
 def test_shipped_digits_ems_run_out_of_the_box():

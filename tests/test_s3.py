@@ -901,6 +901,12 @@ def test_average_x0_mean_must_match_the_samples():
     x = torch.zeros(2, 2, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"mean image \(average_x0\) has shape \(1, 3\), which does not match"):
         sched.scale_model_input(x, sched.timesteps[0])
+    # a mean that would broadcast (one row over an image, one channel over RGB) is refused too
+    for mean, shape in (([0.5] * 4, (2, 1, 4, 4)), ([[0.5] * 4] * 4, (2, 3, 4, 4))):
+        sched = S3(s3_schedule=SolverSchedule(AFS_TIMES, AFS_DECISIONS, afs="average_x0", afs_mean=mean).to_dict())
+        sched.set_timesteps(4)
+        with pytest.raises(ValueError, match=r"it must be one sample's shape"):
+            sched.scale_model_input(torch.zeros(*shape, dtype=torch.float64), sched.timesteps[0])
 
 
 def test_s3_begin_index_restarts_the_schedule_part_way():

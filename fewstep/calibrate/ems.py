@@ -19,7 +19,7 @@ import torch
 
 from .._checks import check_int
 from ..solvers.ems import EMS
-from ..solvers.ems_estimate import estimate_ems, forward_ad_safe, model_eps_fn
+from ..solvers.ems_estimate import estimate_ems, forward_ad_safe, model_eps_fn, weights_digest
 from ..solvers.s3 import schedule_fingerprint
 from ..solvers.schedules import FlowSchedule, NoiseSchedule, schedule_from_config
 
@@ -50,6 +50,7 @@ def _run(unet, model_fn, data, schedule, prediction_type: str, meta: dict, **kw)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
+    meta = {**meta, "model_digest": weights_digest(unet)}  # a checkpoint of another model's run is refused
     with forward_ad_safe(unet):
         ems = estimate_ems(model_eps_fn(model_fn, schedule, prediction_type), data, schedule, meta=meta, **kw)
     ems.meta.update({"seconds": round(time.perf_counter() - start, 1),

@@ -30,8 +30,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     out = _safetensors_out(args.out, "--out")
     if args.cpr_out:
-        _safetensors_out(args.cpr_out, "--cpr-out")
-    parse_reference(args.reference)
+        if _safetensors_out(args.cpr_out, "--cpr-out").resolve() == out.resolve():
+            raise UsageError(f"--cpr-out {args.cpr_out!r} is the --out file; the CPR coefficients need a file of "
+                             "their own")  # fmt: skip
+    for flag, values in (("--nfe", args.nfe), ("--guidance-scale", args.guidance_scale)):
+        if len(set(values)) != len(values):
+            raise UsageError(f"{flag} {','.join(f'{v:g}' for v in values)} repeats a value; give each once")
+    method, steps = parse_reference(args.reference)
+    if method != "exact" and steps < max(args.nfe):
+        raise UsageError(f"--reference {args.reference}: the reference solve needs at least as many steps as the "
+                         f"largest --nfe ({max(args.nfe)})")  # fmt: skip
     if args.cpr_out and len(args.nfe) * len(args.guidance_scale) < 2:
         raise UsageError("--cpr-out needs ratios for at least 2 (NFE, CFG) pairs")
     import torch
@@ -62,6 +70,8 @@ def cmd_calibrate_ems(args: argparse.Namespace) -> int:
     from ..solvers.ems import save_ems
 
     out = _safetensors_out(args.out, "--out")
+    if args.checkpoint is not None and check_writable(args.checkpoint, "--checkpoint").resolve() == out.resolve():
+        raise UsageError(f"--checkpoint {args.checkpoint!r} is the --out file; the checkpoint needs a file of its own")
     common = dict(num_samples=args.samples, num_intervals=args.intervals, probes=args.probes, seed=args.seed,
                   t_start=args.t_start, t_end=args.t_end, checkpoint=args.checkpoint, progress=not args.quiet,
                   time_derivative=args.time_derivative)

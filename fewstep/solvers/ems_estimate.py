@@ -21,6 +21,7 @@ Every (grid point, batch) draws its noise from its own seed, so a resumed run gi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -212,6 +213,29 @@ def model_eps_fn(model_fn: ModelFn, schedule: NoiseSchedule, prediction_type: st
     return eps_fn
 
 
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """Content hash of tensors (their float32 bytes, shapes and order)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A cheap identity of a model's weights: every parameter's name, shape, sum and sum of squares (one host
+    transfer), hashed; a changed, scaled or swapped weight changes it."""
+    names, stats = [], []
+    for name, p in module.named_parameters():
+        names.append(f"{name}:{tuple(p.shape)}")
+        q = p.detach().double()
+        stats.append(torch.stack([q.sum(), q.square().sum()]))
+    h = hashlib.sha256(";".join(names).encode())
+    if stats:
+        h.update(torch.stack(stats).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def estimate_ems(
     eps_fn: EpsFn,
     data: torch.Tensor,
@@ -254,7 +278,9 @@ def estimate_ems(
     sample_shape = tuple(data.shape[1:])
     settings = {"num_intervals": num_intervals, "num_samples": int(data.shape[0]), "batch_size": batch_size,
                 "probes": probes, "seed": seed, "time_derivative": time_derivative,
-                "lambda_range": [float(lambdas[0]), float(lambdas[-1])], "sample_shape": list(sample_shape)}
+                "lambda_range": [float(lambdas[0]), float(lambdas[-1])], "sample_shape": list(sample_shape),
+                # what a checkpoint must have been computed on: these data and (when the caller says) this model
+                "data_digest": tensor_digest(data), "model_digest": (meta or {}).get("model_digest")}
     acc = None
     if checkpoint is not None and Path(checkpoint).is_file():
         acc = EMSAccumulator.load(checkpoint)

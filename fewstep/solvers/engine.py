@@ -451,9 +451,10 @@ class AnalyticStart:
         if self.mean is None or self.offset == 0.0:
             return 0.0
         mean = self.mean.to(device=like.device, dtype=like.dtype)
-        if like.shape[-mean.dim():] != mean.shape:
+        if like.shape[1:] != mean.shape:  # one sample's shape exactly: a row or a channel would broadcast silently
             raise ValueError(f"the schedule's mean image (average_x0) has shape {tuple(mean.shape)}, which does not "
-                             f"match samples of shape {tuple(like.shape)}")
+                             f"match samples of shape {tuple(like.shape)} (it must be one sample's shape, "
+                             f"{tuple(like.shape[1:])})")
         return self.offset * mean
 
     def start(self, noise: torch.Tensor) -> torch.Tensor:
