@@ -105,6 +105,18 @@ def test_bad_schedule_contents_and_mismatches(tmp_path):
         S3().set_timesteps(4)
     with pytest.raises(ValueError, match="takes its time points from the schedule"):
         S3(s3_schedule=good).set_timesteps(timesteps=[900, 500])
+    # hand-edited values of the wrong type are refused, not coerced (points 1.7 ran as 1, order true as 1)
+    for edit, match in (
+        ({"decisions": [{}, {"order": 2, "points": [1.7]}]}, r"`points` must be integer buffer offsets, got \(1.7,\)"),
+        ({"decisions": [{}, {"order": 2, "points": ["1"]}]}, r"`points` must be integer buffer offsets"),
+        ({"decisions": [{}, {"order": True}]}, r"`order` must be an integer in \[1, 5\], got True"),
+        ({"final": True}, r"`final` must be 'zero' or a model time"),
+        ({"timesteps": "999"}, r"`timesteps` must be a list of numbers \(model times\), got '999'"),
+        ({"timesteps": [900.0, "500"]}, r"`timesteps` must be a list of numbers"),
+        ({"metadata": [1, 2]}, r"`metadata` must be a JSON object, got \[1, 2\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            S3(s3_schedule=dict(good, **edit))
 
 
 # ----------------------------------------------------------------------------------------------------

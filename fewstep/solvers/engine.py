@@ -134,7 +134,8 @@ class StepDecision:
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"`prediction` must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
-        if not isinstance(self.order, (int, np.integer)) or not 1 <= self.order <= 5:
+        if isinstance(self.order, (bool, np.bool_)) or not isinstance(self.order, (int, np.integer)) or not (
+                1 <= self.order <= 5):
             raise ValueError(f"`order` must be an integer in [1, 5], got {self.order!r}")
         if self.coefficients not in COEFFICIENT_RULES:
             raise ValueError(f"`coefficients` must be one of {list(COEFFICIENT_RULES)}, got {self.coefficients!r}")
@@ -164,6 +165,10 @@ class StepDecision:
         if not math.isfinite(self.relaxation):
             raise ValueError(f"`relaxation` must be finite, got {self.relaxation!r}")
         if self.points is not None:
+            if isinstance(self.points, (str, bytes)) or not all(
+                isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_)) for p in self.points
+            ):
+                raise ValueError(f"`points` must be integer buffer offsets, got {self.points!r}")
             pts = tuple(int(p) for p in self.points)
             if len(pts) != self.order - 1 or len(set(pts)) != len(pts) or any(p < 1 for p in pts):
                 raise ValueError(

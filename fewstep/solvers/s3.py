@@ -120,6 +120,13 @@ class SolverSchedule:
     afs_mean: list | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.timesteps, (str, bytes)) or not all(
+            isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, (bool, np.bool_))
+            for t in np.asarray(self.timesteps, dtype=object).reshape(-1)
+        ):
+            raise ValueError(f"`timesteps` must be a list of numbers (model times), got {self.timesteps!r}")
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"`metadata` must be a JSON object (dict), got {type(self.metadata).__name__}")
         ts = np.asarray(self.timesteps, dtype=np.float64).reshape(-1)
         if ts.size == 0 or not np.all(np.isfinite(ts)):
             raise ValueError(f"`timesteps` must be a non-empty list of finite times, got {self.timesteps!r}")
@@ -143,6 +150,8 @@ class SolverSchedule:
                              f"afs={self.afs!r} and {'an' if self.afs_mean is not None else 'no'} afs_mean")
         if self.afs_mean is not None:
             self.afs_mean = check_afs_mean(self.afs_mean)
+        if isinstance(self.final, (bool, np.bool_)) or not isinstance(self.final, (str, int, float, np.number)):
+            raise ValueError(f"`final` must be 'zero' or a model time below the last timestep, got {self.final!r}")
         if isinstance(self.final, str):
             if self.final != "zero":
                 raise ValueError(f"`final` must be 'zero' or a model time below the last timestep, got {self.final!r}")
@@ -250,8 +259,14 @@ class SolverSchedule:
             raise ValueError(
                 f"schedule format version {version!r} is not supported (this fewstep reads {SCHEDULE_VERSION})"
             )
-        out = cls(list(data["timesteps"]), decisions_from_dicts(data["decisions"]), data.get("final", "zero"),
-                  dict(data.get("metadata") or {}), data.get("afs"), data.get("afs_mean"))
+        meta = data.get("metadata") or {}
+        if not isinstance(meta, Mapping):
+            raise ValueError(f"`metadata` must be a JSON object, got {meta!r}")
+        steps = data["timesteps"]
+        if not isinstance(steps, (list, tuple)):
+            raise ValueError(f"`timesteps` must be a list of numbers (model times), got {steps!r}")
+        out = cls(list(steps), decisions_from_dicts(data["decisions"]), data.get("final", "zero"), dict(meta),
+                  data.get("afs"), data.get("afs_mean"))
         if "nfe" in data and data["nfe"] != out.nfe:
             raise ValueError(f"schedule says nfe={data['nfe']} but its {len(out.timesteps)} timesteps make "
                              f"{out.nfe} model evaluations")
