@@ -36,14 +36,21 @@ CELLS = {
     "MRS SDE-2 (noise)": ("mrs", {"solver": "sde", "solver_order": 2, "algorithm_type": "noise"}, (5, 10, 20)),
     "Euler-Maruyama": ("mrs", {"solver": "euler-maruyama", "solver_order": 1}, (10, 20, 100)),
     "IR-SDE posterior (DDPM)": ("ddpm", {}, (100,)),
+    # the ordinary VP solvers run on the MR process through its VP form z = (x - mu) / lambda (MODELS.md's table)
+    "DDIM": ("ddim", {}, (5, 10, 20, 50)),
+    "DPM-Solver++ 2M": ("dpm-solver++", {}, (5, 10, 20, 50)),
+    "UniPC-2": ("unipc", {}, (5, 10, 20, 50)),
 }
+#: what runs without --cells (the MRS study of the README)
+DEFAULT_CELLS = [label for label, (name, _, _) in CELLS.items() if name in ("mrs", "ddpm")]
 
 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=300)
-    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, choices=list(CELLS),
+                        help="which samplers (default: the MRS study; DDIM, DPM-Solver++ 2M, UniPC-2: MODELS.md)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

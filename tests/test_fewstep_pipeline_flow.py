@@ -297,6 +297,8 @@ def test_cli_generate_with_prompts(text_pipes, family, tmp_path, capsys):
     assert main([*args, "--guidance", "apg", "--guidance-scale", "4"]) == 0 and out.is_file()
     assert "x2 (apg)" in capsys.readouterr().out
     assert main([*args, "--sampler", "flow-euler"]) == 0
+    # the NFE note counts the unconditional branch only where it runs: Flux's default cfg is its guidance embedding
+    assert (" x2 (cfg)" in capsys.readouterr().out) == (family == "sd3")
     assert main([*args, "--sampler", "mrs"]) == 2
     err = capsys.readouterr().err
     assert "sampler 'mrs' is for mean-reverting" in err and "compatible samplers: ddim, " in err and "flow-euler" in err

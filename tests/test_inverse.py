@@ -351,6 +351,9 @@ def test_cli_posterior(tmp_path, capsys):
         (["--task", "classifier", "--posterior", "stsl"], "not an inverse problem"),
         (["--task", "sr", "--strength", "1.5"], "`strength` must be a finite number in (0, 1]"),
         (["--task", "sr", "--measurement", "missing.png"], "no such file"),
+        # an explicit --guidance, even the default rule's name, would be ignored: refused
+        (["--task", "sr", "--guidance", "cfg"], "--guidance do not apply to posterior sampling"),
+        (["--model", "digits-flow", "--task", "sr", "--guidance", "cfg"], "--guidance cfg does not apply to FlowChef"),
     ]
     for args, match in bad:
         assert main(["generate", *args, "--out", str(tmp_path / "x.png"), "--quiet"]) == 2

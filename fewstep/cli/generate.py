@@ -73,6 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.sampler == "flowchef":
         raise UsageError("--sampler flowchef steers towards a task: add --task inpaint|sr|deblur|classifier")
     args.sampler = args.sampler or "unipc"
+    args.guidance = args.guidance or "cfg"
     from .. import guidance
 
     guidance.make(args.guidance, args.guidance_scale)  # validate the rule's parameters before loading a model
@@ -120,8 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         grid = image_grid(result.images)
     atomic_write(out, lambda p: grid.save(p, format="PNG"))
-    guided = not (args.guidance == "cfg" and args.guidance_scale == 1.0)
-    cfg_note = f" x2 ({args.guidance})" if guided and result.measurements is None else ""
+    cfg_note = f" x2 ({args.guidance})" if result.guided else ""  # the unconditional branch evaluated too
     kind = "restored images (top: degraded input)" if result.measurements is not None else "images"
     print(f"wrote {out} ({len(result.images)} {kind}, sampler {args.sampler}, NFE {result.nfe}{cfg_note}, "
           f"{result.seconds:.2f} s)")
@@ -185,7 +185,7 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
     if args.prompt is not None:
         raise UsageError("--task takes no --prompt")
     editing = args.task == EDIT_TASK
-    if not editing and args.guidance != "cfg":
+    if not editing and args.guidance is not None:
         raise UsageError(f"--guidance {args.guidance} does not apply to FlowChef --task {args.task} (its steering is "
                          "the guidance)")  # fmt: skip
     if not editing and args.guidance_scale is not None:
@@ -201,7 +201,7 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
             raise UsageError(f"--edit-size must be <= 16 (the digits' side), got {args.edit_size}")
         if args.guidance_scale is not None and args.guidance_scale < 0:
             raise UsageError(f"--guidance-scale must be >= 0 for --task edit, got {args.guidance_scale}")
-        if args.guidance != "cfg":
+        if args.guidance is not None:
             raise UsageError(f"--task edit uses its own masked guidance; --guidance {args.guidance} does not apply")
     if args.measurement is not None and args.task == "classifier":
         raise UsageError("--measurement is for the inverse tasks (inpaint, sr, deblur), not --task classifier")
@@ -317,7 +317,7 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
     name = args.posterior or "stsl"
     ignored = [flag for flag, given in (("--sampler", args.sampler is not None),
                                         ("--sampler-option", bool(args.sampler_option)),
-                                        ("--guidance", args.guidance != "cfg"),
+                                        ("--guidance", args.guidance is not None),
                                         ("--guidance-scale", args.guidance_scale is not None)) if given]  # fmt: skip
     if ignored:
         raise UsageError(f"{', '.join(ignored)} do not apply to posterior sampling: --posterior {name} runs its own "
@@ -429,7 +429,7 @@ def add_parsers(sub) -> None:
                        help="restoration models (digits-mr) and --posterior: degraded image file, one tile or a grid "
                             "of tiles of the measurement's size (16x16; 8x8 for 2x sr) (default: held-out test digits "
                             "degraded by the task)")
-    p_gen.add_argument("--guidance", type=_guidance_name, default="cfg",
+    p_gen.add_argument("--guidance", type=_guidance_name, default=None,
                        help="guidance rule: cfg, cfg++ (scale in [0, 1]) or apg (default cfg)")
     p_gen.add_argument("--guidance-scale", type=_finite_float, default=None,
                        help="scale of the guidance rule (default: cfg 3, cfg++ 0.6, apg 7.5)")

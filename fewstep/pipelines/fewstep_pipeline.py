@@ -162,6 +162,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         self._device_cache = ExecutionDevice()
         #: this call's attention kwargs (their repr): part of graph mode's cache key (a LoRA scale is baked in)
         self._model_kwargs_key: str | None = None
+        #: whether the last call evaluated the unconditional branch too (CFG on a doubled batch, Flux true CFG)
+        self.last_call_guided = False
 
     def _exec_device(self) -> torch.device:
         """The base pipeline's ``_execution_device``, cached while its components stay put (``ExecutionDevice``:
@@ -427,11 +429,13 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         image = p.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
         return (image, nsfw) if with_nsfw else image
 
-    def _set_call_state(self, rule: GuidanceRule | None, num_timesteps: int, scale: float | None = None) -> None:
+    def _set_call_state(self, rule: GuidanceRule | None, num_timesteps: int, scale: float | None = None, *,
+                        guided: bool, clip_skip: int | None = None, attention: dict | None = None) -> None:
         """The base pipeline's per-call properties that diffusers callbacks read (``num_timesteps``,
-        ``guidance_scale``, ``do_classifier_free_guidance``, ``interrupt``), set on this wrapper's own pipeline
-        object (``pipe`` is untouched). Setting ``pipe._interrupt = True`` in a callback skips the remaining steps,
-        as in diffusers."""
+        ``guidance_scale``, ``do_classifier_free_guidance``, ``interrupt``, ``clip_skip``,
+        ``cross_attention_kwargs``/``joint_attention_kwargs``), set on this wrapper's own pipeline object (``pipe``
+        is untouched). Setting ``pipe._interrupt = True`` in a callback skips the remaining steps, as in diffusers.
+        ``last_call_guided``: whether this call evaluates the unconditional branch too."""
         p = self.pipe
         if scale is None:
             scale = getattr(rule, "guidance_scale", None)
@@ -439,8 +443,11 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         p._guidance_scale = float(scale) if isinstance(scale, (int, float)) else 1.0
         p._guidance_rescale = float(getattr(rule, "guidance_rescale", 0.0) or 0.0)
         p._interrupt = False
-        for name in ("_clip_skip", "_cross_attention_kwargs", "_joint_attention_kwargs", "_current_timestep"):
-            setattr(p, name, None)
+        p._current_timestep = None
+        p._clip_skip = clip_skip
+        p._cross_attention_kwargs = None if self.is_flow else attention
+        p._joint_attention_kwargs = attention if self.is_flow else None
+        self.last_call_guided = bool(guided)
 
     @staticmethod
     def _step(scheduler, rule, pairs: bool, out: torch.Tensor, t, x: torch.Tensor, i: int, n: int,
@@ -649,7 +656,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             return denoiser(model_in, t, encoder_hidden_states=c["embeds"], added_cond_kwargs=added_kw,
                             cross_attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
 
-        self._set_call_state(rule, len(timesteps))
+        self._set_call_state(rule, len(timesteps), guided=guided, clip_skip=clip_skip, attention=attention_kwargs)
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator, callback_on_step_end,
                           callback_on_step_end_tensor_inputs, check_finite)  # fmt: skip
         image, nsfw = self._decode(x, output_type, device, embeds.dtype, with_nsfw=True)
@@ -695,7 +702,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             t_batch = t.reshape(1).to(device).expand(model_in.shape[0])
             return denoiser(model_in, t_batch, class_labels=c["labels"]).sample
 
-        self._set_call_state(rule, len(timesteps))
+        self._set_call_state(rule, len(timesteps), guided=guided)
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator, callback,
                           callback_inputs, check_finite)  # fmt: skip
         image = self._class_images(x, output_type)

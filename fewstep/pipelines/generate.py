@@ -31,6 +31,7 @@ class GenerationResult:
     nfe: int
     seconds: float
     measurements: np.ndarray | None = None  # restoration models: the degraded inputs, NHWC in [0, 1]
+    guided: bool = False  # each step evaluated the unconditional branch too (CFG and the other rules)
 
 
 def load_measurement(path: str | Path, tile: int, flag: str = "--measurement") -> torch.Tensor:
@@ -240,7 +241,11 @@ def generate(
                       generator=generator, num_images_per_prompt=num_images, output_type="np").images
     seconds = time.perf_counter() - start
     nfe = len(pipe.scheduler.timesteps)
-    return GenerationResult(np.asarray(images, dtype=np.float32), nfe, seconds)
+    if isinstance(pipe, FewstepPipeline):
+        guided = pipe.last_call_guided
+    else:  # a diffusers text-to-image pipeline: its own per-call property
+        guided = bool(getattr(pipe, "do_classifier_free_guidance", False))
+    return GenerationResult(np.asarray(images, dtype=np.float32), nfe, seconds, guided=guided)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, min_cell: int = 96) -> Image.Image:
