@@ -257,7 +257,8 @@ def _affine_models():
     return model_c, model_u
 
 
-@pytest.mark.parametrize("rule", [CFGPlusPlus(0.8), CFG(5.0)])
+@pytest.mark.parametrize("rule", [CFGPlusPlus(0.8), CFG(5.0), CFG([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])],
+                         ids=["cfg++", "cfg", "cfg-per-step"])
 def test_guided_ddim_inversion_round_trip(rule):
     models = _affine_models()
     images = _x_start(3).clamp(-1, 1)
@@ -268,6 +269,35 @@ def test_guided_ddim_inversion_round_trip(rule):
     assert torch.allclose(back, images, atol=1e-8)
     with pytest.raises(ValueError, match="must be a fewstep scheduler after set_timesteps"):
         guidance.ddim_invert(lambda x, t: (x, x), images, samplers.get("ddim").from_config(DDPM), rule)
+
+
+
+def test_cfgpp_inversion_is_cfg_inversion_with_the_equivalent_schedule(models):
+    """CFG++ (first order) is CFG at w_i = lam rho_i / (rho_i - rho_{i+1}) when sampling, and the same holds for
+    inversion once each level gets its own scale (a per-step schedule was applied in reverse before)."""
+    scheduler = samplers.get("ddim").from_config(DDPM, timestep_spacing="trailing")
+    scheduler.set_timesteps(6)
+    grid = scheduler.plan.grid
+    rho = np.asarray(grid.sigmas) / np.asarray(grid.alphas)
+    lam = 0.7
+    schedule = [lam * rho[i] / (rho[i] - rho[i + 1]) for i in range(6)]
+    images = _x_start(3).clamp(-1, 1)
+    fn = lambda x, t: (models[0](x, t), models[1](x, t))  # noqa: E731
+    pp = guidance.ddim_invert(fn, images, scheduler, CFGPlusPlus(lam))
+    cfg = guidance.ddim_invert(fn, images, scheduler, CFG(schedule))
+    torch.testing.assert_close(cfg, pp, rtol=1e-9, atol=1e-9)
+
+
+def test_inversion_refuses_plans_without_one_call_per_level():
+    from fewstep.solvers.engine import StepDecision
+    from fewstep.solvers.s3 import SolverSchedule
+
+    schedule = SolverSchedule([900.0, 500.0, 100.0], [StepDecision(), StepDecision(corrector="implicit"),
+                                                     StepDecision()])
+    scheduler = samplers.get("s3").from_config(DDPM, s3_schedule=schedule.to_dict())
+    scheduler.set_timesteps(schedule.nfe)
+    with pytest.raises(ValueError, match="must make one model call per grid level"):
+        guidance.ddim_invert(lambda x, t: (x, x), _x_start(2), scheduler, CFG(2.0))
 
 
 def test_cfgpp_inversion_mirrors_the_sampler(models):

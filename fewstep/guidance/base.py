@@ -78,6 +78,14 @@ class GuidanceRule:
         raise NotImplementedError
 
     def __call__(self, cond: Pair, uncond: Pair, state: StepState) -> Pair:
+        cond, uncond = self.check_inputs(cond, uncond, state)
+        if state.index == 0:
+            self.reset()
+        return self.combine(cond, uncond, state)
+
+    def check_inputs(self, cond: Pair, uncond: Pair, state: StepState) -> tuple[Pair, Pair]:
+        """The validated pairs (what ``__call__`` checks before ``combine``; loops that run the steps in another
+        order, such as inversion, call ``combine`` after this and reset the rule themselves)."""
         cond = _check_pair("cond", cond)
         uncond = _check_pair("uncond", uncond)
         if cond[0].shape != uncond[0].shape:
@@ -87,9 +95,7 @@ class GuidanceRule:
             )
         if not isinstance(state, StepState):
             raise TypeError(f"`state` must be a StepState, got {type(state).__name__}")
-        if state.index == 0:
-            self.reset()
-        return self.combine(cond, uncond, state)
+        return cond, uncond
 
     def config(self) -> dict:
         """The rule's parameters (for reports and ``repr``; the constructor's keyword arguments)."""

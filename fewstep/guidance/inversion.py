@@ -31,7 +31,9 @@ ModelFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: GuidanceRule) -> torch.Tensor:
     """Invert clean ``images`` to the first grid level of ``scheduler`` (a fewstep scheduler after
-    ``set_timesteps``; DDIM sampling on the same grid with the same rule maps the result back).
+    ``set_timesteps`` that calls the model once per grid level: no implicit corrector, no analytical first step;
+    DDIM sampling on the same grid with the same rule maps the result back). A per-step rule (``CFG([w_0, ...])``)
+    applies ``w_k`` at level ``k``, where sampling applies it.
 
     ``model_fn(x, t) -> (out_cond, out_uncond)`` returns the raw conditional and unconditional outputs.
     """
@@ -39,18 +41,25 @@ def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: G
         raise ValueError(f"`scheduler` must be a fewstep scheduler after set_timesteps, got {type(scheduler).__name__}")
     if not isinstance(rule, GuidanceRule):
         raise TypeError(f"`rule` must be a GuidanceRule, got {type(rule).__name__}")
-    grid = scheduler.plan.grid
+    plan = scheduler.plan
+    if len(plan.calls) != plan.num_steps or plan.analytic_start is not None:
+        raise ValueError(f"`scheduler` must make one model call per grid level from the first (DDIM inversion runs "
+                         f"the grid backwards); its plan has {len(plan.calls)} calls on {plan.num_steps} levels"
+                         + (" and an analytical first step" if plan.analytic_start is not None else ""))
+    grid = plan.grid
     n = grid.num_steps
     timesteps = list(scheduler.timesteps)
     x = images
-    rule.reset()
-    for j, k in enumerate(range(n - 1, -1, -1)):  # level k+1 -> level k
+    rule.reset()  # once: the steps run backwards, so the rule's own reset at step 0 would fire at the end
+    for k in range(n - 1, -1, -1):  # level k+1 -> level k
         a_k, s_k = float(grid.alphas[k]), float(grid.sigmas[k])
         a_up, s_up = float(grid.alphas[k + 1]), float(grid.sigmas[k + 1])
         out_c, out_u = model_fn(x, timesteps[k])
         cond = scheduler.convert_model_output(out_c, x, k)
         uncond = scheduler.convert_model_output(out_u, x, k)
-        x0_r, eps_r = rule(cond, uncond, StepState(j, n, a_k, s_k))
+        # the state of sampling step k (a per-step scale w_k applies at level k, as when sampling)
+        state = StepState(k, n, a_k, s_k)
+        x0_r, eps_r = rule.combine(*rule.check_inputs(cond, uncond, state), state)
         eps_ren = (x - a_k * x0_r) / s_k
         x0_hat = (x - s_up * eps_r) / a_up
         x = a_k * x0_hat + s_k * eps_ren
