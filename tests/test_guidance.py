@@ -224,11 +224,22 @@ def test_apg_momentum_accumulates_and_resets_per_generation(models):
         (lambda: CFG(-1.0), r"`guidance_scale` must be a finite number >= 0, got -1\.0"),
         (lambda: CFG(3.0, guidance_rescale=1.5), r"`guidance_rescale` must be a finite number in \[0, 1\], got 1\.5"),
         (lambda: StepState(0, 4, 0.5, 0.0), r"`sigma` must be a finite number > 0, got 0\.0"),
+        (lambda: APG(norm_dims="12"), r"`norm_dims` must be non-batch dimensions \(ints, not 0\), got '12'"),
+        (lambda: APG(2.0, norm_dims=(-4,))(*_pairs(2), STATE),
+         r"`norm_dims` \(-4,\) include the batch dimension of 4-D predictions"),
     ],
 )
 def test_bad_parameters_are_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_apg_takes_one_norm_dim_as_an_int_and_cfg_a_0d_array():
+    cond, uncond = _pairs(2)
+    one = APG(3.0, norm_dims=1)(cond, uncond, STATE)
+    tup = APG(3.0, norm_dims=(1,))(cond, uncond, STATE)
+    assert all(torch.equal(a, b) for a, b in zip(one, tup))
+    assert CFG(np.array(3.0)).guidance_scale == 3.0
 
 
 def test_extrapolation_is_explicit_and_bad_predictions_are_rejected():

@@ -55,6 +55,8 @@ class CFG(GuidanceRule):
     name = "cfg"
 
     def __init__(self, guidance_scale: float | Sequence[float] = 3.0, guidance_rescale: float = 0.0):
+        if isinstance(guidance_scale, np.ndarray) and guidance_scale.ndim == 0:
+            guidance_scale = guidance_scale.item()  # a 0-d array is one number
         if isinstance(guidance_scale, (list, tuple, np.ndarray)):
             if len(guidance_scale) == 0:
                 raise ValueError("`guidance_scale` sequence must not be empty")
@@ -157,6 +159,9 @@ def apg_update(
     over ``norm_dims``, default all non-batch dims) and return ``diff_perp + eta * diff_par``.
     """
     dims = list(norm_dims) if norm_dims is not None else _batch_dims(diff)
+    if any(d % diff.ndim == 0 for d in dims):  # a negative dim can name the batch dimension too
+        raise ValueError(f"`norm_dims` {tuple(dims)} include the batch dimension of {diff.ndim}-D predictions; "
+                         "give non-batch dimensions")
     if norm_threshold is not None and math.isfinite(norm_threshold):
         norm = diff.norm(p=2, dim=dims, keepdim=True)
         diff = diff * (norm_threshold / norm).clamp(max=1.0)  # ||diff|| = 0 -> inf -> 1
@@ -218,6 +223,12 @@ class APG(GuidanceRule):
             raise ValueError(f"`space` must be one of {list(self.SPACES)}, got {space!r}")
         self.space = space
         if norm_dims is not None:
+            if isinstance(norm_dims, (int, np.integer)) and not isinstance(norm_dims, bool):
+                norm_dims = (norm_dims,)  # one dimension, as diffusers' norm_dim takes it
+            if isinstance(norm_dims, (str, bytes)) or not all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in norm_dims
+            ):
+                raise ValueError(f"`norm_dims` must be non-batch dimensions (ints, not 0), got {norm_dims!r}")
             norm_dims = tuple(int(d) for d in norm_dims)
             if not norm_dims or any(d == 0 for d in norm_dims):
                 raise ValueError(f"`norm_dims` must be non-batch dimensions (not 0), got {norm_dims!r}")
