@@ -414,6 +414,15 @@ def test_flowchef_pipeline_errors(flow_pipe):
             flowchef_sample(flow_pipe, task, num_images=n, num_inference_steps=2)
     shared = make_task("sr", torch.zeros(1, 1, 16, 16))
     assert flowchef_sample(flow_pipe, shared, num_images=2, num_inference_steps=1).shape == (2, 1, 16, 16)
+    # sampling records no autograd graph (FlowChef needs no gradient through the model), steered or not
+    before = next(flow_pipe.unet.parameters()).requires_grad
+    flow_pipe.unet.requires_grad_(True)
+    try:
+        for cost in (None, shared):
+            out = flowchef_sample(flow_pipe, cost, num_images=2, num_inference_steps=2)
+            assert not out.requires_grad and out.grad_fn is None
+    finally:
+        flow_pipe.unet.requires_grad_(before)
 
 
 def test_cli_flowchef(tmp_path, capsys):

@@ -178,7 +178,6 @@ def _prepare(pipe, num_images, class_labels, generator, latents):
     return latents.to(device), labels.to(device)
 
 
-@torch.no_grad()
 def _check_task_batch(task: FlowChefTask, x: torch.Tensor) -> None:
     """One measurement (or label) per image, or one measurement for all: a task's cost compares each image with its
     own, and a single image against several measurements would silently be steered towards their mean."""
@@ -194,6 +193,7 @@ def _check_task_batch(task: FlowChefTask, x: torch.Tensor) -> None:
         task.operator.check_measurement(task.measurement, x.shape)
 
 
+@torch.no_grad()
 def flowchef_sample(
     pipe,
     cost: Cost | FlowChefTask | None,
