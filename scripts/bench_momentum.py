@@ -52,22 +52,14 @@ def divergence_scores(x: torch.Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def run_cell(pipe, base_config, classifier, test_stats, name, kwargs, steps: int, scale: float, per_class: int):
     pipe.scheduler = samplers.from_config(name, base_config, **kwargs)
-    captured: list[torch.Tensor] = []
-    step = pipe.scheduler.step
-
-    def recording_step(*args, **kw):
-        out = step(*args, **kw)
-        captured.append(out.prev_sample)
-        return out
-
-    pipe.scheduler.step = recording_step
     labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
     cfg = pipe.unet.config
     noise = per_sample_noise((cfg.in_channels, cfg.sample_size, cfg.sample_size), list(range(len(labels))))
     start = time.perf_counter()
-    pipe(labels, num_inference_steps=steps, guidance_scale=scale, latents=noise, output_type="pt", check_finite=False)
+    # the raw final sample in model space (not clipped to the data range): what the divergence scores read
+    raw = pipe(labels, num_inference_steps=steps, guidance_scale=scale, latents=noise, output_type="latent",
+               check_finite=False).images.float()
     seconds = time.perf_counter() - start
-    raw = captured[-1].float()
     finite = torch.isfinite(raw).all(dim=(1, 2, 3))
     saturated, divergence = divergence_scores(torch.nan_to_num(raw, nan=1e3, posinf=1e3, neginf=-1e3))
     feats, logits = classifier_features(classifier, to_unit_range(torch.nan_to_num(raw)))

@@ -167,7 +167,8 @@ def main() -> None:
     p.add_argument("--floor-sets", type=int, default=None, help="compute the FD floor on this many sets only")
     p.add_argument("--skip-analytic", action="store_true")
     p.add_argument("--only-searched", action="store_true", help="digits-eps: the searched schedules only")
-    p.add_argument("--out", default=None, help="also write the results here (JSON)")
+    p.add_argument("--out", default=None,
+                   help="merge the results into this JSON (sections and cells of other runs are kept)")
     m = sub.add_parser("heldout-mse")
     m.add_argument("schedule")
     q = sub.add_parser("predictor")
@@ -186,9 +187,16 @@ def main() -> None:
                                               {int(n): f for n, f in args.schedule}, args.only_searched,
                                               args.floor_sets)
         print(json.dumps(result["digits-eps"], indent=1))
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(result, fh, indent=1)
+        if args.out:  # merge into an existing results file: other sections, other cells and notes are kept
+            results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+            if "analytic" in result:
+                results["analytic"] = result["analytic"]
+            digits = results.get("digits-eps", {})
+            cells = {**digits.get("cells", {}), **result["digits-eps"]["cells"]}
+            results["digits-eps"] = {**digits, **result["digits-eps"], "cells": cells}
+            if "notes" in digits:
+                results["digits-eps"]["notes"] = digits["notes"]
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     elif args.what == "heldout-mse":
         heldout_mse(args.schedule)
     elif args.what == "afs":

@@ -212,14 +212,27 @@ def train_classifier(epochs: int, batch_size: int, lr: float, device: str, seed:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=["digits-eps", "digits-flow", "digits-mr", "digits-classifier"])
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("model", choices=["digits-eps", "digits-flow", "digits-mr", "digits-classifier"],
+                        help="which model to retrain (overwrites fewstep/assets/MODEL)")
+    parser.add_argument("--steps", type=int, default=3000,
+                        help="optimizer steps of the diffusion models (default 3000, as shipped)")
+    parser.add_argument("--epochs", type=int, default=40, help="classifier epochs (default 40)")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3; classifier 3e-3)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and the weights (default 0)")
     args = parser.parse_args()
+    # the run overwrites a shipped model: refuse settings that would write a broken one
+    for name in ("steps", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
     if args.model == "digits-classifier":
         out = train_classifier(args.epochs, args.batch_size, args.lr or 3e-3, args.device, args.seed)
     elif args.model == "digits-mr":
