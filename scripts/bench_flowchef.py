@@ -26,6 +26,7 @@ import json
 import time
 
 import torch
+from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from fewstep.bench.image_metrics import psnr, ssim
 from fewstep.datasets import load_digits_images, to_unit_range
@@ -158,8 +159,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-images", type=int, default=100)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-images", type=count(1), default=100, help="test digits per task (default 100)")
     parser.add_argument("--flowchef-steps", default="4,6,8,10,12,16,20",
                         help="FlowChef NFE to sweep (comma-separated)")
     parser.add_argument("--dps-steps", default="10,20,40", help="DPS NFE to sweep (comma-separated)")
@@ -167,11 +168,17 @@ def main() -> None:
     parser.add_argument("--classifier-steps", default="20,30")
     parser.add_argument("--noise-std", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--plot", default=None, help="PSNR-versus-time PNG, one panel per task")
+    parser.add_argument("--threads", type=count(1), default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--json", type=output_file, default=None, help="also write the results as JSON here")
+    parser.add_argument("--plot", type=output_file, default=None,
+                        help="PSNR-versus-time PNG, one panel per task (needs matplotlib)")
     parser.add_argument("--skip-classifier", action="store_true")
     args = parser.parse_args()
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - checked before the run, not after it
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'fewstep[plot]' (or pip install matplotlib)")
     fc_steps, dps_steps = _steps(args.flowchef_steps), _steps(args.dps_steps)
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")

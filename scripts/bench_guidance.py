@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from fewstep import guidance, samplers
 from fewstep._io import atomic_write
@@ -113,14 +113,14 @@ def markdown(sampling: list[dict], inversion: list[dict], real: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sampler", default="unipc", choices=samplers.names())
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20])
-    parser.add_argument("--num-per-class", type=int, default=100)
-    parser.add_argument("--inversion-images", type=int, default=200)
+    parser.add_argument("--steps", type=count(1), nargs="+", default=[10, 20])
+    parser.add_argument("--num-per-class", type=count(2), default=100)
+    parser.add_argument("--inversion-images", type=count(1), default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
+    parser.add_argument("--threads", type=count(1), default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--json", type=output_file, default=None, help="also write all rows as JSON here")
     parser.add_argument("--only", choices=["sampling", "inversion"], default=None, help="run one part only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -32,6 +32,7 @@ import json
 import time
 
 import torch
+from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from fewstep._io import atomic_write
 from fewstep.guidance import DPS, STSL
@@ -74,13 +75,13 @@ def backprojection_row(task: str, n: int, noise_std: float, seed: int, classifie
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-images", type=int, default=64)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-images", type=count(1), default=64, help="test digits per task (default 64)")
     parser.add_argument("--noise-std", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--offset", type=int, default=0, help="first test digit (validation slice: 200)")
-    parser.add_argument("--json", default=None, help="write the results here (atomically)")
+    parser.add_argument("--json", type=output_file, default=None, help="write the results here (atomically)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = load_default("digits-eps")

@@ -16,6 +16,7 @@ import json
 import time
 
 import torch
+from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
@@ -47,12 +48,12 @@ DEFAULT_CELLS = [label for label, (name, _, _) in CELLS.items() if name in ("mrs
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-images", type=int, default=300)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-images", type=count(1), default=300, help="held-out digits restored (default 300)")
     parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, choices=list(CELLS),
                         help="which samplers (default: the MRS study; DDIM, DPM-Solver++ 2M, UniPC-2: MODELS.md)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--seed", type=count(0), default=0, help="seed of the erased boxes and the noise")
+    parser.add_argument("--out", type=output_file, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     pipe = load_default("digits-mr", sampler=None)
     model_config = pipe.scheduler.config

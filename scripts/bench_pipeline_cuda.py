@@ -47,6 +47,9 @@ from diffusers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, also when imported by path (tests)
+
+from _args import output_file, positive_float  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from fewstep.pipelines import FewstepPipeline  # noqa: E402
 
@@ -96,8 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                     help="torch.compile the UNet of both fewstep pipelines (eager and graph) in this mode; stock "
                          "diffusers stays uncompiled (default: no compilation)")
-    ap.add_argument("--tol", type=float, default=1e-2, help="max |graph - eager| on [0, 1] images (fp16)")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    ap.add_argument("--tol", type=positive_float, default=1e-2, help="max |graph - eager| on [0, 1] images (fp16)")
+    ap.add_argument("--out", type=output_file, default=None, help="write the results as JSON")
     args = ap.parse_args(argv)
     try:
         args.steps = [int(s) for s in args.steps.split(",")]

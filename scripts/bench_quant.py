@@ -241,7 +241,7 @@ def run_speed(pipe, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=["calib", "samplers", "deviation", "speed"],
                         choices=["calib", "samplers", "deviation", "speed"])
     parser.add_argument("--deviation-samples", type=int, default=100)

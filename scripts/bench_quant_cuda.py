@@ -311,7 +311,7 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=["layers", "unet"], choices=["layers", "unet", "memory"],
                         help="memory: weight bytes only, runs without a GPU")
     parser.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from fewstep import samplers
 from fewstep.pipelines.defaults import default_sampler_options
@@ -155,11 +156,11 @@ def afs_ablation(nfes: list[int], budget: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("heldout")
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10])
-    p.add_argument("--sets", type=int, default=4, help="disjoint held-out seed sets for digits-eps (default 4)")
+    p.add_argument("--sets", type=count(1), default=4, help="disjoint held-out seed sets for digits-eps (default 4)")
     p.add_argument("--num-per-class", type=int, default=30, help="digits-eps samples per class and set (default 30)")
     p.add_argument("--reference-steps", type=int, default=50, help="steps of the FD-floor solve (default 50)")
     p.add_argument("--schedule", nargs=2, action="append", metavar=("NFE", "FILE"), default=[],
@@ -167,19 +168,20 @@ def main() -> None:
     p.add_argument("--floor-sets", type=int, default=None, help="compute the FD floor on this many sets only")
     p.add_argument("--skip-analytic", action="store_true")
     p.add_argument("--only-searched", action="store_true", help="digits-eps: the searched schedules only")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", type=output_file, default=None,
                    help="merge the results into this JSON (sections and cells of other runs are kept)")
     m = sub.add_parser("heldout-mse")
     m.add_argument("schedule")
     q = sub.add_parser("predictor")
-    q.add_argument("--nfe", type=int, default=5)
-    q.add_argument("--budget", type=int, default=60)
-    q.add_argument("--repeats", type=int, default=3)
+    q.add_argument("--nfe", type=count(2), default=5)
+    q.add_argument("--budget", type=count(1), default=60)
+    q.add_argument("--repeats", type=count(1), default=3)
     a = sub.add_parser("afs", help="analytical first step in the search space or not, equal budget (analytic)")
     a.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6])
-    a.add_argument("--budget", type=int, default=60)
-    a.add_argument("--repeats", type=int, default=3)
-    a.add_argument("--out", default=None, help="store the rows under 'analytic-afs' in this results JSON")
+    a.add_argument("--budget", type=count(1), default=60)
+    a.add_argument("--repeats", type=count(1), default=3)
+    a.add_argument("--out", type=output_file, default=None,
+                   help="store the rows under 'analytic-afs' in this results JSON")
     args = parser.parse_args()
     if args.what == "heldout":
         result = {} if args.skip_analytic else {"analytic": heldout_analytic(args.nfe)}

@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+from _args import count  # noqa: E402 - scripts/ is on sys.path when run as a script
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from fewstep import samplers
@@ -40,10 +41,10 @@ def time_loop(scheduler, x: torch.Tensor, steps: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--steps", type=count(1), default=20, help="steps per timed loop (default 20)")
+    parser.add_argument("--repeats", type=count(1), default=20, help="timed loops, median reported (default 20)")
     parser.add_argument("--shape", default="4,4,64,64", help="latent shape (SD 1.5 at 512px: 4,4,64,64)")
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))

@@ -23,6 +23,7 @@ import json
 import time
 
 import torch
+from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from fewstep import samplers
 from fewstep.bench.analytic import AnalyticModel, default_mixture, exact_solution
@@ -142,9 +143,9 @@ def digits(out: dict, num: int, scales: list[float]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=output_file, default=None, help="also write the results as JSON here")
     ap.add_argument("--analytic-only", action="store_true")
-    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--samples", type=count(2), default=200)
     ap.add_argument("--scales", default="1,3,7")
     args = ap.parse_args()
     torch.set_grad_enabled(False)

@@ -14,7 +14,7 @@ from fewstep.pipelines import load_default
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits-eps", choices=["digits-eps", "digits-flow"])
     parser.add_argument("--sampler", default="unipc")
     parser.add_argument("--steps", type=int, nargs="+", default=[20])

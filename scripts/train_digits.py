@@ -211,7 +211,7 @@ def train_classifier(epochs: int, batch_size: int, lr: float, device: str, seed:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", choices=["digits-eps", "digits-flow", "digits-mr", "digits-classifier"],
                         help="which model to retrain (overwrites fewstep/assets/MODEL)")
     parser.add_argument("--steps", type=int, default=3000,
