@@ -7,23 +7,14 @@ import argparse
 from collections.abc import Callable
 
 from fewstep._io import check_writable
+from fewstep.cli._common import int_at_least
 
 __all__ = ["count", "output_file", "positive_float"]
 
 
 def count(minimum: int = 1) -> Callable[[str], int]:
-    """argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
+    """argparse type: an integer >= ``minimum`` (the CLI's own)."""
+    return int_at_least(minimum)
 
 
 def positive_float(text: str) -> float:
