@@ -42,12 +42,20 @@ def time_loop(scheduler, x: torch.Tensor, steps: int, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--steps", type=count(1), default=20, help="steps per timed loop (default 20)")
-    parser.add_argument("--repeats", type=count(1), default=20, help="timed loops, median reported (default 20)")
+    parser.add_argument("--repeats", type=count(1), default=20, help="timed loops, the fastest reported (default 20)")
     parser.add_argument("--shape", default="4,4,64,64", help="latent shape (SD 1.5 at 512px: 4,4,64,64)")
     args = parser.parse_args()
-    shape = tuple(int(v) for v in args.shape.split(","))
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        parser.error(f"--shape takes comma-separated integers like 4,4,64,64, got {args.shape!r}")
+    if not shape or any(v < 1 for v in shape):
+        parser.error(f"--shape dimensions must be >= 1, got {args.shape!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
     x = torch.randn(shape, device=args.device)
     print(f"device {args.device}, latent {shape}, {args.steps} steps, best of {args.repeats}")
     print("| sampler | fewstep us/step | diffusers us/step | diffusers / fewstep |")
