@@ -267,11 +267,24 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def _nfe_cfg(text: str) -> str:
+    """argparse type: ``NFE:CFG`` (an integer NFE >= 2 and a number), checked before any work."""
+    try:
+        nfe, cfg = text.split(":")
+        ok = int(nfe) >= 2 and float(cfg) >= 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected NFE:CFG like 7:5 (NFE >= 2, CFG >= 0), got {text!r}")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
     parser.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0, 3.0, 7.0])
-    parser.add_argument("--heldout", default="7:5", help="NFE:CFG outside the CPR fit (searched here for comparison)")
+    parser.add_argument("--heldout", type=_nfe_cfg, default="7:5",
+                        help="NFE:CFG outside the CPR fit (searched here for comparison)")
     parser.add_argument("--samples", type=count(2), default=200, help="samples per cell (FD)")
     parser.add_argument("--mse-samples", type=int, default=60, help="of which compared with the reference (MSE)")
     parser.add_argument("--reference", default="ddim:200")

@@ -95,9 +95,13 @@ def judge():
 
 
 def _steps(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
+    """argparse type: comma-separated NFE >= 1."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
     if not values or min(values) < 1:
-        raise SystemExit(f"step lists are comma-separated integers >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"step lists are comma-separated integers >= 1, got {text!r}")
     return values
 
 
@@ -161,11 +165,12 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=count(1), default=100, help="test digits per task (default 100)")
-    parser.add_argument("--flowchef-steps", default="4,6,8,10,12,16,20",
+    parser.add_argument("--flowchef-steps", type=_steps, default="4,6,8,10,12,16,20",
                         help="FlowChef NFE to sweep (comma-separated)")
-    parser.add_argument("--dps-steps", default="10,20,40", help="DPS NFE to sweep (comma-separated)")
+    parser.add_argument("--dps-steps", type=_steps, default="10,20,40", help="DPS NFE to sweep (comma-separated)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point; the fastest is reported")
-    parser.add_argument("--classifier-steps", default="20,30")
+    parser.add_argument("--classifier-steps", type=_steps, default="20,30",
+                        help="NFE of the classifier-guidance task (comma-separated)")
     parser.add_argument("--noise-std", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=count(1), default=1, help="torch CPU threads (default 1)")
@@ -179,7 +184,7 @@ def main() -> None:
             import matplotlib  # noqa: F401 - checked before the run, not after it
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'fewstep[plot]' (or pip install matplotlib)")
-    fc_steps, dps_steps = _steps(args.flowchef_steps), _steps(args.dps_steps)
+    fc_steps, dps_steps = args.flowchef_steps, args.dps_steps
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
@@ -224,7 +229,7 @@ def main() -> None:
     svm = judge()
     labels = torch.arange(n) % 10
     task = make_task("classifier", labels=labels, classifier=classifier)
-    for steps in [int(s) for s in args.classifier_steps.split(",")]:
+    for steps in args.classifier_steps:
         for label, cost in (("unconditional, unsteered", None), ("FlowChef classifier guidance", task)):
             cfg = DEFAULT_CONFIGS["classifier"]
             x, seconds, mem = run(flowchef_sample, pipe=pipe, cost=cost, num_images=n, num_inference_steps=steps,
