@@ -9,18 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 
+from _args import count  # noqa: E402 - scripts/ is on sys.path when run as a script
+
 from fewstep.bench.digits_eval import evaluate_digits
 from fewstep.pipelines import load_default
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="digits-eps", choices=["digits-eps", "digits-flow"])
-    parser.add_argument("--sampler", default="unipc")
-    parser.add_argument("--steps", type=int, nargs="+", default=[20])
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
-    parser.add_argument("--num-per-class", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="digits-eps", choices=["digits-eps", "digits-flow"],
+                        help="embedded generator to score (digits-mr: scripts/bench_mrs.py)")
+    parser.add_argument("--sampler", default="unipc", help="registered sampler name (default unipc)")
+    parser.add_argument("--steps", type=count(1), nargs="+", default=[20], help="NFEs to score (default 20)")
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (default 3)")
+    parser.add_argument("--num-per-class", type=count(1), default=100, help="samples per digit class (default 100)")
+    parser.add_argument("--seed", type=count(0), default=0, help="seed of the first sample's noise (default 0)")
     args = parser.parse_args()
     pipe = load_default(args.model, sampler=args.sampler)
     classifier = load_default("digits-classifier")
