@@ -76,17 +76,25 @@ class MeanRevertingPipeline(DiffusionPipeline):
                 "build it with swap_sampler(pipe, 'mrs') or pass stationary_std=pipe.config.stationary_std"
             )
         mu = measurement.to(device=device, dtype=dtype)
+        if not bool(torch.isfinite(mu).all()):
+            raise ValueError("`measurement` contains NaN or Inf")
         z = randn_tensor(mu.shape, generator=generator, device=device, dtype=dtype)
         x = mu + lam * z  # the MR prior, x_T ~ N(mu, lam^2)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # any other scheduler runs the VP process of z = (x - mu) / lam in its own variable (sigma-space ones such as
+        # Euler scale the start by init_noise_sigma and the model input by scale_model_input, as diffusers loops do)
+        z = z * getattr(self.scheduler, "init_noise_sigma", 1.0)
         for t in self.progress_bar(self.scheduler.timesteps):
             t_batch = t.reshape(1).to(device).expand(x.shape[0])
+            if not in_x:
+                x = mu + lam * self.scheduler.scale_model_input(z, t)
             eps = self.unet(torch.cat([x, mu], dim=1), t_batch).sample
             if in_x:
                 x = self.scheduler.step(eps, t, x, mu=mu, generator=generator).prev_sample
             else:
-                z = self.scheduler.step(eps, t, (x - mu) / lam, generator=generator).prev_sample
-                x = mu + lam * z
+                z = self.scheduler.step(eps, t, z, generator=generator).prev_sample
+        if not in_x:
+            x = mu + lam * z  # the last step ends at sigma 0, where the scheduler's variable is z itself
         result = pixel_outputs(x, output_type, self.numpy_to_pil)
         if not return_dict:
             return (result,)
