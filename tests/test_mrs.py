@@ -339,6 +339,11 @@ def test_cli_restores_held_out_digits_and_a_measurement_file(tmp_path, capsys):
                  "--quiet", "--out", str(bad)]) == 2
     assert "`measurement` is for restoration" in capsys.readouterr().err
     assert not bad.exists()
+    # guidance flags would be ignored by a restoration model: refused
+    assert main(["generate", "--model", "digits-mr", "--guidance-scale", "5", "--steps", "2", "--quiet", "--out",
+                 str(bad)]) == 2
+    assert "--guidance-scale: digits-mr is a restoration (mean-reverting) model" in capsys.readouterr().err
+    assert not bad.exists()
 
 
 @pytest.mark.parametrize("time_grid", ["spacing", "uniform_lambda", "karras", "uniform_time"])

@@ -73,6 +73,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.sampler == "flowchef":
         raise UsageError("--sampler flowchef steers towards a task: add --task inpaint|sr|deblur|classifier")
     args.sampler = args.sampler or "unipc"
+    guidance_flags = [f for f, v in (("--guidance", args.guidance), ("--guidance-scale", args.guidance_scale))
+                      if v is not None]  # fmt: skip
     args.guidance = args.guidance or "cfg"
     from .. import guidance
 
@@ -91,6 +93,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components" too
     pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype, sampler_options=options)
     pipe = _apply_quant(args, pipe)
+    from ..pipelines import MeanRevertingPipeline
+
+    if isinstance(pipe, MeanRevertingPipeline) and guidance_flags:
+        raise UsageError(f"{', '.join(guidance_flags)}: {args.model} is a restoration (mean-reverting) model; it is "
+                         "guided by its --measurement, not by a guidance rule")  # fmt: skip
     measurement = None
     if args.measurement is not None:
         from ..pipelines.generate import load_measurement
