@@ -45,6 +45,9 @@ def load_digits_images(
 def held_out_digits(num_images: int, size: int = 16, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_images`` held-out test digits (NCHW in [-1, 1]) and their labels, from index ``offset``."""
     images, labels = load_digits_images(size, "test")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < images.shape[0]:
+        raise ValueError(f"`offset` must be an integer in [0, {images.shape[0] - 1}] (index of the first held-out "
+                         f"digit), got {offset!r}")
     available = images.shape[0] - offset
     if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= available:
         raise ValueError(f"`num_images` must be an integer in [1, {available}] (held-out digits), "

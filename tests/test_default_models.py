@@ -90,3 +90,12 @@ def test_readme_generate_command_on_the_embedded_default(tmp_path, capsys):
     assert "NFE 8" in capsys.readouterr().out
     grid = Image.open(out)
     assert grid.mode == "L" and grid.size[0] > 10 * 16 * 4
+
+
+def test_held_out_digits_checks_its_offset():
+    from fewstep.datasets import held_out_digits
+
+    for offset in (-5, 400):
+        with pytest.raises(ValueError, match=rf"`offset` must be an integer in \[0, 358\] .* got {offset}"):
+            held_out_digits(3, offset=offset)
+    assert held_out_digits(3, offset=356)[0].shape[0] == 3

@@ -227,3 +227,31 @@ def test_cuda_graph_class_pipeline_matches_eager(unet, monkeypatch):
                       output_type="latent")  # fmt: skip
             torch.testing.assert_close(eager(**kw).images, graph(**kw).images, rtol=1e-3, atol=1e-3)
         assert graph._graph_cache is not None and graph._graph_cache[1].graph is not None
+
+
+def test_class_pipeline_follows_diffusers_conventions_for_generators_callbacks_and_components(unet):
+    """Found by probing: generator lists of the wrong length were truncated or an IndexError, text-to-image
+    arguments were silently ignored, callbacks could not read num_timesteps/guidance_scale, and from_pipe took
+    a sampler name or a non-module with an AttributeError."""
+    pipe = _pipe(unet)
+    gens = [torch.Generator().manual_seed(k) for k in range(3)]
+    for n in (1, 3):
+        with pytest.raises(ValueError, match=rf"`generator` is a list of {n} generators, but the batch has 2 images"):
+            pipe([1, 2], num_inference_steps=2, generator=gens[:n])
+    fp = FewstepPipeline.from_pipe(pipe)
+    with pytest.raises(ValueError, match=r"`height`, `negative_prompt`: text-to-image arguments"):
+        fp(class_labels=[1], num_inference_steps=2, height=64, negative_prompt="x")
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((p.num_timesteps, p.guidance_scale, p.do_classifier_free_guidance, p.interrupt))
+        return {}
+
+    fp(class_labels=[1, 2], num_inference_steps=2, guidance_scale=3.0, callback_on_step_end=callback)
+    assert seen == [(2, 3.0, True, False)] * 2
+    ddim = ClassConditionalPipeline.from_pipe(pipe, scheduler="ddim")
+    assert type(ddim.scheduler).__name__ == "FewstepDDIMScheduler"
+    with pytest.raises(ValueError, match=r"`scheduler` must be a diffusers/fewstep scheduler or a sampler name"):
+        ClassConditionalPipeline.from_pipe(pipe, scheduler=3)
+    with pytest.raises(ValueError, match=r"`unet` must be a UNet2DModel, got str"):
+        ClassConditionalPipeline.from_pipe(pipe, unet="x")

@@ -60,9 +60,17 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"`from_pipe` takes the components 'unet' and 'scheduler', got {unknown}")
         unet = components.get("unet", getattr(pipeline, "unet", None))
-        if unet is None:
-            raise ValueError(f"`pipeline` must have a `unet`, got {type(pipeline).__name__}")
+        if not isinstance(unet, torch.nn.Module):
+            where = "`unet`" if "unet" in components else f"`pipeline` ({type(pipeline).__name__}) has no UNet: `unet`"
+            raise ValueError(f"{where} must be a UNet2DModel, got {type(unet).__name__}")
         scheduler = components.get("scheduler", getattr(pipeline, "scheduler", None))
+        from .. import samplers
+
+        if isinstance(scheduler, str):  # a sampler name, as FewstepPipeline.from_pipe takes it
+            scheduler = samplers.get(scheduler).from_config(pipeline.scheduler.config)
+        if not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "config"):
+            raise ValueError(f"`scheduler` must be a diffusers/fewstep scheduler or a sampler name "
+                             f"({', '.join(samplers.names())}), got {type(scheduler).__name__}")  # fmt: skip
         module, call = prepare_denoiser(unet, quantized, quant_mode, compile)
         if isinstance(pipeline, cls):
             new = share_modules(pipeline, unet=module, scheduler=scheduler)
@@ -71,6 +79,24 @@ class ClassConditionalPipeline(DiffusionPipeline):
             new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
         new._denoiser = None if call is module else call
         return new
+
+    # what diffusers callbacks read (set per call by the denoising loop)
+    @property
+    def num_timesteps(self) -> int:
+        return int(getattr(self, "_num_timesteps", 0))
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(getattr(self, "_guidance_scale", 1.0))
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """diffusers' meaning: a guidance scale above 1."""
+        return self.guidance_scale > 1.0
+
+    @property
+    def interrupt(self) -> bool:
+        return bool(getattr(self, "_interrupt", False))
 
     @property
     def num_classes(self) -> int:

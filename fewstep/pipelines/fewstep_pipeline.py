@@ -60,7 +60,7 @@ from .flow_families import (
     flow_shift_mu,
 )
 from .graph_step import StaticLoop, StaticRun, check_graph_device, check_graph_rule, check_graph_scheduler
-from .loop_checks import FiniteWatch, callback_tensors, check_returned
+from .loop_checks import FiniteWatch, callback_tensors, check_generators, check_returned
 from .sharing import pixel_outputs, share_modules
 
 __all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES", "flow_shift_mu"]
@@ -595,6 +595,15 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             if "prompt_embeds" in callback_on_step_end_tensor_inputs:
                 raise ValueError("`callback_on_step_end_tensor_inputs`: a class-conditional pipeline has no "
                                  "prompt_embeds; allowed: ['latents']")  # fmt: skip
+            text_only = {"height": height, "width": width, "negative_prompt": negative_prompt,
+                         "negative_prompt_embeds": negative_prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
+                         "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
+                         "embedded_guidance_scale": embedded_guidance_scale}  # fmt: skip
+            given = [f"`{k}`" for k, v in text_only.items() if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: text-to-image arguments; a class-conditional pipeline takes "
+                                 "`class_labels` (its image size is the model's, its unconditional branch the null "
+                                 "class)")  # fmt: skip
             return self._class_call(rule, class_labels, num_inference_steps, num_images_per_prompt, generator,
                                     latents, output_type, return_dict, callback_on_step_end,
                                     callback_on_step_end_tensor_inputs, check_finite)  # fmt: skip
@@ -682,6 +691,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         device = self._exec_device()
         dtype = unet.dtype
         shape = (len(labels), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        check_generators(generator, len(labels))
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:

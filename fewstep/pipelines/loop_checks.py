@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["callback_tensors", "check_returned", "FiniteWatch", "raise_if_diverged"]
+__all__ = ["callback_tensors", "check_returned", "FiniteWatch", "raise_if_diverged", "check_generators"]
 
 
 def callback_tensors(x: torch.Tensor, conds: dict) -> dict:
@@ -58,4 +58,12 @@ def raise_if_diverged(images: Any) -> None:
     if bad:
         raise FloatingPointError(f"{bad} of {flat.shape[0]} images hold NaN/Inf (the sampling diverged: lower the "
                                  "step size, guidance or noise settings); nothing was written")  # fmt: skip
+
+
+def check_generators(generator: Any, batch: int) -> None:
+    """A list of generators must hold one per image, as diffusers requires (a shorter list failed with an
+    IndexError, a longer one was silently truncated); a single generator serves the whole batch."""
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(f"`generator` is a list of {len(generator)} generators, but the batch has {batch} images; "
+                         "pass one generator per image (or a single generator)")
 

@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .._checks import check_int
 from ..samplers.mrs import FewstepMRSScheduler
+from .loop_checks import check_generators
 from .sharing import PIXEL_OUTPUT_TYPES, pixel_outputs
 
 __all__ = ["MeanRevertingPipeline", "box_inpainting"]
@@ -75,6 +76,7 @@ class MeanRevertingPipeline(DiffusionPipeline):
                 f"the scheduler's `stationary_std` {self.scheduler.stationary_std} differs from the model's {lam}; "
                 "build it with swap_sampler(pipe, 'mrs') or pass stationary_std=pipe.config.stationary_std"
             )
+        check_generators(generator, measurement.shape[0])
         mu = measurement.to(device=device, dtype=dtype)
         if not bool(torch.isfinite(mu).all()):
             raise ValueError("`measurement` contains NaN or Inf")
