@@ -86,6 +86,15 @@ def test_pipeline_bad_input(saved_pipeline, kwargs, match):
         _load(saved_pipeline)(**kwargs)
 
 
+def test_pipeline_takes_numpy_scalars_like_python_numbers(saved_pipeline):
+    pipe = _load(saved_pipeline)
+    a = pipe([1], num_inference_steps=np.int64(2), guidance_scale=np.float32(2.0), output_type="pt",
+             generator=torch.Generator().manual_seed(0)).images
+    b = pipe([1], num_inference_steps=2, guidance_scale=2.0, output_type="pt",
+             generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(a, b)
+
+
 def test_nan_is_reported_with_its_step(saved_pipeline):
     pipe = _load(saved_pipeline, "ddim")
     original = pipe.unet.forward

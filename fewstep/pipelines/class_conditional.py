@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,7 +12,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .. import guidance as guidance_rules
-from .._checks import check_int
+from .._checks import check_int, check_number
 from ..guidance import GuidanceRule
 from .denoiser import prepare_denoiser
 from .sharing import share_modules
@@ -109,7 +108,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     def _check_inputs(self, class_labels, num_inference_steps, output_type) -> list[int]:
         labels = self.check_class_labels(class_labels)
-        check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
+        check_int("num_inference_steps", num_inference_steps, 1)  # numpy integers too, as FewstepPipeline
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
         return labels
@@ -138,13 +137,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return labels
 
     def _guidance_rule(self, guidance: str | GuidanceRule | None, guidance_scale: float | None) -> GuidanceRule:
-        if guidance_scale is not None and (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale)
-            or guidance_scale < 0
-        ):
-            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}")
+        if guidance_scale is not None:  # numpy scalars too (np.float32 was refused, np.float64 accepted)
+            guidance_scale = check_number("guidance_scale", guidance_scale, 0.0)
         if guidance is None:
             guidance = "cfg"
             guidance_scale = 3.0 if guidance_scale is None else guidance_scale
