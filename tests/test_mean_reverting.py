@@ -47,6 +47,9 @@ def test_box_inpainting_erases_one_square():
     assert ((y == -1).sum(dim=(1, 2, 3)) == 36).all()
     with pytest.raises(ValueError, match="must be NCHW"):
         box_inpainting(torch.ones(16, 16))
+    for box in (2.5, 0, 17):
+        with pytest.raises(ValueError, match=rf"`box` must be an integer in \[1, 16\], got {box}"):
+            box_inpainting(x, box=box)
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ def test_output_types_and_guidance_branches(saved_pipeline):
         ({"class_labels": [1], "guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number >= 0"),
         ({"class_labels": [1], "output_type": "jpg"}, r"`output_type` must be one of \['np', 'pil', 'pt', 'latent'\]"),
         ({"class_labels": [1], "latents": torch.zeros(2, 1, 8, 8)}, r"`latents` must have shape \(1, 1, 8, 8\)"),
+        ({"class_labels": [1], "latents": np.zeros((1, 1, 8, 8))}, r"`latents` must be a torch.Tensor of shape"),
     ],
 )
 def test_pipeline_bad_input(saved_pipeline, kwargs, match):

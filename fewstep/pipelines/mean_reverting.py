@@ -28,8 +28,7 @@ def box_inpainting(images: torch.Tensor, box: int = 6, generator: torch.Generato
     if images.ndim != 4:
         raise ValueError(f"`images` must be NCHW, got shape {tuple(images.shape)}")
     n, _, h, w = images.shape
-    if not 0 < box <= min(h, w):
-        raise ValueError(f"`box` must lie in [1, {min(h, w)}], got {box}")
+    box = check_int("box", box, 1, min(h, w))
     ys = torch.randint(0, h - box + 1, (n,), generator=generator)
     xs = torch.randint(0, w - box + 1, (n,), generator=generator)
     out = images.clone()
