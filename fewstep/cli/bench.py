@@ -45,8 +45,6 @@ def _check_applicable(args: argparse.Namespace, kinds: set[str]) -> None:
         if getattr(args, key) is not None and not kinds & set(where):
             users = " and ".join(KIND_NAMES[k] for k in where)
             raise UsageError(f"--{key.replace('_', '-')} applies to {users}, not --model {','.join(args.model)}")
-    if args.features == "inception" and "pipeline" not in kinds and "digits" not in kinds:
-        raise UsageError("--features inception applies to the digits models and pipeline directories")
     pipeline_fd = args.features == "inception"
     available = [m for k in sorted(kinds) for m in KIND_METRICS[k] if m != "fd" or k != "pipeline" or pipeline_fd]
     if args.plot is None:  # default: FD where a model reports it, else the first metric reported
@@ -54,6 +52,13 @@ def _check_applicable(args: argparse.Namespace, kinds: set[str]) -> None:
     elif args.plot != "none" and args.plot not in available:
         raise UsageError(f"--plot {args.plot}: --model {','.join(args.model)} reports {sorted(set(available))}; "
                          "plot one of those (pipeline directories report fd only with --features inception)")
+
+
+def _fill_analytic_defaults(args: argparse.Namespace) -> None:
+    """The analytic options' defaults, once the check of what was given has run."""
+    for key, value in ANALYTIC_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -67,18 +72,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError(f"{', '.join(given)} apply to the digits models, not --model analytic")
         if args.plot is not None:
             raise UsageError("--plot is for a grid run (--out DIR); the analytic table is printed")
-        for key, value in ANALYTIC_DEFAULTS.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+        _fill_analytic_defaults(args)
         return _bench_analytic_table(args)
     if args.out is None:
         raise UsageError(f"--model {','.join(models)} runs a benchmark grid: give --out DIR for its results")
     if args.json:
         raise UsageError("--json is for the analytic table; a grid run writes results.json into --out")
     _check_applicable(args, kinds)
-    for key, value in ANALYTIC_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _fill_analytic_defaults(args)
     check_creatable_dir(args.out, "--out")
     if args.cache_dir is not None:
         check_creatable_dir(args.cache_dir, "--cache-dir")

@@ -483,7 +483,7 @@ def search(
         if state is not None and main:
             from .._io import atomic_write
 
-            payload = {"version": STATE_VERSION, "identity": ident, "nfe": space.nfe, "rng": rng.bit_generator.state,
+            payload = {"version": STATE_VERSION, "identity": ident, "rng": rng.bit_generator.state,
                        "pending": [c.to_dict() for c in pending], "evaluated": [[s.to_dict(), v] for s, v in evaluated]}
             atomic_write(state, lambda p: p.write_text(json.dumps(payload)))
 
