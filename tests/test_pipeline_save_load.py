@@ -7,6 +7,7 @@ base classes (``SchedulerMixin``) in that module; every fewstep scheduler module
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,3 +69,75 @@ def test_ddim_from_a_saved_config_is_the_ddim_from_the_same_config_in_memory(tmp
     assert ddim.from_config(reloaded.config, final_sigmas_type="zero").config.final_sigmas_type == "zero"
     own = ddim.from_config(reloaded.config, final_sigmas_type="zero")
     assert ddim.from_config(own.config).config.final_sigmas_type == "zero"  # a fewstep DDIM config keeps its own
+
+
+def _artifact_cases():
+    from fewstep.samplers.dc_solver import shipped_artifact
+    from fewstep.samplers.dpm_solver_v3 import shipped_ems
+    from fewstep.samplers.s3 import shipped_schedule_path
+
+    ems = {"ems_file": ("ems.safetensors", shipped_ems("digits-eps")), "ems_model": "digits-eps"}
+    return {
+        "dpm-solver-v3": ems,
+        "s3": {**ems, "s3_schedule": ("my schedule.json", shipped_schedule_path("digits-eps", 6))},
+        "dc-solver": {"dc_cpr": ("fit.cpr.safetensors", shipped_artifact("digits-eps", "cpr")),
+                      "dc_model": "digits-eps", "dc_guidance_scale": 3.0},
+        "dc-solver (ratios)": {"dc_ratios_file": ("r.safetensors", shipped_artifact("digits-eps", "ratios")),
+                               "dc_model": "digits-eps", "dc_guidance_scale": 3.0},
+    }
+
+
+@pytest.mark.parametrize("case", list(_artifact_cases()))
+def test_saved_scheduler_carries_the_artifact_files_it_names(tmp_path, monkeypatch, case):
+    """Artifact files given by a path relative to the working directory (EMS tables, solver schedules, DC ratio and
+    CPR files) are copied into a saved pipeline's scheduler folder, so it loads from any directory and after the
+    originals are gone; shipped names stay names."""
+    import shutil
+
+    from fewstep.pipelines import ClassConditionalPipeline, load_default
+
+    work, saved = tmp_path / "work", tmp_path / "saved"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    options, files = {}, []
+    for key, value in _artifact_cases()[case].items():
+        if isinstance(value, tuple):
+            shutil.copyfile(value[1], work / value[0])
+            options[key] = value[0]
+            files.append(key)
+        else:
+            options[key] = value
+    name = case.split(" ")[0]
+    pipe = load_default("digits-eps")
+    pipe.scheduler = samplers.from_config(name, pipe.scheduler.config, **options)
+    pipe.save_pretrained(saved)
+    pipe.scheduler.set_timesteps(6)  # before the originals go (a ratio table is read here)
+    shutil.rmtree(work)
+    monkeypatch.chdir(tmp_path)
+    stored = json.loads((saved / "scheduler" / "scheduler_config.json").read_text())
+    for key in files:
+        assert stored[key] == key + "".join(Path(options[key]).suffixes)
+        assert (saved / "scheduler" / stored[key]).read_bytes() == Path(_artifact_cases()[case][key][1]).read_bytes()
+    assert stored.get("ems_model", "digits-eps") == "digits-eps"
+    loaded = ClassConditionalPipeline.from_pretrained(saved)
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    loaded.scheduler.set_timesteps(6)
+    np.testing.assert_array_equal(loaded.scheduler.timesteps.numpy(), pipe.scheduler.timesteps.numpy())
+    ours, theirs = pipe.scheduler.plan, loaded.scheduler.plan
+    np.testing.assert_array_equal(ours.grid.alphas, theirs.grid.alphas)
+    assert [d.__dict__ for d in ours.decisions] == [d.__dict__ for d in theirs.decisions]
+    # saving the loaded pipeline again (its config now names the folder's copy) keeps it self-contained
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)
+    shutil.rmtree(saved)
+    assert type(ClassConditionalPipeline.from_pretrained(again).scheduler) is type(pipe.scheduler)
+
+
+def test_shipped_artifact_names_are_not_copied(tmp_path):
+    from fewstep.pipelines.defaults import default_sampler_options, load_default
+
+    pipe = load_default("digits-eps", sampler="s3")
+    assert pipe.scheduler.config.ems_file == "digits-eps" == default_sampler_options("digits-eps", "s3")["ems_file"]
+    pipe.scheduler.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scheduler_config.json"]
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["ems_file"] == "digits-eps"

@@ -8,7 +8,11 @@ is precomputed in ``set_timesteps`` (float64, host); ``step`` converts the model
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._checks import check_int
+from .._io import atomic_write
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
 from ..solvers.momentum import MomentumStep
@@ -96,8 +101,54 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     #: evaluation is well away from s = 0, which suits multistep solvers), "dpmsolver" or "flowmatch".
     flow_grid_style = "multistep"
 
+    #: config keys whose string value may name an artifact file, each with the shipped names it also takes (those
+    #: are not files): ``save_pretrained`` copies such files into the saved folder and ``from_pretrained`` finds them
+    #: there, so a saved scheduler (or pipeline) depends neither on the working directory nor on outside files.
+    _artifact_config_keys: dict[str, Any] = {}
+
     # ----------------------------------------------------------------------------------------------
     # construction
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, plus a copy of every artifact file the config names (EMS tables, solver
+        schedules, DC ratio/CPR files), stored as ``<key><suffix>`` beside ``scheduler_config.json``, whose entry
+        then names the copy. Shipped names (e.g. ``"digits-eps"``) and inline values are kept as they are."""
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        folder = Path(save_directory)
+        copies = {}
+        for key, shipped in self._artifact_config_keys.items():
+            value = self.config.get(key)
+            if not isinstance(value, (str, os.PathLike)) or value in shipped or not Path(value).is_file():
+                continue  # a shipped name, an inline value or None
+            name = key + "".join(Path(value).suffixes)
+            if Path(value).resolve() != (folder / name).resolve():
+                atomic_write(folder / name, lambda tmp, src=value: shutil.copyfile(src, tmp))
+            copies[key] = name
+        if copies:
+            config_file = folder / self.config_name
+            config = json.loads(config_file.read_text())
+            config.update(copies)
+            atomic_write(config_file, lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None,
+                        subfolder: str | None = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' ``from_pretrained``; an artifact entry of a local config that names a file relative to the
+        config's folder (as ``save_pretrained`` writes them) is resolved against that folder."""
+        folder = Path(pretrained_model_name_or_path or ".", subfolder or "")
+        config_file = folder / cls.config_name
+        if cls._artifact_config_keys and config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text())
+            except (OSError, ValueError):
+                config = {}  # diffusers' own loader reports the malformed file
+            for key, shipped in cls._artifact_config_keys.items():
+                value = config.get(key) if isinstance(config, dict) else None
+                if (key not in kwargs and isinstance(value, str) and value not in shipped
+                        and not os.path.isabs(value) and (folder / value).is_file()):
+                    kwargs[key] = str(folder / value)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                       return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """diffusers' ``from_config``, after refusing options of the source config that would change the result

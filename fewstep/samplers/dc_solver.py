@@ -90,6 +90,8 @@ class FewstepDCSolverScheduler(FewstepScheduler):
     With none, all ratios are 1 (the base solver) and a warning says so (once per scheduler).
     """
 
+    _artifact_config_keys = {"dc_ratios_file": SHIPPED_DC_ARTIFACTS, "dc_cpr": SHIPPED_DC_ARTIFACTS}
+
     @register_to_config
     def __init__(
         self,

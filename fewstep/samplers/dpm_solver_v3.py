@@ -81,6 +81,8 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
     ``ems_model`` (optional) must match the model name stored in the EMS file.
     """
 
+    _artifact_config_keys = {"ems_file": SHIPPED_EMS}
+
     @register_to_config
     def __init__(
         self,

@@ -12,6 +12,7 @@ from ..solvers.ems import EMS
 from ..solvers.engine import Plan, StepDecision, compile_plan, with_analytic_first_step
 from ..solvers.s3 import SolverSchedule, schedule_fingerprint
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
+from .dpm_solver_v3 import SHIPPED_EMS
 
 __all__ = ["FewstepS3Scheduler", "SHIPPED_SCHEDULES", "shipped_schedule_path"]
 
@@ -50,6 +51,8 @@ class FewstepS3Scheduler(FewstepScheduler):
     ``dpm-solver-v3`` does (``ems_model``: the model name stored in the file must match). The time points of
     such a schedule are snapped to the EMS grid; schedules without ``"ems"`` steps ignore ``ems_file``.
     """
+
+    _artifact_config_keys = {"s3_schedule": SHIPPED_SCHEDULES, "ems_file": SHIPPED_EMS}
 
     @register_to_config
     def __init__(
