@@ -136,7 +136,12 @@ def _has_matplotlib() -> bool:
     "argv,message",
     [
         (["bench", "--model", "digits-eps"], "--model digits-eps runs a benchmark grid: give --out DIR"),
-        (["bench", "--model", "analytic", "--guidance", "cfg:3"], "--guidance apply to the digits models"),
+        (["bench", "--model", "analytic", "--guidance", "cfg:3"],
+         "--guidance applies to the digits models and pipeline directories, not --model analytic"),
+        # the analytic table ignored the pipeline-only options and --cache-dir
+        (["bench", "--model", "analytic", "--prompts", "p.txt"], "--prompts applies to pipeline directories"),
+        (["bench", "--model", "analytic", "--image-size", "64"], "--image-size applies to pipeline directories"),
+        (["bench", "--model", "analytic", "--cache-dir", "c"], "--cache-dir is for a grid run (--out DIR)"),
         (["bench", "--model", "digits-eps", "--guidance", "cfx:3", "--out", "x"], "unknown guidance rule 'cfx'"),
         (["bench", "--model", "digits-eps", "--guidance", "cfg:a", "--out", "x"], "scale 'a' is not a number"),
         (["bench", "--model", "digits-eps,sd15", "--out", "x"], "unknown model(s) ['sd15']"),

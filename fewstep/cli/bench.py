@@ -39,12 +39,17 @@ def _model_kind(model: str) -> str:
     return "analytic" if model == "analytic" else "digits" if model.startswith("digits-") else "pipeline"
 
 
-def _check_applicable(args: argparse.Namespace, kinds: set[str]) -> None:
-    """Refuse options that none of the requested models uses, and a --plot metric none of them reports."""
+def _refuse_inapplicable(args: argparse.Namespace, kinds: set[str]) -> None:
+    """Refuse options that none of the requested models uses (they would be ignored silently)."""
     for key, where in APPLIES.items():
         if getattr(args, key) is not None and not kinds & set(where):
             users = " and ".join(KIND_NAMES[k] for k in where)
             raise UsageError(f"--{key.replace('_', '-')} applies to {users}, not --model {','.join(args.model)}")
+
+
+def _check_applicable(args: argparse.Namespace, kinds: set[str]) -> None:
+    """Refuse options that none of the requested models uses, and a --plot metric none of them reports."""
+    _refuse_inapplicable(args, kinds)
     pipeline_fd = args.features == "inception"
     available = [m for k in sorted(kinds) for m in KIND_METRICS[k] if m != "fd" or k != "pipeline" or pipeline_fd]
     if args.plot is None:  # default: FD where a model reports it, else the first metric reported
@@ -67,11 +72,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     digits_only = ("guidance", "num_per_class", "classes", "batch_size", "reference_steps", "features",
                    "inception_weights", "reference_images")
     if models == ["analytic"] and args.out is None:  # the analytic table, as before the grid runner
-        given = [f"--{k.replace('_', '-')}" for k in digits_only if getattr(args, k) is not None]
-        if given:
-            raise UsageError(f"{', '.join(given)} apply to the digits models, not --model analytic")
+        _refuse_inapplicable(args, kinds)
         if args.plot is not None:
             raise UsageError("--plot is for a grid run (--out DIR); the analytic table is printed")
+        if args.cache_dir is not None:
+            raise UsageError("--cache-dir is for a grid run (--out DIR); the analytic table caches nothing")
         _fill_analytic_defaults(args)
         return _bench_analytic_table(args)
     if args.out is None:
