@@ -26,6 +26,13 @@ def test_unknown_default_model_lists_available():
         fewstep.load_default("digits-ve")
 
 
+
+def test_classifier_refuses_a_sampler():
+    with pytest.raises(ValueError, match=r"`sampler` does not apply to 'digits-classifier' .* got 'ddim'"):
+        fewstep.load_default("digits-classifier", sampler="ddim")
+    assert fewstep.load_default("digits-classifier", sampler=None).config.feature_dim > 0
+
+
 def test_classifier_accuracy_on_held_out_digits():
     classifier = fewstep.load_default("digits-classifier")
     images, labels = load_digits_images(16, "test")

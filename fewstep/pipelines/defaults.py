@@ -65,6 +65,9 @@ def load_default(
     ``DigitsClassifier`` module for ``"digits-classifier"``."""
     path = default_model_path(name)
     if name == "digits-classifier":
+        if sampler not in (None, "unipc"):  # "unipc" is the default of the argument
+            raise ValueError(f"`sampler` does not apply to 'digits-classifier' (a classifier, not a pipeline), "
+                             f"got {sampler!r}")
         from .classifier import DigitsClassifier
 
         model = DigitsClassifier.from_pretrained(path).eval()
