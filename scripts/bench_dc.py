@@ -281,16 +281,19 @@ def _nfe_cfg(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
-    parser.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0, 3.0, 7.0])
+    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10],
+                        help="NFEs of the digits-eps cells and the 4-D analytic mixture (default 5 6 8 10)")
+    parser.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0, 3.0, 7.0],
+                        help="CFG scales of the digits-eps, converged and plug-in parts (default 1 3 7)")
     parser.add_argument("--heldout", type=_nfe_cfg, default="7:5",
                         help="NFE:CFG outside the CPR fit (searched here for comparison)")
     parser.add_argument("--samples", type=count(2), default=200, help="samples per cell (FD)")
     parser.add_argument("--mse-samples", type=int, default=60, help="of which compared with the reference (MSE)")
-    parser.add_argument("--reference", default="ddim:200")
-    parser.add_argument("--analytic-only", action="store_true")
+    parser.add_argument("--reference", default="ddim:200",
+                        help="many-step reference solve METHOD:STEPS for the MSE (default ddim:200)")
+    parser.add_argument("--analytic-only", action="store_true", help="only the analytic mixtures, skip digits-eps")
     parser.add_argument("--converged-nfe", type=int, default=25, help="FD of UniPC at this NFE (near-converged)")
-    parser.add_argument("--converged-only", action="store_true")
+    parser.add_argument("--converged-only", action="store_true", help="only the near-converged UniPC FD")
     parser.add_argument("--plugin-only", action="store_true", help="only the predictor-only DDIM/DPM++ plug-in")
     parser.add_argument("--json", type=output_file, default=None, help="also write the results as JSON here")
     parser.add_argument("--from-json", nargs="+", default=None, help="only print the tables of earlier runs")

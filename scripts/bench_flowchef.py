@@ -171,13 +171,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point; the fastest is reported")
     parser.add_argument("--classifier-steps", type=_steps, default="20,30",
                         help="NFE of the classifier-guidance task (comma-separated)")
-    parser.add_argument("--noise-std", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise-std", type=float, default=0.0,
+                        help="std of the Gaussian measurement noise, images in [-1, 1] (default 0: noiseless)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the initial noise; the measurement noise uses seed + 1 (default 0)")
     parser.add_argument("--threads", type=count(1), default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", type=output_file, default=None, help="also write the results as JSON here")
     parser.add_argument("--plot", type=output_file, default=None,
                         help="PSNR-versus-time PNG, one panel per task (needs matplotlib)")
-    parser.add_argument("--skip-classifier", action="store_true")
+    parser.add_argument("--skip-classifier", action="store_true", help="skip the classifier-guidance part")
     args = parser.parse_args()
     if args.plot:
         try:

@@ -114,11 +114,16 @@ def markdown(sampling: list[dict], inversion: list[dict], real: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sampler", default="unipc", choices=samplers.names())
-    parser.add_argument("--steps", type=count(1), nargs="+", default=[10, 20])
-    parser.add_argument("--num-per-class", type=count(2), default=100)
-    parser.add_argument("--inversion-images", type=count(1), default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampler", default="unipc", choices=samplers.names(),
+                        help="sampler of the sampling part (default unipc)")
+    parser.add_argument("--steps", type=count(1), nargs="+", default=[10, 20],
+                        help="NFEs of both parts (default 10 20)")
+    parser.add_argument("--num-per-class", type=count(2), default=100,
+                        help="sampling part: samples per digit class (default 100)")
+    parser.add_argument("--inversion-images", type=count(1), default=200,
+                        help="inversion part: test digits inverted and regenerated (default 200)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling part: noise seed of the first sample, sample k uses seed + k (default 0)")
     parser.add_argument("--threads", type=count(1), default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", type=output_file, default=None, help="also write all rows as JSON here")
     parser.add_argument("--only", choices=["sampling", "inversion"], default=None, help="run one part only")

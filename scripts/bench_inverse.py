@@ -77,9 +77,12 @@ def backprojection_row(task: str, n: int, noise_std: float, seed: int, classifie
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=count(1), default=64, help="test digits per task (default 64)")
-    parser.add_argument("--noise-std", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--noise-std", type=float, default=0.05,
+                        help="std of the Gaussian measurement noise, images in [-1, 1] (default 0.05)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampling; the measurement noise uses seed + 1 (default 0)")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help="comma-separated tasks to run (default inpaint,sr,deblur)")
     parser.add_argument("--offset", type=int, default=0, help="first test digit (validation slice: 200)")
     parser.add_argument("--json", type=output_file, default=None, help="write the results here (atomically)")
     args = parser.parse_args()

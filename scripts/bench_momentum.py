@@ -75,10 +75,12 @@ def run_cell(pipe, base_config, classifier, test_stats, name, kwargs, steps: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--guidance-scale", type=float, nargs="+", default=[10.0])
-    parser.add_argument("--steps", type=count(1), nargs="+", default=[6, 8, 10, 15, 20], help="NFEs")
+    parser.add_argument("--guidance-scale", type=float, nargs="+", default=[10.0], help="CFG scales (default 10)")
+    parser.add_argument("--steps", type=count(1), nargs="+", default=[6, 8, 10, 15, 20],
+                        help="NFEs (default 6 8 10 15 20)")
     parser.add_argument("--num-per-class", type=count(1), default=40, help="samples per digit class (default 40)")
-    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS),
+                        help="sampler cells to run (default all)")
     parser.add_argument("--out", type=output_file, default=None, help="write all rows as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -87,14 +87,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="sd15", choices=["sd15", "digits"],
                     help="sd15: SD1.5-shaped UNet, random weights, fp16 (the issue's benchmark); digits: the embedded "
                          "digits-eps model, float32 (stock = its pipeline with diffusers' scheduler)")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--tiny", action="store_true", help="tiny UNet/VAE (smoke test; required with --device cpu)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="device to run on; cpu is a smoke test, with --tiny or --model digits only (default cuda)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny UNet/VAE (smoke test; --device cpu needs it or --model digits)")
     ap.add_argument("--steps", default="8,20", help="comma-separated NFE (default 8,20)")
     ap.add_argument("--batches", default="1,2,8", help="comma-separated batch sizes (default 1,2,8)")
-    ap.add_argument("--sampler", default="dpm-solver++", choices=sorted(STOCK))
+    ap.add_argument("--sampler", default="dpm-solver++", choices=sorted(STOCK),
+                    help="fewstep sampler; stock runs diffusers' scheduler of the same method (default dpm-solver++)")
     ap.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: 7.5 sd15, 3 digits)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per cell, median reported (default 5)")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed calls per cell before timing, graph capture included (default 2)")
     ap.add_argument("--decode", action="store_true", help="time the VAE decode too (output_type='np')")
     ap.add_argument("--compile", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                     help="torch.compile the UNet of both fewstep pipelines (eager and graph) in this mode; stock "

@@ -243,19 +243,28 @@ def run_speed(pipe, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=["calib", "samplers", "deviation", "speed"],
-                        choices=["calib", "samplers", "deviation", "speed"])
-    parser.add_argument("--deviation-samples", type=int, default=100)
+                        choices=["calib", "samplers", "deviation", "speed"],
+                        help="parts to run, in this order (default calib samplers deviation speed)")
+    parser.add_argument("--deviation-samples", type=int, default=100,
+                        help="deviation part: samples compared with full precision (default 100)")
     parser.add_argument("--cells", nargs="+", default=None, choices=["full precision", *CALIB_CELLS],
                         help="calib and deviation parts: cells to run (default all)")
-    parser.add_argument("--num-per-class", type=int, default=50)
-    parser.add_argument("--sampler", default="ddim", help="sampler of the calib part")
-    parser.add_argument("--steps", type=int, default=10, help="steps of the calib part")
-    parser.add_argument("--calib-sampler", default="ddim")
-    parser.add_argument("--calib-steps", type=int, default=20)
-    parser.add_argument("--calib-samples", type=int, default=256)
-    parser.add_argument("--default-calib", choices=["ndtc", "uniform"], default="uniform")
-    parser.add_argument("--speed-batches", type=int, nargs="+", default=[20, 200])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--num-per-class", type=int, default=50,
+                        help="calib and samplers parts: samples per digit class (default 50)")
+    parser.add_argument("--sampler", default="ddim",
+                        help="sampler of the calib part and the deviation part's first run (default ddim)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="steps of the calib part and the deviation part's first run (default 10)")
+    parser.add_argument("--calib-sampler", default="ddim", help="sampler of the calibration runs (default ddim)")
+    parser.add_argument("--calib-steps", type=int, default=20, help="steps of the calibration runs (default 20)")
+    parser.add_argument("--calib-samples", type=int, default=256,
+                        help="network inputs per calibration set (uniform-all: 20x as many) (default 256)")
+    parser.add_argument("--default-calib", choices=["ndtc", "uniform"], default="uniform",
+                        help="samplers part: calibration method (default uniform)")
+    parser.add_argument("--speed-batches", type=int, nargs="+", default=[20, 200],
+                        help="speed part: batch sizes of the timed UNet forward (default 20 200)")
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="speed part: interleaved timed runs per variant, median reported (default 15)")
     parser.add_argument("--with-fp8", action="store_true", help="samplers part: also the fp8 grid (fake-quant)")
     parser.add_argument("--fp8-only", action="store_true", help="samplers part: only the fp8 grid")
     parser.add_argument("--all-layers", action="store_true",
@@ -265,8 +274,10 @@ def main() -> None:
                         help="samplers part: samplers to run (default ddim dpm-solver++)")
     parser.add_argument("--skip-fp", action="store_true",
                         help="samplers part: no full-precision rows (they do not depend on the quantization)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="scripts/results_quant.json")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sample noise (sample k: seed + k) and the calibration sets (default 0)")
+    parser.add_argument("--out", default="scripts/results_quant.json",
+                        help="results JSON, merged and rewritten after each part (default scripts/results_quant.json)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     pipe = load_default("digits-eps", sampler="ddim")

@@ -313,16 +313,19 @@ def _positive(kind: type) -> Callable[[str], Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=["layers", "unet"], choices=["layers", "unet", "memory"],
-                        help="memory: weight bytes only, runs without a GPU")
-    parser.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8, 16])
+                        help="parts to run (default layers unet; memory: weight bytes only, runs without a GPU)")
+    parser.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS),
+                        help="UNet shapes of the unet and memory parts (default sd15 sdxl)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8, 16],
+                        help="part unet: batch sizes of the timed UNet calls (default 1 2 8 16)")
     parser.add_argument("--formats", nargs="+", default=["int8", "fp8"], choices=["int8", "fp8"],
                         help="8-bit formats of part unet (bf16 is always the baseline)")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(UNET_VARIANTS),
                         help="part unet: time only these (default all; bf16 always)")
     parser.add_argument("--grid", type=int, default=10,
                         help="range-search grid of the calibration (speed does not depend on it; 1 = absmax)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="time eager modules only, no torch.compile (default: compiled as well)")
     parser.add_argument("--policy-conv-kernels", nargs="+", choices=list(quant.CONV_KERNELS),
                         default=list(quant.CONV_KERNELS),
                         help="fp8 conv kernels the policy times (triton only where it can run; default both)")
@@ -334,9 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy-timing", choices=["compiled", "eager"], default="compiled",
                         help="how the per-layer policy times each layer signature (compiled: as the UNet will run; "
                              "eager only without --no-compile makes a difference)")
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--unet-repeats", type=int, default=10)
-    parser.add_argument("--out", default="scripts/results_quant_cuda.json")
+    parser.add_argument("--repeats", type=int, default=50,
+                        help="part layers: timed runs per layer and GEMM, median reported (default 50)")
+    parser.add_argument("--unet-repeats", type=int, default=10,
+                        help="part unet: timed calls per variant and batch, median reported (default 10)")
+    parser.add_argument("--out", default="scripts/results_quant_cuda.json",
+                        help="results JSON, rewritten after every cell (default scripts/results_quant_cuda.json)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.parts == ["memory"]:
