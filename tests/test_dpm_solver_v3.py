@@ -573,3 +573,62 @@ def test_degenerated_v3_on_a_flow_config_equals_dpm_solver_pp():
     dpm.set_timesteps(timesteps=v3.plan.grid.timesteps.tolist())
     b = _run_custom(dpm, mixture, x)
     torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("extra", [{"degenerated": True}, {"ems_file": "digits-flow", "ems_model": "digits-flow"}])
+def test_v3_time_grid_on_a_flow_config_follows_its_shift(extra):
+    """Found by probing: v3's time grids ignored SD3's `shift` and Flux's `mu` (shift 1 and 3 gave one grid, a Flux
+    config sampled without `mu`). The grid is warped as diffusers' flow schedulers warp theirs, the first point
+    kept on the EMS grid's upper end; shift 1 leaves it unchanged."""
+    from _helpers import FLUX_FLOW, SD3_FLOW
+
+    from fewstep.solvers.schedules import FlowShift
+
+    def grid(config, **kw):
+        v3 = samplers.get("dpm-solver-v3").from_config(config, **extra)
+        v3.set_timesteps(5, **kw)
+        return v3.plan.grid
+
+    plain = grid({**SD3_FLOW, "shift": 1.0})
+    shifted = grid(SD3_FLOW)
+    ems = samplers.get("dpm-solver-v3").from_config(SD3_FLOW, **extra).ems
+    top = plain.sigmas[0]
+    want = FlowShift(3.0).apply(plain.sigmas) * top / FlowShift(3.0).apply(np.array([top]))[0]
+    # every point is snapped to the EMS grid (degenerate tables have one too): within one EMS cell of the warp
+    cell = float(np.max(np.abs(np.diff(ems.lambdas))))
+    inner = want[1:-1]
+    np.testing.assert_allclose(shifted.lambdas[1:-1], np.log((1 - inner) / inner), atol=cell)
+    assert shifted.sigmas[0] == pytest.approx(top) and np.all(shifted.sigmas[1:-1] > plain.sigmas[1:-1])
+    # against diffusers' shifted flow grid (dpm-solver++ on the same config): the same warp
+    dpm = samplers.from_config("dpm-solver++", SD3_FLOW)
+    dpm.set_timesteps(5)
+    np.testing.assert_allclose(shifted.sigmas[:-1], dpm.plan.grid.sigmas[:-1], rtol=0.05 if "ems_file" in extra
+                               else 0.02)  # digits-flow's EMS grid is coarser and spans a narrower range
+    with pytest.raises(ValueError, match="`mu` must be passed to set_timesteps"):
+        grid(FLUX_FLOW)
+    flux = grid(FLUX_FLOW, mu=1.15)
+    assert np.all(flux.sigmas[1:-1] > plain.sigmas[1:-1])
+    np.testing.assert_allclose(grid(FLUX_FLOW, mu=0.0).sigmas, plain.sigmas, rtol=1e-12)
+
+
+@pytest.mark.parametrize("extra", [{"degenerated": True}, {"ems_file": "digits-flow", "ems_model": "digits-flow"}])
+def test_v3_flow_grids_starting_at_pure_noise(extra):
+    """Found by probing: a flow grid starting at s = 1 (time_grid='spacing', the Flux pipeline's `sigmas`) failed
+    with "lambda -13.8 lies outside the EMS grid", even for degenerate tables. Its first point now moves to the
+    EMS grid's upper end; the other points are those of the same grid on unipc."""
+    from _helpers import SD3_FLOW
+
+    v3 = samplers.get("dpm-solver-v3")
+    top = 1.0 / (1.0 + math.exp(v3.from_config(SD3_FLOW, **extra).ems.lambdas[0]))
+    sched = v3.from_config(SD3_FLOW, time_grid="spacing", **extra)
+    sched.set_timesteps(6)
+    ref = samplers.from_config("unipc", SD3_FLOW)  # the same flow grid style ("multistep")
+    ref.set_timesteps(6)
+    assert ref.plan.grid.sigmas[0] > top and sched.plan.grid.sigmas[0] == pytest.approx(top, rel=1e-9)
+    cell = float(np.max(np.abs(np.diff(sched.ems.lambdas))))  # snapped to the EMS grid
+    np.testing.assert_allclose(sched.plan.grid.lambdas[1:-1], ref.plan.grid.lambdas[1:-1], atol=cell)
+    sched = v3.from_config(SD3_FLOW, **extra)
+    sched.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])  # as the Flux pipeline passes them
+    assert sched.plan.grid.num_steps == 4 and sched.plan.grid.sigmas[0] == pytest.approx(top, rel=1e-9)
+    with pytest.raises(ValueError, match="`shift_terminal`=0.1 is not supported by dpm-solver-v3's time grids"):
+        v3.from_config({**SD3_FLOW, "shift_terminal": 0.1}, **extra).set_timesteps(5)

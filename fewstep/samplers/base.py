@@ -287,8 +287,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if cfg.use_dynamic_shifting:
             if mu is None:
                 raise ValueError("`mu` must be passed to set_timesteps when `use_dynamic_shifting=True`")
+            if isinstance(mu, bool) or not isinstance(mu, (int, float, np.integer, np.floating)):
+                raise ValueError(f"`mu` must be a finite number (the log of the dynamic shift), got {mu!r}")
             return FlowShift.from_mu(float(mu))
-        return FlowShift(float(cfg.shift if cfg.shift is not None else cfg.flow_shift))
+        name = "shift" if cfg.shift is not None else "flow_shift"
+        value = cfg.shift if cfg.shift is not None else cfg.flow_shift
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+            raise ValueError(f"`{name}` must be a finite number > 0 (the flow time shift), got {value!r}")
+        return FlowShift(float(value))
+
+    def _apply_flow_shift(self, s: np.ndarray, mu: float | None) -> np.ndarray:
+        """Flow times ``s`` shifted as diffusers' flow schedulers shift theirs: by ``shift`` (or ``e^mu``), then
+        stretched so the last point sits at ``1 - shift_terminal`` when the config sets one."""
+        s = self._flow_shift(mu).apply(np.asarray(s, dtype=np.float64))
+        if self.config.shift_terminal:
+            one_minus = 1.0 - s
+            s = 1.0 - one_minus / (one_minus[-1] / (1.0 - self.config.shift_terminal))
+        return s
 
     def _shifted_flow_grid(self, timesteps, sigmas, mu) -> grids.TimeGrid:
         """User ``sigmas`` (or ``timesteps / T``) on a flow schedule, shifted as diffusers does -- the Flux
@@ -303,11 +318,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         given = grids._check_decreasing(name, given)
         if np.any(given <= 0) or np.any(given > 1):
             raise ValueError(f"flow `{name}` must lie in (0, 1] (times in (0, T]), got {given.tolist()}")
-        s = self._flow_shift(mu).apply(given)
-        if self.config.shift_terminal:
-            one_minus = 1.0 - s
-            s = 1.0 - one_minus / (one_minus[-1] / (1.0 - self.config.shift_terminal))
-        s = np.minimum(s, 1.0 - 1e-6)  # alpha = 0 has lambda = -inf (see grids._flow_from_s)
+        s = np.minimum(self._apply_flow_shift(given, mu), 1.0 - 1e-6)  # alpha = 0 has lambda = -inf (see grids)
         times = s * T if timesteps is None else np.asarray(timesteps, dtype=np.float64).reshape(-1)[: s.size]
         return grids.TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
 

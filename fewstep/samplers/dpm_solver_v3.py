@@ -182,9 +182,38 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
                        "time_quadratic": grids.time_quadratic_grid}[cfg.time_grid]
             grid = builder(sched, num_inference_steps, t_start=t_start, t_end=t_end,
                            final_sigmas_type=cfg.final_sigmas_type)
+            if isinstance(sched, FlowSchedule):
+                grid = self._shift_flow_grid(grid, mu)
         else:
             grid = super()._grid(num_inference_steps, timesteps, sigmas, mu)
+            if isinstance(sched, FlowSchedule):
+                grid = self._clamp_flow_start(grid)
         return self._snap(grid)
+
+    def _clamp_flow_start(self, grid: grids.TimeGrid) -> grids.TimeGrid:
+        """A flow grid that starts at pure noise (``s = 1``: diffusers' flow grids, the Flux pipeline's ``sigmas``)
+        starts where no EMS grid reaches (``lambda = -inf``): its first point moves to the EMS grid's upper end
+        (``s = 1 - 1/T`` for degenerate tables), where ``x`` is still noise up to ``alpha = 1/T``."""
+        s_top = 1.0 / (1.0 + np.exp(self._tables().lambdas[0]))  # flow: lambda = log((1 - s) / s)
+        if grid.sigmas[0] <= s_top or grid.num_steps < 2 or grid.sigmas[1] >= s_top:
+            return grid  # inside the EMS range already, or more than one point above it (snapping names it)
+        sigmas = grid.sigmas.copy()
+        sigmas[0] = s_top
+        timesteps = grid.timesteps.copy()
+        timesteps[0] = min(timesteps[0], s_top * self.noise_schedule.num_train_timesteps)
+        return grids.TimeGrid(timesteps, 1.0 - sigmas, sigmas)
+
+    def _shift_flow_grid(self, grid: grids.TimeGrid, mu: float | None) -> grids.TimeGrid:
+        """A flow model's ``time_grid`` warped by the config's ``shift`` (or ``e^mu``) as diffusers' flow schedulers
+        warp theirs, ``s -> shift s / (1 + (shift - 1) s)``, then scaled by the constant that keeps the first point
+        where it was (on the EMS grid's upper end); ``shift = 1`` leaves the grid unchanged."""
+        if self.config.shift_terminal:
+            raise ValueError(f"`shift_terminal`={self.config.shift_terminal!r} is not supported by dpm-solver-v3's "
+                             "time grids (they span the EMS grid); pass `sigmas` to set_timesteps instead")
+        shift = self._flow_shift(mu)
+        s = grid.sigmas  # flow: sigma = s, the target included (s = 0 stays 0)
+        warped = shift.apply(s) * (s[0] / shift.apply(s[:1])[0])
+        return grids.TimeGrid(warped[:-1] * self.noise_schedule.num_train_timesteps, 1.0 - warped, warped)
 
     def _snap(self, grid: grids.TimeGrid) -> grids.TimeGrid:
         """Move every evaluation point (and a non-clean target) to the nearest EMS grid point (v3 sec. 3.3)."""
