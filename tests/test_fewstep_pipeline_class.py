@@ -255,3 +255,27 @@ def test_class_pipeline_follows_diffusers_conventions_for_generators_callbacks_a
         ClassConditionalPipeline.from_pipe(pipe, scheduler=3)
     with pytest.raises(ValueError, match=r"`unet` must be a UNet2DModel, got str"):
         ClassConditionalPipeline.from_pipe(pipe, unet="x")
+
+
+def test_class_loop_scales_the_start_by_this_calls_init_noise_sigma(unet):
+    """Found by probing: the class loop read ``init_noise_sigma`` before ``set_timesteps``, i.e. the previous call's
+    value; with s3's analytical first step (init_noise_sigma = sigma_1 / sigma_0) two identical calls differed."""
+    afs = {"timesteps": [999.0, 600.0, 300.0], "afs": "zero_x0",
+           "decisions": [{"prediction": "data", "order": 1}] * 3}
+    fp = FewstepPipeline.from_pipe(_pipe(unet), scheduler=_scheduler("s3", {"s3_schedule": afs}), guidance="cfg",
+                                   guidance_scale=3.0)
+    runs = [fp(class_labels=LABELS, latents=_latents(), num_inference_steps=2, output_type="latent").images
+            for _ in range(2)]
+    assert fp.scheduler.init_noise_sigma < 1.0
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    # the first call (fresh scheduler, init_noise_sigma 1.0 before set_timesteps) equals diffusers' convention
+    sched = fp.scheduler
+    sched.set_timesteps(2)
+    x = _latents() * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            model_in = sched.scale_model_input(torch.cat([x, x]), t)
+            eps_u, eps_c = unet(model_in, t.reshape(1).expand(6), class_labels=torch.tensor([10] * 3 + LABELS)
+                                ).sample.chunk(2)
+            x = sched.step(eps_u + 3.0 * (eps_c - eps_u), t, x).prev_sample
+    torch.testing.assert_close(runs[0], x, rtol=1e-5, atol=1e-5)

@@ -699,13 +699,13 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
         scheduler = p.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=device)  # may set init_noise_sigma (s3's AFS)
+        timesteps = scheduler.timesteps
         x = latents.to(device=device, dtype=dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
         guided = self._guided(rule)
         rule.reset()
         cond = torch.tensor(labels, device=device)
         conds = {"labels": torch.cat([torch.full_like(cond, p.null_class), cond]) if guided else cond}
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
         denoiser = self.denoiser
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
