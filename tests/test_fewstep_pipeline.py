@@ -157,6 +157,40 @@ def test_bad_input(sd):
         FewstepPipeline.from_pipe(object())
 
 
+@pytest.mark.parametrize("kw,message", [
+    # found by probing: ignored, a bare conversion error, a character-by-character list, an AttributeError, a
+    # TypeError after step 0, a torch "negative dimension" error, and wrong-shape latents accepted silently
+    ({"embedded_guidance_scale": 50.0}, r"`embedded_guidance_scale` feeds the guidance embedding of Flux .* is sd"),
+    ({"callback_on_step_end_tensor_inputs": "latents", "callback_on_step_end": lambda *a: {}},
+     r"`callback_on_step_end_tensor_inputs` must be a list of names, e.g. \['latents'\], got the string 'latents'"),
+    ({"generator": "x"}, r"`generator` must be a torch.Generator or a list of them .* got str 'x'"),
+    ({"generator": [torch.Generator(), 3]}, r"`generator` must be a torch.Generator .* got int 3"),
+    ({"callback_on_step_end": 3}, r"`callback_on_step_end` must be callable .* got int"),
+    ({"height": -8}, r"`height` must be an integer >= 1, got -8"),
+    ({"width": 8.5}, r"`width` must be an integer >= 1, got 8.5"),
+    ({"latents": torch.zeros(1, 4, 4, 4)}, r"`latents` must be a tensor of shape \(1, 4, 8, 8\) .* got \(1, 4, 4, 4\)"),
+])
+def test_call_arguments_are_checked_by_name(sd, kw, message):
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="cfg", guidance_scale=3.0)
+    calls = []
+    hook = fp.pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            fp("x", num_inference_steps=2, output_type="latent", **kw)
+    finally:
+        hook.remove()
+    assert not calls  # refused before any model call
+
+
+def test_guidance_rescale_zero_is_neutral_for_every_rule(sd):
+    """diffusers' default ``guidance_rescale=0.0`` was an error with a rule other than CFG."""
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="apg", guidance_scale=3.0)
+    run = lambda **kw: fp("x", num_inference_steps=2, generator=_gen(), output_type="latent", **kw).images  # noqa: E731
+    assert torch.equal(run(guidance_rescale=0.0), run())
+    with pytest.raises(ValueError, match="`guidance_rescale` is a setting of the cfg rule"):
+        run(guidance_rescale=0.5)
+
+
 def test_pipelines_with_extra_model_inputs_are_refused(sd):
     """A ControlNet pipeline or an inpainting UNet would run wrong (the ControlNet ignored) or fail inside the model
     in a text-to-image loop: refused with what to do instead."""

@@ -542,3 +542,48 @@ def test_static_engine_follows_engine_state(name, config):
         else:
             assert torch.equal(x_static, x_eager), i
     assert int(static.index) == sched.plan.num_steps
+
+
+def test_static_mode_checks_finiteness_after_the_callback_as_eager(sd):
+    """Found by probing: the static loop checked the latents before the callback ran, so a NaN written by the
+    callback at the last step passed silently and earlier ones were reported one step late."""
+    fp = FewstepPipeline.from_pipe(sd, scheduler="unipc", guidance="cfg", guidance_scale=3.0)
+    kw = dict(**_sd_embeds(1), num_inference_steps=3, output_type="latent", check_finite=True)
+    for step in (0, 2):
+        def poison(pipe, i, t, tensors, step=step):
+            if i == step:
+                tensors["latents"].fill_(float("nan"))
+            return {"latents": tensors["latents"]}
+
+        for mode in ("eager", "static"):
+            fp._loop_mode = mode
+            with pytest.raises(FloatingPointError, match=rf"NaN/Inf at step {step} of 3"):
+                fp(**kw, callback_on_step_end=poison)
+
+
+def test_static_mode_callback_that_changes_the_batch_gets_the_eager_advice(sd):
+    """diffusers' CFG-cutoff callback returns half-batch embeddings: static mode gave the in-place advice, which
+    cannot apply to another shape; both modes now point to a per-step guidance scale."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    fp = FewstepPipeline.from_pipe(sd, scheduler="unipc", guidance="cfg", guidance_scale=3.0)
+    for mode in ("eager", "static"):
+        fp._loop_mode = mode
+        with pytest.raises(ValueError, match=r"returned `prompt_embeds` of shape .* per-step scale"):
+            fp(**_sd_embeds(1), num_inference_steps=4, output_type="latent",
+               callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+
+
+def test_attention_kwargs_cache_key_tells_large_tensors_apart():
+    """The graph cache key of attention kwargs was their repr, which abbreviates tensors over 1000 elements: two
+    different bias tensors gave one key, and a captured step would have replayed with the first one."""
+    from fewstep.pipelines.graph_step import kwargs_cache_key
+
+    a, b = torch.zeros(2000), torch.zeros(2000)
+    b[1000] = 500.0
+    assert repr({"bias": a}) == repr({"bias": b})
+    assert kwargs_cache_key({"bias": a}) != kwargs_cache_key({"bias": b})
+    assert kwargs_cache_key({"bias": a, "scale": 0.5}) == kwargs_cache_key({"scale": 0.5, "bias": a})
+    assert kwargs_cache_key({"scale": 0.5}) != kwargs_cache_key({"scale": 0.7})
+    assert kwargs_cache_key({"bias": a}) != kwargs_cache_key({"bias": a[:1000]})  # same address, other shape
+    hash(kwargs_cache_key({"x": [a, {"y": (1, 2)}]}))

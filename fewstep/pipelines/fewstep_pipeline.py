@@ -46,7 +46,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import guidance as guidance_rules
 from .. import samplers
-from .._checks import check_int
+from .._checks import check_int, check_number
 from ..guidance import GuidanceRule
 from .denoiser import check_compile, prepare_denoiser
 from .execution_device import ExecutionDevice
@@ -59,7 +59,14 @@ from .flow_families import (
     flow_samplers,
     flow_shift_mu,
 )
-from .graph_step import StaticLoop, StaticRun, check_graph_device, check_graph_rule, check_graph_scheduler
+from .graph_step import (
+    StaticLoop,
+    StaticRun,
+    check_graph_device,
+    check_graph_rule,
+    check_graph_scheduler,
+    kwargs_cache_key,
+)
 from .loop_checks import FiniteWatch, callback_tensors, check_generators, check_returned
 from .sharing import pixel_outputs, share_modules
 
@@ -160,8 +167,9 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         self._loop_mode = "cuda-graph" if cuda_graph else "eager"
         self._graph_cache: tuple[tuple, StaticRun] | None = None
         self._device_cache = ExecutionDevice()
-        #: this call's attention kwargs (their repr): part of graph mode's cache key (a LoRA scale is baked in)
-        self._model_kwargs_key: str | None = None
+        #: this call's attention kwargs (``kwargs_cache_key``): part of graph mode's cache key (a LoRA scale is
+        #: baked into a captured step)
+        self._model_kwargs_key: Any = None
         #: whether the last call evaluated the unconditional branch too (CFG on a doubled batch, Flux true CFG)
         self.last_call_guided = False
 
@@ -357,7 +365,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                 raise ValueError(f"`{right}` must be a dict of attention-processor arguments, got "
                                  f"{type(kwargs).__name__}")  # fmt: skip
             kwargs = dict(kwargs)
-        self._model_kwargs_key = None if kwargs is None else repr(sorted(kwargs.items()))
+        self._model_kwargs_key = None if kwargs is None else kwargs_cache_key(kwargs)
         return kwargs
 
     def _encode(self, guided: bool, device, num_images_per_prompt: int, kw: dict) -> dict:
@@ -557,7 +565,11 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         scale of the text encoders too) and ``joint_attention_kwargs`` (SD3, Flux: the same for the transformer).
         """
         p = self.pipe
-        embedded = self.embedded_guidance_scale if embedded_guidance_scale is None else float(embedded_guidance_scale)
+        if embedded_guidance_scale is not None and self.family != "flux":
+            raise ValueError(f"`embedded_guidance_scale` feeds the guidance embedding of Flux transformers; this "
+                             f"pipeline is {self.family} (use `guidance_scale`)")  # fmt: skip
+        embedded = self.embedded_guidance_scale if embedded_guidance_scale is None else check_number(
+            "embedded_guidance_scale", embedded_guidance_scale, 0.0)
         if guidance is None and self.guidance is None:  # Flux, distilled guidance embedding only
             rule = None
             if guidance_scale is not None:
@@ -566,6 +578,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             rule = self.guidance if guidance_scale is None else self.guidance.with_scale(guidance_scale)
         else:
             rule = self._make_rule(guidance, guidance_scale, self.family)
+        if guidance_rescale is not None and not isinstance(rule, guidance_rules.CFG) and guidance_rescale == 0:
+            guidance_rescale = None  # diffusers' default value: no rescaling, whatever the rule
         if guidance_rescale is not None:  # diffusers' argument: the CFG rule's own setting for this call
             if not isinstance(rule, guidance_rules.CFG):
                 raise ValueError(f"`guidance_rescale` is a setting of the cfg rule (diffusers' rescale_noise_cfg); "
@@ -577,8 +591,18 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             raise ValueError(f"`output_type` must be one of {list(PIPELINE_OUTPUT_TYPES)}, got {output_type!r}")
         check_int("num_inference_steps", num_inference_steps, 1)
         num_inference_steps = int(num_inference_steps)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError("`callback_on_step_end` must be callable (pipe, step, timestep, tensors) -> dict, or a "
+                             f"diffusers PipelineCallback; got {type(callback_on_step_end).__name__}")  # fmt: skip
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # as diffusers
+        if isinstance(callback_on_step_end_tensor_inputs, str):
+            raise ValueError("`callback_on_step_end_tensor_inputs` must be a list of names, e.g. ['latents'], got "
+                             f"the string {callback_on_step_end_tensor_inputs!r}")  # fmt: skip
+        check_generators(generator)
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                check_int(name, value, 1)
         bad = [name for name in callback_on_step_end_tensor_inputs if name not in _CALLBACK_TENSORS]
         if bad:
             raise ValueError(
@@ -654,6 +678,12 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         scheduler = p.scheduler
         scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = scheduler.timesteps
+        if latents is not None:
+            shape = (n, p.unet.config.in_channels, int(height) // p.vae_scale_factor, int(width) // p.vae_scale_factor)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"`latents` must be a tensor of shape {shape} (batch, channels, height / "
+                                 f"{p.vae_scale_factor}, width / {p.vae_scale_factor}), got {got}")  # fmt: skip
         x = p.prepare_latents(n, p.unet.config.in_channels, height, width, embeds.dtype, device, generator, latents)
         conds = {"embeds": embeds} if added is None else {"embeds": embeds, **added}
         denoiser = self.denoiser

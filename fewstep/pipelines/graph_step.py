@@ -21,10 +21,24 @@ from .. import samplers
 from ..guidance import GuidanceRule
 from ..guidance.static import StaticGuidance
 from ..solvers.static import StaticEngine, check_static_plan
-from .loop_checks import FiniteWatch, callback_tensors
+from .loop_checks import FiniteWatch, callback_tensors, check_returned
 
-__all__ = ["graph_samplers", "check_graph_scheduler", "check_graph_rule", "check_graph_device", "StaticRun",
-           "StaticLoop", "non_graph_classes"]
+__all__ = ["kwargs_cache_key", "graph_samplers", "check_graph_scheduler", "check_graph_rule", "check_graph_device",
+           "StaticRun", "StaticLoop", "non_graph_classes"]
+
+
+def kwargs_cache_key(value: Any) -> Any:
+    """A hashable key of attention kwargs for graph mode's cache: a tensor counts by its storage address, shape,
+    dtype and device (a captured step reads it at its address; its ``repr`` abbreviates large tensors, so two
+    different ones looked equal), containers by their contents, anything else by its ``repr``."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.data_ptr(), tuple(value.shape), tuple(value.stride()), str(value.dtype),
+                str(value.device))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), kwargs_cache_key(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(kwargs_cache_key(v) for v in value))
+    return ("value", repr(value))
 
 
 def non_graph_classes() -> tuple[type, ...]:
@@ -232,18 +246,19 @@ class StaticLoop:
                 run.graph.replay()
             else:
                 self._static_step(run)
-            if finite is not None:
-                finite.update(run.x, i)
             if callback is not None:
                 tensors = callback_tensors(run.x, run.conds)
                 outputs = callback(p, i, t, {k: tensors[k] for k in callback_inputs}) or {}
                 for name, value in outputs.items():
                     if name in tensors and value is not tensors[name]:
+                        check_returned(name, value, tensors[name], i)  # a new shape: the eager loop's advice
                         raise ValueError(
                             f"callback_on_step_end returned a new `{name}` at step {i}: with cuda_graph=True the "
                             "replayed step reads static buffers, so change the given tensor in place "
                             f"(tensors[{name!r}].copy_(...)) or run without cuda_graph"
                         )
+            if finite is not None:  # after the callback, as in the eager loop (it may change the latents)
+                finite.update(run.x, i)
         if finite is not None:
             finite.raise_if_bad(len(timesteps), type(p.scheduler).__name__)
         return run.x.clone()

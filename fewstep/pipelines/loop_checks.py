@@ -60,10 +60,16 @@ def raise_if_diverged(images: Any) -> None:
                                  "step size, guidance or noise settings); nothing was written")  # fmt: skip
 
 
-def check_generators(generator: Any, batch: int) -> None:
-    """A list of generators must hold one per image, as diffusers requires (a shorter list failed with an
-    IndexError, a longer one was silently truncated); a single generator serves the whole batch."""
-    if isinstance(generator, list) and len(generator) != batch:
+def check_generators(generator: Any, batch: int | None = None) -> None:
+    """``generator`` is ``None``, a ``torch.Generator`` or a list of them; a list must hold one per image (``batch``,
+    when given), as diffusers requires (a shorter list failed with an IndexError, a longer one was silently
+    truncated); a single generator serves the whole batch."""
+    items = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in items):
+        bad = next(g for g in items if not isinstance(g, torch.Generator))
+        raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image), got "
+                         f"{type(bad).__name__} {bad!r}")  # fmt: skip
+    if batch is not None and isinstance(generator, list) and len(generator) != batch:
         raise ValueError(f"`generator` is a list of {len(generator)} generators, but the batch has {batch} images; "
                          "pass one generator per image (or a single generator)")
 
