@@ -158,6 +158,17 @@ def test_flux_matches_the_stock_pipeline(flux):
     assert calls == [1] * 8
     theirs = flux(**kw, true_cfg_scale=4.0, guidance_scale=3.5, generator=_gen(), **run).images
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # callbacks see diffusers' `current_timestep` (it was None throughout), in both loop modes
+    for mode in ("eager", "static"):
+        fp._loop_mode = mode
+        seen, stock = [], []
+        fp(**_pos(kw), generator=_gen(), **run, callback_on_step_end=lambda p, i, t, x: seen.append(p.current_timestep)
+           or {})
+        flux(**_pos(kw), guidance_scale=3.5, generator=_gen(), **run,
+             callback_on_step_end=lambda p, i, t, x: stock.append(p.current_timestep) or {})
+        assert [float(t) for t in seen] == pytest.approx([float(t) for t in stock], abs=1e-3)
+        assert len(seen) == 4 and fp.pipe.current_timestep is None
+    fp._loop_mode = "eager"
     # the base pipeline's own scheduler
     keep = FewstepPipeline.from_pipe(flux, guidance_scale=3.5)
     np.testing.assert_allclose(keep(**_pos(kw), generator=_gen(), **run).images,

@@ -500,6 +500,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         for i, t in enumerate(p.progress_bar(timesteps)):
             if getattr(p, "_interrupt", False):  # set by a callback: skip the remaining steps (diffusers' interrupt)
                 continue
+            p._current_timestep = t  # diffusers' `current_timestep`, e.g. for callbacks
             out = model_fn(x, t, conds)
             x = self._step(scheduler, rule, pairs, out, t, x, i, len(timesteps), step_kwargs)
             if callback is not None:
@@ -511,6 +512,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                                                      conds["embeds"], i)  # fmt: skip
             if finite is not None:
                 finite.update(x, i)
+        p._current_timestep = None
         if finite is not None:
             finite.raise_if_bad(len(timesteps), type(scheduler).__name__)
         return x

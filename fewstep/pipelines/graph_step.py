@@ -242,6 +242,7 @@ class StaticLoop:
         for i, t in enumerate(p.progress_bar(timesteps)):
             if getattr(p, "_interrupt", False):  # set by a callback: skip the remaining steps (diffusers' interrupt)
                 continue
+            p._current_timestep = t  # diffusers' `current_timestep`, e.g. for callbacks
             if graph:
                 run.graph.replay()
             else:
@@ -259,6 +260,7 @@ class StaticLoop:
                         )
             if finite is not None:  # after the callback, as in the eager loop (it may change the latents)
                 finite.update(run.x, i)
+        p._current_timestep = None
         if finite is not None:
             finite.raise_if_bad(len(timesteps), type(p.scheduler).__name__)
         return run.x.clone()
