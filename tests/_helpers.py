@@ -79,3 +79,19 @@ class TinyDenoiser(torch.nn.Module):
         out = torch.tanh(flat @ self.weight) * (0.5 + tt) + 0.1 * flat
         return out.reshape(x.shape).to(x.dtype)
 
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (scripts import their siblings, e.g. ``_args``, so the scripts folder
+    goes on ``sys.path`` as when a script is run)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "scripts"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

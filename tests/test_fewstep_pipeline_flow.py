@@ -162,10 +162,12 @@ def test_flux_matches_the_stock_pipeline(flux):
     for mode in ("eager", "static"):
         fp._loop_mode = mode
         seen, stock = [], []
-        fp(**_pos(kw), generator=_gen(), **run, callback_on_step_end=lambda p, i, t, x: seen.append(p.current_timestep)
-           or {})
-        flux(**_pos(kw), guidance_scale=3.5, generator=_gen(), **run,
-             callback_on_step_end=lambda p, i, t, x: stock.append(p.current_timestep) or {})
+
+        def record(into):
+            return lambda p, i, t, x: into.append(p.current_timestep) or {}
+
+        fp(**_pos(kw), generator=_gen(), **run, callback_on_step_end=record(seen))
+        flux(**_pos(kw), guidance_scale=3.5, generator=_gen(), **run, callback_on_step_end=record(stock))
         assert [float(t) for t in seen] == pytest.approx([float(t) for t in stock], abs=1e-3)
         assert len(seen) == 4 and fp.pipe.current_timestep is None
     fp._loop_mode = "eager"

@@ -444,14 +444,9 @@ def test_cuda_graph_sd3_fp16(sd3):
 
 # ---------------------------------------------------------------------------------------- benchmark script
 def _bench_module():
-    import importlib.util
-    from pathlib import Path
+    from _helpers import load_script
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_pipeline_cuda.py"
-    spec = importlib.util.spec_from_file_location("bench_pipeline_cuda", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # imports without a GPU
-    return module
+    return load_script("bench_pipeline_cuda")  # imports without a GPU
 
 
 def test_pipeline_benchmark_refuses_cpu_and_smoke_runs_tiny(tmp_path, capsys):

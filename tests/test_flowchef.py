@@ -645,13 +645,9 @@ def test_run_edit_validates_its_inputs():
 def test_bench_matched_quality_needs_both_psnr_and_ssim():
     """scripts/bench_flowchef.py's matched-quality rule: the fastest FlowChef point at least as good as a DPS
     point in PSNR *and* SSIM, or none."""
-    import importlib.util
-    from pathlib import Path
+    from _helpers import load_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_flowchef.py"
-    spec = importlib.util.spec_from_file_location("bench_flowchef", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_flowchef")
     rows = [
         {"task": "sr", "method": "FlowChef", "nfe": 4, "psnr": 30.0, "ssim": 0.90, "ms_per_image": 5.0},
         {"task": "sr", "method": "FlowChef", "nfe": 8, "psnr": 32.0, "ssim": 0.99, "ms_per_image": 10.0},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,6 +106,9 @@ FOREIGN = [
     ("ddim", {"variance_type": "learned_range"}, r"`variance_type`='learned_range' .*first C output channels"),
     ("ddim", {"shift": 3.0, "invert_sigmas": True}, r"`invert_sigmas`=True"),
     ("ddim", {"shift": 3.0, "stochastic_sampling": True}, r"`stochastic_sampling`=True"),
+    # found by probing: SVD's Euler config feeds 0.25 log(sigma) to its model (fewstep fed integer timesteps)
+    ("unipc", {"timestep_type": "continuous"}, r"`timestep_type`='continuous' .*0.25 log\(sigma\)"),
+    ("dpm-solver++", {"interpolation_type": "log_linear"}, r"`interpolation_type`='log_linear'"),
 ]
 
 
@@ -136,3 +140,52 @@ def test_flow_schedules_refuse_karras_and_sigma_min_ends():
         sched.set_timesteps(5)
     ddim = samplers.get("ddim").from_config({"shift": 3.0, "set_alpha_to_one": False})  # a VP notion: ignored on flow
     assert ddim.is_flow and ddim.config.final_sigmas_type == "zero"
+
+
+def test_scheduler_inputs_found_by_probing():
+    """Each was accepted (NaN or extrapolated noise levels, a silent start at step 0, a negative clip range) or
+    failed with a message naming none of the settings involved."""
+    one, zero = torch.ones(4, 1), torch.zeros(4, 1)
+    ddim = samplers.get("ddim")()
+    with pytest.raises(ValueError, match=r"`timesteps` must lie in \[0, 999\] .*vp schedule\), got \[-5.0, -1.0\]"):
+        ddim.add_noise(one, zero, torch.tensor([-5, -1, 0, 999]))
+    with pytest.raises(ValueError, match=r"got \[2000.0\]"):
+        ddim.add_noise(one[:1], zero[:1], torch.tensor([2000]))
+    flow = samplers.get("flow-euler")()
+    with pytest.raises(ValueError, match=r"`timesteps` must lie in \[0, 1000\] .*flow schedule\), got \[1500.0\]"):
+        flow.add_noise(one[:2], zero[:2], torch.tensor([1000, 1500]))
+    with pytest.raises(ValueError, match=r"the config's `sigma_min`=0.002 puts the last Karras point below the final "
+                                         r"target \(final_sigmas_type='sigma_min'"):
+        samplers.from_config("ddim", {"use_karras_sigmas": True, "sigma_min": 0.002, "set_alpha_to_one": False}
+                             ).set_timesteps(5)
+    unipc = samplers.get("unipc")()
+    unipc.set_timesteps(10)
+    unipc.set_begin_index(np.int64(2))
+    assert unipc.begin_index == 2
+    unipc.set_begin_index(torch.tensor(3))  # diffusers takes numpy and 0-d tensor integers
+    assert unipc.begin_index == 3
+    for bad, got in ((None, "None"), ("999", "'999'"), (unipc.timesteps[:2], r"a tensor of shape \(2,\)")):
+        sched = samplers.get("unipc")()
+        sched.set_timesteps(5)
+        with pytest.raises(ValueError, match=rf"`timestep` must be one of this scheduler's timesteps .*got {got}"):
+            sched.step(torch.zeros(1), bad, torch.zeros(1))
+    with pytest.raises(ValueError, match=r"`steps_offset` must be an integer >= 0, got -1"):
+        samplers.from_config("ddim", {}, steps_offset=-1)
+    with pytest.raises(ValueError, match=r"`clip_sample_range` must be a finite number > 0, got -1.0"):
+        samplers.from_config("ddim", {}, clip_sample=True, clip_sample_range=-1.0)
+    for name in ("unipc", "ddim"):
+        with pytest.raises(ValueError, match=r"`config` must be a scheduler config .* got list"):
+            samplers.get(name).from_config([1, 2])
+    with pytest.raises(ValueError, match=r"`flowchef` needs a flow-matching config"):
+        samplers.from_config("flowchef", {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear"})
+    with pytest.raises(ValueError, match=r"`shift` must be a finite number > 0 \(the flow time shift\), got -1.0"):
+        samplers.from_config("unipc", {"_class_name": "FlowMatchEulerDiscreteScheduler"}, shift=-1.0).set_timesteps(5)
+    from _helpers import FLUX_FLOW
+
+    flux = samplers.from_config("unipc", FLUX_FLOW)
+    with pytest.raises(ValueError, match=r"`mu` must be a finite number .*got 'a'"):
+        flux.set_timesteps(5, mu="a")
+    # 1000 steps on a 1000-step schedule: the message names the repeated timestep, not all 1000
+    with pytest.raises(ValueError, match=r"repeated timesteps \(\[500.0\] among the 1000 training steps\)") as info:
+        samplers.get("dpm-solver++")().set_timesteps(1000)
+    assert len(str(info.value)) < 200

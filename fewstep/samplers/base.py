@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from .._io import atomic_write
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
@@ -61,7 +62,17 @@ _FOREIGN_OPTIONS: dict[str, tuple[tuple, str]] = {
                       "channels (the mean prediction)"),
     "invert_sigmas": ((False, None), "flow sigmas are not inverted"),
     "stochastic_sampling": ((False, None), "fewstep's flow samplers are deterministic ODE steps"),
+    "timestep_type": (("discrete", None), "the model is fed the discrete model timestep; a model conditioned on "
+                      "0.25 log(sigma) (SVD's 'continuous') needs a wrapper mapping one to the other"),
+    "interpolation_type": (("linear", None), "sigmas are interpolated linearly in the timestep"),
 }
+
+
+def check_config_arg(config: Any) -> None:
+    """``from_config``'s ``config`` is a mapping (diffusers fails on others with a bare TypeError)."""
+    if config is not None and not isinstance(config, Mapping):
+        raise ValueError(f"`config` must be a scheduler config (a dict or FrozenDict, e.g. pipe.scheduler.config), "
+                         f"got {type(config).__name__}")  # fmt: skip
 
 
 def check_foreign_options(config: Any, scheduler: str) -> None:
@@ -153,6 +164,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """diffusers' ``from_config``, after refusing options of the source config that would change the result
         and that fewstep does not implement (``check_foreign_options``): diffusers drops such keys silently."""
+        check_config_arg(config)
         check_foreign_options({**dict(config or {}), **kwargs}, cls.__name__)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -181,6 +193,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("`thresholding=True` is not supported by fewstep schedulers; use clip_sample")
         if self.config.time_shift_type != "exponential":
             raise ValueError(f"`time_shift_type` must be 'exponential', got {self.config.time_shift_type!r}")
+        check_int("steps_offset", getattr(self.config, "steps_offset", 0), 0)
+        if getattr(self.config, "clip_sample", False):
+            check_number("clip_sample_range", self.config.clip_sample_range, 0.0, low_open=True)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(self.noise_schedule.num_train_timesteps)[::-1].copy())
@@ -213,7 +228,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         ``timesteps[begin_index]``). The run starts with an empty buffer there, so the plan is recompiled with the
         multistep warm-up moved to that step (``solvers.engine.restart_decisions``), as diffusers' schedulers
         count their lower-order warm-up from the first step they take."""
-        check_int("begin_index", begin_index, 0, numpy_ok=False)
+        if isinstance(begin_index, torch.Tensor) and begin_index.numel() == 1 and not begin_index.is_floating_point():
+            begin_index = int(begin_index.reshape(()))  # as diffusers, which stores whatever it is given
+        begin_index = check_int("begin_index", begin_index, 0)
         if self.plan is not None and self._compiled is not None:
             calls = self.plan.calls
             if begin_index >= len(calls):
@@ -358,6 +375,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             # diffusers' Karras grids take the config's sigma_min / sigma_max when it has them (Euler's keys, kept
             # in the config as extra entries), else the schedule's own range
             bounds = {k: getattr(cfg, k, None) for k in ("sigma_min", "sigma_max")}
+            if bounds["sigma_min"] is not None and final != "zero":
+                fa, fs = grids._final_from(sched, final)
+                if bounds["sigma_min"] < fs / fa:
+                    raise ValueError(
+                        f"the config's `sigma_min`={bounds['sigma_min']!r} puts the last Karras point below the final "
+                        f"target (final_sigmas_type={final!r}: sigma/alpha = {fs / fa:.4g}); raise `sigma_min` or "
+                        "pass final_sigmas_type='zero'"
+                    )
             return grids.karras_grid(sched, num_inference_steps, rho_min=bounds["sigma_min"],
                                      rho_max=bounds["sigma_max"], final_sigmas_type=final)  # fmt: skip
         builder = {
@@ -433,10 +458,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self._step_index = self._begin_index
             return
         value = None
-        if isinstance(timestep, (int, float, np.integer, np.floating)):
+        if isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
             value = float(timestep)
-        elif isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel() == 1:
-            value = float(timestep.reshape(()))  # CPU scalar: no device sync
+        elif isinstance(timestep, torch.Tensor) and timestep.numel() == 1:
+            if timestep.device.type == "cpu":
+                value = float(timestep.reshape(()))  # CPU scalar: no device sync
+        else:
+            got = f"a tensor of shape {tuple(timestep.shape)}" if isinstance(timestep, torch.Tensor) else repr(timestep)
+            raise ValueError(f"`timestep` must be one of this scheduler's timesteps (a number or a one-element "
+                             f"tensor), got {got}")  # fmt: skip
         if value is None or value not in self._timestep_values:
             # Tensors on an accelerator are not read back (no host sync): the loop starts at step 0.
             if value is not None:
@@ -536,8 +566,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         A timestep of the current grid gets that grid point's exact ``alpha``/``sigma`` (as diffusers takes
         ``self.sigmas[step_index]``): on a Karras grid the model timesteps are rounded while the solver starts
         from the exact level, so img2img's noised start must use the latter."""
+        if not isinstance(timesteps, (torch.Tensor, np.ndarray, list, tuple, int, float, np.integer, np.floating)) \
+                or isinstance(timesteps, bool):
+            raise ValueError(f"`timesteps` must be a tensor of model timesteps (one per sample, or one), got "
+                             f"{type(timesteps).__name__}")  # fmt: skip
         t = torch.as_tensor(timesteps).to(torch.float64).reshape(-1).cpu().numpy()
-        alpha, sigma = (np.array(v, dtype=np.float64, ndmin=1) for v in self.noise_schedule.alpha_sigma(t))
+        sched = self.noise_schedule
+        grid_values = set(self._timestep_values or ())
+        outside = [v for v in t.tolist() if not (sched.t_min <= v <= sched.t_max) and v not in grid_values]
+        if outside:
+            raise ValueError(f"`timesteps` must lie in [{sched.t_min:g}, {sched.t_max:g}] (model times of this "
+                             f"{sched.kind} schedule), got {outside[:8]}")  # fmt: skip
+        alpha, sigma = (np.array(v, dtype=np.float64, ndmin=1) for v in sched.alpha_sigma(t))
         if self.plan is not None and self._timestep_values:
             point = {}
             for k, (i, _) in enumerate(self.plan.calls):

@@ -8,7 +8,7 @@ from diffusers.configuration_utils import register_to_config
 
 from ..solvers.methods import ddim_decisions
 from ..solvers.schedules import is_flow_config
-from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
+from .base import FewstepScheduler, SchedulerMixin, check_config_arg  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = ["FewstepDDIMScheduler"]
 
@@ -77,6 +77,7 @@ class FewstepDDIMScheduler(FewstepScheduler):
         DDIM's is decided by ``set_alpha_to_one``, as in diffusers' DDIMScheduler. Without this a pipeline's
         scheduler gave another DDIM after ``save_pretrained`` / ``from_pretrained`` (which writes e.g. Euler's
         default ``final_sigmas_type="zero"`` explicitly) than before it."""
+        check_config_arg(config)
         if config is not None and "final_sigmas_type" not in kwargs:
             source = dict(config)
             if source.get("_class_name") != cls.__name__ and "final_sigmas_type" in source:

@@ -81,8 +81,9 @@ class FewstepFlowEulerScheduler(FewstepScheduler):
         cfg = dict(config or {})
         vp = [k for k in _VP_KEYS if k in cfg]
         if vp and not is_flow_config({**cfg, **kwargs}):
+            name = "flowchef" if issubclass(cls, FewstepFlowChefScheduler) else "flow-euler"
             raise ValueError(
-                f"`flow-euler` needs a flow-matching config (FlowMatchEulerDiscreteScheduler, `shift`, "
+                f"`{name}` needs a flow-matching config (FlowMatchEulerDiscreteScheduler, `shift`, "
                 f"`use_dynamic_shifting`); got a VP config ({cfg.get('_class_name', 'scheduler')} with {vp[0]}): "
                 "use ddim, dpm-solver++ or unipc for VP models"
             )

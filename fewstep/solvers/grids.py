@@ -144,8 +144,10 @@ def spacing_timesteps(
         ts = (np.arange(T, 0, -T / n).round() - 1)[:n]
     ts = ts.astype(np.int64).astype(np.float64)
     if np.any(np.diff(ts) >= 0):
+        repeated = sorted({float(v) for v in ts[1:][np.diff(ts) >= 0]}, reverse=True)
         raise ValueError(
-            f"{n} steps with timestep_spacing={spacing!r} give repeated timesteps {ts.tolist()}; use fewer steps"
+            f"{n} steps with timestep_spacing={spacing!r} give repeated timesteps ({repeated[:8]} among the "
+            f"{T} training steps); use fewer steps"
         )
     return ts
 
