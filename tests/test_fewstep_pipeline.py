@@ -426,3 +426,33 @@ def test_model_kwargs_of_another_family_are_refused(sd):
         fp(**emb, cross_attention_kwargs=[("scale", 0.5)])
     with pytest.raises(ValueError, match=r"`clip_skip` must be an integer >= 0, got -1"):
         fp(**emb, clip_skip=-1)
+
+
+def test_sdxl_unet_calibrates_from_a_pipeline_run_and_quantizes(sdxl):
+    """Found by probing: SDXL's UNet could not be quantized (the calibration set had no place for its
+    `added_cond_kwargs`; diffusers failed inside get_aug_embed). A recorded run keeps text_embeds / time_ids
+    for both CFG branches, and the quantized UNet drops into FewstepPipeline."""
+    from fewstep import quant
+
+    fp = FewstepPipeline.from_pipe(sdxl, scheduler="ddim", guidance="cfg", guidance_scale=3.0)
+    steps = 3
+    records = quant.record_denoiser_inputs(
+        sdxl.unet, lambda: fp(**_sdxl_embeds(1), num_inference_steps=steps, output_type="latent"), steps,
+        want=lambda d: torch.tensor([0]))
+    cal = quant.calibration_from_records(records, {"method": "test"})
+    assert len(cal) == 2 * steps and set(cal.added_cond_kwargs) == {"text_embeds", "time_ids"}
+    assert cal.added_cond_kwargs["time_ids"].shape == (2 * steps, 6)
+    q = quant.quantize(sdxl.unet, cal, quant.QuantConfig(act_grid=10, weight_grid=5))
+    assert quant.quant_layers(q)
+    batch = next(cal.batches(2))
+    with torch.no_grad():
+        ref, got = sdxl.unet(**batch).sample, q(**batch).sample
+    assert float((got - ref).norm() / ref.norm()) < 0.2
+    out = FewstepPipeline.from_pipe(sdxl, scheduler="ddim", guidance="cfg", guidance_scale=3.0, quantized=q)(
+        **_sdxl_embeds(1), num_inference_steps=2, output_type="latent").images
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"`added_cond_kwargs\['time_ids'\]` has 1 rows, `sample` has 2"):
+        quant.CalibrationSet(batch["sample"], batch["timestep"], added_cond_kwargs={"time_ids": torch.zeros(1, 6)})
+    with pytest.raises(ValueError, match=r"CalibrationSet `timestep` must be a tensor with one row per network input "
+                                         r"\(2\), got a 0-d tensor"):
+        quant.CalibrationSet(batch["sample"], torch.tensor(500.0))

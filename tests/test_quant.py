@@ -14,6 +14,7 @@ import fewstep
 from fewstep import quant
 from fewstep.quant.kernels import fp8_supported, im2col, im2col_int8, int8_mm
 from fewstep.quant.quantizers import (
+    METRICS,
     Histogram,
     act_qparams_from_range,
     fake_quant_act,
@@ -160,6 +161,12 @@ def test_one_sided_and_symmetric_searches():
     y = torch.randn(10_000)
     lo, hi = search_act_range(Histogram.of(y), symmetric=True)
     assert lo == pytest.approx(-hi)
+    # non-positive data (found by probing: a ZeroDivisionError for every metric): the mirror of the one-sided case
+    for metric in METRICS:
+        lo, hi = search_act_range(Histogram.of(-x), metric)
+        assert hi == 0 and -4.01 <= lo < -3
+    lo, hi = search_act_range(Histogram.of(torch.full((100,), -2.0)))
+    assert hi == 0 and lo == pytest.approx(-2.0, rel=0.02)
 
 
 def test_fp8_grid():
@@ -662,6 +669,37 @@ def test_load_rejects_other_models(tmp_path, pipe, qmodel):
         quant.load_quantized(pipe.unet, tmp_path / "q")
 
 
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.pop("layers"), r"`layers` must be a dict, got NoneType"),
+    (lambda m: m.pop("weight_norms"), r"`weight_norms` must be a dict"),
+    (lambda m: m.update(format="int4"), r"`format` must be one of \['int8', 'fp8'\], got 'int4'"),
+    (lambda m: m.update(format="fp8"), r"`zero_point` must be an integer in \[0, 0\] for fp8|says format 'fp8'"),
+    (lambda m: next(iter(m["layers"].values()))["act"][0].update(scale=0), r"activation `scale` must be a finite "
+                                                                          r"number > 0, got 0"),
+    (lambda m: next(iter(m["layers"].values()))["act"][0].update(scale=float("nan")), r"`scale` must be a finite"),
+    (lambda m: next(iter(m["layers"].values()))["act"][0].update(zero_point=999), r"`zero_point` must be an "
+                                                                                  r"integer in \[-128, 127\]"),
+    (lambda m: next(iter(m["layers"].values())).pop("act"), r"must list kind, split, shape and act"),
+])
+def test_load_checks_the_metadata_it_reads(tmp_path, pipe, qmodel, edit, message):
+    """Found by probing: edited files loaded with zero/NaN scales, int8 codes were read as e4m3 values, and
+    missing keys were a KeyError (a traceback and exit 1 from `fewstep generate --quant`)."""
+    quant.save_quantized(qmodel, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "quant.json").read_text())
+    edit(meta)
+    (tmp_path / "q" / "quant.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        quant.load_quantized(pipe.unet, tmp_path / "q")
+
+
+def test_load_refuses_a_json_list(tmp_path, pipe, qmodel):
+    quant.save_quantized(qmodel, tmp_path / "q")
+    (tmp_path / "q" / "quant.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"is not a fewstep quantization file"):
+        quant.load_quantized(pipe.unet, tmp_path / "q")
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_quantize_input(pipe, calibration):
     with pytest.raises(ValueError, match=r"has no quantizable layers \(nn.Linear / nn.Conv2d\)"):
@@ -683,6 +721,36 @@ def test_bad_quantize_input(pipe, calibration):
     once = quant.quantize(pipe.unet, calibration, quant.QuantConfig(act_grid=4, weight_grid=3))
     with pytest.raises(ValueError, match=r"`unet` \(UNet2DModel\) is already quantized"):
         quant.quantize(once, calibration)
+
+
+class _TwoLayers(nn.Module):
+    """A UNet-like module (forward(sample, timestep)) whose second layer sees only values <= 0."""
+
+    def __init__(self, conv: nn.Module | None = None):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.c = conv if conv is not None else nn.Identity()
+
+    def forward(self, sample, timestep=None):
+        return self.c(self.b(-torch.relu(self.a(sample)) - 0.1))
+
+
+def test_quantize_failures_leave_the_model_untouched():
+    """Found by probing: a layer failing late (here an int8 conv with padding='same', which has no int8 path)
+    left `inplace=True` models half-quantized (and then refused as 'already quantized'); a format/mode mismatch
+    failed only after calibration. Also: layers whose inputs are all <= 0 raised a ZeroDivisionError."""
+    gen = torch.Generator().manual_seed(0)
+    cal = quant.CalibrationSet(torch.randn(8, 4, generator=gen), torch.zeros(8, dtype=torch.long))
+    q = quant.quantize(_TwoLayers(), cal, quant.QuantConfig(exclude=[], act_grid=10, weight_grid=5))
+    assert set(quant.quant_layers(q)) == {"a", "b"}
+    with pytest.raises(ValueError, match=r"`mode` 'int8' runs int8 parameters; `format` is 'fp8'"):
+        quant.QuantConfig(format="fp8", mode="int8").validate()
+    model = _TwoLayers(conv=nn.Sequential(nn.Unflatten(1, (4, 1, 1)), nn.Conv2d(4, 4, 3, padding="same")))
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"layer 'c.1': `mode` 'int8' is not available .* exclude=\['c.1'\]"):
+        quant.quantize(model, cal, quant.QuantConfig(exclude=[], mode="int8", act_grid=10, weight_grid=5),
+                       inplace=True)
+    assert {n: type(m) for n, m in model.named_modules()} == before and not hasattr(model, "fewstep_quant")
 
 
 def test_dtype_casts_leave_the_stored_quantized_tensors_alone(pipe, calibration):
@@ -951,14 +1019,9 @@ def test_sd_shaped_unet_quantizes_and_runs_int8():
 
 
 def _bench_quant_cuda_module():
-    import importlib.util
-    from pathlib import Path
+    from _helpers import load_script
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_quant_cuda.py"
-    spec = importlib.util.spec_from_file_location("bench_quant_cuda", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # imports without a GPU
-    return module
+    return load_script("bench_quant_cuda")  # imports without a GPU
 
 
 def test_cuda_benchmark_script_fails_clearly_without_cuda():
@@ -1149,6 +1212,11 @@ def test_load_rejects_same_norm_weights_and_modules_from_other_weights(tmp_path,
     with pytest.raises(ValueError, match=r"has weights of the same norm but other values"):
         quant.load_quantized(flipped, tmp_path / "q")
     quant.load_quantized(copy.deepcopy(pipe.unet).to(torch.bfloat16), tmp_path / "q")  # bf16 rounding is fine
+    # found by probing: a loaded model saved again lost the projections, and the re-saved artifact took them
+    quant.save_quantized(quant.load_quantized(pipe.unet, tmp_path / "q"), tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "quant.json").read_text())["weight_projections"]
+    with pytest.raises(ValueError, match=r"has weights of the same norm but other values"):
+        quant.load_quantized(flipped, tmp_path / "again")
     other = type(pipe)(unet=flipped, scheduler=pipe.scheduler)
     with pytest.raises(ValueError, match=r"`quantized` \(a module\) does not fit this model's weights"):
         FewstepPipeline.from_pipe(other, quantized=qmodel)
@@ -1195,3 +1263,17 @@ def test_non_finite_calibration_and_unfused_lora_layers_are_clear_errors(pipe, c
     with pytest.raises(ValueError, match=r"layer '0' is a LoRALinear .* fuse it first"):
         quant.quantizable_layers(model)
     assert set(quant.quantizable_layers(model, exclude=["0"])) == {"0.up", "0.down"}
+
+
+def test_quant_layer_keeps_the_replaced_layers_shape_attributes():
+    """diffusers' SDXL pipeline reads ``unet.add_embedding.linear_1.in_features``: a quantized UNet failed there."""
+    lin, conv = torch.nn.Linear(6, 4), torch.nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    ql = quant.QuantLayer(lin, [torch.ones(4)], [quant.ActQParams(0.1, 0, "int8")])
+    qc = quant.QuantLayer(conv, [torch.ones(5)], [quant.ActQParams(0.1, 0, "int8")])
+    assert (ql.in_features, ql.out_features) == (6, 4)
+    assert (qc.in_channels, qc.out_channels, qc.kernel_size, qc.stride, qc.padding, qc.dilation) == (
+        3, 5, (3, 3), (2, 2), (1, 1), (1, 1))
+    with pytest.raises(AttributeError, match="in_features"):  # not on a conv, as nn.Conv2d
+        qc.in_features  # noqa: B018
+    with pytest.raises(AttributeError, match="kernel_size"):
+        ql.kernel_size  # noqa: B018

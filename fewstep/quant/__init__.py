@@ -16,6 +16,7 @@ from .calibration import (
     CALIBRATION_METHODS,
     CalibrationSet,
     build_calibration_set,
+    calibration_from_records,
     ndtc_indices,
     record_denoiser_inputs,
     uniform_indices,
@@ -38,7 +39,8 @@ from .quantizers import FORMATS, METRICS, ActQParams, Histogram, search_act_rang
 __all__ = [
     "BOUNDARY_LAYERS",
     "CALIBRATION_METHODS", "CalibrationSet", "build_calibration_set", "ndtc_indices", "uniform_indices",
-    "record_denoiser_inputs", "QuantConfig", "quantize", "quantizable_layers", "find_skip_splits",
+    "record_denoiser_inputs", "calibration_from_records", "QuantConfig", "quantize", "quantizable_layers",
+    "find_skip_splits",
     "QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "CONV_KERNELS", "quant_layers", "set_mode",
     "set_conv_kernel", "LayerTiming",
     "choose_modes", "time_layer", "compile_fresh", "layer_signature", "layer_macs",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from torch import nn
 from .._io import atomic_write
 from .modules import QuantLayer, quant_layers
 from .quantize import _set_submodule
-from .quantizers import ActQParams
+from .quantizers import FORMATS, ActQParams
+
+#: the dtype each format stores its 8-bit weights in
+STORAGE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 __all__ = ["save_quantized", "load_quantized", "model_fingerprint", "ARTIFACT_VERSION", "TENSORS_FILE", "META_FILE"]
 
@@ -117,12 +121,44 @@ def read_metadata(directory: str | os.PathLike) -> dict:
         meta = json.loads((d / META_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{str(d / META_FILE)!r} is not valid JSON: {exc}") from None
-    if meta.get("artifact") != "fewstep-quant":
+    if not isinstance(meta, dict) or meta.get("artifact") != "fewstep-quant":
         raise ValueError(f"{str(d / META_FILE)!r} is not a fewstep quantization file")
     if meta.get("version") != ARTIFACT_VERSION:
         raise ValueError(f"{str(d / META_FILE)!r} has artifact version {meta.get('version')!r}; this fewstep reads "
                          f"version {ARTIFACT_VERSION}: re-run `fewstep quantize`")
+    _check_meta(meta, d / META_FILE)
     return meta
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """The fields ``load_quantized`` reads, with their types and ranges (a hand-edited or truncated file is a
+    ``ValueError`` naming the field, not a KeyError or silently wrong numerics)."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{str(path)!r}: {what} (re-run `fewstep quantize` to write a fresh file)")
+
+    for key, kind in (("layers", dict), ("weight_norms", dict), ("config", dict), ("calibration", dict),
+                      ("model_arch_hash", str), ("model_weights_hash", str), ("format", str)):
+        if not isinstance(meta.get(key), kind):
+            raise bad(f"`{key}` must be a {kind.__name__}, got {type(meta.get(key)).__name__}")
+    if meta["format"] not in FORMATS:
+        raise bad(f"`format` must be one of {list(FORMATS)}, got {meta['format']!r}")
+    for name, layer in meta["layers"].items():
+        if not isinstance(layer, dict) or not {"kind", "split", "shape", "act"} <= set(layer):
+            raise bad(f"layer {name!r} must list kind, split, shape and act")
+        split, act = layer["split"], layer["act"]
+        if isinstance(split, bool) or not isinstance(split, int) or split < 0:
+            raise bad(f"layer {name!r}: `split` must be an integer >= 0, got {split!r}")
+        if not isinstance(act, list) or len(act) != (2 if split else 1):
+            raise bad(f"layer {name!r}: `act` must list {2 if split else 1} activation quantizer(s)")
+        for a in act:
+            scale, zero = (a.get("scale"), a.get("zero_point")) if isinstance(a, dict) else (None, None)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                    or scale <= 0:
+                raise bad(f"layer {name!r}: activation `scale` must be a finite number > 0, got {scale!r}")
+            low, high = (-128, 127) if meta["format"] == "int8" else (0, 0)
+            if isinstance(zero, bool) or not isinstance(zero, int) or not low <= zero <= high:
+                raise bad(f"layer {name!r}: activation `zero_point` must be an integer in [{low}, {high}] for "
+                          f"{meta['format']}, got {zero!r}")
 
 
 def _check_model(meta: dict, model: nn.Module, model_id: str | None, strict: bool) -> None:
@@ -191,6 +227,10 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
             stored = [tensors[f"{name}.weight_q{g}"] for g in range(groups)]
         except KeyError as exc:
             raise ValueError(f"{TENSORS_FILE} lacks tensor {exc.args[0]!r} listed in {META_FILE}") from None
+        want = STORAGE_DTYPES[fmt]
+        if any(t.dtype != want for t in stored):
+            raise ValueError(f"{META_FILE} says format {fmt!r}, but {TENSORS_FILE} stores layer {name!r}'s weights as "
+                             f"{stored[0].dtype} (expected {want}): the two files do not belong together")
         acts = [ActQParams(float(a["scale"]), int(a["zero_point"]), fmt) for a in layer_meta["act"]]
         q = QuantLayer(float_layer, scales, acts, fmt, layer_meta["split"], mode="fake")
         for g in range(groups):  # the stored 8-bit weights are the truth (not a re-rounding of the float ones)
@@ -201,6 +241,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
         _set_submodule(target, name, q)
     target.fewstep_quant = {"config": meta["config"], "calibration": meta["calibration"],
                             "fingerprint": {"arch": meta["model_arch_hash"], "weights": meta["model_weights_hash"],
-                                            "norms": meta["weight_norms"]},
+                                            "norms": meta["weight_norms"],
+                                            "projections": meta.get("weight_projections", {})},
                             "layers": {k: {"split": v["split"]} for k, v in meta["layers"].items()}}
     return target

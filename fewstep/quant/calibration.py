@@ -35,6 +35,7 @@ __all__ = [
     "ndtc_indices",
     "uniform_indices",
     "record_denoiser_inputs",
+    "calibration_from_records",
     "build_calibration_set",
 ]
 
@@ -49,7 +50,8 @@ class CalibrationSet:
 
     ``sample`` (N, C, H, W), ``timestep`` (N,) model-facing, ``class_labels`` (N,) or ``None``,
     ``encoder_hidden_states`` (N, L, D) or ``None``; ``diffusion_index`` (N,) where along the trajectory
-    (0 = image end); ``settings`` how it was built (kept in the quantization metadata).
+    (0 = image end); ``settings`` how it was built (kept in the quantization metadata);
+    ``added_cond_kwargs``: SDXL's extra UNet inputs (``text_embeds`` (N, D), ``time_ids`` (N, 6)) or ``None``.
     """
 
     sample: torch.Tensor
@@ -58,15 +60,29 @@ class CalibrationSet:
     encoder_hidden_states: torch.Tensor | None = None
     diffusion_index: torch.Tensor | None = None
     settings: dict = field(default_factory=dict)
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return int(self.sample.shape[0])
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sample, torch.Tensor) or self.sample.dim() < 1:
+            raise ValueError(f"CalibrationSet `sample` must be a tensor with one row per network input, got "
+                             f"{type(self.sample).__name__}")  # fmt: skip
         n = self.sample.shape[0]
-        for name in ("timestep", "class_labels", "encoder_hidden_states", "diffusion_index"):
-            value = getattr(self, name)
-            if value is not None and value.shape[0] != n:
+        if self.added_cond_kwargs is not None and not isinstance(self.added_cond_kwargs, dict):
+            raise ValueError(f"CalibrationSet `added_cond_kwargs` must be a dict of tensors (SDXL: text_embeds, "
+                             f"time_ids), got {type(self.added_cond_kwargs).__name__}")  # fmt: skip
+        extra = {f"added_cond_kwargs[{k!r}]": v for k, v in (self.added_cond_kwargs or {}).items()}
+        for name, value in [*((k, getattr(self, k)) for k in ("timestep", "class_labels", "encoder_hidden_states",
+                                                               "diffusion_index")), *extra.items()]:
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                got = "a 0-d tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"CalibrationSet `{name}` must be a tensor with one row per network input ({n}), "
+                                 f"got {got}")  # fmt: skip
+            if value.shape[0] != n:
                 raise ValueError(f"CalibrationSet `{name}` has {value.shape[0]} rows, `sample` has {n}")
 
     def batches(self, batch_size: int):
@@ -78,6 +94,8 @@ class CalibrationSet:
                 kwargs["class_labels"] = self.class_labels[sl]
             if self.encoder_hidden_states is not None:
                 kwargs["encoder_hidden_states"] = self.encoder_hidden_states[sl]
+            if self.added_cond_kwargs is not None:
+                kwargs["added_cond_kwargs"] = {k: v[sl] for k, v in self.added_cond_kwargs.items()}
             yield kwargs
 
 
@@ -164,6 +182,9 @@ def record_denoiser_inputs(
         if batch % 2 == 0 and int(rows.max()) < batch // 2 and _is_cfg_batch(sample):
             rows = torch.cat([rows, rows + batch // 2])  # both CFG branches
         rec: dict = {"diffusion_index": torch.full((len(rows),), d, dtype=torch.long)}
+        added = kwargs.get("added_cond_kwargs")
+        if isinstance(added, dict) and added:  # SDXL: text_embeds, time_ids (one row per network input)
+            rec["added_cond_kwargs"] = {k: v.detach()[rows.to(v.device)].cpu() for k, v in added.items()}
         for key, value in named.items():
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(value)
@@ -191,7 +212,9 @@ def _is_cfg_batch(sample: torch.Tensor) -> bool:
     return bool(torch.equal(sample[:half], sample[half:]))
 
 
-def _concat(records: list[dict], settings: dict) -> CalibrationSet:
+def calibration_from_records(records: list[dict], settings: dict | None = None) -> CalibrationSet:
+    """One ``CalibrationSet`` from the records of ``record_denoiser_inputs`` (e.g. of an SDXL or SD pipeline run:
+    text embeddings and SDXL's ``added_cond_kwargs`` are kept); ``settings`` describe how they were drawn."""
     if not records:
         raise ValueError("the calibration set is empty: no denoiser call was recorded")
 
@@ -200,8 +223,11 @@ def _concat(records: list[dict], settings: dict) -> CalibrationSet:
         return torch.cat(values) if len(values) == len(records) else None
 
     timestep = cat("timestep")
+    added = None
+    if all("added_cond_kwargs" in r for r in records):
+        added = {k: torch.cat([r["added_cond_kwargs"][k] for r in records]) for k in records[0]["added_cond_kwargs"]}
     return CalibrationSet(cat("sample"), timestep, cat("class_labels"), cat("encoder_hidden_states"),
-                          cat("diffusion_index"), settings)
+                          cat("diffusion_index"), dict(settings or {}), added)
 
 
 def build_calibration_set(
@@ -271,4 +297,4 @@ def build_calibration_set(
         settings.update({"ndtc_mean": ndtc_mean, "ndtc_std": ndtc_std})
     else:
         settings["num_steps_kept"] = len(kept)
-    return _concat(records, settings)
+    return calibration_from_records(records, settings)

@@ -76,6 +76,9 @@ class QuantConfig:
             raise ValueError(f"`metric` must be one of {list(METRICS)}, got {self.metric!r}")
         if self.mode not in MODES:
             raise ValueError(f"`mode` must be one of {list(MODES)}, got {self.mode!r}")
+        if self.mode in ("int8", "fp8") and self.mode != self.format:
+            raise ValueError(f"`mode` {self.mode!r} runs {self.mode} parameters; `format` is {self.format!r} (use "
+                             f"mode={self.format!r}, 'fake' or 'dequant')")  # fmt: skip
         for name in ("act_grid", "weight_grid", "batch_size"):
             v = getattr(self, name)
             check_int(name, v, 1, numpy_ok=False)
@@ -155,7 +158,10 @@ def _to(batch: dict, model: nn.Module) -> dict:
     p = next(model.parameters())
     out = {}
     for k, v in batch.items():
-        out[k] = v.to(p.device, dtype=p.dtype) if v.is_floating_point() and k != "timestep" else v.to(p.device)
+        if isinstance(v, dict):  # SDXL's added_cond_kwargs
+            out[k] = _to(v, model)
+        else:
+            out[k] = v.to(p.device, dtype=p.dtype) if v.is_floating_point() and k != "timestep" else v.to(p.device)
     return out
 
 
@@ -250,7 +256,7 @@ def quantize(
     if missing:
         raise ValueError(f"the calibration forward never reached layers {missing[:5]}: exclude them")
     weight_metric = "lp" if config.metric == "kl" else config.metric
-    summary = {}
+    summary, built = {}, {}
     for name, layer in progress_bar(list(layers.items()), desc="range search", disable=not progress):
         split = splits.get(name, 0)
         w = layer.weight.detach()
@@ -263,9 +269,14 @@ def quantize(
                                       config.symmetric_act)
             acts.append(act_qparams_from_range(lo, hi, config.format))
         q = QuantLayer(layer, w_scales, acts, config.format, split, mode="fake")
-        q.set_mode(config.mode)
-        _set_submodule(model, name, q)
+        try:
+            q.set_mode(config.mode)
+        except (ValueError, RuntimeError) as exc:
+            raise type(exc)(f"layer {name!r}: {exc} (or leave it in float with exclude=[{name!r}])") from exc
+        built[name] = q
         summary[name] = {"split": split, "observed": [list(ranges[(name, g)]) for g in range(len(w_parts))]}
+    for name, q in built.items():  # swapped only once every layer is built: a failure leaves `unet` as it was
+        _set_submodule(model, name, q)
     model.fewstep_quant = {
         "config": config.as_dict(),
         "calibration": dict(calibration.settings, rows=len(calibration)),

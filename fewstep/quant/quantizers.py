@@ -322,8 +322,9 @@ def search_act_range(
     """Clip range ``[lo, hi]`` of a per-tensor activation quantizer minimising ``metric``.
 
     Candidates (PTQ4DM's search: ``i / grid`` times the observed extremes): one-sided ``[0, a * max]``
-    when the data is non-negative, symmetric ``[-a * m, a * m]`` with ``m = max|x|`` when ``symmetric``
-    (and always for fp8, whose grid is symmetric), otherwise the 2-D grid ``[a * min, b * max]``.
+    when the data is non-negative (``[a * min, 0]`` when it is non-positive), symmetric ``[-a * m, a * m]``
+    with ``m = max|x|`` when ``symmetric`` (and always for fp8, whose grid is symmetric), otherwise the 2-D grid
+    ``[a * min, b * max]``.
     The 2-D grid is searched coarse to fine (every ``grid // 25``-th factor, then all factors around the
     best). ``kl`` uses a coarser grid (it is the slow criterion).
     """
@@ -348,6 +349,8 @@ def search_act_range(
         return best(-alphas * m, alphas * m)
     if xmin >= 0:
         return best(torch.zeros_like(alphas), alphas * xmax)
+    if xmax <= 0:  # non-positive data: the mirror image, [a * min, 0]
+        return best(alphas * xmin, torch.zeros_like(alphas))
     # 2-D grid [a * min, b * max], coarse to fine: every `stride`-th factor, then all factors around the best
     stride = max(1, grid // 25)
     coarse = alphas[::stride]
