@@ -871,10 +871,18 @@ def test_cli_quantize_exclude(tmp_path, capsys, extra, exclude, count):
 @pytest.mark.parametrize(("argv", "message"), [
     (["quantize", "--out", "{tmp}/q", "--exclude", " "], "--exclude needs a non-empty fnmatch pattern"),
     (["quantize", "--out", "{tmp}/q", "--ndtc-mean", "0.7"], "--ndtc-mean must be in [0, 0.5]"),
-    (["quantize", "--out", "{tmp}/q", "--steps", "4", "--steps-kept", "9"], "--steps-kept must be <= --steps (4)"),
+    (["quantize", "--out", "{tmp}/q", "--calib", "uniform", "--steps", "4", "--steps-kept", "9"],
+     "--steps-kept must be <= --steps (4)"),
+    # found by probing: options of another method / metric were ignored, --p was named `p`, s3 needs a schedule
+    (["quantize", "--out", "{tmp}/q", "--calib", "uniform", "--ndtc-mean", "0.9"],
+     "--ndtc-mean applies to --calib ndtc only, not --calib uniform --metric lp"),
+    (["quantize", "--out", "{tmp}/q", "--steps-kept", "2"], "--steps-kept applies to --calib uniform only"),
+    (["quantize", "--out", "{tmp}/q", "--metric", "mse", "--p", "7"], "--p applies to --metric lp only"),
+    (["quantize", "--out", "{tmp}/q", "--p", "0"], "--p must be > 0 (the exponent of the lp metric), got 0.0"),
+    (["quantize", "--out", "{tmp}/q", "--sampler", "s3"], "--sampler s3 runs a searched schedule file"),
+    (["generate", "--quant", "{tmp}/none", "--out", "{tmp}/s.png"], "--quant '{tmp}/none' holds no saved"),
     (["quantize", "--out", "{tmp}/q", "--model", "digits-flow"], "--model 'digits-flow': quantization needs"),
     (["quantize", "--out", "{tmp}/missing/q"], "does not exist"),
-    (["generate", "--quant", "{tmp}/none", "--out", "{tmp}/s.png"], "holds no saved quantization"),
     (["generate", "--model", "digits-flow", "--task", "sr", "--quant", "{tmp}", "--out", "{tmp}/s.png"],
      "--quant applies to plain sampling of UNet pipelines"),
 ])
@@ -884,7 +892,8 @@ def test_cli_usage_errors(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    assert len(err) == 1 and message.replace("{tmp}", str(tmp_path)) in err[0]
+    assert not (tmp_path / "q").exists()
 
 
 def test_cli_rejects_unknown_choices(tmp_path):

@@ -43,6 +43,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(quant_flags)} need --quant DIR (a model saved by `fewstep quantize`)")
     if args.task is not None and args.quant is not None:
         raise UsageError("--quant applies to plain sampling of UNet pipelines (digits-eps, ...), not to --task")
+    if args.quant is not None:
+        _quant_metadata(args.quant)  # before loading any model
     if args.gaussian_fill and (args.task != "inpaint" or args.model != "digits-flow" or args.posterior is not None):
         raise UsageError("--gaussian-fill is for FlowChef box inpainting: --model digits-flow --task inpaint")
     if args.task is not None and (args.compile or args.cuda_graph):
@@ -380,6 +382,19 @@ def _add_quant_generate_args(p_gen) -> None:
                             "(needs triton and a CUDA GPU with SM>=8.9)")
 
 
+def _quant_metadata(directory: str) -> dict:
+    """The ``quant.json`` of ``--quant DIR`` (a usage error when the folder holds none, or an unusable one)."""
+    from .. import quant
+
+    try:
+        return quant.read_metadata(directory)
+    except FileNotFoundError:
+        raise UsageError(f"--quant {directory!r} holds no saved quantization ({quant.artifacts.META_FILE} + "
+                         f"{quant.artifacts.TENSORS_FILE}: write one with `fewstep quantize --out DIR`)") from None
+    except ValueError as exc:
+        raise UsageError(f"--quant {directory!r}: {exc}") from None
+
+
 def _apply_quant(args: argparse.Namespace, pipe):
     """``fewstep generate --quant DIR``: swap the pipeline's UNet for its quantized version."""
     if getattr(args, "quant", None) is None:
@@ -389,7 +404,7 @@ def _apply_quant(args: argparse.Namespace, pipe):
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise UsageError(f"--quant needs a UNet pipeline; {type(pipe).__name__} has no unet")
-    meta = quant.read_metadata(args.quant)
+    meta = _quant_metadata(args.quant)
     mode = args.quant_mode or "auto"  # "auto" resolves per layer in QuantLayer.set_mode
     if mode in ("int8", "fp8") and mode != meta["format"]:
         raise UsageError(f"--quant-mode {mode} needs {mode} parameters; {args.quant!r} holds {meta['format']} "

@@ -26,12 +26,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} exists and is not a directory")
     check_writable(out / quant.artifacts.META_FILE if out.is_dir() else out, "--out")
-    if args.calib == "ndtc" and not 0 <= args.ndtc_mean <= 0.5:
+    # options of one calibration method / metric are refused with another (they were silently ignored)
+    for flag, value, applies, where in (("--ndtc-mean", args.ndtc_mean, args.calib == "ndtc", "--calib ndtc"),
+                                        ("--ndtc-std", args.ndtc_std, args.calib == "ndtc", "--calib ndtc"),
+                                        ("--steps-kept", args.steps_kept, args.calib == "uniform", "--calib uniform"),
+                                        ("--p", args.p, args.metric == "lp", "--metric lp")):
+        if value is not None and not applies:
+            raise UsageError(f"{flag} applies to {where} only, not --calib {args.calib} --metric {args.metric}")
+    args.ndtc_mean = 0.4 if args.ndtc_mean is None else args.ndtc_mean
+    args.ndtc_std = 0.4 if args.ndtc_std is None else args.ndtc_std
+    args.p = 2.4 if args.p is None else args.p
+    if not 0 <= args.ndtc_mean <= 0.5:
         raise UsageError(f"--ndtc-mean must be in [0, 0.5] (NDTC: mean <= T/2), got {args.ndtc_mean}")
-    if args.calib == "ndtc" and args.ndtc_std <= 0:
+    if args.ndtc_std <= 0:
         raise UsageError(f"--ndtc-std must be > 0, got {args.ndtc_std}")
+    if args.p <= 0:
+        raise UsageError(f"--p must be > 0 (the exponent of the lp metric), got {args.p}")
     if args.steps_kept is not None and args.steps_kept > args.steps:
         raise UsageError(f"--steps-kept must be <= --steps ({args.steps}), got {args.steps_kept}")
+    if args.sampler == "s3":
+        raise UsageError("--sampler s3 runs a searched schedule file, which quantize does not take; calibrate with "
+                         "ddim, dpm-solver++ or unipc (the trajectories barely depend on the solver)")
     patterns = list(args.exclude or [])
     if any(not pat.strip() for pat in patterns):
         raise UsageError("--exclude needs a non-empty fnmatch pattern (use --quantize-all to quantize every layer)")
@@ -48,7 +63,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.model != "digits-eps" and not (Path(args.model) / "model_index.json").is_file():
         raise UsageError(f"--model {args.model!r}: quantization needs digits-eps or a class-conditional pipeline dir")
-    pipe = swap_sampler(_load_class_conditional(args.model), args.sampler)
+    from ..pipelines.defaults import default_sampler_options
+
+    pipe = swap_sampler(_load_class_conditional(args.model), args.sampler,
+                        **default_sampler_options(args.model, args.sampler))  # e.g. the shipped EMS for v3
     pipe.set_progress_bar_config(disable=True)
     calibration = quant.build_calibration_set(
         pipe, num_samples=args.samples, steps=args.steps, method=args.calib, guidance_scale=args.guidance_scale,
@@ -89,15 +107,16 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=20, help="steps of the calibration sampler (default 20)")
     p.add_argument("--sampler", type=_sampler_name, default="ddim", help="calibration sampler (default ddim)")
     p.add_argument("--guidance-scale", type=_fraction, default=3.0,
-                   help="CFG scale of the calibration runs; both CFG branches are recorded (default 3)")
+                   help="CFG scale of the calibration runs (default 3); both CFG branches are recorded when it "
+                        "is not 1 (at 1 the model runs, and is calibrated, on the conditional branch only)")
     p.add_argument("--metric", choices=list(METRICS), default="lp",
                    help="range-search criterion: lp (p=2.4, PTQ4DM), mse, cosine or kl (default lp)")
-    p.add_argument("--p", type=_finite_float, default=2.4, help="exponent of the lp metric (default 2.4)")
+    p.add_argument("--p", type=_finite_float, default=None, help="exponent of the lp metric (default 2.4)")
     p.add_argument("--format", choices=list(FORMATS), default="int8", help="8-bit grid: int8 or fp8 (e4m3)")
     p.add_argument("--split-skip", action="store_true",
                    help="Q-Diffusion shortcut splitting: separate quantizers for the up blocks' skip concat")
-    p.add_argument("--ndtc-mean", type=_fraction, default=0.4, help="NDTC mean as a fraction of the steps (0.4)")
-    p.add_argument("--ndtc-std", type=_fraction, default=0.4, help="NDTC std as a fraction of the steps (0.4)")
+    p.add_argument("--ndtc-mean", type=_fraction, default=None, help="NDTC mean as a fraction of the steps (0.4)")
+    p.add_argument("--ndtc-std", type=_fraction, default=None, help="NDTC std as a fraction of the steps (0.4)")
     p.add_argument("--steps-kept", type=_positive_int, default=None,
                    help="uniform: evenly spaced steps recorded (default min(steps, 20))")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
