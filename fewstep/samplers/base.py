@@ -304,14 +304,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if cfg.use_dynamic_shifting:
             if mu is None:
                 raise ValueError("`mu` must be passed to set_timesteps when `use_dynamic_shifting=True`")
-            if isinstance(mu, bool) or not isinstance(mu, (int, float, np.integer, np.floating)):
-                raise ValueError(f"`mu` must be a finite number (the log of the dynamic shift), got {mu!r}")
-            return FlowShift.from_mu(float(mu))
+            return FlowShift.from_mu(check_number("mu", mu, what="the log of the dynamic shift"))
         name = "shift" if cfg.shift is not None else "flow_shift"
         value = cfg.shift if cfg.shift is not None else cfg.flow_shift
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-            raise ValueError(f"`{name}` must be a finite number > 0 (the flow time shift), got {value!r}")
-        return FlowShift(float(value))
+        return FlowShift(check_number(name, value, 0.0, low_open=True, what="the flow time shift"))
 
     def _apply_flow_shift(self, s: np.ndarray, mu: float | None) -> np.ndarray:
         """Flow times ``s`` shifted as diffusers' flow schedulers shift theirs: by ``shift`` (or ``e^mu``), then
