@@ -187,6 +187,15 @@ def main() -> None:
                    help="store the rows under 'analytic-afs' in this results JSON")
     args = parser.parse_args()
     if args.what == "heldout":
+        if args.out and Path(args.out).is_file():  # merging cells of another protocol would mix incomparable FDs
+            stored = json.loads(Path(args.out).read_text()).get("digits-eps", {})
+            protocol = {"sets": args.sets, "samples_per_set": 10 * args.num_per_class,
+                        "reference_steps": args.reference_steps}
+            differ = {k: (stored[k], v) for k, v in protocol.items() if k in stored and stored[k] != v}
+            if differ:
+                parser.error(f"--out {args.out}: its digits-eps cells were measured with another protocol "
+                             + ", ".join(f"{k} {old} (this run: {new})" for k, (old, new) in differ.items())
+                             + "; write to another file")
         result = {} if args.skip_analytic else {"analytic": heldout_analytic(args.nfe)}
         result["digits-eps"] = heldout_digits(args.nfe, args.sets, args.num_per_class, args.reference_steps,
                                               {int(n): f for n, f in args.schedule}, args.only_searched,
