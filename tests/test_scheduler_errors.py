@@ -189,3 +189,19 @@ def test_scheduler_inputs_found_by_probing():
     with pytest.raises(ValueError, match=r"repeated timesteps \(\[500.0\] among the 1000 training steps\)") as info:
         samplers.get("dpm-solver++")().set_timesteps(1000)
     assert len(str(info.value)) < 200
+
+
+def test_divergent_noise_form_settings_are_refused():
+    """Found by a convergence probe: UniPC in noise form on a flow schedule reached |x| ~ 800 (its corrector weight
+    over the first step from s = 1 is ~e^10; diffusers refuses it), and the noise-form SDE step to sigma = 0 blew up
+    (diffusers refuses final_sigmas_type='zero' there)."""
+    from _helpers import SD3_FLOW
+
+    for name in ("unipc", "dc-solver"):
+        with pytest.raises(ValueError, match=r"UniPC with predict_x0=False \(noise form\) on a flow-matching schedule"):
+            samplers.from_config(name, SD3_FLOW, predict_x0=False)
+        samplers.from_config(name, {}, predict_x0=False)  # VP: fine
+    with pytest.raises(ValueError, match=r"`final_sigmas_type`='zero' is not supported with "
+                                         r"algorithm_type='sde-dpmsolver'"):
+        samplers.from_config("dpm-solver++", {}, algorithm_type="sde-dpmsolver")
+    samplers.from_config("dpm-solver++", {}, algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")

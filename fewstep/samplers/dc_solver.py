@@ -15,6 +15,7 @@ from ..solvers.dc_artifacts import CPRModel, load_cpr, load_ratios
 from ..solvers.engine import EngineState
 from ..solvers.methods import DPM_SOLVER_TYPES, UNIPC_TYPES, ddim_decisions, dpm_solver_decisions, unipc_decisions
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
+from .unipc import check_unipc_noise_form
 
 __all__ = ["FewstepDCSolverScheduler", "DC_BASES", "SHIPPED_DC_ARTIFACTS", "dc_scheduler_key", "shipped_artifact"]
 
@@ -180,6 +181,8 @@ class FewstepDCSolverScheduler(FewstepScheduler):
         self.dc_ratios_used: list[float] | None = None
         self._warned_no_ratios = False
         self._init_common()
+        if dc_base == "unipc":
+            check_unipc_noise_form(self)
         self._decisions(1, True)
 
     @property

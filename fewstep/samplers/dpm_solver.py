@@ -65,6 +65,11 @@ class FewstepDPMSolverScheduler(FewstepScheduler):
         if solver_type in ("bh1", "bh2", "logrho"):  # other multistep schedulers' values (diffusers maps them too)
             self.register_to_config(solver_type="midpoint")
         self._init_common()
+        if self.config.algorithm_type == "sde-dpmsolver" and final_sigmas_type == "zero":
+            # the noise-form SDE step to sigma = 0 divides by it (diffusers refuses this too)
+            raise ValueError("`final_sigmas_type`='zero' is not supported with algorithm_type='sde-dpmsolver' (its "
+                             "last step to sigma = 0 blows up); use final_sigmas_type='sigma_min' or "
+                             "algorithm_type='sde-dpmsolver++'")  # fmt: skip
         # Validate the method parameters now rather than at set_timesteps.
         self._decisions(1, True)
 

@@ -54,6 +54,9 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
     ``solver_order = floor(r) + 1, beta = r - floor(r)`` (3.8: fourth order, beta 0.8) and overrides both.
     ``nesterov=True`` steps with ``(1 - beta) v_n + beta e_n``.
 
+    ``lower_order_final`` applies to the ``dpm-solver++``/``unipc`` bases; PLMS keeps its order to the last step
+    (as diffusers' PNDM), so with ``base="plms"`` the option changes nothing.
+
     Which steps carry momentum: with ``plms`` every step (``v`` starts at the first direction, so the first
     step is plain DDIM); with ``dpm-solver++``/``unipc`` only the multistep updates -- the first-order
     warm-up step and the low-order final steps run plain, as in the authors' code. With UniPC the momentum

@@ -9,7 +9,16 @@ from diffusers.configuration_utils import register_to_config
 from ..solvers.methods import unipc_decisions
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
-__all__ = ["FewstepUniPCScheduler"]
+__all__ = ["FewstepUniPCScheduler", "check_unipc_noise_form"]
+
+
+def check_unipc_noise_form(scheduler) -> None:
+    """UniPC's noise-form corrector on a flow schedule: its weight grows like ``e^h`` over the first step from
+    ``s = 1`` (``h`` ~ 10 in log-SNR), so the samples blow up; diffusers refuses flow models with
+    ``predict_x0=False`` too."""
+    if scheduler.is_flow and not scheduler.config.predict_x0:
+        raise ValueError("UniPC with predict_x0=False (noise form) on a flow-matching schedule diverges (the corrector "
+                         "weight of the first, very long step is ~e^10); use predict_x0=True (the default)")
 
 
 class FewstepUniPCScheduler(FewstepScheduler):
@@ -54,6 +63,7 @@ class FewstepUniPCScheduler(FewstepScheduler):
         if solver_type in ("midpoint", "heun", "logrho"):  # other multistep schedulers' values, as diffusers maps them
             self.register_to_config(solver_type="bh2")
         self._init_common()
+        check_unipc_noise_form(self)
         self._decisions(1, True)
 
     def _decisions(self, num_steps: int, final_is_clean: bool):
