@@ -1,10 +1,14 @@
 """fewstep: few-step diffusion sampling on top of diffusers.
 
-* ``fewstep.samplers`` -- diffusers schedulers (``get(name)``, ``names()``) backed by
+* ``fewstep.samplers`` -- diffusers schedulers (``get(name)``, ``names()``) backed by ``fewstep.solvers``;
 * ``fewstep.solvers`` -- the math: schedules, grids, parameterizations and the unified multistep engine;
-* ``fewstep.pipelines`` -- the class-conditional pipeline and the embedded default models
-  (``fewstep.load_default("digits-eps")``);
-* ``fewstep.bench`` -- the exact Gaussian-mixture reference, metrics and benchmarks.
+* ``fewstep.guidance`` -- guidance rules (CFG, CFG++, APG), diffusers guiders, inversion, posterior sampling;
+* ``fewstep.pipelines`` -- ``FewstepPipeline`` (SD/SDXL/SD3/Flux), the class-conditional and mean-reverting
+  pipelines and the embedded default models (``fewstep.load_default("digits-eps")``);
+* ``fewstep.quant`` -- PTQ4DM-style W8A8 quantization (fake-quant reference, int8 / fp8 execution);
+* ``fewstep.search`` / ``fewstep.calibrate`` -- S³ schedule search; EMS and DC-Solver calibration;
+* ``fewstep.bench`` -- the exact Gaussian-mixture reference, metrics and benchmarks;
+* ``fewstep.cli`` -- the ``fewstep`` command.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Pipelines: the class-conditional pipeline of the embedded default models, and their loader.
+"""Pipelines: ``FewstepPipeline`` (the one loop for SD/SDXL/SD3/Flux and the digits models), the
+class-conditional and mean-reverting pipelines of the embedded default models, and their loader.
 
 Importing this package makes fewstep's pipeline classes resolvable by name in the ``diffusers`` namespace,
 which is where ``DiffusionPipeline.from_pretrained(path)`` looks up a ``model_index.json``'s

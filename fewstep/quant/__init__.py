@@ -4,7 +4,8 @@
   full-precision trajectories (PTQ4DM NDTC or Q-Diffusion's uniform steps), both CFG branches;
 * ``quantize(unet, calibration, QuantConfig(...))`` -- per-channel weight / per-tensor static activation
   scales from an L_p (p = 2.4) range search; Linear/Conv2d swapped for ``QuantLayer``;
-* ``set_mode(model, "fake" | "int8" | "fp8" | "dequant")`` and ``choose_modes`` (the per-layer policy);
+* ``set_mode(model, "fake" | "int8" | "fp8" | "dequant" | "auto" | {layer: mode})`` and ``choose_modes`` (the
+  per-layer policy);
   ``set_conv_kernel(model, "triton")`` runs fp8 convs on the Triton implicit-GEMM kernel (``triton_conv``);
 * ``save_quantized`` / ``load_quantized`` -- safetensors + JSON artifacts, checked against the model.
 
