@@ -104,3 +104,80 @@ def test_dc_ratio_files_default_to_the_digits_cfg_scale(capsys, tmp_path):
     code, err = _run(capsys, "generate", "--sampler", "dc-solver", "--steps", "5", "--num-images", "2", "--quiet",
                      "--sampler-option", f"dc_ratios_file={ratios}", "--out", str(out))  # fmt: skip
     assert code == 0 and out.is_file(), err
+
+
+@pytest.mark.parametrize("argv,message", [
+    # found by the second CLI probe: each ran (flags silently ignored, repeated cells, wrong DC scale), or printed a
+    # traceback, or named an internal parameter instead of the flag
+    (["bench", "--samplers", "ddim,ddim"], "argument --samplers: 'ddim,ddim' repeats ddim; give each value once"),
+    (["bench", "--steps", "2,2,3"], "argument --steps: '2,2,3' repeats 2"),
+    (["bench", "--model", "digits-eps", "--guidance", "cfg:3,cfg:3.0", "--out", "o"], "repeats cfg:3"),
+    (["bench", "--model", "digits-eps", "--classes", "0", "--num-per-class", "1", "--out", "o"],
+     "--num-per-class 1 x --classes 1: the digits metrics need at least 2 samples per cell"),
+    (["bench", "--samplers", "dpm-solver-v3"], "dpm-solver-v3 needs EMS tables estimated for this mixture"),
+    (["generate", "--device", "mps", "--out", "{tmp}/x.png"], "--device 'mps' (mps) is not supported here"),
+    (["generate", "--device", "meta", "--out", "{tmp}/x.png"], "--device 'meta' (meta) is not supported here"),
+    (["generate", "--flowchef-step", "1", "--out", "{tmp}/x.png"], "--flowchef-step: FlowChef options, for --model"),
+    (["generate", "--model", "digits-flow", "--flowchef-optimizer", "adam", "--out", "{tmp}/x.png"],
+     "--flowchef-optimizer: FlowChef options"),
+    (["generate", "--noise-std", "0.5", "--out", "{tmp}/x.png"], "--noise-std adds noise to the measurement of an "
+                                                                 "inverse task"),
+    (["generate", "--measurement", "{tmp}/m.png", "--out", "{tmp}/x.png"],
+     "--measurement without --task is for the restoration model digits-mr"),
+    (["generate", "--sampler", "flowchef", "--out", "{tmp}/x.png"], "use --model digits-flow --task"),
+    (["generate", "--sampler", "dc-solver", "--sampler-option", "dc_cpr=digits-eps", "--guidance", "apg",
+      "--out", "{tmp}/x.png"], "with --guidance apg this run has no CFG scale to look them up by"),
+    (["search", "--model", "analytic", "--nfe", "3", "--guidance-scale", "7", "--out", "{tmp}/s.json"],
+     "--guidance-scale: for --model digits-eps"),
+    (["search", "--nfe", "3", "--guidance-scale", "-1", "--out", "{tmp}/s.json"], "argument --guidance-scale"),
+    (["calibrate", "ems", "--sample-steps", "5", "--out", "{tmp}/e.safetensors"],
+     "--sample-steps: for text-to-image models (with --prompts)"),
+    (["calibrate", "ems", "--t-start", "nan", "--out", "{tmp}/e.safetensors"], "argument --t-start"),
+    (["quantize", "--quiet", "--exclude", "nomatch*", "--out", "{tmp}/q"],
+     "--exclude 'nomatch*' matches no layer of digits-eps"),
+])
+def test_second_probe_usage_errors(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    line = _usage(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bench_refuses_a_results_file_that_is_not_one(capsys, tmp_path):
+    import json
+
+    out = tmp_path / "b"
+    argv = ["bench", "--quiet", "--model", "digits-eps", "--num-per-class", "1", "--classes", "0,1",
+            "--reference-steps", "2", "--plot", "none", "--samplers", "ddim", "--steps", "2", "--out", str(out)]
+    for payload in ([], {"cells": [1, 2]}, {"config": {}, "cells": {"k": {"fd": "oops"}}}):
+        out.mkdir(exist_ok=True)
+        (out / "results.json").write_text(json.dumps(payload))
+        assert "is not a fewstep bench results file" in _usage(capsys, *argv)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, tmp_path, monkeypatch):
+    """Ctrl-C printed a KeyboardInterrupt traceback (outputs are atomic, so nothing half-written is left)."""
+    from fewstep import cli
+
+    build = cli.build_parser
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def parser_with_interrupted_generate():
+        parser = build()
+        for action in parser._subparsers._group_actions:
+            action.choices["generate"].set_defaults(func=interrupted)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", parser_with_interrupted_generate)
+    assert main(["generate", "--out", str(tmp_path / "x.png")]) == 130
+    assert capsys.readouterr().err.strip() == "fewstep generate: interrupted"
+
+
+def test_analytic_exact_floor_does_not_depend_on_the_sampler_list():
+    from fewstep.bench.analytic_bench import run_analytic_bench
+
+    floors = [run_analytic_bench(samplers=s, steps=[2], num_samples=50, progress=False)[1]["exact_fd"]
+              for s in (["ddim"], ["ddim", "unipc"])]
+    assert floors[0] == floors[1]

@@ -350,11 +350,15 @@ def test_cli_calibrate_dc_end_to_end_and_usage_errors(tmp_path, capsys):
     x = str(tmp_path / "x.safetensors")
     for argv, message in (
         (["--out", x, "--cpr-out", x], "--cpr-out '" + x + "' is the --out file"),
-        (["--nfe", "3,3", "--out", x], "--nfe 3,3 repeats a value"),
-        (["--guidance-scale", "1,1", "--out", x], "--guidance-scale 1,1 repeats a value"),
+        (["--nfe", "3,3", "--out", x], "--nfe: '3,3' repeats 3; give each value once"),
+        (["--guidance-scale", "1,1.0", "--out", x], "--guidance-scale: '1,1.0' repeats 1"),
         (["--nfe", "5", "--reference", "ddim:4", "--out", x], "--reference ddim:4: the reference solve needs at least"),
     ):
-        assert main(["calibrate", "dc", *argv]) == 2, argv
+        try:
+            code = main(["calibrate", "dc", *argv])
+        except SystemExit as exc:  # argparse's own usage errors (a list flag's type)
+            code = exc.code
+        assert code == 2, argv
         assert message in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
 
 

@@ -337,7 +337,7 @@ def test_cli_restores_held_out_digits_and_a_measurement_file(tmp_path, capsys):
     assert "is 16x10 pixels; the model restores 16x16 images" in capsys.readouterr().err
     assert main(["generate", "--model", "digits-eps", "--measurement", str(tmp_path / "measured.png"),
                  "--quiet", "--out", str(bad)]) == 2
-    assert "`measurement` is for restoration" in capsys.readouterr().err
+    assert "--measurement without --task is for the restoration model digits-mr" in capsys.readouterr().err
     assert not bad.exists()
     # guidance flags would be ignored by a restoration model: refused
     assert main(["generate", "--model", "digits-mr", "--guidance-scale", "5", "--steps", "2", "--quiet", "--out",

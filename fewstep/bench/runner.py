@@ -342,12 +342,28 @@ def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str
     except json.JSONDecodeError as exc:
         raise ValueError(f"results file {str(path)!r} is not valid JSON ({exc}); delete it or choose another --out") \
             from None
+    cells = payload.get("cells") if isinstance(payload, dict) else None
+    if not isinstance(cells, dict) or not all(_is_result_row(row) for row in cells.values()):
+        raise ValueError(f"results file {str(path)!r} is not a fewstep bench results file (a JSON object whose "
+                         "'cells' hold result rows); delete it or choose another --out")  # fmt: skip
     if payload.get("config") != fingerprint:
         raise ValueError(
             f"results file {str(path)!r} is from another configuration: stored {json.dumps(payload.get('config'))}, "
             f"this run {json.dumps(fingerprint)}; use another output directory or the same settings"
         )
-    return dict(payload.get("cells", {}))
+    return dict(cells)
+
+
+#: the fields every stored result row has (metrics: a number, or None where it does not apply)
+_ROW_TEXT = ("model", "sampler")
+_ROW_NUMBERS = ("steps", "nfe", "fd", "accuracy", "mse", "rmse", "seconds_per_image")
+
+
+def _is_result_row(row: Any) -> bool:
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in _ROW_TEXT):
+        return False
+    return all(k in row and (row[k] is None or (isinstance(row[k], (int, float)) and not isinstance(row[k], bool)))
+               for k in _ROW_NUMBERS)
 
 
 def _write_results(out_dir: Path, fingerprint: dict[str, Any], cells: dict[str, dict[str, Any]],

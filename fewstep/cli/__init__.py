@@ -59,3 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FloatingPointError as exc:  # a run that diverged (NaN/Inf), e.g. from a huge step size: no traceback
         print(f"fewstep {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing half-written is left
+        print(f"fewstep {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -13,6 +13,13 @@ class UsageError(ValueError):
     """Bad command-line input: reported in one line, exit code 2."""
 
 
+def _refuse_repeats(values: list, text: str) -> None:
+    """A comma-separated list naming one value twice would run (and report) its cells twice."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{text!r} repeats {', '.join(repeated)}; give each value once")
+
+
 def _int_list(minimum: int, example: str):
     """argparse type: comma-separated integers >= ``minimum``."""
 
@@ -24,6 +31,7 @@ def _int_list(minimum: int, example: str):
             raise argparse.ArgumentTypeError(message) from None
         if not values or any(v < minimum for v in values):
             raise argparse.ArgumentTypeError(f"expected integers >= {minimum} like {example}, got {text!r}")
+        _refuse_repeats(values, text)
         return values
 
     return parse
@@ -37,6 +45,7 @@ def _name_list(text: str) -> list[str]:
     unknown = [v for v in values if v not in available]
     if not values or unknown:
         raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown or text!r}; available: {', '.join(available)}")
+    _refuse_repeats(values, text)
     return values
 
 
@@ -147,9 +156,11 @@ def _guidance_list(text: str) -> list[tuple[str, float]]:
     if not items:
         raise argparse.ArgumentTypeError(f"expected RULE:SCALE like cfg:3,cfg++:0.6, got {text!r}")
     try:
-        return [parse_guidance(v) for v in items]
+        values = [parse_guidance(v) for v in items]
     except (ValueError, TypeError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    _refuse_repeats([f"{rule}:{scale:g}" for rule, scale in values], text)
+    return values
 
 
 def _model_list(text: str) -> list[str]:
@@ -161,6 +172,7 @@ def _model_list(text: str) -> list[str]:
     if not values or unknown:
         raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; available: {', '.join(MODELS)} "
                                          "or a diffusers pipeline directory")
+    _refuse_repeats(values, text)
     return values
 
 
@@ -172,6 +184,7 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,3,7, got {text!r}") from None
     if not values or any(not (v >= 0 and v < float("inf")) for v in values):
         raise argparse.ArgumentTypeError(f"expected finite numbers >= 0 like 1,3,7, got {text!r}")
+    _refuse_repeats([f"{v:g}" for v in values], text)
     return values
 
 

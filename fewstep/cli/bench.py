@@ -94,6 +94,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "reference_steps": 200, "features": "digits-classifier", "inception_weights": None,
                 "reference_images": None}
     options = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in digits_only}
+    if "digits" in kinds and options["num_per_class"] * len(options["classes"]) < 2:
+        raise UsageError(f"--num-per-class {options['num_per_class']} x --classes {len(options['classes'])}: the "
+                         "digits metrics need at least 2 samples per cell")  # fmt: skip
     options["feature_extractor"] = options.pop("features")
     if options["inception_weights"] is not None and options["feature_extractor"] != "inception":
         raise UsageError("--inception-weights needs --features inception")

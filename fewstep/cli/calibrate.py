@@ -8,7 +8,9 @@ from .. import __version__
 from .._io import check_writable
 from ._common import (
     UsageError,
+    _finite_float,
     _float_list,
+    _fraction,
     _int_list,
     _load_class_conditional,
     _load_prompted_sd,
@@ -33,9 +35,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if _safetensors_out(args.cpr_out, "--cpr-out").resolve() == out.resolve():
             raise UsageError(f"--cpr-out {args.cpr_out!r} is the --out file; the CPR coefficients need a file of "
                              "their own")  # fmt: skip
-    for flag, values in (("--nfe", args.nfe), ("--guidance-scale", args.guidance_scale)):
-        if len(set(values)) != len(values):
-            raise UsageError(f"{flag} {','.join(f'{v:g}' for v in values)} repeats a value; give each once")
     method, steps = parse_reference(args.reference)
     if method != "exact" and steps < max(args.nfe):
         raise UsageError(f"--reference {args.reference}: the reference solve needs at least as many steps as the "
@@ -75,10 +74,17 @@ def cmd_calibrate_ems(args: argparse.Namespace) -> int:
     common = dict(num_samples=args.samples, num_intervals=args.intervals, probes=args.probes, seed=args.seed,
                   t_start=args.t_start, t_end=args.t_end, checkpoint=args.checkpoint, progress=not args.quiet,
                   time_derivative=args.time_derivative)
+    sd_only = [flag for flag, value in (("--sample-steps", args.sample_steps), ("--guidance-scale",
+                                                                                   args.guidance_scale))
+               if value is not None]  # fmt: skip
+    if sd_only and args.prompts is None:
+        raise UsageError(f"{', '.join(sd_only)}: for text-to-image models (with --prompts); the class-conditional "
+                         "EMS are estimated on training data, not on the model's own samples")
     if args.prompts is not None:
         pipe, prompts = _load_prompted_sd(args.model, args.prompts)
         ems = text_to_image_ems(pipe, args.model, prompts, batch_size=args.batch_size or 16,
-                                sample_steps=args.sample_steps, guidance_scale=args.guidance_scale, **common)
+                                sample_steps=args.sample_steps or 20,
+                                guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale, **common)
     else:
         pipe = _load_class_conditional(args.model, ("digits-eps", "digits-flow"))
         ems = class_conditional_ems(pipe, args.model, batch_size=args.batch_size or 256, **common)
@@ -130,11 +136,14 @@ def add_parser(sub) -> None:
     p_ems.add_argument("--probes", type=_positive_int, default=1, help="Rademacher probes per sample (default 1)")
     p_ems.add_argument("--batch-size", type=_positive_int, default=None,
                        help="samples per JVP batch (default 256 digits, 16 SD)")
-    p_ems.add_argument("--t-start", type=float, default=None, help="noisiest model time (default: the schedule's)")
-    p_ems.add_argument("--t-end", type=float, default=None, help="least noisy model time (default: the schedule's)")
-    p_ems.add_argument("--sample-steps", type=_positive_int, default=20,
-                       help="SD: DPM-Solver++ steps for the model's own samples")
-    p_ems.add_argument("--guidance-scale", type=float, default=7.5, help="SD: CFG scale of the model's own samples")
+    p_ems.add_argument("--t-start", type=_finite_float, default=None,
+                       help="noisiest model time (default: the schedule's)")
+    p_ems.add_argument("--t-end", type=_finite_float, default=None,
+                       help="least noisy model time (default: the schedule's)")
+    p_ems.add_argument("--sample-steps", type=_positive_int, default=None,
+                       help="SD: DPM-Solver++ steps for the model's own samples (default 20)")
+    p_ems.add_argument("--guidance-scale", type=_fraction, default=None,
+                       help="SD: CFG scale of the model's own samples (default 7.5)")
     p_ems.add_argument("--time-derivative", choices=["difference", "jvp"], default="difference",
                        help="d eps/d lambda: difference over one grid spacing (default; robust for models trained "
                             "on integer timesteps) or the exact JVP through the time input (the paper)")

@@ -52,6 +52,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"{flag} applies to plain sampling (no --task)")
     import torch
 
+    from ..pipelines.generate import _resolve_device
+
+    try:
+        _resolve_device(args.device)  # before loading anything
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("`device`", "--device", 1)) from None
     if args.cuda_graph and (args.device.startswith("cpu") or not torch.cuda.is_available()):
         raise UsageError(f"--cuda-graph needs a CUDA GPU (--device auto or cuda), got --device {args.device} "
                          f"(torch.cuda.is_available() = {torch.cuda.is_available()}); drop --cuda-graph")
@@ -72,8 +78,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     posterior_flags = [flag for flag, value in _posterior_flags(args) if value is not None]
     if posterior_flags:
         raise UsageError(f"{', '.join(posterior_flags)} need --task inpaint|sr|deblur (posterior sampling)")
+    flowchef_flags = [flag for flag, value in _flowchef_flags(args) if value is not None]
+    if flowchef_flags:
+        raise UsageError(f"{', '.join(flowchef_flags)}: FlowChef options, for --model digits-flow --task "
+                         "inpaint|sr|deblur|classifier|edit")
+    if args.noise_std:
+        raise UsageError("--noise-std adds noise to the measurement of an inverse task (--task inpaint|sr|deblur); "
+                         "plain sampling has none")  # fmt: skip
+    if args.measurement is not None and args.model in ("digits-eps", "digits-flow"):
+        raise UsageError(f"--measurement without --task is for the restoration model digits-mr; with --model "
+                         f"{args.model} add --task inpaint|sr|deblur")  # fmt: skip
     if args.sampler == "flowchef":
-        raise UsageError("--sampler flowchef steers towards a task: add --task inpaint|sr|deblur|classifier")
+        raise UsageError("--sampler flowchef steers the flow model towards a task: use --model digits-flow --task "
+                         "inpaint|sr|deblur|classifier (FlowChef picks its sampler itself)")
     args.sampler = args.sampler or "unipc"
     guidance_flags = [f for f, v in (("--guidance", args.guidance), ("--guidance-scale", args.guidance_scale))
                       if v is not None]  # fmt: skip
@@ -84,6 +101,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = _options_dict(args.sampler_option)
     if args.sampler == "dc-solver" and ("dc_ratios_file" in options or "dc_cpr" in options):
         # DC ratios are keyed by the guidance scale and the model: default them to this run's.
+        if args.guidance != "cfg" and "dc_guidance_scale" not in options:
+            raise UsageError(f"--sampler-option dc_ratios_file/dc_cpr: DC ratios are fitted per CFG scale; with "
+                             f"--guidance {args.guidance} this run has no CFG scale to look them up by: pass "
+                             "--sampler-option dc_guidance_scale=W (or run --guidance cfg)")  # fmt: skip
         if args.guidance_scale is None and args.model not in DEFAULT_MODELS:
             raise UsageError("--sampler-option dc_ratios_file/dc_cpr: DC ratios are per CFG scale; "
                              "give --guidance-scale")
@@ -282,6 +303,12 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
     return 0
 
 
+def _flowchef_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
+    return [("--flowchef-step", args.flowchef_step), ("--flowchef-inner-steps", args.flowchef_inner_steps),
+            ("--flowchef-steered-steps", args.flowchef_steered_steps),
+            ("--flowchef-optimizer", args.flowchef_optimizer)]
+
+
 def _posterior_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
     return [("--posterior", args.posterior), ("--posterior-step", args.posterior_step), ("--stsl-eta", args.stsl_eta),
             ("--stsl-inner-steps", args.stsl_inner_steps), ("--stsl-probes", args.stsl_probes),
@@ -318,9 +345,7 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
                          "--posterior to steer it with FlowChef")
     if args.prompt is not None or args.classes:
         raise UsageError("--task with --posterior restores images unconditionally: it takes no --prompt/--class")
-    for flag, value in (("--flowchef-step", args.flowchef_step), ("--flowchef-inner-steps", args.flowchef_inner_steps),
-                        ("--flowchef-steered-steps", args.flowchef_steered_steps),
-                        ("--flowchef-optimizer", args.flowchef_optimizer)):
+    for flag, value in _flowchef_flags(args):
         if value is not None:
             raise UsageError(f"{flag} is for FlowChef (--model digits-flow), not posterior sampling")
     name = args.posterior or "stsl"
@@ -375,8 +400,9 @@ def _add_quant_generate_args(p_gen) -> None:
                        help="run the UNet W8A8-quantized with parameters saved by `fewstep quantize`")
     p_gen.add_argument("--quant-mode", choices=["auto", "fake", "int8", "fp8", "dequant"], default=None,
                        help="execution of the quantized layers: fake-quant reference, real int8 (_int_mm), fp8 "
-                            "(CUDA SM>=8.9), dequant (8-bit storage, float compute); auto: each layer's own "
-                            "8-bit format where the layer and device can run it, else fake")
+                            "(_scaled_mm: CUDA SM>=8.9, or a CPU whose torch has the float8 kernel), dequant (8-bit "
+                            "storage, float compute); auto (default): int8 layers on _int_mm, fp8 layers on CUDA "
+                            "only, else fake")
     p_gen.add_argument("--quant-conv-kernel", choices=["im2col", "triton"], default=None,
                        help="fp8 convs: im2col + torch._scaled_mm (default), or the Triton implicit-GEMM fp8 conv "
                             "(needs triton and a CUDA GPU with SM>=8.9)")

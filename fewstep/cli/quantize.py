@@ -68,6 +68,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     pipe = swap_sampler(_load_class_conditional(args.model), args.sampler,
                         **default_sampler_options(args.model, args.sampler))  # e.g. the shipped EMS for v3
     pipe.set_progress_bar_config(disable=True)
+    import fnmatch
+
+    names = list(quant.quantizable_layers(pipe.unet))
+    unmatched = [pat for pat in patterns if not any(fnmatch.fnmatch(name, pat) for name in names)]
+    if unmatched:
+        raise UsageError(f"--exclude {unmatched[0]!r} matches no layer of {args.model} (layer names look like "
+                         f"{names[0]!r}, {names[len(names) // 2]!r})")  # fmt: skip
+    if all(any(fnmatch.fnmatch(name, pat) for pat in exclude) for name in names):
+        raise UsageError(f"--exclude {' '.join(patterns)} leaves no layer of {args.model} to quantize")
     calibration = quant.build_calibration_set(
         pipe, num_samples=args.samples, steps=args.steps, method=args.calib, guidance_scale=args.guidance_scale,
         seed=args.seed, ndtc_mean=args.ndtc_mean, ndtc_std=args.ndtc_std, num_steps_kept=args.steps_kept,

@@ -9,6 +9,7 @@ from .. import __version__
 from .._io import check_writable
 from ._common import (
     UsageError,
+    _fraction,
     _positive_int,
     _seed,
 )
@@ -24,6 +25,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {args.model!r} is not searchable here; available: analytic, digits-eps")
     if args.metric == "mse" and args.model != "digits-eps":
         raise UsageError("--metric mse is for --model digits-eps (the analytic model uses its exact solution)")
+    digits_only = [flag for flag, value in (("--guidance-scale", args.guidance_scale),
+                                            ("--num-per-class", args.num_per_class)) if value is not None]
+    if digits_only and args.model != "digits-eps":
+        raise UsageError(f"{', '.join(digits_only)}: for --model digits-eps (the analytic model has no classes or "
+                         "guidance)")
+    args.guidance_scale = 3.0 if args.guidance_scale is None else args.guidance_scale
+    args.num_per_class = 20 if args.num_per_class is None else args.num_per_class
     from .._dist import is_main_process
     from ..search import SearchSpace, search
     from ..search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
@@ -80,8 +88,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="digits-eps", help="analytic or digits-eps")
     p.add_argument("--nfe", type=_positive_int, required=True, help="number of model evaluations (>= 2)")
     p.add_argument("--budget", type=_positive_int, default=40, help="schedules to evaluate (default 40)")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale for digits-eps (default 3)")
-    p.add_argument("--num-per-class", type=_positive_int, default=20, help="digits-eps samples per class (7 classes)")
+    p.add_argument("--guidance-scale", type=_fraction, default=None, help="CFG scale for digits-eps (default 3)")
+    p.add_argument("--num-per-class", type=_positive_int, default=None,
+                   help="digits-eps samples per class (7 classes; default 20)")
     p.add_argument("--metric", choices=["fd", "mse"], default="fd",
                    help="digits-eps: Frechet distance, or MSE to a 200-step reference solve (default fd)")
     p.add_argument("--ems", default="auto",

@@ -75,6 +75,10 @@ def _resolve_device(device: str) -> torch.device:
         raise ValueError(f"`device` {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` {device!r} requested but CUDA is not available here; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"`device` {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"`device` {device!r} ({dev.type}) is not supported here; use auto, cpu, cuda or cuda:N")
     return dev
 
 
