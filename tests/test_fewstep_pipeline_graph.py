@@ -582,3 +582,22 @@ def test_attention_kwargs_cache_key_tells_large_tensors_apart():
     assert kwargs_cache_key({"scale": 0.5}) != kwargs_cache_key({"scale": 0.7})
     assert kwargs_cache_key({"bias": a}) != kwargs_cache_key({"bias": a[:1000]})  # same address, other shape
     hash(kwargs_cache_key({"x": [a, {"y": (1, 2)}]}))
+
+
+def test_a_new_guidance_scale_reuses_the_captured_step(sd):
+    """The scale (and a per-step scale list) sits in the device table, so sweeping it replays one graph (it was
+    part of the cache key, a recapture per scale); results equal the eager loop's for each scale."""
+    fp = FewstepPipeline.from_pipe(sd, scheduler="unipc", guidance="cfg", guidance_scale=3.0)
+    kw = dict(**_sd_embeds(1), num_inference_steps=3, output_type="latent")
+    fp._loop_mode = "static"
+    runs = []
+    for scale in (3.0, 5.0, [2.0, 4.0, 6.0]):
+        out = fp(**kw, guidance=guidance.CFG(scale), generator=_gen(1)).images
+        runs.append(fp._graph_cache[1])
+        fp._loop_mode = "eager"
+        ref = fp(**kw, guidance=guidance.CFG(scale), generator=_gen(1)).images
+        fp._loop_mode = "static"
+        assert torch.equal(out, ref)
+    assert runs[0] is runs[1] is runs[2]
+    fp(**kw, guidance=guidance.CFG(3.0, guidance_rescale=0.5), generator=_gen(1))
+    assert fp._graph_cache[1] is not runs[0]  # a setting baked into the step still recaptures

@@ -171,7 +171,9 @@ class StaticLoop:
                     timesteps: torch.Tensor, rule: GuidanceRule | None) -> tuple:
         """What a captured step depends on besides the values copied into its buffers."""
         sched = self.pipe.scheduler
-        rule_key = None if rule is None else (type(rule).__name__, repr(sorted(rule.config().items())))
+        # the scale (or per-step scales) sits in the device table: a new scale replays the same graph
+        rule_key = None if rule is None else (
+            type(rule).__name__, repr(sorted((k, v) for k, v in rule.config().items() if k != "guidance_scale")))
         return (
             self.family, self._loop_mode, id(self.denoiser), self._model_kwargs_key, rule_key, tuple(x.shape),
             x.dtype, str(x.device),
