@@ -58,7 +58,8 @@ def heldout_analytic(nfes: list[int]) -> list[dict]:
         for label, (sampler, opts) in HAND.items():
             sched = samplers.get(sampler)(**opts)
             sched.set_timesteps(nfe)
-            row[label] = analytic(SolverSchedule.from_grid(sched.plan.grid, sched.plan.decisions))
+            row[label] = analytic(SolverSchedule.from_grid(sched.plan.grid, sched.plan.decisions,
+                                                           schedule=sched.noise_schedule))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -176,6 +176,18 @@ def test_flowchef_update_needs_no_outer_grad_and_leaves_inputs_alone():
     torch.testing.assert_close(moved, x * 0.8**3)
 
 
+
+def test_a_cost_that_does_not_depend_on_x0_steers_nothing():
+    """Found by probing: a constant or detached cost raised autograd's 'does not require grad' error; it is a
+    zero gradient, i.e. no move (the plain sampler), as a cost like (z * 0).sum() already gave."""
+    x = torch.randn(2, 1, 4, 4)
+    config = FlowChefConfig(step_size=0.5, inner_steps=2)
+    for cost in (lambda z: torch.zeros(z.shape[0]), lambda z: z.detach().pow(2).sum((1, 2, 3))):
+        torch.testing.assert_close(flowchef_update(x, torch.zeros_like(x), cost, config), x, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="the FlowChef cost must return a tensor"):
+        flowchef_update(x, torch.zeros_like(x), lambda z: 1.0, config)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"step_size": -0.1}, "step_size"),
     ({"step_size": float("nan")}, "step_size"),

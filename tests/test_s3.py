@@ -114,6 +114,12 @@ def test_bad_schedule_contents_and_mismatches(tmp_path):
         ({"timesteps": "999"}, r"`timesteps` must be a list of numbers \(model times\), got '999'"),
         ({"timesteps": [900.0, "500"]}, r"`timesteps` must be a list of numbers"),
         ({"metadata": [1, 2]}, r"`metadata` must be a JSON object, got \[1, 2\]"),
+        # found by probing: a self-contradicting nfe message, a bare TypeError, a nested list flattened, true as 1.0
+        ({"nfe": "2"}, r"`nfe` must be an integer \(the number of model evaluations\), got '2'"),
+        ({"decisions": None}, r"`decisions` must be a list of per-step decisions, got NoneType"),
+        ({"timesteps": [[900.0, 500.0]]}, r"`timesteps` must be a list of numbers"),
+        ({"decisions": [{}, {"relaxation": True}]}, r"step 1: `relaxation` must be a number, got True"),
+        ({"decisions": [{}, {"relaxation": "a"}]}, r"step 1: `relaxation` must be a number, got 'a'"),
     ):
         with pytest.raises(ValueError, match=match):
             S3(s3_schedule=dict(good, **edit))
@@ -944,3 +950,15 @@ def test_s3_begin_index_restarts_the_schedule_part_way():
         x0, eps = obj.mixture.denoise(x, g.alphas[i], g.sigmas[i])
         x = sched.step(eps, t, x).prev_sample
     assert torch.isfinite(x).all() and sched.step_index == schedule.nfe
+
+
+def test_from_grid_refuses_karras_grids_it_cannot_store():
+    """Found by probing: a Karras grid feeds rounded timesteps between exact noise levels; a schedule of times then
+    ran another sampler (up to 1e-3 relative at 8 steps). With the noise schedule given, from_grid refuses it."""
+    base = samplers.get("dpm-solver++")(use_karras_sigmas=True)
+    base.set_timesteps(8)
+    with pytest.raises(ValueError, match="this grid's noise levels are not those of its model timesteps"):
+        SolverSchedule.from_grid(base.plan.grid, base.plan.decisions, schedule=base.noise_schedule)
+    plain = samplers.get("dpm-solver++")()
+    plain.set_timesteps(8)
+    SolverSchedule.from_grid(plain.plan.grid, plain.plan.decisions, schedule=plain.noise_schedule)

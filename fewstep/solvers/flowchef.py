@@ -127,7 +127,14 @@ def flowchef_update(x: torch.Tensor, offset: torch.Tensor, cost: Cost, config: F
         for k in range(1, config.inner_steps + 1):
             y = y.detach().requires_grad_(True)
             loss = cost(y + offset)
-            (grad,) = torch.autograd.grad(loss.sum(), y)
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"the FlowChef cost must return a tensor (per-image losses or a scalar), got "
+                                f"{type(loss).__name__}")  # fmt: skip
+            if not loss.requires_grad:  # a cost that does not depend on x0_hat (or detaches it): no steering
+                return y.detach()
+            (grad,) = torch.autograd.grad(loss.sum(), y, allow_unused=True)
+            if grad is None:
+                return y.detach()
             if config.optimizer == "gd":
                 step = eta * grad
             else:

@@ -73,6 +73,8 @@ def schedule_fingerprint(schedule: NoiseSchedule) -> str:
 
 def decisions_from_dicts(items: Sequence[Mapping[str, Any]]) -> list[StepDecision]:
     """``StepDecision``s from plain dicts (JSON); unknown keys and values are errors naming the step."""
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"`decisions` must be a list of per-step decisions, got {type(items).__name__}")
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, Mapping):
@@ -80,6 +82,9 @@ def decisions_from_dicts(items: Sequence[Mapping[str, Any]]) -> list[StepDecisio
         unknown = set(item) - _DECISION_KEYS
         if unknown:
             raise ValueError(f"step {i}: unknown decision keys {sorted(unknown)}; allowed: {sorted(_DECISION_KEYS)}")
+        relaxation = item.get("relaxation", 0.0)
+        if isinstance(relaxation, bool) or not isinstance(relaxation, (int, float)):
+            raise ValueError(f"step {i}: `relaxation` must be a number, got {relaxation!r}")
         kw = dict(item)
         if kw.get("points") is not None:
             kw["points"] = tuple(kw["points"])
@@ -263,8 +268,12 @@ class SolverSchedule:
         if not isinstance(meta, Mapping):
             raise ValueError(f"`metadata` must be a JSON object, got {meta!r}")
         steps = data["timesteps"]
-        if not isinstance(steps, (list, tuple)):
+        if not isinstance(steps, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in steps):
             raise ValueError(f"`timesteps` must be a list of numbers (model times), got {steps!r}")
+        nfe = data.get("nfe")
+        if nfe is not None and (isinstance(nfe, bool) or not isinstance(nfe, int)):
+            raise ValueError(f"`nfe` must be an integer (the number of model evaluations), got {nfe!r}")
         out = cls(list(steps), decisions_from_dicts(data["decisions"]), data.get("final", "zero"), dict(meta),
                   data.get("afs"), data.get("afs_mean"))
         if "nfe" in data and data["nfe"] != out.nfe:
@@ -292,8 +301,22 @@ class SolverSchedule:
         return cls.from_dict(data)
 
     @classmethod
-    def from_grid(cls, grid: TimeGrid, decisions: Sequence[StepDecision], metadata: dict | None = None):
-        """The schedule of an existing grid + decisions (e.g. to encode DPM-Solver++ or UniPC)."""
+    def from_grid(cls, grid: TimeGrid, decisions: Sequence[StepDecision], metadata: dict | None = None,
+                  schedule: NoiseSchedule | None = None):
+        """The schedule of an existing grid + decisions (e.g. to encode DPM-Solver++ or UniPC).
+
+        A schedule stores model times only, and its noise levels are those times' levels on the model's noise
+        schedule. A grid that feeds the model rounded timesteps while integrating between exact levels (Karras
+        grids, as in diffusers) cannot be stored exactly: with ``schedule`` given, such a grid is refused."""
         if grid.sigmas[-1] != 0:
             raise ValueError("from_grid needs a grid ending at sigma = 0; pass `final` times explicitly otherwise")
+        if schedule is not None:
+            levels = TimeGrid.from_times(schedule, grid.timesteps, (1.0, 0.0)).lambdas[:-1]
+            gap = float(np.max(np.abs(levels - grid.lambdas[:-1])))
+            if gap > 1e-9 * (1.0 + float(np.max(np.abs(levels)))):
+                raise ValueError(
+                    f"this grid's noise levels are not those of its model timesteps (log-SNR off by up to {gap:.3g}: "
+                    "a Karras grid feeds rounded timesteps); a solver schedule stores model times only, so it would "
+                    "run another sampler: use a grid without use_karras_sigmas"
+                )
         return cls(grid.timesteps.tolist(), list(decisions), "zero", dict(metadata or {}))
