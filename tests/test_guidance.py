@@ -337,3 +337,37 @@ def test_guided_loop_on_meta_device(rule, sampler):
     for i, t in enumerate(scheduler.timesteps):
         x = guidance.guided_step(scheduler, rule, torch.empty_like(x), torch.empty_like(x), t, x, i)
     assert x.device.type == "meta" and x.dtype == torch.float16
+
+
+def test_public_guidance_helpers_check_their_inputs():
+    """Found by probing: apg_update took r = 0 (guidance zeroed) and r < 0 (guidance reversed), repeated or
+    out-of-range norm_dims failed inside torch at the first step, zero Hutchinson probes returned NaN,
+    cfgpp_equivalent_scales took a negative lambda and equal infinite levels, and scheduler_rhos read an Euler
+    scheduler's 1000 training levels before set_timesteps."""
+    from diffusers import EulerDiscreteScheduler
+
+    from fewstep.guidance.rules import apg_update, cfgpp_equivalent_scales, scheduler_rhos
+    from fewstep.guidance.stsl import fd_hutchinson_trace
+
+    d, c = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 1.0]])
+    for r in (0.0, -1.0):
+        with pytest.raises(ValueError, match=r"`norm_threshold` must be a finite number in \(0, inf\] or None"):
+            apg_update(d, c, 1.0, r)
+    torch.testing.assert_close(apg_update(d, c, 1.0, None), d)
+    with pytest.raises(ValueError, match=r"`norm_dims` must be distinct non-batch dimensions"):
+        APG(norm_dims=[1, 1])
+    with pytest.raises(ValueError, match=r"`norm_dims` \(5,\) name dimensions that 2-D predictions do not have"):
+        apg_update(d, c, 1.0, None, norm_dims=[5])
+    with pytest.raises(ValueError, match=r"`probes` must have shape \[P, \*x.shape\] .* with P >= 1"):
+        fd_hutchinson_trace(torch.tanh, torch.zeros(2, 3), torch.zeros(0, 2, 3))
+    with pytest.raises(ValueError, match=r"`guidance_scale` \(CFG\+\+ lambda\) must be a finite number >= 0"):
+        cfgpp_equivalent_scales(-1.0, [2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"`rhos` must be a strictly decreasing sequence"):
+        cfgpp_equivalent_scales(0.5, [math.inf, math.inf, 0.0])
+    assert cfgpp_equivalent_scales(0.5, [math.inf, 1.0, 0.0]) == [0.5, 0.5]
+    assert all(type(w) is float for w in cfgpp_equivalent_scales(0.5, [2.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler has no sampling grid yet: call set_timesteps"):
+        scheduler_rhos(EulerDiscreteScheduler())
+    euler = EulerDiscreteScheduler()
+    euler.set_timesteps(4)
+    assert scheduler_rhos(euler).shape == (5,)

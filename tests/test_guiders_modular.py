@@ -54,6 +54,11 @@ def test_cfgpp_guider_in_a_modular_pipeline_equals_fewstep_pipeline_cfgpp(modula
     ref = fp(**_sdxl_embeds(), height=16, width=16, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
              output_type="latent").images  # fmt: skip
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
-    euler = _latents(modular, sdxl, guider.__class__(guidance_scale=0.6, scheduler=EulerDiscreteScheduler.from_config(
-        SDXL_EULER)), EulerDiscreteScheduler.from_config(SDXL_EULER))  # fmt: skip
+    # a guider wired to the pipeline's own Euler scheduler reads its grid after the pipeline's set_timesteps (one
+    # wired to another instance, which never got set_timesteps, read the 1000 training levels: now an error)
+    euler_scheduler = EulerDiscreteScheduler.from_config(SDXL_EULER)
+    euler = _latents(modular, sdxl, guider.__class__(guidance_scale=0.6, scheduler=euler_scheduler), euler_scheduler)
     assert torch.isfinite(euler).all()
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler has no sampling grid yet"):
+        _latents(modular, sdxl, guider.__class__(guidance_scale=0.6, scheduler=EulerDiscreteScheduler.from_config(
+            SDXL_EULER)), EulerDiscreteScheduler.from_config(SDXL_EULER))  # fmt: skip

@@ -145,6 +145,31 @@ class CFGPlusPlus(GuidanceRule):
         return {"guidance_scale": self.guidance_scale, "allow_extrapolation": self.allow_extrapolation}
 
 
+def check_norm_threshold(norm_threshold: Any) -> float | None:
+    """APG's clip threshold ``r``: a number in ``(0, inf]`` or ``None`` (no clipping). (diffusers reads ``r <= 0`` as
+    no clipping; here 0 would zero the guidance and a negative ``r`` reverse it, so both are refused.)"""
+    if norm_threshold is None or (isinstance(norm_threshold, (int, float)) and norm_threshold == math.inf):
+        return norm_threshold
+    return check_number("norm_threshold", norm_threshold, 0.0, low_open=True, allowed="(0, inf] or None (no clipping)")
+
+
+def check_norm_dims(norm_dims: Any) -> tuple[int, ...] | None:
+    """APG's per-sample norm dimensions: ``None`` (all non-batch dims), one int (diffusers' ``norm_dim``) or
+    distinct ints, none naming the batch dimension 0."""
+    if norm_dims is None:
+        return None
+    if isinstance(norm_dims, (int, np.integer)) and not isinstance(norm_dims, bool):
+        norm_dims = (norm_dims,)
+    if isinstance(norm_dims, (str, bytes)) or not hasattr(norm_dims, "__iter__") or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in norm_dims
+    ):
+        raise ValueError(f"`norm_dims` must be non-batch dimensions (ints, not 0), got {norm_dims!r}")
+    dims = tuple(int(d) for d in norm_dims)
+    if not dims or any(d == 0 for d in dims) or len(set(dims)) != len(dims):
+        raise ValueError(f"`norm_dims` must be distinct non-batch dimensions (not 0), got {norm_dims!r}")
+    return dims
+
+
 def apg_update(
     diff: torch.Tensor,
     cond: torch.Tensor,
@@ -158,7 +183,10 @@ def apg_update(
     clip), split it into the parts parallel and orthogonal to ``cond`` (projection in float64, per sample
     over ``norm_dims``, default all non-batch dims) and return ``diff_perp + eta * diff_par``.
     """
-    dims = list(norm_dims) if norm_dims is not None else _batch_dims(diff)
+    norm_threshold = check_norm_threshold(norm_threshold)
+    dims = list(check_norm_dims(norm_dims)) if norm_dims is not None else _batch_dims(diff)
+    if any(not -diff.ndim <= d < diff.ndim for d in dims):
+        raise ValueError(f"`norm_dims` {tuple(dims)} name dimensions that {diff.ndim}-D predictions do not have")
     if any(d % diff.ndim == 0 for d in dims):  # a negative dim can name the batch dimension too
         raise ValueError(f"`norm_dims` {tuple(dims)} include the batch dimension of {diff.ndim}-D predictions; "
                          "give non-batch dimensions")
@@ -189,6 +217,9 @@ class APG(GuidanceRule):
     units of the ``x0`` norm and scales with ``sqrt(numel)``: retune it per model). Neutral settings
     ``eta=1, norm_threshold=None, momentum=0`` are plain CFG with scale ``w``.
 
+    The momentum ``m`` lives on this object (``reset()`` starts a generation): generations that run at the same
+    time each need their own rule (``APG(**rule.config())``), as with diffusers' own APG guider.
+
     Versus diffusers' ``AdaptiveProjectedGuidance``: diffusers works on the raw model output (eps/v/flow
     velocity, not x0), defaults to ``eta=1`` and no momentum (CFG plus norm clipping) and, unless
     ``use_original_formulation=True``, adds the update to the unconditional output with scale ``w``
@@ -211,28 +242,14 @@ class APG(GuidanceRule):
     ):
         self.guidance_scale = check_number("guidance_scale", guidance_scale, 0.0)
         self.eta = check_number("eta", eta, 0.0)
-        if norm_threshold is not None and not (isinstance(norm_threshold, (int, float)) and norm_threshold == math.inf):
-            norm_threshold = check_number(
-                "norm_threshold", norm_threshold, 0.0, low_open=True, allowed="(0, inf] or None (no clipping)"
-            )
-        self.norm_threshold = norm_threshold
+        self.norm_threshold = check_norm_threshold(norm_threshold)
         self.momentum = check_number("momentum", momentum, -1.0, 1.0, allowed="(-1, 1)")
         if abs(self.momentum) == 1.0:
             raise ValueError(f"`momentum` must be a finite number in (-1, 1), got {momentum!r}")
         if space not in self.SPACES:
             raise ValueError(f"`space` must be one of {list(self.SPACES)}, got {space!r}")
         self.space = space
-        if norm_dims is not None:
-            if isinstance(norm_dims, (int, np.integer)) and not isinstance(norm_dims, bool):
-                norm_dims = (norm_dims,)  # one dimension, as diffusers' norm_dim takes it
-            if isinstance(norm_dims, (str, bytes)) or not all(
-                isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in norm_dims
-            ):
-                raise ValueError(f"`norm_dims` must be non-batch dimensions (ints, not 0), got {norm_dims!r}")
-            norm_dims = tuple(int(d) for d in norm_dims)
-            if not norm_dims or any(d == 0 for d in norm_dims):
-                raise ValueError(f"`norm_dims` must be non-batch dimensions (not 0), got {norm_dims!r}")
-        self.norm_dims = norm_dims
+        self.norm_dims = check_norm_dims(norm_dims)
         self._buffer: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -277,13 +294,16 @@ def cfgpp_equivalent_scales(guidance_scale: float, rhos: Sequence[float] | np.nd
     CFG++ step by ``(rho_{i+1} - rho_i) eps_u - lam rho_i d_eps``. The result depends on the grid, i.e. on
     the number of steps.
     """
-    lam = check_number("guidance_scale", guidance_scale)
+    lam = check_number("guidance_scale", guidance_scale, 0.0, what="CFG++ lambda")
     r = np.asarray(rhos, dtype=np.float64)
-    if r.ndim != 1 or r.size < 2 or np.any(np.isnan(r)) or np.any(np.diff(r) >= 0) or r[-1] < 0:
-        raise ValueError(f"`rhos` must be a strictly decreasing sequence of >= 2 levels >= 0, got {r.tolist()}")
+    # only the first level may be inf (pure noise); comparing the rest keeps inf - inf out of the check
+    if (r.ndim != 1 or r.size < 2 or np.any(np.isnan(r)) or np.any(np.isinf(r[1:])) or r[-1] < 0
+            or np.any(np.diff(r[1:]) >= 0) or not r[0] > r[1]):
+        raise ValueError(f"`rhos` must be a strictly decreasing sequence of >= 2 levels >= 0 (only the first may be "
+                         f"inf), got {r.tolist()}")
     out = []
     for i in range(r.size - 1):
-        out.append(lam if math.isinf(r[i]) else lam * r[i] / (r[i] - r[i + 1]))
+        out.append(lam if math.isinf(r[i]) else float(lam * r[i] / (r[i] - r[i + 1])))
     return out
 
 
@@ -303,6 +323,9 @@ def scheduler_rhos(scheduler: Any) -> np.ndarray:
             f"cannot read the noise levels of {name}: use a fewstep scheduler, EulerDiscreteScheduler or "
             "FlowMatchEulerDiscreteScheduler (after set_timesteps)"
         )
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError(f"{name} has no sampling grid yet: call set_timesteps before reading its noise levels (its "
+                         "sigmas are still the training levels)")
     s = torch.as_tensor(sigmas).detach().double().cpu().numpy()
     if name == "FlowMatchEulerDiscreteScheduler":
         with np.errstate(divide="ignore"):

@@ -82,8 +82,9 @@ def fd_hutchinson_trace(
     ``[P, N, ...]`` (Gaussian or Rademacher: any with ``E[xi xi^T] = I``). Differentiable in ``x``.
     """
     delta = check_number("delta", delta, low=0.0, low_open=True)
-    if probes.ndim != x.ndim + 1 or probes.shape[1:] != x.shape:
-        raise ValueError(f"`probes` must have shape [P, *x.shape] = [P, {tuple(x.shape)}], got {tuple(probes.shape)}")
+    if probes.ndim != x.ndim + 1 or probes.shape[1:] != x.shape or probes.shape[0] == 0:
+        raise ValueError(f"`probes` must have shape [P, *x.shape] = [P, {tuple(x.shape)}] with P >= 1, got "
+                         f"{tuple(probes.shape)}")
     fx = fn(x) if fx is None else fx
     total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for xi in probes:
