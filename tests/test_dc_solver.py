@@ -239,6 +239,19 @@ def test_cpr_recovers_a_cascade_polynomial_and_warns_outside_its_range(tmp_path)
         cpr.predict(15, 3.0)
     with pytest.warns(UserWarning, match=r"guidance scale 0.5, 0.5 below"):
         cpr.predict(6, 0.5)
+    # found by probing: far outside its range the shipped CPR gives negative ratios (tau before the previous
+    # point), which ran with a warning only; that is an error now
+    from fewstep.samplers.dc_solver import shipped_artifact
+
+    shipped = load_cpr(shipped_artifact("digits-eps", "cpr"))
+    with pytest.warns(UserWarning):
+        assert min(shipped.predict(20, 3.0)) < 0 < min(shipped.predict(12, 3.0))
+    import fewstep
+
+    config = fewstep.load_default("digits-eps").scheduler.config
+    dc = samplers.from_config("dc-solver", config, dc_cpr="digits-eps", dc_model="digits-eps", dc_guidance_scale=3.0)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"CPR predicts ratios <= 0 for NFE 20, CFG 3"):
+        dc.set_timesteps(20)
 
     key = _key()
     path = save_cpr(tmp_path / "c.safetensors", cpr, "toy", key)

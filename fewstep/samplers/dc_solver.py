@@ -78,7 +78,8 @@ class FewstepDCSolverScheduler(FewstepScheduler):
     ``tau_i = v_{i-1} + rho_i (v_i - v_{i-1})`` in ``dc_variable`` (``t``, ``lambda`` or ``sigma``); see
     ``fewstep.solvers.dc``. ``dc_base`` picks the solver: ``unipc`` (predictor-corrector, the paper's main
     setting) or the predictor-only plug-in for ``ddim`` / ``dpm-solver++``. With all ratios 1 it is exactly
-    its base solver.
+    its base solver on the same config (built from defaults, ``dc_base="ddim"`` differs from ``ddim``'s own
+    defaults: diffusers' DDIM clips ``x0`` and uses ``leading`` spacing; build both from one config).
 
     The ratios come from exactly one of:
 
@@ -232,7 +233,14 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             )
             return check_ratios(ratios, num_steps, cfg.dc_order)
         if self._cpr is not None:
-            return check_ratios(self._cpr.predict(num_steps, float(cfg.dc_guidance_scale)), num_steps, cfg.dc_order)
+            ratios = self._cpr.predict(num_steps, float(cfg.dc_guidance_scale))
+            if min(ratios) <= 0:  # tau at or before the previous point: far outside the fitted range
+                raise ValueError(
+                    f"CPR predicts ratios <= 0 for NFE {num_steps}, CFG {cfg.dc_guidance_scale:g} (min "
+                    f"{min(ratios):.3g}; fitted on NFE {self._cpr.nfe_range}, CFG {self._cpr.guidance_range}): too "
+                    "far outside its range; calibrate ratios for this setting (fewstep calibrate dc)"
+                )
+            return check_ratios(ratios, num_steps, cfg.dc_order)
         if self._warned_no_ratios:
             return [1.0] * num_steps
         self._warned_no_ratios = True

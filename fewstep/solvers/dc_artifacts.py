@@ -225,7 +225,8 @@ class CPRModel:
     def predict(self, nfe: int, guidance_scale: float, warn: bool = True) -> list[float]:
         """Ratios for an ``nfe``-step run at ``guidance_scale``; the first ``order`` are 1.
 
-        Outside the fitted range a ``UserWarning`` says by how much (CPR extrapolates polynomially).
+        Outside the fitted range a ``UserWarning`` says by how much (CPR extrapolates polynomially); the DC-Solver
+        scheduler refuses ratios <= 0, which far extrapolation can give.
         """
         check_int("nfe", nfe, 1)
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
