@@ -340,3 +340,26 @@ def test_pipeline_directory_two_cpu_processes_match_one(tiny_sd, tmp_path):  # n
     assert len(two) == len(one) == 1 and two[0]["num_samples"] == one[0]["num_samples"] == 6
     assert two[0]["mse"] == pytest.approx(one[0]["mse"], rel=1e-4)
     assert one[0]["fd"] > 0 and two[0]["fd"] == pytest.approx(one[0]["fd"], rel=1e-3)
+
+
+def test_grid_api_refuses_repeats_and_pipeline_cache_follows_the_weights(tmp_path):
+    """Found by probing: through the API a repeated sampler/steps entry ran its cells several times (results.csv
+    then disagreed with results.json); a pipeline folder whose weights were replaced reused the cached reference
+    solve of the old weights (the cache key named the path only)."""
+    from fewstep.bench.analytic_bench import run_analytic_bench
+    from fewstep.bench.runner import _folder_fingerprint
+
+    with pytest.raises(ValueError, match=r"`samplers` repeats \['ddim'\]"):
+        BenchConfig(models=["analytic"], samplers=["ddim", "ddim"], steps=[3])
+    with pytest.raises(ValueError, match=r"`steps` repeats \['3'\]"):
+        BenchConfig(models=["analytic"], samplers=["ddim"], steps=[3, 3])
+    with pytest.raises(ValueError, match=r"`samplers` repeats \['ddim'\]"):
+        run_analytic_bench(samplers=["ddim", "ddim"], steps=[2], num_samples=10, progress=False)
+    folder = tmp_path / "pipe"
+    (folder / "unet").mkdir(parents=True)
+    weights = folder / "unet" / "w.safetensors"
+    weights.write_bytes(b"old")
+    before = _folder_fingerprint(folder)
+    assert _folder_fingerprint(folder) == before
+    weights.write_bytes(b"new weights")
+    assert _folder_fingerprint(folder) != before

@@ -57,6 +57,9 @@ def _check_list(name: str, values, allowed=None) -> list:
         bad = [v for v in values if v not in allowed]
         if bad:
             raise ValueError(f"`{name}` has unknown values {bad}; available: {', '.join(allowed)}")
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"`{name}` repeats {repeated}; give each value once")
     return values
 
 

@@ -173,6 +173,11 @@ class BenchConfig:
         if not guidance and any(m != "analytic" for m in self.models):
             raise ValueError("`guidance` must not be empty for the digits models (use cfg:1 for no guidance)")
         self.guidance = guidance
+        for name, values in (("models", self.models), ("samplers", self.samplers), ("steps", self.steps),
+                             ("guidance", self.guidance)):
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:  # a repeated entry ran (and reported) its cells several times
+                raise ValueError(f"`{name}` repeats {repeated}; give each value once")
         fe = self.feature_extractor
         if not isinstance(fe, FeatureExtractor) and fe not in FEATURE_EXTRACTORS:
             raise ValueError(f"`feature_extractor` must be one of {list(FEATURE_EXTRACTORS)} or a FeatureExtractor, "
@@ -462,6 +467,16 @@ class _DigitsWorld:
                 "seconds_per_image": seconds / n, "num_samples": n}
 
 
+def _folder_fingerprint(folder: str | Path) -> str:
+    """A digest of a pipeline folder's files (relative path, size, modification time): cache entries of reference
+    solves carry it, so weights replaced under the same path are recomputed, not reused (a re-saved identical
+    checkpoint only costs a recomputation)."""
+    root = Path(folder).resolve()
+    entries = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                     for f in root.rglob("*") if f.is_file())
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+
+
 class _PipelineWorld:
     """A diffusers text-to-image pipeline directory (SD 1.x/2.x, SDXL, SD3, Flux) run through ``FewstepPipeline``:
     prompts from the config, one seeded generator per sample (``seed + k``, so results do not depend on the
@@ -477,6 +492,7 @@ class _PipelineWorld:
         from ..pipelines import FewstepPipeline
 
         self.model, self.config, self.progress, self.cache_dir = model, config, progress, cache_dir
+        self.files_id = _folder_fingerprint(model)  # a changed checkpoint in the same folder misses the cache
         self.pipe = DiffusionPipeline.from_pretrained(model)
         if not FewstepPipeline.supports(self.pipe):
             raise ValueError(f"`models` entry {model!r}: {type(self.pipe).__name__} is not a pipeline FewstepPipeline "
@@ -544,7 +560,8 @@ class _PipelineWorld:
         if (rule, scale) in self.references:
             return self.references[(rule, scale)]
         c = self.config
-        key = {"kind": "reference-solve", "model": str(Path(self.model).resolve()), "guidance": rule,
+        key = {"kind": "reference-solve", "model": str(Path(self.model).resolve()), "files": self.files_id,
+               "guidance": rule,
                "guidance_scale": scale, "prompts": hashlib.sha256("\n".join(c.prompts).encode()).hexdigest()[:16],
                "num_per_class": c.num_per_class, "seed": c.seed, "image_size": c.image_size,
                "reference": f"{c.reference_sampler}:{c.reference_steps}"}
