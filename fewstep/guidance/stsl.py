@@ -24,7 +24,10 @@ The DDIM step (``reuse_eval``): the paper's text does not say whether it re-eval
 point. ``reuse_eval=True`` (default) uses the last inner iteration's ``eps`` there, ``z0 = (z_K - sigma eps(z_{K-1}))
 / alpha`` -- i.e. ``DDIM(z_{K-1}) - (alpha'/alpha) zeta grad L``, DPS's update order -- and costs no evaluation;
 ``reuse_eval=False`` spends one more (unbackpropagated) evaluation per step on ``eps(z_K)``. On digits the saved
-evaluation buys more outer steps, which is worth more than the fresh ``eps`` (README "Inverse problems").
+evaluation buys more outer steps, which is worth more than the fresh ``eps`` (README "Inverse problems"). The
+reused form carries the inner move into the next level scaled by ``alpha'/alpha``, which is large in the first
+steps of a short run started at pure noise: with ``strength=1`` and 3-5 steps on digits the samples blow up
+(|x| 4-190, no NaN); start part-way (``strength < 1``, the tuned defaults) or pass ``reuse_eval=False`` there.
 
 Weight of the trace term (``trace_weight``): ``"constant"`` is the paper's ``eta / d``. Its gradient grows like
 ``1/sigma^3`` as the noise falls (``Tr grad s ~ -Tr(grad eps)/sigma``), so with one probe it turns into noise that
