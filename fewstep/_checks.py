@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int", "check_number"]
+__all__ = ["check_int", "check_number", "repeated_values"]
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
@@ -77,3 +77,10 @@ def check_number(
         text = f" in {allowed}" if allowed is not None else _range_text(low, high, low_open)
         raise ValueError(f"{_label(name, what)} must be {kind}{text}, got {value!r}")
     return float(value)
+
+
+def repeated_values(values: Any) -> list[str]:
+    """The values a list names more than once (as sorted strings; empty when all are distinct): lists of cells to run
+    refuse them, since a repeat would run and report its cells twice."""
+    values = list(values)
+    return sorted({str(v) for v in values if values.count(v) > 1})

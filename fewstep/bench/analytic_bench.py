@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import samplers as sampler_registry
-from .._checks import check_int
+from .._checks import check_int, repeated_values
 from .analytic import AnalyticModel, GaussianMixture, default_mixture, exact_solution
 from .metrics import feature_statistics, frechet_distance, rmse
 
@@ -57,7 +57,7 @@ def _check_list(name: str, values, allowed=None) -> list:
         bad = [v for v in values if v not in allowed]
         if bad:
             raise ValueError(f"`{name}` has unknown values {bad}; available: {', '.join(allowed)}")
-    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    repeated = repeated_values(values)
     if repeated:
         raise ValueError(f"`{name}` repeats {repeated}; give each value once")
     return values

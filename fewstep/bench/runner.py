@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
-from .._checks import check_int
+from .._checks import check_int, repeated_values
 from .._dist import distributed_state, is_main_process, split_samples
 from .._io import atomic_write
 from ..pipelines.defaults import default_sampler_options
@@ -175,7 +175,7 @@ class BenchConfig:
         self.guidance = guidance
         for name, values in (("models", self.models), ("samplers", self.samplers), ("steps", self.steps),
                              ("guidance", self.guidance)):
-            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            repeated = repeated_values(values)
             if repeated:  # a repeated entry ran (and reported) its cells several times
                 raise ValueError(f"`{name}` repeats {repeated}; give each value once")
         fe = self.feature_extractor

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from .. import samplers as sampler_registry
+from .._checks import repeated_values
 
 
 class UsageError(ValueError):
@@ -15,7 +16,7 @@ class UsageError(ValueError):
 
 def _refuse_repeats(values: list, text: str) -> None:
     """A comma-separated list naming one value twice would run (and report) its cells twice."""
-    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    repeated = repeated_values(values)
     if repeated:
         raise argparse.ArgumentTypeError(f"{text!r} repeats {', '.join(repeated)}; give each value once")
 

@@ -74,9 +74,8 @@ def cmd_calibrate_ems(args: argparse.Namespace) -> int:
     common = dict(num_samples=args.samples, num_intervals=args.intervals, probes=args.probes, seed=args.seed,
                   t_start=args.t_start, t_end=args.t_end, checkpoint=args.checkpoint, progress=not args.quiet,
                   time_derivative=args.time_derivative)
-    sd_only = [flag for flag, value in (("--sample-steps", args.sample_steps), ("--guidance-scale",
-                                                                                   args.guidance_scale))
-               if value is not None]  # fmt: skip
+    sd_only = [flag for flag, value in (("--sample-steps", args.sample_steps),
+                                        ("--guidance-scale", args.guidance_scale)) if value is not None]
     if sd_only and args.prompts is None:
         raise UsageError(f"{', '.join(sd_only)}: for text-to-image models (with --prompts); the class-conditional "
                          "EMS are estimated on training data, not on the model's own samples")

@@ -75,7 +75,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if unmatched:
         raise UsageError(f"--exclude {unmatched[0]!r} matches no layer of {args.model} (layer names look like "
                          f"{names[0]!r}, {names[len(names) // 2]!r})")  # fmt: skip
-    if all(any(fnmatch.fnmatch(name, pat) for pat in exclude) for name in names):
+    if not quant.quantizable_layers(pipe.unet, exclude):
         raise UsageError(f"--exclude {' '.join(patterns)} leaves no layer of {args.model} to quantize")
     calibration = quant.build_calibration_set(
         pipe, num_samples=args.samples, steps=args.steps, method=args.calib, guidance_scale=args.guidance_scale,

@@ -87,35 +87,41 @@ class QuantLayer(nn.Module):
         self.set_mode(mode)
 
     # the attributes of the layer it replaces that code outside reads (diffusers' SDXL pipeline reads
-    # ``unet.add_embedding.linear_1.in_features``); a conv's ``in_channels`` / ``out_channels`` are plain attributes
-    def _layer_attr(self, kind: str, name: str, value):
-        if self.kind != kind:
-            raise AttributeError(name)  # nn.Module reports it as "'QuantLayer' object has no attribute ..."
+    # ``unet.add_embedding.linear_1.in_features``); a conv's ``in_channels`` / ``out_channels`` are plain attributes;
+    # an attribute of the other layer kind raises AttributeError, which nn.Module reports as a missing attribute
+    def _linear_attr(self, name: str, value: int) -> int:
+        if self.kind != "linear":
+            raise AttributeError(name)
         return value
+
+    def _conv_attr(self, name: str) -> Any:
+        if self.kind != "conv2d":
+            raise AttributeError(name)
+        return self.conv[name]
 
     @property
     def in_features(self) -> int:
-        return self._layer_attr("linear", "in_features", self.in_channels)
+        return self._linear_attr("in_features", self.in_channels)
 
     @property
     def out_features(self) -> int:
-        return self._layer_attr("linear", "out_features", self.out_channels)
+        return self._linear_attr("out_features", self.out_channels)
 
     @property
     def kernel_size(self) -> tuple:
-        return self._layer_attr("conv2d", "kernel_size", self.conv["kernel_size"] if self.kind == "conv2d" else None)
+        return self._conv_attr("kernel_size")
 
     @property
     def stride(self) -> tuple:
-        return self._layer_attr("conv2d", "stride", self.conv["stride"] if self.kind == "conv2d" else None)
+        return self._conv_attr("stride")
 
     @property
-    def padding(self):
-        return self._layer_attr("conv2d", "padding", self.conv["padding"] if self.kind == "conv2d" else None)
+    def padding(self) -> Any:
+        return self._conv_attr("padding")
 
     @property
     def dilation(self) -> tuple:
-        return self._layer_attr("conv2d", "dilation", self.conv["dilation"] if self.kind == "conv2d" else None)
+        return self._conv_attr("dilation")
 
     def _apply(self, fn, recurse: bool = True):
         """Device moves reach the stored tensors, dtype casts do not: ``pipe.to("cuda", torch.float16)`` must not
