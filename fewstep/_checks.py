@@ -35,6 +35,9 @@ def check_int(name: str, value: Any, low: int | None = 1, high: int | None = Non
     (followed by ``what`` in parentheses when given, e.g. the paper's symbol), the allowed range and ``value``
     otherwise.
     """
+    if not numpy_ok and isinstance(value, np.integer) and not isinstance(value, np.bool_):
+        raise ValueError(f"{_label(name, what)} must be a Python int{_range_text(low, high)}, got the numpy integer "
+                         f"{value!r} (pass int(...))")
     types: tuple[type, ...] = (int, np.integer) if numpy_ok else (int,)
     if (
         isinstance(value, (bool, np.bool_))

@@ -22,7 +22,7 @@ def test_ir_sde_cosine_schedule_endpoints_and_vp_form():
     schedule = VPSchedule(abar)
     assert schedule.lambda_(0) - np.log(lam) == pytest.approx(6.11, abs=0.01)
     assert schedule.lambda_(100) - np.log(lam) == pytest.approx(-3.67, abs=0.01)
-    with pytest.raises(ValueError, match="`a_end` must lie in"):
+    with pytest.raises(ValueError, match="`a_end` must be a finite number in"):
         mean_reverting_alphas_cumprod(100, a_end=1.5)
 
 

@@ -66,8 +66,12 @@ def test_fractional_order_rejects_bad_values(bad):
 
 @pytest.mark.parametrize("beta", [0.0, -0.1, 1.5, float("nan"), True])
 def test_beta_outside_unit_interval_is_rejected(beta):
-    with pytest.raises(ValueError, match=r"`beta` must be a number in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"`beta` must be a finite number in \(0, 1\]"):
         ghvb_coefficients(2, beta)
+
+
+def test_beta_accepts_numpy_floats():
+    assert ghvb_coefficients(2, np.float32(0.5)) == ghvb_coefficients(2, 0.5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,9 +305,9 @@ def test_only_multistep_steps_of_dpm_solver_carry_momentum():
 @pytest.mark.parametrize(
     "cls, kwargs, match",
     [
-        (HB, {"beta": 0.0}, r"`beta` must be a number in \(0, 1\], got 0.0"),
-        (HB, {"beta": 1.2}, r"`beta` must be a number in \(0, 1\], got 1.2"),
-        (GHVB, {"beta": -0.5}, r"`beta` must be a number in \(0, 1\]"),
+        (HB, {"beta": 0.0}, r"`beta` must be a finite number in \(0, 1\], got 0.0"),
+        (HB, {"beta": 1.2}, r"`beta` must be a finite number in \(0, 1\], got 1.2"),
+        (GHVB, {"beta": -0.5}, r"`beta` must be a finite number in \(0, 1\]"),
         (HB, {"solver_order": 5}, r"`solver_order` must be an integer in \[1, 4\], got 5"),
         (HB, {"base": "unipc", "solver_order": 4}, r"`solver_order` must be an integer in \[1, 3\], got 4"),
         (GHVB, {"solver_order": 6}, r"`solver_order` must be an integer in \[1, 5\], got 6"),
@@ -354,7 +358,7 @@ def test_cli_sampler_options(tmp_path, capsys):
     bad = tmp_path / "bad.png"
     argv[-1] = str(bad)
     assert main([*argv, "--sampler-option", "beta=1.5"]) == 2
-    assert "`beta` must be a number in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "`beta` must be a finite number in (0, 1], got 1.5" in capsys.readouterr().err
     assert main([*argv, "--sampler-option", "beta=0.5", "--sampler-option", "beta=0.6"]) == 2
     assert "--sampler-option beta given twice" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:

@@ -360,7 +360,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"flow schedules support time_grid='spacing' only, got {cfg.time_grid!r}")
             return grids.flow_grid(
                 sched, num_inference_steps, shift, style=style, dynamic=bool(cfg.use_dynamic_shifting),
-                shift_terminal=cfg.shift_terminal,
+                shift_terminal=cfg.shift_terminal or None,  # diffusers reads 0 as unset
             )
         grid_name = "karras" if cfg.use_karras_sigmas else cfg.time_grid
         if grid_name == "spacing":

@@ -118,6 +118,8 @@ class EMS:
 
         Raises if a value lies outside the grid by more than half a grid spacing."""
         lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+        if np.any(np.isnan(lam)):
+            raise ValueError(f"{what} must not be NaN, got {lam.tolist()}")
         lo, hi = self.lambdas[0], self.lambdas[-1]
         step = (hi - lo) / (self.num_points - 1)
         outside = (lam < lo - 0.5 * step) | (lam > hi + 0.5 * step)
@@ -204,6 +206,8 @@ def derivative_matrix(deltas: Sequence[float], pseudo: bool = False) -> np.ndarr
     n = dl.size
     if n == 0:
         return np.zeros((0, 0))
+    if not np.all(np.isfinite(dl)):
+        raise ValueError(f"derivative points' lambda offsets must be finite, got {dl.tolist()}")
     if np.any(dl == 0) or len(set(dl.tolist())) != n:
         raise ValueError(f"derivative points must be distinct and differ from the start point, got {dl.tolist()}")
     if not pseudo:

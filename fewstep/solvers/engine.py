@@ -59,11 +59,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from .ems import EMS, EMSTransition, derivative_matrix, ems_transition
 from .grids import TimeGrid
 from .momentum import MomentumState, MomentumStep
@@ -159,11 +160,10 @@ class StepDecision:
             if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 2 <= c <= self.order + 1:
                 allowed = f"[2, order + 1 = {self.order + 1}]"
                 raise ValueError(f"`corrector_order` must be an integer in {allowed}, got {c!r}")
+        check_number("relaxation", self.relaxation)
         if self.prediction == "ems" and (self.stochastic or self.coefficients != "taylor" or self.relaxation != 0.0):
             raise ValueError("prediction='ems' (DPM-Solver-v3) supports ODE steps with coefficients='taylor' and no "
                              "relaxation only")
-        if not math.isfinite(self.relaxation):
-            raise ValueError(f"`relaxation` must be finite, got {self.relaxation!r}")
         if self.points is not None:
             if isinstance(self.points, (str, bytes)) or not all(
                 isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_)) for p in self.points
@@ -405,6 +405,7 @@ def compile_plan(
 
     ``ems``: DPM-Solver-v3 tables for steps with ``prediction="ems"``."""
     n = grid.num_steps
+    check_int("extra_buffer", extra_buffer, 0)
     decisions = list(decisions)
     if len(decisions) != n:
         raise ValueError(f"need one decision per step: grid has {n} steps, got {len(decisions)} decisions")
@@ -631,6 +632,18 @@ class EngineState:
 PairFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _check_pair(out: Any, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pair_fn``'s result must be two tensors shaped like the sample (checked on metadata only: no sync)."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(v, torch.Tensor) for v in out)):
+        raise TypeError(f"`pair_fn` must return a pair of tensors (x0, eps); at grid point {i} it returned "
+                        f"{type(out).__name__}")
+    for name, v in zip(("x0", "eps"), out):
+        if v.shape != x.shape:
+            raise ValueError(f"`pair_fn` returned {name} of shape {tuple(v.shape)} at grid point {i}; the sample has "
+                             f"shape {tuple(x.shape)}")
+    return out[0], out[1]
+
+
 def sample_loop(
     pair_fn: PairFn,
     x_start: torch.Tensor,
@@ -645,10 +658,12 @@ def sample_loop(
     point later: pass ``plan.analytic_start.start(noise)``.
 
     Stochastic steps draw their noise from ``generator`` (on the sample's device)."""
+    if not isinstance(x_start, torch.Tensor):
+        raise TypeError(f"`x_start` must be a torch.Tensor, got {type(x_start).__name__}")
     state = EngineState(plan, hooks)
     x = x_start
     for k, (i, again) in enumerate(plan.calls):
-        x0, eps = pair_fn(x, i)
+        x0, eps = _check_pair(pair_fn(x, i), x, i)
         noise = None
         if plan.steps[i].predictor.noise != 0.0 and (again or not plan.steps[i].reevaluate):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

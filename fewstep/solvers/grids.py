@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_int, check_number
 from .schedules import FlowSchedule, FlowShift, NoiseSchedule, VPSchedule
 
 __all__ = [
@@ -59,12 +60,25 @@ class TimeGrid:
         self.alphas = np.asarray(self.alphas, dtype=np.float64)
         self.sigmas = np.asarray(self.sigmas, dtype=np.float64)
         n = self.timesteps.size
+        if self.timesteps.ndim != 1 or n < 1:
+            raise ValueError(f"a TimeGrid needs at least one evaluation point (1-D timesteps), got shape "
+                             f"{self.timesteps.shape}")
         if self.alphas.shape != (n + 1,) or self.sigmas.shape != (n + 1,):
             raise ValueError("a TimeGrid needs N timesteps and N+1 alphas/sigmas (the last one is the target)")
+        if np.any(~np.isfinite(self.timesteps)):
+            raise ValueError(f"grid timesteps must be finite, got {self.timesteps.tolist()}")
         if np.any(~np.isfinite(self.alphas)) or np.any(~np.isfinite(self.sigmas)):
             raise ValueError("grid alphas/sigmas must be finite")
         if np.any(self.sigmas[:-1] <= 0):
             raise ValueError("every evaluation point of a grid needs sigma > 0")
+        if np.any(self.alphas <= 0) or self.sigmas[-1] < 0:
+            i = int(np.argmax(self.alphas <= 0)) if np.any(self.alphas <= 0) else n
+            where = f"t = {self.timesteps[i]:g}" if i < n else "the target"
+            raise ValueError(
+                f"every point of a grid needs alpha > 0 and sigma >= 0; point {i} ({where}) has alpha = "
+                f"{self.alphas[i]:g}, sigma = {self.sigmas[i]:g} (pure noise, alpha = 0, has lambda = -inf: a flow "
+                "schedule's t = T; start below it)"
+            )
         with np.errstate(divide="ignore"):
             self.lambdas = np.log(self.alphas) - np.log(self.sigmas)
         gaps = np.diff(self.lambdas)
@@ -120,7 +134,9 @@ def spacing_timesteps(
     ``style="multistep"`` is DPMSolverMultistep/UniPC's variant (``N+1`` linspace points, last dropped);
     ``style="ddim"`` is DDIMScheduler's (``N`` points including 0).
     """
-    T, n = num_train_timesteps, check_num_steps(num_inference_steps, num_train_timesteps)
+    T = check_int("num_train_timesteps", num_train_timesteps, 1)
+    n = check_num_steps(num_inference_steps, T)
+    check_int("steps_offset", steps_offset, 0)
     if spacing not in SPACINGS:
         raise ValueError(f"`timestep_spacing` must be one of {list(SPACINGS)}, got {spacing!r}")
     if style not in ("multistep", "ddim"):
@@ -143,6 +159,11 @@ def spacing_timesteps(
         # keeps it); the first n are diffusers' values exactly.
         ts = (np.arange(T, 0, -T / n).round() - 1)[:n]
     ts = ts.astype(np.int64).astype(np.float64)
+    if ts[0] > T - 1:
+        raise ValueError(
+            f"steps_offset={steps_offset} puts the first of {n} {spacing!r} timesteps at {ts[0]:g}, past the last "
+            f"training step {T - 1}; use a smaller `steps_offset`"
+        )
     if np.any(np.diff(ts) >= 0):
         repeated = sorted({float(v) for v in ts[1:][np.diff(ts) >= 0]}, reverse=True)
         raise ValueError(
@@ -176,10 +197,23 @@ def spacing_grid(
     return TimeGrid.from_times(schedule, ts, _vp_final(schedule, final_sigmas_type))
 
 
-def _default_range(schedule: NoiseSchedule, t_start: float | None, t_end: float | None) -> tuple[float, float]:
-    t_start = schedule.t_max if t_start is None else float(t_start)
-    t_end = schedule.t_min if t_end is None else float(t_end)
-    if not (np.isfinite(t_start) and np.isfinite(t_end)) or t_start <= t_end:
+def _default_range(
+    schedule: NoiseSchedule, t_start: float | None, t_end: float | None, finite_end: bool = False
+) -> tuple[float, float]:
+    """``(t_start, t_end)``: given values checked to lie in the schedule's ``[t_min, t_max]``; defaults are that
+    range, except where a flow schedule's ends have infinite ``lambda`` (``alpha = 0`` at ``t = T``; ``sigma = 0``
+    at ``t = 0``, which only a grid uniform in ``lambda`` cannot reach, ``finite_end``): there the default is
+    ``T - 1`` at the start and ``1`` at the end (DPM-Solver-v3's EMS range)."""
+    flow = isinstance(schedule, FlowSchedule)
+    lo, hi = schedule.t_min, schedule.t_max
+    if t_start is None:
+        t_start = hi - 1.0 if flow else hi
+    if t_end is None:
+        t_end = lo + 1.0 if flow and finite_end else lo
+    for name, value in (("t_start", t_start), ("t_end", t_end)):
+        check_number(name, value, lo, hi)
+    t_start, t_end = float(t_start), float(t_end)
+    if t_start <= t_end:
         raise ValueError(f"need t_start > t_end, got t_start={t_start!r}, t_end={t_end!r}")
     return t_start, t_end
 
@@ -211,8 +245,14 @@ def uniform_lambda_grid(
 ) -> TimeGrid:
     """Times uniform in ``lambda = log(alpha/sigma)`` (DPM-Solver's ``logSNR`` skip type)."""
     n = check_num_steps(num_inference_steps)
-    t_start, t_end = _default_range(schedule, t_start, t_end)
+    t_start, t_end = _default_range(schedule, t_start, t_end, finite_end=True)
     final = _final_from(schedule, final_sigmas_type)
+    ends = schedule.lambda_(np.array([t_start, t_end]))
+    if not np.all(np.isfinite(ends)):
+        raise ValueError(
+            f"a grid uniform in lambda needs finite lambda at both ends; t_start={t_start:g}, t_end={t_end:g} give "
+            f"lambda = {ends.tolist()} (alpha = 0 or sigma = 0 there)"
+        )
     lam = np.linspace(schedule.lambda_(t_start), schedule.lambda_(t_end), n + 1)
     times = schedule.t_of_lambda(lam)
     times[0], times[-1] = t_start, t_end
@@ -247,8 +287,7 @@ def karras_grid(
     ``t(rho)`` rounded to an integer (``round_timesteps``; VP schedules only).
     """
     n = check_num_steps(num_inference_steps)
-    if exponent <= 0:
-        raise ValueError(f"`exponent` must be > 0, got {exponent}")
+    check_number("exponent", exponent, 0.0, low_open=True)
     vp = isinstance(schedule, VPSchedule)
     if rho_min is None:
         rho_min = float(schedule.rho(schedule.t_min if vp else 1.0))
@@ -300,7 +339,10 @@ def flow_grid(
     if style not in ("flowmatch", "multistep", "dpmsolver"):
         raise ValueError(f"`style` must be 'flowmatch', 'multistep' or 'dpmsolver', got {style!r}")
     n = check_num_steps(num_inference_steps)
-    shift = shift if shift is not None else FlowShift(1.0)
+    if shift is None:
+        shift = FlowShift(1.0)
+    elif not isinstance(shift, FlowShift):
+        shift = FlowShift(check_number("shift", shift, 0.0, low_open=True))
     T = schedule.num_train_timesteps
     if style == "flowmatch":
         s_min = 1.0 / T if dynamic else float(shift.apply(np.asarray(1.0 / T)))
@@ -309,7 +351,8 @@ def flow_grid(
         s = shift.apply(np.linspace(1.0, 1.0 / T, n + 1)[:-1])
     else:
         s = shift.apply(np.linspace(1.0 - 1.0 / T, 0.0, n + 1)[:-1])
-    if shift_terminal:
+    if shift_terminal is not None:
+        check_number("shift_terminal", shift_terminal, allowed="(0, 1)")
         if not 0 < shift_terminal < 1:
             raise ValueError(f"`shift_terminal` must lie in (0, 1), got {shift_terminal!r}")
         one_minus = 1.0 - s
@@ -365,6 +408,8 @@ def custom_sigmas_grid(
     if isinstance(schedule, FlowSchedule):
         if np.any(arr > 1):
             raise ValueError(f"flow `sigmas` must lie in (0, 1], got {arr.tolist()}")
+        if final_sigmas_type not in (None, "zero"):
+            raise ValueError(f"flow `final_sigmas_type` must be 'zero' or None, got {final_sigmas_type!r}")
         if final_sigmas_type is None:
             times = arr * schedule.num_train_timesteps
             return TimeGrid(times[:-1], 1.0 - arr, arr)

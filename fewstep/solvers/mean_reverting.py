@@ -16,6 +16,8 @@ of the exponential-integrator math, only these conversions:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -53,18 +55,26 @@ def check_measurement(mu: torch.Tensor | None, sample: torch.Tensor, name: str =
     return mu
 
 
+def _check_lam(lam: Any) -> None:
+    if isinstance(lam, (int, float, np.integer, np.floating)):  # a tensor is not checked (no device sync)
+        check_number("lam", lam, 0.0, low_open=True)
+
+
 def to_z(x: torch.Tensor, mu: torch.Tensor, lam: float) -> torch.Tensor:
     """``z = (x - mu) / lam``: the VP-normalised state."""
+    _check_lam(lam)
     return (x - mu) / lam
 
 
 def from_z(z: torch.Tensor, mu: torch.Tensor, lam: float) -> torch.Tensor:
     """``x = mu + lam z``."""
+    _check_lam(lam)
     return mu + lam * z
 
 
 def model_output_to_z(output: torch.Tensor, mu: torch.Tensor, lam: float, prediction_type: str) -> torch.Tensor:
     """The model output of an MR model, re-expressed for the ``z`` process (same ``prediction_type``)."""
+    _check_lam(lam)
     if prediction_type == "epsilon":
         return output
     if prediction_type == "sample":

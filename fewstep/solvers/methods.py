@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from .._checks import check_int
 from .engine import StepDecision
 
@@ -43,9 +45,13 @@ def _check_order(order: int, upper: int) -> int:
     return order
 
 
+def _check_steps(num_steps: int) -> int:
+    return check_int("num_steps", num_steps, 1)
+
+
 def ddim_decisions(num_steps: int, prediction: str = "data") -> list[StepDecision]:
     """DDIM: every step first order (identical in data and noise form)."""
-    return [StepDecision(prediction=prediction, order=1) for _ in range(num_steps)]
+    return [StepDecision(prediction=prediction, order=1) for _ in range(_check_steps(num_steps))]
 
 
 def dpm_solver_decisions(
@@ -66,6 +72,7 @@ def dpm_solver_decisions(
     diffusers' second-order variants; ``taylor`` uses exact phi-function weights at every order.
     ``stochastic``: the SDE variants (diffusers' ``sde-dpmsolver++`` / ``sde-dpmsolver``, orders 1-2).
     """
+    num_steps = _check_steps(num_steps)
     order = _check_order(solver_order, 2 if stochastic else 3)
     if solver_type not in DPM_SOLVER_TYPES:
         raise ValueError(f"`solver_type` must be one of {list(DPM_SOLVER_TYPES)}, got {solver_type!r}")
@@ -93,14 +100,14 @@ def unipc_decisions(
 ) -> list[StepDecision]:
     """UniPC: UniP-p predictor (``p = min(solver_order, i + 1)``, lowered near the end with
     ``lower_order_final``) and UniC after each evaluation unless its step is in ``disable_corrector``."""
+    num_steps = _check_steps(num_steps)
     order = _check_order(solver_order, 5)
     if solver_type not in UNIPC_TYPES:
         raise ValueError(f"`solver_type` must be one of {list(UNIPC_TYPES)}, got {solver_type!r}")
     disabled = set()
     for d in disable_corrector:
-        if isinstance(d, bool) or not isinstance(d, int):
-            raise ValueError(f"`disable_corrector` must hold step indices (ints), got {d!r}")
-        disabled.add(d)
+        # indices past the last step are ignored, as diffusers does (a config serves every step count)
+        disabled.add(check_int("disable_corrector", d, 0, what="step indices"))
     out = []
     for i in range(num_steps):
         p = min(order, num_steps - i) if lower_order_final else order
@@ -126,7 +133,8 @@ def momentum_active(decisions: list[StepDecision]) -> list[bool]:
 
 def euler_maruyama_decisions(num_steps: int) -> list[StepDecision]:
     """Euler-Maruyama on the reverse VP SDE: the first-order, non-exponential baseline for SDE samplers."""
-    return [StepDecision(prediction="noise", order=1, coefficients="euler-maruyama", stochastic=True)] * num_steps
+    step = StepDecision(prediction="noise", order=1, coefficients="euler-maruyama", stochastic=True)
+    return [step] * _check_steps(num_steps)
 
 
 def dpm_solver_v3_decisions(
@@ -147,8 +155,15 @@ def dpm_solver_v3_decisions(
     judged at the corrected point ``i + 1``); never after the last step. A final step onto a clean target
     (``final_is_clean``) is the first-order data step ``x0`` (it leaves the EMS grid).
     """
+    num_steps = _check_steps(num_steps)
     order = _check_order(solver_order, 3)
-    allow = [True] * num_steps if corrector_at is None else [bool(v) for v in corrector_at]
+    if isinstance(corrector_at, (str, bytes)):
+        raise ValueError(f"`corrector_at` must hold one bool per step, got {corrector_at!r}")
+    allow = [True] * num_steps if corrector_at is None else list(corrector_at)
+    for v in allow:
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"`corrector_at` must hold one bool per step, got {v!r} among {allow!r}")
+    allow = [bool(v) for v in allow]
     if len(allow) != num_steps:
         raise ValueError(f"`corrector_at` needs one flag per step ({num_steps}), got {len(allow)}")
     out = []

@@ -32,7 +32,7 @@ from fractions import Fraction
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from .grids import TimeGrid
 
 __all__ = [
@@ -79,9 +79,7 @@ def _check_order(order: int, name: str = "order", upper: int = MAX_ORDER) -> int
 
 def check_beta(beta: float, name: str = "beta") -> float:
     """Validate a momentum coefficient: a real number in ``(0, 1]``."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < float(beta) <= 1.0:
-        raise ValueError(f"`{name}` must be a number in (0, 1], got {beta!r}")
-    return float(beta)
+    return check_number(name, beta, 0.0, 1.0, low_open=True)
 
 
 def adams_bashforth_coefficients(order: int) -> tuple[float, ...]:

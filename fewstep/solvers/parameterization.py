@@ -15,6 +15,8 @@ Coefficients are Python floats, so the conversions add no host sync.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["PREDICTION_TYPES", "normalize_prediction_type", "to_pair", "from_pair"]
@@ -36,8 +38,13 @@ def normalize_prediction_type(prediction_type: str) -> str:
 def to_pair(
     output: torch.Tensor, sample: torch.Tensor, alpha: float, sigma: float, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert a model output at ``x_t = sample`` to ``(x0, eps)``; needs ``alpha > 0`` and ``sigma > 0``."""
+    """Convert a model output at ``x_t = sample`` to ``(x0, eps)``; needs ``alpha > 0`` and ``sigma > 0``.
+
+    ``alpha``/``sigma`` given as Python numbers are checked (tensors are not: that would sync the device)."""
     kind = normalize_prediction_type(prediction_type)
+    for name, value in (("alpha", alpha), ("sigma", sigma)):
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"`{name}` must be a finite number > 0 to convert a {kind!r} output, got {value!r}")
     if kind == "epsilon":
         return (sample - sigma * output) / alpha, output
     if kind == "sample":

@@ -286,7 +286,12 @@ class SolverSchedule:
         from .._io import atomic_write
 
         path = Path(path)
-        atomic_write(path, lambda p: p.write_text(json.dumps(self.to_dict(), indent=1) + "\n"))
+        try:
+            text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the schedule's metadata cannot be written as JSON ({exc}); metadata values must be "
+                             "strings, finite numbers, bools, None, or lists/dicts of those") from None
+        atomic_write(path, lambda p: p.write_text(text))
         return path
 
     @classmethod

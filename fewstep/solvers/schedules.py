@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -241,6 +241,9 @@ class FlowShift:
 
     shift: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_number("shift", self.shift, 0.0, low_open=True)
+
     @staticmethod
     def from_mu(mu: float) -> FlowShift:
         """Exponential time shift of SD3/Flux: ``s' = e^mu s / (e^mu s + 1 - s)``, i.e. ``shift = e^mu``."""
@@ -333,8 +336,10 @@ def mean_reverting_alphas_cumprod(num_steps: int = 100, a_end: float = 0.005, of
     exp(-dt sum_{j<=i} theta_j)`` with ``dt`` such that ``a_T = a_end``; returns ``a_i^2`` for ``i = 0..T``.
     """
     check_int("num_steps", num_steps, 2, numpy_ok=False)
-    if not 0 < a_end < 1:
-        raise ValueError(f"`a_end` must lie in (0, 1), got {a_end!r}")
+    check_number("a_end", a_end, 0.0, 1.0, low_open=True, allowed="(0, 1)")
+    if a_end == 1:
+        raise ValueError(f"`a_end` must be a finite number in (0, 1), got {a_end!r}")
+    check_number("offset", offset, 0.0)
     grid = np.arange(num_steps + 3, dtype=np.float64) / (num_steps + 2)
     abar = np.cos((grid + offset) / (1 + offset) * np.pi / 2) ** 2
     abar = abar / abar[0]
