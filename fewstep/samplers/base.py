@@ -111,6 +111,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     #: flow grid (see ``grids.flow_grid``): "multistep" (UniPC's ``use_flow_sigmas`` grid, whose last
     #: evaluation is well away from s = 0, which suits multistep solvers), "dpmsolver" or "flowmatch".
     flow_grid_style = "multistep"
+    #: ``step(..., return_dict=False)`` returns ``(prev_sample, pred_original_sample)`` instead of
+    #: ``(prev_sample,)``: the tuple of the diffusers scheduler this one replaces (DDIM's has both).
+    tuple_with_x0 = False
 
     #: config keys whose string value may name an artifact file, each with the shipped names it also takes (those
     #: are not files): ``save_pretrained`` copies such files into the saved folder and ``from_pretrained`` finds them
@@ -450,26 +453,46 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------
     # step
     def _init_step_index(self, timestep: Any) -> None:
+        """The first ``step`` of a run finds its model call: ``set_begin_index``'s, else the index of ``timestep``
+        in ``self.timesteps``. A loop that starts part-way without ``set_begin_index`` (pipelines that iterate
+        ``timesteps[t_start:]``, e.g. AnimateDiff video2video) begins there as if it had been called, warm-up
+        included. The index comes from the tensor's place in ``self.timesteps`` when it is a view of it (metadata:
+        no device sync), else from its value when it is a number or a CPU tensor; an accelerator tensor that is
+        neither is not read back (no host sync) and starts the loop at the first step."""
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
-        value = None
-        if isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
-            value = float(timestep)
-        elif isinstance(timestep, torch.Tensor) and timestep.numel() == 1:
-            if timestep.device.type == "cpu":
-                value = float(timestep.reshape(()))  # CPU scalar: no device sync
-        else:
-            got = f"a tensor of shape {tuple(timestep.shape)}" if isinstance(timestep, torch.Tensor) else repr(timestep)
-            raise ValueError(f"`timestep` must be one of this scheduler's timesteps (a number or a one-element "
-                             f"tensor), got {got}")  # fmt: skip
-        if value is None or value not in self._timestep_values:
-            # Tensors on an accelerator are not read back (no host sync): the loop starts at step 0.
-            if value is not None:
+        index = self._view_index(timestep)
+        if index is None:
+            value = None
+            if isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
+                value = float(timestep)
+            elif isinstance(timestep, torch.Tensor) and timestep.numel() == 1:
+                if timestep.device.type == "cpu":
+                    value = float(timestep.reshape(()))  # CPU scalar: no device sync
+            else:
+                got = (f"a tensor of shape {tuple(timestep.shape)}" if isinstance(timestep, torch.Tensor)
+                       else repr(timestep))
+                raise ValueError(f"`timestep` must be one of this scheduler's timesteps (a number or a one-element "
+                                 f"tensor), got {got}")  # fmt: skip
+            if value is not None and value not in self._timestep_values:
                 raise ValueError(f"timestep {value} is not in this scheduler's timesteps {self._timestep_values}")
-            self._step_index = 0
-            return
-        self._step_index = self._timestep_values.index(value)
+            index = 0 if value is None else self._timestep_values.index(value)
+        if index > 0:
+            self.set_begin_index(index)  # restarts the warm-up there, as diffusers counts it from the first step
+        self._step_index = index
+
+    def _view_index(self, timestep: Any) -> int | None:
+        """The position of ``timestep`` in ``self.timesteps`` when it is a one-element view of that tensor."""
+        ts = self.timesteps
+        if not (isinstance(timestep, torch.Tensor) and isinstance(ts, torch.Tensor)) or timestep.numel() != 1:
+            return None
+        if (timestep.device != ts.device or timestep.device.type == "meta" or timestep.dtype != ts.dtype
+                or ts.ndim != 1 or ts.stride(0) != 1
+                or timestep.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr()):
+            return None
+        k = timestep.storage_offset() - ts.storage_offset()
+        return k if 0 <= k < ts.numel() else None
 
     def convert_model_output(
         self, model_output: torch.Tensor, sample: torch.Tensor, step_index: int
@@ -549,7 +572,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         prev = self._state.call(i, x, x0, eps, noise).to(out_dtype)
         self._step_index = i + 1
         if not return_dict:
-            return (prev,)
+            return (prev, x0.to(out_dtype)) if self.tuple_with_x0 else (prev,)
         return FewstepSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(out_dtype))
 
     # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class FewstepDDIMScheduler(FewstepScheduler):
 
     spacing_style = "ddim"
     flow_grid_style = "flowmatch"
+    tuple_with_x0 = True  # diffusers' DDIMScheduler.step(return_dict=False) gives (prev_sample, pred_original_sample)
 
     @register_to_config
     def __init__(

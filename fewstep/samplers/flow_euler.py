@@ -133,11 +133,17 @@ class FewstepFlowChefScheduler(FewstepFlowEulerScheduler):
         flowchef_steered_steps: int | None = None,
         flowchef_optimizer: str = "gd",
     ):
+        # by keyword: the parent's @register_to_config lists positional arguments as "defaults used", and
+        # from_config of this scheduler's config would then drop them (shift, dynamic shifting, ...)
         super().__init__(
-            num_train_timesteps, shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
-            max_image_seq_len, invert_sigmas, shift_terminal, use_karras_sigmas, use_exponential_sigmas,
-            use_beta_sigmas, time_shift_type, stochastic_sampling, prediction_type, timestep_spacing,
-            final_sigmas_type, time_grid, thresholding, clip_sample, clip_sample_range, steps_offset,
+            num_train_timesteps=num_train_timesteps, shift=shift, use_dynamic_shifting=use_dynamic_shifting,
+            base_shift=base_shift, max_shift=max_shift, base_image_seq_len=base_image_seq_len,
+            max_image_seq_len=max_image_seq_len, invert_sigmas=invert_sigmas, shift_terminal=shift_terminal,
+            use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas, time_shift_type=time_shift_type, stochastic_sampling=stochastic_sampling,
+            prediction_type=prediction_type, timestep_spacing=timestep_spacing, final_sigmas_type=final_sigmas_type,
+            time_grid=time_grid, thresholding=thresholding, clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range, steps_offset=steps_offset,
         )
         from ..solvers.flowchef import FlowChefConfig
 

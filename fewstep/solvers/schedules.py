@@ -306,6 +306,8 @@ def _flow_markers(config: Mapping[str, Any]) -> list[str]:
         found.append(f"_class_name={config['_class_name']!r}")
     if config.get("use_flow_sigmas"):
         found.append("use_flow_sigmas=True")
+    if config.get("use_dynamic_shifting"):  # a flow-only option (FlowMatch*, UniPC/DPM-Solver flow sigmas)
+        found.append("use_dynamic_shifting=True")
     if config.get("prediction_type") in ("flow", "flow_prediction"):
         found.append(f"prediction_type={config['prediction_type']!r}")
     if config.get("shift") is not None:
@@ -314,7 +316,8 @@ def _flow_markers(config: Mapping[str, Any]) -> list[str]:
 
 
 def is_flow_config(config: Mapping[str, Any]) -> bool:
-    """True for flow-matching configs: FlowMatch* classes (SD3, Flux), ``use_flow_sigmas`` or flow prediction."""
+    """True for flow-matching configs: FlowMatch* classes (SD3, Flux), ``use_flow_sigmas``, dynamic shifting, a
+    ``shift`` or flow prediction."""
     return bool(_flow_markers(config))
 
 
