@@ -39,7 +39,8 @@ def test_bad_config(name, kwargs, match):
          r"`solver_order` must be an integer in \[1, 2\], got 3"),
         ("dpm-solver++", {"solver_type": "rk"}, r"`solver_type` must be one of \['midpoint', 'heun', 'taylor'\]"),
         ("unipc", {"solver_type": "bh3"}, r"`solver_type` must be one of \['bh1', 'bh2'\]"),
-        ("unipc", {"disable_corrector": ["first"]}, r"`disable_corrector` \(step indices\) must be an integer >= 0, got .first."),
+        ("unipc", {"disable_corrector": ["first"]},
+         r"`disable_corrector` \(step indices\) must be an integer >= 0, got .first."),
         ("unipc", {"solver_order": 0}, r"`solver_order` must be an integer in \[1, 5\]"),
     ],
 )

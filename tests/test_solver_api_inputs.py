@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fewstep.solvers import grids
-from fewstep.solvers.engine import StepDecision, compile_plan, sample_loop
 from fewstep.solvers.ems import EMS, derivative_matrix
+from fewstep.solvers.engine import StepDecision, compile_plan, sample_loop
 from fewstep.solvers.mean_reverting import from_z, to_z
 from fewstep.solvers.methods import (
     ddim_decisions,
