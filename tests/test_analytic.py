@@ -371,6 +371,66 @@ def test_analytic_model_errors():
     model = AnalyticModel(gm, FlowSchedule())
     with pytest.raises(ValueError, match=r"flattens to 3 features.*D=2"):
         model(torch.zeros(4, 3), 10)
-    with pytest.raises(ValueError, match=r"timestep must be a scalar or a 1-D tensor of length N=4"):
+    with pytest.raises(ValueError, match=r"`timestep` must be a scalar or a 1-D tensor of length N=4"):
         model(torch.zeros(4, 2), torch.ones(3))
     assert isinstance(model, torch.nn.Module)
+
+
+def test_empty_batches_give_empty_results():
+    """Found by probing: exact_solution and AnalyticModel crashed on an empty batch with torch's "cannot reshape
+    tensor of 0 elements" (exact_endpoint's N = 0 return was never reached)."""
+    from fewstep.bench.analytic import exact_mean_reverting_solution
+
+    gm = default_mixture(dim=2)
+    for name, t in (("vp", 999), ("flow", 1000)):  # the flow start is pure noise: the angle form
+        out = exact_solution(gm, SCHEDULES[name], torch.zeros(0, 2), t)
+        assert out.shape == (0, 2) and out.dtype == torch.float64
+    assert exact_solution(gm, SCHEDULES["vp"], torch.zeros(0, 1, 2), 500).shape == (0, 1, 2)
+    assert exact_endpoint(gm, torch.zeros(0, 2), 5.0).shape == (0, 2)
+    assert exact_mean_reverting_solution(gm, torch.zeros(0, 2), torch.zeros(0, 2), 1.0, 0.2, 0.9).shape == (0, 2)
+    model = AnalyticModel(gm, SCHEDULES["vp"])
+    for shape in ((0, 2), (0, 1, 2, 1)):
+        out = model(torch.zeros(shape, dtype=torch.float32), 500)
+        assert out.shape == shape and out.dtype == torch.float32
+
+
+def test_non_finite_points_and_bad_timesteps_are_named():
+    """Found by probing: denoise(x = NaN) returned NaN silently, exact_solution with a NaN x_T raised scipy's "initial
+    state y0 must be finite", and AnalyticModel reported timestep=None as "timesteps must be finite, got [nan nan]",
+    a VP model at t = -5000 as "sigma must be finite" and a flow model at t = 2000 as "alpha must be >= 0"."""
+    from fewstep.bench.analytic import exact_mean_reverting_solution, mean_reverting_denoise
+    from fewstep.solvers.schedules import FlowSchedule as Flow
+    from fewstep.solvers.schedules import VPSchedule
+
+    gm = default_mixture(dim=2)
+    nan = torch.tensor([[float("nan"), 0.0], [0.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"`x` must be finite; got 1 NaN/Inf entries of 4"):
+        gm.denoise(nan, 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"`y` must be finite"):
+        gm.posterior(nan.abs() * math.inf, 1.0)
+    with pytest.raises(ValueError, match=r"`x_T` must be finite"):
+        exact_solution(gm, SCHEDULES["vp"], nan, 999)
+    with pytest.raises(ValueError, match=r"`mu` must be finite"):
+        mean_reverting_denoise(gm, torch.zeros(2, 2), nan, 0.5, 1.0)
+    with pytest.raises(ValueError, match=r"`x_start` must be finite"):
+        exact_mean_reverting_solution(gm, nan, torch.zeros(2, 2), 1.0, 0.2, 0.9)
+    with pytest.raises(ValueError, match=r"`t_start` must be a finite number, got None"):
+        exact_solution(gm, SCHEDULES["vp"], torch.zeros(2, 2), None)
+    vp = AnalyticModel(gm, VPSchedule.from_config({"num_train_timesteps": 1000}))
+    flow = AnalyticModel(gm, Flow(), prediction_type="flow")
+    x = torch.zeros(2, 2)
+    for t in (None, float("nan"), "a"):
+        with pytest.raises(ValueError, match=r"`timestep` must be a scalar or a 1-D tensor of length N=2, finite "
+                                             r"timesteps in \[0, 999\]; got"):
+            vp(x, t)
+    with pytest.raises(ValueError, match=r"`timestep` -5000 is outside the schedule's range: .*sigma=nan.* give "
+                                         r"timesteps in \[0, 999\]"):
+        vp(x, -5000)
+    with pytest.raises(ValueError, match=r"`timestep` 2000 is outside the schedule's range: .*alpha=-1\.0.* give "
+                                         r"timesteps in \[0, 1000\]"):
+        flow(x, torch.tensor([10.0, 2000.0]))
+    with pytest.raises(ValueError, match=r"`timestep` 2000 .* give timesteps in \[0, 1000\]"):
+        AnalyticModel(gm, SCHEDULES["flow"])(x, 2000)  # a schedule without t_min/t_max: [0, num_train_timesteps]
+    assert torch.isfinite(vp(x, 999)).all() and torch.isfinite(flow(x, 1000)).all()
+    with pytest.raises(ValueError, match=r"`sample` must be finite; got 1 NaN/Inf entries of 4"):
+        vp(nan.float(), 500)

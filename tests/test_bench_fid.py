@@ -233,3 +233,22 @@ def test_any_extractor_also_serves_the_digits_models(tmp_path):
     assert rows[0]["fd"] != default[0]["fd"] and rows[0]["fd"] > 0
     assert json.loads((tmp_path / "tiny" / "results.json").read_text())["config"]["feature_extractor"] == "tiny-conv:0"
     assert len(list((tmp_path / "tiny" / "cache").glob("refstats-*.safetensors"))) == 2  # classifier + tiny-conv
+
+
+def test_folder_statistics_checks_the_size_argument(tmp_path):
+    """Found by probing: size="88" was read as (8, 8) and reported as "holds 8x8 images but the generated images are
+    8x8", and size=8 raised a bare TypeError; numpy batch sizes were refused as "must be an integer ... got
+    np.int64(2)"."""
+    folder = tmp_path / "ref"
+    _write_images(folder, torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    extractor = tiny_extractor()
+    for size in ("88", 8, (8,), (8, 8, 3), (8.0, 8), (0, 8), (True, 8), [8, None]):
+        with pytest.raises(ValueError, match=r"`size` must be None or a \(height, width\) pair of integers >= 1, "
+                                             r"e\.g\. \(8, 8\); got"):
+            folder_statistics(folder, extractor, size)
+    mean, _ = folder_statistics(folder, extractor, (np.int64(8), 8))
+    for size in ([8, 8], torch.Size([8, 8]), None):
+        np.testing.assert_array_equal(folder_statistics(folder, extractor, size)[0], mean)
+    numpy_batch = FeatureExtractor(extractor.fn, extractor.id, np.int64(2))
+    assert numpy_batch.batch_size == 2 and type(numpy_batch.batch_size) is int
+    np.testing.assert_allclose(folder_statistics(folder, numpy_batch, (8, 8))[0], mean, rtol=1e-6, atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -371,3 +372,98 @@ def test_public_guidance_helpers_check_their_inputs():
     euler = EulerDiscreteScheduler()
     euler.set_timesteps(4)
     assert scheduler_rhos(euler).shape == (5,)
+
+
+def test_apg_update_and_rescale_check_eta_phi_and_shapes():
+    """Found by probing: apg_update took eta = NaN (all NaN) and eta = "0" (a torch index error), and projected every
+    sample on sample 0's direction for cond [1, 5] against diff [2, 5] (cond [2, 1] also broadcast); rescale_to_std
+    took phi = NaN, 5 and a string and broadcast mismatched shapes."""
+    from fewstep.guidance.rules import apg_update, rescale_to_std
+
+    g = torch.Generator().manual_seed(0)
+    d, c = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    for eta in (float("nan"), -1.0, "0", None):
+        with pytest.raises(ValueError, match=r"`eta` must be a finite number >= 0, got"):
+            apg_update(d, c, eta, None)
+    for bad in (c[:1], c[:, :1]):
+        with pytest.raises(ValueError, match=r"`cond` must have the shape of `diff` \(2, 5\) .*got \(\d, \d\)"):
+            apg_update(d, bad, 0.0, None)
+    assert apg_update(d, c, np.float32(0.5), None).shape == d.shape
+    for phi in (float("nan"), 5, -0.1, "a"):
+        with pytest.raises(ValueError, match=r"`phi` \(guidance_rescale\) must be a finite number in \[0, 1\], got"):
+            rescale_to_std(d, c, phi)
+    with pytest.raises(ValueError, match=r"`cond` must have the shape of `guided` \(2, 5\) .*got \(1, 5\)"):
+        rescale_to_std(d, c[:1], 0.5)
+    with pytest.raises(TypeError, match=r"`cond` must be a tensor, got list"):
+        rescale_to_std(d, [1.0], 0.5)
+
+
+def test_guidance_rescale_leaves_predictions_without_spread_unrescaled():
+    """Found by probing: CFG(3, guidance_rescale=0.7) returned NaN where the guided eps has zero per-sample std (a
+    constant eps, or one value per sample). diffusers' rescale_noise_cfg divides by that std and gives NaN too; here
+    such a sample keeps the plain CFG prediction. Samples with spread still match diffusers exactly."""
+    rule = CFG(3.0, guidance_rescale=0.7)
+    ones = torch.ones(2, 4, dtype=torch.float64)
+    cond, uncond = (ones, ones), (0 * ones, 0.5 * ones)
+    assert torch.isnan(rescale_noise_cfg(uncond[1] + 3 * (cond[1] - uncond[1]), cond[1], 0.7)).all()  # diffusers
+    x0, eps = rule(cond, uncond, STATE)
+    torch.testing.assert_close(eps, torch.full_like(ones, 2.0))  # plain CFG: 0.5 + 3 * 0.5
+    torch.testing.assert_close(x0, torch.full_like(ones, 3.0))
+    col = torch.arange(3.0, dtype=torch.float64)[:, None]  # [N, 1]: the std of one value is undefined
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even computed (torch warns about the degrees of freedom)
+        x0, eps = rule((col, col), (col / 2, col / 2), StepState(0, 4, 0.8, 0.6))
+    torch.testing.assert_close(eps, col / 2 + 3 * (col / 2))
+    # one sample without spread, one with: the first is left alone, the second equals diffusers
+    (c0, c1), (u0, u1) = _pairs(3, shape=(2, 8))
+    c1[0], u1[0] = 1.0, 0.0
+    _, eps = rule((c0, c1), (u0, u1), STATE)
+    guided = u1 + 3 * (c1 - u1)
+    torch.testing.assert_close(eps[0], guided[0])
+    torch.testing.assert_close(eps[1], rescale_noise_cfg(guided, c1, 0.7)[1])
+    assert torch.isfinite(guidance.raw_cfg(rule, ones, 0 * ones, 0, 4)).all()
+
+
+def test_raw_cfg_checks_shapes_and_takes_numpy_indices():
+    """Found by probing: raw_cfg broadcast out_cond [1, 4] against out_uncond [2, 4] (guided_step refuses it), and
+    refused numpy integer indices with "must be an integer ... got np.int64(0)"."""
+    c, u = torch.randn(2, 4), torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"same shape \(batch included; no broadcasting\); got \(1, 4\) and \(2, 4\)"):
+        guidance.raw_cfg(CFG(3.0), c[:1], u, 0, 5)
+    torch.testing.assert_close(guidance.raw_cfg(CFG(3.0), c, u, np.int64(1), np.int64(5)), u + 3 * (c - u))
+    with pytest.raises(ValueError, match=r"`index` must be an integer in \[0, 4\], got 5"):
+        guidance.raw_cfg(CFG(3.0), c, u, 5, 5)
+
+
+def test_step_state_takes_numpy_scalars_and_stores_python_numbers():
+    """Found by probing: StepState(0, np.int64(5), ...) said "`num_steps` must be an integer > index (0), got
+    np.int64(5)"."""
+    state = StepState(np.int64(1), np.int64(5), np.float32(0.8), np.float64(0.6))
+    assert (state.index, state.num_steps) == (1, 5) and type(state.index) is int and type(state.num_steps) is int
+    assert type(state.alpha) is float and type(state.sigma) is float and state.sigma == 0.6
+    with pytest.raises(ValueError, match=r"`num_steps` must be an integer > index \(1\), got np.int64\(1\)"):
+        StepState(1, np.int64(1), 0.8, 0.6)
+    with pytest.raises(ValueError, match=r"`alpha` must be a finite number >= 0, got 'a'"):
+        StepState(0, 4, "a", 0.6)
+
+
+def test_hutchinson_and_surrogate_check_shapes_and_dim():
+    """Found by probing: fd_hutchinson_trace took fx = zeros(1, 1) for x [2, 3] (garbage [364, 2300] instead of ~6)
+    and an fn that changes the shape; stsl_surrogate divided by dim = 0 (ZeroDivisionError) and flipped the trace
+    term's sign for dim = -1."""
+    from fewstep.guidance.stsl import fd_hutchinson_trace, stsl_surrogate
+
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probes = torch.randn(64, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"`fx` must have the shape of `x` \(2, 3\) .*got \(1, 1\)"):
+        fd_hutchinson_trace(lambda v: 2 * v, x, probes, fx=torch.zeros(1, 1))
+    with pytest.raises(ValueError, match=r"`fn\(x\)` must have the shape of `x` \(2, 3\) .*got \(2, 1\)"):
+        fd_hutchinson_trace(lambda v: v.sum(1, keepdim=True), x, probes)
+    torch.testing.assert_close(fd_hutchinson_trace(lambda v: 2 * v, x, probes, fx=2 * x),
+                               torch.full((2,), 6.0, dtype=torch.float64), atol=2.0, rtol=0)
+    for dim in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=r"`dim` \(values per sample\) must be an integer >= 1, got"):
+            stsl_surrogate(torch.ones(2), torch.ones(2), 0.1, dim)
+    with pytest.raises(ValueError, match=r"`eta` must be a finite number >= 0, got nan"):
+        stsl_surrogate(torch.ones(2), torch.ones(2), float("nan"), 4)
+    assert float(stsl_surrogate(torch.ones(2), torch.ones(2), 0.1, np.int64(2))) == pytest.approx(2.1)

@@ -59,7 +59,7 @@ def test_bicubic_and_motion_kernels():
 def test_operator_bad_input():
     with pytest.raises(ValueError, match="`mode` must be one of"):
         SuperResolution(2, mode="nearest")
-    with pytest.raises(ValueError, match="`length` must be a number in"):
+    with pytest.raises(ValueError, match=r"`length` must be a finite number in \[1, 5\] \(the kernel size\), got 9"):
         MotionBlur(5, length=9)
     with pytest.raises(ValueError, match="`noise_std` must be a finite number >= 0, got -0.1"):
         GaussianBlur(noise_std=-0.1)
@@ -363,3 +363,71 @@ def test_cli_posterior(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--guidance", "stsl", "--out", str(tmp_path / "x.png")])
     assert exc.value.code == 2 and "posterior sampler" in capsys.readouterr().err
+
+
+def test_ddim_update_checks_its_levels_and_eta():
+    """Found by probing: ddim_eta = NaN silently dropped the eps term (0.8 instead of 1.4), ddim_eta = -1 shrank it
+    and a negative sigma_next was taken."""
+    z0, eps = torch.ones(1), torch.ones(1)
+    torch.testing.assert_close(ddim_update(z0, eps, 0.5, 0.8, 0.8, 0.6), torch.tensor([1.4]))
+    for eta in (float("nan"), -1.0, math.inf, "0"):
+        with pytest.raises(ValueError, match=r"`ddim_eta` must be a finite number >= 0, got"):
+            ddim_update(z0, eps, 0.5, 0.8, 0.8, 0.6, ddim_eta=eta)
+    for i, name in enumerate(("alpha", "sigma", "alpha_next", "sigma_next")):
+        for bad in (-0.6, float("nan"), math.inf):
+            levels = [0.5, 0.8, 0.8, 0.6]
+            levels[i] = bad
+            with pytest.raises(ValueError, match=rf"`{name}` must be a finite number >= 0, got"):
+                ddim_update(z0, eps, *levels)
+    # numpy scalars are numbers too; the final clean level (sigma_next = 0) is still allowed
+    torch.testing.assert_close(ddim_update(z0, eps, np.float32(0.5), 0.8, 1.0, np.float64(0.0)), z0)
+
+
+def test_first_order_loss_checks_loss_and_gluing():
+    """Found by probing: loss="l1" silently computed the "norm" loss and gluing = NaN returned NaN."""
+    from fewstep.guidance.posterior import first_order_loss
+
+    op = BoxInpainting(8, 3)
+    problem = InverseProblem(op, op(torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))))
+    z = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"`loss` must be one of \['norm', 'squared'\], got 'l1'"):
+        first_order_loss(problem, z, loss="l1")
+    for gluing in (float("nan"), -1.0, "1"):
+        with pytest.raises(ValueError, match=r"`gluing` must be a finite number >= 0, got"):
+            first_order_loss(problem, z, gluing=gluing)
+    with pytest.raises(TypeError, match=r"`problem` must be an InverseProblem, got BoxInpainting"):
+        first_order_loss(op, z)
+    norm = first_order_loss(problem, z)
+    torch.testing.assert_close(first_order_loss(problem, z, loss="squared"), 0.5 * norm**2)
+
+
+def test_operators_and_stsl_take_numpy_scalars():
+    """Found by probing: numpy scalars were refused with self-contradictory messages ("must be an integer >= 2, got
+    np.int64(2)"); they are accepted and stored as Python int/float."""
+    from fewstep.guidance.operators import RandomInpainting
+
+    sr = SuperResolution(np.int64(2))
+    assert sr.factor == 2 and type(sr.factor) is int
+    assert sr(torch.zeros(1, 1, 8, 8)).shape == (1, 1, 4, 4)
+    box = BoxInpainting(8, np.int64(3), top=np.int64(1))
+    assert box.box == (1, 2, 3) and all(type(v) is int for v in box.box)
+    torch.testing.assert_close(box.mask, BoxInpainting(8, 3, top=1).mask)
+    blur = GaussianBlur(np.int64(5), np.float32(1.0))
+    assert blur.kernel_size == 5 and type(blur.kernel_size) is int
+    torch.testing.assert_close(blur.kernel, GaussianBlur(5, 1.0).kernel)
+    assert MotionBlur(np.int64(5), length=np.float32(3.0), angle=10.0).length == 3.0
+    torch.testing.assert_close(RandomInpainting(8, np.float32(0.5)).mask, RandomInpainting(8, 0.5).mask)
+    stsl = STSL(inner_steps=np.int64(2), num_probes=np.int32(1), probe_batch=np.int64(1))
+    assert (stsl.inner_steps, stsl.num_probes, stsl.probe_batch) == (2, 1, 1) and type(stsl.inner_steps) is int
+    # and what is still refused says what is allowed
+    for make, match in (
+        (lambda: RandomInpainting(8, 1.0), r"`drop` must be a finite number in \[0, 1\), got 1\.0"),
+        (lambda: RandomInpainting(8, float("nan")), r"`drop` must be a finite number in \[0, 1\), got nan"),
+        (lambda: GaussianBlur(np.int64(4)), r"`kernel_size` must be an odd integer >= 1, got np.int64\(4\)"),
+        (lambda: GaussianBlur(5, np.float32(0.0)), r"`blur_sigma` must be a finite number > 0, got"),
+        (lambda: BoxInpainting(8, np.int64(8)), r"`box` must be smaller than the image size 8, got 8"),
+        (lambda: SuperResolution(np.int64(1)), r"`factor` must be an integer >= 2, got np.int64\(1\)"),
+        (lambda: MotionBlur(5, length=True), r"`length` must be a finite number in \[1, 5\] \(the kernel size\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            make()

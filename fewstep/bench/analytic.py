@@ -75,6 +75,13 @@ def _to_float64_tensor(value: Any, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be convertible to a float64 array; got {value!r}") from exc
 
 
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    """``ValueError`` naming ``name`` unless every entry of ``t`` is finite (a reference, not a hot path)."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"`{name}` must be finite; got {bad} NaN/Inf entries of {t.numel()}")
+
+
 def _per_sample(value: Any, n: int, name: str, device: torch.device) -> torch.Tensor:
     """Validate a scalar or per-sample ``[N]`` quantity and return it as float64 ``[N]`` on ``device``."""
     t = _to_float64_tensor(value, name).to(device)
@@ -191,7 +198,9 @@ class GaussianMixture:
         t = x if isinstance(x, torch.Tensor) else _to_float64_tensor(x, name)
         if t.ndim != 2 or t.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [N, D] with D={self.dim}; got shape {tuple(t.shape)}")
-        return t.detach().to(torch.float64)
+        t = t.detach().to(torch.float64)
+        _check_finite(t, name)
+        return t
 
     def _log_lik_x(
         self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
@@ -369,20 +378,41 @@ class AnalyticModel(torch.nn.Module):
         """Compute device (CPU; inputs on other devices are moved and results moved back)."""
         return torch.device("cpu")
 
+    def _timestep_range(self) -> str:
+        """The schedule's model-time range, for error messages."""
+        low, high = getattr(self.schedule, "t_min", None), getattr(self.schedule, "t_max", None)
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+            return f"[{low:g}, {high:g}]"
+        return f"[0, {self.config.num_train_timesteps}]"
+
     def _alpha_sigma(self, timestep: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(timestep, torch.Tensor):
-            t = timestep.detach().cpu().to(torch.float64).numpy()
-        else:
-            t = np.asarray(timestep, dtype=np.float64)
+        allowed = f"a scalar or a 1-D tensor of length N={n}, finite timesteps in {self._timestep_range()}"
+        try:
+            if isinstance(timestep, torch.Tensor):
+                t = timestep.detach().cpu().to(torch.float64).numpy()
+            else:
+                t = np.asarray(timestep, dtype=np.float64)  # None -> NaN: refused below
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"`timestep` must be {allowed}; got {timestep!r}") from None
         if t.ndim == 0 or t.size == 1:
             t = np.full((n,), float(t.reshape(())), dtype=np.float64)
         elif t.ndim != 1 or t.shape[0] != n:
-            raise ValueError(
-                f"timestep must be a scalar or a 1-D tensor of length N={n}; got shape {tuple(t.shape)}"
-            )
-        alpha, sigma = self.schedule.alpha_sigma(t)
+            raise ValueError(f"`timestep` must be {allowed}; got shape {tuple(t.shape)}")
+        if not np.isfinite(t).all():
+            raise ValueError(f"`timestep` must be {allowed}; got {timestep!r}")
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # out of range: reported below
+            alpha, sigma = self.schedule.alpha_sigma(t)
         alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (n,))
         sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (n,))
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(alpha) & np.isfinite(sigma) & (alpha >= 0) & (sigma >= 0) & (alpha + sigma > 0)
+        if not ok.all():
+            i = int(np.argmin(ok))
+            raise ValueError(
+                f"`timestep` {t[i]:g} is outside the schedule's range: its alpha_sigma gives "
+                f"alpha={float(alpha[i])!r}, sigma={float(sigma[i])!r} there (a model needs finite alpha, sigma >= 0, "
+                f"not both 0); give timesteps in {self._timestep_range()}"
+            )
         return torch.from_numpy(alpha.copy()), torch.from_numpy(sigma.copy())
 
     def forward(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
@@ -390,12 +420,14 @@ class AnalyticModel(torch.nn.Module):
         if sample.ndim < 2:
             raise ValueError(f"sample must have shape [N, D] or [N, ...]; got shape {tuple(sample.shape)}")
         n = sample.shape[0]
-        x = sample.detach().to(device="cpu", dtype=torch.float64).reshape(n, -1)
+        # explicit feature count: reshape(n, -1) is ambiguous for an empty batch
+        x = sample.detach().to(device="cpu", dtype=torch.float64).reshape(n, math.prod(sample.shape[1:]))
         if x.shape[1] != self.mixture.dim:
             raise ValueError(
                 f"sample of shape {tuple(sample.shape)} flattens to {x.shape[1]} features per item; "
                 f"the mixture has D={self.mixture.dim}"
             )
+        _check_finite(x, "sample")
         alpha, sigma = self._alpha_sigma(timestep, n)
         x0_hat, eps_hat = self.mixture.denoise(x, alpha, sigma)
         a, s = alpha[:, None], sigma[:, None]
@@ -416,12 +448,14 @@ def _flatten_points(mixture: GaussianMixture, x: Any, name: str) -> tuple[torch.
     if t.ndim < 2:
         raise ValueError(f"{name} must have shape [N, D] or [N, ...]; got shape {tuple(t.shape)}")
     shape = t.shape
-    flat = t.detach().to(device="cpu", dtype=torch.float64).reshape(shape[0], -1)
+    # explicit feature count: reshape(N, -1) is ambiguous for an empty batch
+    flat = t.detach().to(device="cpu", dtype=torch.float64).reshape(shape[0], math.prod(shape[1:]))
     if flat.shape[1] != mixture.dim:
         raise ValueError(
             f"{name} of shape {tuple(shape)} has {flat.shape[1]} features per item; the mixture has "
             f"D={mixture.dim}"
         )
+    _check_finite(flat, name)
     return flat, shape
 
 
@@ -542,6 +576,7 @@ def exact_solution(
         if t_start.numel() != 1:
             raise ValueError(f"t_start must be a single scalar timestep; got shape {tuple(t_start.shape)}")
         t_start = float(t_start.detach().cpu().reshape(()))
+    t_start = check_number("t_start", t_start)
     a_s, s_s = schedule.alpha_sigma(np.asarray([float(t_start)], dtype=np.float64))
     a_s, s_s = float(np.asarray(a_s).reshape(-1)[0]), float(np.asarray(s_s).reshape(-1)[0])
     if len(alpha_sigma_end) != 2:

@@ -55,7 +55,8 @@ class FeatureExtractor:
             raise TypeError(f"`fn` must be callable (images -> [N, D] features), got {type(self.fn).__name__}")
         if not isinstance(self.id, str) or not self.id.strip():
             raise ValueError(f"`id` must be a non-empty string naming the extractor, got {self.id!r}")
-        check_int("batch_size", self.batch_size, 1, numpy_ok=False)
+        # a numpy integer is accepted and stored as int (the dataclass is frozen)
+        object.__setattr__(self, "batch_size", check_int("batch_size", self.batch_size, 1))
 
     @torch.no_grad()
     def __call__(self, images01: torch.Tensor) -> torch.Tensor:
@@ -136,6 +137,18 @@ def _image_size(file: Path) -> tuple[int, int]:
     return height, width
 
 
+def _check_size(size: object) -> tuple[int, int] | None:
+    """``None`` or ``size`` as a ``(height, width)`` pair of ints >= 1 (a tuple, list or ``torch.Size``)."""
+    if size is None:
+        return None
+    allowed = "None or a (height, width) pair of integers >= 1, e.g. (8, 8)"
+    if isinstance(size, (str, bytes)) or not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2:
+        raise ValueError(f"`size` must be {allowed}; got {size!r}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v >= 1 for v in size):
+        raise ValueError(f"`size` must be {allowed}; got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 def _check_sizes(files: Sequence[Path], size: tuple[int, int] | None) -> tuple[int, int]:
     """The one ``(height, width)`` of all ``files``; it must equal ``size`` when given."""
     sizes = {f: _image_size(f) for f in files}
@@ -205,6 +218,7 @@ def folder_statistics(folder: str | os.PathLike, extractor: FeatureExtractor, si
     the same images and extractor reads the file and decodes no image."""
     if not isinstance(extractor, FeatureExtractor):
         raise TypeError(f"`extractor` must be a FeatureExtractor, got {type(extractor).__name__}")
+    size = _check_size(size)
     files = list_reference_images(folder)
     height, width = _check_sizes(files, size)
     key = {"kind": "reference-statistics", "extractor": extractor.id, "images": image_set_digest(files),

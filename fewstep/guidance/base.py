@@ -12,13 +12,13 @@ before sampling, so no rule reads a tensor back (no ``.item()``, no branch on te
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 
 __all__ = ["Pair", "StepState", "GuidanceRule"]
 
@@ -38,13 +38,15 @@ class StepState:
     sigma: float
 
     def __post_init__(self) -> None:
-        check_int("index", self.index, 0, numpy_ok=False)
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps <= self.index:
-            raise ValueError(f"`num_steps` must be an integer > index ({self.index}), got {self.num_steps!r}")
-        if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(f"`alpha` must be a finite number >= 0, got {self.alpha!r}")
-        if not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise ValueError(f"`sigma` must be a finite number > 0, got {self.sigma!r}")
+        # numpy scalars are accepted and stored as Python numbers (host values: no tensor is read back)
+        index = check_int("index", self.index, 0)
+        steps = self.num_steps
+        if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps <= index:
+            raise ValueError(f"`num_steps` must be an integer > index ({index}), got {steps!r}")
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "num_steps", int(steps))
+        object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0.0))
+        object.__setattr__(self, "sigma", check_number("sigma", self.sigma, 0.0, low_open=True))
 
 
 def _check_pair(name: str, pair: object) -> Pair:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -154,14 +155,14 @@ class BoxInpainting(Inpainting):
 
     def __init__(self, size: int, box: int = 6, top: int | None = None, left: int | None = None,
                  noise_std: float = 0.0):
-        for arg, value in (("size", size), ("box", box)):
-            check_int(arg, value, 1, numpy_ok=False)
+        size = check_int("size", size, 1)  # numpy integers are accepted and stored as int
+        box = check_int("box", box, 1)
         if box >= size:
             raise ValueError(f"`box` must be smaller than the image size {size}, got {box}")
         top = (size - box) // 2 if top is None else top
         left = (size - box) // 2 if left is None else left
-        for arg, value in (("top", top), ("left", left)):
-            check_int(arg, value, 0, size - box, numpy_ok=False)
+        top = check_int("top", top, 0, size - box)
+        left = check_int("left", left, 0, size - box)
         mask = torch.ones(1, 1, size, size)
         mask[..., top:top + box, left:left + box] = 0
         super().__init__(mask, noise_std)
@@ -174,9 +175,10 @@ class RandomInpainting(Inpainting):
     name = "random-inpaint"
 
     def __init__(self, size: int, drop: float = 0.7, seed: int = 0, noise_std: float = 0.0):
-        check_int("size", size, 1, numpy_ok=False)
-        if not isinstance(drop, (int, float)) or not 0 <= drop < 1:
-            raise ValueError(f"`drop` must lie in [0, 1), got {drop!r}")
+        size = check_int("size", size, 1)
+        drop = check_number("drop", drop, 0.0, 1.0, allowed="[0, 1)")
+        if drop >= 1.0:
+            raise ValueError(f"`drop` must be a finite number in [0, 1), got {drop!r}")
         g = torch.Generator().manual_seed(int(seed))
         mask = (torch.rand(1, 1, size, size, generator=g) >= drop).float()
         super().__init__(mask, noise_std)
@@ -215,7 +217,7 @@ class SuperResolution(MeasurementOperator):
 
     def __init__(self, factor: int = 2, noise_std: float = 0.0, mode: str = "avgpool"):
         super().__init__(noise_std)
-        check_int("factor", factor, 2, numpy_ok=False)
+        factor = check_int("factor", factor, 2)
         if mode not in self.MODES:
             raise ValueError(f"`mode` must be one of {list(self.MODES)}, got {mode!r}")
         self.factor = factor
@@ -283,9 +285,11 @@ class _Convolution(MeasurementOperator):
 
 
 def _check_kernel_size(kernel_size: object) -> int:
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+    """``kernel_size`` as an int (numpy integers accepted): odd and >= 1."""
+    if (isinstance(kernel_size, (bool, np.bool_)) or not isinstance(kernel_size, (int, np.integer))
+            or kernel_size < 1 or kernel_size % 2 == 0):
         raise ValueError(f"`kernel_size` must be an odd integer >= 1, got {kernel_size!r}")
-    return kernel_size
+    return int(kernel_size)
 
 
 class GaussianBlur(_Convolution):
@@ -295,9 +299,8 @@ class GaussianBlur(_Convolution):
 
     def __init__(self, kernel_size: int = 5, blur_sigma: float = 1.0, noise_std: float = 0.0):
         super().__init__(noise_std)
-        _check_kernel_size(kernel_size)
-        if not isinstance(blur_sigma, (int, float)) or not math.isfinite(blur_sigma) or blur_sigma <= 0:
-            raise ValueError(f"`blur_sigma` must be a finite number > 0, got {blur_sigma!r}")
+        kernel_size = _check_kernel_size(kernel_size)
+        blur_sigma = check_number("blur_sigma", blur_sigma, 0.0, low_open=True)
         r = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
         g = torch.exp(-0.5 * (r / blur_sigma) ** 2)
         k2 = torch.outer(g, g)
@@ -315,10 +318,9 @@ class MotionBlur(_Convolution):
     def __init__(self, kernel_size: int = 7, length: float | None = None, angle: float | None = None, seed: int = 0,
                  noise_std: float = 0.0):
         super().__init__(noise_std)
-        _check_kernel_size(kernel_size)
+        kernel_size = _check_kernel_size(kernel_size)
         length = float(kernel_size) if length is None else length
-        if isinstance(length, bool) or not isinstance(length, (int, float)) or not 1 <= length <= kernel_size:
-            raise ValueError(f"`length` must be a number in [1, {kernel_size}] (the kernel size), got {length!r}")
+        length = check_number("length", length, 1.0, kernel_size, allowed=f"[1, {kernel_size}] (the kernel size)")
         if angle is None:
             angle = float(torch.rand((), generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)) * 180
         angle = check_number("angle", angle, what="degrees")

@@ -74,7 +74,17 @@ def ddim_update(
     With ``alpha_bar = alpha^2`` and ``1 - alpha_bar = sigma^2``, the paper's ``sigma_t(eta)`` is
     ``c = ddim_eta * (sigma_next/sigma) * sqrt(1 - (alpha/alpha_next)^2)``; returns
     ``alpha_next z0 + sqrt(sigma_next^2 - c^2) eps + c noise`` (``noise`` needed when ``c > 0``).
+
+    ``alpha``, ``sigma``, ``alpha_next``, ``sigma_next`` must be finite and ``>= 0`` and ``ddim_eta`` finite and
+    ``>= 0`` (``eta > 1`` is capped at ``c = sigma_next``); they are checked when given as numbers (host floats,
+    free to check), passed on unchecked when given as tensors.
     """
+    levels = {"alpha": alpha, "sigma": sigma, "alpha_next": alpha_next, "sigma_next": sigma_next}
+    for name, value in levels.items():
+        if not isinstance(value, torch.Tensor):
+            check_number(name, value, 0.0)
+    if not isinstance(ddim_eta, torch.Tensor):
+        ddim_eta = check_number("ddim_eta", ddim_eta, 0.0)
     ratio = (alpha / alpha_next) ** 2 if alpha_next > 0 else 1.0
     c = ddim_eta * (sigma_next / sigma) * math.sqrt(max(0.0, 1.0 - ratio)) if sigma > 0 else 0.0
     c = min(c, sigma_next)
@@ -136,7 +146,12 @@ def first_order_loss(
     problem: InverseProblem, z0: torch.Tensor, gluing: float = 0.0, loss: str = "norm"
 ) -> torch.Tensor:
     """``sum_n ||y - A D(z0_n)|| + gluing * ||E(A^T y + (I - A^T A) D(z0_n)) - z0_n||`` (a scalar); with
-    ``loss="squared"`` each norm ``r`` is replaced by ``r^2 / 2``."""
+    ``loss="squared"`` each norm ``r`` is replaced by ``r^2 / 2``. ``gluing`` must be a finite number >= 0."""
+    if not isinstance(problem, InverseProblem):
+        raise TypeError(f"`problem` must be an InverseProblem, got {type(problem).__name__}")
+    if loss not in LOSSES:
+        raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {loss!r}")
+    gluing = check_number("gluing", gluing, 0.0)
     image = problem.to_image(z0)
     power = 2 if loss == "squared" else 1
     scale = 0.5 if loss == "squared" else 1.0

@@ -32,12 +32,34 @@ def _batch_dims(t: torch.Tensor) -> list[int]:
     return list(range(1, t.ndim))
 
 
+def _check_same_shape(name: str, value: Any, ref_name: str, ref: torch.Tensor) -> None:
+    """``value`` is a tensor of ``ref``'s shape (shapes are metadata: no host sync)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a tensor, got {type(value).__name__}")
+    if value.shape != ref.shape:
+        raise ValueError(f"`{name}` must have the shape of `{ref_name}` {tuple(ref.shape)} (batch included; no "
+                         f"broadcasting), got {tuple(value.shape)}")
+
+
 def rescale_to_std(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
     """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), sec. 3.4:
     ``phi * guided * std(cond)/std(guided) + (1 - phi) * guided``, stds per sample over non-batch dims
-    (diffusers' ``rescale_noise_cfg``)."""
+    (diffusers' ``rescale_noise_cfg``). ``guided`` and ``cond`` must have one shape; ``phi`` is a number in [0, 1].
+
+    A sample whose guided prediction has no spread (``std(guided) = 0``, e.g. a constant prediction, or a single
+    value per sample, where the std is undefined) is returned unrescaled: no scaling of a constant matches
+    ``std(cond)``. diffusers' ``rescale_noise_cfg`` divides by the zero std there and returns NaN (or inf).
+    """
+    if not isinstance(guided, torch.Tensor):
+        raise TypeError(f"`guided` must be a tensor, got {type(guided).__name__}")
+    _check_same_shape("cond", cond, "guided", guided)
+    phi = check_number("phi", phi, 0.0, 1.0, what="guidance_rescale")
+    if math.prod(guided.shape[1:]) < 2:  # one value (or none) per sample: no std (a shape test, no host sync)
+        return guided
     dims = _batch_dims(guided)
-    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    std = guided.std(dim=dims, keepdim=True)
+    spread = std > 0
+    ratio = torch.where(spread, cond.std(dim=dims, keepdim=True) / torch.where(spread, std, 1.0), 1.0)
     return phi * (guided * ratio) + (1.0 - phi) * guided
 
 
@@ -181,8 +203,13 @@ def apg_update(
 
     Clip ``diff`` to L2 norm ``norm_threshold`` per sample (``diff * min(1, r/||diff||)``; ``None`` = no
     clip), split it into the parts parallel and orthogonal to ``cond`` (projection in float64, per sample
-    over ``norm_dims``, default all non-batch dims) and return ``diff_perp + eta * diff_par``.
+    over ``norm_dims``, default all non-batch dims) and return ``diff_perp + eta * diff_par``. ``cond`` must
+    have the shape of ``diff`` (each sample is projected on its own ``cond``); ``eta`` is a number >= 0.
     """
+    if not isinstance(diff, torch.Tensor):
+        raise TypeError(f"`diff` must be a tensor, got {type(diff).__name__}")
+    _check_same_shape("cond", cond, "diff", diff)
+    eta = check_number("eta", eta, 0.0)
     norm_threshold = check_norm_threshold(norm_threshold)
     dims = list(check_norm_dims(norm_dims)) if norm_dims is not None else _batch_dims(diff)
     if any(not -diff.ndim <= d < diff.ndim for d in dims):

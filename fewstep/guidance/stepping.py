@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_int
 from .base import GuidanceRule, StepState
 from .rules import CFG, rescale_to_std
 
@@ -80,6 +81,16 @@ def raw_cfg(rule: CFG, out_cond: torch.Tensor, out_uncond: torch.Tensor, index: 
     then diffusers' ``guidance_rescale`` on the raw output, exactly as diffusers' pipelines do."""
     if not isinstance(rule, CFG):
         raise ValueError(f"only plain CFG can run on raw outputs, got guidance {rule.name!r}")
+    for name, value in (("out_cond", out_cond), ("out_uncond", out_uncond)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a tensor, got {type(value).__name__}")
+    if out_cond.shape != out_uncond.shape:
+        raise ValueError(
+            "conditional and unconditional outputs must have the same shape (batch included; no broadcasting); "
+            f"got {tuple(out_cond.shape)} and {tuple(out_uncond.shape)}"
+        )
+    num_steps = check_int("num_steps", num_steps, 1)
+    index = check_int("index", index, 0, num_steps - 1)
     if rule.scales is not None and len(rule.scales) != num_steps:
         raise ValueError(
             f"`guidance_scale` has {len(rule.scales)} per-step values, but this scheduler makes {num_steps} model "

@@ -82,23 +82,45 @@ def fd_hutchinson_trace(
     """Finite-difference Hutchinson estimate of ``Tr(d fn / d x)`` per sample (``[N]``).
 
     ``(1/delta) * mean_p sum_j probes[p, n, j] * (fn(x + delta probes[p])_{n, j} - fn(x)_{n, j})`` for probes
-    ``[P, N, ...]`` (Gaussian or Rademacher: any with ``E[xi xi^T] = I``). Differentiable in ``x``.
+    ``[P, N, ...]`` (Gaussian or Rademacher: any with ``E[xi xi^T] = I``). Differentiable in ``x``. ``fn`` must
+    map ``x`` to a tensor of ``x``'s shape (its Jacobian is square), as must ``fx`` (``fn(x)``) when given.
     """
     delta = check_number("delta", delta, low=0.0, low_open=True)
+    if not callable(fn):
+        raise TypeError(f"`fn` must be callable (x -> a tensor of x's shape), got {type(fn).__name__}")
+    for name, value in (("x", x), ("probes", probes)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a tensor, got {type(value).__name__}")
+    if x.ndim < 1:
+        raise ValueError(f"`x` must have a batch dimension ([N, ...]), got shape {tuple(x.shape)}")
     if probes.ndim != x.ndim + 1 or probes.shape[1:] != x.shape or probes.shape[0] == 0:
         raise ValueError(f"`probes` must have shape [P, *x.shape] = [P, {tuple(x.shape)}] with P >= 1, got "
                          f"{tuple(probes.shape)}")
-    fx = fn(x) if fx is None else fx
+    fx = _check_output("fx" if fx is not None else "fn(x)", fn(x) if fx is None else fx, x)
     total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for xi in probes:
-        total = total + (xi * (fn(x + delta * xi) - fx)).flatten(1).sum(1)
+        shifted = _check_output("fn(x + delta * probe)", fn(x + delta * xi), x)
+        total = total + (xi * (shifted - fx)).flatten(1).sum(1)
     return total / (delta * probes.shape[0])
+
+
+def _check_output(name: str, value: object, x: torch.Tensor) -> torch.Tensor:
+    """``value`` is a tensor of ``x``'s shape (a shape test: no host sync)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a tensor of x's shape {tuple(x.shape)}, got {type(value).__name__}")
+    if value.shape != x.shape:
+        raise ValueError(f"`{name}` must have the shape of `x` {tuple(x.shape)} (the trace needs a square "
+                         f"Jacobian), got {tuple(value.shape)}")
+    return value
 
 
 def stsl_surrogate(
     measurement_loss: torch.Tensor, trace_estimate: torch.Tensor, eta: float, dim: int
 ) -> torch.Tensor:
-    """``sum_n measurement_loss_n + (eta / d) * sum_n trace_estimate_n`` (paper eq. 4 with lambda absorbed)."""
+    """``sum_n measurement_loss_n + (eta / d) * sum_n trace_estimate_n`` (paper eq. 4 with lambda absorbed);
+    ``eta`` a number >= 0, ``dim`` (``d``, the number of values per sample) an integer >= 1."""
+    eta = check_number("eta", eta, 0.0)
+    dim = check_int("dim", dim, 1, what="values per sample")
     return measurement_loss.sum() + (eta / dim) * trace_estimate.sum()
 
 
@@ -143,11 +165,11 @@ class STSL(PosteriorMethod):
             raise ValueError(f"`trace_weight` must be one of {list(self.TRACE_WEIGHTS)}, got {self.trace_weight!r}")
         self.trace_sigma_min = check_number("trace_sigma_min", self.trace_sigma_min, low=0.0)
         self.eta = check_number("eta", self.eta, low=0.0)
-        check_int("inner_steps", self.inner_steps, 1, numpy_ok=False)
-        check_int("num_probes", self.num_probes, 1, numpy_ok=False)
+        self.inner_steps = check_int("inner_steps", self.inner_steps, 1)  # numpy integers stored as int
+        self.num_probes = check_int("num_probes", self.num_probes, 1)
         self.probe_scale = check_number("probe_scale", self.probe_scale, low=0.0, low_open=True)
         if self.probe_batch is not None:
-            check_int("probe_batch", self.probe_batch, 1, numpy_ok=False)
+            self.probe_batch = check_int("probe_batch", self.probe_batch, 1)
 
     def evaluations_per_step(self) -> int:
         """Evaluations per outer step at a level where the trace term is on (``K`` fewer probes' worth below
