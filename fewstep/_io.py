@@ -18,12 +18,21 @@ def check_writable(path: str | os.PathLike, arg: str = "path") -> Path:
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
         raise ValueError(f"`{arg}` {str(p)!r} is a directory; give a file name")
+    _check_replaceable(p, arg)
     if not parent.is_dir():
         raise ValueError(f"`{arg}` {str(p)!r}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"`{arg}` {str(p)!r}: directory {str(parent)!r} is not writable")
     _probe_create(parent, p, arg)
     return p
+
+
+def _check_replaceable(path: Path, arg: str) -> None:
+    """An existing ``path`` must be a regular file (or a link to one): the atomic rename would replace a device,
+    FIFO or socket with a regular file (``--state /dev/null`` run as root replaced the machine's /dev/null)."""
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise ValueError(f"`{arg}` {str(path)!r} exists and is not a regular file (a device, FIFO, socket or broken "
+                         "link); give the path of a regular file")
 
 
 def _probe_create(directory: Path, path: Path, arg: str) -> None:
@@ -57,6 +66,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     The file gets the usual permissions (``0o666`` minus the umask), not ``mkstemp``'s private ``0o600``.
     """
     target = Path(path)
+    _check_replaceable(target, "path")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)

@@ -173,7 +173,8 @@ def main() -> None:
     p.add_argument("--out", type=output_file, default=None,
                    help="merge the results into this JSON (sections and cells of other runs are kept)")
     m = sub.add_parser("heldout-mse", help="MSE to a 200-step DPM-Solver++ solve on unseen seeds, all 10 classes")
-    m.add_argument("schedule", help="digits-eps schedule file searched with --metric mse (its NFE is used)")
+    m.add_argument("schedule", help="digits-eps schedule file (its NFE is used), e.g. a shipped one "
+                                    "(fewstep/assets/s3/digits-eps-nfe4.json) or one searched with --metric mse")
     q = sub.add_parser("predictor", help="predictor-guided vs plain evolutionary search at equal budget (analytic)")
     q.add_argument("--nfe", type=count(2), default=5, help="NFE of the searched schedules (default 5)")
     q.add_argument("--budget", type=count(1), default=60, help="schedules evaluated per search (default 60)")

@@ -95,3 +95,57 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---- two real CPU processes ------------------------------------------------------------------------------------------
+_SHARE_SPY = '''
+import sys
+import fewstep._dist as _dist
+import fewstep.bench.runner as _runner
+_state = _dist.distributed_state()
+assert _state is not None, "not under a distributed launch"
+_split = _dist.split_samples
+
+
+def _spy(n, make):
+    def share(indices):
+        print(f"SHARE {_state.process_index}/{_state.num_processes} {len(indices)} of {n}", flush=True)
+        return make(indices)
+    return _split(n, share)
+
+
+_dist.split_samples = _runner.split_samples = _spy
+'''
+
+
+def launch_two_cpu_processes(script_body: str, tmp_path, *args, timeout: int = 300):
+    """Run ``script_body`` in two CPU processes (``torchrun --standalone --nproc_per_node 2``; gloo) with ``args``,
+    after a preamble that reports every share of ``fewstep._dist.split_samples`` as ``SHARE rank/world k of n``.
+    Checks that both processes ran and that each split covered its ``n`` samples once; returns the result."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_processes.py"
+    script.write_text(_SHARE_SPY + script_body)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, check=False, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    shares = re.findall(r"SHARE (\d)/(\d) (\d+) of (\d+)", result.stdout)
+    assert {(r, w) for r, w, _, _ in shares} == {("0", "2"), ("1", "2")}, result.stdout[-2000:]
+    made: dict[int, int] = {}
+    for _, _, k, n in shares:
+        made[int(n)] = made.get(int(n), 0) + int(k)
+    assert all(total % n == 0 for n, total in made.items())  # every split: its n samples, once per split
+    return result
+
+
+CLI_BODY = '''
+from fewstep.cli import main
+sys.exit(main(sys.argv[1:]))
+'''

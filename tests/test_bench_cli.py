@@ -169,3 +169,11 @@ def test_cli_bench_takes_artifact_samplers_by_name(capsys):
     assert "| s3 | 4 | 4 |" in capsys.readouterr().out
     assert main(["bench", "--model", "analytic", "--samplers", "s3", "--steps", "7", "--num-samples", "50"]) == 2
     assert "no shipped 'analytic' schedule for NFE 7" in capsys.readouterr().err
+
+
+def test_frechet_distance_names_bad_statistics():
+    eye = np.eye(2)
+    with pytest.raises(ValueError, match="`mu1` must be a real array"):
+        frechet_distance(None, eye, np.zeros(2), eye)
+    with pytest.raises(ValueError, match="overflows float64"):
+        frechet_distance(np.full(2, 1e300), eye, np.zeros(2), eye)

@@ -184,25 +184,16 @@ if is_main_process():
 
 
 def _launch_two_processes(script_text: str, tmp_path, *args) -> list[dict]:
-    """Run ``script_text`` under `accelerate launch --num_processes 2 --cpu` with ``args``; the main process's rows."""
-    import os
-    import subprocess
+    """Run ``script_text`` in two CPU processes (``torchrun``; both checked to run and to split the samples); the
+    main process's rows."""
+    from _helpers import launch_two_cpu_processes
 
-    pytest.importorskip("accelerate")
-    script = tmp_path / "dist.py"
-    script.write_text(script_text)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script), *map(str, args)],
-        capture_output=True, text=True, timeout=300, check=False, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch_two_cpu_processes(script_text, tmp_path, *args)
     return json.loads(result.stdout.split("ROWS", 1)[1].splitlines()[0])
 
 
 def test_two_cpu_processes_match_one(tmp_path):
-    """`accelerate launch --num_processes 2 --cpu`: samples split across processes and gathered."""
+    """Two CPU processes (`torchrun --nproc_per_node 2`): samples split across processes and gathered."""
     two = _launch_two_processes(DIST_SCRIPT, tmp_path, tmp_path / "two")
     one = run_grid(BenchConfig(models=["digits-eps"], samplers=["unipc"], steps=[4], batch_size=50, **TINY),
                    tmp_path / "one", progress=False)
@@ -324,7 +315,7 @@ if is_main_process():
 
 
 def test_pipeline_directory_two_cpu_processes_match_one(tiny_sd, tmp_path):  # noqa: F811
-    """Pipeline cells are split across `accelerate launch` processes too (per-sample seeds: the same samples), and
+    """Pipeline cells are split across processes too (per-sample seeds: the same samples), and
     so are the decodes and feature passes of the Frechet distance (each process featurises its share)."""
     from fewstep.bench.fid import FeatureExtractor
     from fewstep.bench.runner import BenchConfig, run_grid

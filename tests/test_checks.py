@@ -23,7 +23,9 @@ def test_check_int_rejects_bools(value):
 
 def test_check_int_numpy_flag():
     assert check_int("n", np.int32(2), numpy_ok=True) == 2
-    with pytest.raises(ValueError, match=r"`n` must be an integer >= 1, got (np\.int32\()?2"):
+    # where a Python int is stored, the message says so instead of "must be an integer ..., got np.int32(2)"
+    with pytest.raises(ValueError, match=r"`n` must be a Python int >= 1, got the numpy integer (np\.int32\()?2.*"
+                                         r"pass int\(\.\.\.\)"):
         check_int("n", np.int32(2), numpy_ok=False)
 
 

@@ -20,11 +20,13 @@ from fewstep.guidance.operators import (
 )
 from fewstep.solvers.engine import EngineState
 from fewstep.solvers.flowchef import (
+    EditCost,
     FlowChefConfig,
     FlowChefHook,
     GaussianFill,
     classifier_cost,
     flowchef_update,
+    masked_guidance,
     measurement_cost,
 )
 
@@ -679,3 +681,27 @@ def test_cli_edit_of_the_whole_image_reports_no_keep_error(tmp_path, capsys):
                  "--num-images", "1", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert out.is_file() and "target_accuracy" in printed and "keep_mse" not in printed and "nan" not in printed
+
+
+@pytest.mark.parametrize("scale", [float("nan"), -1.0, "a"])
+def test_costs_check_their_scale(scale):
+    x = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="`scale` must be a finite number >= 0"):
+        measurement_cost(lambda v: v, x, scale=scale)
+    with pytest.raises(ValueError, match="`scale` must be a finite number >= 0"):
+        classifier_cost(lambda v: v.flatten(1), torch.zeros(2), scale=scale)
+    with pytest.raises(ValueError, match="`scale` must be a finite number >= 0"):
+        EditCost(x, torch.zeros(1, 1, 4, 4), 1, scale=scale)
+
+
+def test_edit_cost_refuses_a_nan_mask():
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`mask` must lie in \\[0, 1\\]"):
+        EditCost(torch.zeros(2, 1, 4, 4), mask, 1)
+
+
+def test_masked_guidance_checks_a_number_scale():
+    v = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="`scale` must be a finite number"):
+        masked_guidance(v, v, v, float("nan"))

@@ -60,3 +60,10 @@ def test_bad_input():
         ssim(x, x, win_size=9)
     with pytest.raises(TypeError, match="must be torch tensors"):
         psnr(x.numpy(), x)
+
+
+def test_complex_images_are_refused():
+    x = torch.zeros(1, 1, 8, 8, dtype=torch.complex64)
+    for fn in (psnr, ssim):
+        with pytest.raises(ValueError, match="`x` must be real images"):
+            fn(x, x)

@@ -665,26 +665,17 @@ def test_generate_with_s3_on_the_default_model_picks_the_shipped_schedule(tmp_pa
     assert "no shipped 'digits-eps' schedule for NFE 7; shipped NFEs: [4, 5, 6, 8, 10]" in capsys.readouterr().err
 
 
-def test_search_under_two_accelerate_processes_matches_one(tmp_path):
-    """`accelerate launch --num_processes 2 --cpu -m fewstep.cli search`: every process runs the same search,
-    each evaluation's samples are split across the processes and gathered, one process writes; the evaluated
-    schedules and their Frechet distances equal a one-process run's (per-sample seeds; float32 batching noise)."""
-    import os
-    import subprocess
-    import sys
+def test_search_under_two_processes_matches_one(tmp_path):
+    """`torchrun --nproc_per_node 2 -m fewstep.cli search`: every process runs the same search, each evaluation's
+    samples are split across the processes (checked: both ran, each made its share) and gathered, one process
+    writes; the evaluated schedules and their Frechet distances equal a one-process run's (per-sample seeds)."""
+    from _helpers import CLI_BODY, launch_two_cpu_processes
 
     from fewstep.cli import main
 
-    pytest.importorskip("accelerate")
     args = ["search", "--model", "digits-eps", "--nfe", "3", "--budget", "3", "--num-per-class", "3", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "fewstep.cli", *args, "--out", str(two)],
-        capture_output=True, text=True, timeout=300, check=False, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch_two_cpu_processes(CLI_BODY, tmp_path, *args, "--out", two)
     assert result.stdout.count("wrote ") == 1  # one writer
     one = tmp_path / "one.json"
     assert main([*args, "--out", str(one)]) == 0
@@ -692,6 +683,33 @@ def test_search_under_two_accelerate_processes_matches_one(tmp_path):
     assert [s for s, _ in runs[0]] == [s for s, _ in runs[1]]
     assert [v for _, v in runs[0]] == pytest.approx([v for _, v in runs[1]], rel=1e-4)
     assert SolverSchedule.load(two).to_dict()["decisions"] == SolverSchedule.load(one).to_dict()["decisions"]
+
+
+def test_a_failure_on_one_process_is_raised_on_every_process(tmp_path):
+    """A metric failing on one process only (its share) was scored there alone: the processes' collectives drifted
+    out of step and mixed evaluations. Now the failure is gathered and raised on every process."""
+    from _helpers import launch_two_cpu_processes
+
+    body = """
+import torch
+from fewstep._dist import split_samples, is_main_process
+
+def make(indices):
+    if _state.process_index == 1:
+        raise ValueError("share failed")
+    return torch.zeros(len(indices), 2)
+
+caught = []
+for attempt in range(2):  # the processes stay in step: a second split works on both
+    try:
+        split_samples(4, make if attempt == 0 else (lambda idx: torch.ones(len(idx), 2)))
+    except ValueError as exc:
+        caught.append(str(exc))
+print(f"CAUGHT {_state.process_index} {caught}", flush=True)
+"""
+    result = launch_two_cpu_processes(body, tmp_path)
+    for rank in (0, 1):
+        assert f"CAUGHT {rank} ['process 1 of 2: ValueError: share failed']" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -962,3 +980,53 @@ def test_from_grid_refuses_karras_grids_it_cannot_store():
     plain = samplers.get("dpm-solver++")()
     plain.set_timesteps(8)
     SolverSchedule.from_grid(plain.plan.grid, plain.plan.decisions, schedule=plain.noise_schedule)
+
+
+def test_equivalent_schedules_share_one_key():
+    """Found by probing: 8 of 40 evaluations of a digits search repeated earlier values bit for bit; the schedules
+    differed only in genes that change nothing (a corrector order equal to its default, the rule of a first-order
+    step without corrector). They now share a key, so the search evaluates them once."""
+    from fewstep.search.s3_search import _key
+
+    times = [900.0, 600.0, 300.0, 100.0]
+
+    def schedule(first: StepDecision, corrector_order: int | None, last: StepDecision) -> SolverSchedule:
+        middle = StepDecision("data", 2, corrector="unic", corrector_order=corrector_order)
+        return SolverSchedule(times, [first, middle, StepDecision("data", 2), last])
+
+    a = schedule(StepDecision("noise", 1, coefficients="bh1"), None, StepDecision("data", 1))
+    b = schedule(StepDecision("noise", 1), 3, StepDecision("data", 1, relaxation=0.3))
+    c = schedule(StepDecision("noise", 1), 2, StepDecision("data", 1))
+    assert _key(a) == _key(b) != _key(c)
+    from fewstep.search.objectives import AnalyticObjective
+
+    objective = AnalyticObjective(num_samples=32)
+    assert objective(a) == objective(b) != objective(c)
+
+
+def test_search_state_of_another_search_is_refused_before_the_objective_is_built(tmp_path, capsys, monkeypatch):
+    from fewstep.cli import main
+    from fewstep.search import objectives
+
+    out = tmp_path / "s.json"
+    assert main(["search", "--model", "analytic", "--nfe", "3", "--budget", "3", "--quiet", "--out", str(out)]) == 0
+
+    def never(*args, **kwargs):
+        raise AssertionError("the objective was built before the state was checked")
+
+    monkeypatch.setattr(objectives.AnalyticObjective, "__init__", never)
+    assert main(["search", "--model", "analytic", "--nfe", "4", "--budget", "3", "--quiet", "--out", str(out)]) == 2
+    assert "belongs to another search (nfe: 3 there, 4 here)" in capsys.readouterr().err
+
+
+def test_search_state_with_a_malformed_generator_state_is_a_clear_error(tmp_path, analytic_objective):
+    from fewstep.search import SearchSpace, search
+
+    space = SearchSpace(analytic_objective.noise_schedule, 3)
+    state = tmp_path / "state.json"
+    search(analytic_objective, space, 3, state_path=state, progress=False)
+    data = json.loads(state.read_text())
+    data["rng"] = {"bit_generator": "PCG64"}
+    state.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="holds a malformed random generator state"):
+        search(analytic_objective, space, 6, state_path=state, progress=False)

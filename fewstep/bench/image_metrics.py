@@ -18,6 +18,9 @@ __all__ = ["psnr", "ssim"]
 def _check_pair(x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError("`x` and `y` must be torch tensors (NCHW)")
+    for name, t in (("x", x), ("y", y)):
+        if t.is_complex():
+            raise ValueError(f"`{name}` must be real images, got dtype {t.dtype}")
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"`x` and `y` must be NCHW tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[1:].numel() == 0:

@@ -22,7 +22,12 @@ def _as_numpy(value: Any, name: str) -> np.ndarray:
         value = value.detach().to("cpu", torch.float64).numpy()
     if np.iscomplexobj(value):
         raise ValueError(f"`{name}` must be real, got a complex array")
-    arr = np.asarray(value, dtype=np.float64)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a real array (numpy or torch), got {type(value).__name__}") from None
+    if arr.dtype == object or (arr.ndim == 0 and value is None):
+        raise ValueError(f"`{name}` must be a real array (numpy or torch), got {value!r}")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"`{name}` contains NaN or Inf")
     return arr
@@ -85,8 +90,13 @@ def frechet_distance(mu1: Any, cov1: Any, mu2: Any, cov2: Any) -> float:
             "need means of length D and D x D covariances"
         )
     cov1, cov2 = _symmetric(cov1, "cov1"), _symmetric(cov2, "cov2")
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = mu1 - mu2
+        scale = max(float(np.abs(diff).max()), float(np.abs(cov1).max()), float(np.abs(cov2).max()))
+    if not np.isfinite(scale) or scale > 1e150:  # squares and products of entries would overflow float64
+        raise ValueError(f"the statistics' entries reach {scale:.3g}: the Frechet distance overflows float64 (entries "
+                         "must stay below ~1e150); rescale the features")
     trace_covmean = _trace_sqrt_product(cov1, cov2)
-    diff = mu1 - mu2
     value = diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_covmean
     return float(max(value, 0.0))
 

@@ -643,8 +643,9 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     """Run every cell of ``config`` not yet stored in ``out_dir/results.json`` and write JSON, CSV and Markdown
     results there (after every cell). Returns all rows of this grid, in grid order.
 
-    Under ``accelerate launch`` (several GPUs or CPU processes) the samples of every cell are split across
-    the processes and gathered; only the main process writes files.
+    Under a distributed launch (``torchrun --nproc_per_node N``, or ``accelerate launch`` with a multi-process
+    config) the samples of every cell are split across the processes (each computing on the CPU) and gathered;
+    only the main process writes files.
 
     ``cache_dir``: where reference statistics and reference solves are cached (default ``out_dir/cache``)."""
     out = Path(out_dir)

@@ -35,10 +35,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .._dist import is_main_process
     from ..search import SearchSpace, search
     from ..search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
+    from ..search.s3_search import check_state_early
 
     if args.ems not in ("auto", "none") and args.model != "digits-eps":
         raise UsageError("--ems FILE is for --model digits-eps (the analytic model has no EMS file)")
     ems = None if args.ems == "none" else args.ems
+    state = args.state or str(out) + ".state.json"
+    if os.path.abspath(state) == os.path.abspath(out):
+        raise UsageError(f"--state {args.state!r} is the --out file; the state needs a file of its own")
+    metric_name = (AnalyticObjective if args.model == "analytic"
+                   else DigitsMSEObjective if args.metric == "mse" else DigitsObjective).name
+    # before the objective is built (a reference solve takes minutes): a state of another search is refused now
+    check_state_early(state, {"nfe": args.nfe, "seed": args.seed, "metric": metric_name,
+                              "use_predictor": not args.no_predictor, "afs": args.afs is not None})
     if args.model == "analytic":
         objective = AnalyticObjective()
     elif args.metric == "mse":
@@ -48,9 +57,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = SearchSpace(objective.noise_schedule, args.nfe, ems=objective.ems, afs=args.afs is not None,
                         afs_mean=objective.data_mean() if args.afs == "average_x0" else None)
     initial = [_load_init_schedule(path, objective) for path in args.init or []]
-    state = args.state or str(out) + ".state.json"
-    if os.path.abspath(state) == os.path.abspath(out):
-        raise UsageError(f"--state {args.state!r} is the --out file; the state needs a file of its own")
     identity = {**objective.metadata(), "metric": objective.name}
     result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
                     state_path=state, progress=not args.quiet, initial=initial, identity=identity)

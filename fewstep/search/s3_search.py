@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -398,12 +398,53 @@ class SearchResult:
         return out
 
 
+def _canonical(d: StepDecision) -> StepDecision:
+    """``d`` with the genes that cannot change the sampler reset: a corrector order equal to its default
+    (``order + 1``), and the coefficient rule and relaxation of a first-order step without corrector (no derivative
+    term for them to act on; a corrector reads the step's own rule, so a corrected step keeps it)."""
+    c_order = None if d.corrector_order == d.order + 1 else d.corrector_order
+    rule, relax = d.coefficients, d.relaxation
+    if d.order == 1 and d.corrector == "none" and not d.stochastic and d.prediction != "ems":
+        rule, relax = "taylor", 0.0
+    return replace(d, corrector_order=c_order, coefficients=rule, relaxation=relax)
+
+
 def _key(schedule: SolverSchedule) -> str:
-    return json.dumps(schedule.to_dict()["decisions"]) + json.dumps([round(t, 6) for t in schedule.timesteps])
+    """Identity of a schedule up to genes that do not change it (``_canonical``): the search evaluates each once."""
+    canonical = replace(schedule, decisions=[_canonical(d) for d in schedule.decisions])
+    return json.dumps(canonical.to_dict()["decisions"]) + json.dumps([round(t, 6) for t in schedule.timesteps])
 
 
 #: version of the resumable search state file (``search(state_path=...)``)
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: equivalent schedules share one key (_canonical)
+
+
+def check_state_early(state: str | Path, identity: Mapping[str, Any]) -> None:
+    """Before an expensive objective is built: refuse an existing search state whose recorded ``identity`` differs
+    from the given (partial) one, e.g. ``nfe``, ``seed``, ``metric`` -- the same ``ValueError`` ``search`` raises
+    later with the full identity. A missing file passes; an unreadable one is left for ``search`` to report."""
+    state = Path(state)
+    if not state.is_file():
+        return
+    try:
+        data = json.loads(state.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    theirs = data.get("identity") if isinstance(data, dict) else None
+    if isinstance(theirs, dict):
+        _compare_identity(state, {k: v for k, v in theirs.items() if k in identity}, dict(identity))
+
+
+def _compare_identity(state: Path, theirs: dict, identity: dict) -> None:
+    differ = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
+    if differ:
+        def show(v: Any) -> str:
+            text = repr(v)
+            return text if len(text) <= 80 else text[:77] + "..."
+
+        shown = "; ".join(f"{k}: {show(theirs.get(k))} there, {show(identity.get(k))} here" for k in differ)
+        raise ValueError(f"search state {str(state)!r} belongs to another search ({shown}); delete it, pass another "
+                         "--state, or repeat that search's settings to resume it")
 
 
 def _load_state(state: Path, identity: dict) -> dict:
@@ -419,11 +460,7 @@ def _load_state(state: Path, identity: dict) -> dict:
         raise ValueError(f"search state {str(state)!r} is not a fewstep search state (version {STATE_VERSION}: "
                          "'identity', 'rng', 'evaluated'); delete it or pass another --state")  # fmt: skip
     theirs = data.get("identity", {})
-    differ = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
-    if differ:
-        shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} here" for k in differ)
-        raise ValueError(f"search state {str(state)!r} belongs to another search ({shown}); delete it, pass another "
-                         "--state, or repeat that search's settings to resume it")
+    _compare_identity(state, theirs if isinstance(theirs, dict) else {}, identity)
     try:
         data["evaluated"] = [(SolverSchedule.from_dict(d), float(v)) for d, v in data["evaluated"]]
         data["pending"] = [SolverSchedule.from_dict(d) for d in data.get("pending", [])]
@@ -472,7 +509,11 @@ def search(
     if state is not None and state.is_file():
         data = _load_state(state, ident)
         evaluated, pending = data["evaluated"], data["pending"]
-        rng.bit_generator.state = data["rng"]
+        try:
+            rng.bit_generator.state = data["rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"search state {str(state)!r} holds a malformed random generator state ({exc!r}); "
+                             "delete it") from None
     seen = {_key(s) for s, _ in evaluated}
     main = is_main_process()  # under accelerate launch every process runs the same search (same seed, same
     # gathered metric values); the objective splits each evaluation's samples; one process shows and writes

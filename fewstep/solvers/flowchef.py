@@ -270,6 +270,9 @@ def measurement_cost(operator: Callable[[torch.Tensor], torch.Tensor], y: torch.
     loss is masked). ``operator`` is any callable ``A``; ``y`` has the shape of ``A(x0_hat)``."""
     if not callable(operator):
         raise TypeError(f"`operator` must be callable, got {type(operator).__name__}")
+    scale = check_number("scale", scale, 0.0)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"`y` must be a tensor (the measurement), got {type(y).__name__}")
     target = y.detach()
 
     def cost(x0_hat: torch.Tensor) -> torch.Tensor:
@@ -284,7 +287,8 @@ def classifier_cost(classifier: Callable[[torch.Tensor], torch.Tensor], labels: 
     sec. 4). ``classifier`` maps images (the model's pixel range) to logits ``[N, classes]``."""
     if not callable(classifier):
         raise TypeError(f"`classifier` must be callable, got {type(classifier).__name__}")
-    target = labels.detach().long().reshape(-1)
+    scale = check_number("scale", scale, 0.0)
+    target = torch.as_tensor(labels).detach().long().reshape(-1)
 
     def cost(x0_hat: torch.Tensor) -> torch.Tensor:
         logits = classifier(x0_hat)
@@ -304,9 +308,10 @@ class EditCost:
 
     def __init__(self, source: torch.Tensor, mask: torch.Tensor, source_steps: int, scale: float = 1.0):
         check_int("source_steps", source_steps, 0, numpy_ok=False)
+        scale = check_number("scale", scale, 0.0)
         mask = torch.as_tensor(mask, dtype=source.dtype)
-        if mask.min() < 0 or mask.max() > 1:
-            raise ValueError("`mask` must lie in [0, 1] (1 = region to edit)")
+        if not bool(((mask >= 0) & (mask <= 1)).all()):  # set-up code: reading the mask back is fine; NaN fails too
+            raise ValueError("`mask` must lie in [0, 1] (1 = region to edit; no NaN)")
         try:
             torch.broadcast_shapes(mask.shape, source.shape)
         except RuntimeError:
@@ -328,5 +333,8 @@ class EditCost:
 
 def masked_guidance(v_target: torch.Tensor, v_source: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Editing guidance restricted to the edit region: ``v = v_tgt + mask * w * (v_tgt - v_src)`` -- CFG with the
-    source condition as the negative, only where ``mask = 1`` (FlowChef sec. 4.3)."""
+    source condition as the negative, only where ``mask = 1`` (FlowChef sec. 4.3). ``scale`` is a finite number
+    (a Python number: called every step, it is checked without reading a tensor back)."""
+    if not isinstance(scale, torch.Tensor):
+        check_number("scale", scale)
     return v_target + mask.to(v_target) * scale * (v_target - v_source)
