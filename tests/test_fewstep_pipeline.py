@@ -168,7 +168,9 @@ def test_bad_input(sd):
     ({"callback_on_step_end": 3}, r"`callback_on_step_end` must be callable .* got int"),
     ({"height": -8}, r"`height` must be an integer >= 1, got -8"),
     ({"width": 8.5}, r"`width` must be an integer >= 1, got 8.5"),
-    ({"latents": torch.zeros(1, 4, 4, 4)}, r"`latents` must be a tensor of shape \(1, 4, 8, 8\) .* got \(1, 4, 4, 4\)"),
+    ({"latents": torch.zeros(1, 4, 4, 4)},
+     r"`latents` must be a floating tensor of shape \(1, 4, 8, 8\) .* got a torch.float32 tensor of shape "
+     r"\(1, 4, 4, 4\)"),
 ])
 def test_call_arguments_are_checked_by_name(sd, kw, message):
     fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="cfg", guidance_scale=3.0)
@@ -456,3 +458,93 @@ def test_sdxl_unet_calibrates_from_a_pipeline_run_and_quantizes(sdxl):
     with pytest.raises(ValueError, match=r"CalibrationSet `timestep` must be a tensor with one row per network input "
                                          r"\(2\), got a 0-d tensor"):
         quant.CalibrationSet(batch["sample"], torch.tensor(500.0))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_guidance_rescale_on_a_v_prediction_model_matches_diffusers(sd, sampler, mode):
+    """Found by probing: with a fewstep scheduler the cfg rule rescaled eps, while diffusers rescales the raw output:
+    on SD 2.x v-prediction models (the case guidance_rescale was made for) the rescale was 4-9x weaker. It now
+    rescales the raw output of the model's type, in the eager loop and in the static (CUDA-graph) step alike."""
+    from _helpers import SD21_DDIM_V
+
+    def stock_with(rescale):
+        base = StableDiffusionPipeline(**{**sd.components, "scheduler": samplers.get(sampler).from_config(SD21_DDIM_V)})
+        base.set_progress_bar_config(disable=True)
+        return base("a digit", num_inference_steps=5, guidance_scale=7.5, guidance_rescale=rescale, generator=_gen(),
+                    output_type="latent").images
+
+    fp = FewstepPipeline.from_pipe(sd, scheduler=samplers.get(sampler).from_config(SD21_DDIM_V),
+                                   guidance=guidance.CFG(7.5, guidance_rescale=0.7))
+    if mode == "static":
+        fp._loop_mode = "static"
+    ours = fp("a digit", num_inference_steps=5, generator=_gen(), output_type="latent").images
+    theirs, plain = stock_with(0.7), stock_with(0.0)
+    assert (theirs - plain).abs().max() > 1e-2  # the rescale moves the result
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+
+
+def test_rescale_pair_keeps_x_t_and_rescales_the_raw_output():
+    from fewstep.guidance.rules import raw_output_coefficients, rescale_pair, rescale_to_std
+
+    g = torch.Generator().manual_seed(0)
+    alpha, sigma = 0.6, 0.8
+    x_t = torch.randn(2, 3, 4, 4, generator=g)
+    pairs = []
+    for _ in range(2):
+        x0 = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        pairs.append((x0, (x_t.double() - alpha * x0) / sigma))
+    guided, cond = pairs
+    for kind in ("epsilon", "sample", "v_prediction", "flow"):
+        a, s = (alpha, sigma) if kind != "flow" else (0.3, 0.7)
+        if kind == "flow":
+            guided = (guided[0], (x_t.double() - a * guided[0]) / s)
+            cond = (cond[0], (x_t.double() - a * cond[0]) / s)
+        x0, eps = rescale_pair(guided, cond, 0.7, a, s, kind)
+        c_x0, c_eps = raw_output_coefficients(a, s, kind)
+        torch.testing.assert_close(a * x0 + s * eps, a * guided[0] + s * guided[1])
+        expected = rescale_to_std(c_x0 * guided[0] + c_eps * guided[1], c_x0 * cond[0] + c_eps * cond[1], 0.7)
+        torch.testing.assert_close(c_x0 * x0 + c_eps * eps, expected)
+
+
+def test_guidance_distilled_unets_are_refused(sd):
+    """Found by probing: an LCM UNet (time_cond_proj_dim) was hosted with two CFG branches and no `timestep_cond`:
+    sampled wrongly (max difference 8 to the LCM pipeline)."""
+    lcm = StableDiffusionPipeline(**{**sd.components, "unet": _unet(time_cond_proj_dim=8)})
+    with pytest.raises(ValueError, match="does not host guidance-distilled UNets .*time_cond_proj_dim=8"):
+        FewstepPipeline.from_pipe(lcm)
+
+
+def test_sd_ignores_the_vae_latent_statistics_as_stable_diffusion_does(sd):
+    """StableDiffusionPipeline decodes with the scaling factor only; SDXL's pipeline also applies a VAE's
+    latents_mean/std. The SD family applied them too (0.22 off the stock images)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config({**sd.vae.config, "latents_mean": [0.5, -0.5, 0.2, 0.1],
+                                     "latents_std": [2.0, 0.5, 1.0, 1.5]})
+    vae.load_state_dict(sd.vae.state_dict())
+    base = StableDiffusionPipeline(**{**sd.components, "vae": vae, "scheduler": samplers.get("ddim")()})
+    base.set_progress_bar_config(disable=True)
+    fp = FewstepPipeline.from_pipe(base, guidance_scale=4.0)
+    ours = fp("a digit", num_inference_steps=3, generator=_gen(), output_type="np").images
+    theirs = base("a digit", num_inference_steps=3, guidance_scale=4.0, generator=_gen(), output_type="np").images
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt", [123, [], ["a digit", 3]])
+def test_bad_prompts_are_named(sd, prompt):
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim")
+    with pytest.raises(ValueError, match="`prompt` must be a string or a non-empty list of strings"):
+        fp(prompt, num_inference_steps=1)
+
+
+def test_sdxl_callbacks_read_denoising_end(sdxl):
+    fp = FewstepPipeline.from_pipe(sdxl, scheduler="ddim")
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append(pipe.denoising_end)
+        return {}
+
+    fp(**_sdxl_embeds(), num_inference_steps=2, output_type="latent", callback_on_step_end=callback)
+    assert seen == [None, None]

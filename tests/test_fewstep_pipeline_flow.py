@@ -6,6 +6,8 @@ offline tokenizers (a byte-level CLIP vocab, a character-level T5 unigram vocab)
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -150,8 +152,12 @@ def test_flux_matches_the_stock_pipeline(flux):
     assert calls == [1] * 4
     theirs = flux(**_pos(kw), guidance_scale=3.5, generator=_gen(), **run).images
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
-    other = fp(**_pos(kw), embedded_guidance_scale=7.0, generator=_gen(), **run).images
-    assert np.allclose(other, ours, atol=1e-6) != distilled  # only a guidance-distilled model reads it
+    if distilled:  # only a guidance-distilled model reads it; without the embedding (schnell) it is refused
+        other = fp(**_pos(kw), embedded_guidance_scale=7.0, generator=_gen(), **run).images
+        assert not np.allclose(other, ours, atol=1e-6)
+    else:
+        with pytest.raises(ValueError, match=r"which this Flux transformer does not have \(guidance_embeds=False"):
+            fp(**_pos(kw), embedded_guidance_scale=7.0, generator=_gen(), **run)
     # true CFG: a rule asked for explicitly, with a negative prompt (two transformer calls per step)
     calls.clear()
     ours = fp(**kw, guidance="cfg", guidance_scale=4.0, generator=_gen(), **run).images
@@ -411,3 +417,30 @@ def test_joint_attention_kwargs_reach_the_transformer_and_cross_attention_kwargs
     fp = FewstepPipeline.from_pipe(flux, scheduler="flow-euler")
     with pytest.raises(ValueError, match="`clip_skip` applies to SD, SDXL and SD3"):
         fp(**_pos(_embeds()), height=SIZE, width=SIZE, num_inference_steps=1, clip_skip=1)
+
+
+def test_user_latents_are_checked_for_sd3_and_flux(sd3, flux):
+    """Found by probing: SD3 took latents of another size silently (a smaller image) and Flux failed deep inside the
+    transformer; both now check shape and type as the SD path does."""
+    side = 2 * (SIZE // (2 * flux.vae_scale_factor))  # Flux packs 2x2 patches of the latent image
+    for pipe, bad, good_shape in (
+        (sd3, torch.randn(1, 4, 3, 3), (1, sd3.transformer.config.in_channels, SIZE // sd3.vae_scale_factor,
+                                        SIZE // sd3.vae_scale_factor)),
+        (flux, torch.randn(1, 16, 16, 16), (1, (side // 2) ** 2, flux.transformer.config.in_channels)),
+    ):
+        fp = FewstepPipeline.from_pipe(pipe, scheduler="flow-euler")
+        embeds = _embeds() if pipe is sd3 else _pos(_embeds())  # SD3 runs CFG: it needs the negative embeddings
+        kw = {**embeds, "height": SIZE, "width": SIZE, "num_inference_steps": 2, "output_type": "latent"}
+        wanted = f"`latents` must be a floating tensor of shape {good_shape}"
+        for latents in (bad, torch.zeros(good_shape, dtype=torch.int64)):
+            with pytest.raises(ValueError, match=re.escape(wanted)):
+                fp(**kw, latents=latents)
+        out = fp(**kw, latents=torch.randn(good_shape, generator=_gen())).images
+        assert torch.isfinite(out).all()
+
+
+def test_wrapper_exposes_diffusers_call_properties(flux):
+    fp = FewstepPipeline.from_pipe(flux, scheduler="flow-euler", guidance="cfg", guidance_scale=4.0)
+    fp(**_embeds(), height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent")
+    assert fp.num_timesteps == 3 and fp.guidance_scale == 4.0 and fp.do_classifier_free_guidance
+    assert fp.interrupt is False

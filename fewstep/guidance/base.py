@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .._checks import check_int, check_number
+from ..solvers.parameterization import normalize_prediction_type
 
 __all__ = ["Pair", "StepState", "GuidanceRule"]
 
@@ -29,13 +30,16 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 class StepState:
     """Where the solver is: evaluation ``index`` of ``num_steps`` at ``x_t = alpha x0 + sigma eps``.
 
-    ``alpha`` and ``sigma`` are host floats (``sigma > 0`` at every evaluation point).
+    ``alpha`` and ``sigma`` are host floats (``sigma > 0`` at every evaluation point); ``prediction_type`` is what
+    the model outputs (``epsilon``, ``sample``, ``v_prediction``, ``flow``): rules that act on the raw output as
+    diffusers does (CFG's ``guidance_rescale``) need it.
     """
 
     index: int
     num_steps: int
     alpha: float
     sigma: float
+    prediction_type: str = "epsilon"
 
     def __post_init__(self) -> None:
         # numpy scalars are accepted and stored as Python numbers (host values: no tensor is read back)
@@ -47,6 +51,7 @@ class StepState:
         object.__setattr__(self, "num_steps", int(steps))
         object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0.0))
         object.__setattr__(self, "sigma", check_number("sigma", self.sigma, 0.0, low_open=True))
+        object.__setattr__(self, "prediction_type", normalize_prediction_type(self.prediction_type))
 
 
 def _check_pair(name: str, pair: object) -> Pair:

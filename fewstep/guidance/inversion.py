@@ -58,7 +58,7 @@ def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: G
         cond = scheduler.convert_model_output(out_c, x, k)
         uncond = scheduler.convert_model_output(out_u, x, k)
         # the state of sampling step k (a per-step scale w_k applies at level k, as when sampling)
-        state = StepState(k, n, a_k, s_k)
+        state = StepState(k, n, a_k, s_k, getattr(scheduler, "prediction_type", "epsilon"))
         x0_r, eps_r = rule.combine(*rule.check_inputs(cond, uncond, state), state)
         eps_ren = (x - a_k * x0_r) / s_k
         x0_hat = (x - s_up * eps_r) / a_up

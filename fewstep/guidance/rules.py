@@ -69,9 +69,9 @@ class CFG(GuidanceRule):
     ``x0 = D_u + w (D_c - D_u)``, ``eps = eps_u + w (eps_c - eps_u)`` (the combination is affine, so it is
     the same on the raw output of any prediction type and stays consistent). ``guidance_scale`` is one
     number or a per-step sequence ``w_i`` (a guidance schedule; length = number of steps).
-    ``guidance_rescale`` ``phi`` applies diffusers' ``rescale_noise_cfg`` to ``eps`` and moves ``x0`` with it
-    (``x0 -= (sigma/alpha) d_eps``, keeping the pair consistent); it needs ``alpha > 0``. diffusers rescales
-    the raw output, so for ``epsilon`` models the two agree exactly; for v-prediction models they differ.
+    ``guidance_rescale`` ``phi`` applies diffusers' ``rescale_noise_cfg`` to the model's raw output, as diffusers'
+    pipelines do (``rescale_pair``: the output type comes from the ``StepState``, e.g. ``v`` for SD 2.x
+    v-prediction models), and moves the pair with it at fixed ``x_t``; it needs ``alpha > 0``.
     """
 
     name = "cfg"
@@ -113,9 +113,8 @@ class CFG(GuidanceRule):
         if self.guidance_rescale > 0.0:
             if state.alpha <= 0.0:
                 raise ValueError("`guidance_rescale` needs alpha > 0 at every evaluated step (got alpha = 0)")
-            new_eps = rescale_to_std(eps, cond[1], self.guidance_rescale)
-            x0 = x0 - (state.sigma / state.alpha) * (new_eps - eps)
-            eps = new_eps
+            x0, eps = rescale_pair((x0, eps), cond, self.guidance_rescale, state.alpha, state.sigma,
+                                   state.prediction_type)
         return x0, eps
 
     def config(self) -> dict:
@@ -190,6 +189,29 @@ def check_norm_dims(norm_dims: Any) -> tuple[int, ...] | None:
     if not dims or any(d == 0 for d in dims) or len(set(dims)) != len(dims):
         raise ValueError(f"`norm_dims` must be distinct non-batch dimensions (not 0), got {norm_dims!r}")
     return dims
+
+
+def raw_output_coefficients(alpha: Any, sigma: Any, prediction_type: str) -> tuple[Any, Any]:
+    """``(c_x0, c_eps)`` with ``raw = c_x0 x0 + c_eps eps`` for a consistent pair at ``(alpha, sigma)``:
+    ``epsilon`` (0, 1), ``sample`` (1, 0), ``v_prediction`` (-sigma, alpha), ``flow`` (-1, 1)."""
+    return {"epsilon": (0.0, 1.0), "sample": (1.0, 0.0), "v_prediction": (-sigma, alpha),
+            "flow": (-1.0, 1.0)}[prediction_type]
+
+
+def rescale_pair(guided: Pair, cond: Pair, phi: float, alpha: Any, sigma: Any, prediction_type: str) -> Pair:
+    """diffusers' ``rescale_noise_cfg`` (:func:`rescale_to_std`) on the raw output of type ``prediction_type``,
+    with the guided pair moved so that ``x_t = alpha x0 + sigma eps`` stays fixed: the raw output changes by ``d``,
+    and ``(x0, eps)`` by ``k d (-sigma, alpha)`` with ``k = 1 / (alpha c_eps - sigma c_x0)``
+    (:func:`raw_output_coefficients`). For ``epsilon`` models that is ``eps += d``, ``x0 -= (sigma/alpha) d``.
+    ``alpha``/``sigma`` may be host floats or 0-dim device tensors (no host sync)."""
+    if prediction_type == "epsilon":
+        new_eps = rescale_to_std(guided[1], cond[1], phi)
+        return guided[0] - (sigma / alpha) * (new_eps - guided[1]), new_eps
+    c_x0, c_eps = raw_output_coefficients(alpha, sigma, prediction_type)
+    raw = c_x0 * guided[0] + c_eps * guided[1]
+    d = rescale_to_std(raw, c_x0 * cond[0] + c_eps * cond[1], phi) - raw
+    k = 1.0 / (alpha * c_eps - sigma * c_x0)
+    return guided[0] - (sigma * k) * d, guided[1] + (alpha * k) * d
 
 
 def apg_update(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .base import GuidanceRule, Pair
-from .rules import APG, CFG, CFGPlusPlus, apg_update, rescale_to_std
+from .rules import APG, CFG, CFGPlusPlus, apg_update, rescale_pair, rescale_to_std
 
 __all__ = ["StaticGuidance", "STATIC_RULES", "GUIDANCE_COLUMNS"]
 
@@ -33,13 +33,15 @@ GUIDANCE_COLUMNS = ("scale", "sigma_over_alpha", "alpha_over_sigma")
 class StaticGuidance:
     """``rule`` for samples of ``shape`` (compute dtype ``dtype``) on ``device``; see the module docstring."""
 
-    def __init__(self, rule: GuidanceRule, shape: Sequence[int], device: torch.device | str, dtype: torch.dtype):
+    def __init__(self, rule: GuidanceRule, shape: Sequence[int], device: torch.device | str, dtype: torch.dtype,
+                 prediction_type: str = "epsilon"):
         if type(rule) not in STATIC_RULES:
             raise ValueError(
                 f"graph mode supports the guidance rules {[r.name for r in STATIC_RULES]} (classes "
                 f"{[r.__name__ for r in STATIC_RULES]}), got {type(rule).__name__}"
             )
         self.rule = rule
+        self.prediction_type = prediction_type  # the raw output CFG's guidance_rescale acts on, as diffusers does
         self.momentum: torch.Tensor | None = None
         if isinstance(rule, APG) and rule.momentum != 0.0:
             self.momentum = torch.zeros(tuple(shape), dtype=dtype, device=device)
@@ -80,17 +82,22 @@ class StaticGuidance:
         return apg_update(diff, cond, rule.eta, rule.norm_threshold, rule.norm_dims)
 
     def combine(self, cond: Pair, uncond: Pair, scale: torch.Tensor, sigma_over_alpha: torch.Tensor,
-                alpha_over_sigma: torch.Tensor) -> Pair:
-        """The rule's pair from the conditional and unconditional pairs; the last three are this step's
-        columns (0-dim device tensors)."""
+                alpha_over_sigma: torch.Tensor, alpha: torch.Tensor | None = None,
+                sigma: torch.Tensor | None = None) -> Pair:
+        """The rule's pair from the conditional and unconditional pairs; the other arguments are this step's
+        columns (0-dim device tensors; ``alpha``/``sigma`` are needed by CFG's rescale of a non-epsilon output)."""
         rule = self.rule
         if isinstance(rule, CFG):
             x0 = uncond[0] + scale * (cond[0] - uncond[0])
             eps = uncond[1] + scale * (cond[1] - uncond[1])
             if rule.guidance_rescale > 0.0:
-                new_eps = rescale_to_std(eps, cond[1], rule.guidance_rescale)
-                x0 = x0 - sigma_over_alpha * (new_eps - eps)
-                eps = new_eps
+                if self.prediction_type == "epsilon":
+                    new_eps = rescale_to_std(eps, cond[1], rule.guidance_rescale)
+                    x0 = x0 - sigma_over_alpha * (new_eps - eps)
+                    eps = new_eps
+                else:
+                    x0, eps = rescale_pair((x0, eps), cond, rule.guidance_rescale, alpha, sigma,
+                                           self.prediction_type)
             return x0, eps
         if isinstance(rule, CFGPlusPlus):
             return rule.combine(cond, uncond, None)  # host constant only: no per-step number

@@ -37,7 +37,8 @@ def step_state(scheduler: Any, index: int) -> StepState:
         raise ValueError("call `set_timesteps` on the scheduler before guiding a step")
     grid = plan.grid
     i = plan.calls[index][0]
-    return StepState(i, plan.num_steps, float(grid.alphas[i]), float(grid.sigmas[i]))
+    return StepState(i, plan.num_steps, float(grid.alphas[i]), float(grid.sigmas[i]),
+                     getattr(scheduler, "prediction_type", "epsilon"))
 
 
 def guided_step(

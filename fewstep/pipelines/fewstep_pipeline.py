@@ -67,7 +67,7 @@ from .graph_step import (
     check_graph_scheduler,
     kwargs_cache_key,
 )
-from .loop_checks import FiniteWatch, callback_tensors, check_generators, check_returned
+from .loop_checks import FiniteWatch, callback_tensors, check_generators, check_latents, check_returned
 from .sharing import pixel_outputs, share_modules
 
 __all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES", "flow_shift_mu"]
@@ -94,6 +94,12 @@ def _check_text_to_image(pipe: Any, model: Any) -> None:
         raise ValueError(f"FewstepPipeline hosts text-to-image loops; {name} has a ControlNet, whose residuals "
                          f"this loop does not compute: {how}")  # fmt: skip
     cfg = model.config
+    if getattr(cfg, "time_cond_proj_dim", None) is not None:
+        raise ValueError(
+            f"FewstepPipeline does not host guidance-distilled UNets (LCM: {type(model).__name__} with "
+            f"time_cond_proj_dim={cfg.time_cond_proj_dim} takes the guidance scale as an embedding, "
+            f"`timestep_cond`, and runs one branch): use {name} itself"
+        )
     in_ch = getattr(cfg, "in_channels", None)
     out_ch = getattr(cfg, "out_channels", None) or in_ch
     if in_ch is not None and in_ch != out_ch:
@@ -197,6 +203,29 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
     def is_flow(self) -> bool:
         """Whether the hosted model is a flow-matching transformer (SD3, Flux)."""
         return self.family in FLOW_FAMILIES
+
+    # the per-call properties diffusers pipelines expose (set by each call on ``pipe``; see ``_set_call_state``)
+    @property
+    def num_timesteps(self) -> int | None:
+        """Model calls of the last (or running) call, as diffusers' ``pipe.num_timesteps``."""
+        return getattr(self.pipe, "_num_timesteps", None)
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the last (or running) call, as diffusers' ``pipe.guidance_scale``."""
+        return getattr(self.pipe, "_guidance_scale", None)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """diffusers' meaning: the last (or running) call's guidance scale is above 1 (whether the unconditional
+        branch ran: ``last_call_guided``)."""
+        scale = self.guidance_scale
+        return scale is not None and scale > 1.0
+
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' interrupt flag (set ``fp.pipe._interrupt = True`` in a callback to stop after the step)."""
+        return bool(getattr(self.pipe, "_interrupt", False))
 
     @classmethod
     def from_pipe(
@@ -412,7 +441,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             return (latents, None) if with_nsfw else latents
         vae = p.vae
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
+        if self.family == "sdxl" and mean is not None and std is not None:  # as StableDiffusionXLPipeline (SD: no)
             c = latents.shape[1]
             mean_t = torch.tensor(mean).view(1, c, 1, 1).to(latents.device, latents.dtype)
             std_t = torch.tensor(std).view(1, c, 1, 1).to(latents.device, latents.dtype)
@@ -452,6 +481,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         p._guidance_rescale = float(getattr(rule, "guidance_rescale", 0.0) or 0.0)
         p._interrupt = False
         p._current_timestep = None
+        p._denoising_end = None  # SDXL's property, read by callbacks (this loop runs to the end)
         p._clip_skip = clip_skip
         p._cross_attention_kwargs = None if self.is_flow else attention
         p._joint_attention_kwargs = attention if self.is_flow else None
@@ -570,6 +600,10 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         if embedded_guidance_scale is not None and self.family != "flux":
             raise ValueError(f"`embedded_guidance_scale` feeds the guidance embedding of Flux transformers; this "
                              f"pipeline is {self.family} (use `guidance_scale`)")  # fmt: skip
+        if embedded_guidance_scale is not None and not p.transformer.config.guidance_embeds:
+            raise ValueError("`embedded_guidance_scale` feeds the guidance embedding, which this Flux transformer "
+                             "does not have (guidance_embeds=False, e.g. FLUX.1-schnell); use a guidance rule "
+                             "(guidance='cfg') or leave it out")
         embedded = self.embedded_guidance_scale if embedded_guidance_scale is None else check_number(
             "embedded_guidance_scale", embedded_guidance_scale, 0.0)
         if guidance is None and self.guidance is None:  # Flux, distilled guidance embedding only
@@ -639,6 +673,9 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
         if prompt is not None:
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                                 and all(isinstance(q, str) for q in prompt))):
+                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}")
             batch = 1 if isinstance(prompt, str) else len(prompt)
         else:
             batch = prompt_embeds.shape[0]
@@ -682,10 +719,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         timesteps = scheduler.timesteps
         if latents is not None:
             shape = (n, p.unet.config.in_channels, int(height) // p.vae_scale_factor, int(width) // p.vae_scale_factor)
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(f"`latents` must be a tensor of shape {shape} (batch, channels, height / "
-                                 f"{p.vae_scale_factor}, width / {p.vae_scale_factor}), got {got}")  # fmt: skip
+            check_latents(latents, shape, f"batch, channels, height / {p.vae_scale_factor}, width / "
+                                          f"{p.vae_scale_factor}")
         x = p.prepare_latents(n, p.unet.config.in_channels, height, width, embeds.dtype, device, generator, latents)
         conds = {"embeds": embeds} if added is None else {"embeds": embeds, **added}
         denoiser = self.denoiser

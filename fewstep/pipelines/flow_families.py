@@ -19,6 +19,7 @@ from diffusers import ImagePipelineOutput
 from .. import samplers
 from ..guidance import GuidanceRule
 from ..solvers.schedules import is_flow_config
+from .loop_checks import check_latents
 
 __all__ = ["FLOW_FAMILIES", "TRANSFORMER_FAMILIES", "FLUX_EMBEDDED_SCALE", "flow_shift_mu", "flow_samplers",
            "check_flow_scheduler", "FlowFamilies"]
@@ -158,6 +159,16 @@ class FlowFamilies:
             if value is not None and value.shape[0] == batch and n != batch:
                 enc[key] = value.repeat_interleave(kw["num_images_per_prompt"], dim=0)
         generator = kw["generator"]
+        if kw["latents"] is not None:
+            scale = p.vae_scale_factor
+            if flux:  # packed 2x2 patches, as FluxPipeline._pack_latents lays them out
+                h, w = 2 * (int(height) // (scale * 2)), 2 * (int(width) // (scale * 2))
+                shape, layout = (n, (h // 2) * (w // 2), tr.config.in_channels), "Flux's packed latents: batch, " \
+                    f"(height / {2 * scale}) * (width / {2 * scale}), channels * 4"
+            else:
+                shape = (n, tr.config.in_channels, int(height) // scale, int(width) // scale)
+                layout = f"batch, channels, height / {scale}, width / {scale}"
+            check_latents(kw["latents"], shape, layout)
         if flux:
             x, image_ids = p.prepare_latents(
                 n, tr.config.in_channels // 4, height, width, enc["pos"].dtype, device, generator, kw["latents"]

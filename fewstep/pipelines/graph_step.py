@@ -155,7 +155,8 @@ class StaticLoop:
         engine = StaticEngine(plan, x.shape, x.device, cdtype)
         alphas = np.asarray(plan.grid.alphas[:n], dtype=np.float64)
         sigmas = np.asarray(plan.grid.sigmas[:n], dtype=np.float64)
-        guide = StaticGuidance(rule, x.shape, x.device, cdtype) if rule is not None else None
+        guide = (StaticGuidance(rule, x.shape, x.device, cdtype, scheduler.prediction_type) if rule is not None
+                 else None)
         extra = guide.columns(alphas, sigmas) if guide is not None else np.zeros((n, 3))
         cols = np.concatenate([np.stack([alphas, sigmas, alphas * alphas + sigmas * sigmas], axis=1), extra], axis=1)
         table = torch.as_tensor(cols, dtype=cdtype).to(x.device)
@@ -196,7 +197,7 @@ class StaticLoop:
             out_uncond, out_cond = out.chunk(2)
             cond = run.postprocess(*static_pair(run.kind, out_cond.to(engine.dtype), x, alpha, sigma, norm))
             uncond = run.postprocess(*static_pair(run.kind, out_uncond.to(engine.dtype), x, alpha, sigma, norm))
-            x0, eps = run.guide.combine(cond, uncond, scale, s_over_a, a_over_s)
+            x0, eps = run.guide.combine(cond, uncond, scale, s_over_a, a_over_s, alpha, sigma)
             x0, eps = run.postprocess(x0.to(engine.dtype), eps.to(engine.dtype))
         else:
             x0, eps = run.postprocess(*static_pair(run.kind, out.to(engine.dtype), x, alpha, sigma, norm))

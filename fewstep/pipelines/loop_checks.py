@@ -1,6 +1,6 @@
-"""Per-step checks shared by ``FewstepPipeline``'s eager and static loops: what a step-end callback may see,
-the NaN/Inf watch that names the first bad step without a host sync inside the loop, and the check that a
-finished run's images are finite."""
+"""Checks shared by ``FewstepPipeline``'s loops: what a step-end callback may see, the NaN/Inf watch that names
+the first bad step without a host sync inside the loop, the check that a finished run's images are finite, and
+the shape of user latents."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["callback_tensors", "check_returned", "FiniteWatch", "raise_if_diverged", "check_generators"]
+__all__ = [
+    "callback_tensors", "check_returned", "FiniteWatch", "raise_if_diverged", "check_generators", "check_latents",
+]
 
 
 def callback_tensors(x: torch.Tensor, conds: dict) -> dict:
@@ -73,3 +75,11 @@ def check_generators(generator: Any, batch: int | None = None) -> None:
         raise ValueError(f"`generator` is a list of {len(generator)} generators, but the batch has {batch} images; "
                          "pass one generator per image (or a single generator)")
 
+
+def check_latents(latents: Any, shape: tuple[int, ...], layout: str) -> None:
+    """User ``latents`` must be a floating tensor of ``shape`` (``layout`` names its axes), checked before the base
+    pipeline's ``prepare_latents`` (which takes any tensor and fails, if at all, deep inside the model)."""
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or tuple(latents.shape) != shape:
+        got = (f"a {latents.dtype} tensor of shape {tuple(latents.shape)}" if isinstance(latents, torch.Tensor)
+               else type(latents).__name__)
+        raise ValueError(f"`latents` must be a floating tensor of shape {shape} ({layout}), got {got}")
