@@ -279,3 +279,24 @@ def test_class_loop_scales_the_start_by_this_calls_init_noise_sigma(unet):
                                 ).sample.chunk(2)
             x = sched.step(eps_u + 3.0 * (eps_c - eps_u), t, x).prev_sample
     torch.testing.assert_close(runs[0], x, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_pipeline_refuses_a_replaced_unet():
+    """Found by probing: after `pipe.unet = other` a compiled pipeline kept running the old UNet silently."""
+    import copy
+
+    import fewstep
+    from fewstep.pipelines import ClassConditionalPipeline, FewstepPipeline
+
+    base = fewstep.load_default("digits-eps", sampler="ddim")
+    kw = dict(class_labels=[1], num_inference_steps=2, output_type="np")
+    compiled = ClassConditionalPipeline.from_pipe(base, compile={"backend": "eager"})
+    compiled(**kw)
+    compiled.unet = copy.deepcopy(base.unet)
+    with pytest.raises(ValueError, match="was replaced after `compile=` compiled the previous one"):
+        compiled(**kw)
+    fp = FewstepPipeline.from_pipe(base, compile={"backend": "eager"})
+    fp(**kw)
+    fp.pipe.unet = copy.deepcopy(base.unet)
+    with pytest.raises(ValueError, match="was replaced after `compile=` compiled the previous one"):
+        fp(**kw)

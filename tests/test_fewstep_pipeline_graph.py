@@ -601,3 +601,17 @@ def test_a_new_guidance_scale_reuses_the_captured_step(sd):
     assert runs[0] is runs[1] is runs[2]
     fp(**kw, guidance=guidance.CFG(3.0, guidance_rescale=0.5), generator=_gen(1))
     assert fp._graph_cache[1] is not runs[0]  # a setting baked into the step still recaptures
+
+
+@pytest.mark.parametrize("rule, scales", [("cfg++", (0.3, 0.9)), ("apg", (2.0, 8.0))])
+def test_a_new_cfgpp_or_apg_scale_is_not_replayed_with_the_old_one(sd, rule, scales):
+    """Found by probing: the cache key dropped every rule's scale, but only CFG's sits in the device table; CFG++'s
+    lambda and APG's w are constants of the captured step, so a second call replayed the first call's scale."""
+    fp = FewstepPipeline.from_pipe(sd, scheduler="unipc", guidance=rule, guidance_scale=scales[0])
+    kw = dict(**_sd_embeds(1), num_inference_steps=3, output_type="latent")
+    for scale in scales:
+        fp._loop_mode = "static"
+        out = fp(**kw, guidance_scale=scale, generator=_gen(1)).images
+        fp._loop_mode = "eager"
+        ref = fp(**kw, guidance_scale=scale, generator=_gen(1)).images
+        assert torch.equal(out, ref)

@@ -705,3 +705,13 @@ def test_masked_guidance_checks_a_number_scale():
     v = torch.zeros(1, 1, 4, 4)
     with pytest.raises(ValueError, match="`scale` must be a finite number"):
         masked_guidance(v, v, v, float("nan"))
+
+
+def test_flowchef_refuses_inference_mode_instead_of_not_steering():
+    """Found by probing: under torch.inference_mode() enable_grad cannot run, the cost had no grad and FlowChef
+    returned the unsteered sample without a word."""
+    cfg = FlowChefConfig(step_size=0.5)
+    x = torch.zeros(2, 1, 4, 4)
+    cost = measurement_cost(lambda v: v, torch.ones(2, 1, 4, 4))
+    with torch.inference_mode(), pytest.raises(ValueError, match="torch.inference_mode\\(\\) disables"):
+        flowchef_update(x, torch.zeros_like(x), cost, cfg)

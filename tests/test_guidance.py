@@ -467,3 +467,25 @@ def test_hutchinson_and_surrogate_check_shapes_and_dim():
     with pytest.raises(ValueError, match=r"`eta` must be a finite number >= 0, got nan"):
         stsl_surrogate(torch.ones(2), torch.ones(2), float("nan"), 4)
     assert float(stsl_surrogate(torch.ones(2), torch.ones(2), 0.1, np.int64(2))) == pytest.approx(2.1)
+
+
+def test_guided_step_forgets_apg_momentum_at_a_part_way_start():
+    """Found by probing: an img2img loop (set_begin_index) never passed model call 0, so the rule's reset at index 0
+    never fired and APG's momentum leaked from one generation into the next."""
+    from fewstep import samplers
+    from fewstep.guidance import APG, guided_step
+
+    rule = APG(4.0, momentum=-0.5)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(1, 2, 4, 4, generator=g)
+
+    def generation():
+        sched = samplers.get("unipc")()
+        sched.set_timesteps(6)
+        sched.set_begin_index(2)
+        x = start
+        for j, t in enumerate(sched.timesteps[2:]):
+            x = guided_step(sched, rule, 0.3 * x + 0.1, 0.2 * x, t, x, 2 + j)
+        return x
+
+    assert torch.equal(generation(), generation())

@@ -431,3 +431,20 @@ def test_operators_and_stsl_take_numpy_scalars():
     ):
         with pytest.raises(ValueError, match=match):
             make()
+
+
+def test_posterior_sampling_keeps_the_callers_parameter_flags_and_refuses_inference_mode():
+    """Found by probing: posterior sampling set requires_grad=False on the caller's UNet for good (a later fine-tune
+    got no gradients); under torch.inference_mode() it failed with autograd's "does not require grad"."""
+    pipe = fewstep.load_default("digits-eps")
+    op = make_operator("inpaint", size=16)
+    y = op(torch.zeros(1, 1, 16, 16))
+    pipe.unet.requires_grad_(True)
+    next(pipe.unet.parameters()).requires_grad_(False)  # a mix of flags comes back as it was
+    before = [p.requires_grad for p in pipe.unet.parameters()]
+    posterior_sample(pipe, op, y, "dps", 2, generator=torch.Generator().manual_seed(0))
+    assert [p.requires_grad for p in pipe.unet.parameters()] == before
+    with torch.inference_mode(), pytest.raises(ValueError, match="torch.inference_mode\\(\\) disables"):
+        posterior_sample(pipe, op, y, "dps", 2)
+    with torch.no_grad():  # fine: the gradient steps enable grad locally
+        assert posterior_sample(pipe, op, y, "dps", 2).images.shape == (1, 1, 16, 16)

@@ -67,6 +67,8 @@ def guided_step(
             "conditional output, unconditional output and sample must have the same shape; got "
             f"{tuple(out_cond.shape)}, {tuple(out_uncond.shape)} and {tuple(sample.shape)}"
         )
+    if scheduler.step_index is None:  # a new run, also one that begins part-way (img2img): forget APG's momentum
+        rule.reset()
     dtype = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
     x = scheduler.model_sample(index, sample.to(dtype))  # as the model saw it (an average_x0 start is shifted)
     cond = scheduler.convert_model_output(out_cond.to(dtype), x, index)

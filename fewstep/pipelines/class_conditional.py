@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .. import guidance as guidance_rules
 from .._checks import check_int, check_number
 from ..guidance import GuidanceRule
-from .denoiser import prepare_denoiser
+from .denoiser import check_denoiser_current, prepare_denoiser
 from .sharing import share_modules
 
 __all__ = ["ClassConditionalPipeline", "OUTPUT_TYPES"]
@@ -35,6 +35,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     #: what the loop calls instead of ``unet`` (a ``torch.compile``d wrapper); set by ``from_pipe(compile=...)``
     _denoiser = None
+    _denoiser_for = None  # the module ``_denoiser`` was compiled from
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
@@ -77,6 +78,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             new = cls(unet=module, scheduler=scheduler)
             new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
         new._denoiser = None if call is module else call
+        new._denoiser_for = module
         return new
 
     # what diffusers callbacks read (set per call by the denoising loop)
@@ -175,6 +177,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         labels = self._check_inputs(class_labels, num_inference_steps, output_type)
         rule = self._guidance_rule(guidance, guidance_scale)
+        if self._denoiser is not None:
+            check_denoiser_current(self.unet, self._denoiser_for)
         host = FewstepPipeline(self, rule, denoiser=self._denoiser)
         return host(class_labels=labels, num_inference_steps=num_inference_steps, generator=generator,
                     latents=latents, output_type=output_type, return_dict=return_dict, check_finite=check_finite)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["prepare_denoiser", "check_compile", "COMPILE_MODES", "COMPILE_OPTIONS"]
+__all__ = ["prepare_denoiser", "check_compile", "check_denoiser_current", "COMPILE_MODES", "COMPILE_OPTIONS"]
 
 #: ``torch.compile`` modes accepted by ``compile="<mode>"``
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -125,3 +125,13 @@ def prepare_denoiser(
             module.to(ref.device)  # a given module may live elsewhere; the pipeline's inputs are on ref's device
     call = module if kwargs is None else torch.compile(module, **kwargs)
     return module, call
+
+
+def check_denoiser_current(module: Any, compiled_from: Any) -> None:
+    """A pipeline's compiled denoiser runs the module it was compiled from: refuse to run after the pipeline's
+    UNet/transformer was replaced (``pipe.unet = other``), which would silently sample with the old weights."""
+    if compiled_from is not None and module is not compiled_from:
+        raise ValueError(
+            f"the pipeline's {type(module).__name__} was replaced after `compile=` compiled the previous one, which "
+            "would still run; build the pipeline again with from_pipe(..., compile=...) for the new module"
+        )

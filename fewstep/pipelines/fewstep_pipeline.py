@@ -48,7 +48,7 @@ from .. import guidance as guidance_rules
 from .. import samplers
 from .._checks import check_int, check_number
 from ..guidance import GuidanceRule
-from .denoiser import check_compile, prepare_denoiser
+from .denoiser import check_compile, check_denoiser_current, prepare_denoiser
 from .execution_device import ExecutionDevice
 from .flow_families import (
     FLOW_FAMILIES,
@@ -168,6 +168,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         self.guidance = guidance
         self.embedded_guidance_scale = float(embedded_guidance_scale)
         self._compiled = denoiser
+        #: the module ``denoiser`` was made from (a swapped ``pipe.unet`` would otherwise be silently ignored)
+        self._compiled_for = self._model if denoiser is not None else None
         #: "eager" (the reference loop), "cuda-graph" (capture one step, replay it) or "static" (the captured
         #: step's code run uncaptured, any device: what the CPU tests compare with "eager")
         self._loop_mode = "cuda-graph" if cuda_graph else "eager"
@@ -191,8 +193,12 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
     @property
     def denoiser(self) -> Callable[..., Any]:
         """What the loop calls: the ``torch.compile``d wrapper given by ``from_pipe(compile=...)``, else the
-        pipeline's current UNet/transformer (so ``fp.pipe.unet = other`` takes effect)."""
-        return self._compiled if self._compiled is not None else self._model
+        pipeline's current UNet/transformer (so ``fp.pipe.unet = other`` takes effect; with a compiled denoiser such
+        a swap is an error: the compiled one would run the old module)."""
+        if self._compiled is None:
+            return self._model
+        check_denoiser_current(self._model, self._compiled_for)
+        return self._compiled
 
     @property
     def cuda_graph(self) -> bool:

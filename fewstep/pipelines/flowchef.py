@@ -32,6 +32,7 @@ from ..solvers.flowchef import (
     masked_guidance,
     measurement_cost,
 )
+from .grad_state import check_autograd_available, frozen_parameters
 from .loop_checks import raise_if_diverged
 
 __all__ = ["TASKS", "INVERSE_TASKS", "DEFAULT_CONFIGS", "FlowChefTask", "make_task", "flowchef_sample",
@@ -250,6 +251,7 @@ def dps_sample(
 ) -> torch.Tensor:
     """DPS-style baseline on a flow model: ``x' = Euler(x, v) - zeta * grad_x ||y - A(x - s v_theta(x))||``, the
     gradient through the model (unconditional, null class). Returns NCHW images in [-1, 1]."""
+    check_autograd_available("dps_sample")
     _check_flow_scheduler(pipe)
     if not step_size >= 0:
         raise ValueError(f"`step_size` (zeta) must be >= 0, got {step_size!r}")
@@ -261,15 +263,15 @@ def dps_sample(
     sched.set_timesteps(num_inference_steps, device=x.device)
     sigmas = sched.plan.grid.sigmas
     alphas = sched.plan.grid.alphas
-    pipe.unet.requires_grad_(False)
-    for i, t in enumerate(sched.timesteps):
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            v = pipe.unet(x, t.reshape(1).expand(x.shape[0]), class_labels=labels).sample
-            x0_hat = (x - float(sigmas[i]) * v) / float(alphas[i] + sigmas[i])
-            (grad,) = torch.autograd.grad(first_order_loss(problem, x0_hat), x)
-        with torch.no_grad():
-            x = sched.step(v.detach(), t, x.detach()).prev_sample - step_size * grad
+    with frozen_parameters(pipe.unet):  # gradients to the sample only; the caller's flags come back after
+        for i, t in enumerate(sched.timesteps):
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                v = pipe.unet(x, t.reshape(1).expand(x.shape[0]), class_labels=labels).sample
+                x0_hat = (x - float(sigmas[i]) * v) / float(alphas[i] + sigmas[i])
+                (grad,) = torch.autograd.grad(first_order_loss(problem, x0_hat), x)
+            with torch.no_grad():
+                x = sched.step(v.detach(), t, x.detach()).prev_sample - step_size * grad
     return x.detach()
 
 

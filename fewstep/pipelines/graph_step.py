@@ -172,9 +172,11 @@ class StaticLoop:
                     timesteps: torch.Tensor, rule: GuidanceRule | None) -> tuple:
         """What a captured step depends on besides the values copied into its buffers."""
         sched = self.pipe.scheduler
-        # the scale (or per-step scales) sits in the device table: a new scale replays the same graph
+        # CFG's scale (or per-step scales) sits in the device table: a new scale replays the same graph; CFG++'s
+        # lambda and APG's w are constants of the captured step, so a new one recaptures
+        in_table = ("guidance_scale",) if type(rule) is guidance_rules.CFG else ()
         rule_key = None if rule is None else (
-            type(rule).__name__, repr(sorted((k, v) for k, v in rule.config().items() if k != "guidance_scale")))
+            type(rule).__name__, repr(sorted((k, v) for k, v in rule.config().items() if k not in in_table)))
         return (
             self.family, self._loop_mode, id(self.denoiser), self._model_kwargs_key, rule_key, tuple(x.shape),
             x.dtype, str(x.device),

@@ -25,6 +25,7 @@ from ..guidance.posterior import InverseProblem, PosteriorMethod
 from ..solvers.grids import spacing_grid
 from ..solvers.parameterization import to_pair
 from ..solvers.schedules import VPSchedule, is_flow_config
+from .grad_state import check_autograd_available, frozen_parameters
 
 __all__ = ["POSTERIOR_TASKS", "DEFAULT_OPTIONS", "PosteriorOutput", "InverseTaskResult", "posterior_sample",
            "run_inverse_task", "default_method", "degraded_view", "held_out_digits", "score_restorations"]
@@ -78,6 +79,7 @@ class _Prior:
 
         if isinstance(pipe, FewstepPipeline):
             pipe = pipe.pipe
+        self.frozen: list[torch.nn.Module] = []  # modules sampled through without parameter gradients
         config = dict(getattr(getattr(pipe, "scheduler", None), "config", {}) or {})
         if is_flow_config(config) or str(config.get("prediction_type", "")).startswith("flow"):
             raise ValueError(
@@ -114,7 +116,7 @@ class _Prior:
             embeds = pipe.encode_prompt(prompt, device, 1, False)[0]
             self.cond = {"encoder_hidden_states": embeds.expand(num_images, *embeds.shape[1:])}
             vae = pipe.vae
-            vae.requires_grad_(False)
+            self.frozen.append(vae)
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             size = pipe.unet.config.sample_size
             self.shape = (num_images, pipe.unet.config.in_channels, size, size)
@@ -128,7 +130,7 @@ class _Prior:
                 "posterior sampling supports the class-conditional digits pipelines (digits-eps) and SD 1.x/2.x "
                 f"latent pipelines, got {type(pipe).__name__}"
             )
-        self.unet.requires_grad_(False)
+        self.frozen.append(self.unet)
 
     def __call__(self, z: torch.Tensor, t: float, alpha: float, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         reps = z.shape[0] // self.n  # STSL stacks probes along the batch
@@ -165,6 +167,7 @@ def posterior_sample(
     ``ClassConditionalPipeline`` of a VP model (unconditional by default: the null class; ``class_labels`` to
     condition) or an SD 1.x/2.x pipeline (``prompt``, default empty). ``latents``: the initial noise.
     """
+    check_autograd_available("posterior sampling")
     method = default_method(method) if isinstance(method, str) else guidance_lib.make_posterior(method)
     if not isinstance(measurement, torch.Tensor) or measurement.ndim != 4:
         raise ValueError(f"`measurement` must be an NCHW tensor, got {getattr(measurement, 'shape', measurement)!r}")
@@ -186,9 +189,10 @@ def posterior_sample(
         return prior(z, times[i], float(alphas[i]), float(sigmas[i]))
 
     start = time.perf_counter()
-    result = method.sample(model_fn, problem, noise, alphas, sigmas, generator)
-    with torch.no_grad():
-        images = problem.to_image(result.sample)
+    with frozen_parameters(*prior.frozen):  # gradients to the sample only; the caller's flags come back after
+        result = method.sample(model_fn, problem, noise, alphas, sigmas, generator)
+        with torch.no_grad():
+            images = problem.to_image(result.sample)
     if not torch.isfinite(images).all():
         knobs = f"`step_size` (got {method.step_size})"
         if getattr(method, "gluing", 0):

@@ -121,6 +121,9 @@ def flowchef_update(x: torch.Tensor, offset: torch.Tensor, cost: Cost, config: F
     y = x.detach()
     if eta == 0.0:
         return y
+    if torch.is_inference_mode_enabled():  # enable_grad does not lift it: the cost would silently not steer
+        raise ValueError("FlowChef steering takes gradients of the cost, which torch.inference_mode() disables; "
+                         "sample outside inference mode (torch.no_grad() is fine)")
     b1, b2 = config.betas
     m = v = None
     with torch.enable_grad():
