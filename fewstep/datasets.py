@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._checks import check_int
+from ._checks import check_int, check_number
 
 __all__ = ["NUM_CLASSES", "load_digits_images", "held_out_digits", "to_unit_range"]
 
@@ -27,8 +27,8 @@ def load_digits_images(
     if split not in _SPLITS:
         raise ValueError(f"`split` must be one of {list(_SPLITS)}, got {split!r}")
     check_int("resolution", resolution, 8, numpy_ok=False)
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"`test_fraction` must lie in (0, 1), got {test_fraction!r}")
+    check_number("test_fraction", test_fraction, 0.0, 1.0, low_open=True, allowed="(0, 1)")
+    check_int("seed", seed, 0, 2**63 - 1)
     data = load_digits()
     images = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(data.target.astype(np.int64))
@@ -38,12 +38,16 @@ def load_digits_images(
     images = (images.clamp(0, 1) * 2 - 1).contiguous()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(test_fraction * len(labels)))
+    if not 1 <= n_test < len(labels):
+        raise ValueError(f"`test_fraction`={test_fraction!r} leaves {n_test} of {len(labels)} digits for the test "
+                         "split and the rest for training: each split needs at least one")
     pick = {"test": order[:n_test], "train": order[n_test:], "all": order}[split]
     return images[pick], labels[pick]
 
 
 def held_out_digits(num_images: int, size: int = 16, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_images`` held-out test digits (NCHW in [-1, 1]) and their labels, from index ``offset``."""
+    check_int("size", size, 8, numpy_ok=False)
     images, labels = load_digits_images(size, "test")
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < images.shape[0]:
         raise ValueError(f"`offset` must be an integer in [0, {images.shape[0] - 1}] (index of the first held-out "
@@ -57,4 +61,6 @@ def held_out_digits(num_images: int, size: int = 16, offset: int = 0) -> tuple[t
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Map model-space images in [-1, 1] to [0, 1] (clamped)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"`images` must be a torch.Tensor in [-1, 1], got {type(images).__name__}")
     return ((images + 1) / 2).clamp(0, 1)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train the embedded default models on scikit-learn's digits and write them to ``fewstep/assets/``.
 
-    python scripts/train_digits.py digits-eps        [--steps 5000] [--device cuda]
-    python scripts/train_digits.py digits-flow       [--steps 5000]
+    python scripts/train_digits.py digits-eps        [--steps 3000] [--device cuda] [--out-root DIR]
+    python scripts/train_digits.py digits-flow       [--steps 3000]
     python scripts/train_digits.py digits-mr         [--steps 3000]
     python scripts/train_digits.py digits-classifier [--epochs 40]
 
@@ -82,13 +82,20 @@ def _train_step(loss: torch.Tensor, unet, ema, opt, sched, ema_decay: float = 0.
             pe.lerp_(p, 1 - ema_decay)
 
 
+def _recent_mean(losses: list[float]) -> float:
+    """Mean of the last 500 losses (of all of them in a shorter run)."""
+    recent = losses[-500:]
+    return sum(recent) / len(recent)
+
+
 def _log(kind: str, step: int, steps: int, losses: list[float], start: float) -> None:
     if (step + 1) % 500 == 0:
-        print(f"{kind} step {step + 1}/{steps} loss {sum(losses[-500:]) / 500:.4f} ({time.time() - start:.0f}s)",
+        print(f"{kind} step {step + 1}/{steps} loss {_recent_mean(losses):.4f} ({time.time() - start:.0f}s)",
               flush=True)
 
 
-def train_diffusion(kind: str, steps: int, batch_size: int, lr: float, device: str, seed: int) -> Path:
+def train_diffusion(kind: str, steps: int, batch_size: int, lr: float, device: str, seed: int,
+                    out_root: Path = ASSETS) -> Path:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     images, labels = load_digits_images(RESOLUTION, "train")
@@ -124,18 +131,18 @@ def train_diffusion(kind: str, steps: int, batch_size: int, lr: float, device: s
         _train_step(loss, unet, ema, opt, sched)
         losses.append(loss.item())
         _log(kind, step, steps, losses, start)
-    out = ASSETS / kind
+    out = out_root / kind
     pipe = ClassConditionalPipeline(unet=ema.cpu(), scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
     recipe = {"model": kind, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "ema": 0.999,
-              "label_dropout": 0.15, "resolution": RESOLUTION, "final_loss": sum(losses[-500:]) / 500,
+              "label_dropout": 0.15, "resolution": RESOLUTION, "final_loss": _recent_mean(losses),
               "train_seconds": round(time.time() - start), "device": device}
     (out / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return out
 
 
 def train_mean_reverting(steps: int, batch_size: int, lr: float, device: str, seed: int,
-                         stationary_std: float = 0.4) -> Path:
+                         stationary_std: float = 0.4, out_root: Path = ASSETS) -> Path:
     """``digits-mr``: IR-SDE box inpainting. ``z_t = a_t (x0 - mu)/lam + sqrt(1 - a_t^2) eps`` over 100 index
     steps; the UNet sees ``concat(mu + lam z_t, mu)`` and predicts ``eps``."""
     torch.manual_seed(seed)
@@ -165,18 +172,19 @@ def train_mean_reverting(steps: int, batch_size: int, lr: float, device: str, se
         _train_step(loss, unet, ema, opt, sched)
         losses.append(loss.item())
         _log("digits-mr", step, steps, losses, start)
-    out = ASSETS / "digits-mr"
+    out = out_root / "digits-mr"
     MeanRevertingPipeline(unet=ema.cpu(), scheduler=scheduler, stationary_std=stationary_std).save_pretrained(
         out, safe_serialization=True)
     recipe = {"model": "digits-mr", "task": "box inpainting (6x6 square set to background)", "steps": steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "ema": 0.999, "stationary_std": stationary_std,
-              "schedule": "IR-SDE cosine, 100 index steps, a_T = 0.005", "final_loss": sum(losses[-500:]) / 500,
+              "schedule": "IR-SDE cosine, 100 index steps, a_T = 0.005", "final_loss": _recent_mean(losses),
               "train_seconds": round(time.time() - start), "device": device}
     (out / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return out
 
 
-def train_classifier(epochs: int, batch_size: int, lr: float, device: str, seed: int) -> Path:
+def train_classifier(epochs: int, batch_size: int, lr: float, device: str, seed: int,
+                     out_root: Path = ASSETS) -> Path:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     images, labels = load_digits_images(RESOLUTION, "train")
@@ -202,7 +210,7 @@ def train_classifier(epochs: int, batch_size: int, lr: float, device: str, seed:
         with torch.no_grad():
             acc = (model(test_images.to(device)).argmax(1).cpu() == test_labels).float().mean().item()
         print(f"classifier epoch {epoch + 1}/{epochs} loss {loss.item():.4f} test accuracy {acc:.4f}", flush=True)
-    out = ASSETS / "digits-classifier"
+    out = out_root / "digits-classifier"
     model.cpu().save_pretrained(out, safe_serialization=True)
     recipe = {"model": "digits-classifier", "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "test_accuracy": acc, "resolution": RESOLUTION}
@@ -222,6 +230,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and the weights (default 0)")
+    parser.add_argument("--out-root", default=None, metavar="DIR",
+                        help="write DIR/MODEL instead of overwriting the shipped fewstep/assets/MODEL "
+                             "(e.g. for a trial run)")
     args = parser.parse_args()
     # the run overwrites a shipped model: refuse settings that would write a broken one
     for name in ("steps", "epochs", "batch_size"):
@@ -231,14 +242,31 @@ def main() -> None:
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device; use cpu or cuda[:N]")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
-    if args.model == "digits-classifier":
-        out = train_classifier(args.epochs, args.batch_size, args.lr or 3e-3, args.device, args.seed)
+    classifier = args.model == "digits-classifier"
+    ignored = "--steps" if classifier and args.steps != 3000 else "--epochs" if not classifier and args.epochs != 40 \
+        else None
+    if ignored:
+        parser.error(f"{ignored} does not apply to {args.model} (the classifier trains --epochs, the diffusion "
+                     "models --steps)")
+    root = ASSETS
+    if args.out_root is not None:
+        root = Path(args.out_root)
+        if root.exists() and not root.is_dir():
+            parser.error(f"--out-root {args.out_root!r} exists and is not a directory")
+    if classifier:
+        out = train_classifier(args.epochs, args.batch_size, args.lr or 3e-3, args.device, args.seed, root)
     elif args.model == "digits-mr":
-        out = train_mean_reverting(args.steps, args.batch_size, args.lr or 2e-3, args.device, args.seed)
+        out = train_mean_reverting(args.steps, args.batch_size, args.lr or 2e-3, args.device, args.seed,
+                                   out_root=root)
     else:
-        out = train_diffusion(args.model, args.steps, args.batch_size, args.lr or 2e-3, args.device, args.seed)
+        out = train_diffusion(args.model, args.steps, args.batch_size, args.lr or 2e-3, args.device, args.seed,
+                              root)
     print(f"wrote {out}")
 
 

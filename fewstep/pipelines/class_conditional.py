@@ -123,7 +123,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 "this UNet is unconditional (num_class_embeds=None): guidance needs a class-conditional model "
                 "whose last class id is the null class"
             )
-        if isinstance(class_labels, (int, np.integer)):
+        if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, (bool, np.bool_)):
             class_labels = [int(class_labels)]
         if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             class_labels = class_labels.reshape(-1).tolist()

@@ -62,8 +62,16 @@ def load_default(
 ):
     """Load an embedded model: a ready ``ClassConditionalPipeline`` (``digits-eps``, ``digits-flow``) or
     ``MeanRevertingPipeline`` (``digits-mr``) with ``sampler`` swapped in by ``from_config``, or the
-    ``DigitsClassifier`` module for ``"digits-classifier"``."""
+    ``DigitsClassifier`` module for ``"digits-classifier"``. ``device`` and ``torch_dtype`` (a floating
+    ``torch.dtype``) move it there."""
     path = default_model_path(name)
+    if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise ValueError(f"`torch_dtype` must be a floating torch.dtype (e.g. torch.float16), got {torch_dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"`device` must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
     if name == "digits-classifier":
         if sampler not in (None, "unipc"):  # "unipc" is the default of the argument
             raise ValueError(f"`sampler` does not apply to 'digits-classifier' (a classifier, not a pipeline), "
@@ -71,9 +79,8 @@ def load_default(
         from .classifier import DigitsClassifier
 
         model = DigitsClassifier.from_pretrained(path).eval()
-        if device is not None or torch_dtype is not None:
-            model = model.to(device=device, dtype=torch_dtype)
-        return model
+        moves = {k: v for k, v in (("device", device), ("dtype", torch_dtype)) if v is not None}
+        return model.to(**moves) if moves else model
     from .class_conditional import ClassConditionalPipeline
     from .mean_reverting import MeanRevertingPipeline
 

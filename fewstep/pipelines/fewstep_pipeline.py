@@ -730,10 +730,12 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         x = p.prepare_latents(n, p.unet.config.in_channels, height, width, embeds.dtype, device, generator, latents)
         conds = {"embeds": embeds} if added is None else {"embeds": embeds, **added}
         denoiser = self.denoiser
+        # flow schedulers of diffusers (FlowMatchEulerDiscreteScheduler) have no input scaling, nor the method
+        scale_model_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
             model_in = torch.cat([x, x]) if guided else x
-            model_in = scheduler.scale_model_input(model_in, t)
+            model_in = scale_model_input(model_in, t)
             added_kw = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]} if "time_ids" in c else None
             return denoiser(model_in, t, encoder_hidden_states=c["embeds"], added_cond_kwargs=added_kw,
                             cross_attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
@@ -780,10 +782,12 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         cond = torch.tensor(labels, device=device)
         conds = {"labels": torch.cat([torch.full_like(cond, p.null_class), cond]) if guided else cond}
         denoiser = self.denoiser
+        # flow schedulers of diffusers (FlowMatchEulerDiscreteScheduler) have no input scaling, nor the method
+        scale_model_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
             model_in = torch.cat([x, x]) if guided else x
-            model_in = scheduler.scale_model_input(model_in, t)
+            model_in = scale_model_input(model_in, t)
             t_batch = t.reshape(1).to(device).expand(model_in.shape[0])
             return denoiser(model_in, t_batch, class_labels=c["labels"]).sample
 

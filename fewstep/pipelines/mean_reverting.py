@@ -9,6 +9,8 @@ works on ``x`` itself and takes ``mu`` in its ``step``. The UNet sees ``concat(x
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.configuration_utils import register_to_config
@@ -58,8 +60,12 @@ class MeanRevertingPipeline(DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         """Restore ``measurement`` (NCHW in [-1, 1], the degraded images ``mu``); images come back in [0, 1]
         (``output_type`` ``"np"``, ``"pt"`` or ``"pil"``; ``"latent"``: the restored sample itself, in [-1, 1])."""
-        if not isinstance(measurement, torch.Tensor) or measurement.ndim != 4:
-            raise ValueError("`measurement` must be an NCHW tensor of degraded images in [-1, 1]")
+        if (not isinstance(measurement, torch.Tensor) or measurement.ndim != 4 or measurement.shape[0] < 1
+                or not measurement.is_floating_point()):
+            got = (f"a {measurement.dtype} tensor of shape {tuple(measurement.shape)}"
+                   if isinstance(measurement, torch.Tensor) else type(measurement).__name__)
+            raise ValueError(f"`measurement` must be a floating NCHW tensor of N >= 1 degraded images in [-1, 1], "
+                             f"got {got}")
         expected = (self.unet.config.in_channels // 2, self.unet.config.sample_size, self.unet.config.sample_size)
         if tuple(measurement.shape[1:]) != expected:
             raise ValueError(f"`measurement` must have shape [N, {', '.join(map(str, expected))}], "
@@ -79,6 +85,13 @@ class MeanRevertingPipeline(DiffusionPipeline):
         mu = measurement.to(device=device, dtype=dtype)
         if not bool(torch.isfinite(mu).all()):
             raise ValueError("`measurement` contains NaN or Inf")
+        lo, hi = float(mu.min()), float(mu.max())
+        if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:  # set-up code: reading the range back once is fine
+            raise ValueError(f"`measurement` must hold images in [-1, 1] (the model's range), got values in "
+                             f"[{lo:.4g}, {hi:.4g}]; map [0, 1] images with 2 * x - 1")
+        if lo >= -1e-6:
+            warnings.warn(f"`measurement` lies in [{lo:.3g}, {hi:.3g}]: the model expects [-1, 1]; were [0, 1] "
+                          "images passed (map them with 2 * x - 1)?", stacklevel=2)
         z = randn_tensor(mu.shape, generator=generator, device=device, dtype=dtype)
         x = mu + lam * z  # the MR prior, x_T ~ N(mu, lam^2)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
