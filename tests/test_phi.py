@@ -93,8 +93,10 @@ def test_hphi():
     assert hphi(1, -1e8) == pytest.approx(-1.0, rel=1e-15)
     for k, h in [(1, -0.7), (2, -2.0), (3, 0.25), (2, 0.0)]:
         assert hphi(k, h) == h * phi(k, h)
-    with pytest.raises(ValueError, match="phi_2"):
+    with pytest.raises(ValueError, match="a step to sigma = 0 .* is first order: the order-2 term"):
         hphi(2, -math.inf)
+    for k in (2, 3, 4):  # the factor itself tends to -1/(k-1)! (the docstring's limit)
+        assert hphi(k, -1e8) == pytest.approx(-1.0 / math.factorial(k - 1), rel=1e-6)
     with pytest.raises(ValueError):
         hphi(3, -math.inf)
 

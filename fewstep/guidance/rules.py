@@ -137,8 +137,9 @@ class CFGPlusPlus(GuidanceRule):
     So a ``lam`` that matches some CFG scale at one NFE does not match it at another.
 
     Multistep solvers: data-prediction solvers (DPM-Solver++, UniPC) buffer the guided ``x0`` for their
-    derivative terms (the variant of the official SD1.5 code and ComfyUI's ``dpmpp_2m_cfg_pp``);
-    noise-prediction ones buffer ``eps_u``.
+    derivative terms; noise-prediction ones buffer ``eps_u``. The official SD1.5 code's ``DPMpp2mCFGppSolver`` and
+    ComfyUI's ``dpmpp_2m_cfg_pp`` buffer the unconditional ``x0`` instead (derivative ``D_lam - D_u,prev``), so
+    multistep results differ from theirs; first-order steps are identical.
     """
 
     name = "cfg++"

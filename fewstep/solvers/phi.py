@@ -64,14 +64,18 @@ def phi(k: int, z: float) -> float:
 
 
 def hphi(k: int, hh: float) -> float:
-    """``hh * phi_k(hh)``; the limit for ``hh = -inf`` (a step to a clean sample) is ``-1/(k-1)!``... for k=1.
+    """``hh * phi_k(hh) = phi_{k-1}(hh) - 1/(k-1)!``, which tends to ``-1/(k-1)!`` as ``hh -> -inf`` (a data-form
+    step to a clean sample, sigma = 0).
 
-    Only ``k = 1`` has a finite limit at ``-inf`` (``-1``); higher ``k`` diverge and raise.
+    At ``hh = -inf`` only ``k = 1`` is returned (``-1``): a step onto sigma = 0 is first order here, because the
+    higher-order terms' derivative estimates (divided differences over ``h``) blow up there even though this
+    factor stays finite; ``k >= 2`` raises.
     """
     if hh == -math.inf:
         if k == 1:
             return -1.0
-        raise ValueError(f"h*phi_{k}(h) diverges for a step to sigma = 0; use first order for the final step")
+        raise ValueError(f"a step to sigma = 0 (h = -inf) is first order: the order-{k} term's derivative estimate "
+                         "blows up there; use first order for the final step")
     return hh * phi(k, hh)
 
 
