@@ -4,6 +4,8 @@ policy, artifacts, bad input and the CLI."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 
 import pytest
@@ -1286,3 +1288,32 @@ def test_quant_layer_keeps_the_replaced_layers_shape_attributes():
         qc.in_features  # noqa: B018
     with pytest.raises(AttributeError, match="kernel_size"):
         ql.kernel_size  # noqa: B018
+
+
+def test_damaged_quantization_files_are_refused_by_name(tmp_path, pipe, qmodel):
+    """Found by probing: quant.safetensors tensors of the wrong shape were broadcast by copy_, NaN / zero scales and
+    NaN biases were taken (NaN or wrong samples, exit 0), and a truncated file was a raw safetensors traceback."""
+    from safetensors.torch import load_file, save_file
+
+    quant.save_quantized(qmodel, tmp_path / "q", model_id="digits-eps")
+    tensors = load_file(str(tmp_path / "q" / "quant.safetensors"))
+    name = next(k[: -len(".weight_q0")] for k in tensors if k.endswith(".weight_q0"))
+    cases = {
+        "weight": ({f"{name}.weight_q0": tensors[f"{name}.weight_q0"][:1]}, "weight_q0 has shape"),
+        "scale": ({f"{name}.weight_scale0": tensors[f"{name}.weight_scale0"] * float("nan")}, "weight_scale0 must"),
+        "zero": ({f"{name}.weight_scale0": tensors[f"{name}.weight_scale0"] * 0}, "weight_scale0 must"),
+    }
+    if f"{name}.bias" in tensors:
+        cases["bias"] = ({f"{name}.bias": tensors[f"{name}.bias"] * float("nan")}, "bias must")
+    for case, (change, match) in cases.items():
+        folder = tmp_path / case
+        shutil.copytree(tmp_path / "q", folder)
+        save_file({**tensors, **change}, str(folder / "quant.safetensors"))
+        with pytest.raises(ValueError, match=f"layer {re.escape(repr(name))}'s {match}"):
+            quant.load_quantized(pipe.unet, folder)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "q", truncated)
+    data = (truncated / "quant.safetensors").read_bytes()
+    (truncated / "quant.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="quant.safetensors' is not a readable safetensors file"):
+        quant.load_quantized(pipe.unet, truncated)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
@@ -102,3 +104,89 @@ def test_ddim_tuple_output_is_diffusers_ddim_tuple():
     other = samplers.get("unipc")()
     other.set_timesteps(5)
     assert len(other.step(0.1 * x, other.timesteps[0], x, return_dict=False)) == 1  # as UniPCMultistepScheduler
+
+
+SD15 = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+        "steps_offset": 1, "skip_prk_steps": True, "set_alpha_to_one": False}
+
+
+def test_a_failed_set_timesteps_leaves_the_old_run_intact():
+    """Found by probing: an unusable device failed after the new plan was installed but before the timesteps were
+    replaced: a loop over the old timesteps then ran 5 of 10 planned steps without an error."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (an unusable device)")
+    sched = samplers.get("dpm-solver++").from_config(SD15)
+    sched.set_timesteps(5)
+    with pytest.raises((RuntimeError, AssertionError, ValueError)):
+        sched.set_timesteps(10, device="cuda")
+    assert sched.plan.nfe == 5 and len(sched.timesteps) == 5 and sched.num_inference_steps == 5
+
+
+def test_flowchef_plan_refused_after_install_leaves_no_unsteered_run():
+    chef = samplers.get("flowchef").from_config(FLOW, flowchef_steered_steps=3)
+    chef.set_cost(lambda x0: x0.pow(2).flatten(1).sum(1))
+    with pytest.raises(ValueError):
+        chef.set_timesteps(2)
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="call `set_timesteps` before `step`"):
+        chef.step(x, 500, x)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"num_inference_steps": 3, "timesteps": [900, 700, 500, 300]},
+    {"num_inference_steps": 4, "sigmas": [5.0, 2.0, 1.0, 0.0]},
+])
+def test_a_step_count_that_contradicts_the_given_points_is_refused(kwargs):
+    with pytest.raises(ValueError, match="`num_inference_steps`=\\d does not match the"):
+        samplers.get("unipc").from_config(SD15).set_timesteps(**kwargs)
+
+
+@pytest.mark.parametrize("mu", ["abc", float("nan"), [1, 2]])
+def test_mu_is_checked_on_every_config(mu):
+    for config in (SD15, FLOW):
+        with pytest.raises(ValueError, match="`mu` \\(the log of the dynamic shift\\) must be a finite number"):
+            samplers.get("unipc").from_config(config).set_timesteps(5, mu=mu)
+
+
+def test_flow_timestep_errors_show_the_values_given():
+    sched = samplers.get("flow-euler").from_config(FLOW)
+    with pytest.raises(ValueError, match=r"`timesteps` must be strictly decreasing, got \[100.0, 500.0, 900.0\]"):
+        sched.set_timesteps(timesteps=[100, 500, 900])
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1000\] .*got \[900.0, -5.0\]"):
+        sched.set_timesteps(timesteps=[900, -5])
+
+
+def test_dc_solver_on_a_karras_grid_names_the_interpolation_variable():
+    sdxl_karras = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                   "beta_end": 0.012, "use_karras_sigmas": True, "timestep_spacing": "leading", "steps_offset": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no ratios: plain UniPC, said by a warning
+        with pytest.raises(ValueError, match="use dc_variable='lambda'"):
+            samplers.get("dc-solver").from_config(sdxl_karras).set_timesteps(50)
+        samplers.get("dc-solver").from_config(sdxl_karras, dc_variable="lambda").set_timesteps(50)
+
+
+def test_a_saved_scheduler_never_reads_an_artifact_from_the_working_directory(tmp_path, monkeypatch):
+    """Found by probing: a saved folder that had lost its EMS copy loaded a file of that name from the working
+    directory (other tables, no error); a scheduler naming a file that no longer exists saved without it."""
+    from fewstep.samplers.dpm_solver_v3 import shipped_ems
+
+    v3 = samplers.get("dpm-solver-v3")
+    ems = tmp_path / "ems.safetensors"
+    ems.write_bytes(shipped_ems("digits-eps").read_bytes())
+    saved = tmp_path / "saved"
+    v3(ems_file=str(ems)).save_pretrained(saved)
+    copy = saved / "ems_file.safetensors"
+    assert copy.is_file()
+    other = tmp_path / "cwd"
+    other.mkdir()
+    (other / "ems_file.safetensors").write_bytes(copy.read_bytes())
+    copy.unlink()
+    monkeypatch.chdir(other)
+    with pytest.raises(ValueError, match="names the ems_file file 'ems_file.safetensors', which is missing"):
+        v3.from_pretrained(saved)
+    gone = v3(ems_file=str(ems))
+    ems.unlink()
+    with pytest.raises(ValueError, match="`ems_file`=.* names no file"):
+        gone.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again").exists()

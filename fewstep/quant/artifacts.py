@@ -215,7 +215,11 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
 
     meta = read_metadata(directory)
     _check_model(meta, model, model_id, strict)
-    tensors = load_file(str(Path(directory) / TENSORS_FILE))
+    path = Path(directory) / TENSORS_FILE
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated / foreign files
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({exc}); quantize again") from None
     target = model if inplace else copy.deepcopy(model)
     fmt = meta["format"]
     device = next(target.parameters()).device
@@ -231,12 +235,31 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
         if any(t.dtype != want for t in stored):
             raise ValueError(f"{META_FILE} says format {fmt!r}, but {TENSORS_FILE} stores layer {name!r}'s weights as "
                              f"{stored[0].dtype} (expected {want}): the two files do not belong together")
+        out_channels = float_layer.weight.shape[0]
+        for g, scale in enumerate(scales):
+            if (not scale.dtype.is_floating_point or scale.numel() != out_channels
+                    or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all())):
+                raise ValueError(f"{str(path)!r}: layer {name!r}'s weight_scale{g} must hold {out_channels} "
+                                 f"finite positive floats (one per output channel), got a {scale.dtype} tensor of "
+                                 f"shape {tuple(scale.shape)}; the file is damaged")
+        for a in layer_meta["act"]:
+            if not (isinstance(a.get("scale"), (int, float)) and 0 < float(a["scale"]) < 1e30):
+                raise ValueError(f"{META_FILE}: layer {name!r}'s activation scale must be a finite number in "
+                                 f"(0, 1e30), got {a.get('scale')!r}; the file is damaged")
         acts = [ActQParams(float(a["scale"]), int(a["zero_point"]), fmt) for a in layer_meta["act"]]
         q = QuantLayer(float_layer, scales, acts, fmt, layer_meta["split"], mode="fake")
         for g in range(groups):  # the stored 8-bit weights are the truth (not a re-rounding of the float ones)
-            getattr(q, f"weight_q{g}").copy_(stored[g].to(device))
+            dest = getattr(q, f"weight_q{g}")
+            if stored[g].shape != dest.shape:  # copy_ would broadcast a smaller tensor silently
+                raise ValueError(f"{str(path)!r}: layer {name!r}'s weight_q{g} has shape {tuple(stored[g].shape)}, "
+                                 f"the model's layer needs {tuple(dest.shape)}; the file is damaged")
+            dest.copy_(stored[g].to(device))
         if f"{name}.bias" in tensors and q.bias is not None:
-            q.bias.copy_(tensors[f"{name}.bias"].to(device))
+            bias = tensors[f"{name}.bias"]
+            if bias.shape != q.bias.shape or not bias.dtype.is_floating_point or not bool(torch.isfinite(bias).all()):
+                raise ValueError(f"{str(path)!r}: layer {name!r}'s bias must be {tuple(q.bias.shape)} finite floats, "
+                                 f"got a {bias.dtype} tensor of shape {tuple(bias.shape)}; the file is damaged")
+            q.bias.copy_(bias.to(device))
         q.set_mode(mode)
         _set_submodule(target, name, q)
     target.fewstep_quant = {"config": meta["config"], "calibration": meta["calibration"],

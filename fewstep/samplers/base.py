@@ -126,12 +126,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """diffusers' ``save_pretrained``, plus a copy of every artifact file the config names (EMS tables, solver
         schedules, DC ratio/CPR files), stored as ``<key><suffix>`` beside ``scheduler_config.json``, whose entry
         then names the copy. Shipped names (e.g. ``"digits-eps"``) and inline values are kept as they are."""
+        for key, shipped in self._artifact_config_keys.items():  # before anything is written
+            value = self.config.get(key)
+            if isinstance(value, (str, os.PathLike)) and value not in shipped and not Path(value).is_file():
+                raise ValueError(f"`{key}`={str(value)!r} names no file (from {os.getcwd()!r}) and no shipped name "
+                                 f"({', '.join(shipped) or 'none'}): the saved scheduler would lack it")
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         folder = Path(save_directory)
         copies = {}
         for key, shipped in self._artifact_config_keys.items():
             value = self.config.get(key)
-            if not isinstance(value, (str, os.PathLike)) or value in shipped or not Path(value).is_file():
+            if not isinstance(value, (str, os.PathLike)) or value in shipped:
                 continue  # a shipped name, an inline value or None
             name = key + "".join(Path(value).suffixes)
             if Path(value).resolve() != (folder / name).resolve():
@@ -157,9 +162,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 config = {}  # diffusers' own loader reports the malformed file
             for key, shipped in cls._artifact_config_keys.items():
                 value = config.get(key) if isinstance(config, dict) else None
-                if (key not in kwargs and isinstance(value, str) and value not in shipped
-                        and not os.path.isabs(value) and (folder / value).is_file()):
-                    kwargs[key] = str(folder / value)
+                if key in kwargs or not isinstance(value, str) or value in shipped or os.path.isabs(value):
+                    continue
+                # a relative name is the folder's own file (save_pretrained writes them so); never one of the
+                # working directory's, which would silently load other tables
+                if not (folder / value).is_file():
+                    raise ValueError(f"{str(config_file)!r} names the {key} file {value!r}, which is missing from "
+                                     f"{str(folder)!r}; restore it or pass {key}= explicitly")
+                kwargs[key] = str((folder / value).resolve())
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
                                        return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -327,13 +337,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         user ``timesteps`` still gets those."""
         T = self.noise_schedule.num_train_timesteps
         name = "sigmas" if sigmas is not None else "timesteps"
-        given = np.asarray(sigmas if sigmas is not None else np.asarray(timesteps, dtype=np.float64) / T,
-                           dtype=np.float64).reshape(-1)
+        raw = grids._check_decreasing(name, sigmas if sigmas is not None else timesteps)  # the user's own values
+        given = raw / T if sigmas is None else raw
         if given.size >= 2 and given[-1] == 0:
             given = given[:-1]
-        given = grids._check_decreasing(name, given)
         if np.any(given <= 0) or np.any(given > 1):
-            raise ValueError(f"flow `{name}` must lie in (0, 1] (times in (0, T]), got {given.tolist()}")
+            allowed = "(0, 1]" if sigmas is not None else f"(0, {T}] (a trailing 0 marks the clean target)"
+            raise ValueError(f"flow `{name}` must lie in {allowed}, got {raw.tolist()}")
         s = np.minimum(self._apply_flow_shift(given, mu), 1.0 - 1e-6)  # alpha = 0 has lambda = -inf (see grids)
         times = s * T if timesteps is None else np.asarray(timesteps, dtype=np.float64).reshape(-1)[: s.size]
         return grids.TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
@@ -412,13 +422,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("pass one of `num_inference_steps`, `timesteps` or `sigmas`")
         if num_inference_steps is not None:
             grids.check_num_steps(num_inference_steps, self.noise_schedule.num_train_timesteps)
-            if any(given):
-                n_given = len(timesteps if timesteps is not None else sigmas)
-                if n_given not in (num_inference_steps, num_inference_steps + 1):
-                    raise ValueError(
-                        f"`num_inference_steps`={num_inference_steps} does not match the {n_given} values given"
-                    )
+        if mu is not None:  # a dynamic config checks it where it is used; any other must still get a number
+            check_number("mu", mu, what="the log of the dynamic shift")
+        if device is not None:
+            torch.empty(0, device=device)  # an unusable device fails here, before anything of the old run changes
         grid = self._grid(num_inference_steps, timesteps, sigmas, mu)
+        if num_inference_steps is not None and any(given) and grid.num_steps != num_inference_steps:
+            raise ValueError(f"`num_inference_steps`={num_inference_steps} does not match the "
+                             f"{'timesteps' if timesteps is not None else 'sigmas'} given, which make "
+                             f"{grid.num_steps} steps")
         decisions = self._grid_decisions(grid)
         self._compiled = (grid, decisions)
         self._install_plan(grid, decisions)

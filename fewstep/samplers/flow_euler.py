@@ -168,5 +168,9 @@ class FewstepFlowChefScheduler(FewstepFlowEulerScheduler):
         super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
         hook = FlowChefHook(self.cost, self.flowchef_config)
         grid = self.plan.grid
-        hook.check_plan(grid.alphas, grid.sigmas, self.plan.num_steps)
+        try:
+            hook.check_plan(grid.alphas, grid.sigmas, self.plan.num_steps)
+        except ValueError:
+            self.plan, self._state = None, None  # no unsteered run left behind: step() asks for set_timesteps
+            raise
         self.add_step_hook(hook)

@@ -92,7 +92,15 @@ def interpolation_values(grid: TimeGrid, variable: str = "t") -> np.ndarray:
         raise ValueError(f"`variable` must be one of {list(DC_VARIABLES)}, got {variable!r}")
     n = grid.num_steps
     if variable == "t":
-        return np.asarray(grid.timesteps[:n], dtype=np.float64)
+        t = np.asarray(grid.timesteps[:n], dtype=np.float64)
+        if np.any(np.diff(t) == 0):
+            repeated = sorted({float(v) for v in t[1:][np.diff(t) == 0]})
+            raise ValueError(
+                f"DC-Solver's interpolation variable 't' repeats on this grid (model timesteps {repeated} are used "
+                "twice: a Karras grid rounds its many low noise levels to the same integer step); use "
+                "dc_variable='lambda' (or 'sigma'), which stays distinct"
+            )
+        return t
     if variable == "lambda":
         return np.asarray(grid.lambdas[:n], dtype=np.float64)
     return np.asarray(grid.sigmas[:n], dtype=np.float64)
