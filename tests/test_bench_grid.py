@@ -354,3 +354,26 @@ def test_grid_api_refuses_repeats_and_pipeline_cache_follows_the_weights(tmp_pat
     assert _folder_fingerprint(folder) == before
     weights.write_bytes(b"new weights")
     assert _folder_fingerprint(folder) != before
+
+
+def test_damaged_cache_files_are_refused_by_name(tmp_path):
+    """Found by probing: a reference solve of the wrong length broadcast into the MSE (exit 0, 8x off), a NaN one
+    wrote MSE nan, a truncated one was a raw safetensors traceback."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = BenchConfig(models=["digits-eps"], samplers=["ddim"], steps=[2], **TINY)
+    run_grid(cfg, tmp_path / "first", cache_dir=tmp_path / "cache", progress=False)
+    (ref,) = sorted((tmp_path / "cache").glob("refsolve-*.safetensors"))
+    original = ref.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(ref), framework="pt") as f:
+        meta = f.metadata()
+    images = load_file(str(ref))["images"]
+    for damaged, match in ((images[:1], "expected \\d+ rows"), (images * float("nan"), "damaged tensor 'images'")):
+        save_file({"images": damaged.contiguous()}, str(ref), metadata=meta)
+        with pytest.raises(ValueError, match=f"cache file .*refsolve-.* {match}.*delete it"):
+            run_grid(cfg, tmp_path / f"run{len(match)}", cache_dir=tmp_path / "cache", progress=False)
+    ref.write_bytes(original[: len(original) // 2])
+    with pytest.raises(ValueError, match="cache file .*refsolve-.* is not readable"):
+        run_grid(cfg, tmp_path / "trunc", cache_dir=tmp_path / "cache", progress=False)

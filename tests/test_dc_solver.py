@@ -454,3 +454,16 @@ def test_released_cpr_coefficients_give_the_released_ratios():
         assert not np.allclose(CPRModel(released, order=2).predict(nfe, cfg, warn=False), expected)
     with pytest.raises(ValueError, match="released CPR `coefficients` must be 36 finite numbers, got 35"):
         cpr_from_released(released[:35])
+
+
+def test_shipped_ratios_are_refused_on_a_custom_grid():
+    """Found by probing: ratios searched on 999, 799, ... were applied silently to any custom timesteps."""
+    from fewstep import samplers
+    from fewstep.pipelines.defaults import default_model_path
+
+    config = json.loads((default_model_path("digits-eps") / "scheduler" / "scheduler_config.json").read_text())
+    for options in ({"dc_ratios_file": "digits-eps"}, {"dc_cpr": "digits-eps"}):
+        sched = samplers.get("dc-solver").from_config(config, dc_model="digits-eps", dc_guidance_scale=3.0, **options)
+        with pytest.raises(ValueError, match="were searched on the config's own grid"):
+            sched.set_timesteps(timesteps=[999, 500, 100, 50, 10])
+        sched.set_timesteps(5)  # its own grid: fine

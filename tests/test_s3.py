@@ -1030,3 +1030,19 @@ def test_search_state_with_a_malformed_generator_state_is_a_clear_error(tmp_path
     state.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="holds a malformed random generator state"):
         search(analytic_objective, space, 6, state_path=state, progress=False)
+
+
+@pytest.mark.parametrize("value", [float("-inf"), "-5", float("nan")])
+def test_search_state_values_are_checked(tmp_path, analytic_objective, value):
+    """Found by probing: a state whose value was -Infinity or "-5" resumed and became the best schedule; NaN crashed
+    inside sklearn."""
+    from fewstep.search import SearchSpace, search
+
+    space = SearchSpace(analytic_objective.noise_schedule, 3)
+    state = tmp_path / "state.json"
+    search(analytic_objective, space, 3, state_path=state, progress=False)
+    data = json.loads(state.read_text())
+    data["evaluated"][0][1] = value
+    state.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="holds a metric value .* \\(finite numbers only\\)"):
+        search(analytic_objective, space, 6, state_path=state, progress=False)

@@ -17,7 +17,7 @@ import torch
 from .. import __version__
 from .._io import atomic_write
 
-__all__ = ["cache_name", "load_cached", "save_cached", "cached_tensor"]
+__all__ = ["cache_name", "load_cached", "save_cached", "cached_tensor", "check_cached_rows", "load_statistics"]
 
 
 def cache_name(kind: str, key: dict[str, Any]) -> str:
@@ -26,18 +26,38 @@ def cache_name(kind: str, key: dict[str, Any]) -> str:
     return f"{kind}-{digest}.safetensors"
 
 
-def load_cached(path: Path, key: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The tensors of ``path``, or ``None`` when it does not exist; ``ValueError`` when it holds another key."""
+def load_cached(path: Path, key: dict[str, Any], names: tuple[str, ...] = ()) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path``, or ``None`` when it does not exist; ``ValueError`` naming the file when it holds
+    another key, cannot be read, lacks one of ``names`` or holds a non-float or non-finite tensor."""
     from safetensors import safe_open
 
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if json.loads(meta.get("key", "null")) != key:
-            raise ValueError(f"cache file {str(path)!r} belongs to another configuration "
-                             f"({meta.get('key')}); expected {json.dumps(key, sort_keys=True)}; delete it")
-        return {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            stored = json.loads(meta.get("key", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if stored == key else None
+    except Exception as exc:  # truncated or foreign files: safetensors' and json's own error types
+        raise ValueError(f"cache file {str(path)!r} is not readable ({exc}); delete it") from None
+    if tensors is None:
+        raise ValueError(f"cache file {str(path)!r} belongs to another configuration "
+                         f"({meta.get('key')}); expected {json.dumps(key, sort_keys=True)}; delete it")
+    for name in names:
+        if name not in tensors:
+            raise ValueError(f"cache file {str(path)!r} lacks the tensor {name!r}; delete it")
+    for name, value in tensors.items():
+        if value.dtype not in (torch.float32, torch.float64) or not bool(torch.isfinite(value).all()):
+            raise ValueError(f"cache file {str(path)!r} holds a damaged tensor {name!r} ({value.dtype}, finite "
+                             f"float32/float64 expected); delete it")
+    return tensors
+
+
+def check_cached_rows(path: Path | None, value: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """``value`` (read from ``path``) must have ``rows`` rows when given: a damaged file would broadcast."""
+    if rows is not None and (value.ndim < 1 or value.shape[0] != rows):
+        raise ValueError(f"cache file {str(path)!r} holds {tuple(value.shape)}, expected {rows} rows; delete it")
+    return value
 
 
 def save_cached(path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any]) -> None:
@@ -50,14 +70,27 @@ def save_cached(path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any
 
 
 def cached_tensor(cache_dir: Path | None, kind: str, key: dict[str, Any], name: str,
-                  compute: Callable[[], torch.Tensor], write: bool = True) -> torch.Tensor:
+                  compute: Callable[[], torch.Tensor], write: bool = True, rows: int | None = None) -> torch.Tensor:
     """The tensor ``name`` of the cache file for ``key`` under ``cache_dir``; computed by ``compute()`` and stored
-    (when ``write``: the main process of a distributed run) on a miss. ``cache_dir=None`` always computes."""
+    (when ``write``: the main process of a distributed run) on a miss. ``cache_dir=None`` always computes.
+    ``rows``: the number of rows (samples) a stored tensor must have."""
     path = cache_dir / cache_name(kind, key) if cache_dir is not None else None
-    cached = load_cached(path, key) if path is not None else None
+    cached = load_cached(path, key, (name,)) if path is not None else None
     if cached is not None:
-        return cached[name]
+        return check_cached_rows(path, cached[name], rows)
     value = compute()
     if path is not None and write:
         save_cached(path, {name: value}, key)
     return value
+
+
+def load_statistics(path: Path | None, key: dict[str, Any]) -> tuple[Any, Any] | None:
+    """Cached reference statistics ``(mean [D], cov [D, D])`` as numpy arrays, or ``None`` on a miss."""
+    cached = load_cached(path, key, ("mean", "cov")) if path is not None else None
+    if cached is None:
+        return None
+    mean, cov = cached["mean"], cached["cov"]
+    if mean.ndim != 1 or tuple(cov.shape) != (mean.numel(), mean.numel()):
+        raise ValueError(f"cache file {str(path)!r} holds statistics of shapes {tuple(mean.shape)} and "
+                         f"{tuple(cov.shape)} (a mean [D] and a covariance [D, D] expected); delete it")
+    return mean.numpy(), cov.numpy()

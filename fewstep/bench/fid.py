@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .._checks import check_int
-from ._cache import cache_name, load_cached, save_cached
+from ._cache import cache_name, load_statistics, save_cached
 from .metrics import feature_statistics
 
 __all__ = [
@@ -197,9 +197,9 @@ def cached_statistics(key: dict, cache_dir: str | os.PathLike | None,
     """Mean and covariance of the ``[N, D]`` features ``compute()`` returns, read from the cache file of ``key`` in
     ``cache_dir`` when it exists (``compute`` is then not called), else computed and written there."""
     path = Path(cache_dir) / cache_name("refstats", key) if cache_dir is not None else None
-    cached = load_cached(path, key) if path is not None else None
+    cached = load_statistics(path, key)
     if cached is not None:
-        return cached["mean"].numpy(), cached["cov"].numpy()
+        return cached
     mean, cov = feature_statistics(compute())
     if path is not None:
         from .runner import is_main_process

@@ -41,7 +41,7 @@ from .._io import atomic_write
 from ..pipelines.defaults import default_sampler_options
 from ._cache import cache_name as _cache_name
 from ._cache import cached_tensor as _cached_tensor
-from ._cache import load_cached as _load_cached
+from ._cache import load_statistics as _load_statistics
 from ._cache import save_cached as _save_cached
 from .fid import FeatureExtractor, cached_statistics, folder_statistics, image_set_digest, list_reference_images
 
@@ -322,9 +322,9 @@ def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Pa
            "feature_extractor": FEATURE_EXTRACTOR if extractor is None else extractor.id, "split": "test",
            "sample_size": size}
     path = Path(cache_dir) / _cache_name("refstats", key) if cache_dir is not None else None
-    cached = _load_cached(path, key) if path is not None else None
+    cached = _load_statistics(path, key)
     if cached is not None:
-        return cached["mean"].numpy(), cached["cov"].numpy()
+        return cached
     images, labels = load_digits_images(size, "test")
     keep = torch.from_numpy(np.isin(labels.numpy(), list(classes)))
     if extractor is not None:
@@ -446,7 +446,8 @@ class _DigitsWorld:
                                                  **default_sampler_options(self.objective.model, c.reference_sampler))
             return self.generate(sched, c.reference_steps)[0].double()
 
-        images = _cached_tensor(self.cache_dir, "refsolve", key, "images", solve, write=is_main_process())
+        images = _cached_tensor(self.cache_dir, "refsolve", key, "images", solve, write=is_main_process(),
+                                rows=len(c.classes) * c.num_per_class)
         self.references[(rule, scale)] = images
         return images
 
@@ -568,7 +569,7 @@ class _PipelineWorld:
         latents = _cached_tensor(
             self.cache_dir, "refsolve", key, "latents",
             lambda: self.generate(c.reference_sampler, c.reference_steps, rule, scale)[0].double(),
-            write=is_main_process(),
+            write=is_main_process(), rows=len(c.prompts) * c.num_per_class,
         )
         self.references[(rule, scale)] = latents
         return latents

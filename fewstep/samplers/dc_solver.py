@@ -218,6 +218,18 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             final_is_clean=final_is_clean,
         )
 
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None) -> None:
+        """As the base scheduler's; ratios from a file or CPR are refused on custom ``timesteps``/``sigmas``: they
+        were searched on the config's own grid (its spacing is part of their key) and would compensate other
+        points."""
+        cfg = self.config
+        if (timesteps is not None or sigmas is not None) and (cfg.dc_ratios_file is not None or self._cpr is not None):
+            source = "dc_ratios_file" if cfg.dc_ratios_file is not None else "dc_cpr"
+            raise ValueError(f"dc-solver's ratios from `{source}` were searched on the config's own grid; custom "
+                             "`timesteps`/`sigmas` would apply them to other points: pass `num_inference_steps`, or "
+                             "ratios for this grid as `dc_ratios=[...]`")
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+
     def ratios_for(self, num_steps: int) -> list[float]:
         """The ratios this scheduler uses for a ``num_steps``-step run (validated; see the class docstring)."""
         cfg = self.config

@@ -462,10 +462,19 @@ def _load_state(state: Path, identity: dict) -> dict:
     theirs = data.get("identity", {})
     _compare_identity(state, theirs if isinstance(theirs, dict) else {}, identity)
     try:
-        data["evaluated"] = [(SolverSchedule.from_dict(d), float(v)) for d, v in data["evaluated"]]
+        data["evaluated"] = [(SolverSchedule.from_dict(d), v) for d, v in data["evaluated"]]
         data["pending"] = [SolverSchedule.from_dict(d) for d in data.get("pending", [])]
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"search state {str(state)!r} holds a malformed schedule ({exc}); delete it") from None
+    for schedule, value in data["evaluated"]:
+        # search() stores finite values only (a failed evaluation scores 1e6) and schedules of its own NFE
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"search state {str(state)!r} holds a metric value {value!r} (finite numbers only); "
+                             "delete it")
+        if schedule.nfe != identity.get("nfe", schedule.nfe):
+            raise ValueError(f"search state {str(state)!r} holds a schedule of NFE {schedule.nfe} in a search of NFE "
+                             f"{identity['nfe']}; delete it")
+    data["evaluated"] = [(s, float(v)) for s, v in data["evaluated"]]
     return data
 
 
