@@ -78,8 +78,11 @@ def test_output_types_and_guidance_branches(saved_pipeline):
         ({"class_labels": [1], "num_inference_steps": 0}, r"`num_inference_steps` must be an integer >= 1"),
         ({"class_labels": [1], "guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number >= 0"),
         ({"class_labels": [1], "output_type": "jpg"}, r"`output_type` must be one of \['np', 'pil', 'pt', 'latent'\]"),
-        ({"class_labels": [1], "latents": torch.zeros(2, 1, 8, 8)}, r"`latents` must have shape \(1, 1, 8, 8\)"),
-        ({"class_labels": [1], "latents": np.zeros((1, 1, 8, 8))}, r"`latents` must be a torch.Tensor of shape"),
+        ({"class_labels": [1], "latents": torch.zeros(2, 1, 8, 8)},
+         r"`latents` must be a floating tensor of shape \(1, 1, 8, 8\) .* got a torch.float32 tensor of shape"),
+        ({"class_labels": [1], "latents": np.zeros((1, 1, 8, 8))}, r"`latents` must be a floating tensor of shape"),
+        ({"class_labels": [1], "latents": torch.full((1, 1, 8, 8), float("nan"))},
+         r"`latents` contain NaN or Inf \(the starting noise must be finite\)"),
     ],
 )
 def test_pipeline_bad_input(saved_pipeline, kwargs, match):

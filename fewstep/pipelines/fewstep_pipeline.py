@@ -769,10 +769,10 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         check_generators(generator, len(labels))
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif not isinstance(latents, torch.Tensor):
-            raise ValueError(f"`latents` must be a torch.Tensor of shape {shape}, got {type(latents).__name__}")
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            check_latents(latents, shape, "batch, channels, height, width")
+            if check_finite and not bool(torch.isfinite(latents).all()):  # set-up: one read-back, not per step
+                raise ValueError("`latents` contain NaN or Inf (the starting noise must be finite)")
         scheduler = p.scheduler
         scheduler.set_timesteps(num_inference_steps, device=device)  # may set init_noise_sigma (s3's AFS)
         timesteps = scheduler.timesteps
