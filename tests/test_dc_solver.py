@@ -467,3 +467,153 @@ def test_shipped_ratios_are_refused_on_a_custom_grid():
         with pytest.raises(ValueError, match="were searched on the config's own grid"):
             sched.set_timesteps(timesteps=[999, 500, 100, 50, 10])
         sched.set_timesteps(5)  # its own grid: fine
+
+
+# ------------------------------------------------------------------------------------------ malformed artifacts
+def _rewrite(src, dst, tensors=None, header=None):
+    """``src`` written again as ``dst`` with some tensors / metadata fields replaced (``None`` values drop them)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta, data = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    data.update(tensors or {})
+    meta.update(header or {})
+    save_file({k: v.contiguous() for k, v in data.items() if v is not None}, str(dst),
+              metadata={k: v for k, v in meta.items() if v is not None})
+    return dst
+
+
+def _table(tmp_path):
+    entries = [RatioEntry(5, 3.0, [1, 1, 1.1, 0.95, 1.2]), RatioEntry(6, 3.0, [1, 1, 1.1, 1.0, 0.9, 1.3])]
+    return save_ratio_table(tmp_path / "good.safetensors", entries, "toy", _key(), {"version": "x"})
+
+
+@pytest.mark.parametrize(
+    "tensors, header, match",
+    [
+        # found by probing: KeyError, JSONDecodeError, float() TypeError instead of a message naming the file
+        (None, {"entries": None}, r"metadata field 'entries' is missing"),
+        (None, {"entries": "[{"}, r"metadata field 'entries' is not valid JSON"),
+        (None, {"entries": "{}"}, r"'entries' must be a non-empty JSON list"),
+        (None, {"model": None}, r"metadata field 'model' is missing"),
+        (None, {"extra": None}, r"metadata field 'extra' is missing"),
+        (None, {"scheduler": "nope"}, r"metadata field 'scheduler' is not valid JSON"),
+        (None, {"scheduler": "[1]"}, r"metadata field 'scheduler' must be a JSON object"),
+        ({"nfe6_cfg3": None}, None, r"entry 1: 'key' 'nfe6_cfg3' names no tensor of the file"),
+        ({"nfe6_cfg3": torch.ones(2, 3, dtype=torch.float64)}, None, r"tensor 'nfe6_cfg3' must be 1-D, got shape"),
+        ({"nfe6_cfg3": torch.ones(6, dtype=torch.complex64)}, None, r"tensor 'nfe6_cfg3' has dtype complex64; it must "
+         r"hold real floating-point numbers"),
+        ({"nfe6_cfg3": torch.ones(6, dtype=torch.bool)}, None, r"has dtype bool"),
+        ({"nfe6_cfg3": torch.ones(7, dtype=torch.float64)}, None, r"entry 1 \('nfe6_cfg3'\): 7 ratios for NFE 6"),
+        (None, {"entries": json.dumps([{"key": "nfe6_cfg3", "nfe": "6", "guidance_scale": 3.0}])},
+         r"entry 0: 'nfe' must be an integer >= 1, got '6'"),
+        (None, {"entries": json.dumps([{"key": "nfe6_cfg3", "nfe": 6, "guidance_scale": 1.0}])},
+         r"'key' 'nfe6_cfg3' does not match its NFE 6 and guidance scale 1.0 \(expected 'nfe6_cfg1'\)"),
+        # refused before, but the message did not name the file
+        ({"nfe6_cfg3": torch.tensor([1, 1, float("nan"), 1, 1, 1.0], dtype=torch.float64)}, None,
+         r"tensor 'nfe6_cfg3' must be finite"),
+        # the version was never checked
+        (None, {"version": "99"}, r"fewstep.dc.ratios format version '99' is not supported"),
+        (None, {"version": None}, r"format version None is not supported"),
+    ],
+)
+def test_malformed_ratio_tables_are_value_errors_naming_the_file(tmp_path, tensors, header, match):
+    path = _rewrite(_table(tmp_path), tmp_path / "bad.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=match) as info:
+        load_ratio_table(path)
+    assert str(path) in str(info.value)
+    sched = DC(dc_ratios_file=str(path), dc_model="toy", dc_guidance_scale=3.0)
+    with pytest.raises(ValueError, match=match):
+        sched.set_timesteps(6)
+
+
+def test_ratio_table_in_half_precision_loads_and_early_ratios_name_the_file(tmp_path):
+    good = _table(tmp_path)
+    half = _rewrite(good, tmp_path / "half.safetensors", {"nfe5_cfg3": torch.tensor([1, 1, 1.5, 0.75, 1.25]).half()})
+    assert load_ratios(half, "toy", _key(), 5, 3.0) == [1, 1, 1.5, 0.75, 1.25]
+    early = _rewrite(good, tmp_path / "early.safetensors", {"nfe6_cfg3": torch.tensor([2.0, 1, 1, 1, 1, 1])})
+    with pytest.raises(ValueError, match=r"early.safetensors: entry 'nfe6_cfg3' has ratios \[2.0, 1.0.*with dc_order "
+                       r"2 the first 2 must be 1"):
+        DC(dc_ratios_file=str(early), dc_model="toy", dc_guidance_scale=3.0).set_timesteps(6)
+
+
+def _cpr_file(tmp_path):
+    cpr = CPRModel(np.eye(36)[0], (5, 10), (1.0, 7.0), 2, [(5, 1.0), (10, 7.0)])
+    return save_cpr(tmp_path / "good.cpr.safetensors", cpr, "toy", _key())
+
+
+@pytest.mark.parametrize(
+    "tensors, header, match",
+    [
+        # found by probing: KeyError, int() and unpack errors, a TypeError at set_timesteps
+        ({"coefficients": None, "x": torch.zeros(36, dtype=torch.float64)}, None,
+         r"the tensor 'coefficients' is missing \(the file holds \['x'\]\)"),
+        (None, {"order": None}, r"metadata field 'order' is missing"),
+        (None, {"order": "two"}, r"metadata field 'order' must be an integer in \[1, 3\] \(the DC order\), got 'two'"),
+        (None, {"nfe_range": None}, r"metadata field 'nfe_range' is missing"),
+        (None, {"nfe_range": "[5]"},
+         r"'nfe_range' must be null or \[low, high\] with low <= high \(integers\), got \[5\]"),
+        (None, {"nfe_range": '"ab"'}, r"'nfe_range' must be null or \[low, high\]"),
+        (None, {"nfe_range": "[10, 5]"}, r"'nfe_range' must be null or \[low, high\] with low <= high"),
+        (None, {"guidance_range": "[1, NaN]"}, r"'guidance_range' must be null or \[low, high\]"),
+        (None, {"fitted_on": "3"}, r"'fitted_on' must be a JSON list of \[nfe, guidance_scale\] pairs, got 3"),
+        (None, {"model": None}, r"metadata field 'model' is missing"),
+        (None, {"scheduler": "{"}, r"metadata field 'scheduler' is not valid JSON"),
+        ({"coefficients": torch.zeros(36, dtype=torch.complex64)}, None, r"'coefficients' has dtype complex64"),
+        # refused before, but the message did not name the file
+        ({"coefficients": torch.zeros(35, dtype=torch.float64)}, None, r"'coefficients' must hold 36 numbers"),
+        ({"coefficients": torch.full((36,), float("nan"), dtype=torch.float64)}, None,
+         r"tensor 'coefficients' must be finite"),
+        (None, {"version": "99"}, r"fewstep.dc.cpr format version '99' is not supported"),
+    ],
+)
+def test_malformed_cpr_files_are_value_errors_naming_the_file(tmp_path, tensors, header, match):
+    path = _rewrite(_cpr_file(tmp_path), tmp_path / "bad.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=match) as info:
+        load_cpr(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        DC(dc_cpr=str(path), dc_model="toy", dc_guidance_scale=3.0)
+
+
+def test_good_cpr_file_still_loads(tmp_path):
+    cpr = load_cpr(_cpr_file(tmp_path), "toy", _key())
+    assert cpr.order == 2 and cpr.nfe_range == (5, 10) and cpr.guidance_range == (1.0, 7.0)
+    assert cpr.fitted_on == [(5, 1.0), (10, 7.0)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        # found by probing: "expected str, bytes or os.PathLike object, not int", "unhashable type: 'list'"
+        ({"dc_ratios_file": 5}, r"`dc_ratios_file` must be a ratio table's path \(str or os.PathLike\) or a shipped "
+         r"name \(digits-eps\), got 5"),
+        ({"dc_ratios_file": ["a"]}, r"`dc_ratios_file` must be .*, got \['a'\]"),
+        ({"dc_ratios_file": ""}, r"`dc_ratios_file` must be .*, got ''"),
+        # "'int' object is not iterable", "could not convert string to float"
+        ({"dc_cpr": 5}, r"`dc_cpr` must be a CPR file's path \(str or os.PathLike\), a shipped name \(digits-eps\) or "
+         r"a list of 36 numbers, got int 5"),
+        ({"dc_cpr": {"a": 1}}, r"`dc_cpr` must be .*got dict \{'a': 1\}"),
+        ({"dc_cpr": ["x"] * 36}, r"`dc_cpr` given as a list must hold 36 real numbers .*got 'x'"),
+        ({"dc_cpr": [True] * 36}, r"`dc_cpr` given as a list must hold 36 real numbers .*got True"),
+        # reported as "`model` must be ..." (not the argument's name)
+        ({"dc_ratios_file": "digits-eps", "dc_model": 5}, r"`dc_model` must be a non-empty string .* got 5"),
+        ({"dc_cpr": "digits-eps", "dc_model": ""}, r"`dc_model` must be a non-empty string .* got ''"),
+    ],
+)
+def test_artifact_options_of_the_wrong_type_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DC(**kwargs, dc_guidance_scale=1.0, timestep_spacing="trailing")
+
+
+def test_artifact_options_accept_paths(tmp_path):
+    import pathlib
+
+    path = _cpr_file(tmp_path)
+    assert isinstance(path, pathlib.Path)
+    by_path = DC(dc_cpr=path, dc_model="toy", dc_guidance_scale=3.0)
+    by_path.set_timesteps(6)
+    by_str = DC(dc_cpr=str(path), dc_model="toy", dc_guidance_scale=3.0)
+    by_str.set_timesteps(6)
+    assert by_path.dc_ratios_used == by_str.dc_ratios_used

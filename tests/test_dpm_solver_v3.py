@@ -649,3 +649,69 @@ def test_v3_flow_grids_starting_at_pure_noise(extra):
     assert sched.plan.grid.num_steps == 4 and sched.plan.grid.sigmas[0] == pytest.approx(top, rel=1e-9)
     with pytest.raises(ValueError, match="`shift_terminal`=0.1 is not supported by dpm-solver-v3's time grids"):
         v3.from_config({**SD3_FLOW, "shift_terminal": 0.1}, **extra).set_timesteps(5)
+
+
+# ------------------------------------------------------------------------------------------ malformed EMS files
+def _ems_file(path, tensors=None, header=None):
+    """A copy of a small EMS file with some tensors or header fields replaced (``None`` values drop the field)."""
+    from safetensors.torch import save_file
+
+    lam = np.linspace(-5.0, 4.0, 11)
+    base = {"lambdas": torch.tensor(lam), "l": torch.ones(11, 2, dtype=torch.float64),
+            "s": torch.zeros(11, 2, dtype=torch.float64), "b": torch.zeros(11, 2, dtype=torch.float64)}
+    meta = {"format": "fewstep.ems", "version": "1", "meta": '{"model": "toy"}'}
+    base.update(tensors or {})
+    meta.update(header or {})
+    save_file({k: v.contiguous() for k, v in base.items()}, str(path), metadata={k: v for k, v in meta.items()
+                                                                                  if v is not None})
+    return path
+
+
+@pytest.mark.parametrize(
+    "tensors, header, match",
+    [
+        # found by probing: a bare JSONDecodeError / TypeError from the metadata
+        (None, {"meta": "{not json"}, r"metadata field 'meta' is not valid JSON"),
+        (None, {"meta": "[1, 2]"}, r"metadata field 'meta' must be a JSON object, got \[1, 2\]"),
+        (None, {"meta": "null"}, r"metadata field 'meta' must be a JSON object, got None"),
+        (None, {"meta": '"x"'}, r"metadata field 'meta' must be a JSON object, got 'x'"),
+        # the version was never checked
+        (None, {"version": "99"}, r"format version '99' is not supported \(this fewstep reads version '1'\)"),
+        (None, {"version": None}, r"format version None is not supported"),
+        # complex and bool tables were accepted (complex with a cast warning)
+        ({"l": torch.ones(11, 2, dtype=torch.complex64)}, None, r"tensor 'l' has dtype complex64; EMS tables must be "
+         r"real floating point"),
+        ({"s": torch.zeros(11, 2, dtype=torch.bool)}, None, r"tensor 's' has dtype bool"),
+        ({"b": torch.zeros(11, 2, dtype=torch.int64)}, None, r"tensor 'b' has dtype int64"),
+        ({"lambdas": torch.tensor(np.linspace(-5.0, 4.0, 12)).reshape(3, 4)}, None, r"'lambdas' must be 1-D"),
+        # refused before, but without the file's name
+        ({"b": torch.full((11, 2), float("nan"), dtype=torch.float64)}, None, r"EMS `b` holds NaN/Inf"),
+        ({"lambdas": torch.tensor(np.linspace(4.0, -5.0, 11))}, None, r"`lambdas` must be finite and strictly"),
+        ({"s": torch.zeros(11, 3, dtype=torch.float64)}, None, r"must share one shape"),
+        ({k: torch.ones(1, 2, dtype=torch.float64) for k in "lsb"} | {"lambdas": torch.zeros(1, dtype=torch.float64)},
+         None, r"at least 2 grid points"),
+    ],
+)
+def test_malformed_ems_files_are_value_errors_naming_the_file(tmp_path, tensors, header, match):
+    path = _ems_file(tmp_path / "bad.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=match) as info:
+        load_ems(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        samplers.get("dpm-solver-v3")(**CFG, ems_file=str(path))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ems_files_in_lower_precision_load_upcast(tmp_path, dtype):
+    """Found by probing: bfloat16 tables were 'not a readable safetensors file: Got unsupported ScalarType'."""
+    lam = torch.linspace(-5.0, 4.0, 11, dtype=torch.float64)
+    ref = load_ems(_ems_file(tmp_path / "f64.safetensors", {"l": torch.full((11, 2), 0.75, dtype=torch.float64)}))
+    low = {"lambdas": lam.to(dtype), "l": torch.full((11, 2), 0.75, dtype=dtype),
+           "s": torch.zeros(11, 2, dtype=dtype), "b": torch.zeros(11, 2, dtype=dtype)}
+    if dtype == torch.bfloat16:
+        low["lambdas"] = lam.to(torch.float32)  # bf16 cannot hold 11 distinct evenly spaced lambdas exactly
+    ems = load_ems(_ems_file(tmp_path / "low.safetensors", low))
+    assert ems.l.dtype == np.float64 and ems.lambdas.dtype == np.float64
+    np.testing.assert_allclose(ems.l, ref.l)
+    assert ems.lambdas.tolist() == low["lambdas"].double().tolist()  # exact upcast of the stored values
+    assert ref.num_points == ems.num_points

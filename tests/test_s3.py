@@ -1046,3 +1046,36 @@ def test_search_state_values_are_checked(tmp_path, analytic_objective, value):
     state.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="holds a metric value .* \\(finite numbers only\\)"):
         search(analytic_objective, space, 6, state_path=state, progress=False)
+
+
+def test_schedule_file_errors_name_the_file(tmp_path):
+    """Found by probing: errors after JSON parsing did not say which file, a non-UTF-8 file was a bare
+    UnicodeDecodeError, and unknown top-level keys were accepted silently."""
+    good = SolverSchedule([900.0, 500.0], [StepDecision(), StepDecision()]).to_dict()
+    assert set(good) == {"version", "nfe", "timesteps", "final", "afs", "decisions", "metadata"}
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match=re.escape(f"solver schedule {str(binary)!r} is not UTF-8 JSON text")):
+        SolverSchedule.load(binary)
+    for name, edit, match in (
+        ("extra.json", {"foo": 1}, r"unknown solver schedule keys \['foo'\]; allowed: \['afs', 'afs_mean', "),
+        ("fnal.json", {"fnal": 3.0}, r"unknown solver schedule keys \['fnal'\]"),
+        ("order.json", {"decisions": [{}, {"order": "2"}]}, r"step 1: `order` must be an integer in \[1, 5\], got '2'"),
+        ("version.json", {"version": 2}, r"schedule format version 2 is not supported"),
+        ("nan.json", {"timesteps": [900.0, float("nan")]}, r"`timesteps` must be a non-empty list of finite times"),
+        ("metadata.json", {"metadata": [1]}, r"`metadata` must be a JSON object, got \[1\]"),
+        ("fewer.json", {"decisions": [{}]}, r"need one decision per timestep: 2 timesteps, 1 decisions"),
+    ):
+        path = tmp_path / name
+        path.write_text(json.dumps(dict(good, **edit)))
+        with pytest.raises(ValueError, match=re.escape(f"solver schedule {str(path)!r}: ") + match):
+            SolverSchedule.load(path)
+        with pytest.raises(ValueError, match=match):
+            S3(s3_schedule=str(path))
+    with pytest.raises(ValueError, match=r"unknown solver schedule keys \['foo'\]"):  # a dict spec too
+        S3(s3_schedule=dict(good, foo=1))
+    # what to_dict writes (with afs_mean) still loads
+    mean = SolverSchedule([900.0, 500.0], [StepDecision("data", 1), StepDecision()], afs="average_x0",
+                          afs_mean=[[0.5, 0.25]])
+    path = mean.save(tmp_path / "mean.json")
+    assert SolverSchedule.load(path).to_dict() == mean.to_dict()

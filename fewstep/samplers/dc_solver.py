@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from diffusers.configuration_utils import register_to_config
 
 from .._checks import check_int
@@ -159,11 +161,34 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             or not math.isfinite(dc_guidance_scale)
         ):
             raise ValueError(f"`dc_guidance_scale` must be a finite number, got {dc_guidance_scale!r}")
+        shipped = ", ".join(SHIPPED_DC_ARTIFACTS)
+        if dc_ratios_file is not None and (
+            not isinstance(dc_ratios_file, (str, os.PathLike)) or not str(dc_ratios_file).strip()
+        ):
+            raise ValueError(f"`dc_ratios_file` must be a ratio table's path (str or os.PathLike) or a shipped name "
+                             f"({shipped}), got {dc_ratios_file!r}")
+        if dc_cpr is not None:
+            if isinstance(dc_cpr, (str, os.PathLike)):
+                if not str(dc_cpr).strip():
+                    raise ValueError(f"`dc_cpr` must be a CPR file's path, a shipped name ({shipped}) or 36 numbers, "
+                                     "got an empty string")
+            elif isinstance(dc_cpr, (list, tuple, np.ndarray)):
+                bad = [v for v in np.asarray(dc_cpr, dtype=object).reshape(-1)
+                       if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating))]
+                if bad:
+                    raise ValueError(f"`dc_cpr` given as a list must hold 36 real numbers (the CPR coefficients "
+                                     f"C[k,p,q]), got {bad[0]!r} among them")
+            else:
+                raise ValueError(f"`dc_cpr` must be a CPR file's path (str or os.PathLike), a shipped name ({shipped}) "
+                                 f"or a list of 36 numbers, got {type(dc_cpr).__name__} {dc_cpr!r}")
+        if dc_model is not None and (not isinstance(dc_model, str) or not dc_model.strip()):
+            raise ValueError(f"`dc_model` must be a non-empty string naming the model the ratios/CPR file was made for "
+                             f"(e.g. 'digits-eps'), got {dc_model!r}")
         if dc_ratios is not None:
             # Validate now what can be checked without the number of steps (list of finite floats).
             check_ratios(dc_ratios, len(dc_ratios) if hasattr(dc_ratios, "__len__") else -1, dc_order)
             self.register_to_config(dc_ratios=[float(r) for r in dc_ratios])
-        if (dc_ratios_file is not None or isinstance(dc_cpr, str)) and dc_model is None:
+        if (dc_ratios_file is not None or isinstance(dc_cpr, (str, os.PathLike))) and dc_model is None:
             raise ValueError("`dc_model` must name the model the ratios/CPR file was made for (e.g. 'digits-eps')")
         if (dc_ratios_file is not None or dc_cpr is not None) and dc_guidance_scale is None:
             raise ValueError(
@@ -171,7 +196,7 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             )
         self._cpr: CPRModel | None = None
         if dc_cpr is not None:
-            if isinstance(dc_cpr, str):
+            if isinstance(dc_cpr, (str, os.PathLike)):
                 self._cpr = load_cpr(_resolve(dc_cpr, "cpr"), dc_model, dc_scheduler_key(self.config))
                 if self._cpr.order != dc_order:
                     raise ValueError(f"CPR file {dc_cpr!r} was fitted for dc_order {self._cpr.order}, not {dc_order}")

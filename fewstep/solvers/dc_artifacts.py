@@ -112,7 +112,66 @@ def _read(path: str | os.PathLike, fmt: str) -> tuple[dict[str, torch.Tensor], d
         raise ValueError(f"{p} is not a readable safetensors file: {exc}") from exc
     if meta.get("format") != fmt:
         raise ValueError(f"{p} is not a {fmt} file (format {meta.get('format')!r})")
+    if meta.get("version") != _VERSION:
+        raise ValueError(
+            f"{p}: {fmt} format version {meta.get('version')!r} is not supported (this fewstep reads version "
+            f"{_VERSION!r}); write it again with this fewstep (`fewstep calibrate dc`)"
+        )
     return tensors, meta
+
+
+def _field(meta: Mapping[str, str], name: str) -> str:
+    if name not in meta:
+        raise ValueError(f"metadata field {name!r} is missing")
+    return meta[name]
+
+
+def _json_field(meta: Mapping[str, str], name: str) -> Any:
+    text = _field(meta, name)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"metadata field {name!r} is not valid JSON ({exc}): {text[:80]!r}") from None
+
+
+def _object_field(meta: Mapping[str, str], name: str) -> dict:
+    value = _json_field(meta, name)
+    if not isinstance(value, dict):
+        raise ValueError(f"metadata field {name!r} must be a JSON object, got {value!r:.80}")
+    return value
+
+
+def _model_field(meta: Mapping[str, str]) -> str:
+    model = _field(meta, "model")
+    if not model:
+        raise ValueError("metadata field 'model' must name the model, got an empty string")
+    return model
+
+
+_REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _real_values(name: str, tensor: torch.Tensor, ndim: int | None = None) -> np.ndarray:
+    """A stored tensor as float64 (half precision upcast), refusing other dtypes, other ranks and NaN/Inf."""
+    if tensor.dtype not in _REAL_DTYPES:
+        raise ValueError(f"tensor {name!r} has dtype {str(tensor.dtype).replace('torch.', '')}; it must hold real "
+                         "floating-point numbers (float16, bfloat16, float32 or float64)")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"tensor {name!r} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+    values = tensor.to(torch.float64).numpy()
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"tensor {name!r} must be finite, got {values.reshape(-1)[:12].tolist()}")
+    return values
+
+
+def _with_path(path: str | os.PathLike, what: str, parse: Any) -> Any:
+    """Run ``parse()``; a ``ValueError``/``TypeError`` (or a stray ``KeyError``) becomes a ``ValueError`` naming the
+    file."""
+    try:
+        return parse()
+    except (ValueError, TypeError, KeyError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ValueError(f"{what} {str(path)!r}: {text}") from None
 
 
 def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
@@ -152,11 +211,43 @@ def save_ratio_table(
 
 
 def load_ratio_table(path: str | os.PathLike) -> tuple[list[RatioEntry], dict[str, Any]]:
-    """All entries of a ratio table and its metadata (``model``, ``scheduler``, ``extra``), unchecked."""
+    """All entries of a ratio table and its metadata (``model``, ``scheduler``, ``extra``), not checked against a
+    scheduler; a malformed file is a ``ValueError`` naming it."""
     tensors, meta = _read(path, RATIOS_FORMAT)
-    index = json.loads(meta["entries"])
-    entries = [RatioEntry(e["nfe"], e["guidance_scale"], tensors[e["key"]].tolist(), e.get("info", {})) for e in index]
-    info = {"model": meta["model"], "scheduler": json.loads(meta["scheduler"]), "extra": json.loads(meta["extra"])}
+    return _with_path(path, "DC-Solver ratio table", lambda: _parse_ratio_table(tensors, meta))
+
+
+def _parse_ratio_table(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[list[RatioEntry], dict]:
+    info = {"model": _model_field(meta), "scheduler": _object_field(meta, "scheduler"),
+            "extra": _object_field(meta, "extra")}
+    index = _json_field(meta, "entries")
+    if not isinstance(index, list) or not index:
+        raise ValueError(f"metadata field 'entries' must be a non-empty JSON list of entries, got {index!r:.80}")
+    entries, seen = [], set()
+    for i, item in enumerate(index):
+        if not isinstance(item, dict) or not {"key", "nfe", "guidance_scale"} <= set(item):
+            raise ValueError(f"entry {i} must be an object with 'key', 'nfe', 'guidance_scale' (and 'info'), "
+                             f"got {item!r:.80}")
+        key, nfe, cfg, extra = item["key"], item["nfe"], item["guidance_scale"], item.get("info", {})
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"entry {i}: 'nfe' must be an integer >= 1, got {nfe!r}")
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
+            raise ValueError(f"entry {i}: 'guidance_scale' must be a finite number, got {cfg!r}")
+        if not isinstance(extra, dict):
+            raise ValueError(f"entry {i}: 'info' must be a JSON object, got {extra!r:.80}")
+        if not isinstance(key, str) or key not in tensors:
+            raise ValueError(f"entry {i}: 'key' {key!r} names no tensor of the file (it holds {sorted(tensors)})")
+        ratios = _real_values(key, tensors[key], ndim=1)
+        if ratios.size != nfe:
+            raise ValueError(f"entry {i} ({key!r}): {ratios.size} ratios for NFE {nfe}; need one per step")
+        entry = RatioEntry(nfe, float(cfg), ratios.tolist(), extra)
+        if entry.key != key:
+            raise ValueError(f"entry {i}: 'key' {key!r} does not match its NFE {nfe} and guidance scale {cfg!r} "
+                             f"(expected {entry.key!r})")
+        if key in seen:
+            raise ValueError(f"entry {i}: (NFE {nfe}, guidance scale {cfg!r}) appears twice")
+        seen.add(key)
+        entries.append(entry)
     return entries, info
 
 
@@ -172,6 +263,13 @@ def load_ratios(
     _compare_key(info["scheduler"], wanted, Path(path))
     for e in entries:
         if e.nfe == nfe and abs(e.guidance_scale - float(guidance_scale)) <= _GUIDANCE_TOL:
+            order = wanted.get("dc_order")
+            early = [r for r in e.ratios[:order] if r != 1.0] if isinstance(order, int) else []
+            if early:
+                raise ValueError(
+                    f"{path}: entry {e.key!r} has ratios {e.ratios}; with dc_order {order} the first {order} must be "
+                    "1 (too few buffered outputs to compensate them)"
+                )
             return list(e.ratios)
     have = ", ".join(f"(NFE {e.nfe}, CFG {e.guidance_scale:g})" for e in entries)
     raise ValueError(
@@ -307,18 +405,61 @@ def save_cpr(path: str | os.PathLike, cpr: CPRModel, model: str, scheduler_key: 
 def load_cpr(
     path: str | os.PathLike, model: str | None = None, scheduler_key: Mapping[str, Any] | None = None
 ) -> CPRModel:
-    """Read CPR coefficients; with ``model``/``scheduler_key`` given, check they match the file's."""
+    """Read CPR coefficients; with ``model``/``scheduler_key`` given, check they match the file's. A malformed file
+    is a ``ValueError`` naming it."""
+    if model is not None:
+        model = _check_model(model)
+    wanted = _check_key(scheduler_key) if scheduler_key is not None else None
     tensors, meta = _read(path, CPR_FORMAT)
-    if model is not None and meta["model"] != _check_model(model):
-        raise ValueError(f"{path} holds CPR coefficients for model {meta['model']!r}, not {model!r}")
-    if scheduler_key is not None:
-        _compare_key(json.loads(meta["scheduler"]), _check_key(scheduler_key), Path(path))
-    nfe_range = json.loads(meta["nfe_range"])
-    g_range = json.loads(meta["guidance_range"])
-    return CPRModel(
-        tensors["coefficients"].numpy(),
-        tuple(nfe_range) if nfe_range else None,
-        tuple(g_range) if g_range else None,
-        int(meta["order"]),
-        [tuple(p) for p in json.loads(meta["fitted_on"])],
+    stored_model, stored_key, cpr = _with_path(path, "DC-Solver CPR file", lambda: _parse_cpr(tensors, meta))
+    if model is not None and stored_model != model:
+        raise ValueError(f"{path} holds CPR coefficients for model {stored_model!r}, not {model!r}")
+    if wanted is not None:
+        _compare_key(stored_key, wanted, Path(path))
+    return cpr
+
+
+def _range_field(meta: Mapping[str, str], name: str, integer: bool) -> tuple[float, float] | None:
+    value = _json_field(meta, name)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        or value[0] > value[1]
+    ):
+        what = "integers" if integer else "finite numbers"
+        raise ValueError(f"metadata field {name!r} must be null or [low, high] with low <= high ({what}), "
+                         f"got {value!r:.80}")
+    return (value[0], value[1])
+
+
+def _parse_cpr(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[str, dict, CPRModel]:
+    model = _model_field(meta)
+    key = _object_field(meta, "scheduler")
+    if "coefficients" not in tensors:
+        raise ValueError(f"the tensor 'coefficients' is missing (the file holds {sorted(tensors)})")
+    coefficients = _real_values("coefficients", tensors["coefficients"])
+    if coefficients.size != 36:
+        raise ValueError(f"tensor 'coefficients' must hold 36 numbers (C[k,p,q], 4x3x3), got shape "
+                         f"{tuple(coefficients.shape)}")
+    order_text = _field(meta, "order")
+    if not order_text.isdigit() or not 1 <= int(order_text) <= 3:
+        raise ValueError(f"metadata field 'order' must be an integer in [1, 3] (the DC order), got {order_text!r}")
+    fitted_on = _json_field(meta, "fitted_on")
+    if not isinstance(fitted_on, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+        for p in fitted_on
+    ):
+        raise ValueError(f"metadata field 'fitted_on' must be a JSON list of [nfe, guidance_scale] pairs, "
+                         f"got {fitted_on!r:.80}")
+    cpr = CPRModel(
+        coefficients,
+        _range_field(meta, "nfe_range", integer=True),
+        _range_field(meta, "guidance_range", integer=False),
+        int(order_text),
+        [tuple(p) for p in fitted_on],
     )
+    return model, key, cpr

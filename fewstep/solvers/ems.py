@@ -347,8 +347,13 @@ def save_ems(path: str | os.PathLike, ems: EMS) -> Path:
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
+_EMS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def load_ems(path: str | os.PathLike) -> EMS:
-    """Read an EMS file written by :func:`save_ems`; a missing/corrupt/foreign file is a clear error."""
+    """Read an EMS file written by :func:`save_ems`; a missing/corrupt/foreign file is a clear error naming it.
+
+    Tables stored in half precision (float16, bfloat16) or float32 are upcast to float64; other dtypes are refused."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -359,12 +364,41 @@ def load_ems(path: str | os.PathLike) -> EMS:
     try:
         with safe_open(str(p), framework="pt") as f:
             header = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k).numpy() for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors has its own error types for corrupt files
         raise ValueError(f"{p} is not a readable safetensors file: {exc}") from exc
     if header.get("format") != EMS_FORMAT:
         raise ValueError(f"{p} is not an EMS file (format {header.get('format')!r}, expected {EMS_FORMAT!r})")
+    if header.get("version") != _VERSION:
+        raise ValueError(
+            f"EMS file {str(p)!r}: format version {header.get('version')!r} is not supported (this fewstep reads "
+            f"version {_VERSION!r}); estimate the tables again with this fewstep (`fewstep calibrate ems`)"
+        )
     missing = [k for k in ("lambdas", "l", "s", "b") if k not in tensors]
     if missing:
         raise ValueError(f"{p} lacks the EMS tensors {missing}")
-    return EMS(tensors["lambdas"], tensors["l"], tensors["s"], tensors["b"], json.loads(header.get("meta", "{}")))
+    arrays = {}
+    for name in ("lambdas", "l", "s", "b"):
+        t = tensors[name]
+        if t.dtype not in _EMS_DTYPES:
+            raise ValueError(
+                f"EMS file {str(p)!r}: tensor {name!r} has dtype {str(t.dtype).replace('torch.', '')}; EMS tables must "
+                "be real floating point (float16, bfloat16, float32 or float64)"
+            )
+        arrays[name] = t.to(torch.float64).numpy()
+    if arrays["lambdas"].ndim != 1:
+        raise ValueError(f"EMS file {str(p)!r}: tensor 'lambdas' must be 1-D (one lambda per grid point), got shape "
+                         f"{arrays['lambdas'].shape}")
+    text = header.get("meta", "{}")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"EMS file {str(p)!r}: metadata field 'meta' is not valid JSON ({exc}): {text[:80]!r}"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"EMS file {str(p)!r}: metadata field 'meta' must be a JSON object, got {meta!r:.80}")
+    try:
+        return EMS(arrays["lambdas"], arrays["l"], arrays["s"], arrays["b"], meta)
+    except ValueError as exc:
+        raise ValueError(f"EMS file {str(p)!r}: {exc}") from None

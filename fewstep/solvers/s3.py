@@ -56,6 +56,9 @@ _DECISION_KEYS = {
     "prediction", "order", "points", "coefficients", "relaxation", "corrector", "stochastic", "pseudo",
     "corrector_order", "corrector_pseudo",
 }
+#: the top-level keys ``SolverSchedule.to_dict`` writes (``from_dict`` refuses others, as it refuses unknown decision
+#: keys: a misspelt ``"fnal"`` would otherwise run with the default silently)
+_SCHEDULE_KEYS = {"version", "nfe", "timesteps", "final", "afs", "afs_mean", "decisions", "metadata"}
 
 
 def schedule_fingerprint(schedule: NoiseSchedule) -> str:
@@ -259,6 +262,10 @@ class SolverSchedule:
     def from_dict(cls, data: Mapping[str, Any]) -> SolverSchedule:
         if not isinstance(data, Mapping) or "timesteps" not in data or "decisions" not in data:
             raise ValueError("a solver schedule needs 'timesteps' and 'decisions'")
+        unknown = set(data) - _SCHEDULE_KEYS
+        if unknown:
+            raise ValueError(f"unknown solver schedule keys {sorted(map(str, unknown))}; allowed: "
+                             f"{sorted(_SCHEDULE_KEYS)}")
         version = data.get("version", SCHEDULE_VERSION)
         if version != SCHEDULE_VERSION:
             raise ValueError(
@@ -300,10 +307,15 @@ class SolverSchedule:
         if not p.is_file():
             raise FileNotFoundError(f"solver schedule {str(path)!r} does not exist")
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"solver schedule {str(path)!r} is not UTF-8 JSON text ({exc})") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"solver schedule {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"solver schedule {str(path)!r}: {exc}") from None
 
     @classmethod
     def from_grid(cls, grid: TimeGrid, decisions: Sequence[StepDecision], metadata: dict | None = None,
