@@ -715,3 +715,11 @@ def test_ems_files_in_lower_precision_load_upcast(tmp_path, dtype):
     np.testing.assert_allclose(ems.l, ref.l)
     assert ems.lambdas.tolist() == low["lambdas"].double().tolist()  # exact upcast of the stored values
     assert ref.num_points == ems.num_points
+
+
+@pytest.mark.parametrize("model", [5, ""])
+def test_ems_model_of_the_wrong_type_names_the_option(model):
+    from fewstep import samplers
+
+    with pytest.raises(ValueError, match="`ems_model` must be a model name"):
+        samplers.get("dpm-solver-v3")(ems_file="digits-eps", ems_model=model).set_timesteps(5)

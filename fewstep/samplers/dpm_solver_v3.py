@@ -47,6 +47,8 @@ def load_checked_ems(ems_file: str, noise_schedule, prediction_type: str, ems_mo
     if not isinstance(ems_file, (str, Path)):
         raise ValueError(f"`ems_file` must be a file path or a shipped name ({', '.join(SHIPPED_EMS)}), "
                          f"got {ems_file!r}")
+    if ems_model is not None and (not isinstance(ems_model, str) or not ems_model):
+        raise ValueError(f"`ems_model` must be a model name (a non-empty string), got {ems_model!r}")
     path = shipped_ems(ems_file) if ems_file in SHIPPED_EMS else Path(ems_file)
     ems = load_ems(path)
     meta = ems.meta
