@@ -485,26 +485,34 @@ def test_guidance_rescale_on_a_v_prediction_model_matches_diffusers(sd, sampler,
 
 
 def test_rescale_pair_keeps_x_t_and_rescales_the_raw_output():
-    from fewstep.guidance.rules import raw_output_coefficients, rescale_pair, rescale_to_std
+    from fewstep.guidance.rules import rescale_coefficients, rescale_pair, rescale_to_std
 
     g = torch.Generator().manual_seed(0)
-    alpha, sigma = 0.6, 0.8
-    x_t = torch.randn(2, 3, 4, 4, generator=g)
-    pairs = []
-    for _ in range(2):
-        x0 = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
-        pairs.append((x0, (x_t.double() - alpha * x0) / sigma))
-    guided, cond = pairs
+    x_t = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
     for kind in ("epsilon", "sample", "v_prediction", "flow"):
-        a, s = (alpha, sigma) if kind != "flow" else (0.3, 0.7)
-        if kind == "flow":
-            guided = (guided[0], (x_t.double() - a * guided[0]) / s)
-            cond = (cond[0], (x_t.double() - a * cond[0]) / s)
-        x0, eps = rescale_pair(guided, cond, 0.7, a, s, kind)
-        c_x0, c_eps = raw_output_coefficients(a, s, kind)
-        torch.testing.assert_close(a * x0 + s * eps, a * guided[0] + s * guided[1])
+        a, s = (0.6, 0.8) if kind != "flow" else (0.3, 0.7)
+        guided, cond = [(x0, (x_t - a * x0) / s) for x0 in (torch.randn(2, 3, 4, 4, generator=g, dtype=x_t.dtype)
+                                                              for _ in range(2))]
+        coefficients = rescale_coefficients(a, s, kind)
+        x0, eps = rescale_pair(guided, cond, 0.7, coefficients)
+        c_x0, c_eps = coefficients[:2]
+        torch.testing.assert_close(a * x0 + s * eps, x_t)
         expected = rescale_to_std(c_x0 * guided[0] + c_eps * guided[1], c_x0 * cond[0] + c_eps * cond[1], 0.7)
         torch.testing.assert_close(c_x0 * x0 + c_eps * eps, expected)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++", "unipc"])
+def test_v_prediction_rescale_is_bit_identical_in_the_static_step(sd, sampler):
+    """Found by review: the static step computed the raw-output rescale's coefficients in float32 from the table's
+    alpha/sigma while the eager rule used host float64 (2e-6 apart); they are now host columns of the step table."""
+    from _helpers import SD21_DDIM_V
+
+    fp = FewstepPipeline.from_pipe(sd, scheduler=samplers.get(sampler).from_config(SD21_DDIM_V),
+                                   guidance=guidance.CFG(5.0, guidance_rescale=0.7))
+    eager = fp("a digit", num_inference_steps=4, generator=_gen(), output_type="latent").images
+    fp._loop_mode = "static"
+    static = fp("a digit", num_inference_steps=4, generator=_gen(), output_type="latent").images
+    assert torch.equal(eager, static)
 
 
 def test_guidance_distilled_unets_are_refused(sd):

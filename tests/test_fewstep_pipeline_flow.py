@@ -444,3 +444,24 @@ def test_wrapper_exposes_diffusers_call_properties(flux):
     fp(**_embeds(), height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent")
     assert fp.num_timesteps == 3 and fp.guidance_scale == 4.0 and fp.do_classifier_free_guidance
     assert fp.interrupt is False
+
+
+def test_wrapper_says_guided_for_cfgpp_and_per_step_scales(sd3):
+    """Found by review: the wrapper's do_classifier_free_guidance used diffusers' scale > 1 test, so CFG++ (lam
+    <= 1) and per-step CFG scales (reported as 1) said False although both branches ran."""
+    from fewstep import guidance as rules
+
+    kw = {**_embeds(), "height": SIZE, "width": SIZE, "num_inference_steps": 3, "output_type": "latent"}
+    for rule in (rules.CFGPlusPlus(0.6), rules.CFG([7.0, 5.0, 3.0])):
+        fp = FewstepPipeline.from_pipe(sd3, scheduler="flow-euler", guidance=rule)
+        fp(**kw)
+        assert fp.do_classifier_free_guidance and fp.last_call_guided
+
+
+def test_an_underflowing_or_overflowing_mu_is_named():
+    from fewstep import samplers
+
+    sched = samplers.get("flow-euler")(use_dynamic_shifting=True)
+    for mu in (-800.0, 710.0):
+        with pytest.raises(ValueError, match="`mu` \\(the log of the dynamic shift\\) must be a finite number in"):
+            sched.set_timesteps(4, mu=mu)

@@ -113,8 +113,12 @@ class CFG(GuidanceRule):
         if self.guidance_rescale > 0.0:
             if state.alpha <= 0.0:
                 raise ValueError("`guidance_rescale` needs alpha > 0 at every evaluated step (got alpha = 0)")
-            x0, eps = rescale_pair((x0, eps), cond, self.guidance_rescale, state.alpha, state.sigma,
-                                   state.prediction_type)
+            if state.prediction_type == "epsilon":  # eps itself: x0 moves by -(sigma/alpha) of its change
+                new_eps = rescale_to_std(eps, cond[1], self.guidance_rescale)
+                x0, eps = x0 - (state.sigma / state.alpha) * (new_eps - eps), new_eps
+            else:
+                x0, eps = rescale_pair((x0, eps), cond, self.guidance_rescale,
+                                       rescale_coefficients(state.alpha, state.sigma, state.prediction_type))
         return x0, eps
 
     def config(self) -> dict:
@@ -192,27 +196,25 @@ def check_norm_dims(norm_dims: Any) -> tuple[int, ...] | None:
     return dims
 
 
-def raw_output_coefficients(alpha: Any, sigma: Any, prediction_type: str) -> tuple[Any, Any]:
-    """``(c_x0, c_eps)`` with ``raw = c_x0 x0 + c_eps eps`` for a consistent pair at ``(alpha, sigma)``:
-    ``epsilon`` (0, 1), ``sample`` (1, 0), ``v_prediction`` (-sigma, alpha), ``flow`` (-1, 1)."""
-    return {"epsilon": (0.0, 1.0), "sample": (1.0, 0.0), "v_prediction": (-sigma, alpha),
-            "flow": (-1.0, 1.0)}[prediction_type]
+def rescale_coefficients(alpha: float, sigma: float, prediction_type: str) -> tuple[float, float, float, float]:
+    """``(c_x0, c_eps, m_x0, m_eps)`` (host float64) for :func:`rescale_pair`: the raw output of a consistent pair
+    is ``c_x0 x0 + c_eps eps`` -- ``epsilon`` (0, 1), ``sample`` (1, 0), ``v_prediction`` (-sigma, alpha), ``flow``
+    (-1, 1) -- and a change ``d`` of it at fixed ``x_t = alpha x0 + sigma eps`` moves the pair by ``(m_x0 d,
+    m_eps d) = k d (-sigma, alpha)``, ``k = 1 / (alpha c_eps - sigma c_x0)``."""
+    c_x0, c_eps = {"epsilon": (0.0, 1.0), "sample": (1.0, 0.0), "v_prediction": (-sigma, alpha),
+                   "flow": (-1.0, 1.0)}[prediction_type]
+    k = 1.0 / (alpha * c_eps - sigma * c_x0)
+    return c_x0, c_eps, -sigma * k, alpha * k
 
 
-def rescale_pair(guided: Pair, cond: Pair, phi: float, alpha: Any, sigma: Any, prediction_type: str) -> Pair:
-    """diffusers' ``rescale_noise_cfg`` (:func:`rescale_to_std`) on the raw output of type ``prediction_type``,
-    with the guided pair moved so that ``x_t = alpha x0 + sigma eps`` stays fixed: the raw output changes by ``d``,
-    and ``(x0, eps)`` by ``k d (-sigma, alpha)`` with ``k = 1 / (alpha c_eps - sigma c_x0)``
-    (:func:`raw_output_coefficients`). For ``epsilon`` models that is ``eps += d``, ``x0 -= (sigma/alpha) d``.
-    ``alpha``/``sigma`` may be host floats or 0-dim device tensors (no host sync)."""
-    if prediction_type == "epsilon":
-        new_eps = rescale_to_std(guided[1], cond[1], phi)
-        return guided[0] - (sigma / alpha) * (new_eps - guided[1]), new_eps
-    c_x0, c_eps = raw_output_coefficients(alpha, sigma, prediction_type)
+def rescale_pair(guided: Pair, cond: Pair, phi: float, coefficients: Sequence[Any]) -> Pair:
+    """diffusers' ``rescale_noise_cfg`` (:func:`rescale_to_std`) on the model's raw output, the guided pair moved so
+    that ``x_t`` stays fixed; ``coefficients`` from :func:`rescale_coefficients` (host floats, or the same numbers
+    as 0-dim device tensors in the static step: identical arithmetic, no host sync)."""
+    c_x0, c_eps, m_x0, m_eps = coefficients
     raw = c_x0 * guided[0] + c_eps * guided[1]
     d = rescale_to_std(raw, c_x0 * cond[0] + c_eps * cond[1], phi) - raw
-    k = 1.0 / (alpha * c_eps - sigma * c_x0)
-    return guided[0] - (sigma * k) * d, guided[1] + (alpha * k) * d
+    return guided[0] + m_x0 * d, guided[1] + m_eps * d
 
 
 def apg_update(

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from .base import GuidanceRule, Pair
-from .rules import APG, CFG, CFGPlusPlus, apg_update, rescale_pair, rescale_to_std
+from .rules import APG, CFG, CFGPlusPlus, apg_update, rescale_coefficients, rescale_pair, rescale_to_std
 
 __all__ = ["StaticGuidance", "STATIC_RULES", "GUIDANCE_COLUMNS"]
 
 STATIC_RULES = (CFG, CFGPlusPlus, APG)
-#: the columns :meth:`StaticGuidance.columns` fills: the CFG scale, ``sigma/alpha`` and ``alpha/sigma``
-GUIDANCE_COLUMNS = ("scale", "sigma_over_alpha", "alpha_over_sigma")
+#: the columns :meth:`StaticGuidance.columns` fills: the CFG scale, ``sigma/alpha``, ``alpha/sigma`` and CFG's
+#: raw-output rescale coefficients (``rules.rescale_coefficients``; zeros when unused)
+GUIDANCE_COLUMNS = ("scale", "sigma_over_alpha", "alpha_over_sigma", "raw_c_x0", "raw_c_eps", "move_x0", "move_eps")
 
 
 class StaticGuidance:
@@ -72,7 +73,11 @@ class StaticGuidance:
             raise ValueError("APG with space='eps' needs alpha > 0 at every evaluated step (got alpha = 0)")
         s_over_a = np.array([float(si) / float(ai) if ai > 0 else 0.0 for ai, si in zip(a, s)])
         a_over_s = np.array([float(ai) / float(si) for ai, si in zip(a, s)])
-        return np.stack([scale, s_over_a, a_over_s], axis=1)
+        raw = np.zeros((n, 4))
+        if isinstance(rule, CFG) and rule.guidance_rescale > 0.0 and self.prediction_type != "epsilon":
+            # the eager rule's host float64 numbers, step by step: the static step computes what it computes
+            raw = np.array([rescale_coefficients(float(ai), float(si), self.prediction_type) for ai, si in zip(a, s)])
+        return np.concatenate([np.stack([scale, s_over_a, a_over_s], axis=1), raw], axis=1)
 
     def _direction(self, diff: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         rule = self.rule
@@ -82,10 +87,10 @@ class StaticGuidance:
         return apg_update(diff, cond, rule.eta, rule.norm_threshold, rule.norm_dims)
 
     def combine(self, cond: Pair, uncond: Pair, scale: torch.Tensor, sigma_over_alpha: torch.Tensor,
-                alpha_over_sigma: torch.Tensor, alpha: torch.Tensor | None = None,
-                sigma: torch.Tensor | None = None) -> Pair:
+                alpha_over_sigma: torch.Tensor, *rescale: torch.Tensor) -> Pair:
         """The rule's pair from the conditional and unconditional pairs; the other arguments are this step's
-        columns (0-dim device tensors; ``alpha``/``sigma`` are needed by CFG's rescale of a non-epsilon output)."""
+        columns (0-dim device tensors; ``rescale``: the four raw-output rescale coefficients, which CFG's
+        ``guidance_rescale`` needs on a non-epsilon model)."""
         rule = self.rule
         if isinstance(rule, CFG):
             x0 = uncond[0] + scale * (cond[0] - uncond[0])
@@ -96,8 +101,7 @@ class StaticGuidance:
                     x0 = x0 - sigma_over_alpha * (new_eps - eps)
                     eps = new_eps
                 else:
-                    x0, eps = rescale_pair((x0, eps), cond, rule.guidance_rescale, alpha, sigma,
-                                           self.prediction_type)
+                    x0, eps = rescale_pair((x0, eps), cond, rule.guidance_rescale, rescale)
             return x0, eps
         if isinstance(rule, CFGPlusPlus):
             return rule.combine(cond, uncond, None)  # host constant only: no per-step number

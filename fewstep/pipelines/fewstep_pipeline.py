@@ -223,10 +223,9 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        """diffusers' meaning: the last (or running) call's guidance scale is above 1 (whether the unconditional
-        branch ran: ``last_call_guided``)."""
-        scale = self.guidance_scale
-        return scale is not None and scale > 1.0
+        """Whether the last (or running) call evaluates the unconditional branch (``last_call_guided``): also for
+        per-step CFG scales and CFG++, where ``pipe.guidance_scale`` (diffusers' scale-above-1 test) says no."""
+        return bool(self.last_call_guided)
 
     @property
     def interrupt(self) -> bool:

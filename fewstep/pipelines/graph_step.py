@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import guidance as guidance_rules
 from .. import samplers
 from ..guidance import GuidanceRule
-from ..guidance.static import StaticGuidance
+from ..guidance.static import GUIDANCE_COLUMNS, StaticGuidance
 from ..solvers.static import StaticEngine, check_static_plan
 from .loop_checks import FiniteWatch, callback_tensors, check_returned
 
@@ -135,7 +135,7 @@ class StaticRun:
             self.guide.reset()
 
 
-COLUMNS = ("alpha", "sigma", "norm", "scale", "sigma_over_alpha", "alpha_over_sigma")
+COLUMNS = ("alpha", "sigma", "norm", *GUIDANCE_COLUMNS)
 
 
 class StaticLoop:
@@ -157,7 +157,7 @@ class StaticLoop:
         sigmas = np.asarray(plan.grid.sigmas[:n], dtype=np.float64)
         guide = (StaticGuidance(rule, x.shape, x.device, cdtype, scheduler.prediction_type) if rule is not None
                  else None)
-        extra = guide.columns(alphas, sigmas) if guide is not None else np.zeros((n, 3))
+        extra = guide.columns(alphas, sigmas) if guide is not None else np.zeros((n, len(GUIDANCE_COLUMNS)))
         cols = np.concatenate([np.stack([alphas, sigmas, alphas * alphas + sigmas * sigmas], axis=1), extra], axis=1)
         table = torch.as_tensor(cols, dtype=cdtype).to(x.device)
         noise = None
@@ -192,14 +192,14 @@ class StaticLoop:
         engine = run.engine
         row = engine.row(run.table)
         t = engine.row(run.t_table)
-        alpha, sigma, norm, scale, s_over_a, a_over_s = (row[k] for k in range(len(COLUMNS)))
+        alpha, sigma, norm, scale, s_over_a, a_over_s, *rescale = (row[k] for k in range(len(COLUMNS)))
         out = run.model_fn(run.x, t, run.conds)
         x = run.x.to(engine.dtype)
         if run.guide is not None:
             out_uncond, out_cond = out.chunk(2)
             cond = run.postprocess(*static_pair(run.kind, out_cond.to(engine.dtype), x, alpha, sigma, norm))
             uncond = run.postprocess(*static_pair(run.kind, out_uncond.to(engine.dtype), x, alpha, sigma, norm))
-            x0, eps = run.guide.combine(cond, uncond, scale, s_over_a, a_over_s, alpha, sigma)
+            x0, eps = run.guide.combine(cond, uncond, scale, s_over_a, a_over_s, *rescale)
             x0, eps = run.postprocess(x0.to(engine.dtype), eps.to(engine.dtype))
         else:
             x0, eps = run.postprocess(*static_pair(run.kind, out.to(engine.dtype), x, alpha, sigma, norm))

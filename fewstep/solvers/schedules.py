@@ -247,8 +247,8 @@ class FlowShift:
     @staticmethod
     def from_mu(mu: float) -> FlowShift:
         """Exponential time shift of SD3/Flux: ``s' = e^mu s / (e^mu s + 1 - s)``, i.e. ``shift = e^mu``."""
-        if not math.isfinite(mu):
-            raise ValueError(f"`mu` must be finite, got {mu!r}")
+        if not math.isfinite(mu) or not -700.0 < mu < 700.0:  # exp(mu) must be a positive finite float64
+            raise ValueError(f"`mu` (the log of the dynamic shift) must be a finite number in (-700, 700), got {mu!r}")
         return FlowShift(math.exp(mu))
 
     def apply(self, s: np.ndarray) -> np.ndarray:
