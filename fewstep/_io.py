@@ -30,6 +30,8 @@ def check_writable(path: str | os.PathLike, arg: str = "path") -> Path:
 def _check_replaceable(path: Path, arg: str) -> None:
     """An existing ``path`` must be a regular file (or a link to one): the atomic rename would replace a device,
     FIFO or socket with a regular file (``--state /dev/null`` run as root replaced the machine's /dev/null)."""
+    if path.is_dir():
+        raise ValueError(f"`{arg}` {str(path)!r} is a directory; give a file name")
     if (path.exists() or path.is_symlink()) and not path.is_file():
         raise ValueError(f"`{arg}` {str(path)!r} exists and is not a regular file (a device, FIFO, socket or broken "
                          "link); give the path of a regular file")
@@ -67,6 +69,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     target = Path(path)
     _check_replaceable(target, "path")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(target)!r}: directory {str(parent)!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)

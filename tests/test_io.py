@@ -61,3 +61,10 @@ def test_cli_refuses_a_special_file_as_output(tmp_path, capsys):
             "--json", str(fifo), "--quiet"]
     assert main(argv) == 2
     assert "exists and is not a regular file" in capsys.readouterr().err and fifo.is_fifo()
+
+
+def test_atomic_write_names_a_directory_target_and_a_missing_parent(tmp_path):
+    with pytest.raises(ValueError, match="is a directory; give a file name"):
+        atomic_write(tmp_path, lambda p: p.write_text("x"))
+    with pytest.raises(FileNotFoundError, match="directory .*missing' does not exist"):
+        atomic_write(tmp_path / "missing" / "f.json", lambda p: p.write_text("x"))
