@@ -177,3 +177,14 @@ def test_frechet_distance_names_bad_statistics():
         frechet_distance(None, eye, np.zeros(2), eye)
     with pytest.raises(ValueError, match="overflows float64"):
         frechet_distance(np.full(2, 1e300), eye, np.zeros(2), eye)
+
+
+def test_analytic_table_json_to_stdout(tmp_path, capsys, monkeypatch):
+    """`--json -` wrote a file named '-'; it now prints the JSON on stdout (the table on stderr) for a pipe."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--model", "analytic", "--steps", "3", "--samplers", "unipc", "--num-samples", "50",
+            "--json", "-", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    payload = json.loads(out.out)
+    assert payload["rows"] and "unipc" in out.err and not (tmp_path / "-").exists()

@@ -131,7 +131,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_analytic_table(args: argparse.Namespace) -> int:
-    if args.json:
+    to_stdout = args.json == "-"  # JSON on stdout for a pipe; the table then goes to stderr
+    if args.json and not to_stdout:
         check_writable(args.json, "--json")
     from ..bench.analytic_bench import format_table, rows_as_dicts, run_analytic_bench
 
@@ -144,11 +145,14 @@ def _bench_analytic_table(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    print(format_table(rows, meta))
+    print(format_table(rows, meta), file=sys.stderr if to_stdout else sys.stdout)
     if args.json:
         payload = {"meta": meta, "rows": rows_as_dicts(rows), "version": __version__}
-        atomic_write(args.json, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
-        print(f"wrote {args.json}")
+        if to_stdout:
+            print(json.dumps(payload, indent=2))
+        else:
+            atomic_write(args.json, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
+            print(f"wrote {args.json}")
     return 0
 
 
@@ -199,6 +203,8 @@ def add_parser(sub) -> None:
     p_bench.add_argument("--plot", choices=["fd", "mse", "rmse", "accuracy", "none"], default=None,
                          help="grid run: metric to plot versus NFE into OUT/METRIC_vs_nfe.png (needs matplotlib; "
                               "default fd, or mse for pipeline directories without --features inception)")
-    p_bench.add_argument("--json", default=None, help="analytic table: also write the results as JSON to this path")
+    p_bench.add_argument("--json", default=None,
+                         help="analytic table: also write the results as JSON to this path ('-': to stdout, the "
+                              "table to stderr)")
     p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
     p_bench.set_defaults(func=cmd_bench)
