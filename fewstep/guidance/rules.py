@@ -113,9 +113,8 @@ class CFG(GuidanceRule):
         if self.guidance_rescale > 0.0:
             if state.alpha <= 0.0:
                 raise ValueError("`guidance_rescale` needs alpha > 0 at every evaluated step (got alpha = 0)")
-            if state.prediction_type == "epsilon":  # eps itself: x0 moves by -(sigma/alpha) of its change
-                new_eps = rescale_to_std(eps, cond[1], self.guidance_rescale)
-                x0, eps = x0 - (state.sigma / state.alpha) * (new_eps - eps), new_eps
+            if state.prediction_type == "epsilon":
+                x0, eps = rescale_eps_pair((x0, eps), cond[1], self.guidance_rescale, state.sigma / state.alpha)
             else:
                 x0, eps = rescale_pair((x0, eps), cond, self.guidance_rescale,
                                        rescale_coefficients(state.alpha, state.sigma, state.prediction_type))
@@ -205,6 +204,13 @@ def rescale_coefficients(alpha: float, sigma: float, prediction_type: str) -> tu
                    "flow": (-1.0, 1.0)}[prediction_type]
     k = 1.0 / (alpha * c_eps - sigma * c_x0)
     return c_x0, c_eps, -sigma * k, alpha * k
+
+
+def rescale_eps_pair(guided: Pair, cond_eps: torch.Tensor, phi: float, sigma_over_alpha: Any) -> Pair:
+    """:func:`rescale_pair` for an ``epsilon`` model, where the raw output is ``eps`` itself: ``eps`` rescaled, ``x0``
+    moved by ``-(sigma/alpha)`` of its change (``sigma_over_alpha`` a host float or a 0-dim device tensor)."""
+    new_eps = rescale_to_std(guided[1], cond_eps, phi)
+    return guided[0] - sigma_over_alpha * (new_eps - guided[1]), new_eps
 
 
 def rescale_pair(guided: Pair, cond: Pair, phi: float, coefficients: Sequence[Any]) -> Pair:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .base import GuidanceRule, Pair
-from .rules import APG, CFG, CFGPlusPlus, apg_update, rescale_coefficients, rescale_pair, rescale_to_std
+from .rules import APG, CFG, CFGPlusPlus, apg_update, rescale_coefficients, rescale_eps_pair, rescale_pair
 
 __all__ = ["StaticGuidance", "STATIC_RULES", "GUIDANCE_COLUMNS"]
 
@@ -97,9 +97,7 @@ class StaticGuidance:
             eps = uncond[1] + scale * (cond[1] - uncond[1])
             if rule.guidance_rescale > 0.0:
                 if self.prediction_type == "epsilon":
-                    new_eps = rescale_to_std(eps, cond[1], rule.guidance_rescale)
-                    x0 = x0 - sigma_over_alpha * (new_eps - eps)
-                    eps = new_eps
+                    x0, eps = rescale_eps_pair((x0, eps), cond[1], rule.guidance_rescale, sigma_over_alpha)
                 else:
                     x0, eps = rescale_pair((x0, eps), cond, rule.guidance_rescale, rescale)
             return x0, eps

@@ -110,6 +110,12 @@ def _check_text_to_image(pipe: Any, model: Any) -> None:
         )
 
 
+def _input_scaling(scheduler: Any) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The scheduler's ``scale_model_input``; diffusers' flow schedulers (FlowMatchEulerDiscreteScheduler) have no
+    input scaling, nor the method: identity for them."""
+    return getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+
+
 def _family(pipe: Any) -> str:
     from .class_conditional import ClassConditionalPipeline
 
@@ -729,8 +735,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         x = p.prepare_latents(n, p.unet.config.in_channels, height, width, embeds.dtype, device, generator, latents)
         conds = {"embeds": embeds} if added is None else {"embeds": embeds, **added}
         denoiser = self.denoiser
-        # flow schedulers of diffusers (FlowMatchEulerDiscreteScheduler) have no input scaling, nor the method
-        scale_model_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+        scale_model_input = _input_scaling(scheduler)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
             model_in = torch.cat([x, x]) if guided else x
@@ -781,8 +786,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         cond = torch.tensor(labels, device=device)
         conds = {"labels": torch.cat([torch.full_like(cond, p.null_class), cond]) if guided else cond}
         denoiser = self.denoiser
-        # flow schedulers of diffusers (FlowMatchEulerDiscreteScheduler) have no input scaling, nor the method
-        scale_model_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+        scale_model_input = _input_scaling(scheduler)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
             model_in = torch.cat([x, x]) if guided else x
