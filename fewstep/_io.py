@@ -16,9 +16,7 @@ def check_writable(path: str | os.PathLike, arg: str = "path") -> Path:
         raise ValueError(f"`{arg}` must be a file path, got an empty string")
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise ValueError(f"`{arg}` {str(p)!r} is a directory; give a file name")
-    _check_replaceable(p, arg)
+    _check_replaceable(p, arg)  # a directory, device, FIFO or broken link at the path
     if not parent.is_dir():
         raise ValueError(f"`{arg}` {str(p)!r}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
