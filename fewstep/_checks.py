@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int", "check_number", "repeated_values"]
+__all__ = ["check_int", "check_number", "repeated_values", "stored_float64"]
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
@@ -87,3 +87,23 @@ def repeated_values(values: Any) -> list[str]:
     refuse them, since a repeat would run and report its cells twice."""
     values = list(values)
     return sorted({str(v) for v in values if values.count(v) > 1})
+
+
+_STORED_REAL_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def stored_float64(name: str, tensor: Any, ndim: int | None = None, finite: bool = True) -> np.ndarray:
+    """A tensor read from an artifact file as a float64 array (half precision upcast).
+
+    Refuses other dtypes (complex, integer, bool), a rank other than ``ndim`` (when given) and, when ``finite``,
+    NaN/Inf; messages name the tensor. Callers prefix the file's name."""
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if dtype not in _STORED_REAL_DTYPES:
+        raise ValueError(f"tensor {name!r} has dtype {dtype}; it must hold real floating-point numbers "
+                         f"({', '.join(_STORED_REAL_DTYPES[:-1])} or {_STORED_REAL_DTYPES[-1]})")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"tensor {name!r} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+    values = tensor.double().numpy()
+    if finite and not np.all(np.isfinite(values)):
+        raise ValueError(f"tensor {name!r} must be finite, got {values.reshape(-1)[:12].tolist()}")
+    return values

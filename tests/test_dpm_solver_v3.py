@@ -679,8 +679,8 @@ def _ems_file(path, tensors=None, header=None):
         (None, {"version": "99"}, r"format version '99' is not supported \(this fewstep reads version '1'\)"),
         (None, {"version": None}, r"format version None is not supported"),
         # complex and bool tables were accepted (complex with a cast warning)
-        ({"l": torch.ones(11, 2, dtype=torch.complex64)}, None, r"tensor 'l' has dtype complex64; EMS tables must be "
-         r"real floating point"),
+        ({"l": torch.ones(11, 2, dtype=torch.complex64)}, None, r"tensor 'l' has dtype complex64; it must hold "
+         r"real floating-point numbers"),
         ({"s": torch.zeros(11, 2, dtype=torch.bool)}, None, r"tensor 's' has dtype bool"),
         ({"b": torch.zeros(11, 2, dtype=torch.int64)}, None, r"tensor 'b' has dtype int64"),
         ({"lambdas": torch.tensor(np.linspace(-5.0, 4.0, 12)).reshape(3, 4)}, None, r"'lambdas' must be 1-D"),

@@ -394,7 +394,7 @@ def test_apg_update_and_rescale_check_eta_phi_and_shapes():
             rescale_to_std(d, c, phi)
     with pytest.raises(ValueError, match=r"`cond` must have the shape of `guided` \(2, 5\) .*got \(1, 5\)"):
         rescale_to_std(d, c[:1], 0.5)
-    with pytest.raises(TypeError, match=r"`cond` must be a tensor, got list"):
+    with pytest.raises(TypeError, match=r"`cond` must be a tensor of `guided`.s shape \(2, 5\), got list"):
         rescale_to_std(d, [1.0], 0.5)
 
 

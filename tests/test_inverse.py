@@ -99,6 +99,16 @@ def test_fd_hutchinson_trace_matches_exact_traces():
     assert torch.allclose(got, exact, atol=0.35)
 
 
+def test_fd_hutchinson_trace_needs_a_square_map():
+    x = torch.zeros(2, 4)
+    probes = torch.ones(1, 2, 4)
+    with pytest.raises(ValueError, match=r"`fn\(x\)` must have the shape of `x` \(2, 4\) \(the trace needs a square "
+                       r"Jacobian\), got \(2, 3\)"):
+        fd_hutchinson_trace(lambda v: v[:, :3], x, probes)
+    with pytest.raises(TypeError, match=r"`fn\(x\)` must be a tensor of `x`.s shape \(2, 4\), got float"):
+        fd_hutchinson_trace(lambda v: 1.0, x, probes)
+
+
 def test_stsl_trace_term_of_a_gaussian_prior_is_exact():
     """For data N(0, v I) under VP the exact eps is sigma x / (alpha^2 v + sigma^2): the STSL trace term's gradient
     vanishes (constant trace) and probe batching gives the same gradient as one batched call."""

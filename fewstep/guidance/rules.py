@@ -32,13 +32,16 @@ def _batch_dims(t: torch.Tensor) -> list[int]:
     return list(range(1, t.ndim))
 
 
-def _check_same_shape(name: str, value: Any, ref_name: str, ref: torch.Tensor) -> None:
-    """``value`` is a tensor of ``ref``'s shape (shapes are metadata: no host sync)."""
+def check_same_shape(name: str, value: Any, ref_name: str, ref: torch.Tensor,
+                     why: str = "batch included; no broadcasting") -> torch.Tensor:
+    """``value`` is a tensor of ``ref``'s shape (shapes are metadata: no host sync); returns ``value``."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a tensor, got {type(value).__name__}")
+        raise TypeError(f"`{name}` must be a tensor of `{ref_name}`'s shape {tuple(ref.shape)}, got "
+                        f"{type(value).__name__}")
     if value.shape != ref.shape:
-        raise ValueError(f"`{name}` must have the shape of `{ref_name}` {tuple(ref.shape)} (batch included; no "
-                         f"broadcasting), got {tuple(value.shape)}")
+        raise ValueError(f"`{name}` must have the shape of `{ref_name}` {tuple(ref.shape)} ({why}), got "
+                         f"{tuple(value.shape)}")
+    return value
 
 
 def rescale_to_std(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
@@ -52,7 +55,7 @@ def rescale_to_std(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torc
     """
     if not isinstance(guided, torch.Tensor):
         raise TypeError(f"`guided` must be a tensor, got {type(guided).__name__}")
-    _check_same_shape("cond", cond, "guided", guided)
+    check_same_shape("cond", cond, "guided", guided)
     phi = check_number("phi", phi, 0.0, 1.0, what="guidance_rescale")
     if math.prod(guided.shape[1:]) < 2:  # one value (or none) per sample: no std (a shape test, no host sync)
         return guided
@@ -239,7 +242,7 @@ def apg_update(
     """
     if not isinstance(diff, torch.Tensor):
         raise TypeError(f"`diff` must be a tensor, got {type(diff).__name__}")
-    _check_same_shape("cond", cond, "diff", diff)
+    check_same_shape("cond", cond, "diff", diff)
     eta = check_number("eta", eta, 0.0)
     norm_threshold = check_norm_threshold(norm_threshold)
     dims = list(check_norm_dims(norm_dims)) if norm_dims is not None else _batch_dims(diff)

@@ -68,8 +68,11 @@ from .posterior import (
     first_order_loss,
     tweedie_x0,
 )
+from .rules import check_same_shape
 
 __all__ = ["STSL", "fd_hutchinson_trace", "stsl_surrogate"]
+
+_SQUARE = "the trace needs a square Jacobian"
 
 
 def fd_hutchinson_trace(
@@ -96,22 +99,12 @@ def fd_hutchinson_trace(
     if probes.ndim != x.ndim + 1 or probes.shape[1:] != x.shape or probes.shape[0] == 0:
         raise ValueError(f"`probes` must have shape [P, *x.shape] = [P, {tuple(x.shape)}] with P >= 1, got "
                          f"{tuple(probes.shape)}")
-    fx = _check_output("fx" if fx is not None else "fn(x)", fn(x) if fx is None else fx, x)
+    fx = check_same_shape("fx" if fx is not None else "fn(x)", fn(x) if fx is None else fx, "x", x, _SQUARE)
     total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for xi in probes:
-        shifted = _check_output("fn(x + delta * probe)", fn(x + delta * xi), x)
+        shifted = check_same_shape("fn(x + delta * probe)", fn(x + delta * xi), "x", x, _SQUARE)
         total = total + (xi * (shifted - fx)).flatten(1).sum(1)
     return total / (delta * probes.shape[0])
-
-
-def _check_output(name: str, value: object, x: torch.Tensor) -> torch.Tensor:
-    """``value`` is a tensor of ``x``'s shape (a shape test: no host sync)."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a tensor of x's shape {tuple(x.shape)}, got {type(value).__name__}")
-    if value.shape != x.shape:
-        raise ValueError(f"`{name}` must have the shape of `x` {tuple(x.shape)} (the trace needs a square "
-                         f"Jacobian), got {tuple(value.shape)}")
-    return value
 
 
 def stsl_surrogate(

@@ -317,7 +317,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if cfg.use_dynamic_shifting:
             if mu is None:
                 raise ValueError("`mu` must be passed to set_timesteps when `use_dynamic_shifting=True`")
-            return FlowShift.from_mu(check_number("mu", mu, what="the log of the dynamic shift"))
+            return FlowShift.from_mu(mu)  # a number: set_timesteps checked it
         name = "shift" if cfg.shift is not None else "flow_shift"
         value = cfg.shift if cfg.shift is not None else cfg.flow_shift
         return FlowShift(check_number(name, value, 0.0, low_open=True, what="the flow time shift"))
@@ -422,8 +422,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("pass one of `num_inference_steps`, `timesteps` or `sigmas`")
         if num_inference_steps is not None:
             grids.check_num_steps(num_inference_steps, self.noise_schedule.num_train_timesteps)
-        if mu is not None:  # a dynamic config checks it where it is used; any other must still get a number
-            check_number("mu", mu, what="the log of the dynamic shift")
+        if mu is not None:  # checked on every config (a static one ignores it, but it must still be a number)
+            mu = check_number("mu", mu, what="the log of the dynamic shift")
         if device is not None:
             torch.empty(0, device=device)  # an unusable device fails here, before anything of the old run changes
         grid = self._grid(num_inference_steps, timesteps, sigmas, mu)

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from scipy import linalg
 
-from .._checks import check_int
+from .._checks import check_int, stored_float64
 
 __all__ = [
     "RatioEntry",
@@ -148,22 +148,6 @@ def _model_field(meta: Mapping[str, str]) -> str:
     return model
 
 
-_REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _real_values(name: str, tensor: torch.Tensor, ndim: int | None = None) -> np.ndarray:
-    """A stored tensor as float64 (half precision upcast), refusing other dtypes, other ranks and NaN/Inf."""
-    if tensor.dtype not in _REAL_DTYPES:
-        raise ValueError(f"tensor {name!r} has dtype {str(tensor.dtype).replace('torch.', '')}; it must hold real "
-                         "floating-point numbers (float16, bfloat16, float32 or float64)")
-    if ndim is not None and tensor.dim() != ndim:
-        raise ValueError(f"tensor {name!r} must be {ndim}-D, got shape {tuple(tensor.shape)}")
-    values = tensor.to(torch.float64).numpy()
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"tensor {name!r} must be finite, got {values.reshape(-1)[:12].tolist()}")
-    return values
-
-
 def _with_path(path: str | os.PathLike, what: str, parse: Any) -> Any:
     """Run ``parse()``; a ``ValueError``/``TypeError`` (or a stray ``KeyError``) becomes a ``ValueError`` naming the
     file."""
@@ -237,7 +221,7 @@ def _parse_ratio_table(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
             raise ValueError(f"entry {i}: 'info' must be a JSON object, got {extra!r:.80}")
         if not isinstance(key, str) or key not in tensors:
             raise ValueError(f"entry {i}: 'key' {key!r} names no tensor of the file (it holds {sorted(tensors)})")
-        ratios = _real_values(key, tensors[key], ndim=1)
+        ratios = stored_float64(key, tensors[key], ndim=1)
         if ratios.size != nfe:
             raise ValueError(f"entry {i} ({key!r}): {ratios.size} ratios for NFE {nfe}; need one per step")
         entry = RatioEntry(nfe, float(cfg), ratios.tolist(), extra)
@@ -441,7 +425,7 @@ def _parse_cpr(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[
     key = _object_field(meta, "scheduler")
     if "coefficients" not in tensors:
         raise ValueError(f"the tensor 'coefficients' is missing (the file holds {sorted(tensors)})")
-    coefficients = _real_values("coefficients", tensors["coefficients"])
+    coefficients = stored_float64("coefficients", tensors["coefficients"])
     if coefficients.size != 36:
         raise ValueError(f"tensor 'coefficients' must hold 36 numbers (C[k,p,q], 4x3x3), got shape "
                          f"{tuple(coefficients.shape)}")

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import stored_float64
 from .phi import phi_array
 
 __all__ = [
@@ -347,9 +348,6 @@ def save_ems(path: str | os.PathLike, ems: EMS) -> Path:
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
-_EMS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def load_ems(path: str | os.PathLike) -> EMS:
     """Read an EMS file written by :func:`save_ems`; a missing/corrupt/foreign file is a clear error naming it.
 
@@ -379,13 +377,10 @@ def load_ems(path: str | os.PathLike) -> EMS:
         raise ValueError(f"{p} lacks the EMS tensors {missing}")
     arrays = {}
     for name in ("lambdas", "l", "s", "b"):
-        t = tensors[name]
-        if t.dtype not in _EMS_DTYPES:
-            raise ValueError(
-                f"EMS file {str(p)!r}: tensor {name!r} has dtype {str(t.dtype).replace('torch.', '')}; EMS tables must "
-                "be real floating point (float16, bfloat16, float32 or float64)"
-            )
-        arrays[name] = t.to(torch.float64).numpy()
+        try:
+            arrays[name] = stored_float64(name, tensors[name], finite=False)
+        except ValueError as exc:
+            raise ValueError(f"EMS file {str(p)!r}: {exc}") from None
     if arrays["lambdas"].ndim != 1:
         raise ValueError(f"EMS file {str(p)!r}: tensor 'lambdas' must be 1-D (one lambda per grid point), got shape "
                          f"{arrays['lambdas'].shape}")
