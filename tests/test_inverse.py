@@ -14,6 +14,7 @@ from test_fewstep_pipeline import sd_path  # noqa: F401 - fixture
 import fewstep
 from fewstep import guidance
 from fewstep.cli import main
+from fewstep.datasets import held_out_digits
 from fewstep.guidance import DPS, PSLD, STSL, InverseProblem, fd_hutchinson_trace
 from fewstep.guidance.operators import (
     BoxInpainting,
@@ -294,6 +295,26 @@ def test_posterior_bad_input(eps_pipe):
     flow = fewstep.load_default("digits-flow", sampler="flow-euler")
     with pytest.raises(ValueError, match="needs a VP diffusion model; .* flow-matching model"):
         posterior_sample(flow, op, torch.zeros(2, 1, 8, 8), "stsl", 2)
+
+
+@pytest.mark.parametrize("method", [DPS(step_size=1.0, ddim_eta=1.0), STSL(step_size=1.0, inner_steps=1)])
+def test_posterior_sample_takes_one_generator_per_image(eps_pipe, method):
+    """With a list of generators image n is the image sampled alone with generator n (its initial noise, DPS's DDIM
+    noise and STSL's trace probes all come from its own generator), as in diffusers. One generator drew the whole
+    batch's noise and a list crashed inside torch."""
+    op = make_operator("inpaint", 16)
+    truth, _ = held_out_digits(2, 16, 0)
+    y = op.measure(truth)
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    both = posterior_sample(eps_pipe, op, y, method, 2, generator=gens(3, 4)).images
+    alone = posterior_sample(eps_pipe, op, y[1:], method, 2, generator=gens(4)).images
+    other = posterior_sample(eps_pipe, op, y[1:], method, 2, generator=gens(3)).images
+    torch.testing.assert_close(both[1:], alone, atol=5e-3, rtol=0)  # batched convolutions: ~1e-5 per call
+    assert (other - alone).abs().max() > 0.05
+    for bad, msg in [(gens(1), r"a list of 1 generators, but the batch has 2 images"),
+                     (5, r"`generator` must be a torch.Generator or a list of them \(one per image\), got int 5")]:
+        with pytest.raises(ValueError, match=msg):
+            posterior_sample(eps_pipe, op, y, method, 2, generator=bad)
 
 
 # ------------------------------------------------------------------------------------------------ latent SD path

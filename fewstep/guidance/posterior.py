@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from .._checks import check_number
 from .operators import MeasurementOperator
@@ -270,8 +271,10 @@ class PosteriorMethod:
         raise NotImplementedError
 
 
-def _noise_like(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(z.shape, generator=generator, device="cpu", dtype=torch.float32).to(z.device, z.dtype)
+def _noise_like(z: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise of ``z``'s shape, drawn in float32 from ``generator`` (a list: one generator per sample,
+    so sample ``n`` of a batch gets the draws it gets alone, as in diffusers' ``randn_tensor``)."""
+    return randn_tensor(z.shape, generator=generator, device=z.device, dtype=torch.float32).to(z.dtype)
 
 
 @dataclass

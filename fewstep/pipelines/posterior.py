@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from .. import guidance as guidance_lib
 from .._checks import check_int
@@ -26,6 +27,7 @@ from ..solvers.grids import spacing_grid
 from ..solvers.parameterization import to_pair
 from ..solvers.schedules import VPSchedule, is_flow_config
 from .grad_state import check_autograd_available, frozen_parameters
+from .loop_checks import check_generators
 
 __all__ = ["POSTERIOR_TASKS", "DEFAULT_OPTIONS", "PosteriorOutput", "InverseTaskResult", "posterior_sample",
            "run_inverse_task", "default_method", "degraded_view", "held_out_digits", "score_restorations"]
@@ -156,7 +158,7 @@ def posterior_sample(
     measurement: torch.Tensor,
     method: str | PosteriorMethod = "stsl",
     num_inference_steps: int = 10,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     class_labels=None,
     prompt: str = "",
@@ -166,6 +168,8 @@ def posterior_sample(
     ``method``: ``dps``, ``psld``, ``stsl`` (``DEFAULT_OPTIONS``) or a ``PosteriorMethod`` object. ``pipe``: a
     ``ClassConditionalPipeline`` of a VP model (unconditional by default: the null class; ``class_labels`` to
     condition) or an SD 1.x/2.x pipeline (``prompt``, default empty). ``latents``: the initial noise.
+    ``generator``: one ``torch.Generator`` for the batch or a list of them, one per image (image ``n`` then gets
+    the noise, DPS/PSLD's DDIM noise and STSL's probes it gets when sampled alone with ``generator[n]``).
     """
     check_autograd_available("posterior sampling")
     method = default_method(method) if isinstance(method, str) else guidance_lib.make_posterior(method)
@@ -175,10 +179,11 @@ def posterior_sample(
     operator.check_measurement(measurement, prior.image_shape)
     if measurement.shape[0] != prior.n:
         raise ValueError(f"`measurement` batch {measurement.shape[0]} must equal the number of images {prior.n}")
+    check_generators(generator, prior.n)
     times, alphas, sigmas = _grid(prior, num_inference_steps, method.strength)
     dtype = prior.unet.dtype if prior.unet.dtype in (torch.float32, torch.float64) else torch.float32
-    if latents is None:
-        noise = torch.randn(prior.shape, generator=generator, dtype=torch.float32).to(prior.device, dtype)
+    if latents is None:  # a list of generators: image n gets the noise it gets alone (diffusers' randn_tensor)
+        noise = randn_tensor(prior.shape, generator=generator, device=prior.device, dtype=torch.float32).to(dtype)
     elif tuple(latents.shape) != prior.shape:
         raise ValueError(f"`latents` must have shape {prior.shape}, got {tuple(latents.shape)}")
     else:
