@@ -437,6 +437,11 @@ def test_user_latents_are_checked_for_sd3_and_flux(sd3, flux):
                 fp(**kw, latents=latents)
         out = fp(**kw, latents=torch.randn(good_shape, generator=_gen())).images
         assert torch.isfinite(out).all()
+        # diffusers' SD3/Flux skip their generator-list check when latents are given; the generators still drive
+        # an SDE sampler's noise, so a list of another length silently dropped (or shared) generators
+        for n in (2, 3):
+            with pytest.raises(ValueError, match=rf"`generator` is a list of {n} generators, but the batch has 1 "):
+                fp(**kw, latents=torch.randn(good_shape, generator=_gen()), generator=[_gen(i) for i in range(n)])
 
 
 def test_wrapper_exposes_diffusers_call_properties(flux):

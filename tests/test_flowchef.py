@@ -410,6 +410,12 @@ def test_flowchef_pipeline_errors(flow_pipe):
     with pytest.raises(ValueError, match="steered_steps"):
         flowchef_sample(flow_pipe, _zero_cost, num_images=1, num_inference_steps=4,
                         config=FlowChefConfig(steered_steps=5))
+    for gens in (2, 4):  # a shorter list failed with an IndexError in diffusers, a longer one was truncated
+        with pytest.raises(ValueError, match=rf"`generator` is a list of {gens} generators, but the batch has 3"):
+            flowchef_sample(flow_pipe, _zero_cost, class_labels=[1, 2, 3], num_inference_steps=2,
+                            generator=[torch.Generator().manual_seed(i) for i in range(gens)])
+    with pytest.raises(ValueError, match=r"`generator` must be a torch.Generator or a list of them"):
+        flowchef_sample(flow_pipe, _zero_cost, num_images=1, num_inference_steps=2, generator=5)
     eps_pipe = fewstep.load_default("digits-eps", sampler="ddim")
     with pytest.raises(ValueError, match="rectified-flow"):
         flowchef_sample(eps_pipe, _zero_cost, num_images=1, num_inference_steps=4)

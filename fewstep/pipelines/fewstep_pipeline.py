@@ -690,6 +690,9 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             batch = 1 if isinstance(prompt, str) else len(prompt)
         else:
             batch = prompt_embeds.shape[0]
+        # one generator per image: diffusers' SD3/Flux skip their own check when `latents` are given, yet the
+        # generators still drive an SDE sampler's noise
+        check_generators(generator, batch * num_images_per_prompt)
         if self.is_flow:
             return self._flow_call(
                 rule, embedded, batch, {

@@ -33,7 +33,7 @@ from ..solvers.flowchef import (
     measurement_cost,
 )
 from .grad_state import check_autograd_available, frozen_parameters
-from .loop_checks import raise_if_diverged
+from .loop_checks import check_generators, raise_if_diverged
 
 __all__ = ["TASKS", "INVERSE_TASKS", "DEFAULT_CONFIGS", "FlowChefTask", "make_task", "flowchef_sample",
            "flowchef_edit",
@@ -170,6 +170,7 @@ def _prepare(pipe, num_images, class_labels, generator, latents):
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if labels.numel() == 0 or labels.min() < 0 or labels.max() > n_null:
             raise ValueError(f"`class_labels` must be class ids in 0..{n_null} ({n_null} = unconditional)")
+    check_generators(generator, labels.numel())
     cfg = pipe.unet.config
     shape = (labels.numel(), cfg.in_channels, cfg.sample_size, cfg.sample_size)
     if latents is None:
