@@ -100,7 +100,9 @@ class CFG(GuidanceRule):
             return self.guidance_scale
         if len(self.scales) != state.num_steps:
             raise ValueError(
-                f"`guidance_scale` has {len(self.scales)} per-step values but sampling runs {state.num_steps} steps"
+                f"`guidance_scale` has {len(self.scales)} per-step values but sampling runs {state.num_steps} steps "
+                "(one value per solver step; a step whose implicit corrector calls the model twice uses its value "
+                "for both calls)"
             )
         return self.scales[state.index]
 
