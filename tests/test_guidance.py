@@ -251,7 +251,8 @@ def test_extrapolation_is_explicit_and_bad_predictions_are_rejected():
         CFG(3.0)((x0c, ec), small, STATE)
     with pytest.raises(TypeError, match=r"`uncond` must be an \(x0, eps\) pair of tensors"):
         APG()((x0c, ec), x0c, STATE)
-    with pytest.raises(ValueError, match=r"has 3 per-step values but sampling runs 4 steps \(one value per solver step; a step whose implicit "):
+    with pytest.raises(ValueError, match=r"has 3 per-step values but sampling runs 4 steps \(one value per solver "
+                                         r"step; a step whose implicit "):
         CFG([1.0, 2.0, 3.0])((x0c, ec), (x0c, ec), STATE)
 
 

@@ -45,7 +45,8 @@ def check_static_plan(plan: Plan, hooks: Sequence = ()) -> None:
         )
     if plan.analytic_start is not None:
         raise ValueError(
-            "solver schedules with an analytical first step (s3 schedules with `afs`: zero_x0 or average_x0) buffer an extra analytic point that "
+            "solver schedules with an analytical first step (s3 schedules with `afs`: zero_x0 or average_x0) buffer "
+            "an extra analytic point that "
             "the static step does not model; run them eagerly, or use a schedule without `afs` in graph mode"
         )
     if any(step.reevaluate for step in plan.steps):
