@@ -163,9 +163,9 @@ def test_check_finite_names_the_first_bad_step(unet, sd):  # noqa: F811
         fp._loop_mode = mode
         calls["n"] = 0
         with pytest.raises(FloatingPointError, match=r"NaN/Inf at step 2 of 5 \(sampler FewstepDDIMScheduler\)"):
-            fp(class_labels=[4], num_inference_steps=5, check_finite=True)
+            fp(class_labels=[4], num_inference_steps=5)  # on by default (DESIGN: detected, opt-out)
         calls["n"] = 0
-        out = fp(class_labels=[4], num_inference_steps=5, output_type="latent").images  # default: not checked
+        out = fp(class_labels=[4], num_inference_steps=5, output_type="latent", check_finite=False).images
         assert torch.isnan(out).any()
     # SD family: the same check
     fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="cfg", guidance_scale=3.0)
@@ -177,7 +177,7 @@ def test_check_finite_names_the_first_bad_step(unet, sd):  # noqa: F811
 
     fp._compiled = nan_unet
     with pytest.raises(FloatingPointError, match=r"NaN/Inf at step 0 of 2"):
-        fp(**_sd_embeds(1), num_inference_steps=2, output_type="latent", check_finite=True)
+        fp(**_sd_embeds(1), num_inference_steps=2, output_type="latent")
 
 
 def test_class_family_bad_input(unet, sd):  # noqa: F811

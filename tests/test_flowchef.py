@@ -227,6 +227,24 @@ def test_classifier_cost_is_per_image_cross_entropy():
     got = classifier_cost(clf, labels)(x)
     assert got.shape == (4,)
     torch.testing.assert_close(got, torch.nn.functional.cross_entropy(clf(x), labels, reduction="none"))
+    # a half-precision classifier (a pipeline loaded in fp16/bf16) gets the float32 x0_hat of the solver in its own
+    # dtype: it failed inside conv/linear with "Input type (float) and bias type (c10::Half) should be the same"
+    for dtype in (torch.float16, torch.bfloat16):
+        half = classifier_cost(clf.to(dtype), labels)(x)
+        assert half.dtype == torch.float32
+        torch.testing.assert_close(half, got, atol=0.05, rtol=0.05)
+    clf.float()
+
+
+def test_flowchef_with_a_half_precision_pipeline_and_classifier():
+    import fewstep
+    from fewstep.pipelines.flowchef import flowchef_sample, make_task
+
+    pipe = fewstep.load_default("digits-flow", sampler="flow-euler", torch_dtype=torch.bfloat16)
+    clf = fewstep.load_default("digits-classifier", torch_dtype=torch.bfloat16)
+    x = flowchef_sample(pipe, make_task("classifier", labels=[3], classifier=clf), class_labels=[3],
+                        num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(torch.as_tensor(x)).all()
 
 
 # ------------------------------------------------------------------------------------------------ operators

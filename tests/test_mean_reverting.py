@@ -93,6 +93,26 @@ def test_restoration_pipeline_bad_input(tiny_mr):
         pipe(torch.zeros(1, 1, 8, 8), output_type="npy")
 
 
+@pytest.mark.parametrize("name", ["mrs", "unipc"])
+def test_restoration_pipeline_reports_nan_with_the_step(tiny_mr, name):
+    """A diverged run (here a UNet whose output overflows) is a FloatingPointError naming the step, as in the other
+    fewstep pipelines; it returned NaN images silently. ``check_finite=False`` returns them."""
+    pipe = MeanRevertingPipeline.from_pretrained(tiny_mr)
+    pipe.set_progress_bar_config(disable=True)
+    if name == "mrs":
+        pipe.scheduler = samplers.from_config("mrs", pipe.scheduler.config, stationary_std=0.3)
+    else:
+        pipe.scheduler = samplers.get(name).from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=r"sampling produced NaN/Inf at step 0 of 3"):
+        pipe(torch.zeros(1, 1, 8, 8), num_inference_steps=3)
+    out = pipe(torch.zeros(1, 1, 8, 8), num_inference_steps=3, check_finite=False, output_type="pt").images
+    assert not torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"`check_finite` must be True or False, got 1"):
+        pipe(torch.zeros(1, 1, 8, 8), check_finite=1)
+
+
 def test_restoration_pipeline_output_types_agree(tiny_mr):
     """`latent` is the restored sample in [-1, 1]; `pt`, `np` and `pil` are the same images in [0, 1]."""
     pipe = MeanRevertingPipeline.from_pretrained(tiny_mr)

@@ -524,7 +524,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         generator: Any,
         callback: Callable | None,
         callback_inputs: Sequence[str],
-        check_finite: bool = False,
+        check_finite: bool = True,
     ) -> torch.Tensor:
         """Run every step from ``x``: ``model_fn(x, t, conds)`` is the raw model output (``[uncond, cond]``
         halves when ``rule`` guides); ``conds`` holds the conditioning tensors (``embeds``, when present, is what
@@ -581,7 +581,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         embedded_guidance_scale: float | None = None,
         class_labels: Sequence[int] | int | torch.Tensor | None = None,
-        check_finite: bool = False,
+        check_finite: bool = True,
         clip_skip: int | None = None,
         guidance_rescale: float | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -600,8 +600,9 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         Class-conditional pipelines (family ``"class"``) take ``class_labels`` (one image per label and per
         ``num_images_per_prompt``) and no prompt; the unconditional branch is the null class; images as
         ``ClassConditionalPipeline`` returns them (``np``: NHWC in [0, 1]).
-        ``check_finite``: raise a FloatingPointError naming the first step whose latents hold a NaN/Inf (tracked on
-        the device, read once after the loop).
+        ``check_finite`` (default on, as ``ClassConditionalPipeline``): raise a FloatingPointError naming the first
+        step whose latents hold a NaN/Inf (tracked on the device, read once after the loop; fp16 overflow is the usual
+        cause); ``False`` returns such latents/images as they are.
         As diffusers: ``guidance_rescale`` (the cfg rule's ``rescale_noise_cfg`` factor for this call), ``clip_skip``
         (SD, SDXL, SD3: prompt embeddings from that many CLIP layers before the last),
         ``cross_attention_kwargs`` (SD, SDXL: passed to the UNet's attention processors; its ``scale`` is the LoRA

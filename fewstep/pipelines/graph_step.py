@@ -223,7 +223,7 @@ class StaticLoop:
         run.restart(x, noise)  # capturing records the kernels without running them; restart to be explicit
 
     def _denoise_static(self, model_fn, x, conds, timesteps, rule, generator, callback, callback_inputs,
-                        check_finite=False):
+                        check_finite=True):
         p = self.pipe
         graph = self._loop_mode == "cuda-graph"
         if graph:

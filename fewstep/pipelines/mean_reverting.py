@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .._checks import check_int
 from ..samplers.mrs import FewstepMRSScheduler
-from .loop_checks import check_generators
+from .loop_checks import FiniteWatch, check_generators
 from .sharing import PIXEL_OUTPUT_TYPES, pixel_outputs
 
 __all__ = ["MeanRevertingPipeline", "box_inpainting"]
@@ -57,9 +57,12 @@ class MeanRevertingPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        check_finite: bool = True,
     ) -> ImagePipelineOutput | tuple:
         """Restore ``measurement`` (NCHW in [-1, 1], the degraded images ``mu``); images come back in [0, 1]
-        (``output_type`` ``"np"``, ``"pt"`` or ``"pil"``; ``"latent"``: the restored sample itself, in [-1, 1])."""
+        (``output_type`` ``"np"``, ``"pt"`` or ``"pil"``; ``"latent"``: the restored sample itself, in [-1, 1]).
+        ``check_finite``: a NaN/Inf in the sample is a FloatingPointError naming the first step that made it
+        (tracked on the device, read once after the loop); ``False`` returns it as it is."""
         if (not isinstance(measurement, torch.Tensor) or measurement.ndim != 4 or measurement.shape[0] < 1
                 or not measurement.is_floating_point()):
             got = (f"a {measurement.dtype} tensor of shape {tuple(measurement.shape)}"
@@ -71,6 +74,8 @@ class MeanRevertingPipeline(DiffusionPipeline):
             raise ValueError(f"`measurement` must have shape [N, {', '.join(map(str, expected))}], "
                              f"got {tuple(measurement.shape)}")
         check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"`check_finite` must be True or False, got {check_finite!r}")
         if output_type not in PIXEL_OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(PIXEL_OUTPUT_TYPES)}, got {output_type!r}")
         device, dtype = self._execution_device, self.unet.dtype
@@ -98,7 +103,9 @@ class MeanRevertingPipeline(DiffusionPipeline):
         # any other scheduler runs the VP process of z = (x - mu) / lam in its own variable (sigma-space ones such as
         # Euler scale the start by init_noise_sigma and the model input by scale_model_input, as diffusers loops do)
         z = z * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        finite = FiniteWatch(x.device) if check_finite else None
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(self.progress_bar(timesteps)):
             t_batch = t.reshape(1).to(device).expand(x.shape[0])
             if not in_x:
                 x = mu + lam * self.scheduler.scale_model_input(z, t)
@@ -107,6 +114,10 @@ class MeanRevertingPipeline(DiffusionPipeline):
                 x = self.scheduler.step(eps, t, x, mu=mu, generator=generator).prev_sample
             else:
                 z = self.scheduler.step(eps, t, z, generator=generator).prev_sample
+            if finite is not None:
+                finite.update(x if in_x else z, i)
+        if finite is not None:
+            finite.raise_if_bad(len(timesteps), type(self.scheduler).__name__)
         if not in_x:
             x = mu + lam * z  # the last step ends at sigma 0, where the scheduler's variable is z itself
         result = pixel_outputs(x, output_type, self.numpy_to_pil)

@@ -287,14 +287,18 @@ def measurement_cost(operator: Callable[[torch.Tensor], torch.Tensor], y: torch.
 def classifier_cost(classifier: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
                     scale: float = 1.0) -> Cost:
     """``scale * CE(classifier(x0_hat), label)`` per image: classifier guidance on the clean estimate (FlowChef
-    sec. 4). ``classifier`` maps images (the model's pixel range) to logits ``[N, classes]``."""
+    sec. 4). ``classifier`` maps images (the model's pixel range) to logits ``[N, classes]``. A classifier module
+    with parameters gets ``x0_hat`` in its own dtype (half-precision runs hand costs a float32 ``x0_hat``, the
+    solver's compute dtype); the cost comes back in float32."""
     if not callable(classifier):
         raise TypeError(f"`classifier` must be callable, got {type(classifier).__name__}")
     scale = check_number("scale", scale, 0.0)
     target = torch.as_tensor(labels).detach().long().reshape(-1)
 
+    param = next(classifier.parameters(), None) if isinstance(classifier, torch.nn.Module) else None
+
     def cost(x0_hat: torch.Tensor) -> torch.Tensor:
-        logits = classifier(x0_hat)
+        logits = classifier(x0_hat if param is None else x0_hat.to(param.dtype)).float()
         return scale * torch.nn.functional.cross_entropy(logits, target.to(logits.device), reduction="none")
 
     return cost
