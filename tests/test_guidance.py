@@ -301,6 +301,26 @@ def test_cfgpp_inversion_is_cfg_inversion_with_the_equivalent_schedule(models):
     torch.testing.assert_close(cfg, pp, rtol=1e-9, atol=1e-9)
 
 
+def test_half_precision_inversion_steps_in_float32():
+    """As ``step``: half images are inverted in float32 (the model sees the images' dtype) and returned in half, so the
+    result is the float32 inversion rounded once; it rounded to half at every level before."""
+    models = _affine_models()
+    seen = []
+
+    def fn(x, t):
+        seen.append(x.dtype)
+        return tuple(m(x, t).to(x.dtype) for m in models)
+
+    scheduler = samplers.get("ddim").from_config(DDPM, timestep_spacing="trailing")
+    scheduler.set_timesteps(8)
+    images = _x_start(3).clamp(-1, 1).to(torch.float16)
+    half = guidance.ddim_invert(fn, images, scheduler, CFGPlusPlus(0.8))
+    assert half.dtype == torch.float16 and set(seen) == {torch.float16}
+    reference = guidance.ddim_invert(lambda x, t: tuple(m(x, t).half().float() for m in models), images.float(),
+                                     scheduler, CFGPlusPlus(0.8))
+    torch.testing.assert_close(half, reference.half(), atol=0, rtol=0)
+
+
 def test_inversion_refuses_plans_without_one_call_per_level():
     from fewstep.solvers.engine import StepDecision
     from fewstep.solvers.s3 import SolverSchedule

@@ -35,7 +35,8 @@ def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: G
     DDIM sampling on the same grid with the same rule maps the result back). A per-step rule (``CFG([w_0, ...])``)
     applies ``w_k`` at level ``k``, where sampling applies it.
 
-    ``model_fn(x, t) -> (out_cond, out_uncond)`` returns the raw conditional and unconditional outputs.
+    ``model_fn(x, t) -> (out_cond, out_uncond)`` returns the raw conditional and unconditional outputs; ``x`` has the
+    images' dtype. Half-precision images are inverted in float32 (as ``step`` does) and returned in their dtype.
     """
     if not supports_pairs(scheduler) or scheduler.plan is None:
         raise ValueError(f"`scheduler` must be a fewstep scheduler after set_timesteps, got {type(scheduler).__name__}")
@@ -49,18 +50,20 @@ def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: G
     grid = plan.grid
     n = grid.num_steps
     timesteps = list(scheduler.timesteps)
-    x = images
+    dtype = images.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as `step`: half is stepped in fp32
+    x = images.to(work)
     rule.reset()  # once: the steps run backwards, so the rule's own reset at step 0 would fire at the end
     for k in range(n - 1, -1, -1):  # level k+1 -> level k
         a_k, s_k = float(grid.alphas[k]), float(grid.sigmas[k])
         a_up, s_up = float(grid.alphas[k + 1]), float(grid.sigmas[k + 1])
-        out_c, out_u = model_fn(x, timesteps[k])
-        cond = scheduler.convert_model_output(out_c, x, k)
-        uncond = scheduler.convert_model_output(out_u, x, k)
+        out_c, out_u = model_fn(x.to(dtype), timesteps[k])  # the model sees the images' dtype
+        cond = scheduler.convert_model_output(out_c.to(work), x, k)
+        uncond = scheduler.convert_model_output(out_u.to(work), x, k)
         # the state of sampling step k (a per-step scale w_k applies at level k, as when sampling)
         state = StepState(k, n, a_k, s_k, getattr(scheduler, "prediction_type", "epsilon"))
         x0_r, eps_r = rule.combine(*rule.check_inputs(cond, uncond, state), state)
         eps_ren = (x - a_k * x0_r) / s_k
         x0_hat = (x - s_up * eps_r) / a_up
         x = a_k * x0_hat + s_k * eps_ren
-    return x
+    return x.to(dtype)
