@@ -73,6 +73,40 @@ def test_unit_ratios_reproduce_the_base_solver_exactly(base, kwargs, steps):
     assert dc.plan.buffer_size >= 3  # the K = 2 interpolation really ran (its weights are exactly 1, 0, 0)
 
 
+@pytest.mark.parametrize("steps", [6, 20])
+@pytest.mark.parametrize("kwargs", [
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+    {"algorithm_type": "dpmsolver", "solver_order": 3, "final_sigmas_type": "sigma_min"},
+    {"euler_at_final": True, "final_sigmas_type": "sigma_min"},
+])
+def test_unit_ratios_reproduce_dpm_solver_with_its_own_options(kwargs, steps):
+    """Found by a probe: dc-solver dropped DPM-Solver's ``algorithm_type`` and ``euler_at_final`` (ratios 1 were
+    1.7% / 3.2% off dpm-solver++ on the same config)."""
+    config = samplers.get("dpm-solver++")(**kwargs).config
+    reference = _loop(samplers.get("dpm-solver++").from_config(config), steps)
+    dc = samplers.from_config("dc-solver", config, dc_base="dpm-solver++", dc_ratios=[1.0] * steps)
+    assert torch.equal(_loop(dc, steps), reference)
+    if steps == 20:  # euler_at_final changes nothing below 15 steps (the last step is first order anyway)
+        without = {k: v for k, v in kwargs.items() if k in ("final_sigmas_type", "solver_order")}
+        assert not torch.equal(_loop(samplers.get("dpm-solver++")(**without), steps), reference)
+
+
+def test_dpm_solver_base_options_are_checked_and_keyed():
+    with pytest.raises(ValueError, match=r"`predict_x0`=False is UniPC's noise-form switch; with "
+                                         r"dc_base='dpm-solver\+\+' .*algorithm_type='dpmsolver'"):
+        DC(dc_base="dpm-solver++", predict_x0=False)
+    with pytest.raises(ValueError, match=r"`euler_at_final` must be a bool, got 'yes'"):
+        DC(euler_at_final="yes")
+    # defaults leave the artifact key as before (the shipped tables keep loading); other values are part of it
+    assert "algorithm_type" not in _key() and "euler_at_final" not in _key()
+    assert _key(dc_base="dpm-solver++", algorithm_type="dpmsolver")["algorithm_type"] == "dpmsolver"
+    assert _key(dc_base="dpm-solver++", euler_at_final=True)["euler_at_final"] is True
+    assert "algorithm_type" not in _key(algorithm_type="dpmsolver")  # not an option of the UniPC base
+    # a UniPC base ignores DPM-Solver's keys (as keys of a foreign config are), SDE ones included
+    assert torch.equal(_loop(DC(algorithm_type="sde-dpmsolver++", dc_ratios=[1.0] * 5), 5),
+                       _loop(DC(dc_ratios=[1.0] * 5), 5))
+
+
 @pytest.mark.parametrize("base", ["unipc", "ddim", "dpm-solver++"])
 def test_other_ratios_change_the_result(base):
     """Unlike a 'DC' whose compensation is commented out, rho != 1 must move the sample."""

@@ -209,6 +209,33 @@ def test_flowmatch_grid_with_shift_terminal_matches():
     np.testing.assert_allclose(grid.sigmas[-2], 0.1, rtol=1e-12)
 
 
+@pytest.mark.parametrize("style", ["flowmatch", "multistep", "dpmsolver"])
+def test_shift_terminal_needs_two_steps(style):
+    """Found by a parity probe: with one step the stretch (1 - s) / (1 - s_N) is 0/0 at s = 1 (flowmatch and
+    multistep grids: 'grid timesteps must be finite, got [nan]') or moves pure noise to s = shift_terminal
+    (dpmsolver grid: dpm-solver++ returned ~0.9 * noise). One step is refused, naming both settings."""
+    with pytest.raises(ValueError, match=r"`shift_terminal`=0.1 needs at least 2 steps .*got num_inference_steps=1"):
+        grids.flow_grid(FlowSchedule(1000), 1, FlowShift(3.0), style=style, shift_terminal=0.1)
+    grid = grids.flow_grid(FlowSchedule(1000), 2, FlowShift(3.0), style=style, shift_terminal=0.1)
+    np.testing.assert_allclose(grid.sigmas[-2], 0.1, rtol=1e-12)  # the last point sits at shift_terminal
+    assert np.all(np.isfinite(grid.timesteps))
+
+
+@pytest.mark.parametrize("name", ["flow-euler", "ddim", "unipc", "dpm-solver++"])
+def test_samplers_refuse_one_step_with_shift_terminal(name):
+    from fewstep import samplers
+
+    cfg = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1).config  # an LTX-Video-style config
+    sched = samplers.get(name).from_config(cfg)
+    with pytest.raises(ValueError, match=r"`shift_terminal`=0.1 needs at least 2 steps .*num_inference_steps=1"):
+        sched.set_timesteps(1)
+    if name in ("flow-euler", "ddim"):  # custom sigmas go through the same stretch
+        with pytest.raises(ValueError, match=r"`shift_terminal`=0.1 needs at least 2 steps .*got 1 flow sigma"):
+            sched.set_timesteps(sigmas=[1.0])
+    sched.set_timesteps(2)
+    np.testing.assert_allclose(float(sched.sigmas[-2]), 0.1, rtol=1e-6)
+
+
 @pytest.mark.parametrize("n", STEPS)
 def test_multistep_flow_grid_matches_unipc_flow_sigmas(n):
     _, sigmas = _diffusers(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -232,6 +233,72 @@ def test_beta_one_reproduces_the_base_scheduler(base, kwargs, other, steps):
     torch.testing.assert_close(_loop(hb, steps), expected, rtol=1e-10, atol=1e-10)
     # ... and beta < 1 really changes the trajectory
     assert (_loop(HB(base=base, beta=0.8, **kwargs), steps) - expected).abs().max() > 1e-4
+
+
+# the base's own options (a probe found hb dropping them: beta = 1 was 1.7-3.2% off the base on the same config)
+BASE_OPTIONS = [
+    ("dpm-solver++", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    ("dpm-solver++", {"algorithm_type": "dpmsolver", "solver_order": 3, "final_sigmas_type": "sigma_min"}),
+    ("dpm-solver++", {"euler_at_final": True, "final_sigmas_type": "sigma_min"}),
+    ("unipc", {"predict_x0": False, "final_sigmas_type": "sigma_min"}),
+    ("unipc", {"disable_corrector": [0, 1, 2]}),
+]
+
+
+@pytest.mark.parametrize("steps", [6, 20])
+@pytest.mark.parametrize("base, options", BASE_OPTIONS)
+def test_beta_one_reproduces_the_base_with_its_own_options(base, options, steps):
+    config = samplers.get(base)(**options).config
+    expected = _loop(samplers.get(base).from_config(config), steps)
+    hb = samplers.from_config("hb", config, base=base, beta=1.0)
+    torch.testing.assert_close(_loop(hb, steps), expected, rtol=1e-10, atol=1e-10)
+    if steps == 20:  # (euler_at_final changes nothing below 15 steps, where the last step is first order anyway)
+        without = {k: v for k, v in options.items() if k in ("final_sigmas_type", "solver_order")}
+        assert (_loop(samplers.get(base)(**without), steps) - expected).abs().max() > 1e-6  # the option matters
+    moved = _loop(samplers.from_config("hb", config, base=base, beta=0.8), steps)
+    assert torch.isfinite(moved).all() and (moved - expected).abs().max() > 1e-4
+
+
+def test_momentum_of_a_noise_form_base_lives_in_ddim_space():
+    sched = HB(base="dpm-solver++", algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    sched.set_timesteps(6)
+    step = next(m for m in sched.plan.momentum if m is not None)
+    i = sched.plan.momentum.index(step)
+    grid = sched.plan.grid
+    assert step.c_s == pytest.approx(1 / grid.alphas[i])  # y = x / alpha, as PLMS's (noise) momentum
+    data = HB(base="dpm-solver++")
+    data.set_timesteps(6)
+    assert data.plan.momentum[i].c_s == pytest.approx(1 / data.plan.grid.sigmas[i])  # y = x / sigma
+
+
+@pytest.mark.parametrize("name, base_key", [("hb", "base"), ("dc-solver", "dc_base")])
+@pytest.mark.parametrize("algorithm", ["sde-dpmsolver++", "sde-dpmsolver"])
+def test_sde_algorithm_types_are_refused_naming_the_key(name, base_key, algorithm):
+    with pytest.raises(ValueError, match=rf"`algorithm_type`='{re.escape(algorithm)}': .*allowed with {base_key}="
+                                         r"'dpm-solver\+\+': \['dpmsolver\+\+', 'dpmsolver'\]"):
+        samplers.from_config(name, {}, **{base_key: "dpm-solver++"}, algorithm_type=algorithm,
+                             final_sigmas_type="sigma_min")
+    with pytest.raises(ValueError, match=r"`algorithm_type` must be one of \['dpmsolver\+\+', 'dpmsolver'\], got 'x'"):
+        samplers.from_config(name, {}, algorithm_type="x")
+
+
+def test_solver_order_default_fits_the_base():
+    """Found by a probe: ``from_config("hb", cfg, base="dpm-solver++")`` failed with "`solver_order` must be an
+    integer in [1, 3], got 4": PLMS's default order, which the user never set."""
+    from diffusers import DDPMScheduler
+
+    cfg = DDPMScheduler().config
+    for base, order in (("plms", 4), ("dpm-solver++", 2), ("unipc", 2)):
+        sched = samplers.from_config("hb", cfg, base=base)
+        assert sched.config.solver_order is None and sched._order() == (order, 0.8)
+    expected = _loop(samplers.get("dpm-solver++").from_config(cfg))
+    got = _loop(samplers.from_config("hb", cfg, base="dpm-solver++", beta=1.0))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    # an order the user did set is still checked against the base
+    with pytest.raises(ValueError, match=r"`solver_order` must be an integer in \[1, 3\], got 4"):
+        samplers.from_config("hb", cfg, base="dpm-solver++", solver_order=4)
+    # a saved PLMS heavy ball swaps to another base
+    samplers.from_config("hb", HB(beta=0.5).config, base="unipc").set_timesteps(5)
 
 
 def test_nesterov_differs_from_plain_heavy_ball():

@@ -229,6 +229,25 @@ def test_bad_mrs_config(kwargs, match):
         MRS(**kwargs)
 
 
+def test_solver_order_default_fits_the_solver():
+    """Found by a probe: ``swap_sampler(pipe, "mrs", solver="euler-maruyama")`` failed with "`solver_order` for
+    solver='euler-maruyama' must be an integer in [1, 1], got 2" -- the ODE default, which the user never set."""
+    cfg = {"_class_name": "DDPMScheduler", "num_train_timesteps": 101, "clip_sample": False,  # an MR pipeline's
+           "trained_betas": MRS(stationary_std=LAM).config.trained_betas}
+    for solver, order in (("ode", 2), ("sde", 2), ("euler-maruyama", 1)):
+        sched = samplers.from_config("mrs", cfg, stationary_std=LAM, solver=solver)
+        assert sched.config.solver_order is None
+        explicit = samplers.from_config("mrs", cfg, stationary_std=LAM, solver=solver, solver_order=order)
+        sched.set_timesteps(6)
+        explicit.set_timesteps(6)
+        assert sched.plan.decisions == explicit.plan.decisions  # the solver's own default order
+    with pytest.raises(ValueError, match=r"`solver_order` for solver='euler-maruyama' must be an integer in "
+                                         r"\[1, 1\], got 2"):
+        samplers.from_config("mrs", cfg, stationary_std=LAM, solver="euler-maruyama", solver_order=2)
+    # a saved ODE sampler swaps to another solver
+    samplers.from_config("mrs", MRS(stationary_std=LAM).config, solver="euler-maruyama").set_timesteps(5)
+
+
 @pytest.mark.parametrize("config_name", ["sd15", "sdxl"])
 def test_mrs_refuses_ordinary_diffusion_configs(config_name):
     with pytest.raises(ValueError, match="is this a mean-reverting model"):

@@ -180,3 +180,46 @@ def test_karras_grid_takes_the_configs_sigma_bounds(name, diffusers_cls, bounds)
     expected, got = _loop(reference, model, 6), _loop(ours, model, 6)
     assert torch.equal(ours.timesteps, reference.timesteps)
     assert _rel(got, expected) < 1e-6
+
+
+# a DDPM pipeline's scheduler config as older pipelines ship it: clip_sample on, no clip_sample_range
+LEGACY_DDPM = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+               "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small"}
+
+
+@pytest.mark.parametrize("config", [pytest.param(None, id="DDPMScheduler()"), pytest.param(LEGACY_DDPM, id="legacy")])
+@pytest.mark.parametrize("name,diffusers_cls", [("dpm-solver++", DPMSolverMultistepScheduler),
+                                                 ("unipc", UniPCMultistepScheduler)])
+def test_ddpm_config_swap_ignores_clip_sample_as_diffusers_does(name, diffusers_cls, config):
+    """Found by a parity probe: diffusers' ``from_config`` copies a DDPM config's ``clip_sample=True`` onto the
+    UniPC/DPM-Solver config; fewstep then clamped x0 (95% off diffusers' own swap, which ignores the key), and a
+    config without ``clip_sample_range`` crashed at the first step (AttributeError on the FrozenDict)."""
+    from diffusers import DDPMScheduler
+
+    if config is None:  # as save_pretrained writes it: every key explicit
+        config = {k: v for k, v in DDPMScheduler().config.items() if k != "_use_default_values"}
+    model = TinyDenoiser(3 * 8 * 8)
+    reference, ours = diffusers_cls.from_config(config), get(name).from_config(config)
+    assert ours.config.get("clip_sample") is True and ours.clip_range() is None  # copied over, not honoured
+    assert _rel(_loop(ours, model, 10), _loop(reference, model, 10)) < 1e-5
+    # DDIM declares clip_sample and still clips, as diffusers' DDIMScheduler does
+    ddim = get("ddim").from_config(config)
+    assert ddim.clip_range() == 1.0
+    assert _rel(_loop(ddim, model, 10), _loop(DDIMScheduler.from_config(config), model, 10)) < 1e-5
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear"])
+@pytest.mark.parametrize("name,diffusers_cls", [("dpm-solver++", DPMSolverMultistepScheduler),
+                                                 ("unipc", UniPCMultistepScheduler)])
+def test_zero_snr_karras_grid_starts_at_diffusers_sigma_max(name, diffusers_cls, beta_schedule):
+    """diffusers' Karras range starts at its zero-SNR stand-in alpha_bar = 2^-24 (sigma 4096). fewstep started at
+    its own last level, which on linear betas is half of alpha_bar[-2] (sigma 21787): timesteps 999, 995, 965, 693
+    vs diffusers' 995, 981, 893, 513 at 5 steps, samples 55% apart."""
+    reference = diffusers_cls(beta_schedule=beta_schedule, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                              prediction_type="v_prediction", use_karras_sigmas=True)  # fmt: skip
+    ours = get(name).from_config(reference.config)
+    model = TinyDenoiser(3 * 8 * 8)
+    expected, got = _loop(reference, model, 5), _loop(ours, model, 5)
+    assert torch.equal(ours.timesteps, reference.timesteps)
+    torch.testing.assert_close(ours.sigmas, reference.sigmas, rtol=1e-6, atol=0)
+    assert _rel(got, expected) < 1e-5

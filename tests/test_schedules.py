@@ -325,3 +325,29 @@ def test_bad_betas_are_refused(kw):
 def test_vp_schedule_needs_strictly_decreasing_alphas_in_open_unit_interval(alphas_cumprod):
     with pytest.raises(ValueError, match="alphas_cumprod"):
         VPSchedule(alphas_cumprod)
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        # default betas 1e-4..0.02: alpha_bar[-2] = 8.0e-8 > 2^-24, so 2^-24 as diffusers (was alpha_bar[-2] / 2 = 4e-8)
+        ({"beta_schedule": "scaled_linear"}, "2^-24"),
+        (SD, "2^-24"),
+        # linear betas: alpha_bar[-2] = 4.2e-9 < 2^-24, so half of it keeps the schedule strictly decreasing
+        ({"beta_schedule": "linear"}, "half"),
+    ],
+)
+def test_zero_snr_final_alpha_bar_is_diffusers_stand_in_unless_it_breaks_monotonicity(config, expected):
+    """Found by a parity probe: the final alpha_bar was min(2^-24, alpha_bar[-2] / 2), i.e. halved also where
+    2^-24 lies below alpha_bar[-2] (first sigma 5004 instead of diffusers' 4096)."""
+    cfg = {**config, "rescale_betas_zero_snr": True}
+    schedule = VPSchedule.from_config(cfg)
+    dpm = DPMSolverMultistepScheduler(**cfg).alphas_cumprod.double().numpy()
+    ac = schedule.alphas_cumprod
+    np.testing.assert_array_equal(ac[:-1], dpm[:-1])
+    if expected == "2^-24":
+        assert dpm[-2] > 2.0**-24 and ac[-1] == 2.0**-24 == dpm[-1]
+        assert np.array_equal(ac, dpm)
+    else:
+        assert dpm[-2] < 2.0**-24 and ac[-1] == ac[-2] / 2
+    assert np.all(np.diff(ac) < 0)

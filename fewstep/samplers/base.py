@@ -8,7 +8,10 @@ is precomputed in ``set_timesteps`` (float64, host); ``step`` converts the model
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -29,7 +32,14 @@ from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
 from ..solvers.momentum import MomentumStep
 from ..solvers.parameterization import normalize_prediction_type, to_pair
-from ..solvers.schedules import FlowSchedule, FlowShift, NoiseSchedule, VPSchedule, is_flow_config
+from ..solvers.schedules import (
+    ZERO_SNR_ALPHA_BAR,
+    FlowSchedule,
+    FlowShift,
+    NoiseSchedule,
+    VPSchedule,
+    is_flow_config,
+)
 
 __all__ = ["FewstepSchedulerOutput", "FewstepScheduler", "TIME_GRIDS", "SchedulerMixin"]
 
@@ -95,6 +105,12 @@ def check_foreign_options(config: Any, scheduler: str) -> None:
             f"{scheduler} does not implement diffusers' `{key}`={value!r} (from {origin}); {hint}. Remove the key "
             f"from the config to use fewstep's default ({neutral[0]!r})"
         )
+
+
+@functools.cache
+def _init_options(cls: type) -> frozenset[str]:
+    """The ``__init__`` option names of a scheduler class (cached: ``step`` asks, host-side only)."""
+    return frozenset(inspect.signature(cls.__init__).parameters)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -181,11 +197,38 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         check_foreign_options({**dict(config or {}), **kwargs}, cls.__name__)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
+    @classmethod
+    def _declares(cls, key: str) -> bool:
+        """Whether ``key`` is one of this scheduler's own ``__init__`` options. diffusers' ``from_config`` also
+        copies the source config's other keys onto ``self.config`` (a DDPM config's ``clip_sample`` lands on a
+        UniPC built from it), so an option a class does not declare must never be read from its config."""
+        return key in _init_options(cls)
+
     def _init_common(self) -> None:
+        """Schedule, prediction type and the shared option checks, from the registered config.
+
+        On a flow-matching config (``is_flow_config``) the model is taken to predict the velocity
+        (``prediction_type="flow"``) when the config says ``"flow_prediction"`` or gives no prediction type
+        (SD3/Flux configs carry none; a class default of ``"epsilon"`` is not a statement about the model). An
+        explicitly given ``"epsilon"`` there is refused: diffusers' UniPC/DPM-Solver accept ``use_flow_sigmas``
+        with epsilon, but ``x0 = (x - s eps) / (1 - s)`` multiplies the model's error by ``1/(1 - s)``: 1e6 at
+        UniPC's first point ``s = 1 - 1e-6``, 3e3 at DPM-Solver's (shift 3); measured on a linear test model,
+        diffusers' own samples reach norms of ~1e6 (UniPC) and ~4e3 (DPM-Solver), where the flow reading gives
+        O(1). ``sample`` and ``v_prediction`` are honoured as given.
+        """
         cfg = self.config
         flow = is_flow_config(dict(cfg))
         if flow:
             self.noise_schedule: NoiseSchedule = FlowSchedule.from_config(cfg)
+            defaulted = "prediction_type" in (cfg.get("_use_default_values") or ())
+            if cfg.prediction_type == "epsilon" and not defaulted:
+                raise ValueError(
+                    "`prediction_type`='epsilon' was given with a flow-matching schedule (use_flow_sigmas, shift or a "
+                    "FlowMatch config): x0 = (x - s eps) / (1 - s) multiplies the model's error by 1/(1 - s), 1e3 to "
+                    "1e6 at the first point s ~ 1 (diffusers' UniPC returns samples of norm ~1e6 with it); allowed on "
+                    "flow schedules: 'flow_prediction' (velocity models; also what a config without prediction_type "
+                    "gets), 'sample', 'v_prediction'"
+                )
             if cfg.prediction_type in ("epsilon", "flow_prediction"):
                 # Flow configs (SD3/Flux) carry no prediction_type: their models predict the velocity.
                 self.register_to_config(prediction_type="flow")
@@ -203,12 +246,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if self.config.time_grid not in TIME_GRIDS:
             raise ValueError(f"`time_grid` must be one of {list(TIME_GRIDS)}, got {self.config.time_grid!r}")
         if self.config.thresholding:
-            raise ValueError("`thresholding=True` is not supported by fewstep schedulers; use clip_sample")
+            way_out = "set thresholding=False"
+            if self._declares("clip_sample"):
+                way_out += ", or clip_sample=True (with clip_sample_range) to clamp x0 to a fixed range"
+            raise ValueError(f"`thresholding`={self.config.thresholding!r}: {type(self).__name__} does not implement "
+                             f"diffusers' dynamic thresholding (allowed: False); {way_out}")  # fmt: skip
         if self.config.time_shift_type != "exponential":
             raise ValueError(f"`time_shift_type` must be 'exponential', got {self.config.time_shift_type!r}")
         check_int("steps_offset", getattr(self.config, "steps_offset", 0), 0)
-        if getattr(self.config, "clip_sample", False):
-            check_number("clip_sample_range", self.config.clip_sample_range, 0.0, low_open=True)
+        self._check_clip_sample()
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(self.noise_schedule.num_train_timesteps)[::-1].copy())
@@ -323,10 +369,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return FlowShift(check_number(name, value, 0.0, low_open=True, what="the flow time shift"))
 
     def _apply_flow_shift(self, s: np.ndarray, mu: float | None) -> np.ndarray:
-        """Flow times ``s`` shifted as diffusers' flow schedulers shift theirs: by ``shift`` (or ``e^mu``), then
-        stretched so the last point sits at ``1 - shift_terminal`` when the config sets one."""
+        """Flow times ``s`` shifted as diffusers' flow schedulers shift theirs: by ``shift`` (or ``e^mu``), then,
+        when the config sets ``shift_terminal``, stretched as ``1 - s' = (1 - s) (1 - shift_terminal) / (1 - s_N)``
+        so the last point sits at ``s_N' = shift_terminal`` (diffusers' ``stretch_shift_to_terminal``, LTX-Video).
+        That needs two points or more: a single point would be moved onto ``shift_terminal`` itself (or to NaN at
+        ``s = 1``), so one is refused."""
         s = self._flow_shift(mu).apply(np.asarray(s, dtype=np.float64))
         if self.config.shift_terminal:
+            grids.check_shift_terminal_points(self.config.shift_terminal, s.size, f"{s.size} flow sigma(s)/timestep(s)")
             one_minus = 1.0 - s
             s = 1.0 - one_minus / (one_minus[-1] / (1.0 - self.config.shift_terminal))
         return s
@@ -384,6 +434,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             # diffusers' Karras grids take the config's sigma_min / sigma_max when it has them (Euler's keys, kept
             # in the config as extra entries), else the schedule's own range
             bounds = {k: getattr(cfg, k, None) for k in ("sigma_min", "sigma_max")}
+            if bounds["sigma_max"] is None and getattr(cfg, "rescale_betas_zero_snr", False):
+                # diffusers' Karras range starts at its zero-SNR stand-in alpha_bar = 2^-24 (rho = 4096), on every
+                # beta schedule; fewstep's own last alpha_bar is that value unless 2^-24 would exceed the one
+                # before it (linear betas), where it is half of that one: start where diffusers does there too
+                bounds["sigma_max"] = math.sqrt((1.0 - ZERO_SNR_ALPHA_BAR) / ZERO_SNR_ALPHA_BAR)
             if bounds["sigma_min"] is not None and final != "zero":
                 fa, fs = grids._final_from(sched, final)
                 if bounds["sigma_min"] < fs / fa:
@@ -515,10 +570,24 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         x0, eps = to_pair(model_output, sample, float(grid.alphas[i]), float(grid.sigmas[i]), self.prediction_type)
         return self._postprocess_pair(x0, eps)
 
+    def _check_clip_sample(self) -> None:
+        """Validate ``clip_sample_range`` where it applies (see ``clip_range``)."""
+        if self.clip_range() is not None:
+            check_number("clip_sample_range", self.config.clip_sample_range, 0.0, low_open=True)
+
+    def clip_range(self) -> float | None:
+        """The ``r`` of diffusers' ``clip_sample`` (``x0`` clamped to ``[-r, r]``, DDIM-style), or ``None``.
+
+        Only schedulers that declare ``clip_sample`` (``ddim``, ``dc-solver``, ``flow-euler``, ``flowchef``) clip;
+        on every other one the key is ignored as diffusers' UniPC/DPM-Solver ignore it -- it reaches their config
+        whenever they are built from a DDPM/DDIM config, whose ``clip_sample`` defaults to True."""
+        if not self._declares("clip_sample") or not self.config.clip_sample:
+            return None
+        return float(self.config.clip_sample_range)
+
     def _postprocess_pair(self, x0: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        clip = getattr(self.config, "clip_sample", False)
-        if clip:
-            r = float(self.config.clip_sample_range)
+        r = self.clip_range()
+        if r is not None:
             x0 = x0.clamp(-r, r)
         return x0, eps
 

@@ -50,12 +50,23 @@ _KEY_FIELDS = (
 )
 
 
+#: DPM-Solver options of the ``dpm-solver++`` base: part of the key (with that base only) when they differ from these
+#: defaults, so that tables made before they were honoured (all with the defaults) keep their key.
+_DPM_KEY_DEFAULTS = {"algorithm_type": "dpmsolver++", "euler_at_final": False}
+#: ``algorithm_type`` of the ``dpm-solver++`` base -> prediction form (the ODE variants; see the class docstring).
+_DC_ALGORITHMS = {"dpmsolver++": "data", "dpmsolver": "noise"}
+_SDE_ALGORITHMS = ("sde-dpmsolver++", "sde-dpmsolver")
+
+
 def dc_scheduler_key(config: Any) -> dict:
     """The scheduler settings a ratio table or CPR fit is valid for (stored in, and checked against, artifacts)."""
     get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
     key = {k: get(k, None) for k in _KEY_FIELDS}
     if key["disable_corrector"] is not None:
         key["disable_corrector"] = sorted(int(v) for v in key["disable_corrector"])
+    for k, default in _DPM_KEY_DEFAULTS.items():
+        if key["dc_base"] == "dpm-solver++" and get(k, default) != default:
+            key[k] = get(k, default)
     return key
 
 
@@ -81,7 +92,13 @@ class FewstepDCSolverScheduler(FewstepScheduler):
     ``fewstep.solvers.dc``. ``dc_base`` picks the solver: ``unipc`` (predictor-corrector, the paper's main
     setting) or the predictor-only plug-in for ``ddim`` / ``dpm-solver++``. With all ratios 1 it is exactly
     its base solver on the same config (built from defaults, ``dc_base="ddim"`` differs from ``ddim``'s own
-    defaults: diffusers' DDIM clips ``x0`` and uses ``leading`` spacing; build both from one config).
+    defaults: diffusers' DDIM clips ``x0`` and uses ``leading`` spacing; build both from one config). The base's
+    own options are honoured: ``solver_order``, ``solver_type``, ``lower_order_final`` for both multistep bases,
+    ``predict_x0`` and ``disable_corrector`` for ``unipc`` (``predict_x0=False``: noise form, also for ``ddim``),
+    ``algorithm_type`` (``"dpmsolver++"`` data / ``"dpmsolver"`` noise prediction) and ``euler_at_final`` for
+    ``dpm-solver++``. Refused, naming the key: the SDE ``algorithm_type``s (the compensation interpolates the
+    outputs along a deterministic trajectory, sec. 3.2) and ``predict_x0=False`` with ``dc_base="dpm-solver++"``
+    (that base's form is its ``algorithm_type``).
 
     The ratios come from exactly one of:
 
@@ -137,9 +154,26 @@ class FewstepDCSolverScheduler(FewstepScheduler):
         dc_cpr: list[float] | str | None = None,
         dc_model: str | None = None,
         dc_guidance_scale: float | None = None,
+        algorithm_type: Literal["dpmsolver++", "dpmsolver"] = "dpmsolver++",
+        euler_at_final: bool = False,
     ):
         if dc_base not in DC_BASES:
             raise ValueError(f"`dc_base` must be one of {list(DC_BASES)}, got {dc_base!r}")
+        if algorithm_type == "deis":  # DEIS configs' value, mapped as diffusers' DPM-Solver (and fewstep's) map it
+            self.register_to_config(algorithm_type="dpmsolver++")
+        elif algorithm_type in _SDE_ALGORITHMS and dc_base == "dpm-solver++":
+            raise ValueError(f"`algorithm_type`={algorithm_type!r}: DC-Solver compensates the outputs along a "
+                             "deterministic (ODE) trajectory and has no SDE variant; allowed with "
+                             f"dc_base='dpm-solver++': {list(_DC_ALGORITHMS)}")  # fmt: skip
+        elif algorithm_type not in (*_DC_ALGORITHMS, *_SDE_ALGORITHMS):
+            raise ValueError(f"`algorithm_type` must be one of {list(_DC_ALGORITHMS)}, got {algorithm_type!r}")
+        for key, value in (("euler_at_final", euler_at_final), ("predict_x0", predict_x0)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{key}` must be a bool, got {value!r}")
+        if dc_base == "dpm-solver++" and not predict_x0:
+            raise ValueError("`predict_x0`=False is UniPC's noise-form switch; with dc_base='dpm-solver++' the form is "
+                             "set by algorithm_type: pass algorithm_type='dpmsolver' for noise prediction (allowed "
+                             "predict_x0 here: True)")  # fmt: skip
         # diffusers maps other multistep schedulers' solver_type values; do the same for the chosen base.
         if dc_base == "unipc" and solver_type not in UNIPC_TYPES:
             self.register_to_config(solver_type="bh2")
@@ -228,9 +262,10 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             return dpm_solver_decisions(
                 num_steps,
                 solver_order=cfg.solver_order,
-                prediction=prediction,
+                prediction=_DC_ALGORITHMS[cfg.algorithm_type],
                 solver_type=cfg.solver_type,
                 lower_order_final=cfg.lower_order_final,
+                euler_at_final=cfg.euler_at_final,
                 final_is_clean=final_is_clean,
             )
         return unipc_decisions(

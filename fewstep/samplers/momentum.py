@@ -19,17 +19,26 @@ from ..solvers.methods import (
 )
 from ..solvers.momentum import MomentumStep, check_beta, compile_momentum, split_fractional_order
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
+from .unipc import check_unipc_noise_form
 
-__all__ = ["FewstepHeavyBallScheduler", "FewstepGHVBScheduler", "HB_BASES"]
+__all__ = ["FewstepHeavyBallScheduler", "FewstepGHVBScheduler", "HB_BASES", "HB_DEFAULT_ORDERS"]
 
 #: base method -> highest ``solver_order`` it supports.
 HB_BASES = {"plms": 4, "dpm-solver++": 3, "unipc": 3}
+#: base method -> the ``solver_order`` used when none is set: PLMS-4 (the paper's), and the default order of
+#: fewstep's (and diffusers') DPM-Solver++ and UniPC schedulers.
+HB_DEFAULT_ORDERS = {"plms": 4, "dpm-solver++": 2, "unipc": 2}
+#: ``algorithm_type`` of a ``dpm-solver++`` base -> its prediction form (ODE variants only, see the class docstring).
+_HB_ALGORITHMS = {"dpmsolver++": "data", "dpmsolver": "noise"}
+_SDE_ALGORITHMS = ("sde-dpmsolver++", "sde-dpmsolver")
 
 
 class _MomentumMixin:
     """Shared validation: ``momentum_order`` (fractional r) or ``solver_order`` + ``beta``."""
 
-    def _order_and_beta(self, max_order: int) -> tuple[int, float]:
+    def _order_and_beta(self, max_order: int, default_order: int = 4) -> tuple[int, float]:
+        """``(order, beta)``: from ``momentum_order`` when set, else ``solver_order`` (``None``: ``default_order``,
+        the base's own default) and ``beta``."""
         cfg = self.config
         if cfg.momentum_order is not None:
             k, beta = split_fractional_order(cfg.momentum_order)
@@ -39,7 +48,7 @@ class _MomentumMixin:
                     f"1..{max_order}, i.e. momentum_order in (0, {max_order}]"
                 )
             return k, beta
-        order = cfg.solver_order
+        order = default_order if cfg.solver_order is None else cfg.solver_order
         check_int("solver_order", order, 1, max_order, numpy_ok=False)
         return order, check_beta(cfg.beta)
 
@@ -54,8 +63,16 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
     ``solver_order = floor(r) + 1, beta = r - floor(r)`` (3.8: fourth order, beta 0.8) and overrides both.
     ``nesterov=True`` steps with ``(1 - beta) v_n + beta e_n``.
 
-    ``lower_order_final`` applies to the ``dpm-solver++``/``unipc`` bases; PLMS keeps its order to the last step
-    (as diffusers' PNDM), so with ``base="plms"`` the option changes nothing.
+    ``solver_order=None`` (the default) is the base's own default order: 4 for PLMS, 2 for DPM-Solver++ and
+    UniPC. ``lower_order_final`` applies to the ``dpm-solver++``/``unipc`` bases; PLMS keeps its order to the
+    last step (as diffusers' PNDM), so with ``base="plms"`` the option changes nothing. The base's own options are
+    honoured, so ``beta = 1`` is that base on the same config: ``algorithm_type`` (``"dpmsolver++"``, data
+    prediction, or ``"dpmsolver"``, noise prediction) and ``euler_at_final`` for ``dpm-solver++``;
+    ``predict_x0`` and ``disable_corrector`` for ``unipc`` (options of the other bases are ignored, as keys of
+    a foreign config are). The momentum lives in the space of the base's prediction form (``x/sigma`` against
+    ``alpha/sigma`` for data prediction, DDIM's ``x/alpha`` against ``sigma/alpha`` for noise prediction, see
+    ``fewstep.solvers.momentum``). The SDE variants (``"sde-dpmsolver++"``, ``"sde-dpmsolver"``) are refused:
+    eq. 11 averages the update directions of an ODE solver; on SDE steps it would average the injected noise.
 
     Which steps carry momentum: with ``plms`` every step (``v`` starts at the first direction, so the first
     step is plain DDIM); with ``dpm-solver++``/``unipc`` only the multistep updates -- the first-order
@@ -73,7 +90,7 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
         base: Literal["plms", "dpm-solver++", "unipc"] = "plms",
-        solver_order: int = 4,
+        solver_order: int | None = None,
         beta: float = 0.8,
         momentum_order: float | None = None,
         nesterov: bool = False,
@@ -97,6 +114,10 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
         shift_terminal: float | None = None,
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
+        algorithm_type: Literal["dpmsolver++", "dpmsolver"] = "dpmsolver++",
+        euler_at_final: bool = False,
+        predict_x0: bool = True,
+        disable_corrector: list[int] = [],  # noqa: B006 - diffusers' config default, never mutated
     ):
         if base not in HB_BASES:
             raise ValueError(f"`base` must be one of {list(HB_BASES)}, got {base!r}")
@@ -109,32 +130,64 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
                 self.register_to_config(solver_type=None)
             else:
                 raise ValueError(f"`solver_type` for base {base!r} must be one of {list(allowed)}, got {solver_type!r}")
+        if algorithm_type == "deis":  # DEIS configs' value, mapped as diffusers' DPM-Solver (and fewstep's) map it
+            self.register_to_config(algorithm_type="dpmsolver++")
+        elif algorithm_type in _SDE_ALGORITHMS and base == "dpm-solver++":
+            raise ValueError(
+                f"`algorithm_type`={algorithm_type!r}: heavy-ball momentum (eq. 11) averages the update directions of "
+                f"an ODE solver, on SDE steps it would average the injected noise; allowed with base='dpm-solver++': "
+                f"{list(_HB_ALGORITHMS)}"
+            )
+        elif algorithm_type not in (*_HB_ALGORITHMS, *_SDE_ALGORITHMS):
+            raise ValueError(f"`algorithm_type` must be one of {list(_HB_ALGORITHMS)}, got {algorithm_type!r}")
+        for key, value in (("euler_at_final", euler_at_final), ("predict_x0", predict_x0)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{key}` must be a bool, got {value!r}")
         self._init_common()
-        self._order_and_beta(HB_BASES[base])
+        if base == "unipc":
+            check_unipc_noise_form(self)
+        self._order()
         self._decisions(1, True)
+
+    def _order(self) -> tuple[int, float]:
+        base = self.config.base
+        return self._order_and_beta(HB_BASES[base], HB_DEFAULT_ORDERS[base])
+
+    def _prediction(self) -> str:
+        """The base's prediction form: ``"noise"`` for PLMS, DPM-Solver (``algorithm_type="dpmsolver"``) and
+        UniPC with ``predict_x0=False``; else ``"data"``."""
+        cfg = self.config
+        if cfg.base == "plms":
+            return "noise"
+        if cfg.base == "dpm-solver++":
+            return _HB_ALGORITHMS[cfg.algorithm_type]
+        return "data" if cfg.predict_x0 else "noise"
 
     def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:
         cfg = self.config
-        order, _ = self._order_and_beta(HB_BASES[cfg.base])
+        order, _ = self._order()
+        prediction = self._prediction()
         if cfg.base == "plms":
-            return ddim_decisions(num_steps, prediction="noise")
+            return ddim_decisions(num_steps, prediction=prediction)
         if cfg.base == "dpm-solver++":
             return dpm_solver_decisions(
-                num_steps, order, "data", cfg.solver_type or "midpoint", cfg.lower_order_final,
-                final_is_clean=final_is_clean,
+                num_steps, order, prediction, cfg.solver_type or "midpoint", cfg.lower_order_final,
+                euler_at_final=cfg.euler_at_final, final_is_clean=final_is_clean,
             )
         return unipc_decisions(
-            num_steps, order, "data", cfg.solver_type or "bh2", cfg.lower_order_final, final_is_clean=final_is_clean
+            num_steps, order, prediction, cfg.solver_type or "bh2", cfg.lower_order_final,
+            disable_corrector=cfg.disable_corrector or (), final_is_clean=final_is_clean,
         )
 
     def _momentum(self, grid: grids.TimeGrid, decisions: list[StepDecision], start: int = 0
                   ) -> list[MomentumStep | None]:
         cfg = self.config
-        order, beta = self._order_and_beta(HB_BASES[cfg.base])
+        order, beta = self._order()
         if cfg.base == "plms":
             return compile_momentum(grid, "hb", order, beta, space="noise", nesterov=cfg.nesterov, start=start)
         return compile_momentum(
-            grid, "hb", 1, beta, space="data", active=momentum_active(decisions), nesterov=cfg.nesterov, start=start
+            grid, "hb", 1, beta, space=self._prediction(), active=momentum_active(decisions), nesterov=cfg.nesterov,
+            start=start,
         )
 
 

@@ -22,9 +22,11 @@ from ..solvers.methods import dpm_solver_decisions, euler_maruyama_decisions
 from ..solvers.schedules import is_flow_config
 from .base import FewstepScheduler, FewstepSchedulerOutput, SchedulerMixin, _compute_dtype  # noqa: F401 - see base.py
 
-__all__ = ["FewstepMRSScheduler", "MRS_SOLVERS"]
+__all__ = ["FewstepMRSScheduler", "MRS_SOLVERS", "MRS_DEFAULT_ORDERS"]
 
 MRS_SOLVERS = {"ode": 3, "sde": 2, "euler-maruyama": 1}  # solver -> highest order
+#: solver -> the ``solver_order`` used when none is set (``solver_order=None``)
+MRS_DEFAULT_ORDERS = {"ode": 2, "sde": 2, "euler-maruyama": 1}
 _ALGORITHMS = ("data", "noise")
 
 
@@ -37,7 +39,8 @@ class FewstepMRSScheduler(FewstepScheduler):
     baseline. ``step`` works on ``x`` and needs the degraded image: ``step(out, t, x, mu=mu, generator=g)``.
     The model may predict ``epsilon``, ``sample`` (x0) or ``v_prediction`` (MRS's velocity, ``lam`` times the
     ``z``-process velocity). ``final_sigmas_type="sigma_min"`` ends at the first training index, as the
-    reference code does; ``"zero"`` ends with the model's x0 (the optional final denoise).
+    reference code does; ``"zero"`` ends with the model's x0 (the optional final denoise). ``solver_order=None``
+    (the default) is 2 for ``ode`` and ``sde`` and 1 for ``euler-maruyama`` (``MRS_DEFAULT_ORDERS``).
     """
 
     @register_to_config
@@ -51,7 +54,7 @@ class FewstepMRSScheduler(FewstepScheduler):
         stationary_std: float | None = None,
         mr_a_end: float = 0.005,
         solver: Literal["ode", "sde", "euler-maruyama"] = "ode",
-        solver_order: int = 2,
+        solver_order: int | None = None,
         algorithm_type: Literal["data", "noise"] = "data",
         solver_type: Literal["midpoint", "heun", "taylor"] = "taylor",
         lower_order_final: bool = True,
@@ -97,6 +100,8 @@ class FewstepMRSScheduler(FewstepScheduler):
         if prediction_type not in MR_PREDICTIONS:
             raise ValueError(f"`prediction_type` must be one of {list(MR_PREDICTIONS)}, got {prediction_type!r}")
         top = MRS_SOLVERS[solver]
+        if solver_order is None:
+            solver_order = MRS_DEFAULT_ORDERS[solver]
         if isinstance(solver_order, bool) or not isinstance(solver_order, int) or not 1 <= solver_order <= top:
             raise ValueError(
                 f"`solver_order` for solver={solver!r} must be an integer in [1, {top}], got {solver_order!r}"
@@ -110,8 +115,9 @@ class FewstepMRSScheduler(FewstepScheduler):
         cfg = self.config
         if cfg.solver == "euler-maruyama":
             return euler_maruyama_decisions(num_steps)
+        order = MRS_DEFAULT_ORDERS[cfg.solver] if cfg.solver_order is None else cfg.solver_order
         return dpm_solver_decisions(
-            num_steps, cfg.solver_order, cfg.algorithm_type, cfg.solver_type, cfg.lower_order_final,
+            num_steps, order, cfg.algorithm_type, cfg.solver_type, cfg.lower_order_final,
             final_is_clean=final_is_clean, stochastic=cfg.solver == "sde",
         )
 

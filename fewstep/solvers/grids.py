@@ -35,6 +35,7 @@ __all__ = [
     "custom_timesteps_grid",
     "custom_sigmas_grid",
     "check_num_steps",
+    "check_shift_terminal_points",
 ]
 
 SPACINGS = ("leading", "linspace", "trailing")
@@ -124,6 +125,23 @@ def check_num_steps(num_inference_steps: Any, num_train_timesteps: int | None = 
             f"`num_inference_steps` must be <= num_train_timesteps ({num_train_timesteps}), got {num_inference_steps}"
         )
     return int(num_inference_steps)
+
+
+def check_shift_terminal_points(shift_terminal: float, num_points: int, what: str | None = None) -> None:
+    """``shift_terminal`` stretches a flow grid by ``(1 - shift_terminal) / (1 - s_N)`` so that its last point
+    ``s_N`` lands on ``shift_terminal`` (diffusers' ``stretch_shift_to_terminal``); a one-point grid has nothing to
+    stretch: its only point, pure noise at ``s = 1``, would become NaN (0/0) or ``shift_terminal`` itself (the
+    model then fed pure noise as if it were at ``s = shift_terminal``). Refused, naming both; ``what`` says where
+    the points came from (default ``num_inference_steps=<num_points>``)."""
+    check_number("shift_terminal", shift_terminal, 0.0, 1.0, low_open=True, allowed="(0, 1)")
+    if shift_terminal == 1:
+        raise ValueError(f"`shift_terminal` must be a finite number in (0, 1), got {shift_terminal!r}")
+    num_points = check_int("num_points", num_points, 0)
+    if num_points < 2:
+        got = what if what is not None else f"num_inference_steps={num_points}"
+        raise ValueError(f"`shift_terminal`={shift_terminal!r} needs at least 2 steps (it moves the last of them to "
+                         f"s = shift_terminal), got {got}; use 2 or more steps, or drop shift_terminal for a single "
+                         "step")  # fmt: skip
 
 
 def spacing_timesteps(
@@ -332,7 +350,8 @@ def flow_grid(
     points, where ``s_min = 1/T`` is itself pre-shifted unless the shift is ``dynamic``; then shifted.
     ``style="multistep"`` is UniPC's ``use_flow_sigmas``: ``N`` of ``N + 1`` points linear from 1 to ``1/T``,
     then shifted; ``style="dpmsolver"`` is DPMSolverMultistep's: ``N`` of ``N + 1`` points linear from
-    ``1 - 1/T`` to 0, shifted. ``shift_terminal`` stretches the grid so it ends there (LTX-Video).
+    ``1 - 1/T`` to 0, shifted. ``shift_terminal`` stretches the grid so its last point is ``s = shift_terminal``
+    (``1 - s' = (1 - s)(1 - shift_terminal)/(1 - s_N)``, LTX-Video); it needs ``N >= 2``.
     """
     if not isinstance(schedule, FlowSchedule):
         raise ValueError(f"flow grids need a flow schedule, got a {schedule.kind!r} schedule")
@@ -355,6 +374,7 @@ def flow_grid(
         check_number("shift_terminal", shift_terminal, allowed="(0, 1)")
         if not 0 < shift_terminal < 1:
             raise ValueError(f"`shift_terminal` must lie in (0, 1), got {shift_terminal!r}")
+        check_shift_terminal_points(shift_terminal, n)
         one_minus = 1.0 - s
         s = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
     return _flow_from_s(schedule, s)

@@ -30,9 +30,13 @@ __all__ = [
     "schedule_from_config",
     "is_flow_config",
     "make_betas",
+    "ZERO_SNR_ALPHA_BAR",
 ]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+#: diffusers' stand-in for the final alpha_bar = 0 of ``rescale_betas_zero_snr`` (Lin et al. 2024, sec. 3.1): the
+#: smallest float16 subnormal, 2^-24 (rho = sigma/alpha = 4096).
+ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 
 def _as_array(t: Any) -> np.ndarray:
@@ -188,8 +192,11 @@ class VPSchedule(NoiseSchedule):
 
         ac = torch.cumprod(1.0 - torch.from_numpy(betas.astype(np.float32)), dim=0).numpy().astype(np.float64)
         if config.get("rescale_betas_zero_snr", False):
-            # diffusers' stand-in for alpha_bar = 0; kept below its neighbour so the schedule stays monotone
-            ac[-1] = min(2.0**-24, ac[-2] / 2)
+            # diffusers' stand-in for alpha_bar = 0 (2^-24, the smallest float16 subnormal); only where that would
+            # not lie below its neighbour (linear betas: alpha_bar[-2] = 4.2e-9) half the neighbour instead, so the
+            # schedule stays strictly decreasing
+            tiny = ZERO_SNR_ALPHA_BAR
+            ac[-1] = tiny if tiny < ac[-2] else ac[-2] / 2
         return cls(ac)
 
     @property
