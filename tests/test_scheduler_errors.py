@@ -86,6 +86,30 @@ def test_step_misuse(name):
         sched.step(x, sched.timesteps[-1], x)
 
 
+@pytest.mark.parametrize("name", ["ddim", "unipc", "dpm-solver++", "mrs"])
+def test_step_refuses_non_floating_tensors(name):
+    """An integer sample was stepped and the result truncated to integers; float8 failed inside torch."""
+    kwargs = {"stationary_std": 0.5} if name == "mrs" else {}
+    sched = samplers.get(name)(**kwargs)
+    sched.set_timesteps(2)
+    t = sched.timesteps[0]
+    x = torch.zeros(1, 2, 4, 4)
+    extra = {"mu": x} if name == "mrs" else {}
+    for bad in (x.long(), x.bool(), x.to(torch.float8_e4m3fn), x.to(torch.complex64)):
+        dtype = str(bad.dtype).replace("torch.", "")
+        with pytest.raises(ValueError, match=rf"`sample` must be a floating tensor \(float16, bfloat16, float32 or "
+                                             rf"float64\), got {dtype}"):
+            sched.step(x, t, bad, **extra)
+        with pytest.raises(ValueError, match=rf"`model_output` must be a floating tensor .*got {dtype}"):
+            sched.step(bad, t, x, **extra)
+    with pytest.raises(TypeError, match=r"`sample` must be a torch.Tensor, got ndarray"):
+        sched.step(x, t, np.zeros((1, 2, 4, 4)), **extra)
+    if name != "mrs":
+        with pytest.raises(ValueError, match=r"`eps` must be a floating tensor .*got int64"):
+            sched.step_pair(x, x.long(), t, x)
+    assert sched.step(x.half(), t, x.half(), **extra).prev_sample.dtype == torch.float16
+
+
 def test_flow_models_need_mu_with_dynamic_shifting():
     sched = samplers.get("unipc").from_config({"shift": 3.0, "use_dynamic_shifting": True})
     with pytest.raises(ValueError, match="`mu` must be passed"):

@@ -117,6 +117,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+_STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _step_dtype(**tensors: Any) -> torch.dtype:
+    """The dtype ``step`` computes in (float32 for half-precision samples), after checking that each named input is a
+    real floating tensor (a dtype test: no host sync). Integer samples were stepped and truncated silently, float8
+    ones failed inside torch."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype not in _STEP_DTYPES:
+            raise ValueError(f"`{name}` must be a floating tensor (float16, bfloat16, float32 or float64), got "
+                             f"{str(value.dtype).replace('torch.', '')}")
+    return _compute_dtype(tensors["sample"].dtype)
+
+
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """Base class (not registered): a multistep scheduler driven by the unified engine."""
 
@@ -615,8 +631,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
         Half-precision inputs are computed in float32 and returned in their own dtype.
         """
+        dtype = _step_dtype(model_output=model_output, sample=sample)
         i = self._begin_step(timestep)
-        dtype = _compute_dtype(sample.dtype)
         x = self.model_sample(i, sample.to(dtype))
         x0, eps = self.convert_model_output(model_output.to(dtype), x, i)
         return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))
@@ -632,8 +648,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
         """Like ``step`` but takes the ``(x0, eps)`` pair directly: guidance rules such as CFG++ hand the
         solver an inconsistent pair (guided ``x0``, unconditional ``eps``) through this entry point."""
+        dtype = _step_dtype(x0=x0, eps=eps, sample=sample)
         i = self._begin_step(timestep)
-        dtype = _compute_dtype(sample.dtype)
         x = self.model_sample(i, sample.to(dtype))
         x0, eps = self._postprocess_pair(x0.to(dtype), eps.to(dtype))
         return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))

@@ -20,7 +20,7 @@ from ..solvers.mean_reverting import (
 )
 from ..solvers.methods import dpm_solver_decisions, euler_maruyama_decisions
 from ..solvers.schedules import is_flow_config
-from .base import FewstepScheduler, FewstepSchedulerOutput, SchedulerMixin, _compute_dtype  # noqa: F401 - see base.py
+from .base import FewstepScheduler, FewstepSchedulerOutput, SchedulerMixin, _step_dtype  # noqa: F401 - see base.py
 
 __all__ = ["FewstepMRSScheduler", "MRS_SOLVERS", "MRS_DEFAULT_ORDERS"]
 
@@ -132,9 +132,9 @@ class FewstepMRSScheduler(FewstepScheduler):
         **kwargs: Any,
     ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
         """Advance ``sample`` (the MR state ``x``) to the next grid point; ``mu`` is the degraded image."""
+        dtype = _step_dtype(model_output=model_output, sample=sample)
         mu = check_measurement(mu, sample)
         i = self._begin_step(timestep)
-        dtype = _compute_dtype(sample.dtype)
         lam = self.stationary_std
         mu_c = mu.to(dtype)
         z = to_z(sample.to(dtype), mu_c, lam)
