@@ -110,6 +110,25 @@ def test_step_refuses_non_floating_tensors(name):
     assert sched.step(x.half(), t, x.half(), **extra).prev_sample.dtype == torch.float16
 
 
+@pytest.mark.parametrize("name, key", [("unipc", "use_karras_sigmas"), ("unipc", "predict_x0"),
+                                       ("ddim", "set_alpha_to_one"), ("dpm-solver++", "rescale_betas_zero_snr"),
+                                       ("dpm-solver++", "lower_order_final"), ("ddim", "clip_sample"),
+                                       ("hb", "use_karras_sigmas"), ("s3", "use_karras_sigmas")])
+def test_string_booleans_are_refused_not_read_as_true(name, key):
+    """``--sampler-option use_karras_sigmas=False`` reached the config as the string 'False', which is truthy: the
+    Karras grid was used. Every bool option is checked."""
+    with pytest.raises(ValueError, match=rf"`{key}` must be True or False, got 'False'"):
+        samplers.from_config(name, {}, **{key: "False"})
+    samplers.from_config(name, {}, **{key: None})  # a hub config's null: unset
+
+
+def test_numbers_given_as_strings_are_named():
+    with pytest.raises(ValueError, match=r"`beta_end` must be a finite number in \(0, 1\), got '0.02'"):
+        samplers.from_config("unipc", {}, beta_end="0.02")
+    with pytest.raises(ValueError, match=r"`shift` must be a finite number > 0, got '3'"):
+        samplers.from_config("flow-euler", {"_class_name": "FlowMatchEulerDiscreteScheduler"}, shift="3")
+
+
 def test_flow_models_need_mu_with_dynamic_shifting():
     sched = samplers.get("unipc").from_config({"shift": 3.0, "use_dynamic_shifting": True})
     with pytest.raises(ValueError, match="`mu` must be passed"):

@@ -113,6 +113,17 @@ def _init_options(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.__init__).parameters)
 
 
+@functools.cache
+def _bool_options(cls: type) -> tuple[str, ...]:
+    """The ``__init__`` options annotated ``bool`` (or ``bool | None``)."""
+    found = []
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        note = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", "")
+        if note in ("bool", "bool | None"):
+            found.append(name)
+    return tuple(found)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -233,6 +244,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         O(1). ``sample`` and ``v_prediction`` are honoured as given.
         """
         cfg = self.config
+        for name in _bool_options(type(self)):  # "False" (a CLI or JSON string) is truthy: refuse, never guess
+            value = cfg.get(name)  # None: unset, as diffusers reads it (a hub config's null)
+            if not (value is None or isinstance(value, (bool, np.bool_))):
+                raise ValueError(f"`{name}` must be True or False, got {value!r}")
         flow = is_flow_config(dict(cfg))
         if flow:
             self.noise_schedule: NoiseSchedule = FlowSchedule.from_config(cfg)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from diffusers.configuration_utils import register_to_config
 
+from .._checks import check_number
 from ..solvers.methods import ddim_decisions
 from ..solvers.schedules import is_flow_config
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
@@ -66,8 +66,7 @@ class FewstepFlowEulerScheduler(FewstepScheduler):
                 f"`flow-euler` samples rectified-flow (velocity) models; got prediction_type={prediction_type!r} "
                 "(a VP/diffusion config): use ddim, dpm-solver++ or unipc for it"
             )
-        if shift is None or not np.isfinite(shift) or shift <= 0:
-            raise ValueError(f"`shift` must be a finite number > 0, got {shift!r}")
+        check_number("shift", shift, 0.0, low_open=True)
         for key in _UNSUPPORTED:
             if self.config[key]:
                 raise ValueError(f"`{key}=True` is not supported by flow-euler (allowed: False)")

@@ -121,6 +121,9 @@ def make_betas(
     """
     if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
         raise ValueError(f"`num_train_timesteps` must be an integer >= 2, got {num_train_timesteps!r}")
+    if trained_betas is None and beta_schedule in ("linear", "scaled_linear"):
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):  # before torch sees a string
+            check_number(name, value, 0.0, 1.0, low_open=True, allowed="(0, 1)")
     if trained_betas is not None:
         betas = np.asarray(trained_betas, dtype=np.float32).reshape(-1)
         if betas.size < 2 or np.any(~np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
