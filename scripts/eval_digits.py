@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--sampler", default="unipc", help="registered sampler name (default unipc)")
     parser.add_argument("--steps", type=count(1), nargs="+", default=[20], help="NFEs to score (default 20)")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (default 3)")
-    parser.add_argument("--num-per-class", type=count(1), default=100, help="samples per digit class (default 100)")
+    parser.add_argument("--num-per-class", type=count(2), default=100,
+                        help="samples per digit class, >= 2 (the Frechet distance needs two; default 100)")
     parser.add_argument("--seed", type=count(0), default=0, help="seed of the first sample's noise (default 0)")
     args = parser.parse_args()
     pipe = load_default(args.model, sampler=args.sampler)

@@ -88,6 +88,7 @@ def test_diverged_images_are_not_written(capsys, tmp_path):
     code, err = _run(capsys, "generate", "--model", "digits-flow", "--task", "inpaint", "--flowchef-step", "1e300",
                      "--steps", "2", "--num-images", "2", "--quiet", "--out", str(out))  # fmt: skip
     assert code == 1 and len(err) == 1 and "hold NaN/Inf (the sampling diverged" in err[0]
+    assert "lower --flowchef-step (got 1e+300)" in err[0]  # the flag, not the library's "step size"
     assert not out.exists()
 
 
@@ -148,7 +149,7 @@ def test_bench_refuses_a_results_file_that_is_not_one(capsys, tmp_path):
 
     out = tmp_path / "b"
     argv = ["bench", "--quiet", "--model", "digits-eps", "--num-per-class", "1", "--classes", "0,1",
-            "--reference-steps", "2", "--plot", "none", "--samplers", "ddim", "--steps", "2", "--out", str(out)]
+            "--reference-steps", "3", "--plot", "none", "--samplers", "ddim", "--steps", "2", "--out", str(out)]
     for payload in ([], {"cells": [1, 2]}, {"config": {}, "cells": {"k": {"fd": "oops"}}}):
         out.mkdir(exist_ok=True)
         (out / "results.json").write_text(json.dumps(payload))
@@ -164,8 +165,8 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, tmp_path, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    def parser_with_interrupted_generate():
-        parser = build()
+    def parser_with_interrupted_generate(*args):
+        parser = build(*args)
         for action in parser._subparsers._group_actions:
             action.choices["generate"].set_defaults(func=interrupted)
         return parser

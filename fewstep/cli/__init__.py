@@ -3,62 +3,87 @@ one module per subcommand (``_common`` holds the value types they share).
 
 Usage errors (bad flags or values) print one line to stderr and exit with code 2; output files are
 written atomically, so a failed run leaves none behind.
+
+The subcommand modules (and with them torch and diffusers, seconds to import) are imported inside ``main``'s
+error handling, and only the one that runs: Ctrl-C while they load is the one-line "interrupted" too.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from .. import __version__
-from . import bench, calibrate, generate, quantize, search
 from ._common import UsageError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
+#: subcommand -> (module, its function that adds the subcommand's parser, one-line help), in --help's order
+SUBCOMMANDS = {
+    "list": ("generate", "add_list_parser", "list the registered samplers"),
+    "generate": ("generate", "add_generate_parser", "generate images with a fewstep sampler into a PNG grid"),
+    "bench": ("bench", "add_parser", "error / FD / MSE versus NFE of samplers (a grid runner)"),
+    "calibrate": ("calibrate", "add_parser", "offline calibration of samplers (DC-Solver ratios, DPM-Solver-v3 EMS)"),
+    "search": ("search", "add_parser", "S3: search a solver schedule for a model and NFE"),
+    "quantize": ("quantize", "add_parser", "PTQ4DM-style W8A8 post-training quantization of a UNet"),
+}
+
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (``fewstep generate: error: ... (see --help)``, exit code 2) instead of
-    a usage block above the message."""
+    """argparse with one-line usage errors (``fewstep generate: error: ... (see fewstep generate --help)``, exit
+    code 2) instead of a usage block above the message."""
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The ``fewstep`` parser. ``commands``: the subcommands that get their flags (their modules are imported);
+    the others are listed by ``fewstep --help`` but take none. ``None``: all of them."""
     parser = _Parser(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    generate.add_parsers(sub)
-    bench.add_parser(sub)
-    calibrate.add_parser(sub)
-    search.add_parser(sub)
-    quantize.add_parser(sub)
+    for name, (module, adder, help_text) in SUBCOMMANDS.items():
+        if commands is None or name in commands:
+            getattr(importlib.import_module(f".{module}", __name__), adder)(sub, help_text)
+        else:  # never parsed: the command line names another subcommand (or none)
+            sub.add_parser(name, help=help_text)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
-    if getattr(args, "quiet", False):  # also diffusers' "Loading pipeline components" and transformers' bars
-        from diffusers.utils import logging as diffusers_logging
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (``fewstep``'s own options, --help and
+    --version, take no value); ``None`` when it names none of them."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in SUBCOMMANDS else None
 
-        diffusers_logging.disable_progress_bar()
-        try:
-            from transformers.utils import logging as transformers_logging
-        except ImportError:  # transformers is optional (only text pipelines need it)
-            pass
-        else:
-            transformers_logging.disable_progress_bar()
-    try:
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    prog = f"fewstep {command}" if command else "fewstep"
+    try:  # from the first import of torch on: Ctrl-C while the modules load is one line too
+        parser = build_parser([command] if command else ())
+        args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
+        if getattr(args, "quiet", False):  # also diffusers' "Loading pipeline components" and transformers' bars
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()
+            try:
+                from transformers.utils import logging as transformers_logging
+            except ImportError:  # transformers is optional (only text pipelines need it)
+                pass
+            else:
+                transformers_logging.disable_progress_bar()
         return args.func(args)
     except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"fewstep {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # a run that diverged (NaN/Inf), e.g. from a huge step size: no traceback
-        print(f"fewstep {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing half-written is left
-        print(f"fewstep {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import samplers as sampler_registry
 from .._checks import repeated_values
 
 
@@ -21,8 +20,9 @@ def _refuse_repeats(values: list, text: str) -> None:
         raise argparse.ArgumentTypeError(f"{text!r} repeats {', '.join(repeated)}; give each value once")
 
 
-def _int_list(minimum: int, example: str):
-    """argparse type: comma-separated integers >= ``minimum``."""
+def _int_list(minimum: int, example: str, unique: bool = True):
+    """argparse type: comma-separated integers >= ``minimum``; ``unique``: each value once (a grid's axis, such as
+    --steps, would run a cell twice), else repeats are kept (class lists: one entry per image or tile)."""
 
     def parse(text: str) -> list[int]:
         try:
@@ -32,13 +32,16 @@ def _int_list(minimum: int, example: str):
             raise argparse.ArgumentTypeError(message) from None
         if not values or any(v < minimum for v in values):
             raise argparse.ArgumentTypeError(f"expected integers >= {minimum} like {example}, got {text!r}")
-        _refuse_repeats(values, text)
+        if unique:
+            _refuse_repeats(values, text)
         return values
 
     return parse
 
 
 def _name_list(text: str) -> list[str]:
+    from .. import samplers as sampler_registry
+
     values = [v.strip() for v in text.split(",") if v.strip()]
     # flow-only samplers (flow-euler) too, and those that need shipped artifacts (dpm-solver-v3's EMS, s3's
     # searched schedules): on a model or NFE they cannot run, the runner fails with a clear message before anything
@@ -51,6 +54,8 @@ def _name_list(text: str) -> list[str]:
 
 
 def _sampler_name(text: str) -> str:
+    from .. import samplers as sampler_registry
+
     if text not in sampler_registry.names():
         raise argparse.ArgumentTypeError(f"unknown sampler {text!r}; available: {', '.join(sampler_registry.names())}")
     return text

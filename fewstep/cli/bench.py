@@ -97,6 +97,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "digits" in kinds and options["num_per_class"] * len(options["classes"]) < 2:
         raise UsageError(f"--num-per-class {options['num_per_class']} x --classes {len(options['classes'])}: the "
                          "digits metrics need at least 2 samples per cell")  # fmt: skip
+    if kinds & {"digits", "pipeline"} and options["reference_steps"] <= max(args.steps):
+        default = "" if args.reference_steps is not None else " (the default)"
+        raise UsageError(f"--reference-steps {options['reference_steps']}{default}: the many-step reference solve "
+                         f"needs more steps than the largest --steps ({max(args.steps)})")  # fmt: skip
     options["feature_extractor"] = options.pop("features")
     if options["inception_weights"] is not None and options["feature_extractor"] != "inception":
         raise UsageError("--inception-weights needs --features inception")
@@ -156,25 +160,28 @@ def _bench_analytic_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, help_text: str) -> None:
     """The ``bench`` subcommand."""
-    p_bench = sub.add_parser("bench", help="error / FD / MSE versus NFE of samplers (a grid runner)")
+    p_bench = sub.add_parser("bench", help=help_text)
     p_bench.add_argument("--model", type=_model_list, default=["analytic"],
-                         help="comma-separated models: analytic, digits-eps, digits-flow (default: analytic)")
+                         help="comma-separated models: analytic, digits-eps, digits-flow or diffusers pipeline "
+                              "directories (default: analytic)")
     p_bench.add_argument("--steps", type=_int_list(1, "5,10,20"), default=[5, 10, 20],
                          help="comma-separated step counts")
     p_bench.add_argument("--samplers", type=_name_list, default=None, help="comma-separated names (default: all)")
     p_bench.add_argument("--guidance", type=_guidance_list, default=None, metavar="RULE:SCALE,...",
-                         help="digits models: comma-separated guidance settings, e.g. cfg:3,cfg++:0.6,apg:7.5 "
-                              "(default cfg:3)")
+                         help="digits models and pipeline directories: comma-separated guidance settings, e.g. "
+                              "cfg:3,cfg++:0.6,apg:7.5 (default cfg:3)")
     p_bench.add_argument("--num-per-class", type=_positive_int, default=None,
-                         help="digits models: samples per class (default 20)")
+                         help="digits models: samples per class; pipeline directories: per prompt (default 20)")
     p_bench.add_argument("--classes", type=_int_list(0, "0,1,2"), default=None,
                          help="digits models: comma-separated classes (default 0-9)")
     p_bench.add_argument("--batch-size", type=_positive_int, default=None,
-                         help="digits models: samples per pipeline call (default 250; results do not depend on it)")
+                         help="digits models and pipeline directories: samples per pipeline call (default 250; "
+                              "results do not depend on it)")
     p_bench.add_argument("--reference-steps", type=_positive_int, default=None,
-                         help="digits models: steps of the dpm-solver++ reference solve for the MSE (default 200)")
+                         help="digits models and pipeline directories: steps of the dpm-solver++ reference solve "
+                              "for the MSE, more than the largest --steps (default 200)")
     p_bench.add_argument("--features", choices=["digits-classifier", "inception"], default=None,
                          help="features of the Frechet distance (default digits-classifier, digits models only; "
                               "inception = pytorch-fid's Inception-V3, needs its weights file; pipeline directories "

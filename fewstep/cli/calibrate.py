@@ -95,8 +95,8 @@ def cmd_calibrate_ems(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    p_cal = sub.add_parser("calibrate", help="offline calibration of samplers (DC-Solver ratios, DPM-Solver-v3 EMS)")
+def add_parser(sub, help_text: str) -> None:
+    p_cal = sub.add_parser("calibrate", help=help_text)
     cal_sub = p_cal.add_subparsers(dest="target", required=True, metavar="TARGET")
     p_dc = cal_sub.add_parser("dc", help="search DC-Solver ratios against a many-step reference (+ CPR fit)")
     p_dc.add_argument("--model", default="digits-eps",
@@ -125,8 +125,8 @@ def add_parser(sub) -> None:
 
     p_ems = cal_sub.add_parser("ems", help="DPM-Solver-v3: estimate the empirical model statistics (EMS) of a model")
     p_ems.add_argument("--model", default="digits-eps",
-                       help="digits-eps, a class-conditional pipeline directory, or (with --prompts) an SD 1.x/2.x "
-                            "pipeline directory")
+                       help="digits-eps, digits-flow, a class-conditional pipeline directory, or (with --prompts) an "
+                            "SD 1.x/2.x pipeline directory")
     p_ems.add_argument("--prompts", default=None, metavar="FILE",
                        help="text-to-image models: prompts (one per line) for the model's own samples")
     p_ems.add_argument("--samples", type=_positive_int, default=1024, help="samples K (default 1024, the paper's)")

@@ -4,6 +4,7 @@ and quantized-denoiser paths."""
 from __future__ import annotations
 
 import argparse
+import re
 
 import numpy as np
 
@@ -66,14 +67,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                            ("--edit-size", args.edit_size is not None)) if given]
     if args.task != "edit" and edit_flags:
         raise UsageError(f"{', '.join(edit_flags)}: only with --task edit (FlowChef masked editing on digits-flow)")
-    if args.task == "edit":
-        posterior_flags = [flag for flag, value in _posterior_flags(args) if value is not None]
-        if posterior_flags:
-            raise UsageError(f"{', '.join(posterior_flags)} are for posterior sampling, not --task edit")
-        return _generate_flowchef(args, out)
-    if args.task is not None and (args.posterior is not None or args.model != "digits-flow"):
+    if args.task not in (None, "edit") and (args.posterior is not None or args.model != "digits-flow"):
         return _generate_posterior(args, out)
-    if args.task is not None:  # FlowChef
+    if args.task is not None:  # FlowChef: the inverse tasks and classifier steering on digits-flow, and editing
+        posterior_flags = [flag for flag, value in _posterior_flags(args) if value is not None]
+        if posterior_flags:  # FlowChef has its own steering flags: these were silently ignored
+            raise UsageError(f"{', '.join(posterior_flags)} are for posterior sampling, not --task {args.task} "
+                             "(FlowChef on digits-flow: it takes --flowchef-step, --flowchef-inner-steps, "
+                             "--flowchef-steered-steps, --flowchef-optimizer)")  # fmt: skip
         return _generate_flowchef(args, out)
     posterior_flags = [flag for flag, value in _posterior_flags(args) if value is not None]
     if posterior_flags:
@@ -127,20 +128,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         size = getattr(getattr(pipe, "unet", None), "config", None)
         measurement = load_measurement(args.measurement, size.sample_size if size is not None else 16)
-    result = generate(
-        pipe,
-        num_images=_image_count(args, measurement),
-        steps=args.steps,
-        seed=args.seed,
-        classes=args.classes,
-        prompt=args.prompt,
-        guidance_scale=args.guidance_scale,
-        progress=not args.quiet,
-        guidance=args.guidance,
-        measurement=measurement,
-        compile=args.compile,
-        cuda_graph=args.cuda_graph,
-    )
+    try:
+        result = generate(
+            pipe,
+            num_images=_image_count(args, measurement),
+            steps=args.steps,
+            seed=args.seed,
+            classes=args.classes,
+            prompt=args.prompt,
+            guidance_scale=args.guidance_scale,
+            progress=not args.quiet,
+            guidance=args.guidance,
+            measurement=measurement,
+            compile=args.compile,
+            cuda_graph=args.cuda_graph,
+        )
+    except FloatingPointError as exc:  # the pipeline's advice is its Python argument check_finite=False
+        lower = [] if isinstance(pipe, MeanRevertingPipeline) else [_got("--guidance-scale", args.guidance_scale)]
+        tries = ["more --steps", "another --sampler"] + ["other --sampler-option values"] * bool(args.sampler_option)
+        raise _diverged(exc, args, lower, tries) from None
     if result.measurements is not None:  # restoration: degraded inputs above their restorations
         n = len(result.images)
         columns = min(n, 10)
@@ -181,7 +187,8 @@ def _add_flowchef_args(p_gen) -> None:
     p_gen.add_argument("--source", default=None, metavar="IMAGE",
                        help="--task edit: images to edit (one 16x16 tile or a grid of them; default: held-out test "
                             "digits)")
-    p_gen.add_argument("--source-class", dest="source_classes", type=_int_list(0, "3,7"), default=None,
+    p_gen.add_argument("--source-class", dest="source_classes", type=_int_list(0, "3,3,7", unique=False),
+                       default=None,
                        help="--task edit with --source: the class each source tile shows (cycled)")
     p_gen.add_argument("--edit-size", type=_positive_int, default=None, metavar="N",
                        help="--task edit: side of the centred square that may change (default 12 of 16)")
@@ -268,10 +275,7 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
 
             source = load_measurement(args.source, pipe.unet.config.sample_size, flag="--source")
         scale = 4.0 if args.guidance_scale is None else args.guidance_scale
-        result = run_edit(pipe, num_images=_image_count(args, source, "--source"), steps=args.steps, seed=args.seed,
-                          target_classes=args.classes, config=config, guidance_scale=scale,
-                          source=source, source_classes=args.source_classes,
-                          **({} if args.edit_size is None else {"edit_size": args.edit_size}))
+        count = _image_count(args, source, "--source")
     else:
         if args.measurement is not None:
             from ..guidance.operators import make_operator
@@ -280,9 +284,23 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
             size = pipe.unet.config.sample_size
             low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
             measurement = load_measurement(args.measurement, low)
-        result = run_task(pipe, args.task, num_images=_image_count(args, measurement), steps=args.steps, seed=args.seed,
-                          classes=args.classes, config=config, noise_std=args.noise_std, measurement=measurement,
-                          gaussian_fill=args.gaussian_fill)
+        count = _image_count(args, measurement)
+    try:
+        if editing:
+            result = run_edit(pipe, num_images=count, steps=args.steps, seed=args.seed, target_classes=args.classes,
+                              config=config, guidance_scale=scale, source=source, source_classes=args.source_classes,
+                              **({} if args.edit_size is None else {"edit_size": args.edit_size}))
+        else:
+            result = run_task(pipe, args.task, num_images=count, steps=args.steps, seed=args.seed,
+                              classes=args.classes, config=config, noise_std=args.noise_std, measurement=measurement,
+                              gaussian_fill=args.gaussian_fill)
+    except FloatingPointError as exc:  # the library names no flag
+        lower = [_got("--flowchef-step", config.step_size), _got("--flowchef-inner-steps", config.inner_steps)]
+        if editing:
+            lower.append(_got("--guidance-scale", scale))
+        elif args.noise_std:
+            lower.append(_got("--noise-std", args.noise_std))
+        raise _diverged(exc, args, lower) from None
     images = as_numpy_images(result.images)
     if result.degraded is not None:
         n, columns = len(images), min(len(images), 10)
@@ -301,6 +319,25 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
           f"M {config.inner_steps}, {config.optimizer}; sampler {sampler}, NFE {result.nfe}, {result.seconds:.2f} s; "
           f"{metrics})")
     return 0
+
+
+def _got(flag: str, value) -> str:
+    """``--flag (got VALUE)``, or the bare flag when it was not given."""
+    if value is None:
+        return flag
+    return f"{flag} (got {value:g})" if isinstance(value, float) else f"{flag} (got {value})"
+
+
+def _diverged(exc: FloatingPointError, args: argparse.Namespace, lower: list[str],
+              tries: tuple[str, ...] | list[str] = ()) -> FloatingPointError:
+    """The library's NaN/Inf error with its Python-API advice (``check_finite=False``, lower `step_size`) replaced
+    by the flags of this command that steer the run: ``lower`` these, or ``tries`` those."""
+    what = re.sub(r" \(the sampling diverged: [^)]*\)", " (the sampling diverged)", str(exc).split("; ")[0])
+    if args.sampler is not None:  # the scheduler's class name: the flag's value instead
+        what = re.sub(r"\(sampler \w+\)", f"(--sampler {args.sampler})", what)
+    tries = list(tries) + (["--dtype float32"] if args.dtype != "float32" else [])
+    advice = ([f"lower {' or '.join(lower)}"] if lower else []) + ([f"try {' or '.join(tries)}"] if tries else [])
+    return FloatingPointError(f"{what}; {', or '.join(advice)}; nothing was written")
 
 
 def _flowchef_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
@@ -378,8 +415,19 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
         size = pipe.unet.config.sample_size
         low = make_operator(args.task, size=size).output_shape((1, 1, size, size))[-1]
         measurement = load_measurement(args.measurement, low)
-    result = run_inverse_task(pipe, args.task, method, num_images=_image_count(args, measurement), steps=args.steps,
-                              seed=args.seed, noise_std=args.noise_std, measurement=measurement)
+    count = _image_count(args, measurement)
+    try:
+        result = run_inverse_task(pipe, args.task, method, num_images=count, steps=args.steps, seed=args.seed,
+                                  noise_std=args.noise_std, measurement=measurement)
+    except FloatingPointError as exc:  # the library's advice names the method's arguments (`step_size`, ...)
+        lower = [_got("--posterior-step", method.step_size)]
+        if getattr(method, "gluing", 0):
+            lower.append(_got("--gluing", method.gluing))
+        if getattr(method, "eta", 0) and name == "stsl":
+            lower.append(_got("--stsl-eta", method.eta))
+        if args.noise_std:
+            lower.append(_got("--noise-std", args.noise_std))
+        raise _diverged(exc, args, lower) from None
     from ..pipelines.flowchef import as_numpy_images
 
     images, degraded = as_numpy_images(result.images), as_numpy_images(result.degraded)
@@ -451,14 +499,17 @@ def _apply_quant(args: argparse.Namespace, pipe):
     return pipe
 
 
-def add_parsers(sub) -> None:
-    """The ``list`` and ``generate`` subcommands."""
-    p_list = sub.add_parser("list", help="list the registered samplers")
+def add_list_parser(sub, help_text: str) -> None:
+    """The ``list`` subcommand."""
+    p_list = sub.add_parser("list", help=help_text)
     p_list.set_defaults(func=cmd_list)
 
+
+def add_generate_parser(sub, help_text: str) -> None:
+    """The ``generate`` subcommand."""
     from ..pipelines.denoiser import COMPILE_MODES
 
-    p_gen = sub.add_parser("generate", help="generate images with a fewstep sampler into a PNG grid")
+    p_gen = sub.add_parser("generate", help=help_text)
     p_gen.add_argument("--model", default="digits-eps",
                        help="embedded model (digits-eps, digits-flow, digits-mr), a local pipeline directory "
                             "or a hub id")
@@ -470,8 +521,9 @@ def add_parsers(sub) -> None:
     p_gen.add_argument("--seed", type=_seed, default=0, help="random seed (same seed, same images)")
     p_gen.add_argument("--num-images", type=_positive_int, default=None,
                        help="images to generate (default 10; with --measurement/--source: one per tile of the file)")
-    p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,7"), default=None,
-                       help="comma-separated class ids for class-conditional models (default: cycle 0-9)")
+    p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,3,7", unique=False), default=None,
+                       help="comma-separated class ids for class-conditional models, one per image (cycled; repeats "
+                            "allowed; default: cycle 0-9; --task edit: each source's class + 1)")
     p_gen.add_argument("--prompt", default=None, help="text prompt for text-to-image pipelines")
     p_gen.add_argument("--measurement", default=None, metavar="IMAGE",
                        help="restoration models (digits-mr) and --posterior: degraded image file, one tile or a grid "
@@ -482,7 +534,8 @@ def add_parsers(sub) -> None:
     p_gen.add_argument("--guidance-scale", type=_finite_float, default=None,
                        help="scale of the guidance rule (default: cfg 3, cfg++ 0.6, apg 7.5)")
     p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                       help="floating type of the model's weights and computation (default float32)")
     p_gen.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
     p_gen.add_argument("--quiet", action="store_true", help="no progress bar")
     p_gen.add_argument("--compile", nargs="?", const="default", default=None, choices=list(COMPILE_MODES),

@@ -102,10 +102,10 @@ def _quant_output_error(float_model, qmodel, calibration, rows: int = 256) -> fl
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, help_text: str) -> None:
     from ..quant.quantizers import FORMATS, METRICS
 
-    p = sub.add_parser("quantize", help="PTQ4DM-style W8A8 post-training quantization of a UNet")
+    p = sub.add_parser("quantize", help=help_text)
     p.add_argument("--model", default="digits-eps", help="digits-eps or a class-conditional pipeline directory")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for quant.safetensors + quant.json")
     p.add_argument("--calib", choices=["ndtc", "uniform"], default="ndtc",

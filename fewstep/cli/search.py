@@ -12,6 +12,7 @@ from ._common import (
     _fraction,
     _positive_int,
     _seed,
+    int_at_least,
 )
 
 
@@ -43,6 +44,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     state = args.state or str(out) + ".state.json"
     if os.path.abspath(state) == os.path.abspath(out):
         raise UsageError(f"--state {args.state!r} is the --out file; the state needs a file of its own")
+    # the files of --init before the objective is built: one searched for another model is refused now
+    initial = [_load_init_schedule(path, args.model) for path in args.init or []]
     metric_name = (AnalyticObjective if args.model == "analytic"
                    else DigitsMSEObjective if args.metric == "mse" else DigitsObjective).name
     # before the objective is built (a reference solve takes minutes): a state of another search is refused now
@@ -56,7 +59,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         objective = DigitsObjective(guidance_scale=args.guidance_scale, num_per_class=args.num_per_class, ems=ems)
     space = SearchSpace(objective.noise_schedule, args.nfe, ems=objective.ems, afs=args.afs is not None,
                         afs_mean=objective.data_mean() if args.afs == "average_x0" else None)
-    initial = [_load_init_schedule(path, objective) for path in args.init or []]
+    initial = [_check_init_noise_schedule(path, sched, objective) for path, sched in zip(args.init or [], initial)]
     identity = {**objective.metadata(), "metric": objective.name}
     result = search(objective, space, args.budget, seed=args.seed, use_predictor=not args.no_predictor,
                     state_path=state, progress=not args.quiet, initial=initial, identity=identity)
@@ -73,14 +76,24 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_init_schedule(path: str, objective):
-    """``fewstep search --init FILE``: a schedule file searched for the same model (noise schedule)."""
+def _load_init_schedule(path: str, model: str):
+    """``fewstep search --init FILE``: a schedule file searched for the same model (its name, where the file
+    records one; the noise schedule is compared by ``_check_init_noise_schedule`` once the objective is built)."""
     from ..solvers.s3 import SolverSchedule
 
     try:
         schedule = SolverSchedule.load(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--init {path!r}: {exc}") from None
+    found = schedule.metadata.get("model")
+    if found is not None and found != model:
+        raise UsageError(f"--init {path!r} was searched for another model ({found}); this search is for --model "
+                         f"{model}: warm-start from a schedule file of {model}")
+    return schedule
+
+
+def _check_init_noise_schedule(path: str, schedule, objective):
+    """An ``--init`` schedule searched on another noise schedule is refused (one that records none passes)."""
     expected = objective.metadata()["noise_schedule"]
     found = schedule.metadata.get("noise_schedule")
     if found is not None and found != expected:
@@ -89,10 +102,10 @@ def _load_init_schedule(path: str, objective):
     return schedule
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("search", help="S3: search a solver schedule for a model and NFE")
+def add_parser(sub, help_text: str) -> None:
+    p = sub.add_parser("search", help=help_text)
     p.add_argument("--model", default="digits-eps", help="analytic or digits-eps")
-    p.add_argument("--nfe", type=_positive_int, required=True, help="number of model evaluations (>= 2)")
+    p.add_argument("--nfe", type=int_at_least(2), required=True, help="number of model evaluations (>= 2)")
     p.add_argument("--budget", type=_positive_int, default=40, help="schedules to evaluate (default 40)")
     p.add_argument("--guidance-scale", type=_fraction, default=None, help="CFG scale for digits-eps (default 3)")
     p.add_argument("--num-per-class", type=_positive_int, default=None,
@@ -106,7 +119,8 @@ def add_parser(sub) -> None:
                    help="let candidates take the analytical first step at t_max (no model call) and spend the NFE "
                         "after it: x0 = 0 (zero_x0, the default) or the data's mean image (average_x0)")
     p.add_argument("--no-predictor", action="store_true", help="plain evolution (no performance predictor)")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the search's random draws (candidate schedules and their mutations; default 0)")
     p.add_argument("--init", action="append", metavar="SCHEDULE",
                    help="warm start from a schedule file of this model, any NFE (steps are inserted or removed "
                         "to fit); repeatable")

@@ -37,7 +37,10 @@ def default_sampler_options(model: str, sampler: str | None, with_schedule: bool
     (``ems_file``/``ems_model``, and the time grid measured best with them) for ``dpm-solver-v3`` on a model
     that has them, and the same EMS for ``s3`` (searched schedules may use DPM-Solver-v3 steps); with
     ``with_schedule`` also the model's shipped searched schedules for ``s3`` (``s3_schedule``: picked by NFE in
-    ``set_timesteps``) -- for callers that do not pass a schedule themselves; else nothing."""
+    ``set_timesteps``) -- for callers that do not pass a schedule themselves -- and, on an embedded model, its name
+    as ``s3_model``: a schedule given on top of these options (``fewstep generate --sampler-option
+    s3_schedule=...``) that records another model is refused, even where the two share a noise schedule (a
+    schedule that records no model still runs; an ``s3_model`` given with it wins); else nothing."""
     options: dict = {}
     if sampler in ("dpm-solver-v3", "s3"):
         from ..samplers.dpm_solver_v3 import SHIPPED_EMS, SHIPPED_EMS_TIME_GRID
@@ -51,6 +54,8 @@ def default_sampler_options(model: str, sampler: str | None, with_schedule: bool
 
         if model in SHIPPED_SCHEDULES:
             options["s3_schedule"] = model
+        if model in DEFAULT_MODELS:
+            options["s3_model"] = model
     return options
 
 
