@@ -268,3 +268,18 @@ def test_eval_digits_refuses_one_sample_per_class():
                           env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("argument --num-per-class: expected an integer >= 2, got 1")
+
+
+def test_bench_names_models_by_the_embedded_list_not_a_prefix():
+    """A pipeline directory called ``digits-sd`` was taken for an embedded digits model (``--prompts`` refused)."""
+    from fewstep.cli.bench import _model_kind
+
+    assert [_model_kind(m) for m in ("analytic", "digits-eps", "digits-flow", "digits-sd", "/x/digits-eps2")] == [
+        "analytic", "digits", "digits", "pipeline", "pipeline"]
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_bench_json_empty_path_is_a_usage_error(capsys, value):
+    """``--json ''`` was silently ignored (nothing written, exit 0)."""
+    message = _usage(capsys, "bench", "--model", "analytic", "--steps", "5", "--json", value)
+    assert f"--json must be a file path or '-' (stdout), got {value!r}" in message

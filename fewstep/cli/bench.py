@@ -36,7 +36,11 @@ ANALYTIC_DEFAULTS = {"schedule": "vp", "num_samples": 2000, "dim": 2}
 
 
 def _model_kind(model: str) -> str:
-    return "analytic" if model == "analytic" else "digits" if model.startswith("digits-") else "pipeline"
+    """``analytic``, ``digits`` (an embedded digits model, by name) or ``pipeline`` (anything else: a directory,
+    whatever it is called, e.g. a folder named ``digits-sd``)."""
+    from ..pipelines.defaults import DEFAULT_MODELS
+
+    return "analytic" if model == "analytic" else "digits" if model in DEFAULT_MODELS else "pipeline"
 
 
 def _refuse_inapplicable(args: argparse.Namespace, kinds: set[str]) -> None:
@@ -136,6 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_analytic_table(args: argparse.Namespace) -> int:
     to_stdout = args.json == "-"  # JSON on stdout for a pipe; the table then goes to stderr
+    if args.json is not None and not args.json.strip():
+        raise UsageError(f"--json must be a file path or '-' (stdout), got {args.json!r}")
     if args.json and not to_stdout:
         check_writable(args.json, "--json")
     from ..bench.analytic_bench import format_table, rows_as_dicts, run_analytic_bench
