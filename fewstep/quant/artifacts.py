@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from .modules import QuantLayer, quant_layers
+from .modules import SETTABLE_MODES, QuantLayer, quant_layers
 from .quantize import _set_submodule
-from .quantizers import FORMATS, ActQParams
+from .quantizers import FORMATS, ActQParams, act_qparams_problem, weight_scale_problem
 
 #: the dtype each format stores its 8-bit weights in
 STORAGE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -152,13 +151,9 @@ def _check_meta(meta: dict, path: Path) -> None:
             raise bad(f"layer {name!r}: `act` must list {2 if split else 1} activation quantizer(s)")
         for a in act:
             scale, zero = (a.get("scale"), a.get("zero_point")) if isinstance(a, dict) else (None, None)
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-                    or scale <= 0:
-                raise bad(f"layer {name!r}: activation `scale` must be a finite number > 0, got {scale!r}")
-            low, high = (-128, 127) if meta["format"] == "int8" else (0, 0)
-            if isinstance(zero, bool) or not isinstance(zero, int) or not low <= zero <= high:
-                raise bad(f"layer {name!r}: activation `zero_point` must be an integer in [{low}, {high}] for "
-                          f"{meta['format']}, got {zero!r}")
+            problem = act_qparams_problem(scale, zero, meta["format"])
+            if problem:
+                raise bad(f"layer {name!r}: {problem}")
 
 
 def _check_model(meta: dict, model: nn.Module, model_id: str | None, strict: bool) -> None:
@@ -213,6 +208,10 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
 
     from safetensors.torch import load_file
 
+    if mode not in SETTABLE_MODES:
+        raise ValueError(f"`mode` must be one of {list(SETTABLE_MODES)}, got {mode!r}")
+    if not isinstance(inplace, bool):
+        raise ValueError(f"`inplace` must be True or False, got {inplace!r}")
     meta = read_metadata(directory)
     _check_model(meta, model, model_id, strict)
     path = Path(directory) / TENSORS_FILE
@@ -223,6 +222,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
     target = model if inplace else copy.deepcopy(model)
     fmt = meta["format"]
     device = next(target.parameters()).device
+    built: dict[str, QuantLayer] = {}
     for name, layer_meta in meta["layers"].items():
         float_layer = target.get_submodule(name)
         groups = 2 if layer_meta["split"] else 1
@@ -237,17 +237,12 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
                              f"{stored[0].dtype} (expected {want}): the two files do not belong together")
         out_channels = float_layer.weight.shape[0]
         for g, scale in enumerate(scales):
-            if (not scale.dtype.is_floating_point or scale.numel() != out_channels
-                    or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all())):
-                raise ValueError(f"{str(path)!r}: layer {name!r}'s weight_scale{g} must hold {out_channels} "
-                                 f"finite positive floats (one per output channel), got a {scale.dtype} tensor of "
-                                 f"shape {tuple(scale.shape)}; the file is damaged")
-        for a in layer_meta["act"]:
-            if not (isinstance(a.get("scale"), (int, float)) and 0 < float(a["scale"]) < 1e30):
-                raise ValueError(f"{META_FILE}: layer {name!r}'s activation scale must be a finite number in "
-                                 f"(0, 1e30), got {a.get('scale')!r}; the file is damaged")
+            problem = weight_scale_problem(scale, out_channels)
+            if problem:
+                raise ValueError(f"{str(path)!r}: layer {name!r}'s weight_scale{g} {problem}; the file is damaged")
+        # (the activation quantizers were checked with the rest of quant.json: _check_meta)
         acts = [ActQParams(float(a["scale"]), int(a["zero_point"]), fmt) for a in layer_meta["act"]]
-        q = QuantLayer(float_layer, scales, acts, fmt, layer_meta["split"], mode="fake")
+        q = QuantLayer(float_layer, scales, acts, fmt, layer_meta["split"], mode="fake", name=name)
         for g in range(groups):  # the stored 8-bit weights are the truth (not a re-rounding of the float ones)
             dest = getattr(q, f"weight_q{g}")
             if stored[g].shape != dest.shape:  # copy_ would broadcast a smaller tensor silently
@@ -260,7 +255,12 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
                 raise ValueError(f"{str(path)!r}: layer {name!r}'s bias must be {tuple(q.bias.shape)} finite floats, "
                                  f"got a {bias.dtype} tensor of shape {tuple(bias.shape)}; the file is damaged")
             q.bias.copy_(bias.to(device))
-        q.set_mode(mode)
+        try:
+            q.set_mode(mode)
+        except (ValueError, RuntimeError) as exc:
+            raise type(exc)(f"layer {name!r}: {exc}") from exc
+        built[name] = q
+    for name, q in built.items():  # swapped only once every layer is built: a failure leaves `model` as it was
         _set_submodule(target, name, q)
     target.fewstep_quant = {"config": meta["config"], "calibration": meta["calibration"],
                             "fingerprint": {"arch": meta["model_arch_hash"], "weights": meta["model_weights_hash"],

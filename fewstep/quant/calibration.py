@@ -22,7 +22,7 @@ the null-class rows.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +70,9 @@ class CalibrationSet:
             raise ValueError(f"CalibrationSet `sample` must be a tensor with one row per network input, got "
                              f"{type(self.sample).__name__}")  # fmt: skip
         n = self.sample.shape[0]
+        if self.timestep is None:
+            raise ValueError(f"CalibrationSet `timestep` must be a tensor with one row per network input ({n}), got "
+                             "None (the model-facing timestep of each row)")  # fmt: skip
         if self.added_cond_kwargs is not None and not isinstance(self.added_cond_kwargs, dict):
             raise ValueError(f"CalibrationSet `added_cond_kwargs` must be a dict of tensors (SDXL: text_embeds, "
                              f"time_ids), got {type(self.added_cond_kwargs).__name__}")  # fmt: skip
@@ -251,19 +254,39 @@ def build_calibration_set(
     ``num_steps_kept`` (default ``min(steps, 20)``) evenly spaced steps, ``ceil(num_samples / k)``
     trajectories recorded at each. Labels cycle through ``classes`` (default all). With guidance the
     set holds both CFG rows of every sample (``2 * num_samples`` network inputs, before the uniform
-    rounding up).
+    rounding up). ``ndtc_mean`` / ``ndtc_std`` apply to ``ndtc`` only and ``num_steps_kept`` to ``uniform``
+    only: given with the other method they are an error (as in ``fewstep quantize``), not ignored.
     """
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"`method` must be one of {list(CALIBRATION_METHODS)}, got {method!r}")
+    # options of the other method are refused, not silently ignored (ndtc_mean / ndtc_std have non-None defaults:
+    # refused with `uniform` when they differ from them)
+    for arg, value, given, applies in (("ndtc_mean", ndtc_mean, ndtc_mean != NDTC_MEAN, "ndtc"),
+                                       ("ndtc_std", ndtc_std, ndtc_std != NDTC_STD, "ndtc"),
+                                       ("num_steps_kept", num_steps_kept, num_steps_kept is not None, "uniform")):
+        if given and method != applies:
+            raise ValueError(f"`{arg}` applies to method={applies!r} only, not method={method!r}, got {value!r}")
     check_int("num_samples", num_samples, 1, numpy_ok=False)
     check_int("batch_size", batch_size, 1, numpy_ok=False)
+    seed = check_int("seed", seed, 0, 2**63 - 1)
     _check_steps(steps)
+    for attr in ("unet", "num_classes"):
+        if not hasattr(pipe, attr):
+            raise ValueError(f"`pipe` must be a class-conditional pipeline (ClassConditionalPipeline, with .unet and "
+                             f".num_classes), got a {type(pipe).__name__} without .{attr}")  # fmt: skip
+    if classes is not None:
+        given = classes.tolist() if hasattr(classes, "tolist") else classes  # a tensor / numpy array of labels
+        given = list(given) if isinstance(given, Iterable) and not isinstance(given, (str, bytes, dict)) else []
+        if not given:
+            raise ValueError(f"`classes` must be a non-empty sequence of class labels in [0, {pipe.num_classes - 1}] "
+                             f"(or None: all classes), got {classes!r}")  # fmt: skip
+        classes = [check_int("classes", c, 0, pipe.num_classes - 1, what="each label") for c in given]
     generator = torch.Generator().manual_seed(seed)
     if method == "ndtc":
         targets = ndtc_indices(num_samples, steps, ndtc_mean, ndtc_std, generator)
         trajectories = num_samples
     else:
-        kept = uniform_indices(num_steps_kept or min(steps, 20), steps)
+        kept = uniform_indices(min(steps, 20) if num_steps_kept is None else num_steps_kept, steps)
         trajectories = math.ceil(num_samples / len(kept))
     pool = list(classes) if classes is not None else list(range(pipe.num_classes))
     labels = [pool[i % len(pool)] for i in range(trajectories)]

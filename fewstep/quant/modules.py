@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import FP8_UNAVAILABLE, fp8_mm, fp8_supported, im2col, im2col_int8, int8_mm, scaled_mm_fuses_bias
-from .quantizers import ActQParams, fake_quant_act, quantize_act, quantize_weight
+from .quantizers import (
+    ActQParams,
+    act_qparams_problem,
+    fake_quant_act,
+    quantize_act,
+    quantize_weight,
+    weight_scale_problem,
+)
 
 __all__ = ["QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "CONV_KERNELS", "quant_layers", "set_mode",
            "set_conv_kernel"]
@@ -48,12 +55,16 @@ class QuantLayer(nn.Module):
     """W8A8 version of a ``Linear`` or ``Conv2d`` (see the module docstring).
 
     ``weight_scales``: per-output-channel scales, one tensor per input-channel group (two when
-    ``split > 0``); ``act``: one ``ActQParams`` per group.
+    ``split > 0``); ``act``: one ``ActQParams`` per group; ``name``: the layer's name in its model (what errors
+    call it; ``quantize`` and ``load_quantized`` set it).
     """
 
     def __init__(self, layer: nn.Module, weight_scales: list[torch.Tensor], act: list[ActQParams],
-                 fmt: str = "int8", split: int = 0, mode: str = "fake"):
+                 fmt: str = "int8", split: int = 0, mode: str = "fake", name: str = ""):
         super().__init__()
+        if not isinstance(name, str):
+            raise ValueError(f"`name` must be a string (the layer's name in its model), got {name!r}")
+        self.name = name
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"`layer` must be nn.Linear or nn.Conv2d, got {type(layer).__name__}")
         in_ch = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
@@ -138,9 +149,20 @@ class QuantLayer(nn.Module):
         self._prepare_execution()  # on the new device
         return self
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        """``load_state_dict`` writes the stored weights in place: rebuild what is derived from them."""
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """``load_state_dict`` writes the stored weights in place: check the scales first (all of this layer's,
+        before anything is written; ``act_qparams_problem`` / ``weight_scale_problem``, the checks
+        ``load_quantized`` applies to files), then rebuild what is derived from the weights."""
+        where = prefix[:-1] or self.name or "(unnamed)"
+        for g in range(self.groups):
+            key = f"{prefix}weight_scale{g}"
+            if key in state_dict:
+                problem = weight_scale_problem(state_dict[key], self.out_channels)
+                if problem:
+                    raise ValueError(f"state_dict {key!r} of QuantLayer {where!r} {problem}")
+        if f"{prefix}_extra_state" in state_dict:
+            self._acts_from_state(state_dict[f"{prefix}_extra_state"], where)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._prepare_execution()
 
     def get_extra_state(self) -> torch.Tensor:
@@ -148,12 +170,28 @@ class QuantLayer(nn.Module):
         that ``load_state_dict`` carries them with the weights."""
         return torch.tensor([[a.scale, float(a.zero_point)] for a in self.act], dtype=torch.float64)
 
-    def set_extra_state(self, state: Any) -> None:
-        rows = torch.as_tensor(state, dtype=torch.float64).reshape(-1, 2).tolist()
+    def _acts_from_state(self, state: Any, where: str) -> list[ActQParams]:
+        """The activation quantizers a ``get_extra_state`` tensor holds, checked (``ValueError`` naming the layer)."""
+        try:
+            rows = torch.as_tensor(state, dtype=torch.float64).reshape(-1, 2).tolist()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"QuantLayer {where!r}: the activation-quantizer state must be [scale, zero_point] "
+                             f"rows, got {state!r} ({exc})") from None
         if len(rows) != len(self.act):
-            raise ValueError(f"the state holds {len(rows)} activation quantizers, this layer has {len(self.act)}")
-        self.act = [dataclasses.replace(a, scale=float(r[0]), zero_point=int(round(r[1])))
-                    for a, r in zip(self.act, rows)]  # fmt: skip
+            raise ValueError(f"QuantLayer {where!r}: the state holds {len(rows)} activation quantizers, this layer "
+                             f"has {len(self.act)}")
+        acts = []
+        for a, (scale, zero) in zip(self.act, rows):
+            zero = int(zero) if float(zero).is_integer() else zero  # (stored as float64; 3.5 is refused)
+            problem = act_qparams_problem(scale, zero, self.fmt)
+            if problem:
+                raise ValueError(f"QuantLayer {where!r}: {problem}")
+            acts.append(dataclasses.replace(a, scale=scale, zero_point=zero))
+        return acts
+
+    def set_extra_state(self, state: Any) -> None:
+        self.act = self._acts_from_state(state, self.name or "(unnamed)")
+        self._prepare_execution()  # the zero-point term depends on the zero-points
 
     # ----------------------------------------------------------------------------------------- helpers
     @property
@@ -242,6 +280,13 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode in ("fake", "dequant"):
             return self._forward_float(x)
+        if torch.is_grad_enabled() and x.requires_grad:  # metadata only: no host sync
+            raise RuntimeError(
+                f"QuantLayer {self.name or '(unnamed)'!r} runs in {self.mode!r} mode, whose {self.mode} kernels have "
+                "no gradient, but its input requires one (gradient-based guidance such as DPS, PSLD or STSL "
+                "backpropagating through the denoiser): the gradient would come from the float layers only, "
+                "silently wrong. Use quant.set_mode(model, 'fake') or 'dequant' (straight-through gradients) for "
+                "gradient-based guidance, or run under torch.no_grad()")
         if self.kind == "conv2d" and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self._forward_real(x.unsqueeze(0)).squeeze(0)
         return self._forward_real(x)
@@ -334,6 +379,18 @@ class QuantLayer(nn.Module):
             acc.sub_(zero_term)  # exact, in int32, in place
         return acc, how
 
+    def _nan_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``(M, 1)`` bool: the GEMM rows whose input (a Linear's row, a conv's patch) holds a NaN -- the outputs
+        the fake-quant reference makes NaN (rounding and clamping keep NaN, and the float op spreads it over the
+        row). int8 has no NaN code, so ``_forward_real`` puts it back there. On the device: no host sync."""
+        if self.kind == "linear":
+            return torch.isnan(x).any(-1).reshape(-1, 1)
+        c = self.conv
+        hit = torch.isnan(x).any(1, keepdim=True).to(torch.float32)  # (B, 1, H, W)
+        window = torch.ones((1, 1, *c["kernel_size"]), device=x.device)
+        hit = F.conv2d(hit, window, None, c["stride"], c["padding"], c["dilation"])  # NaN count per patch
+        return (hit > 0).permute(0, 2, 3, 1).reshape(-1, 1)
+
     def _forward_real(self, x: torch.Tensor) -> torch.Tensor:
         out, how = None, None
         bias = self.bias
@@ -356,6 +413,8 @@ class QuantLayer(nn.Module):
                     y = y + bias if bias is not None else y
             bias = None  # added once
             out = y if out is None else out + y
+        if self.mode == "int8":  # (fp8 has a NaN code: e4m3 keeps it and the GEMM spreads it as the float op does)
+            out.masked_fill_(self._nan_rows(x), float("nan"))  # `out` is this call's own float32 result
         return self._fold(out, how).to(x.dtype)
 
     def _triton_conv(self, part: torch.Tensor, g: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
@@ -419,9 +478,9 @@ def set_mode(model: nn.Module, mode: str | dict[str, str]) -> nn.Module:
     for name, m in plan.items():
         try:
             layers[name].set_mode(m)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:  # RuntimeError: fp8 unavailable on this device
             for done, old in previous.items():  # all or nothing: no model left half switched
                 layers[done].set_mode(old)
-            raise ValueError(f"layer {name!r}: {exc}") from None
+            raise type(exc)(f"layer {name!r}: {exc}") from None
     return model
 

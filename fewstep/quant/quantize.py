@@ -5,7 +5,8 @@
    range search on the weight itself;
 2. the calibration set is run through the *full-precision* network twice -- once for each layer input's
    min/max, once for its histogram over that range -- and a per-tensor static clip range is searched on
-   the histogram (PTQ4DM sec. 3.4: L_p, p = 2.4 by default);
+   the histogram (PTQ4DM sec. 3.4: L_p, p = 2.4 by default; what is minimised is a histogram model of that
+   distance, see ``quantizers.range_error``);
 3. the layers are swapped for ``QuantLayer`` modules (fake-quant reference mode unless ``config.mode``
    says otherwise).
 
@@ -82,11 +83,17 @@ class QuantConfig:
         for name in ("act_grid", "weight_grid", "batch_size"):
             v = getattr(self, name)
             check_int(name, v, 1, numpy_ok=False)
-        if isinstance(self.exclude, str) or not all(isinstance(pat, str) for pat in self.exclude):
-            raise ValueError(f"`exclude` must be a list of fnmatch patterns (strings), got {self.exclude!r}")
+        check_int("bins", self.bins, 16, numpy_ok=False)
+        for name in ("symmetric_act", "split_skip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(pat, str) for pat in self.exclude):
+            raise ValueError(f"`exclude` must be a list of fnmatch patterns (strings; [] quantizes every layer), got "
+                             f"{self.exclude!r}")  # fmt: skip
         self.exclude = list(self.exclude)
-        if not isinstance(self.p, (int, float)) or not self.p > 0:
-            raise ValueError(f"`p` must be a number > 0, got {self.p!r}")
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not (math.isfinite(self.p)
+                                                                                    and self.p > 0):
+            raise ValueError(f"`p` must be a finite number > 0, got {self.p!r}")
         return self
 
     def as_dict(self) -> dict:
@@ -219,6 +226,12 @@ def quantize(
             f"`unet` ({type(unet).__name__}) has no quantizable layers (nn.Linear / nn.Conv2d)"
             + (f" outside exclude={config.exclude}" if config.exclude else "")
         )
+    # a NaN/Inf weight would surface only as non-finite calibration activations further down: name it first
+    for pname, param in unet.named_parameters():
+        if not bool(torch.isfinite(param.detach()).all()):
+            layer = pname.rpartition(".")[0]
+            raise ValueError(f"`unet` has non-finite values (NaN/Inf) in parameter {pname!r} (layer {layer!r}) of the "
+                             "full-precision model: fix the checkpoint before quantizing")
     if "sample" not in inspect.signature(unet.forward).parameters:
         raise ValueError(
             f"`unet` is a {type(unet).__name__}: fewstep.quant calibrates UNets (forward(sample, timestep, ...): "
@@ -268,7 +281,7 @@ def quantize(
             lo, hi = search_act_range(hists[(name, g)], config.metric, config.p, config.act_grid, config.format,
                                       config.symmetric_act)
             acts.append(act_qparams_from_range(lo, hi, config.format))
-        q = QuantLayer(layer, w_scales, acts, config.format, split, mode="fake")
+        q = QuantLayer(layer, w_scales, acts, config.format, split, mode="fake", name=name)
         try:
             q.set_mode(config.mode)
         except (ValueError, RuntimeError) as exc:

@@ -13,9 +13,13 @@ The clipping range comes from a grid search that minimises a distance between ``
 (PTQ4DM sec. 3.4, Table 4; Q-Diffusion sec. 4): ``lp`` = mean ``|x - x_hat|^p`` with ``p = 2.4``
 (the LAPQ norm both papers use; PTQ4DM calls it "MSE"), ``mse`` (p = 2), ``cosine`` (1 - cosine
 similarity) and ``kl`` (KL divergence between the histogram of ``x`` and that of ``x_hat``, the
-TensorRT entropy criterion). Activations are searched on a histogram accumulated over the whole
-calibration set (rounding noise modelled, clipping exact; see ``range_error``), weights exactly, one
-channel at a time (vectorised).
+TensorRT entropy criterion). Weights are searched exactly, one channel at a time (vectorised).
+Activations are searched on a histogram accumulated over the whole calibration set, with a *model* of
+the distance (clipping exact at bin centres, rounding modelled as uniform noise; see ``range_error``):
+the chosen range is the argmin of that surrogate, not of the exact distance on the data. Measured
+against the exact best range of the same candidate grid, its exact L_p error was at most 1.23x the
+best on the ``digits-eps`` layers (int8 and fp8) and up to 1.43x on synthetic Student-t (2 dof) data
+in fp8.
 
 FP8 (e4m3) uses the same per-channel / per-tensor layout with a floating grid:
 ``x_hat = s * fp8(x / s)`` and ``s = amax / 448``.
@@ -45,6 +49,9 @@ __all__ = [
     "search_act_range",
     "fp8_fake_quant",
     "range_error",
+    "ACT_SCALE_MAX",
+    "act_qparams_problem",
+    "weight_scale_problem",
 ]
 
 METRICS = ("lp", "mse", "cosine", "kl")
@@ -166,8 +173,42 @@ def act_qparams_from_range(lo: float, hi: float, fmt: str = "int8") -> ActQParam
     return ActQParams(scale, zero_point, "int8")
 
 
+#: the largest activation scale a loaded quantizer may hold (a larger one overflows the dequantized GEMM result)
+ACT_SCALE_MAX = 1e30
+
+
+def act_qparams_problem(scale: object, zero_point: object, fmt: str) -> str | None:
+    """What makes ``(scale, zero_point)`` unusable as a ``fmt`` activation quantizer, or ``None`` when usable. The
+    one check of stored quantizers: ``load_quantized`` (``quant.json``) and ``QuantLayer.set_extra_state``
+    (``load_state_dict``)."""
+    _check_format(fmt)
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+            or not 0 < scale < ACT_SCALE_MAX):
+        return f"activation `scale` must be a finite number in (0, {ACT_SCALE_MAX:g}), got {scale!r}"
+    low, high = (_A_QMIN, _A_QMAX) if fmt == "int8" else (0, 0)
+    if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not low <= zero_point <= high:
+        return f"activation `zero_point` must be an integer in [{low}, {high}] for {fmt}, got {zero_point!r}"
+    return None
+
+
+def weight_scale_problem(scale: object, out_channels: int) -> str | None:
+    """What makes ``scale`` unusable as a layer's per-output-channel weight scales, or ``None`` when usable (one
+    check for ``load_quantized`` and ``QuantLayer``'s ``load_state_dict``)."""
+    if (not isinstance(scale, torch.Tensor) or not scale.dtype.is_floating_point or scale.numel() != out_channels
+            or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all())):
+        if not isinstance(scale, torch.Tensor):
+            got = type(scale).__name__
+        else:
+            got = f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
+            if scale.dtype.is_floating_point and scale.numel():
+                got += f" (min {float(scale.min()):g})"  # NaN shows as nan
+        return f"must hold {out_channels} finite positive floats (one per output channel), got {got}"
+    return None
+
+
 def quantize_act(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
-    """int8 ``clamp(round(x / s) + z, -128, 127)`` (int8 format only)."""
+    """int8 ``clamp(round(x / s) + z, -128, 127)`` (int8 format only). A NaN has no int8 code (the cast leaves an
+    arbitrary finite one): ``QuantLayer``'s int8 path puts NaN back into the outputs it reaches."""
     if qp.fmt != "int8":
         raise ValueError(f"quantize_act needs an int8 quantizer, got format {qp.fmt!r}")
     q = torch.round(x.float() / qp.scale) + qp.zero_point
@@ -246,11 +287,15 @@ def range_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, metric: str
     """Distance between the histogram's values and their quantized versions for each candidate range
     (``lo``, ``hi`` 1-D of equal length); lower is better.
 
-    ``lp``, ``mse``, ``cosine``: values outside the range contribute their exact clipping error (at bin
-    centres); inside it the rounding error is modelled as uniform on ``[-step/2, step/2]``
-    (``E|u|^p = (step/2)^p / (p + 1)``, uncorrelated with the value). Unlike evaluating the grid at bin
-    centres this stays right when the grid is finer than the histogram's bins, which happens exactly
-    on heavy-tailed data (a few far outliers stretch the histogram). ``kl`` compares histograms.
+    ``lp``, ``mse``, ``cosine``: a surrogate of the distance, not the exact one. Values outside the range
+    contribute their clipping error at bin centres; inside it the rounding error is modelled as uniform on
+    ``[-step/2, step/2]`` (``E|u|^p = (step/2)^p / (p + 1)``, uncorrelated with the value). Evaluating the grid
+    at bin centres instead would break down when the grid is finer than the histogram's bins (a few far
+    outliers stretch the histogram); the noise model avoids that, but it is only a model: where the values
+    are not spread evenly over the grid steps (heavy tails, fp8's non-uniform grid) the surrogate's argmin
+    is not the exact one (measured: exact L_p error at the chosen range up to 1.23x the best of the same
+    candidate grid on the ``digits-eps`` layers, int8 and fp8; 1.43x on Student-t (2 dof) samples in fp8).
+    ``kl`` compares histograms.
     """
     _check_metric(metric, p)
     v = hist.centers.unsqueeze(0)  # (1, B)
@@ -319,7 +364,8 @@ def search_act_range(
     fmt: str = "int8",
     symmetric: bool = False,
 ) -> tuple[float, float]:
-    """Clip range ``[lo, hi]`` of a per-tensor activation quantizer minimising ``metric``.
+    """Clip range ``[lo, hi]`` of a per-tensor activation quantizer minimising ``range_error``'s histogram model
+    of ``metric`` (a surrogate: see ``range_error`` for how far its argmin can be from the exact one).
 
     Candidates (PTQ4DM's search: ``i / grid`` times the observed extremes): one-sided ``[0, a * max]``
     when the data is non-negative (``[a * min, 0]`` when it is non-positive), symmetric ``[-a * m, a * m]``
