@@ -27,6 +27,7 @@ from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path whe
 from diffusers import DDPMScheduler
 
 from fewstep import samplers
+from fewstep._io import atomic_write
 from fewstep.bench.analytic import AnalyticModel, default_mixture, exact_solution
 from fewstep.bench.analytic_bench import SCHEDULE_CONFIGS
 from fewstep.bench.digits_eval import classifier_features
@@ -281,18 +282,20 @@ def _nfe_cfg(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10],
+    parser.add_argument("--nfe", type=count(2), nargs="+", default=[5, 6, 8, 10],
                         help="NFEs of the digits-eps cells and the 4-D analytic mixture (default 5 6 8 10)")
     parser.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0, 3.0, 7.0],
                         help="CFG scales of the digits-eps, converged and plug-in parts (default 1 3 7)")
     parser.add_argument("--heldout", type=_nfe_cfg, default="7:5",
                         help="NFE:CFG outside the CPR fit (searched here for comparison)")
     parser.add_argument("--samples", type=count(2), default=200, help="samples per cell (FD)")
-    parser.add_argument("--mse-samples", type=int, default=60, help="of which compared with the reference (MSE)")
+    parser.add_argument("--mse-samples", type=count(1), default=60,
+                        help="of which compared with the reference (MSE); the plug-in part samples this many")
     parser.add_argument("--reference", default="ddim:200",
                         help="many-step reference solve METHOD:STEPS for the MSE (default ddim:200)")
     parser.add_argument("--analytic-only", action="store_true", help="only the analytic mixtures, skip digits-eps")
-    parser.add_argument("--converged-nfe", type=int, default=25, help="FD of UniPC at this NFE (near-converged)")
+    parser.add_argument("--converged-nfe", type=count(1), default=25,
+                        help="FD of UniPC at this NFE (near-converged)")
     parser.add_argument("--converged-only", action="store_true", help="only the near-converged UniPC FD")
     parser.add_argument("--plugin-only", action="store_true", help="only the predictor-only DDIM/DPM++ plug-in")
     parser.add_argument("--json", type=output_file, default=None, help="also write the results as JSON here")
@@ -305,13 +308,16 @@ def main() -> None:
                 merged.update({k: v for k, v in json.load(f).items() if k != "args"})
         print(markdown(merged))
         return
+    digits_part = not (args.analytic_only or args.converged_only or args.plugin_only)
+    if digits_part and args.mse_samples > args.samples:
+        parser.error(f"argument --mse-samples: {args.mse_samples} exceeds --samples {args.samples} (the MSE is taken "
+                     "over the first --mse-samples of the samples)")
     torch.set_num_threads(1)
     if args.converged_only or args.plugin_only:
         result = {"converged": converged_fd(args)} if args.converged_only else {"plugin": bench_plugin(args)}
         print(markdown(result))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), **result}, f, indent=1)
+            write_json(args.json, {"args": vars(args), **result})
         return
     trailing = dict(DDPMScheduler(timestep_spacing="trailing").config)
     result = {
@@ -326,8 +332,14 @@ def main() -> None:
         result["plugin"] = bench_plugin(args)
     print(markdown(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), **result}, f, indent=1)
+        write_json(args.json, {"args": vars(args), **result})
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` as JSON atomically: serialised in full first, then renamed onto ``path`` (an error,
+    e.g. a value JSON cannot hold, leaves an earlier file intact instead of truncated)."""
+    text = json.dumps(payload, indent=1) + "\n"
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 if __name__ == "__main__":

@@ -162,11 +162,12 @@ def main() -> None:
     p = sub.add_parser("heldout", help="searched S3 schedules vs hand-designed samplers on held-out seeds and classes")
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10], help="NFEs to evaluate (default 4 5 6 8 10)")
     p.add_argument("--sets", type=count(1), default=4, help="disjoint held-out seed sets for digits-eps (default 4)")
-    p.add_argument("--num-per-class", type=int, default=30, help="digits-eps samples per class and set (default 30)")
-    p.add_argument("--reference-steps", type=int, default=50, help="steps of the FD-floor solve (default 50)")
+    p.add_argument("--num-per-class", type=count(1), default=30,
+                   help="digits-eps samples per class and set (default 30)")
+    p.add_argument("--reference-steps", type=count(2), default=50, help="steps of the FD-floor solve (default 50)")
     p.add_argument("--schedule", nargs=2, action="append", metavar=("NFE", "FILE"), default=[],
                    help="evaluate this schedule file instead of the shipped one at NFE")
-    p.add_argument("--floor-sets", type=int, default=None,
+    p.add_argument("--floor-sets", type=count(0), default=None,
                    help="compute the FD floor on the first N sets only (default: all)")
     p.add_argument("--skip-analytic", action="store_true", help="skip the analytic (RMSE) part, digits-eps only")
     p.add_argument("--only-searched", action="store_true", help="digits-eps: the searched schedules only")

@@ -252,3 +252,38 @@ def test_folder_statistics_checks_the_size_argument(tmp_path):
     numpy_batch = FeatureExtractor(extractor.fn, extractor.id, np.int64(2))
     assert numpy_batch.batch_size == 2 and type(numpy_batch.batch_size) is int
     np.testing.assert_allclose(folder_statistics(folder, numpy_batch, (8, 8))[0], mean, rtol=1e-6, atol=1e-6)
+
+
+def test_float_and_32_bit_tiff_reference_images(tmp_path):
+    """Found by probing: a 32-bit float TIFF (PIL mode F) went through PIL's 8-bit RGB conversion and read as black;
+    float images are intensities in [0, 1], kept as they are; other values, and 32-bit integer images beyond
+    16 bits, are refused naming the file and the mode."""
+    from fewstep.bench.fid import _load_batches
+
+    values = np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32)
+    good = tmp_path / "float"
+    good.mkdir()
+    for k in range(2):
+        Image.fromarray(values * (1 - 0.5 * k)).save(good / f"{k}.tif")
+    assert Image.open(good / "0.tif").mode == "F"
+    batch = next(_load_batches(list_reference_images(good), 2))
+    assert batch.shape == (2, 3, 2, 2) and batch.dtype == torch.float32
+    torch.testing.assert_close(batch[0, 1], torch.from_numpy(values))
+    torch.testing.assert_close(batch[1, 0], torch.from_numpy(values * 0.5))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    Image.fromarray(values).save(bad / "0.tif")
+    Image.fromarray(values * 255).save(bad / "1.tif")
+    with pytest.raises(ValueError, match=r"'.*1.tif' is a 32-bit float image \(PIL mode F\) with values in \[0, 255\]; "
+                                         r"float images must hold intensities in \[0, 1\]"):
+        folder_statistics(bad, tiny_extractor())
+
+    deep = tmp_path / "int32"
+    deep.mkdir()
+    for k in range(2):
+        Image.fromarray(np.array([[0, 70_000 * k]], dtype=np.int32)).save(deep / f"{k}.tif")
+    assert Image.open(deep / "1.tif").mode == "I"
+    with pytest.raises(ValueError, match=r"'.*1.tif' is a 32-bit integer image \(PIL mode I\) with values in "
+                                         r"\[0, 70000\]; only 0..65535"):
+        folder_statistics(deep, tiny_extractor())

@@ -43,7 +43,7 @@ def test_resume_skips_finished_cells_and_rejects_other_configs(tmp_path, monkeyp
     monkeypatch.setattr(runner._DigitsWorld, "run", lambda self, cell: calls.append(cell.key) or digits_run(self, cell))
     monkeypatch.setattr(runner, "_run_analytic", lambda cell, cfg: calls.append(cell.key) or analytic_run(cell, cfg))
     again = run_grid(BenchConfig(steps=[3, 5], **grid), out, progress=False)
-    assert calls == ["digits-flow|ddim|5|cfg:3", "analytic|ddim|5|-"]  # the finished cells were skipped
+    assert calls == ["digits-flow|ddim|5|cfg:3.0", "analytic|ddim|5|-"]  # the finished cells were skipped
     assert again[0] == first[0] and again[2] == first[1]
     assert [(r["model"], r["steps"]) for r in again] == [("digits-flow", 3), ("digits-flow", 5), ("analytic", 3),
                                                          ("analytic", 5)]

@@ -67,3 +67,32 @@ def test_complex_images_are_refused():
     for fn in (psnr, ssim):
         with pytest.raises(ValueError, match="`x` must be real images"):
             fn(x, x)
+
+
+def test_integer_images_are_refused():
+    """Found by probing: uint8 images with the default data_range=1 scored -22 dB (and an SSIM of ~0) silently."""
+    x = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    for fn in (psnr, ssim):
+        with pytest.raises(ValueError, match=r"`x` must be a floating-point tensor .* got dtype torch.uint8; .*/ 255"):
+            fn(x, x.clone())
+        with pytest.raises(ValueError, match="`y` must be a floating-point tensor .* got dtype torch.int64"):
+            fn(x.double() / 255, x.long())
+
+
+def test_images_outside_the_data_range_are_refused():
+    """Found by probing: model-space images in [-1, 1] were scored with data_range=1 without a word."""
+    x, y = _pair()
+    xm, ym = 2 * x - 1, 2 * y - 1
+    for fn in (psnr, ssim):
+        with pytest.raises(ValueError, match=r"`x` must hold values in \[0, data_range\] = \[0, 1\], got values in "
+                                             r"\[-0\.9.*\]; rescale the images"):
+            fn(xm, y)
+        with pytest.raises(ValueError, match=r"`y` must hold values in \[0, data_range\] = \[0, 2\]"):
+            fn(x, ym, data_range=2.0)
+        with pytest.raises(ValueError, match=r"`y` must hold values in \[0, data_range\] = \[0, 0.5\]"):
+            fn(x * 0.5, y, data_range=0.5)
+    # rounding at the ends is tolerated; the scale of data_range is honoured
+    torch.testing.assert_close(psnr(x + 1e-9, y - 1e-9 * y), psnr(x, y), rtol=1e-6, atol=0)
+    torch.testing.assert_close(psnr(2 * x, 2 * y, data_range=2.0), psnr(x, y))
+    torch.testing.assert_close(ssim(255 * x, 255 * y, data_range=255.0), ssim(x, y))
+    assert psnr(torch.zeros(0, 1, 8, 8), torch.zeros(0, 1, 8, 8)).shape == (0,)

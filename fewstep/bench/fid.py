@@ -167,7 +167,7 @@ def _check_sizes(files: Sequence[Path], size: tuple[int, int] | None) -> tuple[i
 
 
 def _load_batches(files: Sequence[Path], batch_size: int) -> Iterator[torch.Tensor]:
-    """``[B, 3, H, W]`` float tensors in [0, 1] (RGB) of consecutive files."""
+    """``[B, 3, H, W]`` float tensors in [0, 1] (RGB) of consecutive files (see :func:`_rgb01`)."""
     from PIL import Image
 
     for start in range(0, len(files), batch_size):
@@ -175,20 +175,41 @@ def _load_batches(files: Sequence[Path], batch_size: int) -> Iterator[torch.Tens
         for file in files[start:start + batch_size]:
             try:
                 with Image.open(file) as image:
-                    arrays.append(_rgb01(image))
+                    arrays.append(_rgb01(image, file))
             except OSError as exc:  # a truncated or corrupt file: its header read, its pixels do not
                 raise ValueError(f"`reference_images`: {str(file)!r} is not a readable image ({exc})") from None
         yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def _rgb01(image) -> np.ndarray:
-    """``[H, W, 3]`` float32 in [0, 1]. 16-bit greyscale (``I;16*``, ``I``) is scaled by 65535 (PIL's RGB
-    conversion would clip it to white), other modes go through PIL's RGB conversion (8 bits)."""
-    if image.mode.startswith("I;16") or image.mode == "I":
+#: 32-bit float images (PIL mode ``F``) may leave [0, 1] by this much (rounding), no more
+FLOAT_IMAGE_TOLERANCE = 1e-6
+
+
+def _rgb01(image, file: str | os.PathLike = "<image>") -> np.ndarray:
+    """``[H, W, 3]`` float32 in [0, 1] of a PIL image read from ``file`` (named in errors); greyscale repeated over
+    RGB. PIL's RGB conversion is right for 8-bit modes only (it clips deeper data to white or black), so:
+
+    * 16-bit greyscale (``I;16*``, and ``I``, PIL's mode of 16-bit data in some formats): ``value / 65535``;
+      an ``I`` (32-bit integer) image with a value outside 0..65535 is refused (its scale is unknown);
+    * 32-bit float (``F``, e.g. a float TIFF): values taken as intensities already in [0, 1] (the float image
+      convention), unchanged; a value outside [0, 1] (beyond :data:`FLOAT_IMAGE_TOLERANCE`) or NaN is refused;
+    * other modes (``L``, ``RGB``, ``RGBA``, ``P``, ...): PIL's RGB conversion, ``value / 255``."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
         grey = np.asarray(image, dtype=np.float64)
         if grey.min(initial=0) < 0 or grey.max(initial=0) > 65535:
-            raise ValueError(f"32-bit integer image with values outside 0..65535 ({image.mode})")
+            raise ValueError(f"`reference_images`: {str(file)!r} is a 32-bit integer image (PIL mode {mode}) with "
+                             f"values in [{grey.min():.0f}, {grey.max():.0f}]; only 0..65535 (16-bit data, scaled "
+                             "by 65535) is supported: save it as 8- or 16-bit")
         return np.repeat((grey / 65535.0).astype(np.float32)[..., None], 3, axis=2)
+    if mode == "F":
+        grey = np.asarray(image, dtype=np.float64)
+        finite, tol = bool(np.isfinite(grey).all()), FLOAT_IMAGE_TOLERANCE
+        if not finite or grey.min(initial=0) < -tol or grey.max(initial=0) > 1 + tol:
+            found = "NaN or Inf" if not finite else f"values in [{grey.min():.6g}, {grey.max():.6g}]"
+            raise ValueError(f"`reference_images`: {str(file)!r} is a 32-bit float image (PIL mode F) with {found}; "
+                             "float images must hold intensities in [0, 1]: rescale it or save it as 8- or 16-bit")
+        return np.repeat(grey.clip(0, 1).astype(np.float32)[..., None], 3, axis=2)
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 

@@ -216,7 +216,11 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- any unreadable file gets the same clear message
-        raise ValueError(f"`inception_weights` {str(file)!r} is not a readable PyTorch state dict: {exc}") from None
+        # one line: torch's own text spans several and advises weights_only=False (unsafe for a file of unknown
+        # origin), so only the error type is kept
+        raise ValueError(f"`inception_weights` {str(file)!r} is not a PyTorch checkpoint of tensors (torch.load with "
+                         f"weights_only=True failed: {type(exc).__name__}); give pytorch-fid's weights file "
+                         f"{WEIGHTS_NAME}") from None
     if not isinstance(state, dict):
         raise ValueError(f"`inception_weights` {str(file)!r} holds a {type(state).__name__}, not a state dict")
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))

@@ -102,8 +102,11 @@ class Cell:
 
     @property
     def key(self) -> str:
-        """Stable identifier of the cell in the results file."""
-        guide = "-" if self.guidance is None else f"{self.guidance}:{self.guidance_scale:g}"
+        """Stable identifier of the cell in the results file: ``MODEL|SAMPLER|STEPS|RULE:SCALE`` with the scale
+        written exactly (``repr`` of the float: ``cfg:3.0``, ``cfg:3.0000004``), ``-`` for no guidance. Results
+        files of earlier versions keyed the scale rounded to 6 digits (``cfg:3``); their rows are re-keyed from the
+        row's own fields when read (:func:`_load_results`)."""
+        guide = "-" if self.guidance is None else f"{self.guidance}:{float(self.guidance_scale)!r}"
         return f"{self.model}|{self.sampler}|{self.steps}|{guide}"
 
 
@@ -146,15 +149,15 @@ class BenchConfig:
             if not self.prompts:
                 raise ValueError("`prompts` must hold at least one prompt for a pipeline directory in `models`")
         if self.image_size is not None:
-            _check_ints("image_size", [self.image_size], 8)
+            self.image_size = _check_ints("image_size", [self.image_size], 8)[0]
         self.samplers = _check_names("samplers", self.samplers or _default_samplers(self.models),
                                      sampler_registry.names())
         self.steps = _check_ints("steps", self.steps, 1)
-        for name, value, low in (("num_per_class", self.num_per_class, 1), ("batch_size", self.batch_size, 1),
-                                 ("reference_steps", self.reference_steps, 2), ("num_samples", self.num_samples, 2),
-                                 ("dim", self.dim, 1)):
-            _check_ints(name, [value], low)
-        check_int("seed", self.seed, 0, 2**63 - 1)
+        for name, low in (("num_per_class", 1), ("batch_size", 1), ("reference_steps", 2), ("num_samples", 2),
+                          ("dim", 1)):
+            # stored as Python ints: numpy integers broke torch's generators and the JSON results file
+            setattr(self, name, _check_ints(name, [getattr(self, name)], low)[0])
+        self.seed = check_int("seed", self.seed, 0, 2**63 - 1)
         from .analytic_bench import SCHEDULE_CONFIGS
 
         if self.schedule not in SCHEDULE_CONFIGS:
@@ -173,6 +176,7 @@ class BenchConfig:
         if not guidance and any(m != "analytic" for m in self.models):
             raise ValueError("`guidance` must not be empty for the digits models (use cfg:1 for no guidance)")
         self.guidance = guidance
+        _check_distinct_scales(guidance)
         for name, values in (("models", self.models), ("samplers", self.samplers), ("steps", self.steps),
                              ("guidance", self.guidance)):
             repeated = repeated_values(values)
@@ -215,7 +219,9 @@ class BenchConfig:
         return fe.id if isinstance(fe, FeatureExtractor) else fe
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a stored cell depends on (not the grid axes, not the batch size)."""
+        """The settings a stored cell depends on (not the grid axes, not the batch size), and ``pipelines``:
+        ``{directory: _folder_fingerprint(directory)}`` of the pipeline directories among ``models`` (weights
+        re-saved in place are another configuration; :func:`_load_results` compares it per directory)."""
         return {
             "classes": self.classes, "num_per_class": self.num_per_class, "seed": self.seed,
             "reference": f"{self.reference_sampler}:{self.reference_steps}",
@@ -225,6 +231,10 @@ class BenchConfig:
             "image_size": self.image_size,
             **({"reference_images": image_set_digest(list_reference_images(self.reference_images))}
                if self.reference_images is not None else {}),
+            # weights re-saved into the same folder are another configuration (``_folder_fingerprint``); absent
+            # without pipeline directories, so results files of the built-in models keep their configuration
+            **({"pipelines": {m: _folder_fingerprint(m) for m in self.models if is_pipeline_dir(m)}}
+               if any(is_pipeline_dir(m) for m in self.models) else {}),
         }
 
     def cells(self) -> list[Cell]:
@@ -237,6 +247,20 @@ class BenchConfig:
                     for n in self.steps:
                         out.append(Cell(model, name, n, rule, scale))
         return out
+
+
+def _check_distinct_scales(guidance: Sequence[tuple[str, float]]) -> None:
+    """``ValueError`` when two scales of one rule differ but print alike with 6 significant digits (``:g``, the
+    results tables and plots): ``cfg:3`` and ``cfg:3.0000004`` are one setting to a reader and almost surely a
+    typo or a float round-trip."""
+    seen: dict[tuple[str, str], float] = {}
+    for rule, scale in guidance:
+        label = (rule, format(scale, "g"))
+        if label in seen and seen[label] != scale:
+            raise ValueError(f"`guidance` holds near-duplicate scales of {rule!r}: {seen[label]!r} and {scale!r} "
+                             f"(both print as {rule} {label[1]}); give scales that differ in their first 6 "
+                             "significant digits")
+        seen[label] = scale
 
 
 def _default_samplers(models: Sequence[str]) -> list[str]:
@@ -296,13 +320,16 @@ def _check_cell(cell: Cell, model_config: dict[str, Any]) -> None:
 def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Path | None = None,
                          classifier=None, inception=None, inception_id: str | None = None,
                          extractor: FeatureExtractor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the feature extractor's features of the held-out test digits of ``classes``.
+    """Mean and covariance ``mu = mean_i f(x_i)``, ``C = sum_i (f(x_i) - mu)(f(x_i) - mu)^T / (N - 1)`` of the
+    feature extractor's features ``f`` of the held-out test digits ``x_i`` of ``classes``.
 
     Computed once and cached as safetensors in ``cache_dir`` (keyed by model, classes, feature extractor and
-    image size); later calls load the file. ``extractor``: a :class:`~fewstep.bench.fid.FeatureExtractor` to use
-    instead of the digits classifier (its id goes into the cache key); ``inception``: a loaded
-    :class:`~fewstep.bench.inception.InceptionV3Features` (``inception_id`` names its weights file), the same as
-    ``extractor=FeatureExtractor(inception, f"inception:{inception_id}")``."""
+    image size); later calls load the file. The features are those of the shipped digits classifier, or else of
+    exactly one of: ``classifier`` (another digits classifier module: keyed by a digest of its weights, see
+    :func:`_module_digest`); ``extractor`` (a :class:`~fewstep.bench.fid.FeatureExtractor`, keyed by its id);
+    ``inception`` (a loaded :class:`~fewstep.bench.inception.InceptionV3Features`, the same as
+    ``extractor=FeatureExtractor(inception, f"inception:{inception_id}")``: with a ``cache_dir``, ``inception_id``
+    must name its weights, e.g. the digest of its file)."""
     from ..datasets import load_digits_images, to_unit_range
     from ..pipelines import load_default
     from ..pipelines.defaults import default_model_path
@@ -314,13 +341,37 @@ def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Pa
     classes = _check_ints("classes", classes, 0)
     if not classes or any(c > 9 for c in classes) or len(set(classes)) != len(classes):
         raise ValueError(f"`classes` must be distinct digits 0..9 (at least one), got {classes}")
+    given = [name for name, value in (("classifier", classifier), ("inception", inception), ("extractor", extractor))
+             if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of `classifier`, `inception` and `extractor` (the features of the "
+                         f"statistics), got {' and '.join(f'`{g}`' for g in given)}")
+    if extractor is not None and not isinstance(extractor, FeatureExtractor):
+        raise TypeError(f"`extractor` must be a FeatureExtractor, got {type(extractor).__name__}")
+    if inception_id is not None and (not isinstance(inception_id, str) or not inception_id.strip()):
+        raise ValueError(f"`inception_id` must be a non-empty string naming the Inception weights, got "
+                         f"{inception_id!r}")
+    if inception_id is not None and inception is None:
+        raise ValueError(f"`inception_id` {inception_id!r} names the weights of `inception`, which is not given")
+    if inception is not None and inception_id is None and cache_dir is not None:
+        raise ValueError("`inception_id` must name the weights of `inception` (e.g. the digest of its weights "
+                         "file) when caching in `cache_dir`, got None: statistics of other weights would share the "
+                         "cache file")
+    if classifier is not None and not isinstance(classifier, torch.nn.Module):
+        raise TypeError(f"`classifier` must be a digits classifier (torch.nn.Module), got "
+                        f"{type(classifier).__name__}")
     unet_config = json.loads((default_model_path(model) / "unet" / "config.json").read_text())
     size = int(unet_config["sample_size"])
     if inception is not None:
         extractor = FeatureExtractor(inception, f"inception:{inception_id}")
+    if extractor is not None:
+        features_id = extractor.id
+    elif classifier is not None:  # its weights, not its name: a fine-tuned or scaled copy gets its own file
+        features_id = f"{FEATURE_EXTRACTOR}:{_module_digest(classifier)}"
+    else:
+        features_id = FEATURE_EXTRACTOR
     key = {"kind": "reference-statistics", "model": model, "classes": sorted(int(c) for c in classes),
-           "feature_extractor": FEATURE_EXTRACTOR if extractor is None else extractor.id, "split": "test",
-           "sample_size": size}
+           "feature_extractor": features_id, "split": "test", "sample_size": size}
     path = Path(cache_dir) / _cache_name("refstats", key) if cache_dir is not None else None
     cached = _load_statistics(path, key)
     if cached is not None:
@@ -338,8 +389,29 @@ def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Pa
     return mean, cov
 
 
+def _module_digest(module: torch.nn.Module) -> str:
+    """Digest of a module's weights: every ``state_dict`` entry's name, dtype, shape and bytes (parameters and
+    buffers), in name order."""
+    h = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        if not isinstance(value, torch.Tensor):
+            h.update(f"{name}={value!r};".encode())
+            continue
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------------- results file
 def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The stored rows of ``path`` (none when it does not exist), keyed by :attr:`Cell.key` rebuilt from each row's
+    own fields (files of earlier versions keyed the guidance scale rounded to 6 digits).
+
+    The stored configuration must equal ``fingerprint``, except ``pipelines`` (``{directory: folder fingerprint}``):
+    a pipeline directory of this run with stored rows must have the stored fingerprint (its weights unchanged);
+    the stored fingerprints of the other directories are merged into ``fingerprint`` (in place), so the file
+    keeps describing all its rows. Anything else is ``ValueError`` (another configuration)."""
     if not path.is_file():
         return {}
     try:
@@ -351,12 +423,45 @@ def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str
     if not isinstance(cells, dict) or not all(_is_result_row(row) for row in cells.values()):
         raise ValueError(f"results file {str(path)!r} is not a fewstep bench results file (a JSON object whose "
                          "'cells' hold result rows); delete it or choose another --out")  # fmt: skip
-    if payload.get("config") != fingerprint:
+    stored = payload.get("config")
+    if not _same_config(stored, fingerprint, {row["model"] for row in cells.values()}):
         raise ValueError(
-            f"results file {str(path)!r} is from another configuration: stored {json.dumps(payload.get('config'))}, "
+            f"results file {str(path)!r} is from another configuration: stored {json.dumps(stored)}, "
             f"this run {json.dumps(fingerprint)}; use another output directory or the same settings"
         )
-    return dict(cells)
+    pipelines = {**stored.get("pipelines", {}), **fingerprint.get("pipelines", {})}
+    if pipelines:
+        fingerprint["pipelines"] = pipelines
+    rows: dict[str, dict[str, Any]] = {}
+    for key, row in cells.items():
+        new_key = _row_key(row) or key
+        rows[new_key if new_key not in rows else key] = row
+    return rows
+
+
+def _same_config(stored: Any, fingerprint: dict[str, Any], stored_models: set[str]) -> bool:
+    """Whether a stored configuration is this run's: equal but for ``pipelines``, where only the directories of
+    this run that have stored rows (``stored_models``) must carry the stored fingerprint (one missing there
+    differs: rows of unknown weights)."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("pipelines", {}), dict):
+        return False
+    if {k: v for k, v in stored.items() if k != "pipelines"} != {k: v for k, v in fingerprint.items()
+                                                                 if k != "pipelines"}:
+        return False
+    old = stored.get("pipelines", {})
+    return all(old.get(model) == files for model, files in fingerprint.get("pipelines", {}).items()
+               if model in stored_models)
+
+
+def _row_key(row: dict[str, Any]) -> str | None:
+    """:attr:`Cell.key` of a stored row, ``None`` when its guidance fields are not a rule and a number."""
+    guidance, scale = row.get("guidance"), row.get("guidance_scale")
+    if isinstance(row["steps"], bool) or not isinstance(row["steps"], int):
+        return None
+    if guidance is not None and (not isinstance(guidance, str) or isinstance(scale, bool)
+                                 or not isinstance(scale, (int, float))):
+        return None
+    return Cell(row["model"], row["sampler"], row["steps"], guidance, None if guidance is None else scale).key
 
 
 #: the fields every stored result row has (metrics: a number, or None where it does not apply)
@@ -470,11 +575,19 @@ class _DigitsWorld:
 
 def _folder_fingerprint(folder: str | Path) -> str:
     """A digest of a pipeline folder's files (relative path, size, modification time): cache entries of reference
-    solves carry it, so weights replaced under the same path are recomputed, not reused (a re-saved identical
-    checkpoint only costs a recomputation)."""
+    solves and the results' configuration carry it, so weights replaced under the same path are recomputed, not
+    reused (a re-saved identical checkpoint only costs a recomputation). Only ``model_index.json`` and the
+    component folders it names count (when it names them), so results or caches written into the pipeline
+    folder do not change it."""
     root = Path(folder).resolve()
-    entries = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
-                     for f in root.rglob("*") if f.is_file())
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = None
+    parts = ([root / "model_index.json"] + [root / k for k in index if not k.startswith("_") and (root / k).is_dir()]
+             if isinstance(index, dict) else [root])
+    files = {f for part in parts for f in ([part] if part.is_file() else part.rglob("*")) if f.is_file()}
+    entries = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
 
 
@@ -576,14 +689,16 @@ class _PipelineWorld:
 
     def reference_stats(self, rule: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
         """Reference statistics of the FD: the folder's, else those of the decoded reference solve (cached, keyed by
-        the extractor, a hash of the reference latents and the image size)."""
+        the extractor, a hash of the reference latents, the pipeline folder's fingerprint -- the VAE that decodes
+        them: another VAE with the same latents must not reuse them -- and the image size)."""
         if self.folder_stats is not None:
             return self.folder_stats
         if (rule, scale) not in self.solve_stats:
             latents = self.reference(rule, scale)
             digest = hashlib.sha256(latents.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
             key = {"kind": "reference-statistics", "extractor": self.extractor.id,
-                   "images": f"reference-solve:{digest}", "count": len(latents), "size": list(self.image_hw)}
+                   "images": f"reference-solve:{digest}", "files": self.files_id, "count": len(latents),
+                   "size": list(self.image_hw)}
             self.solve_stats[(rule, scale)] = cached_statistics(key, self.cache_dir, lambda: self.features(latents))
         return self.solve_stats[(rule, scale)]
 
