@@ -146,6 +146,7 @@ def _has_matplotlib() -> bool:
         (["bench", "--model", "digits-eps", "--guidance", "cfg:a", "--out", "x"], "scale 'a' is not a number"),
         (["bench", "--model", "digits-eps,sd15", "--out", "x"], "unknown model(s) ['sd15']"),
         (["bench", "--model", "digits-eps", "--out", "x", "--json", "y.json"], "--json is for the analytic table"),
+        (["bench", "--model", "digits-eps", "--out", "x", "--json", ""], "--json is for the analytic table"),
         (["bench", "--model", "digits-eps", "--out", "x", "--classes", "0,12"], "`classes` must be distinct digits"),
         (["bench", "--model", "digits-eps", "--out", "x", "--num-per-class", "0"], "expected an integer >= 1"),
         # found by probing: options no listed model uses were silently ignored in a grid run

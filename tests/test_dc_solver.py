@@ -95,7 +95,7 @@ def test_dpm_solver_base_options_are_checked_and_keyed():
     with pytest.raises(ValueError, match=r"`predict_x0`=False is UniPC's noise-form switch; with "
                                          r"dc_base='dpm-solver\+\+' .*algorithm_type='dpmsolver'"):
         DC(dc_base="dpm-solver++", predict_x0=False)
-    with pytest.raises(ValueError, match=r"`euler_at_final` must be a bool, got 'yes'"):
+    with pytest.raises(ValueError, match=r"`euler_at_final` must be True or False, got 'yes'"):
         DC(euler_at_final="yes")
     # defaults leave the artifact key as before (the shipped tables keep loading); other values are part of it
     assert "algorithm_type" not in _key() and "euler_at_final" not in _key()

@@ -3,6 +3,8 @@ a sampler that does not declare them, and refusals must name what works for the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from _helpers import REAL_CONFIGS, TinyDenoiser
@@ -61,13 +63,16 @@ def test_thresholding_refusal_offers_clip_sample_where_it_exists(name):
 
 @pytest.mark.parametrize("name,diffusers_cls", [("unipc", UniPCMultistepScheduler),
                                                  ("dpm-solver++", DPMSolverMultistepScheduler)])
-def test_explicit_epsilon_on_flow_sigmas_is_refused_not_rewritten(name, diffusers_cls):
-    """Found by a parity probe: an explicit prediction_type='epsilon' with use_flow_sigmas=True was silently read
-    as a velocity model (diffusers honours the epsilon, and its samples reach norms of ~1e6 with it)."""
-    explicit = diffusers_cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type="epsilon").config
-    with pytest.raises(ValueError, match=r"`prediction_type`='epsilon' was given with a flow-matching schedule .*"
-                                         r"allowed on flow schedules: 'flow_prediction'"):
-        samplers.get(name).from_config(explicit)
+def test_epsilon_on_flow_sigmas_is_read_as_flow_also_from_a_saved_config(name, diffusers_cls, tmp_path):
+    """diffusers writes the default prediction_type='epsilon' into every saved config, so a stated epsilon on a flow
+    schedule cannot be told from a default: it is read as a velocity model, in memory and after save/reload (a
+    refusal of explicit epsilon broke SD3 folders holding a swapped-in diffusers UniPC/DPM-Solver config)."""
+    swapped = diffusers_cls.from_config(REAL_CONFIGS["sd3"])
+    swapped.save_config(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "epsilon"
+    for cfg in (swapped.config, saved):
+        assert samplers.get(name).from_config(cfg).config.prediction_type == "flow"
     # a config that does not state the prediction type (the class default) is a velocity model, as before
     default = diffusers_cls(use_flow_sigmas=True, flow_shift=3.0).config
     assert samplers.get(name).from_config(default).config.prediction_type == "flow"

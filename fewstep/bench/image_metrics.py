@@ -32,11 +32,6 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:
         raise ValueError(f"`x` and `y` must be NCHW tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[1:].numel() == 0:
         raise ValueError(f"`x` and `y` hold empty images (shape {tuple(x.shape)}): need C, H, W >= 1")
-    for name, t in (("x", x), ("y", y)):
-        if not t.is_floating_point():
-            raise ValueError(f"`{name}` must be a floating-point tensor of images in [0, data_range], got dtype "
-                             f"{t.dtype}; convert integer images first, e.g. uint8: {name}.double() / 255 with "
-                             "data_range=1")
     check_number("data_range", data_range, 0, low_open=True)
     tol = RANGE_TOLERANCE * data_range
     for name, t in (("x", x), ("y", y)):
@@ -53,7 +48,8 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """``PSNR = 10 log10(data_range^2 / MSE)`` per image (``[N]``), ``MSE = mean (x - y)^2`` over C, H, W; identical
-    images give ``inf``. ``x``, ``y``: floating-point NCHW images in ``[0, data_range]``."""
+    images give ``inf``. ``x``, ``y``: NCHW images in ``[0, data_range]`` (any real dtype: uint8 with
+    ``data_range=255``)."""
     _check_pair(x, y, data_range)
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(data_range**2 / mse)

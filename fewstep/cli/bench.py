@@ -85,7 +85,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_analytic_table(args)
     if args.out is None:
         raise UsageError(f"--model {','.join(models)} runs a benchmark grid: give --out DIR for its results")
-    if args.json:
+    if args.json is not None:
         raise UsageError("--json is for the analytic table; a grid run writes results.json into --out")
     _check_applicable(args, kinds)
     _fill_analytic_defaults(args)

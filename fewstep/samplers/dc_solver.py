@@ -17,6 +17,7 @@ from ..solvers.dc_artifacts import CPRModel, load_cpr, load_ratios
 from ..solvers.engine import EngineState
 from ..solvers.methods import DPM_SOLVER_TYPES, UNIPC_TYPES, ddim_decisions, dpm_solver_decisions, unipc_decisions
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
+from .dpm_solver import ODE_ALGORITHMS, check_ode_algorithm_type
 from .unipc import check_unipc_noise_form
 
 __all__ = ["FewstepDCSolverScheduler", "DC_BASES", "SHIPPED_DC_ARTIFACTS", "dc_scheduler_key", "shipped_artifact"]
@@ -53,9 +54,6 @@ _KEY_FIELDS = (
 #: DPM-Solver options of the ``dpm-solver++`` base: part of the key (with that base only) when they differ from these
 #: defaults, so that tables made before they were honoured (all with the defaults) keep their key.
 _DPM_KEY_DEFAULTS = {"algorithm_type": "dpmsolver++", "euler_at_final": False}
-#: ``algorithm_type`` of the ``dpm-solver++`` base -> prediction form (the ODE variants; see the class docstring).
-_DC_ALGORITHMS = {"dpmsolver++": "data", "dpmsolver": "noise"}
-_SDE_ALGORITHMS = ("sde-dpmsolver++", "sde-dpmsolver")
 
 
 def dc_scheduler_key(config: Any) -> dict:
@@ -159,17 +157,9 @@ class FewstepDCSolverScheduler(FewstepScheduler):
     ):
         if dc_base not in DC_BASES:
             raise ValueError(f"`dc_base` must be one of {list(DC_BASES)}, got {dc_base!r}")
-        if algorithm_type == "deis":  # DEIS configs' value, mapped as diffusers' DPM-Solver (and fewstep's) map it
-            self.register_to_config(algorithm_type="dpmsolver++")
-        elif algorithm_type in _SDE_ALGORITHMS and dc_base == "dpm-solver++":
-            raise ValueError(f"`algorithm_type`={algorithm_type!r}: DC-Solver compensates the outputs along a "
-                             "deterministic (ODE) trajectory and has no SDE variant; allowed with "
-                             f"dc_base='dpm-solver++': {list(_DC_ALGORITHMS)}")  # fmt: skip
-        elif algorithm_type not in (*_DC_ALGORITHMS, *_SDE_ALGORITHMS):
-            raise ValueError(f"`algorithm_type` must be one of {list(_DC_ALGORITHMS)}, got {algorithm_type!r}")
-        for key, value in (("euler_at_final", euler_at_final), ("predict_x0", predict_x0)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{key}` must be a bool, got {value!r}")
+        check_ode_algorithm_type(self, algorithm_type, "dc_base",
+                                 "DC-Solver compensates the outputs along a deterministic (ODE) trajectory and has "
+                                 "no SDE variant")
         if dc_base == "dpm-solver++" and not predict_x0:
             raise ValueError("`predict_x0`=False is UniPC's noise-form switch; with dc_base='dpm-solver++' the form is "
                              "set by algorithm_type: pass algorithm_type='dpmsolver' for noise prediction (allowed "
@@ -262,7 +252,7 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             return dpm_solver_decisions(
                 num_steps,
                 solver_order=cfg.solver_order,
-                prediction=_DC_ALGORITHMS[cfg.algorithm_type],
+                prediction=ODE_ALGORITHMS[cfg.algorithm_type],
                 solver_type=cfg.solver_type,
                 lower_order_final=cfg.lower_order_final,
                 euler_at_final=cfg.euler_at_final,

@@ -29,8 +29,8 @@ class FewstepDDIMScheduler(FewstepScheduler):
     more accurate everywhere: against the exact ODE solution diffusers' ``linspace`` run is closer below ~10 steps
     (N = 2: 32% vs fewstep's 87% error), fewstep's from 15 on. With ``leading`` spacing (SD 1.5, SDXL) and
     ``trailing`` at N dividing T the two agree to float rounding. With ``rescale_betas_zero_snr`` the last
-    alpha_bar is 2^-24 as in diffusers' DPM-Solver and UniPC (diffusers' DDIM keeps 0: 1e-4 relative with
-    v-prediction on SD's betas, 2e-5 on linear ones).
+    alpha_bar is 2^-24 (half the one before where that is smaller: linear betas) as in diffusers' DPM-Solver and
+    UniPC (diffusers' DDIM keeps 0: 1e-4 relative with v-prediction on SD's betas, 2e-5 on linear ones).
     """
 
     spacing_style = "ddim"

@@ -9,9 +9,25 @@ from diffusers.configuration_utils import register_to_config
 from ..solvers.methods import dpm_solver_decisions
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
-__all__ = ["FewstepDPMSolverScheduler"]
+__all__ = ["FewstepDPMSolverScheduler", "ODE_ALGORITHMS", "check_ode_algorithm_type"]
 
 _ALGORITHMS = {"dpmsolver++": "data", "dpmsolver": "noise", "sde-dpmsolver++": "data", "sde-dpmsolver": "noise"}
+#: the ODE ``algorithm_type``s -> prediction form (what samplers built on a DPM-Solver base accept)
+ODE_ALGORITHMS = {k: v for k, v in _ALGORITHMS.items() if not k.startswith("sde-")}
+
+
+def check_ode_algorithm_type(scheduler: FewstepScheduler, algorithm_type: str, base_key: str, why: str) -> None:
+    """``algorithm_type`` of a sampler built on a solver base named by its option ``base_key`` (``base``,
+    ``dc_base``): DEIS configs' ``"deis"`` becomes ``"dpmsolver++"`` (as diffusers maps it); an SDE type is refused
+    when the base is ``dpm-solver++`` (``why`` says why; other bases ignore the key, as keys of a foreign config
+    are); anything else is refused."""
+    if algorithm_type == "deis":
+        scheduler.register_to_config(algorithm_type="dpmsolver++")
+    elif algorithm_type not in _ALGORITHMS:
+        raise ValueError(f"`algorithm_type` must be one of {list(ODE_ALGORITHMS)}, got {algorithm_type!r}")
+    elif algorithm_type not in ODE_ALGORITHMS and scheduler.config[base_key] == "dpm-solver++":
+        raise ValueError(f"`algorithm_type`={algorithm_type!r}: {why}; allowed with {base_key}='dpm-solver++': "
+                         f"{list(ODE_ALGORITHMS)}")
 
 
 class FewstepDPMSolverScheduler(FewstepScheduler):

@@ -19,6 +19,7 @@ from ..solvers.methods import (
 )
 from ..solvers.momentum import MomentumStep, check_beta, compile_momentum, split_fractional_order
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
+from .dpm_solver import ODE_ALGORITHMS, check_ode_algorithm_type
 from .unipc import check_unipc_noise_form
 
 __all__ = ["FewstepHeavyBallScheduler", "FewstepGHVBScheduler", "HB_BASES", "HB_DEFAULT_ORDERS"]
@@ -28,9 +29,6 @@ HB_BASES = {"plms": 4, "dpm-solver++": 3, "unipc": 3}
 #: base method -> the ``solver_order`` used when none is set: PLMS-4 (the paper's), and the default order of
 #: fewstep's (and diffusers') DPM-Solver++ and UniPC schedulers.
 HB_DEFAULT_ORDERS = {"plms": 4, "dpm-solver++": 2, "unipc": 2}
-#: ``algorithm_type`` of a ``dpm-solver++`` base -> its prediction form (ODE variants only, see the class docstring).
-_HB_ALGORITHMS = {"dpmsolver++": "data", "dpmsolver": "noise"}
-_SDE_ALGORITHMS = ("sde-dpmsolver++", "sde-dpmsolver")
 
 
 class _MomentumMixin:
@@ -130,19 +128,9 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
                 self.register_to_config(solver_type=None)
             else:
                 raise ValueError(f"`solver_type` for base {base!r} must be one of {list(allowed)}, got {solver_type!r}")
-        if algorithm_type == "deis":  # DEIS configs' value, mapped as diffusers' DPM-Solver (and fewstep's) map it
-            self.register_to_config(algorithm_type="dpmsolver++")
-        elif algorithm_type in _SDE_ALGORITHMS and base == "dpm-solver++":
-            raise ValueError(
-                f"`algorithm_type`={algorithm_type!r}: heavy-ball momentum (eq. 11) averages the update directions of "
-                f"an ODE solver, on SDE steps it would average the injected noise; allowed with base='dpm-solver++': "
-                f"{list(_HB_ALGORITHMS)}"
-            )
-        elif algorithm_type not in (*_HB_ALGORITHMS, *_SDE_ALGORITHMS):
-            raise ValueError(f"`algorithm_type` must be one of {list(_HB_ALGORITHMS)}, got {algorithm_type!r}")
-        for key, value in (("euler_at_final", euler_at_final), ("predict_x0", predict_x0)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{key}` must be a bool, got {value!r}")
+        check_ode_algorithm_type(self, algorithm_type, "base",
+                                 "heavy-ball momentum (eq. 11) averages the update directions of an ODE solver, on "
+                                 "SDE steps it would average the injected noise")
         self._init_common()
         if base == "unipc":
             check_unipc_noise_form(self)
@@ -160,7 +148,7 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
         if cfg.base == "plms":
             return "noise"
         if cfg.base == "dpm-solver++":
-            return _HB_ALGORITHMS[cfg.algorithm_type]
+            return ODE_ALGORITHMS[cfg.algorithm_type]
         return "data" if cfg.predict_x0 else "noise"
 
     def _decisions(self, num_steps: int, final_is_clean: bool) -> list[StepDecision]:
