@@ -73,9 +73,10 @@ def test_rewritten_pipeline_weights_are_another_configuration(tmp_path, monkeypa
     assert set(json.loads((out / "results.json").read_text())["config"]["pipelines"]) == {p1, p2}
     run_grid(_pipeline_config(p2), out, progress=False)  # p1's fingerprint stays in the file
     assert set(json.loads((out / "results.json").read_text())["config"]["pipelines"]) == {p1, p2}
-    # new weights in p1: its stored rows are of other weights -> the existing "another configuration" refusal
+    # new weights in p1: its stored rows are of other weights -> refused, naming the directory
     _fake_pipeline(tmp_path / "p1", b"\x09" * 9)
-    with pytest.raises(ValueError, match="is from another configuration: stored .*this run .*use another output"):
+    with pytest.raises(ValueError, match=rf"holds rows of pipeline directory \['{p1}'\] whose files differ from "
+                                         r"when they were stored .*use another output directory"):
         run_grid(_pipeline_config(p1), out, progress=False)
     assert run_grid(_pipeline_config(p1), tmp_path / "fresh", progress=False)[0]["mse"] == 12.0
     # only model_index.json and its component folders count: results written into the folder change nothing
@@ -99,7 +100,8 @@ def test_results_without_directory_fingerprints_are_not_trusted(tmp_path, monkey
     payload = json.loads((out / "results.json").read_text())
     del payload["config"]["pipelines"]
     (out / "results.json").write_text(json.dumps(payload))
-    with pytest.raises(ValueError, match="is from another configuration"):
+    with pytest.raises(ValueError, match=r"whose files differ from when they were stored \(weights re-saved, or a "
+                                         r"results file written before fewstep recorded pipeline folders\)"):
         run_grid(_pipeline_config(p1), out, progress=False)
 
 

@@ -166,7 +166,7 @@ def _bench_analytic_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub, help_text: str) -> None:
+def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     """The ``bench`` subcommand."""
     p_bench = sub.add_parser("bench", help=help_text)
     p_bench.add_argument("--model", type=_model_list, default=["analytic"],

@@ -95,7 +95,7 @@ def cmd_calibrate_ems(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub, help_text: str) -> None:
+def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     p_cal = sub.add_parser("calibrate", help=help_text)
     cal_sub = p_cal.add_subparsers(dest="target", required=True, metavar="TARGET")
     p_dc = cal_sub.add_parser("dc", help="search DC-Solver ratios against a many-step reference (+ CPR fit)")

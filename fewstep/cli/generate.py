@@ -499,13 +499,13 @@ def _apply_quant(args: argparse.Namespace, pipe):
     return pipe
 
 
-def add_list_parser(sub, help_text: str) -> None:
+def add_list_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     """The ``list`` subcommand."""
     p_list = sub.add_parser("list", help=help_text)
     p_list.set_defaults(func=cmd_list)
 
 
-def add_generate_parser(sub, help_text: str) -> None:
+def add_generate_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     """The ``generate`` subcommand."""
     from ..pipelines.denoiser import COMPILE_MODES
 

@@ -102,7 +102,7 @@ def _quant_output_error(float_model, qmodel, calibration, rows: int = 256) -> fl
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-def add_parser(sub, help_text: str) -> None:
+def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     from ..quant.quantizers import FORMATS, METRICS
 
     p = sub.add_parser("quantize", help=help_text)

@@ -102,7 +102,7 @@ def _check_init_noise_schedule(path: str, schedule, objective):
     return schedule
 
 
-def add_parser(sub, help_text: str) -> None:
+def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser("search", help=help_text)
     p.add_argument("--model", default="digits-eps", help="analytic or digits-eps")
     p.add_argument("--nfe", type=int_at_least(2), required=True, help="number of model evaluations (>= 2)")
