@@ -424,15 +424,14 @@ def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str
         raise ValueError(f"results file {str(path)!r} is not a fewstep bench results file (a JSON object whose "
                          "'cells' hold result rows); delete it or choose another --out")  # fmt: skip
     stored = payload.get("config")
-    stored_models = {row["model"] for row in cells.values()}
-    changed = _changed_pipelines(stored, fingerprint, stored_models)
+    changed = _config_differences(stored, fingerprint, {row["model"] for row in cells.values()})
     if changed:
         raise ValueError(
             f"results file {str(path)!r} holds rows of pipeline director{'ies' if len(changed) > 1 else 'y'} "
             f"{changed} whose files differ from when they were stored (weights re-saved, or a results file written "
             "before fewstep recorded pipeline folders); use another output directory"
         )
-    if not _same_config(stored, fingerprint, stored_models):
+    if changed is None:
         raise ValueError(
             f"results file {str(path)!r} is from another configuration: stored {json.dumps(stored)}, "
             f"this run {json.dumps(fingerprint)}; use another output directory or the same settings"
@@ -447,28 +446,16 @@ def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str
     return rows
 
 
-def _same_config(stored: Any, fingerprint: dict[str, Any], stored_models: set[str]) -> bool:
-    """Whether a stored configuration is this run's: equal but for ``pipelines``, where only the directories of
-    this run that have stored rows (``stored_models``) must carry the stored fingerprint (one missing there
-    differs: rows of unknown weights)."""
+def _config_differences(stored: Any, fingerprint: dict[str, Any], stored_models: set[str]) -> list[str] | None:
+    """How a stored configuration differs from this run's: ``None`` when it is another configuration outside
+    ``pipelines`` (or malformed), else the pipeline directories of this run with stored rows (``stored_models``)
+    whose folder fingerprint differs from the stored one or was never stored (rows of unknown weights); ``[]``: the
+    same configuration."""
     if not isinstance(stored, dict) or not isinstance(stored.get("pipelines", {}), dict):
-        return False
+        return None
     if {k: v for k, v in stored.items() if k != "pipelines"} != {k: v for k, v in fingerprint.items()
                                                                  if k != "pipelines"}:
-        return False
-    old = stored.get("pipelines", {})
-    return all(old.get(model) == files for model, files in fingerprint.get("pipelines", {}).items()
-               if model in stored_models)
-
-
-def _changed_pipelines(stored: Any, fingerprint: dict[str, Any], stored_models: set[str]) -> list[str]:
-    """The pipeline directories of this run with stored rows whose folder fingerprint differs from the stored one
-    (or was never stored), when the rest of the configuration is this run's; else ``[]``."""
-    if not isinstance(stored, dict) or not isinstance(stored.get("pipelines", {}), dict):
-        return []
-    if {k: v for k, v in stored.items() if k != "pipelines"} != {k: v for k, v in fingerprint.items()
-                                                                 if k != "pipelines"}:
-        return []
+        return None
     old = stored.get("pipelines", {})
     return sorted(model for model, files in fingerprint.get("pipelines", {}).items()
                   if model in stored_models and old.get(model) != files)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..solvers.parameterization import compute_dtype
 from .base import GuidanceRule, StepState
 from .stepping import supports_pairs
 
@@ -51,7 +52,7 @@ def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: G
     n = grid.num_steps
     timesteps = list(scheduler.timesteps)
     dtype = images.dtype
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as `step`: half is stepped in fp32
+    work = compute_dtype(dtype)  # as `step`: half precision is stepped in float32
     x = images.to(work)
     rule.reset()  # once: the steps run backwards, so the rule's own reset at step 0 would fire at the end
     for k in range(n - 1, -1, -1):  # level k+1 -> level k

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .._checks import check_int
+from ..solvers.parameterization import compute_dtype
 from .base import GuidanceRule, StepState
 from .rules import CFG, rescale_to_std
 
@@ -69,7 +70,7 @@ def guided_step(
         )
     if scheduler.step_index is None:  # a new run, also one that begins part-way (img2img): forget APG's momentum
         rule.reset()
-    dtype = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+    dtype = compute_dtype(sample.dtype)
     x = scheduler.model_sample(index, sample.to(dtype))  # as the model saw it (an average_x0 start is shifted)
     cond = scheduler.convert_model_output(out_cond.to(dtype), x, index)
     uncond = scheduler.convert_model_output(out_uncond.to(dtype), x, index)

@@ -20,6 +20,7 @@ from .. import guidance as guidance_rules
 from .. import samplers
 from ..guidance import GuidanceRule
 from ..guidance.static import GUIDANCE_COLUMNS, StaticGuidance
+from ..solvers.parameterization import compute_dtype
 from ..solvers.static import StaticEngine, check_static_plan
 from .loop_checks import FiniteWatch, callback_tensors, check_returned
 
@@ -150,7 +151,7 @@ class StaticLoop:
             check_graph_rule(rule)
         plan = scheduler.plan
         check_static_plan(plan, scheduler._state.hooks if scheduler._state is not None else ())
-        cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        cdtype = compute_dtype(x.dtype)
         n = plan.num_steps
         engine = StaticEngine(plan, x.shape, x.device, cdtype)
         alphas = np.asarray(plan.grid.alphas[:n], dtype=np.float64)

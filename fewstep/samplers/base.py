@@ -31,7 +31,7 @@ from .._io import atomic_write
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
 from ..solvers.momentum import MomentumStep
-from ..solvers.parameterization import normalize_prediction_type, to_pair
+from ..solvers.parameterization import compute_dtype, normalize_prediction_type, to_pair
 from ..solvers.schedules import (
     ZERO_SNR_ALPHA_BAR,
     FlowSchedule,
@@ -124,10 +124,6 @@ def _bool_options(cls: type) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 _STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -141,7 +137,7 @@ def _step_dtype(**tensors: Any) -> torch.dtype:
         if value.dtype not in _STEP_DTYPES:
             raise ValueError(f"`{name}` must be a floating tensor (float16, bfloat16, float32 or float64), got "
                              f"{str(value.dtype).replace('torch.', '')}")
-    return _compute_dtype(tensors["sample"].dtype)
+    return compute_dtype(tensors["sample"].dtype)
 
 
 class FewstepScheduler(SchedulerMixin, ConfigMixin):

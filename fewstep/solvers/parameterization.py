@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["PREDICTION_TYPES", "normalize_prediction_type", "to_pair", "from_pair"]
+__all__ = ["PREDICTION_TYPES", "normalize_prediction_type", "to_pair", "from_pair", "compute_dtype"]
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 _ALIASES = {"flow_prediction": "flow"}
@@ -71,3 +71,9 @@ def from_pair(
     if kind == "v_prediction":
         return alpha * eps - sigma * x0
     return eps - x0
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a solver update is computed in for samples of ``dtype``: float32 for half precision (float16,
+    bfloat16), else ``dtype`` itself; results go back to the sample's dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
