@@ -57,23 +57,35 @@ def _tiny_quantized(fmt: str = "int8") -> tuple[nn.Module, nn.Module]:
     not FP8_CPU, reason="no CPU float8 _scaled_mm in this torch build"))])
 def test_real_8bit_modes_refuse_gradients_instead_of_returning_wrong_ones(fmt):
     """Found by probing: DPS/PSLD/STSL through an int8 UNet ran and returned garbage -- the real kernels have no
-    gradient, so only the float layers (conv_in, conv_out) contributed one. Now a clear error names the layer,
-    the mode and the fix; without a gradient (no_grad, or an input that needs none) the real path runs."""
+    gradient, so only the float layers (conv_in, conv_out) contributed one. A backward through a real 8-bit layer
+    is refused naming the layer, the mode and the fix; the forward itself runs with grad mode on (plain inference
+    of a model whose float layers still require grad used to be refused too) and gives the no_grad result."""
     _, q = _tiny_quantized(fmt)
     assert quant.quant_layers(q)["a"].name == "a"  # quantize names its layers (what the error says)
     quant.set_mode(q, fmt)
     x = torch.randn(2, 2, 6, 6, requires_grad=True)
-    with pytest.raises(RuntimeError, match=rf"QuantLayer 'a' runs in '{fmt}' mode.* no gradient.*"
-                                           r"set_mode\(model, 'fake'\) or 'dequant'"):
-        q(x)  # conv_in (float) makes the first quantized layer's input require grad
     with torch.no_grad():
         ref = q(x)
+    out = q(x)  # conv_in (float) makes the first quantized layer's input require grad: the forward still runs
+    assert out.requires_grad and torch.equal(out.detach(), ref)
+    with pytest.raises(RuntimeError, match=rf"QuantLayer '[ab]' ran in '{fmt}' mode.* no gradient.*"
+                                           r"set_mode\(model, 'fake'\) or 'dequant'"):
+        out.square().sum().backward()
+    with pytest.raises(RuntimeError, match=rf"QuantLayer '[ab]' ran in '{fmt}' mode"):
+        torch.autograd.grad(q(x).sum(), x)
     q.requires_grad_(False)  # (as guidance does: gradients to the input only)
     assert torch.equal(q(x.detach()), ref)  # grad mode on, but nothing needs a gradient: runs
     lin = _layer(nn.Linear(8, 4), fmt)
     lin.set_mode(fmt)
-    with pytest.raises(RuntimeError, match=rf"QuantLayer '\(unnamed\)' runs in '{fmt}' mode"):
-        lin(torch.randn(3, 8, requires_grad=True))
+    y = lin(torch.randn(3, 8, requires_grad=True))
+    with pytest.raises(RuntimeError, match=rf"QuantLayer '\(unnamed\)' ran in '{fmt}' mode"):
+        y.sum().backward()
+    conv = _layer(nn.Conv2d(2, 3, 3, padding=1), fmt)  # unbatched (C, H, W) input, grad on
+    conv.set_mode(fmt)
+    xu = torch.randn(2, 5, 5, requires_grad=True)
+    with torch.no_grad():
+        want = conv(xu)
+    assert torch.equal(conv(xu).detach(), want)
     quant.set_mode(q, "fake")  # the straight-through reference gives a gradient
     (g,) = torch.autograd.grad(q(x).square().sum(), x)
     assert float(g.abs().sum()) > 0

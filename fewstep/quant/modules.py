@@ -51,6 +51,26 @@ SETTABLE_MODES = (*MODES, AUTO_MODE)
 CONV_KERNELS = ("im2col", "triton")
 
 
+class _NoGradient(torch.autograd.Function):
+    """The real 8-bit path of ``layer`` on ``x`` when autograd records: the forward runs (inference with grad
+    mode on, e.g. a denoiser whose ``conv_in`` still has trainable weights, works), and a backward through it
+    is refused -- the int8/fp8 kernels have no gradient, and one from the float layers alone would be silently
+    wrong (DPS, PSLD or STSL through the denoiser)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantLayer) -> torch.Tensor:
+        ctx.layer_name, ctx.mode = layer.name or "(unnamed)", layer.mode
+        return layer._forward_real(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> None:
+        raise RuntimeError(
+            f"QuantLayer {ctx.layer_name!r} ran in {ctx.mode!r} mode, whose {ctx.mode} kernels have no gradient, "
+            "and a backward pass reached it (gradient-based guidance such as DPS, PSLD or STSL backpropagating "
+            "through the denoiser): the gradient would come from the float layers only, silently wrong. Use "
+            "quant.set_mode(model, 'fake') or 'dequant' (straight-through gradients) for gradient-based guidance")
+
+
 class QuantLayer(nn.Module):
     """W8A8 version of a ``Linear`` or ``Conv2d`` (see the module docstring).
 
@@ -280,15 +300,10 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode in ("fake", "dequant"):
             return self._forward_float(x)
-        if torch.is_grad_enabled() and x.requires_grad:  # metadata only: no host sync
-            raise RuntimeError(
-                f"QuantLayer {self.name or '(unnamed)'!r} runs in {self.mode!r} mode, whose {self.mode} kernels have "
-                "no gradient, but its input requires one (gradient-based guidance such as DPS, PSLD or STSL "
-                "backpropagating through the denoiser): the gradient would come from the float layers only, "
-                "silently wrong. Use quant.set_mode(model, 'fake') or 'dequant' (straight-through gradients) for "
-                "gradient-based guidance, or run under torch.no_grad()")
         if self.kind == "conv2d" and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
-            return self._forward_real(x.unsqueeze(0)).squeeze(0)
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if torch.is_grad_enabled() and x.requires_grad:  # metadata only: no host sync
+            return _NoGradient.apply(x, self)  # runs; only a backward through it is refused
         return self._forward_real(x)
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
