@@ -283,3 +283,22 @@ def test_bench_json_empty_path_is_a_usage_error(capsys, value):
     """``--json ''`` was silently ignored (nothing written, exit 0)."""
     message = _usage(capsys, "bench", "--model", "analytic", "--steps", "5", "--json", value)
     assert f"--json must be a file path or '-' (stdout), got {value!r}" in message
+
+
+def test_a_closed_output_pipe_ends_quietly(capsys, monkeypatch):
+    """`fewstep list | head -1` ended in a BrokenPipeError traceback: the reader closing the pipe now ends the
+    command quietly with the shell's SIGPIPE status (141), no traceback and no message."""
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise OSError("no file descriptor")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["list"]) == 141
+    assert capsys.readouterr().err == ""

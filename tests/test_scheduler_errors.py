@@ -41,6 +41,9 @@ def test_bad_config(name, kwargs, match):
         ("unipc", {"solver_type": "bh3"}, r"`solver_type` must be one of \['bh1', 'bh2'\]"),
         ("unipc", {"disable_corrector": ["first"]},
          r"`disable_corrector` \(step indices\) must be an integer >= 0, got .first."),
+        ("unipc", {"disable_corrector": 3},
+         r"`disable_corrector` must be a list of step indices \(integers >= 0\), got 3"),
+        ("unipc", {"disable_corrector": "03"}, r"`disable_corrector` must be a list of step indices"),
         ("unipc", {"solver_order": 0}, r"`solver_order` must be an integer in \[1, 5\]"),
     ],
 )

@@ -87,3 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing half-written is left
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed by its reader (`fewstep list | head`): stop quietly, as `ls | head`
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's final flush of the lines still buffered for a
+    closed pipe does not raise a second BrokenPipeError on exit."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind stdout (captured in tests): nothing to flush
+        pass

@@ -104,6 +104,9 @@ def unipc_decisions(
     order = _check_order(solver_order, 5)
     if solver_type not in UNIPC_TYPES:
         raise ValueError(f"`solver_type` must be one of {list(UNIPC_TYPES)}, got {solver_type!r}")
+    if isinstance(disable_corrector, (str, bytes)) or not isinstance(disable_corrector, Iterable):
+        raise ValueError("`disable_corrector` must be a list of step indices (integers >= 0), "
+                         f"got {disable_corrector!r}")
     disabled = set()
     for d in disable_corrector:
         # indices past the last step are ignored, as diffusers does (a config serves every step count)
