@@ -17,6 +17,7 @@ import numpy as np
 from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from fewstep import samplers
+from fewstep._io import atomic_write
 from fewstep.pipelines.defaults import default_sampler_options
 from fewstep.samplers.s3 import shipped_schedule_path
 from fewstep.search import SearchSpace, search
@@ -213,7 +214,7 @@ def main() -> None:
             results["digits-eps"] = {**digits, **result["digits-eps"], "cells": cells}
             if "notes" in digits:
                 results["digits-eps"]["notes"] = digits["notes"]
-            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+            atomic_write(args.out, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
     elif args.what == "heldout-mse":
         heldout_mse(args.schedule)
     elif args.what == "afs":
@@ -221,7 +222,7 @@ def main() -> None:
         if args.out:
             results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
             results["analytic-afs"] = rows
-            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+            atomic_write(args.out, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
     else:
         predictor(args.nfe, args.budget, args.repeats)
 

@@ -26,11 +26,14 @@ def main() -> None:
                         help="samples per digit class, >= 2 (the Frechet distance needs two; default 100)")
     parser.add_argument("--seed", type=count(0), default=0, help="seed of the first sample's noise (default 0)")
     args = parser.parse_args()
-    pipe = load_default(args.model, sampler=args.sampler)
-    classifier = load_default("digits-classifier")
-    for steps in args.steps:
-        quality = evaluate_digits(pipe, classifier, args.num_per_class, steps, args.guidance_scale, args.seed)
-        print(json.dumps({"model": args.model, "sampler": args.sampler, **quality.as_dict()}))
+    try:  # a bad value (unknown sampler, a sampler that does not fit the model, a NaN scale): one line, exit 2
+        pipe = load_default(args.model, sampler=args.sampler)
+        classifier = load_default("digits-classifier")
+        for steps in args.steps:
+            quality = evaluate_digits(pipe, classifier, args.num_per_class, steps, args.guidance_scale, args.seed)
+            print(json.dumps({"model": args.model, "sampler": args.sampler, **quality.as_dict()}))
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

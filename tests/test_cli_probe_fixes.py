@@ -270,6 +270,26 @@ def test_eval_digits_refuses_one_sample_per_class():
     assert proc.stderr.strip().splitlines()[-1].endswith("argument --num-per-class: expected an integer >= 2, got 1")
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--sampler", "foo"], "unknown sampler 'foo'; available: ddim"),
+    (["--model", "digits-flow", "--sampler", "mrs"], "mrs"),
+    (["--guidance-scale", "nan"], "`guidance_scale` must be a finite number >= 0, got nan"),
+])  # fmt: skip
+def test_eval_digits_bad_values_are_usage_errors(argv, message, capsys, monkeypatch):
+    """An unknown --sampler (or one that does not fit the model, or a NaN scale) ended in a traceback."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import eval_digits
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    monkeypatch.setattr(sys, "argv", ["eval_digits.py", "--steps", "2", "--num-per-class", "2", *argv])
+    with pytest.raises(SystemExit) as info:
+        eval_digits.main()
+    assert info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("eval_digits.py: error: ") and message in line
+
+
 def test_bench_names_models_by_the_embedded_list_not_a_prefix():
     """A pipeline directory called ``digits-sd`` was taken for an embedded digits model (``--prompts`` refused)."""
     from fewstep.cli.bench import _model_kind
