@@ -198,6 +198,7 @@ _PIPE = types.SimpleNamespace(unet=None, num_classes=10)  # every check runs bef
     ({"method": "uniform", "ndtc_mean": 0.9}, r"`ndtc_mean` applies to method='ndtc' only, not method='uniform'"),
     ({"method": "uniform", "ndtc_mean": 0.2}, r"`ndtc_mean` applies to method='ndtc' only"),
     ({"method": "uniform", "ndtc_std": 0.1}, r"`ndtc_std` applies to method='ndtc' only"),
+    ({"method": "uniform", "ndtc_mean": 0.4}, r"`ndtc_mean` applies to method='ndtc' only"),  # = the default, given
     ({"num_steps_kept": 2}, r"`num_steps_kept` applies to method='uniform' only, not method='ndtc', got 2"),
     ({"seed": 1.5}, r"`seed` must be an integer in \[0, 9223372036854775807\], got 1.5"),
     ({"seed": -1}, r"`seed` must be an integer in \[0, "),

@@ -33,12 +33,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                         ("--p", args.p, args.metric == "lp", "--metric lp")):
         if value is not None and not applies:
             raise UsageError(f"{flag} applies to {where} only, not --calib {args.calib} --metric {args.metric}")
-    args.ndtc_mean = 0.4 if args.ndtc_mean is None else args.ndtc_mean
-    args.ndtc_std = 0.4 if args.ndtc_std is None else args.ndtc_std
     args.p = 2.4 if args.p is None else args.p
-    if not 0 <= args.ndtc_mean <= 0.5:
+    if args.ndtc_mean is not None and not 0 <= args.ndtc_mean <= 0.5:
         raise UsageError(f"--ndtc-mean must be in [0, 0.5] (NDTC: mean <= T/2), got {args.ndtc_mean}")
-    if args.ndtc_std <= 0:
+    if args.ndtc_std is not None and args.ndtc_std <= 0:
         raise UsageError(f"--ndtc-std must be > 0, got {args.ndtc_std}")
     if args.p <= 0:
         raise UsageError(f"--p must be > 0 (the exponent of the lp metric), got {args.p}")

@@ -242,8 +242,8 @@ def build_calibration_set(
     classes: Sequence[int] | None = None,
     batch_size: int = 64,
     seed: int = 0,
-    ndtc_mean: float = NDTC_MEAN,
-    ndtc_std: float = NDTC_STD,
+    ndtc_mean: float | None = None,
+    ndtc_std: float | None = None,
     num_steps_kept: int | None = None,
     progress: bool = False,
 ) -> CalibrationSet:
@@ -254,18 +254,19 @@ def build_calibration_set(
     ``num_steps_kept`` (default ``min(steps, 20)``) evenly spaced steps, ``ceil(num_samples / k)``
     trajectories recorded at each. Labels cycle through ``classes`` (default all). With guidance the
     set holds both CFG rows of every sample (``2 * num_samples`` network inputs, before the uniform
-    rounding up). ``ndtc_mean`` / ``ndtc_std`` apply to ``ndtc`` only and ``num_steps_kept`` to ``uniform``
-    only: given with the other method they are an error (as in ``fewstep quantize``), not ignored.
+    rounding up). ``ndtc_mean`` / ``ndtc_std`` (default ``NDTC_MEAN`` / ``NDTC_STD``) apply to ``ndtc`` only
+    and ``num_steps_kept`` to ``uniform`` only: given with the other method they are an error (as in
+    ``fewstep quantize``), not ignored.
     """
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"`method` must be one of {list(CALIBRATION_METHODS)}, got {method!r}")
-    # options of the other method are refused, not silently ignored (ndtc_mean / ndtc_std have non-None defaults:
-    # refused with `uniform` when they differ from them)
-    for arg, value, given, applies in (("ndtc_mean", ndtc_mean, ndtc_mean != NDTC_MEAN, "ndtc"),
-                                       ("ndtc_std", ndtc_std, ndtc_std != NDTC_STD, "ndtc"),
-                                       ("num_steps_kept", num_steps_kept, num_steps_kept is not None, "uniform")):
-        if given and method != applies:
+    # options of the other method are refused, not silently ignored
+    for arg, value, applies in (("ndtc_mean", ndtc_mean, "ndtc"), ("ndtc_std", ndtc_std, "ndtc"),
+                                ("num_steps_kept", num_steps_kept, "uniform")):
+        if value is not None and method != applies:
             raise ValueError(f"`{arg}` applies to method={applies!r} only, not method={method!r}, got {value!r}")
+    ndtc_mean = NDTC_MEAN if ndtc_mean is None else ndtc_mean
+    ndtc_std = NDTC_STD if ndtc_std is None else ndtc_std
     check_int("num_samples", num_samples, 1, numpy_ok=False)
     check_int("batch_size", batch_size, 1, numpy_ok=False)
     seed = check_int("seed", seed, 0, 2**63 - 1)
