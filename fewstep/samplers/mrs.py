@@ -41,6 +41,12 @@ class FewstepMRSScheduler(FewstepScheduler):
     ``z``-process velocity). ``final_sigmas_type="sigma_min"`` ends at the first training index, as the
     reference code does; ``"zero"`` ends with the model's x0 (the optional final denoise). ``solver_order=None``
     (the default) is 2 for ``ode`` and ``sde`` and 1 for ``euler-maruyama`` (``MRS_DEFAULT_ORDERS``).
+
+    Against the released sampler: ``solver_type="heun"`` is the paper's ODE-3 (second divided difference weighted
+    ``phi_3``); the default ``"taylor"`` gives it the full Taylor weight ``2 phi_3`` (more accurate); at order 2
+    both are the paper's ODE-2. The end-of-run orders follow diffusers' ``lower_order_final`` (the released code
+    lowers them only below 10 steps and keeps the final step at full order), and ``time_grid="uniform_time"`` is
+    the paper's unrounded grid (the default rounds the training indices).
     """
 
     @register_to_config
