@@ -37,7 +37,7 @@ VP_CASES = {
     "linear": {"beta_schedule": "linear"},
     "scaled_linear": SD,
     "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
-    "trained_betas": {"trained_betas": TRAINED_BETAS},
+    "trained_betas": {"trained_betas": TRAINED_BETAS, "num_train_timesteps": len(TRAINED_BETAS)},
     "zero_snr": {**SD, "rescale_betas_zero_snr": True},
     "short_linear": {"num_train_timesteps": 40, "beta_start": 0.001, "beta_end": 0.2},
 }

@@ -1,24 +1,42 @@
-"""DDIM (eta = 0) on the unified engine."""
+"""DDIM on the unified engine: deterministic (eta = 0) or with DDIM's stochastic ``eta`` (a ``step`` argument)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any, Literal
 
+import numpy as np
+import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils.torch_utils import randn_tensor
 
+from .._checks import check_number
+from ..solvers.engine import Plan, StepDecision
+from ..solvers.grids import TimeGrid
 from ..solvers.methods import ddim_decisions
 from ..solvers.schedules import is_flow_config
-from .base import FewstepScheduler, SchedulerMixin, check_config_arg  # noqa: F401 - SchedulerMixin: see base.py
+from .base import (  # noqa: F401 - SchedulerMixin: see base.py
+    FewstepScheduler,
+    FewstepSchedulerOutput,
+    SchedulerMixin,
+    _step_dtype,
+    check_config_arg,
+)
 
 __all__ = ["FewstepDDIMScheduler"]
 
 
 class FewstepDDIMScheduler(FewstepScheduler):
-    """DDIM (eta=0): first-order deterministic sampler, x_t = alpha_t x0 + sigma_t eps.
+    """DDIM: first-order sampler, deterministic (eta=0) or stochastic (step's eta in (0, 1], as diffusers' DDIM).
 
-    Song, Meng & Ermon (2021), eq. 12 with sigma = 0. The diffusers-style ``clip_sample`` clips ``x0`` only
-    (``eps`` is kept), exactly as diffusers' DDIMScheduler does (default on for VP configs, off for flow).
-    On a flow schedule DDIM is exactly the flow-matching Euler step ``x + (s' - s) v``.
+    Song, Meng & Ermon (2021), eq. 12: ``x_t = alpha_t x0 + sqrt(sigma_t^2 - sigma_eta^2) eps + sigma_eta z`` with
+    ``sigma_eta = eta sigma_t sqrt(1 - e^{-2h})`` (``h = lambda_t - lambda_s``), which on a VP schedule is eq. 16's
+    ``eta sqrt((1 - abar_t)/(1 - abar_s)) sqrt(1 - abar_s/abar_t)``; ``eta`` is an argument of ``step`` (as
+    diffusers' ``DDIMScheduler.step``, where diffusers pipelines pass their ``eta``), ``eta = 1`` is the ancestral
+    (DDPM-like) sampler, identical to first-order SDE-DPM-Solver++. The diffusers-style ``clip_sample`` clips ``x0``
+    only (``eps`` is kept), exactly as diffusers' DDIMScheduler does (default on for VP configs, off for flow).
+    On a flow schedule DDIM (eta = 0) is exactly the flow-matching Euler step ``x + (s' - s) v``.
     Unlike diffusers, each step goes to the next listed timestep: diffusers steps to ``t - T // N``, which is not
     the next timestep it then evaluates for ``linspace`` spacing, nor for ``trailing`` spacing when ``N`` does not
     divide ``T`` (e.g. 666 -> 333, then the model is called at 332; ``linspace`` at N = 2 evaluates 999, steps to
@@ -73,6 +91,7 @@ class FewstepDDIMScheduler(FewstepScheduler):
             clean = set_alpha_to_one or is_flow_config(dict(self.config))
             self.register_to_config(final_sigmas_type="zero" if clean else "sigma_min")
         self._init_common()
+        self._ddim_options: tuple | None = None  # the DDIM arguments of the step in progress (see ``_advance``)
         if clip_sample is None:
             # diffusers' DDIM clips x0 to [-1, 1] by default; that suits pixel-space VP models, never flow latents.
             self.register_to_config(clip_sample=not self.is_flow)
@@ -95,3 +114,97 @@ class FewstepDDIMScheduler(FewstepScheduler):
 
     def _decisions(self, num_steps: int, final_is_clean: bool):
         return ddim_decisions(num_steps)
+
+    # ----------------------------------------------------------------------------------------------
+    # eta (stochastic DDIM)
+    def _install_plan(self, grid: TimeGrid, decisions: list[StepDecision], hooks: Any = (), start: int = 0) -> None:
+        """The deterministic plan (``eta = 0``), plus each step's noise scale at ``eta = 1``,
+        ``sigma_t sqrt(1 - e^{-2h})`` (float64, host): ``step`` scales it by its ``eta`` (a Python float)."""
+        super()._install_plan(grid, decisions, hooks, start)
+        self._eta_plan_cache: tuple[float, Plan, Plan] | None = None
+        g = self.plan.grid
+        a_s, s_s, a_t, s_t = g.alphas[:-1], g.sigmas[:-1], g.alphas[1:], g.sigmas[1:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            decay = np.where(s_t > 0, (s_t * a_s) / (a_t * s_s), 0.0)  # e^{-h}: sigma_t/alpha_t over sigma_s/alpha_s
+        self._eta_one_std = s_t * np.sqrt(np.clip(1.0 - decay * decay, 0.0, None))
+
+    def _eta_plan(self, eta: float) -> Plan:
+        """``self.plan`` with every predictor made DDIM's stochastic step for ``eta`` (``self.plan`` itself at 0):
+        pair form ``x_t = alpha_t x0 + c eps + c / sigma_s (x - x_eval) + sigma_eta z``, ``c = sqrt(sigma_t^2 -
+        sigma_eta^2)``. Host arithmetic on the coefficients of ``set_timesteps``; the last one is cached."""
+        if eta == 0.0:
+            return self.plan
+        cached = self._eta_plan_cache
+        if cached is not None and cached[0] == eta and cached[1] is self.plan:
+            return cached[2]
+        grid = self.plan.grid
+        steps = []
+        for i, compiled in enumerate(self.plan.steps):
+            s_t = float(grid.sigmas[i + 1])
+            std = eta * float(self._eta_one_std[i])
+            c = math.sqrt(max(s_t * s_t - std * std, 0.0))
+            predictor = replace(compiled.predictor, lin=c / float(grid.sigmas[i]), sigma_t=c, noise=std)
+            steps.append(replace(compiled, predictor=predictor))
+        plan = replace(self.plan, steps=steps, extra=dict(self.plan.extra))
+        self._eta_plan_cache = (eta, self.plan, plan)
+        return plan
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | float | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> FewstepSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """Advance ``sample`` to the next grid point, with diffusers' ``DDIMScheduler.step`` arguments.
+
+        ``eta`` in [0, 1]: the weight of fresh noise (DDIM's eq. 16; 0: deterministic DDIM, 1: ancestral), drawn
+        from ``generator`` in the model output's dtype on every step as diffusers' DDIM draws it, or given as
+        ``variance_noise`` (standard normal, the sample's shape; not together with ``generator``). Both are ignored
+        at ``eta = 0``. ``use_clipped_model_output``: re-derive ``eps`` from the (clipped) ``x0``, as diffusers does.
+        Otherwise as every fewstep scheduler's ``step`` (half-precision inputs are computed in float32 and returned
+        in their own dtype).
+        """
+        eta = check_number("eta", eta, 0.0, 1.0, what="DDIM's noise weight: 0 deterministic, 1 ancestral")
+        if not isinstance(use_clipped_model_output, (bool, np.bool_)):
+            raise ValueError(f"`use_clipped_model_output` must be True or False, got {use_clipped_model_output!r}")
+        if eta > 0.0 and variance_noise is not None:
+            if generator is not None:
+                raise ValueError("pass either `generator` or `variance_noise`, not both (`variance_noise` is the "
+                                 "step's noise itself)")
+            _step_dtype(variance_noise=variance_noise, sample=sample)  # floating tensors (metadata only)
+            if variance_noise.shape != sample.shape:
+                raise ValueError(f"`variance_noise` must have the sample's shape {tuple(sample.shape)}, got "
+                                 f"{tuple(variance_noise.shape)}")
+        self._ddim_options = (eta, bool(use_clipped_model_output), generator, variance_noise, model_output)
+        try:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        finally:
+            self._ddim_options = None
+
+    def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None):
+        """The engine step of model call ``i``, with ``step``'s DDIM options: ``eps`` re-derived from the clipped
+        ``x0`` (``use_clipped_model_output``) and, for ``eta > 0``, the stochastic plan and its noise (``step_pair``
+        passes none: a plain deterministic step)."""
+        options = self._ddim_options
+        if options is None:
+            return super()._advance(i, x, x0, eps, out_dtype, return_dict, noise)
+        eta, clipped, generator, variance_noise, like = options
+        if clipped:
+            point = self.plan.calls[i][0]
+            alpha, sigma = float(self.plan.grid.alphas[point]), float(self.plan.grid.sigmas[point])
+            eps = (x - alpha * x0) / sigma
+        if eta > 0.0:
+            if variance_noise is None:  # as diffusers' DDIM draws it: on every step, in the model output's dtype
+                variance_noise = randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+            noise = variance_noise.to(x.dtype)
+        state = self._state
+        state.plan = self._eta_plan(eta)
+        try:
+            return super()._advance(i, x, x0, eps, out_dtype, return_dict, noise)
+        finally:
+            state.plan = self.plan

@@ -190,7 +190,31 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
             grid = super()._grid(num_inference_steps, timesteps, sigmas, mu)
             if isinstance(sched, FlowSchedule):
                 grid = self._clamp_flow_start(grid)
-        return self._snap(grid)
+        snapped = self._snap(grid)
+        if isinstance(sched, FlowSchedule) and timesteps is not None:
+            snapped = self._user_flow_times(snapped, grid, timesteps, mu)
+        return snapped
+
+    def _user_flow_times(self, snapped: grids.TimeGrid, given: grids.TimeGrid, timesteps, mu: float | None
+                         ) -> grids.TimeGrid:
+        """The model times of a flow grid built from user ``timesteps``, after snapping. As diffusers' flow
+        schedulers (and every other fewstep sampler) treat them, user timesteps are the model's own times: the
+        model is called at ``t`` while the noise level is the shifted ``s = shift(t / T)`` (then ``shift_terminal``'s
+        stretch). Snapping moves ``s`` to an EMS grid point ``s'``; the model is called at the time that maps to
+        it, ``T shift^-1(s')`` -- the user's ``t`` up to the snap -- never at ``s' T`` (the shifted level)."""
+        T = self.noise_schedule.num_train_timesteps
+        n = snapped.num_steps
+        shift = self._flow_shift(mu)
+        s = np.asarray(snapped.sigmas[:n], dtype=np.float64)
+        if self.config.shift_terminal:
+            # the stretch is 1 - s = (1 - shift(t / T)) c, one constant c for the whole grid: read it off the last
+            # evaluation point before snapping (the one the stretch pins to shift_terminal)
+            last = float(np.asarray(timesteps, dtype=np.float64).reshape(-1)[n - 1]) / T
+            c = (1.0 - float(given.sigmas[n - 1])) / (1.0 - float(shift.apply(np.array([last]))[0]))
+            s = 1.0 - (1.0 - s) / c
+        k = shift.shift
+        times = T * s / (k - (k - 1.0) * s)  # the inverse of s = k u / (1 + (k - 1) u)
+        return grids.TimeGrid(times, snapped.alphas, snapped.sigmas)
 
     def _clamp_flow_start(self, grid: grids.TimeGrid) -> grids.TimeGrid:
         """A flow grid that starts at pure noise (``s = 1``: diffusers' flow grids, the Flux pipeline's ``sigmas``)

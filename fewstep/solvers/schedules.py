@@ -117,7 +117,8 @@ def make_betas(
 ) -> np.ndarray:
     """The discrete betas of a diffusers VP config, built in float32 exactly as diffusers builds them.
 
-    Matching diffusers bit for bit matters: the model was trained on these alphas.
+    Matching diffusers bit for bit matters: the model was trained on these alphas. ``trained_betas`` must hold
+    exactly ``num_train_timesteps`` values (a ``ValueError`` names both otherwise).
     """
     if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
         raise ValueError(f"`num_train_timesteps` must be an integer >= 2, got {num_train_timesteps!r}")
@@ -128,6 +129,12 @@ def make_betas(
         betas = np.asarray(trained_betas, dtype=np.float32).reshape(-1)
         if betas.size < 2 or np.any(~np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
             raise ValueError("`trained_betas` must hold at least 2 finite values in (0, 1)")
+        if betas.size != num_train_timesteps:
+            # the schedule would have len(trained_betas) steps while the config (which pipelines read, e.g. SDXL's
+            # denoising_end, and diffusers' own schedulers index with) says num_train_timesteps
+            raise ValueError(f"`trained_betas` holds {betas.size} values but `num_train_timesteps` is "
+                             f"{num_train_timesteps}: they must agree (one beta per training step); pass "
+                             f"num_train_timesteps={betas.size} with these betas")
     elif beta_schedule == "linear":
         betas = _float32_linspace(beta_start, beta_end, num_train_timesteps)
     elif beta_schedule == "scaled_linear":
