@@ -113,7 +113,7 @@ def test_ddim_on_flow_configs_is_flow_match_euler(config_name, mu):
     config = REAL_CONFIGS[config_name]
     reference = FlowMatchEulerDiscreteScheduler.from_config(config)
     ours = get("ddim").from_config(config)
-    assert ours.is_flow and ours.config.prediction_type == "flow" and not ours.config.clip_sample
+    assert ours.is_flow and ours.config.prediction_type == "flow_prediction" and not ours.config.clip_sample
     kw = {"mu": mu} if mu is not None else {}
     model = TinyDenoiser(3 * 8 * 8)
     got, expected = _loop(ours, model, 10, **kw), _loop(reference, model, 10, **kw)

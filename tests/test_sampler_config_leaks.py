@@ -72,13 +72,13 @@ def test_epsilon_on_flow_sigmas_is_read_as_flow_also_from_a_saved_config(name, d
     saved = json.loads((tmp_path / "scheduler_config.json").read_text())
     assert saved["prediction_type"] == "epsilon"
     for cfg in (swapped.config, saved):
-        assert samplers.get(name).from_config(cfg).config.prediction_type == "flow"
+        assert samplers.get(name).from_config(cfg).config.prediction_type == "flow_prediction"
     # a config that does not state the prediction type (the class default) is a velocity model, as before
     default = diffusers_cls(use_flow_sigmas=True, flow_shift=3.0).config
-    assert samplers.get(name).from_config(default).config.prediction_type == "flow"
-    assert samplers.get(name).from_config(REAL_CONFIGS["sd3"]).config.prediction_type == "flow"
+    assert samplers.get(name).from_config(default).config.prediction_type == "flow_prediction"
+    assert samplers.get(name).from_config(REAL_CONFIGS["sd3"]).config.prediction_type == "flow_prediction"
     flow = diffusers_cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction").config
-    assert samplers.get(name).from_config(flow).config.prediction_type == "flow"
+    assert samplers.get(name).from_config(flow).config.prediction_type == "flow_prediction"
     # other explicit types are honoured, as diffusers does
     sample = diffusers_cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type="sample").config
     assert samplers.get(name).from_config(sample).prediction_type == "sample"

@@ -137,7 +137,7 @@ def test_flow_models_need_mu_with_dynamic_shifting():
     with pytest.raises(ValueError, match="`mu` must be passed"):
         sched.set_timesteps(8)
     sched.set_timesteps(8, mu=0.9)
-    assert sched.is_flow and sched.config.prediction_type == "flow"
+    assert sched.is_flow and sched.config.prediction_type == "flow_prediction" and sched.prediction_type == "flow"
 
 
 def test_unknown_sampler_name_lists_available():

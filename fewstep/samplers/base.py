@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .._checks import check_int, check_number
 from .._io import atomic_write
 from ..solvers import grids
-from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
+from ..solvers.engine import EngineState, Evaluation, Plan, StepDecision, compile_plan, restart_decisions
 from ..solvers.momentum import MomentumStep
 from ..solvers.parameterization import compute_dtype, normalize_prediction_type, to_pair
 from ..solvers.schedules import (
@@ -124,6 +124,43 @@ def _bool_options(cls: type) -> tuple[str, ...]:
     return tuple(found)
 
 
+#: a flow config's settings that may reach ``from_config`` only as source defaults (``_use_default_values``)
+_FLOW_SETTINGS = ("shift", "use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                  "base_image_seq_len", "max_image_seq_len", "shift_terminal", "time_shift_type")
+
+
+@functools.cache
+def _init_defaults(cls: type) -> dict[str, Any]:
+    """The ``__init__`` defaults of a scheduler class (cached)."""
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _flow_settings_kept(cls: type, config: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The flow settings ``cls.from_config(config, **kwargs)`` must pass explicitly so that a flow-matching config
+    builds a flow scheduler: ``{}`` for a VP config or when a flow marker survives diffusers' filtering on its own.
+
+    diffusers' ``from_config`` removes ``_class_name`` and the keys named in ``_use_default_values`` (those the source
+    scheduler left at its own defaults) before calling ``__init__``; a FlowMatch config with the default ``shift``
+    (1.0) then carries none of ``is_flow_config``'s markers. The removed flow settings whose value differs from
+    ``cls``'s own default are returned (the values the source sampled with); when that is still no marker (a bare
+    ``{"_class_name": "FlowMatchEulerDiscreteScheduler"}``), ``shift=1.0``, the FlowMatch default. Keywords given by
+    the caller always win."""
+    raw = {**dict(config or {}), **kwargs}
+    if not is_flow_config(raw):
+        return {}
+    options, defaults = _init_options(cls), _init_defaults(cls)
+    dropped = set(raw.get("_use_default_values") or ()) - set(kwargs)
+    survives = {k: v for k, v in raw.items() if k in options and k not in dropped}
+    if is_flow_config(survives):
+        return {}
+    kept = {k: raw[k] for k in _FLOW_SETTINGS
+            if k in dropped and k in raw and k in options and raw[k] != defaults.get(k, inspect.Parameter.empty)}
+    if not is_flow_config({**survives, **kept}) and "shift" in options and "shift" not in kwargs:
+        kept["shift"] = 1.0
+    return kept
+
+
 _STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -131,13 +168,47 @@ def _step_dtype(**tensors: Any) -> torch.dtype:
     """The dtype ``step`` computes in (float32 for half-precision samples), after checking that each named input is a
     real floating tensor (a dtype test: no host sync). Integer samples were stepped and truncated silently, float8
     ones failed inside torch."""
+    _check_floating(**tensors)
+    return compute_dtype(tensors["sample"].dtype)
+
+
+def _check_floating(**tensors: Any) -> None:
+    """Each named input must be a real floating tensor (float16, bfloat16, float32 or float64)."""
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
         if value.dtype not in _STEP_DTYPES:
             raise ValueError(f"`{name}` must be a floating tensor (float16, bfloat16, float32 or float64), got "
                              f"{str(value.dtype).replace('torch.', '')}")
-    return compute_dtype(tensors["sample"].dtype)
+
+
+def _check_output_shape(sample: torch.Tensor, **outputs: torch.Tensor) -> None:
+    """Each model output (``model_output``, or ``x0``/``eps``) must have the sample's shape (metadata only: no sync).
+    Without the check a CFG loop that forgot to split ``[uncond, cond]`` was broadcast silently (a batch of 1 came back
+    as 2), and a learned-variance model's ``2C``-channel output failed inside torch."""
+    for name, out in outputs.items():
+        if out.shape == sample.shape:
+            continue
+        got, want = tuple(out.shape), tuple(sample.shape)
+        hint = "one output per sample, of the sample's shape"
+        if out.ndim == sample.ndim >= 2 and out.shape[0] == 2 * sample.shape[0] and out.shape[1:] == sample.shape[1:]:
+            hint = ("it holds twice the sample's batch: combine the guidance halves first (diffusers' CFG: "
+                    "uncond, cond = noise_pred.chunk(2); noise_pred = uncond + scale * (cond - uncond))")
+        elif (out.ndim == sample.ndim >= 2 and out.shape[0] == sample.shape[0] and out.shape[1] == 2 * sample.shape[1]
+              and out.shape[2:] == sample.shape[2:]):
+            c = sample.shape[1]
+            hint = (f"it has twice the sample's channels ({2 * c} vs {c}): a learned-variance model (mean and "
+                    f"variance); pass its first half, {name}[:, :{c}], the mean prediction, as diffusers' pipelines "
+                    "for such models (DiT, DeepFloyd IF) split it")
+        raise ValueError(f"`{name}` must have the shape of `sample` {want}, got {got}: {hint}")
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without changing it (metadata only)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
@@ -215,9 +286,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """diffusers' ``from_config``, after refusing options of the source config that would change the result
-        and that fewstep does not implement (``check_foreign_options``): diffusers drops such keys silently."""
+        and that fewstep does not implement (``check_foreign_options``): diffusers drops such keys silently.
+
+        A flow-matching source config (``is_flow_config`` of the config as given) stays a flow config: diffusers
+        drops ``_class_name`` and every key the source left at its default (``_use_default_values``) before
+        ``__init__``, so ``FlowMatchEulerDiscreteScheduler().config`` (default ``shift``) or a default ``flow-euler``
+        config would otherwise arrive with no flow marker and build a VP scheduler. Their flow settings are passed
+        on explicitly (``_flow_settings_kept``)."""
         check_config_arg(config)
         check_foreign_options({**dict(config or {}), **kwargs}, cls.__name__)
+        kwargs = {**_flow_settings_kept(cls, config, kwargs), **kwargs}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
@@ -231,7 +309,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Schedule, prediction type and the shared option checks, from the registered config.
 
         On a flow-matching config (``is_flow_config``) the model is taken to predict the velocity
-        (``prediction_type="flow"``) when the config says ``"flow_prediction"`` or ``"epsilon"``: SD3/Flux configs
+        (``self.prediction_type == "flow"``; the config stores diffusers' ``"flow_prediction"``) when the config
+        says ``"flow_prediction"``, ``"flow"`` or ``"epsilon"``: SD3/Flux configs
         carry no prediction type (the class default ``"epsilon"`` then fills it), and diffusers writes that default
         into every saved config, so a stated ``"epsilon"`` cannot be told from a default. (diffusers' UniPC and
         DPM-Solver honour an explicit epsilon with ``use_flow_sigmas``, where ``x0 = (x - s eps) / (1 - s)``
@@ -246,9 +325,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         flow = is_flow_config(dict(cfg))
         if flow:
             self.noise_schedule: NoiseSchedule = FlowSchedule.from_config(cfg)
-            if cfg.prediction_type in ("epsilon", "flow_prediction"):
-                # Flow configs (SD3/Flux) carry no prediction_type: their models predict the velocity.
-                self.register_to_config(prediction_type="flow")
+            if cfg.prediction_type in ("epsilon", "flow"):
+                # Flow configs (SD3/Flux) carry no prediction_type: their models predict the velocity. Stored in
+                # diffusers' spelling, so that diffusers' UniPC/DPM-Solver built back from this config step it.
+                self.register_to_config(prediction_type="flow_prediction")
         else:
             self.noise_schedule = VPSchedule.from_config(cfg)
         self.prediction_type = normalize_prediction_type(self.config.prediction_type)
@@ -303,7 +383,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Start at model call ``begin_index`` (img2img pipelines call it after ``set_timesteps``, then step from
         ``timesteps[begin_index]``). The run starts with an empty buffer there, so the plan is recompiled with the
         multistep warm-up moved to that step (``solvers.engine.restart_decisions``), as diffusers' schedulers
-        count their lower-order warm-up from the first step they take."""
+        count their lower-order warm-up from the first step they take.
+
+        A step with an implicit corrector (``s3``) has two model calls at its grid point, and a pipeline that
+        only sets ``strength`` may begin at either. No step ran before the first one, so there is nothing to
+        correct: begun at the step's first call, the corrected point is the sample itself and the second call
+        evaluates the model there again (one redundant call, so that the loop stays one call per timestep); begun
+        at its second call, that call is the step's only evaluation and the run continues as from the step's
+        first call without a corrector. Either way the run has exactly ``len(timesteps) - begin_index`` calls."""
         if isinstance(begin_index, torch.Tensor) and begin_index.numel() == 1 and not begin_index.is_floating_point():
             begin_index = int(begin_index.reshape(()))  # as diffusers, which stores whatever it is given
         begin_index = check_int("begin_index", begin_index, 0)
@@ -311,14 +398,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             calls = self.plan.calls
             if begin_index >= len(calls):
                 raise ValueError(
-                    f"`begin_index` must be below the number of timesteps ({len(calls)}), got {begin_index}"
+                    f"`begin_index` must be below the number of timesteps ({len(calls)}), got {begin_index} (allowed: "
+                    f"0 to {len(calls) - 1}): no model call would be left to run. In an img2img or inpaint pipeline "
+                    f"this means `strength` is too small for `num_inference_steps` (strength * num_inference_steps "
+                    "< 1 leaves no step): raise `strength` or `num_inference_steps`"
                 )
-            point, again = calls[begin_index]
-            if again:
-                raise ValueError(
-                    f"`begin_index` {begin_index} is the second model call of an implicitly corrected step (grid "
-                    f"point {point}); begin at {begin_index - 1} or {begin_index + 1}"
-                )
+            point = calls[begin_index][0]
             if point != self._plan_start:  # (begin_index 0 right after set_timesteps: nothing to recompile)
                 grid, decisions = self._compiled
                 hooks = self._state.hooks if self._state is not None else ()
@@ -630,9 +715,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
         """Advance ``sample`` from the current grid point to the next one.
 
-        Half-precision inputs are computed in float32 and returned in their own dtype.
+        ``model_output`` must have the sample's shape (a learned-variance model's ``2C`` channels: pass the first
+        ``C``). Half-precision inputs are computed in float32 and returned in their own dtype.
         """
         dtype = _step_dtype(model_output=model_output, sample=sample)
+        _check_output_shape(sample, model_output=model_output)
         i = self._begin_step(timestep)
         x = self.model_sample(i, sample.to(dtype))
         x0, eps = self.convert_model_output(model_output.to(dtype), x, i)
@@ -650,6 +737,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Like ``step`` but takes the ``(x0, eps)`` pair directly: guidance rules such as CFG++ hand the
         solver an inconsistent pair (guided ``x0``, unconditional ``eps``) through this entry point."""
         dtype = _step_dtype(x0=x0, eps=eps, sample=sample)
+        _check_output_shape(sample, x0=x0, eps=eps)
         i = self._begin_step(timestep)
         x = self.model_sample(i, sample.to(dtype))
         x0, eps = self._postprocess_pair(x0.to(dtype), eps.to(dtype))
@@ -666,8 +754,26 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             return None
         return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
+    def _engine_call(self, k: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                     noise: torch.Tensor | None) -> torch.Tensor:
+        """Hand model call ``k`` to the engine state; returns where the model is called next (or the result).
+
+        A run that begins (``set_begin_index``) at a step with an implicit corrector has no earlier step to correct
+        (the engine skips a corrector without a previous sample): at the step's first call the sample itself is
+        the corrected point, buffered and returned so that the second call evaluates the model there; begun at the
+        second call, that evaluation is the step's only one and its predictor runs (a plain first step). (After an
+        analytical first step (s3 ``afs``) the analytic point is the earlier step: the engine corrects from it.)"""
+        state = self._state
+        point, again = self.plan.calls[k]
+        if state.last_sample is None and self.plan.analytic_start is None and self.plan.steps[point].reevaluate:
+            if again:
+                return state.advance(point, x, x0, eps, noise)
+            state.buffer.append(Evaluation(x, x0, eps))
+            return x
+        return state.call(k, x, x0, eps, noise)
+
     def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None):
-        prev = self._state.call(i, x, x0, eps, noise).to(out_dtype)
+        prev = self._engine_call(i, x, x0, eps, noise).to(out_dtype)
         self._step_index = i + 1
         if not return_dict:
             return (prev, x0.to(out_dtype)) if self.tuple_with_x0 else (prev,)
@@ -682,17 +788,35 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
         A timestep of the current grid gets that grid point's exact ``alpha``/``sigma`` (as diffusers takes
         ``self.sigmas[step_index]``): on a Karras grid the model timesteps are rounded while the solver starts
-        from the exact level, so img2img's noised start must use the latter."""
+        from the exact level, so img2img's noised start must use the latter. ``original_samples`` and ``noise`` must
+        be floating tensors (an integer image would be noised in its own dtype, truncating ``alpha``/``sigma``)."""
+        return self._forward_process(original_samples, noise, timesteps,
+                                     ("original_samples", "noise", "timesteps"))  # fmt: skip
+
+    def _forward_process(self, x0: Any, noise: Any, timesteps: Any, names: tuple[str, str, str]) -> torch.Tensor:
+        """``add_noise`` / ``scale_noise``: the checks name the caller's arguments (``names``: sample, noise, times)."""
+        x_name, noise_name, t_name = names
+        _check_floating(**{x_name: x0, noise_name: noise})
+        if x0.ndim == 0:
+            raise ValueError(f"`{x_name}` must be a batch of samples (batch first), got a 0-d tensor")
+        if not _broadcasts_to(noise.shape, x0.shape):
+            raise ValueError(f"`{noise_name}` must have the shape of `{x_name}` {tuple(x0.shape)}, got "
+                             f"{tuple(noise.shape)}")  # fmt: skip
         if not isinstance(timesteps, (torch.Tensor, np.ndarray, list, tuple, int, float, np.integer, np.floating)) \
                 or isinstance(timesteps, bool):
-            raise ValueError(f"`timesteps` must be a tensor of model timesteps (one per sample, or one), got "
+            raise ValueError(f"`{t_name}` must be a tensor of model timesteps (one per sample, or one), got "
                              f"{type(timesteps).__name__}")  # fmt: skip
+        if isinstance(timesteps, torch.Tensor):
+            timesteps = timesteps.detach()  # a tensor that requires grad cannot be read back into numpy
         t = torch.as_tensor(timesteps).to(torch.float64).reshape(-1).cpu().numpy()
+        batch = x0.shape[0]
+        if t.size not in (1, batch):
+            raise ValueError(f"`{t_name}` must hold one model timestep, or one per sample ({batch}), got {t.size}")
         sched = self.noise_schedule
         grid_values = set(self._timestep_values or ())
         outside = [v for v in t.tolist() if not (sched.t_min <= v <= sched.t_max) and v not in grid_values]
         if outside:
-            raise ValueError(f"`timesteps` must lie in [{sched.t_min:g}, {sched.t_max:g}] (model times of this "
+            raise ValueError(f"`{t_name}` must lie in [{sched.t_min:g}, {sched.t_max:g}] (model times of this "
                              f"{sched.kind} schedule), got {outside[:8]}")  # fmt: skip
         alpha, sigma = (np.array(v, dtype=np.float64, ndmin=1) for v in sched.alpha_sigma(t))
         if self.plan is not None and self._timestep_values:
@@ -704,10 +828,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 i = point.get(value)
                 if i is not None:
                     alpha[j], sigma[j] = grid.alphas[i], grid.sigmas[i]
-        shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        a = torch.as_tensor(alpha, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
-        s = torch.as_tensor(sigma, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
-        return a * original_samples + s * noise
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        a = torch.as_tensor(alpha, dtype=x0.dtype, device=x0.device).reshape(shape)
+        s = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device).reshape(shape)
+        return a * x0 + s * noise
 
     def scale_noise(
         self, sample: torch.Tensor, timestep: torch.Tensor | float, noise: torch.Tensor | None = None
@@ -722,4 +846,4 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             )
         if noise is None:
             raise ValueError("`noise` must be a tensor of the sample's shape, got None")
-        return self.add_noise(sample, noise, timestep)
+        return self._forward_process(sample, noise, timestep, ("sample", "noise", "timestep"))
