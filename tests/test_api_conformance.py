@@ -218,3 +218,20 @@ def test_a_flow_config_swaps_back_into_diffusers(diffusers_name):
         x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
         out = back.step(torch.zeros_like(x), back.timesteps[0], x).prev_sample
         assert torch.isfinite(out).all()
+
+
+def test_get_velocity_matches_diffusers():
+    """diffusers' schedulers have ``get_velocity`` (the v-prediction training target); fewstep's had none
+    (AttributeError). VP: equal to diffusers' DDPM at the same timesteps; flow: refused, naming
+    the flow target."""
+    g = torch.Generator().manual_seed(0)
+    x, n = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([10, 500, 999])
+    for name in ("ddim", "dpm-solver++", "unipc"):
+        ours = samplers.get(name).from_config(SD15_PNDM)
+        want = DDPMScheduler.from_config(SD15_PNDM).get_velocity(x, n, t)
+        torch.testing.assert_close(ours.get_velocity(x, n, t), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="flow-matching schedule here, whose velocity target is noise - sample"):
+        samplers.get("ddim").from_config(FlowMatchEulerDiscreteScheduler().config).get_velocity(x, n, t)
+    with pytest.raises(ValueError, match="`timesteps` must hold one model timestep, or one per sample"):
+        samplers.get("ddim").from_config(SD15_PNDM).get_velocity(x, n, torch.tensor([1, 2]))

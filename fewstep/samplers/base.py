@@ -795,6 +795,24 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _forward_process(self, x0: Any, noise: Any, timesteps: Any, names: tuple[str, str, str]) -> torch.Tensor:
         """``add_noise`` / ``scale_noise``: the checks name the caller's arguments (``names``: sample, noise, times)."""
+        a, s = self._alpha_sigma_at(x0, noise, timesteps, names)
+        return a * x0 + s * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target ``alpha_t noise - sigma_t sample`` (Salimans & Ho 2022), as diffusers'
+        ``get_velocity`` (what v-prediction training loops call), at model timesteps ``timesteps`` (one per sample,
+        or one). VP schedules only: a flow-matching model's velocity target is ``noise - sample``."""
+        if self.is_flow:
+            raise ValueError(f"`get_velocity` is the v-prediction target of VP (diffusion) schedules; "
+                             f"{type(self).__name__} is on a flow-matching schedule here, whose velocity target is "
+                             "noise - sample")  # fmt: skip
+        a, s = self._alpha_sigma_at(sample, noise, timesteps, ("sample", "noise", "timesteps"))
+        return a * noise - s * sample
+
+    def _alpha_sigma_at(self, x0: Any, noise: Any, timesteps: Any,
+                        names: tuple[str, str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha``, ``sigma`` at ``timesteps``, shaped to broadcast over ``x0`` (batch first), after checking the
+        three arguments (``names``: how the caller calls them)."""
         x_name, noise_name, t_name = names
         _check_floating(**{x_name: x0, noise_name: noise})
         if x0.ndim == 0:
@@ -831,7 +849,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         shape = (-1,) + (1,) * (x0.ndim - 1)
         a = torch.as_tensor(alpha, dtype=x0.dtype, device=x0.device).reshape(shape)
         s = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device).reshape(shape)
-        return a * x0 + s * noise
+        return a, s
 
     def scale_noise(
         self, sample: torch.Tensor, timestep: torch.Tensor | float, noise: torch.Tensor | None = None
