@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .._checks import check_int
-from .._dist import is_main_process
+from .._dist import check_same_on_all_processes, is_main_process
 from ..solvers import grids
 from ..solvers.ems import EMS
 from ..solvers.engine import StepDecision
@@ -515,6 +515,7 @@ def search(
     evaluated: list[tuple[SolverSchedule, float]] = []
     pending: list[SolverSchedule] = []  # this round's candidates not evaluated yet
     state = Path(state_path) if state_path is not None else None
+    resumed = None  # what a resumed state decides: the evaluations so far, the round's rest, the generator
     if state is not None and state.is_file():
         data = _load_state(state, ident)
         evaluated, pending = data["evaluated"], data["pending"]
@@ -523,6 +524,14 @@ def search(
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"search state {str(state)!r} holds a malformed random generator state ({exc!r}); "
                              "delete it") from None
+        resumed = {"evaluated": [[_key(s), v] for s, v in evaluated], "pending": [_key(s) for s in pending],
+                   "rng": rng.bit_generator.state}
+    # under a distributed launch every process runs this search on its share of each evaluation's samples: processes
+    # given other settings (or resuming other state files) would mix their evaluations and drift apart
+    ems_digest = None if space.ems is None else space.ems.digest
+    check_same_on_all_processes({**ident, "budget": budget, "lambda_end": space.lambda_end,
+                                 "afs_mean": space.afs_mean, "ems_digest": ems_digest, "resumed": resumed},
+                                "search settings")
     seen = {_key(s) for s, _ in evaluated}
     main = is_main_process()  # under accelerate launch every process runs the same search (same seed, same
     # gathered metric values); the objective splits each evaluation's samples; one process shows and writes

@@ -238,6 +238,14 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    """A setting as the checkpoint-mismatch message prints it (``absent`` for a setting one side lacks)."""
+    return "absent" if value is _ABSENT else repr(value)
+
+
 def estimate_ems(
     eps_fn: EpsFn,
     data: torch.Tensor,
@@ -286,11 +294,14 @@ def estimate_ems(
     acc = None
     if checkpoint is not None and Path(checkpoint).is_file():
         acc = EMSAccumulator.load(checkpoint)
-        if acc.meta.get("settings") != json.loads(json.dumps(settings)):
-            raise ValueError(
-                f"checkpoint {str(checkpoint)!r} was made with other settings ({acc.meta.get('settings')}); "
-                "delete it or use another checkpoint path"
-            )
+        stored, ours = acc.meta.get("settings"), json.loads(json.dumps(settings))
+        if stored != ours:
+            theirs = stored if isinstance(stored, dict) else {}
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, _ABSENT) != ours.get(k, _ABSENT))
+            shown = "; ".join(f"{k}: {_show(theirs.get(k, _ABSENT))} there, {_show(ours.get(k, _ABSENT))} in this run"
+                              for k in differ) or f"stored settings {stored!r}"
+            raise ValueError(f"checkpoint {str(checkpoint)!r} was made with other settings ({shown}); delete it or "
+                             "use another checkpoint path")
     if acc is None:
         acc = EMSAccumulator(lambdas, sample_shape, {"settings": settings})
     device = data.device
