@@ -141,3 +141,33 @@ def test_ems_checkpoint_of_other_settings_names_what_differs(tmp_path):
     assert "model_digest: None there, 'another' in this run" in message
     assert "num_samples: 8 there, 6 in this run" in message and "data_digest: '" in message
     assert "seed" not in message and "batch_size" not in message
+
+
+_SEARCH_CLI_BODY = """
+import contextlib
+import io
+import pathlib
+from fewstep.cli import main
+
+rank = _state.process_index
+out = pathlib.Path(sys.argv[1], "schedule.json")
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(["search", "--model", "analytic", "--nfe", "3", "--budget", "2", "--no-predictor", "--quiet",
+                 "--seed", str(rank), "--out", str(out)])
+split_samples(2, lambda idx: torch.zeros(len(idx), 1))  # still in step
+pathlib.Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps([code, err.getvalue().strip()]))
+"""
+
+
+def test_search_cli_refuses_processes_given_other_arguments(tmp_path):
+    """`fewstep search` under two processes with different arguments stops on both (exit 2) before its objective
+    is built -- the objective's setup already gathers samples across processes -- naming the argument; no file."""
+    from _helpers import launch_two_cpu_processes
+
+    body = "import json\nimport torch\nfrom fewstep._dist import split_samples\n" + _SEARCH_CLI_BODY
+    launch_two_cpu_processes(body, tmp_path, tmp_path)
+    for rank in (0, 1):
+        code, err = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert code == 2 and "different search arguments" in err and "'seed': 0 on process 0, 1 on process 1" in err
+    assert not (tmp_path / "schedule.json").exists()

@@ -33,7 +33,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                          "guidance)")
     args.guidance_scale = 3.0 if args.guidance_scale is None else args.guidance_scale
     args.num_per_class = 20 if args.num_per_class is None else args.num_per_class
-    from .._dist import is_main_process
+    from .._dist import check_same_on_all_processes, is_main_process
     from ..search import SearchSpace, search
     from ..search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
     from ..search.s3_search import check_state_early
@@ -51,6 +51,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     # before the objective is built (a reference solve takes minutes): a state of another search is refused now
     check_state_early(state, {"nfe": args.nfe, "seed": args.seed, "metric": metric_name,
                               "use_predictor": not args.no_predictor, "afs": args.afs is not None})
+    # every process of a distributed launch must run the same search: the objective's setup already gathers samples
+    check_same_on_all_processes({k: v for k, v in sorted(vars(args).items())
+                                 if isinstance(v, (str, int, float, bool, list, type(None))) and k != "quiet"},
+                                "search arguments")
     if args.model == "analytic":
         objective = AnalyticObjective()
     elif args.metric == "mse":
