@@ -104,6 +104,12 @@ class GuidanceRule:
             raise TypeError(f"`state` must be a StepState, got {type(state).__name__}")
         return cond, uncond
 
+    def history_pair(self, cond: Pair, uncond: Pair) -> Pair | None:
+        """The pair a multistep solver should remember for this evaluation (its later derivative terms read it), when
+        it differs from the pair the rule returns; ``None`` (the default): the returned pair. Called after the rule,
+        with the same (validated) pairs."""
+        return None
+
     def config(self) -> dict:
         """The rule's parameters (for reports and ``repr``; the constructor's keyword arguments)."""
         return {}

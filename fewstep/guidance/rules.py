@@ -144,17 +144,27 @@ class CFGPlusPlus(GuidanceRule):
     (``rho = 0``), larger on average with more steps (SD1.5 DDIM: mean about 12 at 50 steps, 5 at 20).
     So a ``lam`` that matches some CFG scale at one NFE does not match it at another.
 
-    Multistep solvers: data-prediction solvers (DPM-Solver++, UniPC) buffer the guided ``x0`` for their
-    derivative terms; noise-prediction ones buffer ``eps_u``. The official SD1.5 code's ``DPMpp2mCFGppSolver`` and
-    ComfyUI's ``dpmpp_2m_cfg_pp`` buffer the unconditional ``x0`` instead (derivative ``D_lam - D_u,prev``), so
-    multistep results differ from theirs; first-order steps are identical.
+    **Multistep solvers** (``history``): with ``"guided"`` (the default; the pair contract) data-prediction solvers
+    (DPM-Solver++, UniPC) buffer the guided ``x0`` for their derivative terms; noise-prediction ones buffer
+    ``eps_u``. With ``"unconditional"`` earlier evaluations are remembered by their *unconditional* pair, as the
+    official SD1.5 code's ``DPMpp2mCFGppSolver`` and ComfyUI's ``dpmpp_2m_cfg_pp`` keep them: DPM-Solver++ 2M
+    then steps ``x' = D_lam + e^-h (x - D_u) + (1 - e^-h)/(2r) (D_lam - D_u,prev)`` (in ``x/alpha``, ``rho``
+    coordinates). A transition's base and the newest evaluation keep the guided pair, so UniPC's corrector stays
+    guided. First-order steps (DDIM) and noise-prediction solvers (whose buffer holds ``eps_u`` either way) are
+    the same with both. Eager loops only (graph mode refuses it), and not with step hooks (DC-Solver, FlowChef).
     """
 
     name = "cfg++"
     consistent = False
     needs_uncond = True
+    HISTORIES = ("guided", "unconditional")
 
-    def __init__(self, guidance_scale: float = 0.6, allow_extrapolation: bool = False):
+    def __init__(self, guidance_scale: float = 0.6, allow_extrapolation: bool = False, history: str = "guided"):
+        if history not in self.HISTORIES:
+            raise ValueError(f"`history` must be one of {list(self.HISTORIES)}, got {history!r}")
+        self.history = history
+        if not isinstance(allow_extrapolation, (bool, np.bool_)):
+            raise ValueError(f"`allow_extrapolation` must be True or False, got {allow_extrapolation!r}")
         self.allow_extrapolation = bool(allow_extrapolation)
         if self.allow_extrapolation:
             self.guidance_scale = check_number("guidance_scale", guidance_scale, 0.0)
@@ -171,8 +181,14 @@ class CFGPlusPlus(GuidanceRule):
         lam = self.guidance_scale
         return uncond[0] + lam * (cond[0] - uncond[0]), uncond[1]
 
+    def history_pair(self, cond: Pair, uncond: Pair) -> Pair | None:
+        return uncond if self.history == "unconditional" else None
+
     def config(self) -> dict:
-        return {"guidance_scale": self.guidance_scale, "allow_extrapolation": self.allow_extrapolation}
+        config = {"guidance_scale": self.guidance_scale, "allow_extrapolation": self.allow_extrapolation}
+        if self.history != "guided":  # (the default is left out: reports and cache keys of earlier runs stay valid)
+            config["history"] = self.history
+        return config
 
 
 def check_norm_threshold(norm_threshold: Any) -> float | None:

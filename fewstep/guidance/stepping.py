@@ -75,9 +75,11 @@ def guided_step(
     cond = scheduler.convert_model_output(out_cond.to(dtype), x, index)
     uncond = scheduler.convert_model_output(out_uncond.to(dtype), x, index)
     x0, eps = rule(cond, uncond, step_state(scheduler, index))
-    if generator is None:
-        return scheduler.step_pair(x0, eps, timestep, sample).prev_sample
-    return scheduler.step_pair(x0, eps, timestep, sample, generator=generator).prev_sample
+    history = rule.history_pair(cond, uncond)  # CFG++ history="unconditional": what later steps remember
+    kwargs = {} if history is None else {"history": history}
+    if generator is not None:
+        kwargs["generator"] = generator
+    return scheduler.step_pair(x0, eps, timestep, sample, **kwargs).prev_sample
 
 
 def raw_cfg(rule: CFG, out_cond: torch.Tensor, out_uncond: torch.Tensor, index: int, num_steps: int) -> torch.Tensor:

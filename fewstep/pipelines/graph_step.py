@@ -76,6 +76,9 @@ def check_graph_rule(rule: GuidanceRule) -> None:
             f"cuda_graph=True supports the guidance rules {[r.name for r in STATIC_RULES]}, got "
             f"{type(rule).__name__} ({rule.name!r})"
         )
+    if getattr(rule, "history", "guided") != "guided":
+        raise ValueError(f"cuda_graph=True runs CFG++ with history='guided' only (the static step buffers one pair "
+                         f"per evaluation), got history={rule.history!r}; run it eagerly (cuda_graph=False)")
 
 
 def check_graph_device(device: Any) -> None:

@@ -733,15 +733,33 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         return_dict: bool = True,
         generator: torch.Generator | None = None,
+        history: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
         """Like ``step`` but takes the ``(x0, eps)`` pair directly: guidance rules such as CFG++ hand the
-        solver an inconsistent pair (guided ``x0``, unconditional ``eps``) through this entry point."""
+        solver an inconsistent pair (guided ``x0``, unconditional ``eps``) through this entry point.
+
+        ``history``: the ``(x0, eps)`` pair that later steps read for this evaluation in their derivative terms
+        (default: the same pair). CFG++'s ``history="unconditional"`` passes the unconditional pair here, as the
+        official multistep CFG++ samplers keep the unconditional ``x0`` of earlier steps. Not with step hooks
+        (``dc-solver``, ``flowchef``), which rewrite the buffered pair."""
         dtype = _step_dtype(x0=x0, eps=eps, sample=sample)
         _check_output_shape(sample, x0=x0, eps=eps)
+        if history is not None:
+            if not (isinstance(history, (tuple, list)) and len(history) == 2):
+                raise ValueError("`history` must be an (x0, eps) pair of tensors or None, got "
+                                 f"{type(history).__name__}")
+            _step_dtype(history_x0=history[0], history_eps=history[1], sample=sample)
+            _check_output_shape(sample, history_x0=history[0], history_eps=history[1])
+            if self._state is not None and self._state.hooks:
+                raise ValueError(f"`history` cannot be used with {type(self).__name__}: its step hooks "
+                                 f"({', '.join(type(h).__name__ for h in self._state.hooks)}) rewrite the buffered "
+                                 "pair; use a sampler without hooks (ddim, dpm-solver++, unipc, dpm-solver-v3, s3)")
         i = self._begin_step(timestep)
         x = self.model_sample(i, sample.to(dtype))
         x0, eps = self._postprocess_pair(x0.to(dtype), eps.to(dtype))
-        return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator))
+        if history is not None:
+            history = self._postprocess_pair(history[0].to(dtype), history[1].to(dtype))
+        return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator), history)
 
     def _step_noise(self, k: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
         """Fresh standard normal noise for model call ``k`` when its step's predictor is stochastic (SDE), drawn
@@ -755,7 +773,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
     def _engine_call(self, k: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
-                     noise: torch.Tensor | None) -> torch.Tensor:
+                     noise: torch.Tensor | None, history: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> torch.Tensor:
         """Hand model call ``k`` to the engine state; returns where the model is called next (or the result).
 
         A run that begins (``set_begin_index``) at a step with an implicit corrector has no earlier step to correct
@@ -767,13 +786,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         point, again = self.plan.calls[k]
         if state.last_sample is None and self.plan.analytic_start is None and self.plan.steps[point].reevaluate:
             if again:
-                return state.advance(point, x, x0, eps, noise)
-            state.buffer.append(Evaluation(x, x0, eps))
+                return state.advance(point, x, x0, eps, noise, history)
+            state.buffer.append(Evaluation(x, x0, eps, history))
             return x
-        return state.call(k, x, x0, eps, noise)
+        return state.call(k, x, x0, eps, noise, history)
 
-    def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None):
-        prev = self._engine_call(i, x, x0, eps, noise).to(out_dtype)
+    def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None, history=None):
+        prev = self._engine_call(i, x, x0, eps, noise, history).to(out_dtype)
         self._step_index = i + 1
         if not return_dict:
             return (prev, x0.to(out_dtype)) if self.tuple_with_x0 else (prev,)

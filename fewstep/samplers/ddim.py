@@ -186,13 +186,13 @@ class FewstepDDIMScheduler(FewstepScheduler):
         finally:
             self._ddim_options = None
 
-    def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None):
+    def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None, history=None):
         """The engine step of model call ``i``, with ``step``'s DDIM options: ``eps`` re-derived from the clipped
         ``x0`` (``use_clipped_model_output``) and, for ``eta > 0``, the stochastic plan and its noise (``step_pair``
         passes none: a plain deterministic step)."""
         options = self._ddim_options
         if options is None:
-            return super()._advance(i, x, x0, eps, out_dtype, return_dict, noise)
+            return super()._advance(i, x, x0, eps, out_dtype, return_dict, noise, history)
         eta, clipped, generator, variance_noise, like = options
         if clipped:
             point = self.plan.calls[i][0]

@@ -264,7 +264,9 @@ class EMSTransition:
         out = lin * (x_start - base.x_eval) + const
         for offset, cx, ce in terms:
             ev = buffer[-1 - offset]
-            out = out + cx * ev.x0 + ce * ev.eps
+            past = getattr(ev, "history", None) if offset not in (0, self.base) else None  # Evaluation.history
+            x0, eps = past if past is not None else (ev.x0, ev.eps)
+            out = out + cx * x0 + ce * eps
         return out
 
 

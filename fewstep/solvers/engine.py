@@ -509,14 +509,27 @@ def with_analytic_first_step(plan: Plan, mean: torch.Tensor | None = None) -> Pl
 
 @dataclass
 class Evaluation:
-    """One buffered model evaluation: where it was taken and its ``(x0, eps)`` pair."""
+    """One buffered model evaluation: where it was taken and its ``(x0, eps)`` pair.
+
+    ``history``: the pair that later steps read for this evaluation as a *past* derivative point, when it differs
+    from the pair the step itself used (CFG++ with ``history="unconditional"``: the guided pair drives its own step,
+    the unconditional one is remembered); ``None``: the same pair."""
 
     x_eval: torch.Tensor
     x0: torch.Tensor
     eps: torch.Tensor
+    history: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def field(self, kind: str) -> torch.Tensor:
-        return self.x0 if kind == "data" else self.eps
+    def field(self, kind: str, past: bool = False) -> torch.Tensor:
+        """``x0`` (``kind="data"``) or ``eps``; ``past``: as a past derivative point (the ``history`` pair)."""
+        x0, eps = self.history if (past and self.history is not None) else (self.x0, self.eps)
+        return x0 if kind == "data" else eps
+
+
+def _is_past(offset: int, base: int) -> bool:
+    """Whether buffer ``offset`` is a past derivative point of a transition based at ``base``: neither its base
+    nor the newest evaluation (those read the pair their own step used)."""
+    return offset != 0 and offset != base
 
 
 def apply_transition(
@@ -536,7 +549,7 @@ def apply_transition(
         f_base = base.field(tr.kind)
         total = 0.0
         for offset, w in tr.weights:
-            out = out + w * buffer[-1 - offset].field(tr.kind)
+            out = out + w * buffer[-1 - offset].field(tr.kind, _is_past(offset, tr.base))
             total += w
         out = out - total * f_base
     if tr.noise != 0.0:
@@ -574,13 +587,16 @@ class EngineState:
         return x_base if mstep is None else self.momentum.apply(mstep, x_start, x_base)
 
     def advance(
-        self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None
+        self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None,
+        history: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Consume the evaluation at grid point ``i`` (taken at ``x_eval``) and return the sample at ``i+1`` -- or,
         when step ``i`` corrects implicitly, the corrected sample at ``i``, where the model is called again
         (``reevaluated``).
 
-        ``noise``: fresh standard normal noise for a stochastic step (ignored by ODE steps)."""
+        ``noise``: fresh standard normal noise for a stochastic step (ignored by ODE steps). ``history``: the pair
+        later steps read for this evaluation as a past derivative point (``Evaluation.history``; default the same
+        pair)."""
         step = self.plan.steps[i]
         start = self.plan.analytic_start
         if start is not None and i == 0:  # the analytic evaluation at t_0, then this one (at t_1)
@@ -588,7 +604,7 @@ class EngineState:
             x0_first = torch.zeros_like(x_eval) + (0.0 if start.mean is None else start.mean.to(x_eval))
             self.buffer = [Evaluation(x_first, x0_first, (x_first - start.alpha * x0_first) / start.sigma)]
             self.last_sample = x_first
-        self.buffer.append(Evaluation(x_eval, x0, eps))
+        self.buffer.append(Evaluation(x_eval, x0, eps, history))
         if len(self.buffer) > self.plan.buffer_size:
             del self.buffer[0]
         x = x_eval
@@ -600,22 +616,26 @@ class EngineState:
         return self._predict(i, x, noise)
 
     def reevaluated(
-        self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None
+        self, i: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None,
+        history: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Consume the second evaluation at grid point ``i`` (an implicit corrector's, taken at the corrected
         ``x_eval`` that ``advance(i, ...)`` returned): it replaces the predicted evaluation in the buffer, then the
         predictor runs from ``x_eval``. Returns the sample at ``i+1``."""
         if not self.plan.steps[i].reevaluate:
             raise ValueError(f"step {i} has no implicit corrector: there is no second evaluation to consume")
-        self.buffer[-1] = Evaluation(x_eval, x0, eps)
+        self.buffer[-1] = Evaluation(x_eval, x0, eps, history)
         return self._predict(i, x_eval, noise)
 
     def call(
-        self, k: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None
+        self, k: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None,
+        history: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Consume model call ``k`` of ``plan.calls`` and return where the model is called next (or the result)."""
         i, again = self.plan.calls[k]
-        return self.reevaluated(i, x_eval, x0, eps, noise) if again else self.advance(i, x_eval, x0, eps, noise)
+        if again:
+            return self.reevaluated(i, x_eval, x0, eps, noise, history)
+        return self.advance(i, x_eval, x0, eps, noise, history)
 
     def _predict(self, i: int, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         self.sample = x
