@@ -171,3 +171,33 @@ def test_search_cli_refuses_processes_given_other_arguments(tmp_path):
         code, err = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert code == 2 and "different search arguments" in err and "'seed': 0 on process 0, 1 on process 1" in err
     assert not (tmp_path / "schedule.json").exists()
+
+
+_BENCH_CLI_BODY = """
+import contextlib
+import io
+import pathlib
+from fewstep.cli import main
+
+rank = _state.process_index
+out = pathlib.Path(sys.argv[1], "grid")
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(["bench", "--model", "analytic", "--samplers", "unipc", "--steps", "3" if rank == 0 else "3,4",
+                 "--num-samples", "20", "--plot", "none", "--quiet", "--out", str(out)])
+split_samples(2, lambda idx: torch.zeros(len(idx), 1))  # still in step
+pathlib.Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps([code, err.getvalue().strip()]))
+"""
+
+
+def test_bench_refuses_processes_given_other_grids(tmp_path):
+    """`fewstep bench` under two processes with different --steps mixed the processes' samples into wrong rows,
+    then hung; now both stop (exit 2) naming the cells to run, before any folder is made."""
+    from _helpers import launch_two_cpu_processes
+
+    body = "import json\nimport torch\nfrom fewstep._dist import split_samples\n" + _BENCH_CLI_BODY
+    launch_two_cpu_processes(body, tmp_path, tmp_path)
+    for rank in (0, 1):
+        code, err = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert code == 2 and "different bench settings" in err and "'cells to run'" in err, err
+    assert not (tmp_path / "grid").exists()

@@ -36,7 +36,7 @@ from .. import __version__
 from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
 from .._checks import check_int, repeated_values
-from .._dist import distributed_state, is_main_process, split_samples
+from .._dist import check_same_on_all_processes, distributed_state, is_main_process, split_samples
 from .._io import atomic_write
 from ..pipelines.defaults import default_sampler_options
 from ._cache import cache_name as _cache_name
@@ -115,6 +115,7 @@ class BenchConfig:
     """What a grid run measures. The fields except the grid axes (``models``, ``samplers``, ``steps``,
     ``guidance``) and ``batch_size`` define the configuration a results file belongs to."""
 
+    #: built-in names or pipeline directories (stored as their resolved absolute paths: one folder, one model)
     models: list[str] = field(default_factory=lambda: ["digits-eps"])
     samplers: list[str] | None = None
     steps: list[int] = field(default_factory=lambda: [5, 10, 20])
@@ -219,23 +220,34 @@ class BenchConfig:
         return fe.id if isinstance(fe, FeatureExtractor) else fe
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a stored cell depends on (not the grid axes, not the batch size), and ``pipelines``:
-        ``{directory: _folder_fingerprint(directory)}`` of the pipeline directories among ``models`` (weights
-        re-saved in place are another configuration; :func:`_load_results` compares it per directory)."""
-        return {
-            "classes": self.classes, "num_per_class": self.num_per_class, "seed": self.seed,
-            "reference": f"{self.reference_sampler}:{self.reference_steps}",
-            "feature_extractor": self.extractor_id,
-            "analytic": {"schedule": self.schedule, "num_samples": self.num_samples, "dim": self.dim},
-            "prompts": hashlib.sha256("\n".join(self.prompts or []).encode()).hexdigest()[:16],
-            "image_size": self.image_size,
-            **({"reference_images": image_set_digest(list_reference_images(self.reference_images))}
-               if self.reference_images is not None else {}),
-            # weights re-saved into the same folder are another configuration (``_folder_fingerprint``); absent
-            # without pipeline directories, so results files of the built-in models keep their configuration
-            **({"pipelines": {m: _folder_fingerprint(m) for m in self.models if is_pipeline_dir(m)}}
-               if any(is_pipeline_dir(m) for m in self.models) else {}),
-        }
+        """The settings a stored cell depends on (not the grid axes, not the batch size), only those of the kinds of
+        model that run (:data:`_SETTING_KINDS`: e.g. ``classes`` only with a digits model, ``analytic`` only with
+        the analytic one; ``seed`` always), plus per model: ``pipelines`` (``{directory: _folder_fingerprint}`` of
+        the pipeline directories among ``models``: weights re-saved in place are another configuration) and
+        ``embedded`` (``{model: _embedded_digest}`` of the digits models: retrained or upgraded weights are another
+        configuration), both compared per model by :func:`_load_results`."""
+        kinds = {_model_kind(m) for m in self.models}
+        out: dict[str, Any] = {"seed": self.seed}
+        if "digits" in kinds:
+            out["classes"] = self.classes
+            # the shipped classifier scores every digits row (accuracy, and the FD with its features)
+            out["classifier"] = _embedded_digest(FEATURE_EXTRACTOR)
+        if kinds & {"digits", "pipeline"}:
+            out.update({"num_per_class": self.num_per_class,
+                        "reference": f"{self.reference_sampler}:{self.reference_steps}",
+                        "feature_extractor": self.extractor_id})
+        if "analytic" in kinds:
+            out["analytic"] = {"schedule": self.schedule, "num_samples": self.num_samples, "dim": self.dim}
+        if "pipeline" in kinds:
+            out["prompts"] = hashlib.sha256("\n".join(self.prompts or []).encode()).hexdigest()[:16]
+            out["image_size"] = self.image_size
+            if self.reference_images is not None:
+                out["reference_images"] = image_set_digest(list_reference_images(self.reference_images))
+            # weights re-saved into the same folder are another configuration (``_folder_fingerprint``)
+            out["pipelines"] = {m: _folder_fingerprint(m) for m in self.models if is_pipeline_dir(m)}
+        if "digits" in kinds:
+            out["embedded"] = {m: _embedded_digest(m) for m in self.models if _model_kind(m) == "digits"}
+        return out
 
     def cells(self) -> list[Cell]:
         """The grid in a fixed order: model, guidance, sampler, steps."""
@@ -263,6 +275,24 @@ def _check_distinct_scales(guidance: Sequence[tuple[str, float]]) -> None:
         seen[label] = scale
 
 
+def _check_stored_scales(guidance: Sequence[tuple[str, float]], rows: Any, path: Path) -> None:
+    """``ValueError`` when a scale of this run prints like (``:g``) but differs from the scale of a stored row of
+    the same rule: across a resume the pair would be two rows that read alike, as :func:`_check_distinct_scales`
+    refuses within one run."""
+    stored: dict[tuple[str, str], float] = {}
+    for row in rows:
+        rule, scale = row.get("guidance"), row.get("guidance_scale")
+        if isinstance(rule, str) and isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            stored.setdefault((rule, format(scale, "g")), float(scale))
+    for rule, scale in guidance:
+        label = (rule, format(scale, "g"))
+        if label in stored and stored[label] != scale:
+            raise ValueError(f"`guidance` {rule}:{scale!r} is a near-duplicate of the stored scale {stored[label]!r} "
+                             f"of {rule!r} in results file {str(path)!r} (both print as {rule} {label[1]}); give "
+                             f"{rule}:{stored[label]!r} to resume that setting, or a scale that differs in its first 6 "
+                             "significant digits")
+
+
 def _default_samplers(models: Sequence[str]) -> list[str]:
     """Every standalone diffusion sampler, plus those whose artifacts ship for every model (``dpm-solver-v3``'s
     EMS for ``digits-eps``)."""
@@ -287,13 +317,42 @@ def is_pipeline_dir(model: str) -> bool:
     return model not in MODELS and (Path(model) / "model_index.json").is_file()
 
 
+def _normalise_model(model: str) -> str:
+    """A built-in model's name as it is; a pipeline directory as its resolved absolute path, so that one folder
+    spelled two ways (``sd/pipe``, ``./sd/pipe``, ``/abs/sd/pipe``, through a symlink) is one model: one set of
+    cells, one key in the results file."""
+    return model if model in MODELS else str(Path(model).resolve())
+
+
+def _model_kind(model: str) -> str:
+    """``analytic``, ``digits`` (an embedded digits model) or ``pipeline`` (a pipeline directory)."""
+    return "analytic" if model == "analytic" else "digits" if model in MODELS else "pipeline"
+
+
+#: the kinds of model each setting of the results configuration concerns: ``fingerprint`` stores a setting only
+#: when one of its kinds runs, and ``_load_results`` compares it only when one of its kinds has stored rows and
+#: one of its kinds runs now (a setting two kinds share has one value for the rows of both)
+_SETTING_KINDS = {
+    "seed": ("analytic", "digits", "pipeline"),
+    "classes": ("digits",), "classifier": ("digits",),
+    "num_per_class": ("digits", "pipeline"), "reference": ("digits", "pipeline"),
+    "feature_extractor": ("digits", "pipeline"),
+    "analytic": ("analytic",),
+    "prompts": ("pipeline",), "image_size": ("pipeline",), "reference_images": ("pipeline",),
+}  # fmt: skip
+#: settings a results file written before fewstep recorded them lacks: adopted from this run, not refused
+_ADOPTED_SETTINGS = ("classifier",)
+#: per-model digests of the configuration: ``{model: digest}``
+_PER_MODEL = ("pipelines", "embedded")
+
+
 def _check_models(values: Sequence[str] | None) -> list[str]:
     values = list(values or [])
     bad = [v for v in values if v not in MODELS and not is_pipeline_dir(v)]
     if not values or bad:
         raise ValueError(f"`models` has unknown value(s) {bad or values}; available: {', '.join(MODELS)} or a "
                          "diffusers pipeline directory (with model_index.json)")
-    return values
+    return [_normalise_model(v) for v in values]
 
 
 def _check_ints(arg: str, values: Sequence[int], minimum: int) -> list[int]:
@@ -324,7 +383,8 @@ def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Pa
     feature extractor's features ``f`` of the held-out test digits ``x_i`` of ``classes``.
 
     Computed once and cached as safetensors in ``cache_dir`` (keyed by model, classes, feature extractor and
-    image size); later calls load the file. The features are those of the shipped digits classifier, or else of
+    image size); later calls load the file. The features are those of the shipped digits classifier (keyed by a
+    digest of its files, :func:`_embedded_digest`), or else of
     exactly one of: ``classifier`` (another digits classifier module: keyed by a digest of its weights, see
     :func:`_module_digest`); ``extractor`` (a :class:`~fewstep.bench.fid.FeatureExtractor`, keyed by its id);
     ``inception`` (a loaded :class:`~fewstep.bench.inception.InceptionV3Features`, the same as
@@ -368,8 +428,8 @@ def reference_statistics(model: str, classes: Sequence[int], cache_dir: str | Pa
         features_id = extractor.id
     elif classifier is not None:  # its weights, not its name: a fine-tuned or scaled copy gets its own file
         features_id = f"{FEATURE_EXTRACTOR}:{_module_digest(classifier)}"
-    else:
-        features_id = FEATURE_EXTRACTOR
+    else:  # the shipped classifier: keyed by a digest of its files, so a retrained one is not served stale statistics
+        features_id = f"{FEATURE_EXTRACTOR}:files:{_embedded_digest(FEATURE_EXTRACTOR)}"
     key = {"kind": "reference-statistics", "model": model, "classes": sorted(int(c) for c in classes),
            "feature_extractor": features_id, "split": "test", "sample_size": size}
     path = Path(cache_dir) / _cache_name("refstats", key) if cache_dir is not None else None
@@ -406,12 +466,14 @@ def _module_digest(module: torch.nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------- results file
 def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The stored rows of ``path`` (none when it does not exist), keyed by :attr:`Cell.key` rebuilt from each row's
-    own fields (files of earlier versions keyed the guidance scale rounded to 6 digits).
+    own fields (files of earlier versions keyed the guidance scale rounded to 6 digits, and a pipeline directory as
+    it was spelled: it is resolved against the working directory, :func:`_normalise_model`).
 
-    The stored configuration must equal ``fingerprint``, except ``pipelines`` (``{directory: folder fingerprint}``):
-    a pipeline directory of this run with stored rows must have the stored fingerprint (its weights unchanged);
-    the stored fingerprints of the other directories are merged into ``fingerprint`` (in place), so the file
-    keeps describing all its rows. Anything else is ``ValueError`` (another configuration)."""
+    The stored configuration must agree with ``fingerprint`` where it concerns stored rows (:func:`_config_differences`:
+    a setting only where a kind of model it concerns has stored rows and runs now; a pipeline directory or embedded
+    model of this run with stored rows must have its stored digest). The stored settings and digests this run does
+    not set are merged into ``fingerprint`` (in place), so the file keeps describing all its rows. Anything else is
+    ``ValueError`` naming the differing settings with the stored value and this run's."""
     if not path.is_file():
         return {}
     try:
@@ -423,22 +485,37 @@ def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str
     if not isinstance(cells, dict) or not all(_is_result_row(row) for row in cells.values()):
         raise ValueError(f"results file {str(path)!r} is not a fewstep bench results file (a JSON object whose "
                          "'cells' hold result rows); delete it or choose another --out")  # fmt: skip
+    for row in cells.values():
+        row["model"] = _normalise_model(row["model"])
     stored = payload.get("config")
-    changed = _config_differences(stored, fingerprint, {row["model"] for row in cells.values()})
+    if not isinstance(stored, dict) or not all(isinstance(stored.get(k, {}), dict) for k in _PER_MODEL):
+        raise ValueError(f"results file {str(path)!r} is from another configuration: its configuration is "
+                         f"{json.dumps(stored)}; use another output directory")
+    stored = {**stored, "pipelines": {_normalise_model(k): v for k, v in stored.get("pipelines", {}).items()}}
+    stored_models = {row["model"] for row in cells.values()}
+    settings, changed, embedded = _config_differences(stored, fingerprint, stored_models)
     if changed:
         raise ValueError(
             f"results file {str(path)!r} holds rows of pipeline director{'ies' if len(changed) > 1 else 'y'} "
             f"{changed} whose files differ from when they were stored (weights re-saved, or a results file written "
             "before fewstep recorded pipeline folders); use another output directory"
         )
-    if changed is None:
+    if embedded:
         raise ValueError(
-            f"results file {str(path)!r} is from another configuration: stored {json.dumps(stored)}, "
-            f"this run {json.dumps(fingerprint)}; use another output directory or the same settings"
+            f"results file {str(path)!r} holds rows of embedded model{'s' if len(embedded) > 1 else ''} {embedded} "
+            "whose files differ from when they were stored (retrained, e.g. by scripts/train_digits.py, or changed "
+            "by a fewstep upgrade); use another output directory"
         )
-    pipelines = {**stored.get("pipelines", {}), **fingerprint.get("pipelines", {})}
-    if pipelines:
-        fingerprint["pipelines"] = pipelines
+    if settings:
+        raise ValueError(f"results file {str(path)!r} is from another configuration: {'; '.join(settings)}; use "
+                         "another output directory or the same settings")
+    stored_kinds = {_model_kind(m) for m in stored_models}
+    for key, value in stored.items():
+        if key in _PER_MODEL:
+            if value or fingerprint.get(key):
+                fingerprint[key] = {**value, **fingerprint.get(key, {})}
+        elif key not in fingerprint and set(_SETTING_KINDS.get(key, stored_kinds)) & stored_kinds:
+            fingerprint[key] = value  # a setting of stored rows this run does not use
     rows: dict[str, dict[str, Any]] = {}
     for key, row in cells.items():
         new_key = _row_key(row) or key
@@ -446,19 +523,49 @@ def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str
     return rows
 
 
-def _config_differences(stored: Any, fingerprint: dict[str, Any], stored_models: set[str]) -> list[str] | None:
-    """How a stored configuration differs from this run's: ``None`` when it is another configuration outside
-    ``pipelines`` (or malformed), else the pipeline directories of this run with stored rows (``stored_models``)
-    whose folder fingerprint differs from the stored one or was never stored (rows of unknown weights); ``[]``: the
-    same configuration."""
-    if not isinstance(stored, dict) or not isinstance(stored.get("pipelines", {}), dict):
-        return None
-    if {k: v for k, v in stored.items() if k != "pipelines"} != {k: v for k, v in fingerprint.items()
-                                                                 if k != "pipelines"}:
-        return None
-    old = stored.get("pipelines", {})
-    return sorted(model for model, files in fingerprint.get("pipelines", {}).items()
-                  if model in stored_models and old.get(model) != files)
+def _config_differences(stored: dict[str, Any], fingerprint: dict[str, Any], stored_models: set[str]
+                        ) -> tuple[list[str], list[str], list[str]]:
+    """How a stored configuration differs from this run's, as ``(settings, directories, embedded)``:
+
+    * ``settings``: ``"KEY: stored X, this run Y"`` for each setting that differs where it matters: a kind of model
+      it concerns (:data:`_SETTING_KINDS`; an unknown key concerns all) has rows among ``stored_models`` and one
+      runs now. A setting the stored file lacks that fewstep records only since (:data:`_ADOPTED_SETTINGS`) is
+      adopted, not refused;
+    * ``directories``: the pipeline directories of this run with stored rows whose folder fingerprint differs from
+      the stored one or was never stored (rows of unknown weights);
+    * ``embedded``: the embedded models of this run with stored rows whose stored digest differs (a results file
+      written before fewstep recorded them has none: adopted, the shipped models being the likely ones)."""
+    stored_kinds = {_model_kind(m) for m in stored_models}
+    # this run's kinds: ``fingerprint`` holds ``analytic``, ``embedded`` and ``pipelines`` exactly when they run
+    run_kinds = {kind for key, kind in (("analytic", "analytic"), ("embedded", "digits"), ("pipelines", "pipeline"))
+                 if key in fingerprint}
+    settings = []
+    for key in sorted((set(stored) | set(fingerprint)) - set(_PER_MODEL)):
+        kinds = set(_SETTING_KINDS.get(key, ("analytic", "digits", "pipeline")))
+        if not (kinds & stored_kinds and kinds & run_kinds):
+            continue
+        if key not in stored and key in _ADOPTED_SETTINGS:
+            continue
+        old, new = stored.get(key, _MISSING), fingerprint.get(key, _MISSING)
+        if old != new:
+            settings.append(f"{_SETTING_NAMES.get(key, key)}: stored {_show(old)}, this run {_show(new)}")
+    old_dirs = stored.get("pipelines", {})
+    directories = sorted(model for model, files in fingerprint.get("pipelines", {}).items()
+                         if model in stored_models and old_dirs.get(model) != files)
+    old_embedded = stored.get("embedded", {})
+    embedded = sorted(model for model, digest in fingerprint.get("embedded", {}).items()
+                      if model in stored_models and old_embedded.get(model, digest) != digest)
+    return settings, directories, embedded
+
+
+_MISSING = object()
+#: how a differing setting is named in the error
+_SETTING_NAMES = {"classifier": "classifier (digest of the shipped digits-classifier's files)",
+                  "prompts": "prompts (digest)", "reference_images": "reference_images (digest of the images)"}
+
+
+def _show(value: Any) -> str:
+    return "(not set)" if value is _MISSING else json.dumps(value)
 
 
 def _row_key(row: dict[str, Any]) -> str | None:
@@ -501,7 +608,8 @@ def _write_results(out_dir: Path, fingerprint: dict[str, Any], cells: dict[str, 
 
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of result rows (``-`` where a metric does not apply)."""
+    """A Markdown table of result rows (``-`` where a metric does not apply; a pipeline row whose samples diverged
+    says how many next to its MSE)."""
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -511,9 +619,15 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         guide = "-" if r.get("guidance") is None else f"{r['guidance']} {r['guidance_scale']:g}"
         lines.append(f"| {r['model']} | {guide} | {r['sampler']} | {r['steps']} | {r['nfe']} | {fmt(r['fd'], '.4g')} "
-                     f"| {fmt(r['accuracy'], '.3f')} | {fmt(r['mse'], '.3e')} | {fmt(r['rmse'], '.3e')} "
+                     f"| {fmt(r['accuracy'], '.3f')} | {fmt(r['mse'], '.3e')}{_diverged_note(r)} "
+                     f"| {fmt(r['rmse'], '.3e')} "
                      f"| {fmt(r['seconds_per_image'], '.2e')} |")
     return "\n".join(lines)
+
+
+def _diverged_note(row: dict[str, Any]) -> str:
+    count = row.get("diverged")
+    return f" ({count}/{row.get('num_samples')} diverged)" if isinstance(count, int) and count > 0 else ""
 
 
 # ---------------------------------------------------------------------------------------------- the cells
@@ -549,7 +663,9 @@ class _DigitsWorld:
         if (rule, scale) in self.references:
             return self.references[(rule, scale)]
         c = self.config
-        key = {"kind": "reference-solve", "model": self.objective.model, "guidance": rule, "guidance_scale": scale,
+        # the model's files, not only its name: a retrained or upgraded model gets its own reference solve
+        key = {"kind": "reference-solve", "model": self.objective.model,
+               "weights": _embedded_digest(self.objective.model), "guidance": rule, "guidance_scale": scale,
                "classes": c.classes, "num_per_class": c.num_per_class, "seed": c.seed,
                "reference": f"{c.reference_sampler}:{c.reference_steps}"}
 
@@ -581,6 +697,30 @@ class _DigitsWorld:
                 "seconds_per_image": seconds / n, "num_samples": n}
 
 
+_DIGESTS: dict[tuple[str, tuple], str] = {}
+
+
+def _embedded_digest(model: str) -> str:
+    """A content digest of an embedded model's files (every file under ``default_model_path(model)``: relative
+    path and bytes): results rows, reference solves and the classifier's reference statistics carry it, so a model
+    retrained in place (``scripts/train_digits.py``) or changed by an upgrade is recomputed, never reused. The
+    models are a few MB; the digest is computed once per process for the same file names, sizes and times."""
+    from ..pipelines.defaults import default_model_path
+
+    root = default_model_path(model)
+    files = sorted((str(f.relative_to(root)), f) for f in root.rglob("*") if f.is_file())
+    stamp = tuple((name, f.stat().st_size, f.stat().st_mtime_ns) for name, f in files)
+    memo = (str(root), stamp)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        for name, f in files:
+            data = f.read_bytes()
+            h.update(f"{name}:{len(data)};".encode())
+            h.update(data)
+        _DIGESTS[memo] = h.hexdigest()[:16]
+    return _DIGESTS[memo]
+
+
 def _folder_fingerprint(folder: str | Path) -> str:
     """A digest of a pipeline folder's files (relative path, size, modification time): cache entries of reference
     solves and the results' configuration carry it, so weights replaced under the same path are recomputed, not
@@ -605,7 +745,11 @@ class _PipelineWorld:
     batch size), MSE to a many-step reference solve in latent space (the metric DPM-Solver-v3 and DC-Solver
     report for Stable Diffusion) and wall time per image. With an ``extractor``, also the Frechet distance of the
     decoded images to ``config.reference_images`` (a folder) or else to the decoded reference solves.
-    Reference solves and reference statistics are cached as safetensors in ``cache_dir``."""
+    Reference solves and reference statistics are cached as safetensors in ``cache_dir``. As on the digits models,
+    a sampler that diverges is scored (NaN replaced by 0, Inf by the largest float), not an error that would stop
+    the grid at that cell on every rerun; the row counts its ``diverged`` samples (shown next to the MSE). A
+    reference solve that diverges is a ``FloatingPointError`` naming the guidance setting to lower: every MSE
+    against it would be meaningless."""
 
     def __init__(self, model: str, config: BenchConfig, progress: bool, cache_dir: Path | None = None,
                  extractor: FeatureExtractor | None = None):
@@ -635,8 +779,9 @@ class _PipelineWorld:
                 self.folder_stats = folder_statistics(config.reference_images, extractor, self.image_hw, cache_dir)
         self.solve_stats: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
 
-    def generate(self, sampler: str, steps: int, rule: str, scale: float) -> tuple[torch.Tensor, float]:
-        """Latents of all samples (Flux: packed) and the wall time of generating them."""
+    def generate(self, sampler: str, steps: int, rule: str, scale: float) -> tuple[torch.Tensor, float, int]:
+        """Latents of all samples (Flux: packed), the wall time of generating them, and how many samples diverged
+        (held NaN/Inf: replaced as on the digits models, NaN by 0 and Inf by the largest float)."""
         from ..pipelines import FewstepPipeline
 
         scheduler = sampler_registry.from_config(sampler, self.model_config)
@@ -658,11 +803,15 @@ class _PipelineWorld:
                 batch = [self.prompts[k] for k in chunk]
                 if flux and not embedded:
                     extra["negative_prompt"] = [""] * len(batch)
-                out = fp(prompt=batch, generator=gens, num_inference_steps=steps, output_type="latent", **extra)
+                # a diverging sampler is scored (below), not an error that stops the grid at it on every rerun
+                out = fp(prompt=batch, generator=gens, num_inference_steps=steps, output_type="latent",
+                         check_finite=False, **extra)
                 outs.append(out.images.float().cpu())
             return torch.cat(outs)
 
-        return split_samples(len(self.prompts), make)
+        latents, seconds = split_samples(len(self.prompts), make)
+        diverged = int((~torch.isfinite(latents.reshape(len(latents), -1))).any(dim=1).sum())
+        return torch.nan_to_num(latents, nan=0.0), seconds, diverged
 
     def features(self, latents: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` features of the decoded latents (decoded ``batch_size`` at a time). Under ``accelerate
@@ -672,8 +821,10 @@ class _PipelineWorld:
 
         def make(indices: list[int]) -> torch.Tensor:
             share = latents[torch.tensor(indices)]
-            return torch.cat([self.extractor(self.decoder.decode_latents(chunk.to(torch.float32), h, w)).cpu()
-                              for chunk in share.split(self.config.batch_size)])
+            # diverged latents decode to NaN: replaced by 0 like the digits path's images
+            return torch.cat([self.extractor(torch.nan_to_num(
+                self.decoder.decode_latents(chunk.to(torch.float32), h, w), nan=0.0, posinf=1.0, neginf=0.0)).cpu()
+                for chunk in share.split(self.config.batch_size)])
 
         return split_samples(len(latents), make)[0]
 
@@ -687,11 +838,17 @@ class _PipelineWorld:
                "guidance_scale": scale, "prompts": hashlib.sha256("\n".join(c.prompts).encode()).hexdigest()[:16],
                "num_per_class": c.num_per_class, "seed": c.seed, "image_size": c.image_size,
                "reference": f"{c.reference_sampler}:{c.reference_steps}"}
-        latents = _cached_tensor(
-            self.cache_dir, "refsolve", key, "latents",
-            lambda: self.generate(c.reference_sampler, c.reference_steps, rule, scale)[0].double(),
-            write=is_main_process(), rows=len(c.prompts) * c.num_per_class,
-        )
+        def solve() -> torch.Tensor:
+            solved, _, diverged = self.generate(c.reference_sampler, c.reference_steps, rule, scale)
+            if diverged:  # every MSE of this setting would compare against replaced values (0 to 0: a "perfect" 0)
+                raise FloatingPointError(
+                    f"the reference solve of {self.model} ({c.reference_sampler}, {c.reference_steps} steps) at "
+                    f"guidance {rule} {scale:g} diverged: {diverged} of {len(solved)} samples hold NaN/Inf; lower the "
+                    f"guidance scale (--guidance {rule}:{scale:g}) or leave that setting out")
+            return solved.double()
+
+        latents = _cached_tensor(self.cache_dir, "refsolve", key, "latents", solve, write=is_main_process(),
+                                 rows=len(c.prompts) * c.num_per_class)
         self.references[(rule, scale)] = latents
         return latents
 
@@ -714,7 +871,7 @@ class _PipelineWorld:
         from .metrics import feature_statistics, frechet_distance
 
         reference = self.reference(cell.guidance, cell.guidance_scale)
-        latents, seconds = self.generate(cell.sampler, cell.steps, cell.guidance, cell.guidance_scale)
+        latents, seconds, diverged = self.generate(cell.sampler, cell.steps, cell.guidance, cell.guidance_scale)
         mse = (latents.double() - reference).pow(2).mean().item()
         fd = None
         if self.extractor is not None:
@@ -722,7 +879,7 @@ class _PipelineWorld:
             fd = frechet_distance(*feature_statistics(self.features(latents)), *stats)
         n = len(latents)
         return {"nfe": cell.steps, "fd": fd, "accuracy": None, "mse": mse, "rmse": None,
-                "seconds_per_image": seconds / n, "num_samples": n}
+                "seconds_per_image": seconds / n, "num_samples": n, "diverged": diverged}
 
 
 def _run_analytic(cell: Cell, config: BenchConfig) -> dict[str, Any]:
@@ -763,7 +920,7 @@ def _resolve_extractor(config: BenchConfig) -> FeatureExtractor | None:
 
 
 def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | None = None,
-             progress: bool = True) -> list[dict[str, Any]]:
+             progress: bool = True, refuse_near_duplicates: bool = False) -> list[dict[str, Any]]:
     """Run every cell of ``config`` not yet stored in ``out_dir/results.json`` and write JSON, CSV and Markdown
     results there (after every cell). Returns all rows of this grid, in grid order.
 
@@ -771,24 +928,35 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     config) the samples of every cell are split across the processes (each computing on the CPU) and gathered;
     only the main process writes files.
 
-    ``cache_dir``: where reference statistics and reference solves are cached (default ``out_dir/cache``)."""
+    ``cache_dir``: where reference statistics and reference solves are cached (default ``out_dir/cache``).
+    ``refuse_near_duplicates`` (``fewstep bench`` sets it): a guidance scale that prints like (6 significant
+    digits) but differs from a stored row's scale of the same rule is a ``ValueError``, as two such scales within
+    one config are; by default the two are kept apart as two rows (cells are keyed by the exact scale)."""
+    if not isinstance(refuse_near_duplicates, bool):
+        raise ValueError(f"`refuse_near_duplicates` must be True or False, got {refuse_near_duplicates!r}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out_dir` {str(out)!r} is a file; give a directory")
     main = is_main_process()
     progress = progress and main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    # every check before the output directory is made: a grid that cannot run leaves no (empty) folder behind
+    cells = config.cells()
+    configs = {m: _model_config(m, config) for m in config.models}
+    for cell in cells:
+        _check_cell(cell, configs[cell.model])
     fingerprint = config.fingerprint()
     extractor = _resolve_extractor(config)  # missing Inception weights fail before anything runs
     if extractor is not None:
         fingerprint["feature_extractor"] = extractor.id
     stored = _load_results(out / RESULTS_FILES["json"], fingerprint)
-    cells = config.cells()
-    configs = {m: _model_config(m, config) for m in config.models}
-    for cell in cells:
-        _check_cell(cell, configs[cell.model])
+    if refuse_near_duplicates:
+        _check_stored_scales(config.guidance, stored.values(), out / RESULTS_FILES["json"])
+    # processes of a distributed launch given other settings or grids would gather mixed samples, or hang
+    check_same_on_all_processes({**fingerprint, "cells to run": sorted(c.key for c in cells if c.key not in stored)},
+                                "bench settings")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     order = [c.key for c in cells]
     todo = [c for c in cells if c.key not in stored]
     worlds: dict[str, _DigitsWorld | _PipelineWorld] = {}

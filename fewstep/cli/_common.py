@@ -170,14 +170,16 @@ def _guidance_list(text: str) -> list[tuple[str, float]]:
 
 
 def _model_list(text: str) -> list[str]:
-    """argparse type: comma-separated bench models."""
-    from ..bench.runner import MODELS, is_pipeline_dir
+    """argparse type: comma-separated bench models; a pipeline directory becomes its resolved absolute path, so one
+    folder spelled two ways (``sd/pipe``, ``./sd/pipe``) is one model (a repeat), with one key in the results."""
+    from ..bench.runner import MODELS, _normalise_model, is_pipeline_dir
 
     values = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in values if v not in MODELS and not is_pipeline_dir(v)]
     if not values or unknown:
         raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; available: {', '.join(MODELS)} "
                                          "or a diffusers pipeline directory")
+    values = [_normalise_model(v) for v in values]
     _refuse_repeats(values, text)
     return values
 

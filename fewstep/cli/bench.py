@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import sys
+from pathlib import Path
 
 from .. import __version__
 from .._io import atomic_write, check_creatable_dir, check_writable
@@ -112,13 +113,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(models=models, samplers=args.samplers, steps=args.steps, schedule=args.schedule,
                          num_samples=args.num_samples, dim=args.dim, seed=args.seed, prompts=prompts,
                          image_size=args.image_size, **options)
-    from pathlib import Path
-
-    created = [d for d in (Path(args.out), Path(args.cache_dir) if args.cache_dir else None) if d and not d.exists()]
+    # the topmost folder each of --out and --cache-dir would create (`nest` of nest/a/b when nest is new)
+    created = [d for d in (_first_missing(args.out), _first_missing(args.cache_dir) if args.cache_dir else None) if d]
     try:
-        rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet)
+        # scales that print alike are refused across a resume too (README), not only within this run
+        rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet,
+                        refuse_near_duplicates=True)
     except BaseException:
-        for d in created:  # a run that failed before writing a file leaves no (empty) folder behind
+        for d in created:  # a run that failed before writing a file leaves no (empty) folders behind
             if d.is_dir() and not any(f.is_file() for f in d.rglob("*")):
                 shutil.rmtree(d)
         raise
@@ -138,14 +140,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_missing(path: str) -> Path | None:
+    """The topmost folder of ``path`` that does not exist yet (what creating ``path`` would create), or None."""
+    top, p = None, Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    return top
+
+
 def _bench_analytic_table(args: argparse.Namespace) -> int:
+    """The analytic error table (and ``--json``). Under a distributed launch (``torchrun``) every process computes
+    it, but only the main process prints and writes (the others return 0 silently)."""
     to_stdout = args.json == "-"  # JSON on stdout for a pipe; the table then goes to stderr
     if args.json is not None and not args.json.strip():
         raise UsageError(f"--json must be a file path or '-' (stdout), got {args.json!r}")
     if args.json and not to_stdout:
         check_writable(args.json, "--json")
+    from .._dist import is_main_process
     from ..bench.analytic_bench import format_table, rows_as_dicts, run_analytic_bench
 
+    main = is_main_process()
     rows, meta = run_analytic_bench(
         samplers=args.samplers,
         steps=args.steps,
@@ -153,8 +167,10 @@ def _bench_analytic_table(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         dim=args.dim,
         seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet and main,
     )
+    if not main:  # one process reports: the table once, one writer of --json
+        return 0
     print(format_table(rows, meta), file=sys.stderr if to_stdout else sys.stdout)
     if args.json:
         payload = {"meta": meta, "rows": rows_as_dicts(rows), "version": __version__}
