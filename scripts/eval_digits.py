@@ -11,6 +11,7 @@ import json
 
 from _args import count  # noqa: E402 - scripts/ is on sys.path when run as a script
 
+from fewstep._checks import check_number
 from fewstep.bench.digits_eval import evaluate_digits
 from fewstep.pipelines import load_default
 
@@ -26,14 +27,19 @@ def main() -> None:
                         help="samples per digit class, >= 2 (the Frechet distance needs two; default 100)")
     parser.add_argument("--seed", type=count(0), default=0, help="seed of the first sample's noise (default 0)")
     args = parser.parse_args()
-    try:  # a bad value (unknown sampler, a sampler that does not fit the model, a NaN scale): one line, exit 2
+    # every value is checked before anything runs (an unknown sampler, one that does not fit the model or cannot
+    # take a step count, a NaN scale): one line, exit 2 -- and a ValueError of the evaluation itself stays one
+    try:
+        check_number("guidance_scale", args.guidance_scale, 0.0)
         pipe = load_default(args.model, sampler=args.sampler)
-        classifier = load_default("digits-classifier")
         for steps in args.steps:
-            quality = evaluate_digits(pipe, classifier, args.num_per_class, steps, args.guidance_scale, args.seed)
-            print(json.dumps({"model": args.model, "sampler": args.sampler, **quality.as_dict()}))
+            pipe.scheduler.set_timesteps(steps)
     except ValueError as exc:
         parser.error(str(exc))
+    classifier = load_default("digits-classifier")
+    for steps in args.steps:
+        quality = evaluate_digits(pipe, classifier, args.num_per_class, steps, args.guidance_scale, args.seed)
+        print(json.dumps({"model": args.model, "sampler": args.sampler, **quality.as_dict()}))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def test_flow_configs_with_default_shift_build_flow_schedulers(name):
     for label, config in _default_flow_configs().items():
         sched = samplers.get(name).from_config(config, **EXTRA.get(name, {}))
         assert sched.is_flow, f"{name} from {label}"
-        assert sched.config.shift == 1.0
+        cfg = sched.config  # the default shift, stated as FlowMatch's `shift` or as UniPC's `flow_shift`
+        assert cfg.shift == 1.0 or (cfg.shift is None and cfg.use_flow_sigmas and cfg.flow_shift == 1.0), dict(cfg)
 
 
 @pytest.mark.parametrize("name", ["ddim", "unipc", "dpm-solver++", "hb", "ghvb", "dc-solver"])
@@ -101,17 +102,24 @@ def test_add_noise_timestep_count_and_shapes():
     sched = samplers.get("dpm-solver++")()
     sched.set_timesteps(10)
     x, eps = torch.ones(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
-    with pytest.raises(ValueError, match=r"`timesteps` must hold one model timestep, or one per sample \(4\), got 2"):
+    with pytest.raises(ValueError, match=r"`timesteps` \(2 timesteps\), `original_samples` \(4, 1, 2, 2\) and "
+                                         r"`noise` \(4, 1, 2, 2\) do not broadcast together"):
         sched.add_noise(x, eps, sched.timesteps[:2])
-    with pytest.raises(ValueError, match=r"`timesteps` must hold one model timestep, .*got 0"):
+    with pytest.raises(ValueError, match=r"`timesteps` \(0 timesteps\)"):
         sched.add_noise(x, eps, torch.tensor([]))
-    with pytest.raises(ValueError, match=r"`noise` must have the shape of `original_samples` \(4, 1, 2, 2\), got "
-                                         r"\(3, 1, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"`noise` \(3, 1, 2, 2\) do not broadcast together"):
         sched.add_noise(x, eps[:3], sched.timesteps[:1])
     flow = samplers.get("flow-euler")(shift=3.0)
     flow.set_timesteps(4)
-    with pytest.raises(ValueError, match=r"`timestep` must hold one model timestep, or one per sample \(4\), got 3"):
+    with pytest.raises(ValueError, match=r"`timestep` \(3 timesteps\), `sample` \(4, 1, 2, 2\)"):
         flow.scale_noise(x, flow.timesteps[:3], eps)
+    # broadcasting as diffusers does (found by a review: refused for a day): one image, a batch of noise and levels
+    from diffusers import DDPMScheduler as Stock
+
+    one, noise3 = torch.randn(1, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    t3 = torch.tensor([10, 500, 900])
+    ours = samplers.get("ddim").from_config(Stock().config)
+    torch.testing.assert_close(ours.add_noise(one, noise3, t3), Stock().add_noise(one, noise3, t3))
     # what stays allowed: one timestep for the batch, one per sample
     assert sched.add_noise(x, eps, sched.timesteps[:1]).shape == x.shape
     assert sched.add_noise(x, eps, sched.timesteps[:4]).shape == x.shape
@@ -201,23 +209,41 @@ def test_begin_index_past_the_end_names_strength():
 
 
 @pytest.mark.parametrize("diffusers_name", ["UniPCMultistepScheduler", "DPMSolverMultistepScheduler"])
-def test_a_flow_config_swaps_back_into_diffusers(diffusers_name):
-    """fewstep wrote ``prediction_type="flow"`` into the config, which diffusers' UniPC/DPM-Solver refuse at their
-    first step: a pipeline saved with a fewstep scheduler could not go back to the diffusers class it came from.
-    The config now keeps diffusers' ``flow_prediction`` (the attribute stays the normalised ``"flow"``)."""
+def test_a_flow_config_swaps_back_into_diffusers(diffusers_name, tmp_path):
+    """A flow config that went through a fewstep scheduler must sample a flow model correctly when diffusers'
+    UniPC/DPM-Solver is built back from it (in memory or saved): fewstep wrote ``prediction_type="flow"``, which
+    they refuse; then ``flow_prediction`` without ``use_flow_sigmas``/``flow_shift`` (VP sigmas with flow
+    prediction: thousands off, silently), and in memory ``prediction_type`` stayed listed as a default, which
+    ``from_config`` drops (an epsilon sampler). Checked on the exact velocity model of a point mass: the swapped-back
+    scheduler lands where diffusers' own flow-configured one does."""
     import diffusers
 
     cls = getattr(diffusers, diffusers_name)
-    orig = cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
-    for name in ("unipc", "dpm-solver++", "ddim"):
-        ours = samplers.get(name).from_config(orig.config)
-        assert ours.is_flow and ours.prediction_type == "flow"
-        assert ours.config.prediction_type == "flow_prediction"
-        back = cls.from_config(ours.config)
-        back.set_timesteps(4)
-        x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-        out = back.step(torch.zeros_like(x), back.timesteps[0], x).prev_sample
-        assert torch.isfinite(out).all()
+    x0 = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+
+    def final(sched):
+        sched.set_timesteps(6)
+        x = noise.clone()
+        for t in sched.timesteps:
+            x = sched.step((x - x0) / (float(t) / 1000), t, x).prev_sample
+        return x
+
+    want = final(cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"))
+    assert (want - x0).abs().max() < 1e-2  # (diffusers' flow-sigma grid stops short of s = 0)
+    sources = {"diffusers flow config": cls(use_flow_sigmas=True, flow_shift=3.0,
+                                            prediction_type="flow_prediction").config,
+               "FlowMatch (SD3)": FlowMatchEulerDiscreteScheduler(shift=3.0).config}
+    for label, config in sources.items():
+        for name in ("unipc", "dpm-solver++"):
+            ours = samplers.get(name).from_config(config)
+            assert ours.is_flow and ours.prediction_type == "flow", (label, name)
+            assert ours.config.prediction_type == "flow_prediction"
+            ours.save_pretrained(tmp_path / name)
+            for back in (cls.from_config(ours.config), cls.from_pretrained(tmp_path / name)):
+                torch.testing.assert_close(final(back), want, rtol=1e-5, atol=1e-5, msg=f"{label} -> {name}")
+    direct = samplers.get("unipc")(use_flow_sigmas=True, flow_shift=3.0)  # built directly, in memory
+    torch.testing.assert_close(final(cls.from_config(direct.config)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_get_velocity_matches_diffusers():
@@ -233,5 +259,24 @@ def test_get_velocity_matches_diffusers():
         torch.testing.assert_close(ours.get_velocity(x, n, t), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="flow-matching schedule here, whose velocity target is noise - sample"):
         samplers.get("ddim").from_config(FlowMatchEulerDiscreteScheduler().config).get_velocity(x, n, t)
-    with pytest.raises(ValueError, match="`timesteps` must hold one model timestep, or one per sample"):
+    with pytest.raises(ValueError, match=r"`timesteps` \(2 timesteps\), `sample` \(3, 2, 4, 4\) and `noise`"):
         samplers.get("ddim").from_config(SD15_PNDM).get_velocity(x, n, torch.tensor([1, 2]))
+    # a sampling grid set on the scheduler does not move the target's level (a Karras grid's timesteps are rounded)
+    karras = samplers.get("dpm-solver++").from_config(SD15_PNDM, use_karras_sigmas=True)
+    karras.set_timesteps(10)
+    t = karras.timesteps[[2, 7]]
+    torch.testing.assert_close(karras.get_velocity(x[:2], n[:2], t),
+                               DDPMScheduler.from_config(SD15_PNDM).get_velocity(x[:2], n[:2], t), rtol=1e-5, atol=1e-6)
+
+
+def test_ddim_step_takes_ddim_pipelines_none_for_use_clipped_model_output():
+    """diffusers' DDIMPipeline always passes ``use_clipped_model_output=None`` (its default, read as False): the
+    new DDIM options refused it for a day (found by a review)."""
+    sched = samplers.get("ddim").from_config(SD15_PNDM)
+    sched.set_timesteps(3)
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    got = sched.step(out, sched.timesteps[0], x, eta=0.0, use_clipped_model_output=None).prev_sample
+    ref = samplers.get("ddim").from_config(SD15_PNDM)
+    ref.set_timesteps(3)
+    assert torch.equal(got, ref.step(out, ref.timesteps[0], x).prev_sample)

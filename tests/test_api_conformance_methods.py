@@ -133,7 +133,7 @@ def test_ddim_eta_arguments_are_checked():
         ddim.step(x, t, x, eta=0.5, generator=torch.Generator(), variance_noise=torch.randn_like(x))
     with pytest.raises(ValueError, match=r"`variance_noise` must have the sample's shape \(1, 2, 4, 4\), got \(2, 4\)"):
         ddim.step(x, t, x, eta=0.5, variance_noise=torch.randn(2, 4))
-    with pytest.raises(ValueError, match="`use_clipped_model_output` must be True or False, got 'yes'"):
+    with pytest.raises(ValueError, match="`use_clipped_model_output` must be True, False or None, got 'yes'"):
         ddim.step(x, t, x, use_clipped_model_output="yes")
     assert ddim.step_index is None  # nothing ran
     # eta = 0 ignores the generator (diffusers draws nothing then) and is the plain deterministic step

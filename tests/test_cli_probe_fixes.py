@@ -274,6 +274,7 @@ def test_eval_digits_refuses_one_sample_per_class():
     (["--sampler", "foo"], "unknown sampler 'foo'; available: ddim"),
     (["--model", "digits-flow", "--sampler", "mrs"], "mrs"),
     (["--guidance-scale", "nan"], "`guidance_scale` must be a finite number >= 0, got nan"),
+    (["--sampler", "s3", "--steps", "5", "7"], "schedule for NFE 7"),  # refused before NFE 5 runs
 ])  # fmt: skip
 def test_eval_digits_bad_values_are_usage_errors(argv, message, capsys, monkeypatch):
     """An unknown --sampler (or one that does not fit the model, or a NaN scale) ended in a traceback."""
@@ -282,11 +283,14 @@ def test_eval_digits_bad_values_are_usage_errors(argv, message, capsys, monkeypa
         import eval_digits
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    monkeypatch.setattr(sys, "argv", ["eval_digits.py", "--steps", "2", "--num-per-class", "2", *argv])
+    steps = [] if "--steps" in argv else ["--steps", "2"]
+    monkeypatch.setattr(sys, "argv", ["eval_digits.py", *steps, "--num-per-class", "2", *argv])
     with pytest.raises(SystemExit) as info:
         eval_digits.main()
     assert info.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing was evaluated
+    line = captured.err.strip().splitlines()[-1]
     assert line.startswith("eval_digits.py: error: ") and message in line
 
 

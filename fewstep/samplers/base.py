@@ -203,14 +203,6 @@ def _check_output_shape(sample: torch.Tensor, **outputs: torch.Tensor) -> None:
         raise ValueError(f"`{name}` must have the shape of `sample` {want}, got {got}: {hint}")
 
 
-def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    """Whether a tensor of ``shape`` broadcasts to ``target`` without changing it (metadata only)."""
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
-
-
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """Base class (not registered): a multistep scheduler driven by the unified engine."""
 
@@ -305,6 +297,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         UniPC built from it), so an option a class does not declare must never be read from its config."""
         return key in _init_options(cls)
 
+    def register_to_config(self, **kwargs: Any) -> None:
+        """diffusers' ``register_to_config``; a value registered after ``__init__`` began (a setting fewstep derives,
+        e.g. ``prediction_type="flow_prediction"`` on a flow config) is no longer listed as a default
+        (``_use_default_values``): diffusers' ``from_config`` drops listed keys, so a diffusers scheduler built from
+        this config would otherwise get its own default instead (an epsilon UniPC on a flow model)."""
+        super().register_to_config(**kwargs)
+        used = getattr(self, "_internal_dict", {}).get("_use_default_values")
+        if used and "_use_default_values" not in kwargs and any(k in used for k in kwargs):
+            super().register_to_config(_use_default_values=[k for k in used if k not in kwargs])
+
     def _init_common(self) -> None:
         """Schedule, prediction type and the shared option checks, from the registered config.
 
@@ -329,6 +331,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 # Flow configs (SD3/Flux) carry no prediction_type: their models predict the velocity. Stored in
                 # diffusers' spelling, so that diffusers' UniPC/DPM-Solver built back from this config step it.
                 self.register_to_config(prediction_type="flow_prediction")
+            self._state_flow_for_diffusers()
         else:
             self.noise_schedule = VPSchedule.from_config(cfg)
         self.prediction_type = normalize_prediction_type(self.config.prediction_type)
@@ -672,6 +675,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         x0, eps = to_pair(model_output, sample, float(grid.alphas[i]), float(grid.sigmas[i]), self.prediction_type)
         return self._postprocess_pair(x0, eps)
 
+    def _state_flow_for_diffusers(self) -> None:
+        """On a flow config, state the flow settings as diffusers' UniPC/DPM-Solver read them (``use_flow_sigmas``,
+        ``flow_shift``), where this class has those options: a config holding a FlowMatch ``shift`` only would make
+        them combine VP sigmas with flow prediction (thousands off, silently). fewstep itself reads ``shift`` first,
+        so its own results do not change."""
+        cfg = self.config
+        if self._declares("use_flow_sigmas") and not cfg.use_flow_sigmas:
+            self.register_to_config(use_flow_sigmas=True)
+        shift = cfg.get("shift")
+        if self._declares("flow_shift") and shift is not None and cfg.flow_shift != shift:
+            self.register_to_config(flow_shift=float(shift))
+
     def _check_clip_sample(self) -> None:
         """Validate ``clip_sample_range`` where it applies (see ``clip_range``)."""
         if self._declares("clip_sample") and self.config.clip_sample:
@@ -825,20 +840,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`get_velocity` is the v-prediction target of VP (diffusion) schedules; "
                              f"{type(self).__name__} is on a flow-matching schedule here, whose velocity target is "
                              "noise - sample")  # fmt: skip
-        a, s = self._alpha_sigma_at(sample, noise, timesteps, ("sample", "noise", "timesteps"))
+        # the training target at the timestep's own level, never a sampling grid's exact one (a Karras grid's
+        # rounded timesteps would otherwise move it)
+        a, s = self._alpha_sigma_at(sample, noise, timesteps, ("sample", "noise", "timesteps"), grid_levels=False)
         return a * noise - s * sample
 
-    def _alpha_sigma_at(self, x0: Any, noise: Any, timesteps: Any,
-                        names: tuple[str, str, str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``alpha``, ``sigma`` at ``timesteps``, shaped to broadcast over ``x0`` (batch first), after checking the
-        three arguments (``names``: how the caller calls them)."""
+    def _alpha_sigma_at(self, x0: Any, noise: Any, timesteps: Any, names: tuple[str, str, str],
+                        grid_levels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha``, ``sigma`` at ``timesteps``, shaped ``(-1, 1, ...)`` over ``x0``'s dimensions as diffusers
+        shapes them, after checking the three arguments (``names``: how the caller calls them): they must broadcast
+        together (as in diffusers, e.g. one image and a batch of noise). ``grid_levels``: a timestep of the current
+        grid gets that grid point's exact level (img2img's noised start; see ``add_noise``)."""
         x_name, noise_name, t_name = names
         _check_floating(**{x_name: x0, noise_name: noise})
         if x0.ndim == 0:
             raise ValueError(f"`{x_name}` must be a batch of samples (batch first), got a 0-d tensor")
-        if not _broadcasts_to(noise.shape, x0.shape):
-            raise ValueError(f"`{noise_name}` must have the shape of `{x_name}` {tuple(x0.shape)}, got "
-                             f"{tuple(noise.shape)}")  # fmt: skip
         if not isinstance(timesteps, (torch.Tensor, np.ndarray, list, tuple, int, float, np.integer, np.floating)) \
                 or isinstance(timesteps, bool):
             raise ValueError(f"`{t_name}` must be a tensor of model timesteps (one per sample, or one), got "
@@ -846,9 +862,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(timesteps, torch.Tensor):
             timesteps = timesteps.detach()  # a tensor that requires grad cannot be read back into numpy
         t = torch.as_tensor(timesteps).to(torch.float64).reshape(-1).cpu().numpy()
-        batch = x0.shape[0]
-        if t.size not in (1, batch):
-            raise ValueError(f"`{t_name}` must hold one model timestep, or one per sample ({batch}), got {t.size}")
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        level_shape = (t.size,) + (1,) * (x0.ndim - 1)
+        try:
+            ok = t.size > 0 and bool(torch.broadcast_shapes(level_shape, tuple(x0.shape), tuple(noise.shape)))
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"`{t_name}` ({t.size} timesteps), `{x_name}` {tuple(x0.shape)} and `{noise_name}` "
+                             f"{tuple(noise.shape)} do not broadcast together: give one model timestep or one per "
+                             "sample, and noise of the samples' shape")  # fmt: skip
         sched = self.noise_schedule
         grid_values = set(self._timestep_values or ())
         outside = [v for v in t.tolist() if not (sched.t_min <= v <= sched.t_max) and v not in grid_values]
@@ -856,7 +879,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`{t_name}` must lie in [{sched.t_min:g}, {sched.t_max:g}] (model times of this "
                              f"{sched.kind} schedule), got {outside[:8]}")  # fmt: skip
         alpha, sigma = (np.array(v, dtype=np.float64, ndmin=1) for v in sched.alpha_sigma(t))
-        if self.plan is not None and self._timestep_values:
+        if grid_levels and self.plan is not None and self._timestep_values:
             point = {}
             for k, (i, _) in enumerate(self.plan.calls):
                 point.setdefault(self._timestep_values[k], i)
@@ -865,7 +888,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 i = point.get(value)
                 if i is not None:
                     alpha[j], sigma[j] = grid.alphas[i], grid.sigmas[i]
-        shape = (-1,) + (1,) * (x0.ndim - 1)
         a = torch.as_tensor(alpha, dtype=x0.dtype, device=x0.device).reshape(shape)
         s = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device).reshape(shape)
         return a, s

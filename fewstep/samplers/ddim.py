@@ -155,7 +155,7 @@ class FewstepDDIMScheduler(FewstepScheduler):
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
         eta: float = 0.0,
-        use_clipped_model_output: bool = False,
+        use_clipped_model_output: bool | None = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
@@ -170,8 +170,11 @@ class FewstepDDIMScheduler(FewstepScheduler):
         in their own dtype).
         """
         eta = check_number("eta", eta, 0.0, 1.0, what="DDIM's noise weight: 0 deterministic, 1 ancestral")
+        if use_clipped_model_output is None:  # diffusers' DDIMPipeline passes its default None (read as False)
+            use_clipped_model_output = False
         if not isinstance(use_clipped_model_output, (bool, np.bool_)):
-            raise ValueError(f"`use_clipped_model_output` must be True or False, got {use_clipped_model_output!r}")
+            raise ValueError(f"`use_clipped_model_output` must be True, False or None, got "
+                             f"{use_clipped_model_output!r}")
         if eta > 0.0 and variance_noise is not None:
             if generator is not None:
                 raise ValueError("pass either `generator` or `variance_noise`, not both (`variance_noise` is the "

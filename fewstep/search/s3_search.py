@@ -85,7 +85,7 @@ class SearchSpace:
         )
         if not end > self.lambda_start:
             raise ValueError(f"`lambda_end` {end} must exceed the start lambda {self.lambda_start}")
-        self.lambda_end = end
+        self.lambda_end = float(end)  # (a numpy scalar is a Python float from here on: JSON, metadata)
         if self.ems is not None:
             lo, hi = float(self.ems.lambdas[0]), float(self.ems.lambdas[-1])
             half = 0.5 * (hi - lo) / (self.ems.num_points - 1)
