@@ -38,6 +38,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ..search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
     from ..search.s3_search import check_state_early
 
+    # every process of a distributed launch must run the same search, checked before anything that may fail on one
+    # process only (files read, the state file) and before the objective's setup, which already gathers samples
+    check_same_on_all_processes({k: v for k, v in sorted(vars(args).items())
+                                 if isinstance(v, (str, int, float, bool, list, type(None))) and k != "quiet"},
+                                "search arguments")
+
     if args.ems not in ("auto", "none") and args.model != "digits-eps":
         raise UsageError("--ems FILE is for --model digits-eps (the analytic model has no EMS file)")
     ems = None if args.ems == "none" else args.ems
@@ -51,10 +57,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     # before the objective is built (a reference solve takes minutes): a state of another search is refused now
     check_state_early(state, {"nfe": args.nfe, "seed": args.seed, "metric": metric_name,
                               "use_predictor": not args.no_predictor, "afs": args.afs is not None})
-    # every process of a distributed launch must run the same search: the objective's setup already gathers samples
-    check_same_on_all_processes({k: v for k, v in sorted(vars(args).items())
-                                 if isinstance(v, (str, int, float, bool, list, type(None))) and k != "quiet"},
-                                "search arguments")
     if args.model == "analytic":
         objective = AnalyticObjective()
     elif args.metric == "mse":
