@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int", "check_number", "repeated_values", "stored_float64"]
+__all__ = ["MISSING", "check_int", "check_number", "differing_keys", "repeated_values", "stored_float64"]
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
@@ -107,3 +108,13 @@ def stored_float64(name: str, tensor: Any, ndim: int | None = None, finite: bool
     if finite and not np.all(np.isfinite(values)):
         raise ValueError(f"tensor {name!r} must be finite, got {values.reshape(-1)[:12].tolist()}")
     return values
+
+
+#: a key one of two mappings lacks (``differing_keys``): unlike ``None``, it never equals a stored value
+MISSING = object()
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The keys, sorted, whose values differ between two mappings of settings; a key only one of them has differs
+    (read it back with ``mapping.get(key, MISSING)``). What the "made with other settings" refusals name."""
+    return sorted(k for k in set(a) | set(b) if a.get(k, MISSING) != b.get(k, MISSING))

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ._checks import differing_keys
+
 __all__ = ["check_same_on_all_processes", "distributed_state", "is_main_process", "split_samples"]
 
 
@@ -77,7 +79,7 @@ def _summary(description: Any) -> dict[str, tuple[str, str]]:
 
 def _differences(rank: int, first: dict[str, tuple[str, str]], theirs: dict[str, tuple[str, str]]) -> str:
     """How process ``rank``'s summary differs from process 0's, or ``""``."""
-    keys = sorted(k for k in set(first) | set(theirs) if first.get(k, (None,))[0] != theirs.get(k, (None,))[0])
+    keys = differing_keys({k: v[0] for k, v in first.items()}, {k: v[0] for k, v in theirs.items()})  # digests
     if not keys:
         return ""
 

@@ -92,3 +92,10 @@ def test_what_and_allowed_extend_the_message():
         check_number("momentum", 2, -1.0, 1.0, allowed="(-1, 1)")
     with pytest.raises(ValueError, match=r"^`r` must be a finite number in \[0\.5, 2\], got 3$"):
         check_number("r", 3, 0.5, 2.0)  # float bounds print compactly
+
+
+def test_differing_keys_counts_a_key_one_side_lacks():
+    from fewstep._checks import MISSING, differing_keys
+
+    assert differing_keys({"a": 1, "b": None, "c": 3}, {"a": 1, "c": 4, "d": 0}) == ["b", "c", "d"]
+    assert differing_keys({}, {}) == [] and {"b": None}.get("x", MISSING) is MISSING

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
-from .._checks import check_int, repeated_values
+from .._checks import MISSING, check_int, differing_keys, repeated_values
 from .._dist import check_same_on_all_processes, distributed_state, is_main_process, split_samples
 from .._io import atomic_write
 from ..pipelines.defaults import default_sampler_options
@@ -540,15 +540,14 @@ def _config_differences(stored: dict[str, Any], fingerprint: dict[str, Any], sto
     run_kinds = {kind for key, kind in (("analytic", "analytic"), ("embedded", "digits"), ("pipelines", "pipeline"))
                  if key in fingerprint}
     settings = []
-    for key in sorted((set(stored) | set(fingerprint)) - set(_PER_MODEL)):
+    for key in differing_keys(stored, fingerprint):
         kinds = set(_SETTING_KINDS.get(key, ("analytic", "digits", "pipeline")))
-        if not (kinds & stored_kinds and kinds & run_kinds):
+        if key in _PER_MODEL or not (kinds & stored_kinds and kinds & run_kinds):
             continue
         if key not in stored and key in _ADOPTED_SETTINGS:
             continue
-        old, new = stored.get(key, _MISSING), fingerprint.get(key, _MISSING)
-        if old != new:
-            settings.append(f"{_SETTING_NAMES.get(key, key)}: stored {_show(old)}, this run {_show(new)}")
+        old, new = stored.get(key, MISSING), fingerprint.get(key, MISSING)
+        settings.append(f"{_SETTING_NAMES.get(key, key)}: stored {_show(old)}, this run {_show(new)}")
     old_dirs = stored.get("pipelines", {})
     directories = sorted(model for model, files in fingerprint.get("pipelines", {}).items()
                          if model in stored_models and old_dirs.get(model) != files)
@@ -558,14 +557,13 @@ def _config_differences(stored: dict[str, Any], fingerprint: dict[str, Any], sto
     return settings, directories, embedded
 
 
-_MISSING = object()
 #: how a differing setting is named in the error
 _SETTING_NAMES = {"classifier": "classifier (digest of the shipped digits-classifier's files)",
                   "prompts": "prompts (digest)", "reference_images": "reference_images (digest of the images)"}
 
 
 def _show(value: Any) -> str:
-    return "(not set)" if value is _MISSING else json.dumps(value)
+    return "(not set)" if value is MISSING else json.dumps(value)
 
 
 def _row_key(row: dict[str, Any]) -> str | None:

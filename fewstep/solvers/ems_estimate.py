@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._checks import check_int
+from .._checks import MISSING, check_int, differing_keys
 from .ems import EMS
 from .parameterization import normalize_prediction_type, to_pair
 from .schedules import FlowSchedule, NoiseSchedule, VPSchedule
@@ -238,12 +238,9 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-_ABSENT = object()
-
-
 def _show(value: Any) -> str:
     """A setting as the checkpoint-mismatch message prints it (``absent`` for a setting one side lacks)."""
-    return "absent" if value is _ABSENT else repr(value)
+    return "absent" if value is MISSING else repr(value)
 
 
 def estimate_ems(
@@ -297,9 +294,8 @@ def estimate_ems(
         stored, ours = acc.meta.get("settings"), json.loads(json.dumps(settings))
         if stored != ours:
             theirs = stored if isinstance(stored, dict) else {}
-            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, _ABSENT) != ours.get(k, _ABSENT))
-            shown = "; ".join(f"{k}: {_show(theirs.get(k, _ABSENT))} there, {_show(ours.get(k, _ABSENT))} in this run"
-                              for k in differ) or f"stored settings {stored!r}"
+            shown = "; ".join(f"{k}: {_show(theirs.get(k, MISSING))} there, {_show(ours.get(k, MISSING))} in this run"
+                              for k in differing_keys(theirs, ours)) or f"stored settings {stored!r}"
             raise ValueError(f"checkpoint {str(checkpoint)!r} was made with other settings ({shown}); delete it or "
                              "use another checkpoint path")
     if acc is None:
