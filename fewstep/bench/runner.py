@@ -695,7 +695,7 @@ class _DigitsWorld:
                 "seconds_per_image": seconds / n, "num_samples": n}
 
 
-_DIGESTS: dict[tuple[str, tuple], str] = {}
+_DIGESTS: dict[tuple, str] = {}
 
 
 def _embedded_digest(model: str) -> str:
@@ -706,17 +706,40 @@ def _embedded_digest(model: str) -> str:
     from ..pipelines.defaults import default_model_path
 
     root = default_model_path(model)
-    files = sorted((str(f.relative_to(root)), f) for f in root.rglob("*") if f.is_file())
-    stamp = tuple((name, f.stat().st_size, f.stat().st_mtime_ns) for name, f in files)
-    memo = (str(root), stamp)
+    return _files_digest({str(f.relative_to(root)): f for f in root.rglob("*") if f.is_file()})
+
+
+def _files_digest(files: dict[str, Path]) -> str:
+    """sha256 (16 hex digits) of ``files``' names (the keys) and bytes, in name order; memoised per process on the
+    files' paths, sizes and modification times."""
+    named = sorted(files.items())
+    memo = tuple((name, str(f), f.stat().st_size, f.stat().st_mtime_ns) for name, f in named)
     if memo not in _DIGESTS:
         h = hashlib.sha256()
-        for name, f in files:
+        for name, f in named:
             data = f.read_bytes()
             h.update(f"{name}:{len(data)};".encode())
             h.update(data)
         _DIGESTS[memo] = h.hexdigest()[:16]
     return _DIGESTS[memo]
+
+
+def _shipped_artifacts_digest(cell: Cell) -> str | None:
+    """Content digest of the shipped artifacts a cell's sampler reads on a built-in model
+    (:func:`~fewstep.pipelines.defaults.default_sampler_options`): the DPM-Solver-v3 EMS (``dpm-solver-v3``, and
+    ``s3``, whose schedules may take EMS steps) and the searched schedule for the cell's NFE (``s3``); ``None``
+    when it reads none. A stored row carries it (``artifacts``), so a row made with artifacts that a fewstep
+    upgrade or a new search has replaced is recomputed on the next run instead of being reported as current."""
+    from ..samplers.dpm_solver_v3 import SHIPPED_EMS
+    from ..samplers.s3 import shipped_schedule_path
+
+    if cell.model not in MODELS:
+        return None
+    options = default_sampler_options(cell.model, cell.sampler, with_schedule=True)
+    files = {"ems": SHIPPED_EMS[options["ems_file"]]} if "ems_file" in options else {}
+    if "s3_schedule" in options:
+        files["s3"] = shipped_schedule_path(options["s3_schedule"], cell.steps)
+    return _files_digest(files) if files else None
 
 
 def _folder_fingerprint(folder: str | Path) -> str:
@@ -950,6 +973,13 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     stored = _load_results(out / RESULTS_FILES["json"], fingerprint)
     if refuse_near_duplicates:
         _check_stored_scales(config.guidance, stored.values(), out / RESULTS_FILES["json"])
+    artifacts = {c.key: _shipped_artifacts_digest(c) for c in cells}
+    stale = [key for key, digest in artifacts.items() if key in stored and stored[key].get("artifacts") != digest]
+    if stale and progress:
+        tqdm.write(f"recomputing {len(stale)} stored row(s) made with other shipped sampler artifacts (EMS or "
+                   f"searched schedules): {', '.join(stale)}")
+    for key in stale:
+        del stored[key]
     # processes of a distributed launch given other settings or grids would gather mixed samples, or hang
     check_same_on_all_processes({**fingerprint, "cells to run": sorted(c.key for c in cells if c.key not in stored)},
                                 "bench settings")
@@ -968,6 +998,8 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
                                       else _DigitsWorld(cell.model, config, cache, progress, extractor))
             metrics = worlds[cell.model].run(cell)
         stored[cell.key] = {**asdict(cell), **metrics}
+        if artifacts[cell.key] is not None:
+            stored[cell.key]["artifacts"] = artifacts[cell.key]
         if main:
             _write_results(out, fingerprint, stored, order)
     if not todo and main:

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .._checks import check_int, check_number
 from .._io import atomic_write
 from ..solvers import grids
-from ..solvers.engine import EngineState, Evaluation, Plan, StepDecision, compile_plan, restart_decisions
+from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
 from ..solvers.momentum import MomentumStep
 from ..solvers.parameterization import compute_dtype, normalize_prediction_type, to_pair
 from ..solvers.schedules import (
@@ -787,27 +787,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             return None
         return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
-    def _engine_call(self, k: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
-                     noise: torch.Tensor | None, history: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     ) -> torch.Tensor:
-        """Hand model call ``k`` to the engine state; returns where the model is called next (or the result).
-
-        A run that begins (``set_begin_index``) at a step with an implicit corrector has no earlier step to correct
-        (the engine skips a corrector without a previous sample): at the step's first call the sample itself is
-        the corrected point, buffered and returned so that the second call evaluates the model there; begun at the
-        second call, that evaluation is the step's only one and its predictor runs (a plain first step). (After an
-        analytical first step (s3 ``afs``) the analytic point is the earlier step: the engine corrects from it.)"""
-        state = self._state
-        point, again = self.plan.calls[k]
-        if state.last_sample is None and self.plan.analytic_start is None and self.plan.steps[point].reevaluate:
-            if again:
-                return state.advance(point, x, x0, eps, noise, history)
-            state.buffer.append(Evaluation(x, x0, eps, history))
-            return x
-        return state.call(k, x, x0, eps, noise, history)
-
     def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None, history=None):
-        prev = self._engine_call(i, x, x0, eps, noise, history).to(out_dtype)
+        prev = self._state.call(i, x, x0, eps, noise, history).to(out_dtype)
         self._step_index = i + 1
         if not return_dict:
             return (prev, x0.to(out_dtype)) if self.tuple_with_x0 else (prev,)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -12,9 +10,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._checks import check_number
-from ..solvers.engine import Plan, StepDecision
-from ..solvers.grids import TimeGrid
-from ..solvers.methods import ddim_decisions
+from ..solvers.engine import Plan
+from ..solvers.methods import ddim_decisions, ddim_eta_plan
 from ..solvers.schedules import is_flow_config
 from .base import (  # noqa: F401 - SchedulerMixin: see base.py
     FewstepScheduler,
@@ -117,37 +114,13 @@ class FewstepDDIMScheduler(FewstepScheduler):
 
     # ----------------------------------------------------------------------------------------------
     # eta (stochastic DDIM)
-    def _install_plan(self, grid: TimeGrid, decisions: list[StepDecision], hooks: Any = (), start: int = 0) -> None:
-        """The deterministic plan (``eta = 0``), plus each step's noise scale at ``eta = 1``,
-        ``sigma_t sqrt(1 - e^{-2h})`` (float64, host): ``step`` scales it by its ``eta`` (a Python float)."""
-        super()._install_plan(grid, decisions, hooks, start)
-        self._eta_plan_cache: tuple[float, Plan, Plan] | None = None
-        g = self.plan.grid
-        a_s, s_s, a_t, s_t = g.alphas[:-1], g.sigmas[:-1], g.alphas[1:], g.sigmas[1:]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            decay = np.where(s_t > 0, (s_t * a_s) / (a_t * s_s), 0.0)  # e^{-h}: sigma_t/alpha_t over sigma_s/alpha_s
-        self._eta_one_std = s_t * np.sqrt(np.clip(1.0 - decay * decay, 0.0, None))
-
     def _eta_plan(self, eta: float) -> Plan:
-        """``self.plan`` with every predictor made DDIM's stochastic step for ``eta`` (``self.plan`` itself at 0):
-        pair form ``x_t = alpha_t x0 + c eps + c / sigma_s (x - x_eval) + sigma_eta z``, ``c = sqrt(sigma_t^2 -
-        sigma_eta^2)``. Host arithmetic on the coefficients of ``set_timesteps``; the last one is cached."""
-        if eta == 0.0:
-            return self.plan
-        cached = self._eta_plan_cache
-        if cached is not None and cached[0] == eta and cached[1] is self.plan:
-            return cached[2]
-        grid = self.plan.grid
-        steps = []
-        for i, compiled in enumerate(self.plan.steps):
-            s_t = float(grid.sigmas[i + 1])
-            std = eta * float(self._eta_one_std[i])
-            c = math.sqrt(max(s_t * s_t - std * std, 0.0))
-            predictor = replace(compiled.predictor, lin=c / float(grid.sigmas[i]), sigma_t=c, noise=std)
-            steps.append(replace(compiled, predictor=predictor))
-        plan = replace(self.plan, steps=steps, extra=dict(self.plan.extra))
-        self._eta_plan_cache = (eta, self.plan, plan)
-        return plan
+        """``ddim_eta_plan(self.plan, eta)`` (built on the host from the coefficients of ``set_timesteps``); the
+        last one is cached (with the plan it was built from: a new ``set_timesteps`` builds it again)."""
+        cached: tuple[float, Plan, Plan] | None = getattr(self, "_eta_plan_cache", None)
+        if cached is None or cached[0] != eta or cached[1] is not self.plan:
+            cached = self._eta_plan_cache = (eta, self.plan, ddim_eta_plan(self.plan, eta))
+        return cached[2]
 
     def step(
         self,

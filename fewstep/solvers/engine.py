@@ -631,8 +631,19 @@ class EngineState:
         self, k: int, x_eval: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None,
         history: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Consume model call ``k`` of ``plan.calls`` and return where the model is called next (or the result)."""
+        """Consume model call ``k`` of ``plan.calls`` and return where the model is called next (or the result).
+
+        A run that begins (img2img: ``set_begin_index``) at a step with an implicit corrector has no earlier step
+        to correct: at the step's first call the sample itself is the corrected point, buffered and returned so that
+        the second call evaluates the model there; begun at the second call, that evaluation is the step's only one
+        and its predictor runs (a plain first step). (After an analytical first step the analytic point is the
+        earlier step: the corrector runs from it.)"""
         i, again = self.plan.calls[k]
+        if self.last_sample is None and self.plan.analytic_start is None and self.plan.steps[i].reevaluate:
+            if again:
+                return self.advance(i, x_eval, x0, eps, noise, history)
+            self.buffer.append(Evaluation(x_eval, x0, eps, history))
+            return x_eval
         if again:
             return self.reevaluated(i, x_eval, x0, eps, noise, history)
         return self.advance(i, x_eval, x0, eps, noise, history)

@@ -1,6 +1,7 @@
 """Classic solvers as fixed schedules of engine decisions.
 
-* DDIM (Song et al. 2021, eta = 0): order 1, data prediction -- ``x_t = alpha_t x0 + sigma_t eps``.
+* DDIM (Song et al. 2021, eta = 0): order 1, data prediction -- ``x_t = alpha_t x0 + sigma_t eps``; with
+  ``eta > 0`` its stochastic form (``ddim_eta_plan``).
 * DPM-Solver(++) multistep (Lu et al. 2022b, Alg. 2): orders 1-3, data (``++``) or noise prediction,
   warm-up with lower orders, and diffusers' ``lower_order_final`` rule for short schedules.
 * UniPC (Zhao et al. 2023, Alg. 1-2): UniP-p predictor with ``B(h)`` variants bh1/bh2 plus the UniC
@@ -18,15 +19,18 @@ Each builder returns one ``StepDecision`` per step; ``compile_plan`` turns them 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 
 from .._checks import check_int
-from .engine import StepDecision
+from .engine import Plan, StepDecision
 
 __all__ = [
     "ddim_decisions",
+    "ddim_eta_plan",
     "dpm_solver_decisions",
     "unipc_decisions",
     "momentum_active",
@@ -52,6 +56,29 @@ def _check_steps(num_steps: int) -> int:
 def ddim_decisions(num_steps: int, prediction: str = "data") -> list[StepDecision]:
     """DDIM: every step first order (identical in data and noise form)."""
     return [StepDecision(prediction=prediction, order=1) for _ in range(_check_steps(num_steps))]
+
+
+def ddim_eta_plan(plan: Plan, eta: float) -> Plan:
+    """``plan`` (DDIM's deterministic steps, ``ddim_decisions``) with every predictor made DDIM's stochastic step
+    for noise weight ``eta`` in [0, 1] (Song et al. 2021, eq. 12; ``plan`` itself at 0):
+    ``x_t = alpha_t x0 + c eps + c / sigma_s (x - x_eval) + sigma_eta z`` with
+    ``sigma_eta = eta sigma_t sqrt(1 - e^{-2h})``, ``e^{-h} = (sigma_t / alpha_t) / (sigma_s / alpha_s)`` and
+    ``c = sqrt(sigma_t^2 - sigma_eta^2)`` (``eta = 1``: first-order SDE-DPM-Solver++). Host arithmetic on the
+    plan's float64 grid; a final step to a clean point (``sigma_t = 0``) stays deterministic."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"`eta` must be a number in [0, 1] (DDIM's noise weight), got {eta!r}")
+    if eta == 0.0:
+        return plan
+    g = plan.grid
+    steps = []
+    for i, compiled in enumerate(plan.steps):
+        a_s, s_s, a_t, s_t = (float(v) for v in (g.alphas[i], g.sigmas[i], g.alphas[i + 1], g.sigmas[i + 1]))
+        decay = (s_t * a_s) / (a_t * s_s) if s_t > 0 else 0.0
+        std = eta * s_t * math.sqrt(max(1.0 - decay * decay, 0.0))
+        c = math.sqrt(max(s_t * s_t - std * std, 0.0))
+        predictor = replace(compiled.predictor, lin=c / s_s, sigma_t=c, noise=std)
+        steps.append(replace(compiled, predictor=predictor))
+    return replace(plan, steps=steps, extra=dict(plan.extra))
 
 
 def dpm_solver_decisions(
