@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -107,33 +107,30 @@ def check_foreign_options(config: Any, scheduler: str) -> None:
         )
 
 
-@functools.cache
-def _init_options(cls: type) -> frozenset[str]:
-    """The ``__init__`` option names of a scheduler class (cached: ``step`` asks, host-side only)."""
-    return frozenset(inspect.signature(cls.__init__).parameters)
+class _InitSignature(NamedTuple):
+    """What a scheduler class's ``__init__`` signature says about its options."""
+
+    names: frozenset[str]  #: every option name
+    bools: tuple[str, ...]  #: the options annotated ``bool`` (or ``bool | None``)
+    defaults: dict[str, Any]  #: the options' defaults
 
 
 @functools.cache
-def _bool_options(cls: type) -> tuple[str, ...]:
-    """The ``__init__`` options annotated ``bool`` (or ``bool | None``)."""
-    found = []
-    for name, param in inspect.signature(cls.__init__).parameters.items():
+def _init_signature(cls: type) -> _InitSignature:
+    """The ``__init__`` options of a scheduler class, read once per class (``step`` asks, host-side only)."""
+    params = inspect.signature(cls.__init__).parameters
+    bools = []
+    for name, param in params.items():
         note = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", "")
         if note in ("bool", "bool | None"):
-            found.append(name)
-    return tuple(found)
+            bools.append(name)
+    defaults = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+    return _InitSignature(frozenset(params), tuple(bools), defaults)
 
 
 #: a flow config's settings that may reach ``from_config`` only as source defaults (``_use_default_values``)
 _FLOW_SETTINGS = ("shift", "use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "base_shift", "max_shift",
                   "base_image_seq_len", "max_image_seq_len", "shift_terminal", "time_shift_type")
-
-
-@functools.cache
-def _init_defaults(cls: type) -> dict[str, Any]:
-    """The ``__init__`` defaults of a scheduler class (cached)."""
-    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
 
 
 def _flow_settings_kept(cls: type, config: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,7 +146,7 @@ def _flow_settings_kept(cls: type, config: Any, kwargs: Mapping[str, Any]) -> di
     raw = {**dict(config or {}), **kwargs}
     if not is_flow_config(raw):
         return {}
-    options, defaults = _init_options(cls), _init_defaults(cls)
+    options, defaults = _init_signature(cls).names, _init_signature(cls).defaults
     dropped = set(raw.get("_use_default_values") or ()) - set(kwargs)
     survives = {k: v for k, v in raw.items() if k in options and k not in dropped}
     if is_flow_config(survives):
@@ -295,7 +292,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Whether ``key`` is one of this scheduler's own ``__init__`` options. diffusers' ``from_config`` also
         copies the source config's other keys onto ``self.config`` (a DDPM config's ``clip_sample`` lands on a
         UniPC built from it), so an option a class does not declare must never be read from its config."""
-        return key in _init_options(cls)
+        return key in _init_signature(cls).names
 
     def register_to_config(self, **kwargs: Any) -> None:
         """diffusers' ``register_to_config``; a value registered after ``__init__`` began (a setting fewstep derives,
@@ -320,7 +317,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         honoured as given.
         """
         cfg = self.config
-        for name in _bool_options(type(self)):  # "False" (a CLI or JSON string) is truthy: refuse, never guess
+        for name in _init_signature(type(self)).bools:  # "False" (a CLI or JSON string) is truthy: refuse, never guess
             value = cfg.get(name)  # None: unset, as diffusers reads it (a hub config's null)
             if not (value is None or isinstance(value, (bool, np.bool_))):
                 raise ValueError(f"`{name}` must be True or False, got {value!r}")
