@@ -135,11 +135,11 @@ def _read_prompts(path: str) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _options_dict(pairs: list[tuple[str, object]] | None) -> dict:
+def _options_dict(pairs: list[tuple[str, object]] | None, flag: str = "--sampler-option") -> dict:
     out: dict = {}
     for key, value in pairs or []:
         if key in out:
-            raise UsageError(f"--sampler-option {key} given twice")
+            raise UsageError(f"{flag} {key} given twice")
         out[key] = value
     return out
 

@@ -93,12 +93,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--sampler flowchef steers the flow model towards a task: use --model digits-flow --task "
                          "inpaint|sr|deblur|classifier (FlowChef picks its sampler itself)")
     args.sampler = args.sampler or "unipc"
-    guidance_flags = [f for f, v in (("--guidance", args.guidance), ("--guidance-scale", args.guidance_scale))
-                      if v is not None]  # fmt: skip
+    guidance_flags = [f for f, v in (("--guidance", args.guidance), ("--guidance-scale", args.guidance_scale),
+                                     ("--guidance-option", args.guidance_option)) if v is not None]  # fmt: skip
     args.guidance = args.guidance or "cfg"
     from .. import guidance
 
-    guidance.make(args.guidance, args.guidance_scale)  # validate the rule's parameters before loading a model
+    guidance_options = _options_dict(args.guidance_option, "--guidance-option")
+    try:  # the rule's parameters are checked before a model loads
+        guidance.make(args.guidance, args.guidance_scale, **guidance_options)
+    except ValueError as exc:
+        raise UsageError(f"--guidance {args.guidance}: {exc}") from None
     options = _options_dict(args.sampler_option)
     if args.sampler == "dc-solver" and ("dc_ratios_file" in options or "dc_cpr" in options):
         # DC ratios are keyed by the guidance scale and the model: default them to this run's.
@@ -142,6 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             measurement=measurement,
             compile=args.compile,
             cuda_graph=args.cuda_graph,
+            guidance_options=guidance_options,
         )
     except FloatingPointError as exc:  # the pipeline's advice is its Python argument check_finite=False
         lower = [] if isinstance(pipe, MeanRevertingPipeline) else [_got("--guidance-scale", args.guidance_scale)]
@@ -227,6 +232,9 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
                          "the guidance)")  # fmt: skip
     if not editing and args.guidance_scale is not None:
         raise UsageError(f"--guidance-scale is for --task edit (masked guidance), not --task {args.task}")
+    if args.guidance_option:
+        raise UsageError(f"--guidance-option sets a guidance rule's options; FlowChef --task {args.task} runs no "
+                         "guidance rule")
     if editing:
         if args.measurement is not None:
             raise UsageError("--task edit edits --source images (or held-out digits), it takes no --measurement")
@@ -389,7 +397,8 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
     ignored = [flag for flag, given in (("--sampler", args.sampler is not None),
                                         ("--sampler-option", bool(args.sampler_option)),
                                         ("--guidance", args.guidance is not None),
-                                        ("--guidance-scale", args.guidance_scale is not None)) if given]  # fmt: skip
+                                        ("--guidance-scale", args.guidance_scale is not None),
+                                        ("--guidance-option", bool(args.guidance_option))) if given]  # fmt: skip
     if ignored:
         raise UsageError(f"{', '.join(ignored)} do not apply to posterior sampling: --posterior {name} runs its own "
                          "DDIM-type steps on the model's noise schedule, unconditionally")  # fmt: skip
@@ -533,6 +542,9 @@ def add_generate_parser(sub: argparse._SubParsersAction, help_text: str) -> None
                        help="guidance rule: cfg, cfg++ (scale in [0, 1]) or apg (default cfg)")
     p_gen.add_argument("--guidance-scale", type=_finite_float, default=None,
                        help="scale of the guidance rule (default: cfg 3, cfg++ 0.6, apg 7.5)")
+    p_gen.add_argument("--guidance-option", type=_sampler_option, action="append", metavar="KEY=VALUE",
+                       help="another argument of the guidance rule, e.g. eta=0.5 or momentum=0 (apg), "
+                            "history=unconditional (cfg++), guidance_rescale=0.7 (cfg) (repeatable)")
     p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                        help="floating type of the model's weights and computation (default float32)")

@@ -6,12 +6,15 @@ measurement operators, and adapters to ``diffusers.guiders``.
 ``get("stsl")(eta=0.02, inner_steps=5)``, run by ``fewstep.pipelines.posterior``). The two kinds differ: a rule
 combines conditional and unconditional predictions inside any sampler's step, a posterior method owns the
 sampling loop (it backpropagates through the denoiser). ``names(kind)`` lists ``"rule"`` or ``"posterior"`` names
-(rules by default); ``make(name_or_rule, guidance_scale)`` builds guidance rules only.
+(rules by default); ``make(name_or_rule, guidance_scale, **options)`` builds guidance rules only.
 The diffusers adapters live in ``fewstep.guidance.guiders`` (imported lazily: diffusers' guiders log an
 "experimental" warning on construction).
 """
 
 from __future__ import annotations
+
+import inspect
+from typing import Any
 
 from .base import GuidanceRule, Pair, StepState
 from .inversion import ddim_invert
@@ -42,6 +45,7 @@ __all__ = [
     "make_posterior",
     "guided_step",
     "make",
+    "rule_options",
     "names",
     "raw_cfg",
     "rescale_to_std",
@@ -95,14 +99,20 @@ def make_posterior(method: str | PosteriorMethod, **options) -> PosteriorMethod:
     return _POSTERIOR[method](**options)
 
 
-def make(guidance: str | GuidanceRule, guidance_scale: float | None = None) -> GuidanceRule:
-    """A rule object: ``guidance`` itself if it is one (then ``guidance_scale`` must be ``None``), else the
-    named rule built with ``guidance_scale`` (its default when ``None``)."""
+def make(guidance: str | GuidanceRule, guidance_scale: float | None = None, **options: Any) -> GuidanceRule:
+    """A rule object: ``guidance`` itself if it is one (then ``guidance_scale`` must be ``None`` and no
+    ``options`` given), else the named rule built with ``guidance_scale`` (its default when ``None``) and its other
+    constructor arguments ``options`` (e.g. ``make("apg", 7.5, eta=0.5, momentum=0.0)``, ``make("cfg++", 0.6,
+    history="unconditional")``, ``make("cfg", 7.5, guidance_rescale=0.7)``); an option the rule does not take is
+    a ``ValueError`` listing those it does."""
     if isinstance(guidance, GuidanceRule):
+        given = [f"`{k}`" for k in sorted(options)]
         if guidance_scale is not None:
+            given.insert(0, f"`guidance_scale`={guidance_scale!r}")
+        if given:
             raise ValueError(
-                f"`guidance_scale`={guidance_scale!r} given together with a guidance rule object "
-                f"({guidance!r}); set the scale on the rule instead"
+                f"{', '.join(given)} given together with a guidance rule object ({guidance!r}); set "
+                f"{'it' if len(given) == 1 else 'them'} on the rule instead"
             )
         return guidance
     if not isinstance(guidance, str):
@@ -115,4 +125,20 @@ def make(guidance: str | GuidanceRule, guidance_scale: float | None = None) -> G
             "run it with fewstep.pipelines.posterior.posterior_sample (CLI: --task ... --posterior)"
         )
     cls = get(guidance)
-    return cls() if guidance_scale is None else cls(guidance_scale=guidance_scale)
+    allowed = rule_options(guidance)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"guidance rule {guidance!r} has no option{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))}; its options: {', '.join(allowed) or 'none'} (and "
+                         "`guidance_scale`)")
+    if guidance_scale is not None:
+        options = {**options, "guidance_scale": guidance_scale}
+    return cls(**options)
+
+
+def rule_options(guidance: str) -> list[str]:
+    """The constructor options of the named guidance rule other than ``guidance_scale`` (what ``make`` and
+    ``fewstep generate --guidance-option KEY=VALUE`` accept)."""
+    params = inspect.signature(get(guidance).__init__).parameters
+    return [name for name, p in params.items()
+            if name not in ("self", "guidance_scale") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

@@ -7,6 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,6 +162,7 @@ def generate(
     measurement: torch.Tensor | None = None,
     compile: bool | str | dict | None = None,
     cuda_graph: bool = False,
+    guidance_options: dict[str, Any] | None = None,
 ) -> GenerationResult:
     """Run the pipeline once; class-conditional pipelines take ``classes``, text-to-image ones ``prompt``,
     restoration (mean-reverting) ones ``measurement`` (NCHW in [-1, 1]; default: held-out test digits with
@@ -169,7 +171,10 @@ def generate(
     ``guidance``: ``cfg``, ``cfg++`` or ``apg`` (``fewstep.guidance``) with ``guidance_scale`` (``None``: the
     rule's default; CFG 3). SD 1.x/2.x, SDXL, SD3 and Flux pipelines run in ``FewstepPipeline`` (any rule;
     on Flux ``cfg`` is its distilled guidance embedding, default 3.5, and ``cfg++``/``apg`` run true guidance
-    against the empty prompt); other text-to-image pipelines support ``cfg`` only.
+    against the empty prompt); other text-to-image pipelines support ``cfg`` only. ``guidance_options``: the
+    rule's other arguments (``fewstep.guidance.make``), e.g. ``{"eta": 0.5}`` for APG or ``{"history":
+    "unconditional"}`` for CFG++ (not for Flux's distilled guidance embedding nor for pipelines outside
+    ``FewstepPipeline``).
 
     ``compile``: ``torch.compile`` the denoiser (``True``, a mode name or a dict of its arguments; the digits
     pipelines and ``FewstepPipeline``). ``cuda_graph=True``: ``FewstepPipeline``'s CUDA-graph mode (the pipelines
@@ -181,6 +186,11 @@ def generate(
 
     check_int("num_images", num_images, 1, numpy_ok=False)
     check_int("steps", steps, 1, numpy_ok=False)
+    if guidance_options is not None and not isinstance(guidance_options, dict):
+        raise ValueError(f"`guidance_options` must be a dict of the rule's arguments, got {guidance_options!r}")
+    options = dict(guidance_options or {})
+    if options:
+        guidance_rules.make(guidance, guidance_scale, **options)  # unknown or bad options fail before sampling
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"`cuda_graph` must be True or False, got {cuda_graph!r}")
     from .fewstep_pipeline import FewstepPipeline
@@ -210,7 +220,7 @@ def generate(
             raise ValueError("`prompt` given to a class-conditional model; use --class with digits 0-9 instead")
         pool = classes if classes else list(range(pipe.num_classes))
         labels = [pool[i % len(pool)] for i in range(num_images)]
-        rule = guidance_rules.make(guidance, guidance_scale)
+        rule = guidance_rules.make(guidance, guidance_scale, **options)
         pipe = FewstepPipeline.from_pipe(pipe, guidance=rule, compile=compile or False, cuda_graph=cuda_graph)
         images = pipe(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="np",
                       check_finite=True).images  # fmt: skip
@@ -222,15 +232,24 @@ def generate(
         extra: dict = {}
         hosting = {"compile": compile or False, "cuda_graph": cuda_graph}
         is_cfg = guidance_rules.get(guidance) is guidance_rules.CFG
+        if options and not FewstepPipeline.supports(pipe):
+            raise ValueError(f"`guidance_options` {options} need a pipeline FewstepPipeline hosts (SD 1.x/2.x, SDXL, "
+                             f"SD3, Flux); {type(pipe).__name__} runs its own CFG")
         if FewstepPipeline.family_of(pipe) == "flux":
+            if is_cfg and options:
+                raise ValueError(f"`guidance_options` {options}: Flux's `cfg` is its distilled guidance embedding, "
+                                 "which takes no rule options; use cfg++ or apg for true guidance")
             # Flux: plain CFG is the distilled guidance embedding; other rules run true CFG vs the empty prompt
-            pipe = FewstepPipeline.from_pipe(pipe, guidance=None if is_cfg else guidance, guidance_scale=guidance_scale,
-                                             **hosting)
+            rule = guidance_rules.make(guidance, guidance_scale, **options) if options else guidance
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=None if is_cfg else rule,
+                                             guidance_scale=None if options else guidance_scale, **hosting)
             extra = {} if is_cfg else {"negative_prompt": ""}
         elif FewstepPipeline.supports(pipe):  # fewstep's loop: any guidance rule
             if guidance_scale is None and is_cfg:
                 guidance_scale = 3.0
-            pipe = FewstepPipeline.from_pipe(pipe, guidance=guidance, guidance_scale=guidance_scale, **hosting)
+            rule = guidance_rules.make(guidance, guidance_scale, **options) if options else guidance
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=rule, guidance_scale=None if options else guidance_scale,
+                                             **hosting)
         elif compile:
             raise ValueError(f"`compile` needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline (FewstepPipeline) or an "
                              f"embedded digits model; got {type(pipe).__name__}")
