@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,11 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, model_id: str |
     }
     if extra:
         meta["extra"] = extra
-    atomic_write(out / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    # both files carry one random id: a save interrupted between the two renames (new tensors beside an older
+    # quant.json in the same folder) is refused by load_quantized instead of mixing two quantizations
+    meta["save_id"] = uuid.uuid4().hex
+    atomic_write(out / TENSORS_FILE,
+                 lambda p: save_file(tensors, str(p), metadata={"format": "pt", "save_id": meta["save_id"]}))
     atomic_write(out / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
     return out
 
@@ -206,6 +211,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
     """
     import copy
 
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if mode not in SETTABLE_MODES:
@@ -217,8 +223,13 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
     path = Path(directory) / TENSORS_FILE
     try:
         tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            save_id = (f.metadata() or {}).get("save_id")
     except Exception as exc:  # safetensors raises its own error types for truncated / foreign files
         raise ValueError(f"{str(path)!r} is not a readable safetensors file ({exc}); quantize again") from None
+    if "save_id" in meta and save_id != meta["save_id"]:
+        raise ValueError(f"{str(path)!r} and {META_FILE} in {str(Path(directory))!r} come from different saves (a "
+                         "save interrupted between its two files, or files copied from two folders); quantize again")
     target = model if inplace else copy.deepcopy(model)
     fmt = meta["format"]
     device = next(target.parameters()).device
