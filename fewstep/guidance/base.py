@@ -32,7 +32,9 @@ class StepState:
 
     ``alpha`` and ``sigma`` are host floats (``sigma > 0`` at every evaluation point); ``prediction_type`` is what
     the model outputs (``epsilon``, ``sample``, ``v_prediction``, ``flow``): rules that act on the raw output as
-    diffusers does (CFG's ``guidance_rescale``) need it.
+    diffusers does (CFG's ``guidance_rescale``) need it. ``repeat``: a second model call at this grid point (an s3
+    schedule's implicit corrector evaluates the model twice there); a rule resets its state at the first call of
+    point 0 only.
     """
 
     index: int
@@ -40,6 +42,7 @@ class StepState:
     alpha: float
     sigma: float
     prediction_type: str = "epsilon"
+    repeat: bool = False
 
     def __post_init__(self) -> None:
         # numpy scalars are accepted and stored as Python numbers (host values: no tensor is read back)
@@ -52,6 +55,9 @@ class StepState:
         object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0.0))
         object.__setattr__(self, "sigma", check_number("sigma", self.sigma, 0.0, low_open=True))
         object.__setattr__(self, "prediction_type", normalize_prediction_type(self.prediction_type))
+        if not isinstance(self.repeat, (bool, np.bool_)):
+            raise ValueError(f"`repeat` must be True or False, got {self.repeat!r}")
+        object.__setattr__(self, "repeat", bool(self.repeat))
 
 
 def _check_pair(name: str, pair: object) -> Pair:
@@ -86,7 +92,7 @@ class GuidanceRule:
 
     def __call__(self, cond: Pair, uncond: Pair, state: StepState) -> Pair:
         cond, uncond = self.check_inputs(cond, uncond, state)
-        if state.index == 0:
+        if state.index == 0 and not state.repeat:  # (an implicit corrector's second call keeps the state)
             self.reset()
         return self.combine(cond, uncond, state)
 

@@ -378,6 +378,10 @@ def cfgpp_equivalent_scales(guidance_scale: float, rhos: Sequence[float] | np.nd
     # only the first level may be inf (pure noise); comparing the rest keeps inf - inf out of the check
     if (r.ndim != 1 or r.size < 2 or np.any(np.isnan(r)) or np.any(np.isinf(r[1:])) or r[-1] < 0
             or np.any(np.diff(r[1:]) >= 0) or not r[0] > r[1]):
+        if r.ndim == 1 and r.size >= 2 and r[-1] == r[-2] and r[-1] > 0 and not np.any(np.diff(r[1:-1]) >= 0):
+            raise ValueError(f"`rhos` ends with a step of zero length ({r[-2]!r} to {r[-1]!r}, e.g. "
+                             "final_sigmas_type='sigma_min'): CFG++ still moves the sample there and CFG cannot, so no "
+                             "CFG scale is equivalent; use a grid ending at final_sigmas_type='zero'")
         raise ValueError(f"`rhos` must be a strictly decreasing sequence of >= 2 levels >= 0 (only the first may be "
                          f"inf), got {r.tolist()}")
     out = []

@@ -37,9 +37,9 @@ def step_state(scheduler: Any, index: int) -> StepState:
     if plan is None:
         raise ValueError("call `set_timesteps` on the scheduler before guiding a step")
     grid = plan.grid
-    i = plan.calls[index][0]
+    i, repeat = plan.calls[index]
     return StepState(i, plan.num_steps, float(grid.alphas[i]), float(grid.sigmas[i]),
-                     getattr(scheduler, "prediction_type", "epsilon"))
+                     getattr(scheduler, "prediction_type", "epsilon"), repeat)
 
 
 def guided_step(

@@ -646,10 +646,20 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                                  f"tensor), got {got}")  # fmt: skip
             if value is not None and value not in self._timestep_values:
                 raise ValueError(f"timestep {value} is not in this scheduler's timesteps {self._timestep_values}")
-            index = 0 if value is None else self._timestep_values.index(value)
+            index = 0 if value is None else self._index_of_value(value)
         if index > 0:
             self.set_begin_index(index)  # restarts the warm-up there, as diffusers counts it from the first step
         self._step_index = index
+
+    def _index_of_value(self, value: float, current: int | None = None) -> int:
+        """The model call whose timestep is ``value``: ``current`` when its timestep is ``value``, else, as diffusers'
+        ``index_for_timestep``, the second of a value listed more than once (a Karras grid's rounded timesteps repeat
+        near the end: a loop begun there must not skip a level), else its only place."""
+        values = self._timestep_values
+        if current is not None and 0 <= current < len(values) and values[current] == value:
+            return current
+        places = [k for k, v in enumerate(values) if v == value]
+        return places[1] if len(places) > 1 else places[0]
 
     def _view_index(self, timestep: Any) -> int | None:
         """The position of ``timestep`` in ``self.timesteps`` when it is a one-element view of that tensor."""
@@ -858,13 +868,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                              f"{sched.kind} schedule), got {outside[:8]}")  # fmt: skip
         alpha, sigma = (np.array(v, dtype=np.float64, ndmin=1) for v in sched.alpha_sigma(t))
         if grid_levels and self.plan is not None and self._timestep_values:
-            point = {}
-            for k, (i, _) in enumerate(self.plan.calls):
-                point.setdefault(self._timestep_values[k], i)
-            grid = self.plan.grid
+            # a repeated timestep (rounded Karras grids) is the current call's (diffusers: step_index, else
+            # begin_index: img2img's noised start), else diffusers' index_for_timestep's
+            current = self._step_index if self._step_index is not None else self._begin_index
+            grid, listed = self.plan.grid, set(self._timestep_values)
             for j, value in enumerate(t.tolist()):
-                i = point.get(value)
-                if i is not None:
+                if value in listed:
+                    i = self.plan.calls[self._index_of_value(value, current)][0]
                     alpha[j], sigma[j] = grid.alphas[i], grid.sigmas[i]
         a = torch.as_tensor(alpha, dtype=x0.dtype, device=x0.device).reshape(shape)
         s = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device).reshape(shape)

@@ -98,7 +98,7 @@ def interpolation_values(grid: TimeGrid, variable: str = "t") -> np.ndarray:
             raise ValueError(
                 f"DC-Solver's interpolation variable 't' repeats on this grid (model timesteps {repeated} are used "
                 "twice: a Karras grid rounds its many low noise levels to the same integer step); use "
-                "dc_variable='lambda' (or 'sigma'), which stays distinct"
+                "dc_variable='lambda', which stays distinct"
             )
         return t
     if variable == "lambda":

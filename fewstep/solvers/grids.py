@@ -83,9 +83,11 @@ class TimeGrid:
         with np.errstate(divide="ignore"):
             self.lambdas = np.log(self.alphas) - np.log(self.sigmas)
         gaps = np.diff(self.lambdas)
-        if gaps.size and -1e-9 * (1.0 + abs(self.lambdas[-2])) <= gaps[-1] < 0:
+        if gaps.size and abs(gaps[-1]) <= 1e-9 * (1.0 + abs(self.lambdas[-2])):
             # a target equal to the last point up to rounding (a Karras grid's rho_min end against a sigma_min
-            # target computed from the float32 schedule): snap it onto that point
+            # target computed from the float32 schedule, on either side of it): snap it onto that point, a step
+            # of exactly zero length rather than one of 1e-18 that divides by its length (CFG++'s equivalent
+            # CFG scales, momentum)
             self.alphas[-1], self.sigmas[-1], self.lambdas[-1] = self.alphas[-2], self.sigmas[-2], self.lambdas[-2]
             gaps[-1] = 0.0
         # The target may coincide with the last evaluation point (DDIM's set_alpha_to_one=False ending at t=0).

@@ -153,7 +153,8 @@ def compile_momentum(
     ``order``: Adams-Bashforth order of the direction history for ``hb`` (1 over a method that is
     multistep already) or the GHVB order for ``ghvb``; both start at order 1 and grow with the history
     (the paper's warm-up). ``active[i]`` says whether transition ``i`` carries momentum; inactive steps
-    neither use nor feed the history. ``start``: the first transition a run takes (img2img begins part-way);
+    neither use nor feed the history, and neither does a transition of zero length (it stands still).
+    ``start``: the first transition a run takes (img2img begins part-way);
     the ones before it never run, and the history (and so the warm-up) starts there.
     """
     if mode not in MODES:
@@ -181,6 +182,9 @@ def compile_momentum(
         c_s, u_s = _space_scales(grid, i, space)
         c_t, u_t = _space_scales(grid, i + 1, space)
         du = u_t - u_s
+        if du == 0.0 and all(math.isfinite(v) for v in (c_s, c_t)) and grid.lambdas[i + 1] == grid.lambdas[i]:
+            steps.append(None)  # a step of zero length (a Karras grid's sigma_min end): the base step stands still
+            continue
         if not all(math.isfinite(v) for v in (c_s, c_t, du)) or du == 0.0:
             raise ValueError(
                 f"step {i}: momentum in {space!r} space is undefined at this grid point (alpha or sigma is 0 or "
