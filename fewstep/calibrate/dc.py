@@ -34,7 +34,7 @@ from ..solvers.dc_artifacts import RatioEntry
 from ..solvers.engine import EngineState, Evaluation, Plan, apply_transition, compile_plan
 from ..solvers.grids import TimeGrid
 from ..solvers.methods import ddim_decisions, dpm_solver_decisions
-from ..solvers.parameterization import to_pair
+from ..solvers.parameterization import compute_dtype, to_pair
 from ..solvers.schedules import NoiseSchedule
 
 __all__ = [
@@ -263,7 +263,8 @@ def search_ratios(
 # ------------------------------------------------------------------------------------------ models / data
 def _cfg_model_fn(unet, guidance_scale: float, cond: dict, uncond: dict) -> ModelFn:
     """CFG around one UNet call per step on ``[x, x]``: ``cond``/``uncond`` are the UNet's conditioning keyword
-    arguments of the two halves (concatenated along the batch when guided)."""
+    arguments of the two halves (concatenated along the batch when guided). The UNet sees its own dtype; the
+    output and the guidance combination come back in ``x``'s (the solver's float32 for a half-precision UNet)."""
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}")
     guided = guidance_scale != 1.0
@@ -272,7 +273,7 @@ def _cfg_model_fn(unet, guidance_scale: float, cond: dict, uncond: dict) -> Mode
     def fn(x: torch.Tensor, t: float) -> torch.Tensor:
         model_in = torch.cat([x, x]) if guided else x
         tt = torch.full((model_in.shape[0],), float(t), device=x.device, dtype=torch.float32)
-        out = unet(model_in, tt, **kwargs).sample
+        out = unet(model_in.to(unet.dtype), tt, **kwargs).sample.to(x.dtype)
         if guided:
             c, u = out.chunk(2)
             out = u + guidance_scale * (c - u)
@@ -385,7 +386,8 @@ def calibrate_class_conditional(
     unet = pipe.unet
     cfg = unet.config
     labels, noise = digits_datapoints(datapoints, seed, int(cfg.num_class_embeds) - 1, cfg.sample_size, cfg.in_channels)
-    labels, noise = labels.to(unet.device), noise.to(device=unet.device, dtype=unet.dtype)
+    # the reference solves and the ratio search run in float32 for a half-precision UNet (as a scheduler's step)
+    labels, noise = labels.to(unet.device), noise.to(device=unet.device, dtype=compute_dtype(unet.dtype))
     null_class = int(cfg.num_class_embeds) - 1
     settings = {"datapoints": datapoints, "seed": seed, "reference": reference, "iters": iters, "lr": lr,
                 "objective": objective}
@@ -436,7 +438,7 @@ def calibrate_text_to_image(
     cfg = unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k))
-                         for k in range(datapoints)]).to(device=unet.device, dtype=unet.dtype)
+                         for k in range(datapoints)]).to(device=unet.device, dtype=compute_dtype(unet.dtype))
     settings = {"datapoints": datapoints, "seed": seed, "reference": reference, "iters": iters, "lr": lr,
                 "objective": objective, "prompts": len(prompts)}
     return _calibrate_grid(

@@ -736,6 +736,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             shape = (n, p.unet.config.in_channels, int(height) // p.vae_scale_factor, int(width) // p.vae_scale_factor)
             check_latents(latents, shape, f"batch, channels, height / {p.vae_scale_factor}, width / "
                                           f"{p.vae_scale_factor}")
+            latents = latents.to(embeds.dtype)  # the dtype diffusers draws them in (float32 latents, fp16 model)
         x = p.prepare_latents(n, p.unet.config.in_channels, height, width, embeds.dtype, device, generator, latents)
         conds = {"embeds": embeds} if added is None else {"embeds": embeds, **added}
         denoiser = self.denoiser

@@ -169,6 +169,7 @@ class FlowFamilies:
                 shape = (n, tr.config.in_channels, int(height) // scale, int(width) // scale)
                 layout = f"batch, channels, height / {scale}, width / {scale}"
             check_latents(kw["latents"], shape, layout)
+            kw["latents"] = kw["latents"].to(enc["pos"].dtype)  # the dtype diffusers draws them in
         if flux:
             x, image_ids = p.prepare_latents(
                 n, tr.config.in_channels // 4, height, width, enc["pos"].dtype, device, generator, kw["latents"]

@@ -68,6 +68,7 @@ from .._checks import check_int, check_number
 from .ems import EMS, EMSTransition, derivative_matrix, ems_transition
 from .grids import TimeGrid
 from .momentum import MomentumState, MomentumStep
+from .parameterization import compute_dtype
 from .phi import hphi
 
 __all__ = [
@@ -688,15 +689,21 @@ def sample_loop(
     ``x_start`` is the sample at the plan's first grid point; a plan with an analytical first step starts one
     point later: pass ``plan.analytic_start.start(noise)``.
 
-    Stochastic steps draw their noise from ``generator`` (on the sample's device)."""
+    As the schedulers' ``step``: ``pair_fn`` sees samples in ``x_start``'s dtype and every update is computed in
+    ``compute_dtype`` of it (float32 for half precision), the result rounded back to that dtype; stochastic steps
+    draw standard normal noise from ``generator`` (on the sample's device) in float32 at every stochastic step, so
+    one seeded generator gives the scheduler's trajectory."""
     if not isinstance(x_start, torch.Tensor):
         raise TypeError(f"`x_start` must be a torch.Tensor, got {type(x_start).__name__}")
+    if not x_start.is_floating_point():
+        raise TypeError(f"`x_start` must be a floating tensor, got dtype {x_start.dtype}")
+    dtype = compute_dtype(x_start.dtype)
     state = EngineState(plan, hooks)
     x = x_start
     for k, (i, again) in enumerate(plan.calls):
         x0, eps = _check_pair(pair_fn(x, i), x, i)
         noise = None
-        if plan.steps[i].predictor.noise != 0.0 and (again or not plan.steps[i].reevaluate):
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = state.call(k, x, x0, eps, noise)
+        if plan.decisions[i].stochastic and (again or not plan.steps[i].reevaluate):
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(dtype)
+        x = state.call(k, x.to(dtype), x0.to(dtype), eps.to(dtype), noise).to(x_start.dtype)
     return x
