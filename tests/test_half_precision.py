@@ -109,3 +109,29 @@ def test_float32_latents_run_on_a_half_precision_sd3_pipeline():
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
 
 
+
+
+def test_ems_estimation_of_a_half_precision_unet_runs_in_float32(monkeypatch):
+    """The EMS estimate of a bfloat16 digits UNet formed its noised samples, model times and lambdas in bfloat16:
+    model times rounded to multiples of 4 and called at t = 1000, outside the 0..999 schedule."""
+    from fewstep.calibrate import ems as ems_calibration
+
+    pipe = fewstep.load_default("digits-eps", sampler=None, torch_dtype=torch.bfloat16)
+    seen = {}
+
+    def capture(eps_fn, data, schedule, **kwargs):
+        seen["data"] = data.dtype
+        x = data[:2]
+        lam = float(schedule.lambda_(983.95))
+        seen["eps"] = eps_fn(x, lam, torch.zeros((), dtype=x.dtype)).dtype
+        raise KeyboardInterrupt  # enough: the estimate itself is tested elsewhere
+
+    times = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: times.append(float(args[1].reshape(-1)[0])))
+    monkeypatch.setattr(ems_calibration, "estimate_ems", capture)
+    try:
+        ems_calibration.class_conditional_ems(pipe, "digits-eps", num_samples=4, num_intervals=4, progress=False)
+    except KeyboardInterrupt:
+        pass
+    assert seen == {"data": torch.float32, "eps": torch.float32}
+    assert abs(times[0] - 983.95) < 1e-2  # bfloat16 model times: 984

@@ -20,6 +20,7 @@ import torch
 from .._checks import check_int
 from ..solvers.ems import EMS
 from ..solvers.ems_estimate import estimate_ems, forward_ad_safe, model_eps_fn, weights_digest
+from ..solvers.parameterization import compute_dtype
 from ..solvers.s3 import schedule_fingerprint
 from ..solvers.schedules import FlowSchedule, NoiseSchedule, schedule_from_config
 
@@ -86,12 +87,14 @@ def class_conditional_ems(
     if num_samples > data.shape[0]:
         raise ValueError(f"`num_samples` {num_samples} exceeds the {data.shape[0]} training images")
     device = unet.device
-    data = data[:num_samples].to(device=device, dtype=unet.dtype)
+    # the estimate (noised samples, model times, lambda) runs in float32 for a half-precision UNet (in bf16 the
+    # model times round to multiples of 4 and reach t = 1000); the UNet sees its own dtype
+    data = data[:num_samples].to(device=device, dtype=compute_dtype(unet.dtype))
     null = int(pipe.null_class)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
-        return unet(x, t, class_labels=labels).sample
+        return unet(x.to(unet.dtype), t, class_labels=labels).sample.to(x.dtype)
 
     schedule, prediction_type = _schedule_and_prediction(pipe.scheduler.config)
     meta = {"model": model, "noise_schedule": schedule_fingerprint(schedule), "prediction_type": prediction_type,
@@ -146,13 +149,13 @@ def text_to_image_ems(
         gen = torch.Generator(device="cpu").manual_seed(seed * 100_003 + b)
         out = gen_pipe(chosen, num_inference_steps=sample_steps, guidance_scale=guidance_scale, height=height,
                        width=width, generator=gen, output_type="latent")
-        latents.append(out.images.to(unet.dtype))
+        latents.append(out.images.to(compute_dtype(unet.dtype)))
     data = torch.cat(latents).to(device)
     with torch.no_grad():
         uncond, _ = pipe.encode_prompt([""], device, 1, False)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(x, t, encoder_hidden_states=uncond.expand(x.shape[0], -1, -1)).sample
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=uncond.expand(x.shape[0], -1, -1)).sample.to(x.dtype)
 
     schedule, prediction_type = _schedule_and_prediction(pipe.scheduler.config)
     meta = {"model": model, "noise_schedule": schedule_fingerprint(schedule), "prediction_type": prediction_type,
