@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "check_writable", "check_creatable_dir"]
+__all__ = ["atomic_write", "check_writable", "check_creatable_dir", "first_missing_dir"]
 
 
 def check_writable(path: str | os.PathLike, arg: str = "path") -> Path:
-    """Fail early (``ValueError`` naming ``arg``) if ``path`` cannot be created."""
+    """Fail early (``ValueError`` naming ``arg``) if ``path`` cannot be created (for a link to a regular file: if the
+    file it points to cannot be replaced, see :func:`atomic_write`)."""
     if not str(path).strip():
         raise ValueError(f"`{arg}` must be a file path, got an empty string")
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
     _check_replaceable(p, arg)  # a directory, device, FIFO or broken link at the path
+    # a link to a regular file is written through (atomic_write): its target's directory gets the new file
+    parent = Path(os.path.realpath(p)).parent if p.is_symlink() else p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"`{arg}` {str(p)!r}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
@@ -63,14 +66,22 @@ def check_creatable_dir(path: str | os.PathLike, arg: str = "path") -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``; on any error no file is left behind.
 
-    The file gets the usual permissions (``0o666`` minus the umask), not ``mkstemp``'s private ``0o600``.
+    The file gets the usual permissions (``0o666`` minus the umask), not ``mkstemp``'s private ``0o600``. A ``path``
+    that is a symbolic link to a regular file is written through: the file it points to is replaced (the temporary
+    file is made in that file's directory) and the link is kept. An ``OSError`` while writing (the writer's,
+    safetensors' I/O errors included, e.g. a full disk) is raised again as an ``OSError`` whose message names
+    ``path``; the writer's other errors pass through unchanged.
     """
     target = Path(path)
     _check_replaceable(target, "path")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot write {str(target)!r}: directory {str(parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    real = Path(os.path.realpath(target))  # a link: write the file it points to, keep the link
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+    except OSError as exc:
+        raise _write_error(target, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -78,8 +89,43 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, target)
+        os.replace(tmp_path, real)
+    except Exception as exc:
+        if isinstance(exc, OSError) or _is_safetensors_error(exc):
+            raise _write_error(target, exc) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
     return target
+
+
+def _is_safetensors_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is safetensors' own error type (raised for the I/O errors of ``save_file``), which is no
+    ``OSError``."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # safetensors not installed: none of its errors can occur
+        return False
+    return isinstance(exc, SafetensorError)
+
+
+def _write_error(target: Path, exc: BaseException) -> OSError:
+    """An ``OSError`` saying that ``target`` could not be written and why: the OS error's text (and number), also
+    out of safetensors' ``"... I/O error: No space left on device (os error 28)"``."""
+    if isinstance(exc, OSError):
+        code, reason = exc.errno, exc.strerror or str(exc)
+    else:
+        found = re.search(r"(?:I/O error: )?([^:]*?) \(os error (\d+)\)", str(exc))
+        code, reason = (int(found.group(2)), found.group(1)) if found else (None, str(exc))
+    message = f"cannot write {str(target)!r}: {reason}"
+    return OSError(code, message) if code is not None else OSError(message)
+
+
+def first_missing_dir(path: str | os.PathLike) -> Path | None:
+    """The topmost folder of ``path`` that does not exist yet (what ``mkdir(parents=True)`` would create: the one to
+    remove again when the work it was made for fails), or ``None`` when ``path`` exists."""
+    top, p = None, Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    return top

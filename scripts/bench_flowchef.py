@@ -28,6 +28,7 @@ import time
 import torch
 from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 
+from fewstep._io import atomic_write
 from fewstep.bench.image_metrics import psnr, ssim
 from fewstep.datasets import load_digits_images, to_unit_range
 from fewstep.pipelines import load_default
@@ -254,8 +255,8 @@ def _finish(args, rows: list[dict]) -> None:
                 "repeats": args.repeats, "noise_std": args.noise_std, "seed": args.seed, "threads": args.threads,
                 "dps_step_size": DPS_STEP,
                 "configs": {k: vars(v) if hasattr(v, "__dict__") else str(v) for k, v in DEFAULT_CONFIGS.items()}}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "matched": matches}, f, indent=2, default=str)
+        text = json.dumps({"meta": meta, "rows": rows, "matched": matches}, indent=2, default=str) + "\n"
+        atomic_write(args.json, lambda p: p.write_text(text))  # a failed write keeps an existing file, no partial one
     if args.plot:
         plot(rows, args.plot)
 

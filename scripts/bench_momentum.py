@@ -24,6 +24,7 @@ from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path whe
 from tqdm import tqdm
 
 from fewstep import samplers
+from fewstep._io import atomic_write
 from fewstep.bench.digits_eval import classifier_features, per_sample_noise
 from fewstep.bench.metrics import feature_statistics, frechet_distance
 from fewstep.datasets import NUM_CLASSES, load_digits_images, to_unit_range
@@ -105,8 +106,8 @@ def main() -> None:
         print(f"| {r['sampler']} | {r['guidance_scale']:g} | {r['steps']} | {r['saturated']:.4f} | "
               f"{r['divergence']:.4f} | {r['fd']:.2f} | {r['accuracy']:.3f} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        text = json.dumps(rows, indent=1) + "\n"  # atomic: a failed write keeps an existing file, leaves no partial one
+        atomic_write(args.out, lambda p: p.write_text(text))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path whe
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
+from fewstep._io import atomic_write
 from fewstep.bench.digits_eval import classifier_features
 from fewstep.bench.image_metrics import psnr, ssim
 from fewstep.datasets import load_digits_images, to_unit_range
@@ -89,8 +90,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['sampler']} | {r['nfe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {100 * r['accuracy']:.1f}% |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        text = json.dumps(rows, indent=1) + "\n"  # atomic: a failed write keeps an existing file, leaves no partial one
+        atomic_write(args.out, lambda p: p.write_text(text))
 
 
 if __name__ == "__main__":

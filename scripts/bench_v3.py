@@ -26,6 +26,7 @@ import torch
 from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from fewstep import samplers
+from fewstep._io import atomic_write
 from fewstep.bench.analytic import AnalyticModel, default_mixture, exact_solution
 from fewstep.bench.analytic_bench import SCHEDULE_CONFIGS
 from fewstep.bench.digits_eval import classifier_features, per_sample_noise
@@ -156,8 +157,8 @@ def main() -> None:
     if not args.analytic_only:
         digits(out, args.samples, [float(v) for v in args.scales.split(",")])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        text = json.dumps(out, indent=1) + "\n"  # atomic: a failed write keeps an existing file, leaves no partial one
+        atomic_write(args.json, lambda p: p.write_text(text))
         print(f"wrote {args.json}")
 
 

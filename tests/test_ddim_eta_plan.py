@@ -34,6 +34,44 @@ def test_eta_one_is_first_order_sde_dpm_solver_pp():
     assert ddim_eta_plan(plan, 0.0) is plan and ddim_eta_plan(plan, 0) is plan
 
 
+def test_sample_loop_runs_an_eta_plan_like_the_scheduler():
+    """Found in review: ``sample_loop`` drew noise only for stochastic decisions, and a DDIM eta plan keeps DDIM's
+    deterministic decisions (its predictors carry the noise): it was refused as "pass noise"."""
+    import torch
+
+    from fewstep import samplers
+    from fewstep.solvers import sample_loop
+
+    sched = samplers.get("ddim")(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                 clip_sample=False)  # (the scheduler's x0 clipping is no part of the plan)
+    sched.set_timesteps(5)
+    plan = ddim_eta_plan(sched.plan, 0.5)
+
+    def pair(x, i):
+        g = plan.grid
+        x0 = 0.5 * x
+        return x0, (x - float(g.alphas[i]) * x0) / float(g.sigmas[i])
+
+    x_T = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = sample_loop(pair, x_T, plan, generator=torch.Generator().manual_seed(1))
+    gen, x = torch.Generator().manual_seed(1), x_T
+    for k, t in enumerate(sched.timesteps):
+        x0, eps = pair(x, sched.plan.calls[k][0])
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).double()
+        x = sched.step(eps, t, x, eta=0.5, variance_noise=noise).prev_sample
+    torch.testing.assert_close(out, x, rtol=1e-12, atol=1e-12)
+    assert ddim_eta_plan(sched.plan, np.float32(0.5)).steps[0].predictor.noise > 0
+
+
+def test_eta_plan_needs_a_ddim_plan():
+    from fewstep import samplers
+
+    unipc = samplers.get("unipc")()
+    unipc.set_timesteps(5)
+    with pytest.raises(ValueError, match=r"`plan` must be a DDIM plan"):
+        ddim_eta_plan(unipc.plan, 0.5)
+
+
 @pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan"), "1", True, None])
 def test_eta_out_of_range_is_refused(eta):
     with pytest.raises(ValueError, match=r"`eta` must be a number in \[0, 1\] \(DDIM's noise weight\), got "):

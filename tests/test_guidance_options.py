@@ -18,7 +18,7 @@ def test_make_passes_options_and_refuses_unknown_ones():
     assert guidance.make("cfg", guidance_rescale=0.7).guidance_rescale == 0.7
     assert guidance.rule_options("cfg++") == ["allow_extrapolation", "history"]
     with pytest.raises(ValueError, match=r"guidance rule 'cfg' has no options 'eta', 'momentum'; its options: "
-                                         r"guidance_rescale \(and `guidance_scale`\)"):
+                                         r"guidance_rescale \(its scale is make's `guidance_scale` argument\)"):
         guidance.make("cfg", 3.0, momentum=0.0, eta=1.0)
     with pytest.raises(ValueError, match=r"`eta` must be a finite number >= 0, got -1"):
         guidance.make("apg", eta=-1)
@@ -40,6 +40,11 @@ def test_generate_applies_the_options_on_the_digits_model():
         generate(pipe, guidance="cfg", guidance_options={"history": "unconditional"}, **run)
     with pytest.raises(ValueError, match=r"`guidance_options` must be a dict of the rule's arguments, got \['eta'\]"):
         generate(pipe, guidance="apg", guidance_options=["eta"], **run)
+    with pytest.raises(ValueError, match=r"`guidance_options` must not hold `guidance_scale`; pass it as"):
+        generate(pipe, guidance="apg", guidance_options={"guidance_scale": 5.0}, **run)
+    restoration = load_model("digits-mr", "mrs")
+    with pytest.raises(ValueError, match=r"a restoration \(mean-reverting\) model is guided by its measurement"):
+        generate(restoration, guidance="apg", guidance_options={"eta": 0.5}, num_images=1, steps=2, progress=False)
 
 
 def test_generate_applies_the_options_on_a_text_to_image_pipeline(tiny_sd):  # noqa: F811
@@ -58,6 +63,8 @@ def test_generate_applies_the_options_on_a_text_to_image_pipeline(tiny_sd):  # n
     (["--guidance", "apg", "--guidance-option", "eta=1", "--guidance-option", "eta=2"],
      "--guidance-option eta given twice"),
     (["--guidance", "apg", "--guidance-option", "eta"], "expected KEY=VALUE"),
+    (["--guidance", "apg", "--guidance-option", "guidance_scale=5"],
+     "--guidance-option guidance_scale: give the scale as --guidance-scale"),
     (["--task", "inpaint", "--posterior", "dps", "--guidance-option", "eta=1"],
      "--guidance-option do not apply to posterior sampling"),
     (["--model", "digits-flow", "--task", "inpaint", "--guidance-option", "eta=1"],

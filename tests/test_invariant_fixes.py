@@ -113,3 +113,32 @@ def test_apg_keeps_its_momentum_at_an_implicit_correctors_second_call():
     with pytest.raises(ValueError, match=r"`repeat` must be True or False, got 1"):
         StepState(0, 3, 1.0, 1.0, repeat=1)
     assert np.isclose(first.sigma, second.sigma)
+
+
+def test_loop_begun_by_value_at_an_implicit_correctors_timestep_runs_both_calls():
+    """Found in review: an s3 implicit corrector lists one timestep twice for one grid point; a loop over
+    ``timesteps[2:].tolist()`` began at the second call (the Karras rule) and ran out of steps."""
+    schedule = {"timesteps": [999.0, 700.0, 400.0, 100.0], "final": "zero",
+                "decisions": [{"prediction": "data", "order": 1},
+                              {"prediction": "data", "order": 1, "corrector": "implicit"},
+                              {"prediction": "data", "order": 2}, {"prediction": "data", "order": 1}]}
+
+    def make():
+        s = samplers.get("s3")(s3_schedule=schedule)
+        s.set_timesteps(5)
+        return s
+
+    begun = make()
+    ts = begun.timesteps.tolist()
+    assert ts[2] == ts[3] and begun.plan.calls[2][0] == begun.plan.calls[3][0]
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = x
+    for t in ts[2:]:
+        out = begun.step(-0.3 * out, t, out).prev_sample
+    ref = make()
+    ref.set_begin_index(2)
+    expected = x
+    for t in ref.timesteps[2:]:
+        expected = ref.step(-0.3 * expected, t, expected).prev_sample
+    assert begun.step_index == 5
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -6,6 +6,8 @@ import json
 import shutil
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import fewstep
 from fewstep import quant
@@ -44,4 +46,10 @@ def test_saves_from_before_the_save_id_still_load(saved, tmp_path):
     meta = json.loads((old / "quant.json").read_text())
     del meta["save_id"]
     (old / "quant.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"come from different saves"):  # new tensors beside an id-less quant.json:
+        quant.load_quantized(pipe.unet, old)  # a re-save over an older fewstep's folder, interrupted
+    with safe_open(old / "quant.safetensors", "pt") as f:  # an older fewstep's save: no id in either file
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    del header["save_id"]
+    save_file(tensors, old / "quant.safetensors", metadata=header)
     assert quant.quant_layers(quant.load_quantized(pipe.unet, old))

@@ -23,6 +23,8 @@ import csv
 import hashlib
 import io
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
 from .._checks import MISSING, check_int, differing_keys, repeated_values
 from .._dist import check_same_on_all_processes, distributed_state, is_main_process, split_samples
-from .._io import atomic_write
+from .._io import atomic_write, first_missing_dir
 from ..pipelines.defaults import default_sampler_options
 from ._cache import cache_name as _cache_name
 from ._cache import cached_tensor as _cached_tensor
@@ -65,6 +67,8 @@ MODELS = ("analytic", "digits-eps", "digits-flow")
 METRICS = ("fd", "accuracy", "mse", "rmse")
 #: the files a run writes into its output directory
 RESULTS_FILES = {"json": "results.json", "csv": "results.csv", "markdown": "results.md"}
+#: the advisory lock a run holds on its output folder (``fcntl.flock``): a hidden file, no result, removed at the end
+LOCK_FILE = ".fewstep-bench.lock"
 #: feature extractor of the digits metrics (part of the reference-statistics cache key)
 FEATURE_EXTRACTOR = "digits-classifier"
 #: feature extractors for the Frechet distance: the shipped classifier, or pytorch-fid's Inception-V3 (user weights)
@@ -477,8 +481,8 @@ def _load_results(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str
     if not path.is_file():
         return {}
     try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # also binary bytes in the file
         raise ValueError(f"results file {str(path)!r} is not valid JSON ({exc}); delete it or choose another --out") \
             from None
     cells = payload.get("cells") if isinstance(payload, dict) else None
@@ -949,6 +953,12 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     config) the samples of every cell are split across the processes (each computing on the CPU) and gathered;
     only the main process writes files.
 
+    One run at a time per ``out_dir``: the main process holds an exclusive advisory lock on it for the run
+    (``fcntl.flock`` on :data:`LOCK_FILE`, removed at the end; no locking without ``fcntl``), and a run started
+    while another holds it is a ``ValueError`` on every process before anything is read or written. The results
+    files and the cache folder are checked before any cell runs; a run that fails before writing a file removes the
+    folders it made.
+
     ``cache_dir``: where reference statistics and reference solves are cached (default ``out_dir/cache``).
     ``refuse_near_duplicates`` (``fewstep bench`` sets it): a guidance scale that prints like (6 significant
     digits) but differs from a stored row's scale of the same rule is a ``ValueError``, as two such scales within
@@ -962,6 +972,7 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     progress = progress and main
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     # every check before the output directory is made: a grid that cannot run leaves no (empty) folder behind
+    _check_output_paths(out, cache if any(m != "analytic" for m in config.models) else None, cache_dir is None)
     cells = config.cells()
     configs = {m: _model_config(m, config) for m in config.models}
     for cell in cells:
@@ -970,6 +981,39 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     extractor = _resolve_extractor(config)  # missing Inception weights fail before anything runs
     if extractor is not None:
         fingerprint["feature_extractor"] = extractor.id
+    # the output folder is locked for the whole run before its results are read: two runs into one folder would
+    # each rewrite results.json with their own rows (the later one's file losing the other's)
+    created = first_missing_dir(out) if main else None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    lock = None
+    try:
+        try:
+            refusal = None
+            if main:
+                try:
+                    lock = _lock_output(out)
+                except _OutputBusy as exc:
+                    refusal = str(exc)
+            refusal = _main_process_value(refusal)  # every process of a distributed launch stops, none waits
+            if refusal is not None:
+                raise ValueError(refusal)
+            return _run_locked(config, out, cache, cells, fingerprint, extractor, progress, refuse_near_duplicates)
+        finally:
+            _unlock_output(out, lock)
+    except BaseException:
+        # a run that failed or was refused before writing a file leaves no folder it made (the lock file is gone)
+        if created is not None and created.is_dir() and not any(f.is_file() for f in created.rglob("*")):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _run_locked(config: BenchConfig, out: Path, cache: Path, cells: list[Cell], fingerprint: dict[str, Any],
+                extractor: FeatureExtractor | None, progress: bool, refuse_near_duplicates: bool
+                ) -> list[dict[str, Any]]:
+    """:func:`run_grid` once its output folder exists and is locked: read the stored rows, run the missing cells
+    and write the results after each."""
+    main = is_main_process()
     stored = _load_results(out / RESULTS_FILES["json"], fingerprint)
     if refuse_near_duplicates:
         _check_stored_scales(config.guidance, stored.values(), out / RESULTS_FILES["json"])
@@ -983,8 +1027,6 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     # processes of a distributed launch given other settings or grids would gather mixed samples, or hang
     check_same_on_all_processes({**fingerprint, "cells to run": sorted(c.key for c in cells if c.key not in stored)},
                                 "bench settings")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     order = [c.key for c in cells]
     todo = [c for c in cells if c.key not in stored]
     worlds: dict[str, _DigitsWorld | _PipelineWorld] = {}
@@ -1008,6 +1050,78 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     if state is not None:
         state.wait_for_everyone()  # the results file is complete before any process returns
     return [stored[k] for k in order]
+
+
+def _check_output_paths(out: Path, cache: Path | None, default_cache: bool) -> None:
+    """The files a run writes into ``out`` (results.json/.csv/.md) and its cache folder (``None``: the run caches
+    nothing) must be creatable: checked before any cell runs, not found out after the work is done (``ValueError``
+    naming ``out_dir``/``cache_dir``)."""
+    for name in RESULTS_FILES.values():
+        path = out / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise ValueError(f"`out_dir` {str(out)!r}: {str(path)!r} exists and is not a regular file (a directory, "
+                             "device or broken link); remove it or choose another output directory")
+    if cache is not None and (cache.exists() or cache.is_symlink()) and not cache.is_dir():
+        where = f"`out_dir` {str(out)!r}: its cache folder" if default_cache else "`cache_dir`"
+        raise ValueError(f"{where} {str(cache)!r} exists and is not a directory; remove it or give another "
+                         "`cache_dir`")
+
+
+
+class _OutputBusy(ValueError):
+    """Another run holds the lock of an output folder."""
+
+
+def _lock_output(folder: Path) -> int | None:
+    """Take the exclusive advisory lock of ``folder`` (``fcntl.flock`` on :data:`LOCK_FILE` in it, not waiting) and
+    return its file descriptor; ``_OutputBusy`` when another run holds it. ``None`` where there is no ``flock``
+    (Windows) or the file system refuses it: runs into one folder are then not kept apart."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = folder / LOCK_FILE
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)  # (again, if a run that failed removed the folder it had made)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _OutputBusy(f"another fewstep bench is writing results to {str(folder)!r}; wait for it or use "
+                              "another --out") from None
+        except OSError:  # no locks on this file system (ENOLCK, EOPNOTSUPP): run unlocked
+            os.close(fd)
+            return None
+        # the run that held it removes the file before unlocking (_unlock_output): a lock taken on a removed file
+        # would keep no one out, so lock the file the path names now
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _unlock_output(folder: Path, fd: int | None) -> None:
+    """Release the lock taken by :func:`_lock_output` and remove its file (a finished run leaves only results)."""
+    if fd is None:
+        return
+    try:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def _main_process_value(value: Any) -> Any:
+    """``value`` as the main process has it, on every process of a distributed launch (``value`` itself in a single
+    process)."""
+    state = distributed_state()
+    if state is None or state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 # ---------------------------------------------------------------------------------------------- plots

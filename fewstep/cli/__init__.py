@@ -2,21 +2,22 @@
 one module per subcommand (``_common`` holds the value types they share).
 
 Usage errors (bad flags or values) print one line to stderr and exit with code 2; output files are
-written atomically, so a failed run leaves none behind.
+written atomically, so a failed run leaves none behind (an OS error such as a full disk is one line naming the
+file, exit code 1).
 
-The subcommand modules (and with them torch and diffusers, seconds to import) are imported inside ``main``'s
-error handling, and only the one that runs: Ctrl-C while they load is the one-line "interrupted" too.
+Importing this module imports nothing else of weight: argparse, ``_common`` (numpy) and the subcommand modules
+(and with them torch and diffusers, seconds to import) are imported inside ``main``'s error handling, and only the
+subcommand that runs: Ctrl-C while they load is the one-line "interrupted" too.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
-from .. import __version__
-from ._common import UsageError
+if TYPE_CHECKING:  # the rest is imported inside main's error handling (argparse, numpy via _common, ...)
+    import argparse
+    from collections.abc import Collection, Sequence
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -31,20 +32,48 @@ SUBCOMMANDS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (``fewstep generate: error: ... (see fewstep generate --help)``, exit
-    code 2) instead of a usage block above the message."""
+def __getattr__(name: str):
+    """``UsageError`` (and ``_Parser``), imported on first use: ``import fewstep.cli`` loads nothing heavy, so that
+    Ctrl-C right after ``fewstep`` starts still meets ``main``'s error handling."""
+    if name == "UsageError":
+        from ._common import UsageError
 
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        return UsageError
+    if name == "_Parser":
+        return _parser_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_PARSER_CLASS: list[type] = []
+
+
+def _parser_class() -> type[argparse.ArgumentParser]:
+    """argparse with one-line usage errors (``fewstep generate: error: ... (see fewstep generate --help)``, exit
+    code 2) instead of a usage block above the message (made on first use: argparse is imported in ``main``)."""
+    if not _PARSER_CLASS:
+        import argparse
+
+        class _Parser(argparse.ArgumentParser):
+            """argparse with one-line usage errors (exit code 2)."""
+
+            def error(self, message: str):  # type: ignore[override]
+                self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+        _PARSER_CLASS.append(_Parser)
+    return _PARSER_CLASS[0]
 
 
 def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
     """The ``fewstep`` parser. ``commands``: the subcommands that get their flags (their modules are imported);
     the others are listed by ``fewstep --help`` but take none. ``None``: all of them."""
-    parser = _Parser(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
+    import importlib
+
+    from .. import __version__
+
+    parser_class = _parser_class()
+    parser = parser_class(prog="fewstep", description="Fast diffusion sampling on top of diffusers.")
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=parser_class)
     for name, (module, adder, help_text) in SUBCOMMANDS.items():
         if commands is None or name in commands:
             getattr(importlib.import_module(f".{module}", __name__), adder)(sub, help_text)
@@ -61,10 +90,13 @@ def _command(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = _command(argv)
-    prog = f"fewstep {command}" if command else "fewstep"
-    try:  # from the first import of torch on: Ctrl-C while the modules load is one line too
+    """Run the ``fewstep`` command line on ``argv`` (default ``sys.argv[1:]``); returns the exit code: 0, 2 for a
+    usage error, 1 for a failed run (an OS error such as a full disk, a diverged run), 130 for Ctrl-C."""
+    prog = "fewstep"
+    try:  # from the first import on (argparse, numpy, torch): Ctrl-C while the modules load is one line too
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command = _command(argv)
+        prog = f"fewstep {command}" if command else "fewstep"
         parser = build_parser([command] if command else ())
         args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
         if getattr(args, "quiet", False):  # also diffusers' "Loading pipeline components" and transformers' bars
@@ -78,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 transformers_logging.disable_progress_bar()
         return args.func(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # UsageError is a ValueError
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # a run that diverged (NaN/Inf), e.g. from a huge step size: no traceback
@@ -90,6 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed by its reader (`fewstep list | head`): stop quietly, as `ls | head`
         _silence_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
+    except OSError as exc:  # e.g. a full disk while writing an output (atomic: nothing half-written is left)
+        print(f"{prog}: error: {_os_error_text(exc)}", file=sys.stderr)
+        return 1
+
+
+def _os_error_text(exc: OSError) -> str:
+    """An ``OSError`` in one line without Python's ``[Errno N]`` prefix: its reason and the file(s) it names."""
+    if not exc.strerror:
+        return str(exc)
+    names = [repr(str(f)) for f in (exc.filename, exc.filename2) if f is not None]
+    return exc.strerror + (f": {' -> '.join(names)}" if names else "")
 
 
 def _silence_stdout() -> None:

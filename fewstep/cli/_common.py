@@ -231,3 +231,27 @@ def _load_prompted_sd(model: str, prompts_file: str):
     if not (Path(model) / "model_index.json").is_file():
         raise UsageError(f"--model {model!r} must be an SD 1.x/2.x pipeline directory when --prompts is given")
     return StableDiffusionPipeline.from_pretrained(model), prompts
+
+
+def refuse_output_over_inputs(out_flag: str, out: str | None, *inputs: tuple[str, str | None]) -> None:
+    """A ``UsageError`` naming both flags when the output file ``out`` (given as ``out_flag``) is one of the input
+    files ``inputs`` (``(flag, path or None)`` pairs): writing it would destroy the input. Paths are compared
+    resolved (``./x``, a symbolic link, a hard link to the same file)."""
+    if out is None:
+        return
+    for flag, path in inputs:
+        if path is not None and _same_file(out, path):
+            raise UsageError(f"{out_flag} {out!r} is the {flag} file {path!r}: writing it would destroy that input; "
+                             f"give {out_flag} another path")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: equal once resolved (links, ``..``), or one inode."""
+    import os
+
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from .._io import atomic_write, check_creatable_dir, check_writable
+from .._io import atomic_write, check_creatable_dir, check_writable, first_missing_dir
 from ._common import (
     UsageError,
     _guidance_list,
@@ -93,6 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_creatable_dir(args.out, "--out")
     if args.cache_dir is not None:
         check_creatable_dir(args.cache_dir, "--cache-dir")
+    _check_out_contents(args, uses_cache=bool(kinds - {"analytic"}))
     from ..bench.runner import RESULTS_FILES, BenchConfig, format_markdown, is_main_process, plot_results, run_grid
 
     defaults = {"guidance": [("cfg", 3.0)], "num_per_class": 20, "classes": list(range(10)), "batch_size": 250,
@@ -114,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          num_samples=args.num_samples, dim=args.dim, seed=args.seed, prompts=prompts,
                          image_size=args.image_size, **options)
     # the topmost folder each of --out and --cache-dir would create (`nest` of nest/a/b when nest is new)
-    created = [d for d in (_first_missing(args.out), _first_missing(args.cache_dir) if args.cache_dir else None) if d]
+    created = [d for d in (first_missing_dir(args.out), args.cache_dir and first_missing_dir(args.cache_dir)) if d]
     try:
         # scales that print alike are refused across a resume too (README), not only within this run
         rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet,
@@ -140,12 +141,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_missing(path: str) -> Path | None:
-    """The topmost folder of ``path`` that does not exist yet (what creating ``path`` would create), or None."""
-    top, p = None, Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        top, p = p, p.parent
-    return top
+def _check_out_contents(args: argparse.Namespace, uses_cache: bool) -> None:
+    """What the run will write into --out must be writable there, checked before any cell runs (not found out after
+    the work is done): results.json/.csv/.md and the plot must not be directories, devices or broken links, and the
+    default cache folder (OUT/cache, without --cache-dir; ``uses_cache``: a model of the run caches) no file."""
+    from ..bench.runner import RESULTS_FILES
+
+    out = Path(args.out)
+    names = [*RESULTS_FILES.values()] + ([f"{args.plot}_vs_nfe.png"] if args.plot != "none" else [])
+    for name in names:
+        path = out / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise UsageError(f"--out {args.out!r}: {str(path)!r} exists and is not a regular file (a directory, "
+                             "device or broken link); remove it or choose another --out")
+    cache = out / "cache"
+    if uses_cache and args.cache_dir is None and (cache.exists() or cache.is_symlink()) and not cache.is_dir():
+        raise UsageError(f"--out {args.out!r}: its cache folder {str(cache)!r} exists and is not a directory; remove "
+                         "it or give --cache-dir")
+
 
 
 def _bench_analytic_table(args: argparse.Namespace) -> int:

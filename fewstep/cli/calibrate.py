@@ -15,6 +15,7 @@ from ._common import (
     _load_class_conditional,
     _load_prompted_sd,
     _positive_int,
+    _same_file,
     _seed,
 )
 
@@ -32,7 +33,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     out = _safetensors_out(args.out, "--out")
     if args.cpr_out:
-        if _safetensors_out(args.cpr_out, "--cpr-out").resolve() == out.resolve():
+        if _same_file(str(_safetensors_out(args.cpr_out, "--cpr-out")), str(out)):  # also a link or hard link
             raise UsageError(f"--cpr-out {args.cpr_out!r} is the --out file; the CPR coefficients need a file of "
                              "their own")  # fmt: skip
     method, steps = parse_reference(args.reference)

@@ -21,6 +21,7 @@ from ._common import (
     _sampler_name,
     _sampler_option,
     _seed,
+    refuse_output_over_inputs,
 )
 
 
@@ -38,6 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_writable(args.out, "--out")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out!r} must end in .png")
+    refuse_output_over_inputs("--out", args.out, ("--measurement", args.measurement), ("--source", args.source))
     quant_flags = [flag for flag, value in (("--quant-mode", args.quant_mode),
                                             ("--quant-conv-kernel", args.quant_conv_kernel)) if value is not None]
     if quant_flags and args.quant is None:
@@ -99,6 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .. import guidance
 
     guidance_options = _options_dict(args.guidance_option, "--guidance-option")
+    if "guidance_scale" in guidance_options:
+        raise UsageError("--guidance-option guidance_scale: give the scale as --guidance-scale")
     try:  # the rule's parameters are checked before a model loads
         guidance.make(args.guidance, args.guidance_scale, **guidance_options)
     except ValueError as exc:

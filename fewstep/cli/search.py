@@ -11,8 +11,10 @@ from ._common import (
     UsageError,
     _fraction,
     _positive_int,
+    _same_file,
     _seed,
     int_at_least,
+    refuse_output_over_inputs,
 )
 
 
@@ -48,8 +50,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--ems FILE is for --model digits-eps (the analytic model has no EMS file)")
     ems = None if args.ems == "none" else args.ems
     state = args.state or str(out) + ".state.json"
-    if os.path.abspath(state) == os.path.abspath(out):
+    if _same_file(state, out):  # resolved: `./x`, a link to --out
         raise UsageError(f"--state {args.state!r} is the --out file; the state needs a file of its own")
+    # the state is rewritten during the search and --out at its end: neither may be a file the search reads
+    inputs = [("--init", path) for path in args.init or []]
+    if ems not in (None, "auto"):
+        inputs.append(("--ems", ems))
+    refuse_output_over_inputs("--out", args.out, *inputs)
+    refuse_output_over_inputs("--state", state, *inputs)
     # the files of --init before the objective is built: one searched for another model is refused now
     initial = [_load_init_schedule(path, args.model) for path in args.init or []]
     metric_name = (AnalyticObjective if args.model == "analytic"

@@ -129,8 +129,8 @@ def make(guidance: str | GuidanceRule, guidance_scale: float | None = None, **op
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"guidance rule {guidance!r} has no option{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(map(repr, unknown))}; its options: {', '.join(allowed) or 'none'} (and "
-                         "`guidance_scale`)")
+                         f"{', '.join(map(repr, unknown))}; its options: {', '.join(allowed) or 'none'} (its scale "
+                         "is make's `guidance_scale` argument)")
     if guidance_scale is not None:
         options = {**options, "guidance_scale": guidance_scale}
     return cls(**options)

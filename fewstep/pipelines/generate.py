@@ -189,6 +189,11 @@ def generate(
     if guidance_options is not None and not isinstance(guidance_options, dict):
         raise ValueError(f"`guidance_options` must be a dict of the rule's arguments, got {guidance_options!r}")
     options = dict(guidance_options or {})
+    if "guidance_scale" in options:
+        raise ValueError("`guidance_options` must not hold `guidance_scale`; pass it as `guidance_scale`")
+    if options and isinstance(pipe, MeanRevertingPipeline):
+        raise ValueError(f"`guidance_options` {options}: a restoration (mean-reverting) model is guided by its "
+                         "measurement, not by a guidance rule")
     if options:
         guidance_rules.make(guidance, guidance_scale, **options)  # unknown or bad options fail before sampling
     if not isinstance(cuda_graph, bool):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_write
+from .._io import atomic_write, first_missing_dir
 from .modules import SETTABLE_MODES, QuantLayer, quant_layers
 from .quantize import _set_submodule
 from .quantizers import FORMATS, ActQParams, act_qparams_problem, weight_scale_problem
@@ -71,7 +72,9 @@ def model_fingerprint(model: nn.Module) -> dict:
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, model_id: str | None = None,
                    extra: dict | None = None) -> Path:
-    """Write ``quant.safetensors`` + ``quant.json`` of a ``quantize``-d model into ``out_dir`` (created)."""
+    """Write ``quant.safetensors`` + ``quant.json`` of a ``quantize``-d model into ``out_dir`` (created, with its
+    missing parents). A save that fails (e.g. an ``OSError`` naming the file on a full disk) removes the folders it
+    created and leaves no new ``quant.safetensors`` without its ``quant.json``."""
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -83,7 +86,6 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, model_id: str |
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out_dir` {str(out)!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     meta_layers = {}
     for name, q in layers.items():
@@ -110,10 +112,23 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, model_id: str |
     # both files carry one random id: a save interrupted between the two renames (new tensors beside an older
     # quant.json in the same folder) is refused by load_quantized instead of mixing two quantizations
     meta["save_id"] = uuid.uuid4().hex
-    atomic_write(out / TENSORS_FILE,
-                 lambda p: save_file(tensors, str(p), metadata={"format": "pt", "save_id": meta["save_id"]}))
-    atomic_write(out / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    text = json.dumps(meta, indent=1) + "\n"
+    created = first_missing_dir(out)  # the topmost folder this save creates (None: `out_dir` exists)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(out / TENSORS_FILE,
+                     lambda p: save_file(tensors, str(p), metadata={"format": "pt", "save_id": meta["save_id"]}))
+        try:
+            atomic_write(out / META_FILE, lambda p: p.write_text(text))
+        except BaseException:  # new tensors without their quant.json are no usable save
+            (out / TENSORS_FILE).unlink(missing_ok=True)
+            raise
+    except BaseException:  # e.g. a full disk: a folder made for this save is removed again
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return out
+
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
@@ -122,8 +137,8 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     if not (d / META_FILE).is_file() or not (d / TENSORS_FILE).is_file():
         raise FileNotFoundError(f"`directory` {str(d)!r} holds no saved quantization ({META_FILE} + {TENSORS_FILE})")
     try:
-        meta = json.loads((d / META_FILE).read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # also binary bytes in the file
         raise ValueError(f"{str(d / META_FILE)!r} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("artifact") != "fewstep-quant":
         raise ValueError(f"{str(d / META_FILE)!r} is not a fewstep quantization file")
@@ -227,7 +242,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
             save_id = (f.metadata() or {}).get("save_id")
     except Exception as exc:  # safetensors raises its own error types for truncated / foreign files
         raise ValueError(f"{str(path)!r} is not a readable safetensors file ({exc}); quantize again") from None
-    if "save_id" in meta and save_id != meta["save_id"]:
+    if save_id != meta.get("save_id"):  # (a save from before the ids has none in either file)
         raise ValueError(f"{str(path)!r} and {META_FILE} in {str(Path(directory))!r} come from different saves (a "
                          "save interrupted between its two files, or files copied from two folders); quantize again")
     target = model if inplace else copy.deepcopy(model)

@@ -653,13 +653,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _index_of_value(self, value: float, current: int | None = None) -> int:
         """The model call whose timestep is ``value``: ``current`` when its timestep is ``value``, else, as diffusers'
-        ``index_for_timestep``, the second of a value listed more than once (a Karras grid's rounded timesteps repeat
-        near the end: a loop begun there must not skip a level), else its only place."""
+        ``index_for_timestep``, the second of a value listed at two grid points (a Karras grid's rounded timesteps
+        repeat near the end: a loop begun there must not skip a level; one begun at the first place then runs out of
+        steps, as in diffusers), else its first place (a value listed twice for one grid point, an s3 implicit
+        corrector's two calls: a loop begun there runs both)."""
         values = self._timestep_values
         if current is not None and 0 <= current < len(values) and values[current] == value:
             return current
         places = [k for k, v in enumerate(values) if v == value]
-        return places[1] if len(places) > 1 else places[0]
+        if len(places) > 1 and len({self.plan.calls[k][0] for k in places}) > 1:
+            return places[1]
+        return places[0]
 
     def _view_index(self, timestep: Any) -> int | None:
         """The position of ``timestep`` in ``self.timesteps`` when it is a one-element view of that tensor."""

@@ -133,6 +133,7 @@ class EMSAccumulator:
 
     # -------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the running sums, grid and progress to the safetensors checkpoint ``path`` (atomically)."""
         from safetensors.torch import save_file
 
         from .._io import atomic_write
@@ -144,6 +145,8 @@ class EMSAccumulator:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EMSAccumulator:
+        """Read a checkpoint written by :meth:`save`. A file that is none, or a damaged one (a tensor missing or of
+        the wrong shape, a ``meta`` header that is no JSON object), is a ``ValueError`` naming the file."""
         from safetensors import safe_open
 
         try:
@@ -154,10 +157,37 @@ class EMSAccumulator:
             raise ValueError(f"{path} is not a readable EMS checkpoint: {exc}") from exc
         if header.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not an EMS checkpoint (format {header.get('format')!r})")
-        acc = cls(t["lambdas"].numpy(), tuple(t["sums"].shape[2:]), json.loads(header.get("meta", "{}")))
-        acc.sums = t["sums"].to(torch.float64)
-        acc.counts = t["counts"].numpy().astype(np.int64)
-        acc.batches = t["batches"].numpy().astype(np.int64)
+
+        def damaged(what: str) -> ValueError:
+            return ValueError(f"EMS checkpoint {str(path)!r} is damaged: {what}; delete it to start over")
+
+        missing = [k for k in ("sums", "lambdas", "counts", "batches") if k not in t]
+        if missing:
+            raise damaged(f"it lacks the tensor(s) {', '.join(missing)}")
+        try:
+            meta = json.loads(header.get("meta", "{}"))
+        except json.JSONDecodeError as exc:
+            raise damaged(f"its `meta` header is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise damaged(f"its `meta` header must be a JSON object, got {type(meta).__name__}")
+        lambdas, sums, counts, batches = t["lambdas"], t["sums"], t["counts"], t["batches"]
+        n = lambdas.shape[0] if lambdas.ndim == 1 else -1
+        if n < 2 or not lambdas.dtype.is_floating_point:
+            raise damaged(f"`lambdas` must be a 1-d float tensor of >= 2 grid points, got {lambdas.dtype} of shape "
+                          f"{tuple(lambdas.shape)}")
+        if sums.ndim < 3 or tuple(sums.shape[:2]) != (n, len(SUM_KEYS)) or not sums.dtype.is_floating_point:
+            raise damaged(f"`sums` must be a float tensor [{n}, {len(SUM_KEYS)}, *sample_shape] ({n} grid points), "
+                          f"got {sums.dtype} of shape {tuple(sums.shape)}")
+        for name, value in (("counts", counts), ("batches", batches)):
+            if tuple(value.shape) != (n,) or value.dtype.is_floating_point or value.dtype == torch.bool:
+                raise damaged(f"`{name}` must be an integer tensor [{n}] (one per grid point), got {value.dtype} of "
+                              f"shape {tuple(value.shape)}")
+            if bool((value < 0).any()):
+                raise damaged(f"`{name}` holds negative values")
+        acc = cls(lambdas.numpy(), tuple(sums.shape[2:]), meta)
+        acc.sums = sums.to(torch.float64)
+        acc.counts = counts.numpy().astype(np.int64)
+        acc.batches = batches.numpy().astype(np.int64)
         return acc
 
 
@@ -298,6 +328,10 @@ def estimate_ems(
                               for k in differing_keys(theirs, ours)) or f"stored settings {stored!r}"
             raise ValueError(f"checkpoint {str(checkpoint)!r} was made with other settings ({shown}); delete it or "
                              "use another checkpoint path")
+        if acc.lambdas.shape != lambdas.shape or acc.sample_shape != sample_shape:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} is damaged: it holds {acc.lambdas.size} grid points of "
+                             f"samples {list(acc.sample_shape)}, its settings say {lambdas.size} of "
+                             f"{list(sample_shape)}; delete it to start over")
     if acc is None:
         acc = EMSAccumulator(lambdas, sample_shape, {"settings": settings})
     device = data.device

@@ -703,7 +703,8 @@ def sample_loop(
     for k, (i, again) in enumerate(plan.calls):
         x0, eps = _check_pair(pair_fn(x, i), x, i)
         noise = None
-        if plan.decisions[i].stochastic and (again or not plan.steps[i].reevaluate):
+        stochastic = plan.decisions[i].stochastic or plan.steps[i].predictor.noise != 0.0  # (DDIM eta plans)
+        if stochastic and (again or not plan.steps[i].reevaluate):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(dtype)
         x = state.call(k, x.to(dtype), x0.to(dtype), eps.to(dtype), noise).to(x_start.dtype)
     return x

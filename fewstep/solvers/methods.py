@@ -65,8 +65,15 @@ def ddim_eta_plan(plan: Plan, eta: float) -> Plan:
     ``sigma_eta = eta sigma_t sqrt(1 - e^{-2h})``, ``e^{-h} = (sigma_t / alpha_t) / (sigma_s / alpha_s)`` and
     ``c = sqrt(sigma_t^2 - sigma_eta^2)`` (``eta = 1``: first-order SDE-DPM-Solver++). Host arithmetic on the
     plan's float64 grid; a final step to a clean point (``sigma_t = 0``) stays deterministic."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+    if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= eta <= 1.0:
         raise ValueError(f"`eta` must be a number in [0, 1] (DDIM's noise weight), got {eta!r}")
+    eta = float(eta)
+    ddim = StepDecision(prediction="data", order=1)
+    if not isinstance(plan, Plan) or any(d not in (ddim, StepDecision(prediction="noise", order=1))
+                                         for d in plan.decisions):
+        raise ValueError("`plan` must be a DDIM plan (compile_plan(grid, ddim_decisions(n)): first-order, "
+                         "deterministic steps without correctors)")
     if eta == 0.0:
         return plan
     g = plan.grid
