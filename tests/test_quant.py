@@ -1308,7 +1308,8 @@ def test_damaged_quantization_files_are_refused_by_name(tmp_path, pipe, qmodel):
     for case, (change, match) in cases.items():
         folder = tmp_path / case
         shutil.copytree(tmp_path / "q", folder)
-        save_file({**tensors, **change}, str(folder / "quant.safetensors"))
+        header = {"format": "pt", "save_id": json.loads((folder / "quant.json").read_text())["save_id"]}
+        save_file({**tensors, **change}, str(folder / "quant.safetensors"), metadata=header)  # same save, damaged
         with pytest.raises(ValueError, match=f"layer {re.escape(repr(name))}'s {match}"):
             quant.load_quantized(pipe.unet, folder)
     truncated = tmp_path / "truncated"

@@ -4,6 +4,7 @@ NaN in int8 mode, atomic in-place loading, argument checks, state_dict checks, a
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 
 import pytest
@@ -166,7 +167,8 @@ def test_failed_inplace_load_leaves_the_model_untouched(tmp_path, monkeypatch):
     tensors = load_file(str(tmp_path / "q" / "quant.safetensors"))
     last = list(quant.quant_layers(q))[-1]
     tensors[f"{last}.weight_scale0"] = -tensors[f"{last}.weight_scale0"]
-    save_file(tensors, str(tmp_path / "q" / "quant.safetensors"))
+    save_id = json.loads((tmp_path / "q" / "quant.json").read_text())["save_id"]
+    save_file(tensors, str(tmp_path / "q" / "quant.safetensors"), metadata={"format": "pt", "save_id": save_id})
     before = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(ValueError, match=rf"layer '{last}''s weight_scale0 must hold 4 finite positive floats"):
         quant.load_quantized(model, tmp_path / "q", inplace=True)

@@ -121,9 +121,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = run_grid(config, args.out, cache_dir=args.cache_dir, progress=not args.quiet,
                         refuse_near_duplicates=True)
     except BaseException:
-        for d in created:  # a run that failed before writing a file leaves no (empty) folders behind
+        # a run that failed before writing a file leaves no (empty) folders behind; the main process removes them
+        # (another process of a distributed launch would race it: a folder gone between its look and its removal)
+        for d in created if is_main_process() else ():
             if d.is_dir() and not any(f.is_file() for f in d.rglob("*")):
-                shutil.rmtree(d)
+                shutil.rmtree(d, ignore_errors=True)
         raise
     if not is_main_process():  # under `accelerate launch`, one process reports
         return 0
