@@ -149,3 +149,15 @@ CLI_BODY = '''
 from fewstep.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
+
+
+def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
+    """``fewstep ARGS`` in this process: its exit code (argparse's own ``SystemExit`` included) and the non-empty
+    lines it printed to stderr."""
+    from fewstep.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -13,19 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import run_cli as _run
 
 from fewstep.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 S3_ASSETS = ROOT / "fewstep" / "assets" / "s3"
-
-
-def _run(capsys, *args: str) -> tuple[int, list[str]]:
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
 def _usage(capsys, *args: str) -> str:

@@ -14,19 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import run_cli as _run
 
 from fewstep._io import atomic_write
 from fewstep.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(capsys, *args: str) -> tuple[int, list[str]]:
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
 def _full_disk(*args, **kwargs):
