@@ -3,6 +3,7 @@ sample loop, DC-Solver calibration) and user latents of another dtype reach the 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler as DiffusersDPM
 from diffusers import StableDiffusionPipeline
@@ -135,3 +136,17 @@ def test_ems_estimation_of_a_half_precision_unet_runs_in_float32(monkeypatch):
         pass
     assert seen == {"data": torch.float32, "eps": torch.float32}
     assert abs(times[0] - 983.95) < 1e-2  # bfloat16 model times: 984
+
+
+def test_embedded_models_load_in_float16_on_the_cpu_without_diffusers_warning(monkeypatch):
+    """`fewstep generate --dtype float16` printed diffusers' warning that float16 pipelines "cannot run" on the CPU
+    ("running them will fail"), then ran fine: the embedded models do run there."""
+    import logging
+
+    warned = []
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    monkeypatch.setattr(logger, "warning", lambda msg, *a, **k: warned.append(str(msg)))
+    pipe = fewstep.load_default("digits-eps", torch_dtype=torch.float16, device="cpu")
+    assert not [w for w in warned if "cannot run with `cpu` device" in w], warned
+    images = pipe(class_labels=[3], num_inference_steps=2, output_type="np").images
+    assert np.isfinite(images).all()

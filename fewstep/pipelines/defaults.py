@@ -97,6 +97,7 @@ def load_default(
 
         swap_sampler(pipe, sampler, **default_sampler_options(name, sampler, with_schedule=True))
     if device is not None:
-        pipe = pipe.to(device)
+        # diffusers warns that float16 pipelines "cannot run" on the CPU; the embedded models do (tested)
+        pipe = pipe.to(device, silence_dtype_warnings=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
