@@ -194,8 +194,9 @@ def generate(
     if options and isinstance(pipe, MeanRevertingPipeline):
         raise ValueError(f"`guidance_options` {options}: a restoration (mean-reverting) model is guided by its "
                          "measurement, not by a guidance rule")
-    if options:
-        guidance_rules.make(guidance, guidance_scale, **options)  # unknown or bad options fail before sampling
+    name = guidance
+    if options:  # the rule is built once, here (bad options fail before sampling); the branches below take it
+        guidance, guidance_scale = guidance_rules.make(guidance, guidance_scale, **options), None
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"`cuda_graph` must be True or False, got {cuda_graph!r}")
     from .fewstep_pipeline import FewstepPipeline
@@ -225,7 +226,7 @@ def generate(
             raise ValueError("`prompt` given to a class-conditional model; use --class with digits 0-9 instead")
         pool = classes if classes else list(range(pipe.num_classes))
         labels = [pool[i % len(pool)] for i in range(num_images)]
-        rule = guidance_rules.make(guidance, guidance_scale, **options)
+        rule = guidance_rules.make(guidance, guidance_scale)
         pipe = FewstepPipeline.from_pipe(pipe, guidance=rule, compile=compile or False, cuda_graph=cuda_graph)
         images = pipe(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="np",
                       check_finite=True).images  # fmt: skip
@@ -236,7 +237,7 @@ def generate(
             raise ValueError("this pipeline is text-to-image: pass --prompt")
         extra: dict = {}
         hosting = {"compile": compile or False, "cuda_graph": cuda_graph}
-        is_cfg = guidance_rules.get(guidance) is guidance_rules.CFG
+        is_cfg = guidance_rules.get(name) is guidance_rules.CFG
         if options and not FewstepPipeline.supports(pipe):
             raise ValueError(f"`guidance_options` {options} need a pipeline FewstepPipeline hosts (SD 1.x/2.x, SDXL, "
                              f"SD3, Flux); {type(pipe).__name__} runs its own CFG")
@@ -245,16 +246,13 @@ def generate(
                 raise ValueError(f"`guidance_options` {options}: Flux's `cfg` is its distilled guidance embedding, "
                                  "which takes no rule options; use cfg++ or apg for true guidance")
             # Flux: plain CFG is the distilled guidance embedding; other rules run true CFG vs the empty prompt
-            rule = guidance_rules.make(guidance, guidance_scale, **options) if options else guidance
-            pipe = FewstepPipeline.from_pipe(pipe, guidance=None if is_cfg else rule,
-                                             guidance_scale=None if options else guidance_scale, **hosting)
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=None if is_cfg else guidance, guidance_scale=guidance_scale,
+                                             **hosting)
             extra = {} if is_cfg else {"negative_prompt": ""}
         elif FewstepPipeline.supports(pipe):  # fewstep's loop: any guidance rule
-            if guidance_scale is None and is_cfg:
+            if guidance_scale is None and is_cfg and not options:  # (a rule built with options has CFG's 3)
                 guidance_scale = 3.0
-            rule = guidance_rules.make(guidance, guidance_scale, **options) if options else guidance
-            pipe = FewstepPipeline.from_pipe(pipe, guidance=rule, guidance_scale=None if options else guidance_scale,
-                                             **hosting)
+            pipe = FewstepPipeline.from_pipe(pipe, guidance=guidance, guidance_scale=guidance_scale, **hosting)
         elif compile:
             raise ValueError(f"`compile` needs an SD 1.x/2.x, SDXL, SD3 or Flux pipeline (FewstepPipeline) or an "
                              f"embedded digits model; got {type(pipe).__name__}")
