@@ -15,7 +15,8 @@ import torch
 
 from ._checks import differing_keys
 
-__all__ = ["check_same_on_all_processes", "distributed_state", "is_main_process", "split_samples"]
+__all__ = ["check_same_on_all_processes", "distributed_state", "is_main_process", "main_process_value",
+           "split_samples"]
 
 
 def distributed_state():
@@ -90,6 +91,17 @@ def _differences(rank: int, first: dict[str, tuple[str, str]], theirs: dict[str,
         return f"process {rank} differs from process 0 ({show(first, '', 0)}, {show(theirs, '', rank)})"
     shown = ", ".join(f"{k!r}: {show(first, k, 0)}, {show(theirs, k, rank)}" for k in keys)
     return f"process {rank} differs from process 0 in {shown}"
+
+
+def main_process_value(value: Any) -> Any:
+    """``value`` as the main process has it, on every process of a distributed launch (``value`` itself in a single
+    process)."""
+    state = distributed_state()
+    if state is None or state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def split_samples(n: int, make: Callable[[list[int]], torch.Tensor]) -> tuple[torch.Tensor, float]:

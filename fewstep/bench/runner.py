@@ -38,7 +38,7 @@ from .. import __version__
 from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
 from .._checks import MISSING, check_int, differing_keys, repeated_values
-from .._dist import check_same_on_all_processes, distributed_state, is_main_process, split_samples
+from .._dist import check_same_on_all_processes, distributed_state, is_main_process, main_process_value, split_samples
 from .._io import atomic_write, first_missing_dir
 from ..pipelines.defaults import default_sampler_options
 from ._cache import cache_name as _cache_name
@@ -995,7 +995,7 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
                     lock = _lock_output(out)
                 except _OutputBusy as exc:
                     refusal = str(exc)
-            refusal = _main_process_value(refusal)  # every process of a distributed launch stops, none waits
+            refusal = main_process_value(refusal)  # every process of a distributed launch stops, none waits
             if refusal is not None:
                 raise ValueError(refusal)
             return _run_locked(config, out, cache, cells, fingerprint, extractor, progress, refuse_near_duplicates)
@@ -1111,17 +1111,6 @@ def _unlock_output(folder: Path, fd: int | None) -> None:
         (folder / LOCK_FILE).unlink(missing_ok=True)
     finally:
         os.close(fd)
-
-
-def _main_process_value(value: Any) -> Any:
-    """``value`` as the main process has it, on every process of a distributed launch (``value`` itself in a single
-    process)."""
-    state = distributed_state()
-    if state is None or state.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value], from_process=0)[0]
 
 
 # ---------------------------------------------------------------------------------------------- plots
