@@ -48,8 +48,11 @@ def test_flow_configs_with_default_shift_build_flow_schedulers(name):
     for label, config in _default_flow_configs().items():
         sched = samplers.get(name).from_config(config, **EXTRA.get(name, {}))
         assert sched.is_flow, f"{name} from {label}"
-        cfg = sched.config  # the default shift, stated as FlowMatch's `shift` or as UniPC's `flow_shift`
-        assert cfg.shift == 1.0 or (cfg.shift is None and cfg.use_flow_sigmas and cfg.flow_shift == 1.0), dict(cfg)
+        cfg = sched.config  # the default shift, stated as FlowMatch's `shift` or as UniPC's `flow_shift` (with
+        # `use_flow_sigmas` on multistep grids; not on FlowMatch-Euler ones: tests/test_hub_configs.py)
+        flowmatch_grid = sched.flow_grid_style == "flowmatch"
+        assert cfg.shift == 1.0 or (cfg.shift is None and cfg.flow_shift == 1.0
+                                    and bool(cfg.use_flow_sigmas) != flowmatch_grid), dict(cfg)
 
 
 @pytest.mark.parametrize("name", ["ddim", "unipc", "dpm-solver++", "hb", "ghvb", "dc-solver"])

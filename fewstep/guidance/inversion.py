@@ -59,11 +59,12 @@ def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: G
         a_k, s_k = float(grid.alphas[k]), float(grid.sigmas[k])
         a_up, s_up = float(grid.alphas[k + 1]), float(grid.sigmas[k + 1])
         out_c, out_u = model_fn(x.to(dtype), timesteps[k])  # the model sees the images' dtype
-        cond = scheduler.convert_model_output(out_c.to(work), x, k)
-        uncond = scheduler.convert_model_output(out_u.to(work), x, k)
+        cond = scheduler.convert_model_output(out_c.to(work), x, k, clip=False)
+        uncond = scheduler.convert_model_output(out_u.to(work), x, k, clip=False)
         # the state of sampling step k (a per-step scale w_k applies at level k, as when sampling)
         state = StepState(k, n, a_k, s_k, getattr(scheduler, "prediction_type", "epsilon"))
-        x0_r, eps_r = rule.combine(*rule.check_inputs(cond, uncond, state), state)
+        # clip_sample applies to the guided x0, once (as sampling clips it)
+        x0_r, eps_r = scheduler._postprocess_pair(*rule.combine(*rule.check_inputs(cond, uncond, state), state))
         eps_ren = (x - a_k * x0_r) / s_k
         x0_hat = (x - s_up * eps_r) / a_up
         x = a_k * x0_hat + s_k * eps_ren

@@ -54,9 +54,10 @@ def guided_step(
 ) -> torch.Tensor:
     """Advance ``sample`` by one step of ``scheduler`` guided by ``rule`` from raw model outputs.
 
-    Both outputs are converted to ``(x0, eps)`` at model call ``index`` (the scheduler's own conversion,
-    including ``clip_sample``), combined by the rule and fed to ``scheduler.step_pair``; ``generator`` draws the
-    noise of a stochastic (SDE) step.
+    Both outputs are converted to ``(x0, eps)`` at model call ``index`` (the scheduler's own conversion), combined
+    by the rule and fed to ``scheduler.step_pair``, which applies ``clip_sample`` to the guided ``x0`` (once, after
+    combining, as diffusers clips the x0 of ``u + w (c - u)``); ``generator`` draws the noise of a stochastic (SDE)
+    step.
     """
     if not supports_pairs(scheduler):
         raise ValueError(
@@ -72,8 +73,8 @@ def guided_step(
         rule.reset()
     dtype = compute_dtype(sample.dtype)
     x = scheduler.model_sample(index, sample.to(dtype))  # as the model saw it (an average_x0 start is shifted)
-    cond = scheduler.convert_model_output(out_cond.to(dtype), x, index)
-    uncond = scheduler.convert_model_output(out_uncond.to(dtype), x, index)
+    cond = scheduler.convert_model_output(out_cond.to(dtype), x, index, clip=False)  # step_pair clips the result
+    uncond = scheduler.convert_model_output(out_uncond.to(dtype), x, index, clip=False)
     x0, eps = rule(cond, uncond, step_state(scheduler, index))
     history = rule.history_pair(cond, uncond)  # CFG++ history="unconditional": what later steps remember
     kwargs = {} if history is None else {"history": history}

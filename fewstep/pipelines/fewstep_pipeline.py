@@ -68,7 +68,7 @@ from .graph_step import (
     kwargs_cache_key,
 )
 from .loop_checks import FiniteWatch, callback_tensors, check_generators, check_latents, check_returned
-from .sharing import pixel_outputs, share_modules
+from .sharing import pixel_outputs, share_modules, stable_diffusion_scheduler_fixes
 
 __all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES", "flow_shift_mu"]
 
@@ -253,7 +253,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         """Wrap ``pipe`` without copying weights.
 
         ``scheduler``: a fewstep sampler name (built ``from_config(pipe.scheduler.config)``), a scheduler
-        object, or ``None`` to keep ``pipe``'s. ``guidance``: a rule name or object; ``None`` is CFG with
+        object, or ``None`` to keep ``pipe``'s. A new one gets the config fixes ``StableDiffusionPipeline`` gives the
+        schedulers it is built with (``steps_offset = 1``, ``clip_sample = False``; SD 1.x/2.x only). ``guidance``: a rule name or object; ``None`` is CFG with
         ``guidance_scale`` (default as diffusers: 7.5 SD, 5.0 SDXL, 7.0 SD3), except for Flux, where ``None`` is
         the distilled guidance embedding with ``guidance_scale`` (default 3.5) and no unconditional pass.
         A sampler that cannot integrate the model's process (``mrs`` on a flow model) is a ValueError.
@@ -297,6 +298,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             raise TypeError(f"`scheduler` must be a sampler name or a scheduler, got {type(scheduler).__name__}")
         if flow:
             check_flow_scheduler(scheduler, family)
+        if scheduler is not pipe.scheduler:  # a new one: as StableDiffusionPipeline.from_pipe(pipe, scheduler=...)
+            stable_diffusion_scheduler_fixes(pipe, scheduler)
         if family == "flux" and guidance is None:
             rule, embedded = None, FLUX_EMBEDDED_SCALE if guidance_scale is None else float(guidance_scale)
         else:

@@ -201,9 +201,9 @@ class StaticLoop:
         x = run.x.to(engine.dtype)
         if run.guide is not None:
             out_uncond, out_cond = out.chunk(2)
-            cond = run.postprocess(*static_pair(run.kind, out_cond.to(engine.dtype), x, alpha, sigma, norm))
-            uncond = run.postprocess(*static_pair(run.kind, out_uncond.to(engine.dtype), x, alpha, sigma, norm))
-            x0, eps = run.guide.combine(cond, uncond, scale, s_over_a, a_over_s, *rescale)
+            cond = static_pair(run.kind, out_cond.to(engine.dtype), x, alpha, sigma, norm)
+            uncond = static_pair(run.kind, out_uncond.to(engine.dtype), x, alpha, sigma, norm)
+            x0, eps = run.guide.combine(cond, uncond, scale, s_over_a, a_over_s, *rescale)  # clipped once, after
             x0, eps = run.postprocess(x0.to(engine.dtype), eps.to(engine.dtype))
         else:
             x0, eps = run.postprocess(*static_pair(run.kind, out.to(engine.dtype), x, alpha, sigma, norm))

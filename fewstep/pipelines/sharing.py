@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 
 from ..datasets import to_unit_range
 
-__all__ = ["share_modules", "pixel_outputs", "PIXEL_OUTPUT_TYPES"]
+__all__ = ["share_modules", "stable_diffusion_scheduler_fixes", "pixel_outputs", "PIXEL_OUTPUT_TYPES"]
+
+logger = logging.getLogger(__name__)
 
 PIXEL_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -26,6 +30,28 @@ def share_modules(pipe: Any, **modules: Any) -> Any:
     shared = copy.copy(pipe)  # register_modules gives the copy its own config dict; the modules are shared
     shared.register_modules(**modules)
     return shared
+
+
+def stable_diffusion_scheduler_fixes(pipe: Any, scheduler: Any) -> None:
+    """Give ``scheduler`` the config fixes ``pipe``'s own ``__init__`` gives every scheduler it is built with, when
+    ``pipe`` is diffusers' ``StableDiffusionPipeline`` (or a subclass): ``steps_offset = 1`` and ``clip_sample = False``
+    (outdated SD 1.x configs; a DDIM built from a PNDM config that has no ``clip_sample`` key clips ``x0`` to
+    ``[-1, 1]``, by its default, which ruins SD latents). ``share_modules`` bypasses that ``__init__``, so without this
+    a scheduler hosted by ``FewstepPipeline`` ran other steps than ``StableDiffusionPipeline.from_pipe(pipe,
+    scheduler=...)`` does with the same scheduler. Changed in place with a warning, as diffusers does."""
+    from diffusers import StableDiffusionPipeline
+
+    if not isinstance(pipe, StableDiffusionPipeline):
+        return
+    fixes = {}
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if getattr(scheduler.config, "clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    if fixes:
+        logger.warning("%s's config set to %s, as StableDiffusionPipeline sets it for every scheduler (an outdated "
+                       "SD config)", type(scheduler).__name__, fixes)
+        scheduler._internal_dict = FrozenDict({**dict(scheduler.config), **fixes})
 
 
 def pixel_outputs(x: torch.Tensor, output_type: str, to_pil: Callable[[Any], Any] | None = None) -> Any:

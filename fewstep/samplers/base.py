@@ -158,6 +158,56 @@ def _flow_settings_kept(cls: type, config: Any, kwargs: Mapping[str, Any]) -> di
     return kept
 
 
+#: the settings that define a VP model's noise schedule: they must come from the source config, its defaults included
+_VP_SCHEDULE_SETTINGS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                         "rescale_betas_zero_snr")
+
+
+def _diffusers_class_defaults(class_name: Any) -> dict[str, Any]:
+    """The ``__init__`` defaults of the diffusers scheduler class ``class_name`` names (``{}`` for other names)."""
+    import diffusers
+
+    if not isinstance(class_name, str) or not class_name.endswith("Scheduler"):
+        return {}
+    try:
+        source = getattr(diffusers, class_name, None)
+    except Exception:  # diffusers' lazy import of an optional backend
+        return {}
+    if not isinstance(source, type) or not issubclass(source, ConfigMixin):
+        return {}
+    return _init_signature(source).defaults
+
+
+def _vp_schedule_kept(cls: type, config: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The noise-schedule settings ``cls.from_config(config, **kwargs)`` must pass explicitly so that a VP model's
+    own schedule is sampled: those the source scheduler left at *its* defaults where they differ from ``cls``'s.
+
+    diffusers' ``from_config`` drops the keys named in ``_use_default_values`` before ``__init__``, so the new class's
+    own defaults replace them: an ``UnCLIPScheduler`` config (Kandinsky's prior: cosine betas by its default) or an
+    ``LCMScheduler`` one (scaled-linear 0.00085-0.012) sampled linear betas (``alphas_cumprod`` up to 0.45 off). A
+    saved config that omits them (a hub JSON) takes them from the diffusers class its ``_class_name`` names. Keywords
+    given by the caller always win; flow configs have no betas."""
+    raw = {**dict(config or {}), **kwargs}
+    if is_flow_config(raw):
+        return {}
+    options, defaults = _init_signature(cls).names, _init_signature(cls).defaults
+    dropped = set(raw.get("_use_default_values") or ()) - set(kwargs)
+    source_defaults = _diffusers_class_defaults(raw.get("_class_name"))
+    kept = {}
+    for key in _VP_SCHEDULE_SETTINGS:
+        if key not in options or key in kwargs:
+            continue
+        if key in raw and key in dropped:
+            value = raw[key]
+        elif key not in raw and key in source_defaults:
+            value = source_defaults[key]
+        else:
+            continue
+        if value != defaults.get(key, inspect.Parameter.empty):
+            kept[key] = value
+    return kept
+
+
 _STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -284,7 +334,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         on explicitly (``_flow_settings_kept``)."""
         check_config_arg(config)
         check_foreign_options({**dict(config or {}), **kwargs}, cls.__name__)
-        kwargs = {**_flow_settings_kept(cls, config, kwargs), **kwargs}
+        kwargs = {**_flow_settings_kept(cls, config, kwargs), **_vp_schedule_kept(cls, config, kwargs), **kwargs}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
@@ -678,21 +728,25 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return k if 0 <= k < ts.numel() else None
 
     def convert_model_output(
-        self, model_output: torch.Tensor, sample: torch.Tensor, step_index: int
+        self, model_output: torch.Tensor, sample: torch.Tensor, step_index: int, *, clip: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(x0, eps)`` pair of a raw model output at model call ``step_index`` (its grid point)."""
+        """The ``(x0, eps)`` pair of a raw model output at model call ``step_index`` (its grid point), with ``x0``
+        clipped as ``clip_sample`` says; ``clip=False``: unclipped, for guidance, which combines the branches first
+        and clips once after (``step_pair`` does), as diffusers clips the x0 of ``u + w (c - u)``."""
         grid = self.plan.grid
         i = self.plan.calls[step_index][0]
         x0, eps = to_pair(model_output, sample, float(grid.alphas[i]), float(grid.sigmas[i]), self.prediction_type)
-        return self._postprocess_pair(x0, eps)
+        return self._postprocess_pair(x0, eps) if clip else (x0, eps)
 
     def _state_flow_for_diffusers(self) -> None:
         """On a flow config, state the flow settings as diffusers' UniPC/DPM-Solver read them (``use_flow_sigmas``,
         ``flow_shift``), where this class has those options: a config holding a FlowMatch ``shift`` only would make
         them combine VP sigmas with flow prediction (thousands off, silently). fewstep itself reads ``shift`` first,
-        so its own results do not change."""
+        so its own results do not change. Not on FlowMatch-Euler-style grids (``ddim``; ``dc-solver`` on ``ddim``):
+        diffusers' Flux pipeline drops its ``sigmas = linspace(1, 1/N, N)`` for a scheduler whose config says
+        ``use_flow_sigmas``, and such a grid would then not be FlowMatchEuler's."""
         cfg = self.config
-        if self._declares("use_flow_sigmas") and not cfg.use_flow_sigmas:
+        if self._declares("use_flow_sigmas") and not cfg.use_flow_sigmas and self.flow_grid_style != "flowmatch":
             self.register_to_config(use_flow_sigmas=True)
         shift = cfg.get("shift")
         if self._declares("flow_shift") and shift is not None and cfg.flow_shift != shift:

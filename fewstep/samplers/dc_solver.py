@@ -16,6 +16,8 @@ from ..solvers.dc import DC_VARIABLES, DynamicCompensation, check_ratios, compil
 from ..solvers.dc_artifacts import CPRModel, load_cpr, load_ratios
 from ..solvers.engine import EngineState
 from ..solvers.methods import DPM_SOLVER_TYPES, UNIPC_TYPES, ddim_decisions, dpm_solver_decisions, unipc_decisions
+from ..solvers.parameterization import normalize_prediction_type
+from ..solvers.schedules import is_flow_config
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 from .dpm_solver import ODE_ALGORITHMS, check_ode_algorithm_type
 from .unipc import check_unipc_noise_form
@@ -56,8 +58,17 @@ _KEY_FIELDS = (
 _DPM_KEY_DEFAULTS = {"algorithm_type": "dpmsolver++", "euler_at_final": False}
 
 
+#: a flow config's settings that place its time grid (part of the key of a flow model's artifacts)
+_FLOW_KEY_FIELDS = ("shift", "flow_shift", "use_flow_sigmas", "use_dynamic_shifting", "base_shift", "max_shift",
+                    "base_image_seq_len", "max_image_seq_len", "shift_terminal")
+
+
 def dc_scheduler_key(config: Any) -> dict:
-    """The scheduler settings a ratio table or CPR fit is valid for (stored in, and checked against, artifacts)."""
+    """The scheduler settings a ratio table or CPR fit is valid for (stored in, and checked against, artifacts).
+
+    What the model is (its prediction type, ``trained_betas``, a flow process and its shift) enters the key only when
+    it is not the default (epsilon, parametric betas, VP), so that keys of tables made before it was part of the key
+    (all with those defaults) still match."""
     get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
     key = {k: get(k, None) for k in _KEY_FIELDS}
     if key["disable_corrector"] is not None:
@@ -65,6 +76,20 @@ def dc_scheduler_key(config: Any) -> dict:
     for k, default in _DPM_KEY_DEFAULTS.items():
         if key["dc_base"] == "dpm-solver++" and get(k, default) != default:
             key[k] = get(k, default)
+    flow = is_flow_config({k: get(k, None) for k in ("_class_name", *_FLOW_KEY_FIELDS, "prediction_type")
+                           if get(k, None) is not None})
+    prediction = normalize_prediction_type(get("prediction_type", None) or "epsilon")
+    if flow:
+        prediction = "flow" if prediction == "epsilon" else prediction  # as the scheduler reads a flow config
+        key["flow"] = {k: get(k, None) for k in _FLOW_KEY_FIELDS}
+    if prediction != "epsilon":
+        key["prediction_type"] = prediction
+    betas = get("trained_betas", None)
+    if betas is not None:
+        import hashlib
+
+        values = np.round(np.asarray(betas, dtype=np.float64), 12)
+        key["trained_betas"] = f"sha256:{hashlib.sha256(values.tobytes()).hexdigest()[:16]}"
     return key
 
 

@@ -76,7 +76,9 @@ class FewstepFlowEulerScheduler(FewstepScheduler):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any):
-        """``diffusers`` ``from_config``, refusing a VP (DDPM-family) config instead of silently sampling a flow."""
+        """``diffusers`` ``from_config``, refusing a VP (DDPM-family) config instead of silently sampling a flow; a
+        config that states its static shift as ``flow_shift`` only (UniPC/DPM-Solver flow sigmas) is sampled with
+        that shift."""
         cfg = dict(config or {})
         vp = [k for k in _VP_KEYS if k in cfg]
         if vp and not is_flow_config({**cfg, **kwargs}):
@@ -86,6 +88,11 @@ class FewstepFlowEulerScheduler(FewstepScheduler):
                 f"`use_dynamic_shifting`); got a VP config ({cfg.get('_class_name', 'scheduler')} with {vp[0]}): "
                 "use ddim, dpm-solver++ or unipc for VP models"
             )
+        if cfg.get("shift") is None and "shift" not in kwargs and cfg.get("flow_shift") is not None:
+            # UniPC/DPM-Solver flow configs (Wan, SANA) and fewstep configs made from them state the static shift as
+            # `flow_shift` (their `shift` is unset): this class reads `shift` only, whose default 1.0 would
+            # sample them unshifted
+            kwargs = {**kwargs, "shift": cfg["flow_shift"]}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _decisions(self, num_steps: int, final_is_clean: bool):
