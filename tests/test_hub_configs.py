@@ -45,7 +45,8 @@ def _quiet(pipe):
 
 def _embeds(pooled: bool = False) -> dict:
     g = _gen(3)
-    kw = {"prompt_embeds": torch.randn(1, 5, 16, generator=g), "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}
+    kw = {"prompt_embeds": torch.randn(1, 5, 16, generator=g),
+          "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}  # fmt: skip
     if pooled:
         kw.update(pooled_prompt_embeds=torch.randn(1, 8, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(1, 8, generator=g))  # fmt: skip
@@ -156,7 +157,8 @@ def test_fewstep_pipeline_gives_a_new_scheduler_stable_diffusions_config_fixes(s
     config clipped SD latents to [-1, 1] (11 off the stock pipeline at 3 steps). The base pipeline's own scheduler
     is left as it is."""
     kw = dict(**_embeds(), num_inference_steps=3, output_type="latent", height=8, width=8)
-    stock = _quiet(StableDiffusionPipeline.from_pipe(sd, scheduler=samplers.get("ddim").from_config(sd.scheduler.config)))
+    ddim = samplers.get("ddim").from_config(sd.scheduler.config)
+    stock = _quiet(StableDiffusionPipeline.from_pipe(sd, scheduler=ddim))
     assert stock.scheduler.config.clip_sample is False
     want = stock(**kw, guidance_scale=5.0, generator=_gen(0)).images
     with caplog.at_level(logging.WARNING, logger="fewstep.pipelines.sharing"):

@@ -254,10 +254,11 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
 
         ``scheduler``: a fewstep sampler name (built ``from_config(pipe.scheduler.config)``), a scheduler
         object, or ``None`` to keep ``pipe``'s. A new one gets the config fixes ``StableDiffusionPipeline`` gives the
-        schedulers it is built with (``steps_offset = 1``, ``clip_sample = False``; SD 1.x/2.x only). ``guidance``: a rule name or object; ``None`` is CFG with
-        ``guidance_scale`` (default as diffusers: 7.5 SD, 5.0 SDXL, 7.0 SD3), except for Flux, where ``None`` is
-        the distilled guidance embedding with ``guidance_scale`` (default 3.5) and no unconditional pass.
-        A sampler that cannot integrate the model's process (``mrs`` on a flow model) is a ValueError.
+        schedulers it is built with (``steps_offset = 1``, ``clip_sample = False``; SD 1.x/2.x only).
+        ``guidance``: a rule name or object; ``None`` is CFG with ``guidance_scale`` (default as diffusers: 7.5 SD,
+        5.0 SDXL, 7.0 SD3), except for Flux, where ``None`` is the distilled guidance embedding with
+        ``guidance_scale`` (default 3.5) and no unconditional pass. A sampler that cannot integrate the model's
+        process (``mrs`` on a flow model) is a ValueError.
 
         ``quantized``: a directory written by ``fewstep.quant.save_quantized`` for this pipeline's UNet/transformer
         (loaded onto a copy with ``load_quantized``, which checks it matches these weights; ``quant_mode``: its
