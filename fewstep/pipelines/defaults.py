@@ -32,6 +32,14 @@ def default_model_path(name: str) -> Path:
     return path
 
 
+def _v3_default_time_grid() -> str:
+    import inspect
+
+    from ..samplers.dpm_solver_v3 import FewstepDPMSolverV3Scheduler
+
+    return inspect.signature(FewstepDPMSolverV3Scheduler.__init__).parameters["time_grid"].default
+
+
 def default_sampler_options(model: str, sampler: str | None, with_schedule: bool = False) -> dict:
     """Options a sampler needs to run on an embedded model out of the box: the shipped DPM-Solver-v3 EMS
     (``ems_file``/``ems_model``, and the time grid measured best with them) for ``dpm-solver-v3`` on a model
@@ -47,7 +55,9 @@ def default_sampler_options(model: str, sampler: str | None, with_schedule: bool
 
         if model in SHIPPED_EMS:
             options = {"ems_file": model, "ems_model": model}
-            if sampler == "dpm-solver-v3":
+            if sampler == "dpm-solver-v3" and SHIPPED_EMS_TIME_GRID[model] != _v3_default_time_grid():
+                # only where it is not the class default: a stated default would be carried into another sampler
+                # built from this config (its from_config drops defaults only), which may not take it (flow models)
                 options["time_grid"] = SHIPPED_EMS_TIME_GRID[model]
     if sampler == "s3" and with_schedule:
         from ..samplers.s3 import SHIPPED_SCHEDULES

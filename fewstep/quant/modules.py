@@ -316,14 +316,26 @@ class QuantLayer(nn.Module):
         return F.conv2d(x, w, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
 
     def _forward_float(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float32 if self.mode == "fake" else x.dtype
+        """Quantize-dequantize, then the float op: ``fake`` accumulates in float64 and rounds to float32, ``dequant``
+        computes in the input's dtype.
+
+        Why float64 for the reference: the products of 8-bit values and float32 scales are exact in float64, so the
+        float32 result no longer depends on the order the backend sums them in -- which changes with the batch size
+        (a float32 conv differs by ~5e-7 between batch 1 and 3), and the next layer's rounding turns such noise into
+        a whole quantization step wherever a value sits on a rounding boundary: an image then changed with the other
+        images of its batch (by up to 0.2 in [0, 1]). ``int8`` sums integers exactly and is batch invariant too;
+        ``dequant``, a speed path in half precision, is not (as any float model, amplified by the rounding)."""
+        if self.mode == "fake":
+            dtype, work = torch.float32, torch.float64
+        else:
+            dtype = work = x.dtype
         out = None
         for g, part in enumerate(self._input_parts(x)):
-            xq = fake_quant_act(part.to(dtype), self.act[g])
-            bias = self.bias.to(dtype) if (self.bias is not None and g == 0) else None
-            y = self._float_op(xq, self.dequant_weight(g, dtype), bias)
+            xq = fake_quant_act(part.to(dtype), self.act[g]).to(work)
+            bias = self.bias.to(work) if (self.bias is not None and g == 0) else None
+            y = self._float_op(xq, self.dequant_weight(g, dtype).to(work), bias)
             out = y if out is None else out + y
-        return out.to(x.dtype)
+        return out.to(dtype).to(x.dtype)
 
     def _rows(self, part: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """GEMM rows of one input part, and how to fold the (M, N) result back."""

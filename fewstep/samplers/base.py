@@ -572,7 +572,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             shift = self._flow_shift(mu)
             style = self.flow_grid_style
             if cfg.time_grid not in ("spacing",):
-                raise ValueError(f"flow schedules support time_grid='spacing' only, got {cfg.time_grid!r}")
+                raise ValueError(
+                    f"`{type(self).__name__}` on a flow schedule supports time_grid='spacing' only, got "
+                    f"{cfg.time_grid!r} (only dpm-solver-v3 warps other grids by the flow shift; a config built from "
+                    "a dpm-solver-v3 one keeps its time_grid: pass time_grid='spacing')"
+                )
             return grids.flow_grid(
                 sched, num_inference_steps, shift, style=style, dynamic=bool(cfg.use_dynamic_shifting),
                 shift_terminal=cfg.shift_terminal or None,  # diffusers reads 0 as unset
