@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _helpers import REAL_CONFIGS, TinyDenoiser
@@ -220,6 +221,9 @@ def test_zero_snr_karras_grid_starts_at_diffusers_sigma_max(name, diffusers_cls,
     ours = get(name).from_config(reference.config)
     model = TinyDenoiser(3 * 8 * 8)
     expected, got = _loop(reference, model, 5), _loop(ours, model, 5)
-    assert torch.equal(ours.timesteps, reference.timesteps)
+    # under numpy 1.x diffusers' own first timestep moves (999: its _sigma_to_t subtracts a float64 scalar from a
+    # float32 array, which numpy 1 computes in float32); fewstep's does not
+    first = 0 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 1
+    assert torch.equal(ours.timesteps[first:], reference.timesteps[first:])
     torch.testing.assert_close(ours.sigmas, reference.sigmas, rtol=1e-6, atol=0)
     assert _rel(got, expected) < 1e-5
