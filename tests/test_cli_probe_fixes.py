@@ -174,13 +174,10 @@ def test_interrupt_while_the_parser_is_built_is_one_line(capsys, monkeypatch):
         assert code == 130 and capsys.readouterr().err.strip() == line
 
 
-def test_sigint_while_torch_imports_is_one_line(tmp_path):
-    """The signal is sent once ``-X importtime`` reports the first torch module: torch is then being imported,
-    which the command line now does inside ``main``'s handler."""
-    out = tmp_path / "x.png"
+def _interrupt_while_torch_imports(out) -> tuple[int, str]:
     proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "fewstep.cli", "generate", "--steps", "50",
                              "--quiet", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_cli_env(), cwd=tmp_path)  # fmt: skip
+                            env=_cli_env(), cwd=out.parent)  # fmt: skip
     try:
         for line in proc.stderr:
             if line.startswith("import time:") and line.rsplit("|", 1)[-1].strip().split(".")[0] == "torch":
@@ -190,6 +187,20 @@ def test_sigint_while_torch_imports_is_one_line(tmp_path):
         code = proc.wait(timeout=120)
     finally:
         proc.kill()
+    return code, rest
+
+
+def test_sigint_while_torch_imports_is_one_line(tmp_path):
+    """The signal is sent once ``-X importtime`` reports the first torch module: torch is then being imported,
+    which the command line now does inside ``main``'s handler. (A third-party module's bare ``except:`` at import
+    time can swallow the KeyboardInterrupt before it reaches fewstep -- seen once on a loaded machine: the run then
+    completes, exit 0 -- so such a run is tried again, up to three times.)"""
+    out = tmp_path / "x.png"
+    for _ in range(3):
+        code, rest = _interrupt_while_torch_imports(out)
+        if code != 0:
+            break
+        out.unlink(missing_ok=True)
     lines = [line for line in rest.splitlines() if line.strip() and not line.startswith("import time:")]
     assert code == 130 and lines == ["fewstep generate: interrupted"], (code, lines)
     assert not out.exists()
