@@ -63,6 +63,32 @@ def check_creatable_dir(path: str | os.PathLike, arg: str = "path") -> Path:
     return p
 
 
+def _new_file_mode(directory: Path) -> int:
+    """The permission bits a file created now with mode 0666 gets (``0666 & ~umask``), read without changing the
+    process umask: ``os.umask`` can only be read by setting it, and another thread creating a file in between got
+    mode 0666 whatever the umask (a web server's private files world-writable). Linux: ``/proc/self/status``;
+    elsewhere the mode of a probe file created in ``directory``."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    fd, probe = tempfile.mkstemp(prefix=".fewstep-mode.", dir=directory)
+    os.close(fd)
+    try:
+        os.unlink(probe)
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        try:
+            return os.fstat(fd).st_mode & 0o777
+        finally:
+            os.close(fd)
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``; on any error no file is left behind.
 
@@ -86,9 +112,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, _new_file_mode(real.parent))  # mkstemp's 0600 -> what open() would have given
         os.replace(tmp_path, real)
     except Exception as exc:
         if isinstance(exc, OSError) or _is_safetensors_error(exc):

@@ -444,8 +444,7 @@ def test_cli_sampler_options(tmp_path, capsys):
     assert "`beta` must be a finite number in (0, 1], got 1.5" in capsys.readouterr().err
     assert main([*argv, "--sampler-option", "beta=0.5", "--sampler-option", "beta=0.6"]) == 2
     assert "--sampler-option beta given twice" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main([*argv, "--sampler-option", "beta"])
-    assert exc.value.code == 2
+    code = main([*argv, "--sampler-option", "beta"])  # a usage error: main returns 2 (argparse's too)
+    assert code == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert not bad.exists()

@@ -8,6 +8,7 @@ paper does for Stable Diffusion, and the empty prompt's embedding as the uncondi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import resource
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from .._checks import check_int
+from ..pipelines.grad_state import eval_mode
 from ..solvers.ems import EMS
 from ..solvers.ems_estimate import estimate_ems, forward_ad_safe, model_eps_fn, weights_digest
 from ..solvers.parameterization import compute_dtype
@@ -59,6 +61,21 @@ def _run(unet, model_fn, data, schedule, prediction_type: str, meta: dict, **kw)
     return ems
 
 
+def _unet_in_eval_mode(fn):
+    """Run ``fn(pipe, ...)`` with ``pipe.unet`` in eval mode, restoring the caller's ``training`` flags after."""
+
+    @functools.wraps(fn)
+    def wrapper(pipe: Any, *args: Any, **kwargs: Any) -> EMS:
+        unet = getattr(pipe, "unet", None)
+        if not isinstance(unet, torch.nn.Module):
+            return fn(pipe, *args, **kwargs)  # refused inside, with the function's own message
+        with eval_mode(unet):
+            return fn(pipe, *args, **kwargs)
+
+    return wrapper
+
+
+@_unet_in_eval_mode
 def class_conditional_ems(
     pipe: Any,
     model: str,
@@ -81,7 +98,7 @@ def class_conditional_ems(
     from ..datasets import load_digits_images
 
     _check_samples(num_samples)
-    unet = pipe.unet.eval()
+    unet = pipe.unet  # in eval mode (the decorator), the caller's flags restored after
     size = int(unet.config.sample_size)
     data, _ = load_digits_images(size, "train")
     if num_samples > data.shape[0]:
@@ -104,6 +121,7 @@ def class_conditional_ems(
                 progress=progress, time_derivative=time_derivative)
 
 
+@_unet_in_eval_mode
 def text_to_image_ems(
     pipe: Any,
     model: str,
@@ -134,7 +152,7 @@ def text_to_image_ems(
         raise ValueError("`prompts` must hold at least one prompt")
     if not hasattr(pipe, "encode_prompt") or not hasattr(getattr(pipe, "unet", None), "config"):
         raise ValueError(f"EMS for text-to-image need an SD 1.x/2.x pipeline, got {type(pipe).__name__}")
-    unet = pipe.unet.eval()
+    unet = pipe.unet  # in eval mode (the decorator), the caller's flags restored after
     device = unet.device
     gen_pipe = pipe.__class__(**pipe.components)
     gen_pipe.scheduler = samplers.get("dpm-solver++").from_config(pipe.scheduler.config)

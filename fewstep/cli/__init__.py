@@ -93,22 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fewstep`` command line on ``argv`` (default ``sys.argv[1:]``); returns the exit code: 0, 2 for a
     usage error, 1 for a failed run (an OS error such as a full disk, a diverged run), 130 for Ctrl-C."""
     prog = "fewstep"
+    restore: list = []  # (library logging module, whether its bars were on): --quiet's change ends with the call
     try:  # from the first import on (argparse, numpy, torch): Ctrl-C while the modules load is one line too
         argv = list(sys.argv[1:] if argv is None else argv)
         command = _command(argv)
         prog = f"fewstep {command}" if command else "fewstep"
         parser = build_parser([command] if command else ())
-        args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
+        try:
+            args = parser.parse_args(argv)  # argparse exits 2 on malformed flags (0 for --help, --version)
+        except SystemExit as exc:  # returned, as the docstring says, also when main runs in-process
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
         if getattr(args, "quiet", False):  # also diffusers' "Loading pipeline components" and transformers' bars
-            from diffusers.utils import logging as diffusers_logging
-
-            diffusers_logging.disable_progress_bar()
-            try:
-                from transformers.utils import logging as transformers_logging
-            except ImportError:  # transformers is optional (only text pipelines need it)
-                pass
-            else:
-                transformers_logging.disable_progress_bar()
+            restore = _quiet_library_progress_bars()
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:  # UsageError is a ValueError
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -125,6 +121,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # e.g. a full disk while writing an output (atomic: nothing half-written is left)
         print(f"{prog}: error: {_os_error_text(exc)}", file=sys.stderr)
         return 1
+    finally:
+        for logging_module, was_enabled in restore:
+            if was_enabled:
+                logging_module.enable_progress_bar()
+
+
+def _quiet_library_progress_bars() -> list:
+    """Turn diffusers' (and transformers', where installed) progress bars off; returns what to turn back on."""
+    from diffusers.utils import logging as diffusers_logging
+
+    modules = [diffusers_logging]
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # transformers is optional (only text pipelines need it)
+        pass
+    else:
+        modules.append(transformers_logging)
+    restore = [(m, m.is_progress_bar_enabled()) for m in modules]
+    for m in modules:
+        m.disable_progress_bar()
+    return restore
 
 
 def _os_error_text(exc: OSError) -> str:

@@ -44,16 +44,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError("--cpr-out needs ratios for at least 2 (NFE, CFG) pairs")
     import torch
 
-    torch.manual_seed(args.seed)
-    overrides = {"dc_base": args.base, "dc_order": args.order, "dc_variable": args.variable}
-    common = dict(datapoints=args.datapoints, seed=args.seed, reference=args.reference, scheduler_overrides=overrides,
-                  iters=args.iters, lr=args.lr, progress=not args.quiet, objective=args.objective)
-    if args.prompts is not None:  # a text-to-image (SD 1.x/2.x) pipeline directory with (noise, prompt) datapoints
-        pipe, prompts = _load_prompted_sd(args.model, args.prompts)
-        entries, key = calibrate_text_to_image(pipe, prompts, args.nfe, args.guidance_scale, **common)
-    else:
-        pipe = _load_class_conditional(args.model)
-        entries, key = calibrate_class_conditional(pipe, args.model, args.nfe, args.guidance_scale, **common)
+    # seeded for the run (as before), without changing the caller's global RNG stream (in-process `main`)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        overrides = {"dc_base": args.base, "dc_order": args.order, "dc_variable": args.variable}
+        common = dict(datapoints=args.datapoints, seed=args.seed, reference=args.reference,
+                      scheduler_overrides=overrides, iters=args.iters, lr=args.lr, progress=not args.quiet,
+                      objective=args.objective)
+        if args.prompts is not None:  # a text-to-image (SD 1.x/2.x) pipeline directory with (noise, prompt) datapoints
+            pipe, prompts = _load_prompted_sd(args.model, args.prompts)
+            entries, key = calibrate_text_to_image(pipe, prompts, args.nfe, args.guidance_scale, **common)
+        else:
+            pipe = _load_class_conditional(args.model)
+            entries, key = calibrate_class_conditional(pipe, args.model, args.nfe, args.guidance_scale, **common)
     save_ratio_table(out, entries, args.model, key, {"version": __version__})
     for e in entries:
         print(f"NFE {e.nfe:>2} CFG {e.guidance_scale:g}: ratios " + " ".join(f"{r:.3f}" for r in e.ratios))

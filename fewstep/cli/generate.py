@@ -119,10 +119,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              "give --guidance-scale")
         options.setdefault("dc_guidance_scale", 3.0 if args.guidance_scale is None else args.guidance_scale)
         options.setdefault("dc_model", args.model)
-    if args.quiet:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" too
     pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype, sampler_options=options)
     pipe = _apply_quant(args, pipe)
     from ..pipelines import MeanRevertingPipeline
@@ -274,10 +270,6 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
         )
     config = dataclasses.replace(DEFAULT_CONFIGS[args.task], **changes)
     sampler = "flow-euler" if args.sampler in (None, "flowchef") else args.sampler
-    if args.quiet:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
     pipe = load_model(args.model, sampler, device=args.device, dtype=args.dtype, sampler_options=options)
     measurement = None
     if editing:
@@ -416,10 +408,6 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
         overrides.update(eta=args.stsl_eta, inner_steps=args.stsl_inner_steps, num_probes=args.stsl_probes,
                          strength=args.strength)
     method = default_method(name, **overrides)  # validates before a model is loaded
-    if args.quiet:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
     pipe = load_model(args.model, "ddim", device=args.device, dtype=args.dtype)
     measurement = None
     if args.measurement is not None:

@@ -53,10 +53,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = quant.QuantConfig(format=args.format, metric=args.metric, p=args.p, split_skip=args.split_skip,
                                exclude=list(dict.fromkeys(exclude)))
     config.validate()
-    if args.quiet:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
     from ..pipelines.swap import swap_sampler
 
     if args.model != "digits-eps" and not (Path(args.model) / "model_index.json").is_file():

@@ -96,7 +96,7 @@ def make_task(
         n_cls = int(getattr(getattr(classifier, "config", None), "num_classes", 10))
         if target.numel() == 0 or target.min() < 0 or target.max() >= n_cls:
             raise ValueError(f"`labels` must be class ids in 0..{n_cls - 1}, got {target.tolist()}")
-        classifier.requires_grad_(False)
+        # the caller's parameter flags are left alone: the steering differentiates with respect to x0_hat only
         return FlowChefTask(task, classifier_cost(classifier, target, scale), labels=target)
     if measurement is not None:
         if images is not None:

@@ -3,6 +3,7 @@ fewstep sampler, generate, and tile the images into one PNG grid."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -149,6 +150,29 @@ def _check_model_index(path: Path) -> None:
                          f"diffusers {diffusers.__version__} nor fewstep provides")  # fmt: skip
 
 
+def _restores_progress_bar_config(fn):
+    """Run ``fn(pipe, ...)`` and give ``pipe`` back its own progress-bar settings afterwards: ``generate`` sets the
+    bar for its run (``progress``), which must not outlive the call (a later plain ``pipe(...)`` showed a "sampling"
+    bar, or none)."""
+
+    @functools.wraps(fn)
+    def wrapper(pipe: Any, *args: Any, **kwargs: Any) -> GenerationResult:
+        missing = object()
+        saved = getattr(pipe, "_progress_bar_config", missing)
+        saved = dict(saved) if isinstance(saved, dict) else saved
+        try:
+            return fn(pipe, *args, **kwargs)
+        finally:
+            if saved is missing:
+                if "_progress_bar_config" in getattr(pipe, "__dict__", {}):
+                    del pipe._progress_bar_config
+            else:
+                pipe._progress_bar_config = saved
+
+    return wrapper
+
+
+@_restores_progress_bar_config
 def generate(
     pipe,
     num_images: int = 10,

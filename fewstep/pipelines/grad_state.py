@@ -1,5 +1,6 @@
-"""Gradient bookkeeping for the samplers that differentiate through a model (posterior sampling, DPS): they need
-autograd on (so not ``torch.inference_mode``) and no parameter gradients, without changing the caller's modules."""
+"""Module-state bookkeeping without changing the caller's modules: the samplers that differentiate through a model
+(posterior sampling, DPS) need autograd on (so not ``torch.inference_mode``) and no parameter gradients; estimators
+that run a model need it in eval mode."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["frozen_parameters", "check_autograd_available"]
+__all__ = ["frozen_parameters", "eval_mode", "check_autograd_available"]
 
 
 @contextmanager
@@ -24,6 +25,19 @@ def frozen_parameters(*modules: torch.nn.Module | None) -> Iterator[None]:
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` (and its submodules) in eval mode inside the block (dropout off, norms on running statistics);
+    each submodule's own ``training`` flag is restored afterwards, also when the block raises."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def check_autograd_available(what: str) -> None:

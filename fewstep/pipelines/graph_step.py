@@ -103,6 +103,28 @@ def static_pair(kind: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tens
     return x - sigma * out, x + alpha * out
 
 
+def module_state_key(module: torch.nn.Module) -> tuple:
+    """What a captured graph of ``module`` reads by address or bakes in, besides its inputs: the storage of every
+    parameter and buffer, the derived tensors and execution mode of each quantized layer, and the attention
+    processors. A module changed in place (another pipeline over the same quantized UNet switching its mode or
+    rebuilding its derived tensors, weights reloaded, a LoRA fused, processors swapped) gets a new key, so the step
+    is captured again instead of replaying kernels on freed or stale memory. Host metadata only (no sync); read once
+    per pipeline call."""
+    if not isinstance(module, torch.nn.Module):
+        return ()
+    key: list = [t.data_ptr() for t in module.parameters()]
+    key += [t.data_ptr() for t in module.buffers()]
+    for sub in module.modules():
+        derived = getattr(sub, "_derived", None)
+        if isinstance(derived, dict) and hasattr(sub, "mode"):  # a fewstep QuantLayer
+            key.append(sub.mode)
+            key += [(k, t.data_ptr()) for k, t in sorted(derived.items())]
+        processor = getattr(sub, "processor", None)
+        if processor is not None:
+            key.append(id(processor))
+    return tuple(key)
+
+
 class StaticRun:
     """The static buffers of graph mode (kept between calls of the same shapes) and, once captured, the graph."""
 
@@ -182,7 +204,8 @@ class StaticLoop:
         rule_key = None if rule is None else (
             type(rule).__name__, repr(sorted((k, v) for k, v in rule.config().items() if k not in in_table)))
         return (
-            self.family, self._loop_mode, id(self.denoiser), self._model_kwargs_key, rule_key, tuple(x.shape),
+            self.family, self._loop_mode, id(self.denoiser), module_state_key(self._model), self._model_kwargs_key,
+            rule_key, tuple(x.shape),
             x.dtype, str(x.device),
             tuple(engine.table.shape), engine.stochastic, tuple(table.shape), tuple(timesteps.shape),
             timesteps.dtype, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(conds.items())),
