@@ -4,6 +4,7 @@ and quantized-denoiser paths."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 import numpy as np
@@ -341,7 +342,25 @@ def _diverged(exc: FloatingPointError, args: argparse.Namespace, lower: list[str
         what = re.sub(r"\(sampler \w+\)", f"(--sampler {args.sampler})", what)
     tries = list(tries) + (["--dtype float32"] if args.dtype != "float32" else [])
     advice = ([f"lower {' or '.join(lower)}"] if lower else []) + ([f"try {' or '.join(tries)}"] if tries else [])
+    artifacts = _loaded_artifacts(args)
+    if artifacts:  # a damaged or foreign artifact diverges a run too: name what this run loaded
+        advice.append(f"check the artifact{'s' * (len(artifacts) > 1)} it loaded, {' and '.join(artifacts)} (a "
+                      "damaged one diverges too)")
     return FloatingPointError(f"{what}; {', or '.join(advice)}; nothing was written")
+
+
+#: sampler options that load an artifact file (EMS, searched schedule, DC ratios or CPR coefficients)
+_ARTIFACT_OPTIONS = ("ems_file", "s3_schedule", "dc_ratios_file", "dc_cpr")
+
+
+def _loaded_artifacts(args: argparse.Namespace) -> list[str]:
+    """The flags of this run that load an artifact: ``--quant DIR`` and artifact-file ``--sampler-option``s (only
+    those given as a file, not a shipped name or inline values)."""
+    found = [f"--quant {args.quant}"] if getattr(args, "quant", None) is not None else []
+    for key, value in getattr(args, "sampler_option", None) or ():
+        if key in _ARTIFACT_OPTIONS and isinstance(value, str) and (os.sep in value or "." in value):
+            found.append(f"--sampler-option {key}={value}")
+    return found
 
 
 def _flowchef_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
