@@ -9,10 +9,9 @@ import logging
 import numpy as np
 import pytest
 import torch
-from _helpers import FLUX_FLOW, SDXL_EULER
+from _helpers import FLUX_FLOW
 from diffusers import (
     DDIMScheduler,
-    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
     PNDMScheduler,
@@ -23,6 +22,7 @@ from diffusers import (
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from test_fewstep_pipeline import _unet, _vae
+from test_fewstep_pipeline_graph import sdxl  # noqa: F401 - fixture
 
 from fewstep import guidance, samplers
 from fewstep.guidance.stepping import guided_step
@@ -114,17 +114,7 @@ def test_guidance_clips_the_combined_x0_once_as_diffusers():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def sdxl():
-    torch.manual_seed(0)
-    unet = _unet(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=56)
-    return _quiet(StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER), add_watermarker=False,
-    ))  # fmt: skip
-
-
-def test_clipping_ddim_in_fewstep_pipeline_equals_the_stock_sdxl_pipeline(sdxl):
+def test_clipping_ddim_in_fewstep_pipeline_equals_the_stock_sdxl_pipeline(sdxl):  # noqa: F811 - fixture
     """A clipping DDIM on SDXL (a config without ``clip_sample`` gives DDIM's default, True; the SDXL pipeline, unlike
     SD's, keeps it): FewstepPipeline's CFG, eager and the static step that CUDA graphs capture, must step as the stock
     pipeline does with the same scheduler."""
