@@ -541,7 +541,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         scheduler = p.scheduler
         pairs = guidance_rules.supports_pairs(scheduler)
         step_kwargs = guidance_rules.step_kwargs(scheduler, generator)
-        finite = FiniteWatch(x.device) if check_finite else None
+        finite = FiniteWatch(x.device, len(timesteps)) if check_finite else None
         for i, t in enumerate(p.progress_bar(timesteps)):
             if getattr(p, "_interrupt", False):  # set by a callback: skip the remaining steps (diffusers' interrupt)
                 continue

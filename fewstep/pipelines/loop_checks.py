@@ -20,20 +20,24 @@ def callback_tensors(x: torch.Tensor, conds: dict) -> dict:
 
 
 class FiniteWatch:
-    """The first step whose latents hold a NaN/Inf, tracked on the device (no host sync inside the loop)."""
+    """The first step whose latents hold a NaN/Inf, tracked on the device (no host sync inside the loop).
 
-    def __init__(self, device: torch.device):
-        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    Each step's latents are summed into a preallocated slot (one reduction, in float64: a sum of finite float32
+    values cannot overflow there, and NaN/Inf propagate through it), and the sums are checked once after the loop;
+    an elementwise ``isfinite`` watch cost ~10 kernels a step (found by a host-overhead audit)."""
+
+    def __init__(self, device: torch.device, num_steps: int):
+        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # (mps has no float64)
+        self.sums = torch.zeros(max(int(num_steps), 1), device=device, dtype=dtype)
 
     def update(self, x: torch.Tensor, i: int) -> None:
-        bad = ~torch.isfinite(x).all()
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, i), self.first_bad)
+        torch.sum(x, dim=tuple(range(x.dim())), dtype=self.sums.dtype, out=self.sums[i])
 
     def raise_if_bad(self, num_steps: int, sampler: str) -> None:
-        step = int(self.first_bad)  # the one host sync, after the loop
-        if step >= 0:
+        bad = torch.nonzero(~torch.isfinite(self.sums)).flatten().tolist()  # the one host sync, after the loop
+        if bad:
             raise FloatingPointError(
-                f"sampling produced NaN/Inf at step {step} of {num_steps} (sampler {sampler}); pass "
+                f"sampling produced NaN/Inf at step {bad[0]} of {num_steps} (sampler {sampler}); pass "
                 "check_finite=False to return it anyway"
             )
 

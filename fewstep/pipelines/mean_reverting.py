@@ -103,8 +103,8 @@ class MeanRevertingPipeline(DiffusionPipeline):
         # any other scheduler runs the VP process of z = (x - mu) / lam in its own variable (sigma-space ones such as
         # Euler scale the start by init_noise_sigma and the model input by scale_model_input, as diffusers loops do)
         z = z * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        finite = FiniteWatch(x.device) if check_finite else None
         timesteps = self.scheduler.timesteps
+        finite = FiniteWatch(x.device, len(timesteps)) if check_finite else None
         for i, t in enumerate(self.progress_bar(timesteps)):
             t_batch = t.reshape(1).to(device).expand(x.shape[0])
             if not in_x:

@@ -413,6 +413,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._timestep_values: list[float] = []
         self._compiled: tuple[grids.TimeGrid, list[StepDecision]] | None = None  # set_timesteps' grid, decisions
         self._plan_start = 0  # the grid point the current plan's warm-up starts at (set_begin_index)
+        self._plan_device: torch.device | None = None  # set_timesteps' device (where the plan's tensors go)
 
     @property
     def is_flow(self) -> bool:
@@ -459,6 +460,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 hooks = self._state.hooks if self._state is not None else ()
                 run = restart_decisions(decisions, point) if point > 0 else list(decisions)
                 self._install_plan(grid, run, hooks, start=point)
+                self.plan.prepare_tensors(self._plan_device)
                 self._plan_start = point
             self._step_index = None
         self._begin_index = begin_index
@@ -645,6 +647,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         decisions = self._grid_decisions(grid)
         self._compiled = (grid, decisions)
         self._install_plan(grid, decisions)
+        self._plan_device = torch.device(device) if device is not None else None
+        self.plan.prepare_tensors(self._plan_device)  # EMS coefficients on the device now, not in `step`
         self._plan_start = 0
         if self.plan.analytic_start is None:
             self.init_noise_sigma = 1.0

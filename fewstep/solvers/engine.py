@@ -247,8 +247,19 @@ class Plan:
 
     @property
     def nfe(self) -> int:
-        """Model evaluations: the grid's steps plus one per implicit corrector."""
-        return self.grid.num_steps + sum(step.reevaluate for step in self.steps)
+        """Model evaluations: the grid's steps plus one per implicit corrector (``step`` asks every call: the
+        length of the cached call list, not a sum over the steps, which made a run O(N^2))."""
+        return len(self.calls)
+
+    def prepare_tensors(self, device: torch.device | str | None, dtype: torch.dtype = torch.float32) -> None:
+        """Move the per-element coefficients of EMS transitions (DPM-Solver-v3 steps) to ``device`` in ``dtype``
+        now, in ``set_timesteps``: converted at their first ``step`` they were host-to-device copies inside the
+        loop (a host sync each on CUDA)."""
+        like = torch.empty(0, device=device, dtype=dtype)
+        for step in self.steps:
+            for tr in (step.corrector, step.predictor):
+                if hasattr(tr, "tensors"):
+                    tr.tensors(like)
 
 
 def _taylor_coefficients(m: int, hh: float, scale: float) -> list[float]:
@@ -311,11 +322,35 @@ def _ems_transition(grid, s, t, points, base, pseudo, ems: EMSGrid | None) -> EM
     if ems is None:
         raise ValueError("prediction='ems' needs EMS tables: compile_plan(..., ems=EMSGrid(...))")
     idx = {j: ems.index(j) for j in (s, t, *points)}
-    return ems_transition(
-        ems.ems, idx[s], idx[t], [idx[j] for j in points],
-        alphas={idx[j]: float(grid.alphas[j]) for j in idx}, sigmas={idx[j]: float(grid.sigmas[j]) for j in idx},
-        offsets={idx[j]: base + s - j for j in (s, *points)}, pseudo=pseudo,
-    )
+    alphas = {idx[j]: float(grid.alphas[j]) for j in idx}
+    sigmas = {idx[j]: float(grid.sigmas[j]) for j in idx}
+    offsets = {idx[j]: base + s - j for j in (s, *points)}
+    # one compilation per distinct transition of these tables: set_timesteps runs again for every generation, and
+    # the per-element integrals cost ~5 ms a step on 16x16 digits (~0.2 s on SD latents); a hit also keeps the
+    # coefficients already moved to the device (EMSTransition.tensors)
+    key = (idx[s], idx[t], tuple(idx[j] for j in points), tuple(sorted(alphas.items())),
+           tuple(sorted(sigmas.items())), tuple(sorted(offsets.items())), bool(pseudo))
+    cache = _transition_cache(ems.ems)
+    hit = cache.get(key)
+    if hit is None:
+        hit = ems_transition(ems.ems, idx[s], idx[t], [idx[j] for j in points], alphas=alphas, sigmas=sigmas,
+                             offsets=offsets, pseudo=pseudo)
+        if len(cache) >= _TRANSITION_CACHE_SIZE:
+            cache.clear()
+        cache[key] = hit
+    return hit
+
+
+#: compiled EMS transitions kept per EMS object (a run of N steps uses about 2N)
+_TRANSITION_CACHE_SIZE = 2048
+
+
+def _transition_cache(tables: Any) -> dict:
+    """The compiled-transition cache of an EMS object, kept on the object itself (it dies with the tables)."""
+    cache = tables.__dict__.get("_compiled_transitions")
+    if cache is None:
+        cache = tables.__dict__["_compiled_transitions"] = {}
+    return cache
 
 
 def _transition(
@@ -544,7 +579,7 @@ def apply_transition(
         return tr.apply(x_start, buffer)
     base = buffer[-1 - tr.base]
     out = tr.alpha_t * base.x0 + tr.sigma_t * base.eps
-    if tr.lin != 0.0:
+    if tr.lin != 0.0 and x_start is not base.x_eval:  # (the same tensor: the term is exactly zero)
         out = out + tr.lin * (x_start - base.x_eval)
     if tr.weights:
         f_base = base.field(tr.kind)
