@@ -17,7 +17,8 @@ import torch
 from .. import __version__
 from .._io import atomic_write
 
-__all__ = ["cache_name", "load_cached", "save_cached", "cached_tensor", "check_cached_rows", "load_statistics"]
+__all__ = ["cache_name", "load_cached", "save_cached", "cached_tensor", "check_cached_rows", "check_cached_range",
+           "load_statistics"]
 
 
 def cache_name(kind: str, key: dict[str, Any]) -> str:
@@ -69,15 +70,39 @@ def save_cached(path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any
     atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
 
 
+#: the value range of cached tensors by name: the bench stores images in [0, 1] as "images" (the digits objective's
+#: samples, ``output_type="pt"``); "latents" (real pipelines' reference solves) are unbounded
+_VALUE_RANGES: dict[str, tuple[float, float]] = {"images": (0.0, 1.0)}
+#: slack of that range check (the images are clamped to [0, 1] before they are stored: exact up to float rounding)
+_RANGE_TOL = 1e-6
+
+
+def check_cached_range(path: Path | None, name: str, value: torch.Tensor,
+                       value_range: tuple[float, float] | None) -> torch.Tensor:
+    """``value`` (the tensor ``name`` read from ``path``) must lie in ``value_range`` when given (up to
+    ``_RANGE_TOL``): a damaged file would otherwise be scored against silently (an MSE of 1e60)."""
+    if value_range is None or value.numel() == 0:
+        return value
+    lo, hi = value_range
+    vmin, vmax = float(value.min()), float(value.max())
+    if vmin < lo - _RANGE_TOL or vmax > hi + _RANGE_TOL:
+        raise ValueError(f"cache file {str(path)!r} holds {name!r} with values in [{vmin:.6g}, {vmax:.6g}], outside "
+                         f"[{lo:g}, {hi:g}] where the bench stores them; delete it")
+    return value
+
+
 def cached_tensor(cache_dir: Path | None, kind: str, key: dict[str, Any], name: str,
-                  compute: Callable[[], torch.Tensor], write: bool = True, rows: int | None = None) -> torch.Tensor:
+                  compute: Callable[[], torch.Tensor], write: bool = True, rows: int | None = None,
+                  value_range: tuple[float, float] | None = None) -> torch.Tensor:
     """The tensor ``name`` of the cache file for ``key`` under ``cache_dir``; computed by ``compute()`` and stored
     (when ``write``: the main process of a distributed run) on a miss. ``cache_dir=None`` always computes.
-    ``rows``: the number of rows (samples) a stored tensor must have."""
+    ``rows``: the number of rows (samples) a stored tensor must have. ``value_range``: the ``(low, high)`` a stored
+    tensor's values must lie in; by default ``[0, 1]`` for ``name="images"`` (see ``_VALUE_RANGES``), none else."""
     path = cache_dir / cache_name(kind, key) if cache_dir is not None else None
     cached = load_cached(path, key, (name,)) if path is not None else None
     if cached is not None:
-        return check_cached_rows(path, cached[name], rows)
+        value = check_cached_rows(path, cached[name], rows)
+        return check_cached_range(path, name, value, value_range or _VALUE_RANGES.get(name))
     value = compute()
     if path is not None and write:
         save_cached(path, {name: value}, key)
@@ -93,4 +118,19 @@ def load_statistics(path: Path | None, key: dict[str, Any]) -> tuple[Any, Any] |
     if mean.ndim != 1 or tuple(cov.shape) != (mean.numel(), mean.numel()):
         raise ValueError(f"cache file {str(path)!r} holds statistics of shapes {tuple(mean.shape)} and "
                          f"{tuple(cov.shape)} (a mean [D] and a covariance [D, D] expected); delete it")
+    from scipy import linalg
+
+    from .metrics import _check_psd, _symmetric
+
+    # the checks the Frechet distance applies to its statistics, here with the file's name (there they name an
+    # argument, `cov2`): entries below ~1e150 (squares overflow float64 beyond), a symmetric PSD covariance
+    scale = max(float(mean.abs().max()), float(cov.abs().max())) if mean.numel() else 0.0
+    if scale > 1e150:
+        raise ValueError(f"cache file {str(path)!r} holds statistics whose entries reach {scale:.3g} (the Frechet "
+                         "distance needs them below ~1e150; features of that size are no real statistics); delete it")
+    try:
+        sym = _symmetric(cov.double().numpy(), "cov")
+        _check_psd(linalg.eigvalsh(sym), "cov")
+    except ValueError as exc:
+        raise ValueError(f"cache file {str(path)!r} holds a damaged covariance: {exc}; delete it") from None
     return mean.numpy(), cov.numpy()

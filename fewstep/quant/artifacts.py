@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write, first_missing_dir
-from .modules import SETTABLE_MODES, QuantLayer, quant_layers
+from .modules import MODES, SETTABLE_MODES, QuantLayer, quant_layers
 from .quantize import _set_submodule
 from .quantizers import FORMATS, ActQParams, act_qparams_problem, weight_scale_problem
 
@@ -37,6 +38,17 @@ _NORM_RTOL = 2e-3  # weights loaded in float16/bfloat16 still match their float3
 
 _PROJ_ATOL = 2e-2  # |projection change| / weight norm: bf16/fp16 rounding moves it ~2e-3, other weights by O(1)
 _PROJECTIONS = 4
+# The stored 8-bit weights times their scales against the float weights' recorded norm and projections. Quantization
+# moves every element by at most half a grid step (e4m3: at most 2^-4 of the element; int8: s/2), and the clipping
+# search keeps a clip only where it lowers the error below the unclipped rounding one, so ||W_hat - W|| stays a few
+# percent of ||W|| and the norm moves by less (measured on digits-eps: norm 0.19% fp8 / 0.02% int8, projections 0.064
+# fp8 / 0.021 int8). The tolerances: twice e4m3's per-element bound for the norm; four times it for each projection,
+# whose change is ~N(0, (||W_hat - W|| / ||W||)^2). Zeroed codes (norm -100%), rescaled scales or negated codes
+# (projections flip sign: O(1) changes) are far outside.
+_QUANT_NORM_RTOL = 2.0**-3
+_QUANT_PROJ_ATOL = 0.25
+# The saved bias is the float layer's bias (float32); a model loaded in bfloat16 rounds each element by at most 2^-8
+_BIAS_RTOL = 2.0**-7
 
 
 def weight_projections(weight: torch.Tensor) -> list[float]:
@@ -161,9 +173,15 @@ def _check_meta(meta: dict, path: Path) -> None:
             raise bad(f"`{key}` must be a {kind.__name__}, got {type(meta.get(key)).__name__}")
     if meta["format"] not in FORMATS:
         raise bad(f"`format` must be one of {list(FORMATS)}, got {meta['format']!r}")
+    bits = meta.get("bits", 8)
+    if isinstance(bits, bool) or bits != 8:
+        raise bad(f"`bits` must be 8 (fewstep stores 8-bit weights and activations), got {bits!r}")
+    _check_signatures(meta, bad)
     for name, layer in meta["layers"].items():
         if not isinstance(layer, dict) or not {"kind", "split", "shape", "act"} <= set(layer):
             raise bad(f"layer {name!r} must list kind, split, shape and act")
+        if "mode" in layer and layer["mode"] not in MODES:
+            raise bad(f"layer {name!r}: `mode` must be one of {list(MODES)}, got {layer['mode']!r}")
         split, act = layer["split"], layer["act"]
         if isinstance(split, bool) or not isinstance(split, int) or split < 0:
             raise bad(f"layer {name!r}: `split` must be an integer >= 0, got {split!r}")
@@ -174,6 +192,60 @@ def _check_meta(meta: dict, path: Path) -> None:
             problem = act_qparams_problem(scale, zero, meta["format"])
             if problem:
                 raise bad(f"layer {name!r}: {problem}")
+    # (after the layers: an edited `format` is named by the quantizers that do not fit it first)
+    config_format = meta["config"].get("format", meta["format"])
+    if config_format != meta["format"]:
+        raise bad(f"`config.format` is {config_format!r} but `format` is {meta['format']!r}; they must agree")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_signatures(meta: dict, bad: Any) -> None:
+    """``weight_norms``: one finite number >= 0 per quantized layer (0: an all-zero weight) and no other names;
+    ``weight_projections`` (absent in older files): per quantized layer a list of ``_PROJECTIONS`` finite numbers
+    (``weight_projections``'s signature). A NaN would switch the weight checks off (``abs(x - nan) > tol`` is False)."""
+    layers, norms = meta["layers"], meta["weight_norms"]
+    for name in layers:
+        if name not in norms:
+            raise bad(f"`weight_norms` lacks layer {name!r} (one norm per quantized layer)")
+    for name, value in norms.items():
+        if name not in layers:
+            raise bad(f"`weight_norms` names {name!r}, which is no quantized layer of `layers`")
+        if not _is_number(value) or value < 0:
+            raise bad(f"`weight_norms` of layer {name!r} must be a finite number >= 0 (the float weight's L2 norm), "
+                      f"got {value!r}")
+    projections = meta.get("weight_projections", {})
+    if not isinstance(projections, dict):
+        raise bad(f"`weight_projections` must be a dict, got {type(projections).__name__}")
+    for name, value in projections.items():
+        if name not in layers:
+            raise bad(f"`weight_projections` names {name!r}, which is no quantized layer of `layers`")
+        if not isinstance(value, list) or len(value) != _PROJECTIONS or not all(_is_number(v) for v in value):
+            raise bad(f"`weight_projections` of layer {name!r} must be a list of {_PROJECTIONS} finite numbers, got "
+                      f"{value!r:.80}")
+
+
+def _check_stored_weights(q: QuantLayer, meta: dict, name: str, path: Path) -> None:
+    """The layer's stored 8-bit weights times their scales against the float weight's norm and projections that
+    ``quant.json`` records (see ``_QUANT_NORM_RTOL``): catches zeroed, negated or foreign codes and rescaled scales."""
+    w_hat = torch.cat([q.dequant_weight(g).cpu() for g in range(q.groups)], dim=1)
+    saved = meta["weight_norms"][name]
+    now = float(w_hat.double().norm())
+    if not abs(now - saved) <= _QUANT_NORM_RTOL * max(saved, 1e-30):
+        raise ValueError(f"{str(path)!r}: layer {name!r}'s stored weights times their scales have norm {now:.6g}, "
+                         f"but {META_FILE} records the float weight's norm {saved:.6g} (quantization moves it by less "
+                         f"than {_QUANT_NORM_RTOL:g} of it); the file is damaged: quantize again")
+    recorded = meta.get("weight_projections", {}).get(name)
+    if recorded is not None:
+        got = weight_projections(w_hat)
+        off = max(abs(a - b) for a, b in zip(got, recorded))
+        if not off <= _QUANT_PROJ_ATOL:
+            raise ValueError(f"{str(path)!r}: layer {name!r}'s stored weights times their scales are not the weights "
+                             f"{META_FILE} records (a projection differs by {off:.3g}, quantization moves them by less "
+                             f"than {_QUANT_PROJ_ATOL:g}: negated, permuted or foreign codes); the file is damaged: "
+                             "quantize again")
 
 
 def _check_model(meta: dict, model: nn.Module, model_id: str | None, strict: bool) -> None:
@@ -261,6 +333,13 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
         if any(t.dtype != want for t in stored):
             raise ValueError(f"{META_FILE} says format {fmt!r}, but {TENSORS_FILE} stores layer {name!r}'s weights as "
                              f"{stored[0].dtype} (expected {want}): the two files do not belong together")
+        for g, codes in enumerate(stored):
+            if fmt == "fp8" and not bool(torch.isfinite(codes.float()).all()):  # e4m3fn's NaN codes: 0x7F, 0xFF
+                raise ValueError(f"{str(path)!r}: layer {name!r}'s weight_q{g} holds NaN codes (fp8 e4m3 weights must "
+                                 "be finite); the file is damaged")
+            if fmt == "int8" and codes.numel() and int(codes.min()) < -127:  # the symmetric grid is [-127, 127]
+                raise ValueError(f"{str(path)!r}: layer {name!r}'s weight_q{g} holds the code {int(codes.min())}; int8 "
+                                 "weights are symmetric, in [-127, 127]; the file is damaged")
         out_channels = float_layer.weight.shape[0]
         for g, scale in enumerate(scales):
             problem = weight_scale_problem(scale, out_channels)
@@ -275,11 +354,19 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
                 raise ValueError(f"{str(path)!r}: layer {name!r}'s weight_q{g} has shape {tuple(stored[g].shape)}, "
                                  f"the model's layer needs {tuple(dest.shape)}; the file is damaged")
             dest.copy_(stored[g].to(device))
+        _check_stored_weights(q, meta, name, path)
         if f"{name}.bias" in tensors and q.bias is not None:
             bias = tensors[f"{name}.bias"]
             if bias.shape != q.bias.shape or not bias.dtype.is_floating_point or not bool(torch.isfinite(bias).all()):
                 raise ValueError(f"{str(path)!r}: layer {name!r}'s bias must be {tuple(q.bias.shape)} finite floats, "
                                  f"got a {bias.dtype} tensor of shape {tuple(bias.shape)}; the file is damaged")
+            # the saved bias is the float layer's own (quantization keeps it): the model's bias, up to its dtype
+            model_bias = q.bias.detach().double().cpu()
+            off = float((bias.double() - model_bias).norm())
+            if not off <= _BIAS_RTOL * float(model_bias.norm()):
+                raise ValueError(f"{str(path)!r}: layer {name!r}'s bias differs from the model's by {off:.6g} (the "
+                                 f"model's bias has norm {float(model_bias.norm()):.6g}; quantization keeps the bias "
+                                 "as it is): the file is damaged or was made for other weights")
             q.bias.copy_(bias.to(device))
         try:
             q.set_mode(mode)

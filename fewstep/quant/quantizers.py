@@ -50,6 +50,7 @@ __all__ = [
     "fp8_fake_quant",
     "range_error",
     "ACT_SCALE_MAX",
+    "SCALE_MIN",
     "act_qparams_problem",
     "weight_scale_problem",
 ]
@@ -173,18 +174,27 @@ def act_qparams_from_range(lo: float, hi: float, fmt: str = "int8") -> ActQParam
     return ActQParams(scale, zero_point, "int8")
 
 
-#: the largest activation scale a loaded quantizer may hold (a larger one overflows the dequantized GEMM result)
+#: the largest activation scale a loaded quantizer may hold (a larger one overflows the dequantized GEMM result);
+#: the same cap bounds stored weight scales
 ACT_SCALE_MAX = 1e30
+#: the smallest scale (activation or weight) a loaded quantizer may hold: float32's smallest normal number, 2^-126.
+#: The layers compute in float32 (``x / s``, the GEMM's dequantization by ``s``); a denormal scale loses its precision
+#: there and GPU kernels flush it to zero (``x / s`` infinite, the layer's output its bias alone). Calibration gives
+#: scales of at least ~2e-15 (its range floor of 1e-12 over 255 or 448 steps).
+SCALE_MIN = float(torch.finfo(torch.float32).tiny)
+_SCALE_RULE = (f"(and at least {SCALE_MIN:.8g}, float32's smallest normal number: the layers compute with it in "
+               "float32, where a denormal scale is flushed to zero)")
 
 
 def act_qparams_problem(scale: object, zero_point: object, fmt: str) -> str | None:
     """What makes ``(scale, zero_point)`` unusable as a ``fmt`` activation quantizer, or ``None`` when usable. The
     one check of stored quantizers: ``load_quantized`` (``quant.json``) and ``QuantLayer.set_extra_state``
-    (``load_state_dict``)."""
+    (``load_state_dict``). ``scale``: a number (not a bool) in ``[SCALE_MIN, ACT_SCALE_MAX)``, so that
+    ``255 * scale`` (int8's range) and ``448 * scale`` (fp8's) are finite positive normal float32 numbers too."""
     _check_format(fmt)
     if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
-            or not 0 < scale < ACT_SCALE_MAX):
-        return f"activation `scale` must be a finite number in (0, {ACT_SCALE_MAX:g}), got {scale!r}"
+            or not SCALE_MIN <= scale < ACT_SCALE_MAX):
+        return f"activation `scale` must be a finite number in (0, {ACT_SCALE_MAX:g}), got {scale!r} {_SCALE_RULE}"
     low, high = (_A_QMIN, _A_QMAX) if fmt == "int8" else (0, 0)
     if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not low <= zero_point <= high:
         return f"activation `zero_point` must be an integer in [{low}, {high}] for {fmt}, got {zero_point!r}"
@@ -193,16 +203,19 @@ def act_qparams_problem(scale: object, zero_point: object, fmt: str) -> str | No
 
 def weight_scale_problem(scale: object, out_channels: int) -> str | None:
     """What makes ``scale`` unusable as a layer's per-output-channel weight scales, or ``None`` when usable (one
-    check for ``load_quantized`` and ``QuantLayer``'s ``load_state_dict``)."""
-    if (not isinstance(scale, torch.Tensor) or not scale.dtype.is_floating_point or scale.numel() != out_channels
-            or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all())):
+    check for ``load_quantized`` and ``QuantLayer``'s ``load_state_dict``): ``out_channels`` floats in
+    ``[SCALE_MIN, ACT_SCALE_MAX)``, the bounds activation scales have (see there)."""
+    values = scale.detach().double() if isinstance(scale, torch.Tensor) and scale.dtype.is_floating_point else None
+    if (values is None or scale.numel() != out_channels or not bool(torch.isfinite(values).all())
+            or not bool((values >= SCALE_MIN).all()) or not bool((values < ACT_SCALE_MAX).all())):
         if not isinstance(scale, torch.Tensor):
             got = type(scale).__name__
         else:
             got = f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
-            if scale.dtype.is_floating_point and scale.numel():
-                got += f" (min {float(scale.min()):g})"  # NaN shows as nan
-        return f"must hold {out_channels} finite positive floats (one per output channel), got {got}"
+            if values is not None and values.numel():
+                got += f" (min {float(values.min()):g}, max {float(values.max()):g})"  # NaN shows as nan
+        return (f"must hold {out_channels} finite positive floats (one per output channel) below "
+                f"{ACT_SCALE_MAX:g} {_SCALE_RULE}, got {got}")
     return None
 
 

@@ -13,12 +13,12 @@ from ..solvers.ems import EMS, load_ems, snap_grid
 from ..solvers.engine import EMSGrid, compile_plan
 from ..solvers.methods import dpm_solver_v3_decisions
 from ..solvers.s3 import schedule_fingerprint
-from ..solvers.schedules import FlowSchedule
+from ..solvers.schedules import FlowSchedule, NoiseSchedule
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = [
     "FewstepDPMSolverV3Scheduler", "SHIPPED_EMS", "SHIPPED_EMS_TIME_GRID", "CORRECTOR_REGIONS", "V3_TIME_GRIDS",
-    "shipped_ems", "load_checked_ems",
+    "shipped_ems", "load_checked_ems", "check_ems_range",
 ]
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets" / "ems"
@@ -65,7 +65,37 @@ def load_checked_ems(ems_file: str, noise_schedule, prediction_type: str, ems_mo
             f"EMS file {str(path)!r} was estimated for prediction_type {meta.get('prediction_type')!r}, but this "
             f"scheduler's config has {prediction_type!r}"
         )
+    check_ems_range(ems, noise_schedule, f"EMS file {str(path)!r}")
     return ems
+
+
+def check_ems_range(ems: EMS, noise_schedule, where: str = "EMS") -> None:
+    """The EMS grid must lie inside the noise schedule's lambda range: every grid lambda must map to a model time and
+    back (``lambda(t_of_lambda(lambda))``) to itself, up to ``1e-6 (1 + |lambda|)`` plus the stored values' rounding.
+    Outside ``[lambda(t_max), lambda(t_min)]`` a VP schedule's ``t_of_lambda`` clamps to its end, so the steps would
+    be snapped to grid points the model is never evaluated at (a flow schedule's ends, ``lambda = -inf / +inf``, are
+    reached by no finite lambda, but a lambda too large for float64's ``s`` comes back infinite). ``where`` starts the
+    message (e.g. the file)."""
+    if not isinstance(ems, EMS):
+        raise TypeError(f"`ems` must be fewstep.solvers.ems.EMS tables, got {type(ems).__name__}")
+    if not isinstance(noise_schedule, NoiseSchedule):
+        raise TypeError(f"`noise_schedule` must be a fewstep NoiseSchedule, got {type(noise_schedule).__name__}")
+    lam = ems.lambdas
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        t = noise_schedule.t_of_lambda(lam)
+        back = noise_schedule.lambda_(t)
+        lo, hi = (float(v) for v in noise_schedule.lambda_(np.array([noise_schedule.t_max, noise_schedule.t_min])))
+    slack = 1e-6 * (1.0 + np.abs(lam)) + ems.lambda_resolution
+    off = ~(np.abs(back - lam) <= slack)  # (NaN/Inf count as off)
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise ValueError(
+            f"{where}: EMS `lambdas` run from {float(lam[0])!r} to {float(lam[-1])!r}, but this scheduler's noise "
+            f"schedule spans lambda in [{lo:.6g}, {hi:.6g}] (t = {noise_schedule.t_max:g}..{noise_schedule.t_min:g}): "
+            f"grid point {i} (lambda {float(lam[i])!r}) maps to t = {float(t[i]):.6g}, whose lambda is "
+            f"{float(back[i]):.6g}; these tables were estimated for another noise schedule -- estimate EMS for this "
+            "model (`fewstep calibrate ems`)"
+        )
 
 
 class FewstepDPMSolverV3Scheduler(FewstepScheduler):

@@ -224,6 +224,11 @@ def _parse_ratio_table(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
         ratios = stored_float64(key, tensors[key], ndim=1)
         if ratios.size != nfe:
             raise ValueError(f"entry {i} ({key!r}): {ratios.size} ratios for NFE {nfe}; need one per step")
+        if np.any(ratios <= 0):
+            j = int(np.flatnonzero(ratios <= 0)[0])
+            raise ValueError(f"entry {i} ({key!r}): ratio {j} is {float(ratios[j])!r}; DC ratios must be > 0 (rho <= 0 "
+                             "puts the compensation time at or before the previous step's: see "
+                             f"fewstep.solvers.dc.check_ratios), got {ratios.tolist()}")
         entry = RatioEntry(nfe, float(cfg), ratios.tolist(), extra)
         if entry.key != key:
             raise ValueError(f"entry {i}: 'key' {key!r} does not match its NFE {nfe} and guidance scale {cfg!r} "

@@ -35,7 +35,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .._checks import stored_float64
+from .grids import MIN_LAMBDA_GAP
 from .phi import phi_array
 
 __all__ = [
@@ -52,15 +53,33 @@ __all__ = [
 
 EMS_FORMAT = "fewstep.ems"
 _VERSION = "1"
+#: relative tolerance of the EMS grid's uniform spacing (of one spacing): ``fewstep calibrate ems`` writes a float64
+#: ``linspace`` (deviations ~1e-13 of a spacing); tables stored in lower precision add their own rounding on top
+_UNIFORM_RTOL = 1e-6
+
+
+def _float_eps(dtype: Any) -> float:
+    """Machine epsilon of a numpy or torch floating dtype (float64's for anything else)."""
+    if isinstance(dtype, torch.dtype):
+        return float(torch.finfo(dtype).eps) if dtype.is_floating_point else float(np.finfo(np.float64).eps)
+    try:
+        return float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(np.float64).eps)
+    except TypeError:
+        return float(np.finfo(np.float64).eps)
 
 
 @dataclass
 class EMS:
     """Per-element statistics ``l, s, b`` on ``N + 1`` grid points uniform in ``lambda``.
 
-    ``lambdas`` increase (index 0 is the noisiest point, as in the paper's tables); ``l, s, b`` have shape
+    ``lambdas`` increase (index 0 is the noisiest point, as in the paper's tables) with a uniform spacing of at least
+    ``grids.MIN_LAMBDA_GAP`` (``snap`` and the grid-index arithmetic of the steps assume it); ``l, s, b`` have shape
     ``(N + 1, *sample_shape)`` where ``sample_shape`` is one sample without the batch dimension. ``meta`` holds
     what the tables are valid for (model, noise schedule, time range, number of samples ``K``).
+
+    ``lambdas_dtype`` (init only): the dtype the lambdas were stored in when they were upcast to float64 (``load_ems``
+    passes the file's): the uniform-spacing check then allows that dtype's rounding. By default the dtype of
+    ``lambdas`` itself (a float32 array or tensor), else float64. ``lambda_resolution`` is that rounding, in lambda.
     """
 
     lambdas: np.ndarray
@@ -68,14 +87,19 @@ class EMS:
     s: np.ndarray
     b: np.ndarray
     meta: dict = field(default_factory=dict)
+    lambdas_dtype: InitVar[Any] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lambdas_dtype: Any = None) -> None:
+        self._lambdas_dtype = lambdas_dtype if lambdas_dtype is not None else getattr(self.lambdas, "dtype", None)
+        eps = _float_eps(self._lambdas_dtype)
         self.lambdas = np.asarray(self.lambdas, dtype=np.float64).reshape(-1)
         n = self.lambdas.size
         if n < 2:
             raise ValueError(f"EMS need at least 2 grid points, got {n}")
         if not np.all(np.isfinite(self.lambdas)) or np.any(np.diff(self.lambdas) <= 0):
             raise ValueError("EMS `lambdas` must be finite and strictly increasing (noisiest point first)")
+        self.lambda_resolution = eps * float(np.max(np.abs(self.lambdas)))
+        self._check_uniform()
         for name in ("l", "s", "b"):
             arr = np.asarray(getattr(self, name), dtype=np.float64)
             if arr.ndim < 1 or arr.shape[0] != n:
@@ -91,6 +115,29 @@ class EMS:
             shapes = f"{self.l.shape}, {self.s.shape}, {self.b.shape}"
             raise ValueError(f"EMS `l`, `s`, `b` must share one shape, got {shapes}")
         self.meta = dict(self.meta)
+
+    def _check_uniform(self) -> None:
+        """``lambdas`` uniformly spaced (to ``_UNIFORM_RTOL`` of a spacing, plus twice the stored values' rounding),
+        the spacing at least ``MIN_LAMBDA_GAP``."""
+        lam = self.lambdas
+        lo, hi = float(lam[0]), float(lam[-1])
+        step = (hi - lo) / (lam.size - 1)
+        if step < MIN_LAMBDA_GAP:
+            raise ValueError(
+                f"EMS `lambdas` span [{lo!r}, {hi!r}] in {lam.size - 1} intervals: a spacing of {step:.3g}, below the "
+                f"minimum {MIN_LAMBDA_GAP:g} (sampling steps snap to these points and the solver divides by their "
+                "gaps); estimate EMS over the schedule's lambda range (`fewstep calibrate ems`)"
+            )
+        dev = np.abs(np.diff(lam) - step)
+        tol = _UNIFORM_RTOL * step + 2.0 * self.lambda_resolution
+        if float(dev.max()) > tol:
+            i = int(np.argmax(dev))
+            raise ValueError(
+                f"EMS `lambdas` must be uniformly spaced (a linspace in lambda: the steps snap to it by its spacing); "
+                f"interval {i} ([{float(lam[i])!r}, {float(lam[i + 1])!r}]) is {lam[i + 1] - lam[i]:.9g} wide, the "
+                f"spacing of [{lo!r}, {hi!r}] in {lam.size - 1} intervals is {step:.9g} (allowed deviation {tol:.3g}); "
+                "re-estimate them (`fewstep calibrate ems`)"
+            )
 
     @property
     def num_points(self) -> int:
@@ -112,7 +159,8 @@ class EMS:
     def degenerated(self) -> EMS:
         """The same grid with ``l = 1, s = b = 0``: v3 then is DPM-Solver++ (the paper's ``degenerated=True``)."""
         ones = np.ones_like(self.l)
-        return EMS(self.lambdas, ones, np.zeros_like(self.s), np.zeros_like(self.b), {**self.meta, "degenerated": True})
+        return EMS(self.lambdas, ones, np.zeros_like(self.s), np.zeros_like(self.b), {**self.meta, "degenerated": True},
+                   lambdas_dtype=self._lambdas_dtype)
 
     def snap(self, lam: Any, what: str = "lambda") -> np.ndarray:
         """Indices of the grid points nearest to ``lam`` (v3 snaps its time steps to the EMS grid).
@@ -378,6 +426,7 @@ def load_ems(path: str | os.PathLike) -> EMS:
     if missing:
         raise ValueError(f"{p} lacks the EMS tensors {missing}")
     arrays = {}
+    lambdas_dtype = tensors["lambdas"].dtype
     for name in ("lambdas", "l", "s", "b"):
         try:
             arrays[name] = stored_float64(name, tensors[name], finite=False)
@@ -396,6 +445,41 @@ def load_ems(path: str | os.PathLike) -> EMS:
     if not isinstance(meta, dict):
         raise ValueError(f"EMS file {str(p)!r}: metadata field 'meta' must be a JSON object, got {meta!r:.80}")
     try:
-        return EMS(arrays["lambdas"], arrays["l"], arrays["s"], arrays["b"], meta)
+        ems = EMS(arrays["lambdas"], arrays["l"], arrays["s"], arrays["b"], meta, lambdas_dtype=lambdas_dtype)
+        _check_settings(ems)
     except ValueError as exc:
         raise ValueError(f"EMS file {str(p)!r}: {exc}") from None
+    return ems
+
+
+def _check_settings(ems: EMS) -> None:
+    """The estimation settings an EMS file records (``meta["settings"]``, written by ``fewstep calibrate ems``) must
+    describe its tensors: ``num_intervals`` + 1 grid points, ``lambda_range`` its first and last lambda (up to the
+    stored values' rounding), ``sample_shape`` the shape of one sample of ``l, s, b``. Files without settings pass."""
+    settings = ems.meta.get("settings")
+    if settings is None:
+        return
+    if not isinstance(settings, dict):
+        raise ValueError(f"metadata 'meta.settings' must be a JSON object (the estimation settings), got "
+                         f"{settings!r:.80}")
+    fix = "re-estimate them (`fewstep calibrate ems`)"
+    if "num_intervals" in settings:
+        k = settings["num_intervals"]
+        if isinstance(k, bool) or not isinstance(k, int) or k + 1 != ems.num_points:
+            raise ValueError(f"meta.settings num_intervals is {k!r}, but the tables hold {ems.num_points} grid points "
+                             f"({ems.num_points - 1} intervals); {fix}")
+    if "lambda_range" in settings:
+        rng = settings["lambda_range"]
+        ends = (float(ems.lambdas[0]), float(ems.lambdas[-1]))
+        ok = (isinstance(rng, list) and len(rng) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in rng))
+        if ok:
+            ok = all(abs(v - e) <= 1e-6 * (1.0 + abs(e)) + ems.lambda_resolution for v, e in zip(rng, ends))
+        if not ok:
+            raise ValueError(f"meta.settings lambda_range is {rng!r:.80}, but `lambdas` run from {ends[0]!r} to "
+                             f"{ends[1]!r}; {fix}")
+    if "sample_shape" in settings:
+        shape = settings["sample_shape"]
+        if not isinstance(shape, list) or any(isinstance(v, bool) for v in shape) or shape != list(ems.sample_shape):
+            raise ValueError(f"meta.settings sample_shape is {shape!r:.80}, but `l`, `s`, `b` hold samples of shape "
+                             f"{list(ems.sample_shape)}; {fix}")

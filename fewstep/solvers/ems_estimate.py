@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .._checks import MISSING, check_int, differing_keys
 from .ems import EMS
+from .grids import MIN_LAMBDA_GAP
 from .parameterization import normalize_prediction_type, to_pair
 from .schedules import FlowSchedule, NoiseSchedule, VPSchedule
 
@@ -67,7 +68,13 @@ def ems_lambdas(schedule: NoiseSchedule, num_intervals: int, t_start: float | No
     t_end = lo_t if t_end is None else float(t_end)
     if not (lo_t <= t_end < t_start <= hi_t):
         raise ValueError(f"need {lo_t} <= t_end < t_start <= {hi_t}, got t_start={t_start!r}, t_end={t_end!r}")
-    return np.linspace(float(schedule.lambda_(t_start)), float(schedule.lambda_(t_end)), num_intervals + 1)
+    lam = np.linspace(float(schedule.lambda_(t_start)), float(schedule.lambda_(t_end)), num_intervals + 1)
+    step = (lam[-1] - lam[0]) / num_intervals
+    if step < MIN_LAMBDA_GAP:  # what EMS would refuse after the whole estimation
+        raise ValueError(f"`num_intervals`={num_intervals} over t in [{t_end:g}, {t_start:g}] (lambda {lam[0]:.6g} to "
+                         f"{lam[-1]:.6g}) gives a grid spacing of {step:.3g} in lambda, below the minimum "
+                         f"{MIN_LAMBDA_GAP:g} EMS tables may have; use fewer intervals or a wider time range")
+    return lam
 
 
 def _alpha_sigma_of_lambda(schedule: NoiseSchedule, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,11 +191,47 @@ class EMSAccumulator:
                               f"shape {tuple(value.shape)}")
             if bool((value < 0).any()):
                 raise damaged(f"`{name}` holds negative values")
+        if not bool(torch.isfinite(sums).all()):
+            bad = (~torch.isfinite(sums.reshape(n, -1))).any(1).nonzero().flatten()[:8].tolist()
+            raise damaged(f"`sums` hold NaN/Inf at grid points {bad}")
+        _check_progress(counts.numpy().astype(np.int64), batches.numpy().astype(np.int64), meta.get("settings"),
+                        damaged)
+        unstarted = (batches == 0).nonzero().flatten()
+        if unstarted.numel() and bool(sums[unstarted].ne(0).any()):  # a resumed run adds its batches to these sums
+            raise damaged(f"grid points {unstarted[:8].tolist()} have no finished batch but nonzero `sums`")
         acc = cls(lambdas.numpy(), tuple(sums.shape[2:]), meta)
         acc.sums = sums.to(torch.float64)
         acc.counts = counts.numpy().astype(np.int64)
         acc.batches = batches.numpy().astype(np.int64)
         return acc
+
+
+def _check_progress(counts: np.ndarray, batches: np.ndarray, settings: Any, damaged: Callable[[str], ValueError]
+                    ) -> None:
+    """A checkpoint's ``counts`` (samples summed per grid point) must be what its ``batches`` (batches finished per
+    grid point) add up to under its settings: ``min(batches * batch_size, num_samples)``, with at most
+    ``ceil(num_samples / batch_size)`` batches. Checkpoints without those settings are only checked for
+    ``counts >= batches`` (every batch holds a sample)."""
+    bs = settings.get("batch_size") if isinstance(settings, dict) else None
+    k = settings.get("num_samples") if isinstance(settings, dict) else None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (bs, k)):
+        wrong = np.flatnonzero(counts < batches)
+        if wrong.size:
+            i = int(wrong[0])
+            raise damaged(f"grid point {i} counts {int(counts[i])} samples in {int(batches[i])} batches")
+        return
+    n_batches = math.ceil(k / bs)
+    over = np.flatnonzero(batches > n_batches)
+    if over.size:
+        i = int(over[0])
+        raise damaged(f"grid point {i} records {int(batches[i])} finished batches, but {k} samples in batches of "
+                      f"{bs} make {n_batches}")
+    expected = np.minimum(batches * bs, k)  # (batches <= n_batches: no overflow)
+    wrong = np.flatnonzero(counts != expected)
+    if wrong.size:
+        i = int(wrong[0])
+        raise damaged(f"grid point {i} counts {int(counts[i])} samples after {int(batches[i])} batches of {bs} (of "
+                      f"{k} samples: {int(expected[i])} expected)")
 
 
 class forward_ad_safe:  # noqa: N801 - used as a context manager
@@ -332,6 +375,14 @@ def estimate_ems(
             raise ValueError(f"checkpoint {str(checkpoint)!r} is damaged: it holds {acc.lambdas.size} grid points of "
                              f"samples {list(acc.sample_shape)}, its settings say {lambdas.size} of "
                              f"{list(sample_shape)}; delete it to start over")
+        # the grid's values too: the finished tables take their lambdas from the checkpoint (same settings give the
+        # same float64 linspace; 1e-12 of the range covers a platform's last-bit differences)
+        off = np.abs(acc.lambdas - lambdas) > 1e-12 * (1.0 + float(np.max(np.abs(lambdas))))
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            raise ValueError(f"checkpoint {str(checkpoint)!r} is damaged: its grid point {i} is lambda "
+                             f"{float(acc.lambdas[i])!r}, its settings give {float(lambdas[i])!r}; delete it to start "
+                             "over")
     if acc is None:
         acc = EMSAccumulator(lambdas, sample_shape, {"settings": settings})
     device = data.device
@@ -352,7 +403,13 @@ def estimate_ems(
         if checkpoint is not None:
             acc.save(checkpoint)
     bar.close()
-    return acc.finalize(meta)
+    try:
+        return acc.finalize(meta)
+    except ValueError as exc:  # e.g. NaN/Inf tables: a resumed run would only finalize the same sums again
+        if checkpoint is None:
+            raise
+        raise ValueError(f"{exc} (the sums come from checkpoint {str(checkpoint)!r}: delete it to estimate them "
+                         "afresh)") from None
 
 
 def _time_difference(eps_fn, x, lam, eps, lambdas, i, zero) -> torch.Tensor:

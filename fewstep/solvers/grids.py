@@ -36,10 +36,20 @@ __all__ = [
     "custom_sigmas_grid",
     "check_num_steps",
     "check_shift_terminal_points",
+    "MIN_LAMBDA_GAP",
+    "check_model_times_distinct",
+    "check_lambda_gaps",
 ]
 
 SPACINGS = ("leading", "linspace", "trailing")
 FINAL_SIGMAS = ("zero", "sigma_min")
+#: the smallest log-SNR gap ``h`` allowed between two user-given evaluation points (custom ``timesteps``, solver
+#: schedules): multistep solvers divide differences of model outputs by these gaps (derivative estimates, step ratios
+#: ``h_prev / h``), and a float32 model output carries rounding of ~1e-7 of its size, so over a gap ``h`` that
+#: estimate is off by ~1e-7 / h of the output's size: 1e-3 at ``h = 1e-4``, and growing as ``1/h`` below. Every
+#: integer-timestep grid of the common VP (linear, scaled_linear, squaredcos_cap_v2) and flow schedules (1000 training
+#: steps) has gaps of 3e-3 or more, 30 times this bound.
+MIN_LAMBDA_GAP = 1e-4
 
 
 @dataclass
@@ -400,18 +410,57 @@ def _check_decreasing(name: str, values: Any) -> np.ndarray:
     return arr
 
 
+def check_model_times_distinct(name: str, times: Any) -> None:
+    """Strictly decreasing model times must stay strictly decreasing as the model sees them: a scheduler hands its
+    ``timesteps`` to the model as float32 (int64 when all are integers, exact in float32 too), so two times that only
+    differ below float32's resolution (``715.9`` and ``715.8999999``) would be one model call's time for two noise
+    levels -- the solver then divides the rounding noise of two identical evaluations by a tiny gap. ``ValueError``
+    naming ``name``, the two times and their float32 value."""
+    ts = np.asarray(times, dtype=np.float64).reshape(-1)
+    as_model = ts.astype(np.float32)
+    same = np.flatnonzero(np.diff(as_model) >= 0)
+    if same.size:
+        i = int(same[0])
+        raise ValueError(
+            f"`{name}` holds {float(ts[i])!r} and {float(ts[i + 1])!r} (points {i} and {i + 1}), which are one model "
+            f"time in float32 ({float(as_model[i])!r}; a scheduler's `timesteps`, what the model is called with, are "
+            "float32): the times must strictly decrease after that cast; drop one of them or move them apart"
+        )
+
+
+def check_lambda_gaps(grid: TimeGrid, what: str = "`timesteps`") -> None:
+    """The grid's evaluation points must be at least ``MIN_LAMBDA_GAP`` apart in ``lambda`` (see there: the solver
+    divides model-output differences by these gaps). ``what`` names where the points came from in the message."""
+    n = grid.num_steps
+    gaps = np.diff(grid.lambdas[:n])
+    small = np.flatnonzero(gaps < MIN_LAMBDA_GAP)
+    if small.size:
+        i = int(small[0])
+        raise ValueError(
+            f"{what}: points {i} and {i + 1} (t = {grid.timesteps[i]:.9g} and {grid.timesteps[i + 1]:.9g}) are "
+            f"{gaps[i]:.3g} apart in log-SNR lambda; they must be at least {MIN_LAMBDA_GAP:g} apart (the solver "
+            "divides differences of model outputs by these gaps, and below that float32 rounding of the outputs "
+            "dominates them): drop one of the points or move them apart"
+        )
+
+
 def custom_timesteps_grid(
     schedule: NoiseSchedule, timesteps: Any, final_sigmas_type: str | None = "zero"
 ) -> TimeGrid:
-    """User-given model timesteps (strictly decreasing, inside the schedule's range)."""
+    """User-given model timesteps (strictly decreasing also in float32, the dtype the model gets them in; inside
+    the schedule's range; at least ``MIN_LAMBDA_GAP`` apart in ``lambda``)."""
     ts = _check_decreasing("timesteps", timesteps)
+    check_model_times_distinct("timesteps", ts)
     if ts[0] > schedule.t_max or ts[-1] < schedule.t_min:
         raise ValueError(
             f"`timesteps` must lie in [{schedule.t_min}, {schedule.t_max}], got {ts[0]}..{ts[-1]}"
         )
     if final_sigmas_type is None:
-        return TimeGrid.from_times(schedule, ts, None)
-    return TimeGrid.from_times(schedule, ts, _final_from(schedule, final_sigmas_type))
+        grid = TimeGrid.from_times(schedule, ts, None)
+    else:
+        grid = TimeGrid.from_times(schedule, ts, _final_from(schedule, final_sigmas_type))
+    check_lambda_gaps(grid, "`timesteps`")
+    return grid
 
 
 def custom_sigmas_grid(

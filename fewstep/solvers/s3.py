@@ -43,7 +43,7 @@ from .engine import (
     compile_plan,
     with_analytic_first_step,
 )
-from .grids import TimeGrid
+from .grids import TimeGrid, check_lambda_gaps, check_model_times_distinct
 from .schedules import NoiseSchedule
 
 __all__ = ["SolverSchedule", "SCHEDULE_VERSION", "AFS_KINDS", "check_afs_mean", "decisions_from_dicts",
@@ -140,6 +140,7 @@ class SolverSchedule:
             raise ValueError(f"`timesteps` must be a non-empty list of finite times, got {self.timesteps!r}")
         if np.any(np.diff(ts) >= 0):
             raise ValueError(f"`timesteps` must strictly decrease (from noise to data), got {ts.tolist()}")
+        check_model_times_distinct("timesteps", ts)  # ... also as the model gets them (float32)
         self.timesteps = ts.tolist()
         if len(self.decisions) != ts.size:
             raise ValueError(f"need one decision per timestep: {ts.size} timesteps, {len(self.decisions)} decisions")
@@ -205,7 +206,8 @@ class SolverSchedule:
 
     # ----------------------------------------------------------------------------------------------
     def grid(self, schedule: NoiseSchedule) -> TimeGrid:
-        """The schedule's time grid on a noise schedule (times checked against its range)."""
+        """The schedule's time grid on a noise schedule (times checked against its range, and to lie at least
+        ``grids.MIN_LAMBDA_GAP`` apart in its ``lambda``: the solver divides by those gaps)."""
         ts = np.asarray(self.timesteps)
         if ts[0] > schedule.t_max or ts[-1] < schedule.t_min:
             raise ValueError(
@@ -213,11 +215,15 @@ class SolverSchedule:
                 f"[{schedule.t_min}, {schedule.t_max}]"
             )
         if self.final == "zero":
-            return TimeGrid.from_times(schedule, ts, (1.0, 0.0))
-        if self.final < schedule.t_min:
-            raise ValueError(f"`final` time {self.final} is below the model's range start {schedule.t_min}")
-        alpha, sigma = schedule.alpha_sigma(np.asarray([self.final]))
-        return TimeGrid.from_times(schedule, ts, (float(alpha[0]), float(sigma[0])))
+            grid = TimeGrid.from_times(schedule, ts, (1.0, 0.0))
+        else:
+            if self.final < schedule.t_min:
+                raise ValueError(f"`final` time {self.final} is below the model's range start {schedule.t_min}")
+            alpha, sigma = schedule.alpha_sigma(np.asarray([self.final]))
+            grid = TimeGrid.from_times(schedule, ts, (float(alpha[0]), float(sigma[0])))
+        source = getattr(self, "_source", None)  # the file `load` read, for the message
+        check_lambda_gaps(grid, f"solver schedule {source!r} `timesteps`" if source else "solver schedule `timesteps`")
+        return grid
 
     def ems_grid(self, schedule: NoiseSchedule, ems: EMS | None = None) -> tuple[TimeGrid, EMSGrid | None]:
         """The time grid to run on and, for a schedule with ``"ems"`` steps, its EMS indices: the grid is then
@@ -267,7 +273,7 @@ class SolverSchedule:
             raise ValueError(f"unknown solver schedule keys {sorted(map(str, unknown))}; allowed: "
                              f"{sorted(_SCHEDULE_KEYS)}")
         version = data.get("version", SCHEDULE_VERSION)
-        if version != SCHEDULE_VERSION:
+        if isinstance(version, bool) or version != SCHEDULE_VERSION:  # (True == 1 in Python)
             raise ValueError(
                 f"schedule format version {version!r} is not supported (this fewstep reads {SCHEDULE_VERSION})"
             )
@@ -313,9 +319,11 @@ class SolverSchedule:
         except json.JSONDecodeError as exc:
             raise ValueError(f"solver schedule {str(path)!r} is not valid JSON: {exc}") from None
         try:
-            return cls.from_dict(data)
+            out = cls.from_dict(data)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"solver schedule {str(path)!r}: {exc}") from None
+        out._source = str(path)  # named by checks that need the model's noise schedule (`grid`)
+        return out
 
     @classmethod
     def from_grid(cls, grid: TimeGrid, decisions: Sequence[StepDecision], metadata: dict | None = None,
