@@ -70,3 +70,19 @@ def test_finite_watch_names_the_first_bad_step_and_not_huge_finite_values():
         assert "NaN/Inf at step 2 of 4 (sampler s)" in str(exc)
     else:
         raise AssertionError("a NaN/Inf step was not reported")
+
+
+def test_s3_reads_a_shipped_schedule_once_per_nfe(monkeypatch):
+    """A shipped schedule was read from its JSON and checked against the EMS at every set_timesteps."""
+    from fewstep.solvers.s3 import SolverSchedule
+
+    sched = fewstep.load_default("digits-eps", sampler="s3").scheduler
+    reads = []
+    real = SolverSchedule.load
+    monkeypatch.setattr(SolverSchedule, "load", staticmethod(lambda path: reads.append(path) or real(path)))
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    sched.set_timesteps(5)
+    first = _run(sched, x)
+    sched.set_timesteps(6)
+    sched.set_timesteps(5)
+    assert len(reads) == 2 and torch.equal(_run(sched, x), first)

@@ -96,6 +96,7 @@ class FewstepS3Scheduler(FewstepScheduler):
 
             self._ems = load_checked_ems(ems_file, self.noise_schedule, self.prediction_type, ems_model)
         self._loaded: SolverSchedule | None = None
+        self._shipped: dict[int, SolverSchedule] = {}  # shipped schedules by NFE, read and checked once
         if isinstance(s3_schedule, dict) or (isinstance(s3_schedule, str) and s3_schedule not in SHIPPED_SCHEDULES):
             self._loaded = self._load(None)  # validate files and inline schedules now
 
@@ -135,7 +136,11 @@ class FewstepS3Scheduler(FewstepScheduler):
             raise ValueError("`s3` takes its time points from the schedule; pass only num_inference_steps")
         if num_inference_steps is None:
             raise ValueError("pass num_inference_steps (the schedule's NFE)")
-        sched = self._loaded if self._loaded is not None else self._load(num_inference_steps)
+        sched = self._loaded
+        if sched is None:  # a shipped name: its file for this NFE, read (and checked against the EMS) once
+            sched = self._shipped.get(num_inference_steps)
+            if sched is None:
+                sched = self._shipped[num_inference_steps] = self._load(num_inference_steps)
         if sched.nfe != num_inference_steps:
             raise ValueError(
                 f"the solver schedule has NFE {sched.nfe}, but num_inference_steps={num_inference_steps}; "
