@@ -86,3 +86,22 @@ def test_s3_reads_a_shipped_schedule_once_per_nfe(monkeypatch):
     sched.set_timesteps(6)
     sched.set_timesteps(5)
     assert len(reads) == 2 and torch.equal(_run(sched, x), first)
+
+
+def test_the_compiled_transition_cache_is_bounded_by_memory(monkeypatch):
+    """The cache was bounded by entry count only: SD-sized tables kept 1.6 GB of float64 arrays after
+    set_timesteps(5..50) in one process (review of this change). It now empties past a byte budget."""
+    from fewstep.solvers import engine
+
+    sched = fewstep.load_default("digits-eps", sampler="dpm-solver-v3").scheduler
+    sched.set_timesteps(4)
+    one = max(engine._transition_bytes(tr) for tr in _ems_transitions(sched.plan))
+    monkeypatch.setattr(engine, "_TRANSITION_CACHE_BYTES", 6 * one)
+    for n in range(4, 16):
+        sched.set_timesteps(n)
+        cache = engine._transition_cache(sched.ems)
+        assert cache.bytes <= 6 * one and cache.bytes == sum(engine._transition_bytes(t) for t in cache.values())
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    fresh = fewstep.load_default("digits-eps", sampler="dpm-solver-v3").scheduler
+    fresh.set_timesteps(15)
+    assert torch.equal(_run(sched, x), _run(fresh, x))  # entries dropped and rebuilt: the same numbers

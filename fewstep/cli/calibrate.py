@@ -44,8 +44,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError("--cpr-out needs ratios for at least 2 (NFE, CFG) pairs")
     import torch
 
-    # seeded for the run (as before), without changing the caller's global RNG stream (in-process `main`)
-    with torch.random.fork_rng(devices=[]):
+    # seeded for the run (as before: torch.manual_seed seeds every CUDA device too), without changing the caller's
+    # global RNG streams (in-process `main`): forked on the CPU and on every visible CUDA device
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(args.seed)
         overrides = {"dc_base": args.base, "dc_order": args.order, "dc_variable": args.variable}
         common = dict(datapoints=args.datapoints, seed=args.seed, reference=args.reference,

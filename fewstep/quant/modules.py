@@ -325,8 +325,8 @@ class QuantLayer(nn.Module):
         a whole quantization step wherever a value sits on a rounding boundary: an image then changed with the other
         images of its batch (by up to 0.2 in [0, 1]). ``int8`` sums integers exactly and is batch invariant too;
         ``dequant``, a speed path in half precision, is not (as any float model, amplified by the rounding)."""
-        if self.mode == "fake":
-            dtype, work = torch.float32, torch.float64
+        if self.mode == "fake":  # (MPS has no float64: float32 there, batch dependent as dequant)
+            dtype, work = torch.float32, (torch.float32 if x.device.type == "mps" else torch.float64)
         else:
             dtype = work = x.dtype
         out = None

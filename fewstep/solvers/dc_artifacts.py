@@ -97,7 +97,17 @@ def _compare_key(stored: dict, wanted: dict, path: Path) -> None:
         return
     diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
     details = ", ".join(f"{k}: file {stored.get(k)!r} vs scheduler {wanted.get(k)!r}" for k in diff)
-    raise ValueError(f"{path} was made for other scheduler settings ({details})")
+    newer = [k for k in diff if k in _MODEL_KEYS and k not in stored]
+    hint = ""
+    if newer:  # a table calibrated before these entered the key holds none of them, also for such a model
+        hint = (f"; the file records no {'/'.join(newer)}: it was calibrated for a model with the defaults (epsilon "
+                "prediction, parametric betas, VP), or by a fewstep that did not record them -- calibrate ratios for "
+                "this model (fewstep calibrate dc)")
+    raise ValueError(f"{path} was made for other scheduler settings ({details}){hint}")
+
+
+#: key entries that describe the model (``dc_scheduler_key`` adds them only when not the default)
+_MODEL_KEYS = ("prediction_type", "trained_betas", "flow")
 
 
 def _read(path: str | os.PathLike, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

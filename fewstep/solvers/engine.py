@@ -335,21 +335,39 @@ def _ems_transition(grid, s, t, points, base, pseudo, ems: EMSGrid | None) -> EM
     if hit is None:
         hit = ems_transition(ems.ems, idx[s], idx[t], [idx[j] for j in points], alphas=alphas, sigmas=sigmas,
                              offsets=offsets, pseudo=pseudo)
-        if len(cache) >= _TRANSITION_CACHE_SIZE:
-            cache.clear()
+        size = _transition_bytes(hit)
+        if cache.bytes + size > _TRANSITION_CACHE_BYTES:  # bounded by memory, not by count: one SD-sized
+            cache.clear()  # transition holds ~0.8 MB of float64 arrays (plus its device copies)
         cache[key] = hit
+        cache.bytes += size
     return hit
 
 
-#: compiled EMS transitions kept per EMS object (a run of N steps uses about 2N)
-_TRANSITION_CACHE_SIZE = 2048
+#: host bytes of compiled EMS transitions kept per EMS object (~300 transitions of SD-sized tables: a 75-step run)
+_TRANSITION_CACHE_BYTES = 256 * 2**20
 
 
-def _transition_cache(tables: Any) -> dict:
+class _TransitionCache(dict):
+    """Compiled transitions by key, with the host bytes they hold (``bytes``; ``clear`` resets it)."""
+
+    bytes = 0
+
+    def clear(self) -> None:
+        super().clear()
+        self.bytes = 0
+
+
+def _transition_bytes(tr: Any) -> int:
+    """Host bytes of a compiled EMS transition's coefficient arrays (its device copies are half of it in float32)."""
+    arrays = [tr.lin, tr.const, *(a for _, cx, ce in tr.terms for a in (cx, ce))]
+    return int(sum(np.asarray(a).nbytes for a in arrays))
+
+
+def _transition_cache(tables: Any) -> _TransitionCache:
     """The compiled-transition cache of an EMS object, kept on the object itself (it dies with the tables)."""
     cache = tables.__dict__.get("_compiled_transitions")
     if cache is None:
-        cache = tables.__dict__["_compiled_transitions"] = {}
+        cache = tables.__dict__["_compiled_transitions"] = _TransitionCache()
     return cache
 
 
