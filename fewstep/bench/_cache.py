@@ -92,17 +92,16 @@ def check_cached_range(path: Path | None, name: str, value: torch.Tensor,
 
 
 def cached_tensor(cache_dir: Path | None, kind: str, key: dict[str, Any], name: str,
-                  compute: Callable[[], torch.Tensor], write: bool = True, rows: int | None = None,
-                  value_range: tuple[float, float] | None = None) -> torch.Tensor:
+                  compute: Callable[[], torch.Tensor], write: bool = True, rows: int | None = None) -> torch.Tensor:
     """The tensor ``name`` of the cache file for ``key`` under ``cache_dir``; computed by ``compute()`` and stored
     (when ``write``: the main process of a distributed run) on a miss. ``cache_dir=None`` always computes.
-    ``rows``: the number of rows (samples) a stored tensor must have. ``value_range``: the ``(low, high)`` a stored
-    tensor's values must lie in; by default ``[0, 1]`` for ``name="images"`` (see ``_VALUE_RANGES``), none else."""
+    ``rows``: the number of rows (samples) a stored tensor must have. A stored tensor's values must lie in its
+    name's range (``_VALUE_RANGES``: ``[0, 1]`` for ``"images"``, none else)."""
     path = cache_dir / cache_name(kind, key) if cache_dir is not None else None
     cached = load_cached(path, key, (name,)) if path is not None else None
     if cached is not None:
         value = check_cached_rows(path, cached[name], rows)
-        return check_cached_range(path, name, value, value_range or _VALUE_RANGES.get(name))
+        return check_cached_range(path, name, value, _VALUE_RANGES.get(name))
     value = compute()
     if path is not None and write:
         save_cached(path, {name: value}, key)
