@@ -227,3 +227,45 @@ def test_zero_snr_karras_grid_starts_at_diffusers_sigma_max(name, diffusers_cls,
     assert torch.equal(ours.timesteps[first:], reference.timesteps[first:])
     torch.testing.assert_close(ours.sigmas, reference.sigmas, rtol=1e-6, atol=0)
     assert _rel(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("algorithm", ["sde-dpmsolver++", "sde-dpmsolver", "dpmsolver++"])
+def test_dpm_solver_variance_noise_matches_diffusers(algorithm, order):
+    """``step(..., variance_noise=)`` takes the SDE step's noise as diffusers' DPMSolverMultistepScheduler does
+    (positionally too: its fifth argument), and draws nothing from the global RNG; the ODE types ignore it."""
+    kwargs = {"algorithm_type": algorithm, "solver_order": order, "final_sigmas_type": "sigma_min"}
+    model = TinyDenoiser(3 * 8 * 8)
+    reference = DPMSolverMultistepScheduler(**kwargs)
+    ours = get("dpm-solver++").from_config(reference.config)
+    g = torch.Generator().manual_seed(3)
+    noises = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(6)]
+    out = []
+    for sched in (reference, ours):
+        sched.set_timesteps(6)
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        torch.manual_seed(0)
+        for t, noise in zip(sched.timesteps, noises):
+            x = sched.step(model(x, t), t, x, None, noise).prev_sample
+        out.append((x, torch.rand(1)))
+    assert _rel(out[1][0], out[0][0]) < 1e-5
+    assert torch.equal(out[1][1], out[0][1])  # same global RNG state after both loops: nothing drawn
+    if algorithm.startswith("sde-"):
+        ours.set_timesteps(6)
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        t = ours.timesteps[0]
+        other = ours.step(model(x, t), t, x, variance_noise=-noises[0]).prev_sample
+        ours.set_timesteps(6)
+        same = ours.step(model(x, t), t, x, variance_noise=noises[0]).prev_sample
+        assert (other - same).abs().max() > 1e-3  # the noise is used, not ignored
+
+
+def test_dpm_solver_variance_noise_is_checked():
+    sched = get("dpm-solver++")(algorithm_type="sde-dpmsolver++")
+    sched.set_timesteps(4)
+    x = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"`variance_noise` must have the sample's shape"):
+        sched.step(x, sched.timesteps[0], x, variance_noise=torch.zeros(1, 3, 4))
+    with pytest.raises(ValueError, match=r"`variance_noise` must be a floating tensor"):
+        sched.step(x, sched.timesteps[0], x, variance_noise=torch.zeros(1, 3, 4, 4, dtype=torch.int64))
+    assert sched.step_index is None  # a refused call does not advance

@@ -849,15 +849,20 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             history = self._postprocess_pair(history[0].to(dtype), history[1].to(dtype))
         return self._advance(i, x, x0, eps, sample.dtype, return_dict, self._step_noise(i, x, generator), history)
 
-    def _step_noise(self, k: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+    def _step_noise(
+        self, k: int, x: torch.Tensor, generator: torch.Generator | None, given: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Fresh standard normal noise for model call ``k`` when its step's predictor is stochastic (SDE), drawn
-        from ``generator``; ``None`` for ODE steps and for the first call of a step with an implicit corrector.
+        from ``generator`` (or ``given``: the caller's ``variance_noise``, used as it is); ``None`` for ODE steps and
+        for the first call of a step with an implicit corrector.
 
         Drawn in float32 on every stochastic step (also a final one whose noise weight is 0), as diffusers does,
         so that one seeded generator gives the same trajectory with either library."""
         i, again = self.plan.calls[k]
         if not self.plan.decisions[i].stochastic or (self.plan.steps[i].reevaluate and not again):
             return None
+        if given is not None:
+            return given.to(device=x.device, dtype=x.dtype)
         return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
     def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None, history=None):

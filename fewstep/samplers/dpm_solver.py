@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from diffusers.configuration_utils import register_to_config
 
 from ..solvers.methods import dpm_solver_decisions
-from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
+from .base import (  # noqa: F401 - SchedulerMixin: see base.py
+    FewstepScheduler,
+    FewstepSchedulerOutput,
+    SchedulerMixin,
+    _step_dtype,
+)
 
 __all__ = ["FewstepDPMSolverScheduler", "ODE_ALGORITHMS", "check_ode_algorithm_type"]
 
@@ -101,3 +107,31 @@ class FewstepDPMSolverScheduler(FewstepScheduler):
             final_is_clean=final_is_clean,
             stochastic=cfg.algorithm_type.startswith("sde-"),
         )
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
+        """Advance ``sample`` to the next grid point, with diffusers' ``DPMSolverMultistepScheduler.step`` arguments.
+
+        ``variance_noise`` (standard normal, the sample's shape): the SDE step's noise itself, used instead of a draw
+        from ``generator`` (as diffusers, it wins when both are given); the ODE algorithm types ignore it. Otherwise
+        as every fewstep scheduler's ``step``."""
+        if variance_noise is not None:
+            _step_dtype(variance_noise=variance_noise, sample=sample)  # floating tensors (metadata only)
+            if variance_noise.shape != sample.shape:
+                raise ValueError(f"`variance_noise` must have the sample's shape {tuple(sample.shape)}, got "
+                                 f"{tuple(variance_noise.shape)}")
+        self._variance_noise = variance_noise
+        try:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        finally:
+            self._variance_noise = None
+
+    def _step_noise(self, k, x, generator, given=None):
+        return super()._step_noise(k, x, generator, getattr(self, "_variance_noise", None) if given is None else given)
