@@ -94,16 +94,6 @@ def test_dc_ratios_must_be_positive_numbers(ratios, message):
     assert check_ratios([1, 1, 1e-9, 50.0, 1, 1], 6)[3] == 50.0  # small or large positive ratios: no bound justified
 
 
-def test_dc_ratio_files_with_nonpositive_ratios_are_refused_naming_the_file(tmp_path):
-    from fewstep.solvers.dc_artifacts import RatioEntry, load_ratio_table, save_ratio_table
-
-    path = save_ratio_table(tmp_path / "r.ratios.safetensors", [RatioEntry(4, 3.0, [1.0, 1.0, 0.0, 1.1])], "toy",
-                            {"dc_order": 2})
-    with pytest.raises(ValueError, match=r"DC-Solver ratio table '.*r\.ratios\.safetensors': entry 0 \('nfe4_cfg3'\): "
-                                         r"ratio 2 is 0\.0; DC ratios must be > 0"):
-        load_ratio_table(path)
-
-
 # ------------------------------------------------------------------------------------------ 1. EMS tables
 def _shipped_ems() -> tuple[dict, dict]:
     with safe_open(str(ASSETS / "ems" / "digits-eps.safetensors"), "pt") as f:

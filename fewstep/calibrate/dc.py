@@ -243,8 +243,9 @@ def search_ratios(
                 value = float(loss.detach())
                 if it == 0:
                     loss_base[i] = value
-                if value < best[0]:
-                    best = (value, float(rho.detach()))
+                candidate = float(rho.detach())
+                if value < best[0] and candidate > 0:  # rho <= 0 is no compensation (check_ratios refuses it)
+                    best = (value, candidate)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

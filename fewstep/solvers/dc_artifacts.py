@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from scipy import linalg
 
 from .._checks import check_int, stored_float64
+from .dc import check_ratios
 
 __all__ = [
     "RatioEntry",
@@ -74,6 +75,7 @@ class RatioEntry:
         self.ratios = [float(r) for r in self.ratios]
         if len(self.ratios) != self.nfe:
             raise ValueError(f"`ratios` has {len(self.ratios)} entries for nfe={self.nfe}; need one per step")
+        check_ratios(self.ratios, self.nfe, order=0)  # finite and > 0: what the sampler accepts
 
     @property
     def key(self) -> str:
@@ -234,12 +236,10 @@ def _parse_ratio_table(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
         ratios = stored_float64(key, tensors[key], ndim=1)
         if ratios.size != nfe:
             raise ValueError(f"entry {i} ({key!r}): {ratios.size} ratios for NFE {nfe}; need one per step")
-        if np.any(ratios <= 0):
-            j = int(np.flatnonzero(ratios <= 0)[0])
-            raise ValueError(f"entry {i} ({key!r}): ratio {j} is {float(ratios[j])!r}; DC ratios must be > 0 (rho <= 0 "
-                             "puts the compensation time at or before the previous step's: see "
-                             f"fewstep.solvers.dc.check_ratios), got {ratios.tolist()}")
-        entry = RatioEntry(nfe, float(cfg), ratios.tolist(), extra)
+        try:
+            entry = RatioEntry(nfe, float(cfg), ratios.tolist(), extra)
+        except ValueError as err:
+            raise ValueError(f"entry {i} ({key!r}): {err}") from None
         if entry.key != key:
             raise ValueError(f"entry {i}: 'key' {key!r} does not match its NFE {nfe} and guidance scale {cfg!r} "
                              f"(expected {entry.key!r})")
