@@ -556,3 +556,49 @@ def test_sdxl_callbacks_read_denoising_end(sdxl):
 
     fp(**_sdxl_embeds(), num_inference_steps=2, output_type="latent", callback_on_step_end=callback)
     assert seen == [None, None]
+
+
+def test_image_to_image_and_inpainting_siblings_are_hosted_as_text_to_image(sd, sdxl):
+    """Found by a probe: ``from_pipe`` accepted img2img/inpainting pipelines, whose own ``check_inputs`` and
+    ``prepare_latents`` (an image, a ``strength``) then failed every call with a TypeError. They are hosted as their
+    text-to-image sibling over the same modules; an SDXL refiner (aesthetic-score UNet) is refused."""
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+    )
+
+    run = dict(num_inference_steps=3, output_type="np")
+    expected = FewstepPipeline.from_pipe(sd, scheduler="unipc", guidance="apg", guidance_scale=4.0)(
+        "a cat", generator=_gen(), **run).images
+    for cls in (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline):
+        sibling = cls(**sd.components, requires_safety_checker=False)
+        fp = FewstepPipeline.from_pipe(sibling, scheduler="unipc", guidance="apg", guidance_scale=4.0)
+        assert type(fp.pipe) is StableDiffusionPipeline and fp.pipe.unet is sd.unet and fp.pipe.vae is sd.vae
+        np.testing.assert_array_equal(fp("a cat", generator=_gen(), **run).images, expected)
+        assert type(sibling) is cls  # the caller's pipeline is left as it was
+    modules = {k: sdxl.components[k] for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                                               "unet", "scheduler")}  # fmt: skip
+    expected = FewstepPipeline.from_pipe(sdxl, scheduler="dpm-solver++")(**_sdxl_embeds(), generator=_gen(),
+                                                                          **run).images  # fmt: skip
+    sibling = StableDiffusionXLImg2ImgPipeline(**modules, add_watermarker=False)
+    fp = FewstepPipeline.from_pipe(sibling, scheduler="dpm-solver++")
+    assert type(fp.pipe) is StableDiffusionXLPipeline
+    np.testing.assert_array_equal(fp(**_sdxl_embeds(), generator=_gen(), **run).images, expected)
+    refiner = StableDiffusionXLImg2ImgPipeline(**modules, add_watermarker=False, requires_aesthetics_score=True)
+    with pytest.raises(ValueError, match=r"StableDiffusionXLImg2ImgPipeline has requires_aesthetics_score=True \(an "
+                                         r"SDXL refiner"):
+        FewstepPipeline.from_pipe(refiner, scheduler="dpm-solver++")
+
+
+def test_config_fixes_of_a_new_scheduler_survive_from_config(sd):
+    """Found by a probe: the ``steps_offset = 1`` given to a new scheduler was written past ``register_to_config``,
+    so the key stayed in ``_use_default_values`` and ``from_config(fp.scheduler.config)`` dropped it again."""
+    ddim = samplers.get("ddim")()
+    fp = FewstepPipeline.from_pipe(sd, scheduler=ddim)
+    assert fp.scheduler.config.steps_offset == 1
+    again = samplers.get("ddim").from_config(fp.scheduler.config)
+    assert again.config.steps_offset == 1
+    again.set_timesteps(5)
+    fp.scheduler.set_timesteps(5)
+    assert torch.equal(again.timesteps, fp.scheduler.timesteps)

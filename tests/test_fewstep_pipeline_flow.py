@@ -447,8 +447,21 @@ def test_user_latents_are_checked_for_sd3_and_flux(sd3, flux):
 def test_wrapper_exposes_diffusers_call_properties(flux):
     fp = FewstepPipeline.from_pipe(flux, scheduler="flow-euler", guidance="cfg", guidance_scale=4.0)
     fp(**_embeds(), height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent")
-    assert fp.num_timesteps == 3 and fp.guidance_scale == 4.0 and fp.do_classifier_free_guidance
+    # Flux's `guidance_scale` is its embedding's scale, also under true CFG (diffusers' FluxPipeline with
+    # true_cfg_scale=4 reports 3.5; found by a probe: the wrapper reported the rule's scale)
+    assert fp.num_timesteps == 3 and fp.guidance_scale == 3.5 and fp.do_classifier_free_guidance
     assert fp.interrupt is False
+    if flux.transformer.config.guidance_embeds:
+        fp(**_embeds(), height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent",
+           embedded_guidance_scale=2.0)  # fmt: skip
+        assert fp.guidance_scale == 2.0
+
+
+def test_pair_rules_on_a_diffusers_flow_scheduler_list_the_flow_samplers(flux):
+    """Found by a probe: the message listed the VP samplers only, without flow-euler (which runs APG on Flux)."""
+    with pytest.raises(ValueError, match=r"guidance 'apg' needs a fewstep scheduler .*got "
+                                         r"FlowMatchEulerDiscreteScheduler; use one of: .*flow-euler"):
+        FewstepPipeline.from_pipe(flux, guidance="apg")
 
 
 def test_wrapper_says_guided_for_cfgpp_and_per_step_scales(sd3):
@@ -470,3 +483,18 @@ def test_an_underflowing_or_overflowing_mu_is_named():
     for mu in (-800.0, 710.0):
         with pytest.raises(ValueError, match="`mu` \\(the log of the dynamic shift\\) must be a finite number in"):
             sched.set_timesteps(4, mu=mu)
+
+
+def test_image_to_image_siblings_are_hosted_as_text_to_image(sd3, flux):
+    """Found by a probe: SD3 and Flux img2img pipelines passed ``from_pipe`` and then failed every call (their
+    ``check_inputs`` takes a ``strength``); they run as their text-to-image siblings."""
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+
+    run = dict(height=SIZE, width=SIZE, num_inference_steps=3, output_type="np")
+    cases = ((sd3, StableDiffusion3Img2ImgPipeline, _embeds()), (flux, FluxImg2ImgPipeline, _pos(_embeds())))
+    for base, cls, kw in cases:
+        modules = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+        expected = FewstepPipeline.from_pipe(base, scheduler="flow-euler")(**kw, generator=_gen(), **run).images
+        fp = FewstepPipeline.from_pipe(cls(**modules), scheduler="flow-euler")
+        assert type(fp.pipe) is type(base) and fp.pipe.transformer is base.transformer
+        np.testing.assert_array_equal(fp(**kw, generator=_gen(), **run).images, expected)

@@ -28,7 +28,9 @@ on the device (``fewstep.solvers.static``, ``fewstep.guidance.static``), so repl
 The same static step also runs uncaptured (``_loop_mode = "static"``), which is how CPU tests check it against
 the eager loop. The static step lives in ``graph_step.py`` and the SD3/Flux methods in ``flow_families.py``
 (mixins of ``FewstepPipeline``); this module holds the shared loop, SD/SDXL and the class-conditional family.
-Not covered yet: img2img/inpainting, IP-adapter, LCM ``timestep_cond``, SD3 skip-layer guidance.
+Image-to-image and inpainting pipelines (with text-to-image UNets) are hosted as their text-to-image siblings
+(``sharing.text_to_image_base``); not covered yet: their image inputs, IP-adapter, LCM ``timestep_cond``, SD3
+skip-layer guidance.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from .graph_step import (
     kwargs_cache_key,
 )
 from .loop_checks import FiniteWatch, callback_tensors, check_generators, check_latents, check_returned
-from .sharing import pixel_outputs, share_modules, stable_diffusion_scheduler_fixes
+from .sharing import pixel_outputs, share_modules, stable_diffusion_scheduler_fixes, text_to_image_base
 
 __all__ = ["FewstepPipeline", "PIPELINE_OUTPUT_TYPES", "flow_shift_mu"]
 
@@ -284,6 +286,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                 "option triton.cudagraphs); with cuda_graph=True use 'max-autotune-no-cudagraphs' or 'default'"
             )
         family = _family(pipe)
+        pipe = text_to_image_base(pipe, family)
         flow = family in FLOW_FAMILIES
         if isinstance(scheduler, str):
             samplers.get(scheduler)  # unknown names: the registry's error
@@ -305,7 +308,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             rule, embedded = None, FLUX_EMBEDDED_SCALE if guidance_scale is None else float(guidance_scale)
         else:
             rule, embedded = cls._make_rule(guidance, guidance_scale, family), FLUX_EMBEDDED_SCALE
-            cls._check_compatible(rule, scheduler)
+            cls._check_compatible(rule, scheduler, family)
         if cuda_graph:
             check_graph_scheduler(scheduler)
             if rule is not None:
@@ -366,12 +369,15 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                  if name in known or (prm.default is prm.empty and prm.kind is not prm.VAR_KEYWORD)})  # fmt: skip
 
     @staticmethod
-    def _check_compatible(rule: GuidanceRule, scheduler: Any) -> None:
+    def _check_compatible(rule: GuidanceRule, scheduler: Any, family: str) -> None:
+        """A rule other than plain CFG needs a scheduler that takes ``(x0, eps)`` pairs; the message lists the
+        fewstep samplers that can integrate this family's model."""
         if rule.needs_uncond and not guidance_rules.supports_pairs(scheduler):
             if not isinstance(rule, guidance_rules.CFG):
+                names = flow_samplers() if family in FLOW_FAMILIES else samplers.names("diffusion", standalone=True)
                 raise ValueError(
                     f"guidance {rule.name!r} needs a fewstep scheduler (with `step_pair`), got "
-                    f"{type(scheduler).__name__}; use one of: {', '.join(samplers.names('diffusion', standalone=True))}"
+                    f"{type(scheduler).__name__}; use one of: {', '.join(names)}"
                 )
 
     # ----------------------------------------------------------------------------------------------
@@ -599,7 +605,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         ``callback_on_step_end_tensor_inputs`` (``latents``, ``prompt_embeds``) and may replace them.
         ``output_type``: ``pil``, ``np``, ``pt`` or ``latent`` (Flux: packed latents, as diffusers).
         Flux: ``embedded_guidance_scale`` (default: the pipeline's, 3.5) feeds the guidance embedding of
-        guidance-distilled transformers; without a rule (the default) ``guidance_scale`` alone sets it; a rule
+        guidance-distilled transformers; without a rule (the default) ``guidance_scale`` alone sets it (ignored, as
+        diffusers ignores it, by a transformer without the embedding: FLUX.1-schnell); a rule
         needs ``negative_prompt`` or ``negative_prompt_embeds`` (true CFG).
         Class-conditional pipelines (family ``"class"``) take ``class_labels`` (one image per label and per
         ``num_images_per_prompt``) and no prompt; the unconditional branch is the null class; images as
@@ -638,7 +645,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                                  f"this call's rule is {'none' if rule is None else repr(rule.name)}")  # fmt: skip
             rule = guidance_rules.CFG(**{**rule.config(), "guidance_rescale": guidance_rescale})
         if rule is not None:
-            self._check_compatible(rule, p.scheduler)
+            self._check_compatible(rule, p.scheduler, self.family)
         if output_type not in PIPELINE_OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(PIPELINE_OUTPUT_TYPES)}, got {output_type!r}")
         check_int("num_inference_steps", num_inference_steps, 1)

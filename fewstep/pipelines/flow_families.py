@@ -217,7 +217,8 @@ class FlowFamilies:
                                 encoder_hidden_states=c["embeds"], pooled_projections=c["pooled"],
                                 joint_attention_kwargs=attention, return_dict=False)[0]  # fmt: skip
 
-        self._set_call_state(rule, len(timesteps), None if rule is not None else embedded, guided=guided,
+        # Flux's `guidance_scale` property is its embedding's scale, also under true CFG (as diffusers' FluxPipeline)
+        self._set_call_state(rule, len(timesteps), embedded if self.family == "flux" else None, guided=guided,
                              clip_skip=kw["clip_skip"], attention=attention)
         x = self._denoise(model_fn, x, conds, timesteps, rule if guided else None, generator,
                           kw["callback_on_step_end"], kw["callback_on_step_end_tensor_inputs"],

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers.configuration_utils import FrozenDict
 
 from ..datasets import to_unit_range
 
@@ -32,6 +31,45 @@ def share_modules(pipe: Any, **modules: Any) -> Any:
     return shared
 
 
+#: the diffusers text-to-image pipeline of each hosted family: their image-to-image and inpainting siblings (same
+#: modules) are hosted as these
+_TEXT_TO_IMAGE = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                  "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # fmt: skip
+
+
+def text_to_image_base(pipe: Any, family: str) -> Any:
+    """``pipe`` itself, or, for an image-to-image or inpainting pipeline of a hosted family (diffusers'
+    ``...Img2Img...`` and ``...Inpaint...`` classes), the family's text-to-image pipeline over the same modules, as
+    diffusers' ``AutoPipelineForText2Image.from_pipe`` builds it (without casting anything). Their own
+    ``check_inputs`` and ``prepare_latents`` take an image and a ``strength`` the text-to-image loop does not have.
+
+    An SDXL refiner (``requires_aesthetics_score=True``) is refused: its UNet's added time embedding holds an aesthetic
+    score where the text-to-image one holds the target size."""
+    name = type(pipe).__name__
+    target = _TEXT_TO_IMAGE.get(family)
+    if target is None or not ("Img2Img" in name or "Inpaint" in name):
+        return pipe
+    if pipe.config.get("requires_aesthetics_score", False):
+        raise ValueError(f"FewstepPipeline hosts text-to-image loops; this {name} has requires_aesthetics_score=True "
+                         "(an SDXL refiner: its UNet is conditioned on an aesthetic score, not on a target size); use "
+                         "it with a fewstep scheduler as it is (pipe.scheduler = fewstep.samplers.get(name)."
+                         "from_config(pipe.scheduler.config))")  # fmt: skip
+    import diffusers
+
+    cls = getattr(diffusers, target)
+    modules, optional = cls._get_signature_keys(cls)
+    components = pipe.components
+    kwargs = {key: components.get(key) for key in modules}
+    for key in optional:
+        if key in components:
+            kwargs[key] = components[key]
+        elif key in pipe.config and not (isinstance(pipe.config[key], (list, tuple)) and len(pipe.config[key]) == 2):
+            kwargs[key] = pipe.config[key]  # a setting (requires_safety_checker, ...); [library, class] is a module
+    base = cls(**kwargs)
+    base.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return base
+
+
 def stable_diffusion_scheduler_fixes(pipe: Any, scheduler: Any) -> None:
     """Give ``scheduler`` the config fixes ``pipe``'s own ``__init__`` gives every scheduler it is built with, when
     ``pipe`` is diffusers' ``StableDiffusionPipeline`` (or a subclass): ``steps_offset = 1`` and ``clip_sample = False``
@@ -51,7 +89,7 @@ def stable_diffusion_scheduler_fixes(pipe: Any, scheduler: Any) -> None:
     if fixes:
         logger.warning("%s's config set to %s, as StableDiffusionPipeline sets it for every scheduler (an outdated "
                        "SD config)", type(scheduler).__name__, fixes)
-        scheduler._internal_dict = FrozenDict({**dict(scheduler.config), **fixes})
+        scheduler.register_to_config(**fixes)  # (fewstep's override also takes them off `_use_default_values`)
 
 
 def pixel_outputs(x: torch.Tensor, output_type: str, to_pil: Callable[[Any], Any] | None = None) -> Any:
