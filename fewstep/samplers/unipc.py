@@ -25,7 +25,11 @@ class FewstepUniPCScheduler(FewstepScheduler):
     """UniPC: multistep UniP predictor + UniC corrector (bh1/bh2, orders 1-3), corrector costs no extra NFE.
 
     Zhao et al. (2023), Algorithms 1-2 (B(h) = h for bh1, e^h - 1 for bh2). Matches diffusers'
-    UniPCMultistepScheduler step for step, and also runs in float64 and float16.
+    UniPCMultistepScheduler step for step, and also runs in float64 and float16. Two edge cases differ on purpose:
+    with ``use_karras_sigmas`` and ``final_sigmas_type="sigma_min"`` diffusers' UniPC ends on the last Karras sigma
+    (its last step then has length 0 when the config sets ``sigma_min``; with one step it does not move), fewstep at
+    the training schedule's sigma_min, as DPM-Solver does; on flow grids (``use_flow_sigmas``) diffusers hands the
+    model ``int(s T)``, fewstep ``s T`` itself (under one timestep apart; the sigmas are the same).
     """
 
     @register_to_config
