@@ -29,6 +29,29 @@ __all__ = ["ddim_invert"]
 ModelFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _check_outputs(images: torch.Tensor, **outputs: torch.Tensor) -> None:
+    """Each of ``model_fn``'s outputs must have the images' shape (metadata only; the wording of the samplers'
+    ``_check_output_shape``). The pair conversion broadcasts: one output for a batch of images was inverted silently
+    with v-prediction and flow models, and a wrong channel count failed inside torch."""
+    for name, out in outputs.items():
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"`model_fn`'s `{name}` must be a torch.Tensor of the images' shape, got "
+                            f"{type(out).__name__}")
+        if out.shape == images.shape:
+            continue
+        got, want = tuple(out.shape), tuple(images.shape)
+        hint = "one output per image, of the images' shape"
+        if out.ndim == images.ndim >= 2 and out.shape[0] == 2 * images.shape[0] and out.shape[1:] == images.shape[1:]:
+            hint = ("it holds twice the images' batch: return the conditional and unconditional halves separately "
+                    "(uncond, cond = noise_pred.chunk(2); return cond, uncond)")
+        elif (out.ndim == images.ndim >= 2 and out.shape[0] == images.shape[0]
+              and out.shape[1] == 2 * images.shape[1] and out.shape[2:] == images.shape[2:]):
+            c = images.shape[1]
+            hint = (f"it has twice the images' channels ({2 * c} vs {c}): a learned-variance model (mean and "
+                    f"variance); return its first half, {name}[:, :{c}], the mean prediction")
+        raise ValueError(f"`model_fn`'s `{name}` must have the shape of `images` {want}, got {got}: {hint}")
+
+
 @torch.no_grad()
 def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: GuidanceRule) -> torch.Tensor:
     """Invert clean ``images`` to the first grid level of ``scheduler`` (a fewstep scheduler after
@@ -36,8 +59,9 @@ def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: G
     DDIM sampling on the same grid with the same rule maps the result back). A per-step rule (``CFG([w_0, ...])``)
     applies ``w_k`` at level ``k``, where sampling applies it.
 
-    ``model_fn(x, t) -> (out_cond, out_uncond)`` returns the raw conditional and unconditional outputs; ``x`` has the
-    images' dtype. Half-precision images are inverted in float32 (as ``step`` does) and returned in their dtype.
+    ``model_fn(x, t) -> (out_cond, out_uncond)`` returns the raw conditional and unconditional outputs, each of the
+    images' shape (refused otherwise); ``x`` has the images' dtype. Half-precision images are inverted in float32 (as
+    ``step`` does) and returned in their dtype.
     """
     if not supports_pairs(scheduler) or scheduler.plan is None:
         raise ValueError(f"`scheduler` must be a fewstep scheduler after set_timesteps, got {type(scheduler).__name__}")
@@ -59,6 +83,7 @@ def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: G
         a_k, s_k = float(grid.alphas[k]), float(grid.sigmas[k])
         a_up, s_up = float(grid.alphas[k + 1]), float(grid.sigmas[k + 1])
         out_c, out_u = model_fn(x.to(dtype), timesteps[k])  # the model sees the images' dtype
+        _check_outputs(images, out_cond=out_c, out_uncond=out_u)  # the pair conversion would broadcast them
         cond = scheduler.convert_model_output(out_c.to(work), x, k, clip=False)
         uncond = scheduler.convert_model_output(out_u.to(work), x, k, clip=False)
         # the state of sampling step k (a per-step scale w_k applies at level k, as when sampling)

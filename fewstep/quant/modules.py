@@ -298,10 +298,10 @@ class QuantLayer(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv2d" and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it: in every mode
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self.mode in ("fake", "dequant"):
             return self._forward_float(x)
-        if self.kind == "conv2d" and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
-            return self.forward(x.unsqueeze(0)).squeeze(0)
         if torch.is_grad_enabled() and x.requires_grad:  # metadata only: no host sync
             return _NoGradient.apply(x, self)  # runs; only a backward through it is refused
         return self._forward_real(x)

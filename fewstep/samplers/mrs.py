@@ -20,7 +20,13 @@ from ..solvers.mean_reverting import (
 )
 from ..solvers.methods import dpm_solver_decisions, euler_maruyama_decisions
 from ..solvers.schedules import is_flow_config
-from .base import FewstepScheduler, FewstepSchedulerOutput, SchedulerMixin, _step_dtype  # noqa: F401 - see base.py
+from .base import (  # noqa: F401 - SchedulerMixin: see base.py
+    FewstepScheduler,
+    FewstepSchedulerOutput,
+    SchedulerMixin,
+    _check_output_shape,
+    _step_dtype,
+)
 
 __all__ = ["FewstepMRSScheduler", "MRS_SOLVERS", "MRS_DEFAULT_ORDERS"]
 
@@ -137,8 +143,10 @@ class FewstepMRSScheduler(FewstepScheduler):
         return_dict: bool = True,
         **kwargs: Any,
     ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
-        """Advance ``sample`` (the MR state ``x``) to the next grid point; ``mu`` is the degraded image."""
+        """Advance ``sample`` (the MR state ``x``) to the next grid point; ``mu`` is the degraded image.
+        ``model_output`` and ``mu`` must have the sample's shape."""
         dtype = _step_dtype(model_output=model_output, sample=sample)
+        _check_output_shape(sample, model_output=model_output)
         mu = check_measurement(mu, sample)
         i = self._begin_step(timestep)
         lam = self.stationary_std
