@@ -278,8 +278,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         for key, shipped in self._artifact_config_keys.items():  # before anything is written
             value = self.config.get(key)
             if isinstance(value, (str, os.PathLike)) and value not in shipped and not Path(value).is_file():
-                raise ValueError(f"`{key}`={str(value)!r} names no file (from {os.getcwd()!r}) and no shipped name "
-                                 f"({', '.join(shipped) or 'none'}): the saved scheduler would lack it")
+                where = "" if os.path.isabs(value) else f" (from {os.getcwd()!r})"
+                raise ValueError(f"`{key}`={str(value)!r} names no file{where} and no shipped name "
+                                 f"({', '.join(shipped) or 'none'}): the saved scheduler would lack it (what was "
+                                 "read from it is not written back); restore the file, or rebuild the scheduler "
+                                 "from one that exists")
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         folder = Path(save_directory)
         copies = {}
@@ -353,6 +356,20 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         used = getattr(self, "_internal_dict", {}).get("_use_default_values")
         if used and "_use_default_values" not in kwargs and any(k in used for k in kwargs):
             super().register_to_config(_use_default_values=[k for k in used if k not in kwargs])
+
+    def _anchor_artifact_files(self) -> None:
+        """Register every artifact file the config names by a relative path (``_artifact_config_keys``) as its
+        absolute path, resolved against the working directory of construction, where it was read: a relative
+        name stayed in the config and ``from_config(self.config)``, ``save_pretrained`` (and DC's lazily read ratio
+        table) read it again from whatever the working directory was then -- another file of the same name, or none.
+        Shipped names, absolute paths and inline values are kept as given. Call it at the end of ``__init__``."""
+        anchored = {}
+        for key, shipped in self._artifact_config_keys.items():
+            value = self.config.get(key)
+            if isinstance(value, (str, os.PathLike)) and value not in shipped and not os.path.isabs(value):
+                anchored[key] = str(Path(value).resolve())
+        if anchored:
+            self.register_to_config(**anchored)
 
     def _init_common(self) -> None:
         """Schedule, prediction type and the shared option checks, from the registered config.

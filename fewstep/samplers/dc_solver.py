@@ -259,6 +259,7 @@ class FewstepDCSolverScheduler(FewstepScheduler):
         if dc_base == "unipc":
             check_unipc_noise_form(self)
         self._decisions(1, True)
+        self._anchor_artifact_files()  # a relative file name: the file read here, from any directory
 
     @property
     def spacing_style(self) -> str:  # type: ignore[override]

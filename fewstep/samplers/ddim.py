@@ -87,6 +87,9 @@ class FewstepDDIMScheduler(FewstepScheduler):
             # (a VP notion: flow schedules end on clean data).
             clean = set_alpha_to_one or is_flow_config(dict(self.config))
             self.register_to_config(final_sigmas_type="zero" if clean else "sigma_min")
+        # the mark ``from_config`` tells this class's configs by (diffusers writes it only on saving): without it a
+        # constructor-built config lost its own final_sigmas_type in ``from_config(self.config)``
+        self.register_to_config(_class_name=type(self).__name__)
         self._init_common()
         self._ddim_options: tuple | None = None  # the DDIM arguments of the step in progress (see ``_advance``)
         if clip_sample is None:
@@ -100,7 +103,9 @@ class FewstepDDIMScheduler(FewstepScheduler):
         (only a fewstep DDIM config's or an explicit keyword's): it describes that scheduler's last step, while
         DDIM's is decided by ``set_alpha_to_one``, as in diffusers' DDIMScheduler. Without this a pipeline's
         scheduler gave another DDIM after ``save_pretrained`` / ``from_pretrained`` (which writes e.g. Euler's
-        default ``final_sigmas_type="zero"`` explicitly) than before it."""
+        default ``final_sigmas_type="zero"`` explicitly) than before it. A fewstep DDIM config is one whose
+        ``_class_name`` is this class's: every fewstep DDIM registers it (a constructor-built one too), so
+        ``from_config(sched.config)`` rebuilds ``sched`` exactly."""
         check_config_arg(config)
         if config is not None and "final_sigmas_type" not in kwargs:
             source = dict(config)

@@ -177,6 +177,7 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
                 "`degenerated=True` for the EMS-free variant (= DPM-Solver++)"
             )
         self._decisions(2, True)  # validate the method options now
+        self._anchor_artifact_files()  # a relative file name: the file read here, from any directory
 
     # ----------------------------------------------------------------------------------------------
     def _load(self, ems_file: str) -> EMS:

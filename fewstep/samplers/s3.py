@@ -99,6 +99,7 @@ class FewstepS3Scheduler(FewstepScheduler):
         self._shipped: dict[int, SolverSchedule] = {}  # shipped schedules by NFE, read and checked once
         if isinstance(s3_schedule, dict) or (isinstance(s3_schedule, str) and s3_schedule not in SHIPPED_SCHEDULES):
             self._loaded = self._load(None)  # validate files and inline schedules now
+        self._anchor_artifact_files()  # a relative file name: the file read here, from any directory
 
     @property
     def ems(self) -> EMS | None:

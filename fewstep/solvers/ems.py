@@ -116,6 +116,16 @@ class EMS:
             raise ValueError(f"EMS `l`, `s`, `b` must share one shape, got {shapes}")
         self.meta = dict(self.meta)
 
+    def __eq__(self, other: object) -> bool:
+        """Equal tables: the same ``lambdas``, ``l``, ``s``, ``b`` (element by element) and ``meta``. (The generated
+        dataclass ``==`` compared the arrays with ``==`` and raised "truth value of an array is ambiguous".) Still
+        unhashable (mutable tables), as before."""
+        if not isinstance(other, EMS):
+            return NotImplemented
+        return all(np.array_equal(getattr(self, k), getattr(other, k)) for k in ("lambdas", "l", "s", "b")) and (
+            self.meta == other.meta
+        )
+
     def _check_uniform(self) -> None:
         """``lambdas`` uniformly spaced (to ``_UNIFORM_RTOL`` of a spacing, plus twice the stored values' rounding),
         the spacing at least ``MIN_LAMBDA_GAP``."""
