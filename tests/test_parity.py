@@ -269,3 +269,22 @@ def test_dpm_solver_variance_noise_is_checked():
     with pytest.raises(ValueError, match=r"`variance_noise` must be a floating tensor"):
         sched.step(x, sched.timesteps[0], x, variance_noise=torch.zeros(1, 3, 4, 4, dtype=torch.int64))
     assert sched.step_index is None  # a refused call does not advance
+
+
+@pytest.mark.parametrize("name", ["flow-euler", "ddim"])
+@pytest.mark.parametrize("given", [{"sigmas": [1.0, 0.6, 0.3, 0.0]}, {"timesteps": [1000.0, 500.0, 0.0]},
+                                   {"sigmas": [1.0, 0.6, 0.3, 0.0], "mu": 0.8}])
+def test_custom_flow_list_ending_in_zero_is_stretched_to_shift_terminal_as_diffusers(name, given):
+    """Found by a probe: with `shift_terminal`, diffusers stretches a custom list's trailing 0 with the rest (onto
+    shift_terminal, then steps on to 0); fewstep dropped it first and stretched the last nonzero point instead (one
+    model call fewer, 0.2-0.7% off)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = {"shift_terminal": 0.1, **({"use_dynamic_shifting": True} if "mu" in given else {"shift": 3.0})}
+    reference = FlowMatchEulerDiscreteScheduler(**config)
+    ours = get(name).from_config(reference.config)
+    model = TinyDenoiser(3 * 8 * 8)
+    expected, got = (_loop(s, model, None, **given) for s in (reference, ours))
+    assert len(ours.timesteps) == len(reference.timesteps)
+    torch.testing.assert_close(ours.timesteps[1:], reference.timesteps[1:].to(ours.timesteps.dtype))
+    assert _rel(got, expected) < 1e-5

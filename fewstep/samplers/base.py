@@ -539,13 +539,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         value = cfg.shift if cfg.shift is not None else cfg.flow_shift
         return FlowShift(check_number(name, value, 0.0, low_open=True, what="the flow time shift"))
 
-    def _apply_flow_shift(self, s: np.ndarray, mu: float | None) -> np.ndarray:
+    def _apply_flow_shift(self, s: np.ndarray, mu: float | None, clean_end: bool = False) -> np.ndarray:
         """Flow times ``s`` shifted as diffusers' flow schedulers shift theirs: by ``shift`` (or ``e^mu``), then,
         when the config sets ``shift_terminal``, stretched as ``1 - s' = (1 - s) (1 - shift_terminal) / (1 - s_N)``
         so the last point sits at ``s_N' = shift_terminal`` (diffusers' ``stretch_shift_to_terminal``, LTX-Video).
         That needs two points or more: a single point would be moved onto ``shift_terminal`` itself (or to NaN at
-        ``s = 1``), so one is refused."""
+        ``s = 1``), so one is refused. ``clean_end``: the user's list went on to a trailing 0 (taken off ``s``);
+        diffusers stretches that 0 with the rest (onto ``shift_terminal``), so with ``shift_terminal`` it is
+        returned as one more point, there."""
         s = self._flow_shift(mu).apply(np.asarray(s, dtype=np.float64))
+        if clean_end and self.config.shift_terminal:
+            s = np.append(s, 0.0)
         if self.config.shift_terminal:
             grids.check_shift_terminal_points(self.config.shift_terminal, s.size, f"{s.size} flow sigma(s)/timestep(s)")
             one_minus = 1.0 - s
@@ -560,12 +564,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         name = "sigmas" if sigmas is not None else "timesteps"
         raw = grids._check_decreasing(name, sigmas if sigmas is not None else timesteps)  # the user's own values
         given = raw / T if sigmas is None else raw
-        if given.size >= 2 and given[-1] == 0:
+        clean_end = bool(given.size >= 2 and given[-1] == 0)
+        if clean_end:
             given = given[:-1]
         if np.any(given <= 0) or np.any(given > 1):
             allowed = "(0, 1]" if sigmas is not None else f"(0, {T}] (a trailing 0 marks the clean target)"
             raise ValueError(f"flow `{name}` must lie in {allowed}, got {raw.tolist()}")
-        s = np.minimum(self._apply_flow_shift(given, mu), 1.0 - 1e-6)  # alpha = 0 has lambda = -inf (see grids)
+        s = np.minimum(self._apply_flow_shift(given, mu, clean_end), 1.0 - 1e-6)  # alpha = 0: lambda = -inf (grids)
         times = s * T if timesteps is None else np.asarray(timesteps, dtype=np.float64).reshape(-1)[: s.size]
         return grids.TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
 
