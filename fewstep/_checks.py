@@ -118,3 +118,34 @@ def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """The keys, sorted, whose values differ between two mappings of settings; a key only one of them has differs
     (read it back with ``mapping.get(key, MISSING)``). What the "made with other settings" refusals name."""
     return sorted(k for k in set(a) | set(b) if a.get(k, MISSING) != b.get(k, MISSING))
+
+
+#: the advice for an output with twice the sample's batch in a sampler's ``step`` (a CFG loop that forgot to combine)
+CFG_HALVES_ADVICE = ("combine the guidance halves first (diffusers' CFG: uncond, cond = noise_pred.chunk(2); "
+                     "noise_pred = uncond + scale * (cond - uncond))")
+
+
+def check_output_shape(
+    reference: Any, *, of: str = "sample", whose: str = "the sample's", unit: str = "sample",
+    doubled: str = CFG_HALVES_ADVICE, prefix: str = "", **outputs: Any,
+) -> None:
+    """Each model output (keyword: its name) must have the shape of ``reference`` (named ``of`` in the message;
+    ``whose``/``unit`` word the hints: "the sample's", "sample"), checked on metadata only (no host sync). The
+    message says what the usual mistakes were: twice the batch (``doubled``: what to do instead) or twice the
+    channels (a learned-variance model: its first half is the mean). ``prefix`` names the output's owner
+    (``"`model_fn`'s "``). Without such a check the pair conversion broadcast the output silently."""
+    for name, out in outputs.items():
+        if out.shape == reference.shape:
+            continue
+        got, want = tuple(out.shape), tuple(reference.shape)
+        same_rank = out.ndim == reference.ndim >= 2
+        hint = f"one output per {unit}, of {whose} shape"
+        if same_rank and out.shape[0] == 2 * reference.shape[0] and out.shape[1:] == reference.shape[1:]:
+            hint = f"it holds twice {whose} batch: {doubled}"
+        elif (same_rank and out.shape[0] == reference.shape[0] and out.shape[1] == 2 * reference.shape[1]
+              and out.shape[2:] == reference.shape[2:]):
+            c = reference.shape[1]
+            hint = (f"it has twice {whose} channels ({2 * c} vs {c}): a learned-variance model (mean and "
+                    f"variance); pass its first half, {name}[:, :{c}], the mean prediction, as diffusers' pipelines "
+                    "for such models (DiT, DeepFloyd IF) split it")
+        raise ValueError(f"{prefix}`{name}` must have the shape of `{of}` {want}, got {got}: {hint}")

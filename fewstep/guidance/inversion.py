@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_output_shape
 from ..solvers.parameterization import compute_dtype
 from .base import GuidanceRule, StepState
 from .stepping import supports_pairs
@@ -29,27 +30,17 @@ __all__ = ["ddim_invert"]
 ModelFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _check_outputs(images: torch.Tensor, **outputs: torch.Tensor) -> None:
-    """Each of ``model_fn``'s outputs must have the images' shape (metadata only; the wording of the samplers'
-    ``_check_output_shape``). The pair conversion broadcasts: one output for a batch of images was inverted silently
-    with v-prediction and flow models, and a wrong channel count failed inside torch."""
+def _check_outputs(images: torch.Tensor, **outputs: Any) -> None:
+    """Each of ``model_fn``'s outputs must be a tensor of the images' shape: the pair conversion broadcasts, so one
+    output for a batch of images was inverted silently with v-prediction and flow models, and a wrong channel count
+    failed inside torch."""
     for name, out in outputs.items():
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"`model_fn`'s `{name}` must be a torch.Tensor of the images' shape, got "
                             f"{type(out).__name__}")
-        if out.shape == images.shape:
-            continue
-        got, want = tuple(out.shape), tuple(images.shape)
-        hint = "one output per image, of the images' shape"
-        if out.ndim == images.ndim >= 2 and out.shape[0] == 2 * images.shape[0] and out.shape[1:] == images.shape[1:]:
-            hint = ("it holds twice the images' batch: return the conditional and unconditional halves separately "
-                    "(uncond, cond = noise_pred.chunk(2); return cond, uncond)")
-        elif (out.ndim == images.ndim >= 2 and out.shape[0] == images.shape[0]
-              and out.shape[1] == 2 * images.shape[1] and out.shape[2:] == images.shape[2:]):
-            c = images.shape[1]
-            hint = (f"it has twice the images' channels ({2 * c} vs {c}): a learned-variance model (mean and "
-                    f"variance); return its first half, {name}[:, :{c}], the mean prediction")
-        raise ValueError(f"`model_fn`'s `{name}` must have the shape of `images` {want}, got {got}: {hint}")
+    check_output_shape(images, of="images", whose="the images'", unit="image", prefix="`model_fn`'s ",
+                       doubled="return the conditional and unconditional halves separately (uncond, cond = "
+                               "noise_pred.chunk(2); return cond, uncond)", **outputs)  # fmt: skip
 
 
 @torch.no_grad()

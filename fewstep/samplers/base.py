@@ -26,7 +26,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .._checks import check_int, check_number
+from .._checks import check_int, check_number, check_output_shape
 from .._io import atomic_write
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
@@ -233,21 +233,7 @@ def _check_output_shape(sample: torch.Tensor, **outputs: torch.Tensor) -> None:
     """Each model output (``model_output``, or ``x0``/``eps``) must have the sample's shape (metadata only: no sync).
     Without the check a CFG loop that forgot to split ``[uncond, cond]`` was broadcast silently (a batch of 1 came back
     as 2), and a learned-variance model's ``2C``-channel output failed inside torch."""
-    for name, out in outputs.items():
-        if out.shape == sample.shape:
-            continue
-        got, want = tuple(out.shape), tuple(sample.shape)
-        hint = "one output per sample, of the sample's shape"
-        if out.ndim == sample.ndim >= 2 and out.shape[0] == 2 * sample.shape[0] and out.shape[1:] == sample.shape[1:]:
-            hint = ("it holds twice the sample's batch: combine the guidance halves first (diffusers' CFG: "
-                    "uncond, cond = noise_pred.chunk(2); noise_pred = uncond + scale * (cond - uncond))")
-        elif (out.ndim == sample.ndim >= 2 and out.shape[0] == sample.shape[0] and out.shape[1] == 2 * sample.shape[1]
-              and out.shape[2:] == sample.shape[2:]):
-            c = sample.shape[1]
-            hint = (f"it has twice the sample's channels ({2 * c} vs {c}): a learned-variance model (mean and "
-                    f"variance); pass its first half, {name}[:, :{c}], the mean prediction, as diffusers' pipelines "
-                    "for such models (DiT, DeepFloyd IF) split it")
-        raise ValueError(f"`{name}` must have the shape of `sample` {want}, got {got}: {hint}")
+    check_output_shape(sample, **outputs)
 
 
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
