@@ -156,3 +156,29 @@ def test_module_state_key_follows_in_place_changes_of_a_shared_quantized_unet():
     with torch.no_grad():
         unet.conv_in.weight.data = unet.conv_in.weight.data.clone()  # weights replaced (a LoRA fused, a reload)
     assert module_state_key(unet) != before
+
+
+def test_overlapping_blocks_of_two_threads_restore_the_callers_flags():
+    """Found by a probe: two posterior-sampling runs over one UNet in two threads left every parameter frozen for
+    good (run B saved run A's override as the caller's flag). Blocks that overlap without nesting (A enters, B
+    enters, A leaves, B leaves) keep the override while any of them runs and restore the caller's own flags after."""
+    from fewstep.pipelines.grad_state import eval_mode, frozen_parameters
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    net[0].bias.requires_grad_(False)  # a caller's own mixed flags
+    net.train()
+    net[1].eval()
+    a, b = frozen_parameters(net), frozen_parameters(net)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert not any(p.requires_grad for p in net.parameters())  # B still runs: still frozen
+    b.__exit__(None, None, None)
+    assert net[0].weight.requires_grad and not net[0].bias.requires_grad
+    a, b = eval_mode(net), eval_mode(net)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert not any(m.training for m in net.modules())  # B still runs: still in eval mode
+    b.__exit__(None, None, None)
+    assert net.training and net[0].training and not net[1].training
