@@ -21,7 +21,7 @@ __all__ = ["supports_pairs", "step_state", "guided_step", "raw_cfg", "step_kwarg
 
 def supports_pairs(scheduler: Any) -> bool:
     """Whether ``scheduler`` takes ``(x0, eps)`` pairs (a fewstep scheduler)."""
-    return all(hasattr(scheduler, a) for a in ("step_pair", "convert_model_output", "plan"))
+    return all(hasattr(scheduler, a) for a in ("step_pair", "convert_model_output", "plan", "working_sample"))
 
 
 def step_kwargs(scheduler: Any, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
@@ -72,7 +72,8 @@ def guided_step(
     if scheduler.step_index is None:  # a new run, also one that begins part-way (img2img): forget APG's momentum
         rule.reset()
     dtype = compute_dtype(sample.dtype)
-    x = scheduler.model_sample(index, sample.to(dtype))  # as the model saw it (an average_x0 start is shifted)
+    # as the model saw it (an average_x0 start is shifted), in the precision step_pair integrates it in
+    x = scheduler.model_sample(index, scheduler.working_sample(sample, dtype))
     cond = scheduler.convert_model_output(out_cond.to(dtype), x, index, clip=False)  # step_pair clips the result
     uncond = scheduler.convert_model_output(out_uncond.to(dtype), x, index, clip=False)
     x0, eps = rule(cond, uncond, step_state(scheduler, index))

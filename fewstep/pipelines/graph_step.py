@@ -135,6 +135,8 @@ class StaticRun:
         self.engine = engine
         self.guide = guide
         self.x = x.clone()
+        # the float32 state of a half-precision run (as the eager steps keep it: `working_sample`)
+        self.x_full = x.to(engine.dtype) if x.dtype != engine.dtype else None
         self.conds = {k: v.clone() for k, v in conds.items()}
         self.table = table
         self.t_table = t_table.clone()
@@ -158,6 +160,8 @@ class StaticRun:
 
     def restart(self, x: torch.Tensor, noise: torch.Tensor | None) -> None:
         self.x.copy_(x)
+        if self.x_full is not None:
+            self.x_full.copy_(x)
         self.engine.reset(noise)
         if self.guide is not None:
             self.guide.reset()
@@ -224,6 +228,8 @@ class StaticLoop:
         alpha, sigma, norm, scale, s_over_a, a_over_s, *rescale = (row[k] for k in range(len(COLUMNS)))
         out = run.model_fn(run.x, t, run.conds)
         x = run.x.to(engine.dtype)
+        if run.x_full is not None:  # latents left as returned continue from the float32 result (a callback's edits win)
+            x = torch.where(run.x == run.x_full.to(run.x.dtype), run.x_full, x)
         if run.guide is not None:
             out_uncond, out_cond = out.chunk(2)
             cond = static_pair(run.kind, out_cond.to(engine.dtype), x, alpha, sigma, norm)
@@ -232,7 +238,10 @@ class StaticLoop:
             x0, eps = run.postprocess(x0.to(engine.dtype), eps.to(engine.dtype))
         else:
             x0, eps = run.postprocess(*static_pair(run.kind, out.to(engine.dtype), x, alpha, sigma, norm))
-        run.x.copy_(engine.advance(x, x0, eps).to(run.x.dtype))
+        new = engine.advance(x, x0, eps)
+        if run.x_full is not None:
+            run.x_full.copy_(new)
+        run.x.copy_(new.to(run.x.dtype))
         engine.index.add_(1)
 
     def _capture(self, run: StaticRun, x: torch.Tensor, noise: torch.Tensor | None) -> None:

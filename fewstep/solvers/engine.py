@@ -743,7 +743,8 @@ def sample_loop(
     point later: pass ``plan.analytic_start.start(noise)``.
 
     As the schedulers' ``step``: ``pair_fn`` sees samples in ``x_start``'s dtype and every update is computed in
-    ``compute_dtype`` of it (float32 for half precision), the result rounded back to that dtype; stochastic steps
+    ``compute_dtype`` of it (float32 for half precision), the state kept in it between steps (as a scheduler keeps
+    the float32 result of a half-precision step) and rounded to ``x_start``'s dtype at the end; stochastic steps
     draw standard normal noise from ``generator`` (on the sample's device) in float32 at every stochastic step, so
     one seeded generator gives the scheduler's trajectory."""
     if not isinstance(x_start, torch.Tensor):
@@ -752,12 +753,13 @@ def sample_loop(
         raise TypeError(f"`x_start` must be a floating tensor, got dtype {x_start.dtype}")
     dtype = compute_dtype(x_start.dtype)
     state = EngineState(plan, hooks)
-    x = x_start
+    x = x_start.to(dtype)
     for k, (i, again) in enumerate(plan.calls):
-        x0, eps = _check_pair(pair_fn(x, i), x, i)
+        seen = x.to(x_start.dtype)
+        x0, eps = _check_pair(pair_fn(seen, i), seen, i)
         noise = None
         stochastic = plan.decisions[i].stochastic or plan.steps[i].predictor.noise != 0.0  # (DDIM eta plans)
         if stochastic and (again or not plan.steps[i].reevaluate):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(dtype)
-        x = state.call(k, x.to(dtype), x0.to(dtype), eps.to(dtype), noise).to(x_start.dtype)
-    return x
+        x = state.call(k, x, x0.to(dtype), eps.to(dtype), noise)
+    return x.to(x_start.dtype)
