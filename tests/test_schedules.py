@@ -351,3 +351,19 @@ def test_zero_snr_final_alpha_bar_is_diffusers_stand_in_unless_it_breaks_monoton
     else:
         assert dpm[-2] < 2.0**-24 and ac[-1] == ac[-2] / 2
     assert np.all(np.diff(ac) < 0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"beta_start": 1e-8}, r"\(beta_schedule='linear', beta_start=1e-08, beta_end=0\.02\) has alpha_bar = 1\.0 at "
+                           r"training step 0: .*use a larger `beta_start`"),
+    ({"beta_end": 0.2}, r"beta_end=0\.2\) has alpha_bar = 0 \(float32 underflow\) from training step 984 of 1000: "
+                        r".*rescale_betas_zero_snr=True"),
+    ({"trained_betas": [0.5] * 1000}, r"\(`trained_betas`\) has alpha_bar = 0 .*use smaller betas"),
+])
+def test_beta_schedules_outside_float32_range_name_their_settings(kwargs, message):
+    """Found by a probe: these failed with "`alphas_cumprod` must hold at least 2 finite values in (0, 1)", naming
+    no setting the user wrote."""
+    from fewstep import samplers
+
+    with pytest.raises(ValueError, match=message):
+        samplers.get("unipc")(**kwargs)

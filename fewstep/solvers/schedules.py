@@ -153,6 +153,26 @@ def make_betas(
     return betas
 
 
+def _check_alphas_cumprod_range(ac: np.ndarray, betas: np.ndarray, config: Mapping[str, Any]) -> None:
+    """A beta schedule whose ``alpha_bar`` (float32, as diffusers computes it) reaches 1 or 0 has a training step
+    of infinite log-SNR; refused naming the settings (the generic check of ``VPSchedule`` names none)."""
+    trained = config.get("trained_betas") is not None
+    settings = "`trained_betas`" if trained else ", ".join(
+        f"{key}={config.get(key, default)!r}"
+        for key, default in (("beta_schedule", "linear"), ("beta_start", 0.0001), ("beta_end", 0.02)))
+    if ac[0] >= 1.0:
+        fix = "larger first betas" if trained else "a larger `beta_start`"
+        raise ValueError(f"the noise schedule ({settings}) has alpha_bar = 1.0 at training step 0: its first beta "
+                         f"{float(betas[0]):.3g} is below float32's resolution (2^-24, diffusers computes alpha_bar in "
+                         f"float32), so that step has no noise and an infinite log-SNR; use {fix} (>= 6e-8)")
+    if np.any(ac <= 0.0):
+        k = int(np.flatnonzero(ac <= 0.0)[0])
+        raise ValueError(f"the noise schedule ({settings}) has alpha_bar = 0 (float32 underflow) from training step "
+                         f"{k} of {ac.size}: no data is left there (diffusers' samplers return NaN on it); use "
+                         f"{'smaller betas' if trained else 'a smaller `beta_end`, fewer `num_train_timesteps`'}, or "
+                         "rescale_betas_zero_snr=True, which stands in 2^-24 for the final alpha_bar")
+
+
 def _float32_linspace(start: float, end: float, n: int) -> np.ndarray:
     # torch.linspace(dtype=float32) is what diffusers uses; reproduce its values without importing torch here.
     import torch
@@ -207,6 +227,7 @@ class VPSchedule(NoiseSchedule):
             # schedule stays strictly decreasing
             tiny = ZERO_SNR_ALPHA_BAR
             ac[-1] = tiny if tiny < ac[-2] else ac[-2] / 2
+        _check_alphas_cumprod_range(ac, betas, config)
         return cls(ac)
 
     @property
