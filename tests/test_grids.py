@@ -527,3 +527,22 @@ def test_schedule_kind_mismatches_are_refused():
 def test_other_bad_grid_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("config,given,message", [
+    ({"shift": 1e4}, {"num_inference_steps": 50}, r"the flow grid of 50 steps with shift 10000 \(mu = 9\.21034\): 6 of "
+                                                  r"its 50 points lie within 1e-6 of s = 1"),
+    ({"use_dynamic_shifting": True}, {"num_inference_steps": 2, "mu": 50.0}, r"shift 5\.18471e\+21 \(mu = 50\)"),
+    ({"shift": 1.0}, {"sigmas": [1.0, 0.9999999, 0.5]}, r"flow `sigmas` \[1\.0, 0\.9999999, 0\.5\] after the shift: 2 "
+                                                         r"of its 3 points .*use a smaller shift \(or mu\), or fewer"),
+])
+def test_flow_grids_whose_first_points_merge_at_pure_noise_name_the_settings(config, given, message):
+    """Found by a probe: such grids failed with "grid noise levels must strictly decrease" and a list of lambdas,
+    naming neither the shift, mu nor the sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep import samplers
+
+    sched = samplers.get("flow-euler").from_config(FlowMatchEulerDiscreteScheduler(**config).config)
+    with pytest.raises(ValueError, match=message):
+        sched.set_timesteps(**given)

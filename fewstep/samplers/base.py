@@ -556,7 +556,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if np.any(given <= 0) or np.any(given > 1):
             allowed = "(0, 1]" if sigmas is not None else f"(0, {T}] (a trailing 0 marks the clean target)"
             raise ValueError(f"flow `{name}` must lie in {allowed}, got {raw.tolist()}")
-        s = np.minimum(self._apply_flow_shift(given, mu, clean_end), 1.0 - 1e-6)  # alpha = 0: lambda = -inf (grids)
+        s = grids.clamp_flow_top(self._apply_flow_shift(given, mu, clean_end),
+                                 f"flow `{name}` {raw.tolist()} after the shift")  # alpha = 0: lambda = -inf
         times = s * T if timesteps is None else np.asarray(timesteps, dtype=np.float64).reshape(-1)[: s.size]
         return grids.TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
 

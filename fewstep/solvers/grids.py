@@ -13,6 +13,7 @@ final target point ``N`` (which the model never sees). The grids offered:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -389,12 +390,29 @@ def flow_grid(
         check_shift_terminal_points(shift_terminal, n)
         one_minus = 1.0 - s
         s = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
-    return _flow_from_s(schedule, s)
+    return _flow_from_s(schedule, s, f"the flow grid of {n} steps with shift {shift.shift:g} (mu = "
+                                     f"{math.log(shift.shift):g})")
 
 
-def _flow_from_s(schedule: FlowSchedule, s: np.ndarray) -> TimeGrid:
-    # s = 1 exactly has alpha = 0 (lambda = -inf); nudge as diffusers' multistep schedulers do.
-    s = np.minimum(s, 1.0 - 1e-6)
+#: the largest flow time of a grid point: s = 1 has alpha = 0 (lambda = -inf); nudged as diffusers' multistep
+#: schedulers nudge it
+FLOW_S_MAX = 1.0 - 1e-6
+
+
+def clamp_flow_top(s: np.ndarray, what: str) -> np.ndarray:
+    """Flow times ``s`` with those above ``FLOW_S_MAX`` moved onto it. Refused when that would merge points (a grid
+    shifted so far that several of its first points lie within 1e-6 of pure noise): ``what`` names the settings."""
+    s = np.asarray(s, dtype=np.float64)
+    merged = int(np.count_nonzero(s >= FLOW_S_MAX))
+    if merged >= 2:
+        raise ValueError(f"{what}: {merged} of its {s.size} points lie within 1e-6 of s = 1 (pure noise), where the "
+                         "first point sits (s = 1 has log-SNR -inf), so they would be one point; use a smaller shift "
+                         "(or mu), or fewer steps")
+    return np.minimum(s, FLOW_S_MAX)
+
+
+def _flow_from_s(schedule: FlowSchedule, s: np.ndarray, what: str = "the flow grid") -> TimeGrid:
+    s = clamp_flow_top(s, what)
     times = s * schedule.num_train_timesteps
     return TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
 
@@ -484,5 +502,5 @@ def custom_sigmas_grid(
         if final_sigmas_type is None:
             times = arr * schedule.num_train_timesteps
             return TimeGrid(times[:-1], 1.0 - arr, arr)
-        return _flow_from_s(schedule, arr)
+        return _flow_from_s(schedule, arr, f"flow `sigmas` {arr.tolist()}")
     return _grid_from_rhos(schedule, arr, final_sigmas_type, round_timesteps)
