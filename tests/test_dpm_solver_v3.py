@@ -723,3 +723,31 @@ def test_ems_model_of_the_wrong_type_names_the_option(model):
 
     with pytest.raises(ValueError, match="`ems_model` must be a model name"):
         samplers.get("dpm-solver-v3")(ems_file="digits-eps", ems_model=model).set_timesteps(5)
+
+
+def test_ems_free_tables_refine_for_long_runs():
+    """Found by a probe: ``degenerated=True`` without a file (= DPM-Solver++) refused 800+ steps on a zero-terminal-SNR
+    schedule ("snap to repeated EMS grid points"): its 2000-point tables were too coarse where the steps crowd in
+    lambda. They are rebuilt finer when a run needs it (and left as they were otherwise)."""
+    zero_snr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+                    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # fmt: skip
+    sched = samplers.get("dpm-solver-v3")(**zero_snr, degenerated=True)
+    sched.set_timesteps(10)
+    assert sched._tables().num_points == 2001  # a short run keeps the default tables
+    sched.set_timesteps(800)
+    assert sched._tables().num_points > 2001 and len(sched.timesteps) == 800
+    assert bool((sched.timesteps[1:] < sched.timesteps[:-1]).all())
+
+
+@pytest.mark.parametrize("given", [{"sigmas": [1.0]}, {"timesteps": [1000.0]}])
+def test_a_one_point_flow_grid_at_pure_noise_moves_onto_the_ems_grid(given):
+    """Found by a probe: a one-step flow grid starting at s = 1 was refused as "outside the EMS grid" (the move of the
+    first point onto the EMS grid's upper end skipped grids of one step), though every longer one moves."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = samplers.get("dpm-solver-v3").from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config,
+                                                      degenerated=True)  # fmt: skip
+    sched.set_timesteps(**given)
+    assert len(sched.timesteps) == 1 and float(sched.timesteps[0]) < 1000.0
+    x = torch.randn(1, 4)
+    assert torch.isfinite(sched.step(torch.zeros_like(x), sched.timesteps[0], x).prev_sample).all()

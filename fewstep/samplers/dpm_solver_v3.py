@@ -30,8 +30,10 @@ SHIPPED_EMS_TIME_GRID = {"digits-eps": "time_quadratic", "digits-flow": "uniform
 #: at high noise (what the released code's ``half=True`` does: ``t > split``).
 CORRECTOR_REGIONS = ("all", "low-noise", "high-noise")
 V3_TIME_GRIDS = ("uniform_lambda", "uniform_time", "time_quadratic", "spacing")
-#: grid points of the EMS-free tables ``degenerated=True`` builds when no EMS file is given
+#: grid points of the EMS-free tables ``degenerated=True`` builds when no EMS file is given (more when a run's
+#: steps lie closer in lambda than a few table spacings, up to ``_DEGENERATE_MAX_POINTS``)
 _DEGENERATE_POINTS = 2000
+_DEGENERATE_MAX_POINTS = 200_000
 
 
 def shipped_ems(name: str) -> Path:
@@ -184,16 +186,36 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
         ems = load_checked_ems(ems_file, self.noise_schedule, self.prediction_type, self.config.ems_model)
         return ems.degenerated() if self.config.degenerated else ems
 
-    def _tables(self) -> EMS:
-        if self._ems is not None:
+    def _tables(self, grid: grids.TimeGrid | None = None) -> EMS:
+        """The EMS tables: the loaded ones, or EMS-free ones (``degenerated=True`` without a file): l = 1, s = b = 0
+        on a fine uniform lambda grid over the schedule's whole range (one value per grid point, broadcast over every
+        element). When two of ``grid``'s points lie closer than one spacing (they would snap onto one point: 800
+        steps on a zero-terminal-SNR schedule did with 2000), they are rebuilt with three spacings between them."""
+        if self._ems is not None and (grid is None or not self._ems_free or self._fine_enough(grid)):
             return self._ems
-        # EMS-free: l = 1, s = b = 0 on a fine grid over the schedule's whole range (one value per grid point,
-        # broadcast over every element).
         sched = self.noise_schedule
         t_hi, t_lo = self._time_range()
-        lam = np.linspace(float(sched.lambda_(t_hi)), float(sched.lambda_(t_lo)), _DEGENERATE_POINTS + 1)
+        lo, hi = float(sched.lambda_(t_hi)), float(sched.lambda_(t_lo))
+        points = _DEGENERATE_POINTS
+        if grid is not None:
+            clean = grid.sigmas[-1] == 0.0
+            gaps = np.diff(grid.lambdas[:-1] if clean else grid.lambdas)
+            if gaps.size and float(gaps.min()) < (hi - lo) / points:
+                points = min(int(np.ceil(3.0 * (hi - lo) / float(gaps.min()))), _DEGENERATE_MAX_POINTS)
+        lam = np.linspace(lo, hi, points + 1)
         self._ems = EMS(lam, np.ones(lam.size), np.zeros(lam.size), np.zeros(lam.size), {"degenerated": True})
         return self._ems
+
+    @property
+    def _ems_free(self) -> bool:
+        return self.config.ems_file is None
+
+    def _fine_enough(self, grid: grids.TimeGrid) -> bool:
+        """Whether the current EMS-free tables hold at least one spacing between every two points of ``grid``."""
+        clean = grid.sigmas[-1] == 0.0
+        gaps = np.diff(grid.lambdas[:-1] if clean else grid.lambdas)
+        spacing = float(self._ems.lambdas[1] - self._ems.lambdas[0])
+        return gaps.size == 0 or float(gaps.min()) >= spacing or self._ems.num_points > _DEGENERATE_MAX_POINTS
 
     def _time_range(self) -> tuple[float, float]:
         sched = self.noise_schedule
@@ -252,7 +274,7 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
         starts where no EMS grid reaches (``lambda = -inf``): its first point moves to the EMS grid's upper end
         (``s = 1 - 1/T`` for degenerate tables), where ``x`` is still noise up to ``alpha = 1/T``."""
         s_top = 1.0 / (1.0 + np.exp(self._tables().lambdas[0]))  # flow: lambda = log((1 - s) / s)
-        if grid.sigmas[0] <= s_top or grid.num_steps < 2 or grid.sigmas[1] >= s_top:
+        if grid.sigmas[0] <= s_top or grid.sigmas[1] >= s_top:
             return grid  # inside the EMS range already, or more than one point above it (snapping names it)
         sigmas = grid.sigmas.copy()
         sigmas[0] = s_top
@@ -274,7 +296,7 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
 
     def _snap(self, grid: grids.TimeGrid) -> grids.TimeGrid:
         """Move every evaluation point (and a non-clean target) to the nearest EMS grid point (v3 sec. 3.3)."""
-        snapped, self._ems_indices = snap_grid(self._tables(), self.noise_schedule, grid)
+        snapped, self._ems_indices = snap_grid(self._tables(grid), self.noise_schedule, grid)
         return snapped
 
     def _corrector_allowed(self, grid: grids.TimeGrid) -> list[bool]:
