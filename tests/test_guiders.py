@@ -131,3 +131,31 @@ def _fake_batches(guider):
     for b in batches:
         b.noise_pred = torch.ones(1, 4)
     return batches
+
+
+def test_cfgpp_guider_in_a_run_that_begins_part_way_uses_the_scales_of_the_steps_that_run():
+    """Found by a probe: diffusers' img2img loops call ``scheduler.set_begin_index(t_start)`` and count the guider's
+    ``step`` from 0 over ``timesteps[t_start:]``; the guider applied the scales of the grid's first steps (0.13 off
+    exact CFG++ after 4 of 8 DDIM steps). It is exact CFG++ again, as for a run from the start."""
+    mc, mu = TinyDenoiser(3 * 8 * 8, seed=3), TinyDenoiser(3 * 8 * 8, seed=4)
+    x_start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    n, t_start, lam = 8, 4, 0.7
+    sched = samplers.get("ddim").from_config(DDPM)
+    sched.set_timesteps(n)
+    sched.set_begin_index(t_start)
+    timesteps = sched.timesteps[t_start:]
+    guider = CFGPlusPlusGuider(guidance_scale=lam, scheduler=sched)
+    x = x_start.clone()
+    for i, t in enumerate(timesteps):  # as diffusers' modular denoise loop drives a guider
+        guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
+        batches = guider.prepare_inputs({"x": (x, x)})
+        for batch, model in zip(batches, (mc, mu)):
+            batch.noise_pred = model(batch.x, t)
+        x = sched.step(guider(batches).pred, t, x).prev_sample
+    exact = samplers.get("ddim").from_config(DDPM)
+    exact.set_timesteps(n)
+    exact.set_begin_index(t_start)
+    y = x_start.clone()
+    for i, t in enumerate(timesteps):
+        y = guidance.guided_step(exact, guidance.CFGPlusPlus(lam), mc(y, t), mu(y, t), t, y, t_start + i)
+    torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)

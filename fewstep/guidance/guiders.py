@@ -165,9 +165,14 @@ class CFGPlusPlusGuider(_TwoPredictionGuider):
         if self.scheduler is None:
             raise ValueError("CFGPlusPlusGuider needs the scheduler: pass scheduler= or call set_scheduler()")
         scales = cfgpp_equivalent_scales(self.rule.guidance_scale, scheduler_rhos(self.scheduler))
-        if self._step is None or not 0 <= self._step < len(scales):
-            raise ValueError(f"step {self._step!r} is outside the scheduler's {len(scales)} steps; call set_state")
-        return scales[self._step]
+        # a run that begins part-way (img2img: diffusers' loops call set_begin_index(t_start) and count `step` from
+        # 0 over the remaining timesteps) is at grid step begin_index + step
+        begin = getattr(self.scheduler, "begin_index", None) or 0
+        index = None if self._step is None else begin + self._step
+        if index is None or not 0 <= index < len(scales):
+            raise ValueError(f"step {self._step!r} (grid step {index!r}: the scheduler begins at {begin}) is outside "
+                             f"the scheduler's {len(scales)} steps; call set_state")
+        return scales[index]
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
         self._check_preds(pred_cond, pred_uncond)
