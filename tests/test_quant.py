@@ -877,13 +877,16 @@ def test_cli_quantize_exclude(tmp_path, capsys, extra, exclude, count):
      "--steps-kept must be <= --steps (4)"),
     # found by probing: options of another method / metric were ignored, --p was named `p`, s3 needs a schedule
     (["quantize", "--out", "{tmp}/q", "--calib", "uniform", "--ndtc-mean", "0.9"],
-     "--ndtc-mean applies to --calib ndtc only, not --calib uniform --metric lp"),
+     "--ndtc-mean applies to --calib ndtc only, not --calib uniform"),
     (["quantize", "--out", "{tmp}/q", "--steps-kept", "2"], "--steps-kept applies to --calib uniform only"),
     (["quantize", "--out", "{tmp}/q", "--metric", "mse", "--p", "7"], "--p applies to --metric lp only"),
     (["quantize", "--out", "{tmp}/q", "--p", "0"], "--p must be > 0 (the exponent of the lp metric), got 0.0"),
     (["quantize", "--out", "{tmp}/q", "--sampler", "s3"], "--sampler s3 runs a searched schedule file"),
     (["generate", "--quant", "{tmp}/none", "--out", "{tmp}/s.png"], "--quant '{tmp}/none' holds no saved"),
-    (["quantize", "--out", "{tmp}/q", "--model", "digits-flow"], "--model 'digits-flow': quantization needs"),
+    (["quantize", "--out", "{tmp}/q", "--model", "digits-mr"],
+     "--model 'digits-mr': quantization needs digits-eps or digits-flow or a class-conditional pipeline directory"),
+    (["quantize", "--out", "{tmp}/q", "--metric", "mse", "--p", "7"],
+     "--p applies to --metric lp only, not --metric mse"),
     (["quantize", "--out", "{tmp}/missing/q"], "does not exist"),
     (["generate", "--model", "digits-flow", "--task", "sr", "--quant", "{tmp}", "--out", "{tmp}/s.png"],
      "--quant applies to plain sampling of UNet pipelines"),
@@ -896,6 +899,19 @@ def test_cli_usage_errors(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.replace("{tmp}", str(tmp_path)) in err[0]
     assert not (tmp_path / "q").exists()
+
+
+def test_cli_quantizes_the_embedded_flow_model(tmp_path, capsys):
+    """Found by a probe: `--model digits-flow` was refused, though the same model saved as a directory quantized
+    (and `generate --model digits-flow --quant DIR` ran)."""
+    from fewstep.cli import main
+
+    assert main(["quantize", "--model", "digits-flow", "--out", str(tmp_path / "q"), "--samples", "8", "--steps", "3",
+                 "--quiet"]) == 0  # fmt: skip
+    assert "layers W8A8 int8" in capsys.readouterr().out
+    assert main(["generate", "--model", "digits-flow", "--quant", str(tmp_path / "q"), "--steps", "3", "--num", "2",
+                 "--out", str(tmp_path / "s.png"), "--quiet"]) == 0  # fmt: skip
+    assert (tmp_path / "s.png").is_file()
 
 
 def test_cli_rejects_unknown_choices(tmp_path):

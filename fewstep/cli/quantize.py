@@ -32,7 +32,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                         ("--steps-kept", args.steps_kept, args.calib == "uniform", "--calib uniform"),
                                         ("--p", args.p, args.metric == "lp", "--metric lp")):
         if value is not None and not applies:
-            raise UsageError(f"{flag} applies to {where} only, not --calib {args.calib} --metric {args.metric}")
+            other = f"--calib {args.calib}" if flag.startswith(("--ndtc", "--steps")) else f"--metric {args.metric}"
+            raise UsageError(f"{flag} applies to {where} only, not {other}")
     args.p = 2.4 if args.p is None else args.p
     if args.ndtc_mean is not None and not 0 <= args.ndtc_mean <= 0.5:
         raise UsageError(f"--ndtc-mean must be in [0, 0.5] (NDTC: mean <= T/2), got {args.ndtc_mean}")
@@ -55,11 +56,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config.validate()
     from ..pipelines.swap import swap_sampler
 
-    if args.model != "digits-eps" and not (Path(args.model) / "model_index.json").is_file():
-        raise UsageError(f"--model {args.model!r}: quantization needs digits-eps or a class-conditional pipeline dir")
+    if args.model not in _EMBEDDED and not (Path(args.model) / "model_index.json").is_file():
+        raise UsageError(f"--model {args.model!r}: quantization needs {' or '.join(_EMBEDDED)} or a class-conditional "
+                         "pipeline directory")
     from ..pipelines.defaults import default_sampler_options
 
-    pipe = swap_sampler(_load_class_conditional(args.model), args.sampler,
+    pipe = swap_sampler(_load_class_conditional(args.model, _EMBEDDED), args.sampler,
                         **default_sampler_options(args.model, args.sampler))  # e.g. the shipped EMS for v3
     pipe.set_progress_bar_config(disable=True)
     import fnmatch
@@ -85,6 +87,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the embedded models ``quantize`` calibrates by name (class-conditional UNets; digits-mr restores, it needs `mu`)
+_EMBEDDED = ("digits-eps", "digits-flow")
+
+
 def _quant_output_error(float_model, qmodel, calibration, rows: int = 256) -> float:
     """Relative L2 error of the quantized model's output on the first calibration rows."""
     import torch
@@ -100,7 +106,8 @@ def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     from ..quant.quantizers import FORMATS, METRICS
 
     p = sub.add_parser("quantize", help=help_text)
-    p.add_argument("--model", default="digits-eps", help="digits-eps or a class-conditional pipeline directory")
+    p.add_argument("--model", default="digits-eps", help="digits-eps, digits-flow or a class-conditional pipeline "
+                   "directory")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for quant.safetensors + quant.json")
     p.add_argument("--calib", choices=["ndtc", "uniform"], default="ndtc",
                    help="calibration steps: PTQ4DM's NDTC (normal over steps) or Q-Diffusion's uniform grid")
