@@ -80,7 +80,7 @@ def test_flow_marker_handling_leaves_other_configs_alone():
     # an explicit keyword still wins over the source's defaults
     assert samplers.get("unipc").from_config(FlowMatchEulerDiscreteScheduler().config, shift=3.0).config.shift == 3.0
     # mrs refuses flow configs: the default-shift one too (it used to be taken for a VP config)
-    with pytest.raises(ValueError, match="this is a flow-matching config"):
+    with pytest.raises(ValueError, match="a flow-matching config, which these samplers integrate: .*flow-euler"):
         samplers.get("mrs").from_config(FlowMatchEulerDiscreteScheduler().config)
 
 

@@ -90,7 +90,11 @@ class FewstepMRSScheduler(FewstepScheduler):
         flow_shift: float = 1.0,
     ):
         if is_flow_config(dict(self.config)):
-            raise ValueError("`mrs` samples mean-reverting (IR-SDE) models; this is a flow-matching config")
+            from . import names
+
+            fits = names("diffusion", standalone=True) + names("flow")
+            raise ValueError("`mrs` samples mean-reverting (IR-SDE) models; this is a flow-matching config, which "
+                             f"these samplers integrate: {', '.join(fits)}")
         if trained_betas is None:
             if beta_schedule != "mr_cosine":
                 raise ValueError(
