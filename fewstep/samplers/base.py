@@ -896,7 +896,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         full = self._state.call(i, x, x0, eps, noise, history)
         prev = full.to(out_dtype)
         # the full-precision result of a half-precision step, for `working_sample` at the next one
-        self._kept_sample = (self._state, full) if prev.dtype != full.dtype else None
+        # (none after the last step: the scheduler would hold a latent-sized tensor until the next run)
+        self._kept_sample = (self._state, full) if prev.dtype != full.dtype and i + 1 < self.plan.nfe else None
         self._step_index = i + 1
         if not return_dict:
             return (prev, x0.to(out_dtype)) if self.tuple_with_x0 else (prev,)
