@@ -59,7 +59,7 @@ def test_derivative_matrix_is_exact_on_polynomials():
     assert not np.allclose(mp[0], m[0])  # pseudo's first derivative ignores the far points
 
 
-def test_v3_first_order_step_is_exact_for_a_gaussian_with_its_exact_ems():
+def test_v3_first_order_step_is_exact_for_a_gaussian_with_its_exact_ems(monkeypatch):
     """Single Gaussian per element (x0_i ~ N(mu_i, v)): l = 1/(1 + v e^{2 lambda}) makes f = -mu/(1 + v e^{2 lambda})
     independent of x, so with s = 0, b = df/dlambda the function g is constant and v3's first-order step is exact
     (up to quadrature): 3 steps land on the exact PF-ODE solution, where DPM-Solver++ is far off."""
@@ -74,7 +74,7 @@ def test_v3_first_order_step_is_exact_for_a_gaussian_with_its_exact_ems():
     x = _x_T(200, 3)
     grid_sched = samplers.get("dpm-solver-v3")(**CFG, solver_order=1, use_corrector=False,
                                                    final_sigmas_type="sigma_min", degenerated=True)
-    grid_sched._ems = ems
+    monkeypatch.setattr(grid_sched, "_tables", lambda grid=None: ems)  # the exact tables, on its grid
     out = _run(grid_sched, mixture, x, 3)
     grid = grid_sched.plan.grid
     ref = exact_solution(mixture, _Start(float(grid.alphas[0]), float(grid.sigmas[0])), x, 0.0,
@@ -734,9 +734,13 @@ def test_ems_free_tables_refine_for_long_runs():
     sched = samplers.get("dpm-solver-v3")(**zero_snr, degenerated=True)
     sched.set_timesteps(10)
     assert sched._tables().num_points == 2001  # a short run keeps the default tables
+    short = sched.timesteps.clone()
     sched.set_timesteps(800)
     assert sched._tables().num_points > 2001 and len(sched.timesteps) == 800
     assert bool((sched.timesteps[1:] < sched.timesteps[:-1]).all())
+    # a run never depends on an earlier one (review: the refined tables stayed for every later run)
+    sched.set_timesteps(10)
+    assert sched._tables().num_points == 2001 and torch.equal(sched.timesteps, short)
 
 
 @pytest.mark.parametrize("given", [{"sigmas": [1.0]}, {"timesteps": [1000.0]}])

@@ -591,6 +591,29 @@ def test_image_to_image_and_inpainting_siblings_are_hosted_as_text_to_image(sd, 
         FewstepPipeline.from_pipe(refiner, scheduler="dpm-solver++")
 
 
+def test_hosted_sdxl_img2img_keeps_its_watermark_choice(sdxl, monkeypatch):
+    """Review: ``add_watermarker`` is an SDXL ``__init__`` argument diffusers does not register, so the text-to-image
+    sibling fell back to "watermark when invisible-watermark is installed" (simulated here)."""
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl as sdxl_module
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_module
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    class Marker:
+        def apply_watermark(self, images):
+            return images
+
+    for module in (sdxl_module, img2img_module):
+        monkeypatch.setattr(module, "is_invisible_watermark_available", lambda: True)
+        monkeypatch.setattr(module, "StableDiffusionXLWatermarker", Marker, raising=False)
+    modules = {k: sdxl.components[k] for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                                               "unet", "scheduler")}  # fmt: skip
+    for add in (False, True):
+        sibling = StableDiffusionXLImg2ImgPipeline(**modules, add_watermarker=add)
+        assert (sibling.watermark is not None) is add
+        hosted = FewstepPipeline.from_pipe(sibling, scheduler="ddim")
+        assert type(hosted.pipe) is StableDiffusionXLPipeline and (hosted.pipe.watermark is not None) is add
+
+
 def test_config_fixes_of_a_new_scheduler_survive_from_config(sd):
     """Found by a probe: the ``steps_offset = 1`` given to a new scheduler was written past ``register_to_config``,
     so the key stayed in ``_use_default_values`` and ``from_config(fp.scheduler.config)`` dropped it again."""

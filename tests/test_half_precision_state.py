@@ -65,3 +65,24 @@ def test_static_step_keeps_the_float32_state_as_the_eager_loop():
     eager, static = _both(fp, seeds=(1,), **kw, num_inference_steps=60)
     assert eager[0].dtype == torch.bfloat16
     torch.testing.assert_close(static[0], eager[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gradients_through_a_half_precision_step_are_the_callers(dtype):
+    """Review: the kept float32 copy replaced a detached sample's elements with a tensor carrying the previous
+    step's graph, so per-step gradients (truncated backprop, per-step guidance) went wrong or failed ("backward
+    through the graph a second time"). The value is the kept one, the gradient is the caller's tensor's."""
+    def run(d):
+        sched = samplers.get("ddim")()
+        sched.set_timesteps(5)
+        x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)).to(d)
+        grads = []
+        for t in sched.timesteps:
+            x = x.detach().requires_grad_(True)
+            out = sched.step(0.3 * torch.tanh(x.float()).to(d), t, x).prev_sample
+            (g,) = torch.autograd.grad(out.float().sum(), x)
+            grads.append(g.float().mean().item())
+            x = out
+        return grads
+
+    torch.testing.assert_close(torch.tensor(run(dtype)), torch.tensor(run(torch.float32)), rtol=0.02, atol=0.02)

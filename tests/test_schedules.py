@@ -359,6 +359,7 @@ def test_zero_snr_final_alpha_bar_is_diffusers_stand_in_unless_it_breaks_monoton
     ({"beta_end": 0.2}, r"beta_end=0\.2\) has alpha_bar = 0 \(float32 underflow\) from training step 984 of 1000: "
                         r".*rescale_betas_zero_snr=True"),
     ({"trained_betas": [0.5] * 1000}, r"\(`trained_betas`\) has alpha_bar = 0 .*use smaller betas"),
+    ({"beta_end": 0.5, "rescale_betas_zero_snr": True}, r"fewer `num_train_timesteps`$"),  # (it is on already)
 ])
 def test_beta_schedules_outside_float32_range_name_their_settings(kwargs, message):
     """Found by a probe: these failed with "`alphas_cumprod` must hold at least 2 finite values in (0, 1)", naming

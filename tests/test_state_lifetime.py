@@ -182,3 +182,21 @@ def test_overlapping_blocks_of_two_threads_restore_the_callers_flags():
     assert not any(m.training for m in net.modules())  # B still runs: still in eval mode
     b.__exit__(None, None, None)
     assert net.training and net[0].training and not net[1].training
+
+
+def test_a_nested_block_applies_its_override_again():
+    """Review: with the refcount, a nested block only counted itself, so a body that changed the flag back left the
+    inner block without its override."""
+    from fewstep.pipelines.grad_state import eval_mode, frozen_parameters
+
+    net = torch.nn.Linear(2, 2)
+    with eval_mode(net):
+        net.train()
+        with eval_mode(net):
+            assert not net.training
+    assert net.training
+    with frozen_parameters(net):
+        net.weight.requires_grad_(True)
+        with frozen_parameters(net):
+            assert not net.weight.requires_grad
+    assert net.weight.requires_grad

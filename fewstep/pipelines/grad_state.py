@@ -34,9 +34,9 @@ class _SharedOverride:
                 entry = self._held.get(id(obj))
                 if entry is None:
                     self._held[id(obj)] = [obj, self._read(obj), 1]
-                    self._write(obj, value)
                 else:
                     entry[2] += 1
+                self._write(obj, value)  # also inside a block whose body changed it back
         try:
             yield
         finally:

@@ -65,6 +65,8 @@ def text_to_image_base(pipe: Any, family: str) -> Any:
             kwargs[key] = components[key]
         elif key in pipe.config and not (isinstance(pipe.config[key], (list, tuple)) and len(pipe.config[key]) == 2):
             kwargs[key] = pipe.config[key]  # a setting (requires_safety_checker, ...); [library, class] is a module
+    if "add_watermarker" in optional:  # SDXL: an __init__ argument it does not register; keep the pipeline's choice
+        kwargs["add_watermarker"] = getattr(pipe, "watermark", None) is not None
     base = cls(**kwargs)
     base.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return base

@@ -887,17 +887,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         kept = getattr(self, "_kept_sample", None)
         if kept is None or sample.dtype == dtype or kept[0] is not self._state:
             return x
-        full = kept[1]
+        full = kept[1]  # (stored detached: it must not carry the previous step's graph past the caller's detach)
         if full.shape != sample.shape or full.device != sample.device or full.dtype != dtype:
             return x
-        return torch.where(sample == full.to(sample.dtype), full, x)
+        same = sample == full.to(sample.dtype)
+        if x.requires_grad:  # the kept value, with the gradient of the caller's tensor (metadata test: no sync)
+            full = full + (x - x.detach())
+        return torch.where(same, full, x)
 
     def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None, history=None):
         full = self._state.call(i, x, x0, eps, noise, history)
         prev = full.to(out_dtype)
         # the full-precision result of a half-precision step, for `working_sample` at the next one
         # (none after the last step: the scheduler would hold a latent-sized tensor until the next run)
-        self._kept_sample = (self._state, full) if prev.dtype != full.dtype and i + 1 < self.plan.nfe else None
+        self._kept_sample = ((self._state, full.detach()) if prev.dtype != full.dtype and i + 1 < self.plan.nfe
+                             else None)  # fmt: skip
         self._step_index = i + 1
         if not return_dict:
             return (prev, x0.to(out_dtype)) if self.tuple_with_x0 else (prev,)

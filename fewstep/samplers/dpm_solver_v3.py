@@ -187,35 +187,46 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
         return ems.degenerated() if self.config.degenerated else ems
 
     def _tables(self, grid: grids.TimeGrid | None = None) -> EMS:
-        """The EMS tables: the loaded ones, or EMS-free ones (``degenerated=True`` without a file): l = 1, s = b = 0
-        on a fine uniform lambda grid over the schedule's whole range (one value per grid point, broadcast over every
-        element). When two of ``grid``'s points lie closer than one spacing (they would snap onto one point: 800
-        steps on a zero-terminal-SNR schedule did with 2000), they are rebuilt with three spacings between them."""
-        if self._ems is not None and (grid is None or not self._ems_free or self._fine_enough(grid)):
+        """The EMS tables of the current run: the loaded ones, or EMS-free ones (``degenerated=True`` without a file):
+        l = 1, s = b = 0 on a uniform lambda grid over the schedule's whole range (one value per grid point,
+        broadcast over every element), of ``_DEGENERATE_POINTS`` spacings, or -- for a run (``grid``, at
+        ``set_timesteps``) with two points closer than one spacing, which would snap onto one point (800 steps on a
+        zero-terminal-SNR schedule did) -- of three spacings between its closest points. Chosen from the run's own
+        grid, so a run never depends on an earlier one."""
+        if not self._ems_free:
             return self._ems
-        sched = self.noise_schedule
-        t_hi, t_lo = self._time_range()
-        lo, hi = float(sched.lambda_(t_hi)), float(sched.lambda_(t_lo))
+        if grid is None:
+            if self._ems is None:
+                self._ems = self._ems_free_tables(_DEGENERATE_POINTS)
+            return self._ems
+        lo, hi = self._lambda_range()
+        clean = grid.sigmas[-1] == 0.0
+        gaps = np.diff(grid.lambdas[:-1] if clean else grid.lambdas)
         points = _DEGENERATE_POINTS
-        if grid is not None:
-            clean = grid.sigmas[-1] == 0.0
-            gaps = np.diff(grid.lambdas[:-1] if clean else grid.lambdas)
-            if gaps.size and float(gaps.min()) < (hi - lo) / points:
-                points = min(int(np.ceil(3.0 * (hi - lo) / float(gaps.min()))), _DEGENERATE_MAX_POINTS)
-        lam = np.linspace(lo, hi, points + 1)
-        self._ems = EMS(lam, np.ones(lam.size), np.zeros(lam.size), np.zeros(lam.size), {"degenerated": True})
+        if gaps.size and float(gaps.min()) < (hi - lo) / points:
+            points = min(int(np.ceil(3.0 * (hi - lo) / float(gaps.min()))), _DEGENERATE_MAX_POINTS)
+        self._ems = self._ems_free_tables(points)
         return self._ems
 
     @property
     def _ems_free(self) -> bool:
         return self.config.ems_file is None
 
-    def _fine_enough(self, grid: grids.TimeGrid) -> bool:
-        """Whether the current EMS-free tables hold at least one spacing between every two points of ``grid``."""
-        clean = grid.sigmas[-1] == 0.0
-        gaps = np.diff(grid.lambdas[:-1] if clean else grid.lambdas)
-        spacing = float(self._ems.lambdas[1] - self._ems.lambdas[0])
-        return gaps.size == 0 or float(gaps.min()) >= spacing or self._ems.num_points > _DEGENERATE_MAX_POINTS
+    def _lambda_range(self) -> tuple[float, float]:
+        t_hi, t_lo = self._time_range()
+        return float(self.noise_schedule.lambda_(t_hi)), float(self.noise_schedule.lambda_(t_lo))
+
+    def _ems_free_tables(self, points: int) -> EMS:
+        """EMS-free tables of ``points`` spacings, kept per size (the default's and the last other one), so their
+        compiled transitions (cached on the EMS object) are reused across runs."""
+        cache = self.__dict__.setdefault("_ems_free_cache", {})
+        if points not in cache:
+            for size in [k for k in cache if k != _DEGENERATE_POINTS]:
+                del cache[size]
+            lo, hi = self._lambda_range()
+            lam = np.linspace(lo, hi, points + 1)
+            cache[points] = EMS(lam, np.ones(lam.size), np.zeros(lam.size), np.zeros(lam.size), {"degenerated": True})
+        return cache[points]
 
     def _time_range(self) -> tuple[float, float]:
         sched = self.noise_schedule

@@ -169,8 +169,9 @@ def _check_alphas_cumprod_range(ac: np.ndarray, betas: np.ndarray, config: Mappi
         k = int(np.flatnonzero(ac <= 0.0)[0])
         raise ValueError(f"the noise schedule ({settings}) has alpha_bar = 0 (float32 underflow) from training step "
                          f"{k} of {ac.size}: no data is left there (diffusers' samplers return NaN on it); use "
-                         f"{'smaller betas' if trained else 'a smaller `beta_end`, fewer `num_train_timesteps`'}, or "
-                         "rescale_betas_zero_snr=True, which stands in 2^-24 for the final alpha_bar")
+                         f"{'smaller betas' if trained else 'a smaller `beta_end`, fewer `num_train_timesteps`'}"
+                         + ("" if config.get("rescale_betas_zero_snr", False) else
+                            ", or rescale_betas_zero_snr=True, which stands in 2^-24 for the final alpha_bar"))
 
 
 def _float32_linspace(start: float, end: float, n: int) -> np.ndarray:
