@@ -16,10 +16,10 @@ __all__ = ["frozen_parameters", "eval_mode", "check_autograd_available"]
 
 class _SharedOverride:
     """One attribute of many objects overridden for as long as any holder needs it: the first holder of an object
-    saves its own value and sets the override, the last one to leave restores it. Snapshots taken per block are
-    only right when blocks nest; two runs in two threads over one model do not (run B would save run A's override
-    as "the caller's" and restore it for good, or run A would restore the caller's value under run B). Holds a
-    reference to each held object, so its ``id`` cannot be reused while held."""
+    saves its own value, every holder sets the override on entry, the last one to leave restores the saved value.
+    Snapshots taken per block are only right when blocks nest; two runs in two threads over one model do not (run B
+    would save run A's override as "the caller's" and restore it for good, or run A would restore the caller's value
+    under run B). Holds a reference to each held object, so its ``id`` cannot be reused while held."""
 
     def __init__(self, read: Callable[[Any], Any], write: Callable[[Any, Any], None]):
         self._read, self._write = read, write

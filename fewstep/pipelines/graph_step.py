@@ -20,7 +20,7 @@ from .. import guidance as guidance_rules
 from .. import samplers
 from ..guidance import GuidanceRule
 from ..guidance.static import GUIDANCE_COLUMNS, StaticGuidance
-from ..solvers.parameterization import compute_dtype
+from ..solvers.parameterization import compute_dtype, resume_precision
 from ..solvers.static import StaticEngine, check_static_plan
 from .loop_checks import FiniteWatch, callback_tensors, check_returned
 
@@ -227,9 +227,8 @@ class StaticLoop:
         t = engine.row(run.t_table)
         alpha, sigma, norm, scale, s_over_a, a_over_s, *rescale = (row[k] for k in range(len(COLUMNS)))
         out = run.model_fn(run.x, t, run.conds)
-        x = run.x.to(engine.dtype)
-        if run.x_full is not None:  # latents left as returned continue from the float32 result (a callback's edits win)
-            x = torch.where(run.x == run.x_full.to(run.x.dtype), run.x_full, x)
+        # latents left as returned continue from the float32 result of a half-precision run (a callback's edits win)
+        x = run.x.to(engine.dtype) if run.x_full is None else resume_precision(run.x, run.x_full)
         if run.guide is not None:
             out_uncond, out_cond = out.chunk(2)
             cond = static_pair(run.kind, out_cond.to(engine.dtype), x, alpha, sigma, norm)

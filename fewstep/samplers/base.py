@@ -31,7 +31,7 @@ from .._io import atomic_write
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
 from ..solvers.momentum import MomentumStep
-from ..solvers.parameterization import compute_dtype, normalize_prediction_type, to_pair
+from ..solvers.parameterization import compute_dtype, normalize_prediction_type, resume_precision, to_pair
 from ..solvers.schedules import (
     ZERO_SNR_ALPHA_BAR,
     FlowSchedule,
@@ -227,6 +227,14 @@ def _check_floating(**tensors: Any) -> None:
         if value.dtype not in _STEP_DTYPES:
             raise ValueError(f"`{name}` must be a floating tensor (float16, bfloat16, float32 or float64), got "
                              f"{str(value.dtype).replace('torch.', '')}")
+
+
+def _check_variance_noise(variance_noise: torch.Tensor, sample: torch.Tensor) -> None:
+    """A step's given noise (diffusers' ``variance_noise``): a floating tensor of the sample's shape (metadata only)."""
+    _step_dtype(variance_noise=variance_noise, sample=sample)
+    if variance_noise.shape != sample.shape:
+        raise ValueError(f"`variance_noise` must have the sample's shape {tuple(sample.shape)}, got "
+                         f"{tuple(variance_noise.shape)}")
 
 
 def _check_output_shape(sample: torch.Tensor, **outputs: torch.Tensor) -> None:
@@ -890,10 +898,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         full = kept[1]  # (stored detached: it must not carry the previous step's graph past the caller's detach)
         if full.shape != sample.shape or full.device != sample.device or full.dtype != dtype:
             return x
-        same = sample == full.to(sample.dtype)
-        if x.requires_grad:  # the kept value, with the gradient of the caller's tensor (metadata test: no sync)
-            full = full + (x - x.detach())
-        return torch.where(same, full, x)
+        return resume_precision(sample, full)
 
     def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None, history=None):
         full = self._state.call(i, x, x0, eps, noise, history)

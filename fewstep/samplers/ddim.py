@@ -17,7 +17,7 @@ from .base import (  # noqa: F401 - SchedulerMixin: see base.py
     FewstepScheduler,
     FewstepSchedulerOutput,
     SchedulerMixin,
-    _step_dtype,
+    _check_variance_noise,
     check_config_arg,
 )
 
@@ -157,10 +157,7 @@ class FewstepDDIMScheduler(FewstepScheduler):
             if generator is not None:
                 raise ValueError("pass either `generator` or `variance_noise`, not both (`variance_noise` is the "
                                  "step's noise itself)")
-            _step_dtype(variance_noise=variance_noise, sample=sample)  # floating tensors (metadata only)
-            if variance_noise.shape != sample.shape:
-                raise ValueError(f"`variance_noise` must have the sample's shape {tuple(sample.shape)}, got "
-                                 f"{tuple(variance_noise.shape)}")
+            _check_variance_noise(variance_noise, sample)
         self._ddim_options = (eta, bool(use_clipped_model_output), generator, variance_noise, model_output)
         try:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)

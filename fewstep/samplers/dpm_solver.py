@@ -12,7 +12,7 @@ from .base import (  # noqa: F401 - SchedulerMixin: see base.py
     FewstepScheduler,
     FewstepSchedulerOutput,
     SchedulerMixin,
-    _step_dtype,
+    _check_variance_noise,
 )
 
 __all__ = ["FewstepDPMSolverScheduler", "ODE_ALGORITHMS", "check_ode_algorithm_type"]
@@ -123,10 +123,7 @@ class FewstepDPMSolverScheduler(FewstepScheduler):
         from ``generator`` (as diffusers, it wins when both are given); the ODE algorithm types ignore it. Otherwise
         as every fewstep scheduler's ``step``."""
         if variance_noise is not None:
-            _step_dtype(variance_noise=variance_noise, sample=sample)  # floating tensors (metadata only)
-            if variance_noise.shape != sample.shape:
-                raise ValueError(f"`variance_noise` must have the sample's shape {tuple(sample.shape)}, got "
-                                 f"{tuple(variance_noise.shape)}")
+            _check_variance_noise(variance_noise, sample)
         self._variance_noise = variance_noise
         try:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)

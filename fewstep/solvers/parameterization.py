@@ -77,3 +77,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a solver update is computed in for samples of ``dtype``: float32 for half precision (float16,
     bfloat16), else ``dtype`` itself; results go back to the sample's dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def resume_precision(sample: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``sample`` (half precision: the rounded copy of ``full`` a step returned, perhaps edited since) in ``full``'s
+    dtype, continuing from ``full`` where the caller left it as returned: elements equal to ``full`` after rounding
+    are taken from ``full``, edited ones (an inpainting blend, a callback) are the caller's, and the gradient is
+    ``sample``'s. Elementwise on the device, no host sync: what keeps increments below half a float16/bfloat16 ULP
+    from being rounded away at every step (the schedulers' ``working_sample``, the CUDA-graph step's static state)."""
+    x = sample.to(full.dtype)
+    same = sample == full.to(sample.dtype)
+    if x.requires_grad:  # the kept value, with the gradient of the caller's tensor (metadata test: no sync)
+        full = full.detach() + (x - x.detach())
+    return torch.where(same, full, x)
