@@ -73,7 +73,7 @@ def test_from_real_configs_with_a_schedule():
 @pytest.mark.parametrize(
     "timesteps, decisions, final, match",
     [
-        ([500.0, 700.0], [StepDecision(), StepDecision()], "zero", "must strictly decrease"),
+        ([500.0, 700.0], [StepDecision(), StepDecision()], "zero", "`timesteps` must be strictly decreasing"),
         ([900.0, 500.0], [StepDecision()], "zero", "need one decision per timestep"),
         ([900.0, 500.0], [StepDecision(), StepDecision()], 600.0, "below the last timestep"),
         ([900.0, 500.0], [StepDecision(), StepDecision()], "one", "`final` must be 'zero'"),
@@ -1063,7 +1063,7 @@ def test_schedule_file_errors_name_the_file(tmp_path):
         ("fnal.json", {"fnal": 3.0}, r"unknown solver schedule keys \['fnal'\]"),
         ("order.json", {"decisions": [{}, {"order": "2"}]}, r"step 1: `order` must be an integer in \[1, 5\], got '2'"),
         ("version.json", {"version": 2}, r"schedule format version 2 is not supported"),
-        ("nan.json", {"timesteps": [900.0, float("nan")]}, r"`timesteps` must be a non-empty list of finite times"),
+        ("nan.json", {"timesteps": [900.0, float("nan")]}, r"`timesteps` must be finite \(no NaN/Inf\)"),
         ("metadata.json", {"metadata": [1]}, r"`metadata` must be a JSON object, got \[1\]"),
         ("fewer.json", {"decisions": [{}]}, r"need one decision per timestep: 2 timesteps, 1 decisions"),
     ):

@@ -556,7 +556,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         user ``timesteps`` still gets those."""
         T = self.noise_schedule.num_train_timesteps
         name = "sigmas" if sigmas is not None else "timesteps"
-        raw = grids._check_decreasing(name, sigmas if sigmas is not None else timesteps)  # the user's own values
+        raw = grids.check_decreasing(name, sigmas if sigmas is not None else timesteps)  # the user's own values
         given = raw / T if sigmas is None else raw
         clean_end = bool(given.size >= 2 and given[-1] == 0)
         if clean_end:

@@ -417,7 +417,9 @@ def _flow_from_s(schedule: FlowSchedule, s: np.ndarray, what: str = "the flow gr
     return TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
 
 
-def _check_decreasing(name: str, values: Any) -> np.ndarray:
+def check_decreasing(name: str, values: Any) -> np.ndarray:
+    """``values`` as a flat float64 array, checked non-empty, finite and strictly decreasing (noise to data);
+    ``ValueError`` naming ``name`` and the values otherwise."""
     arr = np.asarray(values, dtype=np.float64).reshape(-1)
     if arr.size < 1:
         raise ValueError(f"`{name}` must hold at least one value")
@@ -467,7 +469,7 @@ def custom_timesteps_grid(
 ) -> TimeGrid:
     """User-given model timesteps (strictly decreasing also in float32, the dtype the model gets them in; inside
     the schedule's range; at least ``MIN_LAMBDA_GAP`` apart in ``lambda``)."""
-    ts = _check_decreasing("timesteps", timesteps)
+    ts = check_decreasing("timesteps", timesteps)
     check_model_times_distinct("timesteps", ts)
     if ts[0] > schedule.t_max or ts[-1] < schedule.t_min:
         raise ValueError(
@@ -491,7 +493,7 @@ def custom_sigmas_grid(
     arr = np.asarray(sigmas, dtype=np.float64).reshape(-1)
     if arr.size >= 2 and arr[-1] == 0:
         arr, final_sigmas_type = arr[:-1], "zero"
-    arr = _check_decreasing("sigmas", arr)
+    arr = check_decreasing("sigmas", arr)
     if np.any(arr <= 0):
         raise ValueError(f"`sigmas` must be > 0 (a single trailing 0 marks the clean target), got {arr.tolist()}")
     if isinstance(schedule, FlowSchedule):

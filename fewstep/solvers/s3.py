@@ -43,7 +43,7 @@ from .engine import (
     compile_plan,
     with_analytic_first_step,
 )
-from .grids import TimeGrid, check_lambda_gaps, check_model_times_distinct
+from .grids import TimeGrid, check_decreasing, check_lambda_gaps, check_model_times_distinct
 from .schedules import NoiseSchedule
 
 __all__ = ["SolverSchedule", "SCHEDULE_VERSION", "AFS_KINDS", "check_afs_mean", "decisions_from_dicts",
@@ -135,11 +135,7 @@ class SolverSchedule:
             raise ValueError(f"`timesteps` must be a list of numbers (model times), got {self.timesteps!r}")
         if not isinstance(self.metadata, dict):
             raise ValueError(f"`metadata` must be a JSON object (dict), got {type(self.metadata).__name__}")
-        ts = np.asarray(self.timesteps, dtype=np.float64).reshape(-1)
-        if ts.size == 0 or not np.all(np.isfinite(ts)):
-            raise ValueError(f"`timesteps` must be a non-empty list of finite times, got {self.timesteps!r}")
-        if np.any(np.diff(ts) >= 0):
-            raise ValueError(f"`timesteps` must strictly decrease (from noise to data), got {ts.tolist()}")
+        ts = check_decreasing("timesteps", self.timesteps)  # non-empty, finite, strictly decreasing
         check_model_times_distinct("timesteps", ts)  # ... also as the model gets them (float32)
         self.timesteps = ts.tolist()
         if len(self.decisions) != ts.size:
