@@ -119,7 +119,7 @@ def reference_states(
     if method == "ddim":
         decisions = ddim_decisions(m)
     else:
-        decisions = dpm_solver_decisions(m, 2, final_is_clean=bool(fine.sigmas[-1] == 0.0))
+        decisions = dpm_solver_decisions(m, 2, final_is_clean=fine.clean_end)
     plan = compile_plan(fine, decisions)
     state = EngineState(plan)
     wanted = {f: k for k, f in enumerate(index)}

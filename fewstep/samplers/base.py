@@ -501,7 +501,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _grid_decisions(self, grid: grids.TimeGrid) -> list[StepDecision]:
         """The decisions for a built grid (schedulers whose decisions depend on the grid's times override this)."""
-        return self._decisions(grid.num_steps, bool(grid.sigmas[-1] == 0.0))
+        return self._decisions(grid.num_steps, grid.clean_end)
 
     def _compile_plan(self, grid: grids.TimeGrid, decisions: list[StepDecision]) -> Plan:
         """Decisions -> engine plan (DPM-Solver-v3 adds its EMS tables here)."""

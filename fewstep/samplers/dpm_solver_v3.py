@@ -200,8 +200,7 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
                 self._ems = self._ems_free_tables(_DEGENERATE_POINTS)
             return self._ems
         lo, hi = self._lambda_range()
-        clean = grid.sigmas[-1] == 0.0
-        gaps = np.diff(grid.lambdas[:-1] if clean else grid.lambdas)
+        gaps = np.diff(grid.finite_lambdas)
         points = _DEGENERATE_POINTS
         if gaps.size and float(gaps.min()) < (hi - lo) / points:
             points = min(int(np.ceil(3.0 * (hi - lo) / float(gaps.min()))), _DEGENERATE_MAX_POINTS)
@@ -331,7 +330,7 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
         )
 
     def _grid_decisions(self, grid):
-        return self._decisions(grid.num_steps, bool(grid.sigmas[-1] == 0.0), self._corrector_allowed(grid))
+        return self._decisions(grid.num_steps, grid.clean_end, self._corrector_allowed(grid))
 
     def _compile_plan(self, grid, decisions):
         return compile_plan(grid, decisions, ems=EMSGrid(self._tables(), self._ems_indices))

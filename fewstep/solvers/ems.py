@@ -198,9 +198,8 @@ def snap_grid(ems: EMS, noise_schedule: Any, grid: Any) -> tuple[Any, tuple[int,
     only a non-EMS step may reach). Two points snapping to one EMS point is an error."""
     from .grids import TimeGrid
 
-    clean = grid.sigmas[-1] == 0.0
-    lam = grid.lambdas[:-1] if clean else grid.lambdas
-    idx = ems.snap(lam, "the time steps' lambda")
+    clean = grid.clean_end
+    idx = ems.snap(grid.finite_lambdas, "the time steps' lambda")
     if np.any(np.diff(idx) <= 0):
         raise ValueError(
             f"{grid.num_steps} steps snap to repeated EMS grid points {idx.tolist()}: the EMS grid has "

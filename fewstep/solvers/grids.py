@@ -112,6 +112,17 @@ class TimeGrid:
         return int(self.timesteps.size)
 
     @property
+    def clean_end(self) -> bool:
+        """Whether the target is clean data (sigma = 0, lambda = +inf)."""
+        return bool(self.sigmas[-1] == 0.0)
+
+    @property
+    def finite_lambdas(self) -> np.ndarray:
+        """The lambdas of every point with a finite lambda: the evaluation points, plus the target unless it is
+        clean data."""
+        return self.lambdas[:-1] if self.clean_end else self.lambdas
+
+    @property
     def rhos(self) -> np.ndarray:
         """``sigma/alpha`` per point (diffusers' ``scheduler.sigmas`` for VP models)."""
         return self.sigmas / self.alphas
