@@ -203,15 +203,17 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _load_class_conditional(model: str, embedded: tuple[str, ...] = ("digits-eps",)):
+def _load_class_conditional(model: str, embedded: tuple[str, ...] = ("digits-eps",), purpose: str = "this calibration"):
+    """``--model`` as one of the ``embedded`` defaults or a saved class-conditional pipeline directory (one with a
+    ``model_index.json``); a ``UsageError`` saying what ``purpose`` needs otherwise."""
     from pathlib import Path
 
     from ..pipelines.defaults import DEFAULT_MODELS, load_default
 
     if model in embedded:
         return load_default(model, sampler=None)
-    if model in DEFAULT_MODELS or not Path(model).is_dir():
-        raise UsageError(f"--model {model!r}: this calibration needs {' or '.join(embedded)} or a class-conditional "
+    if model in DEFAULT_MODELS or not (Path(model) / "model_index.json").is_file():
+        raise UsageError(f"--model {model!r}: {purpose} needs {' or '.join(embedded)} or a class-conditional "
                          "pipeline directory")
     from ..pipelines.class_conditional import ClassConditionalPipeline
 

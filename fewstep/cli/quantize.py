@@ -54,14 +54,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = quant.QuantConfig(format=args.format, metric=args.metric, p=args.p, split_skip=args.split_skip,
                                exclude=list(dict.fromkeys(exclude)))
     config.validate()
+    from ..pipelines.defaults import default_sampler_options
     from ..pipelines.swap import swap_sampler
 
-    if args.model not in _EMBEDDED and not (Path(args.model) / "model_index.json").is_file():
-        raise UsageError(f"--model {args.model!r}: quantization needs {' or '.join(_EMBEDDED)} or a class-conditional "
-                         "pipeline directory")
-    from ..pipelines.defaults import default_sampler_options
-
-    pipe = swap_sampler(_load_class_conditional(args.model, _EMBEDDED), args.sampler,
+    pipe = swap_sampler(_load_class_conditional(args.model, _EMBEDDED, "quantization"), args.sampler,
                         **default_sampler_options(args.model, args.sampler))  # e.g. the shipped EMS for v3
     pipe.set_progress_bar_config(disable=True)
     import fnmatch
