@@ -70,7 +70,10 @@ def check_number(
     """
     ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
     if ok:
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:  # an int beyond float's range (10**400)
+            v = math.inf if value > 0 else -math.inf
         ok = not math.isnan(v) and (not finite or math.isfinite(v))
         if ok and low is not None:
             ok = v > low if low_open else v >= low
@@ -80,7 +83,7 @@ def check_number(
         kind = "a finite number" if finite else "a number"
         text = f" in {allowed}" if allowed is not None else _range_text(low, high, low_open)
         raise ValueError(f"{_label(name, what)} must be {kind}{text}, got {value!r}")
-    return float(value)
+    return v
 
 
 def repeated_values(values: Any) -> list[str]:

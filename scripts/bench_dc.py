@@ -97,7 +97,7 @@ def bench_digits(args) -> list[dict]:
         names = ["unipc", "dpm-solver++", "dc", "dc-cpr"]
         searched = None
         if heldout:
-            entries, _ = calibrate_class_conditional(pipe, "digits-eps", [nfe], [g], progress=False)
+            entries, _ = calibrate_class_conditional(pipe, [nfe], [g], progress=False)
             searched = entries[0].ratios
         for name in names:
             with warnings.catch_warnings():
@@ -164,7 +164,7 @@ def bench_plugin(args) -> list[dict]:
         for base in ("dpm-solver++", "ddim"):
             for nfe in (5, 10):
                 entries, _ = calibrate_class_conditional(
-                    pipe, "digits-eps", [nfe], [g], scheduler_overrides={"dc_base": base}, progress=False
+                    pipe, [nfe], [g], scheduler_overrides={"dc_base": base}, progress=False
                 )
                 row = {"cfg": g, "nfe": nfe, "base": base, "ratios": [round(r, 4) for r in entries[0].ratios]}
                 for label, ratios in (("mse_base", [1.0] * nfe), ("mse_dc", entries[0].ratios)):

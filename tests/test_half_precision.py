@@ -71,7 +71,7 @@ def test_dc_calibration_of_a_half_precision_unet_solves_in_float32(monkeypatch):
         return [], {}
 
     monkeypatch.setattr(dc_calibration, "_calibrate_grid", capture)
-    dc_calibration.calibrate_class_conditional(pipe, "digits-eps", [5], [3.0], datapoints=2, progress=False)
+    dc_calibration.calibrate_class_conditional(pipe, [5], [3.0], datapoints=2, progress=False)
     assert seen == {"noise": torch.float32, "out": torch.float32}
 
 

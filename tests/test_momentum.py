@@ -395,7 +395,7 @@ def test_only_multistep_steps_of_dpm_solver_carry_momentum():
         (HB, {"base": "unipc", "solver_order": 4}, r"`solver_order` must be an integer in \[1, 3\], got 4"),
         (GHVB, {"solver_order": 6}, r"`solver_order` must be an integer in \[1, 5\], got 6"),
         (GHVB, {"solver_order": 0}, r"`solver_order` must be an integer in \[1, 5\], got 0"),
-        (GHVB, {"momentum_order": 5.5}, r"fractional order must be in \(0, 5\]"),
+        (GHVB, {"momentum_order": 5.5}, r"`fractional order` must be a finite number in \(0, 5\]"),
         (HB, {"momentum_order": 4.2}, r"`momentum_order`=4.2 needs a base of order 5"),
         (HB, {"base": "dpm-solver++", "momentum_order": 3.5}, r"needs a base of order 4; this base supports"),
         (HB, {"base": "heun"}, r"`base` must be one of \['plms', 'dpm-solver\+\+', 'unipc'\], got 'heun'"),

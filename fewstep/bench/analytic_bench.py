@@ -8,6 +8,7 @@ noise, and the Frechet distance between the samples and the data distribution (c
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ def _check_list(name: str, values, allowed=None) -> list:
 
 def run_analytic_bench(
     samplers: list[str] | None = None,
-    steps: list[int] = (5, 10, 20),
+    steps: Sequence[int] = (5, 10, 20),
     schedule: str = "vp",
     num_samples: int = 2000,
     dim: int = 2,
@@ -85,7 +86,7 @@ def run_analytic_bench(
     if "dpm-solver-v3" in (samplers or []):
         raise ValueError("`samplers`: dpm-solver-v3 needs EMS tables estimated for this mixture, which the table "
                          "does not build; scripts/bench_v3.py --analytic-only estimates them and runs it")
-    names = _check_list("samplers", samplers or available, available + optional)
+    names = _check_list("samplers", available if samplers is None else samplers, available + optional)
     steps = _check_list("steps", steps)
     for n in steps:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -75,8 +75,8 @@ FEATURE_EXTRACTOR = "digits-classifier"
 FEATURE_EXTRACTORS = ("digits-classifier", "inception")
 
 
-def parse_guidance(text: str) -> tuple[str, float | None]:
-    """``"cfg:3"`` -> ``("cfg", 3.0)``; ``"apg"`` -> ``("apg", None)`` (the rule's default scale).
+def parse_guidance(text: str) -> tuple[str, float]:
+    """``"cfg:3"`` -> ``("cfg", 3.0)``; ``"apg"`` -> ``("apg", 7.5)`` (the rule's default scale).
 
     The rule and its scale are validated by ``fewstep.guidance.make``."""
     if not isinstance(text, str) or not text.strip():

@@ -365,7 +365,6 @@ def _calibrate_grid(
 
 def calibrate_class_conditional(
     pipe,
-    model_name: str,
     nfes: Sequence[int],
     guidance_scales: Sequence[float],
     datapoints: int = 10,

@@ -58,7 +58,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             entries, key = calibrate_text_to_image(pipe, prompts, args.nfe, args.guidance_scale, **common)
         else:
             pipe = _load_class_conditional(args.model)
-            entries, key = calibrate_class_conditional(pipe, args.model, args.nfe, args.guidance_scale, **common)
+            entries, key = calibrate_class_conditional(pipe, args.nfe, args.guidance_scale, **common)
     save_ratio_table(out, entries, args.model, key, {"version": __version__})
     for e in entries:
         print(f"NFE {e.nfe:>2} CFG {e.guidance_scale:g}: ratios " + " ".join(f"{r:.3f}" for r in e.ratios))

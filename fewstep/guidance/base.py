@@ -73,14 +73,12 @@ class GuidanceRule:
     """Base class of guidance rules; subclasses implement ``combine``.
 
     Call the rule as ``rule(cond, uncond, state)``; call ``reset()`` before each generation (rules with
-    state across steps, e.g. APG's momentum, also reset themselves at step index 0).
-
-    ``consistent`` says whether the returned pair satisfies ``x_t = alpha x0 + sigma eps`` whenever the
-    inputs do; a rule that is not (CFG++) needs a solver that takes the pair (``step_pair``).
+    state across steps, e.g. APG's momentum, also reset themselves at step index 0). Every rule other than plain CFG
+    runs on a solver that takes the ``(x0, eps)`` pair (``step_pair``): CFG++'s pair deliberately breaks
+    ``x_t = alpha x0 + sigma eps``, and APG combines in x0 space.
     """
 
     name: ClassVar[str] = ""
-    consistent: ClassVar[bool] = True
     #: whether the rule reads the unconditional prediction (a host-side flag, fixed per generation)
     needs_uncond: bool = True
 

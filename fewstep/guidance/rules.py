@@ -155,7 +155,6 @@ class CFGPlusPlus(GuidanceRule):
     """
 
     name = "cfg++"
-    consistent = False
     needs_uncond = True
     HISTORIES = ("guided", "unconditional")
 

@@ -149,7 +149,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: Sequence[int] | int,
+        class_labels: Sequence[int] | int | torch.Tensor,
         num_inference_steps: int = 20,
         guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,

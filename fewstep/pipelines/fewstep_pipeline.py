@@ -596,7 +596,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         guidance_rescale: float | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
-    ) -> ImagePipelineOutput | tuple:
+    ) -> ImagePipelineOutput | StableDiffusionPipelineOutput | tuple:
         """Text-to-image (class-conditional: ``class_labels``) with the hosted scheduler and guidance rule.
 
         ``guidance``/``guidance_scale`` override the pipeline's rule for this call (a name plus scale, a rule

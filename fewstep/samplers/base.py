@@ -815,9 +815,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
-    ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
+    ) -> FewstepSchedulerOutput | tuple[torch.Tensor, ...]:
         """Advance ``sample`` from the current grid point to the next one.
 
         ``model_output`` must have the sample's shape (a learned-variance model's ``2C`` channels: pass the first
@@ -837,9 +837,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
         return_dict: bool = True,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         history: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
+    ) -> FewstepSchedulerOutput | tuple[torch.Tensor, ...]:
         """Like ``step`` but takes the ``(x0, eps)`` pair directly: guidance rules such as CFG++ hand the
         solver an inconsistent pair (guided ``x0``, unconditional ``eps``) through this entry point.
 

@@ -113,10 +113,10 @@ class FewstepDPMSolverScheduler(FewstepScheduler):
         model_output: torch.Tensor,
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
+    ) -> FewstepSchedulerOutput | tuple[torch.Tensor, ...]:
         """Advance ``sample`` to the next grid point, with diffusers' ``DPMSolverMultistepScheduler.step`` arguments.
 
         ``variance_noise`` (standard normal, the sample's shape): the SDE step's noise itself, used instead of a draw

@@ -143,10 +143,9 @@ class FewstepMRSScheduler(FewstepScheduler):
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
         mu: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
-        **kwargs: Any,
-    ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
+    ) -> FewstepSchedulerOutput | tuple[torch.Tensor, ...]:
         """Advance ``sample`` (the MR state ``x``) to the next grid point; ``mu`` is the degraded image.
         ``model_output`` and ``mu`` must have the sample's shape."""
         dtype = _step_dtype(model_output=model_output, sample=sample)

@@ -100,11 +100,8 @@ def split_fractional_order(order: float) -> tuple[int, float]:
 
     ``3.8 -> (4, 0.8)`` (fourth-order base, beta 0.8); ``1.5 -> (2, 0.5)``; ``4 -> (4, 1.0)``.
     """
-    if isinstance(order, bool) or not isinstance(order, (int, float)) or not math.isfinite(order):
-        raise ValueError(f"fractional order must be a finite number, got {order!r}")
-    r = float(order)
-    if not 0.0 < r <= MAX_ORDER:
-        raise ValueError(f"fractional order must be in (0, {MAX_ORDER}] (k = floor(r) + 1 <= {MAX_ORDER}), got {r}")
+    r = check_number("fractional order", order, 0.0, MAX_ORDER, low_open=True,
+                     allowed=f"(0, {MAX_ORDER}] (k = floor(r) + 1 <= {MAX_ORDER})")
     whole = math.floor(r)
     frac = round(r - whole, 12)  # 2.9 -> 0.9, not 0.8999999999999999
     if frac < 1e-9:
