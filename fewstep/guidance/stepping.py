@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._checks import check_int
@@ -49,27 +50,43 @@ def guided_step(
     out_uncond: torch.Tensor,
     timestep: Any,
     sample: torch.Tensor,
-    index: int,
+    index: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Advance ``sample`` by one step of ``scheduler`` guided by ``rule`` from raw model outputs.
 
-    Both outputs are converted to ``(x0, eps)`` at model call ``index`` (the scheduler's own conversion), combined
-    by the rule and fed to ``scheduler.step_pair``, which applies ``clip_sample`` to the guided ``x0`` (once, after
-    combining, as diffusers clips the x0 of ``u + w (c - u)``); ``generator`` draws the noise of a stochastic (SDE)
-    step.
+    Both outputs are converted to ``(x0, eps)`` at the scheduler's next model call (the scheduler's own
+    conversion), combined by the rule and fed to ``scheduler.step_pair``, which applies ``clip_sample`` to the
+    guided ``x0`` (once, after combining, as diffusers clips the x0 of ``u + w (c - u)``); ``generator`` draws the
+    noise of a stochastic (SDE) step. ``index``, when given, must be that call's index in ``scheduler.timesteps``
+    (``begin_index + i`` in a loop over ``timesteps[begin_index:]``): a ``ValueError`` otherwise, as converting at
+    one grid point and stepping from another is a wrong step.
     """
+    if not isinstance(rule, GuidanceRule):
+        raise TypeError(f"`rule` must be a GuidanceRule (e.g. fewstep.guidance.make('cfg', 5.0)), got {rule!r}")
     if not supports_pairs(scheduler):
         raise ValueError(
             f"guidance rule {rule.name!r} needs a fewstep scheduler (one with `step_pair`); "
             f"got {type(scheduler).__name__}"
         )
+    for name, value in (("out_cond", out_cond), ("out_uncond", out_uncond), ("sample", sample)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a tensor, got {type(value).__name__}")
     if out_cond.shape != out_uncond.shape or out_cond.shape != sample.shape:
         raise ValueError(
             "conditional output, unconditional output and sample must have the same shape; got "
             f"{tuple(out_cond.shape)}, {tuple(out_uncond.shape)} and {tuple(sample.shape)}"
         )
-    if scheduler.step_index is None:  # a new run, also one that begins part-way (img2img): forget APG's momentum
+    new_run = scheduler.step_index is None
+    call = scheduler._begin_step(timestep)  # the model call this step is at (found from `timestep` on a new run)
+    if index is not None and (isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer))
+                              or int(index) != call):
+        raise ValueError(
+            f"`index` {index!r} is not the scheduler's next model call {call} (its index in scheduler.timesteps; "
+            "a loop over timesteps[begin_index:] passes begin_index + i); leave `index` out to use the scheduler's"
+        )
+    index = call
+    if new_run:  # a new run, also one that begins part-way (img2img): forget APG's momentum
         rule.reset()
     dtype = compute_dtype(sample.dtype)
     # as the model saw it (an average_x0 start is shifted), in the precision step_pair integrates it in
@@ -88,7 +105,7 @@ def raw_cfg(rule: CFG, out_cond: torch.Tensor, out_uncond: torch.Tensor, index: 
     """Plain CFG on raw model outputs, for schedulers without ``step_pair`` (diffusers' own): ``u + w (c - u)``
     then diffusers' ``guidance_rescale`` on the raw output, exactly as diffusers' pipelines do."""
     if not isinstance(rule, CFG):
-        raise ValueError(f"only plain CFG can run on raw outputs, got guidance {rule.name!r}")
+        raise ValueError(f"only plain CFG can run on raw outputs, got guidance {getattr(rule, 'name', rule)!r}")
     for name, value in (("out_cond", out_cond), ("out_uncond", out_uncond)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"`{name}` must be a tensor, got {type(value).__name__}")

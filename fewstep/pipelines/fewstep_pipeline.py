@@ -165,6 +165,9 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         cuda_graph: bool = False,
     ):
         self.family = _family(pipe)
+        if guidance is not None and not isinstance(guidance, GuidanceRule):
+            raise TypeError(f"`guidance` must be a GuidanceRule or None (FewstepPipeline.from_pipe also takes a name "
+                            f"like 'cfg'), got {guidance!r}")  # fmt: skip
         if guidance is None and self.family != "flux":
             raise ValueError(f"{self.family} needs a guidance rule (only Flux has a distilled guidance embedding)")
         if not isinstance(cuda_graph, bool):
@@ -174,7 +177,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                              f"{type(denoiser).__name__}")  # fmt: skip
         self.pipe = pipe
         self.guidance = guidance
-        self.embedded_guidance_scale = float(embedded_guidance_scale)
+        self.embedded_guidance_scale = check_number("embedded_guidance_scale", embedded_guidance_scale, 0.0)
         self._compiled = denoiser
         #: the module ``denoiser`` was made from (a swapped ``pipe.unet`` would otherwise be silently ignored)
         self._compiled_for = self._model if denoiser is not None else None
@@ -631,8 +634,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             "embedded_guidance_scale", embedded_guidance_scale, 0.0)
         if guidance is None and self.guidance is None:  # Flux, distilled guidance embedding only
             rule = None
-            if guidance_scale is not None:
-                embedded = float(guidance_scale)
+            if guidance_scale is not None:  # the embedding's scale, as FluxPipeline's guidance_scale
+                embedded = check_number("guidance_scale", guidance_scale, 0.0)
         elif guidance is None:
             rule = self.guidance if guidance_scale is None else self.guidance.with_scale(guidance_scale)
         else:

@@ -85,12 +85,23 @@ def model_fingerprint(model: nn.Module) -> dict:
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, model_id: str | None = None,
                    extra: dict | None = None) -> Path:
     """Write ``quant.safetensors`` + ``quant.json`` of a ``quantize``-d model into ``out_dir`` (created, with its
-    missing parents). A save that fails (e.g. an ``OSError`` naming the file on a full disk) removes the folders it
-    created and leaves no new ``quant.safetensors`` without its ``quant.json``."""
+    missing parents). ``model_id``: the model's name, recorded for ``load_quantized`` to compare; ``extra``: a dict
+    of JSON values stored as the file's ``extra``. A save that fails (e.g. an ``OSError`` naming the file on a full
+    disk) removes the folders it created and leaves no new ``quant.safetensors`` without its ``quant.json``."""
     from safetensors.torch import save_file
 
     from .. import __version__
 
+    if model_id is not None and not isinstance(model_id, str):
+        raise ValueError(f"`model_id` must be a string (the model's name, e.g. 'digits-eps') or None, got {model_id!r}")
+    if extra is not None:
+        if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+            raise ValueError(f"`extra` must be a dict with string keys (stored as {META_FILE}'s 'extra') or None, got "
+                             f"{extra!r:.80}")
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"`extra` must hold JSON values only (it is stored in {META_FILE}): {exc}") from None
     layers = quant_layers(model)
     info = getattr(model, "fewstep_quant", None)
     if not layers or info is None:
@@ -303,8 +314,11 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
 
     if mode not in SETTABLE_MODES:
         raise ValueError(f"`mode` must be one of {list(SETTABLE_MODES)}, got {mode!r}")
-    if not isinstance(inplace, bool):
-        raise ValueError(f"`inplace` must be True or False, got {inplace!r}")
+    for name, flag in (("inplace", inplace), ("strict", strict)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+    if model_id is not None and not isinstance(model_id, str):
+        raise ValueError(f"`model_id` must be a string (the model's name, e.g. 'digits-eps') or None, got {model_id!r}")
     meta = read_metadata(directory)
     _check_model(meta, model, model_id, strict)
     path = Path(directory) / TENSORS_FILE

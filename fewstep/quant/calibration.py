@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -114,10 +114,9 @@ def ndtc_indices(num: int, steps: int, mean: float = NDTC_MEAN, std: float = NDT
     """
     _check_steps(steps)
     check_int("num", num, 1, numpy_ok=False)
-    if not (isinstance(mean, (int, float)) and 0 <= mean <= 0.5):
+    if isinstance(mean, bool) or not (isinstance(mean, (int, float)) and 0 <= mean <= 0.5):
         raise ValueError(f"`mean` (fraction of the steps) must be in [0, 0.5] (NDTC: mu <= T/2), got {mean!r}")
-    if not (isinstance(std, (int, float)) and math.isfinite(std) and std > 0):
-        raise ValueError(f"`std` (fraction of the steps) must be a finite number > 0, got {std!r}")
+    check_number("std", std, 0.0, low_open=True, what="fraction of the steps")
     draws = torch.randn(num, generator=generator, dtype=torch.float64) * (std * steps) + mean * steps
     return torch.floor(draws).clamp(0, steps - 1).long()
 

@@ -497,6 +497,8 @@ def set_mode(model: nn.Module, mode: str | dict[str, str]) -> nn.Module:
     layers = quant_layers(model)
     if not layers:
         raise ValueError("`model` holds no quantized layers (run fewstep.quant.quantize first)")
+    if not isinstance(mode, (str, dict)):
+        raise ValueError(f"`mode` must be one of {list(SETTABLE_MODES)} or a dict layer name -> mode, got {mode!r}")
     plan = {name: mode for name in layers} if isinstance(mode, str) else dict(mode)
     unknown = sorted(set(plan) - set(layers))
     if unknown:

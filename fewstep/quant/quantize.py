@@ -87,10 +87,7 @@ class QuantConfig:
         for name in ("symmetric_act", "split_skip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
-        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(pat, str) for pat in self.exclude):
-            raise ValueError(f"`exclude` must be a list of fnmatch patterns (strings; [] quantizes every layer), got "
-                             f"{self.exclude!r}")  # fmt: skip
-        self.exclude = list(self.exclude)
+        self.exclude = list(_check_exclude(self.exclude))
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not (math.isfinite(self.p)
                                                                                     and self.p > 0):
             raise ValueError(f"`p` must be a finite number > 0, got {self.p!r}")
@@ -100,10 +97,19 @@ class QuantConfig:
         return asdict(self)
 
 
+def _check_exclude(exclude: list[str] | tuple[str, ...]) -> list[str] | tuple[str, ...]:
+    """``exclude`` if it is a list or tuple of ``fnmatch`` patterns (a bare string would be read letter by letter)."""
+    if not isinstance(exclude, (list, tuple)) or not all(isinstance(pat, str) for pat in exclude):
+        raise ValueError(f"`exclude` must be a list of fnmatch patterns (strings; [] quantizes every layer), got "
+                         f"{exclude!r}")  # fmt: skip
+    return exclude
+
+
 def quantizable_layers(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """Name -> ``nn.Linear`` / ``nn.Conv2d`` of ``model`` not matched by an ``exclude`` pattern. A subclass with
-    submodules or its own ``forward`` (an unfused LoRA layer, an already-wrapped layer) is an error: replacing it
-    by a plain 8-bit layer would drop what it adds."""
+    """Name -> ``nn.Linear`` / ``nn.Conv2d`` of ``model`` not matched by an ``exclude`` pattern (a list or tuple of
+    ``fnmatch`` patterns). A subclass with submodules or its own ``forward`` (an unfused LoRA layer, an
+    already-wrapped layer) is an error: replacing it by a plain 8-bit layer would drop what it adds."""
+    _check_exclude(exclude)
     found = {}
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or any(fnmatch.fnmatch(name, pat) for pat in exclude):
@@ -211,6 +217,9 @@ def quantize(
     ``inplace``); ``model.fewstep_quant`` holds the settings (saved by ``save_quantized``).
     """
     config = (config or QuantConfig()).validate()
+    for name, flag in (("inplace", inplace), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
     if not isinstance(calibration, CalibrationSet):
         raise TypeError(f"`calibration` must be a fewstep.quant.CalibrationSet, got {type(calibration).__name__}")
     if len(calibration) == 0:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 
 __all__ = [
     "METRICS",
@@ -65,8 +65,7 @@ _A_QMIN, _A_QMAX = -128, 127
 def _check_metric(metric: str, p: float) -> None:
     if metric not in METRICS:
         raise ValueError(f"`metric` must be one of {list(METRICS)}, got {metric!r}")
-    if not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
-        raise ValueError(f"`p` must be a finite number > 0, got {p!r}")
+    check_number("p", p, 0.0, low_open=True)
 
 
 def _check_format(fmt: str) -> None:
@@ -250,8 +249,8 @@ class Histogram:
 
     def __init__(self, lo: float, hi: float, bins: int = 2048):
         check_int("bins", bins, 16, numpy_ok=False)
-        lo, hi = float(lo), float(hi)
-        if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo:
+        lo, hi = check_number("lo", lo), check_number("hi", hi)
+        if hi < lo:
             raise ValueError(f"histogram range must be finite with lo <= hi, got [{lo}, {hi}]")
         if hi - lo < 1e-12:
             lo, hi = lo - 1e-6, hi + 1e-6

@@ -189,11 +189,17 @@ class FewstepDCSolverScheduler(FewstepScheduler):
             raise ValueError("`predict_x0`=False is UniPC's noise-form switch; with dc_base='dpm-solver++' the form is "
                              "set by algorithm_type: pass algorithm_type='dpmsolver' for noise prediction (allowed "
                              "predict_x0 here: True)")  # fmt: skip
-        # diffusers maps other multistep schedulers' solver_type values; do the same for the chosen base.
-        if dc_base == "unipc" and solver_type not in UNIPC_TYPES:
-            self.register_to_config(solver_type="bh2")
-        elif dc_base == "dpm-solver++" and solver_type not in DPM_SOLVER_TYPES:
-            self.register_to_config(solver_type="midpoint")
+        # diffusers maps the other multistep schedulers' solver_type values (a config copied from one); anything
+        # else is an error, as in diffusers
+        if dc_base in ("unipc", "dpm-solver++"):
+            own, other, default = ((UNIPC_TYPES, DPM_SOLVER_TYPES, "bh2") if dc_base == "unipc"
+                                   else (DPM_SOLVER_TYPES, UNIPC_TYPES, "midpoint"))  # fmt: skip
+            if solver_type in (*other, "logrho"):
+                self.register_to_config(solver_type=default)
+            elif solver_type not in own:
+                raise ValueError(f"`solver_type` for dc_base={dc_base!r} must be one of {list(own)} (or another "
+                                 f"multistep scheduler's {list(other) + ['logrho']}, read as {default!r}), got "
+                                 f"{solver_type!r}")  # fmt: skip
         check_int("dc_order", dc_order, 1, 3, numpy_ok=False)
         if dc_variable not in DC_VARIABLES:
             raise ValueError(f"`dc_variable` must be one of {list(DC_VARIABLES)}, got {dc_variable!r}")

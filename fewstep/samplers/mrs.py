@@ -177,10 +177,11 @@ class FewstepMRSScheduler(FewstepScheduler):
                 "`mu` is required: the mean-reverting marginal a*x0 + (1 - a)*mu + lam*sqrt(1 - a^2)*eps drifts "
                 "towards the degraded image mu; call add_noise(x0, noise, timesteps, mu=degraded)"
             )
-        mu = check_measurement(mu, original_samples)
+        # the sample, noise and timesteps are checked first (a wrong sample shape is not mu's fault)
+        a, s = self._alpha_sigma_at(original_samples, noise, timesteps, ("original_samples", "noise", "timesteps"))
+        mu = check_measurement(mu, original_samples).to(original_samples.dtype)
         lam = self.stationary_std
-        z0 = to_z(original_samples, mu.to(original_samples.dtype), lam)
-        return from_z(super().add_noise(z0, noise, timesteps), mu.to(original_samples.dtype), lam)
+        return from_z(a * to_z(original_samples, mu, lam) + s * noise, mu, lam)
 
     def step_pair(self, *args: Any, **kwargs: Any):
         raise NotImplementedError("`mrs` takes model outputs through step(..., mu=...); step_pair is not defined")

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from .._dist import check_same_on_all_processes, is_main_process
 from ..solvers import grids
 from ..solvers.ems import EMS
@@ -58,12 +58,15 @@ class SearchSpace:
     schedule: NoiseSchedule
     nfe: int
     max_order: int = 3
-    lambda_end: float | None = None  # last allowed evaluation point (default: lambda at t_min)
+    lambda_end: float | None = None  # last allowed evaluation point, <= lambda at t_min (default: lambda at t_min)
     ems: EMS | None = None
     afs: bool = False
     afs_mean: list | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.schedule, NoiseSchedule):
+            raise ValueError(f"`schedule` must be a fewstep.solvers.schedules.NoiseSchedule (e.g. VPSchedule), got "
+                             f"{type(self.schedule).__name__}")
         check_int("nfe", self.nfe, 2, numpy_ok=False)
         if not isinstance(self.afs, bool):
             raise ValueError(f"`afs` must be True or False, got {self.afs!r}")
@@ -76,13 +79,19 @@ class SearchSpace:
         if self.ems is not None and self.nfe + self.afs > self.ems.num_points - 1:
             raise ValueError(f"`nfe` {self.nfe} needs at least {self.nfe + self.afs + 1} EMS grid points, the EMS have "
                              f"{self.ems.num_points}")
-        if not 1 <= self.max_order <= 4:
-            raise ValueError(f"`max_order` must be in [1, 4], got {self.max_order!r}")
+        check_int("max_order", self.max_order, 1, 4, numpy_ok=False)
         self.t_max = float(self.schedule.t_max)
         self.lambda_start = float(self.schedule.lambda_(np.asarray([self.t_max]))[0])
-        end = self.lambda_end if self.lambda_end is not None else float(
-            self.schedule.lambda_(np.asarray([float(self.schedule.t_min)]))[0]
-        )
+        lambda_min_t = float(self.schedule.lambda_(np.asarray([float(self.schedule.t_min)]))[0])
+        if not (math.isfinite(self.lambda_start) and math.isfinite(lambda_min_t)):
+            raise ValueError(f"`schedule` ({type(self.schedule).__name__}) has lambda {self.lambda_start} at t_max and "
+                             f"{lambda_min_t} at t_min; the search places its time points along lambda and needs a "
+                             "finite range (a VP schedule)")
+        if self.lambda_end is None:
+            end = lambda_min_t
+        else:  # between the first evaluation's lambda and lambda at t_min (beyond it all later times would be t_min)
+            end = check_number("lambda_end", self.lambda_end, self.lambda_start, lambda_min_t, low_open=True,
+                               what="the last allowed evaluation point in lambda; None: lambda at t_min")
         if not end > self.lambda_start:
             raise ValueError(f"`lambda_end` {end} must exceed the start lambda {self.lambda_start}")
         self.lambda_end = float(end)  # (a numpy scalar is a Python float from here on: JSON, metadata)
@@ -505,7 +514,18 @@ def search(
     """
     from sklearn.ensemble import ExtraTreesRegressor
 
+    if not callable(metric):
+        raise ValueError(f"`metric` must be a callable schedule -> float (lower is better), got {metric!r}")
+    if not isinstance(space, SearchSpace):
+        raise ValueError(f"`space` must be a SearchSpace, got {type(space).__name__}")
     check_int("budget", budget, 1, numpy_ok=False)
+    check_int("seed", seed, 0, numpy_ok=False)
+    for name, count in (("per_round", per_round), ("candidates_per_round", candidates_per_round),
+                        ("num_parents", num_parents)):
+        check_int(name, count, 1, numpy_ok=False)
+    for name, flag in (("use_predictor", use_predictor), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
     rng = np.random.default_rng(seed)
     ident = {**(identity or {}), "nfe": space.nfe, "seed": seed, "use_predictor": use_predictor,
              "per_round": per_round, "candidates_per_round": candidates_per_round, "num_parents": num_parents,

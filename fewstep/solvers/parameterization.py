@@ -16,7 +16,9 @@ Coefficients are Python floats, so the conversions add no host sync.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["PREDICTION_TYPES", "normalize_prediction_type", "to_pair", "from_pair", "compute_dtype"]
@@ -42,9 +44,7 @@ def to_pair(
 
     ``alpha``/``sigma`` given as Python numbers are checked (tensors are not: that would sync the device)."""
     kind = normalize_prediction_type(prediction_type)
-    for name, value in (("alpha", alpha), ("sigma", sigma)):
-        if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"`{name}` must be a finite number > 0 to convert a {kind!r} output, got {value!r}")
+    _check_coefficients(alpha, sigma, kind, "> 0", "convert")
     if kind == "epsilon":
         return (sample - sigma * output) / alpha, output
     if kind == "sample":
@@ -62,8 +62,9 @@ def to_pair(
 def from_pair(
     x0: torch.Tensor, eps: torch.Tensor, alpha: float, sigma: float, prediction_type: str
 ) -> torch.Tensor:
-    """The model output of type ``prediction_type`` that corresponds to ``(x0, eps)``."""
+    """The model output of type ``prediction_type`` that corresponds to ``(x0, eps)``; ``alpha, sigma >= 0``."""
     kind = normalize_prediction_type(prediction_type)
+    _check_coefficients(alpha, sigma, kind, ">= 0", "form")
     if kind == "epsilon":
         return eps
     if kind == "sample":
@@ -71,6 +72,18 @@ def from_pair(
     if kind == "v_prediction":
         return alpha * eps - sigma * x0
     return eps - x0
+
+
+def _check_coefficients(alpha: Any, sigma: Any, kind: str, bound: str, verb: str) -> None:
+    """``alpha``/``sigma`` given as Python or numpy numbers must be finite and satisfy ``bound`` (``"> 0"`` or
+    ``">= 0"``); tensors are not checked (that would sync the device)."""
+    for name, value in (("alpha", alpha), ("sigma", sigma)):
+        if isinstance(value, torch.Tensor):
+            continue
+        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+        if not number or not math.isfinite(value) or not (value > 0 if bound == "> 0" else value >= 0):
+            raise ValueError(f"`{name}` must be a finite number {bound} (or a tensor) to {verb} a {kind!r} output, "
+                             f"got {value!r}")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -120,8 +120,7 @@ def make_betas(
     Matching diffusers bit for bit matters: the model was trained on these alphas. ``trained_betas`` must hold
     exactly ``num_train_timesteps`` values (a ``ValueError`` names both otherwise).
     """
-    if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
-        raise ValueError(f"`num_train_timesteps` must be an integer >= 2, got {num_train_timesteps!r}")
+    check_int("num_train_timesteps", num_train_timesteps, 2)
     if trained_betas is None and beta_schedule in ("linear", "scaled_linear"):
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):  # before torch sees a string
             check_number(name, value, 0.0, 1.0, low_open=True, allowed="(0, 1)")
@@ -305,13 +304,11 @@ class FlowSchedule(NoiseSchedule):
     kind = "flow"
 
     def __init__(self, num_train_timesteps: int = 1000):
-        if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 1:
-            raise ValueError(f"`num_train_timesteps` must be an integer >= 1, got {num_train_timesteps!r}")
-        self.num_train_timesteps = int(num_train_timesteps)
+        self.num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 1)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FlowSchedule:
-        return cls(int(config.get("num_train_timesteps", 1000)))
+        return cls(config.get("num_train_timesteps", 1000))
 
     @property
     def t_max(self) -> float:
