@@ -86,3 +86,24 @@ def test_gradients_through_a_half_precision_step_are_the_callers(dtype):
         return grads
 
     torch.testing.assert_close(torch.tensor(run(dtype)), torch.tensor(run(torch.float32)), rtol=0.02, atol=0.02)
+
+
+def _mrs_run(dtype, steps: int = 100) -> torch.Tensor:
+    sched = samplers.get("mrs")(stationary_std=0.5)
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    x = (mu + 0.5 * torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)).to(dtype)
+    for t in sched.timesteps:
+        out = ((x.double() - mu) + 0.05 * float(t) / 100).to(dtype)  # a half-precision model's output
+        x = sched.step(out, t, x, mu=mu.to(dtype)).prev_sample
+        assert x.dtype == dtype
+    return x.double()
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float16, 8e-3), (torch.bfloat16, 8e-2)])
+def test_mrs_half_precision_runs_keep_their_float32_state(dtype, bound):
+    """MRS's own step (the mean-reverting z-space update) restarted from the rounded sample too: 100 steps drifted
+    0.015 (float16) / 0.17 (bfloat16) RMS from the float64 solve (data std 5); 0.005 / 0.04 with the kept state."""
+    ref = _mrs_run(torch.float64)
+    assert float((_mrs_run(dtype) - ref).pow(2).mean().sqrt()) < bound

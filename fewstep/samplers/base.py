@@ -900,13 +900,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             return x
         return resume_precision(sample, full)
 
-    def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None, history=None):
-        full = self._state.call(i, x, x0, eps, noise, history)
+    def _keep_precision(self, i: int, full: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Step ``i``'s result ``full`` in ``out_dtype``; a half-precision step keeps ``full`` for `working_sample`
+        at the next one (none after the last step: the scheduler would hold a latent-sized tensor until the next
+        run)."""
         prev = full.to(out_dtype)
-        # the full-precision result of a half-precision step, for `working_sample` at the next one
-        # (none after the last step: the scheduler would hold a latent-sized tensor until the next run)
         self._kept_sample = ((self._state, full.detach()) if prev.dtype != full.dtype and i + 1 < self.plan.nfe
                              else None)  # fmt: skip
+        return prev
+
+    def _advance(self, i, x, x0, eps, out_dtype, return_dict, noise=None, history=None):
+        full = self._state.call(i, x, x0, eps, noise, history)
+        prev = self._keep_precision(i, full, out_dtype)
         self._step_index = i + 1
         if not return_dict:
             return (prev, x0.to(out_dtype)) if self.tuple_with_x0 else (prev,)

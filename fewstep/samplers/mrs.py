@@ -154,12 +154,12 @@ class FewstepMRSScheduler(FewstepScheduler):
         i = self._begin_step(timestep)
         lam = self.stationary_std
         mu_c = mu.to(dtype)
-        z = to_z(sample.to(dtype), mu_c, lam)
+        z = to_z(self.working_sample(sample, dtype), mu_c, lam)  # a half-precision run continues in float32
         out_z = model_output_to_z(model_output.to(dtype), mu_c, lam, self.prediction_type)
         z0, eps = self.convert_model_output(out_z, z, i)
         prev_z = self._state.advance(i, z, z0, eps, self._step_noise(i, z, generator))
         self._step_index = i + 1
-        prev = from_z(prev_z, mu_c, lam).to(sample.dtype)
+        prev = self._keep_precision(i, from_z(prev_z, mu_c, lam), sample.dtype)
         x0 = from_z(z0, mu_c, lam).to(sample.dtype)
         if not return_dict:
             return (prev,)
