@@ -50,7 +50,10 @@ def _probe_create(directory: Path, path: Path, arg: str) -> None:
 
 def check_creatable_dir(path: str | os.PathLike, arg: str = "path") -> Path:
     """Fail early (``ValueError`` naming ``arg``) if directory ``path`` neither exists as a directory nor can be
-    created where it would go (its nearest existing parent must accept new files); creates nothing."""
+    created where it would go (its nearest existing parent must accept new files); creates nothing. An empty (or
+    blank) ``path`` is refused: ``Path("")`` is the current directory, where the files would land unasked."""
+    if not str(path).strip():
+        raise ValueError(f"`{arg}` must be a directory path, got an empty string")
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"`{arg}` {str(p)!r} exists and is not a directory")

@@ -539,7 +539,7 @@ def test_cli_calibrate_ems_and_generate_with_it(tmp_path, capsys):
     assert main(argv) == 0 and png.is_file()
     bad = tmp_path / "bad.safetensors"
     assert main(["calibrate", "ems", "--samples", "4", "--intervals", "1", "--out", str(bad), "--quiet"]) == 2
-    assert "`num_intervals` must be an integer >= 2" in capsys.readouterr().err and not bad.exists()
+    assert "argument --intervals: expected an integer >= 2, got 1" in capsys.readouterr().err and not bad.exists()
     assert main(["calibrate", "ems", "--model", "digits-mr", "--out", str(bad), "--quiet"]) == 2
     capsys.readouterr()
     assert main(["calibrate", "ems", "--checkpoint", str(tmp_path / "nodir" / "c.safetensors"), "--out", str(bad),

@@ -204,8 +204,12 @@ def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
                          help="comma-separated models: analytic, digits-eps, digits-flow or diffusers pipeline "
                               "directories (default: analytic)")
     p_bench.add_argument("--steps", type=_int_list(1, "5,10,20"), default=[5, 10, 20],
-                         help="comma-separated step counts")
-    p_bench.add_argument("--samplers", type=_name_list, default=None, help="comma-separated names (default: all)")
+                         help="comma-separated step counts (default 5,10,20)")
+    # the default spelled out (the registry's standalone diffusion samplers; `bench --help` imports no torch)
+    p_bench.add_argument("--samplers", type=_name_list, default=None,
+                         help="comma-separated names (default: ddim, dpm-solver++, unipc, hb, ghvb, dc-solver; grid "
+                              "runs add dpm-solver-v3 when every --model ships its EMS (digits-eps, digits-flow), the "
+                              "analytic table flow-euler with --schedule flow; s3 runs only when named)")
     p_bench.add_argument("--guidance", type=_guidance_list, default=None, metavar="RULE:SCALE,...",
                          help="digits models and pipeline directories: comma-separated guidance settings, e.g. "
                               "cfg:3,cfg++:0.6,apg:7.5 (default cfg:3)")
@@ -239,7 +243,8 @@ def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
                          help="analytic samples per cell (default 2000)")
     p_bench.add_argument("--dim", type=_positive_int, default=None,
                          help="dimension of the analytic mixture (default 2)")
-    p_bench.add_argument("--seed", type=_seed, default=0, help="seed of the mixture / the first sample's noise")
+    p_bench.add_argument("--seed", type=_seed, default=0,
+                         help="seed of the mixture / the first sample's noise (default 0)")
     p_bench.add_argument("--out", default=None, metavar="DIR",
                          help="grid run: write results.json/.csv/.md (+ plot) here; re-runs skip finished cells")
     p_bench.add_argument("--cache-dir", default=None,

@@ -120,8 +120,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              "give --guidance-scale")
         options.setdefault("dc_guidance_scale", 3.0 if args.guidance_scale is None else args.guidance_scale)
         options.setdefault("dc_model", args.model)
+    if args.measurement is None:  # (a restoration model's --measurement sets the count; it takes no --class)
+        _check_class_count("--class", args.classes, _image_count(args), _count_text(args))
     pipe = load_model(args.model, args.sampler, device=args.device, dtype=args.dtype, sampler_options=options)
     pipe = _apply_quant(args, pipe)
+    _check_steps(args, pipe)  # (a --class id the model lacks: the pipeline's own message gives the id and range)
     from ..pipelines import MeanRevertingPipeline
 
     if isinstance(pipe, MeanRevertingPipeline) and guidance_flags:
@@ -189,7 +192,8 @@ def _add_flowchef_args(p_gen) -> None:
     p_gen.add_argument("--gaussian-fill", action="store_true",
                        help="--task inpaint on digits-flow: spread FlowChef's moves into the hole by the digits' "
                             "Gaussian prior (ours; see README, FlowChef)")
-    p_gen.add_argument("--noise-std", type=_nonneg_float, default=0.0, help="measurement noise std (inverse tasks)")
+    p_gen.add_argument("--noise-std", type=_nonneg_float, default=0.0,
+                       help="measurement noise std (inverse tasks; default 0)")
     p_gen.add_argument("--source", default=None, metavar="IMAGE",
                        help="--task edit: images to edit (one 16x16 tile or a grid of them; default: held-out test "
                             "digits)")
@@ -253,6 +257,8 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
         raise UsageError("--measurement is for the inverse tasks (inpaint, sr, deblur), not --task classifier")
     if args.classes and args.task not in ("classifier", EDIT_TASK):
         raise UsageError(f"--class is for --task classifier or edit, not --task {args.task}")
+    if args.task == "classifier" or (editing and args.source is None):  # the count is --num-images (default 10)
+        _check_class_count("--class", args.classes, _image_count(args), _count_text(args))
     if args.noise_std and args.task == "classifier":
         raise UsageError("--noise-std is for the inverse tasks (inpaint, sr, deblur)")
     if args.flowchef_steered_steps is not None and not 0 <= args.flowchef_steered_steps <= args.steps:
@@ -272,6 +278,9 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
     config = dataclasses.replace(DEFAULT_CONFIGS[args.task], **changes)
     sampler = "flow-euler" if args.sampler in (None, "flowchef") else args.sampler
     pipe = load_model(args.model, sampler, device=args.device, dtype=args.dtype, sampler_options=options)
+    _check_steps(args, pipe)
+    _check_class_ids("--class", args.classes, pipe)
+    _check_class_ids("--source-class", args.source_classes, pipe)
     measurement = None
     if editing:
         source = None
@@ -281,6 +290,10 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
             source = load_measurement(args.source, pipe.unet.config.sample_size, flag="--source")
         scale = 4.0 if args.guidance_scale is None else args.guidance_scale
         count = _image_count(args, source, "--source")
+        if source is not None:  # one class per source tile
+            tiles = f"the {count} tile(s) of --source {args.source!r}"
+            _check_class_count("--source-class", args.source_classes, count, tiles)
+            _check_class_count("--class", args.classes, count, tiles)
     else:
         if args.measurement is not None:
             from ..guidance.operators import make_operator
@@ -324,6 +337,49 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
           f"M {config.inner_steps}, {config.optimizer}; sampler {sampler}, NFE {result.nfe}, {result.seconds:.2f} s; "
           f"{metrics})")
     return 0
+
+
+def _count_text(args: argparse.Namespace) -> str:
+    """``N image(s) (--num-images N)``: the run's image count and where it comes from."""
+    n = _image_count(args)
+    return f"{n} image(s) (--num-images {n}{'' if args.num_images is not None else ', the default'})"
+
+
+def _check_class_count(flag: str, classes: list[int] | None, count: int, what: str) -> None:
+    """A class list gives one class per image (or source tile), cycled when shorter; a longer one would lose its
+    tail silently (``--num-images 2 --class 3,3,7`` made no 7): a ``UsageError`` naming both counts."""
+    if classes is not None and len(classes) > count:
+        raise UsageError(f"{flag} {','.join(map(str, classes))} lists {len(classes)} classes for {what}: one class "
+                         f"per image (a shorter list is cycled); give at most {count}")  # fmt: skip
+
+
+def _check_class_ids(flag: str, classes: list[int] | None, pipe) -> None:
+    """Class ids the loaded class-conditional model has (0..num_classes-1; the null class is no choice), checked
+    before the run (the library's errors name its arguments, ``labels``, ``target_classes``)."""
+    n = getattr(pipe, "num_classes", None)
+    if classes and n is not None and any(c >= n for c in classes):
+        raise UsageError(f"{flag} must list class ids in 0..{n - 1} (the model's classes), got "
+                         f"{','.join(map(str, classes))}")  # fmt: skip
+
+
+def _check_steps(args: argparse.Namespace, pipe, strength: float = 1.0) -> None:
+    """--steps within the model's training timesteps, the bound its sampler checks (as `num_inference_steps`),
+    before the run. ``strength`` < 1 (STSL) runs the last --steps of a grid of ``ceil(steps / strength)`` steps,
+    which is what must fit."""
+    import math
+
+    limit = getattr(getattr(pipe.scheduler, "noise_schedule", None), "num_train_timesteps", None)
+    if limit is None:
+        return
+    full = max(args.steps, math.ceil(args.steps / strength - 1e-9))
+    if full <= limit:
+        return
+    if full == args.steps:
+        raise UsageError(f"--steps must be <= {limit} (the model's training timesteps), got {args.steps}")
+    given = "" if getattr(args, "strength", None) is not None else " (the default)"
+    raise UsageError(f"--steps {args.steps} with --strength {strength:g}{given} runs the last {args.steps} steps of a "
+                     f"{full}-step schedule, more than the model's {limit} training timesteps; lower --steps or raise "
+                     "--strength")  # fmt: skip
 
 
 def _got(flag: str, value) -> str:
@@ -390,7 +446,8 @@ def _add_posterior_args(p_gen) -> None:
     p_gen.add_argument("--gluing", type=_nonneg_float, default=None, metavar="GAMMA",
                        help="posterior samplers: PSLD gluing weight (default: psld 0.1, else off)")
     p_gen.add_argument("--strength", type=_finite_float, default=None,
-                       help="STSL: fraction of the noise schedule to run from the noised A^T y (0, 1]")
+                       help="STSL: fraction of the noise schedule to run from the noised A^T y, in (0, 1] "
+                            "(default 0.5)")
 
 
 def _generate_posterior(args: argparse.Namespace, out) -> int:
@@ -428,6 +485,7 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
                          strength=args.strength)
     method = default_method(name, **overrides)  # validates before a model is loaded
     pipe = load_model(args.model, "ddim", device=args.device, dtype=args.dtype)
+    _check_steps(args, pipe, method.strength)
     measurement = None
     if args.measurement is not None:
         from ..guidance.operators import make_operator
@@ -532,13 +590,13 @@ def add_generate_parser(sub: argparse._SubParsersAction, help_text: str) -> None
     p_gen = sub.add_parser("generate", help=help_text)
     p_gen.add_argument("--model", default="digits-eps",
                        help="embedded model (digits-eps, digits-flow, digits-mr), a local pipeline directory "
-                            "or a hub id")
+                            "or a hub id (default digits-eps)")
     p_gen.add_argument("--sampler", type=_sampler_name, default=None,
                        help="registered sampler (fewstep list; default unipc, flow-euler with --task)")
     p_gen.add_argument("--sampler-option", type=_sampler_option, action="append", metavar="KEY=VALUE",
                        help="override a sampler config option, e.g. momentum_order=3.8 (repeatable)")
     p_gen.add_argument("--steps", type=_positive_int, default=10, help="number of sampler steps (default 10)")
-    p_gen.add_argument("--seed", type=_seed, default=0, help="random seed (same seed, same images)")
+    p_gen.add_argument("--seed", type=_seed, default=0, help="random seed (same seed, same images; default 0)")
     p_gen.add_argument("--num-images", type=_positive_int, default=None,
                        help="images to generate (default 10; with --measurement/--source: one per tile of the file)")
     p_gen.add_argument("--class", dest="classes", type=_int_list(0, "3,3,7", unique=False), default=None,
@@ -556,7 +614,7 @@ def add_generate_parser(sub: argparse._SubParsersAction, help_text: str) -> None
     p_gen.add_argument("--guidance-option", type=_sampler_option, action="append", metavar="KEY=VALUE",
                        help="another argument of the guidance rule, e.g. eta=0.5 or momentum=0 (apg), "
                             "history=unconditional (cfg++), guidance_rescale=0.7 (cfg) (repeatable)")
-    p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p_gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                        help="floating type of the model's weights and computation (default float32)")
     p_gen.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")

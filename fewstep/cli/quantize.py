@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .._io import check_writable
+from .._io import check_creatable_dir, check_writable
 from ._common import (
     UsageError,
     _finite_float,
@@ -25,6 +25,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    check_creatable_dir(args.out, "--out")  # also an empty --out, which Path("") would make the current directory
     check_writable(out / quant.artifacts.META_FILE if out.is_dir() else out, "--out")
     # options of one calibration method / metric are refused with another (they were silently ignored)
     for flag, value, applies, where in (("--ndtc-mean", args.ndtc_mean, args.calib == "ndtc", "--calib ndtc"),
@@ -103,10 +104,11 @@ def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
 
     p = sub.add_parser("quantize", help=help_text)
     p.add_argument("--model", default="digits-eps", help="digits-eps, digits-flow or a class-conditional pipeline "
-                   "directory")
+                   "directory (default digits-eps)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for quant.safetensors + quant.json")
     p.add_argument("--calib", choices=["ndtc", "uniform"], default="ndtc",
-                   help="calibration steps: PTQ4DM's NDTC (normal over steps) or Q-Diffusion's uniform grid")
+                   help="calibration steps: PTQ4DM's NDTC (normal over steps; the default) or Q-Diffusion's uniform "
+                        "grid")
     p.add_argument("--samples", type=_positive_int, default=256,
                    help="calibration inputs per CFG branch (default 256): ndtc one per trajectory, uniform spread "
                         "over the kept steps (trajectories x steps-kept for Q-Diffusion's proportions)")
@@ -118,7 +120,7 @@ def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--metric", choices=list(METRICS), default="lp",
                    help="range-search criterion: lp (p=2.4, PTQ4DM), mse, cosine or kl (default lp)")
     p.add_argument("--p", type=_finite_float, default=None, help="exponent of the lp metric (default 2.4)")
-    p.add_argument("--format", choices=list(FORMATS), default="int8", help="8-bit grid: int8 or fp8 (e4m3)")
+    p.add_argument("--format", choices=list(FORMATS), default="int8", help="8-bit grid: int8 (default) or fp8 (e4m3)")
     p.add_argument("--split-skip", action="store_true",
                    help="Q-Diffusion shortcut splitting: separate quantizers for the up blocks' skip concat")
     p.add_argument("--ndtc-mean", type=_fraction, default=None, help="NDTC mean as a fraction of the steps (0.4)")
@@ -130,6 +132,6 @@ def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
                         "float boundary conv_in + conv_out (PTQ4DM never quantizes x_t or the output)")
     p.add_argument("--quantize-all", action="store_true",
                    help="quantize every layer, conv_in and conv_out included (only --exclude patterns stay float)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the calibration noise and NDTC draws")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the calibration noise and NDTC draws (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)

@@ -118,7 +118,7 @@ def _check_init_noise_schedule(path: str, schedule, objective):
 
 def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser("search", help=help_text)
-    p.add_argument("--model", default="digits-eps", help="analytic or digits-eps")
+    p.add_argument("--model", default="digits-eps", help="analytic or digits-eps (default digits-eps)")
     p.add_argument("--nfe", type=int_at_least(2), required=True, help="number of model evaluations (>= 2)")
     p.add_argument("--budget", type=_positive_int, default=40, help="schedules to evaluate (default 40)")
     p.add_argument("--guidance-scale", type=_fraction, default=None, help="CFG scale for digits-eps (default 3)")
@@ -128,7 +128,7 @@ def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
                    help="digits-eps: Frechet distance, or MSE to a 200-step reference solve (default fd)")
     p.add_argument("--ems", default="auto",
                    help="DPM-Solver-v3 tables that make 'ems' a prediction type of the search: auto (the model's "
-                        "shipped EMS, if any), none, or an EMS file (digits-eps)")
+                        "shipped EMS, if any; the default), none, or an EMS file (digits-eps)")
     p.add_argument("--afs", nargs="?", const="zero_x0", default=None, choices=["zero_x0", "average_x0"],
                    help="let candidates take the analytical first step at t_max (no model call) and spend the NFE "
                         "after it: x0 = 0 (zero_x0, the default) or the data's mean image (average_x0)")
