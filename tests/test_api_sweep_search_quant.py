@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from test_quant_probe_fixes import _Tiny
 
 from fewstep import quant
 from fewstep.quant.calibration import ndtc_indices
@@ -90,18 +90,6 @@ def test_search_space_checks_its_schedule():
 
 
 # ------------------------------------------------------------------------------------------------ quant
-class _Tiny(nn.Module):
-    """A UNet-like module (forward(sample, timestep)): conv_in, a conv and a linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv_in = nn.Conv2d(2, 4, 3, padding=1)
-        self.a = nn.Conv2d(4, 4, 3, padding=1)
-        self.b = nn.Linear(4, 4)
-
-    def forward(self, sample, timestep=None):
-        h = torch.relu(self.a(self.conv_in(sample)))
-        return self.b(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def _calibration() -> quant.CalibrationSet:
