@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.guiders.guider_utils import rescale_noise_cfg
+from test_fewstep_pipeline import sdxl as sdxl  # noqa: F401  (fixture)
 
 from fewstep.guidance import CFG, StepState
 
@@ -255,24 +256,17 @@ def test_stsl_matches_the_written_out_surrogate(weight, probe_batch):
 
 # ----------------------------------------------------------------------------------------------------------------
 # FewstepPipeline's SDXL loop against the stock StableDiffusionXLPipeline: pooled embeddings and time ids per branch
-def test_sdxl_cfg_matches_the_stock_pipeline_on_a_non_square_image():
+def test_sdxl_cfg_matches_the_stock_pipeline_on_a_non_square_image(sdxl):  # noqa: F811
     """CFG through fewstep's loop equals ``StableDiffusionXLPipeline`` run with the same (fewstep) scheduler: the
     unconditional half of the batch gets the negative pooled embeddings, and the time ids carry (height, width) of a
     non-square image."""
-    from _helpers import SDXL_EULER
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from test_fewstep_pipeline import _sdxl_embeds, _unet, _vae
+    from diffusers import StableDiffusionXLPipeline
+    from test_fewstep_pipeline import _sdxl_embeds
 
     from fewstep import samplers
     from fewstep.pipelines import FewstepPipeline
 
-    torch.manual_seed(0)
-    unet = _unet(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=56)
-    base = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER), add_watermarker=False,
-    )  # fmt: skip
-    base.set_progress_bar_config(disable=True)
+    base = sdxl
     embeds = _sdxl_embeds(2)
     latents = _randn(2, 4, 8, 16, seed=21).float()
     fp = FewstepPipeline.from_pipe(base, scheduler="ddim", guidance="cfg", guidance_scale=5.0)
