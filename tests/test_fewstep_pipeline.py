@@ -162,7 +162,9 @@ def test_bad_input(sd):
     # TypeError after step 0, a torch "negative dimension" error, and wrong-shape latents accepted silently
     ({"embedded_guidance_scale": 50.0}, r"`embedded_guidance_scale` feeds the guidance embedding of Flux .* is sd"),
     ({"callback_on_step_end_tensor_inputs": "latents", "callback_on_step_end": lambda *a: {}},
-     r"`callback_on_step_end_tensor_inputs` must be a list of names, e.g. \['latents'\], got the string 'latents'"),
+     r"`callback_on_step_end_tensor_inputs` must be a list of names, e.g. \['latents'\], got 'latents'"),
+    ({"callback_on_step_end_tensor_inputs": None, "callback_on_step_end": lambda *a: {}},  # was "not iterable"
+     r"`callback_on_step_end_tensor_inputs` must be a list of names, e.g. \['latents'\], got None"),
     ({"generator": "x"}, r"`generator` must be a torch.Generator or a list of them .* got str 'x'"),
     ({"generator": [torch.Generator(), 3]}, r"`generator` must be a torch.Generator .* got int 3"),
     ({"callback_on_step_end": 3}, r"`callback_on_step_end` must be callable .* got int"),

@@ -658,9 +658,10 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                              f"diffusers PipelineCallback; got {type(callback_on_step_end).__name__}")  # fmt: skip
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # as diffusers
-        if isinstance(callback_on_step_end_tensor_inputs, str):
+        if isinstance(callback_on_step_end_tensor_inputs, str) or not isinstance(callback_on_step_end_tensor_inputs,
+                                                                                  (list, tuple)):
             raise ValueError("`callback_on_step_end_tensor_inputs` must be a list of names, e.g. ['latents'], got "
-                             f"the string {callback_on_step_end_tensor_inputs!r}")  # fmt: skip
+                             f"{callback_on_step_end_tensor_inputs!r}")  # fmt: skip
         check_generators(generator)
         for name, value in (("height", height), ("width", width)):
             if value is not None:
