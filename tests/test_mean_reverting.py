@@ -45,8 +45,11 @@ def test_box_inpainting_erases_one_square():
     x = torch.ones(3, 1, 16, 16)
     y = box_inpainting(x, box=6, generator=torch.Generator().manual_seed(0))
     assert ((y == -1).sum(dim=(1, 2, 3)) == 36).all()
-    with pytest.raises(ValueError, match="must be NCHW"):
+    with pytest.raises(ValueError, match="must be a floating NCHW tensor"):
         box_inpainting(torch.ones(16, 16))
+    for bad, got in ((torch.ones(3, 1, 16, 16, dtype=torch.int64), "a torch.int64 tensor"), (None, "NoneType")):
+        with pytest.raises(ValueError, match=rf"`images` must be a floating NCHW tensor in \[-1, 1\] .* got {got}"):
+            box_inpainting(bad)  # an integer image was "erased" to -1 in its own dtype; None was an AttributeError
     for box in (2.5, 0, 17):
         with pytest.raises(ValueError, match=rf"`box` must be an integer in \[1, 16\], got {box}"):
             box_inpainting(x, box=box)

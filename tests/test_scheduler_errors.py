@@ -62,6 +62,8 @@ def test_bad_method_parameters(name, kwargs, match):
         ({"num_inference_steps": 2.5}, r"`num_inference_steps` must be an integer >= 1, got 2.5"),
         ({}, r"pass one of `num_inference_steps`, `timesteps` or `sigmas`"),
         ({"timesteps": [999, 500, 700, 0]}, r"`timesteps` must be strictly decreasing"),
+        ({"timesteps": "999,500"}, r"`timesteps` must be a list of numbers, got '999,500'"),  # was numpy's message
+        ({"sigmas": [14.6, "a"]}, r"`sigmas` must be a list of numbers, got \[14.6, 'a'\]"),
         ({"timesteps": [1200, 500]}, r"`timesteps` must lie in \[0.0, 999.0\]"),
         ({"sigmas": [14.6, float("nan"), 1.0]}, r"`sigmas` must be finite"),
         ({"sigmas": [14.6, 3.0, -1.0]}, r"`sigmas` must be strictly decreasing|`sigmas` must be > 0"),

@@ -27,8 +27,10 @@ __all__ = ["MeanRevertingPipeline", "box_inpainting"]
 
 def box_inpainting(images: torch.Tensor, box: int = 6, generator: torch.Generator | None = None) -> torch.Tensor:
     """The ``digits-mr`` degradation: a random ``box x box`` square set to background (-1) in each image."""
-    if images.ndim != 4:
-        raise ValueError(f"`images` must be NCHW, got shape {tuple(images.shape)}")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        got = (f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+               else type(images).__name__)
+        raise ValueError(f"`images` must be a floating NCHW tensor in [-1, 1] (the box is set to -1), got {got}")
     n, _, h, w = images.shape
     box = check_int("box", box, 1, min(h, w))
     ys = torch.randint(0, h - box + 1, (n,), generator=generator)

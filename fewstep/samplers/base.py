@@ -566,7 +566,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"flow `{name}` must lie in {allowed}, got {raw.tolist()}")
         s = grids.clamp_flow_top(self._apply_flow_shift(given, mu, clean_end),
                                  f"flow `{name}` {raw.tolist()} after the shift")  # alpha = 0: lambda = -inf
-        times = s * T if timesteps is None else np.asarray(timesteps, dtype=np.float64).reshape(-1)[: s.size]
+        times = s * T if timesteps is None else grids.as_numbers("timesteps", timesteps)[: s.size]
         return grids.TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
 
     def _grid(self, num_inference_steps, timesteps, sigmas, mu) -> grids.TimeGrid:

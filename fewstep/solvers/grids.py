@@ -428,10 +428,19 @@ def _flow_from_s(schedule: FlowSchedule, s: np.ndarray, what: str = "the flow gr
     return TimeGrid(times, np.append(1.0 - s, 1.0), np.append(s, 0.0))
 
 
+def as_numbers(name: str, values: Any) -> np.ndarray:
+    """``values`` as a flat float64 array; ``ValueError`` naming ``name`` for what is no list of numbers (a string
+    such as ``"999,500"``, a ragged list, objects)."""
+    try:
+        return np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a list of numbers, got {values!r}") from None
+
+
 def check_decreasing(name: str, values: Any) -> np.ndarray:
     """``values`` as a flat float64 array, checked non-empty, finite and strictly decreasing (noise to data);
     ``ValueError`` naming ``name`` and the values otherwise."""
-    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    arr = as_numbers(name, values)
     if arr.size < 1:
         raise ValueError(f"`{name}` must hold at least one value")
     if np.any(~np.isfinite(arr)):
@@ -501,7 +510,7 @@ def custom_sigmas_grid(
 
     A trailing 0 in ``sigmas`` is taken as the clean target.
     """
-    arr = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    arr = as_numbers("sigmas", sigmas)
     if arr.size >= 2 and arr[-1] == 0:
         arr, final_sigmas_type = arr[:-1], "zero"
     arr = check_decreasing("sigmas", arr)
