@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MISSING", "check_int", "check_number", "differing_keys", "repeated_values", "stored_float64"]
+__all__ = ["MISSING", "check_bool", "check_int", "check_number", "differing_keys", "repeated_values", "stored_float64"]
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
@@ -48,6 +48,14 @@ def check_int(name: str, value: Any, low: int | None = 1, high: int | None = Non
     ):
         raise ValueError(f"{_label(name, what)} must be an integer{_range_text(low, high)}, got {value!r}")
     return int(value)
+
+
+def check_bool(name: str, value: Any, *, numpy_ok: bool = False) -> bool:
+    """Return ``bool(value)`` if ``value`` is a bool (a numpy bool too when ``numpy_ok``); ``ValueError`` naming
+    ``name`` and ``value`` otherwise (a string such as ``"False"`` is truthy: refused, never guessed)."""
+    if not isinstance(value, (bool, np.bool_) if numpy_ok else bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_number(

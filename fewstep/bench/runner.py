@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .. import guidance as guidance_rules
 from .. import samplers as sampler_registry
-from .._checks import MISSING, check_int, differing_keys, repeated_values
+from .._checks import MISSING, check_bool, check_int, differing_keys, repeated_values
 from .._dist import check_same_on_all_processes, distributed_state, is_main_process, main_process_value, split_samples
 from .._io import atomic_write, first_missing_dir
 from ..pipelines.defaults import default_sampler_options
@@ -963,8 +963,7 @@ def run_grid(config: BenchConfig, out_dir: str | Path, cache_dir: str | Path | N
     ``refuse_near_duplicates`` (``fewstep bench`` sets it): a guidance scale that prints like (6 significant
     digits) but differs from a stored row's scale of the same rule is a ``ValueError``, as two such scales within
     one config are; by default the two are kept apart as two rows (cells are keyed by the exact scale)."""
-    if not isinstance(refuse_near_duplicates, bool):
-        raise ValueError(f"`refuse_near_duplicates` must be True or False, got {refuse_near_duplicates!r}")
+    check_bool("refuse_near_duplicates", refuse_near_duplicates)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out_dir` {str(out)!r} is a file; give a directory")

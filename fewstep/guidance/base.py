@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._checks import check_int, check_number
+from .._checks import check_bool, check_int, check_number
 from ..solvers.parameterization import normalize_prediction_type
 
 __all__ = ["Pair", "StepState", "GuidanceRule"]
@@ -55,9 +55,7 @@ class StepState:
         object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0.0))
         object.__setattr__(self, "sigma", check_number("sigma", self.sigma, 0.0, low_open=True))
         object.__setattr__(self, "prediction_type", normalize_prediction_type(self.prediction_type))
-        if not isinstance(self.repeat, (bool, np.bool_)):
-            raise ValueError(f"`repeat` must be True or False, got {self.repeat!r}")
-        object.__setattr__(self, "repeat", bool(self.repeat))
+        object.__setattr__(self, "repeat", check_bool("repeat", self.repeat, numpy_ok=True))
 
 
 def _check_pair(name: str, pair: object) -> Pair:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import check_number
+from .._checks import check_bool, check_number
 from .base import GuidanceRule, Pair, StepState
 
 __all__ = [
@@ -162,9 +162,7 @@ class CFGPlusPlus(GuidanceRule):
         if history not in self.HISTORIES:
             raise ValueError(f"`history` must be one of {list(self.HISTORIES)}, got {history!r}")
         self.history = history
-        if not isinstance(allow_extrapolation, (bool, np.bool_)):
-            raise ValueError(f"`allow_extrapolation` must be True or False, got {allow_extrapolation!r}")
-        self.allow_extrapolation = bool(allow_extrapolation)
+        self.allow_extrapolation = check_bool("allow_extrapolation", allow_extrapolation, numpy_ok=True)
         if self.allow_extrapolation:
             self.guidance_scale = check_number("guidance_scale", guidance_scale, 0.0)
         else:

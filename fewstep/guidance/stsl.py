@@ -58,7 +58,7 @@ from typing import ClassVar
 
 import torch
 
-from .._checks import check_int, check_number
+from .._checks import check_bool, check_int, check_number
 from .posterior import (
     PosteriorMethod,
     PosteriorResult,
@@ -152,8 +152,7 @@ class STSL(PosteriorMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.reuse_eval, bool):
-            raise ValueError(f"`reuse_eval` must be True or False, got {self.reuse_eval!r}")
+        check_bool("reuse_eval", self.reuse_eval)
         if self.trace_weight not in self.TRACE_WEIGHTS:
             raise ValueError(f"`trace_weight` must be one of {list(self.TRACE_WEIGHTS)}, got {self.trace_weight!r}")
         self.trace_sigma_min = check_number("trace_sigma_min", self.trace_sigma_min, low=0.0)

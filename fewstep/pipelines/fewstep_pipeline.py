@@ -48,7 +48,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import guidance as guidance_rules
 from .. import samplers
-from .._checks import check_int, check_number
+from .._checks import check_bool, check_int, check_number
 from ..guidance import GuidanceRule
 from .denoiser import check_compile, check_denoiser_current, prepare_denoiser
 from .execution_device import ExecutionDevice
@@ -671,8 +671,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` {bad} not supported; allowed: {list(_CALLBACK_TENSORS)}"
             )
-        if not isinstance(check_finite, bool):
-            raise ValueError(f"`check_finite` must be True or False, got {check_finite!r}")
+        check_bool("check_finite", check_finite)
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
         num_images_per_prompt = int(num_images_per_prompt)
         attention_kwargs = self._check_model_kwargs(clip_skip, cross_attention_kwargs, joint_attention_kwargs)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .. import samplers
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from .defaults import DEFAULT_MODELS
 from .loop_checks import raise_if_diverged
 from .swap import swap_sampler
@@ -221,8 +221,7 @@ def generate(
     name = guidance
     if options:  # the rule is built once, here (bad options fail before sampling); the branches below take it
         guidance, guidance_scale = guidance_rules.make(guidance, guidance_scale, **options), None
-    if not isinstance(cuda_graph, bool):
-        raise ValueError(f"`cuda_graph` must be True or False, got {cuda_graph!r}")
+    check_bool("cuda_graph", cuda_graph)
     from .fewstep_pipeline import FewstepPipeline
 
     if cuda_graph and not FewstepPipeline.supports(pipe):

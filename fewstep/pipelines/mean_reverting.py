@@ -17,7 +17,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from ..samplers.mrs import FewstepMRSScheduler
 from .loop_checks import FiniteWatch, check_generators
 from .sharing import PIXEL_OUTPUT_TYPES, pixel_outputs
@@ -76,8 +76,7 @@ class MeanRevertingPipeline(DiffusionPipeline):
             raise ValueError(f"`measurement` must have shape [N, {', '.join(map(str, expected))}], "
                              f"got {tuple(measurement.shape)}")
         check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
-        if not isinstance(check_finite, bool):
-            raise ValueError(f"`check_finite` must be True or False, got {check_finite!r}")
+        check_bool("check_finite", check_finite)
         if output_type not in PIXEL_OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(PIXEL_OUTPUT_TYPES)}, got {output_type!r}")
         device, dtype = self._execution_device, self.unet.dtype

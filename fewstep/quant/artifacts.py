@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_bool
 from .._io import atomic_write, first_missing_dir
 from .modules import MODES, SETTABLE_MODES, QuantLayer, quant_layers
 from .quantize import _set_submodule
@@ -314,9 +315,8 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, mode: str = "
 
     if mode not in SETTABLE_MODES:
         raise ValueError(f"`mode` must be one of {list(SETTABLE_MODES)}, got {mode!r}")
-    for name, flag in (("inplace", inplace), ("strict", strict)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+    check_bool("inplace", inplace)
+    check_bool("strict", strict)
     if model_id is not None and not isinstance(model_id, str):
         raise ValueError(f"`model_id` must be a string (the model's name, e.g. 'digits-eps') or None, got {model_id!r}")
     meta = read_metadata(directory)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from .calibration import CalibrationSet, progress_bar
 from .modules import MODES, QuantLayer
 from .quantizers import FORMATS, METRICS, Histogram, act_qparams_from_range, search_act_range, weight_qparams
@@ -85,8 +85,7 @@ class QuantConfig:
             check_int(name, v, 1, numpy_ok=False)
         check_int("bins", self.bins, 16, numpy_ok=False)
         for name in ("symmetric_act", "split_skip"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         self.exclude = list(_check_exclude(self.exclude))
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not (math.isfinite(self.p)
                                                                                     and self.p > 0):
@@ -217,9 +216,8 @@ def quantize(
     ``inplace``); ``model.fewstep_quant`` holds the settings (saved by ``save_quantized``).
     """
     config = (config or QuantConfig()).validate()
-    for name, flag in (("inplace", inplace), ("progress", progress)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+    check_bool("inplace", inplace)
+    check_bool("progress", progress)
     if not isinstance(calibration, CalibrationSet):
         raise TypeError(f"`calibration` must be a fewstep.quant.CalibrationSet, got {type(calibration).__name__}")
     if len(calibration) == 0:

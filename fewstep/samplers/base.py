@@ -26,7 +26,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .._checks import check_int, check_number, check_output_shape
+from .._checks import check_bool, check_int, check_number, check_output_shape
 from .._io import atomic_write
 from ..solvers import grids
 from ..solvers.engine import EngineState, Plan, StepDecision, compile_plan, restart_decisions
@@ -380,8 +380,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         for name in _init_signature(type(self)).bools:  # "False" (a CLI or JSON string) is truthy: refuse, never guess
             value = cfg.get(name)  # None: unset, as diffusers reads it (a hub config's null)
-            if not (value is None or isinstance(value, (bool, np.bool_))):
-                raise ValueError(f"`{name}` must be True or False, got {value!r}")
+            if value is not None:
+                check_bool(name, value, numpy_ok=True)
         flow = is_flow_config(dict(cfg))
         if flow:
             self.noise_schedule: NoiseSchedule = FlowSchedule.from_config(cfg)

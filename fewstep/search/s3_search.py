@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .._checks import check_int, check_number
+from .._checks import check_bool, check_int, check_number
 from .._dist import check_same_on_all_processes, is_main_process
 from ..solvers import grids
 from ..solvers.ems import EMS
@@ -68,8 +68,7 @@ class SearchSpace:
             raise ValueError(f"`schedule` must be a fewstep.solvers.schedules.NoiseSchedule (e.g. VPSchedule), got "
                              f"{type(self.schedule).__name__}")
         check_int("nfe", self.nfe, 2, numpy_ok=False)
-        if not isinstance(self.afs, bool):
-            raise ValueError(f"`afs` must be True or False, got {self.afs!r}")
+        check_bool("afs", self.afs)
         if self.afs_mean is not None:
             if not self.afs:
                 raise ValueError("`afs_mean` (average_x0) needs afs=True")
@@ -523,9 +522,8 @@ def search(
     for name, count in (("per_round", per_round), ("candidates_per_round", candidates_per_round),
                         ("num_parents", num_parents)):
         check_int(name, count, 1, numpy_ok=False)
-    for name, flag in (("use_predictor", use_predictor), ("progress", progress)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+    check_bool("use_predictor", use_predictor)
+    check_bool("progress", progress)
     rng = np.random.default_rng(seed)
     ident = {**(identity or {}), "nfe": space.nfe, "seed": seed, "use_predictor": use_predictor,
              "per_round": per_round, "candidates_per_round": candidates_per_round, "num_parents": num_parents,
