@@ -95,6 +95,12 @@ def test_plan_validation(grid):
         compile_plan(grid, ddim_decisions(7) + [StepDecision(corrector="unic")])
     with pytest.raises(TypeError, match="StepDecision"):
         compile_plan(grid, ["ddim"] * 8)
+    with pytest.raises(TypeError, match="`grid` must be a TimeGrid .* got NoneType"):
+        compile_plan(None, ddim_decisions(8))
+    with pytest.raises(TypeError, match="`ems` must be an EMSGrid or None, got dict"):
+        compile_plan(grid, ddim_decisions(8), ems={})
+    with pytest.raises(TypeError, match="`plan` must be a Plan .* got list"):
+        sample_loop(lambda x, i: (x, x), torch.zeros(2, 5), ddim_decisions(8))
 
 
 def test_unipc_buffer_keeps_uncorrected_evaluation_and_corrects_sample(grid):

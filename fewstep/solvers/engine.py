@@ -458,6 +458,10 @@ def compile_plan(
     """Turn per-step decisions into float coefficients (host, float64), validating them against the grid.
 
     ``ems``: DPM-Solver-v3 tables for steps with ``prediction="ems"``."""
+    if not isinstance(grid, TimeGrid):
+        raise TypeError(f"`grid` must be a TimeGrid (fewstep.solvers.grids), got {type(grid).__name__}")
+    if ems is not None and not isinstance(ems, EMSGrid):
+        raise TypeError(f"`ems` must be an EMSGrid or None, got {type(ems).__name__}")
     n = grid.num_steps
     check_int("extra_buffer", extra_buffer, 0)
     decisions = list(decisions)
@@ -747,6 +751,8 @@ def sample_loop(
     the float32 result of a half-precision step) and rounded to ``x_start``'s dtype at the end; stochastic steps
     draw standard normal noise from ``generator`` (on the sample's device) in float32 at every stochastic step, so
     one seeded generator gives the scheduler's trajectory."""
+    if not isinstance(plan, Plan):
+        raise TypeError(f"`plan` must be a Plan (see compile_plan), got {type(plan).__name__}")
     if not isinstance(x_start, torch.Tensor):
         raise TypeError(f"`x_start` must be a torch.Tensor, got {type(x_start).__name__}")
     if not x_start.is_floating_point():
