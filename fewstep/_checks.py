@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,8 +13,8 @@ __all__ = ["MISSING", "check_bool", "check_int", "check_number", "differing_keys
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
-    def show(v: float) -> str:
-        return f"{v:g}" if isinstance(v, float) else str(v)
+    def show(v: float) -> str:  # the short form unless it rounds (a refused 4.6050372 next to a bound shown 4.60504)
+        return (f"{v:g}" if float(f"{v:g}") == v else repr(v)) if isinstance(v, float) else str(v)
 
     if low is not None and high is not None:
         return f" in {'(' if low_open else '['}{show(low)}, {show(high)}]"
@@ -69,7 +70,8 @@ def check_number(
     allowed: str | None = None,
     what: str | None = None,
 ) -> float:
-    """Return ``float(value)`` if ``value`` is a real number (int, float or numpy floating/integer; not bool) in range.
+    """Return ``float(value)`` if ``value`` is a real number (int, float, numpy floating/integer, or a 0-d real numpy
+    array or torch tensor, read on the host; not bool) in range.
 
     ``low`` is inclusive unless ``low_open``; ``high`` is inclusive. NaN is always rejected, infinities unless
     ``finite=False``. Raises ``ValueError`` naming ``name``, the allowed range (``allowed``, when given, replaces
@@ -77,11 +79,14 @@ def check_number(
     ``what`` as in :func:`check_int`.
     """
     ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+    number = value
+    if not ok and _is_real_scalar_array(value):
+        ok, number = True, value.item()
     if ok:
         try:
-            v = float(value)
+            v = float(number)
         except OverflowError:  # an int beyond float's range (10**400)
-            v = math.inf if value > 0 else -math.inf
+            v = math.inf if number > 0 else -math.inf
         ok = not math.isnan(v) and (not finite or math.isfinite(v))
         if ok and low is not None:
             ok = v > low if low_open else v >= low
@@ -92,6 +97,16 @@ def check_number(
         text = f" in {allowed}" if allowed is not None else _range_text(low, high, low_open)
         raise ValueError(f"{_label(name, what)} must be {kind}{text}, got {value!r}")
     return v
+
+
+def _is_real_scalar_array(value: Any) -> bool:
+    """A 0-d numpy array or torch tensor of a real (integer or floating, not bool) dtype: ``x.max()``, ``np.float64``
+    arithmetic results, a scalar model output."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "iuf"
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported
+    return (torch is not None and isinstance(value, torch.Tensor) and value.dim() == 0
+            and not value.is_complex() and value.dtype != torch.bool)
 
 
 def repeated_values(values: Any) -> list[str]:

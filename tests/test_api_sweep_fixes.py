@@ -41,7 +41,7 @@ def test_guided_step_index_is_the_schedulers_call_or_left_out():
 
 
 @pytest.mark.parametrize("begin, index_of", [(0, lambda i: i + 1), (2, lambda i: i), (0, lambda i: -1 if i == 0 else i),
-                                             (0, lambda i: True if i == 1 else i)])
+                                             (0, lambda i: torch.tensor(i + 1))])
 def test_guided_step_refuses_another_model_call(begin, index_of):
     """The outputs were converted at grid point ``index`` and stepped from the scheduler's own: a wrong step (604
     off after a one-step shift, 2.4e6 off in img2img counting from 0), which ran silently."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from ..solvers.dc import DynamicCompensation, dc_step
 from ..solvers.dc_artifacts import RatioEntry
 from ..solvers.engine import EngineState, Evaluation, Plan, apply_transition, compile_plan
@@ -307,12 +307,12 @@ def entry_from_search(nfe: int, guidance_scale: float, result: SearchResult, set
 
 
 def _check_grid_args(nfes: Sequence[int], guidance_scales: Sequence[float], reference: str) -> tuple[list, list]:
-    nfes = [int(n) for n in nfes]
-    scales = [float(g) for g in guidance_scales]
-    if not nfes or any(n < 1 for n in nfes):
-        raise ValueError(f"`nfes` must be a non-empty list of integers >= 1, got {nfes}")
-    if not scales or any(not math.isfinite(g) or g < 0 for g in scales):
-        raise ValueError(f"`guidance_scales` must be a non-empty list of finite numbers >= 0, got {scales}")
+    for name, values, kind in (("nfes", nfes, "integers >= 1"), ("guidance_scales", guidance_scales,
+                                                                   "finite numbers >= 0")):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ValueError(f"`{name}` must be a non-empty list of {kind}, got {values!r}")
+    nfes = [check_int(f"nfes[{i}]", n, 1) for i, n in enumerate(nfes)]
+    scales = [check_number(f"guidance_scales[{i}]", g, 0) for i, g in enumerate(guidance_scales)]
     parse_reference(reference)
     if reference == "exact":
         raise ValueError("`reference`='exact' is only available for the analytic mixture")

@@ -7,6 +7,7 @@ module imports no scheduler class.
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,16 @@ def step_kwargs(scheduler: Any, generator: torch.Generator | list[torch.Generato
     """Extra keyword arguments for ``scheduler.step``: ``generator`` when its step takes one (stochastic steps then
     draw their noise from it, as diffusers pipelines do), else none."""
     return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def _as_index(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (an int, numpy integer or integer 0-d tensor; not a bool)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def step_state(scheduler: Any, index: int) -> StepState:
@@ -79,11 +90,13 @@ def guided_step(
         )
     new_run = scheduler.step_index is None
     call = scheduler._begin_step(timestep)  # the model call this step is at (found from `timestep` on a new run)
-    if index is not None and (isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer))
-                              or int(index) != call):
+    if index is not None and _as_index(index) is None:
+        raise ValueError(f"`index` must be an integer (a model call's index in scheduler.timesteps), got {index!r}")
+    if index is not None and _as_index(index) != call:
         raise ValueError(
             f"`index` {index!r} is not the scheduler's next model call {call} (its index in scheduler.timesteps; "
-            "a loop over timesteps[begin_index:] passes begin_index + i); leave `index` out to use the scheduler's"
+            "a loop over timesteps[begin_index:] passes begin_index + i); leave `index` out to use the scheduler's "
+            "own count"
         )
     index = call
     if new_run:  # a new run, also one that begins part-way (img2img): forget APG's momentum

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -659,7 +659,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # as diffusers
         if isinstance(callback_on_step_end_tensor_inputs, str) or not isinstance(callback_on_step_end_tensor_inputs,
-                                                                                  (list, tuple)):
+                                                                                  Collection):
             raise ValueError("`callback_on_step_end_tensor_inputs` must be a list of names, e.g. ['latents'], got "
                              f"{callback_on_step_end_tensor_inputs!r}")  # fmt: skip
         check_generators(generator)

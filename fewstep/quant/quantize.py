@@ -21,6 +21,7 @@ import copy
 import fnmatch
 import inspect
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -96,19 +97,21 @@ class QuantConfig:
         return asdict(self)
 
 
-def _check_exclude(exclude: list[str] | tuple[str, ...]) -> list[str] | tuple[str, ...]:
-    """``exclude`` if it is a list or tuple of ``fnmatch`` patterns (a bare string would be read letter by letter)."""
-    if not isinstance(exclude, (list, tuple)) or not all(isinstance(pat, str) for pat in exclude):
+def _check_exclude(exclude: Iterable[str]) -> list[str]:
+    """``exclude`` as a list, if it is a collection (list, tuple, set, generator) of ``fnmatch`` patterns; a bare string
+    is refused (it would be read letter by letter)."""
+    patterns = None if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable) else list(exclude)
+    if patterns is None or not all(isinstance(pat, str) for pat in patterns):
         raise ValueError(f"`exclude` must be a list of fnmatch patterns (strings; [] quantizes every layer), got "
                          f"{exclude!r}")  # fmt: skip
-    return exclude
+    return patterns
 
 
-def quantizable_layers(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """Name -> ``nn.Linear`` / ``nn.Conv2d`` of ``model`` not matched by an ``exclude`` pattern (a list or tuple of
+def quantizable_layers(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """Name -> ``nn.Linear`` / ``nn.Conv2d`` of ``model`` not matched by an ``exclude`` pattern (a list, tuple or set of
     ``fnmatch`` patterns). A subclass with submodules or its own ``forward`` (an unfused LoRA layer, an
     already-wrapped layer) is an error: replacing it by a plain 8-bit layer would drop what it adds."""
-    _check_exclude(exclude)
+    exclude = _check_exclude(exclude)
     found = {}
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or any(fnmatch.fnmatch(name, pat) for pat in exclude):
