@@ -73,6 +73,21 @@ def test_every_standalone_sampler_runs_img2img(i2i, name):
     assert not np.allclose(out, full)
 
 
+class _DiffusersFlowUniPC(UniPCMultistepScheduler):
+    """diffusers' UniPC on flow sigmas, with what SD3's img2img pipeline needs of a flow scheduler that diffusers'
+    UniPC lacks: ``scale_noise`` (``FlowMatchEulerDiscreteScheduler``'s, at the begin index) and model timesteps
+    ``T * sigma`` as FlowMatchEuler's (diffusers' UniPC rounds them to integers). The solver itself reads only
+    ``sigmas``."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self.timesteps = self.sigmas[:-1] * self.config.num_train_timesteps
+
+    def scale_noise(self, sample, timestep, noise):
+        sigma = self.sigmas[self.begin_index]
+        return sigma * noise + (1.0 - sigma) * sample
+
+
 def test_sd3_img2img_matches_diffusers(sd3):  # noqa: F811
     pipe = StableDiffusion3Img2ImgPipeline(**sd3.components)
     pipe.set_progress_bar_config(disable=True)
@@ -85,11 +100,18 @@ def test_sd3_img2img_matches_diffusers(sd3):  # noqa: F811
         outs.append(pipe(**kw, image=image, strength=0.7, num_inference_steps=6, guidance_scale=4.0,
                          output_type="np", generator=torch.Generator().manual_seed(1)).images)  # fmt: skip
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
-    # a multistep solver on the flow model runs from part-way too
-    pipe.scheduler = samplers.get("unipc").from_config(SD3_FLOW)
-    out = pipe(**kw, image=image, strength=0.7, num_inference_steps=6, guidance_scale=4.0, output_type="np",
-               generator=torch.Generator().manual_seed(1)).images  # fmt: skip
-    assert np.isfinite(out).all() and np.abs(out - outs[0]).max() < 0.2
+    # a multistep solver on the flow model runs from part-way too, as diffusers' UniPC on flow sigmas does
+    outs = []
+    for scheduler in (_DiffusersFlowUniPC.from_config(SD3_FLOW, use_flow_sigmas=True, flow_shift=3.0,
+                                                      prediction_type="flow_prediction"),
+                      samplers.get("unipc").from_config(SD3_FLOW)):  # fmt: skip
+        pipe.scheduler = scheduler
+        outs.append(pipe(**kw, image=image, strength=0.7, num_inference_steps=6, guidance_scale=4.0,
+                         output_type="np", generator=torch.Generator().manual_seed(1)).images)  # fmt: skip
+    # measured 7e-7; a run from pure noise (strength 1) is 0.15 off, one from another input image 0.03
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+    # the scheduler began at call int(6 - 0.7 * 6) = 1 of 6 and warmed up there
+    assert pipe.scheduler.begin_index == 1 and pipe.scheduler.plan.decisions[1].order == 1
 
 
 def test_flux_img2img_matches_diffusers():
@@ -169,7 +191,9 @@ def test_dpm_solver_v3_runs_img2img(i2i):
     out = _run(i2i, v3, strength=0.5, steps=8)
     assert np.isfinite(out).all() and v3.plan.decisions[v3.begin_index].order == 1
     ref = _run(i2i, samplers.get("dpm-solver++").from_config(SD15_PNDM, solver_type="taylor"), strength=0.5, steps=8)
-    assert np.abs(out - ref).max() < 0.05  # degenerate v3 is DPM-Solver++ (on its own time grid)
+    # degenerate v3 is DPM-Solver++ (on its own time grid): measured 0.0034 apart; v3 noising another input image
+    # is 0.04 off, noising the input scaled by 0.8 is 0.023 off
+    assert np.abs(out - ref).max() < 0.01
 
 
 @pytest.mark.parametrize(("name", "cls"), [("dpm-solver++", DPMSolverMultistepScheduler),

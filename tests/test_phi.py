@@ -97,11 +97,15 @@ def test_hphi():
         hphi(2, -math.inf)
     for k in (2, 3, 4):  # the factor itself tends to -1/(k-1)! (the docstring's limit)
         assert hphi(k, -1e8) == pytest.approx(-1.0 / math.factorial(k - 1), rel=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"a step to sigma = 0 \(h = -inf\) is first order: the order-3 term"):
         hphi(3, -math.inf)
 
 
-@pytest.mark.parametrize("k,z", [(-1, 0.5), (1, math.nan), (2, math.inf), (0, math.nan)])
-def test_bad_arguments(k, z):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("k,z,match", [(-1, 0.5, r"`k` must be an integer >= 0, got -1"),
+                                       (1, math.nan, r"phi_1\(nan\) is not finite"),
+                                       (2, math.inf, r"phi_2\(inf\) is not finite"),
+                                       (0, math.nan, r"phi_0\(nan\) is not finite")],
+                         ids=["negative-k", "phi1-nan", "phi2-inf", "phi0-nan"])  # fmt: skip
+def test_bad_arguments(k, z, match):
+    with pytest.raises(ValueError, match=match):
         phi(k, z)
