@@ -101,7 +101,6 @@ def load_script(name: str):
 _SHARE_SPY = '''
 import sys
 import fewstep._dist as _dist
-import fewstep.bench.runner as _runner
 _state = _dist.distributed_state()
 assert _state is not None, "not under a distributed launch"
 _split = _dist.split_samples
@@ -114,21 +113,23 @@ def _spy(n, make):
     return _split(n, share)
 
 
-_dist.split_samples = _runner.split_samples = _spy
+# Modules imported from here on (fewstep.bench.runner's `from .._dist import split_samples`, fewstep.search's
+# call-time import) take the spy from fewstep._dist; one that already holds its own reference is patched too
+# (importing fewstep.bench.runner here only for that cost every process ~15 s of imports).
+_dist.split_samples = _spy
+for _module in [m for name, m in list(sys.modules.items()) if name.startswith("fewstep.")]:
+    if getattr(_module, "split_samples", None) is _split:
+        _module.split_samples = _spy
 '''
 
 
-def launch_two_cpu_processes(script_body: str, tmp_path, *args, timeout: int = 300):
-    """Run ``script_body`` in two CPU processes (``torchrun --standalone --nproc_per_node 2``; gloo) with ``args``,
-    after a preamble that reports every share of ``fewstep._dist.split_samples`` as ``SHARE rank/world k of n``.
-    Checks that both processes ran and that each split covered its ``n`` samples once; returns the result."""
+def _torchrun_two_cpu_processes(script, *args, timeout: int = 300):
+    """Run the file ``script`` under ``torchrun --standalone --nproc_per_node 2`` (CPU, gloo) with ``args``; checks
+    that it succeeded and returns the result."""
     import os
-    import re
     import subprocess
     import sys
 
-    script = tmp_path / "two_processes.py"
-    script.write_text(_SHARE_SPY + script_body)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
@@ -136,13 +137,75 @@ def launch_two_cpu_processes(script_body: str, tmp_path, *args, timeout: int = 3
         capture_output=True, text=True, timeout=timeout, check=False, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    shares = re.findall(r"SHARE (\d)/(\d) (\d+) of (\d+)", result.stdout)
-    assert {(r, w) for r, w, _, _ in shares} == {("0", "2"), ("1", "2")}, result.stdout[-2000:]
+    return result
+
+
+def check_shares(stdout: str) -> None:
+    """Both processes made a share (``SHARE rank/world k of n`` lines of the spy) and each split covered its ``n``
+    samples once."""
+    import re
+
+    shares = re.findall(r"SHARE (\d)/(\d) (\d+) of (\d+)", stdout)
+    assert {(r, w) for r, w, _, _ in shares} == {("0", "2"), ("1", "2")}, stdout[-2000:]
     made: dict[int, int] = {}
     for _, _, k, n in shares:
         made[int(n)] = made.get(int(n), 0) + int(k)
     assert all(total % n == 0 for n, total in made.items())  # every split: its n samples, once per split
+
+
+def launch_two_cpu_processes(script_body: str, tmp_path, *args, timeout: int = 300):
+    """Run ``script_body`` in two CPU processes (``torchrun --standalone --nproc_per_node 2``; gloo) with ``args``,
+    after a preamble that reports every share of ``fewstep._dist.split_samples`` as ``SHARE rank/world k of n``.
+    Checks that both processes ran and that each split covered its ``n`` samples once; returns the result."""
+    script = tmp_path / "two_processes.py"
+    script.write_text(_SHARE_SPY + script_body)
+    result = _torchrun_two_cpu_processes(script, *args, timeout=timeout)
+    check_shares(result.stdout)
     return result
+
+
+_EACH_BODY = '''
+import contextlib
+import json
+import pathlib
+
+for _name, _path, _args in json.loads(pathlib.Path(sys.argv[1]).read_text()):
+    sys.argv[1:] = _args
+    _stdout = pathlib.Path(_path).with_name(f"{_name}.stdout{_state.process_index}")
+    with open(_stdout, "w") as _file, contextlib.redirect_stdout(_file):
+        try:
+            exec(compile(pathlib.Path(_path).read_text(), _path, "exec"), {"__name__": "__main__", "sys": sys,
+                                                                           "_state": _state})
+        except SystemExit as _exc:  # a CLI body's sys.exit(main(...)): only a failure ends the launch
+            if _exc.code not in (0, None):
+                raise
+    print(_stdout.read_text(), end="", flush=True)
+'''
+
+
+def launch_two_cpu_processes_each(bodies: dict[str, tuple], folder, timeout: int = 600) -> dict[str, str]:
+    """Run several ``launch_two_cpu_processes`` script bodies one after the other in ONE launch of two CPU processes
+    (a launch costs ~30 s of process start-up and imports): ``bodies`` maps a name to ``(script_body, *args)``;
+    each body runs in a fresh namespace (``sys``, ``_state``) with ``sys.argv[1:] = args``, in the same processes,
+    so each also starts where the previous one left the processes (a body that drifted them out of step hangs or
+    fails the next). Checks, per body, that both processes made a share and each split covered its samples once;
+    returns each body's stdout (process 0's, then process 1's; lines of one process in order)."""
+    import json
+
+    plan = []
+    for name, (body, *args) in bodies.items():
+        path = folder / f"{name}.py"
+        path.write_text(body)
+        plan.append([name, str(path), [str(a) for a in args]])
+    (folder / "bodies.json").write_text(json.dumps(plan))
+    script = folder / "two_processes.py"
+    script.write_text(_SHARE_SPY + _EACH_BODY)
+    _torchrun_two_cpu_processes(script, folder / "bodies.json", timeout=timeout)
+    out = {}
+    for name in bodies:
+        out[name] = "".join((folder / f"{name}.stdout{rank}").read_text() for rank in (0, 1))
+        check_shares(out[name])
+    return out
 
 
 CLI_BODY = '''

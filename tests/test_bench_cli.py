@@ -61,7 +61,10 @@ def test_frechet_distance_of_features_and_bad_input():
 
 
 def test_analytic_bench_error_falls_with_nfe_and_multistep_beats_ddim():
-    rows, meta = run_analytic_bench(steps=[5, 10, 20], num_samples=500, progress=False)
+    # 100 samples (was 500, twice the time): the margins are the mixture's, not the samples' -- over six noise seeds
+    # on this mixture the tightest, multistep / (DDIM / 3) at 10 steps, is 0.87-0.99 at 100 samples and 0.93-0.97
+    # at 500 (seed 0: 0.91 and 0.93); every error falls >= 1.6x per doubled NFE at both
+    rows, meta = run_analytic_bench(steps=[5, 10, 20], num_samples=100, progress=False)
     by = {(r.sampler, r.steps): r for r in rows}
     assert {r.sampler for r in rows} == set(samplers.names("diffusion", standalone=True))
     for name in samplers.names("diffusion", standalone=True):

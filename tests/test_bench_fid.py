@@ -177,10 +177,9 @@ def test_extractor_and_config_errors(tiny_sd, tmp_path):  # noqa: F811
     assert not (tmp_path / "out" / "results.json").exists()  # refused before any cell ran
 
 
-def test_cli_pipeline_fd_with_inception_weights_and_reference_images(tiny_sd, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_cli_pipeline_fd_with_inception_weights_and_reference_images(tiny_sd, random_inception, tmp_path, capsys,  # noqa: F811
+                                                                      monkeypatch):
     """The real path: a random-weights Inception-V3 saved as pytorch-fid's file, PNG reference images."""
-    from fewstep.bench.inception import InceptionV3Features
-
     monkeypatch.delenv("FEWSTEP_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
     prompts, ref = tmp_path / "prompts.txt", tmp_path / "ref"
@@ -191,9 +190,7 @@ def test_cli_pipeline_fd_with_inception_weights_and_reference_images(tiny_sd, tm
             str(ref), "--plot", "none", "--quiet", "--out", str(tmp_path / "out")]
     assert main(argv) == 2  # no weights yet: says how to supply them, runs nothing
     assert "pass the file with --inception-weights PATH" in capsys.readouterr().err
-    torch.manual_seed(0)
-    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(InceptionV3Features().state_dict(), weights)
+    _, weights = random_inception  # pytorch-fid's file, saved once per session
     assert main([*argv, "--inception-weights", str(weights)]) == 0
     assert "| ddim | 2 | 2 |" in capsys.readouterr().out
     row = json.loads((tmp_path / "out" / "results.json").read_text())["cells"].popitem()[1]

@@ -96,17 +96,25 @@ def test_config_validation_messages():
                  progress=False)
 
 
-def test_plot_png(tmp_path, monkeypatch):
-    rows = [{"model": "analytic", "guidance": None, "guidance_scale": None, "sampler": s, "nfe": n, "fd": 1.0 / n}
-            for s in ("ddim", "unipc") for n in (5, 10, 20)]
+_PLOT_ROWS = [{"model": "analytic", "guidance": None, "guidance_scale": None, "sampler": s, "nfe": n, "fd": 1.0 / n}
+              for s in ("ddim", "unipc") for n in (5, 10, 20)]
+
+
+def test_plot_png(tmp_path):
     pytest.importorskip("matplotlib")
-    path = plot_results(rows, tmp_path / "fd.png")
+    path = plot_results(_PLOT_ROWS, tmp_path / "fd.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_refuses_other_metrics_and_names_the_extra_without_matplotlib(tmp_path, monkeypatch):
+    """Needs no matplotlib (the `plot` extra, absent in CI, where test_plot_png skips): the metric is checked first,
+    and a missing matplotlib (made missing here, installed or not) is an ImportError naming the extra."""
     with pytest.raises(ValueError, match="`metric` must be one of"):
-        plot_results(rows, tmp_path / "x.png", metric="fid")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+        plot_results(_PLOT_ROWS, tmp_path / "x.png", metric="fid")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'fewstep\[plot\]'"):
-        plot_results(rows, tmp_path / "y.png")
+        plot_results(_PLOT_ROWS, tmp_path / "y.png")
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
 def test_cli_grid_run_and_resume(tmp_path, capsys):
@@ -184,23 +192,27 @@ if is_main_process():
 """
 
 
-def _launch_two_processes(script_text: str, tmp_path, *args) -> list[dict]:
-    """Run ``script_text`` in two CPU processes (``torchrun``; both checked to run and to split the samples); the
-    main process's rows."""
-    from _helpers import launch_two_cpu_processes
+@pytest.fixture(scope="module")
+def two_processes(tiny_sd, tmp_path_factory):  # noqa: F811
+    """Both two-process grids of this file (DIST_SCRIPT, then PIPE_DIST_SCRIPT on ``tiny_sd``) in ONE launch of two
+    CPU processes (`torchrun --nproc_per_node 2`; a launch is ~30 s of start-up and imports; each grid's shares are
+    checked: both processes ran and split its samples): each grid's output folder and the main process's rows."""
+    from _helpers import launch_two_cpu_processes_each
 
-    result = launch_two_cpu_processes(script_text, tmp_path, *args)
-    return json.loads(result.stdout.split("ROWS", 1)[1].splitlines()[0])
+    root = tmp_path_factory.mktemp("two_processes")
+    bodies = {"digits": (DIST_SCRIPT, root / "two"), "pipeline": (PIPE_DIST_SCRIPT, root / "pipe_two", tiny_sd)}
+    stdout = launch_two_cpu_processes_each(bodies, root)
+    return {name: (bodies[name][1], json.loads(stdout[name].split("ROWS", 1)[1].splitlines()[0])) for name in bodies}
 
 
-def test_two_cpu_processes_match_one(tmp_path):
+def test_two_cpu_processes_match_one(two_processes, tmp_path):
     """Two CPU processes (`torchrun --nproc_per_node 2`): samples split across processes and gathered."""
-    two = _launch_two_processes(DIST_SCRIPT, tmp_path, tmp_path / "two")
+    folder, two = two_processes["digits"]
     one = run_grid(BenchConfig(models=["digits-eps"], samplers=["unipc"], steps=[4], batch_size=50, **TINY),
                    tmp_path / "one", progress=False)
     for a, b in zip(_metrics(two), _metrics(one)):
         assert a[:3] == b[:3] and a[3:] == pytest.approx(b[3:], rel=1e-4)
-    assert json.loads((tmp_path / "two" / "results.json").read_text())["cells"]
+    assert json.loads((folder / "results.json").read_text())["cells"]
 
 
 def test_inception_weights_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -222,15 +234,14 @@ def test_inception_weights_missing_is_a_clear_error(tmp_path, monkeypatch, capsy
     assert "--inception-weights needs --features inception" in capsys.readouterr().err
 
 
-def test_inception_loads_a_pytorch_fid_state_dict(tmp_path):
+def test_inception_loads_a_pytorch_fid_state_dict(random_inception, tmp_path):
     import torch
 
-    from fewstep.bench.inception import InceptionV3Features, inception_features, load_inception
+    from fewstep.bench.inception import inception_features, load_inception
 
-    net = InceptionV3Features()
+    net, weights = random_inception  # pytorch-fid's file: the state dict and its fc head (saved once per session)
     state = {**net.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
-    torch.save(state, tmp_path / "pt_inception.pth")
-    loaded = load_inception(tmp_path / "pt_inception.pth")
+    loaded = load_inception(weights)
     assert not loaded.training
     images = torch.rand(2, 1, 16, 16)
     feats = inception_features(loaded, images)
@@ -239,12 +250,11 @@ def test_inception_loads_a_pytorch_fid_state_dict(tmp_path):
     # the extractor id (the reference-statistics cache key) follows the weights' content, not name and size
     from fewstep.bench.fid import inception_extractor
 
-    (tmp_path / "other").mkdir()
     other = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
-    torch.save(other, tmp_path / "other" / "pt_inception.pth")
-    ids = [inception_extractor(tmp_path / d / "pt_inception.pth").id for d in (".", "other")]
-    assert (tmp_path / "pt_inception.pth").stat().st_size == (tmp_path / "other" / "pt_inception.pth").stat().st_size
-    assert ids[0] != ids[1] and ids[0] == inception_extractor(tmp_path / "pt_inception.pth").id
+    torch.save(other, tmp_path / weights.name)
+    ids = [inception_extractor(folder / weights.name).id for folder in (weights.parent, tmp_path)]
+    assert weights.stat().st_size == (tmp_path / weights.name).stat().st_size
+    assert ids[0] != ids[1] and ids[0] == inception_extractor(weights).id
     del state["Mixed_7c.branch_pool.conv.weight"]
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"is not pytorch-fid's Inception-V3: missing \['Mixed_7c.branch_pool"):
@@ -314,7 +324,7 @@ if is_main_process():
 """
 
 
-def test_pipeline_directory_two_cpu_processes_match_one(tiny_sd, tmp_path):  # noqa: F811
+def test_pipeline_directory_two_cpu_processes_match_one(two_processes, tiny_sd, tmp_path):  # noqa: F811
     """Pipeline cells are split across processes too (per-sample seeds: the same samples), and
     so are the decodes and feature passes of the Frechet distance (each process featurises its share)."""
     from fewstep.bench.fid import FeatureExtractor
@@ -323,7 +333,7 @@ def test_pipeline_directory_two_cpu_processes_match_one(tiny_sd, tmp_path):  # n
     def moments(x):
         return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1) * 10
 
-    two = _launch_two_processes(PIPE_DIST_SCRIPT, tmp_path, tmp_path / "two", tiny_sd)
+    two = two_processes["pipeline"][1]
     one = run_grid(BenchConfig(models=[str(tiny_sd)], samplers=["unipc"], steps=[3], guidance=[("cfg", 3.0)],
                                num_per_class=3, prompts=["a red square", "a blue circle"], reference_steps=6,
                                batch_size=2, feature_extractor=FeatureExtractor(moments, "moments")),

@@ -51,13 +51,29 @@ pathlib.Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(seen))  # (o
 """
 
 
-def test_processes_with_different_descriptions_are_refused_on_every_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The four two-process scenarios of this file run one after the other in ONE launch of two real CPU processes
+    (torchrun, gloo; a launch is ~30 s of start-up and imports, the scenarios a fraction of a second): each writes
+    into its own folder, returned by name. Every scenario ends with a split, so each also checks that the previous
+    ones left the processes in step; each scenario's shares are checked as `launch_two_cpu_processes` does."""
+    from _helpers import launch_two_cpu_processes_each
+
+    root = tmp_path_factory.mktemp("two_processes")
+    prefix = "import json\nimport torch\nfrom fewstep._dist import split_samples\n"
+    bodies = {"descriptions": _HELPER_BODY, "search": prefix + _SEARCH_BODY, "search_cli": prefix + _SEARCH_CLI_BODY,
+              "bench_cli": prefix + _BENCH_CLI_BODY}
+    for name in bodies:
+        (root / name).mkdir()
+    launch_two_cpu_processes_each({name: (body, root / name) for name, body in bodies.items()}, root)
+    return {name: root / name for name in bodies}
+
+
+def test_processes_with_different_descriptions_are_refused_on_every_process(two_processes):
     """Two real CPU processes (torchrun, gloo): a description differing on process 1 raises the same ValueError on
     both, naming process 1 against process 0 and, for a dict, each differing key with both values; equal
     descriptions pass; afterwards the processes still split and gather in step (no hang)."""
-    from _helpers import launch_two_cpu_processes
-
-    launch_two_cpu_processes(_HELPER_BODY, tmp_path, tmp_path)
+    tmp_path = two_processes["descriptions"]
     cases, other = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert cases == other  # the same outcome, and the same message, on both processes
     assert set(cases) == {"dict", "list", "extra key", "same", "gathered"}
@@ -96,14 +112,11 @@ pathlib.Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(outcome))
 """
 
 
-def test_search_refuses_processes_given_other_settings(tmp_path):
+def test_search_refuses_processes_given_other_settings(two_processes):
     """`search` under two real processes, process 1 with another seed: every process raises the ValueError naming
     'seed' (the two processes' evaluations would have been mixed) before evaluating anything; then the same settings
     run on both."""
-    from _helpers import launch_two_cpu_processes
-
-    body = "import json\nimport torch\nfrom fewstep._dist import split_samples\n" + _SEARCH_BODY
-    launch_two_cpu_processes(body, tmp_path, tmp_path)
+    tmp_path = two_processes["search"]
     outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert outcomes[0] == outcomes[1] == [
         "the 2 processes of this distributed launch were given different search settings: process 1 differs from "
@@ -160,13 +173,10 @@ pathlib.Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps([code, err.g
 """
 
 
-def test_search_cli_refuses_processes_given_other_arguments(tmp_path):
+def test_search_cli_refuses_processes_given_other_arguments(two_processes):
     """`fewstep search` under two processes with different arguments stops on both (exit 2) before its objective
     is built -- the objective's setup already gathers samples across processes -- naming the argument; no file."""
-    from _helpers import launch_two_cpu_processes
-
-    body = "import json\nimport torch\nfrom fewstep._dist import split_samples\n" + _SEARCH_CLI_BODY
-    launch_two_cpu_processes(body, tmp_path, tmp_path)
+    tmp_path = two_processes["search_cli"]
     for rank in (0, 1):
         code, err = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert code == 2 and "different search arguments" in err and "'seed': 0 on process 0, 1 on process 1" in err
@@ -190,13 +200,10 @@ pathlib.Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps([code, err.g
 """
 
 
-def test_bench_refuses_processes_given_other_grids(tmp_path):
+def test_bench_refuses_processes_given_other_grids(two_processes):
     """`fewstep bench` under two processes with different --steps mixed the processes' samples into wrong rows,
     then hung; now both stop (exit 2) naming the cells to run, before any folder is made."""
-    from _helpers import launch_two_cpu_processes
-
-    body = "import json\nimport torch\nfrom fewstep._dist import split_samples\n" + _BENCH_CLI_BODY
-    launch_two_cpu_processes(body, tmp_path, tmp_path)
+    tmp_path = two_processes["bench_cli"]
     for rank in (0, 1):
         code, err = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert code == 2 and "different bench settings" in err and "'cells to run'" in err, err

@@ -282,14 +282,15 @@ def test_class_loop_scales_the_start_by_this_calls_init_noise_sigma(unet):
     torch.testing.assert_close(runs[0], x, rtol=1e-5, atol=1e-5)
 
 
-def test_a_compiled_pipeline_refuses_a_replaced_unet():
-    """Found by probing: after `pipe.unet = other` a compiled pipeline kept running the old UNet silently."""
+def test_a_compiled_pipeline_refuses_a_replaced_unet(unet):
+    """Found by probing: after `pipe.unet = other` a compiled pipeline kept running the old UNet silently. (A tiny
+    class-conditional pipeline: the check is on the module's identity, and tracing the digits UNet four times cost
+    ~20 s.)"""
     import copy
 
-    import fewstep
     from fewstep.pipelines import ClassConditionalPipeline, FewstepPipeline
 
-    base = fewstep.load_default("digits-eps", sampler="ddim")
+    base = _pipe(unet, "ddim")
     kw = dict(class_labels=[1], num_inference_steps=2, output_type="np")
     compiled = ClassConditionalPipeline.from_pipe(base, compile={"backend": "eager"})
     compiled(**kw)

@@ -370,15 +370,60 @@ def test_quantized_unet_int8_vs_fake(pipe, qmodel, calibration):
     _assert_real_path_matches_reference(qmodel, pipe.unet, next(calibration.batches(8)), "int8")
 
 
+def _layer_kinds(model: nn.Module) -> set[tuple]:
+    """The kinds of quantized layers ``model`` holds: layer kind, split or not, conv geometry, bias, a non-zero
+    activation zero-point, format."""
+    geometry = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    return {(layer.kind, bool(layer.split), tuple(layer.conv[k] for k in geometry) if layer.kind == "conv2d" else (),
+             layer.bias is not None, any(a.zero_point for a in layer.act), layer.fmt)
+            for layer in quant.quant_layers(model).values()}
+
+
+@pytest.fixture(scope="module")
+def small_quantized(pipe, calibration):
+    """``small_quantized(digits_qmodel)``: a UNet2DModel of the digits UNet's configuration (every option, so the
+    same diffusers code paths: class embedding, down / mid-with-attention / up blocks, down- and upsampling convs)
+    at two levels of 8 and 16 channels instead of three of 32, 64, 64 (37 quantized layers, not 50), random
+    weights, quantized on ``calibration`` with ``digits_qmodel``'s settings but a 4-point range search (which picks
+    the scales' values only, not what the graph computes with them; 0.2 s instead of 3 s), cached per settings."""
+    from diffusers import UNet2DModel
+
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    config.update(down_block_types=config["down_block_types"][:2], up_block_types=config["up_block_types"][:2],
+                  block_out_channels=(8, 16), norm_num_groups=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DModel(**config).eval()
+    cache = {}
+
+    def make(digits_qmodel: nn.Module) -> nn.Module:
+        settings = digits_qmodel.fewstep_quant["config"]
+        key = json.dumps(settings, sort_keys=True)
+        if key not in cache:
+            cache[key] = quant.quantize(unet, calibration,
+                                        quant.QuantConfig(**{**settings, "act_grid": 4, "weight_grid": 4}))
+        return cache[key]
+
+    return make
+
+
 @pytest.mark.parametrize("mode", ["fake", "int8", "fp8"])
-def test_quantized_unet_compiles_as_one_graph(request, qmodel, calibration, mode):
+def test_quantized_unet_compiles_as_one_graph(request, qmodel, small_quantized, calibration, mode):
     """``torch.compile`` sees the whole quantized UNet as one graph (static activation scales, no host sync, no
     graph break), so inductor can fuse the quantize / GEMM / epilogue passes; the compiled call matches eager.
-    fp8 runs where ``torch._scaled_mm`` has the float8 kernel (CPU builds that have it, or CUDA SM >= 8.9)."""
+    fp8 runs where ``torch._scaled_mm`` has the float8 kernel (CPU builds that have it, or CUDA SM >= 8.9).
+
+    Compiled: a UNet of the digits UNet's configuration at two levels of 8 / 16 channels (``small_quantized``;
+    dynamo's trace of the whole model is this test's cost, about half the digits UNet's), quantized with the
+    digits model's settings (format, split shortcuts, ...) and checked to hold the same kinds of quantized layers
+    as the quantized digits UNet (split or not, every conv geometry, linear, non-zero zero-points)."""
     if mode == "fp8":
         if not fp8_supported("cpu"):
             pytest.skip("this PyTorch build has no CPU float8 torch._scaled_mm")
         qmodel = request.getfixturevalue("fp8_qmodel")
+    digits_kinds = _layer_kinds(qmodel)
+    qmodel = small_quantized(qmodel)
+    assert _layer_kinds(qmodel) == digits_kinds
     batch = next(calibration.batches(4))
     quant.set_mode(qmodel, mode)
     try:

@@ -665,32 +665,9 @@ def test_generate_with_s3_on_the_default_model_picks_the_shipped_schedule(tmp_pa
     assert "no shipped 'digits-eps' schedule for NFE 7; shipped NFEs: [4, 5, 6, 8, 10]" in capsys.readouterr().err
 
 
-def test_search_under_two_processes_matches_one(tmp_path):
-    """`torchrun --nproc_per_node 2 -m fewstep.cli search`: every process runs the same search, each evaluation's
-    samples are split across the processes (checked: both ran, each made its share) and gathered, one process
-    writes; the evaluated schedules and their Frechet distances equal a one-process run's (per-sample seeds)."""
-    from _helpers import CLI_BODY, launch_two_cpu_processes
+_SEARCH_ARGS = ["search", "--model", "digits-eps", "--nfe", "3", "--budget", "3", "--num-per-class", "3", "--quiet"]
 
-    from fewstep.cli import main
-
-    args = ["search", "--model", "digits-eps", "--nfe", "3", "--budget", "3", "--num-per-class", "3", "--quiet"]
-    two = tmp_path / "two.json"
-    result = launch_two_cpu_processes(CLI_BODY, tmp_path, *args, "--out", two)
-    assert result.stdout.count("wrote ") == 1  # one writer
-    one = tmp_path / "one.json"
-    assert main([*args, "--out", str(one)]) == 0
-    runs = [json.loads(pathlib.Path(f"{p}.state.json").read_text())["evaluated"] for p in (two, one)]
-    assert [s for s, _ in runs[0]] == [s for s, _ in runs[1]]
-    assert [v for _, v in runs[0]] == pytest.approx([v for _, v in runs[1]], rel=1e-4)
-    assert SolverSchedule.load(two).to_dict()["decisions"] == SolverSchedule.load(one).to_dict()["decisions"]
-
-
-def test_a_failure_on_one_process_is_raised_on_every_process(tmp_path):
-    """A metric failing on one process only (its share) was scored there alone: the processes' collectives drifted
-    out of step and mixed evaluations. Now the failure is gathered and raised on every process."""
-    from _helpers import launch_two_cpu_processes
-
-    body = """
+_FAILURE_BODY = """
 import torch
 from fewstep._dist import split_samples, is_main_process
 
@@ -707,9 +684,44 @@ for attempt in range(2):  # the processes stay in step: a second split works on 
         caught.append(str(exc))
 print(f"CAUGHT {_state.process_index} {caught}", flush=True)
 """
-    result = launch_two_cpu_processes(body, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Both two-process scenarios below in ONE launch of two CPU processes (torchrun; a launch is ~30 s of start-up
+    and imports): `fewstep search` (its schedule written to ``two.json`` in the returned folder), then the failing
+    split, in the same processes; each scenario's shares are checked (both processes ran and made their share).
+    The folder and each scenario's stdout."""
+    from _helpers import CLI_BODY, launch_two_cpu_processes_each
+
+    root = tmp_path_factory.mktemp("two_processes")
+    bodies = {"search": (CLI_BODY, *_SEARCH_ARGS, "--out", root / "two.json"), "failure": (_FAILURE_BODY,)}
+    return root, launch_two_cpu_processes_each(bodies, root)
+
+
+def test_search_under_two_processes_matches_one(two_processes, tmp_path):
+    """`torchrun --nproc_per_node 2 -m fewstep.cli search`: every process runs the same search, each evaluation's
+    samples are split across the processes (checked: both ran, each made its share) and gathered, one process
+    writes; the evaluated schedules and their Frechet distances equal a one-process run's (per-sample seeds)."""
+    from fewstep.cli import main
+
+    root, stdout = two_processes
+    two = root / "two.json"
+    assert stdout["search"].count("wrote ") == 1  # one writer
+    one = tmp_path / "one.json"
+    assert main([*_SEARCH_ARGS, "--out", str(one)]) == 0
+    runs = [json.loads(pathlib.Path(f"{p}.state.json").read_text())["evaluated"] for p in (two, one)]
+    assert [s for s, _ in runs[0]] == [s for s, _ in runs[1]]
+    assert [v for _, v in runs[0]] == pytest.approx([v for _, v in runs[1]], rel=1e-4)
+    assert SolverSchedule.load(two).to_dict()["decisions"] == SolverSchedule.load(one).to_dict()["decisions"]
+
+
+def test_a_failure_on_one_process_is_raised_on_every_process(two_processes):
+    """A metric failing on one process only (its share) was scored there alone: the processes' collectives drifted
+    out of step and mixed evaluations. Now the failure is gathered and raised on every process."""
+    _, stdout = two_processes
     for rank in (0, 1):
-        assert f"CAUGHT {rank} ['process 1 of 2: ValueError: share failed']" in result.stdout
+        assert f"CAUGHT {rank} ['process 1 of 2: ValueError: share failed']" in stdout["failure"]
 
 
 # ----------------------------------------------------------------------------------------------------
