@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,8 +69,8 @@ def check_number(
     allowed: str | None = None,
     what: str | None = None,
 ) -> float:
-    """Return ``float(value)`` if ``value`` is a real number (int, float, numpy floating/integer, or a 0-d real numpy
-    array or torch tensor, read on the host; not bool) in range.
+    """Return ``float(value)`` if ``value`` is a real number (int, float, numpy floating/integer or a 0-d real numpy
+    array; not bool, not a tensor: reading one would sync the device, e.g. inside a scheduler's ``step``) in range.
 
     ``low`` is inclusive unless ``low_open``; ``high`` is inclusive. NaN is always rejected, infinities unless
     ``finite=False``. Raises ``ValueError`` naming ``name``, the allowed range (``allowed``, when given, replaces
@@ -80,7 +79,7 @@ def check_number(
     """
     ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
     number = value
-    if not ok and _is_real_scalar_array(value):
+    if not ok and isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
         ok, number = True, value.item()
     if ok:
         try:
@@ -97,16 +96,6 @@ def check_number(
         text = f" in {allowed}" if allowed is not None else _range_text(low, high, low_open)
         raise ValueError(f"{_label(name, what)} must be {kind}{text}, got {value!r}")
     return v
-
-
-def _is_real_scalar_array(value: Any) -> bool:
-    """A 0-d numpy array or torch tensor of a real (integer or floating, not bool) dtype: ``x.max()``, ``np.float64``
-    arithmetic results, a scalar model output."""
-    if isinstance(value, np.ndarray):
-        return value.ndim == 0 and value.dtype.kind in "iuf"
-    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported
-    return (torch is not None and isinstance(value, torch.Tensor) and value.dim() == 0
-            and not value.is_complex() and value.dtype != torch.bool)
 
 
 def repeated_values(values: Any) -> list[str]:

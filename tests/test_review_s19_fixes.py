@@ -1,6 +1,7 @@
 """Valid inputs that session 19's new checks refused, found by reviewing that change: integer 0-d tensors as a guided
-step's index, 0-d tensors/arrays as numbers (``Histogram(x.min(), x.max())``), sets of exclude patterns, a set of
-callback tensor names; and the messages: a bound shown rounded next to the refused value, a string ``nfes``."""
+step's index, 0-d arrays as numbers, 0-d tensors as a histogram's range (``Histogram(x.min(), x.max())``), sets of
+exclude patterns, a set of callback tensor names; and the messages: a bound shown rounded next to the refused value,
+a string ``nfes``."""
 
 from __future__ import annotations
 
@@ -38,15 +39,15 @@ def test_guided_step_takes_integer_index_tensors_and_names_other_types():
             _guided(lambda i, bad=bad: bad)
 
 
-@pytest.mark.parametrize("value, expected", [(torch.tensor(2.5), 2.5), (torch.tensor(3), 3.0),
-                                             (np.array(0.75), 0.75), (torch.tensor(1.5, dtype=torch.float16), 1.5)])
-def test_check_number_reads_zero_dim_real_tensors_and_arrays(value, expected):
+@pytest.mark.parametrize("value, expected", [(np.array(0.75), 0.75), (np.array(3), 3.0)])
+def test_check_number_reads_zero_dim_real_arrays(value, expected):
     assert check_number("x", value, 0) == expected
 
 
-@pytest.mark.parametrize("value", [torch.tensor(True), torch.ones(2), np.array([1.0]), torch.tensor(float("nan")),
-                                   torch.tensor(1 + 2j), np.array("1"), torch.tensor(-1.0)])
-def test_check_number_refuses_other_tensors_naming_them(value):
+@pytest.mark.parametrize("value", [torch.tensor(2.5), torch.tensor(True), np.array(True), np.array([1.0]),
+                                   np.array(float("nan")), np.array("1"), np.array(-1.0)])
+def test_check_number_refuses_tensors_and_other_arrays_naming_them(value):
+    """A tensor is refused, not read: reading it would sync the device (a tensor ``eta`` in DDIM's ``step``)."""
     with pytest.raises(ValueError, match=r"`x` must be a finite number >= 0, got (tensor|array)\("):
         check_number("x", value, 0)
 

@@ -249,7 +249,8 @@ class Histogram:
 
     def __init__(self, lo: float, hi: float, bins: int = 2048):
         check_int("bins", bins, 16, numpy_ok=False)
-        lo, hi = check_number("lo", lo), check_number("hi", hi)
+        lo, hi = (check_number(name, v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v)
+                  for name, v in (("lo", lo), ("hi", hi)))  # a calibration pass's x.min() / x.max()
         if hi < lo:
             raise ValueError(f"histogram range must be finite with lo <= hi, got [{lo}, {hi}]")
         if hi - lo < 1e-12:
