@@ -34,7 +34,7 @@ def test_guided_step_takes_integer_index_tensors_and_names_other_types():
     reference = _guided(lambda i: None)
     assert _guided(lambda i: torch.tensor(i)).equal(reference)
     assert _guided(lambda i: np.int64(i)).equal(reference)
-    for bad in (True, 0.0, torch.tensor(0.0), torch.tensor([0, 1]), "0"):
+    for bad in (True, 0.0, torch.tensor(0.0), torch.tensor([0, 1]), "0", torch.tensor(0, device="meta")):
         with pytest.raises(ValueError, match=r"`index` must be an integer \(a model call's index .*got "):
             _guided(lambda i, bad=bad: bad)
 

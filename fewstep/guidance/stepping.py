@@ -33,8 +33,9 @@ def step_kwargs(scheduler: Any, generator: torch.Generator | list[torch.Generato
 
 
 def _as_index(value: Any) -> int | None:
-    """``value`` as a Python int if it is an integer (an int, numpy integer or integer 0-d tensor; not a bool)."""
-    if isinstance(value, (bool, np.bool_)):
+    """``value`` as a Python int if it is an integer (an int, numpy integer or integer 0-d CPU tensor; not a bool, not
+    a device tensor: reading it every step would sync the device)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.device.type != "cpu"):
         return None
     try:
         return operator.index(value)
@@ -90,9 +91,11 @@ def guided_step(
         )
     new_run = scheduler.step_index is None
     call = scheduler._begin_step(timestep)  # the model call this step is at (found from `timestep` on a new run)
-    if index is not None and _as_index(index) is None:
-        raise ValueError(f"`index` must be an integer (a model call's index in scheduler.timesteps), got {index!r}")
-    if index is not None and _as_index(index) != call:
+    given = None if index is None else _as_index(index)
+    if index is not None and given is None:
+        raise ValueError(f"`index` must be an integer (a model call's index in scheduler.timesteps; a Python int or a "
+                         f"CPU tensor), got {index!r}")
+    if index is not None and given != call:
         raise ValueError(
             f"`index` {index!r} is not the scheduler's next model call {call} (its index in scheduler.timesteps; "
             "a loop over timesteps[begin_index:] passes begin_index + i); leave `index` out to use the scheduler's "
