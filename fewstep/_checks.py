@@ -11,9 +11,13 @@ import numpy as np
 __all__ = ["MISSING", "check_bool", "check_int", "check_number", "differing_keys", "repeated_values", "stored_float64"]
 
 
-def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
-    def show(v: float) -> str:  # the short form unless it rounds (a refused 4.6050372 next to a bound shown 4.60504)
-        return (f"{v:g}" if float(f"{v:g}") == v else repr(v)) if isinstance(v, float) else str(v)
+def _range_text(low: float | None, high: float | None, low_open: bool = False, value: float | None = None) -> str:
+    def show(bound: float) -> str:
+        if not isinstance(bound, float):
+            return str(bound)
+        short = float(f"{bound:g}")  # exact when rounding would carry the bound past the refused value
+        past = value is not None and min(bound, short) <= value <= max(bound, short) and short != bound
+        return repr(bound) if past else f"{bound:g}"
 
     if low is not None and high is not None:
         return f" in {'(' if low_open else '['}{show(low)}, {show(high)}]"
@@ -78,7 +82,7 @@ def check_number(
     ``what`` as in :func:`check_int`.
     """
     ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
-    number = value
+    number, v = value, None
     if not ok and isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
         ok, number = True, value.item()
     if ok:
@@ -93,7 +97,7 @@ def check_number(
             ok = v <= high
     if not ok:
         kind = "a finite number" if finite else "a number"
-        text = f" in {allowed}" if allowed is not None else _range_text(low, high, low_open)
+        text = f" in {allowed}" if allowed is not None else _range_text(low, high, low_open, v)
         raise ValueError(f"{_label(name, what)} must be {kind}{text}, got {value!r}")
     return v
 
