@@ -5,6 +5,7 @@ a closed form -- never against fewstep's own earlier output."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from _helpers import SD15_PNDM
 from diffusers import DPMSolverMultistepScheduler
@@ -117,16 +118,21 @@ def test_ddim_eta_on_a_reused_scheduler_follows_the_new_grid_as_diffusers():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_dpm_solver_lower_order_final_false_matches_diffusers():
-    """``lower_order_final=False`` with ``final_sigmas_type="sigma_min"``: diffusers' DPM-Solver++ keeps order 2 at
-    the last step (it lowers it only with lower_order_final and < 15 steps, or a zero final sigma). Tolerance:
-    float32 rounding of 5 steps; the two settings differ by far more (checked)."""
-    config = {**SD15_PNDM, "final_sigmas_type": "sigma_min", "solver_order": 2}
+@pytest.mark.parametrize("name, order", [("dpm-solver++", 2), ("unipc", 3)])
+def test_lower_order_final_false_matches_diffusers(name, order):
+    """``lower_order_final=False`` with ``final_sigmas_type="sigma_min"`` keeps the solver order up to the last steps,
+    as diffusers' DPM-Solver++ and UniPC (which lower it only with lower_order_final and < 15 steps, or a zero final
+    sigma; diffusers' order-3 UniPC solve is singular at a zero final sigma). Tolerance: float32 rounding of 5 steps;
+    the two settings differ by far more (checked)."""
+    from diffusers import UniPCMultistepScheduler
+
+    reference = {"dpm-solver++": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}[name]
+    config = {**SD15_PNDM, "final_sigmas_type": "sigma_min", "solver_order": order}
     results = {}
     for low in (False, True):
-        ref = DPMSolverMultistepScheduler.from_config(config, lower_order_final=low)
+        ref = reference.from_config(config, lower_order_final=low)
         ref.set_timesteps(5)
-        ours = samplers.get("dpm-solver++").from_config(config, lower_order_final=low)
+        ours = samplers.get(name).from_config(config, lower_order_final=low)
         ours.set_timesteps(5)
         want = _loop(ref, _x(), ref.timesteps)
         torch.testing.assert_close(_loop(ours, _x(), ours.timesteps), want, rtol=1e-5, atol=1e-5)
@@ -147,25 +153,6 @@ def test_unipc_maps_other_schedulers_solver_type_to_bh2_as_diffusers():
     assert ref.config.solver_type == ours.config.solver_type == "bh2"
     torch.testing.assert_close(_loop(ours, _x(), ours.timesteps), _loop(ref, _x(), ref.timesteps), rtol=1e-5,
                                atol=1e-5)
-
-
-def test_unipc_lower_order_final_false_matches_diffusers():
-    """UniPC's ``lower_order_final=False`` keeps order 3 up to the last steps, as diffusers' UniPC (which lowers it to
-    the steps left only with lower_order_final). Final ``sigma_min``: diffusers' order-3 solve is singular at a zero
-    final sigma. Tolerance: float32 rounding of 5 steps; the two settings differ by far more (checked)."""
-    from diffusers import UniPCMultistepScheduler
-
-    config = {**SD15_PNDM, "solver_order": 3, "final_sigmas_type": "sigma_min"}
-    results = {}
-    for low in (False, True):
-        ref = UniPCMultistepScheduler.from_config(config, lower_order_final=low)
-        ref.set_timesteps(5)
-        ours = samplers.get("unipc").from_config(config, lower_order_final=low)
-        ours.set_timesteps(5)
-        want = _loop(ref, _x(), ref.timesteps)
-        torch.testing.assert_close(_loop(ours, _x(), ours.timesteps), want, rtol=1e-5, atol=1e-5)
-        results[low] = want
-    assert (results[False] - results[True]).abs().max() > 1e-3
 
 
 def test_dc_solver_on_a_dpm_solver_base_uses_diffusers_dpm_solver_flow_sigmas():
