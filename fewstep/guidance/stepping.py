@@ -91,16 +91,17 @@ def guided_step(
         )
     new_run = scheduler.step_index is None
     call = scheduler._begin_step(timestep)  # the model call this step is at (found from `timestep` on a new run)
-    given = None if index is None else _as_index(index)
-    if index is not None and given is None:
-        raise ValueError(f"`index` must be an integer (a model call's index in scheduler.timesteps; a Python int or a "
-                         f"CPU tensor), got {index!r}")
-    if index is not None and given != call:
-        raise ValueError(
-            f"`index` {index!r} is not the scheduler's next model call {call} (its index in scheduler.timesteps; "
-            "a loop over timesteps[begin_index:] passes begin_index + i); leave `index` out to use the scheduler's "
-            "own count"
-        )
+    if index is not None:
+        given = _as_index(index)
+        if given is None:
+            raise ValueError(f"`index` must be an integer (a model call's index in scheduler.timesteps; a Python int "
+                             f"or a CPU tensor), got {index!r}")
+        if given != call:
+            raise ValueError(
+                f"`index` {index!r} is not the scheduler's next model call {call} (its index in scheduler.timesteps; "
+                "a loop over timesteps[begin_index:] passes begin_index + i); leave `index` out to use the "
+                "scheduler's own count"
+            )
     index = call
     if new_run:  # a new run, also one that begins part-way (img2img): forget APG's momentum
         rule.reset()

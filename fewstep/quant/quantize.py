@@ -87,7 +87,7 @@ class QuantConfig:
         check_int("bins", self.bins, 16, numpy_ok=False)
         for name in ("symmetric_act", "split_skip"):
             check_bool(name, getattr(self, name))
-        self.exclude = list(_check_exclude(self.exclude))
+        self.exclude = _check_exclude(self.exclude)
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not (math.isfinite(self.p)
                                                                                     and self.p > 0):
             raise ValueError(f"`p` must be a finite number > 0, got {self.p!r}")
