@@ -353,7 +353,7 @@ def test_latent_sd_path_runs_end_to_end(tiny_sd):
 def test_latent_sd_path_runs_a_half_precision_pipeline(sd_path):  # noqa: F811 - the imported fixture
     """The solver keeps float32 latents for a bf16/fp16 pipeline; the VAE decode/encode inside the measurement
     term must run in the VAE's dtype (crashed with a dtype mismatch)."""
-    pipe = StableDiffusionPipeline.from_pretrained(sd_path, torch_dtype=torch.bfloat16)
+    pipe = StableDiffusionPipeline.from_pretrained(sd_path, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     op = SuperResolution(2)
     y = op.measure(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)

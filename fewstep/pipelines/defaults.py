@@ -74,14 +74,21 @@ def load_default(
     sampler: str | None = "unipc",
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
 ):
     """Load an embedded model: a ready ``ClassConditionalPipeline`` (``digits-eps``, ``digits-flow``) or
     ``MeanRevertingPipeline`` (``digits-mr``) with ``sampler`` swapped in by ``from_config``, or the
-    ``DigitsClassifier`` module for ``"digits-classifier"``. ``device`` and ``torch_dtype`` (a floating
-    ``torch.dtype``) move it there."""
+    ``DigitsClassifier`` module for ``"digits-classifier"``. ``device`` and ``dtype`` (a floating ``torch.dtype``)
+    move it there; ``torch_dtype`` is the same option under its older diffusers name (diffusers 0.42's
+    ``from_pretrained`` takes ``dtype``), so either spelling works."""
     path = default_model_path(name)
-    if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
-        raise ValueError(f"`torch_dtype` must be a floating torch.dtype (e.g. torch.float16), got {torch_dtype!r}")
+    for arg, value in (("torch_dtype", torch_dtype), ("dtype", dtype)):
+        if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+            raise ValueError(f"`{arg}` must be a floating torch.dtype (e.g. torch.float16), got {value!r}")
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise ValueError(f"`dtype` {dtype} and `torch_dtype` {torch_dtype} disagree; they are one option (pass "
+                         "`dtype` alone)")
+    torch_dtype = dtype if dtype is not None else torch_dtype
     if device is not None:
         try:
             device = torch.device(device)

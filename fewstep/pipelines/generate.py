@@ -100,7 +100,7 @@ def load_model(
     if model in DEFAULT_MODELS:
         if model not in GENERATORS:
             raise ValueError(f"`model` {model!r} is not an image generator; choose one of {', '.join(GENERATORS)}")
-        pipe = load_default(model, sampler=None, device=dev, torch_dtype=torch_dtype)
+        pipe = load_default(model, sampler=None, device=dev, dtype=torch_dtype)
         options = {**default_sampler_options(model, sampler, with_schedule=True), **(sampler_options or {})}
         if (sampler_options or {}).get("degenerated"):
             options.pop("ems_file", None)

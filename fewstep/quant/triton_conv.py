@@ -127,6 +127,9 @@ if _HAS_TRITON:
         key=["M", "N", "K", "C_ALIGNED"],
     )(_KERNEL)
 
+#: compile options of every launch: FP fusion (the epilogue's multiply-add as one FMA) stated explicitly, as the
+#: kernel has been measured with it; Triton 3.9 warns when it is left to its default, which 3.10 turns off
+_COMPILE_OPTIONS = {"enable_fp_fusion": True}
 #: BLOCK_K of the kernel: on the GPU (``_TUNED``'s configs) and in the interpreter (small tiles: each program is
 #: emulated on the CPU)
 _GPU_BLOCK_K = 64
@@ -172,10 +175,10 @@ def triton_fp8_conv2d(x: torch.Tensor, x_scale: float, w_kn: torch.Tensor, w_sca
         block_m, block_n, block_k = _INTERPRET_BLOCKS
         grid = (-(-m // block_m), -(-n // block_n))
         _KERNEL[grid](*args, HAS_BIAS=bias is not None, C_ALIGNED=c % block_k == 0, BLOCK_M=block_m,
-                      BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
+                      BLOCK_N=block_n, BLOCK_K=block_k, **_COMPILE_OPTIONS)  # fmt: skip
     else:
         def grid(meta):
             return (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"]))
 
-        _TUNED[grid](*args, HAS_BIAS=bias is not None, C_ALIGNED=c % _GPU_BLOCK_K == 0)
+        _TUNED[grid](*args, HAS_BIAS=bias is not None, C_ALIGNED=c % _GPU_BLOCK_K == 0, **_COMPILE_OPTIONS)
     return y.view(b, ho, wo, n).permute(0, 3, 1, 2)

@@ -335,6 +335,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
+    def _get_compatibles(cls) -> list[type]:
+        """diffusers' compatible classes (``_compatibles``, which diffusers looks up by name in its own namespace
+        only) plus every registered fewstep scheduler. ``from_config`` keeps a compatible class's options in the
+        config without warning about them; without the fewstep classes here, a swap from one fewstep sampler to
+        another (``hb`` -> ``unipc``) logged "The config attributes {'momentum_order': ...} were passed to ... but
+        are not expected" for fewstep's own options."""
+        from . import _REGISTRY  # the registry imports this module
+
+        own = [c for c in _REGISTRY.values() if c is not cls]
+        return [*super()._get_compatibles(), *own]
+
+    @classmethod
     def _declares(cls, key: str) -> bool:
         """Whether ``key`` is one of this scheduler's own ``__init__`` options. diffusers' ``from_config`` also
         copies the source config's other keys onto ``self.config`` (a DDPM config's ``clip_sample`` lands on a

@@ -125,7 +125,10 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
         if solver_type not in allowed:
             # Configs copied from other schedulers carry their own solver_type: ignore what does not apply.
             if solver_type in DPM_SOLVER_TYPES + UNIPC_TYPES + ("logrho",):
-                self.register_to_config(solver_type=None)
+                # listed as a default value, so that a scheduler built from this config again (a swap back to
+                # DPM-Solver++ or UniPC) takes its own default instead of this None, which it would refuse
+                used = [k for k in self.config.get("_use_default_values", []) if k != "solver_type"]
+                self.register_to_config(solver_type=None, _use_default_values=[*used, "solver_type"])
             else:
                 raise ValueError(f"`solver_type` for base {base!r} must be one of {list(allowed)}, got {solver_type!r}")
         check_ode_algorithm_type(self, algorithm_type, "base",

@@ -6,7 +6,7 @@ from typing import Literal
 
 from diffusers.configuration_utils import register_to_config
 
-from ..solvers.methods import unipc_decisions
+from ..solvers.methods import DPM_SOLVER_TYPES, unipc_decisions
 from .base import FewstepScheduler, SchedulerMixin  # noqa: F401 - SchedulerMixin: see base.py
 
 __all__ = ["FewstepUniPCScheduler", "check_unipc_noise_form"]
@@ -64,7 +64,9 @@ class FewstepUniPCScheduler(FewstepScheduler):
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
     ):
-        if solver_type in ("midpoint", "heun", "logrho"):  # other multistep schedulers' values, as diffusers maps them
+        # other multistep schedulers' values (a config copied from one) read as bh2, as diffusers maps them; that
+        # includes fewstep's own DPM-Solver "taylor" (dc-solver maps it so too)
+        if solver_type in (*DPM_SOLVER_TYPES, "logrho"):
             self.register_to_config(solver_type="bh2")
         self._init_common()
         check_unipc_noise_form(self)
