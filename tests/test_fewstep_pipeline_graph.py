@@ -119,7 +119,11 @@ def _both(fp: FewstepPipeline, seeds=(1, 2), **kw) -> tuple[list, list]:
 
 
 def _scheduler(pipe, name: str, extra: dict):
-    return samplers.get(name).from_config({**pipe.scheduler.config, **extra})
+    # as keyword arguments: diffusers' from_config drops a config-dict key its `_use_default_values` lists (the SD 1.5
+    # PNDM config's prediction_type), so {**config, "prediction_type": ...} would build an epsilon scheduler
+    scheduler = samplers.get(name).from_config(pipe.scheduler.config, **extra)
+    assert all(scheduler.config[k] == v for k, v in extra.items())
+    return scheduler
 
 
 # ----------------------------------------------------------------------------------------- static == eager
@@ -157,10 +161,12 @@ def test_static_step_other_families_and_settings(sdxl, flux, sd):
                           num_inference_steps=4)  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(eager, static))
     # a CFG scale schedule with guidance_rescale, v-prediction, clip_sample
-    sched = _scheduler(sd, "ddim", {"prediction_type": "v_prediction", "clip_sample": True, "clip_sample_range": 0.5})
-    fp = FewstepPipeline.from_pipe(sd, scheduler=sched, guidance=guidance.CFG([7.0, 5.0, 3.0, 2.0], 0.7))
+    settings = {"prediction_type": "v_prediction", "clip_sample": True, "clip_sample_range": 0.5}
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance=guidance.CFG([7.0, 5.0, 3.0, 2.0], 0.7))
+    fp.pipe.scheduler = _scheduler(sd, "ddim", settings)  # after from_pipe, which applies SD's clip_sample=False fix
     eager, static = _both(fp, **_sd_embeds(1), num_inference_steps=4)
     assert all(torch.equal(a, b) for a, b in zip(eager, static))
+    assert fp.pipe.scheduler.config.clip_sample and fp.pipe.scheduler.config.prediction_type == "v_prediction"
     # a stochastic solver, unguided (CFG 1: the conditional model alone) and guided: noise drawn from `generator`
     sde = _scheduler(sd, "dpm-solver++", {"algorithm_type": "sde-dpmsolver++"})
     for rule in (guidance.CFG(1.0), guidance.APG(3.0, norm_threshold=2.0)):
