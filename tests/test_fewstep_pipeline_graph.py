@@ -523,7 +523,8 @@ def test_static_engine_follows_engine_state(name, config):
     from fewstep.solvers.engine import EngineState
 
     base = fewstep.load_default("digits-eps", sampler="ddim").scheduler.config
-    sched = samplers.get(name).from_config({**base, **config})
+    sched = samplers.get(name).from_config(base, **config)  # keywords: the config lists time_grid as a default
+    assert all(sched.config[k] == v for k, v in config.items())
     sched.set_timesteps(7)
     shape = (2, 1, 16, 16)
     static = StaticEngine(sched.plan, shape, "cpu", torch.float32)
