@@ -128,8 +128,10 @@ class STSL(PosteriorMethod):
     ``init``/``strength`` where sampling starts (default: noised ``A^+ y``, the whole schedule); ``reuse_eval``
     DDIM step with the last inner evaluation (no extra evaluation; ``False``: a fresh one); ``trace_weight``
     ``"constant"`` (paper, ``eta/d``) or ``"tweedie"`` (``eta/d * sigma^4/alpha^2``); ``trace_sigma_min`` no trace
-    term (nor probes) at levels with ``sigma`` below it. The defaults are the paper's (``reuse_eval`` aside: the
-    paper leaves it open); the tuned digits settings are ``fewstep.pipelines.posterior.DEFAULT_OPTIONS["stsl"]``.
+    term (nor probes) at levels with ``sigma`` below it. The defaults are the paper's except two: ``reuse_eval``
+    (the paper leaves it open) and ``probe_scale`` (the paper writes the difference with ``delta = 1``, a unit step;
+    here it is a small step relative to the level's noise, where the first-order difference is accurate); the tuned
+    digits settings are ``fewstep.pipelines.posterior.DEFAULT_OPTIONS["stsl"]``.
     """
 
     name: ClassVar[str] = "stsl"
