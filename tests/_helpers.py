@@ -224,3 +224,28 @@ def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
     except SystemExit as exc:  # argparse's own usage errors
         code = exc.code
     return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def damaged_quant_copy(root, tmp_path, meta_edit=None, tensor_edit=None):
+    """A copy of the saved quantization folder ``root`` under ``tmp_path / "damaged"`` with ``meta_edit(meta)``
+    applied to its ``quant.json`` and ``tensor_edit(tensors)`` to its ``quant.safetensors`` (header kept)."""
+    import json
+    import pathlib
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = pathlib.Path(tmp_path) / "damaged"
+    shutil.copytree(root, out)
+    if meta_edit is not None:
+        meta = json.loads((out / "quant.json").read_text())
+        meta_edit(meta)
+        (out / "quant.json").write_text(json.dumps(meta))
+    if tensor_edit is not None:
+        with safe_open(str(out / "quant.safetensors"), "pt") as f:
+            header = dict(f.metadata())
+        tensors = load_file(str(out / "quant.safetensors"))
+        tensor_edit(tensors)
+        save_file(tensors, str(out / "quant.safetensors"), metadata=header)
+    return out

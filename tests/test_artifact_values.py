@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import damaged_quant_copy
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from fewstep import quant, samplers
@@ -263,20 +263,7 @@ def saved_quant(request, tmp_path_factory):
 
 
 def _damaged(saved_quant, tmp_path: Path, meta_edit=None, tensor_edit=None) -> Path:
-    _, root, _ = saved_quant
-    out = tmp_path / "damaged"
-    shutil.copytree(root, out)
-    if meta_edit is not None:
-        meta = json.loads((out / "quant.json").read_text())
-        meta_edit(meta)
-        (out / "quant.json").write_text(json.dumps(meta))
-    if tensor_edit is not None:
-        with safe_open(str(out / "quant.safetensors"), "pt") as f:
-            header = dict(f.metadata())
-        tensors = load_file(str(out / "quant.safetensors"))
-        tensor_edit(tensors)
-        save_file(tensors, str(out / "quant.safetensors"), metadata=header)
-    return out
+    return damaged_quant_copy(saved_quant[1], tmp_path, meta_edit, tensor_edit)
 
 
 def test_a_fresh_quantization_passes_the_value_checks(saved_quant):

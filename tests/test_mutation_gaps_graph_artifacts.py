@@ -13,15 +13,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from _helpers import SD3_FLOW, SD15_PNDM
+from _helpers import SD3_FLOW, SD15_PNDM, damaged_quant_copy
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_fewstep_pipeline import _unet, _vae
 from torch import nn
 
@@ -316,22 +314,6 @@ def test_loaded_model_equals_the_quantized_one_bit_for_bit(saved):
         (root / "quant.json").read_text())["weight_projections"]
 
 
-def _damaged(root: Path, tmp_path: Path, meta_edit=None, tensor_edit=None) -> Path:
-    out = tmp_path / "damaged"
-    shutil.copytree(root, out)
-    if meta_edit is not None:
-        meta = json.loads((out / "quant.json").read_text())
-        meta_edit(meta)
-        (out / "quant.json").write_text(json.dumps(meta))
-    if tensor_edit is not None:
-        with safe_open(str(out / "quant.safetensors"), "pt") as f:
-            header = dict(f.metadata())
-        tensors = load_file(str(out / "quant.safetensors"))
-        tensor_edit(tensors)
-        save_file(tensors, str(out / "quant.safetensors"), metadata=header)
-    return out
-
-
 def _set(path: list, value):
     def edit(meta):
         for key in path[:-1]:
@@ -357,7 +339,7 @@ def _set(path: list, value):
 def test_each_quant_json_field_altered_is_refused_by_name(saved, tmp_path, edit, message):
     model, _, root, _ = saved
     with pytest.raises(ValueError, match=message):
-        quant.load_quantized(model, _damaged(root, tmp_path, meta_edit=edit), model_id="net")
+        quant.load_quantized(model, damaged_quant_copy(root, tmp_path, meta_edit=edit), model_id="net")
 
 
 def test_model_id_and_strict_checks(saved, tmp_path):
@@ -396,7 +378,7 @@ def _edit_tensor(key, fn):
 def test_each_stored_tensor_altered_is_refused_by_name(saved, tmp_path, edit, message):
     model, _, root, _ = saved
     with pytest.raises(ValueError, match=message):
-        quant.load_quantized(model, _damaged(root, tmp_path, tensor_edit=edit))
+        quant.load_quantized(model, damaged_quant_copy(root, tmp_path, tensor_edit=edit))
 
 
 def test_a_layer_with_other_float_weights_is_refused(saved):
