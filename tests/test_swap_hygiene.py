@@ -102,3 +102,20 @@ def test_a_momentum_sampler_that_dropped_a_solver_type_swaps_on(source, solver_t
     assert momentum.config.solver_type is None
     built = samplers.get(target).from_config(momentum.config)
     assert built.config.solver_type == samplers.get(target)().config.solver_type
+
+
+@pytest.mark.parametrize("base", ["plms", "dpm-solver++", "unipc"])
+@pytest.mark.parametrize("target", ["dpm-solver++", "unipc", "dc-solver"])
+def test_a_saved_momentum_sampler_swaps_on_after_reloading(tmp_path, base, target):
+    """hb writes ``solver_order``/``solver_type`` None ("the base's own"); ``save_pretrained`` does not keep diffusers'
+    list of default-valued keys, so the reloaded config carried explicit nulls and a sampler built from it refused
+    them ("`solver_order` must be an integer in [1, 5], got None"). Such nulls now mean the target's own default."""
+    samplers.from_config("hb", SD15_PNDM, base=base).save_pretrained(tmp_path)
+    reloaded = samplers.get("hb").from_pretrained(tmp_path)
+    assert reloaded.config.solver_order is None
+    built = samplers.get(target).from_config(reloaded.config)
+    fresh = samplers.get(target)()
+    assert (built.config.solver_order, built.config.solver_type) == (fresh.config.solver_order,
+                                                                     fresh.config.solver_type)  # fmt: skip
+    explicit = samplers.get(target).from_config(reloaded.config, solver_order=1)
+    assert explicit.config.solver_order == 1

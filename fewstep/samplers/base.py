@@ -244,6 +244,19 @@ def _check_output_shape(sample: torch.Tensor, **outputs: torch.Tensor) -> None:
     check_output_shape(sample, **outputs)
 
 
+def _without_unset_solver_options(cls: type, config: Any) -> Any:
+    """``config`` without a ``solver_order``/``solver_type`` of None where ``cls`` has a real default for it. hb and
+    ghvb write None for "the base's own" (and for a copied value their base does not use); in memory diffusers lists
+    such keys as defaults, but ``save_pretrained`` does not keep that list, so a reloaded config carries explicit
+    nulls that DPM-Solver++/UniPC/dc-solver would refuse ("`solver_order` must be an integer ..., got None")."""
+    if not isinstance(config, Mapping):
+        return config
+    defaults = _init_signature(cls).defaults
+    unset = [k for k in ("solver_order", "solver_type") if k in config and config[k] is None
+             and defaults.get(k) is not None]  # fmt: skip
+    return {k: v for k, v in config.items() if k not in unset} if unset else config
+
+
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """Base class (not registered): a multistep scheduler driven by the unified engine."""
 
@@ -330,6 +343,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         config would otherwise arrive with no flow marker and build a VP scheduler. Their flow settings are passed
         on explicitly (``_flow_settings_kept``)."""
         check_config_arg(config)
+        config = _without_unset_solver_options(cls, config)
         check_foreign_options({**dict(config or {}), **kwargs}, cls.__name__)
         kwargs = {**_flow_settings_kept(cls, config, kwargs), **_vp_schedule_kept(cls, config, kwargs), **kwargs}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
