@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from _helpers import SD15_PNDM
-from diffusers import UniPCMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.utils import logging as diffusers_logging
 
 import fewstep
@@ -102,6 +102,9 @@ def test_a_momentum_sampler_that_dropped_a_solver_type_swaps_on(source, solver_t
     assert momentum.config.solver_type is None
     built = samplers.get(target).from_config(momentum.config)
     assert built.config.solver_type == samplers.get(target)().config.solver_type
+    # diffusers' own schedulers too (they do not go through fewstep's from_config, which drops such nulls)
+    for cls in (UniPCMultistepScheduler, DPMSolverMultistepScheduler):
+        assert cls.from_config(momentum.config).config.solver_type == cls().config.solver_type
 
 
 @pytest.mark.parametrize("base", ["plms", "dpm-solver++", "unipc"])

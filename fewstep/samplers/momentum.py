@@ -125,8 +125,9 @@ class FewstepHeavyBallScheduler(_MomentumMixin, FewstepScheduler):
         if solver_type not in allowed:
             # Configs copied from other schedulers carry their own solver_type: ignore what does not apply.
             if solver_type in DPM_SOLVER_TYPES + UNIPC_TYPES + ("logrho",):
-                # listed as a default value, so that a scheduler built from this config again (a swap back to
-                # DPM-Solver++ or UniPC) takes its own default instead of this None, which it would refuse
+                # listed as a default value, so that a scheduler built from this config in memory takes its own
+                # default instead of this None: fewstep's from_config drops such nulls anyway (a reloaded config has
+                # no default list), diffusers' UniPC/DPM-Solver would refuse them ("None is not implemented")
                 used = [k for k in self.config.get("_use_default_values", []) if k != "solver_type"]
                 self.register_to_config(solver_type=None, _use_default_values=[*used, "solver_type"])
             else:
