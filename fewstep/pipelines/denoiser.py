@@ -82,6 +82,7 @@ def _load_quantized(model: torch.nn.Module, quantized: Any, quant_mode: str | No
                 f"`quantized` is a quantized {type(quantized).__name__} but this pipeline's denoiser is a "
                 f"{type(model).__name__}"
             )
+        quant.refuse_peft_adapters(model, "`quantized` (a module)")
         fingerprint = quantized.fewstep_quant.get("fingerprint") if isinstance(quantized.fewstep_quant, dict) else None
         if fingerprint is not None:
             now = quant.model_fingerprint(model)

@@ -103,13 +103,22 @@ def static_pair(kind: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tens
     return x - sigma * out, x + alpha * out
 
 
+# host values a forward reads and a captured graph bakes in, by attribute name: peft's LoRA state (per-adapter
+# `scaling`, the active and the merged adapters, the disabled flag; `fuse_lora` merges in place, so the weights'
+# addresses stay) and FreeU's factors on a UNet's up blocks (`enable_freeu`/`disable_freeu`)
+_FORWARD_HOST_STATE = frozenset({"scaling", "_active_adapter", "merged_adapters", "_disable_adapters",
+                                 "s1", "s2", "b1", "b2"})
+
+
 def module_state_key(module: torch.nn.Module) -> tuple:
     """What a captured graph of ``module`` reads by address or bakes in, besides its inputs: the storage of every
-    parameter and buffer, the derived tensors and execution mode of each quantized layer, and the attention
-    processors. A module changed in place (another pipeline over the same quantized UNet switching its mode or
-    rebuilding its derived tensors, weights reloaded, a LoRA fused, processors swapped) gets a new key, so the step
-    is captured again instead of replaying kernels on freed or stale memory. Host metadata only (no sync); read once
-    per pipeline call."""
+    parameter and buffer, the derived tensors and execution mode of each quantized layer, the attention
+    processors, each module's train/eval mode and the host values its forward branches on or multiplies by
+    (``_FORWARD_HOST_STATE``: peft LoRA adapters and scales, FreeU). A module changed in place (another pipeline
+    over the same quantized UNet switching its mode or rebuilding its derived tensors, weights reloaded, a LoRA
+    fused, re-weighted or disabled, FreeU switched, processors swapped) gets a new key, so the step is captured
+    again instead of replaying kernels on freed or stale memory or with stale constants. Host metadata only (no
+    sync); read once per pipeline call."""
     if not isinstance(module, torch.nn.Module):
         return ()
     key: list = []
@@ -117,6 +126,10 @@ def module_state_key(module: torch.nn.Module) -> tuple:
         state = sub.__dict__
         key += [t.data_ptr() for t in state["_parameters"].values() if t is not None]
         key += [t.data_ptr() for t in state["_buffers"].values() if t is not None]
+        key.append(state["training"])
+        watched = state.keys() & _FORWARD_HOST_STATE
+        if watched:
+            key += [(name, kwargs_cache_key(state[name])) for name in sorted(watched)]
         derived = state.get("_derived")
         if derived is not None and "mode" in state:  # a fewstep QuantLayer
             key.append(state["mode"])

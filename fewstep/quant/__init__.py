@@ -34,13 +34,21 @@ from .modules import (
     set_mode,
 )
 from .policy import LayerTiming, choose_modes, compile_fresh, layer_macs, layer_signature, time_layer
-from .quantize import BOUNDARY_LAYERS, QuantConfig, find_skip_splits, quantizable_layers, quantize
+from .quantize import (
+    BOUNDARY_LAYERS,
+    QuantConfig,
+    find_skip_splits,
+    quantizable_layers,
+    quantize,
+    refuse_peft_adapters,
+)
 from .quantizers import FORMATS, METRICS, ActQParams, Histogram, search_act_range, weight_qparams
 
 __all__ = [
     "BOUNDARY_LAYERS",
     "CALIBRATION_METHODS", "CalibrationSet", "build_calibration_set", "ndtc_indices", "uniform_indices",
     "record_denoiser_inputs", "calibration_from_records", "QuantConfig", "quantize", "quantizable_layers",
+    "refuse_peft_adapters",
     "find_skip_splits",
     "QuantLayer", "MODES", "AUTO_MODE", "SETTABLE_MODES", "CONV_KERNELS", "quant_layers", "set_mode",
     "set_conv_kernel", "LayerTiming",

@@ -23,7 +23,7 @@ from torch import nn
 from .._checks import check_bool
 from .._io import atomic_write, first_missing_dir
 from .modules import MODES, SETTABLE_MODES, QuantLayer, quant_layers
-from .quantize import _set_submodule
+from .quantize import _set_submodule, refuse_peft_adapters
 from .quantizers import FORMATS, ActQParams, act_qparams_problem, weight_scale_problem
 
 #: the dtype each format stores its 8-bit weights in
@@ -264,6 +264,7 @@ def _check_model(meta: dict, model: nn.Module, model_id: str | None, strict: boo
     where = f"saved for model {meta.get('model_id')!r}"
     if model_id is not None and meta.get("model_id") not in (None, model_id):
         raise ValueError(f"quantization {where}, but `model_id` is {model_id!r}")
+    refuse_peft_adapters(model, f"quantization {where}")
     fp = model_fingerprint(model)
     modules = dict(model.named_modules())
     for name, layer in meta["layers"].items():

@@ -107,14 +107,53 @@ def _check_exclude(exclude: Iterable[str]) -> list[str]:
     return patterns
 
 
+def _is_peft_tuner_layer(m: nn.Module) -> bool:
+    """Whether ``m`` is a peft adapter wrapper (``BaseTunerLayer``: ``lora.Linear``, ``lora.Conv2d``, ... around a
+    ``base_layer``, with ``lora_A``/``lora_B``-style adapter dicts), recognised by its attributes without importing
+    peft (not a dependency of fewstep)."""
+    return isinstance(getattr(m, "base_layer", None), nn.Module) and (
+        isinstance(getattr(type(m), "adapter_layer_names", None), tuple)
+        or isinstance(getattr(m, "merged_adapters", None), list)
+    )
+
+
+def refuse_peft_adapters(model: nn.Module, what: str) -> None:
+    """Refuse to put ``what`` (a saved or in-memory quantization) on a ``model`` that carries peft adapter layers
+    (a LoRA from ``load_lora_weights`` / ``add_adapter``): the quantization was made from weights without them, and
+    its 8-bit layers cannot sit inside peft's wrappers."""
+    for name, m in model.named_modules():
+        if _is_peft_tuner_layer(m):
+            raise ValueError(
+                f"{what} cannot be put on this model: layer {name!r} is a peft {type(m).__name__} adapter layer (a "
+                "LoRA). A quantization fits the weights it was made from: merge and remove the LoRA "
+                "(pipe.fuse_lora(); pipe.unload_lora_weights()) and quantize that model again"
+            )
+
+
 def quantizable_layers(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
     """Name -> ``nn.Linear`` / ``nn.Conv2d`` of ``model`` not matched by an ``exclude`` pattern (a list, tuple or set of
     ``fnmatch`` patterns). A subclass with submodules or its own ``forward`` (an unfused LoRA layer, an
-    already-wrapped layer) is an error: replacing it by a plain 8-bit layer would drop what it adds."""
+    already-wrapped layer) is an error: replacing it by a plain 8-bit layer would drop what it adds. So is a peft
+    adapter wrapper (diffusers' ``load_lora_weights`` / ``add_adapter``; fused or not) with a layer not excluded:
+    quantizing its base layer and adapter factors would break peft's forward."""
     exclude = _check_exclude(exclude)
+
+    def excluded(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pat) for pat in exclude)
+
     found = {}
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) or any(fnmatch.fnmatch(name, pat) for pat in exclude):
+        if _is_peft_tuner_layer(m) and any(isinstance(sub, (nn.Linear, nn.Conv2d)) and not excluded(sub_name)
+                                           for sub_name, sub in m.named_modules(prefix=name)):
+            state = "fused but still wrapped" if getattr(m, "merged_adapters", None) else "unfused"
+            raise ValueError(
+                f"layer {name!r} is a peft {type(m).__name__} adapter layer ({state} LoRA, from load_lora_weights / "
+                "add_adapter): quantizing it would quantize the adapter factors and break peft's forward. Merge the "
+                "LoRA and remove the adapter layers first: pipe.fuse_lora(); pipe.unload_lora_weights() (on a model "
+                "alone: unet.fuse_lora(); unet.unload_lora(); fuse_lora alone keeps the adapter layers), then "
+                f"quantize; or leave the layer and its adapters in float with exclude=[{name + '.*'!r}]"
+            )
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or excluded(name):
             continue
         base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
         if type(m) is not base and (next(m.children(), None) is not None or type(m).forward is not base.forward):
