@@ -14,12 +14,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["prepare_denoiser", "check_compile", "check_denoiser_current", "COMPILE_MODES", "COMPILE_OPTIONS"]
+__all__ = ["prepare_denoiser", "check_compile", "check_denoiser_current", "unwrap_compiled", "COMPILE_MODES",
+           "COMPILE_OPTIONS"]
 
 #: ``torch.compile`` modes accepted by ``compile="<mode>"``
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: keys accepted in ``compile={...}`` (passed to ``torch.compile``)
 COMPILE_OPTIONS = ("mode", "backend", "fullgraph", "dynamic", "options")
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module a ``torch.compile`` wrapper runs (``pipe.unet = torch.compile(pipe.unet)``, diffusers' recipe,
+    gives an ``OptimizedModule`` holding it as ``_orig_mod``), else ``model`` itself: what the model *is*."""
+    if type(model).__name__ == "OptimizedModule":
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return model
 
 
 def check_compile(compile: bool | str | Mapping[str, Any] | None) -> dict | None:
@@ -44,11 +55,29 @@ def check_compile(compile: bool | str | Mapping[str, Any] | None) -> dict | None
             raise ValueError(f"`compile['mode']` must be one of {list(COMPILE_MODES)}, got {kw['mode']!r}")
         if "backend" in kw and not (isinstance(kw["backend"], str) or callable(kw["backend"])):
             raise ValueError(f"`compile['backend']` must be a backend name or callable, got {kw['backend']!r}")
+        if isinstance(kw.get("backend"), str):
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if kw["backend"] not in backends:
+                raise ValueError(f"`compile['backend']` must be one of torch's backends {backends} (or a callable), "
+                                 f"got {kw['backend']!r}")  # fmt: skip
         for flag in ("fullgraph", "dynamic"):
             if flag in kw and kw[flag] is not None and not isinstance(kw[flag], bool):
                 raise ValueError(f"`compile['{flag}']` must be a bool (or None for dynamic), got {kw[flag]!r}")
         if "options" in kw and not isinstance(kw["options"], Mapping):
             raise ValueError(f"`compile['options']` must be a dict, got {type(kw['options']).__name__}")
+        if isinstance(kw.get("options"), Mapping) and kw.get("backend", "inductor") == "inductor":
+            import difflib
+
+            import torch._inductor
+
+            known = set(torch._inductor.list_options())
+            for name in kw["options"]:
+                if name not in known:
+                    near = difflib.get_close_matches(str(name), sorted(known), n=3)
+                    raise ValueError(f"`compile['options']` has {name!r}, not an inductor option (all of them: "
+                                     f"torch._inductor.list_options()){'; did you mean ' + str(near) if near else ''}")
         if "mode" in kw and "options" in kw:
             raise ValueError("`compile` takes either 'mode' or 'options', not both (torch.compile's rule)")
         return kw
@@ -118,13 +147,27 @@ def prepare_denoiser(
     if quant_mode is not None and quantized is None:
         raise ValueError(f"`quant_mode`={quant_mode!r} needs `quantized` (a quantization directory or module)")
     kwargs = check_compile(compile)
+    if unwrap_compiled(model) is not model:
+        why = {"quantized": "its 8-bit copy would run uncompiled", "compile": "it would be compiled twice"}
+        given = [name for name, value in (("quantized", quantized), ("compile", kwargs)) if value is not None]
+        if given:
+            raise ValueError(
+                f"the pipeline's {type(unwrap_compiled(model)).__name__} is a torch.compile wrapper, and `{given[0]}` "
+                f"cannot go on it ({why[given[0]]}): give from_pipe the uncompiled module (pipe.unet = "
+                "pipe.unet._orig_mod, or pipe.transformer) and pass compile=... to from_pipe"
+            )
     module = model if quantized is None else _load_quantized(model, quantized, quant_mode)
     if quantized is not None:
         ref = next(model.parameters(), None)
         module.eval()
         if ref is not None:
             module.to(ref.device)  # a given module may live elsewhere; the pipeline's inputs are on ref's device
-    call = module if kwargs is None else torch.compile(module, **kwargs)
+    if kwargs is None:
+        return module, module
+    try:
+        call = torch.compile(module, **kwargs)
+    except RuntimeError as exc:  # inductor options checked by torch.compile (names, value types)
+        raise ValueError(f"`compile`={compile!r} was refused by torch.compile: {exc}") from None
     return module, call
 
 

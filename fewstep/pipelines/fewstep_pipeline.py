@@ -50,7 +50,7 @@ from .. import guidance as guidance_rules
 from .. import samplers
 from .._checks import check_bool, check_int, check_number
 from ..guidance import GuidanceRule
-from .denoiser import check_compile, check_denoiser_current, prepare_denoiser
+from .denoiser import check_compile, check_denoiser_current, prepare_denoiser, unwrap_compiled
 from .execution_device import ExecutionDevice
 from .flow_families import (
     FLOW_FAMILIES,
@@ -130,11 +130,12 @@ def _family(pipe: Any) -> str:
             break
     transformer = getattr(pipe, "transformer", None)
     if transformer is not None and hasattr(pipe, "encode_prompt"):
-        family = TRANSFORMER_FAMILIES.get(type(transformer).__name__)
+        family = TRANSFORMER_FAMILIES.get(type(unwrap_compiled(transformer)).__name__)
         if family is not None:
             return family
     unet = getattr(pipe, "unet", None)
-    if unet is None or type(unet).__name__ != "UNet2DConditionModel" or not hasattr(pipe, "encode_prompt"):
+    if (unet is None or type(unwrap_compiled(unet)).__name__ != "UNet2DConditionModel"
+            or not hasattr(pipe, "encode_prompt")):
         raise ValueError(
             f"FewstepPipeline.from_pipe supports SD 1.x/2.x and SDXL text-to-image pipelines (a UNet2DConditionModel "
             f"and encode_prompt), SD3 (SD3Transformer2DModel), Flux (FluxTransformer2DModel) and fewstep's "

@@ -126,7 +126,7 @@ def module_state_key(module: torch.nn.Module) -> tuple:
         state = sub.__dict__
         key += [t.data_ptr() for t in state["_parameters"].values() if t is not None]
         key += [t.data_ptr() for t in state["_buffers"].values() if t is not None]
-        key.append(state["training"])
+        key.append(state.get("training"))  # (a torch.compile wrapper forwards it to the module it holds)
         watched = state.keys() & _FORWARD_HOST_STATE
         if watched:
             key += [(name, kwargs_cache_key(state[name])) for name in sorted(watched)]

@@ -26,6 +26,7 @@ from ..guidance.posterior import InverseProblem, PosteriorMethod
 from ..solvers.grids import spacing_grid
 from ..solvers.parameterization import to_pair
 from ..solvers.schedules import VPSchedule, is_flow_config
+from .denoiser import unwrap_compiled
 from .grad_state import check_autograd_available, frozen_parameters
 from .loop_checks import check_generators
 
@@ -68,8 +69,8 @@ class PosteriorOutput:
 
 def _is_sd(pipe: Any) -> bool:
     unet = getattr(pipe, "unet", None)
-    return (unet is not None and type(unet).__name__ == "UNet2DConditionModel" and hasattr(pipe, "vae")
-            and hasattr(pipe, "encode_prompt"))
+    return (unet is not None and type(unwrap_compiled(unet)).__name__ == "UNet2DConditionModel"
+            and hasattr(pipe, "vae") and hasattr(pipe, "encode_prompt"))
 
 
 class _Prior:

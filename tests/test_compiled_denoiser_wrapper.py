@@ -1,0 +1,110 @@
+"""A pipeline whose denoiser the user wrapped with ``torch.compile`` (``pipe.unet = torch.compile(pipe.unet)``,
+diffusers' documented recipe) is hosted like the plain one (found by an interop probe: the family was read from
+the wrapper's class name, ``OptimizedModule``, and the pipeline refused as "not SD"); ``quantized=`` or
+``compile=`` on top of such a wrapper is refused naming the way out; and ``compile`` values that torch.compile
+itself refuses (unknown backend, inductor options) are ValueErrors naming ``compile``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import SD3_FLOW, SD15_PNDM
+from diffusers import FlowMatchEulerDiscreteScheduler, PNDMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+from test_fewstep_pipeline import _unet, _vae
+from test_fewstep_pipeline_flow import _sd3_transformer
+from test_fewstep_pipeline_flow import _vae as _flow_vae
+
+from fewstep.pipelines import FewstepPipeline
+from fewstep.pipelines.posterior import _is_sd
+
+
+def _sd() -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=None, tokenizer=None, unet=_unet(), scheduler=PNDMScheduler.from_config(SD15_PNDM),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sd3() -> StableDiffusion3Pipeline:
+    torch.manual_seed(0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW),
+        vae=_flow_vae(4), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _embeds(pooled: bool = False) -> dict:
+    g = torch.Generator().manual_seed(3)
+    kw = {"prompt_embeds": torch.randn(1, 5, 16, generator=g),
+          "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}  # fmt: skip
+    if pooled:
+        kw.update(pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 8, generator=g))  # fmt: skip
+    return kw
+
+
+def _images(fp: FewstepPipeline, mode: str = "eager", **kw) -> np.ndarray:
+    fp._loop_mode = mode
+    return fp(**kw, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(1)).images
+
+
+def test_a_torch_compile_wrapped_unet_is_hosted_and_runs_through_the_wrapper():
+    plain, wrapped = _sd(), _sd()
+    calls = []
+
+    def backend(gm, example_inputs):  # torch.compile's custom-backend contract: count compiles, run eagerly
+        calls.append(1)
+        return gm.forward
+
+    wrapped.unet = torch.compile(wrapped.unet, backend=backend)
+    assert type(wrapped.unet).__name__ == "OptimizedModule"
+    assert FewstepPipeline.family_of(wrapped) == "sd" and _is_sd(wrapped)
+    fp_plain = FewstepPipeline.from_pipe(plain, scheduler="dpm-solver++", guidance="cfg", guidance_scale=4.0)
+    fp = FewstepPipeline.from_pipe(wrapped, scheduler="dpm-solver++", guidance="cfg", guidance_scale=4.0)
+    reference = _images(fp_plain, **_embeds())
+    np.testing.assert_allclose(_images(fp, **_embeds()), reference, atol=1e-6)  # same weights, same loop
+    assert calls  # the loop called the user's compiled wrapper, not the module inside it
+    np.testing.assert_allclose(_images(fp, "static", **_embeds()), reference, atol=1e-6)
+
+
+def test_a_torch_compile_wrapped_sd3_transformer_is_hosted():
+    plain, wrapped = _sd3(), _sd3()
+    wrapped.transformer = torch.compile(wrapped.transformer, backend="eager")
+    assert FewstepPipeline.family_of(wrapped) == "sd3"
+    fp_plain = FewstepPipeline.from_pipe(plain, scheduler="flow-euler", guidance="cfg", guidance_scale=4.0)
+    fp = FewstepPipeline.from_pipe(wrapped, scheduler="flow-euler", guidance="cfg", guidance_scale=4.0)
+    np.testing.assert_allclose(_images(fp, **_embeds(True)), _images(fp_plain, **_embeds(True)), atol=1e-6)
+
+
+@pytest.mark.parametrize("option, why", [
+    ({"quantized": "some-dir"}, "its 8-bit copy would run uncompiled"),
+    ({"compile": True}, "it would be compiled twice"),
+])
+def test_quantized_or_compile_on_a_compile_wrapper_is_refused(option, why):
+    sd = _sd()
+    sd.unet = torch.compile(sd.unet, backend="eager")
+    with pytest.raises(ValueError, match=rf"the pipeline's UNet2DConditionModel is a torch.compile wrapper, and "
+                                         rf"`{list(option)[0]}` cannot go on it \({why}\): give from_pipe the "
+                                         r"uncompiled module \(pipe.unet = pipe.unet._orig_mod"):
+        FewstepPipeline.from_pipe(sd, scheduler="ddim", **option)
+
+
+@pytest.mark.parametrize("compile, message", [
+    ({"backend": "nosuchbackend"}, r"`compile\['backend'\]` must be one of torch's backends \[.*'eager'.*\] \(or a "
+                                   r"callable\), got 'nosuchbackend'"),
+    ({"options": {"no_such_inductor_option": 1}},
+     r"`compile\['options'\]` has 'no_such_inductor_option', not an inductor option \(all of them: "
+     r"torch._inductor.list_options\(\)\)$"),
+    ({"options": {"max_autotun": True}}, r"not an inductor option .*; did you mean \['max_autotune'"),
+    ({"options": {"max_autotune": "x"}}, r"`compile`=.*was refused by torch.compile: .*max_autotune.*bool"),
+])
+def test_compile_values_torch_refuses_name_the_argument(compile, message):
+    with pytest.raises(ValueError, match=message):
+        FewstepPipeline.from_pipe(_sd(), scheduler="ddim", compile=compile)
