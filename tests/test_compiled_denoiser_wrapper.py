@@ -108,3 +108,15 @@ def test_quantized_or_compile_on_a_compile_wrapper_is_refused(option, why):
 def test_compile_values_torch_refuses_name_the_argument(compile, message):
     with pytest.raises(ValueError, match=message):
         FewstepPipeline.from_pipe(_sd(), scheduler="ddim", compile=compile)
+
+
+def test_quantized_on_an_offloaded_denoiser_is_refused_by_name():
+    """accelerate's cpu_offload leaves the weights on the meta device: the quantization's weight check failed with
+    torch's "Cannot copy out of meta tensor" (found by the interop probe)."""
+    accelerate = pytest.importorskip("accelerate")
+    sd = _sd()
+    accelerate.cpu_offload(sd.unet, execution_device=torch.device("cpu"))
+    assert any(p.is_meta for p in sd.unet.parameters())
+    with pytest.raises(ValueError, match=r"`quantized` needs the pipeline's denoiser weights .* offloaded \(on the "
+                                         r"meta device"):
+        FewstepPipeline.from_pipe(sd, scheduler="ddim", quantized="any-dir")

@@ -156,6 +156,12 @@ def prepare_denoiser(
                 f"cannot go on it ({why[given[0]]}): give from_pipe the uncompiled module (pipe.unet = "
                 "pipe.unet._orig_mod, or pipe.transformer) and pass compile=... to from_pipe"
             )
+    if quantized is not None and any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "`quantized` needs the pipeline's denoiser weights to check the quantization against, but they are "
+            "offloaded (on the meta device: accelerate's cpu_offload / sequential offload); put the 8-bit denoiser "
+            "on a pipeline that is not offloaded"
+        )
     module = model if quantized is None else _load_quantized(model, quantized, quant_mode)
     if quantized is not None:
         ref = next(model.parameters(), None)
