@@ -392,6 +392,29 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self.pipe.set_progress_bar_config(**kwargs)
 
+    # the DiffusionPipeline conveniences a diffusers user reaches for on the pipeline in hand
+    def to(self, *args: Any, **kwargs: Any) -> FewstepPipeline:
+        """``DiffusionPipeline.to`` on the hosted pipeline (its components, the quantized denoiser included);
+        returns this wrapper, so ``fp = fp.to("cuda")`` keeps the fewstep loop."""
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """The hosted pipeline's device (``DiffusionPipeline.device``)."""
+        return self.pipe.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The hosted pipeline's dtype (``DiffusionPipeline.dtype``)."""
+        return self.pipe.dtype
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The hosted pipeline's components (``DiffusionPipeline.components``: the fewstep scheduler, and the
+        quantized denoiser where there is one)."""
+        return self.pipe.components
+
     def _check_model_kwargs(self, clip_skip: Any, cross_attention_kwargs: Any, joint_attention_kwargs: Any
                             ) -> dict[str, Any] | None:
         """Validate diffusers' ``clip_skip`` / ``cross_attention_kwargs`` / ``joint_attention_kwargs`` for this

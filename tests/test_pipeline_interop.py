@@ -1,8 +1,9 @@
-"""A pipeline whose denoiser the user wrapped with ``torch.compile`` (``pipe.unet = torch.compile(pipe.unet)``,
-diffusers' documented recipe) is hosted like the plain one (found by an interop probe: the family was read from
-the wrapper's class name, ``OptimizedModule``, and the pipeline refused as "not SD"); ``quantized=`` or
-``compile=`` on top of such a wrapper is refused naming the way out; and ``compile`` values that torch.compile
-itself refuses (unknown backend, inductor options) are ValueErrors naming ``compile``."""
+"""FewstepPipeline among diffusers' own habits (found by an interop probe): a denoiser the user wrapped with
+``torch.compile`` (``pipe.unet = torch.compile(pipe.unet)``, diffusers' recipe) is hosted like the plain one (the
+family was read from the wrapper's class name, ``OptimizedModule``, and the pipeline refused as "not SD");
+``quantized=`` or ``compile=`` on top of such a wrapper, or ``quantized=`` on an offloaded denoiser, is refused
+naming the way out; ``compile`` values torch.compile itself refuses (unknown backend, inductor options) are
+ValueErrors naming ``compile``; the wrapper answers ``to``/``device``/``dtype``/``components``."""
 
 from __future__ import annotations
 
@@ -120,3 +121,16 @@ def test_quantized_on_an_offloaded_denoiser_is_refused_by_name():
     with pytest.raises(ValueError, match=r"`quantized` needs the pipeline's denoiser weights .* offloaded \(on the "
                                          r"meta device"):
         FewstepPipeline.from_pipe(sd, scheduler="ddim", quantized="any-dir")
+
+
+def test_the_wrapper_answers_to_device_dtype_and_components_as_a_diffusers_pipeline():
+    """``fp.to``/``fp.device``/``fp.dtype``/``fp.components`` raised AttributeError (interop probe); ``to`` returns
+    the wrapper (``fp = fp.to(...)`` keeps the fewstep loop) and moves the hosted modules."""
+    sd = _sd()
+    fp = FewstepPipeline.from_pipe(sd, scheduler="unipc", guidance="cfg", guidance_scale=4.0)
+    assert fp.device == torch.device("cpu") and fp.dtype == torch.float32
+    components = fp.components
+    assert components["unet"] is sd.unet and type(components["scheduler"]).__name__ == "FewstepUniPCScheduler"
+    assert fp.to(torch.float64) is fp
+    assert fp.dtype == torch.float64 and sd.unet.dtype == torch.float64 and sd.vae.dtype == torch.float64
+    assert _images(fp, **{k: v.double() for k, v in _embeds().items()}).dtype == np.float32  # runs in float64
