@@ -12,25 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import SD15_PNDM
-from diffusers import PNDMScheduler, StableDiffusionPipeline
-from test_fewstep_pipeline import _unet, _vae
+from test_fewstep_pipeline import _unet
+from test_pipeline_interop import _sd
 
 from fewstep import quant
 from fewstep.pipelines import FewstepPipeline
 
 # two adapters on one UNet (as diffusers' load_lora_weights does for a second LoRA): peft's notice, expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
-
-
-def _sd() -> StableDiffusionPipeline:
-    torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=None, tokenizer=None, unet=_unet(), scheduler=PNDMScheduler.from_config(SD15_PNDM),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _embeds() -> dict:
