@@ -413,12 +413,21 @@ def test_joint_attention_kwargs_reach_the_transformer_and_cross_attention_kwargs
         handle = pipe.transformer.register_forward_hook(
             lambda m, args, kwargs, out, seen=seen: seen.append(kwargs.get("joint_attention_kwargs")),
             with_kwargs=True)
+        encode, scales = fp.pipe.encode_prompt, []
+
+        def spy(*args, encode=encode, scales=scales, **kwargs):  # the stock pipelines pass the LoRA scale too
+            scales.append(kwargs.get("lora_scale"))
+            return encode(*args, **kwargs)
+
+        fp.pipe.encode_prompt = spy
         try:
             fp(**_embeds(), height=SIZE, width=SIZE, num_inference_steps=2, output_type="latent",
-               joint_attention_kwargs={"scale": 1.0})  # fmt: skip
+               joint_attention_kwargs={"scale": 0.7})  # fmt: skip
         finally:
             handle.remove()
-        assert seen and all(k == {"scale": 1.0} for k in seen), seen
+            del fp.pipe.encode_prompt
+        assert seen and all(k == {"scale": 0.7} for k in seen), seen
+        assert scales and all(v == 0.7 for v in scales), scales
         with pytest.raises(ValueError, match="`cross_attention_kwargs` is for UNet pipelines; .* takes "
                                              "`joint_attention_kwargs`"):
             fp(**_embeds(), height=SIZE, width=SIZE, num_inference_steps=1, cross_attention_kwargs={"scale": 1.0})
