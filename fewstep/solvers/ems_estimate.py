@@ -49,6 +49,10 @@ TIME_DERIVATIVES = ("jvp", "difference")
 #: the running sums kept per grid point and element
 SUM_KEYS = ("jdiag", "u", "y", "w", "uu", "uy", "yy", "uw", "yw")
 _CHECKPOINT_FORMAT = "fewstep.ems.checkpoint"
+#: the estimator's numerics, recorded in a checkpoint's settings: a checkpoint from an estimator that computed
+#: differently is refused, not resumed into a table mixing the two (2: the second-order end rule of the
+#: ``"difference"`` time derivative; checkpoints before it record none). Bump it when the estimates change.
+ESTIMATOR_VERSION = 2
 #: a per-element variance of f below this (relative to the moments it is computed from) is zero: s = 0, b = E f'
 _VAR_FLOOR = 1e-9
 
@@ -360,7 +364,8 @@ def estimate_ems(
                 "probes": probes, "seed": seed, "time_derivative": time_derivative,
                 "lambda_range": [float(lambdas[0]), float(lambdas[-1])], "sample_shape": list(sample_shape),
                 # what a checkpoint must have been computed on: these data and (when the caller says) this model
-                "data_digest": tensor_digest(data), "model_digest": (meta or {}).get("model_digest")}
+                "data_digest": tensor_digest(data), "model_digest": (meta or {}).get("model_digest"),
+                "estimator_version": ESTIMATOR_VERSION}
     acc = None
     if checkpoint is not None and Path(checkpoint).is_file():
         acc = EMSAccumulator.load(checkpoint)
