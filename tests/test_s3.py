@@ -1074,7 +1074,8 @@ def test_schedule_file_errors_name_the_file(tmp_path):
         ("extra.json", {"foo": 1}, r"unknown solver schedule keys \['foo'\]; allowed: \['afs', 'afs_mean', "),
         ("fnal.json", {"fnal": 3.0}, r"unknown solver schedule keys \['fnal'\]"),
         ("order.json", {"decisions": [{}, {"order": "2"}]}, r"step 1: `order` must be an integer in \[1, 5\], got '2'"),
-        ("version.json", {"version": 2}, r"schedule format version 2 is not supported"),
+        ("version.json", {"version": 2}, r"schedule format version 2 is not supported \(this fewstep reads 1\): "
+                                         r"search the schedule again with this fewstep \(`fewstep search"),
         ("nan.json", {"timesteps": [900.0, float("nan")]}, r"`timesteps` must be finite \(no NaN/Inf\)"),
         ("metadata.json", {"metadata": [1]}, r"`metadata` must be a JSON object, got \[1\]"),
         ("fewer.json", {"decisions": [{}]}, r"need one decision per timestep: 2 timesteps, 1 decisions"),

@@ -271,7 +271,9 @@ class SolverSchedule:
         version = data.get("version", SCHEDULE_VERSION)
         if isinstance(version, bool) or version != SCHEDULE_VERSION:  # (True == 1 in Python)
             raise ValueError(
-                f"schedule format version {version!r} is not supported (this fewstep reads {SCHEDULE_VERSION})"
+                f"schedule format version {version!r} is not supported (this fewstep reads {SCHEDULE_VERSION}): "
+                "search the schedule again with this fewstep (`fewstep search --model MODEL --nfe N --out FILE`), "
+                "or use the fewstep that wrote it"
             )
         meta = data.get("metadata") or {}
         if not isinstance(meta, Mapping):
