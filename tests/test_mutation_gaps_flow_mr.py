@@ -24,11 +24,11 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     ModelMixin,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from diffusers.configuration_utils import register_to_config
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from test_fewstep_pipeline_flow import _sd3_transformer
 
 from fewstep.pipelines import FewstepPipeline
 from fewstep.pipelines.execution_device import ExecutionDevice
@@ -42,14 +42,6 @@ def _vae(blocks: int = 1) -> AutoencoderKL:
         in_channels=3, out_channels=3, block_out_channels=(8,) * blocks, layers_per_block=1, latent_channels=4,
         norm_num_groups=4, sample_size=SIZE, down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks, shift_factor=0.1, scaling_factor=1.5,
-    )  # fmt: skip
-
-
-def _sd3_transformer() -> SD3Transformer2DModel:
-    return SD3Transformer2DModel(
-        sample_size=SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
-        pos_embed_max_size=16,
     )  # fmt: skip
 
 

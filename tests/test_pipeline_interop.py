@@ -15,6 +15,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, PNDMScheduler, StableDiff
 from test_fewstep_pipeline import _unet, _vae
 from test_fewstep_pipeline_flow import _sd3_transformer
 from test_fewstep_pipeline_flow import _vae as _flow_vae
+from test_hub_configs import _embeds
 
 from fewstep.pipelines import FewstepPipeline
 from fewstep.pipelines.posterior import _is_sd
@@ -39,16 +40,6 @@ def _sd3() -> StableDiffusion3Pipeline:
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _embeds(pooled: bool = False) -> dict:
-    g = torch.Generator().manual_seed(3)
-    kw = {"prompt_embeds": torch.randn(1, 5, 16, generator=g),
-          "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}  # fmt: skip
-    if pooled:
-        kw.update(pooled_prompt_embeds=torch.randn(1, 8, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(1, 8, generator=g))  # fmt: skip
-    return kw
 
 
 def _images(fp: FewstepPipeline, mode: str = "eager", **kw) -> np.ndarray:
