@@ -280,7 +280,8 @@ def test_search_state_files_that_are_not_states_are_clear_errors(analytic_object
 
     space = SearchSpace(analytic_objective.noise_schedule, 4)
     for text, match in (("{", "is not a readable JSON state file"), ("[1, 2]", "is not a fewstep search state"),
-                        ('{"version": 2, "rng": {}}', "is not a fewstep search state"),
+                        ('{"version": 2, "rng": {}}', r"has state format version 2 \(this fewstep reads 3: another "
+                                                      r"fewstep wrote it\), so it cannot be resumed; delete it"),
                         ('{"nfe": 4, "evaluated": []}', "is not a fewstep search state")):
         bad = tmp_path / "bad.json"
         bad.write_text(text)

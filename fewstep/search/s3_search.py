@@ -463,6 +463,11 @@ def _load_state(state: Path, identity: dict) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"search state {str(state)!r} is not a readable JSON state file ({exc}); delete it or pass "
                          "another --state") from None
+    version = data.get("version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version != STATE_VERSION:
+        raise ValueError(f"search state {str(state)!r} has state format version {version} (this fewstep reads "
+                         f"{STATE_VERSION}: another fewstep wrote it), so it cannot be resumed; delete it or pass "
+                         "another --state to start the search over")  # fmt: skip
     if not isinstance(data, dict) or data.get("version") != STATE_VERSION or not isinstance(
             data.get("evaluated"), list) or not isinstance(data.get("rng"), dict):
         raise ValueError(f"search state {str(state)!r} is not a fewstep search state (version {STATE_VERSION}: "
