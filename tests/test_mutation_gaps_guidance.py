@@ -284,19 +284,13 @@ def test_sd_runs_the_unconditional_branch_exactly_where_diffusers_does(scale, re
     """diffusers' ``do_classifier_free_guidance`` is ``guidance_scale > 1``: at 1 (and below) the UNet sees the
     conditional batch alone, ``guidance_rescale`` or not. Same UNet batch sizes and latents as
     ``StableDiffusionPipeline`` with the same scheduler."""
-    from _helpers import SD15_PNDM
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from test_fewstep_pipeline import _unet, _vae
+    from diffusers import StableDiffusionPipeline
+    from test_pipeline_interop import _sd
 
     from fewstep import samplers
     from fewstep.pipelines import FewstepPipeline
 
-    torch.manual_seed(0)
-    base = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=None, tokenizer=None, unet=_unet(), scheduler=PNDMScheduler.from_config(SD15_PNDM),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    base.set_progress_bar_config(disable=True)
+    base = _sd()
     g = torch.Generator().manual_seed(4)
     embeds = {"prompt_embeds": torch.randn(1, 5, 16, generator=g), "negative_prompt_embeds": torch.randn(1, 5, 16,
                                                                                                           generator=g)}
