@@ -147,12 +147,13 @@ def prepare_denoiser(
     if quant_mode is not None and quantized is None:
         raise ValueError(f"`quant_mode`={quant_mode!r} needs `quantized` (a quantization directory or module)")
     kwargs = check_compile(compile)
-    if unwrap_compiled(model) is not model:
+    inner = unwrap_compiled(model)
+    if inner is not model:
         why = {"quantized": "its 8-bit copy would run uncompiled", "compile": "it would be compiled twice"}
         given = [name for name, value in (("quantized", quantized), ("compile", kwargs)) if value is not None]
         if given:
             raise ValueError(
-                f"the pipeline's {type(unwrap_compiled(model)).__name__} is a torch.compile wrapper, and `{given[0]}` "
+                f"the pipeline's {type(inner).__name__} is a torch.compile wrapper, and `{given[0]}` "
                 f"cannot go on it ({why[given[0]]}): give from_pipe the uncompiled module (pipe.unet = "
                 "pipe.unet._orig_mod, or pipe.transformer) and pass compile=... to from_pipe"
             )
