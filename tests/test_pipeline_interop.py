@@ -125,3 +125,65 @@ def test_the_wrapper_answers_to_device_dtype_and_components_as_a_diffusers_pipel
     assert fp.to(torch.float64) is fp
     assert fp.dtype == torch.float64 and sd.unet.dtype == torch.float64 and sd.vae.dtype == torch.float64
     assert _images(fp, **{k: v.double() for k, v in _embeds().items()}).dtype == np.float32  # runs in float64
+
+
+def test_the_wrapper_forwards_what_it_lacks_to_the_hosted_pipeline():
+    """A diffusers user reaches for ``fp.vae``, ``fp.enable_freeu()``, ``fp.scheduler = ...`` on the pipeline in
+    hand: these raised AttributeError (or set a wrapper attribute the loop never read)."""
+    sd = _sd()
+    fp = FewstepPipeline.from_pipe(sd, scheduler="ddim", guidance="cfg", guidance_scale=4.0)
+    assert fp.vae is sd.vae and fp.unet is sd.unet and fp.config is fp.pipe.config
+    assert fp.encode_prompt.__self__ is fp.pipe and fp.vae_scale_factor == sd.vae_scale_factor
+    assert "enable_attention_slicing" in dir(fp) and "denoiser" in dir(fp)
+    with pytest.raises(AttributeError, match=r"no attribute 'transformer', nor has the StableDiffusionPipeline"):
+        fp.transformer  # noqa: B018
+    with pytest.raises(AttributeError, match=r"no attribute '_guidance_rescale'"):
+        fp._guidance_rescale  # noqa: B018 (private names are not forwarded)
+    fp.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    assert fp.pipe.unet.up_blocks[0].s1 == 0.9
+    fp.disable_freeu()
+    # assigning a component replaces it in the hosted pipeline (and its config), which the loop reads
+    other = FewstepPipeline.from_pipe(sd, scheduler="unipc").scheduler
+    fp.scheduler = other
+    assert fp.pipe.scheduler is other and "scheduler" not in vars(fp)
+    assert fp.pipe.config["scheduler"][1] == "FewstepUniPCScheduler"
+    ref = FewstepPipeline.from_pipe(sd, scheduler=other, guidance="cfg", guidance_scale=4.0)
+    np.testing.assert_array_equal(_images(fp, **_embeds()), _images(ref, **_embeds()))
+    fp.guidance_note = "kept on the wrapper"  # not a component name: the wrapper's own attribute
+    assert vars(fp)["guidance_note"] == "kept on the wrapper" and not hasattr(fp.pipe, "guidance_note")
+
+
+def test_from_pipe_of_a_wrapper_hosts_its_pipeline():
+    """``FewstepPipeline.from_pipe(fp, ...)`` (diffusers' from_pipe takes any pipeline) was refused as not SD; now it
+    wraps the hosted pipeline again, with the wrapper's scheduler unless another is named."""
+    sd = _sd()
+    fp = FewstepPipeline.from_pipe(sd, scheduler="dpm-solver++", guidance="cfg", guidance_scale=4.0)
+    again = FewstepPipeline.from_pipe(fp, guidance="cfg", guidance_scale=4.0)
+    assert again.scheduler is fp.scheduler and again.unet is sd.unet
+    np.testing.assert_array_equal(_images(again, **_embeds()), _images(fp, **_embeds()))
+    assert type(FewstepPipeline.from_pipe(fp, scheduler="unipc").scheduler).__name__ == "FewstepUniPCScheduler"
+
+
+def test_save_pretrained_writes_the_hosted_pipeline_and_refuses_a_quantized_denoiser(tmp_path):
+    """``fp.save_pretrained`` saves what ``fp.pipe.save_pretrained`` saves (reloaded with the fewstep scheduler);
+    with a quantized UNet diffusers would write 8-bit layers that reload as random weights: refused, naming
+    ``save_quantized``."""
+    from fewstep import quant
+
+    sd = _sd()
+    fp = FewstepPipeline.from_pipe(sd, scheduler="unipc", guidance="cfg", guidance_scale=4.0)
+    fp.save_pretrained(tmp_path / "full")
+    back = StableDiffusionPipeline.from_pretrained(tmp_path / "full", safety_checker=None, text_encoder=None,
+                                                   tokenizer=None, feature_extractor=None, image_encoder=None)
+    assert type(back.scheduler).__name__ == "FewstepUniPCScheduler"
+    reloaded = FewstepPipeline.from_pipe(back, guidance="cfg", guidance_scale=4.0)
+    # the same weights, reloaded: float rounding at most
+    np.testing.assert_allclose(_images(reloaded, **_embeds()), _images(fp, **_embeds()), atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    calibration = quant.CalibrationSet(torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([100, 900]),
+                                       encoder_hidden_states=torch.randn(2, 5, 16, generator=gen))
+    qunet = quant.quantize(sd.unet, calibration, quant.QuantConfig(act_grid=5, weight_grid=5, bins=16))
+    qfp = FewstepPipeline.from_pipe(sd, scheduler="ddim", quantized=qunet)
+    with pytest.raises(ValueError, match=r"its unet is quantized.*save_quantized\(fp\.pipe\.unet, DIR\)"):
+        qfp.save_pretrained(tmp_path / "quantized")
+    assert not (tmp_path / "quantized").exists()

@@ -147,6 +147,11 @@ def _family(pipe: Any) -> str:
 
 
 
+def _component_names(pipe: Any) -> Collection[str]:
+    """The names a diffusers pipeline registers as components (its config keys, without the private ones)."""
+    config = getattr(pipe, "config", None)
+    return [k for k in config.keys() if not k.startswith("_")] if isinstance(config, Mapping) else ()
+
 
 class FewstepPipeline(StaticLoop, FlowFamilies):
     """A fewstep denoising loop around a diffusers SD/SDXL/SD3/Flux pipeline or a ``ClassConditionalPipeline``
@@ -256,7 +261,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         compile: bool | str | Mapping[str, Any] | None = False,
         cuda_graph: bool = False,
     ) -> FewstepPipeline:
-        """Wrap ``pipe`` without copying weights.
+        """Wrap ``pipe`` without copying weights. ``pipe`` may be another ``FewstepPipeline``: its hosted pipeline
+        (scheduler, quantized denoiser) is wrapped anew; its ``compile`` and ``cuda_graph`` settings are not carried.
 
         ``scheduler``: a fewstep sampler name (built ``from_config(pipe.scheduler.config)``), a scheduler
         object, or ``None`` to keep ``pipe``'s. A new one gets the config fixes ``StableDiffusionPipeline`` gives the
@@ -289,6 +295,8 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                 f"`compile`={compile!r} captures CUDA graphs itself (modes 'reduce-overhead' and 'max-autotune', "
                 "option triton.cudagraphs); with cuda_graph=True use 'max-autotune-no-cudagraphs' or 'default'"
             )
+        if isinstance(pipe, FewstepPipeline):  # another wrapper: host its pipeline (scheduler, quantized denoiser)
+            pipe = pipe.pipe
         family = _family(pipe)
         pipe = text_to_image_base(pipe, family)
         flow = family in FLOW_FAMILIES
@@ -414,6 +422,55 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         """The hosted pipeline's components (``DiffusionPipeline.components``: the fewstep scheduler, and the
         quantized denoiser where there is one)."""
         return self.pipe.components
+
+    def __getattr__(self, name: str) -> Any:
+        """What the wrapper does not define is read from the hosted pipeline, as on the diffusers pipeline in hand:
+        its components (``fp.vae``, ``fp.unet``, ``fp.tokenizer``), ``config``, ``encode_prompt`` and the
+        pipeline-wide switches (``fp.enable_model_cpu_offload()``, ``fp.enable_attention_slicing()``,
+        ``fp.load_lora_weights(...)``, ``fp.enable_freeu(...)``). Private names are not forwarded."""
+        pipe = self.__dict__.get("pipe")
+        if pipe is None or name.startswith("_"):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")
+        try:
+            return getattr(pipe, name)
+        except AttributeError:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}, nor has the "
+                                 f"{type(pipe).__name__} it hosts") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assigning one of the hosted pipeline's components (``fp.scheduler = ...``, ``fp.unet = ...``) replaces it
+        there, as on a diffusers pipeline (the next call checks it as it checks ``fp.pipe.scheduler = ...``);
+        other names are the wrapper's own attributes."""
+        pipe = self.__dict__.get("pipe")
+        if pipe is not None and name != "pipe" and name in _component_names(pipe):
+            setattr(pipe, name, value)
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        pipe = self.__dict__.get("pipe")
+        forwarded = {n for n in dir(pipe) if not n.startswith("_")} if pipe is not None else set()
+        return sorted(set(super().__dir__()) | forwarded)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """``DiffusionPipeline.save_pretrained`` of the hosted pipeline: its components with the fewstep
+        scheduler's config (``DiffusionPipeline.from_pretrained`` reloads it after ``import fewstep.pipelines``).
+        Refused while the denoiser is quantized: diffusers would write the 8-bit layers under names its model
+        classes do not know, and reloading would give random weights. Save the quantization with
+        ``fewstep.quant.save_quantized``, the base pipeline with its own ``save_pretrained``, and rebuild with
+        ``FewstepPipeline.from_pipe(pipe, quantized=DIR)``."""
+        from ..quant import quant_layers
+
+        model = self._model
+        if isinstance(model, torch.nn.Module) and quant_layers(unwrap_compiled(model)):
+            raise ValueError(
+                f"save_pretrained cannot write this pipeline: its {'transformer' if self.is_flow else 'unet'} is "
+                f"quantized, and diffusers would reload it with random weights. Write the quantization with "
+                f"fewstep.quant.save_quantized(fp.pipe.{'transformer' if self.is_flow else 'unet'}, DIR) and the "
+                f"full-precision pipeline with its own save_pretrained, then rebuild with "
+                f"FewstepPipeline.from_pipe(pipe, quantized=DIR)"
+            )
+        self.pipe.save_pretrained(save_directory, **kwargs)
 
     def _check_model_kwargs(self, clip_skip: Any, cross_attention_kwargs: Any, joint_attention_kwargs: Any
                             ) -> dict[str, Any] | None:
