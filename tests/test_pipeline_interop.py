@@ -184,6 +184,31 @@ def test_save_pretrained_writes_the_hosted_pipeline_and_refuses_a_quantized_deno
                                        encoder_hidden_states=torch.randn(2, 5, 16, generator=gen))
     qunet = quant.quantize(sd.unet, calibration, quant.QuantConfig(act_grid=5, weight_grid=5, bins=16))
     qfp = FewstepPipeline.from_pipe(sd, scheduler="ddim", quantized=qunet)
-    with pytest.raises(ValueError, match=r"its unet is quantized.*save_quantized\(fp\.pipe\.unet, DIR\)"):
+    with pytest.raises(ValueError, match=r"its unet is quantized.*save_quantized\(<pipeline>\.unet, DIR\)"):
         qfp.save_pretrained(tmp_path / "quantized")
     assert not (tmp_path / "quantized").exists()
+
+
+def test_class_conditional_save_pretrained_refuses_a_quantized_unet(tmp_path):
+    """``ClassConditionalPipeline.from_pipe(pipe, quantized=q).save_pretrained`` wrote the 8-bit layers under names
+    ``UNet2DModel`` does not know: reloaded, the UNet had random weights (NaN outputs on the digits model)."""
+    from test_guided_pipeline import DDPM, _pipe
+    from test_guided_pipeline import _unet as _class_unet
+
+    from fewstep import quant
+    from fewstep.pipelines import ClassConditionalPipeline
+
+    base = _pipe(_class_unet(), "ddim", DDPM)
+    gen = torch.Generator().manual_seed(0)
+    calibration = quant.CalibrationSet(torch.randn(2, 1, 8, 8, generator=gen), torch.tensor([100, 900]),
+                                       class_labels=torch.tensor([1, 10]))
+    q = ClassConditionalPipeline.from_pipe(
+        base, quantized=quant.quantize(base.unet, calibration, quant.QuantConfig(act_grid=5, weight_grid=5, bins=16)))
+    with pytest.raises(ValueError, match=r"its unet is quantized"):
+        q.save_pretrained(tmp_path / "q")
+    with pytest.raises(ValueError, match=r"its unet is quantized"):
+        FewstepPipeline.from_pipe(q, guidance="cfg").save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    base.save_pretrained(tmp_path / "full")  # full precision: saved and reloaded as diffusers does
+    back = ClassConditionalPipeline.from_pretrained(tmp_path / "full")
+    assert all(torch.equal(a, b) for a, b in zip(back.unet.state_dict().values(), base.unet.state_dict().values()))

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .. import guidance as guidance_rules
 from .._checks import check_int, check_number
 from ..guidance import GuidanceRule
-from .denoiser import check_denoiser_current, prepare_denoiser
+from .denoiser import check_denoiser_current, check_savable, prepare_denoiser
 from .sharing import share_modules
 
 __all__ = ["ClassConditionalPipeline", "OUTPUT_TYPES"]
@@ -80,6 +80,12 @@ class ClassConditionalPipeline(DiffusionPipeline):
         new._denoiser = None if call is module else call
         new._denoiser_for = module
         return new
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """``DiffusionPipeline.save_pretrained``, refused while the UNet is quantized (``check_savable``: it would
+        reload with random weights; save the quantization with ``fewstep.quant.save_quantized``)."""
+        check_savable(self.unet, "unet")
+        super().save_pretrained(save_directory, **kwargs)
 
     # what diffusers callbacks read (set per call by the denoising loop)
     @property

@@ -186,3 +186,19 @@ def check_denoiser_current(module: Any, compiled_from: Any) -> None:
             f"the pipeline's {type(module).__name__} was replaced after `compile=` compiled the previous one, which "
             "would still run; build the pipeline again with from_pipe(..., compile=...) for the new module"
         )
+
+
+def check_savable(model: Any, where: str) -> None:
+    """Refuse ``DiffusionPipeline.save_pretrained`` of a pipeline whose denoiser (``where``: its attribute name) is
+    a fewstep-quantized module: diffusers would write the 8-bit layers under names its model classes do not know,
+    and ``from_pretrained`` would give the model random weights. Names the way to save it instead."""
+    from ..quant import quant_layers
+
+    model = unwrap_compiled(model)
+    if isinstance(model, torch.nn.Module) and quant_layers(model):
+        raise ValueError(
+            f"save_pretrained cannot write this pipeline: its {where} is quantized, and diffusers would reload it "
+            f"with random weights. Write the quantization with fewstep.quant.save_quantized(<pipeline>.{where}, DIR) "
+            f"and the full-precision pipeline with its own save_pretrained, then rebuild with from_pipe(pipe, "
+            f"quantized=DIR)"
+        )

@@ -50,7 +50,7 @@ from .. import guidance as guidance_rules
 from .. import samplers
 from .._checks import check_bool, check_int, check_number
 from ..guidance import GuidanceRule
-from .denoiser import check_compile, check_denoiser_current, prepare_denoiser, unwrap_compiled
+from .denoiser import check_compile, check_denoiser_current, check_savable, prepare_denoiser, unwrap_compiled
 from .execution_device import ExecutionDevice
 from .flow_families import (
     FLOW_FAMILIES,
@@ -459,17 +459,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
         classes do not know, and reloading would give random weights. Save the quantization with
         ``fewstep.quant.save_quantized``, the base pipeline with its own ``save_pretrained``, and rebuild with
         ``FewstepPipeline.from_pipe(pipe, quantized=DIR)``."""
-        from ..quant import quant_layers
-
-        model = self._model
-        if isinstance(model, torch.nn.Module) and quant_layers(unwrap_compiled(model)):
-            raise ValueError(
-                f"save_pretrained cannot write this pipeline: its {'transformer' if self.is_flow else 'unet'} is "
-                f"quantized, and diffusers would reload it with random weights. Write the quantization with "
-                f"fewstep.quant.save_quantized(fp.pipe.{'transformer' if self.is_flow else 'unet'}, DIR) and the "
-                f"full-precision pipeline with its own save_pretrained, then rebuild with "
-                f"FewstepPipeline.from_pipe(pipe, quantized=DIR)"
-            )
+        check_savable(self._model, "transformer" if self.is_flow else "unet")
         self.pipe.save_pretrained(save_directory, **kwargs)
 
     def _check_model_kwargs(self, clip_skip: Any, cross_attention_kwargs: Any, joint_attention_kwargs: Any
