@@ -146,7 +146,6 @@ def _family(pipe: Any) -> str:
     return "sd"
 
 
-
 def _component_names(pipe: Any) -> Collection[str]:
     """The names a diffusers pipeline registers as components (its config keys, without the private ones)."""
     config = getattr(pipe, "config", None)
