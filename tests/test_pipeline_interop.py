@@ -212,3 +212,32 @@ def test_class_conditional_save_pretrained_refuses_a_quantized_unet(tmp_path):
     base.save_pretrained(tmp_path / "full")  # full precision: saved and reloaded as diffusers does
     back = ClassConditionalPipeline.from_pretrained(tmp_path / "full")
     assert all(torch.equal(a, b) for a, b in zip(back.unet.state_dict().values(), base.unet.state_dict().values()))
+
+
+def test_the_compile_wrapper_advice_names_the_transformer_on_sd3_and_works():
+    """On SD3 the advice said ``pipe.unet = pipe.unet._orig_mod``: SD3 has no ``unet`` (advice probe)."""
+    sd3 = _sd3()
+    sd3.transformer = torch.compile(sd3.transformer, backend="eager")
+    with pytest.raises(ValueError, match=r"\(pipe\.transformer = pipe\.transformer\._orig_mod\)"):
+        FewstepPipeline.from_pipe(sd3, scheduler="flow-euler", compile={"backend": "eager"})
+    sd3.transformer = sd3.transformer._orig_mod  # the advice, literally
+    fp = FewstepPipeline.from_pipe(sd3, scheduler="flow-euler", compile={"backend": "eager"})
+    assert fp.denoiser is not sd3.transformer
+
+
+def test_every_sampler_a_flow_message_offers_runs_on_sd3():
+    """The "use one of" lists for flow models offered ``flowchef``, which then refuses to run without a cost
+    (advice probe); each listed sampler must run the SD3 pipeline as built."""
+    from diffusers import FlowMatchEulerDiscreteScheduler as Euler
+
+    sd3 = _sd3()
+    with pytest.raises(ValueError, match=r"use one of: (.*)$") as info:
+        FewstepPipeline.from_pipe(sd3, scheduler="mrs")
+    offered = info.value.args[0].rsplit("use one of: ", 1)[1].split(", ")
+    assert "flowchef" not in offered and {"flow-euler", "unipc"} <= set(offered)
+    with pytest.raises(ValueError, match=r"use one of: (.*)$") as info:
+        FewstepPipeline.from_pipe(sd3, scheduler=Euler.from_config(sd3.scheduler.config), guidance="apg")
+    assert info.value.args[0].rsplit("use one of: ", 1)[1].split(", ") == offered
+    for name in offered:
+        fp = FewstepPipeline.from_pipe(sd3, scheduler=name, guidance="apg")
+        assert np.isfinite(_images(fp, **_embeds(True))).all(), name

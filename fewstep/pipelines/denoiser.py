@@ -136,8 +136,10 @@ def prepare_denoiser(
     quantized: str | os.PathLike | torch.nn.Module | None = None,
     quant_mode: str | None = None,
     compile: bool | str | Mapping[str, Any] | None = False,
+    attribute: str = "unet",
 ) -> tuple[torch.nn.Module, Any]:
-    """``(module, call)`` for ``model`` (see the module docstring).
+    """``(module, call)`` for ``model`` (see the module docstring); ``attribute``: the pipeline attribute holding
+    ``model`` (``"unet"`` or ``"transformer"``), for the messages.
 
     ``quantized``: a ``save_quantized`` directory (applied to a copy of ``model`` with ``load_quantized``, which
     checks it was calibrated on these weights; ``quant_mode`` one of ``quant.MODES`` or ``"auto"``, default
@@ -154,8 +156,8 @@ def prepare_denoiser(
         if given:
             raise ValueError(
                 f"the pipeline's {type(inner).__name__} is a torch.compile wrapper, and `{given[0]}` "
-                f"cannot go on it ({why[given[0]]}): give from_pipe the uncompiled module (pipe.unet = "
-                "pipe.unet._orig_mod, or pipe.transformer) and pass compile=... to from_pipe"
+                f"cannot go on it ({why[given[0]]}): give from_pipe the uncompiled module (pipe.{attribute} = "
+                f"pipe.{attribute}._orig_mod) and pass compile=... to from_pipe"
             )
     if quantized is not None and any(p.is_meta for p in model.parameters()):
         raise ValueError(

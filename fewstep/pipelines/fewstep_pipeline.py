@@ -326,7 +326,7 @@ class FewstepPipeline(StaticLoop, FlowFamilies):
                 check_graph_rule(rule)
             check_graph_device(pipe._execution_device)
         model = pipe.transformer if flow else pipe.unet
-        module, call = prepare_denoiser(model, quantized, quant_mode, compile)
+        module, call = prepare_denoiser(model, quantized, quant_mode, compile, "transformer" if flow else "unet")
         overrides = {} if module is model else {"transformer" if flow else "unet": module}
         shared = share_modules(pipe, scheduler=scheduler, **overrides)
         shared.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))

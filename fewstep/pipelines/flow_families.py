@@ -47,7 +47,9 @@ def flow_shift_mu(image_seq_len: int, config: Any, max_shift_default: float = 1.
 
 
 def flow_samplers() -> list[str]:
-    return samplers.names("diffusion", standalone=True) + samplers.names("flow")
+    """The fewstep samplers that sample a flow-matching model as they are built: the standalone diffusion samplers
+    and the flow ones, except ``flowchef`` (it needs a cost, ``scheduler.set_cost``, before ``set_timesteps``)."""
+    return samplers.names("diffusion", standalone=True) + [n for n in samplers.names("flow") if n != "flowchef"]
 
 
 def check_flow_scheduler(scheduler: Any, family: str) -> None:
