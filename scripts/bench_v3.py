@@ -3,10 +3,12 @@
 
     python scripts/bench_v3.py --json scripts/results_v3.json            # analytic + digits-eps
     python scripts/bench_v3.py --analytic-only
+    python scripts/bench_v3.py --skip-analytic --model digits-flow --scales 1 --json v3_flow.json
 
 Analytic: the 2-D Gaussian mixture of ``fewstep bench --model analytic``; EMS estimated for it by the streamed
 estimator (K = 8192 samples, 500 lambda intervals), RMSE to the exact PF-ODE endpoint from the same noise
-(2000 points). digits-eps: the shipped EMS; for each guidance scale, ``--samples`` held-out datapoints (seeds
+(2000 points). digits-eps (or ``--model digits-flow``): the shipped EMS on its shipped time grid; for each
+guidance scale, ``--samples`` held-out datapoints (seeds
 10000+k, classes cycling 0-9) are sampled by every solver at every NFE; MSE (model space, [-1, 1]) against a
 200-step DPM-Solver++ solve from the same noise (the metric v3 and DC-Solver report for Stable Diffusion), and
 the Frechet distance of the samples to the real test digits in the digits-classifier's features.
@@ -112,9 +114,12 @@ def _sample(pipe, sched_factory, nfe: int, labels: list[int], noise: torch.Tenso
     return pipe(labels, num_inference_steps=nfe, guidance=rule, latents=noise, output_type="latent").images.float()
 
 
-def digits(out: dict, num: int, scales: list[float]) -> None:
-    """MSE to the 200-step solve and FD per (guidance scale, solver, NFE); progress printed per row."""
-    pipe = load_default("digits-eps", sampler=None)
+def digits(out: dict, num: int, scales: list[float], model: str = "digits-eps") -> None:
+    """MSE to the 200-step solve and FD per (guidance scale, solver, NFE) on the embedded ``model``; progress
+    printed per row."""
+    from fewstep.samplers.dpm_solver_v3 import SHIPPED_EMS_TIME_GRID
+
+    pipe = load_default(model, sampler=None)
     classifier = load_default("digits-classifier")
     config = pipe.scheduler.config
     size = pipe.unet.config.sample_size
@@ -126,7 +131,7 @@ def digits(out: dict, num: int, scales: list[float]) -> None:
     for scale in scales:
         ref = _sample(pipe, lambda: samplers.from_config("dpm-solver++", config), 200, labels, noise, scale)
         rows = {}
-        for label, spec in solvers("digits-eps", "time_quadratic").items():
+        for label, spec in solvers(model, SHIPPED_EMS_TIME_GRID[model]).items():
             rows[label] = {}
             for n in NFES:
                 t0 = time.perf_counter()
@@ -135,27 +140,33 @@ def digits(out: dict, num: int, scales: list[float]) -> None:
                 rows[label][n] = {"mse": float((x - ref).pow(2).mean()),
                                   "fd": frechet_distance_features(feats, test_feats),
                                   "seconds": round(time.perf_counter() - t0, 2)}
-            print(f"digits CFG {scale:g} {label:16s} MSE " + " ".join(f"{rows[label][n]['mse']:.4f}" for n in NFES)
+            print(f"{model} CFG {scale:g} {label:16s} MSE " + " ".join(f"{rows[label][n]['mse']:.4f}" for n in NFES)
                   + " | FD " + " ".join(f"{rows[label][n]['fd']:.2f}" for n in NFES))
         result[f"cfg{scale:g}"] = rows
-    out["digits-eps"] = {"metric": "MSE to a 200-step DPM-Solver++ solve (same noise); FD (digits classifier)",
-                         "samples": num, "nfe": list(NFES), "rows": result}
+    out[model] = {"metric": "MSE to a 200-step DPM-Solver++ solve (same noise); FD (digits classifier)",
+                  "samples": num, "nfe": list(NFES), "time_grid": SHIPPED_EMS_TIME_GRID[model], "rows": result}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=output_file, default=None, help="also write the results as JSON here")
-    ap.add_argument("--analytic-only", action="store_true", help="run only the analytic 2-D mixture, skip digits-eps")
+    ap.add_argument("--analytic-only", action="store_true", help="run only the analytic 2-D mixture, skip digits")
+    ap.add_argument("--skip-analytic", action="store_true", help="run only the digits model, skip the 2-D mixture")
+    ap.add_argument("--model", choices=["digits-eps", "digits-flow"], default="digits-eps",
+                    help="the embedded digits model (default digits-eps; both ship EMS)")
     ap.add_argument("--samples", type=count(2), default=200,
                     help="digits-eps held-out samples per guidance scale (default 200)")
     ap.add_argument("--scales", default="1,3,7", help="comma-separated digits-eps CFG scales (default 1,3,7)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     out: dict = {}
-    with torch.enable_grad():
-        analytic(out)
+    if args.analytic_only and args.skip_analytic:
+        ap.error("--analytic-only and --skip-analytic leave nothing to run")
+    if not args.skip_analytic:
+        with torch.enable_grad():
+            analytic(out)
     if not args.analytic_only:
-        digits(out, args.samples, [float(v) for v in args.scales.split(",")])
+        digits(out, args.samples, [float(v) for v in args.scales.split(",")], args.model)
     if args.json:
         text = json.dumps(out, indent=1) + "\n"  # atomic: a failed write keeps an existing file, leaves no partial one
         atomic_write(args.json, lambda p: p.write_text(text))
