@@ -9,7 +9,7 @@ uncaptured (loop mode ``"static"``), which is how CPU tests check it against the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from .. import samplers
 from ..guidance import GuidanceRule
 from ..guidance.static import GUIDANCE_COLUMNS, StaticGuidance
 from ..solvers.parameterization import compute_dtype, resume_precision
+from ..solvers.schedules import is_flow_config
 from ..solvers.static import StaticEngine, check_static_plan
 from .loop_checks import FiniteWatch, callback_tensors, check_returned
 
@@ -48,23 +49,43 @@ def non_graph_classes() -> tuple[type, ...]:
             samplers.FewstepDCSolverScheduler, samplers.FewstepFlowChefScheduler)
 
 
-def graph_samplers() -> list[str]:
-    """Registered samplers that graph mode (``cuda_graph=True``) can replay."""
+def graph_samplers(config: Any = None) -> list[str]:
+    """Registered samplers that graph mode (``cuda_graph=True``) can replay; given a scheduler ``config`` (a
+    pipeline's), only those that sample its process: a VP config leaves out the flow-only ones (``flow-euler``)."""
     bad = non_graph_classes()
-    return [n for n in samplers.names() if not issubclass(samplers.get(n), bad)]
+    names = [n for n in samplers.names() if not issubclass(samplers.get(n), bad)]
+    if config is not None and not is_flow_config(dict(config)):
+        names = [n for n in names if samplers.process_of(n) != "flow"]
+    return names
+
+
+#: what the samplers that need an artifact (those ``samplers.names(standalone=True)`` leaves out) need in graph mode
+_GRAPH_ARTIFACTS = {"dpm-solver-v3": "with ems_file or degenerated=True",
+                    "s3": "with an s3_schedule without afs or implicit correctors"}
+
+
+def _graph_advice(scheduler: Any) -> str:
+    """``graph_samplers`` for ``scheduler``'s config (VP or flow), each one that needs an artifact saying which."""
+    config = getattr(scheduler, "config", None)
+    standalone = samplers.names(standalone=True)
+    return ", ".join(
+        n if n in standalone else f"{n} ({_GRAPH_ARTIFACTS.get(n, 'with its artifact')})"
+        for n in graph_samplers(config if isinstance(config, Mapping) else None)
+    )
 
 
 def check_graph_scheduler(scheduler: Any) -> None:
+    """Refuse a scheduler graph mode cannot replay, offering those it can on the scheduler's config (VP or flow)."""
     name = type(scheduler).__name__
     if not isinstance(scheduler, samplers.FewstepScheduler) or not guidance_rules.supports_pairs(scheduler):
         raise ValueError(
             f"cuda_graph=True needs a fewstep scheduler: {name} (diffusers' own) reads its step state on the host "
-            f"(step-index lookups, host syncs) and cannot be captured; use one of: {', '.join(graph_samplers())}"
+            f"(step-index lookups, host syncs) and cannot be captured; use one of: {_graph_advice(scheduler)}"
         )
     if isinstance(scheduler, non_graph_classes()):
         raise ValueError(
             f"cuda_graph=True cannot replay {name} (momentum history, step hooks or a mean-reverting step); use "
-            f"one of: {', '.join(graph_samplers())}"
+            f"one of: {_graph_advice(scheduler)}"
         )
 
 

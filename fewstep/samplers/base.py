@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,7 +41,7 @@ from ..solvers.schedules import (
     is_flow_config,
 )
 
-__all__ = ["FewstepSchedulerOutput", "FewstepScheduler", "TIME_GRIDS", "SchedulerMixin"]
+__all__ = ["FewstepSchedulerOutput", "FewstepScheduler", "TIME_GRIDS", "FLOW_TIME_GRIDS", "SchedulerMixin"]
 
 # Every module that defines a scheduler imports ``SchedulerMixin`` from here: a pipeline saved with a fewstep
 # scheduler records the scheduler's module as its library, and diffusers' ``from_pretrained`` then looks for its
@@ -49,6 +49,8 @@ __all__ = ["FewstepSchedulerOutput", "FewstepScheduler", "TIME_GRIDS", "Schedule
 # pipeline ("does not seem to have any of the loading methods").
 
 TIME_GRIDS = ("spacing", "uniform_time", "uniform_lambda", "time_quadratic", "karras")
+#: the time grids of every sampler but dpm-solver-v3 on a flow schedule (``FewstepScheduler._grid``)
+FLOW_TIME_GRIDS = ("spacing",)
 
 
 @dataclass
@@ -59,13 +61,38 @@ class FewstepSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
+def _time_grids(scheduler: type, flow: bool) -> tuple[str, ...]:
+    """The ``time_grid`` values ``scheduler`` samples with on a flow (``flow=True``) or VP config: dpm-solver-v3's
+    own (``V3_TIME_GRIDS``, warped by the flow shift on a flow config), else ``FLOW_TIME_GRIDS`` or ``TIME_GRIDS``
+    (``_grid``)."""
+    from .dpm_solver_v3 import V3_TIME_GRIDS, FewstepDPMSolverV3Scheduler  # it imports this module
+
+    if issubclass(scheduler, FewstepDPMSolverV3Scheduler):
+        return V3_TIME_GRIDS
+    return FLOW_TIME_GRIDS if flow else TIME_GRIDS
+
+
+def _grids_hint(scheduler: type, flow: bool) -> str:
+    kind = "a flow" if flow else "a VP"
+    return f"{scheduler.__name__} on {kind} schedule supports time_grid in {list(_time_grids(scheduler, flow))}"
+
+
+def _lu_lambdas_hint(scheduler: type, flow: bool) -> str:
+    grids_ = _time_grids(scheduler, flow)
+    if "uniform_lambda" in grids_:
+        return "for steps uniform in log-SNR use time_grid='uniform_lambda'"
+    return (f"{scheduler.__name__} has no grid uniform in log-SNR on a flow schedule (it supports time_grid in "
+            f"{list(grids_)}); dpm-solver-v3 has one: time_grid='uniform_lambda' with ems_file= or degenerated=True")
+
+
 #: diffusers scheduler options that change the sampled trajectory but that fewstep does not implement: when a config
 #: (a pipeline's, or the one given to ``from_config``) sets one to anything but these neutral values, building a
-#: fewstep scheduler from it is an error rather than a silently different sampler. Value: (neutral values, hint).
-_FOREIGN_OPTIONS: dict[str, tuple[tuple, str]] = {
-    "use_lu_lambdas": ((False, None), "for steps uniform in log-SNR use time_grid='uniform_lambda'"),
-    "use_exponential_sigmas": ((False, None), "supported grids: time_grid in " + str(list(TIME_GRIDS))),
-    "use_beta_sigmas": ((False, None), "supported grids: time_grid in " + str(list(TIME_GRIDS))),
+#: fewstep scheduler from it is an error rather than a silently different sampler. Value: (neutral values, hint); a
+#: callable hint is given the scheduler class and whether the config is a flow one (the time grids differ).
+_FOREIGN_OPTIONS: dict[str, tuple[tuple, str | Callable[[type, bool], str]]] = {
+    "use_lu_lambdas": ((False, None), _lu_lambdas_hint),
+    "use_exponential_sigmas": ((False, None), _grids_hint),
+    "use_beta_sigmas": ((False, None), _grids_hint),
     "lambda_min_clipped": ((-float("inf"), None), "the steps are not clipped in log-SNR"),
     "variance_type": ((None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
                       "a model that also predicts its variance needs a wrapper returning the first C output "
@@ -85,14 +112,15 @@ def check_config_arg(config: Any) -> None:
                          f"got {type(config).__name__}")  # fmt: skip
 
 
-def check_foreign_options(config: Any, scheduler: str) -> None:
+def check_foreign_options(config: Any, scheduler: type) -> None:
     """Refuse a config that asks for diffusers behaviour fewstep does not implement (``_FOREIGN_OPTIONS``; EDM
-    parameterisations), naming the option, its value and the way out."""
+    parameterisations), naming the option, its value and the way out (what the ``scheduler`` class offers on this
+    config)."""
     cfg = dict(config or {})
     source = str(cfg.get("_class_name") or "")
     if source.startswith("EDM") or "sigma_data" in cfg:
         raise ValueError(
-            f"{scheduler} cannot be built from {source or 'an EDM'} config: EDM schedulers (sigma_data, "
+            f"{scheduler.__name__} cannot be built from {source or 'an EDM'} config: EDM schedulers (sigma_data, "
             "precondition_outputs) parameterise the model without a beta schedule, which fewstep's VP and flow "
             "schedules do not model"
         )
@@ -101,9 +129,13 @@ def check_foreign_options(config: Any, scheduler: str) -> None:
         if value is None or value in neutral:
             continue
         origin = f"the {source} config" if source else "the scheduler config"
+        if callable(hint):
+            from .flow_euler import FewstepFlowEulerScheduler  # it imports this module; flow-only samplers
+
+            hint = hint(scheduler, is_flow_config(cfg) or issubclass(scheduler, FewstepFlowEulerScheduler))
         raise ValueError(
-            f"{scheduler} does not implement diffusers' `{key}`={value!r} (from {origin}); {hint}. Remove the key "
-            f"from the config to use fewstep's default ({neutral[0]!r})"
+            f"{scheduler.__name__} does not implement diffusers' `{key}`={value!r} (from {origin}); {hint}. Remove "
+            f"the key from the config to use fewstep's default ({neutral[0]!r})"
         )
 
 
@@ -344,7 +376,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         on explicitly (``_flow_settings_kept``)."""
         check_config_arg(config)
         config = _without_unset_solver_options(cls, config)
-        check_foreign_options({**dict(config or {}), **kwargs}, cls.__name__)
+        check_foreign_options({**dict(config or {}), **kwargs}, cls)
         kwargs = {**_flow_settings_kept(cls, config, kwargs), **_vp_schedule_kept(cls, config, kwargs), **kwargs}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -616,7 +648,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(sched, FlowSchedule):
             shift = self._flow_shift(mu)
             style = self.flow_grid_style
-            if cfg.time_grid not in ("spacing",):
+            if cfg.time_grid not in FLOW_TIME_GRIDS:
                 raise ValueError(
                     f"`{type(self).__name__}` on a flow schedule supports time_grid='spacing' only, got "
                     f"{cfg.time_grid!r} (only dpm-solver-v3 warps other grids by the flow shift; a config built from "
