@@ -865,7 +865,7 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
     assert main(["generate", "--quant", str(out), "--quant-mode", "fp8", "--out", str(png), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fewstep generate: error: --quant-mode fp8 needs fp8 parameters; {str(out)!r} holds int8 "
-                   "(use --quant-mode auto, fake or dequant)"]
+                   "(use --quant-mode auto, fake, int8 or dequant)"]
     assert main(["generate", "--quant", str(out), "--quant-conv-kernel", "triton", "--out", str(png), "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"fewstep generate: error: --quant-conv-kernel triton runs fp8 convs: it needs fp8 parameters ({str(out)!r} "

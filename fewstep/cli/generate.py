@@ -81,20 +81,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_flowchef(args, out)
     posterior_flags = [flag for flag, value in _posterior_flags(args) if value is not None]
     if posterior_flags:
-        raise UsageError(f"{', '.join(posterior_flags)} need --task inpaint|sr|deblur (posterior sampling)")
+        raise UsageError(f"{', '.join(posterior_flags)} need --task {_inverse_tasks('digits-eps')} (posterior "
+                         "sampling, on a VP model such as digits-eps)")
     flowchef_flags = [flag for flag, value in _flowchef_flags(args) if value is not None]
     if flowchef_flags:
         raise UsageError(f"{', '.join(flowchef_flags)}: FlowChef options, for --model digits-flow --task "
-                         "inpaint|sr|deblur|classifier|edit")
+                         f"{_flowchef_tasks()}")
     if args.noise_std:
-        raise UsageError("--noise-std adds noise to the measurement of an inverse task (--task inpaint|sr|deblur); "
-                         "plain sampling has none")  # fmt: skip
+        raise UsageError(f"--noise-std adds noise to the measurement of an inverse task (--task "
+                         f"{_inverse_tasks(args.model)}); plain sampling has none")  # fmt: skip
     if args.measurement is not None and args.model in ("digits-eps", "digits-flow"):
         raise UsageError(f"--measurement without --task is for the restoration model digits-mr; with --model "
-                         f"{args.model} add --task inpaint|sr|deblur")  # fmt: skip
+                         f"{args.model} add --task {_inverse_tasks(args.model)}")  # fmt: skip
     if args.sampler == "flowchef":
         raise UsageError("--sampler flowchef steers the flow model towards a task: use --model digits-flow --task "
-                         "inpaint|sr|deblur|classifier (FlowChef picks its sampler itself)")
+                         f"{_flowchef_tasks()} (FlowChef picks its sampler itself)")
     args.sampler = args.sampler or "unipc"
     guidance_flags = [f for f, v in (("--guidance", args.guidance), ("--guidance-scale", args.guidance_scale),
                                      ("--guidance-option", args.guidance_option)) if v is not None]  # fmt: skip
@@ -204,6 +205,22 @@ def _add_flowchef_args(p_gen) -> None:
                        help="--task edit: side of the centred square that may change (default 12 of 16)")
 
 
+def _flowchef_tasks() -> str:
+    """The ``--task`` values FlowChef runs on digits-flow (what ``_generate_flowchef`` validates against)."""
+    from ..pipelines.flowchef import DEFAULT_CONFIGS
+
+    return "|".join(DEFAULT_CONFIGS)
+
+
+def _inverse_tasks(model: str) -> str:
+    """The ``--task`` values that restore a measurement on ``model``: FlowChef's inverse tasks on digits-flow,
+    posterior sampling's otherwise (the lists the two paths validate against)."""
+    from ..pipelines.flowchef import INVERSE_TASKS
+    from ..pipelines.posterior import POSTERIOR_TASKS
+
+    return "|".join(INVERSE_TASKS if model == "digits-flow" else POSTERIOR_TASKS)
+
+
 def _image_count(args: argparse.Namespace, loaded=None, flag: str = "--measurement") -> int:
     """``--num-images`` (default 10), or the number of tiles of a ``--measurement``/``--source`` file, which sets it:
     a different explicit ``--num-images`` is a usage error rather than silently ignored."""
@@ -244,7 +261,7 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
         if args.measurement is not None:
             raise UsageError("--task edit edits --source images (or held-out digits), it takes no --measurement")
         if args.noise_std:
-            raise UsageError("--noise-std is for the inverse tasks (inpaint, sr, deblur)")
+            raise UsageError(f"--noise-std is for the inverse tasks ({_inverse_tasks(args.model)})")
         if (args.source is None) != (args.source_classes is None):
             raise UsageError("--source and --source-class go together (what each source tile shows)")
         if args.edit_size is not None and args.edit_size > 16:
@@ -254,13 +271,14 @@ def _generate_flowchef(args: argparse.Namespace, out) -> int:
         if args.guidance is not None:
             raise UsageError(f"--task edit uses its own masked guidance; --guidance {args.guidance} does not apply")
     if args.measurement is not None and args.task == "classifier":
-        raise UsageError("--measurement is for the inverse tasks (inpaint, sr, deblur), not --task classifier")
+        raise UsageError(f"--measurement is for the inverse tasks ({_inverse_tasks(args.model)}), not --task "
+                         "classifier")
     if args.classes and args.task not in ("classifier", EDIT_TASK):
         raise UsageError(f"--class is for --task classifier or edit, not --task {args.task}")
     if args.task == "classifier" or (editing and args.source is None):  # the count is --num-images (default 10)
         _check_class_count("--class", args.classes, _image_count(args), _count_text(args))
     if args.noise_std and args.task == "classifier":
-        raise UsageError("--noise-std is for the inverse tasks (inpaint, sr, deblur)")
+        raise UsageError(f"--noise-std is for the inverse tasks ({_inverse_tasks(args.model)})")
     if args.flowchef_steered_steps is not None and not 0 <= args.flowchef_steered_steps <= args.steps:
         raise UsageError(f"--flowchef-steered-steps must be in 0..{args.steps} (--steps), "
                          f"got {args.flowchef_steered_steps}")
@@ -524,7 +542,9 @@ def _generate_posterior(args: argparse.Namespace, out) -> int:
 def _add_quant_generate_args(p_gen) -> None:
     p_gen.add_argument("--quant", "--quantized", dest="quant", default=None, metavar="DIR",
                        help="run the UNet W8A8-quantized with parameters saved by `fewstep quantize`")
-    p_gen.add_argument("--quant-mode", choices=["auto", "fake", "int8", "fp8", "dequant"], default=None,
+    from ..quant.modules import AUTO_MODE, MODES
+
+    p_gen.add_argument("--quant-mode", choices=[AUTO_MODE, *MODES], default=None,
                        help="execution of the quantized layers: fake-quant reference, real int8 (_int_mm), fp8 "
                             "(_scaled_mm: CUDA SM>=8.9, or a CPU whose torch has the float8 kernel), dequant (8-bit "
                             "storage, float compute); auto (default): int8 layers on _int_mm, fp8 layers on CUDA "
@@ -558,9 +578,10 @@ def _apply_quant(args: argparse.Namespace, pipe):
         raise UsageError(f"--quant needs a UNet pipeline; {type(pipe).__name__} has no unet")
     meta = _quant_metadata(args.quant)
     mode = args.quant_mode or "auto"  # "auto" resolves per layer in QuantLayer.set_mode
-    if mode in ("int8", "fp8") and mode != meta["format"]:
+    if mode in quant.FORMATS and mode != meta["format"]:
+        usable = [m for m in (quant.AUTO_MODE, *quant.MODES) if m not in quant.FORMATS or m == meta["format"]]
         raise UsageError(f"--quant-mode {mode} needs {mode} parameters; {args.quant!r} holds {meta['format']} "
-                         f"(use --quant-mode auto, fake or dequant)")
+                         f"(use --quant-mode {', '.join(usable[:-1])} or {usable[-1]})")
     kernel = getattr(args, "quant_conv_kernel", None) or "im2col"
     if kernel != "im2col" and (meta["format"] != "fp8" or mode not in ("fp8", "auto")):
         raise UsageError(f"--quant-conv-kernel {kernel} runs fp8 convs: it needs fp8 parameters ({args.quant!r} holds "

@@ -180,13 +180,19 @@ def _prepare(pipe, num_images, class_labels, generator, latents):
     return latents.to(device), labels.to(device)
 
 
-def _check_task_batch(task: FlowChefTask, x: torch.Tensor) -> None:
+def _check_task_batch(task: FlowChefTask, x: torch.Tensor, class_labels_given: bool = False) -> None:
     """One measurement (or label) per image, or one measurement for all: a task's cost compares each image with its
     own, and a single image against several measurements would silently be steered towards their mean."""
     held = task.measurement if task.measurement is not None else task.labels
     shared = task.measurement is not None and held.shape[0] == 1
     if held is not None and held.shape[0] != x.shape[0] and not shared:
         what = "measurements" if task.measurement is not None else "labels"
+        if class_labels_given:  # the batch is one image per class label; num_images is not used then
+            raise ValueError(
+                f"`class_labels` holds {x.shape[0]} labels (one image each; `num_images` is not used when "
+                f"`class_labels` is given), but the {task.name!r} task holds {held.shape[0]} {what}: pass "
+                f"{held.shape[0]} class_labels (one per {what[:-1]}), or class_labels=None"
+            )
         raise ValueError(
             f"`num_images` (or the latents' batch) is {x.shape[0]}, but the {task.name!r} task holds {held.shape[0]} "
             f"{what}: pass num_images={held.shape[0]} (one image per {what[:-1]})"
@@ -212,15 +218,23 @@ def flowchef_sample(
     ``cost``; returns NCHW images in the model range [-1, 1]. ``class_labels`` default to the null class
     (unconditional); ``guidance_scale != 1`` adds classifier-free guidance towards ``class_labels``.
     ``cost=None`` samples unsteered (the same loop, for comparisons). ``propagate``: the hook's map of each
-    move (``FlowChefHook``), e.g. ``inpainting_fill(task.operator)``."""
+    move (``FlowChefHook``), e.g. ``inpainting_fill(task.operator)``. ``num_images`` defaults to the number of
+    measurements (or labels) a ``FlowChefTask`` holds and must be given otherwise; with ``class_labels`` the batch
+    is one image per label and ``num_images`` is not used."""
     _check_flow_scheduler(pipe)
     task = cost if isinstance(cost, FlowChefTask) else None
     if task is not None:
         cost = task.cost
     check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
+    if num_images is None and class_labels is None:
+        held = None if task is None else task.measurement if task.measurement is not None else task.labels
+        if held is None:
+            raise ValueError("`num_images` must be an integer >= 1, got None: pass num_images=N (or class_labels, one "
+                             "image per label; a FlowChefTask with measurements or labels sets the count itself)")
+        num_images = int(held.shape[0])
     x, labels = _prepare(pipe, num_images, class_labels, generator, latents)
     if task is not None:
-        _check_task_batch(task, x)
+        _check_task_batch(task, x, class_labels is not None)
     sched = pipe.scheduler
     sched.set_timesteps(num_inference_steps, device=x.device)
     if cost is not None:

@@ -130,29 +130,61 @@ def refuse_peft_adapters(model: nn.Module, what: str) -> None:
             )
 
 
+def _adapter_exclude(model: nn.Module, adapters: list[str], exclude: list[str]) -> list[str]:
+    """A ready-to-paste ``exclude`` that keeps the peft wrappers ``adapters`` (names), their base layers and factors
+    in float on top of ``exclude``: the user's patterns that still match a layer outside those wrappers, then one
+    ``'<wrapper>.*'`` per wrapper, or, beyond 8 wrappers, shorter ``'*.<suffix>.*'`` patterns, each kept only if
+    the ``nn.Linear`` / ``nn.Conv2d`` layers it matches are all inside the wrappers (so the list matches exactly
+    what the per-wrapper patterns match)."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    inside = {n for n in layers if any(n.startswith(a + ".") for a in adapters)}
+    kept = [pat for pat in exclude if any(fnmatch.fnmatch(n, pat) for n in layers if n not in inside)]
+    if len(adapters) <= 8:
+        return kept + [a + ".*" for a in adapters]
+    patterns: list[str] = []
+    for a in adapters:
+        if all(any(fnmatch.fnmatch(n, pat) for pat in patterns) for n in inside if n.startswith(a + ".")):
+            continue  # already covered by an earlier pattern
+        parts = a.split(".")
+        for k in range(1, len(parts) + 1):
+            pat = ("*." if k < len(parts) else "") + ".".join(parts[-k:]) + ".*"
+            if all(n in inside for n in layers if fnmatch.fnmatch(n, pat)):
+                patterns.append(pat)
+                break
+    return kept + list(dict.fromkeys(patterns))
+
+
 def quantizable_layers(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
     """Name -> ``nn.Linear`` / ``nn.Conv2d`` of ``model`` not matched by an ``exclude`` pattern (a list, tuple or set of
     ``fnmatch`` patterns). A subclass with submodules or its own ``forward`` (an unfused LoRA layer, an
     already-wrapped layer) is an error: replacing it by a plain 8-bit layer would drop what it adds. So is a peft
     adapter wrapper (diffusers' ``load_lora_weights`` / ``add_adapter``; fused or not) with a layer not excluded:
-    quantizing its base layer and adapter factors would break peft's forward."""
+    quantizing its base layer and adapter factors would break peft's forward; that error gives an ``exclude`` that
+    keeps every adapter layer in float at once."""
     exclude = _check_exclude(exclude)
 
     def excluded(name: str) -> bool:
         return any(fnmatch.fnmatch(name, pat) for pat in exclude)
 
+    adapters = [(name, m) for name, m in model.named_modules()
+                if _is_peft_tuner_layer(m) and any(isinstance(sub, (nn.Linear, nn.Conv2d)) and not excluded(sub_name)
+                                                   for sub_name, sub in m.named_modules(prefix=name))]
+    if adapters:
+        name, m = adapters[0]
+        state = "fused but still wrapped" if getattr(m, "merged_adapters", None) else "unfused"
+        patterns = _adapter_exclude(model, [a for a, _ in adapters], exclude)
+        raise ValueError(
+            f"layer {name!r} is a peft {type(m).__name__} adapter layer ({state} LoRA, from load_lora_weights / "
+            "add_adapter): quantizing it would quantize the adapter factors and break peft's forward. Merge the "
+            "LoRA and remove the adapter layers first: pipe.fuse_lora(); pipe.unload_lora_weights() (on a model "
+            "alone: unet.fuse_lora(); unet.unload_lora(); fuse_lora alone keeps the adapter layers), then "
+            f"quantize; or leave all {len(adapters)} adapter layer(s) and their factors in float with "
+            f"exclude={patterns!r} (your exclude plus the adapter layers; such a quantization runs in memory only: "
+            "load_quantized and FewstepPipeline(quantized=...) refuse a model carrying peft adapters, so a "
+            "quantization to save and load must be made from the fused-and-unloaded model)"
+        )
     found = {}
     for name, m in model.named_modules():
-        if _is_peft_tuner_layer(m) and any(isinstance(sub, (nn.Linear, nn.Conv2d)) and not excluded(sub_name)
-                                           for sub_name, sub in m.named_modules(prefix=name)):
-            state = "fused but still wrapped" if getattr(m, "merged_adapters", None) else "unfused"
-            raise ValueError(
-                f"layer {name!r} is a peft {type(m).__name__} adapter layer ({state} LoRA, from load_lora_weights / "
-                "add_adapter): quantizing it would quantize the adapter factors and break peft's forward. Merge the "
-                "LoRA and remove the adapter layers first: pipe.fuse_lora(); pipe.unload_lora_weights() (on a model "
-                "alone: unet.fuse_lora(); unet.unload_lora(); fuse_lora alone keeps the adapter layers), then "
-                f"quantize; or leave the layer and its adapters in float with exclude=[{name + '.*'!r}]"
-            )
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or excluded(name):
             continue
         base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
