@@ -17,10 +17,8 @@ import numpy as np
 import pytest
 import torch
 from _helpers import SD3_FLOW, SD15_PNDM, TinyDenoiser
-from diffusers import FlowMatchEulerDiscreteScheduler, PNDMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
-from test_fewstep_pipeline import _unet, _vae
-from test_fewstep_pipeline_flow import _sd3_transformer
-from test_fewstep_pipeline_flow import _vae as _flow_vae
+from test_hub_configs import _embeds
+from test_pipeline_interop import _sd, _sd3
 
 from fewstep import samplers
 from fewstep.pipelines import FewstepPipeline
@@ -97,37 +95,6 @@ def test_lu_lambdas_hint_offers_a_log_snr_grid_only_where_one_runs(kind, name):
 
 
 # ------------------------------------------------------------------------------ graph mode's sampler list
-def _sd() -> StableDiffusionPipeline:
-    torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=None, tokenizer=None, unet=_unet(), scheduler=PNDMScheduler.from_config(SD15_PNDM),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _sd3() -> StableDiffusion3Pipeline:
-    torch.manual_seed(0)
-    pipe = StableDiffusion3Pipeline(
-        transformer=_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW),
-        vae=_flow_vae(4), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-        text_encoder_3=None, tokenizer_3=None,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _embeds(pooled: bool) -> dict:
-    g = torch.Generator().manual_seed(3)
-    kw = {"prompt_embeds": torch.randn(1, 5, 16, generator=g),
-          "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}  # fmt: skip
-    if pooled:
-        kw.update(pooled_prompt_embeds=torch.randn(1, 8, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(1, 8, generator=g))  # fmt: skip
-    return kw
-
-
 def _advertised(message: str) -> dict[str, str | None]:
     """The samplers after "use one of: ", with their parenthesised requirement (None: none)."""
     listed = message.split("use one of: ", 1)[1]
