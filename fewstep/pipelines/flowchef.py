@@ -180,10 +180,15 @@ def _prepare(pipe, num_images, class_labels, generator, latents):
     return latents.to(device), labels.to(device)
 
 
+def _task_batch(task: FlowChefTask) -> torch.Tensor | None:
+    """What a task holds one of per image: its measurements, else its labels (``None``: neither)."""
+    return task.measurement if task.measurement is not None else task.labels
+
+
 def _check_task_batch(task: FlowChefTask, x: torch.Tensor, class_labels_given: bool = False) -> None:
     """One measurement (or label) per image, or one measurement for all: a task's cost compares each image with its
     own, and a single image against several measurements would silently be steered towards their mean."""
-    held = task.measurement if task.measurement is not None else task.labels
+    held = _task_batch(task)
     shared = task.measurement is not None and held.shape[0] == 1
     if held is not None and held.shape[0] != x.shape[0] and not shared:
         what = "measurements" if task.measurement is not None else "labels"
@@ -227,7 +232,7 @@ def flowchef_sample(
         cost = task.cost
     check_int("num_inference_steps", num_inference_steps, 1, numpy_ok=False)
     if num_images is None and class_labels is None:
-        held = None if task is None else task.measurement if task.measurement is not None else task.labels
+        held = None if task is None else _task_batch(task)
         if held is None:
             raise ValueError("`num_images` must be an integer >= 1, got None: pass num_images=N (or class_labels, one "
                              "image per label; a FlowChefTask with measurements or labels sets the count itself)")

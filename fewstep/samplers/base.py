@@ -61,24 +61,13 @@ class FewstepSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-def _time_grids(scheduler: type, flow: bool) -> tuple[str, ...]:
-    """The ``time_grid`` values ``scheduler`` samples with on a flow (``flow=True``) or VP config: dpm-solver-v3's
-    own (``V3_TIME_GRIDS``, warped by the flow shift on a flow config), else ``FLOW_TIME_GRIDS`` or ``TIME_GRIDS``
-    (``_grid``)."""
-    from .dpm_solver_v3 import V3_TIME_GRIDS, FewstepDPMSolverV3Scheduler  # it imports this module
-
-    if issubclass(scheduler, FewstepDPMSolverV3Scheduler):
-        return V3_TIME_GRIDS
-    return FLOW_TIME_GRIDS if flow else TIME_GRIDS
-
-
 def _grids_hint(scheduler: type, flow: bool) -> str:
     kind = "a flow" if flow else "a VP"
-    return f"{scheduler.__name__} on {kind} schedule supports time_grid in {list(_time_grids(scheduler, flow))}"
+    return f"{scheduler.__name__} on {kind} schedule supports time_grid in {list(scheduler.time_grids(flow))}"
 
 
 def _lu_lambdas_hint(scheduler: type, flow: bool) -> str:
-    grids_ = _time_grids(scheduler, flow)
+    grids_ = scheduler.time_grids(flow)
     if "uniform_lambda" in grids_:
         return "for steps uniform in log-SNR use time_grid='uniform_lambda'"
     return (f"{scheduler.__name__} has no grid uniform in log-SNR on a flow schedule (it supports time_grid in "
@@ -338,6 +327,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             config = json.loads(config_file.read_text())
             config.update(copies)
             atomic_write(config_file, lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+
+    @classmethod
+    def time_grids(cls, flow: bool) -> tuple[str, ...]:
+        """The ``time_grid`` values this sampler samples with on a flow (``flow=True``) or VP config (``_grid``):
+        ``FLOW_TIME_GRIDS`` or ``TIME_GRIDS``."""
+        return FLOW_TIME_GRIDS if flow else TIME_GRIDS
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None,

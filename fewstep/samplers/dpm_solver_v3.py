@@ -117,6 +117,11 @@ class FewstepDPMSolverV3Scheduler(FewstepScheduler):
 
     _artifact_config_keys = {"ems_file": SHIPPED_EMS}
 
+    @classmethod
+    def time_grids(cls, flow: bool) -> tuple[str, ...]:
+        """``V3_TIME_GRIDS`` on VP and flow configs alike (on a flow config warped by the flow shift)."""
+        return V3_TIME_GRIDS
+
     @register_to_config
     def __init__(
         self,
