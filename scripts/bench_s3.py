@@ -21,7 +21,7 @@ from fewstep._io import atomic_write
 from fewstep.pipelines.defaults import default_sampler_options
 from fewstep.samplers.s3 import shipped_schedule_path
 from fewstep.search import SearchSpace, search
-from fewstep.search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
+from fewstep.search.objectives import HELD_OUT_SEED, AnalyticObjective, DigitsMSEObjective, DigitsObjective
 from fewstep.search.s3_search import seed_schedules
 from fewstep.solvers.s3 import SolverSchedule
 
@@ -78,7 +78,7 @@ def heldout_digits(nfes: list[int], sets: int, num_per_class: int, reference_ste
                  "samples_per_set": 10 * num_per_class, "reference_steps": reference_steps, "cells": {}}
     options = default_sampler_options("digits-eps", "s3")
     for k in range(sets):
-        digits = DigitsObjective(classes=range(10), num_per_class=num_per_class, seed=10_000 + 100_000 * k)
+        digits = DigitsObjective(classes=range(10), num_per_class=num_per_class, seed=HELD_OUT_SEED + 100_000 * k)
         cells = {}
         if not only_searched and (floor_sets is None or k < floor_sets):
             cells[f"floor: UniPC-2 x{reference_steps}"] = (samplers.from_config("unipc", digits.model_config),
@@ -113,7 +113,7 @@ def heldout_mse(path: str) -> dict:
     """MSE to a 200-step reference on unseen seeds and all 10 classes, for a schedule searched with --metric mse."""
     searched = SolverSchedule.load(path)
     nfe = searched.nfe
-    objective = DigitsMSEObjective(classes=range(10), num_per_class=10, seed=10_000)
+    objective = DigitsMSEObjective(classes=range(10), num_per_class=10, seed=HELD_OUT_SEED)
     row = {"model": "digits-eps (MSE)", "nfe": nfe, "S3 (searched)": objective(searched)}
     space = SearchSpace(objective.noise_schedule, nfe, ems=objective.ems)
     row["best seed schedule"] = min(objective(s) for s in seed_schedules(space))

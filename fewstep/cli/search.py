@@ -37,7 +37,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     args.num_per_class = 20 if args.num_per_class is None else args.num_per_class
     from .._dist import check_same_on_all_processes, is_main_process
     from ..search import SearchSpace, search
-    from ..search.objectives import AnalyticObjective, DigitsMSEObjective, DigitsObjective
+    from ..search.objectives import (
+        HELD_OUT_SEED,
+        SEARCH_CLASSES,
+        AnalyticObjective,
+        DigitsMSEObjective,
+        DigitsObjective,
+    )
+
+    # the search's per-sample seeds are 0 .. classes x per-class - 1: they must not reach the held-out seeds
+    most = HELD_OUT_SEED // len(SEARCH_CLASSES)
+    if args.model == "digits-eps" and args.num_per_class > most:
+        raise UsageError(f"--num-per-class {args.num_per_class} is too many: the search's seeds (one per sample, "
+                         f"{len(SEARCH_CLASSES)} classes) must stay below the held-out evaluation's first seed "
+                         f"{HELD_OUT_SEED}; use at most {most}")
     from ..search.s3_search import check_state_early
 
     # every process of a distributed launch must run the same search, checked before anything that may fail on one

@@ -67,10 +67,7 @@ PROCESSES = ("diffusion", "flow", "mean-reverting")
 def process_of(name: str) -> str:
     """``"mean-reverting"`` for samplers of MR models (their ``step`` takes ``mu``), ``"flow"`` for flow-only
     samplers, else ``"diffusion"``."""
-    cls = get(name)
-    if cls is FewstepMRSScheduler:
-        return "mean-reverting"
-    return "flow" if issubclass(cls, FewstepFlowEulerScheduler) else "diffusion"
+    return get(name).process
 
 
 #: samplers that need an artifact to run (a searched schedule): not usable with their default config.

@@ -119,9 +119,7 @@ def check_foreign_options(config: Any, scheduler: type) -> None:
             continue
         origin = f"the {source} config" if source else "the scheduler config"
         if callable(hint):
-            from .flow_euler import FewstepFlowEulerScheduler  # it imports this module; flow-only samplers
-
-            hint = hint(scheduler, is_flow_config(cfg) or issubclass(scheduler, FewstepFlowEulerScheduler))
+            hint = hint(scheduler, is_flow_config(cfg) or getattr(scheduler, "process", None) == "flow")
         raise ValueError(
             f"{scheduler.__name__} does not implement diffusers' `{key}`={value!r} (from {origin}); {hint}. Remove "
             f"the key from the config to use fewstep's default ({neutral[0]!r})"
@@ -283,6 +281,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
     order = 1
+    #: the process this sampler's ``step`` solves (``samplers.PROCESSES``): ``"diffusion"`` (VP and flow
+    #: configs), ``"flow"`` (flow configs only) or ``"mean-reverting"`` (its ``step`` takes ``mu``).
+    process = "diffusion"
     #: spacing flavour of diffusers' timesteps this scheduler mirrors ("multistep" or "ddim").
     spacing_style = "multistep"
     #: flow grid (see ``grids.flow_grid``): "multistep" (UniPC's ``use_flow_sigmas`` grid, whose last

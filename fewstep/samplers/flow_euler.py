@@ -31,6 +31,7 @@ class FewstepFlowEulerScheduler(FewstepScheduler):
     configs are refused: use ``ddim`` or another multistep sampler for those.
     """
 
+    process = "flow"
     spacing_style = "ddim"
     flow_grid_style = "flowmatch"
 

@@ -55,6 +55,8 @@ class FewstepMRSScheduler(FewstepScheduler):
     the paper's unrounded grid (the default rounds the training indices).
     """
 
+    process = "mean-reverting"
+
     @register_to_config
     def __init__(
         self,

@@ -14,10 +14,15 @@ import torch
 
 from ..solvers.s3 import SolverSchedule, schedule_fingerprint
 
-__all__ = ["AnalyticObjective", "DigitsObjective", "DigitsMSEObjective", "DIGITS_MODELS"]
+__all__ = ["AnalyticObjective", "DigitsObjective", "DigitsMSEObjective", "DIGITS_MODELS", "HELD_OUT_SEED",
+           "SEARCH_CLASSES"]
 
 #: the embedded models the digits objectives (and ``fewstep bench``) evaluate
 DIGITS_MODELS = ("digits-eps", "digits-flow")
+#: the digits classes a search sees by default (the held-out evaluation adds 7-9)
+SEARCH_CLASSES = tuple(range(7))
+#: first per-sample seed of the held-out evaluations (``scripts/bench_s3.py``); a search's seeds stay below it
+HELD_OUT_SEED = 10_000
 
 
 class AnalyticObjective:
@@ -66,7 +71,7 @@ class DigitsObjective:
 
     def __init__(
         self,
-        classes: Sequence[int] = tuple(range(7)),
+        classes: Sequence[int] = SEARCH_CLASSES,
         num_per_class: int = 20,
         guidance_scale: float = 3.0,
         seed: int = 0,
@@ -213,7 +218,7 @@ class DigitsMSEObjective(DigitsObjective):
 
     name = "digits-eps-mse"
 
-    def __init__(self, classes: Sequence[int] = tuple(range(7)), num_per_class: int = 10, guidance_scale: float = 3.0,
+    def __init__(self, classes: Sequence[int] = SEARCH_CLASSES, num_per_class: int = 10, guidance_scale: float = 3.0,
                  seed: int = 0, reference_steps: int = 200, ems: str | None = "auto"):
         super().__init__(classes, num_per_class, guidance_scale, seed, ems=ems)
         from .. import samplers
