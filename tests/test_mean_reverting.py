@@ -153,3 +153,25 @@ def test_restoration_with_a_sigma_space_diffusers_scheduler_follows_the_diffuser
     torch.testing.assert_close(got, mu + lam * z)
     with pytest.raises(ValueError, match="`measurement` contains NaN or Inf"):
         pipe(torch.full((1, 1, 8, 8), float("nan")), num_inference_steps=2)
+
+
+@pytest.mark.parametrize("name", ["UniPCMultistepScheduler", "DEISMultistepScheduler", "PNDMScheduler"])
+def test_restoration_with_a_diffusers_scheduler_whose_step_takes_no_generator(tiny_mr, name):
+    """diffusers' UniPC, DEIS and PNDM steps take no ``generator``: the loop passes it only where ``step`` accepts it
+    (as diffusers' prepare_extra_step_kwargs does; it raised TypeError), and the result is the diffusers loop's."""
+    import diffusers
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe = MeanRevertingPipeline.from_pretrained(tiny_mr)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    mu = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    got = pipe(mu, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    lam, sched = 0.3, getattr(diffusers, name).from_config(pipe.scheduler.config)
+    sched.set_timesteps(4)
+    z = randn_tensor(mu.shape, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = mu + lam * sched.scale_model_input(z, t)
+            z = sched.step(pipe.unet(torch.cat([x, mu], dim=1), t.reshape(1)).sample, t, z).prev_sample
+    torch.testing.assert_close(got, mu + lam * z)

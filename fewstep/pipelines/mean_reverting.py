@@ -18,6 +18,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._checks import check_bool, check_int
+from ..guidance.stepping import step_kwargs
 from ..samplers.mrs import FewstepMRSScheduler
 from .loop_checks import FiniteWatch, check_generators
 from .sharing import PIXEL_OUTPUT_TYPES, pixel_outputs
@@ -105,6 +106,8 @@ class MeanRevertingPipeline(DiffusionPipeline):
         # Euler scale the start by init_noise_sigma and the model input by scale_model_input, as diffusers loops do)
         z = z * getattr(self.scheduler, "init_noise_sigma", 1.0)
         timesteps = self.scheduler.timesteps
+        # `generator` only where the scheduler's step takes one (diffusers' UniPC, DEIS, PNDM do not)
+        extra = {} if in_x else step_kwargs(self.scheduler, generator)
         finite = FiniteWatch(x.device, len(timesteps)) if check_finite else None
         for i, t in enumerate(self.progress_bar(timesteps)):
             t_batch = t.reshape(1).to(device).expand(x.shape[0])
@@ -114,7 +117,7 @@ class MeanRevertingPipeline(DiffusionPipeline):
             if in_x:
                 x = self.scheduler.step(eps, t, x, mu=mu, generator=generator).prev_sample
             else:
-                z = self.scheduler.step(eps, t, z, generator=generator).prev_sample
+                z = self.scheduler.step(eps, t, z, **extra).prev_sample
             if finite is not None:
                 finite.update(x if in_x else z, i)
         if finite is not None:
