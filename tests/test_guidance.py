@@ -514,3 +514,18 @@ def test_guided_step_forgets_apg_momentum_at_a_part_way_start():
         return x
 
     assert torch.equal(generation(), generation())
+
+
+def test_convert_model_output_checks_its_step_index():
+    """A public method guided_step calls: before set_timesteps it named a NoneType attribute; -1 converted silently
+    at the last grid point and 99 raised a bare IndexError (found by the type-check probe)."""
+    sched = samplers.get("unipc")()
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="call `set_timesteps` before `convert_model_output`"):
+        sched.convert_model_output(x, x, 0)
+    sched.set_timesteps(5)
+    for bad in (-1, 5, 2.0, True):
+        with pytest.raises(ValueError, match=rf"`step_index` .* must be an integer in \[0, 4\], got {bad}"):
+            sched.convert_model_output(x, x, bad)
+    x0, eps = sched.convert_model_output(x + 1.0, x, np.int64(4))
+    torch.testing.assert_close(eps, x + 1.0)  # epsilon prediction: eps is the model output itself

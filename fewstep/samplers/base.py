@@ -812,6 +812,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """The ``(x0, eps)`` pair of a raw model output at model call ``step_index`` (its grid point), with ``x0``
         clipped as ``clip_sample`` says; ``clip=False``: unclipped, for guidance, which combines the branches first
         and clips once after (``step_pair`` does), as diffusers clips the x0 of ``u + w (c - u)``."""
+        if self.plan is None:
+            raise ValueError("call `set_timesteps` before `convert_model_output`")
+        if not (type(step_index) is int and 0 <= step_index < self.plan.nfe):  # the common case, without a call
+            check_int("step_index", step_index, 0, self.plan.nfe - 1, what="the model call's index")
         grid = self.plan.grid
         i = self.plan.calls[step_index][0]
         x0, eps = to_pair(model_output, sample, float(grid.alphas[i]), float(grid.sigmas[i]), self.prediction_type)
