@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -689,8 +689,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
-        timesteps: list[float] | None = None,
-        sigmas: list[float] | None = None,
+        timesteps: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        sigmas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
         mu: float | None = None,
     ) -> None:
         """Build the time grid and compile the solver plan (all on the host, float64).
