@@ -9,12 +9,13 @@ around the steps: input checks, prompt-embedding handling, ``set_timesteps``, th
 submodule of every component for offloading hooks), "cached" is ``FewstepPipeline``'s default
 (``fewstep/pipelines/execution_device.py``). CPU only (no GPU needed): the numbers are host time.
 
-    PYTHONPATH=. python scripts/bench_call_overhead.py [--tiny] [--steps 8] [--calls 40] [--repeats 3]
+    PYTHONPATH=. python scripts/bench_call_overhead.py [--tiny] [--steps 8] [--calls 40] [--repeats 3] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -26,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_pipeline_cuda as pipelines  # noqa: E402
+from _args import output_file  # noqa: E402
 
+from fewstep._io import atomic_write  # noqa: E402
 from fewstep.pipelines import graph_step  # noqa: E402
 from fewstep.pipelines.fewstep_pipeline import FewstepPipeline  # noqa: E402
 
@@ -37,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per call (no-ops; default 8)")
     ap.add_argument("--calls", type=int, default=40, help="timed calls per measurement (median; default 40)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating uncached/cached measurements (default 3)")
+    ap.add_argument("--json", type=output_file, default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     for name in ("steps", "calls", "repeats"):
         if getattr(args, name) < 1:
@@ -76,6 +80,12 @@ def main(argv=None) -> int:
         print(f"  {name:>8}: " + "  ".join(f"{v:.2f}" for v in values))
     ratio = statistics.median(results["uncached"]) / statistics.median(results["cached"])
     print(f"  uncached / cached: {ratio:.2f}x")
+    if args.json:
+        out = {"modules": what, "steps": args.steps, "calls": args.calls, "repeats": args.repeats,
+               "timed": "host ms per FewstepPipeline call outside no-op steps (median of calls)",
+               "torch": torch.__version__, "ms_per_call": results, "uncached_over_cached": ratio}
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(out, indent=2) + "\n"))
+        print(f"wrote {args.json}")
     return 0
 
 

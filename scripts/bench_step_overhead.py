@@ -5,19 +5,22 @@ fewstep compiles all coefficients in ``set_timesteps``; ``step`` is a handful of
 diffusers recomputes alphas, sigmas and lambdas (and for UniPC solves a small linear system) every step.
 The model is a no-op so only the scheduler is timed. Prints mean microseconds per step and the ratio.
 
-    python scripts/bench_step_overhead.py [--device cuda] [--steps 20] [--repeats 20]
+    python scripts/bench_step_overhead.py [--device cuda] [--steps 20] [--repeats 20] [--json results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import time
 
 import torch
-from _args import count  # noqa: E402 - scripts/ is on sys.path when run as a script
+from _args import count, output_file  # noqa: E402 - scripts/ is on sys.path when run as a script
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from fewstep import samplers
+from fewstep._io import atomic_write
 
 PAIRS = [("ddim", DDIMScheduler, {"clip_sample": False}), ("dpm-solver++", DPMSolverMultistepScheduler, {}),
          ("unipc", UniPCMultistepScheduler, {})]
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=count(1), default=20, help="steps per timed loop (default 20)")
     parser.add_argument("--repeats", type=count(1), default=20, help="timed loops, the fastest reported (default 20)")
     parser.add_argument("--shape", default="4,4,64,64", help="latent shape (SD 1.5 at 512px: 4,4,64,64)")
+    parser.add_argument("--json", type=output_file, default=None, help="also write the table to this JSON file")
     args = parser.parse_args()
     try:
         shape = tuple(int(v) for v in args.shape.split(","))
@@ -60,12 +64,22 @@ def main() -> None:
     print(f"device {args.device}, latent {shape}, {args.steps} steps, best of {args.repeats}")
     print("| sampler | fewstep us/step | diffusers us/step | diffusers / fewstep |")
     print("| --- | ---: | ---: | ---: |")
+    rows = []
     for name, cls, kw in PAIRS:
         theirs = cls(**kw)
         ours = samplers.get(name).from_config(theirs.config)
         t_ours = time_loop(ours, x, args.steps, args.repeats)
         t_theirs = time_loop(theirs, x, args.steps, args.repeats)
         print(f"| {name} | {t_ours:.0f} | {t_theirs:.0f} | {t_theirs / t_ours:.2f}x |")
+        rows.append({"sampler": name, "diffusers_class": cls.__name__, "fewstep_us_per_step": t_ours,
+                     "diffusers_us_per_step": t_theirs, "diffusers_over_fewstep": t_theirs / t_ours})
+    if args.json:
+        device = torch.cuda.get_device_name(x.device) if x.is_cuda else platform.processor() or platform.machine()
+        out = {"device": device, "shape": list(shape), "steps": args.steps, "repeats": args.repeats,
+               "timed": "scheduler.step with a no-op model output, fastest loop", "torch": torch.__version__,
+               "rows": rows}
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(out, indent=2) + "\n"))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
