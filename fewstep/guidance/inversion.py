@@ -10,7 +10,8 @@ CFG uses the guided noise for both (``eps_den = eps_ren = eps_u + w (eps_c - eps
 (Chung et al. 2025, sec. 3.3, the mirror image of its sampler) denoises with the unconditional noise and
 renoises with the guided one (``eps_den = eps_u``, ``eps_ren = eps_lam``). In terms of a rule's pair
 ``(x0_r, eps_r)`` evaluated at level ``k``: ``eps_den = eps_r`` and ``eps_ren = (x - alpha_k x0_r)/sigma_k``,
-which gives both cases. Its error per step is scaled by ``lam <= 1`` instead of ``w > 1``.
+which gives both cases. Its error per step is scaled by ``lam <= 1`` instead of ``w > 1``. With ``clip_sample``
+``x0_hat`` is clipped (as diffusers' ``DDIMInverseScheduler`` does).
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ def ddim_invert(model_fn: ModelFn, images: torch.Tensor, scheduler: Any, rule: G
         uncond = scheduler.convert_model_output(out_u.to(work), x, k, clip=False)
         # the state of sampling step k (a per-step scale w_k applies at level k, as when sampling)
         state = StepState(k, n, a_k, s_k, getattr(scheduler, "prediction_type", "epsilon"))
-        # clip_sample applies to the guided x0, once (as sampling clips it)
-        x0_r, eps_r = scheduler._postprocess_pair(*rule.combine(*rule.check_inputs(cond, uncond, state), state))
+        x0_r, eps_r = rule.combine(*rule.check_inputs(cond, uncond, state), state)
         eps_ren = (x - a_k * x0_r) / s_k
-        x0_hat = (x - s_up * eps_r) / a_up
+        # clip_sample applies to the x0 the step denoises to (sampling clips the guided x0 it renoises from; diffusers'
+        # DDIMInverseScheduler clips this one), not to x0_r: that is x read at level k, where x is not, so clipping
+        # it changed eps_ren and broke the round trip
+        x0_hat, _ = scheduler._postprocess_pair((x - s_up * eps_r) / a_up, eps_r)
         x = a_k * x0_hat + s_k * eps_ren
     return x.to(dtype)
