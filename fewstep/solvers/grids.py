@@ -352,7 +352,8 @@ def _grid_from_rhos(
         # round differently near t ~ 0..10 (e.g. Karras, 50 steps on SD's schedule).
         log_rho = np.log(schedule.discrete_rho())
         times = np.round(np.interp(np.log(rhos), log_rho, np.arange(log_rho.size, dtype=np.float64)))
-    alphas = 1.0 / np.sqrt(1.0 + rhos**2)
+    # the point of noise level rho on the schedule: alpha^2 + sigma^2 = 1 (VP) or alpha + sigma = 1 (flow)
+    alphas = 1.0 / (1.0 + rhos) if isinstance(schedule, FlowSchedule) else 1.0 / np.sqrt(1.0 + rhos**2)
     sigmas = rhos * alphas
     if final_sigmas_type is None:
         return TimeGrid(times[:-1], alphas, sigmas)
