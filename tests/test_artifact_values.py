@@ -77,19 +77,19 @@ def test_custom_timesteps_get_the_same_checks(timesteps, message):
 
 # ------------------------------------------------------------------------------------------ 4. DC ratios
 @pytest.mark.parametrize(("ratios", "message"), [
-    ([1, 1, 1, 0.0, 1, 1], r"`ratios`\[3\] = 0\.0: ratios must be > 0"),
-    ([1, 1, 1, -1.0, 1, 1], r"`ratios`\[3\] = -1\.0: ratios must be > 0"),
-    ([True, 1, 1, 1, 1, 1], r"`ratios`\[0\] is the bool True"),
-    (np.array([True] * 6), r"`ratios`\[0\] is the bool True"),
+    ([1, 1, 1, 0.0, 1, 1], r"`dc_ratios`\[3\] = 0\.0: ratios must be > 0"),
+    ([1, 1, 1, -1.0, 1, 1], r"`dc_ratios`\[3\] = -1\.0: ratios must be > 0"),
+    ([True, 1, 1, 1, 1, 1], r"`dc_ratios`\[0\] is the bool True"),
+    (np.array([True] * 6), r"`dc_ratios`\[0\] is the bool True"),
 ])
 def test_dc_ratios_must_be_positive_numbers(ratios, message):
     """Found by probing: inline and file ratios 0, -1, -5 ran (rho <= 0 puts tau at or before the previous step; the
     CPR path already refused them) and dc_ratios=[True, ...] was taken as 1.0."""
     from fewstep.solvers.dc import check_ratios
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message.replace("`dc_ratios`", "`ratios`")):  # the function's own name
         check_ratios(ratios, 6)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message):  # the scheduler's messages name its option
         samplers.get("dc-solver")(dc_ratios=list(ratios) if isinstance(ratios, list) else ratios)
     assert check_ratios([1, 1, 1e-9, 50.0, 1, 1], 6)[3] == 50.0  # small or large positive ratios: no bound justified
 

@@ -318,8 +318,8 @@ def test_shipped_digits_artifacts_load_and_compensate():
 @pytest.mark.parametrize(
     "kwargs,steps,match",
     [
-        ({"dc_ratios": [1, 1, 1.1]}, 5, r"`ratios` has 3 entries but the sampler runs 5 steps"),
-        ({"dc_ratios": [1, 1.2, 1, 1, 1]}, 5, r"`ratios`\[1\] = 1.2: interpolation order K=2 needs K\+1=3 buffered"),
+        ({"dc_ratios": [1, 1, 1.1]}, 5, r"`dc_ratios` has 3 entries but the sampler runs 5 steps"),
+        ({"dc_ratios": [1, 1.2, 1, 1, 1]}, 5, r"`dc_ratios`\[1\] = 1.2: interpolation order K=2 needs K\+1=3 buffered"),
         ({"dc_ratios": [1, 1, float("nan"), 1, 1]}, 5, "must be finite"),
     ],
 )

@@ -241,7 +241,8 @@ class FewstepDCSolverScheduler(FewstepScheduler):
                              f"(e.g. 'digits-eps'), got {dc_model!r}")
         if dc_ratios is not None:
             # Validate now what can be checked without the number of steps (list of finite floats).
-            check_ratios(dc_ratios, len(dc_ratios) if hasattr(dc_ratios, "__len__") else -1, dc_order)
+            check_ratios(dc_ratios, len(dc_ratios) if hasattr(dc_ratios, "__len__") else -1, dc_order,
+                         name="dc_ratios")
             self.register_to_config(dc_ratios=[float(r) for r in dc_ratios])
         if (dc_ratios_file is not None or isinstance(dc_cpr, (str, os.PathLike))) and dc_model is None:
             raise ValueError("`dc_model` must name the model the ratios/CPR file was made for (e.g. 'digits-eps')")
@@ -316,7 +317,7 @@ class FewstepDCSolverScheduler(FewstepScheduler):
         """The ratios this scheduler uses for a ``num_steps``-step run (validated; see the class docstring)."""
         cfg = self.config
         if cfg.dc_ratios is not None:
-            return check_ratios(cfg.dc_ratios, num_steps, cfg.dc_order)
+            return check_ratios(cfg.dc_ratios, num_steps, cfg.dc_order, name="dc_ratios")
         if cfg.dc_ratios_file is not None:
             ratios = load_ratios(
                 _resolve(cfg.dc_ratios_file, "ratios"),

@@ -155,41 +155,42 @@ def dc_step(grid: TimeGrid, decision: StepDecision, i: int, rho: Any, order: int
     return DCStep(decision.prediction, weights, shift)
 
 
-def check_ratios(ratios: Any, num_steps: int, order: int = 2) -> list[float]:
+def check_ratios(ratios: Any, num_steps: int, order: int = 2, name: str = "ratios") -> list[float]:
     """Validate a ratio list: one finite float ``> 0`` per step, ``rho_i = 1`` where fewer than ``K+1`` outputs
     exist.
 
     ``rho_i <= 0`` puts the interpolation time ``tau_i`` at or before the previous point ``v_{i-1}``: the newest
     output would be replaced by (an extrapolation beyond) an older one, the opposite of compensating the corrector's
     move (the searched ratios start at 1 and stay near it; CPR predictions <= 0 are refused for the same reason).
-    Bools (``True`` would be taken as 1.0) are refused. No upper bound: the search is unconstrained (AdamW from 1)."""
+    Bools (``True`` would be taken as 1.0) are refused. No upper bound: the search is unconstrained (AdamW from 1).
+    ``name``: the argument the messages name (e.g. the scheduler option ``dc_ratios``)."""
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, (Sequence, np.ndarray, torch.Tensor)):
-        raise ValueError(f"`ratios` must be a list of floats (one per step), got {type(ratios).__name__}")
+        raise ValueError(f"`{name}` must be a list of floats (one per step), got {type(ratios).__name__}")
     raw = ratios.tolist() if hasattr(ratios, "tolist") else list(ratios)
     flags = [i for i, r in enumerate(raw) if isinstance(r, (bool, np.bool_))]
     if flags:  # (a bool array's `tolist` holds Python bools too)
         i = flags[0]
-        raise ValueError(f"`ratios`[{i}] is the bool {raw[i]!r}; ratios must be numbers (one float per step)")
+        raise ValueError(f"`{name}`[{i}] is the bool {raw[i]!r}; ratios must be numbers (one float per step)")
     values = [float(r) for r in raw]
     if len(values) != num_steps:
         raise ValueError(
-            f"`ratios` has {len(values)} entries but the sampler runs {num_steps} steps; need one per step"
+            f"`{name}` has {len(values)} entries but the sampler runs {num_steps} steps; need one per step"
         )
     bad = [r for r in values if not math.isfinite(r)]
     if bad:
-        raise ValueError(f"`ratios` must be finite, got {values}")
+        raise ValueError(f"`{name}` must be finite, got {values}")
     nonpositive = [(i, r) for i, r in enumerate(values) if r <= 0]
     if nonpositive:
         i, r = nonpositive[0]
         raise ValueError(
-            f"`ratios`[{i}] = {r!r}: ratios must be > 0 (rho <= 0 puts the compensation time tau_i at or before the "
+            f"`{name}`[{i}] = {r!r}: ratios must be > 0 (rho <= 0 puts the compensation time tau_i at or before the "
             f"previous step's time, replacing the newest model output by an older one); got {values}"
         )
     early = [(i, r) for i, r in enumerate(values[:order]) if r != 1.0]
     if early:
         i, r = early[0]
         raise ValueError(
-            f"`ratios`[{i}] = {r}: interpolation order K={order} needs K+1={order + 1} buffered outputs, step {i} has "
+            f"`{name}`[{i}] = {r}: interpolation order K={order} needs K+1={order + 1} buffered outputs, step {i} has "
             f"only {i + 1}; the first {order} ratios must be 1"
         )
     return values
