@@ -112,3 +112,19 @@ def test_a_quantization_is_not_put_on_a_lora_denoiser(tmp_path):
     with pytest.raises(ValueError, match=r"`quantized` \(a module\) cannot be put on this model: " + lora):
         FewstepPipeline.from_pipe(sd, quantized=qunet)
     FewstepPipeline.from_pipe(plain, quantized=qunet)  # the same module fits the model it was made from
+
+
+def test_module_state_key_visits_each_module_once_and_ends_on_cycles():
+    """The key's own walk (not ``modules()``, for speed) visits a shared child once, as ``modules()`` does, in the
+    same order, and ends on a module that holds its parent."""
+    from fewstep.pipelines.graph_step import module_state_key
+
+    shared = torch.nn.Linear(2, 2)
+    seq = torch.nn.Sequential(shared, torch.nn.ReLU(), torch.nn.Linear(2, 3))
+    seq.add_module("again", shared)
+    expected = []
+    for sub in seq.modules():
+        expected += [p.data_ptr() for p in sub._parameters.values()] + [sub.training]
+    assert module_state_key(seq) == tuple(expected)
+    seq[2].parent = seq  # a cycle: modules() stops on it too
+    assert len(module_state_key(seq)) == len(expected)
