@@ -529,3 +529,8 @@ def test_convert_model_output_checks_its_step_index():
             sched.convert_model_output(x, x, bad)
     x0, eps = sched.convert_model_output(x + 1.0, x, np.int64(4))
     torch.testing.assert_close(eps, x + 1.0)  # epsilon prediction: eps is the model output itself
+    # an integer CPU tensor, as guided_step's `index` takes; a float or bool tensor is refused
+    torch.testing.assert_close(sched.convert_model_output(x + 1.0, x, torch.tensor(4))[0], x0)
+    for bad in (torch.tensor(2.0), torch.tensor(True), torch.tensor([2])):
+        with pytest.raises(ValueError, match=r"`step_index` .* must be an integer in \[0, 4\]"):
+            sched.convert_model_output(x, x, bad)

@@ -815,6 +815,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if self.plan is None:
             raise ValueError("call `set_timesteps` before `convert_model_output`")
         if not (type(step_index) is int and 0 <= step_index < self.plan.nfe):  # the common case, without a call
+            if (isinstance(step_index, torch.Tensor) and step_index.device.type == "cpu" and step_index.ndim == 0
+                    and not step_index.is_floating_point() and step_index.dtype != torch.bool):
+                step_index = int(step_index)  # an integer CPU tensor, as guided_step's `index` takes (no sync)
             check_int("step_index", step_index, 0, self.plan.nfe - 1, what="the model call's index")
         grid = self.plan.grid
         i = self.plan.calls[step_index][0]
