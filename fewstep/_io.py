@@ -92,7 +92,7 @@ def _new_file_mode(directory: Path) -> int:
             os.unlink(probe)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``; on any error no file is left behind.
 
     The file gets the usual permissions (``0o666`` minus the umask), not ``mkstemp``'s private ``0o600``. A ``path``

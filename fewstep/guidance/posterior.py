@@ -266,7 +266,7 @@ class PosteriorMethod:
         noise: torch.Tensor,
         alphas,
         sigmas,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> PosteriorResult:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -246,7 +246,7 @@ def apg_update(
     cond: torch.Tensor,
     eta: float,
     norm_threshold: float | None,
-    norm_dims: Sequence[int] | None = None,
+    norm_dims: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """APG's guidance direction (Sadat et al. 2025, arXiv 2410.02416, Alg. 1, after momentum).
 

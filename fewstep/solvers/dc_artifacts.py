@@ -307,7 +307,7 @@ def cpr_from_released(coefficients: Any) -> list[float]:
 class CPRModel:
     """Fitted CPR coefficients ``C[k, p, q]`` plus the fitted ``(NFE, CFG)`` range and the DC order."""
 
-    coefficients: np.ndarray
+    coefficients: np.ndarray | Sequence[float]
     nfe_range: tuple[float, float] | None = None
     guidance_range: tuple[float, float] | None = None
     order: int = 2

@@ -38,7 +38,11 @@ def normalize_prediction_type(prediction_type: str) -> str:
 
 
 def to_pair(
-    output: torch.Tensor, sample: torch.Tensor, alpha: float, sigma: float, prediction_type: str
+    output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha: float | torch.Tensor,
+    sigma: float | torch.Tensor,
+    prediction_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Convert a model output at ``x_t = sample`` to ``(x0, eps)``; needs ``alpha > 0`` and ``sigma > 0``.
 
