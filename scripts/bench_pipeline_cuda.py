@@ -103,6 +103,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                     help="torch.compile the UNet of both fewstep pipelines (eager and graph) in this mode; stock "
                          "diffusers stays uncompiled (default: no compilation)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="put the shared UNet in channels_last memory format (diffusers' speed recipe; all three "
+                         "pipelines run it)")
+    ap.add_argument("--fuse-qkv", action="store_true",
+                    help="fuse the shared UNet's attention q/k/v projections (pipe.fuse_qkv_projections(); all three "
+                         "pipelines run it)")
     ap.add_argument("--tol", type=positive_float, default=1e-2, help="max |graph - eager| on [0, 1] images (fp16)")
     ap.add_argument("--out", type=output_file, default=None, help="write the results as JSON")
     args = ap.parse_args(argv)
@@ -117,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} / {args.warmup}")
     if args.device == "cpu" and not (args.tiny or args.model == "digits"):
         ap.error("--device cpu runs only with --tiny or --model digits (a smoke test of the benchmark's logic)")
+    if args.fuse_qkv and args.model == "digits":
+        ap.error("--fuse-qkv needs --model sd15 (the digits UNet2DModel has no fuse_qkv_projections)")
     if args.guidance_scale is None:
         args.guidance_scale = 3.0 if args.model == "digits" else 7.5
     return args
@@ -142,6 +150,10 @@ def build(args, device: torch.device) -> StableDiffusionPipeline:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).to(device, dtype)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if args.fuse_qkv:
+        pipe.fuse_qkv_projections(unet=True, vae=False)
     return pipe
 
 
@@ -197,6 +209,8 @@ def _digits_setup(args, device: torch.device):
 
     pipe = load_default("digits-eps").to(device)
     pipe.set_progress_bar_config(disable=True)
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
     stock = ClassConditionalPipeline.from_pipe(pipe, scheduler=STOCK[args.sampler].from_config(pipe.scheduler.config))
     eager, graph = _fewstep_pair(pipe, args, device)
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
@@ -245,6 +259,7 @@ def run(args, save=None) -> dict:
         "denoise (output_type=latent)",
         "graph_mode": "cuda graph" if device.type == "cuda" else "static step, uncaptured (cpu smoke test)",
         "compile": args.compile or "none",
+        "channels_last": args.channels_last, "fuse_qkv": args.fuse_qkv,
         "cells": cells,
     }  # fmt: skip
     for nfe in args.steps:
@@ -293,7 +308,8 @@ def report(results: dict) -> str:
     lines = [
         f"{results['model']} ({results['dtype']}) on {results['device']}; {results['sampler']} vs stock "
         f"{results['stock_scheduler']}; {results['guidance']}; timed: {results['timed']}; "
-        f"graph: {results['graph_mode']}; fewstep UNet compiled: {results.get('compile', 'none')}",
+        f"graph: {results['graph_mode']}; fewstep UNet compiled: {results.get('compile', 'none')}; shared UNet "
+        f"channels_last: {results.get('channels_last', False)}, fused qkv: {results.get('fuse_qkv', False)}",
         f"{'NFE':>4} {'batch':>5} {'stock ms/img':>13} {'eager ms/img':>13} {'graph ms/img':>13} "
         f"{'stock/graph':>12} {'eager/graph':>12}",
     ]

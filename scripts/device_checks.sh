@@ -28,7 +28,9 @@
 #      signature at batch 16: ~36 weight signatures in SDXL, one compile each per mode, largest multiply-add share
 #      first; after 180 s the rest stay dequant, so the fp8 UNet's compile and timing still fit the stage)
 #   2. STAGES="2 5" L2=300 PIPE_ARGS="--steps 8,20 --batches 1,2 --repeats 3 --warmup 1 --compile default"
-#      (CUDA graph + compiled UNet vs stock diffusers: issue 10's 2.5x at batch 2 needs a faster UNet)
+#      (CUDA graph + compiled UNet vs stock diffusers: issue 10's 2.5x at batch 2 needs a faster UNet); then, with
+#      time left, the same with "--channels-last --fuse-qkv" added (diffusers' speed recipe on the shared UNet: all
+#      three pipelines run it, so stock gets it too)
 #   With device time left: STAGES="1 4" (the Triton conv now takes a K-contiguous weight and is autotuned: its
 #   per-layer timings against cuDNN bf16 have not been re-measured), then stage 3 with --variants fp8-all-triton.
 # QUICK=1 shrinks every stage (a smoke run of this script); STAGES="1 2" runs a subset; L1..L5 override the

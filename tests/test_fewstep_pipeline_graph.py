@@ -472,6 +472,14 @@ def test_pipeline_benchmark_refuses_cpu_and_smoke_runs_tiny(tmp_path, capsys):
     assert "stock/graph" in capsys.readouterr().out
     assert json.loads(out.read_text()) == results  # written after each cell, then whole
     assert results["compile"] == "none" and results["dtype"] == "float32"
+    assert results["channels_last"] is False and results["fuse_qkv"] is False
+    # diffusers' speed recipe on the shared UNet: channels_last + fused q/k/v; the static step still equals eager
+    recipe = bench.main(["--device", "cpu", "--tiny", "--steps", "2", "--batches", "2", "--repeats", "1", "--warmup",
+                         "0", "--channels-last", "--fuse-qkv"])  # fmt: skip
+    assert recipe["channels_last"] and recipe["fuse_qkv"] and recipe["images_agree"]
+    assert recipe["graph_vs_eager_image_max_abs_diff"] == 0.0
+    with pytest.raises(SystemExit):  # the digits UNet2DModel cannot fuse q/k/v
+        bench.parse_args(["--model", "digits", "--fuse-qkv"])
     assert bench.parse_args(["--compile", "default"]).compile == "default"
     with pytest.raises(SystemExit):
         bench.parse_args(["--compile", "fast"])
