@@ -247,13 +247,11 @@ def test_variance_floor_counts_l_squared_times_the_moment_of_y():
     np.testing.assert_allclose(ems.b, np.array(b_ref), rtol=1e-5, atol=1e-3)
 
 
-def test_checkpoint_with_more_batches_than_the_samples_make_is_damaged(tmp_path):
-    """4 samples in batches of 2 make 2 batches per grid point: a checkpoint recording 3 finished batches (its
-    counts still 4) cannot come from these settings and is refused as damaged."""
+def _small_checkpoint(tmp_path):
+    """An EMS checkpoint of 4 samples in batches of 2 on 3 grid points: its path, header and tensors."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from fewstep.solvers.ems_estimate import EMSAccumulator, estimate_ems
+    from fewstep.solvers.ems_estimate import estimate_ems
 
     def eps_fn(x, lam, dlam):
         return 0.5 * x
@@ -262,7 +260,17 @@ def test_checkpoint_with_more_batches_than_the_samples_make_is_damaged(tmp_path)
     ck = tmp_path / "ems.ckpt.safetensors"
     estimate_ems(eps_fn, data, _vp_schedule(), num_intervals=2, batch_size=2, checkpoint=ck, progress=False)
     with safe_open(str(ck), framework="pt") as f:
-        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        return ck, f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_checkpoint_with_more_batches_than_the_samples_make_is_damaged(tmp_path):
+    """4 samples in batches of 2 make 2 batches per grid point: a checkpoint recording 3 finished batches (its
+    counts still 4) cannot come from these settings and is refused as damaged."""
+    from safetensors.torch import save_file
+
+    from fewstep.solvers.ems_estimate import EMSAccumulator
+
+    ck, header, tensors = _small_checkpoint(tmp_path)
     assert tensors["batches"].tolist() == [2, 2, 2] and tensors["counts"].tolist() == [4, 4, 4]
     tensors["batches"] = torch.full_like(tensors["batches"], 3)
     save_file(tensors, str(ck), metadata=header)
@@ -357,19 +365,11 @@ def test_class_conditional_ems_takes_every_training_image_and_forwards_its_setti
 def test_a_checkpoint_with_sums_at_an_unstarted_grid_point_is_damaged(tmp_path):
     """A grid point with no finished batch must hold zero sums (a resumed run adds its batches to them): a checkpoint
     whose last grid point records 0 batches and 0 samples but keeps its sums is refused as damaged."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from fewstep.solvers.ems_estimate import EMSAccumulator, estimate_ems
+    from fewstep.solvers.ems_estimate import EMSAccumulator
 
-    def eps_fn(x, lam, dlam):
-        return 0.5 * x
-
-    data = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ck = tmp_path / "ems.ckpt.safetensors"
-    estimate_ems(eps_fn, data, _vp_schedule(), num_intervals=2, batch_size=2, checkpoint=ck, progress=False)
-    with safe_open(str(ck), framework="pt") as f:
-        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    ck, header, tensors = _small_checkpoint(tmp_path)
     assert bool(tensors["sums"][-1].ne(0).any())
     tensors["batches"][-1] = 0
     tensors["counts"][-1] = 0
